@@ -1,0 +1,1 @@
+"""The agent processes: each thin wiring and a loop around the `mesh` library."""

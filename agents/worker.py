@@ -1,0 +1,234 @@
+"""A worker: claims work items of its classes and runs them, `slots` at a time.
+
+For each item: check the task record (skip work the brain no longer wants),
+report `run.started`, run the body while telling JetStream it is still in
+progress (so it is never redelivered to a second worker while this one lives),
+report `run.finished`, then acknowledge. A worker that dies stops sending
+progress, and the item is redelivered once `ack_wait` lapses.
+
+On stop it takes no new work, lets running tasks finish for up to
+`drain_timeout_s` while still registered, then kills what is left and hands it
+back (`nak`) so another worker runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg as NatsMsg
+from nats.js import JetStreamContext
+
+from mesh.agent import Agent
+from mesh.bus import decode_or_none
+from mesh.events import RunFinished, RunStarted, TaskCancelled, WorkItem, type_of
+from mesh.executors import EXECUTORS, RunContext, RunResult
+from mesh.records import INFLIGHT_STATES, decode_task
+from mesh.settings import Settings
+
+log = logging.getLogger("mesh.worker")
+
+TRANSIENT = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)
+
+
+class Running:
+    def __init__(self, item: WorkItem, raw: NatsMsg) -> None:
+        self.item = item
+        self.raw = raw
+        self.ctx = RunContext()
+        self.handed_back = False
+
+
+class Worker(Agent):
+    role = "worker"
+
+    def __init__(
+        self,
+        settings: Settings,
+        agent_id: str | None = None,
+        classes: tuple[str, ...] = ("cpu",),
+        slots: int | None = None,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        super().__init__(settings, agent_id)
+        self.classes = list(classes)
+        self.slots = slots or settings.slots
+        self.drain_timeout_s = drain_timeout_s
+        self.running: dict[str, Running] = {}
+        self._slot_tasks: set[asyncio.Task[Any]] = set()
+        self._freed = asyncio.Event()
+        self.subs: list[JetStreamContext.PullSubscription] = []
+
+    def running_keys(self) -> list[str]:
+        return sorted(self.running)
+
+    async def start(self) -> None:
+        await super().start()
+        for cls in self.classes:
+            self.subs.append(
+                await self.bus.js.pull_subscribe_bind(
+                    durable=self.names.workers_consumer(cls), stream=self.names.work_stream
+                )
+            )
+        self._cancel_sub = await self.bus.nc.subscribe(self.names.task_cancelled_all, cb=self._on_cancel)
+
+    async def _on_cancel(self, raw: NatsMsg) -> None:
+        msg, _ = decode_or_none(raw)
+        if not isinstance(msg, TaskCancelled):
+            return  # the brain dead-letters bad messages; a core subscriber only listens
+        run = self.running.get(f"{msg.plan_id}.{msg.task_id}")
+        if run is not None:
+            log.info("cancelling %s.%s", msg.plan_id, msg.task_id)
+            run.ctx.cancel.set()
+
+    # the loop ----------------------------------------------------------------------
+    async def run(self) -> None:
+        turn = 0
+        while not self.stop_requested.is_set():
+            free = self.slots - len(self._slot_tasks)
+            if free <= 0:
+                self._freed.clear()
+                await self._wait_any(self._freed.wait())
+                continue
+            sub = self.subs[turn % len(self.subs)]
+            turn += 1
+            try:
+                msgs = await sub.fetch(free, timeout=self.settings.fetch_timeout_s)
+            except nats.errors.TimeoutError:
+                continue
+            except TRANSIENT as exc:
+                log.warning("fetching work failed (%s); retrying", exc)
+                await self._wait_any(asyncio.sleep(0.5))
+                continue
+            for raw in msgs:
+                task = asyncio.get_running_loop().create_task(self._take(raw))
+                self._slot_tasks.add(task)
+                task.add_done_callback(self._slot_done)
+        await self._drain()
+
+    async def _wait_any(self, aw: Any) -> None:
+        waiter = asyncio.ensure_future(aw)
+        stopper = asyncio.ensure_future(self.stop_requested.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopper.cancel()
+
+    def _slot_done(self, task: asyncio.Task[Any]) -> None:
+        self._slot_tasks.discard(task)
+        self._freed.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a slot failed: %r", task.exception(), exc_info=task.exception())
+
+    async def _drain(self) -> None:
+        if not self._slot_tasks:
+            return
+        log.info("stopping: waiting up to %.0fs for %d running task(s)", self.drain_timeout_s, len(self.running))
+        _, pending = await asyncio.wait(set(self._slot_tasks), timeout=self.drain_timeout_s)
+        if pending:
+            for run in self.running.values():
+                run.handed_back = True
+                run.ctx.cancel.set()
+            await asyncio.wait(pending)
+
+    # one item --------------------------------------------------------------------------
+    async def _take(self, raw: NatsMsg) -> None:
+        msg, why = decode_or_none(raw)
+        if not isinstance(msg, WorkItem):
+            reason = why or f"a worker does not take {type_of(msg)} messages"  # type: ignore[arg-type]
+            await self.bus.dead_letter(self.agent_id, raw.subject, reason, raw.data)
+            await raw.term()
+            return
+        key = f"{msg.plan_id}.{msg.task_id}"
+        if not await self._still_wanted(msg, key):
+            await raw.ack()
+            return
+        run = Running(msg, raw)
+        run.ctx.tail_bytes = self.settings.output_tail_bytes
+        run.ctx.kill_grace_s = self.settings.kill_grace_s
+        run.ctx.shell = self.settings.shell
+        self.running[key] = run
+        try:
+            await self._execute(run, key)
+        finally:
+            self.running.pop(key, None)
+
+    async def _still_wanted(self, item: WorkItem, key: str) -> bool:
+        kv = await self.bus.tasks_kv()
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            log.warning("skipping %s: no such task", key)
+            return False
+        rec = decode_task(entry.value or b"")
+        if rec.status not in INFLIGHT_STATES or rec.attempt != item.attempt:
+            log.info("skipping %s attempt %d: task is %s at attempt %d", key, item.attempt, rec.status, rec.attempt)
+            return False
+        return True
+
+    async def _execute(self, run: Running, key: str) -> None:
+        item, raw = run.item, run.raw
+        delivery = raw.metadata.num_delivered if raw.metadata else 1
+        await self.bus.emit(
+            RunStarted(
+                plan_id=item.plan_id,
+                task_id=item.task_id,
+                attempt=item.attempt,
+                worker=self.agent_id,
+                at=time.time(),
+                delivery=delivery or 1,
+            )
+        )
+        log.info("running %s attempt %d (delivery %d)", key, item.attempt, delivery or 1)
+        beat = asyncio.get_running_loop().create_task(self._heartbeat(raw))
+        try:
+            executor = EXECUTORS.get(item.kind)
+            if executor is None:
+                result = RunResult(ok=False, duration_s=0.0, error=f"this worker cannot run {item.kind!r} bodies")
+            else:
+                result = await executor(item, run.ctx)
+        finally:
+            beat.cancel()
+        if run.handed_back:
+            log.info("handing %s back to the queue", key)
+            await raw.nak()
+            return
+        await self.bus.emit(
+            RunFinished(
+                plan_id=item.plan_id,
+                task_id=item.task_id,
+                attempt=item.attempt,
+                worker=self.agent_id,
+                at=time.time(),
+                ok=result.ok,
+                duration_s=result.duration_s,
+                rc=result.rc,
+                timed_out=result.timed_out,
+                cancelled=result.cancelled,
+                error=result.error,
+                stdout_tail="" if item.sensitive else result.stdout_tail,
+                stderr_tail="" if item.sensitive else result.stderr_tail,
+                stdout_bytes=result.stdout_bytes,
+                stderr_bytes=result.stderr_bytes,
+            )
+        )
+        await raw.ack()
+        log.info(
+            "%s %s in %.3fs%s",
+            key,
+            "succeeded" if result.ok else "failed",
+            result.duration_s,
+            "" if result.ok else f": {result.error}",
+        )
+
+    async def _heartbeat(self, raw: NatsMsg) -> None:
+        interval = self.settings.heartbeat_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await raw.in_progress()
+            except TRANSIENT as exc:
+                log.warning("progress heartbeat failed: %s", exc)

@@ -1,0 +1,160 @@
+"""What every agent shares: its life (start, run, stop), registration, and signals.
+
+A signal only sets `stop_requested`; the agent's own loop notices, stops taking
+work, finishes or hands back what it holds (still registered and heartbeating),
+then drains its connection and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+
+from mesh.bus import Bus, connect
+from mesh.events import AgentStarted, AgentStopped
+from mesh.records import AgentRecord, encode_record
+from mesh.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def new_agent_id(role: str) -> str:
+    host = socket.gethostname().split(".")[0] or "host"
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in host)
+    return f"{role}-{safe}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+class Agent:
+    role = "agent"
+
+    def __init__(self, settings: Settings, agent_id: str | None = None) -> None:
+        self.settings = settings
+        self.names = settings.names
+        self.agent_id = agent_id or new_agent_id(self.role)
+        self.host = socket.gethostname()
+        self.started_at = time.time()
+        self.stop_requested = asyncio.Event()
+        self._bus: Bus | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self.classes: list[str] = []
+        self.slots = 0
+
+    @property
+    def bus(self) -> Bus:
+        assert self._bus is not None, "agent not started"
+        return self._bus
+
+    # life ----------------------------------------------------------------------
+    async def start(self) -> None:
+        self._bus = await connect(self.settings, self.agent_id, wait_s=3600.0)
+        await self.bus.ensure_resources(tuple(self.classes) or ("cpu",))
+        await self.register()
+        await self.bus.publish(
+            self.names.agent_event(self.agent_id, "started"),
+            AgentStarted(
+                agent_id=self.agent_id, role=self.role, host=self.host, pid=os.getpid(), at=time.time()
+            ),
+        )
+        self.spawn(self._refresh_loop(), "registration")
+        log.info("%s started as %s on %s", self.role, self.agent_id, self.settings.url)
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self, reason: str = "stopped") -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._bus is None:
+            return
+        try:
+            await self.bus.publish(
+                self.names.agent_event(self.agent_id, "stopped"),
+                AgentStopped(agent_id=self.agent_id, role=self.role, at=time.time(), reason=reason),
+            )
+            kv = await self.bus.agents_kv()
+            await kv.delete(self.agent_id)
+        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as exc:
+            log.warning("could not record the stop of %s: %s", self.agent_id, exc)
+        await self.bus.close()
+        log.info("%s %s stopped", self.role, self.agent_id)
+
+    # registration ------------------------------------------------------------------
+    def record(self) -> AgentRecord:
+        return AgentRecord(
+            agent_id=self.agent_id,
+            role=self.role,
+            host=self.host,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            seen_at=time.time(),
+            classes=list(self.classes),
+            slots=self.slots,
+            running=self.running_keys(),
+            state="stopping" if self.stop_requested.is_set() else "running",
+        )
+
+    def running_keys(self) -> list[str]:
+        return []
+
+    async def register(self) -> None:
+        kv = await self.bus.agents_kv()
+        await kv.put(self.agent_id, encode_record(self.record()))
+
+    async def _refresh_loop(self) -> None:
+        interval = self.settings.agent_refresh_s
+        while True:
+            began = time.monotonic()
+            try:
+                await self.register()
+            except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as exc:
+                log.warning("could not refresh the registration of %s: %s", self.agent_id, exc)
+            await asyncio.sleep(max(0.05, interval - (time.monotonic() - began)))
+
+    # tasks -----------------------------------------------------------------------------
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Start a background task whose failure is logged, never lost."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.agent_id}:{name}")
+        self._background.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("background task %s failed: %r", task.get_name(), exc, exc_info=exc)
+            self.stop_requested.set()
+
+
+async def _main(agent: Agent) -> int:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, agent.stop_requested.set)
+    try:
+        await agent.start()
+        await agent.run()
+    finally:
+        await agent.stop()
+    return 0
+
+
+def run_agent(agent: Agent) -> int:
+    """Run an agent to completion under uvloop (the event loop every agent uses)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        return asyncio.run(_main(agent))
+    return uvloop.run(_main(agent))

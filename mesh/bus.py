@@ -1,0 +1,379 @@
+"""The bus: one NATS connection, the JetStream resources mesh needs, and typed publishing.
+
+Resource definitions are plain dicts in the JetStream API's own JSON form (the
+form `nats stream add --config FILE` reads), built from `Settings` here and
+nowhere else. `ensure_resources` creates or updates them idempotently; `mesh
+init --write-config` renders the same dicts into `nats/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg as NatsMsg
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+
+from mesh import events
+from mesh.errors import MeshError, ServerUnavailable
+from mesh.events import DeadLetter, Msg
+from mesh.names import HEADER_MSG_ID, HEADER_TYPE, Names
+from mesh.settings import Settings
+
+log = logging.getLogger(__name__)
+
+NS = 1_000_000_000
+DAY_S = 86_400.0
+DEAD_PAYLOAD_BYTES = 2048
+
+
+# ------------------------------------------------------------------ definitions
+
+
+def stream_definitions(settings: Settings) -> list[dict[str, Any]]:
+    """The three streams, in JetStream API form (durations in nanoseconds)."""
+    n = settings.names
+    dup_ns = int(settings.duplicate_window_s * NS)
+    return [
+        {
+            "name": n.events_stream,
+            "description": "mesh: the append-only history of everything that happened",
+            "subjects": [n.evt_all],
+            "retention": "limits",
+            "storage": "file",
+            "discard": "old",
+            "max_age": int(settings.events_max_age_days * DAY_S * NS),
+            "max_bytes": settings.events_max_bytes or -1,
+            "max_msg_size": settings.max_payload_bytes,
+            "duplicate_window": dup_ns,
+            "num_replicas": 1,
+        },
+        {
+            "name": n.work_stream,
+            "description": "mesh: tasks released by the brain, waiting for a worker",
+            "subjects": [n.work_all],
+            "retention": "workqueue",
+            "storage": "file",
+            "discard": "new",
+            "max_age": 0,
+            "max_bytes": -1,
+            "max_msg_size": settings.max_payload_bytes,
+            "duplicate_window": dup_ns,
+            "num_replicas": 1,
+        },
+        {
+            "name": n.cmd_stream,
+            "description": "mesh: plan submissions and operator commands for the brain",
+            "subjects": [n.cmd_all],
+            "retention": "limits",
+            "storage": "file",
+            "discard": "old",
+            "max_age": int(settings.cmd_max_age_days * DAY_S * NS),
+            "max_bytes": -1,
+            "max_msg_size": settings.max_payload_bytes,
+            "duplicate_window": dup_ns,
+            "num_replicas": 1,
+        },
+    ]
+
+
+def bucket_definitions(settings: Settings) -> list[dict[str, Any]]:
+    """The KV buckets: current state (the event stream is the history)."""
+    n = settings.names
+    return [
+        {
+            "bucket": n.tasks_bucket,
+            "description": "mesh: task id -> task record (written by the brain alone)",
+            "history": settings.kv_history,
+            "ttl": 0,
+            "storage": "file",
+        },
+        {
+            "bucket": n.plans_bucket,
+            "description": "mesh: plan id -> plan record (written by the brain alone)",
+            "history": settings.kv_history,
+            "ttl": 0,
+            "storage": "file",
+        },
+        {
+            "bucket": n.agents_bucket,
+            "description": "mesh: agent id -> registration; a key vanishes when its agent stops refreshing",
+            "history": 1,
+            "ttl": int(settings.agent_ttl_s * NS),
+            "storage": "file",
+        },
+    ]
+
+
+def consumer_definitions(settings: Settings, classes: tuple[str, ...] = ("cpu",)) -> list[dict[str, Any]]:
+    """Durable pull consumers: `stream` names where each lives."""
+    n = settings.names
+    ack_wait = int(settings.ack_wait_s * NS)
+    out: list[dict[str, Any]] = [
+        {
+            "stream": n.cmd_stream,
+            "config": {
+                "durable_name": n.brain_cmd_consumer,
+                "filter_subject": n.cmd_all,
+                "ack_policy": "explicit",
+                "deliver_policy": "all",
+                "ack_wait": 30 * NS,
+                "max_ack_pending": 1000,
+            },
+        },
+        {
+            "stream": n.events_stream,
+            "config": {
+                "durable_name": n.brain_runs_consumer,
+                "filter_subject": n.runs_all,
+                "ack_policy": "explicit",
+                "deliver_policy": "all",
+                "ack_wait": 30 * NS,
+                "max_ack_pending": 10000,
+            },
+        },
+    ]
+    for cls in classes:
+        out.append(
+            {
+                "stream": n.work_stream,
+                "config": {
+                    "durable_name": n.workers_consumer(cls),
+                    "filter_subject": n.work(cls),
+                    "ack_policy": "explicit",
+                    "deliver_policy": "all",
+                    "ack_wait": ack_wait,
+                    "max_ack_pending": -1,
+                },
+            }
+        )
+    return out
+
+
+def _stream_config(d: dict[str, Any]) -> api.StreamConfig:
+    return api.StreamConfig.from_response(copy.deepcopy(d))
+
+
+def _consumer_config(d: dict[str, Any]) -> api.ConsumerConfig:
+    return api.ConsumerConfig.from_response(copy.deepcopy(d))
+
+
+def _kv_config(d: dict[str, Any]) -> api.KeyValueConfig:
+    return api.KeyValueConfig(
+        bucket=d["bucket"],
+        description=d.get("description"),
+        history=d["history"],
+        ttl=(d["ttl"] / NS) or None,
+        storage=api.StorageType(d["storage"]),
+    )
+
+
+# ------------------------------------------------------------------ the bus
+
+
+class Bus:
+    """A connected client: JetStream context, KV handles and publish helpers."""
+
+    def __init__(self, nc: Client, settings: Settings) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=10.0)
+        self.settings = settings
+        self.names: Names = settings.names
+        self._kv: dict[str, KeyValue] = {}
+        self.closing = False
+
+    # resources ----------------------------------------------------------------
+    async def ensure_resources(self, classes: tuple[str, ...] = ("cpu",)) -> None:
+        """Create or update every stream, bucket and consumer; safe to run any number of times."""
+        for d in stream_definitions(self.settings):
+            await self._ensure_stream(d)
+        for d in bucket_definitions(self.settings):
+            await self._ensure_bucket(d)
+        for c in consumer_definitions(self.settings, classes):
+            await self.js.add_consumer(c["stream"], config=_consumer_config(c["config"]))
+
+    async def _ensure_stream(self, d: dict[str, Any]) -> None:
+        config = _stream_config(d)
+        try:
+            await self.js.stream_info(d["name"])
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(config)
+            log.info("created stream %s", d["name"])
+            return
+        await self.js.update_stream(config)
+
+    async def _ensure_bucket(self, d: dict[str, Any]) -> None:
+        try:
+            self._kv[d["bucket"]] = await self.js.key_value(d["bucket"])
+        except nats.js.errors.BucketNotFoundError:
+            self._kv[d["bucket"]] = await self.js.create_key_value(_kv_config(d))
+            log.info("created bucket %s", d["bucket"])
+
+    async def kv(self, bucket: str) -> KeyValue:
+        if bucket not in self._kv:
+            try:
+                self._kv[bucket] = await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError as exc:
+                raise MeshError(
+                    f"bucket {bucket} does not exist on the server; run `mesh init` or start an agent"
+                ) from exc
+        return self._kv[bucket]
+
+    async def tasks_kv(self) -> KeyValue:
+        return await self.kv(self.names.tasks_bucket)
+
+    async def plans_kv(self) -> KeyValue:
+        return await self.kv(self.names.plans_bucket)
+
+    async def agents_kv(self) -> KeyValue:
+        return await self.kv(self.names.agents_bucket)
+
+    # publishing ------------------------------------------------------------------
+    async def publish(self, subject: str, msg: Msg, msg_id: str | None = None) -> api.PubAck:
+        """Publish to a stream and wait for the server's acknowledgement."""
+        headers = {HEADER_TYPE: events.type_of(msg)}
+        if msg_id:
+            headers[HEADER_MSG_ID] = msg_id
+        return await self.js.publish(subject, events.encode(msg), headers=headers)
+
+    async def emit(self, ev: Msg) -> api.PubAck:
+        """Publish an event or work item on its own subject, with its deterministic id."""
+        subject, msg_id = route(self.names, ev)
+        return await self.publish(subject, ev, msg_id)
+
+    async def dead_letter(self, agent_id: str, subject: str, reason: str, data: bytes) -> None:
+        """Record a message nobody can use, with a bounded copy of its bytes."""
+        log.warning("dead letter from %s: %s (%d bytes): %s", subject, reason, len(data), reason)
+        letter = DeadLetter(
+            agent_id=agent_id,
+            subject=subject,
+            reason=reason[:500],
+            at=time.time(),
+            size=len(data),
+            payload=base64.b64encode(data[:DEAD_PAYLOAD_BYTES]).decode(),
+        )
+        await self.publish(self.names.dead_letter(agent_id), letter)
+
+    async def close(self) -> None:
+        """Flush what we published and close. (Every publish mesh makes is already
+        acknowledged, so there is nothing in flight to drain.)"""
+        self.closing = True
+        if self.nc.is_connected:
+            try:
+                await self.nc.flush(timeout=2)
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                log.debug("flush before close failed: %s", exc)
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+
+async def read_bucket(kv: KeyValue, keys: str = ">") -> dict[str, bytes]:
+    """Every live key of a bucket (matching `keys`) and its latest value, in one ordered pass."""
+    out: dict[str, bytes] = {}
+    watcher = await kv.watch(keys, ignore_deletes=True)
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            if entry.value is not None:
+                out[entry.key] = entry.value
+    finally:
+        await watcher.stop()
+    return out
+
+
+def route(names: Names, ev: Msg) -> tuple[str, str]:
+    """The subject of a brain or worker event and its deterministic `Nats-Msg-Id`.
+
+    The id names the fact, so a fact re-published after a crash is stored once.
+    """
+    tag = events.type_of(ev)
+    kind = tag.rsplit(".", 1)[-1]
+    plan_id = getattr(ev, "plan_id", "")
+    task_id = getattr(ev, "task_id", "")
+    attempt = getattr(ev, "attempt", 0)
+    if tag.startswith("task."):
+        return names.task_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}"
+    if tag.startswith("run."):
+        worker = getattr(ev, "worker", "")
+        return names.run_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}:{worker}"
+    if tag.startswith("plan."):
+        return names.plan_event(plan_id, kind), f"{plan_id}:{kind}"
+    if tag == "work":
+        return names.work(getattr(ev, "cls", "cpu")), f"{plan_id}.{task_id}:{attempt}:work"
+    raise ValueError(f"no route for {tag}")
+
+
+def decode_or_none(raw: NatsMsg) -> tuple[events.Message | None, str]:
+    """Decode a NATS message; on failure return (None, why)."""
+    try:
+        return events.decode(raw.data), ""
+    except msgspec.ValidationError as exc:
+        return None, f"invalid message: {exc}"
+    except msgspec.DecodeError as exc:
+        return None, f"undecodable message: {exc}"
+
+
+async def _log_error(exc: Exception) -> None:
+    log.warning("nats: %s", exc)
+
+
+async def connect(
+    settings: Settings,
+    name: str,
+    *,
+    wait_s: float = 0.0,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+) -> Bus:
+    """Connect to the server. With `wait_s` > 0 keep trying that long (agents starting early)."""
+    url = settings.url
+    deadline = time.monotonic() + wait_s
+    attempt = 0
+    holder: list[Bus] = []
+
+    async def disconnected() -> None:
+        if not (holder and holder[0].closing):
+            log.warning("disconnected from %s; reconnecting", url)
+
+    async def reconnected() -> None:
+        log.info("reconnected to %s", url)
+        if on_reconnect is not None:
+            await on_reconnect()
+
+    while True:
+        attempt += 1
+        try:
+            nc = await nats.connect(
+                servers=[url],
+                name=name,
+                connect_timeout=2,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                allow_reconnect=True,
+                error_cb=_log_error,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
+            )
+            bus = Bus(nc, settings)
+            holder.append(bus)
+            return bus
+        except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise ServerUnavailable(
+                    f"cannot reach the NATS server at {url} ({exc.__class__.__name__}: {exc}). "
+                    "Start one with `mesh up`, or point mesh at yours with --server or MESH_NATS_URL."
+                ) from exc
+            if attempt == 1 or attempt % 10 == 0:
+                log.warning("waiting for the NATS server at %s: %s", url, exc)
+            await asyncio.sleep(1.0)

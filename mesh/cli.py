@@ -1,0 +1,463 @@
+"""The `mesh` command: parse, call the library, render with rich."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mesh import client, events, render
+from mesh.bus import Bus, connect
+from mesh.errors import MeshError
+from mesh.logs import configure
+from mesh.settings import Settings, load_settings
+
+app = typer.Typer(
+    name="mesh",
+    help="Run plans of local AI work across your GPUs, coordinated through NATS JetStream.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+agent_app = typer.Typer(help="Run one agent in the foreground (what `mesh up` and systemd run).")
+app.add_typer(agent_app, name="agent")
+
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+
+class Opts:
+    server: str | None = None
+    config: str | None = None
+
+
+OPTS = Opts()
+
+
+@app.callback()
+def main(
+    server: Annotated[
+        str | None, typer.Option("--server", "-s", help="NATS URL (else MESH_NATS_URL, the config file, the embedded default)")
+    ] = None,
+    config: Annotated[str | None, typer.Option("--config", help="config file (TOML)")] = None,
+) -> None:
+    OPTS.server = server
+    OPTS.config = config
+
+
+def settings(**overrides: Any) -> Settings:
+    return load_settings(server=OPTS.server, config=OPTS.config, **overrides)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine, turning mesh and server errors into a message and an exit code."""
+    try:
+        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+    except MeshError as exc:
+        raise fail(str(exc)) from None
+    except (nats.errors.Error, nats.js.errors.Error) as exc:
+        raise fail(f"NATS error: {exc.__class__.__name__}: {exc}") from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+async def _bus(s: Settings) -> Bus:
+    return await connect(s, "mesh-cli")
+
+
+def parse_vars(pairs: list[str] | None) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise fail(f"--var wants NAME=value, got {pair!r}")
+        values[name.strip()] = value
+    return values
+
+
+def load(path: Path, var: list[str] | None) -> events.PlanSpec:
+    from mesh.plan import load_plan
+
+    try:
+        return load_plan(path, parse_vars(var))
+    except MeshError as exc:
+        raise fail(str(exc)) from None
+
+
+VarOpt = Annotated[list[str] | None, typer.Option("--var", "-v", help="NAME=value, overriding a plan variable")]
+
+
+# ------------------------------------------------------------------ plans
+
+
+@app.command()
+def check(plan: Annotated[Path, typer.Argument(help="plan file (markdown)")], var: VarOpt = None) -> None:
+    """Parse and validate a plan without submitting it."""
+    spec = load(plan, var)
+    out.print(f"[green]ok[/green] {plan}: {spec.title!r}, {len(spec.tasks)} tasks")
+
+
+@app.command()
+def submit(
+    plan: Annotated[Path, typer.Argument(help="plan file (markdown)")],
+    var: VarOpt = None,
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="follow the plan until it is final")] = False,
+    plan_id: Annotated[str | None, typer.Option("--id", help="plan id (default: from the title)")] = None,
+) -> None:
+    """Validate a plan and submit it; prints the plan id."""
+    spec = load(plan, var)
+    s = settings()
+
+    async def go() -> int:
+        bus = await _bus(s)
+        try:
+            await bus.ensure_resources()
+            pid = await client.submit(bus, spec, plan_id)
+            out.print(pid, highlight=False)
+            if not wait:
+                return 0
+            return await follow_plan(bus, pid, len(spec.tasks))
+        finally:
+            await bus.close()
+
+    raise typer.Exit(run(go))
+
+
+async def follow_plan(bus: Bus, plan_id: str, total: int) -> int:
+    """Show a plan's progress from its history until it is final; 0 only if it succeeded."""
+    final: dict[str, str] = {}
+    status = ""
+    interactive = err.is_terminal
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not interactive,
+    )
+    with progress:
+        bar = progress.add_task(plan_id, total=total, detail="")
+        async for subject, _, msg in client.follow(bus, bus.names.plan_filter(plan_id), from_start=True):
+            if msg is None:
+                continue
+            if isinstance(msg, events.TaskSucceeded | events.TaskFailed | events.TaskCancelled):
+                final[msg.task_id] = events.type_of(msg).rsplit(".", 1)[-1]
+            if isinstance(msg, events.TaskSucceeded | events.TaskFailed | events.TaskCancelled | events.TaskRetrying):
+                if not interactive or not isinstance(msg, events.TaskSucceeded):
+                    progress.console.print(render.event_line(subject, msg))
+            elif isinstance(msg, events.TaskStarted) and not interactive:
+                progress.console.print(render.event_line(subject, msg))
+            counts = {k: list(final.values()).count(k) for k in ("succeeded", "failed", "cancelled")}
+            progress.update(
+                bar,
+                completed=len(final),
+                detail=" ".join(f"{k} {v}" for k, v in counts.items() if v),
+            )
+            if isinstance(msg, events.PlanFinished | events.PlanRejected):
+                status = msg.status if isinstance(msg, events.PlanFinished) else "rejected"
+                if isinstance(msg, events.PlanRejected):
+                    err.print(f"[red]plan rejected:[/red] {msg.error}")
+                break
+    records = await client.plan_tasks(bus, plan_id)
+    plan = await client.get_plan(bus, plan_id)
+    if plan is not None and any(r.status != "succeeded" for r in records):
+        err.print(render.tasks_table(plan, [r for r in records if r.status != "succeeded"]))
+    style = render.STYLE.get(status, "")
+    err.print(f"plan {plan_id} [{style}]{status}[/{style}]" if style else f"plan {plan_id} {status}")
+    return 0 if status == "succeeded" else 1
+
+
+@app.command()
+def status(
+    plan: Annotated[str | None, typer.Argument(help="a plan id: show its tasks")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="records as JSON lines")] = False,
+) -> None:
+    """Plans, or one plan's tasks, from the KV state."""
+    s = settings()
+
+    async def go() -> int:
+        bus = await _bus(s)
+        try:
+            if plan is None:
+                plans = await client.list_plans(bus)
+                if as_json:
+                    for p in plans:
+                        print(msgspec.json.encode(p).decode())
+                elif plans:
+                    out.print(render.plans_table(plans))
+                else:
+                    out.print("no plans yet: `mesh submit PLAN.md`")
+                return 0
+            record = await client.get_plan(bus, plan)
+            if record is None:
+                raise fail(f"no plan {plan!r}; `mesh status` lists the plans")
+            tasks = await client.plan_tasks(bus, plan)
+            if as_json:
+                print(msgspec.json.encode(record).decode())
+                for t in tasks:
+                    print(msgspec.json.encode(t).decode())
+            else:
+                out.print(render.tasks_table(record, tasks))
+            return 0
+        finally:
+            await bus.close()
+
+    raise typer.Exit(run(go))
+
+
+@app.command()
+def cancel(plan: Annotated[str, typer.Argument(help="plan id")]) -> None:
+    """Cancel a plan: running tasks are killed, the rest are cancelled."""
+    s = settings()
+
+    async def go() -> int:
+        bus = await _bus(s)
+        try:
+            await client.cancel(bus, plan)
+            out.print(f"cancel requested for {plan}")
+            return 0
+        finally:
+            await bus.close()
+
+    raise typer.Exit(run(go))
+
+
+@app.command()
+def tail(
+    filter: Annotated[
+        str | None,
+        typer.Argument(help="a plan id, or a subject pattern under <prefix>.evt (e.g. 'task.*.*.failed')"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print each payload as it is")] = False,
+    from_start: Annotated[bool, typer.Option("--all", help="start from the beginning of the history")] = False,
+) -> None:
+    """Follow events live, pretty or raw."""
+    s = settings()
+    names = s.names
+    if filter is None:
+        subject = names.evt_all
+    elif any(c in filter for c in ".*>"):
+        subject = names.evt_filter(filter)
+    else:
+        subject = names.plan_filter(filter)
+
+    async def go() -> int:
+        bus = await _bus(s)
+        try:
+            async for subj, data, msg in client.follow(bus, subject, from_start=from_start):
+                if as_json:
+                    sys.stdout.write(data.decode("utf-8", errors="replace") + "\n")
+                    sys.stdout.flush()
+                else:
+                    out.print(render.event_line(subj, msg))
+            return 0
+        finally:
+            await bus.close()
+
+    raise typer.Exit(run(go))
+
+
+# ------------------------------------------------------------------ servers and agents
+
+
+@app.command()
+def init(
+    render_dir: Annotated[
+        Path | None, typer.Option("--render", help="write the nats/ config files to this dir instead")
+    ] = None,
+) -> None:
+    """Create (or update) every stream, bucket and consumer on the server. Safe to repeat."""
+    s = settings()
+    if render_dir is not None:
+        from mesh.natsconf import write_config
+
+        for path in write_config(s, render_dir):
+            out.print(f"wrote {path}")
+        return
+
+    async def go() -> int:
+        bus = await _bus(s)
+        try:
+            await bus.ensure_resources()
+            n = s.names
+            out.print(f"streams: {n.events_stream}, {n.work_stream}, {n.cmd_stream}")
+            out.print(f"buckets: {n.tasks_bucket}, {n.plans_bucket}, {n.agents_bucket}")
+            return 0
+        finally:
+            await bus.close()
+
+    raise typer.Exit(run(go))
+
+
+@app.command()
+def up(
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="server store and logs")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="server port (default 4222)")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="CPU workers to start")] = 2,
+    slots: Annotated[int, typer.Option("--slots", help="concurrent tasks per worker")] = 2,
+    plan: Annotated[
+        Path | None, typer.Option("--submit", help="submit this plan, follow it, then stop everything")
+    ] = None,
+    var: VarOpt = None,
+) -> None:
+    """Start an embedded nats-server, a brain and N CPU workers; Ctrl-C stops them all."""
+    from mesh.up import Stack
+
+    configure()
+    s = settings()
+    spec = load(plan, var) if plan is not None else None
+    data = Path(data_dir or s.data_dir)
+    stack = Stack(str(data), port or s.embedded_port, workers, slots, log_dir=str(data / "logs"))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        stack.start()
+    except MeshError as exc:
+        raise fail(str(exc)) from None
+    err.print(
+        f"mesh up: server {stack.url}, store {data / 'jetstream'}, brain + {workers} worker(s), "
+        f"logs in {data / 'logs'}"
+    )
+    code = 0
+    try:
+        if spec is None:
+            err.print("watch it: `mesh tail` or `nats sub 'mesh.evt.>'`; Ctrl-C stops everything")
+            while not stop.wait(0.5):
+                stack.supervise()
+        else:
+            code = _submit_and_follow(s, stack, spec, stop)
+    finally:
+        err.print("stopping agents and server…")
+        stack.stop()
+    raise typer.Exit(code)
+
+
+def _submit_and_follow(s: Settings, stack: Any, spec: events.PlanSpec, stop: threading.Event) -> int:
+    s = load_settings(server=stack.url, config=OPTS.config)
+    result: dict[str, int] = {}
+
+    def work() -> None:
+        async def go() -> int:
+            bus = await connect(s, "mesh-up", wait_s=10.0)
+            try:
+                await bus.ensure_resources()
+                pid = await client.submit(bus, spec)
+                err.print(f"submitted {spec.source or spec.title} as {pid}")
+                return await follow_plan(bus, pid, len(spec.tasks))
+            finally:
+                await bus.close()
+
+        try:
+            result["code"] = asyncio.run(go())
+        except MeshError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            result["code"] = 2
+        finally:
+            stop.set()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    while not stop.wait(0.5):
+        stack.supervise()
+    thread.join(timeout=5)
+    return result.get("code", 130)
+
+
+@agent_app.command("brain")
+def agent_brain(
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """The brain: releases tasks, cascades results, retries."""
+    from agents.brain import Brain
+    from mesh.agent import run_agent
+
+    configure(log_level, name="brain")
+    s = settings()
+    raise typer.Exit(run_agent(Brain(s)))
+
+
+@agent_app.command("worker")
+def agent_worker(
+    slots: Annotated[int | None, typer.Option("--slots", help="concurrent tasks")] = None,
+    classes: Annotated[str, typer.Option("--classes", help="comma list of task classes to take")] = "cpu",
+    drain_timeout: Annotated[
+        float, typer.Option("--drain-timeout", help="on stop, seconds to let running tasks finish")
+    ] = 30.0,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """A worker: claims tasks of its classes and runs them."""
+    from agents.worker import Worker
+    from mesh.agent import run_agent
+
+    configure(log_level, name="worker")
+    s = settings()
+    wanted = tuple(c.strip() for c in classes.split(",") if c.strip())
+    if not wanted:
+        raise fail("--classes needs at least one class")
+    raise typer.Exit(run_agent(Worker(s, classes=wanted, slots=slots, drain_timeout_s=drain_timeout)))
+
+
+@app.command()
+def agents() -> None:
+    """Agents registered now (from the agents bucket)."""
+    s = settings()
+
+    async def go() -> int:
+        from mesh.bus import read_bucket
+        from mesh.records import decode_agent
+
+        bus = await _bus(s)
+        try:
+            raw = await read_bucket(await bus.agents_kv())
+            now = time.time()
+            for rec in sorted((decode_agent(v) for v in raw.values()), key=lambda a: a.agent_id):
+                out.print(
+                    f"{rec.agent_id:<40} {rec.role:<8} {rec.state:<9} seen {now - rec.seen_at:4.1f}s ago"
+                    f"  running {len(rec.running)}/{rec.slots or '-'}",
+                    highlight=False,
+                )
+            return 0
+        finally:
+            await bus.close()
+
+    raise typer.Exit(run(go))
+
+
+def entry() -> None:
+    try:
+        app()
+    except MeshError as exc:  # settings and config errors raised outside `run`
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    entry()
+
+
+__all__ = ["app", "entry"]

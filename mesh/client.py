@@ -1,0 +1,111 @@
+"""What the CLI (and tests, and scripts) do against a running mesh: submit, cancel, read, follow."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from mesh import events
+from mesh.bus import Bus, decode_or_none, read_bucket
+from mesh.errors import MeshError, NotFound
+from mesh.events import CancelPlan, PlanSpec, SubmitPlan
+from mesh.names import check_token
+from mesh.records import PlanRecord, TaskRecord, decode_plan, decode_task
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+
+
+_SLUG = re.compile(r"[^a-z0-9]+")
+
+
+def new_plan_id(title: str) -> str:
+    """`<slug of the title>-<time><random>`: readable, unique, safe as a subject token."""
+    slug = _SLUG.sub("-", title.lower()).strip("-")[:24].strip("-") or "plan"
+    stamp = time.strftime("%m%d%H%M%S", time.gmtime())
+    return f"{slug}-{stamp}-{secrets.token_hex(2)}"
+
+
+async def submit(bus: Bus, plan: PlanSpec, plan_id: str | None = None, by: str = "") -> str:
+    plan_id = check_token(plan_id or new_plan_id(plan.title), "plan id")
+    msg = SubmitPlan(plan_id=plan_id, plan=plan, at=time.time(), by=by or _user())
+    data = events.encode(msg)
+    limit = bus.nc.max_payload
+    if len(data) > limit:
+        raise MeshError(
+            f"plan {plan.source or plan.title} encodes to {len(data)} bytes, over the server's "
+            f"max_payload of {limit}; raise max_payload in the server config or split the plan"
+        )
+    await bus.publish(bus.names.submit, msg, msg_id=plan_id)
+    return plan_id
+
+
+async def cancel(bus: Bus, plan_id: str, reason: str = "cancelled by operator") -> None:
+    plan = await get_plan(bus, plan_id)
+    if plan is None:
+        raise NotFound(f"no plan {plan_id!r}; `mesh status` lists the plans")
+    await bus.publish(
+        bus.names.cancel(plan_id), CancelPlan(plan_id=plan_id, at=time.time(), reason=reason), msg_id=None
+    )
+
+
+async def get_plan(bus: Bus, plan_id: str) -> PlanRecord | None:
+    kv = await bus.plans_kv()
+    try:
+        entry = await kv.get(plan_id)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return decode_plan(entry.value or b"")
+
+
+async def list_plans(bus: Bus) -> list[PlanRecord]:
+    raw = await read_bucket(await bus.plans_kv())
+    return sorted((decode_plan(v) for v in raw.values()), key=lambda p: p.accepted_at)
+
+
+async def plan_tasks(bus: Bus, plan_id: str) -> list[TaskRecord]:
+    check_token(plan_id, "plan id")
+    raw = await read_bucket(await bus.tasks_kv(), f"{plan_id}.>")
+    plan = await get_plan(bus, plan_id)
+    order = {t: i for i, t in enumerate(plan.task_ids)} if plan else {}
+    records = [decode_task(v) for v in raw.values()]
+    return sorted(records, key=lambda r: order.get(r.task_id, len(order)))
+
+
+async def follow(
+    bus: Bus, subject: str, *, from_start: bool = False, idle_timeout_s: float | None = None
+) -> AsyncIterator[tuple[str, bytes, events.Message | None]]:
+    """Yield (subject, raw bytes, decoded message or None) from the event stream, in order.
+
+    An ordered, ephemeral consumer: following never disturbs the agents' durable consumers.
+    """
+    sub = await bus.js.subscribe(
+        subject,
+        stream=bus.names.events_stream,
+        ordered_consumer=True,
+        deliver_policy=api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW,
+    )
+    try:
+        while True:
+            try:
+                raw = await sub.next_msg(timeout=idle_timeout_s)
+            except nats.errors.TimeoutError:
+                return
+            msg, _ = decode_or_none(raw)
+            yield raw.subject, raw.data, msg
+    finally:
+        try:
+            await sub.unsubscribe()
+        except (nats.errors.Error, asyncio.TimeoutError):
+            pass

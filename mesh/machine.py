@@ -1,0 +1,565 @@
+"""The brain's core: a pure state machine, no I/O.
+
+Two functions, event-sourced:
+
+- `apply(state, msg, now, policy) -> Step` takes one input (a submission, a
+  cancel, a worker's report, or a clock tick) and decides what happens: the
+  transition events to publish and the work items to queue. Every decided
+  event is folded into the state at once with `evolve`.
+- `evolve(state, event)` folds one transition event into the state. It is the
+  only code that changes task and plan records, and it reads nothing but the
+  event, so folding the event history with it (`mesh replay`) rebuilds exactly
+  the records the live brain wrote to KV.
+
+`now` is passed in and retry jitter is derived from the task id and attempt, so
+the same inputs always give the same outputs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+
+from mesh.events import (
+    CancelPlan,
+    Message,
+    Msg,
+    PlanAccepted,
+    PlanFinished,
+    PlanRejected,
+    PlanSpec,
+    RunFinished,
+    RunStarted,
+    SubmitPlan,
+    TaskCancelled,
+    TaskFailed,
+    TaskReleased,
+    TaskRetrying,
+    TaskStarted,
+    TaskSucceeded,
+    TaskWaiting,
+    WorkItem,
+)
+from mesh.records import (
+    CANCELLED,
+    FAILED,
+    FINAL_STATES,
+    INFLIGHT_STATES,
+    PENDING,
+    PLAN_REJECTED,
+    PLAN_RUNNING,
+    READY,
+    RUNNING,
+    SUCCEEDED,
+    WAITING,
+    PlanRecord,
+    TaskRecord,
+)
+
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The brain's tunables (from Settings)."""
+
+    release_window: int = 256
+    retry_base_s: float = 2.0
+    retry_max_s: float = 300.0
+    aging_s: float = 60.0
+
+
+class Tick:
+    """A clock input: release what is due. Not a wire message."""
+
+
+@dataclass
+class Step:
+    """What one input decided."""
+
+    events: list[Msg] = field(default_factory=list)
+    work: list[WorkItem] = field(default_factory=list)
+    ignored: str = ""
+
+
+@dataclass
+class State:
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    plans: dict[str, PlanRecord] = field(default_factory=dict)
+    dependents: dict[str, list[str]] = field(default_factory=dict)
+    # class -> heap of (virtual time, seq, task key); stale entries are skipped on pop
+    queue: dict[str, list[tuple[float, int, str]]] = field(default_factory=dict)
+    # heap of (not_before, seq, task key): retries waiting out their backoff
+    delayed: list[tuple[float, int, str]] = field(default_factory=list)
+    inflight: dict[str, int] = field(default_factory=dict)
+    dirty_tasks: set[str] = field(default_factory=set)
+    dirty_plans: set[str] = field(default_factory=set)
+    aging_s: float = 60.0
+    _seq: int = 0
+
+    # ---------------------------------------------------------- indexes
+    def _push(self, rec: TaskRecord) -> None:
+        self._seq += 1
+        if rec.not_before > 0:
+            heapq.heappush(self.delayed, (rec.not_before, self._seq, rec.key))
+            return
+        vtime = rec.waiting_since - rec.spec.priority * self.aging_s
+        heapq.heappush(self.queue.setdefault(rec.spec.cls, []), (vtime, self._seq, rec.key))
+
+    def _index(self, rec: TaskRecord) -> None:
+        key = rec.key
+        for dep in rec.spec.depends_on:
+            self.dependents.setdefault(f"{rec.plan_id}.{dep}", []).append(key)
+        if rec.status == WAITING:
+            self._push(rec)
+        elif rec.status in INFLIGHT_STATES:
+            self.inflight[rec.spec.cls] = self.inflight.get(rec.spec.cls, 0) + 1
+
+    @classmethod
+    def load(
+        cls, tasks: list[TaskRecord], plans: list[PlanRecord], aging_s: float = 60.0
+    ) -> State:
+        """Rebuild a state (and its indexes) from records read back from KV."""
+        state = cls(aging_s=aging_s)
+        for plan in plans:
+            state.plans[plan.plan_id] = plan
+        for rec in tasks:
+            state.tasks[rec.key] = rec
+        for rec in tasks:
+            state._index(rec)
+        return state
+
+    def plan_tasks(self, plan_id: str) -> list[TaskRecord]:
+        plan = self.plans.get(plan_id)
+        if plan is None:
+            return []
+        return [self.tasks[f"{plan_id}.{t}"] for t in plan.task_ids if f"{plan_id}.{t}" in self.tasks]
+
+    def take_dirty(self) -> tuple[list[TaskRecord], list[PlanRecord]]:
+        tasks = [self.tasks[k] for k in sorted(self.dirty_tasks) if k in self.tasks]
+        plans = [self.plans[k] for k in sorted(self.dirty_plans) if k in self.plans]
+        self.dirty_tasks.clear()
+        self.dirty_plans.clear()
+        return tasks, plans
+
+
+# ------------------------------------------------------------------ evolve
+
+
+def _set_status(state: State, rec: TaskRecord, status: str, at: float) -> None:
+    old = rec.status
+    if old == status:
+        rec.updated_at = at
+        return
+    plan = state.plans.get(rec.plan_id)
+    if plan is not None:
+        plan.counts[old] = plan.counts.get(old, 0) - 1
+        if plan.counts[old] <= 0:
+            del plan.counts[old]
+        plan.counts[status] = plan.counts.get(status, 0) + 1
+        plan.updated_at = at
+        state.dirty_plans.add(plan.plan_id)
+    cls = rec.spec.cls
+    if old in INFLIGHT_STATES and status not in INFLIGHT_STATES:
+        state.inflight[cls] = state.inflight.get(cls, 0) - 1
+    elif status in INFLIGHT_STATES and old not in INFLIGHT_STATES:
+        state.inflight[cls] = state.inflight.get(cls, 0) + 1
+    rec.status = status
+    rec.updated_at = at
+    state.dirty_tasks.add(rec.key)
+
+
+def _accept(state: State, ev: PlanAccepted) -> None:
+    plan = ev.plan
+    record = PlanRecord(
+        plan_id=ev.plan_id,
+        title=plan.title,
+        source=plan.source,
+        workdir=plan.workdir,
+        by=ev.by,
+        submitted_at=ev.submitted_at,
+        accepted_at=ev.at,
+        task_ids=[t.id for t in plan.tasks],
+        counts={PENDING: len(plan.tasks)} if plan.tasks else {},
+        env=dict(plan.env),
+        updated_at=ev.at,
+    )
+    state.plans[ev.plan_id] = record
+    state.dirty_plans.add(ev.plan_id)
+    for spec in plan.tasks:
+        rec = TaskRecord(plan_id=ev.plan_id, task_id=spec.id, spec=spec, updated_at=ev.at)
+        state.tasks[rec.key] = rec
+        state.dirty_tasks.add(rec.key)
+        state._index(rec)
+
+
+def evolve(state: State, ev: Msg) -> None:
+    """Fold one transition event into the state. Events that change nothing are ignored."""
+    if isinstance(ev, PlanAccepted):
+        if ev.plan_id not in state.plans:
+            _accept(state, ev)
+        return
+    if isinstance(ev, PlanRejected):
+        if ev.plan_id not in state.plans:
+            state.plans[ev.plan_id] = PlanRecord(
+                plan_id=ev.plan_id,
+                title=ev.title,
+                source=ev.source,
+                status=PLAN_REJECTED,
+                error=ev.error,
+                accepted_at=ev.at,
+                finished_at=ev.at,
+                updated_at=ev.at,
+            )
+            state.dirty_plans.add(ev.plan_id)
+        return
+    if isinstance(ev, PlanFinished):
+        plan = state.plans.get(ev.plan_id)
+        if plan is not None:
+            plan.status = ev.status
+            plan.finished_at = ev.at
+            plan.updated_at = ev.at
+            state.dirty_plans.add(ev.plan_id)
+        return
+    key = f"{getattr(ev, 'plan_id', '')}.{getattr(ev, 'task_id', '')}"
+    rec = state.tasks.get(key)
+    if rec is None:
+        return
+    if isinstance(ev, TaskWaiting):
+        rec.waiting_since = ev.at
+        rec.not_before = 0.0
+        _set_status(state, rec, WAITING, ev.at)
+        state._push(rec)
+    elif isinstance(ev, TaskReleased):
+        rec.attempt = ev.attempt
+        rec.released_at = ev.at
+        rec.worker = ""
+        _set_status(state, rec, READY, ev.at)
+    elif isinstance(ev, TaskStarted):
+        rec.worker = ev.worker
+        rec.started_at = ev.at
+        _set_status(state, rec, RUNNING, ev.at)
+    elif isinstance(ev, TaskSucceeded):
+        rec.worker = ev.worker
+        rec.finished_at = ev.at
+        rec.duration_s = ev.duration_s
+        rec.rc = ev.rc
+        rec.reason = ""
+        rec.error = ""
+        _set_status(state, rec, SUCCEEDED, ev.at)
+    elif isinstance(ev, TaskRetrying):
+        rec.rc = ev.rc
+        rec.reason = ev.reason
+        rec.error = ev.error
+        rec.worker = ev.worker
+        rec.not_before = ev.retry_at
+        rec.waiting_since = ev.retry_at
+        _set_status(state, rec, WAITING, ev.at)
+        state._push(rec)
+    elif isinstance(ev, TaskFailed):
+        rec.rc = ev.rc
+        rec.reason = ev.reason
+        rec.error = ev.error
+        if ev.worker:
+            rec.worker = ev.worker
+        rec.finished_at = ev.at
+        _set_status(state, rec, FAILED, ev.at)
+    elif isinstance(ev, TaskCancelled):
+        rec.reason = "cancelled"
+        rec.error = ev.reason
+        rec.finished_at = ev.at
+        _set_status(state, rec, CANCELLED, ev.at)
+
+
+# ------------------------------------------------------------------ decide
+
+
+def validate_plan(plan: PlanSpec) -> str:
+    """Check what the brain depends on (the CLI's parser checks much more). '' when fine."""
+    ids: set[str] = set()
+    for t in plan.tasks:
+        if t.id in ids:
+            return f"duplicate task id {t.id!r}"
+        ids.add(t.id)
+    if not plan.tasks:
+        return "plan has no tasks"
+    for t in plan.tasks:
+        for d in t.depends_on:
+            if d not in ids:
+                return f"task {t.id!r} depends on unknown task {d!r}"
+    # Kahn's algorithm: anything left over sits on a cycle
+    indegree = {t.id: len(set(t.depends_on)) for t in plan.tasks}
+    children: dict[str, list[str]] = {}
+    for t in plan.tasks:
+        for d in set(t.depends_on):
+            children.setdefault(d, []).append(t.id)
+    todo = deque(i for i, n in indegree.items() if n == 0)
+    seen = 0
+    while todo:
+        node = todo.popleft()
+        seen += 1
+        for child in children.get(node, ()):
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                todo.append(child)
+    if seen != len(indegree):
+        stuck = sorted(i for i, n in indegree.items() if n > 0)
+        return f"dependency cycle among {', '.join(stuck[:10])}"
+    return ""
+
+
+def backoff_s(key: str, attempt: int, policy: Policy) -> float:
+    """Exponential backoff with deterministic 'equal jitter': half fixed, half spread."""
+    delay = min(policy.retry_max_s, policy.retry_base_s * (2 ** max(attempt - 1, 0)))
+    spread = zlib.crc32(f"{key}:{attempt}".encode()) / 0xFFFFFFFF
+    return delay * (0.5 + 0.5 * spread)
+
+
+class _Decider:
+    def __init__(self, state: State, now: float, policy: Policy) -> None:
+        self.state = state
+        self.now = now
+        self.policy = policy
+        self.step = Step()
+        self.touched_plans: set[str] = set()
+
+    def emit(self, ev: Msg) -> None:
+        evolve(self.state, ev)
+        self.step.events.append(ev)
+        plan_id = getattr(ev, "plan_id", None)
+        if isinstance(plan_id, str):
+            self.touched_plans.add(plan_id)
+        if isinstance(ev, TaskReleased):
+            rec = self.state.tasks[f"{ev.plan_id}.{ev.task_id}"]
+            plan = self.state.plans[ev.plan_id]
+            self.step.work.append(
+                WorkItem(
+                    plan_id=ev.plan_id,
+                    task_id=ev.task_id,
+                    attempt=ev.attempt,
+                    cls=rec.spec.cls,
+                    kind=rec.spec.kind,
+                    body=rec.spec.body,
+                    timeout_s=rec.spec.timeout_s,
+                    env=rec.spec.env,
+                    workdir=plan.workdir,
+                    sensitive=rec.spec.sensitive,
+                )
+            )
+
+    # inputs --------------------------------------------------------------
+    def submit(self, msg: SubmitPlan) -> None:
+        if msg.plan_id in self.state.plans:
+            self.step.ignored = f"plan {msg.plan_id} already known"
+            return
+        error = validate_plan(msg.plan)
+        if error:
+            self.emit(
+                PlanRejected(
+                    plan_id=msg.plan_id,
+                    at=self.now,
+                    error=error,
+                    title=msg.plan.title,
+                    source=msg.plan.source,
+                )
+            )
+            return
+        self.emit(PlanAccepted(plan_id=msg.plan_id, plan=msg.plan, at=self.now, submitted_at=msg.at, by=msg.by))
+        for spec in msg.plan.tasks:
+            if not spec.depends_on:
+                self.emit(TaskWaiting(plan_id=msg.plan_id, task_id=spec.id, at=self.now))
+
+    def cancel(self, msg: CancelPlan) -> None:
+        plan = self.state.plans.get(msg.plan_id)
+        if plan is None or plan.final:
+            self.step.ignored = f"plan {msg.plan_id} is {'unknown' if plan is None else plan.status}"
+            return
+        for rec in self.state.plan_tasks(msg.plan_id):
+            if not rec.final:
+                self.emit(
+                    TaskCancelled(
+                        plan_id=rec.plan_id,
+                        task_id=rec.task_id,
+                        at=self.now,
+                        attempt=rec.attempt,
+                        reason=msg.reason,
+                    )
+                )
+
+    def run_started(self, msg: RunStarted) -> None:
+        rec = self.state.tasks.get(f"{msg.plan_id}.{msg.task_id}")
+        if rec is None or rec.status != READY or rec.attempt != msg.attempt:
+            self.step.ignored = self._stale(rec, msg.attempt)
+            return
+        self.emit(
+            TaskStarted(
+                plan_id=msg.plan_id, task_id=msg.task_id, attempt=msg.attempt, worker=msg.worker, at=self.now
+            )
+        )
+
+    def run_finished(self, msg: RunFinished) -> None:
+        rec = self.state.tasks.get(f"{msg.plan_id}.{msg.task_id}")
+        if rec is None or rec.status not in INFLIGHT_STATES or rec.attempt != msg.attempt:
+            self.step.ignored = self._stale(rec, msg.attempt)
+            return
+        if msg.ok:
+            self.emit(
+                TaskSucceeded(
+                    plan_id=msg.plan_id,
+                    task_id=msg.task_id,
+                    attempt=msg.attempt,
+                    worker=msg.worker,
+                    at=self.now,
+                    duration_s=msg.duration_s,
+                    rc=msg.rc,
+                )
+            )
+            self._wake_dependents(rec)
+            return
+        reason = "timeout" if msg.timed_out else "cancelled" if msg.cancelled else "error"
+        error = (msg.error or msg.stderr_tail or msg.stdout_tail)[-MAX_ERROR_CHARS:]
+        if rec.attempt <= rec.spec.retries:
+            self.emit(
+                TaskRetrying(
+                    plan_id=msg.plan_id,
+                    task_id=msg.task_id,
+                    attempt=msg.attempt,
+                    at=self.now,
+                    retry_at=self.now + backoff_s(rec.key, rec.attempt, self.policy),
+                    reason=reason,
+                    error=error,
+                    rc=msg.rc,
+                    worker=msg.worker,
+                )
+            )
+            return
+        self.emit(
+            TaskFailed(
+                plan_id=msg.plan_id,
+                task_id=msg.task_id,
+                attempt=msg.attempt,
+                at=self.now,
+                reason=reason,
+                error=error,
+                rc=msg.rc,
+                worker=msg.worker,
+            )
+        )
+        self._fail_dependents(rec)
+
+    # helpers ----------------------------------------------------------------
+    @staticmethod
+    def _stale(rec: TaskRecord | None, attempt: int) -> str:
+        if rec is None:
+            return "report for an unknown task"
+        return f"stale report for {rec.key} attempt {attempt} (task is {rec.status}, attempt {rec.attempt})"
+
+    def _wake_dependents(self, rec: TaskRecord) -> None:
+        tasks = self.state.tasks
+        for child_key in self.state.dependents.get(rec.key, ()):
+            child = tasks[child_key]
+            if child.status != PENDING:
+                continue
+            if all(tasks[f"{child.plan_id}.{d}"].status == SUCCEEDED for d in child.spec.depends_on):
+                self.emit(TaskWaiting(plan_id=child.plan_id, task_id=child.task_id, at=self.now))
+
+    def _fail_dependents(self, rec: TaskRecord) -> None:
+        todo = deque(self.state.dependents.get(rec.key, ()))
+        while todo:
+            child = self.state.tasks[todo.popleft()]
+            if child.final:
+                continue
+            self.emit(
+                TaskFailed(
+                    plan_id=child.plan_id,
+                    task_id=child.task_id,
+                    attempt=child.attempt,
+                    at=self.now,
+                    reason="dependency",
+                    error=f"dependency {rec.task_id} failed",
+                )
+            )
+            todo.extend(self.state.dependents.get(child.key, ()))
+
+    def release(self) -> None:
+        state = self.state
+        while state.delayed and state.delayed[0][0] <= self.now:
+            _, _, key = heapq.heappop(state.delayed)
+            rec = state.tasks.get(key)
+            if rec is not None and rec.status == WAITING and rec.not_before <= self.now:
+                state._seq += 1
+                vtime = rec.waiting_since - rec.spec.priority * state.aging_s
+                heapq.heappush(state.queue.setdefault(rec.spec.cls, []), (vtime, state._seq, key))
+        for cls, heap in state.queue.items():
+            while heap and state.inflight.get(cls, 0) < self.policy.release_window:
+                _, _, key = heapq.heappop(heap)
+                rec = state.tasks.get(key)
+                if rec is None or rec.status != WAITING or rec.not_before > self.now:
+                    continue
+                self.emit(
+                    TaskReleased(plan_id=rec.plan_id, task_id=rec.task_id, attempt=rec.attempt + 1, at=self.now)
+                )
+
+    def finish_plans(self) -> None:
+        for plan_id in sorted(self.touched_plans):
+            plan = self.state.plans.get(plan_id)
+            if plan is None or plan.status != PLAN_RUNNING or plan.done < plan.total:
+                continue
+            counts = dict(plan.counts)
+            if counts.get(CANCELLED):
+                status = CANCELLED
+            elif counts.get(FAILED):
+                status = FAILED
+            else:
+                status = SUCCEEDED
+            self.emit(PlanFinished(plan_id=plan_id, status=status, at=self.now, counts=counts))
+
+
+def apply(state: State, msg: Message | Tick, now: float, policy: Policy) -> Step:
+    """Decide what one input means; fold the decided events into `state`."""
+    d = _Decider(state, now, policy)
+    if isinstance(msg, SubmitPlan):
+        d.submit(msg)
+    elif isinstance(msg, CancelPlan):
+        d.cancel(msg)
+    elif isinstance(msg, RunStarted):
+        d.run_started(msg)
+    elif isinstance(msg, RunFinished):
+        d.run_finished(msg)
+    elif not isinstance(msg, Tick):
+        d.step.ignored = f"the brain does not take {type(msg).__name__} messages"
+    d.release()
+    d.finish_plans()
+    return d.step
+
+
+def next_due(state: State) -> float | None:
+    """When the next delayed retry becomes due (for the brain's timer)."""
+    return state.delayed[0][0] if state.delayed else None
+
+
+def replay(history: list[Msg], aging_s: float = 60.0) -> State:
+    """Fold a sequence of events into a fresh state (non-transition events are ignored)."""
+    state = State(aging_s=aging_s)
+    for ev in history:
+        evolve(state, ev)
+    return state
+
+
+FINAL = FINAL_STATES
+__all__ = [
+    "FINAL",
+    "Policy",
+    "State",
+    "Step",
+    "Tick",
+    "apply",
+    "backoff_s",
+    "evolve",
+    "next_due",
+    "replay",
+    "validate_plan",
+    "RUNNING",
+]

@@ -1,0 +1,158 @@
+"""Every subject, stream, consumer, bucket and header name mesh uses.
+
+Nothing else in mesh writes a subject string: it asks a `Names`. The prefix
+(default `mesh`) lets several independent meshes share one server. The files in
+`nats/` are rendered from these names (`mesh init --write-config`), and a test
+checks they agree.
+
+Subjects
+    <p>.cmd.submit                     plan submissions           (command stream)
+    <p>.cmd.cancel.<plan>              cancel requests            (command stream)
+    <p>.work.<class>                   tasks ready to run         (work stream)
+    <p>.evt.plan.<plan>.<type>         plan transitions           (event stream)
+    <p>.evt.task.<plan>.<task>.<type>  task transitions by the brain
+    <p>.evt.run.<plan>.<task>.<type>   what workers report
+    <p>.evt.agent.<agent>.<type>       agents starting and stopping
+    <p>.evt.dead.<agent>               dead letters: messages nobody could use
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+HEADER_MSG_ID = "Nats-Msg-Id"
+HEADER_TYPE = "Mesh-Type"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def check_token(value: str, what: str) -> str:
+    """A subject token must not contain '.', '*', '>' or whitespace."""
+    if not _TOKEN.match(value):
+        raise ValueError(f"{what} {value!r} may hold only letters, digits, '_' and '-'")
+    return value
+
+
+@dataclass(frozen=True)
+class Names:
+    prefix: str = "mesh"
+
+    def __post_init__(self) -> None:
+        check_token(self.prefix, "prefix")
+
+    # streams ---------------------------------------------------------------
+    @property
+    def events_stream(self) -> str:
+        return f"{self.prefix.upper()}_EVENTS"
+
+    @property
+    def work_stream(self) -> str:
+        return f"{self.prefix.upper()}_WORK"
+
+    @property
+    def cmd_stream(self) -> str:
+        return f"{self.prefix.upper()}_CMD"
+
+    # buckets -----------------------------------------------------------------
+    @property
+    def tasks_bucket(self) -> str:
+        return f"{self.prefix}-tasks"
+
+    @property
+    def plans_bucket(self) -> str:
+        return f"{self.prefix}-plans"
+
+    @property
+    def agents_bucket(self) -> str:
+        return f"{self.prefix}-agents"
+
+    # consumers ---------------------------------------------------------------
+    @property
+    def brain_cmd_consumer(self) -> str:
+        return "brain-cmd"
+
+    @property
+    def brain_runs_consumer(self) -> str:
+        return "brain-runs"
+
+    def workers_consumer(self, cls: str) -> str:
+        return f"workers-{check_token(cls, 'class')}"
+
+    # subjects: whole spaces ------------------------------------------------------
+    @property
+    def cmd_all(self) -> str:
+        return f"{self.prefix}.cmd.>"
+
+    @property
+    def work_all(self) -> str:
+        return f"{self.prefix}.work.>"
+
+    @property
+    def evt_all(self) -> str:
+        return f"{self.prefix}.evt.>"
+
+    @property
+    def runs_all(self) -> str:
+        return f"{self.prefix}.evt.run.>"
+
+    @property
+    def task_cancelled_all(self) -> str:
+        return f"{self.prefix}.evt.task.*.*.cancelled"
+
+    @property
+    def dead_all(self) -> str:
+        return f"{self.prefix}.evt.dead.>"
+
+    # subjects: one message -------------------------------------------------------
+    @property
+    def submit(self) -> str:
+        return f"{self.prefix}.cmd.submit"
+
+    def cancel(self, plan_id: str) -> str:
+        return f"{self.prefix}.cmd.cancel.{check_token(plan_id, 'plan id')}"
+
+    def work(self, cls: str) -> str:
+        return f"{self.prefix}.work.{check_token(cls, 'class')}"
+
+    def plan_event(self, plan_id: str, kind: str) -> str:
+        return f"{self.prefix}.evt.plan.{plan_id}.{kind}"
+
+    def task_event(self, plan_id: str, task_id: str, kind: str) -> str:
+        return f"{self.prefix}.evt.task.{plan_id}.{task_id}.{kind}"
+
+    def run_event(self, plan_id: str, task_id: str, kind: str) -> str:
+        return f"{self.prefix}.evt.run.{plan_id}.{task_id}.{kind}"
+
+    def agent_event(self, agent_id: str, kind: str) -> str:
+        return f"{self.prefix}.evt.agent.{agent_id}.{kind}"
+
+    def dead_letter(self, agent_id: str) -> str:
+        return f"{self.prefix}.evt.dead.{agent_id}"
+
+    def plan_filter(self, plan_id: str) -> str:
+        """One subject filter for every event of one plan (plan, task and run events)."""
+        return f"{self.prefix}.evt.*.{check_token(plan_id, 'plan id')}.>"
+
+    def evt_filter(self, pattern: str) -> str:
+        """A `mesh tail` filter: a subject pattern under `<p>.evt.`."""
+        return f"{self.prefix}.evt.{pattern}"
+
+    # keys ------------------------------------------------------------------------
+    @staticmethod
+    def task_key(plan_id: str, task_id: str) -> str:
+        return f"{plan_id}.{task_id}"
+
+    @staticmethod
+    def split_task_key(key: str) -> tuple[str, str]:
+        plan_id, _, task_id = key.partition(".")
+        return plan_id, task_id
+
+    @staticmethod
+    def plan_tasks_keys(plan_id: str) -> str:
+        return f"{plan_id}.>"
+
+
+def event_kind(tag: str) -> str:
+    """`task.succeeded` -> `succeeded`: the last subject token of an event."""
+    return tag.rsplit(".", 1)[-1]

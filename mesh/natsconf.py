@@ -1,0 +1,43 @@
+"""Render the `nats/` directory from the same definitions the agents apply.
+
+    mesh init --render nats/
+
+A test renders into a temporary dir and compares with the committed files, so
+they never drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mesh.bus import bucket_definitions, consumer_definitions, stream_definitions
+from mesh.embedded import server_config
+from mesh.settings import Settings
+
+
+def rendered(settings: Settings) -> dict[str, str]:
+    """Relative path -> file text."""
+    files: dict[str, str] = {
+        "server.conf": "# A single-host nats-server with JetStream, as `mesh up` runs it.\n"
+        "# Start it with: nats-server -c nats/server.conf\n"
+        + server_config(4222, "/var/lib/mesh/jetstream", settings.max_payload_bytes),
+    }
+    for d in stream_definitions(settings):
+        files[f"streams/{d['name']}.json"] = json.dumps(d, indent=2) + "\n"
+    for d in bucket_definitions(settings):
+        files[f"kv/{d['bucket']}.json"] = json.dumps(d, indent=2) + "\n"
+    for c in consumer_definitions(settings):
+        files[f"consumers/{c['stream']}.{c['config']['durable_name']}.json"] = json.dumps(c["config"], indent=2) + "\n"
+    return files
+
+
+def write_config(settings: Settings, directory: str | Path) -> list[Path]:
+    base = Path(directory)
+    written = []
+    for rel, text in sorted(rendered(settings).items()):
+        path = base / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written

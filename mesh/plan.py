@@ -1,0 +1,1037 @@
+"""Read a plan, a markdown file of tasks, into a validated `PlanSpec`.
+
+The format is described in plans/PLAN_FORMAT.md. In short:
+
+    # Title
+
+    ## Variables
+    - OUT: /tmp/demo
+
+    ## Tasks
+
+    ### fetch
+    - retries: 2
+
+    ```shell
+    mkdir -p {OUT}
+    ```
+
+`parse_plan` and `load_plan` either return a `PlanSpec` or raise `PlanError`
+carrying every problem they found, each with its line and a hint; they raise
+nothing else, whatever the input.
+
+The parser is a single pass over the lines (fences first, so that a `#` line
+inside a code block is never a heading), then checks that each run in linear
+time, so that plans of tens of thousands of tasks parse in well under a second.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import glob
+import math
+import os
+import re
+from collections import ChainMap
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import cast
+
+from mesh.errors import PlanError, Problem
+from mesh.events import BODY_KINDS, TASK_CLASSES, BodyKind, PlanSpec, TaskClass, TaskSpec
+
+__all__ = [
+    "BODY_KIND_ALIASES",
+    "DEFAULT_PRIORITY",
+    "DEFAULT_RETRIES",
+    "DEFAULT_TIMEOUT_S",
+    "FIELDS",
+    "MAX_RETRIES",
+    "MAX_TIMEOUT_S",
+    "load_plan",
+    "parse_plan",
+]
+
+# ---------------------------------------------------------------- constants
+
+FIELDS: tuple[str, ...] = (
+    "class",
+    "depends_on",
+    "priority",
+    "timeout",
+    "retries",
+    "foreach",
+    "env",
+    "sensitive",
+)
+DEFAULT_CLASS: TaskClass = "cpu"
+DEFAULT_PRIORITY = 5
+MIN_PRIORITY = 1
+MAX_PRIORITY = 10
+DEFAULT_TIMEOUT_S = 1800.0
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+DEFAULT_RETRIES = 3
+MAX_RETRIES = 100
+
+BODY_KIND_ALIASES: dict[str, BodyKind] = {"sh": "shell", "bash": "shell"}
+_BODY_KINDS: dict[str, BodyKind] = {
+    **{k: cast(BodyKind, k) for k in BODY_KINDS},
+    **BODY_KIND_ALIASES,
+}
+_CLASSES: dict[str, TaskClass] = {c: cast(TaskClass, c) for c in TASK_CLASSES}
+_BOOLS: dict[str, bool] = {"true": True, "yes": True, "false": False, "no": False}
+_SECTIONS = ("variables", "env", "tasks")
+
+# How many "did you mean" searches and cycles to report at most: both are
+# there to help a person, and neither should turn a broken 10,000-task plan
+# into a slow parse or a wall of text.
+_MAX_SUGGESTIONS = 100
+_MAX_CYCLES = 50
+
+_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LIST_ITEM_RE = re.compile(r" {0,3}[-*+][ \t]+(\S.*)")
+_FIELD_RE = re.compile(r" {0,3}[-*+][ \t]+([A-Za-z_][A-Za-z0-9_-]*)[ \t]*:(.*)")
+_SUBST_RE = re.compile(r"\{\{|\}\}|(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_FOREACH_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)[ \t]+in(?:[ \t]+(.*))?", re.IGNORECASE)
+_INT_RE = re.compile(r"[0-9]{1,9}")
+_NUMBER = r"[0-9]{1,12}(?:\.[0-9]{1,9})?"
+_SECONDS_RE = re.compile(_NUMBER)
+_DURATION_RE = re.compile(rf"(?:({_NUMBER})h)?(?:({_NUMBER})m)?(?:({_NUMBER})s)?")
+_GLOB_CHARS = frozenset("*?[")
+_SCAN_START = frozenset(" #`~")  # a line starting otherwise is plain text
+_FENCE_START = " `~"
+
+_BODY_HINT = (
+    "put the commands in a fenced block under the task heading: a line '```shell', the commands, a line '```'"
+)
+_ID_HINT = (
+    "a task id may use only letters, digits, '_' and '-' (it becomes a NATS subject token), "
+    "e.g. '### fetch-data'"
+)
+_ENV_NAME_HINT = (
+    "an environment variable name starts with a letter or '_' and has only letters, digits and '_'"
+)
+_FOREACH_HINT = (
+    "write '- foreach: NAME in a, b, c' (a comma list) or '- foreach: NAME in data/*.csv' (a glob)"
+)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def parse_plan(
+    text: str,
+    *,
+    source: str = "<plan>",
+    variables: Mapping[str, str] | None = None,
+    workdir: str = "",
+) -> PlanSpec:
+    """Parse and validate the markdown `text` of a plan.
+
+    `variables` override the defaults under `## Variables` (`mesh submit --var
+    NAME=value`); a name the plan does not declare is added. Relative foreach
+    globs are resolved against `workdir` (the current directory when empty),
+    which is kept as `PlanSpec.workdir`.
+
+    Raises `PlanError` listing every problem found; never anything else.
+    """
+    return _Parser(text, source, dict(variables or {}), workdir).parse()
+
+
+def load_plan(path: str | os.PathLike[str], variables: Mapping[str, str] | None = None) -> PlanSpec:
+    """Read the plan file at `path` (UTF-8) and parse it; see `parse_plan`.
+
+    The source is the path as given; the workdir is the file's absolute parent
+    directory. A file that cannot be read raises `PlanError` as well.
+    """
+    source = os.fsdecode(os.fspath(path))
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise PlanError(
+            source,
+            [
+                Problem(
+                    0, "plan file not found", "check the path; it is read relative to the current directory"
+                )
+            ],
+        ) from None
+    except IsADirectoryError:
+        raise PlanError(
+            source, [Problem(0, "this is a directory, not a plan file", "name a .md file")]
+        ) from None
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise PlanError(
+            source, [Problem(0, f"cannot read the plan file: {reason}", "check the path and its permissions")]
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PlanError(
+            source,
+            [
+                Problem(
+                    line,
+                    f"the file is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})",
+                    "save the plan as UTF-8",
+                )
+            ],
+        ) from None
+    workdir = os.path.dirname(os.path.abspath(source))
+    return parse_plan(text, source=source, variables=variables, workdir=workdir)
+
+
+# ---------------------------------------------------------------- scanning
+
+
+@dataclass(slots=True)
+class _Heading:
+    line: int
+    level: int
+    text: str
+
+
+@dataclass(slots=True)
+class _Fence:
+    line: int
+    info: str
+    lines: list[str]
+    closed: bool
+
+
+@dataclass(slots=True)
+class _Text:
+    line: int
+    text: str
+
+
+_Item = _Heading | _Fence | _Text
+
+
+def _scan(lines: list[str]) -> list[_Item]:
+    """Split lines into headings, fenced blocks and other non-blank lines (CommonMark-ish)."""
+    items: list[_Item] = []
+    append = items.append
+    n = len(lines)
+    i = 0
+    while i < n:
+        raw = lines[i]
+        if not raw or raw[0] not in _SCAN_START:
+            if raw.strip():
+                append(_Text(i + 1, raw))
+            i += 1
+            continue
+        s = raw.lstrip(" ")
+        indent = len(raw) - len(s)
+        if s and indent <= 3:
+            c = s[0]
+            if (c == "`" or c == "~") and s.startswith(c * 3):
+                rest = s.lstrip(c)
+                width = len(s) - len(rest)
+                info = rest.strip()
+                if c == "~" or "`" not in info:
+                    body: list[str] = []
+                    closed = False
+                    j = i + 1
+                    marker = c * width
+                    while j < n:
+                        r2 = lines[j]
+                        if r2[:1] in _FENCE_START:  # may close the block ("" is in every string)
+                            s2 = r2.lstrip(" ")
+                            if (
+                                len(r2) - len(s2) <= 3
+                                and s2.startswith(marker)
+                                and not s2.lstrip(c).strip(" \t")
+                            ):
+                                closed = True
+                                break
+                        if indent:
+                            k = len(r2) - len(r2.lstrip(" "))
+                            r2 = r2[min(k, indent) :]
+                        body.append(r2)
+                        j += 1
+                    append(_Fence(i + 1, info, body, closed))
+                    i = j + 1
+                    continue
+            elif c == "#":
+                rest = s.lstrip("#")
+                level = len(s) - len(rest)
+                if level <= 6 and (not rest or rest[0] in " \t"):
+                    text = rest.strip()
+                    if text.endswith("#"):
+                        trimmed = text.rstrip("#")
+                        if not trimmed:
+                            text = ""
+                        elif trimmed[-1] in " \t":
+                            text = trimmed.rstrip()
+                    append(_Heading(i + 1, level, text))
+                    i += 1
+                    continue
+        if s.strip():
+            append(_Text(i + 1, raw))
+        i += 1
+    return items
+
+
+# ---------------------------------------------------------------- parsing
+
+
+@dataclass(slots=True)
+class _RawTask:
+    id: str
+    line: int
+    fields: dict[str, tuple[int, str]] = field(default_factory=dict)
+    fences: list[_Fence] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Record:
+    """One task after foreach expansion, before dependencies are resolved."""
+
+    id: str
+    base: str
+    line: int
+    body: str
+    kind: BodyKind
+    cls: TaskClass
+    priority: int
+    timeout_s: float
+    retries: int
+    env: dict[str, str]
+    sensitive: bool
+    deps: list[str]
+    deps_line: int
+    resolved: tuple[str, ...] = ()
+
+
+def _show(value: str, limit: int = 60) -> str:
+    """A value quoted for a message, shortened when long."""
+    if len(value) > limit:
+        value = value[: limit - 3] + "..."
+    return repr(value)
+
+
+def _closest(word: str, choices: list[str]) -> str | None:
+    found = difflib.get_close_matches(word[:100], choices, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _split_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+class _Parser:
+    def __init__(self, text: str, source: str, overrides: dict[str, str], workdir: str) -> None:
+        text = text.removeprefix("\ufeff")
+        self.lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        self.source = source
+        self.overrides = overrides
+        self.workdir = workdir
+        self.problems: list[Problem] = []
+        self.suggestions = 0
+        # filled by _structure
+        self.title: str | None = None
+        self.title_line = 0
+        self.description = ""
+        self.var_entries: list[tuple[int, str]] = []
+        self.env_entries: list[tuple[int, str]] = []
+        self.tasks_line = 0
+        self.other_sections: list[tuple[int, str]] = []
+        self.raw_tasks: list[_RawTask] = []
+
+    def add(self, line: int, message: str, hint: str = "") -> None:
+        self.problems.append(Problem(line, message, hint))
+
+    # ------------------------------------------------------------ driver
+
+    def parse(self) -> PlanSpec:
+        self._structure(_scan(self.lines))
+        variables = self._variables()
+        env = self._plan_env(variables)
+        records = self._tasks(variables, env)
+        self._cycles(records)
+        if self.problems:
+            raise PlanError(self.source, list(dict.fromkeys(self.problems)))
+        tasks = tuple(
+            TaskSpec(
+                id=r.id,
+                body=r.body,
+                kind=r.kind,
+                cls=r.cls,
+                depends_on=r.resolved,
+                priority=r.priority,
+                timeout_s=r.timeout_s,
+                retries=r.retries,
+                env=r.env,
+                sensitive=r.sensitive,
+                line=r.line,
+            )
+            for r in records
+        )
+        return PlanSpec(
+            title=self.title or "",
+            tasks=tasks,
+            description=self.description,
+            source=self.source,
+            workdir=self.workdir,
+            variables=variables,
+            env=env,
+        )
+
+    # ------------------------------------------------------------ structure
+
+    def _structure(self, items: list[_Item]) -> None:
+        mode = "pre"  # pre | desc | variables | env | tasks | other
+        seen: dict[str, int] = {}
+        first_section = 0
+        desc_end = 0
+        task: _RawTask | None = None
+        for item in items:
+            if isinstance(item, _Heading):
+                if item.level == 1:
+                    if self.title is None:
+                        self.title, self.title_line = item.text, item.line
+                        if first_section:
+                            self.add(
+                                item.line,
+                                "the title must come before the first '##' section",
+                                f"move '# {item.text}' above line {first_section}",
+                            )
+                        else:
+                            mode = "desc"
+                        if not item.text:
+                            self.add(item.line, "the title is empty", "write the plan's title after '# '")
+                    else:
+                        self.add(
+                            item.line,
+                            "a plan has one title, but this is a second one "
+                            f"(the first is at line {self.title_line})",
+                            "use '## ' for sections and '### ' for tasks",
+                        )
+                    continue
+                if item.level == 2:
+                    if mode == "desc":
+                        desc_end = item.line
+                    first_section = first_section or item.line
+                    task = None
+                    name = item.text.lower()
+                    if name in _SECTIONS:
+                        if name in seen:
+                            self.add(
+                                item.line,
+                                f"a second '## {item.text}' section (the first is at line {seen[name]})",
+                                "merge the two sections into one",
+                            )
+                        else:
+                            seen[name] = item.line
+                        if name == "tasks" and not self.tasks_line:
+                            self.tasks_line = item.line
+                        mode = name
+                    else:
+                        self.other_sections.append((item.line, item.text))
+                        mode = "other"
+                    continue
+                if item.level == 3 and mode == "tasks":
+                    task = _RawTask(item.text, item.line)
+                    self.raw_tasks.append(task)
+                continue
+            if isinstance(item, _Fence):
+                if not item.closed:
+                    self.add(
+                        item.line,
+                        "this code block is never closed",
+                        "end it with a line of the same fence characters (e.g. '```'); "
+                        "until then the rest of the file is part of it",
+                    )
+                if mode == "tasks":
+                    if task is None:
+                        self.add(
+                            item.line,
+                            "a code block in '## Tasks' before any task heading",
+                            "put it under a task heading '### <id>', or move it out of '## Tasks'",
+                        )
+                    else:
+                        task.fences.append(item)
+                continue
+            text = item.text
+            if mode == "variables" or mode == "env":
+                m = _LIST_ITEM_RE.match(text)
+                if m:
+                    entry = m.group(1)
+                    (self.var_entries if mode == "variables" else self.env_entries).append((item.line, entry))
+            elif mode == "tasks":
+                self._task_line(task, item)
+
+        if self.title is None:
+            self.add(1, "plan has no title", "start the file with '# <title>'")
+        elif self.title_line:
+            end = (desc_end - 1) if desc_end else len(self.lines)
+            self.description = "\n".join(self.lines[self.title_line : end]).strip()
+        if not self.tasks_line:
+            hint = "add a '## Tasks' section with one '### <id>' heading and a ```shell block per task"
+            near = [
+                (line, text)
+                for line, text in self.other_sections
+                if difflib.get_close_matches(text.lower()[:40], ["tasks"], n=1, cutoff=0.6)
+            ]
+            if near:
+                hint = f"did you mean '## Tasks'? (line {near[0][0]} has '## {near[0][1]}')"
+            self.add(1, "plan has no '## Tasks' section", hint)
+        elif not self.raw_tasks:
+            self.add(
+                self.tasks_line,
+                "the '## Tasks' section has no tasks",
+                "add a task: a heading '### <id>' followed by a ```shell block",
+            )
+
+    def _task_line(self, task: _RawTask | None, item: _Text) -> None:
+        """A non-heading, non-fence line in '## Tasks': a field, or prose."""
+        text = item.text
+        m = _FIELD_RE.match(text)
+        if m is None:
+            # Prose, or a field written wrongly: '- retries 2', '- depends on: x'.
+            li = _LIST_ITEM_RE.match(text)
+            if li is None or task is None or task.fences:
+                return
+            head, colon, _ = li.group(1).partition(":")
+            if colon:
+                key = "_".join(head.lower().replace("-", " ").split())
+                if key in FIELDS:
+                    self.add(
+                        item.line,
+                        f"field {_show(head.strip())} of task '{task.id}' is misspelt",
+                        f"write '- {key}: <value>'",
+                    )
+            else:
+                first = head.split()[0].lower()
+                if first in FIELDS:
+                    self.add(
+                        item.line,
+                        f"field '{first}' of task '{task.id}' has no ':' after its name",
+                        f"write '- {first}: <value>'",
+                    )
+            return
+        key = m.group(1).lower()
+        value = m.group(2).strip()
+        if task is None:
+            if key in FIELDS:
+                self.add(
+                    item.line,
+                    f"field '{key}' comes before any task heading",
+                    "put fields right under a task heading '### <id>'",
+                )
+            return
+        if task.fences:
+            if key in FIELDS:
+                self.add(
+                    item.line,
+                    f"field '{key}' of task '{task.id}' comes after its body",
+                    f"move it above the code block at line {task.fences[0].line}",
+                )
+            return
+        if key not in FIELDS:
+            near = _closest(key, list(FIELDS))
+            message = f"unknown field '{m.group(1)}' in task '{task.id}'"
+            if near:
+                message += f"; did you mean '{near}'?"
+            self.add(item.line, message, "known fields: " + ", ".join(FIELDS))
+            return
+        if key in task.fields:
+            self.add(
+                item.line,
+                f"field '{key}' is given twice in task '{task.id}' (first at line {task.fields[key][0]})",
+                "keep one of the two lines",
+            )
+            return
+        task.fields[key] = (item.line, value)
+
+    # ------------------------------------------------------------ variables
+
+    def _subst(self, text: str, line: int, values: Mapping[str, str]) -> str:
+        """Replace `{NAME}` by its value; `{{`/`}}` are braces; `${NAME}` is left alone."""
+        if "{" not in text and "}" not in text:
+            return text
+
+        def replace(m: re.Match[str]) -> str:
+            whole = m.group(0)
+            if whole == "{{":
+                return "{"
+            if whole == "}}":
+                return "}"
+            name = m.group(1)
+            value = values.get(name)
+            if value is not None:
+                return value
+            where = line + text.count("\n", 0, m.start())
+            message = f"unknown variable {{{name}}}"
+            near = _closest(name, list(values)) if self._may_suggest() else None
+            if near:
+                message += f"; did you mean {{{near}}}?"
+            self.add(
+                where,
+                message,
+                f"declare it under '## Variables' as '- {name}: <default>', or pass --var {name}=<value>; "
+                f"write '{{{{{name}}}}}' for literal braces",
+            )
+            return whole
+
+        return _SUBST_RE.sub(replace, text)
+
+    def _may_suggest(self) -> bool:
+        self.suggestions += 1
+        return self.suggestions <= _MAX_SUGGESTIONS
+
+    def _variables(self) -> dict[str, str]:
+        for name in self.overrides:
+            if not _NAME_RE.fullmatch(name):
+                self.add(
+                    0,
+                    f"--var {_show(name)} is not a valid variable name",
+                    "a variable name starts with a letter or '_' and has only letters, digits and '_'",
+                )
+        declared: dict[str, int] = {}
+        entries: list[tuple[int, str, str]] = []
+        for line, entry in self.var_entries:
+            name, colon, value = entry.partition(":")
+            name = name.strip()
+            if not colon:
+                self.add(line, f"variable line {_show(entry)} has no ':'", "write '- NAME: default value'")
+                continue
+            if not _NAME_RE.fullmatch(name):
+                self.add(
+                    line,
+                    f"{_show(name)} is not a valid variable name",
+                    "a variable name starts with a letter or '_' and has only letters, digits and '_'",
+                )
+                continue
+            if name in declared:
+                self.add(
+                    line,
+                    f"variable {name} is declared twice (first at line {declared[name]})",
+                    "keep one of the two lines",
+                )
+                continue
+            declared[name] = line
+            entries.append((line, name, value.strip()))
+
+        resolved: dict[str, str] = {}
+        visible: dict[str, str] = dict(self.overrides)
+        for line, name, default in entries:
+            if name in self.overrides:
+                value = self.overrides[name]
+            else:
+                for m in _SUBST_RE.finditer(default):
+                    used = m.group(1)
+                    if used is None or used in visible:
+                        continue
+                    if used == name:
+                        self.add(
+                            line,
+                            f"variable {name}'s default refers to itself",
+                            "give it a value that does not use {" + name + "}",
+                        )
+                    elif used in declared:
+                        self.add(
+                            line,
+                            f"variable {name} uses {{{used}}}, "
+                            f"which is declared below it (line {declared[used]})",
+                            "a default may use only variables declared above it; reorder the lines",
+                        )
+                # Names declared below were reported just above: keep them as written.
+                later = {n: "{" + n + "}" for n in declared if n not in visible}
+                value = self._subst(default, line, ChainMap(visible, later))
+            resolved[name] = value
+            visible[name] = value
+        for name, value in self.overrides.items():
+            if name not in resolved:
+                resolved[name] = value
+        return resolved
+
+    def _plan_env(self, variables: Mapping[str, str]) -> dict[str, str]:
+        env: dict[str, str] = {}
+        lines: dict[str, int] = {}
+        for line, entry in self.env_entries:
+            name, colon, value = entry.partition(":")
+            name = name.strip()
+            if not colon:
+                self.add(line, f"env line {_show(entry)} has no ':'", "write '- NAME: value'")
+                continue
+            if not _NAME_RE.fullmatch(name):
+                self.add(
+                    line,
+                    f"{_show(name)} is not a valid environment variable name",
+                    _ENV_NAME_HINT,
+                )
+                continue
+            if name in lines:
+                self.add(
+                    line,
+                    f"environment variable {name} is set twice (first at line {lines[name]})",
+                    "keep one of the two lines",
+                )
+                continue
+            lines[name] = line
+            env[name] = self._subst(value.strip(), line, variables)
+        return env
+
+    # ------------------------------------------------------------ tasks
+
+    def _body(self, task: _RawTask) -> tuple[str, int, BodyKind] | None:
+        if not task.fences:
+            self.add(task.line, f"task '{task.id}' has no body", _BODY_HINT)
+            return None
+        for extra in task.fences[1:]:
+            self.add(
+                extra.line,
+                f"task '{task.id}' has a second code block "
+                f"(its body is the one at line {task.fences[0].line})",
+                "a task has exactly one code block; merge them, or make this one a separate task",
+            )
+        fence = task.fences[0]
+        word = fence.info.split()[0].lower() if fence.info.strip() else ""
+        kind = _BODY_KINDS.get(word)
+        known = ", ".join([*BODY_KINDS, *BODY_KIND_ALIASES])
+        if kind is None:
+            if word:
+                message = f"task '{task.id}' has a body of unknown kind {_show(word)}"
+            else:
+                message = f"task '{task.id}' has a code block with no kind"
+            self.add(fence.line, message, f"known kinds: {known}; e.g. open the block with '```shell'")
+        text = "\n".join(fence.lines)
+        if fence.closed and not text.strip():
+            self.add(
+                fence.line, f"the body of task '{task.id}' is empty", "put the task's commands in the block"
+            )
+            return None
+        if kind is None or not fence.closed or len(task.fences) > 1:
+            return None
+        return text + "\n", fence.line + 1, kind
+
+    def _foreach(
+        self, task: _RawTask, line: int, spec: str, variables: Mapping[str, str]
+    ) -> tuple[str | None, list[str]]:
+        m = _FOREACH_RE.fullmatch(spec)
+        if m is None:
+            self.add(
+                line, f"foreach {_show(spec)} of task '{task.id}' is not 'NAME in <items>'", _FOREACH_HINT
+            )
+            return None, []
+        name = m.group(1)
+        what = self._subst((m.group(2) or "").strip(), line, variables)
+        if _GLOB_CHARS.intersection(what):
+            try:
+                found = sorted(glob.glob(what, root_dir=self.workdir or None, recursive=True))
+            except (OSError, ValueError) as e:
+                self.add(line, f"foreach glob {_show(what)} cannot be read: {e}", "check the pattern")
+                return name, []
+            if not found:
+                base = f"'{self.workdir}'" if self.workdir else "the current directory"
+                self.add(
+                    line,
+                    f"foreach glob {_show(what)} matched no files",
+                    f"a relative glob is resolved against {base}, when the plan is submitted "
+                    "(not when the task runs): check the pattern, or list the items instead",
+                )
+            return name, found
+        items = _split_list(what)
+        if not items:
+            self.add(line, f"foreach of task '{task.id}' has an empty list", _FOREACH_HINT)
+        return name, items
+
+    def _tasks(self, variables: dict[str, str], plan_env: dict[str, str]) -> list[_Record]:
+        records: list[_Record] = []
+        # Every name a dependency may use: a task id, or a foreach task's id
+        # (meaning all its expansions), or one expansion's id.
+        targets: dict[str, list[str]] = {}
+        owner: dict[str, str] = {}  # name -> what defines it, for duplicate messages
+        for task in self.raw_tasks:
+            if not task.id:
+                self.add(task.line, "task heading has no id", _ID_HINT)
+            elif not _ID_RE.fullmatch(task.id):
+                self.add(task.line, f"task id {_show(task.id)} has characters that are not allowed", _ID_HINT)
+            what = f"task at line {task.line}"
+            if task.id in owner:
+                self.add(
+                    task.line,
+                    f"task id '{task.id}' at line {task.line} is already used by the {owner[task.id]}",
+                    "give each task its own id",
+                )
+            body = self._body(task)
+            expansions: list[tuple[str, dict[str, str]]]
+            if "foreach" in task.fields:
+                line, spec = task.fields["foreach"]
+                name, items = self._foreach(task, line, spec, variables)
+                if name is None:
+                    expansions, dry = [], [(task.id, variables)]
+                else:
+                    expansions = [
+                        (f"{task.id}-{n}", {**variables, name: item}) for n, item in enumerate(items, 1)
+                    ]
+                    dry = [(task.id, {**variables, name: ""})] if not items else []
+                names = [eid for eid, _ in expansions]
+                if task.id not in owner:
+                    owner[task.id] = what
+                    targets[task.id] = names
+                for eid in names:
+                    if eid in owner:
+                        self.add(
+                            task.line,
+                            f"foreach task '{task.id}' expands to '{eid}', "
+                            f"which is already the id of the {owner[eid]}",
+                            "rename one of the two tasks",
+                        )
+                    else:
+                        owner[eid] = f"expansion of foreach task '{task.id}' (line {task.line})"
+                        targets[eid] = [eid]
+            else:
+                expansions, dry = [(task.id, variables)], []
+                if task.id not in owner:
+                    owner[task.id] = what
+                    targets[task.id] = [task.id]
+            for eid, values in expansions:
+                records.append(self._record(task, eid, values, body, plan_env))
+            for eid, values in dry:  # check the fields of a task whose foreach is broken
+                self._record(task, eid, values, body, plan_env)
+        self._resolve(records, targets)
+        return records
+
+    def _record(
+        self,
+        task: _RawTask,
+        eid: str,
+        values: Mapping[str, str],
+        body: tuple[str, int, BodyKind] | None,
+        plan_env: dict[str, str],
+    ) -> _Record:
+        cls = DEFAULT_CLASS
+        priority = DEFAULT_PRIORITY
+        retries = DEFAULT_RETRIES
+        timeout_s = DEFAULT_TIMEOUT_S
+        sensitive = False
+        env = plan_env
+        deps: list[str] = []
+        deps_line = 0
+        for key, (line, raw_value) in task.fields.items():
+            if key == "foreach":
+                continue
+            if key == "env":
+                env = {**plan_env, **self._task_env(task, line, raw_value, values)}
+                continue
+            value = self._subst(raw_value, line, values)
+            if key == "depends_on":
+                deps_line = line
+                deps = list(dict.fromkeys(_split_list(value)))
+            elif key == "priority":
+                p = _int(value, MIN_PRIORITY, MAX_PRIORITY)
+                if p is None:
+                    self.add(
+                        line,
+                        f"priority {_show(value)} of task '{task.id}' is not a whole number from "
+                        f"{MIN_PRIORITY} to {MAX_PRIORITY}",
+                        f"write e.g. '- priority: 7' ({MAX_PRIORITY} runs first; "
+                        f"the default is {DEFAULT_PRIORITY})",
+                    )
+                else:
+                    priority = p
+            elif key == "timeout":
+                t = _duration(value)
+                if t is None or t <= 0 or t > MAX_TIMEOUT_S:
+                    self.add(
+                        line,
+                        f"timeout {_show(value)} of task '{task.id}' is not a duration "
+                        "above 0 and up to 7 days",
+                        "write e.g. '90s', '30m', '2h', '1h30m', or a number of seconds",
+                    )
+                else:
+                    timeout_s = t
+            elif key == "retries":
+                r = _int(value, 0, MAX_RETRIES)
+                if r is None:
+                    self.add(
+                        line,
+                        f"retries {_show(value)} of task '{task.id}' is not a whole number "
+                        f"from 0 to {MAX_RETRIES}",
+                        "write e.g. '- retries: 2' (0 means a single attempt; "
+                        f"the default is {DEFAULT_RETRIES})",
+                    )
+                else:
+                    retries = r
+            elif key == "class":
+                found = _CLASSES.get(value.strip().lower())
+                if found is None:
+                    self.add(
+                        line,
+                        f"class {_show(value)} of task '{task.id}' is not a known class",
+                        "class is one of: " + ", ".join(TASK_CLASSES),
+                    )
+                else:
+                    cls = found
+            elif key == "sensitive":
+                b = _BOOLS.get(value.strip().lower())
+                if b is None:
+                    self.add(
+                        line,
+                        f"sensitive {_show(value)} of task '{task.id}' is not true or false",
+                        "write '- sensitive: true' or '- sensitive: false' (or yes / no)",
+                    )
+                else:
+                    sensitive = b
+        if env is plan_env:
+            env = dict(plan_env)
+        text, kind = "", cast(BodyKind, BODY_KINDS[0])
+        if body is not None:
+            raw, first, kind = body
+            text = self._subst(raw, first, values)
+        return _Record(
+            id=eid,
+            base=task.id,
+            line=task.line,
+            body=text,
+            kind=kind,
+            cls=cls,
+            priority=priority,
+            timeout_s=timeout_s,
+            retries=retries,
+            env=env,
+            sensitive=sensitive,
+            deps=deps,
+            deps_line=deps_line,
+        )
+
+    def _task_env(self, task: _RawTask, line: int, text: str, values: Mapping[str, str]) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for part in _split_list(text):
+            name, eq, value = part.partition("=")
+            name = name.strip()
+            if not eq:
+                self.add(
+                    line,
+                    f"env entry {_show(part)} of task '{task.id}' has no '='",
+                    "write '- env: NAME=value, OTHER=value'",
+                )
+                continue
+            if not _NAME_RE.fullmatch(name):
+                self.add(
+                    line,
+                    f"{_show(name)} in the env of task '{task.id}' is not a valid environment variable name",
+                    _ENV_NAME_HINT,
+                )
+                continue
+            if name in env:
+                self.add(line, f"env of task '{task.id}' sets {name} twice", "keep one of the two entries")
+                continue
+            env[name] = self._subst(value.strip(), line, values)
+        return env
+
+    # ------------------------------------------------------------ dependencies
+
+    def _resolve(self, records: list[_Record], targets: dict[str, list[str]]) -> None:
+        names: list[str] | None = None
+        for r in records:
+            if not r.deps:
+                continue
+            out: list[str] = []
+            for dep in r.deps:
+                found = targets.get(dep)
+                if found is None:
+                    message = f"task '{r.base}' depends on unknown task {_show(dep)}"
+                    if self._may_suggest():
+                        if names is None:
+                            names = list(targets)
+                        near = _closest(dep, names)
+                        if near:
+                            message += f"; did you mean '{near}'?"
+                    self.add(
+                        r.deps_line,
+                        message,
+                        "depends_on lists task ids (the '### <id>' headings), separated by commas",
+                    )
+                    continue
+                if dep == r.base or dep == r.id:
+                    self.add(
+                        r.deps_line,
+                        f"task '{r.base}' depends on itself",
+                        f"remove '{dep}' from its depends_on",
+                    )
+                    continue
+                out.extend(found)
+            r.resolved = tuple(dict.fromkeys(out))
+
+    def _cycles(self, records: list[_Record]) -> None:
+        """Report each cycle an iterative depth-first search finds (one per back edge)."""
+        index: dict[str, int] = {}
+        for i, r in enumerate(records):
+            index.setdefault(r.id, i)
+        adj = [[index[d] for d in r.resolved if d in index] for r in records]
+        state = [0] * len(records)  # 0 new, 1 on the current path, 2 done
+        where = [0] * len(records)  # position on the path, while state is 1
+        cycles: dict[tuple[int, ...], None] = {}
+        for start in range(len(records)):
+            if state[start]:
+                continue
+            path = [start]
+            edge = [0]
+            state[start] = 1
+            while path:
+                node = path[-1]
+                k = edge[-1]
+                if k < len(adj[node]):
+                    edge[-1] = k + 1
+                    nxt = adj[node][k]
+                    if state[nxt] == 0:
+                        state[nxt] = 1
+                        where[nxt] = len(path)
+                        path.append(nxt)
+                        edge.append(0)
+                    elif state[nxt] == 1:
+                        cycle = path[where[nxt] :]  # a list of indices
+                        first = cycle.index(min(cycle))
+                        cycles[(*cycle[first:], *cycle[:first])] = None
+                else:
+                    state[node] = 2
+                    path.pop()
+                    edge.pop()
+        for n, ring in enumerate(cycles):
+            if n == _MAX_CYCLES:
+                self.add(
+                    records[ring[0]].line,
+                    f"{len(cycles) - _MAX_CYCLES} more dependency cycles are not shown",
+                    "fix the cycles above and check again",
+                )
+                break
+            # Edges point from a task to what it depends on; show them that way.
+            ids = [records[i].id for i in ring]
+            self.add(
+                records[ring[0]].line,
+                "dependency cycle: " + " -> ".join([*ids, ids[0]]),
+                "each task in it waits for the next; remove one of these depends_on entries",
+            )
+
+
+def _int(text: str, low: int, high: int) -> int | None:
+    text = text.strip()
+    if not _INT_RE.fullmatch(text):
+        return None
+    value = int(text)
+    return value if low <= value <= high else None
+
+
+@functools.lru_cache(maxsize=256)
+def _duration(text: str) -> float | None:
+    t = text.strip().lower().replace(" ", "")
+    if not t:
+        return None
+    if _SECONDS_RE.fullmatch(t):
+        value = float(t)
+    else:
+        m = _DURATION_RE.fullmatch(t)
+        if m is None or not any(m.groups()):
+            return None
+        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+        value = h * 3600 + mi * 60 + s
+    return value if math.isfinite(value) else None

@@ -1,0 +1,127 @@
+"""Records kept in KV: the current state of each task and plan.
+
+The brain alone writes them. They are derived entirely from the brain's
+transition events (see `mesh.machine.evolve`), which is what lets `mesh replay`
+rebuild them from history.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from mesh.events import TaskSpec
+
+# Task states. `waiting` sits between `pending` and `ready`: every dependency
+# succeeded (or a retry's backoff is running) but the brain has not yet put the
+# task on the work queue, which it keeps short so that priorities mean something.
+PENDING = "pending"
+WAITING = "waiting"
+READY = "ready"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+
+TASK_STATES = (PENDING, WAITING, READY, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+INFLIGHT_STATES = frozenset({READY, RUNNING})
+
+# Plan states.
+PLAN_RUNNING = "running"
+PLAN_REJECTED = "rejected"
+PLAN_FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED, PLAN_REJECTED})
+
+
+class TaskRecord(msgspec.Struct, kw_only=True):
+    plan_id: str
+    task_id: str
+    spec: TaskSpec
+    status: str = PENDING
+    attempt: int = 0
+    worker: str = ""
+    not_before: float = 0.0
+    waiting_since: float = 0.0
+    released_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    duration_s: float = 0.0
+    rc: int | None = None
+    reason: str = ""
+    error: str = ""
+    updated_at: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.plan_id}.{self.task_id}"
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATES
+
+
+class PlanRecord(msgspec.Struct, kw_only=True):
+    plan_id: str
+    title: str
+    status: str = PLAN_RUNNING
+    source: str = ""
+    workdir: str = ""
+    by: str = ""
+    submitted_at: float = 0.0
+    accepted_at: float = 0.0
+    finished_at: float = 0.0
+    task_ids: list[str] = msgspec.field(default_factory=list)
+    counts: dict[str, int] = msgspec.field(default_factory=dict)
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    error: str = ""
+    updated_at: float = 0.0
+
+    @property
+    def final(self) -> bool:
+        return self.status in PLAN_FINAL_STATES
+
+    @property
+    def total(self) -> int:
+        return len(self.task_ids)
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.get(s, 0) for s in FINAL_STATES)
+
+
+_task_decoder = msgspec.json.Decoder(TaskRecord)
+_plan_decoder = msgspec.json.Decoder(PlanRecord)
+_encoder = msgspec.json.Encoder()
+
+
+def encode_record(record: TaskRecord | PlanRecord) -> bytes:
+    return _encoder.encode(record)
+
+
+def decode_task(data: bytes) -> TaskRecord:
+    return _task_decoder.decode(data)
+
+
+def decode_plan(data: bytes) -> PlanRecord:
+    return _plan_decoder.decode(data)
+
+
+class AgentRecord(msgspec.Struct, kw_only=True):
+    """An agent's registration in the agents bucket, refreshed while it lives."""
+
+    agent_id: str
+    role: str
+    host: str
+    pid: int
+    started_at: float
+    seen_at: float
+    classes: list[str] = msgspec.field(default_factory=list)
+    slots: int = 0
+    running: list[str] = msgspec.field(default_factory=list)
+    state: str = "running"
+
+
+_agent_decoder = msgspec.json.Decoder(AgentRecord)
+
+
+def decode_agent(data: bytes) -> AgentRecord:
+    return _agent_decoder.decode(data)

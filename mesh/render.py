@@ -1,0 +1,118 @@
+"""How events and records look on a terminal (rich)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.table import Table
+from rich.text import Text
+
+from mesh import events
+from mesh.records import PlanRecord, TaskRecord
+
+STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "yellow",
+    "rejected": "red",
+    "running": "cyan",
+    "ready": "blue",
+    "waiting": "magenta",
+    "pending": "dim",
+    "retrying": "yellow",
+}
+
+
+def clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int((ts % 1) * 1000):03d}" if ts else "-"
+
+
+def seconds(value: float) -> str:
+    if value <= 0:
+        return "-"
+    if value < 1:
+        return f"{value * 1000:.0f}ms"
+    if value < 120:
+        return f"{value:.1f}s"
+    return f"{value / 60:.1f}m"
+
+
+def event_line(subject: str, msg: events.Message | None) -> Text:
+    """One line for `mesh tail` and `mesh submit --wait`."""
+    if msg is None:
+        return Text(f"?? {subject}: undecodable", style="red")
+    tag = events.type_of(msg)
+    kind = tag.rsplit(".", 1)[-1]
+    at = getattr(msg, "at", 0.0)
+    line = Text(f"{clock(at)} ", style="dim")
+    line.append(f"{tag:<15}", style=STYLE.get(kind, "bold"))
+    plan_id = getattr(msg, "plan_id", "")
+    task_id = getattr(msg, "task_id", "")
+    if task_id:
+        line.append(f" {plan_id}.{task_id}")
+    elif plan_id:
+        line.append(f" {plan_id}")
+    attempt = getattr(msg, "attempt", 0)
+    if attempt:
+        line.append(f" #{attempt}", style="dim")
+    if isinstance(msg, events.TaskSucceeded | events.RunFinished):
+        line.append(f" {seconds(msg.duration_s)}", style="dim")
+    if isinstance(msg, events.TaskFailed | events.TaskRetrying) and (msg.reason or msg.error):
+        line.append(f" {msg.reason}: {msg.error.strip().splitlines()[-1] if msg.error.strip() else ''}", style="red")
+    if isinstance(msg, events.TaskRetrying):
+        line.append(f" (retry in {seconds(msg.retry_at - msg.at)})", style="yellow")
+    if isinstance(msg, events.RunFinished) and not msg.ok:
+        line.append(f" {msg.error}", style="red")
+    if isinstance(msg, events.PlanFinished):
+        line.append(f" {msg.status}", style=STYLE.get(msg.status, ""))
+    if isinstance(msg, events.PlanRejected):
+        line.append(f" {msg.error}", style="red")
+    if isinstance(msg, events.AgentStarted | events.AgentStopped):
+        line.append(f" {msg.agent_id}")
+    if isinstance(msg, events.DeadLetter):
+        line.append(f" from {msg.subject}: {msg.reason}", style="red")
+    return line
+
+
+def plans_table(plans: list[PlanRecord]) -> Table:
+    table = Table(title="plans", title_justify="left")
+    for col in ("plan", "title", "status", "done", "failed", "running", "accepted", "took"):
+        table.add_column(col)
+    for p in plans:
+        took = (p.finished_at or time.time()) - p.accepted_at if p.accepted_at else 0.0
+        table.add_row(
+            p.plan_id,
+            p.title,
+            Text(p.status, style=STYLE.get(p.status, "")),
+            f"{p.done}/{p.total}",
+            str(p.counts.get("failed", 0)),
+            str(p.counts.get("running", 0)),
+            clock(p.accepted_at),
+            seconds(took),
+        )
+    return table
+
+
+def tasks_table(plan: PlanRecord, tasks: list[TaskRecord]) -> Table:
+    title = f"{plan.plan_id} — {plan.title} — {plan.status}"
+    if plan.error:
+        title += f": {plan.error}"
+    table = Table(title=title, title_justify="left")
+    for col in ("task", "class", "prio", "status", "attempt", "worker", "took", "detail"):
+        table.add_column(col)
+    for t in tasks:
+        detail = ""
+        if t.status in ("failed", "waiting") and (t.reason or t.error):
+            last = t.error.strip().splitlines()[-1] if t.error.strip() else ""
+            detail = f"{t.reason}: {last}"[:80]
+        table.add_row(
+            t.task_id,
+            t.spec.cls,
+            str(t.spec.priority),
+            Text(t.status, style=STYLE.get(t.status, "")),
+            str(t.attempt),
+            t.worker,
+            seconds(t.duration_s),
+            detail,
+        )
+    return table

@@ -1,0 +1,135 @@
+"""Settings: defaults, then a TOML config file, then `MESH_*` environment variables.
+
+The server URL is resolved in this order: `--server`, `MESH_NATS_URL`, the
+config file's `server_url`, then the embedded default (`mesh up`'s server on
+127.0.0.1 at `embedded_port`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from mesh.errors import ConfigError
+from mesh.names import Names
+
+ENV_PREFIX = "MESH_"
+ENV_URL = "MESH_NATS_URL"
+ENV_CONFIG = "MESH_CONFIG"
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "mesh")
+
+
+def default_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "mesh" / "config.toml"
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    server_url: str = ""
+    prefix: str = "mesh"
+    data_dir: str = msgspec.field(default_factory=default_data_dir)
+    embedded_port: int = 4222
+
+    # work delivery
+    ack_wait_s: float = 30.0
+    heartbeat_every_s: float = 0.0  # 0: a third of ack_wait_s
+    fetch_timeout_s: float = 1.0
+
+    # brain policy
+    release_window: int = 256
+    retry_base_s: float = 2.0
+    retry_max_s: float = 300.0
+    aging_s: float = 60.0
+    tick_s: float = 0.5
+
+    # agents
+    agent_ttl_s: float = 15.0
+    agent_refresh_s: float = 5.0
+
+    # worker
+    slots: int = 1
+    output_tail_bytes: int = 4096
+    kill_grace_s: float = 5.0
+    shell: str = "/bin/bash"
+
+    # retention of the history (0: unlimited)
+    events_max_age_days: float = 90.0
+    events_max_bytes: int = 8 * 1024**3
+    cmd_max_age_days: float = 30.0
+    kv_history: int = 1
+    max_payload_bytes: int = 8 * 1024 * 1024
+    duplicate_window_s: float = 3600.0
+
+    @property
+    def names(self) -> Names:
+        return Names(self.prefix)
+
+    @property
+    def embedded_url(self) -> str:
+        return f"nats://127.0.0.1:{self.embedded_port}"
+
+    @property
+    def url(self) -> str:
+        return self.server_url or self.embedded_url
+
+    @property
+    def heartbeat_s(self) -> float:
+        return self.heartbeat_every_s or max(self.ack_wait_s / 3.0, 0.2)
+
+
+_FIELDS = Settings.__struct_fields__
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in _FIELDS:
+        value = environ.get(ENV_PREFIX + name.upper())
+        if value is not None and value != "":
+            out[name] = value
+    if environ.get(ENV_URL):
+        out["server_url"] = environ[ENV_URL]
+    return out
+
+
+def load_settings(
+    *,
+    server: str | None = None,
+    config: str | os.PathLike[str] | None = None,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build settings from the config file, the environment and explicit overrides."""
+    env = dict(os.environ) if environ is None else environ
+    path = Path(config) if config else Path(env[ENV_CONFIG]) if env.get(ENV_CONFIG) else None
+    values: dict[str, Any] = {}
+    file = path or default_config_path()
+    if path is not None and not file.exists():
+        raise ConfigError(f"config file {file} does not exist; create it or unset {ENV_CONFIG}")
+    if file.exists():
+        try:
+            values.update(tomllib.loads(file.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc}") from exc
+    values.update(_from_env(env))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if server:
+        values["server_url"] = server
+    try:
+        settings = msgspec.convert(values, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(
+            f"bad setting: {exc} (check {file} and the {ENV_PREFIX}* environment variables)"
+        ) from exc
+    try:
+        settings.names  # noqa: B018 - validates the prefix
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return settings

@@ -1,0 +1,133 @@
+"""`mesh up`: an embedded server, a brain and N workers on this machine, as child processes.
+
+The supervisor restarts an agent that dies (with a growing delay, so a crash
+loop does not spin) and on Ctrl-C or SIGTERM stops workers first, then the
+brain, then the server, each with SIGTERM so they drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mesh.embedded import EmbeddedServer, agent_command
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path | None
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = 0.0
+    _log_file: object = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str]) -> None:
+        out = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its life
+            self._log_file = out
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True
+        )
+        self.started_at = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.terminate()
+
+    def wait(self, timeout_s: float) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs; killing it", self.name, timeout_s)
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Stack:
+    """The whole single-machine mesh."""
+
+    def __init__(
+        self,
+        data_dir: str,
+        port: int,
+        workers: int,
+        slots: int,
+        *,
+        log_dir: str | None = None,
+        env: dict[str, str] | None = None,
+        max_payload: int = 8 * 1024 * 1024,
+    ) -> None:
+        self.server = EmbeddedServer(data_dir, port, max_payload)
+        self.workers = workers
+        self.slots = slots
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.env = dict(os.environ if env is None else env)
+        self.children: list[Child] = []
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def start(self) -> None:
+        self.server.start()
+        url = self.server.url
+        self.env["MESH_NATS_URL"] = url
+        self.children = [Child("brain", agent_command("brain", url), self._log("brain"))]
+        for i in range(self.workers):
+            self.children.append(
+                Child(f"worker-{i + 1}", agent_command("worker", url, "--slots", str(self.slots)), self._log(f"worker-{i + 1}"))
+            )
+        for child in self.children:
+            child.start(self.env)
+
+    def _log(self, name: str) -> Path | None:
+        return self.log_dir / f"{name}.log" if self.log_dir else None
+
+    def supervise(self) -> None:
+        """Restart dead agents; call this every so often."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.alive() or child.proc is None:
+                continue
+            if child.next_start == 0.0:
+                rc = child.proc.returncode
+                delay = min(30.0, 0.5 * 2 ** min(child.restarts, 6))
+                if now - child.started_at > 60:
+                    child.restarts = 0
+                    delay = 0.5
+                log.warning("%s exited with %s; restarting in %.1fs", child.name, rc, delay)
+                child.next_start = now + delay
+            elif now >= child.next_start:
+                child.restarts += 1
+                child.next_start = 0.0
+                child.start(self.env)
+        if not self.server.running():
+            log.error("the embedded nats-server exited; restarting it")
+            self.server.start()
+
+    def stop(self) -> None:
+        workers = [c for c in self.children if c.name != "brain"]
+        brains = [c for c in self.children if c.name == "brain"]
+        for group in (workers, brains):
+            for child in group:
+                child.terminate()
+            for child in group:
+                child.wait(60.0)
+        self.server.stop()
