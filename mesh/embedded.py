@@ -124,6 +124,8 @@ class EmbeddedServer:
                 self.proc.wait()
         if self._reader is not None:
             self._reader.join(timeout=2)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self.proc = None
 
     def kill(self) -> None:
@@ -131,7 +133,7 @@ class EmbeddedServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self.proc = None
+        self.stop()
 
 
 def agent_command(role: str, url: str, *extra: str) -> list[str]:

@@ -200,6 +200,7 @@ class TaskRetrying(Msg, tag="task.retrying"):
     error: str = ""
     rc: int | None = None
     worker: str = ""
+    duration_s: float = 0.0
 
 
 class TaskFailed(Msg, tag="task.failed"):
@@ -211,6 +212,7 @@ class TaskFailed(Msg, tag="task.failed"):
     error: str = ""
     rc: int | None = None
     worker: str = ""
+    duration_s: float = 0.0
 
 
 class TaskCancelled(Msg, tag="task.cancelled"):

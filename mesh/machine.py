@@ -254,6 +254,7 @@ def evolve(state: State, ev: Msg) -> None:
         rec.reason = ev.reason
         rec.error = ev.error
         rec.worker = ev.worker
+        rec.duration_s = ev.duration_s
         rec.not_before = ev.retry_at
         rec.waiting_since = ev.retry_at
         _set_status(state, rec, WAITING, ev.at)
@@ -264,6 +265,7 @@ def evolve(state: State, ev: Msg) -> None:
         rec.error = ev.error
         if ev.worker:
             rec.worker = ev.worker
+            rec.duration_s = ev.duration_s
         rec.finished_at = ev.at
         _set_status(state, rec, FAILED, ev.at)
     elif isinstance(ev, TaskCancelled):
@@ -419,7 +421,9 @@ class _Decider:
             self._wake_dependents(rec)
             return
         reason = "timeout" if msg.timed_out else "cancelled" if msg.cancelled else "error"
-        error = (msg.error or msg.stderr_tail or msg.stdout_tail)[-MAX_ERROR_CHARS:]
+        snippet = (msg.stderr_tail or msg.stdout_tail).strip()
+        error = f"{msg.error}\n{snippet}" if snippet else msg.error
+        error = error[-MAX_ERROR_CHARS:]
         if rec.attempt <= rec.spec.retries:
             self.emit(
                 TaskRetrying(
@@ -432,6 +436,7 @@ class _Decider:
                     error=error,
                     rc=msg.rc,
                     worker=msg.worker,
+                    duration_s=msg.duration_s,
                 )
             )
             return
@@ -445,6 +450,7 @@ class _Decider:
                 error=error,
                 rc=msg.rc,
                 worker=msg.worker,
+                duration_s=msg.duration_s,
             )
         )
         self._fail_dependents(rec)

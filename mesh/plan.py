@@ -508,7 +508,8 @@ class _Parser:
                         f"write '- {key}: <value>'",
                     )
             else:
-                first = head.split()[0].lower()
+                words = head.split()
+                first = words[0].lower() if words else ""
                 if first in FIELDS:
                     self.add(
                         item.line,

@@ -1,0 +1,346 @@
+"""End to end: real nats-server, real brain and worker processes, real plans."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from mesh import events
+from mesh.events import (
+    DeadLetter,
+    PlanAccepted,
+    PlanFinished,
+    TaskFailed,
+    TaskReleased,
+    TaskRetrying,
+    TaskStarted,
+    TaskSucceeded,
+    TaskWaiting,
+)
+from mesh.machine import replay
+from tests.conftest import Mesh
+
+pytestmark = pytest.mark.integration
+
+DIAMOND = """\
+# Diamond
+
+## Variables
+- OUT: {OUT_DIR}
+
+## Tasks
+
+### a
+```shell
+mkdir -p {OUT} && echo "a $(date +%s%N)" >> {OUT}/order
+```
+
+### b
+- depends_on: a
+```shell
+sleep 0.2; echo "b $(date +%s%N)" >> {OUT}/order; echo "from b" > {OUT}/b.txt
+```
+
+### c
+- depends_on: a
+```shell
+echo "c $(date +%s%N)" >> {OUT}/order; echo "from c" > {OUT}/c.txt
+```
+
+### d
+- depends_on: b, c
+```shell
+cat {OUT}/b.txt {OUT}/c.txt > {OUT}/d.txt; echo "d $(date +%s%N)" >> {OUT}/order
+```
+"""
+
+
+def diamond(out: Path) -> str:
+    return DIAMOND.replace("{OUT_DIR}", str(out))
+
+
+def order(path: Path) -> list[str]:
+    return [line.split()[0] for line in path.read_text().splitlines()]
+
+
+async def test_diamond_runs_in_dependency_order(mesh: Mesh, tmp_path: Path) -> None:
+    mesh.brain()
+    mesh.worker("w1")
+    mesh.worker("w2")
+    out = tmp_path / "out"
+    plan_id = await mesh.submit_text(diamond(out))
+    plan = await mesh.wait_plan(plan_id)
+    assert plan.status == "succeeded"
+    seen = order(out / "order")
+    assert sorted(seen) == ["a", "b", "c", "d"]
+    assert seen[0] == "a" and seen[-1] == "d"
+    assert (out / "d.txt").read_text() == "from b\nfrom c\n"
+    tasks = await mesh.tasks(plan_id)
+    assert {t.status for t in tasks.values()} == {"succeeded"}
+    assert all(t.attempt == 1 and t.worker for t in tasks.values())
+
+
+async def test_every_transition_is_in_the_history_in_order(mesh: Mesh, tmp_path: Path) -> None:
+    mesh.brain()
+    mesh.worker("w1")
+    plan_id = await mesh.submit_text(diamond(tmp_path / "out"))
+    await mesh.wait_plan(plan_id)
+    bus = await mesh.bus()
+    history = await mesh.history(bus.names.plan_filter(plan_id))
+    msgs = [m for _, m in history if m is not None]
+    assert len(msgs) == len(history), "every event decodes"
+    assert isinstance(msgs[0], PlanAccepted)
+    assert isinstance(msgs[-1], PlanFinished) and msgs[-1].status == "succeeded"
+    for task in "abcd":
+        kinds = [type(m) for m in msgs if getattr(m, "task_id", None) == task and m.__class__.__name__.startswith("Task")]
+        assert kinds == [TaskWaiting, TaskReleased, TaskStarted, TaskSucceeded], task
+    # the worker's own reports are there too
+    assert sum(isinstance(m, events.RunFinished) for m in msgs) == 4
+    # folding the brain's transitions gives back exactly what is in KV
+    state = replay([m for m in msgs])
+    kv_tasks = await mesh.raw_tasks()
+    for key, rec in state.tasks.items():
+        assert kv_tasks[key] == rec
+    assert (await mesh.raw_plans())[plan_id] == state.plans[plan_id]
+
+
+async def test_foreach_fan_out_of_50(mesh: Mesh, tmp_path: Path) -> None:
+    mesh.brain()
+    mesh.worker("w1", slots=4)
+    mesh.worker("w2", slots=4)
+    out = tmp_path / "fan"
+    items = ", ".join(f"item{i:02d}" for i in range(50))
+    text = f"""\
+# Fan out
+
+## Variables
+- OUT: {out}
+
+## Tasks
+
+### prepare
+```shell
+mkdir -p {{OUT}}
+```
+
+### each
+- depends_on: prepare
+- foreach: ITEM in {items}
+```shell
+echo {{ITEM}} > {{OUT}}/{{ITEM}}.txt
+```
+
+### count
+- depends_on: each
+```shell
+ls {{OUT}} | wc -l > {{OUT}}/../count.txt
+```
+"""
+    plan_id = await mesh.submit_text(text)
+    plan = await mesh.wait_plan(plan_id, timeout_s=90)
+    assert plan.status == "succeeded"
+    assert plan.total == 52
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"item{i:02d}.txt" for i in range(50))
+    assert (tmp_path / "count.txt").read_text().strip() == "50"
+
+
+async def test_failing_task_is_retried_then_fails_its_dependents(mesh: Mesh, tmp_path: Path) -> None:
+    mesh.brain()
+    mesh.worker("w1")
+    runs = tmp_path / "runs"
+    text = f"""\
+# Failing
+
+## Tasks
+
+### flaky
+- retries: 2
+```shell
+echo run >> {runs}; echo "something broke" >&2; exit 7
+```
+
+### after
+- depends_on: flaky
+```shell
+echo never
+```
+
+### later
+- depends_on: after
+```shell
+echo never
+```
+
+### independent
+```shell
+true
+```
+"""
+    plan_id = await mesh.submit_text(text)
+    plan = await mesh.wait_plan(plan_id)
+    assert plan.status == "failed"
+    assert runs.read_text().count("run") == 3, "1 attempt + 2 retries"
+    tasks = await mesh.tasks(plan_id)
+    assert tasks["flaky"].status == "failed" and tasks["flaky"].reason == "error"
+    assert tasks["flaky"].rc == 7 and "something broke" in tasks["flaky"].error
+    assert tasks["flaky"].attempt == 3
+    for dep in ("after", "later"):
+        assert tasks[dep].status == "failed" and tasks[dep].reason == "dependency"
+        assert tasks[dep].attempt == 0, "a dependent of a failed task never runs"
+    assert tasks["independent"].status == "succeeded"
+    history = [m for _, m in await mesh.history((await mesh.bus()).names.plan_filter(plan_id))]
+    retrying = [m for m in history if isinstance(m, TaskRetrying)]
+    assert [r.attempt for r in retrying] == [1, 2]
+    assert all(r.retry_at > r.at for r in retrying)
+
+
+async def test_timeout_kills_the_whole_process_group(mesh: Mesh, tmp_path: Path) -> None:
+    mesh.brain()
+    mesh.worker("w1")
+    pidfile = tmp_path / "child.pid"
+    text = f"""\
+# Slow
+
+## Tasks
+
+### slow
+- timeout: 1s
+- retries: 0
+```shell
+sleep 60 &
+echo $! > {pidfile}
+wait
+```
+"""
+    plan_id = await mesh.submit_text(text)
+    plan = await mesh.wait_plan(plan_id, timeout_s=30)
+    assert plan.status == "failed"
+    task = (await mesh.tasks(plan_id))["slow"]
+    assert task.reason == "timeout"
+    assert "timed out after 1s" in task.error
+    child = int(pidfile.read_text())
+    await asyncio.sleep(0.2)
+    assert not _pid_alive(child), "the background child of the body was killed too"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); read its state
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_cancel_kills_running_and_cancels_the_rest(mesh: Mesh, tmp_path: Path) -> None:
+    mesh.brain()
+    mesh.worker("w1")
+    pidfile = tmp_path / "long.pid"
+    text = f"""\
+# Cancel me
+
+## Tasks
+
+### long
+```shell
+sleep 120 &
+echo $! > {pidfile}
+wait
+```
+
+### next
+- depends_on: long
+```shell
+echo never
+```
+"""
+    plan_id = await mesh.submit_text(text)
+    await mesh.wait_task(plan_id, "long", "running")
+    for _ in range(100):
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        await asyncio.sleep(0.05)
+    from mesh import client
+
+    await client.cancel(await mesh.bus(), plan_id)
+    plan = await mesh.wait_plan(plan_id)
+    assert plan.status == "cancelled"
+    tasks = await mesh.tasks(plan_id)
+    assert tasks["long"].status == "cancelled" and tasks["next"].status == "cancelled"
+    child = int(pidfile.read_text())
+    for _ in range(100):
+        if not _pid_alive(child):
+            break
+        await asyncio.sleep(0.05)
+    assert not _pid_alive(child), "the running body was killed"
+
+
+async def test_submission_while_brain_is_down_runs_once_it_starts(mesh: Mesh, tmp_path: Path) -> None:
+    mesh.worker("w1")
+    out = tmp_path / "out"
+    plan_id = await mesh.submit_text(diamond(out))
+    await asyncio.sleep(1.0)
+    assert await mesh.plan(plan_id) is None, "nobody has accepted it yet"
+    mesh.brain()
+    plan = await mesh.wait_plan(plan_id)
+    assert plan.status == "succeeded"
+    assert order(out / "order")[-1] == "d"
+
+
+async def test_garbage_is_dead_lettered_and_agents_keep_running(mesh: Mesh, tmp_path: Path) -> None:
+    mesh.brain()
+    mesh.worker("w1")
+    bus = await mesh.bus()
+    names = bus.names
+    await bus.ensure_resources()
+    garbage = [
+        (names.submit, b"\x00\xffnot json"),
+        (names.submit, b'{"type": "cmd.submit", "plan_id": 3}'),
+        (names.cancel("nope"), b'{"type": "no.such.type"}'),
+        (names.work("cpu"), b"[1, 2, 3]"),
+        (names.run_event("p", "t", "finished"), b'{"type": "run.finished"}'),
+        (names.work("cpu"), b'{"type": "cmd.cancel", "plan_id": "x", "at": 1}'),
+    ]
+    for subject, data in garbage:
+        await bus.js.publish(subject, data)
+    out = tmp_path / "out"
+    plan_id = await mesh.submit_text(diamond(out))
+    plan = await mesh.wait_plan(plan_id)
+    assert plan.status == "succeeded"
+    assert mesh.alive("brain") and mesh.alive("w1")
+    letters = [m for _, m in await mesh.history(names.dead_all) if isinstance(m, DeadLetter)]
+    assert sorted(letter.subject for letter in letters) == sorted(s for s, _ in garbage)
+    assert all(letter.reason for letter in letters)
+
+
+async def test_graceful_stop_finishes_running_work(mesh: Mesh, tmp_path: Path) -> None:
+    mesh.brain()
+    mesh.worker("w1")
+    done = tmp_path / "done"
+    text = f"""\
+# Stop gently
+
+## Tasks
+
+### work
+```shell
+sleep 1.5; echo finished > {done}
+```
+"""
+    plan_id = await mesh.submit_text(text)
+    await mesh.wait_task(plan_id, "work", "running")
+    mesh._expected_dead.add("w1")
+    mesh.kill("w1", signal.SIGTERM)
+    assert mesh.procs["w1"].returncode == 0
+    plan = await mesh.wait_plan(plan_id)
+    assert plan.status == "succeeded"
+    assert done.read_text().strip() == "finished"
+    assert (await mesh.tasks(plan_id))["work"].attempt == 1
