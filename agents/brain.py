@@ -91,7 +91,7 @@ class Brain(Agent):
                 timeout = min(timeout, max(0.0, due - time.time()))
             try:
                 raw = await asyncio.wait_for(self.inbox.get(), timeout=timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await self._guarded(None)
                 continue
             await self._guarded(raw)

@@ -126,7 +126,9 @@ class Worker(Agent):
     async def _drain(self) -> None:
         if not self._slot_tasks:
             return
-        log.info("stopping: waiting up to %.0fs for %d running task(s)", self.drain_timeout_s, len(self.running))
+        log.info(
+            "stopping: waiting up to %.0fs for %d running task(s)", self.drain_timeout_s, len(self.running)
+        )
         _, pending = await asyncio.wait(set(self._slot_tasks), timeout=self.drain_timeout_s)
         if pending:
             for run in self.running.values():
@@ -165,7 +167,9 @@ class Worker(Agent):
             return False
         rec = decode_task(entry.value or b"")
         if rec.status not in INFLIGHT_STATES or rec.attempt != item.attempt:
-            log.info("skipping %s attempt %d: task is %s at attempt %d", key, item.attempt, rec.status, rec.attempt)
+            log.info(
+                "skipping %s attempt %d: task is %s at attempt %d", key, item.attempt, rec.status, rec.attempt
+            )
             return False
         return True
 
@@ -187,7 +191,9 @@ class Worker(Agent):
         try:
             executor = EXECUTORS.get(item.kind)
             if executor is None:
-                result = RunResult(ok=False, duration_s=0.0, error=f"this worker cannot run {item.kind!r} bodies")
+                result = RunResult(
+                    ok=False, duration_s=0.0, error=f"this worker cannot run {item.kind!r} bodies"
+                )
             else:
                 result = await executor(item, run.ctx)
         finally:

@@ -84,7 +84,7 @@ class Agent:
             )
             kv = await self.bus.agents_kv()
             await kv.delete(self.agent_id)
-        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             log.warning("could not record the stop of %s: %s", self.agent_id, exc)
         await self.bus.close()
         log.info("%s %s stopped", self.role, self.agent_id)
@@ -117,7 +117,7 @@ class Agent:
             began = time.monotonic()
             try:
                 await self.register()
-            except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as exc:
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
                 log.warning("could not refresh the registration of %s: %s", self.agent_id, exc)
             await asyncio.sleep(max(0.05, interval - (time.monotonic() - began)))
 

@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -25,6 +24,7 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
+import nats
 from mesh import events
 from mesh.errors import MeshError, ServerUnavailable
 from mesh.events import DeadLetter, Msg
@@ -162,11 +162,13 @@ def consumer_definitions(settings: Settings, classes: tuple[str, ...] = ("cpu",)
 
 
 def _stream_config(d: dict[str, Any]) -> api.StreamConfig:
-    return api.StreamConfig.from_response(copy.deepcopy(d))
+    config: api.StreamConfig = api.StreamConfig.from_response(copy.deepcopy(d))
+    return config
 
 
 def _consumer_config(d: dict[str, Any]) -> api.ConsumerConfig:
-    return api.ConsumerConfig.from_response(copy.deepcopy(d))
+    config: api.ConsumerConfig = api.ConsumerConfig.from_response(copy.deepcopy(d))
+    return config
 
 
 def _kv_config(d: dict[str, Any]) -> api.KeyValueConfig:
@@ -272,7 +274,7 @@ class Bus:
         if self.nc.is_connected:
             try:
                 await self.nc.flush(timeout=2)
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            except (TimeoutError, nats.errors.Error) as exc:
                 log.debug("flush before close failed: %s", exc)
         if not self.nc.is_closed:
             await self.nc.close()
@@ -289,7 +291,7 @@ async def read_bucket(kv: KeyValue, keys: str = ">") -> dict[str, bytes]:
             if entry.value is not None:
                 out[entry.key] = entry.value
     finally:
-        await watcher.stop()
+        await watcher.stop()  # type: ignore[no-untyped-call]
     return out
 
 
@@ -325,10 +327,6 @@ def decode_or_none(raw: NatsMsg) -> tuple[events.Message | None, str]:
         return None, f"undecodable message: {exc}"
 
 
-async def _log_error(exc: Exception) -> None:
-    log.warning("nats: %s", exc)
-
-
 async def connect(
     settings: Settings,
     name: str,
@@ -341,6 +339,11 @@ async def connect(
     deadline = time.monotonic() + wait_s
     attempt = 0
     holder: list[Bus] = []
+
+    async def error(exc: Exception) -> None:
+        # before the first connection, failures are reported once, below
+        if holder:
+            log.warning("nats: %s", exc)
 
     async def disconnected() -> None:
         if not (holder and holder[0].closing):
@@ -358,17 +361,21 @@ async def connect(
                 servers=[url],
                 name=name,
                 connect_timeout=2,
-                max_reconnect_attempts=-1,
+                # fail fast on the first connection (we retry it here, visibly)...
+                max_reconnect_attempts=1,
                 reconnect_time_wait=0.5,
-                allow_reconnect=True,
-                error_cb=_log_error,
+                allow_reconnect=False,
+                error_cb=error,
                 disconnected_cb=disconnected,
                 reconnected_cb=reconnected,
             )
+            # ...and once connected, reconnect forever through server restarts
+            nc.options["allow_reconnect"] = True
+            nc.options["max_reconnect_attempts"] = -1
             bus = Bus(nc, settings)
             holder.append(bus)
             return bus
-        except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
             if time.monotonic() >= deadline:
                 raise ServerUnavailable(
                     f"cannot reach the NATS server at {url} ({exc.__class__.__name__}: {exc}). "

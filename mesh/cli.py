@@ -50,7 +50,10 @@ OPTS = Opts()
 @app.callback()
 def main(
     server: Annotated[
-        str | None, typer.Option("--server", "-s", help="NATS URL (else MESH_NATS_URL, the config file, the embedded default)")
+        str | None,
+        typer.Option(
+            "--server", "-s", help="NATS URL (else MESH_NATS_URL, the config file, the embedded default)"
+        ),
     ] = None,
     config: Annotated[str | None, typer.Option("--config", help="config file (TOML)")] = None,
 ) -> None:
@@ -102,7 +105,9 @@ def load(path: Path, var: list[str] | None) -> events.PlanSpec:
         raise fail(str(exc)) from None
 
 
-VarOpt = Annotated[list[str] | None, typer.Option("--var", "-v", help="NAME=value, overriding a plan variable")]
+VarOpt = Annotated[
+    list[str] | None, typer.Option("--var", "-v", help="NAME=value, overriding a plan variable")
+]
 
 
 # ------------------------------------------------------------------ plans
@@ -162,7 +167,9 @@ async def follow_plan(bus: Bus, plan_id: str, total: int) -> int:
                 continue
             if isinstance(msg, events.TaskSucceeded | events.TaskFailed | events.TaskCancelled):
                 final[msg.task_id] = events.type_of(msg).rsplit(".", 1)[-1]
-            if isinstance(msg, events.TaskSucceeded | events.TaskFailed | events.TaskCancelled | events.TaskRetrying):
+            if isinstance(
+                msg, events.TaskSucceeded | events.TaskFailed | events.TaskCancelled | events.TaskRetrying
+            ):
                 if not interactive or not isinstance(msg, events.TaskSucceeded):
                     progress.console.print(render.event_line(subject, msg))
             elif isinstance(msg, events.TaskStarted) and not interactive:
@@ -249,7 +256,9 @@ def tail(
         typer.Argument(help="a plan id, or a subject pattern under <prefix>.evt (e.g. 'task.*.*.failed')"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print each payload as it is")] = False,
-    from_start: Annotated[bool, typer.Option("--all", help="start from the beginning of the history")] = False,
+    from_start: Annotated[
+        bool, typer.Option("--all", help="start from the beginning of the history")
+    ] = False,
 ) -> None:
     """Follow events live, pretty or raw."""
     s = settings()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import getpass
 import re
 import secrets
@@ -19,6 +19,7 @@ from mesh.errors import MeshError, NotFound
 from mesh.events import CancelPlan, PlanSpec, SubmitPlan
 from mesh.names import check_token
 from mesh.records import PlanRecord, TaskRecord, decode_plan, decode_task
+
 
 def _user() -> str:
     try:
@@ -105,7 +106,5 @@ async def follow(
             msg, _ = decode_or_none(raw)
             yield raw.subject, raw.data, msg
     finally:
-        try:
+        with contextlib.suppress(TimeoutError, nats.errors.Error):
             await sub.unsubscribe()
-        except (nats.errors.Error, asyncio.TimeoutError):
-            pass

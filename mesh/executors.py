@@ -77,10 +77,8 @@ def _signal_group(pid: int, sig: int) -> None:
 async def _kill_group(proc: asyncio.subprocess.Process, grace_s: float) -> None:
     """SIGTERM the whole process group, then SIGKILL it if it outlives the grace period."""
     _signal_group(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(proc.wait(), timeout=grace_s)
-    except asyncio.TimeoutError:
-        pass
     _signal_group(proc.pid, signal.SIGKILL)
     await proc.wait()
 
@@ -135,7 +133,7 @@ async def run_shell(item: WorkItem, ctx: RunContext) -> RunResult:
     cancelled.cancel()
     try:
         await asyncio.wait_for(pumps, timeout=ctx.kill_grace_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pumps.cancel()
     rc = proc.returncode
     duration = time.monotonic() - began

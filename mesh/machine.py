@@ -118,9 +118,7 @@ class State:
             self.inflight[rec.spec.cls] = self.inflight.get(rec.spec.cls, 0) + 1
 
     @classmethod
-    def load(
-        cls, tasks: list[TaskRecord], plans: list[PlanRecord], aging_s: float = 60.0
-    ) -> State:
+    def load(cls, tasks: list[TaskRecord], plans: list[PlanRecord], aging_s: float = 60.0) -> State:
         """Rebuild a state (and its indexes) from records read back from KV."""
         state = cls(aging_s=aging_s)
         for plan in plans:
@@ -314,7 +312,7 @@ def validate_plan(plan: PlanSpec) -> str:
 
 def backoff_s(key: str, attempt: int, policy: Policy) -> float:
     """Exponential backoff with deterministic 'equal jitter': half fixed, half spread."""
-    delay = min(policy.retry_max_s, policy.retry_base_s * (2 ** max(attempt - 1, 0)))
+    delay = min(policy.retry_max_s, policy.retry_base_s * 2.0 ** max(attempt - 1, 0))
     spread = zlib.crc32(f"{key}:{attempt}".encode()) / 0xFFFFFFFF
     return delay * (0.5 + 0.5 * spread)
 
@@ -368,7 +366,9 @@ class _Decider:
                 )
             )
             return
-        self.emit(PlanAccepted(plan_id=msg.plan_id, plan=msg.plan, at=self.now, submitted_at=msg.at, by=msg.by))
+        self.emit(
+            PlanAccepted(plan_id=msg.plan_id, plan=msg.plan, at=self.now, submitted_at=msg.at, by=msg.by)
+        )
         for spec in msg.plan.tasks:
             if not spec.depends_on:
                 self.emit(TaskWaiting(plan_id=msg.plan_id, task_id=spec.id, at=self.now))
@@ -422,7 +422,7 @@ class _Decider:
             return
         reason = "timeout" if msg.timed_out else "cancelled" if msg.cancelled else "error"
         snippet = (msg.stderr_tail or msg.stdout_tail).strip()
-        error = f"{msg.error}\n{snippet}" if snippet else msg.error
+        error = "\n".join(p for p in (msg.error, snippet) if p)
         error = error[-MAX_ERROR_CHARS:]
         if rec.attempt <= rec.spec.retries:
             self.emit(
@@ -505,7 +505,9 @@ class _Decider:
                 if rec is None or rec.status != WAITING or rec.not_before > self.now:
                     continue
                 self.emit(
-                    TaskReleased(plan_id=rec.plan_id, task_id=rec.task_id, attempt=rec.attempt + 1, at=self.now)
+                    TaskReleased(
+                        plan_id=rec.plan_id, task_id=rec.task_id, attempt=rec.attempt + 1, at=self.now
+                    )
                 )
 
     def finish_plans(self) -> None:
@@ -543,7 +545,7 @@ def apply(state: State, msg: Message | Tick, now: float, policy: Policy) -> Step
 
 def next_due(state: State) -> float | None:
     """When the next delayed retry becomes due (for the brain's timer)."""
-    return state.delayed[0][0] if state.delayed else None
+    return float(state.delayed[0][0]) if state.delayed else None
 
 
 def replay(history: list[Msg], aging_s: float = 60.0) -> State:
@@ -557,6 +559,7 @@ def replay(history: list[Msg], aging_s: float = 60.0) -> State:
 FINAL = FINAL_STATES
 __all__ = [
     "FINAL",
+    "RUNNING",
     "Policy",
     "State",
     "Step",
@@ -567,5 +570,4 @@ __all__ = [
     "next_due",
     "replay",
     "validate_plan",
-    "RUNNING",
 ]

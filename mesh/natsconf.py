@@ -28,7 +28,9 @@ def rendered(settings: Settings) -> dict[str, str]:
     for d in bucket_definitions(settings):
         files[f"kv/{d['bucket']}.json"] = json.dumps(d, indent=2) + "\n"
     for c in consumer_definitions(settings):
-        files[f"consumers/{c['stream']}.{c['config']['durable_name']}.json"] = json.dumps(c["config"], indent=2) + "\n"
+        files[f"consumers/{c['stream']}.{c['config']['durable_name']}.json"] = (
+            json.dumps(c["config"], indent=2) + "\n"
+        )
     return files
 
 

@@ -93,7 +93,7 @@ _plan_decoder = msgspec.json.Decoder(PlanRecord)
 _encoder = msgspec.json.Encoder()
 
 
-def encode_record(record: TaskRecord | PlanRecord) -> bytes:
+def encode_record(record: TaskRecord | PlanRecord | AgentRecord) -> bytes:
     return _encoder.encode(record)
 
 

@@ -58,7 +58,9 @@ def event_line(subject: str, msg: events.Message | None) -> Text:
     if isinstance(msg, events.TaskSucceeded | events.RunFinished):
         line.append(f" {seconds(msg.duration_s)}", style="dim")
     if isinstance(msg, events.TaskFailed | events.TaskRetrying) and (msg.reason or msg.error):
-        line.append(f" {msg.reason}: {msg.error.strip().splitlines()[-1] if msg.error.strip() else ''}", style="red")
+        line.append(
+            f" {msg.reason}: {msg.error.strip().splitlines()[-1] if msg.error.strip() else ''}", style="red"
+        )
     if isinstance(msg, events.TaskRetrying):
         line.append(f" (retry in {seconds(msg.retry_at - msg.at)})", style="yellow")
     if isinstance(msg, events.RunFinished) and not msg.ok:

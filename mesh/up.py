@@ -92,7 +92,11 @@ class Stack:
         self.children = [Child("brain", agent_command("brain", url), self._log("brain"))]
         for i in range(self.workers):
             self.children.append(
-                Child(f"worker-{i + 1}", agent_command("worker", url, "--slots", str(self.slots)), self._log(f"worker-{i + 1}"))
+                Child(
+                    f"worker-{i + 1}",
+                    agent_command("worker", url, "--slots", str(self.slots)),
+                    self._log(f"worker-{i + 1}"),
+                )
             )
         for child in self.children:
             child.start(self.env)

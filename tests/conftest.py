@@ -62,6 +62,7 @@ class Mesh:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
         self._bus: Bus | None = None
+        self._expected_dead: set[str] = set()
 
     # agents -----------------------------------------------------------------
     def start_agent(self, name: str, role: str, *args: str) -> subprocess.Popen[bytes]:
@@ -177,13 +178,10 @@ class Mesh:
         raw = await read_bucket(await (await self.bus()).plans_kv())
         return {k: decode_plan(v) for k, v in raw.items()}
 
-    _expected_dead: set[str] = set()
-
 
 @pytest.fixture
 async def mesh(nats_server: EmbeddedServer, tmp_path: Path) -> AsyncIterator[Mesh]:
     m = Mesh(nats_server, tmp_path)
-    m._expected_dead = set()
     yield m
     await m.close()
     m.stop_all()

@@ -14,7 +14,6 @@ from mesh.events import (
     DeadLetter,
     PlanAccepted,
     PlanFinished,
-    TaskFailed,
     TaskReleased,
     TaskRetrying,
     TaskStarted,
@@ -96,7 +95,11 @@ async def test_every_transition_is_in_the_history_in_order(mesh: Mesh, tmp_path:
     assert isinstance(msgs[0], PlanAccepted)
     assert isinstance(msgs[-1], PlanFinished) and msgs[-1].status == "succeeded"
     for task in "abcd":
-        kinds = [type(m) for m in msgs if getattr(m, "task_id", None) == task and m.__class__.__name__.startswith("Task")]
+        kinds = [
+            type(m)
+            for m in msgs
+            if getattr(m, "task_id", None) == task and m.__class__.__name__.startswith("Task")
+        ]
         assert kinds == [TaskWaiting, TaskReleased, TaskStarted, TaskSucceeded], task
     # the worker's own reports are there too
     assert sum(isinstance(m, events.RunFinished) for m in msgs) == 4

@@ -1,0 +1,191 @@
+"""The `mesh` command as a person runs it: real processes, real server, exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mesh.embedded import EmbeddedServer
+from mesh.natsconf import rendered
+from mesh.settings import load_settings
+from tests.conftest import FAST_ENV, ROOT, Mesh
+
+EXAMPLES = ROOT / "plans" / "examples"
+
+
+def run_mesh(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mesh", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MESH_")},
+        **FAST_ENV,
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "COLUMNS": "200",
+    }
+
+
+def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_check_accepts_the_examples(env: dict[str, str], tmp_path: Path) -> None:
+    for plan in sorted(EXAMPLES.glob("*.md")):
+        result = run_mesh("check", str(plan), "--var", f"OUT={tmp_path}", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "ok" in result.stdout
+
+
+def test_check_refuses_a_broken_plan_with_file_and_line(env: dict[str, str], tmp_path: Path) -> None:
+    plan = tmp_path / "broken.md"
+    plan.write_text("# Broken\n\n## Tasks\n\n### a\n- depends_on: b\n- priority: 11\n```shell\ntrue\n```\n")
+    result = run_mesh("check", str(plan), env=env)
+    assert result.returncode == 2
+    no_traceback(result)
+    assert f"{plan}:6" in result.stderr and f"{plan}:7" in result.stderr
+    assert "nothing was submitted" in result.stderr
+
+
+def test_missing_plan_file_is_a_clear_error(env: dict[str, str], tmp_path: Path) -> None:
+    result = run_mesh("submit", str(tmp_path / "nope.md"), env=env)
+    assert result.returncode == 2
+    no_traceback(result)
+    assert "nope.md" in result.stderr
+
+
+def test_no_server_is_a_clear_error(env: dict[str, str], tmp_path: Path) -> None:
+    env = {**env, "MESH_NATS_URL": "nats://127.0.0.1:1"}
+    result = run_mesh("submit", str(EXAMPLES / "diamond.md"), "--var", f"OUT={tmp_path}", env=env)
+    assert result.returncode == 2
+    no_traceback(result)
+    assert "cannot reach the NATS server at nats://127.0.0.1:1" in result.stderr
+    assert "mesh up" in result.stderr
+
+
+def test_bad_var_and_bad_config_are_clear_errors(env: dict[str, str], tmp_path: Path) -> None:
+    result = run_mesh("check", str(EXAMPLES / "diamond.md"), "--var", "OUT", env=env)
+    assert result.returncode == 2 and "NAME=value" in result.stderr
+    no_traceback(result)
+    config = tmp_path / "bad.toml"
+    config.write_text("release_window = 'lots'\n")
+    result = run_mesh("--config", str(config), "status", env=env)
+    assert result.returncode == 2 and "release_window" in result.stderr
+    no_traceback(result)
+    config.write_text("no_such_setting = 1\n")
+    result = run_mesh("--config", str(config), "status", env=env)
+    assert result.returncode == 2 and "no_such_setting" in result.stderr
+    no_traceback(result)
+
+
+@pytest.mark.integration
+async def test_submit_wait_status_and_exit_codes(mesh: Mesh, env: dict[str, str], tmp_path: Path) -> None:
+    mesh.brain()
+    mesh.worker("w1")
+    env = {**env, "MESH_NATS_URL": mesh.server.url}
+    ok = run_mesh("submit", str(EXAMPLES / "diamond.md"), "--var", f"OUT={tmp_path / 'd'}", "--wait", env=env)
+    assert ok.returncode == 0, ok.stderr
+    plan_id = ok.stdout.strip().splitlines()[0]
+    assert plan_id.startswith("diamond-")
+    assert f"plan {plan_id} succeeded" in ok.stderr
+    assert (tmp_path / "d" / "combined.txt").read_text().startswith("words: 9")
+
+    bad = run_mesh("submit", str(EXAMPLES / "retry.md"), "--var", f"OUT={tmp_path / 'r'}", "-w", env=env)
+    assert bad.returncode == 1, bad.stderr
+    assert "failed" in bad.stderr and "broken" in bad.stderr
+
+    status = run_mesh("status", env=env)
+    assert status.returncode == 0 and plan_id in status.stdout and "succeeded" in status.stdout
+    one = run_mesh("status", plan_id, "--json", env=env)
+    records = [json.loads(line) for line in one.stdout.splitlines()]
+    assert records[0]["plan_id"] == plan_id and records[0]["status"] == "succeeded"
+    assert sorted(r["task_id"] for r in records[1:]) == ["combine", "count", "seed", "upper"]
+
+    missing = run_mesh("status", "no-such-plan", env=env)
+    assert missing.returncode == 2 and "no plan" in missing.stderr
+    missing = run_mesh("cancel", "no-such-plan", env=env)
+    assert missing.returncode == 2 and "no plan" in missing.stderr
+
+
+@pytest.mark.integration
+async def test_tail_shows_events_live(mesh: Mesh, env: dict[str, str], tmp_path: Path) -> None:
+    mesh.brain()
+    mesh.worker("w1")
+    env = {**env, "MESH_NATS_URL": mesh.server.url}
+    await mesh.bus()  # the streams exist before tail subscribes
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "mesh", "tail", "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        time.sleep(1.5)
+        plan_id = await mesh.submit_text("# T\n\n## Tasks\n\n### one\n```shell\necho hi\n```\n")
+        await mesh.wait_plan(plan_id)
+        time.sleep(0.5)
+    finally:
+        tail.terminate()
+        stdout, stderr = tail.communicate(timeout=10)
+    types = [json.loads(line)["type"] for line in stdout.splitlines() if line.strip()]
+    for expected in ("plan.accepted", "task.waiting", "task.released", "run.started", "task.started"):
+        assert expected in types, (expected, types, stderr)
+    assert types.index("plan.accepted") < types.index("plan.finished")
+
+
+@pytest.mark.integration
+def test_up_runs_the_example_plan_and_stops_everything(env: dict[str, str], tmp_path: Path) -> None:
+    result = run_mesh(
+        "up",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--port=-1",
+        "--workers",
+        "2",
+        "--submit",
+        str(EXAMPLES / "diamond.md"),
+        "--var",
+        f"OUT={tmp_path / 'out'}",
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "succeeded" in result.stderr
+    assert (tmp_path / "out" / "combined.txt").exists()
+    logs = tmp_path / "data" / "logs"
+    assert (logs / "brain.log").exists() and (logs / "worker-1.log").exists()
+    assert "stopped" in (logs / "brain.log").read_text()
+
+
+@pytest.mark.integration
+async def test_init_is_idempotent(nats_server: EmbeddedServer, env: dict[str, str]) -> None:
+    env = {**env, "MESH_NATS_URL": nats_server.url}
+    for _ in range(2):
+        result = run_mesh("init", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "MESH_EVENTS" in result.stdout
+
+
+def test_nats_dir_matches_the_code() -> None:
+    settings = load_settings(environ={})
+    for rel, text in rendered(settings).items():
+        path = ROOT / "nats" / rel
+        assert path.exists(), f"nats/{rel} is missing: run `mesh init --render nats/`"
+        assert path.read_text() == text, f"nats/{rel} drifted from the code: run `mesh init --render nats/`"
