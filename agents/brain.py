@@ -136,13 +136,11 @@ class Brain(Agent):
             return
         msg, why = decode_or_none(raw)
         if msg is None:
-            await self.bus.dead_letter(self.agent_id, raw.subject, why, raw.data)
+            await self.bus.dead_letter(self.agent_id, raw, why)
             await raw.term()
             return
         if not isinstance(msg, SubmitPlan | CancelPlan | RunStarted | RunFinished):
-            await self.bus.dead_letter(
-                self.agent_id, raw.subject, f"the brain does not take {type_of(msg)} messages", raw.data
-            )
+            await self.bus.dead_letter(self.agent_id, raw, f"the brain does not take {type_of(msg)} messages")
             await raw.term()
             return
         step = apply(self.state, msg, now, self.policy)

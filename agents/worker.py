@@ -141,7 +141,7 @@ class Worker(Agent):
         msg, why = decode_or_none(raw)
         if not isinstance(msg, WorkItem):
             reason = why or f"a worker does not take {type_of(msg)} messages"  # type: ignore[arg-type]
-            await self.bus.dead_letter(self.agent_id, raw.subject, reason, raw.data)
+            await self.bus.dead_letter(self.agent_id, raw, reason)
             await raw.term()
             return
         key = f"{msg.plan_id}.{msg.task_id}"

@@ -13,6 +13,7 @@ import base64
 import copy
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -242,11 +243,13 @@ class Bus:
         return await self.kv(self.names.agents_bucket)
 
     # publishing ------------------------------------------------------------------
-    async def publish(self, subject: str, msg: Msg, msg_id: str | None = None) -> api.PubAck:
-        """Publish to a stream and wait for the server's acknowledgement."""
-        headers = {HEADER_TYPE: events.type_of(msg)}
-        if msg_id:
-            headers[HEADER_MSG_ID] = msg_id
+    async def publish(self, subject: str, msg: Msg, msg_id: str) -> api.PubAck:
+        """Publish to a stream and wait for the server's acknowledgement.
+
+        `msg_id` names the fact: the server stores a fact re-published within the
+        duplicate window once.
+        """
+        headers = {HEADER_TYPE: events.type_of(msg), HEADER_MSG_ID: msg_id}
         return await self.js.publish(subject, events.encode(msg), headers=headers)
 
     async def emit(self, ev: Msg) -> api.PubAck:
@@ -254,9 +257,10 @@ class Bus:
         subject, msg_id = route(self.names, ev)
         return await self.publish(subject, ev, msg_id)
 
-    async def dead_letter(self, agent_id: str, subject: str, reason: str, data: bytes) -> None:
+    async def dead_letter(self, agent_id: str, raw: NatsMsg, reason: str) -> None:
         """Record a message nobody can use, with a bounded copy of its bytes."""
-        log.warning("dead letter from %s: %s (%d bytes): %s", subject, reason, len(data), reason)
+        subject, data = raw.subject, raw.data
+        log.warning("dead letter from %s (%d bytes): %s", subject, len(data), reason)
         letter = DeadLetter(
             agent_id=agent_id,
             subject=subject,
@@ -265,7 +269,7 @@ class Bus:
             size=len(data),
             payload=base64.b64encode(data[:DEAD_PAYLOAD_BYTES]).decode(),
         )
-        await self.publish(self.names.dead_letter(agent_id), letter)
+        await self.publish(self.names.dead_letter(agent_id), letter, f"dead:{origin_of(raw)}")
 
     async def close(self) -> None:
         """Flush what we published and close. (Every publish mesh makes is already
@@ -315,6 +319,15 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
     if tag == "work":
         return names.work(getattr(ev, "cls", "cpu")), f"{plan_id}.{task_id}:{attempt}:work"
     raise ValueError(f"no route for {tag}")
+
+
+def origin_of(raw: NatsMsg) -> str:
+    """`<stream>:<sequence>` of a JetStream message: a stable name for it."""
+    try:
+        meta = raw.metadata
+    except nats.errors.NotJSMessageError:
+        return f"core:{uuid.uuid4().hex}"
+    return f"{meta.stream}:{meta.sequence.stream}"
 
 
 def decode_or_none(raw: NatsMsg) -> tuple[events.Message | None, str]:

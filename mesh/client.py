@@ -56,8 +56,9 @@ async def cancel(bus: Bus, plan_id: str, reason: str = "cancelled by operator") 
     plan = await get_plan(bus, plan_id)
     if plan is None:
         raise NotFound(f"no plan {plan_id!r}; `mesh status` lists the plans")
+    at = time.time()
     await bus.publish(
-        bus.names.cancel(plan_id), CancelPlan(plan_id=plan_id, at=time.time(), reason=reason), msg_id=None
+        bus.names.cancel(plan_id), CancelPlan(plan_id=plan_id, at=at, reason=reason), f"{plan_id}:cancel:{at}"
     )
 
 

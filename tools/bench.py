@@ -108,7 +108,9 @@ def main() -> int:
         rss = PeakRss(stack)
         rss.thread.start()
         try:
-            result = asyncio.run(run_plan(stack.url, make_plan(args.tasks, args.body, args.chain), args.tasks))
+            result = asyncio.run(
+                run_plan(stack.url, make_plan(args.tasks, args.body, args.chain), args.tasks)
+            )
         finally:
             rss.done.set()
             stack.stop()
