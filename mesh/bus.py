@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -284,18 +285,58 @@ class Bus:
             await self.nc.close()
 
 
-async def read_bucket(kv: KeyValue, keys: str = ">") -> dict[str, bytes]:
-    """Every live key of a bucket (matching `keys`) and its latest value, in one ordered pass."""
-    out: dict[str, bytes] = {}
-    watcher = await kv.watch(keys, ignore_deletes=True)
+async def read_stream(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    config: api.ConsumerConfig,
+    idle_timeout_s: float = 5.0,
+) -> AsyncIterator[NatsMsg]:
+    """Messages of `stream` under `subject` (as `config` selects them), up to the current end.
+
+    An ordered, ephemeral consumer: it never disturbs durable consumers. The end
+    is where the server says nothing is pending; an empty selection is
+    recognised from the consumer's own info, so no message means no wait.
+    """
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
     try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            if entry.value is not None:
-                out[entry.key] = entry.value
+        info = await sub.consumer_info()
+        delivered = info.delivered.stream_seq if info.delivered else 0
+        if not info.num_pending and not delivered and not sub.pending_msgs:
+            return
+        while True:
+            try:
+                raw = await sub.next_msg(timeout=idle_timeout_s)
+            except nats.errors.TimeoutError:
+                return
+            yield raw
+            if raw.metadata.num_pending == 0:
+                return
     finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await sub.unsubscribe()
+
+
+_KV_GONE = {"DEL", "PURGE"}
+
+
+async def read_bucket(kv: KeyValue, keys: str = ">") -> dict[str, bytes]:
+    """Every live key of a bucket (matching `keys`) and its latest value, in one ordered pass.
+
+    (nats-py's own watcher can report the end before the first value arrives,
+    returning an empty bucket; this reads the bucket's stream directly.)
+    """
+    bucket = kv._name
+    prefix = f"$KV.{bucket}."
+    config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
+    out: dict[str, bytes] = {}
+    async for raw in read_stream(kv._js, f"KV_{bucket}", prefix + keys, config):
+        key = raw.subject[len(prefix) :]
+        headers = raw.headers or {}
+        if headers.get("KV-Operation") in _KV_GONE or headers.get("Nats-Marker-Reason"):
+            out.pop(key, None)
+            continue
+        out[key] = raw.data
     return out
 
 

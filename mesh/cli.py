@@ -286,6 +286,84 @@ def tail(
     raise typer.Exit(run(go))
 
 
+@app.command()
+def replay(
+    plan: Annotated[str | None, typer.Option("--plan", help="only this plan")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="only plans accepted since: 2h, 7d, or a date")
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="compare with KV; exit 1 on any difference")
+    ] = False,
+) -> None:
+    """Rebuild task and plan state from the event history, with the brain's own state machine."""
+    from mesh import history
+
+    s = settings()
+    start = history.parse_since(since) if since else None
+
+    async def go() -> int:
+        bus = await _bus(s)
+        try:
+            result = await history.replay(bus, plan_id=plan, since=start)
+            rate = result.events / result.seconds if result.seconds else 0.0
+            err.print(
+                f"replayed {result.events} events ({result.transitions} transitions, "
+                f"{result.undecodable} undecodable) in {result.seconds:.2f}s, {rate:,.0f} events/s"
+            )
+            plans = sorted(result.state.plans.values(), key=lambda p: p.accepted_at)
+            if not verify:
+                if plans:
+                    out.print(render.plans_table(plans))
+                return 0
+            check = await history.verify(bus, result, plan_id=plan, since=start)
+            for diff in check.differences:
+                out.print(str(diff), highlight=False)
+            if check.differences:
+                err.print(
+                    f"[red]{len(check.differences)} differences[/red] "
+                    f"over {check.plans} plans, {check.tasks} tasks"
+                )
+                return 1
+            err.print(f"[green]KV and history agree[/green] on {check.plans} plans and {check.tasks} tasks")
+            return 0
+        finally:
+            await bus.close()
+
+    raise typer.Exit(run(go))
+
+
+@app.command()
+def dead(
+    since: Annotated[str | None, typer.Option("--since", help="2h, 7d, or a date")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON record per line")] = False,
+) -> None:
+    """Dead letters: messages an agent could not use, kept so nothing vanishes silently."""
+    from mesh import history
+
+    s = settings()
+    start = history.parse_since(since) if since else None
+
+    async def go() -> int:
+        bus = await _bus(s)
+        try:
+            letters = await history.dead_letters(bus, since=start)
+            if as_json:
+                for letter in letters:
+                    print(msgspec.json.encode(letter).decode())
+                return 0
+            if not letters:
+                out.print("no dead letters")
+                return 0
+            table = render.dead_table(letters)
+            out.print(table)
+            return 0
+        finally:
+            await bus.close()
+
+    raise typer.Exit(run(go))
+
+
 # ------------------------------------------------------------------ servers and agents
 
 

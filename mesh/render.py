@@ -118,3 +118,12 @@ def tasks_table(plan: PlanRecord, tasks: list[TaskRecord]) -> Table:
             detail,
         )
     return table
+
+
+def dead_table(letters: list[events.DeadLetter]) -> Table:
+    table = Table(title="dead letters", title_justify="left")
+    for col in ("when", "agent", "subject", "bytes", "reason"):
+        table.add_column(col)
+    for d in letters:
+        table.add_row(clock(d.at), d.agent_id, d.subject, str(d.size), d.reason[:120])
+    return table

@@ -17,6 +17,7 @@ from mesh import client
 from mesh.bus import Bus, connect, read_bucket
 from mesh.embedded import EmbeddedServer
 from mesh.events import Message, PlanSpec
+from mesh.history import read_history
 from mesh.plan import parse_plan
 from mesh.records import PlanRecord, TaskRecord, decode_plan, decode_task
 from mesh.settings import Settings, load_settings
@@ -160,15 +161,7 @@ class Mesh:
     async def history(self, subject: str | None = None) -> list[tuple[str, Message | None]]:
         """Every event so far (optionally under a filter), in stream order."""
         bus = await self.bus()
-        out: list[tuple[str, Message | None]] = []
-        info = await bus.js.stream_info(bus.names.events_stream)
-        if info.state.messages == 0:
-            return out
-        async for subj, _, msg in client.follow(
-            bus, subject or bus.names.evt_all, from_start=True, idle_timeout_s=1.0
-        ):
-            out.append((subj, msg))
-        return out
+        return [(e.subject, e.msg) async for e in read_history(bus, subject or bus.names.evt_all)]
 
     async def raw_tasks(self) -> dict[str, TaskRecord]:
         raw = await read_bucket(await (await self.bus()).tasks_kv())

@@ -189,3 +189,51 @@ def test_nats_dir_matches_the_code() -> None:
         path = ROOT / "nats" / rel
         assert path.exists(), f"nats/{rel} is missing: run `mesh init --render nats/`"
         assert path.read_text() == text, f"nats/{rel} drifted from the code: run `mesh init --render nats/`"
+
+
+@pytest.mark.integration
+async def test_replay_verify_agrees_then_finds_a_tampered_record(
+    mesh: Mesh, env: dict[str, str], tmp_path: Path
+) -> None:
+    mesh.brain()
+    mesh.worker("w1")
+    env = {**env, "MESH_NATS_URL": mesh.server.url}
+    for example in ("diamond", "retry", "fanout"):
+        result = run_mesh(
+            "submit", str(EXAMPLES / f"{example}.md"), "--var", f"OUT={tmp_path / example}", "-w", env=env
+        )
+        assert result.returncode in (0, 1), result.stderr
+    ok = run_mesh("replay", "--verify", env=env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "KV and history agree on 3 plans" in ok.stderr
+    assert "events/s" in ok.stderr
+
+    from mesh.records import encode_record
+
+    tasks = await mesh.raw_tasks()
+    key, record = next((k, t) for k, t in tasks.items() if t.task_id == "seed")
+    record.status = "failed"
+    await (await (await mesh.bus()).tasks_kv()).put(key, encode_record(record))
+    bad = run_mesh("replay", "--verify", env=env)
+    assert bad.returncode == 1
+    assert f"{key}: status: KV has 'failed', the history gives 'succeeded'" in bad.stdout
+    one = run_mesh("replay", "--plan", record.plan_id, env=env)
+    assert one.returncode == 0 and record.plan_id in one.stdout
+
+
+@pytest.mark.integration
+async def test_dead_lists_dead_letters(mesh: Mesh, env: dict[str, str]) -> None:
+    mesh.brain()
+    env = {**env, "MESH_NATS_URL": mesh.server.url}
+    bus = await mesh.bus()
+    await bus.js.publish(bus.names.submit, b"this is not a plan")
+    for _ in range(100):
+        result = run_mesh("dead", "--json", env=env)
+        if result.stdout.strip():
+            break
+        time.sleep(0.1)
+    letters = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(letters) == 1
+    assert letters[0]["subject"] == bus.names.submit and "undecodable" in letters[0]["reason"]
+    table = run_mesh("dead", "--since", "1h", env=env)
+    assert table.returncode == 0 and "undecodable" in table.stdout

@@ -1,0 +1,183 @@
+"""Reading the event history back: replay into state, verify against KV, list dead letters.
+
+Reads use an ordered, ephemeral consumer: they never disturb the agents'
+durable consumers, and they stop at the end of what the stream held when
+they began.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+from nats.js import api
+
+from mesh import events
+from mesh.bus import Bus, decode_or_none, read_bucket, read_stream
+from mesh.errors import MeshError
+from mesh.machine import State, evolve
+from mesh.records import PlanRecord, TaskRecord, decode_plan, decode_task
+
+
+@dataclass
+class Entry:
+    seq: int
+    subject: str
+    at: float
+    msg: events.Message | None
+    data: bytes
+
+
+async def read_history(
+    bus: Bus, subject: str, *, since: float | None = None, idle_timeout_s: float = 5.0
+) -> AsyncIterator[Entry]:
+    """Every event under `subject` (from `since`, a UNIX time), in stream order, up to the current end."""
+    config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+    if since is not None:
+        config.deliver_policy = api.DeliverPolicy.BY_START_TIME
+        config.opt_start_time = datetime.datetime.fromtimestamp(since, tz=datetime.UTC)
+    async for raw in read_stream(bus.js, bus.names.events_stream, subject, config, idle_timeout_s):
+        meta = raw.metadata
+        msg, _ = decode_or_none(raw)
+        stamp = meta.timestamp.timestamp() if meta.timestamp else 0.0
+        yield Entry(meta.sequence.stream, raw.subject, stamp, msg, raw.data)
+
+
+TRANSITIONS = (
+    events.PlanAccepted,
+    events.PlanRejected,
+    events.PlanFinished,
+    events.TaskWaiting,
+    events.TaskReleased,
+    events.TaskStarted,
+    events.TaskSucceeded,
+    events.TaskRetrying,
+    events.TaskFailed,
+    events.TaskCancelled,
+)
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """`90s`, `30m`, `2h`, `7d` ago, a UNIX time, or an ISO date/time (local time if no zone)."""
+    now = time.time() if now is None else now
+    text = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text and text[-1] in units:
+        try:
+            return now - float(text[:-1]) * units[text[-1]]
+        except ValueError:
+            pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise MeshError(
+            f"cannot read the time {text!r}: use an age like 30m, 2h or 7d, or a date like 2026-11-22T08:00"
+        ) from exc
+    return moment.timestamp()
+
+
+@dataclass
+class Replay:
+    state: State
+    events: int = 0
+    transitions: int = 0
+    undecodable: int = 0
+    seconds: float = 0.0
+    first_seq: int = 0
+    last_seq: int = 0
+
+
+async def replay(bus: Bus, *, plan_id: str | None = None, since: float | None = None) -> Replay:
+    """Fold the history with the brain's own `evolve` into a fresh state.
+
+    With `since`, plans accepted before that time are not in the result (their
+    later events are folded into nothing).
+    """
+    subject = bus.names.plan_filter(plan_id) if plan_id else bus.names.evt_all
+    result = Replay(State(aging_s=bus.settings.aging_s))
+    began = time.perf_counter()
+    async for entry in read_history(bus, subject, since=since):
+        result.events += 1
+        result.first_seq = result.first_seq or entry.seq
+        result.last_seq = entry.seq
+        if entry.msg is None:
+            result.undecodable += 1
+            continue
+        if isinstance(entry.msg, TRANSITIONS):
+            result.transitions += 1
+        evolve(result.state, entry.msg)
+    result.state.dirty_tasks.clear()
+    result.state.dirty_plans.clear()
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+@dataclass
+class Difference:
+    key: str
+    field: str
+    kv: object
+    replayed: object
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.field}: KV has {self.kv!r}, the history gives {self.replayed!r}"
+
+
+@dataclass
+class Verification:
+    plans: int = 0
+    tasks: int = 0
+    differences: list[Difference] = field(default_factory=list)
+
+
+def _compare(key: str, kv: msgspec.Struct | None, replayed: msgspec.Struct | None) -> list[Difference]:
+    if kv is None or replayed is None:
+        return [
+            Difference(key, "record", "present" if kv else "missing", "present" if replayed else "missing")
+        ]
+    a, b = msgspec.to_builtins(kv), msgspec.to_builtins(replayed)
+    assert isinstance(a, dict) and isinstance(b, dict)
+    return [
+        Difference(key, name, a.get(name), b.get(name))
+        for name in sorted(a | b)
+        if a.get(name) != b.get(name)
+    ]
+
+
+async def verify(
+    bus: Bus, result: Replay, *, plan_id: str | None = None, since: float | None = None
+) -> Verification:
+    """Compare replayed records with KV, for the plans the replay covers; list every difference."""
+    kv_plans = {
+        k: decode_plan(v) for k, v in (await read_bucket(await bus.plans_kv(), plan_id or ">")).items()
+    }
+    kv_tasks_raw = await read_bucket(await bus.tasks_kv(), f"{plan_id}.>" if plan_id else ">")
+    kv_tasks = {k: decode_task(v) for k, v in kv_tasks_raw.items()}
+    if since is not None:
+        kv_plans = {k: p for k, p in kv_plans.items() if p.accepted_at >= since}
+        kv_tasks = {k: t for k, t in kv_tasks.items() if t.plan_id in kv_plans}
+    out = Verification()
+    replayed_plans: dict[str, PlanRecord] = result.state.plans
+    replayed_tasks: dict[str, TaskRecord] = result.state.tasks
+    for pid in sorted(set(kv_plans) | set(replayed_plans)):
+        out.plans += 1
+        out.differences += _compare(pid, kv_plans.get(pid), replayed_plans.get(pid))
+    for key in sorted(set(kv_tasks) | set(replayed_tasks)):
+        out.tasks += 1
+        out.differences += _compare(key, kv_tasks.get(key), replayed_tasks.get(key))
+    return out
+
+
+async def dead_letters(bus: Bus, since: float | None = None) -> list[events.DeadLetter]:
+    out = []
+    async for entry in read_history(bus, bus.names.dead_all, since=since):
+        if isinstance(entry.msg, events.DeadLetter):
+            out.append(entry.msg)
+    return out
