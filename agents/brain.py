@@ -8,14 +8,22 @@ Wiring around `mesh.machine.apply`. For each input, in order:
 4. put the released work items on the work stream;
 5. acknowledge the input.
 
-A crash anywhere in 2-5 leaves the input unacknowledged: it is delivered again,
-decided again against the records in KV, and the re-published facts are
-de-duplicated by their `Nats-Msg-Id`.
+A crash anywhere in 2-5 leaves the input unacknowledged: it is delivered again.
+On start the brain loads KV, then folds every transition published after its
+last checkpoint (the stream sequence up to which KV is known to be written), so
+it knows about events a crash kept out of KV; the redelivered input is then
+recognised as already handled. Tasks left `ready` get their work item
+published again (the work stream drops it if it was already there).
+
+Only the holder of the lease acts. A second brain waits as a standby and takes
+over when the lease expires; a brain that cannot renew its lease in time stops
+acting at once and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -27,15 +35,35 @@ from nats.js import JetStreamContext
 
 from mesh.agent import Agent
 from mesh.bus import decode_or_none, read_bucket
-from mesh.events import CancelPlan, RunFinished, RunStarted, SubmitPlan, type_of
-from mesh.machine import Policy, State, Step, Tick, apply, next_due
-from mesh.records import decode_plan, decode_task, encode_record
+from mesh.events import CancelPlan, RetryTasks, RunFinished, RunStarted, SubmitPlan, type_of
+from mesh.history import TRANSITIONS, read_history
+from mesh.machine import Policy, State, Step, Sweep, Tick, apply, evolve, next_due, work_item
+from mesh.records import (
+    READY,
+    AgentRecord,
+    Checkpoint,
+    Lease,
+    PlanRecord,
+    TaskRecord,
+    decode_checkpoint,
+    decode_lease,
+    decode_plan,
+    decode_task,
+    encode_record,
+)
 from mesh.settings import Settings
 
 log = logging.getLogger("mesh.brain")
 
 FETCH_BATCH = 256
-TRANSIENT = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)
+TRANSIENT = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
+LEASE_KEY = "lease"
+CHECKPOINT_KEY = "checkpoint"
+BRAIN_INPUTS = SubmitPlan | CancelPlan | RetryTasks | RunStarted | RunFinished
+
+
+class LeaseLost(Exception):
+    """Another brain may be acting: this one must stop at once."""
 
 
 class Brain(Agent):
@@ -48,15 +76,39 @@ class Brain(Agent):
             retry_base_s=settings.retry_base_s,
             retry_max_s=settings.retry_max_s,
             aging_s=settings.aging_s,
+            lost_after_s=settings.lost_after_s,
         )
         self.state = State(aging_s=settings.aging_s)
         self.inbox: asyncio.Queue[NatsMsg] = asyncio.Queue(maxsize=4 * FETCH_BATCH)
         # a decided step whose publishing was interrupted; finished before anything else
         self._outbox: Step | None = None
+        self.lease_revision = 0
+        self.lease_valid_until = 0.0  # monotonic
+        self.lost_lease = False
+        self.leading = False
+        self.last_seq = 0
+        self.checkpoint_seq = 0
+        self._last_checkpoint = 0.0
+        self._last_sweep = 0.0
 
+    def record(self) -> AgentRecord:
+        rec = super().record()
+        if not self.leading and rec.state == "running":
+            rec.state = "standby"
+        return rec
+
+    # start -----------------------------------------------------------------------
     async def start(self) -> None:
         await super().start()
+        await self.acquire_lease()
+        if self.stop_requested.is_set():
+            return
+        self.leading = True
+        await self.register()
+        self.spawn(self._renew_loop(), "lease")
         await self.load_state()
+        await self.catch_up()
+        await self.republish_ready()
         js = self.bus.js
         self.cmd_sub = await js.pull_subscribe_bind(
             durable=self.names.brain_cmd_consumer, stream=self.names.cmd_stream
@@ -67,23 +119,119 @@ class Brain(Agent):
 
     async def load_state(self) -> None:
         began = time.monotonic()
-        tasks_raw = await read_bucket(await self.bus.tasks_kv())
-        plans_raw = await read_bucket(await self.bus.plans_kv())
-        tasks = [decode_task(v) for v in tasks_raw.values()]
-        plans = [decode_plan(v) for v in plans_raw.values()]
+        tasks = [decode_task(v) for v in (await read_bucket(await self.bus.tasks_kv())).values()]
+        plans = [decode_plan(v) for v in (await read_bucket(await self.bus.plans_kv())).values()]
         self.state = State.load(tasks, plans, aging_s=self.settings.aging_s)
         log.info(
-            "loaded %d tasks and %d plans from KV in %.3fs",
-            len(tasks),
-            len(plans),
-            time.monotonic() - began,
+            "loaded %d tasks and %d plans from KV in %.3fs", len(tasks), len(plans), time.monotonic() - began
         )
 
+    async def catch_up(self) -> None:
+        """Fold the transitions published after the checkpoint, and write what they change."""
+        kv = await self.bus.brain_kv()
+        try:
+            entry = await kv.get(CHECKPOINT_KEY)
+        except nats.js.errors.KeyNotFoundError:
+            return
+        self.checkpoint_seq = decode_checkpoint(entry.value or b"").seq
+        self.last_seq = self.checkpoint_seq
+        folded = 0
+        async for ev in read_history(self.bus, self.names.evt_all, start_seq=self.checkpoint_seq + 1):
+            self.last_seq = max(self.last_seq, ev.seq)
+            if isinstance(ev.msg, TRANSITIONS):
+                evolve(self.state, ev.msg)
+                folded += 1
+        tasks, plans = self.state.take_dirty()
+        await self._write_records(tasks, plans)
+        if folded:
+            log.info(
+                "caught up %d transitions after checkpoint %d; repaired %d task and %d plan records",
+                folded,
+                self.checkpoint_seq,
+                len(tasks),
+                len(plans),
+            )
+        await self._checkpoint(force=True)
+
+    async def republish_ready(self) -> None:
+        ready = [r for r in self.state.tasks.values() if r.status == READY]
+        await asyncio.gather(*(self.bus.emit(work_item(self.state, r)) for r in ready))
+        if ready:
+            log.info("re-published %d ready work items (duplicates are dropped by the server)", len(ready))
+
+    # lease -----------------------------------------------------------------------
+    async def acquire_lease(self) -> None:
+        kv = await self.bus.brain_kv()
+        waiting_logged = False
+        while not self.stop_requested.is_set():
+            now = time.time()
+            lease = Lease(holder=self.agent_id, expires_at=now + self.settings.lease_s, acquired_at=now)
+            began = time.monotonic()
+            try:
+                try:
+                    entry = await kv.get(LEASE_KEY)
+                except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                    self.lease_revision = await kv.create(LEASE_KEY, encode_record(lease))
+                else:
+                    held = decode_lease(entry.value or b"")
+                    if held.expires_at > now and held.holder != self.agent_id:
+                        if not waiting_logged:
+                            log.info("standby: %s holds the brain lease; waiting to take over", held.holder)
+                            waiting_logged = True
+                        await self._sleep(min(1.0, self.settings.lease_s / 3))
+                        continue
+                    self.lease_revision = await kv.update(
+                        LEASE_KEY, encode_record(lease), last=entry.revision
+                    )
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
+                await self._sleep(0.2)  # another brain took it first
+                continue
+            except TRANSIENT as exc:
+                log.warning("cannot reach the lease (%s); retrying", exc)
+                await self._sleep(1.0)
+                continue
+            self.lease_valid_until = began + self.settings.lease_s - 1.0
+            log.info("took the brain lease (revision %d)", self.lease_revision)
+            return
+
+    async def _renew_loop(self) -> None:
+        kv = await self.bus.brain_kv()
+        every = self.settings.lease_s / 3
+        while True:
+            await asyncio.sleep(every)
+            now = time.time()
+            began = time.monotonic()
+            lease = Lease(holder=self.agent_id, expires_at=now + self.settings.lease_s, acquired_at=now)
+            try:
+                self.lease_revision = await kv.update(
+                    LEASE_KEY, encode_record(lease), last=self.lease_revision
+                )
+                self.lease_valid_until = began + self.settings.lease_s - 1.0
+            except nats.js.errors.KeyWrongLastSequenceError:
+                log.error("lost the brain lease to another brain; stopping")
+                self.lost_lease = True
+                self.stop_requested.set()
+                return
+            except TRANSIENT as exc:
+                log.warning("could not renew the brain lease (%s)", exc)
+
+    def _check_lease(self) -> None:
+        if self.lost_lease or time.monotonic() > self.lease_valid_until:
+            self.lost_lease = True
+            self.stop_requested.set()
+            raise LeaseLost("the brain lease could not be renewed in time")
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_requested.wait(), timeout=seconds)
+
+    # run ---------------------------------------------------------------------------
     async def run(self) -> None:
+        if not self.leading:
+            return
         self.spawn(self._fetch(self.cmd_sub, "commands"), "fetch-commands")
         self.spawn(self._fetch(self.runs_sub, "reports"), "fetch-reports")
-        # release whatever was waiting when the brain last stopped
-        await self._commit(apply(self.state, Tick(), time.time(), self.policy))
+        await self._guarded(None)  # release whatever was waiting when the brain last stopped
         while not self.stop_requested.is_set():
             timeout = self.settings.tick_s
             due = next_due(self.state)
@@ -96,8 +244,19 @@ class Brain(Agent):
                 continue
             await self._guarded(raw)
             # take everything already fetched before checking the clock again
-            while not self.inbox.empty():
+            while not self.inbox.empty() and not self.stop_requested.is_set():
                 await self._guarded(self.inbox.get_nowait())
+
+    async def stop(self, reason: str = "stopped") -> None:
+        if self.leading and not self.lost_lease and self._bus is not None:
+            try:
+                await self._checkpoint(force=True)
+                kv = await self.bus.brain_kv()
+                await kv.delete(LEASE_KEY, last=self.lease_revision)
+                log.info("released the brain lease")
+            except TRANSIENT as exc:
+                log.warning("could not release the brain lease (%s); it expires by itself", exc)
+        await super().stop("lease lost" if self.lost_lease else reason)
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription, what: str) -> None:
         while not self.stop_requested.is_set():
@@ -117,7 +276,11 @@ class Brain(Agent):
         delay = 0.1
         while True:
             try:
+                self._check_lease()
                 await self.handle(raw)
+                return
+            except LeaseLost as exc:
+                log.error("%s; stopping without acting further", exc)
                 return
             except TRANSIENT as exc:
                 if self.stop_requested.is_set():
@@ -132,14 +295,19 @@ class Brain(Agent):
             await self._commit(self._outbox)
         now = time.time()
         if raw is None:
-            await self._commit(apply(self.state, Tick(), now, self.policy))
+            if time.monotonic() - self._last_sweep >= self.settings.sweep_s:
+                live = frozenset((await read_bucket(await self.bus.agents_kv())).keys())
+                await self._commit(apply(self.state, Sweep(live), now, self.policy))
+                self._last_sweep = time.monotonic()
+            else:
+                await self._commit(apply(self.state, Tick(), now, self.policy))
             return
         msg, why = decode_or_none(raw)
         if msg is None:
             await self.bus.dead_letter(self.agent_id, raw, why)
             await raw.term()
             return
-        if not isinstance(msg, SubmitPlan | CancelPlan | RunStarted | RunFinished):
+        if not isinstance(msg, BRAIN_INPUTS):
             await self.bus.dead_letter(self.agent_id, raw, f"the brain does not take {type_of(msg)} messages")
             await raw.term()
             return
@@ -156,28 +324,46 @@ class Brain(Agent):
         done = 0
         try:
             for ev in step.events:
-                await bus.emit(ev)
+                ack = await bus.emit(ev)
+                self.last_seq = max(self.last_seq, ack.seq)
                 self._log_event(ev)
                 done += 1
         finally:
             del step.events[:done]
         tasks, plans = self.state.take_dirty()
-        if tasks or plans:
-            tasks_kv = await bus.tasks_kv()
-            plans_kv = await bus.plans_kv()
-            puts = [tasks_kv.put(r.key, encode_record(r)) for r in tasks]
-            puts += [plans_kv.put(p.plan_id, encode_record(p)) for p in plans]
-            try:
-                await asyncio.gather(*puts)
-            except BaseException:
-                # records not written stay dirty so the retry writes them
-                self.state.dirty_tasks.update(r.key for r in tasks)
-                self.state.dirty_plans.update(p.plan_id for p in plans)
-                raise
+        try:
+            await self._write_records(tasks, plans)
+        except BaseException:
+            # records not written stay dirty so the retry writes them
+            self.state.dirty_tasks.update(r.key for r in tasks)
+            self.state.dirty_plans.update(p.plan_id for p in plans)
+            raise
         if step.work:
             await asyncio.gather(*(bus.emit(w) for w in step.work))
             step.work.clear()
         self._outbox = None
+        await self._checkpoint()
+
+    async def _write_records(self, tasks: list[TaskRecord], plans: list[PlanRecord]) -> None:
+        if not tasks and not plans:
+            return
+        tasks_kv = await self.bus.tasks_kv()
+        plans_kv = await self.bus.plans_kv()
+        puts = [tasks_kv.put(r.key, encode_record(r)) for r in tasks]
+        puts += [plans_kv.put(p.plan_id, encode_record(p)) for p in plans]
+        await asyncio.gather(*puts)
+
+    async def _checkpoint(self, force: bool = False) -> None:
+        """Record that KV holds everything up to `last_seq` (called only with nothing unwritten)."""
+        if self.last_seq <= self.checkpoint_seq and not force:
+            return
+        if not force and time.monotonic() - self._last_checkpoint < self.settings.checkpoint_s:
+            return
+        kv = await self.bus.brain_kv()
+        cp = Checkpoint(seq=self.last_seq, at=time.time(), brain=self.agent_id)
+        await kv.put(CHECKPOINT_KEY, encode_record(cp))
+        self.checkpoint_seq = self.last_seq
+        self._last_checkpoint = time.monotonic()
 
     @staticmethod
     def _log_event(ev: msgspec.Struct) -> None:
@@ -187,12 +373,16 @@ class Brain(Agent):
         if tag == "task.waiting":
             return
         detail = ""
-        if tag in ("task.succeeded",):
+        if tag == "task.succeeded":
             detail = f" in {getattr(ev, 'duration_s', 0.0):.3f}s"
         elif tag in ("task.failed", "task.retrying"):
             detail = f" ({getattr(ev, 'reason', '')}) {getattr(ev, 'error', '')[:120]!r}"
+        elif tag == "task.redelivered":
+            detail = f" to {getattr(ev, 'worker', '')} (delivery {getattr(ev, 'delivery', 0)})"
         elif tag == "plan.finished":
             detail = f" {getattr(ev, 'status', '')}"
         elif tag == "plan.rejected":
             detail = f" {getattr(ev, 'error', '')}"
+        elif tag == "agent.offline":
+            detail = f" {getattr(ev, 'agent_id', '')} (running {len(getattr(ev, 'running', ()))})"
         log.info("%s %s%s%s", tag, plan_id, f".{task_id}" if task_id else "", detail)

@@ -148,6 +148,10 @@ class Worker(Agent):
         if not await self._still_wanted(msg, key):
             await raw.ack()
             return
+        delivery = raw.metadata.num_delivered or 1
+        if delivery > self.settings.max_deliveries:
+            await self._dead_letter(msg, raw, delivery)
+            return
         run = Running(msg, raw)
         run.ctx.tail_bytes = self.settings.output_tail_bytes
         run.ctx.kill_grace_s = self.settings.kill_grace_s
@@ -157,6 +161,43 @@ class Worker(Agent):
             await self._execute(run, key)
         finally:
             self.running.pop(key, None)
+
+    async def _dead_letter(self, item: WorkItem, raw: NatsMsg, delivery: int) -> None:
+        """Every worker that took this item died with it: stop the cycle, record it, fail the task."""
+        why = (
+            f"delivered {delivery} times (more than max_deliveries={self.settings.max_deliveries}); "
+            "every worker that took it stopped heartbeating"
+        )
+        log.error("dead-lettering %s.%s attempt %d: %s", item.plan_id, item.task_id, item.attempt, why)
+        await self.bus.dead_letter(self.agent_id, raw, why)
+        await self._emit(
+            RunFinished(
+                plan_id=item.plan_id,
+                task_id=item.task_id,
+                attempt=item.attempt,
+                worker=self.agent_id,
+                at=time.time(),
+                ok=False,
+                duration_s=0.0,
+                error=why,
+                dead_letter=True,
+            )
+        )
+        await raw.term()
+
+    async def _emit(self, ev: RunStarted | RunFinished) -> None:
+        """Publish a report, riding out a server restart: a finished task is not run twice for it."""
+        delay = 0.2
+        while True:
+            try:
+                await self.bus.emit(ev)
+                return
+            except TRANSIENT as exc:
+                if self.stop_requested.is_set() and delay > 5:
+                    raise
+                log.warning("publishing %s failed (%s); retrying in %.1fs", type_of(ev), exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _still_wanted(self, item: WorkItem, key: str) -> bool:
         kv = await self.bus.tasks_kv()
@@ -175,18 +216,18 @@ class Worker(Agent):
 
     async def _execute(self, run: Running, key: str) -> None:
         item, raw = run.item, run.raw
-        delivery = raw.metadata.num_delivered if raw.metadata else 1
-        await self.bus.emit(
+        delivery = raw.metadata.num_delivered or 1
+        await self._emit(
             RunStarted(
                 plan_id=item.plan_id,
                 task_id=item.task_id,
                 attempt=item.attempt,
                 worker=self.agent_id,
                 at=time.time(),
-                delivery=delivery or 1,
+                delivery=delivery,
             )
         )
-        log.info("running %s attempt %d (delivery %d)", key, item.attempt, delivery or 1)
+        log.info("running %s attempt %d (delivery %d)", key, item.attempt, delivery)
         beat = asyncio.get_running_loop().create_task(self._heartbeat(raw))
         try:
             executor = EXECUTORS.get(item.kind)
@@ -202,7 +243,7 @@ class Worker(Agent):
             log.info("handing %s back to the queue", key)
             await raw.nak()
             return
-        await self.bus.emit(
+        await self._emit(
             RunFinished(
                 plan_id=item.plan_id,
                 task_id=item.task_id,
@@ -221,7 +262,11 @@ class Worker(Agent):
                 stderr_bytes=result.stderr_bytes,
             )
         )
-        await raw.ack()
+        try:
+            await raw.ack()
+        except TRANSIENT as exc:
+            # the report is out; a redelivery finds the task final and is skipped
+            log.warning("could not acknowledge %s (%s)", key, exc)
         log.info(
             "%s %s in %.3fs%s",
             key,

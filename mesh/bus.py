@@ -109,6 +109,13 @@ def bucket_definitions(settings: Settings) -> list[dict[str, Any]]:
             "storage": "file",
         },
         {
+            "bucket": n.brain_bucket,
+            "description": "mesh: the brain's checkpoint (last event folded into KV) and leadership lease",
+            "history": 1,
+            "ttl": 0,
+            "storage": "file",
+        },
+        {
             "bucket": n.agents_bucket,
             "description": "mesh: agent id -> registration; a key vanishes when its agent stops refreshing",
             "history": 1,
@@ -243,6 +250,9 @@ class Bus:
     async def agents_kv(self) -> KeyValue:
         return await self.kv(self.names.agents_bucket)
 
+    async def brain_kv(self) -> KeyValue:
+        return await self.kv(self.names.brain_bucket)
+
     # publishing ------------------------------------------------------------------
     async def publish(self, subject: str, msg: Msg, msg_id: str) -> api.PubAck:
         """Publish to a stream and wait for the server's acknowledgement.
@@ -350,13 +360,21 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
     plan_id = getattr(ev, "plan_id", "")
     task_id = getattr(ev, "task_id", "")
     attempt = getattr(ev, "attempt", 0)
+    if tag == "task.redelivered":
+        delivery = getattr(ev, "delivery", 0)
+        return names.task_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}:{delivery}"
     if tag.startswith("task."):
         return names.task_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}"
     if tag.startswith("run."):
         worker = getattr(ev, "worker", "")
         return names.run_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}:{worker}"
+    if tag == "plan.resumed":
+        return names.plan_event(plan_id, kind), f"{plan_id}:{kind}:{getattr(ev, 'at', 0.0)}"
     if tag.startswith("plan."):
         return names.plan_event(plan_id, kind), f"{plan_id}:{kind}"
+    if tag.startswith("agent."):
+        agent_id = getattr(ev, "agent_id", "")
+        return names.agent_event(agent_id, kind), f"{agent_id}:{kind}:{getattr(ev, 'at', 0.0)}"
     if tag == "work":
         return names.work(getattr(ev, "cls", "cpu")), f"{plan_id}.{task_id}:{attempt}:work"
     raise ValueError(f"no route for {tag}")

@@ -81,6 +81,17 @@ class CancelPlan(Msg, frozen=True, tag="cmd.cancel"):
     reason: str = "cancelled by operator"
 
 
+class RetryTasks(Msg, frozen=True, tag="cmd.retry"):
+    """Run failed or cancelled work again: the named tasks, or every unfinished one of the plan.
+
+    Tasks that failed or were cancelled only because of a named task are reset too.
+    """
+
+    plan_id: str
+    at: float
+    task_ids: tuple[str, ...] = ()
+
+
 # Work (work stream) ----------------------------------------------------------
 
 
@@ -125,6 +136,7 @@ class RunFinished(Msg, frozen=True, tag="run.finished"):
     stderr_tail: str = ""
     stdout_bytes: int = 0
     stderr_bytes: int = 0
+    dead_letter: bool = False
 
 
 # Brain transitions (event stream; the history replay folds over) -------------
@@ -178,6 +190,18 @@ class TaskStarted(Msg, frozen=True, tag="task.started"):
     at: float
 
 
+class TaskRedelivered(Msg, frozen=True, tag="task.redelivered"):
+    """The same attempt, delivered again after its worker stopped heartbeating."""
+
+    plan_id: str
+    task_id: str
+    attempt: int
+    worker: str
+    at: float
+    previous_worker: str = ""
+    delivery: int = 2
+
+
 class TaskSucceeded(Msg, frozen=True, tag="task.succeeded"):
     plan_id: str
     task_id: str
@@ -223,6 +247,20 @@ class TaskCancelled(Msg, frozen=True, tag="task.cancelled"):
     reason: str = ""
 
 
+class TaskReset(Msg, frozen=True, tag="task.reset"):
+    """An operator's retry: a failed or cancelled task starts over with a fresh retry budget."""
+
+    plan_id: str
+    task_id: str
+    attempt: int
+    at: float
+
+
+class PlanResumed(Msg, frozen=True, tag="plan.resumed"):
+    plan_id: str
+    at: float
+
+
 # Agents and bad input --------------------------------------------------------
 
 
@@ -241,6 +279,14 @@ class AgentStopped(Msg, frozen=True, tag="agent.stopped"):
     reason: str = ""
 
 
+class AgentOffline(Msg, frozen=True, tag="agent.offline"):
+    """The brain saw an agent's registration expire: it stopped heartbeating."""
+
+    agent_id: str
+    at: float
+    running: tuple[str, ...] = ()
+
+
 class DeadLetter(Msg, frozen=True, tag="dead.letter"):
     """A message an agent could not use; kept so nothing vanishes silently."""
 
@@ -255,21 +301,26 @@ class DeadLetter(Msg, frozen=True, tag="dead.letter"):
 Message = (
     SubmitPlan
     | CancelPlan
+    | RetryTasks
     | WorkItem
     | RunStarted
     | RunFinished
     | PlanAccepted
     | PlanRejected
     | PlanFinished
+    | PlanResumed
     | TaskWaiting
     | TaskReleased
     | TaskStarted
+    | TaskRedelivered
     | TaskSucceeded
     | TaskRetrying
     | TaskFailed
     | TaskCancelled
+    | TaskReset
     | AgentStarted
     | AgentStopped
+    | AgentOffline
     | DeadLetter
 )
 

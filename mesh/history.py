@@ -32,11 +32,20 @@ class Entry:
 
 
 async def read_history(
-    bus: Bus, subject: str, *, since: float | None = None, idle_timeout_s: float = 5.0
+    bus: Bus,
+    subject: str,
+    *,
+    since: float | None = None,
+    start_seq: int | None = None,
+    idle_timeout_s: float = 5.0,
 ) -> AsyncIterator[Entry]:
-    """Every event under `subject` (from `since`, a UNIX time), in stream order, up to the current end."""
+    """Every event under `subject` (from `since`, a UNIX time, or from stream sequence
+    `start_seq`), in stream order, up to the current end."""
     config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
-    if since is not None:
+    if start_seq is not None:
+        config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = max(1, start_seq)
+    elif since is not None:
         config.deliver_policy = api.DeliverPolicy.BY_START_TIME
         config.opt_start_time = datetime.datetime.fromtimestamp(since, tz=datetime.UTC)
     async for raw in read_stream(bus.js, bus.names.events_stream, subject, config, idle_timeout_s):

@@ -23,19 +23,24 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from mesh.events import (
+    AgentOffline,
     CancelPlan,
     Message,
     Msg,
     PlanAccepted,
     PlanFinished,
     PlanRejected,
+    PlanResumed,
     PlanSpec,
+    RetryTasks,
     RunFinished,
     RunStarted,
     SubmitPlan,
     TaskCancelled,
     TaskFailed,
+    TaskRedelivered,
     TaskReleased,
+    TaskReset,
     TaskRetrying,
     TaskStarted,
     TaskSucceeded,
@@ -69,10 +74,19 @@ class Policy:
     retry_base_s: float = 2.0
     retry_max_s: float = 300.0
     aging_s: float = 60.0
+    # a running attempt whose worker has been offline this long is given up as lost
+    lost_after_s: float = 65.0
 
 
 class Tick:
     """A clock input: release what is due. Not a wire message."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A clock input with the agents registered now (from the agents bucket). Not a wire message."""
+
+    live: frozenset[str]
 
 
 @dataclass
@@ -94,6 +108,9 @@ class State:
     # heap of (not_before, seq, task key): retries waiting out their backoff
     delayed: list[tuple[float, int, str]] = field(default_factory=list)
     inflight: dict[str, int] = field(default_factory=dict)
+    # agents seen registered, and since when each seen one has been gone
+    agents_live: set[str] = field(default_factory=set)
+    offline_since: dict[str, float] = field(default_factory=dict)
     dirty_tasks: set[str] = field(default_factory=set)
     dirty_plans: set[str] = field(default_factory=set)
     aging_s: float = 60.0
@@ -213,11 +230,11 @@ def evolve(state: State, ev: Msg) -> None:
             )
             state.dirty_plans.add(ev.plan_id)
         return
-    if isinstance(ev, PlanFinished):
+    if isinstance(ev, PlanFinished | PlanResumed):
         plan = state.plans.get(ev.plan_id)
         if plan is not None:
-            plan.status = ev.status
-            plan.finished_at = ev.at
+            plan.status = ev.status if isinstance(ev, PlanFinished) else PLAN_RUNNING
+            plan.finished_at = ev.at if isinstance(ev, PlanFinished) else 0.0
             plan.updated_at = ev.at
             state.dirty_plans.add(ev.plan_id)
         return
@@ -238,7 +255,24 @@ def evolve(state: State, ev: Msg) -> None:
     elif isinstance(ev, TaskStarted):
         rec.worker = ev.worker
         rec.started_at = ev.at
+        rec.deliveries = 1
         _set_status(state, rec, RUNNING, ev.at)
+    elif isinstance(ev, TaskRedelivered):
+        rec.worker = ev.worker
+        rec.started_at = ev.at
+        rec.deliveries = ev.delivery
+        _set_status(state, rec, RUNNING, ev.at)
+    elif isinstance(ev, TaskReset):
+        rec.base_attempt = ev.attempt
+        rec.worker = ""
+        rec.reason = ""
+        rec.error = ""
+        rec.rc = None
+        rec.not_before = 0.0
+        rec.finished_at = 0.0
+        rec.duration_s = 0.0
+        rec.deliveries = 0
+        _set_status(state, rec, PENDING, ev.at)
     elif isinstance(ev, TaskSucceeded):
         rec.worker = ev.worker
         rec.finished_at = ev.at
@@ -310,6 +344,23 @@ def validate_plan(plan: PlanSpec) -> str:
     return ""
 
 
+def work_item(state: State, rec: TaskRecord) -> WorkItem:
+    """The work item of a task's current attempt."""
+    plan = state.plans.get(rec.plan_id)
+    return WorkItem(
+        plan_id=rec.plan_id,
+        task_id=rec.task_id,
+        attempt=rec.attempt,
+        cls=rec.spec.cls,
+        kind=rec.spec.kind,
+        body=rec.spec.body,
+        timeout_s=rec.spec.timeout_s,
+        env=rec.spec.env,
+        workdir=plan.workdir if plan else "",
+        sensitive=rec.spec.sensitive,
+    )
+
+
 def backoff_s(key: str, attempt: int, policy: Policy) -> float:
     """Exponential backoff with deterministic 'equal jitter': half fixed, half spread."""
     delay = min(policy.retry_max_s, policy.retry_base_s * 2.0 ** max(attempt - 1, 0))
@@ -332,22 +383,7 @@ class _Decider:
         if isinstance(plan_id, str):
             self.touched_plans.add(plan_id)
         if isinstance(ev, TaskReleased):
-            rec = self.state.tasks[f"{ev.plan_id}.{ev.task_id}"]
-            plan = self.state.plans[ev.plan_id]
-            self.step.work.append(
-                WorkItem(
-                    plan_id=ev.plan_id,
-                    task_id=ev.task_id,
-                    attempt=ev.attempt,
-                    cls=rec.spec.cls,
-                    kind=rec.spec.kind,
-                    body=rec.spec.body,
-                    timeout_s=rec.spec.timeout_s,
-                    env=rec.spec.env,
-                    workdir=plan.workdir,
-                    sensitive=rec.spec.sensitive,
-                )
-            )
+            self.step.work.append(work_item(self.state, self.state.tasks[f"{ev.plan_id}.{ev.task_id}"]))
 
     # inputs --------------------------------------------------------------
     def submit(self, msg: SubmitPlan) -> None:
@@ -392,6 +428,25 @@ class _Decider:
 
     def run_started(self, msg: RunStarted) -> None:
         rec = self.state.tasks.get(f"{msg.plan_id}.{msg.task_id}")
+        if (
+            rec is not None
+            and rec.status == RUNNING
+            and rec.attempt == msg.attempt
+            and msg.worker != rec.worker
+            and msg.delivery > rec.deliveries
+        ):
+            self.emit(
+                TaskRedelivered(
+                    plan_id=msg.plan_id,
+                    task_id=msg.task_id,
+                    attempt=msg.attempt,
+                    worker=msg.worker,
+                    at=self.now,
+                    previous_worker=rec.worker,
+                    delivery=msg.delivery,
+                )
+            )
+            return
         if rec is None or rec.status != READY or rec.attempt != msg.attempt:
             self.step.ignored = self._stale(rec, msg.attempt)
             return
@@ -420,37 +475,112 @@ class _Decider:
             )
             self._wake_dependents(rec)
             return
-        reason = "timeout" if msg.timed_out else "cancelled" if msg.cancelled else "error"
+        if msg.dead_letter:
+            reason = "dead_letter"
+        elif msg.timed_out:
+            reason = "timeout"
+        else:
+            reason = "cancelled" if msg.cancelled else "error"
         snippet = (msg.stderr_tail or msg.stdout_tail).strip()
         error = "\n".join(p for p in (msg.error, snippet) if p)
-        error = error[-MAX_ERROR_CHARS:]
-        if rec.attempt <= rec.spec.retries:
+        self._attempt_failed(rec, reason, error[-MAX_ERROR_CHARS:], msg.rc, msg.worker, msg.duration_s)
+
+    def retry(self, msg: RetryTasks) -> None:
+        state = self.state
+        plan = state.plans.get(msg.plan_id)
+        if plan is None or plan.status == PLAN_REJECTED:
+            self.step.ignored = f"plan {msg.plan_id} is {'unknown' if plan is None else plan.status}"
+            return
+        records = state.plan_tasks(msg.plan_id)
+        if msg.task_ids:
+            unknown = [t for t in msg.task_ids if f"{msg.plan_id}.{t}" not in state.tasks]
+            if unknown:
+                self.step.ignored = f"plan {msg.plan_id} has no task {', '.join(unknown)}"
+                return
+            todo = deque(f"{msg.plan_id}.{t}" for t in msg.task_ids)
+            chosen: set[str] = set()
+            while todo:
+                key = todo.popleft()
+                if key in chosen:
+                    continue
+                chosen.add(key)
+                todo.extend(state.dependents.get(key, ()))
+            targets = [r for r in records if r.key in chosen and r.status in (FAILED, CANCELLED)]
+        else:
+            targets = [r for r in records if r.status in (FAILED, CANCELLED)]
+        if not targets:
+            self.step.ignored = f"nothing to retry in {msg.plan_id}"
+            return
+        if plan.final:
+            self.emit(PlanResumed(plan_id=msg.plan_id, at=self.now))
+        for rec in targets:
+            self.emit(TaskReset(plan_id=rec.plan_id, task_id=rec.task_id, attempt=rec.attempt, at=self.now))
+        for rec in targets:
+            deps = (state.tasks[f"{rec.plan_id}.{d}"] for d in rec.spec.depends_on)
+            if all(d.status == SUCCEEDED for d in deps):
+                self.emit(TaskWaiting(plan_id=rec.plan_id, task_id=rec.task_id, at=self.now))
+
+    def sweep(self, msg: Sweep) -> None:
+        """Mark agents that stopped heartbeating offline; give up attempts nobody holds."""
+        state = self.state
+        for agent in sorted(state.agents_live - msg.live):
+            running = tuple(
+                sorted(r.key for r in state.tasks.values() if r.worker == agent and r.status == RUNNING)
+            )
+            self.step.events.append(AgentOffline(agent_id=agent, at=self.now, running=running))
+        state.agents_live = set(msg.live)
+        holders = {r.worker for r in state.tasks.values() if r.status == RUNNING}
+        for worker in holders - msg.live:
+            state.offline_since.setdefault(worker, self.now)
+        for worker in list(state.offline_since):
+            if worker in msg.live or worker not in holders:
+                del state.offline_since[worker]
+        for worker, since in sorted(state.offline_since.items()):
+            if self.now - since < self.policy.lost_after_s:
+                continue
+            for rec in sorted(
+                (r for r in state.tasks.values() if r.worker == worker and r.status == RUNNING),
+                key=lambda r: r.key,
+            ):
+                self._attempt_failed(
+                    rec,
+                    "lost",
+                    f"worker {worker} went offline and nobody took the task over",
+                    None,
+                    worker,
+                    0.0,
+                )
+
+    def _attempt_failed(
+        self, rec: TaskRecord, reason: str, error: str, rc: int | None, worker: str, duration_s: float
+    ) -> None:
+        if reason != "dead_letter" and rec.attempt - rec.base_attempt <= rec.spec.retries:
             self.emit(
                 TaskRetrying(
-                    plan_id=msg.plan_id,
-                    task_id=msg.task_id,
-                    attempt=msg.attempt,
+                    plan_id=rec.plan_id,
+                    task_id=rec.task_id,
+                    attempt=rec.attempt,
                     at=self.now,
                     retry_at=self.now + backoff_s(rec.key, rec.attempt, self.policy),
                     reason=reason,
                     error=error,
-                    rc=msg.rc,
-                    worker=msg.worker,
-                    duration_s=msg.duration_s,
+                    rc=rc,
+                    worker=worker,
+                    duration_s=duration_s,
                 )
             )
             return
         self.emit(
             TaskFailed(
-                plan_id=msg.plan_id,
-                task_id=msg.task_id,
-                attempt=msg.attempt,
+                plan_id=rec.plan_id,
+                task_id=rec.task_id,
+                attempt=rec.attempt,
                 at=self.now,
                 reason=reason,
                 error=error,
-                rc=msg.rc,
-                worker=msg.worker,
-                duration_s=msg.duration_s,
+                rc=rc,
+                worker=worker,
+                duration_s=duration_s,
             )
         )
         self._fail_dependents(rec)
@@ -525,7 +655,7 @@ class _Decider:
             self.emit(PlanFinished(plan_id=plan_id, status=status, at=self.now, counts=counts))
 
 
-def apply(state: State, msg: Message | Tick, now: float, policy: Policy) -> Step:
+def apply(state: State, msg: Message | Tick | Sweep, now: float, policy: Policy) -> Step:
     """Decide what one input means; fold the decided events into `state`."""
     d = _Decider(state, now, policy)
     if isinstance(msg, SubmitPlan):
@@ -536,6 +666,10 @@ def apply(state: State, msg: Message | Tick, now: float, policy: Policy) -> Step
         d.run_started(msg)
     elif isinstance(msg, RunFinished):
         d.run_finished(msg)
+    elif isinstance(msg, RetryTasks):
+        d.retry(msg)
+    elif isinstance(msg, Sweep):
+        d.sweep(msg)
     elif not isinstance(msg, Tick):
         d.step.ignored = f"the brain does not take {type(msg).__name__} messages"
     d.release()

@@ -8,6 +8,7 @@ checks they agree.
 Subjects
     <p>.cmd.submit                     plan submissions           (command stream)
     <p>.cmd.cancel.<plan>              cancel requests            (command stream)
+    <p>.cmd.retry.<plan>               retry requests             (command stream)
     <p>.work.<class>                   tasks ready to run         (work stream)
     <p>.evt.plan.<plan>.<type>         plan transitions           (event stream)
     <p>.evt.task.<plan>.<task>.<type>  task transitions by the brain
@@ -67,6 +68,10 @@ class Names:
     def agents_bucket(self) -> str:
         return f"{self.prefix}-agents"
 
+    @property
+    def brain_bucket(self) -> str:
+        return f"{self.prefix}-brain"
+
     # consumers ---------------------------------------------------------------
     @property
     def brain_cmd_consumer(self) -> str:
@@ -111,6 +116,9 @@ class Names:
 
     def cancel(self, plan_id: str) -> str:
         return f"{self.prefix}.cmd.cancel.{check_token(plan_id, 'plan id')}"
+
+    def retry(self, plan_id: str) -> str:
+        return f"{self.prefix}.cmd.retry.{check_token(plan_id, 'plan id')}"
 
     def work(self, cls: str) -> str:
         return f"{self.prefix}.work.{check_token(cls, 'class')}"

@@ -38,6 +38,9 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     spec: TaskSpec
     status: str = PENDING
     attempt: int = 0
+    # attempts before the last operator retry: the retry budget counts from here
+    base_attempt: int = 0
+    deliveries: int = 0
     worker: str = ""
     not_before: float = 0.0
     waiting_since: float = 0.0
@@ -93,7 +96,7 @@ _plan_decoder = msgspec.json.Decoder(PlanRecord)
 _encoder = msgspec.json.Encoder()
 
 
-def encode_record(record: TaskRecord | PlanRecord | AgentRecord) -> bytes:
+def encode_record(record: msgspec.Struct) -> bytes:
     return _encoder.encode(record)
 
 
@@ -125,3 +128,31 @@ _agent_decoder = msgspec.json.Decoder(AgentRecord)
 
 def decode_agent(data: bytes) -> AgentRecord:
     return _agent_decoder.decode(data)
+
+
+class Checkpoint(msgspec.Struct, kw_only=True):
+    """Every event up to stream sequence `seq` is folded into the task and plan records in KV."""
+
+    seq: int
+    at: float
+    brain: str = ""
+
+
+class Lease(msgspec.Struct, kw_only=True):
+    """Who may act as the brain, until when (wall clock); taken and renewed by compare-and-swap."""
+
+    holder: str
+    expires_at: float
+    acquired_at: float = 0.0
+
+
+_checkpoint_decoder = msgspec.json.Decoder(Checkpoint)
+_lease_decoder = msgspec.json.Decoder(Lease)
+
+
+def decode_checkpoint(data: bytes) -> Checkpoint:
+    return _checkpoint_decoder.decode(data)
+
+
+def decode_lease(data: bytes) -> Lease:
+    return _lease_decoder.decode(data)

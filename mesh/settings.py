@@ -42,6 +42,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ack_wait_s: float = 30.0
     heartbeat_every_s: float = 0.0  # 0: a third of ack_wait_s
     fetch_timeout_s: float = 1.0
+    # a work item delivered more often than this (each time its worker died) is dead-lettered
+    max_deliveries: int = 5
 
     # brain policy
     release_window: int = 256
@@ -49,6 +51,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     retry_max_s: float = 300.0
     aging_s: float = 60.0
     tick_s: float = 0.5
+    sweep_s: float = 2.0
+    checkpoint_s: float = 1.0
+    # the active brain holds a lease this long and renews it every third of it
+    lease_s: float = 6.0
 
     # agents
     agent_ttl_s: float = 15.0
@@ -79,6 +85,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def url(self) -> str:
         return self.server_url or self.embedded_url
+
+    @property
+    def lost_after_s(self) -> float:
+        """A running attempt whose worker is offline this long, and was not redelivered, is lost."""
+        return 2 * self.ack_wait_s + self.agent_ttl_s
 
     @property
     def heartbeat_s(self) -> float:
