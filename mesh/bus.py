@@ -350,8 +350,14 @@ async def read_bucket(kv: KeyValue, keys: str = ">") -> dict[str, bytes]:
     return out
 
 
+# Facts that an operator's retry can make happen again for the same attempt: their
+# id also names the moment. (After a crash the brain does not decide these again:
+# it folds what it had published before deciding anything; see agents/brain.py.)
+_REPEATABLE = frozenset({"task.waiting", "task.cancelled", "task.reset", "plan.finished", "plan.resumed"})
+
+
 def route(names: Names, ev: Msg) -> tuple[str, str]:
-    """The subject of a brain or worker event and its deterministic `Nats-Msg-Id`.
+    """The subject of an event or work item and its `Nats-Msg-Id`.
 
     The id names the fact, so a fact re-published after a crash is stored once.
     """
@@ -360,21 +366,22 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
     plan_id = getattr(ev, "plan_id", "")
     task_id = getattr(ev, "task_id", "")
     attempt = getattr(ev, "attempt", 0)
+    at = getattr(ev, "at", 0.0)
+    repeatable = tag in _REPEATABLE or (tag == "task.failed" and getattr(ev, "reason", "") == "dependency")
+    moment = f":{at!r}" if repeatable else ""
     if tag == "task.redelivered":
         delivery = getattr(ev, "delivery", 0)
         return names.task_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}:{delivery}"
     if tag.startswith("task."):
-        return names.task_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}"
+        return names.task_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}{moment}"
     if tag.startswith("run."):
         worker = getattr(ev, "worker", "")
         return names.run_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}:{worker}"
-    if tag == "plan.resumed":
-        return names.plan_event(plan_id, kind), f"{plan_id}:{kind}:{getattr(ev, 'at', 0.0)}"
     if tag.startswith("plan."):
-        return names.plan_event(plan_id, kind), f"{plan_id}:{kind}"
+        return names.plan_event(plan_id, kind), f"{plan_id}:{kind}{moment}"
     if tag.startswith("agent."):
         agent_id = getattr(ev, "agent_id", "")
-        return names.agent_event(agent_id, kind), f"{agent_id}:{kind}:{getattr(ev, 'at', 0.0)}"
+        return names.agent_event(agent_id, kind), f"{agent_id}:{kind}:{at!r}"
     if tag == "work":
         return names.work(getattr(ev, "cls", "cpu")), f"{plan_id}.{task_id}:{attempt}:work"
     raise ValueError(f"no route for {tag}")

@@ -146,7 +146,7 @@ def submit(
     raise typer.Exit(run(go))
 
 
-async def follow_plan(bus: Bus, plan_id: str, total: int) -> int:
+async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None = None) -> int:
     """Show a plan's progress from its history until it is final; 0 only if it succeeded."""
     final: dict[str, str] = {}
     status = ""
@@ -162,7 +162,8 @@ async def follow_plan(bus: Bus, plan_id: str, total: int) -> int:
     )
     with progress:
         bar = progress.add_task(plan_id, total=total, detail="")
-        async for subject, _, msg in client.follow(bus, bus.names.plan_filter(plan_id), from_start=True):
+        follow = client.follow(bus, bus.names.plan_filter(plan_id), from_start=True, start_seq=start_seq)
+        async for subject, _, msg in follow:
             if msg is None:
                 continue
             if isinstance(msg, events.TaskSucceeded | events.TaskFailed | events.TaskCancelled):
@@ -243,6 +244,32 @@ def cancel(plan: Annotated[str, typer.Argument(help="plan id")]) -> None:
             await client.cancel(bus, plan)
             out.print(f"cancel requested for {plan}")
             return 0
+        finally:
+            await bus.close()
+
+    raise typer.Exit(run(go))
+
+
+@app.command()
+def retry(
+    target: Annotated[
+        str, typer.Argument(help="a plan id, or PLAN.TASK for one task (and what failed because of it)")
+    ],
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="follow the plan until it is final")] = False,
+) -> None:
+    """Run failed or cancelled work again, with a fresh retry budget."""
+    s = settings()
+    plan_id, _, task_id = target.partition(".")
+
+    async def go() -> int:
+        bus = await _bus(s)
+        try:
+            seq = await client.retry(bus, plan_id, (task_id,) if task_id else ())
+            out.print(f"retry requested for {target}")
+            if not wait:
+                return 0
+            plan = await client.get_plan(bus, plan_id)
+            return await follow_plan(bus, plan_id, plan.total if plan else 0, start_seq=seq)
         finally:
             await bus.close()
 

@@ -16,7 +16,7 @@ from nats.js import api
 from mesh import events
 from mesh.bus import Bus, decode_or_none, read_bucket
 from mesh.errors import MeshError, NotFound
-from mesh.events import CancelPlan, PlanSpec, SubmitPlan
+from mesh.events import CancelPlan, PlanSpec, RetryTasks, SubmitPlan
 from mesh.names import check_token
 from mesh.records import PlanRecord, TaskRecord, decode_plan, decode_task
 
@@ -62,6 +62,28 @@ async def cancel(bus: Bus, plan_id: str, reason: str = "cancelled by operator") 
     )
 
 
+async def retry(bus: Bus, plan_id: str, task_ids: tuple[str, ...] = ()) -> int:
+    """Ask the brain to run failed or cancelled work of a plan again.
+
+    Returns the event stream's next sequence at the time of asking: follow from
+    there to see what the retry does.
+    """
+    plan = await get_plan(bus, plan_id)
+    if plan is None:
+        raise NotFound(f"no plan {plan_id!r}; `mesh status` lists the plans")
+    unknown = [t for t in task_ids if t not in plan.task_ids]
+    if unknown:
+        raise NotFound(f"plan {plan_id} has no task {', '.join(unknown)}; `mesh status {plan_id}` lists them")
+    info = await bus.js.stream_info(bus.names.events_stream)
+    at = time.time()
+    await bus.publish(
+        bus.names.retry(plan_id),
+        RetryTasks(plan_id=plan_id, at=at, task_ids=task_ids),
+        f"{plan_id}:retry:{at}",
+    )
+    return int(info.state.last_seq) + 1
+
+
 async def get_plan(bus: Bus, plan_id: str) -> PlanRecord | None:
     kv = await bus.plans_kv()
     try:
@@ -86,17 +108,24 @@ async def plan_tasks(bus: Bus, plan_id: str) -> list[TaskRecord]:
 
 
 async def follow(
-    bus: Bus, subject: str, *, from_start: bool = False, idle_timeout_s: float | None = None
+    bus: Bus,
+    subject: str,
+    *,
+    from_start: bool = False,
+    start_seq: int | None = None,
+    idle_timeout_s: float | None = None,
 ) -> AsyncIterator[tuple[str, bytes, events.Message | None]]:
-    """Yield (subject, raw bytes, decoded message or None) from the event stream, in order.
+    """Yield (subject, raw bytes, decoded message or None) from the event stream, in order:
+    from the start, from a stream sequence, or only what comes next.
 
     An ordered, ephemeral consumer: following never disturbs the agents' durable consumers.
     """
+    config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW)
+    if start_seq is not None:
+        config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = max(1, start_seq)
     sub = await bus.js.subscribe(
-        subject,
-        stream=bus.names.events_stream,
-        ordered_consumer=True,
-        deliver_policy=api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW,
+        subject, stream=bus.names.events_stream, ordered_consumer=True, config=config
     )
     try:
         while True:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mesh import events
 from mesh.embedded import EmbeddedServer
 from mesh.natsconf import rendered
 from mesh.settings import load_settings
@@ -237,3 +238,42 @@ async def test_dead_lists_dead_letters(mesh: Mesh, env: dict[str, str]) -> None:
     assert letters[0]["subject"] == bus.names.submit and "undecodable" in letters[0]["reason"]
     table = run_mesh("dead", "--since", "1h", env=env)
     assert table.returncode == 0 and "undecodable" in table.stdout
+
+
+@pytest.mark.integration
+async def test_retry_runs_failed_work_again(mesh: Mesh, env: dict[str, str], tmp_path: Path) -> None:
+    mesh.brain()
+    mesh.worker("w1")
+    env = {**env, "MESH_NATS_URL": mesh.server.url}
+    gate = tmp_path / "go"
+    plan = tmp_path / "gated.md"
+    plan.write_text(
+        "# Gated\n\n## Tasks\n\n"
+        f"### gate\n- retries: 0\n```shell\ntest -f {gate}\n```\n\n"
+        f"### after\n- depends_on: gate\n```shell\necho after >> {tmp_path / 'after.txt'}\n```\n\n"
+        "### free\n```shell\ntrue\n```\n"
+    )
+    first = run_mesh("submit", str(plan), "--wait", env=env)
+    assert first.returncode == 1, first.stderr
+    plan_id = first.stdout.strip().splitlines()[0]
+    tasks = await mesh.tasks(plan_id)
+    assert tasks["gate"].status == "failed" and tasks["after"].reason == "dependency"
+
+    nothing = run_mesh("retry", f"{plan_id}.nope", env=env)
+    assert nothing.returncode == 2 and "has no task nope" in nothing.stderr
+
+    gate.write_text("open")
+    again = run_mesh("retry", f"{plan_id}.gate", "--wait", env=env)
+    assert again.returncode == 0, again.stderr
+    assert f"plan {plan_id} succeeded" in again.stderr
+    tasks = await mesh.tasks(plan_id)
+    assert {t.status for t in tasks.values()} == {"succeeded"}
+    assert tasks["gate"].attempt == 2 and tasks["gate"].base_attempt == 1
+    assert tasks["free"].attempt == 1, "work that succeeded is not run again"
+    assert (tmp_path / "after.txt").read_text() == "after\n"
+    history = [m for _, m in await mesh.history((await mesh.bus()).names.plan_filter(plan_id))]
+    kinds = [events.type_of(m) for m in history if m is not None]
+    assert kinds.count("plan.finished") == 2 and "plan.resumed" in kinds
+    assert kinds.count("task.reset") == 2  # gate and its dependent
+    verify = run_mesh("replay", "--verify", env=env)
+    assert verify.returncode == 0, verify.stdout

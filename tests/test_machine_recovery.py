@@ -1,0 +1,175 @@
+"""The state machine's recovery paths: redelivery, dead letters, lost work, operator retries."""
+
+from __future__ import annotations
+
+from mesh.events import (
+    AgentOffline,
+    PlanFinished,
+    PlanResumed,
+    RetryTasks,
+    TaskFailed,
+    TaskRedelivered,
+    TaskReleased,
+    TaskReset,
+    TaskRetrying,
+    TaskWaiting,
+)
+from mesh.machine import Policy, Sweep, replay
+from mesh.records import FAILED, PENDING, RUNNING, SUCCEEDED
+from tests.test_machine import Driver, RunStarted, of_task, plan, snapshot, statuses, task
+
+
+def policy(**kw: float) -> Policy:
+    base = {
+        "release_window": 8,
+        "retry_base_s": 1.0,
+        "retry_max_s": 4.0,
+        "aging_s": 60.0,
+        "lost_after_s": 10.0,
+    }
+    base.update(kw)
+    return Policy(**base)  # type: ignore[arg-type]
+
+
+def assert_replays(d: Driver) -> None:
+    assert snapshot(replay(d.events, aging_s=d.policy.aging_s)) == snapshot(d.state)
+
+
+def test_redelivery_to_another_worker_is_a_transition() -> None:
+    d = Driver(policy())
+    d.submit(plan(task("a"), task("b", "a")))
+    item = d.take("a")
+    d.started(item, worker="w1")
+    # the same attempt delivered again to w2 (w1 stopped heartbeating)
+    step = d.feed(RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2))
+    assert [type(e) for e in step.events] == [TaskRedelivered]
+    ev = step.events[0]
+    assert isinstance(ev, TaskRedelivered) and ev.previous_worker == "w1" and ev.worker == "w2"
+    rec = d.state.tasks["p1.a"]
+    assert rec.status == RUNNING and rec.worker == "w2" and rec.attempt == 1 and rec.deliveries == 2
+    # a repeat of that report, or a report of an older delivery, changes nothing
+    again = d.feed(RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2))
+    assert again.events == [] and again.ignored
+    d.finished(item, worker="w2")
+    assert d.state.tasks["p1.a"].status == SUCCEEDED
+    assert_replays(d)
+
+
+def test_dead_letter_fails_at_once_and_cascades() -> None:
+    d = Driver(policy())
+    d.submit(plan(task("a", retries=5), task("b", "a")))
+    item = d.take("a")
+    d.started(item)
+    step = d.finished(item, ok=False, dead_letter=True, error="delivered 6 times")
+    assert [type(e) for e in step.events][:2] == [TaskFailed, TaskFailed]
+    assert d.state.tasks["p1.a"].reason == "dead_letter", "no retry for a task that kills its workers"
+    assert d.state.tasks["p1.b"].reason == "dependency"
+    assert any(isinstance(e, PlanFinished) and e.status == FAILED for e in step.events)
+    assert_replays(d)
+
+
+def test_an_agent_that_vanishes_is_marked_offline_and_its_work_lost_then_retried() -> None:
+    d = Driver(policy(lost_after_s=10.0))
+    d.submit(plan(task("a", retries=1), task("b")))
+    d.feed(Sweep(frozenset({"w1", "w2"})))
+    a = d.take("a")
+    d.started(a, worker="w1")
+    b = d.take("b")
+    d.started(b, worker="w2")
+    t0 = d.now
+    step = d.feed(Sweep(frozenset({"w2"})), at=t0 + 1)
+    offline = [e for e in step.events if isinstance(e, AgentOffline)]
+    assert len(offline) == 1 and offline[0].agent_id == "w1" and offline[0].running == ("p1.a",)
+    assert d.state.tasks["p1.a"].status == RUNNING, "JetStream may still redeliver it: wait"
+    assert d.feed(Sweep(frozenset({"w2"})), at=t0 + 5).events == []
+    step = d.feed(Sweep(frozenset({"w2"})), at=t0 + 12)
+    retrying = [e for e in step.events if isinstance(e, TaskRetrying)]
+    assert len(retrying) == 1 and retrying[0].reason == "lost" and "w1" in retrying[0].error
+    assert d.state.tasks["p1.b"].status == RUNNING, "work of a live worker is untouched"
+    # the old attempt's late report is stale; the retry runs as attempt 2
+    assert d.finished(a, worker="w1").ignored
+    d.tick(at=t0 + 30)
+    a2 = d.take("a")
+    assert a2.attempt == 2
+    d.started(a2, worker="w2")
+    d.finished(a2, worker="w2")
+    d.finished(b, worker="w2")
+    assert statuses(d.state) == {"a": SUCCEEDED, "b": SUCCEEDED}
+    assert_replays(d)
+
+
+def test_lost_work_past_its_retries_fails_with_reason_lost() -> None:
+    d = Driver(policy(lost_after_s=5.0))
+    d.submit(plan(task("a", retries=0)))
+    d.feed(Sweep(frozenset({"w1"})))
+    d.started(d.take("a"), worker="w1")
+    d.feed(Sweep(frozenset()), at=d.now + 1)
+    d.feed(Sweep(frozenset()), at=d.now + 10)
+    rec = d.state.tasks["p1.a"]
+    assert rec.status == FAILED and rec.reason == "lost"
+    assert_replays(d)
+
+
+def test_a_redelivery_before_the_deadline_keeps_the_attempt() -> None:
+    d = Driver(policy(lost_after_s=10.0))
+    d.submit(plan(task("a")))
+    d.feed(Sweep(frozenset({"w1", "w2"})))
+    item = d.take("a")
+    d.started(item, worker="w1")
+    d.feed(Sweep(frozenset({"w2"})))
+    d.feed(RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2))
+    step = d.feed(Sweep(frozenset({"w2"})), at=d.now + 60)
+    assert not [e for e in step.events if isinstance(e, TaskRetrying)], "w2 holds it now"
+    d.finished(item, worker="w2")
+    assert d.state.tasks["p1.a"].status == SUCCEEDED
+
+
+def test_retry_resets_failed_work_and_its_dependents_with_a_fresh_budget() -> None:
+    d = Driver(policy())
+    d.submit(plan(task("a", retries=1), task("b", "a"), task("c")))
+    d.drain(outcome=lambda item: item.task_id != "a")
+    assert statuses(d.state) == {"a": FAILED, "b": FAILED, "c": SUCCEEDED}
+    assert d.state.tasks["p1.a"].attempt == 2
+    step = d.feed(RetryTasks(plan_id="p1", at=0.0, task_ids=("a",)))
+    kinds = [type(e) for e in step.events]
+    assert kinds[:3] == [PlanResumed, TaskReset, TaskReset]
+    assert TaskWaiting in kinds and TaskReleased in kinds
+    assert d.state.plans["p1"].status == "running"
+    assert d.state.tasks["p1.b"].status == PENDING
+    rec = d.state.tasks["p1.a"]
+    assert rec.base_attempt == 2 and rec.reason == "" and rec.error == ""
+    # a fresh budget: attempt 3 fails and is retried (retries=1), attempt 4 succeeds
+    d.run_task("a", ok=False)
+    assert d.state.tasks["p1.a"].status != FAILED
+    d.drain()
+    assert statuses(d.state) == {"a": SUCCEEDED, "b": SUCCEEDED, "c": SUCCEEDED}
+    assert d.state.tasks["p1.a"].attempt == 4 and d.state.tasks["p1.c"].attempt == 1
+    finished = [e for e in d.events if isinstance(e, PlanFinished)]
+    assert [f.status for f in finished] == [FAILED, SUCCEEDED]
+    assert_replays(d)
+
+
+def test_retry_of_a_whole_plan_and_what_is_ignored() -> None:
+    d = Driver(policy())
+    d.submit(plan(task("a", retries=0), task("b", "a")))
+    assert d.feed(RetryTasks(plan_id="p1", at=0.0)).ignored == "nothing to retry in p1"
+    assert d.feed(RetryTasks(plan_id="nope", at=0.0)).ignored
+    assert "no task zz" in d.feed(RetryTasks(plan_id="p1", at=0.0, task_ids=("zz",))).ignored
+    d.drain(outcome=lambda item: False)
+    assert statuses(d.state) == {"a": FAILED, "b": FAILED}
+    d.feed(RetryTasks(plan_id="p1", at=0.0))
+    d.drain()
+    assert statuses(d.state) == {"a": SUCCEEDED, "b": SUCCEEDED}
+    assert_replays(d)
+
+
+def test_retry_after_cancel_runs_the_cancelled_work() -> None:
+    d = Driver(policy())
+    d.submit(plan(task("a"), task("b", "a")))
+    d.cancel()
+    assert d.state.plans["p1"].status == "cancelled"
+    d.feed(RetryTasks(plan_id="p1", at=0.0))
+    d.drain()
+    assert statuses(d.state) == {"a": SUCCEEDED, "b": SUCCEEDED}
+    assert of_task(d.events, "a")
+    assert_replays(d)
