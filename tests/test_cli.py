@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -277,3 +278,52 @@ async def test_retry_runs_failed_work_again(mesh: Mesh, env: dict[str, str], tmp
     assert kinds.count("task.reset") == 2  # gate and its dependent
     verify = run_mesh("replay", "--verify", env=env)
     assert verify.returncode == 0, verify.stdout
+
+
+@pytest.mark.integration
+def test_up_stops_all_children_on_sigterm(env: dict[str, str], tmp_path: Path) -> None:
+    import psutil
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mesh",
+            "up",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--port=-1",
+            "--workers",
+            "2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        logs = tmp_path / "data" / "logs"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            started = (
+                [p for p in logs.glob("*.log") if " started as " in p.read_text()] if logs.exists() else []
+            )
+            if len(started) == 3:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("agents did not start")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 4, "server, brain and two workers"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    no_traceback(subprocess.CompletedProcess(proc.args, 0, "", stderr))
+    _gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left running: {alive}"
+    for name in ("brain", "worker-1", "worker-2"):
+        assert " stopped" in (logs / f"{name}.log").read_text()
