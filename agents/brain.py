@@ -39,6 +39,9 @@ from mesh.events import CancelPlan, RetryTasks, RunFinished, RunStarted, SubmitP
 from mesh.history import TRANSITIONS, read_history
 from mesh.machine import Policy, State, Step, Sweep, Tick, apply, evolve, next_due, work_item
 from mesh.records import (
+    CANCELLED,
+    INFLIGHT_STATES,
+    PENDING,
     READY,
     AgentRecord,
     Checkpoint,
@@ -56,6 +59,7 @@ from mesh.settings import Settings
 log = logging.getLogger("mesh.brain")
 
 FETCH_BATCH = 256
+BATCH_MAX = 512
 TRANSIENT = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 LEASE_KEY = "lease"
 CHECKPOINT_KEY = "checkpoint"
@@ -90,6 +94,8 @@ class Brain(Agent):
         self.checkpoint_seq = 0
         self._last_checkpoint = 0.0
         self._last_sweep = 0.0
+        # stream sequence of each released task's work item, while it may be queued
+        self.work_seq: dict[str, int] = {}
 
     def record(self) -> AgentRecord:
         rec = super().record()
@@ -242,10 +248,11 @@ class Brain(Agent):
             except TimeoutError:
                 await self._guarded(None)
                 continue
-            await self._guarded(raw)
-            # take everything already fetched before checking the clock again
-            while not self.inbox.empty() and not self.stop_requested.is_set():
-                await self._guarded(self.inbox.get_nowait())
+            # decide everything already fetched, then publish it all in one commit
+            batch = [raw]
+            while len(batch) < BATCH_MAX and not self.inbox.empty():
+                batch.append(self.inbox.get_nowait())
+            await self._guarded(batch)
 
     async def stop(self, reason: str = "stopped") -> None:
         if self.leading and not self.lost_lease and self._bus is not None:
@@ -271,8 +278,9 @@ class Brain(Agent):
             for m in msgs:
                 await self.inbox.put(m)
 
-    async def _guarded(self, raw: NatsMsg | None) -> None:
-        """Handle one input; on a server error retry it until it goes through or we stop."""
+    async def _guarded(self, raw: list[NatsMsg] | None) -> None:
+        """Handle a batch of inputs (or a clock tick); on a server error retry until it goes
+        through or we stop."""
         delay = 0.1
         while True:
             try:
@@ -290,11 +298,15 @@ class Brain(Agent):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def handle(self, raw: NatsMsg | None) -> None:
+    async def handle(self, batch: list[NatsMsg] | None) -> None:
+        """Decide a batch of inputs one by one, then commit what they decided together.
+
+        Inputs are acknowledged only after the commit, so a crash anywhere redelivers them.
+        """
         if self._outbox is not None:
             await self._commit(self._outbox)
         now = time.time()
-        if raw is None:
+        if batch is None:
             if time.monotonic() - self._last_sweep >= self.settings.sweep_s:
                 live = frozenset((await read_bucket(await self.bus.agents_kv())).keys())
                 await self._commit(apply(self.state, Sweep(live), now, self.policy))
@@ -302,34 +314,46 @@ class Brain(Agent):
             else:
                 await self._commit(apply(self.state, Tick(), now, self.policy))
             return
-        msg, why = decode_or_none(raw)
-        if msg is None:
+        combined = Step()
+        good: list[NatsMsg] = []
+        bad: list[tuple[NatsMsg, str]] = []
+        for raw in batch:
+            msg, why = decode_or_none(raw)
+            if msg is None:
+                bad.append((raw, why))
+                continue
+            if not isinstance(msg, BRAIN_INPUTS):
+                bad.append((raw, f"the brain does not take {type_of(msg)} messages"))
+                continue
+            step = apply(self.state, msg, now, self.policy)
+            if step.ignored:
+                log.debug("ignored %s: %s", type_of(msg), step.ignored)
+            combined.events.extend(step.events)
+            combined.work.extend(step.work)
+            good.append(raw)
+        await self._commit(combined)
+        for raw, why in bad:
             await self.bus.dead_letter(self.agent_id, raw, why)
             await raw.term()
-            return
-        if not isinstance(msg, BRAIN_INPUTS):
-            await self.bus.dead_letter(self.agent_id, raw, f"the brain does not take {type_of(msg)} messages")
-            await raw.term()
-            return
-        step = apply(self.state, msg, now, self.policy)
-        if step.ignored:
-            log.debug("ignored %s: %s", type_of(msg), step.ignored)
-        await self._commit(step)
-        await raw.ack()
+        for raw in good:
+            await raw.ack()
 
     async def _commit(self, step: Step) -> None:
-        """Publish a decided step. Interrupted, it stays in the outbox and is finished first."""
+        """Publish a decided step: events, then records, then work, each phase pipelined and
+        fully acknowledged before the next (KV never runs ahead of the history, and a work
+        item never reaches a worker before its task record says `ready`).
+
+        Interrupted, the step stays in the outbox and is published again, whole, before
+        anything else; the server drops what it already stored by `Nats-Msg-Id`.
+        """
         self._outbox = step
         bus = self.bus
-        done = 0
-        try:
+        if step.events:
+            acks = await bus.emit_many(step.events)
+            self.last_seq = max(self.last_seq, max(a.seq for a in acks))
             for ev in step.events:
-                ack = await bus.emit(ev)
-                self.last_seq = max(self.last_seq, ack.seq)
                 self._log_event(ev)
-                done += 1
-        finally:
-            del step.events[:done]
+            step.events.clear()
         tasks, plans = self.state.take_dirty()
         try:
             await self._write_records(tasks, plans)
@@ -339,19 +363,41 @@ class Brain(Agent):
             self.state.dirty_plans.update(p.plan_id for p in plans)
             raise
         if step.work:
-            await asyncio.gather(*(bus.emit(w) for w in step.work))
+            acks = await bus.emit_many(step.work)
+            for item, ack in zip(step.work, acks, strict=True):
+                self.work_seq[f"{item.plan_id}.{item.task_id}"] = ack.seq
             step.work.clear()
         self._outbox = None
+        await self._forget_work(tasks)
         await self._checkpoint()
+
+    async def _forget_work(self, tasks: list[TaskRecord]) -> None:
+        """Delete the queued work item of a task that no longer wants it (cancelled, reset or
+        given up as lost), so no worker runs it; forget the items of finished tasks."""
+        stale = []
+        for rec in tasks:
+            seq = self.work_seq.get(rec.key)
+            if seq is None or rec.status in INFLIGHT_STATES:
+                continue
+            del self.work_seq[rec.key]
+            if rec.status in (CANCELLED, PENDING) or rec.reason == "lost":
+                stale.append(seq)
+        if stale:
+            stream = self.names.work_stream
+            results = await asyncio.gather(
+                *(self.bus.js.delete_msg(stream, seq) for seq in stale), return_exceptions=True
+            )
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, nats.js.errors.NotFoundError):
+                    log.debug("could not delete a stale work item: %s", result)
 
     async def _write_records(self, tasks: list[TaskRecord], plans: list[PlanRecord]) -> None:
         if not tasks and not plans:
             return
-        tasks_kv = await self.bus.tasks_kv()
-        plans_kv = await self.bus.plans_kv()
-        puts = [tasks_kv.put(r.key, encode_record(r)) for r in tasks]
-        puts += [plans_kv.put(p.plan_id, encode_record(p)) for p in plans]
-        await asyncio.gather(*puts)
+        names = self.names
+        puts = [(names.tasks_bucket, r.key, encode_record(r)) for r in tasks]
+        puts += [(names.plans_bucket, p.plan_id, encode_record(p)) for p in plans]
+        await self.bus.kv_put_many(puts)
 
     async def _checkpoint(self, force: bool = False) -> None:
         """Record that KV holds everything up to `last_seq` (called only with nothing unwritten)."""

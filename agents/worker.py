@@ -33,6 +33,7 @@ from mesh.settings import Settings
 log = logging.getLogger("mesh.worker")
 
 TRANSIENT = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)
+CANCELLED_MEMORY = 100_000
 
 
 class Running:
@@ -62,6 +63,8 @@ class Worker(Agent):
         self._slot_tasks: set[asyncio.Task[Any]] = set()
         self._freed = asyncio.Event()
         self.subs: list[JetStreamContext.PullSubscription] = []
+        # tasks recently cancelled (insertion-ordered, bounded): their queued items are not run
+        self.cancelled: dict[str, None] = {}
 
     def running_keys(self) -> list[str]:
         return sorted(self.running)
@@ -80,7 +83,11 @@ class Worker(Agent):
         msg, _ = decode_or_none(raw)
         if not isinstance(msg, TaskCancelled):
             return  # the brain dead-letters bad messages; a core subscriber only listens
-        run = self.running.get(f"{msg.plan_id}.{msg.task_id}")
+        key = f"{msg.plan_id}.{msg.task_id}"
+        self.cancelled[key] = None
+        while len(self.cancelled) > CANCELLED_MEMORY:
+            del self.cancelled[next(iter(self.cancelled))]
+        run = self.running.get(key)
         if run is not None:
             log.info("cancelling %s.%s", msg.plan_id, msg.task_id)
             run.ctx.cancel.set()
@@ -145,10 +152,12 @@ class Worker(Agent):
             await raw.term()
             return
         key = f"{msg.plan_id}.{msg.task_id}"
-        if not await self._still_wanted(msg, key):
+        delivery = raw.metadata.num_delivered or 1
+        # A first delivery is current: the brain deletes the queued item of a task it cancels
+        # or gives up. A redelivered item, or one of a task cancelled since, is checked.
+        if (delivery > 1 or key in self.cancelled) and not await self._still_wanted(msg, key):
             await raw.ack()
             return
-        delivery = raw.metadata.num_delivered or 1
         if delivery > self.settings.max_deliveries:
             await self._dead_letter(msg, raw, delivery)
             return

@@ -25,9 +25,9 @@ class Struct(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Fa
 
 
 TaskClass = Literal["cpu", "script", "llm", "external"]
-BodyKind = Literal["shell"]
+BodyKind = Literal["shell", "noop"]
 TASK_CLASSES: tuple[str, ...] = ("cpu", "script", "llm", "external")
-BODY_KINDS: tuple[str, ...] = ("shell",)
+BODY_KINDS: tuple[str, ...] = ("shell", "noop")
 
 
 class TaskSpec(Struct, frozen=True):

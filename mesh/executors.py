@@ -158,6 +158,11 @@ async def run_shell(item: WorkItem, ctx: RunContext) -> RunResult:
     )
 
 
+async def run_noop(item: WorkItem, ctx: RunContext) -> RunResult:
+    """Does nothing and succeeds: a join point in a plan, and the orchestration benchmark's task."""
+    return RunResult(ok=True, duration_s=0.0, rc=0)
+
+
 Executor = Callable[[WorkItem, RunContext], Awaitable[RunResult]]
 
-EXECUTORS: dict[str, Executor] = {"shell": run_shell}
+EXECUTORS: dict[str, Executor] = {"shell": run_shell, "noop": run_noop}

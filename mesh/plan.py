@@ -704,7 +704,7 @@ class _Parser:
                 message = f"task '{task.id}' has a code block with no kind"
             self.add(fence.line, message, f"known kinds: {known}; e.g. open the block with '```shell'")
         text = "\n".join(fence.lines)
-        if fence.closed and not text.strip():
+        if fence.closed and not text.strip() and kind != "noop":
             self.add(
                 fence.line, f"the body of task '{task.id}' is empty", "put the task's commands in the block"
             )

@@ -347,3 +347,36 @@ sleep 1.5; echo finished > {done}
     assert plan.status == "succeeded"
     assert done.read_text().strip() == "finished"
     assert (await mesh.tasks(plan_id))["work"].attempt == 1
+
+
+async def test_cancelled_queued_work_never_runs(mesh: Mesh, tmp_path: Path) -> None:
+    mesh.brain()
+    mesh.worker("w1", slots=1)
+    ran = tmp_path / "ran"
+    queued = "".join(f"\n### q{i}\n```shell\necho q{i} >> {ran}\n```\n" for i in range(3))
+    text = f"# Queue\n\n## Tasks\n\n### long\n- priority: 10\n```shell\nsleep 60\n```\n{queued}"
+    plan_id = await mesh.submit_text(text)
+    await mesh.wait_task(plan_id, "long", "running")
+    tasks = await mesh.tasks(plan_id)
+    assert all(tasks[f"q{i}"].status == "ready" for i in range(3)), "queued behind the running task"
+    from mesh import client
+
+    await client.cancel(await mesh.bus(), plan_id)
+    plan = await mesh.wait_plan(plan_id)
+    assert plan.status == "cancelled"
+    # the worker is free again: give it time to pick up anything left on the queue
+    await asyncio.sleep(1.5)
+    assert not ran.exists(), "a cancelled task ran"
+    bus = await mesh.bus()
+    info = await bus.js.stream_info(bus.names.work_stream)
+    assert info.state.messages == 0, "the cancelled items were removed from the work queue"
+
+
+async def test_noop_tasks_join_work(mesh: Mesh, tmp_path: Path) -> None:
+    mesh.brain()
+    mesh.worker("w1", slots=4)
+    text = "# Noop\n\n## Tasks\n\n" + "".join(f"### n{i}\n```noop\n```\n\n" for i in range(20))
+    text += "### join\n- depends_on: " + ", ".join(f"n{i}" for i in range(20)) + "\n```noop\n```\n"
+    plan_id = await mesh.submit_text(text)
+    plan = await mesh.wait_plan(plan_id)
+    assert plan.status == "succeeded" and plan.total == 21

@@ -640,7 +640,7 @@ def test_unknown_and_missing_body_kind() -> None:
     found = problems(text)
     assert found[0].message == "task 'a' has a body of unknown kind 'python'"
     assert found[1].message == "task 'b' has a code block with no kind"
-    assert all("known kinds: shell, sh, bash" in p.hint for p in found)
+    assert all("known kinds: shell, noop, sh, bash" in p.hint for p in found)
     assert [p.line for p in found] == [line_of(text, "```python"), line_of(text, "### b") + 2]
 
 
@@ -983,3 +983,10 @@ def test_random_small_graphs(deps_of_a: list[str], dep_of_b: str) -> None:
         + task("d", fields="- foreach: X in 1, 2"),
     )
     parse_or_plan_error(text)
+
+
+def test_noop_body_may_be_empty() -> None:
+    spec = parse_plan("# N\n\n## Tasks\n\n### join\n```noop\n```\n")
+    assert spec.tasks[0].kind == "noop"
+    found = problems("# N\n\n## Tasks\n\n### empty\n```shell\n```\n")
+    assert "is empty" in found[0].message
