@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 
@@ -35,7 +36,7 @@ from nats.js import JetStreamContext
 
 from mesh.agent import Agent
 from mesh.bus import decode_or_none, read_bucket
-from mesh.events import CancelPlan, RetryTasks, RunFinished, RunStarted, SubmitPlan, type_of
+from mesh.events import CancelPlan, PlanSpec, RetryTasks, RunFinished, RunStarted, SubmitPlan, type_of
 from mesh.history import TRANSITIONS, read_history
 from mesh.machine import Policy, State, Step, Sweep, Tick, apply, evolve, next_due, work_item
 from mesh.records import (
@@ -112,6 +113,10 @@ class Brain(Agent):
         self.leading = True
         await self.register()
         self.spawn(self._renew_loop(), "lease")
+        # parts of a big plan's acceptance must each fit in one message
+        self.policy = dataclasses.replace(
+            self.policy, part_bytes=min(self.policy.part_bytes, self.bus.nc.max_payload // 4)
+        )
         await self.load_state()
         await self.catch_up()
         await self.republish_ready()
@@ -325,6 +330,8 @@ class Brain(Agent):
             if not isinstance(msg, BRAIN_INPUTS):
                 bad.append((raw, f"the brain does not take {type_of(msg)} messages"))
                 continue
+            if isinstance(msg, SubmitPlan) and msg.object:
+                msg = await self._fetch_plan(msg)
             step = apply(self.state, msg, now, self.policy)
             if step.ignored:
                 log.debug("ignored %s: %s", type_of(msg), step.ignored)
@@ -337,6 +344,26 @@ class Brain(Agent):
             await raw.term()
         for raw in good:
             await raw.ack()
+
+    async def _fetch_plan(self, msg: SubmitPlan) -> SubmitPlan:
+        """A big plan's tasks come from the object store; a missing or broken one is rejected."""
+        if msg.plan_id in self.state.plans:
+            return msg  # already accepted: nothing to fetch, the machine ignores it
+        store = await self.bus.objects()
+        try:
+            result = await store.get(msg.object)
+            plan = msgspec.json.decode(result.data or b"", type=PlanSpec)
+        except nats.js.errors.ObjectNotFoundError:
+            error = f"the plan's body {msg.object!r} is not in the object store"
+            return msgspec.structs.replace(
+                msg, plan=msgspec.structs.replace(msg.plan, tasks=()), object=error
+            )
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            error = f"the plan's body {msg.object!r} is unreadable: {exc}"
+            return msgspec.structs.replace(
+                msg, plan=msgspec.structs.replace(msg.plan, tasks=()), object=error
+            )
+        return msgspec.structs.replace(msg, plan=plan, object="")
 
     async def _commit(self, step: Step) -> None:
         """Publish a decided step: events, then records, then work, each phase pipelined and

@@ -25,6 +25,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg as NatsMsg
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 import nats
 from mesh import events
@@ -207,6 +208,7 @@ class Bus:
         self.settings = settings
         self.names: Names = settings.names
         self._kv: dict[str, KeyValue] = {}
+        self._objects: ObjectStore | None = None
         self.closing = False
 
     # resources ----------------------------------------------------------------
@@ -218,6 +220,25 @@ class Bus:
             await self._ensure_bucket(d)
         for c in consumer_definitions(self.settings, classes):
             await self.js.add_consumer(c["stream"], config=_consumer_config(c["config"]))
+        await self.objects()
+
+    async def objects(self) -> ObjectStore:
+        """The object store (created on first use), for payloads too big for a message."""
+        if self._objects is None:
+            name = self.names.objects_bucket
+            try:
+                self._objects = await self.js.object_store(name)
+            except nats.js.errors.BucketNotFoundError:
+                self._objects = await self.js.create_object_store(
+                    name,
+                    api.ObjectStoreConfig(
+                        description="mesh: payloads too big for one message",
+                        storage=api.StorageType.FILE,
+                        ttl=self.settings.events_max_age_days * DAY_S,
+                    ),
+                )
+                log.info("created object store %s", name)
+        return self._objects
 
     async def _ensure_stream(self, d: dict[str, Any]) -> None:
         config = _stream_config(d)
@@ -422,6 +443,8 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
     if tag.startswith("run."):
         worker = getattr(ev, "worker", "")
         return names.run_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}:{worker}"
+    if tag == "plan.tasks":
+        return names.plan_event(plan_id, kind), f"{plan_id}:{kind}:{getattr(ev, 'part', 0)}"
     if tag.startswith("plan."):
         return names.plan_event(plan_id, kind), f"{plan_id}:{kind}{moment}"
     if tag.startswith("agent."):

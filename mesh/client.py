@@ -9,13 +9,14 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import api
 
 from mesh import events
 from mesh.bus import Bus, decode_or_none, read_bucket
-from mesh.errors import MeshError, NotFound
+from mesh.errors import NotFound
 from mesh.events import CancelPlan, PlanSpec, RetryTasks, SubmitPlan
 from mesh.names import check_token
 from mesh.records import PlanRecord, TaskRecord, decode_plan, decode_task
@@ -42,12 +43,15 @@ async def submit(bus: Bus, plan: PlanSpec, plan_id: str | None = None, by: str =
     plan_id = check_token(plan_id or new_plan_id(plan.title), "plan id")
     msg = SubmitPlan(plan_id=plan_id, plan=plan, at=time.time(), by=by or _user())
     data = events.encode(msg)
-    limit = bus.nc.max_payload
-    if len(data) > limit:
-        raise MeshError(
-            f"plan {plan.source or plan.title} encodes to {len(data)} bytes, over the server's "
-            f"max_payload of {limit}; raise max_payload in the server config or split the plan"
-        )
+    if len(data) > bus.nc.max_payload - 4096:
+        # too big for one message: the plan goes to the object store, the submission names it
+        store = await bus.objects()
+        name = f"plans/{plan_id}.json"
+        chunk = min(128 * 1024, bus.nc.max_payload // 2)
+        meta = api.ObjectMeta(name=name, options=api.ObjectMetaOptions(max_chunk_size=chunk))
+        await store.put(name, msgspec.json.encode(plan), meta=meta)
+        head = msgspec.structs.replace(plan, tasks=())
+        msg = SubmitPlan(plan_id=plan_id, plan=head, at=msg.at, by=msg.by, object=name)
     await bus.publish(bus.names.submit, msg, msg_id=plan_id)
     return plan_id
 
@@ -71,7 +75,13 @@ async def retry(bus: Bus, plan_id: str, task_ids: tuple[str, ...] = ()) -> int:
     plan = await get_plan(bus, plan_id)
     if plan is None:
         raise NotFound(f"no plan {plan_id!r}; `mesh status` lists the plans")
-    unknown = [t for t in task_ids if t not in plan.task_ids]
+    kv = await bus.tasks_kv()
+    unknown = []
+    for task_id in task_ids:
+        try:
+            await kv.get(f"{plan_id}.{check_token(task_id, 'task id')}")
+        except nats.js.errors.KeyNotFoundError:
+            unknown.append(task_id)
     if unknown:
         raise NotFound(f"plan {plan_id} has no task {', '.join(unknown)}; `mesh status {plan_id}` lists them")
     info = await bus.js.stream_info(bus.names.events_stream)
@@ -101,10 +111,8 @@ async def list_plans(bus: Bus) -> list[PlanRecord]:
 async def plan_tasks(bus: Bus, plan_id: str) -> list[TaskRecord]:
     check_token(plan_id, "plan id")
     raw = await read_bucket(await bus.tasks_kv(), f"{plan_id}.>")
-    plan = await get_plan(bus, plan_id)
-    order = {t: i for i, t in enumerate(plan.task_ids)} if plan else {}
     records = [decode_task(v) for v in raw.values()]
-    return sorted(records, key=lambda r: order.get(r.task_id, len(order)))
+    return sorted(records, key=lambda r: r.index)
 
 
 async def follow(

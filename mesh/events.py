@@ -69,10 +69,14 @@ class Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 
 
 class SubmitPlan(Msg, frozen=True, tag="cmd.submit"):
+    """A plan to run. A plan too big for one message travels in the object store:
+    then `plan` holds only its title and `object` names it there."""
+
     plan_id: str
     plan: PlanSpec
     at: float
     by: str = ""
+    object: str = ""
 
 
 class CancelPlan(Msg, frozen=True, tag="cmd.cancel"):
@@ -143,11 +147,24 @@ class RunFinished(Msg, frozen=True, tag="run.finished"):
 
 
 class PlanAccepted(Msg, frozen=True, tag="plan.accepted"):
+    """A plan the brain took on. A big plan's tasks follow in `plan.tasks` events: `plan`
+    holds the first part and `total` counts them all."""
+
     plan_id: str
     plan: PlanSpec
     at: float
     submitted_at: float = 0.0
     by: str = ""
+    total: int = -1
+
+
+class PlanTasks(Msg, frozen=True, tag="plan.tasks"):
+    """More tasks of an accepted plan (a plan too big for one event is accepted in parts)."""
+
+    plan_id: str
+    part: int
+    tasks: tuple[TaskSpec, ...]
+    at: float
 
 
 class PlanRejected(Msg, frozen=True, tag="plan.rejected"):
@@ -306,6 +323,7 @@ Message = (
     | RunStarted
     | RunFinished
     | PlanAccepted
+    | PlanTasks
     | PlanRejected
     | PlanFinished
     | PlanResumed

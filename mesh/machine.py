@@ -22,6 +22,8 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
+import msgspec
+
 from mesh.events import (
     AgentOffline,
     CancelPlan,
@@ -32,6 +34,7 @@ from mesh.events import (
     PlanRejected,
     PlanResumed,
     PlanSpec,
+    PlanTasks,
     RetryTasks,
     RunFinished,
     RunStarted,
@@ -42,6 +45,7 @@ from mesh.events import (
     TaskReleased,
     TaskReset,
     TaskRetrying,
+    TaskSpec,
     TaskStarted,
     TaskSucceeded,
     TaskWaiting,
@@ -76,6 +80,8 @@ class Policy:
     aging_s: float = 60.0
     # a running attempt whose worker has been offline this long is given up as lost
     lost_after_s: float = 65.0
+    # a plan's tasks are accepted in events of about this many bytes at most
+    part_bytes: int = 256 * 1024
 
 
 class Tick:
@@ -103,6 +109,8 @@ class State:
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
     plans: dict[str, PlanRecord] = field(default_factory=dict)
     dependents: dict[str, list[str]] = field(default_factory=dict)
+    # plan id -> its task keys, in plan order
+    plan_keys: dict[str, list[str]] = field(default_factory=dict)
     # class -> heap of (virtual time, seq, task key); stale entries are skipped on pop
     queue: dict[str, list[tuple[float, int, str]]] = field(default_factory=dict)
     # heap of (not_before, seq, task key): retries waiting out their backoff
@@ -127,6 +135,7 @@ class State:
 
     def _index(self, rec: TaskRecord) -> None:
         key = rec.key
+        self.plan_keys.setdefault(rec.plan_id, []).append(key)
         for dep in rec.spec.depends_on:
             self.dependents.setdefault(f"{rec.plan_id}.{dep}", []).append(key)
         if rec.status == WAITING:
@@ -140,17 +149,15 @@ class State:
         state = cls(aging_s=aging_s)
         for plan in plans:
             state.plans[plan.plan_id] = plan
-        for rec in tasks:
+        ordered = sorted(tasks, key=lambda r: (r.plan_id, r.index))
+        for rec in ordered:
             state.tasks[rec.key] = rec
-        for rec in tasks:
+        for rec in ordered:
             state._index(rec)
         return state
 
     def plan_tasks(self, plan_id: str) -> list[TaskRecord]:
-        plan = self.plans.get(plan_id)
-        if plan is None:
-            return []
-        return [self.tasks[f"{plan_id}.{t}"] for t in plan.task_ids if f"{plan_id}.{t}" in self.tasks]
+        return [self.tasks[k] for k in self.plan_keys.get(plan_id, ())]
 
     def take_dirty(self) -> tuple[list[TaskRecord], list[PlanRecord]]:
         tasks = [self.tasks[k] for k in sorted(self.dirty_tasks) if k in self.tasks]
@@ -196,15 +203,24 @@ def _accept(state: State, ev: PlanAccepted) -> None:
         by=ev.by,
         submitted_at=ev.submitted_at,
         accepted_at=ev.at,
-        task_ids=[t.id for t in plan.tasks],
-        counts={PENDING: len(plan.tasks)} if plan.tasks else {},
+        total=len(plan.tasks) if ev.total < 0 else ev.total,
+        counts={},
         env=dict(plan.env),
         updated_at=ev.at,
     )
     state.plans[ev.plan_id] = record
     state.dirty_plans.add(ev.plan_id)
-    for spec in plan.tasks:
-        rec = TaskRecord(plan_id=ev.plan_id, task_id=spec.id, spec=spec, updated_at=ev.at)
+    _add_tasks(state, record, plan.tasks, ev.at)
+
+
+def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: float) -> None:
+    if specs:
+        plan.counts[PENDING] = plan.counts.get(PENDING, 0) + len(specs)
+    for spec in specs:
+        index = len(state.plan_keys.get(plan.plan_id, ()))
+        rec = TaskRecord(plan_id=plan.plan_id, task_id=spec.id, spec=spec, index=index, updated_at=at)
+        if rec.key in state.tasks:
+            continue
         state.tasks[rec.key] = rec
         state.dirty_tasks.add(rec.key)
         state._index(rec)
@@ -215,6 +231,12 @@ def evolve(state: State, ev: Msg) -> None:
     if isinstance(ev, PlanAccepted):
         if ev.plan_id not in state.plans:
             _accept(state, ev)
+        return
+    if isinstance(ev, PlanTasks):
+        plan = state.plans.get(ev.plan_id)
+        if plan is not None and not any(f"{ev.plan_id}.{t.id}" in state.tasks for t in ev.tasks[:1]):
+            _add_tasks(state, plan, ev.tasks, ev.at)
+            state.dirty_plans.add(ev.plan_id)
         return
     if isinstance(ev, PlanRejected):
         if ev.plan_id not in state.plans:
@@ -344,6 +366,28 @@ def validate_plan(plan: PlanSpec) -> str:
     return ""
 
 
+PART_BYTES = 256 * 1024
+
+
+def split_tasks(tasks: tuple[TaskSpec, ...], limit: int = PART_BYTES) -> list[tuple[TaskSpec, ...]]:
+    """Cut a plan's tasks into parts of at most about `limit` encoded bytes (one event each)."""
+    parts: list[tuple[TaskSpec, ...]] = []
+    current: list[TaskSpec] = []
+    size = 0
+    for spec in tasks:
+        n = len(_spec_encoder.encode(spec))
+        if current and size + n > limit:
+            parts.append(tuple(current))
+            current, size = [], 0
+        current.append(spec)
+        size += n
+    parts.append(tuple(current))
+    return parts
+
+
+_spec_encoder = msgspec.json.Encoder()
+
+
 def work_item(state: State, rec: TaskRecord) -> WorkItem:
     """The work item of a task's current attempt."""
     plan = state.plans.get(rec.plan_id)
@@ -391,6 +435,8 @@ class _Decider:
             self.step.ignored = f"plan {msg.plan_id} already known"
             return
         error = validate_plan(msg.plan)
+        if msg.object:
+            error = f"the plan's tasks could not be read from the object store ({msg.object})"
         if error:
             self.emit(
                 PlanRejected(
@@ -402,9 +448,20 @@ class _Decider:
                 )
             )
             return
+        parts = split_tasks(msg.plan.tasks, self.policy.part_bytes)
+        first = msgspec.structs.replace(msg.plan, tasks=parts[0])
         self.emit(
-            PlanAccepted(plan_id=msg.plan_id, plan=msg.plan, at=self.now, submitted_at=msg.at, by=msg.by)
+            PlanAccepted(
+                plan_id=msg.plan_id,
+                plan=first,
+                at=self.now,
+                submitted_at=msg.at,
+                by=msg.by,
+                total=len(msg.plan.tasks),
+            )
         )
+        for n, part in enumerate(parts[1:], start=1):
+            self.emit(PlanTasks(plan_id=msg.plan_id, part=n, tasks=part, at=self.now))
         for spec in msg.plan.tasks:
             if not spec.depends_on:
                 self.emit(TaskWaiting(plan_id=msg.plan_id, task_id=spec.id, at=self.now))

@@ -72,6 +72,11 @@ class Names:
     def brain_bucket(self) -> str:
         return f"{self.prefix}-brain"
 
+    @property
+    def objects_bucket(self) -> str:
+        """Object store for what is too big for one message (big plans; later, task outputs)."""
+        return f"{self.prefix}-objects"
+
     # consumers ---------------------------------------------------------------
     @property
     def brain_cmd_consumer(self) -> str:

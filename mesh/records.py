@@ -36,6 +36,8 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     plan_id: str
     task_id: str
     spec: TaskSpec
+    # position in its plan (file order, foreach expansions in item order)
+    index: int = 0
     status: str = PENDING
     attempt: int = 0
     # attempts before the last operator retry: the retry budget counts from here
@@ -72,7 +74,8 @@ class PlanRecord(msgspec.Struct, kw_only=True):
     submitted_at: float = 0.0
     accepted_at: float = 0.0
     finished_at: float = 0.0
-    task_ids: list[str] = msgspec.field(default_factory=list)
+    # how many tasks the plan has; the tasks themselves are the keys `<plan>.*` of the tasks bucket
+    total: int = 0
     counts: dict[str, int] = msgspec.field(default_factory=dict)
     env: dict[str, str] = msgspec.field(default_factory=dict)
     error: str = ""
@@ -81,10 +84,6 @@ class PlanRecord(msgspec.Struct, kw_only=True):
     @property
     def final(self) -> bool:
         return self.status in PLAN_FINAL_STATES
-
-    @property
-    def total(self) -> int:
-        return len(self.task_ids)
 
     @property
     def done(self) -> int:

@@ -21,6 +21,7 @@ from mesh.events import (
     TaskWaiting,
 )
 from mesh.machine import replay
+from mesh.plan import parse_plan
 from tests.conftest import Mesh
 
 pytestmark = pytest.mark.integration
@@ -380,3 +381,37 @@ async def test_noop_tasks_join_work(mesh: Mesh, tmp_path: Path) -> None:
     plan_id = await mesh.submit_text(text)
     plan = await mesh.wait_plan(plan_id)
     assert plan.status == "succeeded" and plan.total == 21
+
+
+async def test_a_plan_too_big_for_one_message_goes_through_the_object_store(tmp_path: Path) -> None:
+    from mesh.embedded import EmbeddedServer
+
+    server = EmbeddedServer(tmp_path / "small", port=-1, max_payload=64 * 1024)
+    server.start()
+    mesh = Mesh(server, tmp_path)
+    try:
+        mesh.brain()
+        mesh.worker("w1", slots=8)
+        n = 600
+        text = "# Big\n\n## Tasks\n\n" + "".join(
+            f"### task-{i}\n- priority: {1 + i % 10}\n```noop\n# a longer body {i}\n```\n\n" for i in range(n)
+        )
+        spec = parse_plan(text, source="big.md")
+        assert len(events.encode(events.SubmitPlan(plan_id="x", plan=spec, at=0.0))) > 64 * 1024
+        plan_id = await mesh.submit(spec)
+        plan = await mesh.wait_plan(plan_id, timeout_s=120)
+        assert plan.status == "succeeded" and plan.total == n
+        history = [m for _, m in await mesh.history((await mesh.bus()).names.plan_filter(plan_id))]
+        parts = [m for m in history if isinstance(m, events.PlanTasks)]
+        assert parts, "accepted in parts, each within the server's max payload"
+        accepted = next(m for m in history if isinstance(m, PlanAccepted))
+        assert accepted.total == n
+        assert len(accepted.plan.tasks) + sum(len(p.tasks) for p in parts) == n
+        records = await mesh.tasks(plan_id)
+        assert [r.index for r in records.values()] == list(range(n))
+        state = replay([m for m in history if m is not None])
+        assert state.plans[plan_id] == (await mesh.raw_plans())[plan_id]
+    finally:
+        await mesh.close()
+        mesh.stop_all()
+        server.stop()

@@ -855,7 +855,7 @@ def test_invalid_plans_are_rejected(spec: PlanSpec, needle: str) -> None:
     assert d.state.tasks == {}
     pl = d.state.plans["bad"]
     assert pl.status == PLAN_REJECTED and pl.final and needle in pl.error
-    assert (pl.task_ids, pl.counts, pl.finished_at) == ([], {}, d.now)
+    assert (pl.total, pl.counts, pl.finished_at) == (0, {}, d.now)
     assert next_due(d.state) is None
     # the id stays taken
     assert_ignored(d.submit(plan(task("a")), plan_id="bad"))

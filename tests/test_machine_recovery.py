@@ -173,3 +173,24 @@ def test_retry_after_cancel_runs_the_cancelled_work() -> None:
     assert statuses(d.state) == {"a": SUCCEEDED, "b": SUCCEEDED}
     assert of_task(d.events, "a")
     assert_replays(d)
+
+
+def test_every_decided_fact_has_its_own_message_id() -> None:
+    """The server drops a publish whose Nats-Msg-Id it has seen: two different facts must never
+    share one, or the history silently loses one of them."""
+    from mesh.bus import route
+    from mesh.names import Names
+
+    d = Driver(policy(part_bytes=2048))
+    d.submit(
+        plan(*(task(f"t{i}", retries=1) for i in range(60)), task("join", *(f"t{i}" for i in range(60))))
+    )
+    d.drain(outcome=lambda item: item.task_id != "t3")
+    d.feed(RetryTasks(plan_id="p1", at=0.0, task_ids=("t3",)))
+    d.cancel()
+    d.feed(RetryTasks(plan_id="p1", at=0.0))
+    d.drain()
+    ids = [route(Names(), ev)[1] for ev in d.events]
+    dupes = {i for i in ids if ids.count(i) > 1}
+    assert not dupes, sorted(dupes)[:5]
+    assert_replays(d)
