@@ -26,11 +26,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 
 import msgspec
 import nats.errors
 import nats.js.errors
+import psutil
 from nats.aio.msg import Msg as NatsMsg
 from nats.js import JetStreamContext
 
@@ -176,7 +178,13 @@ class Brain(Agent):
         waiting_logged = False
         while not self.stop_requested.is_set():
             now = time.time()
-            lease = Lease(holder=self.agent_id, expires_at=now + self.settings.lease_s, acquired_at=now)
+            lease = Lease(
+                holder=self.agent_id,
+                expires_at=now + self.settings.lease_s,
+                acquired_at=now,
+                host=self.host,
+                pid=os.getpid(),
+            )
             began = time.monotonic()
             try:
                 try:
@@ -185,7 +193,7 @@ class Brain(Agent):
                     self.lease_revision = await kv.create(LEASE_KEY, encode_record(lease))
                 else:
                     held = decode_lease(entry.value or b"")
-                    if held.expires_at > now and held.holder != self.agent_id:
+                    if held.expires_at > now and held.holder != self.agent_id and not self._holder_dead(held):
                         if not waiting_logged:
                             log.info("standby: %s holds the brain lease; waiting to take over", held.holder)
                             waiting_logged = True
@@ -205,6 +213,22 @@ class Brain(Agent):
             log.info("took the brain lease (revision %d)", self.lease_revision)
             return
 
+    def _holder_dead(self, held: Lease) -> bool:
+        """A holder on this host whose process is gone (a brain restarted after a crash) need not
+        be waited out; one elsewhere can only be judged by its lease expiring."""
+        if held.host != self.host or held.pid <= 0 or held.pid == os.getpid():
+            return False
+        try:
+            proc = psutil.Process(held.pid)
+            alive = proc.status() != psutil.STATUS_ZOMBIE and "brain" in " ".join(proc.cmdline())
+        except psutil.Error:
+            alive = False
+        if not alive:
+            log.info(
+                "the lease holder %s (pid %d on this host) is gone; taking over now", held.holder, held.pid
+            )
+        return not alive
+
     async def _renew_loop(self) -> None:
         kv = await self.bus.brain_kv()
         every = self.settings.lease_s / 3
@@ -212,7 +236,13 @@ class Brain(Agent):
             await asyncio.sleep(every)
             now = time.time()
             began = time.monotonic()
-            lease = Lease(holder=self.agent_id, expires_at=now + self.settings.lease_s, acquired_at=now)
+            lease = Lease(
+                holder=self.agent_id,
+                expires_at=now + self.settings.lease_s,
+                acquired_at=now,
+                host=self.host,
+                pid=os.getpid(),
+            )
             try:
                 self.lease_revision = await kv.update(
                     LEASE_KEY, encode_record(lease), last=self.lease_revision

@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -26,6 +26,7 @@ from mesh.records import AgentRecord, encode_record
 from mesh.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def new_agent_id(role: str) -> str:
@@ -153,10 +154,13 @@ async def _main(agent: Agent) -> int:
     return 0
 
 
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion under uvloop, the event loop mesh uses everywhere."""
+    import uvloop
+
+    return uvloop.run(coro)
+
+
 def run_agent(agent: Agent) -> int:
-    """Run an agent to completion under uvloop (the event loop every agent uses)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
-        return asyncio.run(_main(agent))
-    return uvloop.run(_main(agent))
+    """Run an agent to completion."""
+    return run_loop(_main(agent))

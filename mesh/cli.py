@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import sys
 import threading
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mesh import client, events, render
+from mesh.agent import run_loop
 from mesh.bus import Bus, connect
 from mesh.errors import MeshError
 from mesh.logs import configure
@@ -73,7 +73,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine, turning mesh and server errors into a message and an exit code."""
     try:
-        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+        return run_loop(coro_fn())  # type: ignore[arg-type]
     except MeshError as exc:
         raise fail(str(exc)) from None
     except (nats.errors.Error, nats.js.errors.Error) as exc:
@@ -487,7 +487,7 @@ def _submit_and_follow(s: Settings, stack: Any, spec: events.PlanSpec, stop: thr
                 await bus.close()
 
         try:
-            result["code"] = asyncio.run(go())
+            result["code"] = run_loop(go())
         except MeshError as exc:
             err.print(f"[red]error:[/red] {exc}")
             result["code"] = 2

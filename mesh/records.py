@@ -143,6 +143,8 @@ class Lease(msgspec.Struct, kw_only=True):
     holder: str
     expires_at: float
     acquired_at: float = 0.0
+    host: str = ""
+    pid: int = 0
 
 
 _checkpoint_decoder = msgspec.json.Decoder(Checkpoint)

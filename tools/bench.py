@@ -1,8 +1,19 @@
-"""End-to-end throughput benchmark: an embedded server and real agents run a plan of N tasks.
+"""mesh's benchmark: an embedded nats-server and real agent processes, timed end to end.
 
-    .venv/bin/python tools/bench.py --tasks 1000 --workers 2 --slots 4 --body true
+    .venv/bin/python tools/bench.py                  # every scenario, table + JSON
+    .venv/bin/python tools/bench.py --only throughput --tasks 2000
 
-Prints a table and writes JSON (--json FILE). Timings live here, never in tests.
+Scenarios:
+  throughput   a plan of N independent no-op tasks, submit -> plan final (tasks/s);
+               again with a trivial shell body (`true`) to show the process-spawn cost
+  chain        a chain of tasks: ms per hop from a task's end to its dependent's start
+  submit       parse + validate + submit of an N-task plan
+  recovery     a brain killed with 100,000 tasks known: restart -> first release, and its RSS
+  scale        that 100,000-task plan run to the end
+  replay       events/s through `mesh replay` over everything above
+
+Durability is what mesh always runs with: file storage, every publish acknowledged.
+Timings live here (and in docs/performance.md), never in tests.
 """
 
 from __future__ import annotations
@@ -11,11 +22,15 @@ import argparse
 import asyncio
 import json
 import os
+import platform
+import signal
+import statistics
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 from rich.console import Console
@@ -24,23 +39,30 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mesh import client  # noqa: E402
-from mesh.bus import connect  # noqa: E402
+from mesh import client, events  # noqa: E402
+from mesh.agent import run_loop  # noqa: E402
+from mesh.bus import Bus, connect  # noqa: E402
+from mesh.history import read_history, replay  # noqa: E402
 from mesh.plan import parse_plan  # noqa: E402
 from mesh.settings import load_settings  # noqa: E402
-from mesh.up import Stack  # noqa: E402
+from mesh.up import Child, Stack  # noqa: E402
+
+SCENARIOS = ("throughput", "chain", "submit", "recovery", "scale", "replay")
 
 
-def make_plan(n: int, body: str, chain: bool = False) -> str:
+def make_plan(n: int, body: str = "noop", chain: bool = False, title: str = "bench", cls: str = "cpu") -> str:
     """A plan of n tasks; body 'noop' makes no-op tasks, anything else is a shell body."""
     fence = "```noop" if body == "noop" else "```shell"
-    lines = ["# bench", "", "## Tasks", ""]
+    text = "" if body == "noop" else body
+    lines = [f"# {title}", "", "## Tasks", ""]
     for i in range(n):
         lines.append(f"### t{i}")
         lines.append("- retries: 0")
+        if cls != "cpu":
+            lines.append(f"- class: {cls}")
         if chain and i:
             lines.append(f"- depends_on: t{i - 1}")
-        lines += [fence, "" if body == "noop" else body, "```", ""]
+        lines += [fence, text, "```", ""]
     return "\n".join(lines)
 
 
@@ -52,6 +74,7 @@ class PeakRss:
         self.peak: dict[str, int] = {}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         while not self.done.wait(0.2):
@@ -64,43 +87,177 @@ class PeakRss:
                     continue
                 self.peak[child.name] = max(self.peak.get(child.name, 0), rss)
 
+    def mb(self) -> dict[str, float]:
+        return {k: round(v / 2**20, 1) for k, v in sorted(self.peak.items())}
 
-async def run_plan(url: str, text: str, n: int) -> dict[str, float]:
-    settings = load_settings(server=url, environ={})
+
+async def wait_final(bus: Bus, plan_id: str, timeout_s: float = 3600) -> str:
+    # poll the plan record (cheap) rather than follow every event (a client's cost, not mesh's)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        plan = await client.get_plan(bus, plan_id)
+        if plan is not None and plan.final:
+            return plan.status
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"plan {plan_id} not final after {timeout_s}s")
+
+
+async def run_plan(bus: Bus, text: str, n: int) -> dict[str, Any]:
     began = time.perf_counter()
     spec = parse_plan(text, source="bench.md")
     parsed = time.perf_counter()
-    bus = await connect(settings, "bench", wait_s=10)
-    await bus.ensure_resources()
     plan_id = await client.submit(bus, spec)
     submitted = time.perf_counter()
-    # poll the plan record (cheap) rather than follow every event (a client's cost, not mesh's)
-    while True:
-        plan = await client.get_plan(bus, plan_id)
-        if plan is not None and plan.final:
-            break
-        await asyncio.sleep(0.05)
+    status = await wait_final(bus, plan_id)
     finished = time.perf_counter()
-    status = plan.status
-    await bus.close()
     return {
+        "plan_id": plan_id,
         "tasks": n,
         "status": status,
-        "parse_s": parsed - began,
-        "submit_s": submitted - parsed,
-        "run_s": finished - submitted,
-        "tasks_per_s": n / (finished - submitted),
-        "succeeded": (plan.counts.get("succeeded", 0) if plan else 0),
+        "parse_s": round(parsed - began, 3),
+        "submit_s": round(submitted - parsed, 3),
+        "run_s": round(finished - submitted, 3),
+        "tasks_per_s": round(n / (finished - submitted), 1),
     }
+
+
+async def hops(bus: Bus, plan_id: str) -> dict[str, float]:
+    """ms from each task's end (worker's run.finished) to its dependent's start (run.started)."""
+    started: dict[str, float] = {}
+    finished: dict[str, float] = {}
+    async for entry in read_history(bus, f"{bus.names.prefix}.evt.run.{plan_id}.>"):
+        if isinstance(entry.msg, events.RunStarted):
+            started.setdefault(entry.msg.task_id, entry.msg.at)
+        elif isinstance(entry.msg, events.RunFinished):
+            finished[entry.msg.task_id] = entry.msg.at
+    gaps = sorted(
+        (started[f"t{i + 1}"] - finished[f"t{i}"]) * 1000
+        for i in range(len(finished))
+        if f"t{i + 1}" in started and f"t{i}" in finished
+    )
+    return {
+        "hops": len(gaps),
+        "hop_p50_ms": round(statistics.median(gaps), 2),
+        "hop_p99_ms": round(gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))], 2),
+    }
+
+
+def kill_brain(stack: Stack) -> Child:
+    brain = next(c for c in stack.children if c.name == "brain")
+    assert brain.proc is not None
+    brain.proc.send_signal(signal.SIGKILL)
+    brain.proc.wait()
+    return brain
+
+
+async def scenario_recovery(stack: Stack, bus: Bus, n: int, results: dict[str, Any], run_scale: bool) -> None:
+    """n tasks known to the brain, no worker running: kill the brain, time its restart."""
+    spec = parse_plan(make_plan(n, title="recovery"), source="recovery.md")
+    began = time.perf_counter()
+    plan_id = await client.submit(bus, spec)
+    while True:
+        plan = await client.get_plan(bus, plan_id)
+        if plan is not None and plan.counts.get("ready", 0) > 0:
+            break
+        await asyncio.sleep(0.1)
+    accepted_s = time.perf_counter() - began
+    brain = next(c for c in stack.children if c.name == "brain")
+    assert brain.proc is not None
+    rss_known = psutil.Process(brain.proc.pid).memory_info().rss
+    kill_brain(stack)
+    t0 = time.time()
+    brain.start(stack.env)
+    probe = parse_plan(make_plan(1, title="probe", cls="script"), source="probe.md")
+    probe_id = await client.submit(bus, probe)
+    released = None
+    while released is None:
+        async for entry in read_history(bus, bus.names.plan_filter(probe_id)):
+            if isinstance(entry.msg, events.TaskReleased):
+                released = entry.msg.at
+        await asyncio.sleep(0.05)
+    results["recovery"] = {
+        "tasks_known": n,
+        "submit_to_accepted_s": round(accepted_s, 2),
+        "restart_to_first_release_s": round(released - t0, 2),
+        "brain_rss_mb_with_tasks_known": round(rss_known / 2**20, 1),
+        "brain_rss_mb_after_restart": round(psutil.Process(brain.proc.pid).memory_info().rss / 2**20, 1)
+        if brain.proc
+        else 0.0,
+    }
+    await client.cancel(bus, probe_id)
+    if not run_scale:
+        await client.cancel(bus, plan_id)
+        return
+    for child in stack.children:
+        if child.name.startswith("worker") and not child.alive():
+            child.start(stack.env)
+    t1 = time.perf_counter()
+    status = await wait_final(bus, plan_id)
+    took = time.perf_counter() - t1
+    results["scale"] = {
+        "tasks": n,
+        "status": status,
+        "run_s": round(took, 1),
+        "tasks_per_s": round(n / took, 1),
+    }
+
+
+async def main_async(args: argparse.Namespace, stack: Stack, rss: PeakRss) -> dict[str, Any]:
+    settings = load_settings(server=stack.url, environ={})
+    bus = await connect(settings, "bench", wait_s=10)
+    await bus.ensure_resources()
+    results: dict[str, Any] = {}
+    only = set(args.only or SCENARIOS)
+    try:
+        if "throughput" in only:
+            results["throughput_noop"] = await run_plan(bus, make_plan(args.tasks, "noop"), args.tasks)
+            results["throughput_shell"] = await run_plan(bus, make_plan(args.tasks, "true"), args.tasks)
+        if "chain" in only:
+            r = await run_plan(bus, make_plan(args.chain, "noop", chain=True), args.chain)
+            results["chain"] = {**r, **(await hops(bus, r["plan_id"]))}
+        if "submit" in only:
+            text = make_plan(args.tasks)
+            began = time.perf_counter()
+            spec = parse_plan(text, source="bench.md")
+            parsed = time.perf_counter()
+            plan_id = await client.submit(bus, spec)
+            results["submit"] = {
+                "tasks": args.tasks,
+                "parse_validate_s": round(parsed - began, 3),
+                "submit_s": round(time.perf_counter() - parsed, 3),
+                "total_s": round(time.perf_counter() - began, 3),
+            }
+            await wait_final(bus, plan_id)
+        results["peak_rss_mb"] = rss.mb()
+        if "recovery" in only or "scale" in only:
+            for child in stack.children:
+                if child.name.startswith("worker"):
+                    child.terminate()
+                    child.wait(60)
+            await scenario_recovery(stack, bus, args.big, results, "scale" in only)
+            results["peak_rss_mb_with_big_plan"] = rss.mb()
+        if "replay" in only:
+            r = await replay(bus)
+            results["replay"] = {
+                "events": r.events,
+                "seconds": round(r.seconds, 2),
+                "events_per_s": round(r.events / r.seconds, 0) if r.seconds else 0,
+            }
+    finally:
+        await bus.close()
+    return results
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", type=int, default=1000)
+    ap.add_argument("--tasks", type=int, default=10_000, help="tasks in the throughput and submit plans")
+    ap.add_argument("--chain", type=int, default=500, help="tasks in the chain")
+    ap.add_argument(
+        "--big", type=int, default=100_000, help="tasks known to the brain for recovery and scale"
+    )
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--slots", type=int, default=4)
-    ap.add_argument("--body", default="noop", help="'noop', or the shell body of every task")
-    ap.add_argument("--chain", action="store_true", help="each task depends on the previous one")
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--only", action="append", choices=SCENARIOS, help="run only these (repeatable)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
 
@@ -110,33 +267,27 @@ def main() -> int:
         stack = Stack(tmp, -1, args.workers, args.slots, log_dir=str(Path(tmp) / "logs"), env=env)
         stack.start()
         rss = PeakRss(stack)
-        rss.thread.start()
         try:
-            result = asyncio.run(
-                run_plan(stack.url, make_plan(args.tasks, args.body, args.chain), args.tasks)
-            )
+            results = run_loop(main_async(args, stack, rss))
         finally:
             rss.done.set()
             stack.stop()
-    result.update(
-        {
-            "workers": args.workers,
-            "slots": args.slots,
-            "body": args.body,
-            "chain": args.chain,
-            "cpus": os.cpu_count() or 0,
-            "peak_rss_mb": {k: round(v / 2**20, 1) for k, v in sorted(rss.peak.items())},
-        }
-    )
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+        "workers": args.workers,
+        "slots": args.slots,
+    }
     table = Table(title="mesh bench", title_justify="left")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    table.add_column("scenario")
+    table.add_column("result")
+    for key, value in results.items():
+        table.add_row(key, json.dumps(value))
+    Console(width=200).print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if result["status"] == "succeeded" else 1
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
