@@ -84,6 +84,7 @@ class Brain(Agent):
             retry_max_s=settings.retry_max_s,
             aging_s=settings.aging_s,
             lost_after_s=settings.lost_after_s,
+            archive_after_s=settings.archive_after_days * 86400.0,
         )
         self.state = State(aging_s=settings.aging_s)
         self.inbox: asyncio.Queue[NatsMsg] = asyncio.Queue(maxsize=4 * FETCH_BATCH)
@@ -449,6 +450,20 @@ class Brain(Agent):
                     log.debug("could not delete a stale work item: %s", result)
 
     async def _write_records(self, tasks: list[TaskRecord], plans: list[PlanRecord]) -> None:
+        gone_tasks, gone_plans = self.state.take_removed()
+        if gone_tasks or gone_plans:
+            names = self.names
+            purge = [(names.tasks_bucket, k) for k in gone_tasks] + [
+                (names.plans_bucket, p) for p in gone_plans
+            ]
+            try:
+                await self.bus.kv_purge_many(purge)
+            except BaseException:
+                self.state.removed_tasks.update(gone_tasks)
+                self.state.removed_plans.update(gone_plans)
+                raise
+            for key in gone_tasks:
+                self.work_seq.pop(key, None)
         if not tasks and not plans:
             return
         names = self.names

@@ -334,6 +334,13 @@ class Bus:
         for i in range(0, len(items), PIPELINE_CHUNK):
             await self._pipelined(items[i : i + PIPELINE_CHUNK])
 
+    async def kv_purge_many(self, keys: list[tuple[str, str]]) -> None:
+        """Remove many KV keys (bucket, key) with their history, pipelined."""
+        headers = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
+        items = [(f"$KV.{bucket}.{key}", b"", dict(headers)) for bucket, key in keys]
+        for i in range(0, len(items), PIPELINE_CHUNK):
+            await self._pipelined(items[i : i + PIPELINE_CHUNK])
+
     async def dead_letter(self, agent_id: str, raw: NatsMsg, reason: str) -> None:
         """Record a message nobody can use, with a bounded copy of its bytes."""
         subject, data = raw.subject, raw.data

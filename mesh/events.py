@@ -278,6 +278,14 @@ class PlanResumed(Msg, frozen=True, tag="plan.resumed"):
     at: float
 
 
+class PlanArchived(Msg, frozen=True, tag="plan.archived"):
+    """A plan final for longer than the retention period leaves the current state (KV and the
+    brain's memory); its history stays in the event stream."""
+
+    plan_id: str
+    at: float
+
+
 # Agents and bad input --------------------------------------------------------
 
 
@@ -327,6 +335,7 @@ Message = (
     | PlanRejected
     | PlanFinished
     | PlanResumed
+    | PlanArchived
     | TaskWaiting
     | TaskReleased
     | TaskStarted

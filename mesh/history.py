@@ -57,6 +57,7 @@ async def read_history(
 
 TRANSITIONS = (
     events.PlanAccepted,
+    events.PlanArchived,
     events.PlanTasks,
     events.PlanRejected,
     events.PlanFinished,

@@ -30,6 +30,7 @@ from mesh.events import (
     Message,
     Msg,
     PlanAccepted,
+    PlanArchived,
     PlanFinished,
     PlanRejected,
     PlanResumed,
@@ -82,6 +83,8 @@ class Policy:
     lost_after_s: float = 65.0
     # a plan's tasks are accepted in events of about this many bytes at most
     part_bytes: int = 256 * 1024
+    # a plan final for this long is archived: dropped from KV and memory (0: never)
+    archive_after_s: float = 7 * 86400.0
 
 
 class Tick:
@@ -121,6 +124,8 @@ class State:
     offline_since: dict[str, float] = field(default_factory=dict)
     dirty_tasks: set[str] = field(default_factory=set)
     dirty_plans: set[str] = field(default_factory=set)
+    removed_tasks: set[str] = field(default_factory=set)
+    removed_plans: set[str] = field(default_factory=set)
     aging_s: float = 60.0
     _seq: int = 0
 
@@ -164,6 +169,12 @@ class State:
         plans = [self.plans[k] for k in sorted(self.dirty_plans) if k in self.plans]
         self.dirty_tasks.clear()
         self.dirty_plans.clear()
+        return tasks, plans
+
+    def take_removed(self) -> tuple[list[str], list[str]]:
+        tasks, plans = sorted(self.removed_tasks), sorted(self.removed_plans)
+        self.removed_tasks.clear()
+        self.removed_plans.clear()
         return tasks, plans
 
 
@@ -231,6 +242,17 @@ def evolve(state: State, ev: Msg) -> None:
     if isinstance(ev, PlanAccepted):
         if ev.plan_id not in state.plans:
             _accept(state, ev)
+        return
+    if isinstance(ev, PlanArchived):
+        if ev.plan_id in state.plans:
+            for key in state.plan_keys.pop(ev.plan_id, ()):
+                state.tasks.pop(key, None)
+                state.dependents.pop(key, None)
+                state.dirty_tasks.discard(key)
+                state.removed_tasks.add(key)
+            del state.plans[ev.plan_id]
+            state.dirty_plans.discard(ev.plan_id)
+            state.removed_plans.add(ev.plan_id)
         return
     if isinstance(ev, PlanTasks):
         plan = state.plans.get(ev.plan_id)
@@ -578,8 +600,14 @@ class _Decider:
                 self.emit(TaskWaiting(plan_id=rec.plan_id, task_id=rec.task_id, at=self.now))
 
     def sweep(self, msg: Sweep) -> None:
-        """Mark agents that stopped heartbeating offline; give up attempts nobody holds."""
+        """Mark agents that stopped heartbeating offline; give up attempts nobody holds;
+        archive plans final for longer than the retention period."""
         state = self.state
+        if self.policy.archive_after_s > 0:
+            horizon = self.now - self.policy.archive_after_s
+            for plan in sorted(state.plans.values(), key=lambda p: p.plan_id):
+                if plan.final and plan.finished_at and plan.finished_at <= horizon:
+                    self.emit(PlanArchived(plan_id=plan.plan_id, at=self.now))
         for agent in sorted(state.agents_live - msg.live):
             running = tuple(
                 sorted(r.key for r in state.tasks.values() if r.worker == agent and r.status == RUNNING)

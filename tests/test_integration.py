@@ -415,3 +415,29 @@ async def test_a_plan_too_big_for_one_message_goes_through_the_object_store(tmp_
         await mesh.close()
         mesh.stop_all()
         server.stop()
+
+
+async def test_finished_plans_leave_kv_but_not_the_history(mesh: Mesh, tmp_path: Path) -> None:
+    mesh.env["MESH_ARCHIVE_AFTER_DAYS"] = str(1.0 / 86400)  # one second
+    mesh.env["MESH_SWEEP_S"] = "0.5"
+    mesh.brain()
+    mesh.worker("w1")
+    plan_id = await mesh.submit_text(diamond(tmp_path / "out"))
+    await mesh.wait_plan(plan_id)
+    for _ in range(100):
+        if await mesh.plan(plan_id) is None:
+            break
+        await asyncio.sleep(0.1)
+    assert await mesh.plan(plan_id) is None, "archived: gone from the plans bucket"
+    assert not [k for k in await mesh.raw_tasks() if k.startswith(plan_id)], "and its tasks too"
+    from mesh import history
+
+    bus = await mesh.bus()
+    result = await history.replay(bus)
+    assert plan_id not in result.state.plans
+    check = await history.verify(bus, result)
+    assert check.differences == []
+    kinds = [
+        events.type_of(m) for _, m in await mesh.history(bus.names.plan_filter(plan_id)) if m is not None
+    ]
+    assert kinds[0] == "plan.accepted" and kinds[-1] == "plan.archived" and "plan.finished" in kinds

@@ -194,3 +194,23 @@ def test_every_decided_fact_has_its_own_message_id() -> None:
     dupes = {i for i in ids if ids.count(i) > 1}
     assert not dupes, sorted(dupes)[:5]
     assert_replays(d)
+
+
+def test_finished_plans_are_archived_after_the_retention_period() -> None:
+    from mesh.events import PlanArchived
+
+    d = Driver(policy(archive_after_s=100.0))
+    d.submit(plan(task("a"), task("b", "a")))
+    d.submit(plan(task("x", retries=0)), plan_id="p2")
+    d.drain(outcome=lambda item: item.plan_id == "p1")
+    d.submit(plan(task("slow")), plan_id="p3")  # still running when the others are archived
+    finished = d.state.plans["p1"].finished_at
+    assert not [e for e in d.feed(Sweep(frozenset()), at=finished + 50).events if isinstance(e, PlanArchived)]
+    step = d.feed(Sweep(frozenset()), at=finished + 101)
+    archived = sorted(e.plan_id for e in step.events if isinstance(e, PlanArchived))
+    assert archived == ["p1", "p2"]
+    assert set(d.state.plans) == {"p3"} and set(d.state.tasks) == {"p3.slow"}
+    assert d.state.take_removed() == (["p1.a", "p1.b", "p2.x"], ["p1", "p2"])
+    assert d.feed(RetryTasks(plan_id="p1", at=0.0)).ignored, "an archived plan is gone from the state"
+    d.drain()
+    assert_replays(d)
