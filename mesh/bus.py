@@ -72,7 +72,8 @@ def stream_definitions(settings: Settings) -> list[dict[str, Any]]:
             "storage": "file",
             "discard": "new",
             "max_age": 0,
-            "max_bytes": -1,
+            # the brain keeps this queue short (release_window per class); this is a backstop
+            "max_bytes": settings.work_max_bytes,
             "max_msg_size": settings.max_payload_bytes,
             "duplicate_window": dup_ns,
             "num_replicas": 1,

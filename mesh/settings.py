@@ -70,6 +70,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     events_max_age_days: float = 90.0
     events_max_bytes: int = 8 * 1024**3
     cmd_max_age_days: float = 30.0
+    work_max_bytes: int = 1024**3
     kv_history: int = 1
     # a plan final for this long leaves KV and the brain's memory (its history stays); 0: never
     archive_after_days: float = 7.0
