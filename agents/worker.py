@@ -34,6 +34,7 @@ log = logging.getLogger("mesh.worker")
 
 TRANSIENT = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)
 CANCELLED_MEMORY = 100_000
+FRESH_S = 2.0
 
 
 class Running:
@@ -152,10 +153,14 @@ class Worker(Agent):
             await raw.term()
             return
         key = f"{msg.plan_id}.{msg.task_id}"
-        delivery = raw.metadata.num_delivered or 1
-        # A first delivery is current: the brain deletes the queued item of a task it cancels
-        # or gives up. A redelivered item, or one of a task cancelled since, is checked.
-        if (delivery > 1 or key in self.cancelled) and not await self._still_wanted(msg, key):
+        meta = raw.metadata
+        delivery = meta.num_delivered or 1
+        queued_s = time.time() - meta.timestamp.timestamp() if meta.timestamp else FRESH_S + 1
+        # An item taken fresh off the queue is current: the brain deletes the queued item of a
+        # task it cancels, resets or gives up. One redelivered, one that sat in the queue (the
+        # brain may have restarted since), or one of a task seen cancelled is checked first.
+        suspect = delivery > 1 or queued_s > FRESH_S or key in self.cancelled
+        if suspect and not await self._still_wanted(msg, key):
             await raw.ack()
             return
         if delivery > self.settings.max_deliveries:
