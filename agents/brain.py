@@ -350,6 +350,22 @@ class Brain(Agent):
             else:
                 await self._commit(apply(self.state, Tick(), now, self.policy))
             return
+        beat = asyncio.get_running_loop().create_task(self._keep_alive(batch))
+        try:
+            await self._handle_batch(batch, now)
+        finally:
+            beat.cancel()
+
+    async def _keep_alive(self, batch: list[NatsMsg]) -> None:
+        """While a long batch is decided and committed, keep its inputs from being redelivered."""
+        every = self.settings.brain_ack_wait_s / 3
+        while True:
+            await asyncio.sleep(every)
+            for raw in batch:
+                with contextlib.suppress(*TRANSIENT):
+                    await raw.in_progress()
+
+    async def _handle_batch(self, batch: list[NatsMsg], now: float) -> None:
         combined = Step()
         good: list[NatsMsg] = []
         bad: list[tuple[NatsMsg, str]] = []

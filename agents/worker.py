@@ -27,6 +27,7 @@ from mesh.agent import Agent
 from mesh.bus import decode_or_none
 from mesh.events import RunFinished, RunStarted, TaskCancelled, WorkItem, type_of
 from mesh.executors import EXECUTORS, RunContext, RunResult
+from mesh.reaper import Reaper
 from mesh.records import INFLIGHT_STATES, decode_task
 from mesh.settings import Settings
 
@@ -71,6 +72,7 @@ class Worker(Agent):
         return sorted(self.running)
 
     async def start(self) -> None:
+        self.reaper = Reaper()
         await super().start()
         for cls in self.classes:
             self.subs.append(
@@ -131,6 +133,12 @@ class Worker(Agent):
         if not task.cancelled() and task.exception() is not None:
             log.error("a slot failed: %r", task.exception(), exc_info=task.exception())
 
+    async def stop(self, reason: str = "stopped") -> None:
+        await super().stop(reason)
+        reaper = getattr(self, "reaper", None)
+        if reaper is not None:
+            reaper.close()
+
     async def _drain(self) -> None:
         if not self._slot_tasks:
             return
@@ -170,6 +178,8 @@ class Worker(Agent):
         run.ctx.tail_bytes = self.settings.output_tail_bytes
         run.ctx.kill_grace_s = self.settings.kill_grace_s
         run.ctx.shell = self.settings.shell
+        run.ctx.on_start = self.reaper.watch
+        run.ctx.on_end = self.reaper.forget
         self.running[key] = run
         try:
             await self._execute(run, key)

@@ -12,6 +12,7 @@ messages.
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import msgspec
@@ -352,8 +353,23 @@ Message = (
 )
 
 TaskTransition = (
-    TaskWaiting | TaskReleased | TaskStarted | TaskSucceeded | TaskRetrying | TaskFailed | TaskCancelled
+    TaskWaiting
+    | TaskReleased
+    | TaskStarted
+    | TaskRedelivered
+    | TaskSucceeded
+    | TaskRetrying
+    | TaskFailed
+    | TaskCancelled
+    | TaskReset
 )
+
+# Everything the brain publishes that changes a record: what `mesh.machine.evolve` folds, and
+# so what replay and the brain's catch-up after a crash must read back.
+Transition = (
+    PlanAccepted | PlanTasks | PlanRejected | PlanFinished | PlanResumed | PlanArchived | TaskTransition
+)
+TRANSITION_TYPES: tuple[type[Msg], ...] = typing.get_args(Transition)
 
 DECODER: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)
 ENCODER = msgspec.json.Encoder()

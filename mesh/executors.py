@@ -26,6 +26,9 @@ class RunContext:
     tail_bytes: int = 4096
     kill_grace_s: float = 5.0
     shell: str = "/bin/bash"
+    # told the process group of a body when it starts, and again when it is gone
+    on_start: Callable[[int], None] | None = None
+    on_end: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -117,6 +120,18 @@ async def run_shell(item: WorkItem, ctx: RunContext) -> RunResult:
         return RunResult(
             ok=False, duration_s=time.monotonic() - began, error=f"could not start {ctx.shell}: {exc}"
         )
+    if ctx.on_start is not None:
+        ctx.on_start(proc.pid)
+    try:
+        return await _supervise(proc, item, ctx, began)
+    finally:
+        if ctx.on_end is not None:
+            ctx.on_end(proc.pid)
+
+
+async def _supervise(
+    proc: asyncio.subprocess.Process, item: WorkItem, ctx: RunContext, began: float
+) -> RunResult:
     out, err = Tail(ctx.tail_bytes), Tail(ctx.tail_bytes)
     pumps = asyncio.gather(_pump(proc.stdout, out), _pump(proc.stderr, err))
     waiter = asyncio.ensure_future(proc.wait())

@@ -55,20 +55,7 @@ async def read_history(
         yield Entry(meta.sequence.stream, raw.subject, stamp, msg, raw.data)
 
 
-TRANSITIONS = (
-    events.PlanAccepted,
-    events.PlanArchived,
-    events.PlanTasks,
-    events.PlanRejected,
-    events.PlanFinished,
-    events.TaskWaiting,
-    events.TaskReleased,
-    events.TaskStarted,
-    events.TaskSucceeded,
-    events.TaskRetrying,
-    events.TaskFailed,
-    events.TaskCancelled,
-)
+TRANSITIONS = events.TRANSITION_TYPES
 
 
 def parse_since(text: str, now: float | None = None) -> float:

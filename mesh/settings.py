@@ -95,6 +95,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return 2 * self.ack_wait_s + self.agent_ttl_s
 
     @property
+    def brain_ack_wait_s(self) -> float:
+        """An input a dead brain had fetched is delivered again this long after: a standby that
+        took the lease (within lease_s) gets it soon after. (The live brain keeps a long batch
+        of inputs alive with progress acks.)"""
+        return max(2 * self.lease_s, 5.0)
+
+    @property
     def heartbeat_s(self) -> float:
         return self.heartbeat_every_s or max(self.ack_wait_s / 3.0, 0.2)
 

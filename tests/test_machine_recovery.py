@@ -214,3 +214,15 @@ def test_finished_plans_are_archived_after_the_retention_period() -> None:
     assert d.feed(RetryTasks(plan_id="p1", at=0.0)).ignored, "an archived plan is gone from the state"
     d.drain()
     assert_replays(d)
+
+
+def test_every_task_and_plan_event_is_a_transition_that_replay_and_catch_up_read() -> None:
+    """Catch-up and replay fold exactly TRANSITION_TYPES; a task or plan event left out of it
+    would be lost from KV after a crash and from every replay."""
+    import typing
+
+    from mesh import events
+
+    tags = {t.__struct_config__.tag: t for t in typing.get_args(events.Message)}
+    published = {t for tag, t in tags.items() if tag.split(".")[0] in ("task", "plan")}
+    assert published == set(events.TRANSITION_TYPES)
