@@ -37,7 +37,7 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js import JetStreamContext
 
 from mesh.agent import Agent
-from mesh.bus import decode_or_none, read_bucket
+from mesh.bus import decode_or_none, iter_bucket, read_bucket
 from mesh.events import CancelPlan, PlanSpec, RetryTasks, RunFinished, RunStarted, SubmitPlan, type_of
 from mesh.history import TRANSITIONS, read_history
 from mesh.machine import Policy, State, Step, Sweep, Tick, apply, evolve, next_due, work_item
@@ -133,8 +133,9 @@ class Brain(Agent):
 
     async def load_state(self) -> None:
         began = time.monotonic()
-        tasks = [decode_task(v) for v in (await read_bucket(await self.bus.tasks_kv())).values()]
-        plans = [decode_plan(v) for v in (await read_bucket(await self.bus.plans_kv())).values()]
+        # decoded as read: the raw values are never all held at once
+        tasks = [decode_task(v) async for _, v in iter_bucket(await self.bus.tasks_kv())]
+        plans = [decode_plan(v) async for _, v in iter_bucket(await self.bus.plans_kv())]
         self.state = State.load(tasks, plans, aging_s=self.settings.aging_s)
         log.info(
             "loaded %d tasks and %d plans from KV in %.3fs", len(tasks), len(plans), time.monotonic() - began

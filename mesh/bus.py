@@ -369,6 +369,9 @@ class Bus:
             await self.nc.close()
 
 
+READ_BATCH = 1000
+
+
 async def read_stream(
     js: JetStreamContext,
     stream: str,
@@ -378,50 +381,61 @@ async def read_stream(
 ) -> AsyncIterator[NatsMsg]:
     """Messages of `stream` under `subject` (as `config` selects them), up to the current end.
 
-    An ordered, ephemeral consumer: it never disturbs durable consumers. The end
-    is where the server says nothing is pending; an empty selection is
-    recognised from the consumer's own info, so no message means no wait.
+    An ephemeral pull consumer without acks: it never disturbs durable consumers, holds at
+    most one batch in memory however long the stream, and knows from its own info, before
+    anything is fetched, how much there is to read.
     """
-    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
+    cfg = copy.copy(config)
+    cfg.ack_policy = api.AckPolicy.NONE
+    cfg.filter_subject = subject
+    cfg.inactive_threshold = 60.0
+    cfg.mem_storage = True
+    cfg.num_replicas = 1
+    sub = await js.pull_subscribe(subject, stream=stream, config=cfg)
+    name = ""
     try:
         info = await sub.consumer_info()
-        delivered = info.delivered.stream_seq if info.delivered else 0
-        if not info.num_pending and not delivered and not sub.pending_msgs:
+        name = info.name
+        if not info.num_pending:
             return
         while True:
             try:
-                raw = await sub.next_msg(timeout=idle_timeout_s)
+                msgs = await sub.fetch(READ_BATCH, timeout=idle_timeout_s)
             except nats.errors.TimeoutError:
                 return
-            yield raw
-            if raw.metadata.num_pending == 0:
+            for raw in msgs:
+                yield raw
+            if not msgs or msgs[-1].metadata.num_pending == 0:
                 return
     finally:
-        with contextlib.suppress(nats.errors.Error, TimeoutError):
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
             await sub.unsubscribe()
+            if name:
+                await js.delete_consumer(stream, name)
+
+
+async def iter_bucket(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str, bytes]]:
+    """Every live key of a bucket (matching `keys`) with its latest value, one at a time.
+
+    (nats-py's own watcher can report the end before the first value arrives, returning an
+    empty bucket; this reads the bucket's stream directly, a batch at a time.)
+    """
+    bucket = kv._name
+    prefix = f"$KV.{bucket}."
+    config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
+    async for raw in read_stream(kv._js, f"KV_{bucket}", prefix + keys, config):
+        headers = raw.headers or {}
+        if headers.get("KV-Operation") in _KV_GONE or headers.get("Nats-Marker-Reason"):
+            continue
+        yield raw.subject[len(prefix) :], raw.data
 
 
 _KV_GONE = {"DEL", "PURGE"}
 
 
 async def read_bucket(kv: KeyValue, keys: str = ">") -> dict[str, bytes]:
-    """Every live key of a bucket (matching `keys`) and its latest value, in one ordered pass.
-
-    (nats-py's own watcher can report the end before the first value arrives,
-    returning an empty bucket; this reads the bucket's stream directly.)
-    """
-    bucket = kv._name
-    prefix = f"$KV.{bucket}."
-    config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
-    out: dict[str, bytes] = {}
-    async for raw in read_stream(kv._js, f"KV_{bucket}", prefix + keys, config):
-        key = raw.subject[len(prefix) :]
-        headers = raw.headers or {}
-        if headers.get("KV-Operation") in _KV_GONE or headers.get("Nats-Marker-Reason"):
-            out.pop(key, None)
-            continue
-        out[key] = raw.data
-    return out
+    """Every live key of a bucket (matching `keys`) and its latest value."""
+    return {key: value async for key, value in iter_bucket(kv, keys)}
 
 
 # Facts that an operator's retry can make happen again for the same attempt: their

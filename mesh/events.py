@@ -31,7 +31,7 @@ TASK_CLASSES: tuple[str, ...] = ("cpu", "script", "llm", "external")
 BODY_KINDS: tuple[str, ...] = ("shell", "noop")
 
 
-class TaskSpec(Struct, frozen=True):
+class TaskSpec(Struct, frozen=True, gc=False):
     """One task as the plan defines it, after variables and foreach expansion."""
 
     id: str

@@ -18,6 +18,7 @@ the same inputs always give the same outputs.
 from __future__ import annotations
 
 import heapq
+import sys
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -156,6 +157,11 @@ class State:
             state.plans[plan.plan_id] = plan
         ordered = sorted(tasks, key=lambda r: (r.plan_id, r.index))
         for rec in ordered:
+            # a hundred thousand records repeat a few strings: keep one copy of each
+            rec.plan_id = sys.intern(rec.plan_id)
+            rec.status = sys.intern(rec.status)
+            rec.worker = sys.intern(rec.worker)
+            rec.reason = sys.intern(rec.reason)
             state.tasks[rec.key] = rec
         for rec in ordered:
             state._index(rec)

@@ -32,7 +32,7 @@ PLAN_REJECTED = "rejected"
 PLAN_FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED, PLAN_REJECTED})
 
 
-class TaskRecord(msgspec.Struct, kw_only=True):
+class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     plan_id: str
     task_id: str
     spec: TaskSpec
