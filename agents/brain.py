@@ -151,7 +151,8 @@ class Brain(Agent):
         self.checkpoint_seq = decode_checkpoint(entry.value or b"").seq
         self.last_seq = self.checkpoint_seq
         folded = 0
-        async for ev in read_history(self.bus, self.names.evt_all, start_seq=self.checkpoint_seq + 1):
+        transitions = self.names.transition_filters()
+        async for ev in read_history(self.bus, transitions, start_seq=self.checkpoint_seq + 1):
             self.last_seq = max(self.last_seq, ev.seq)
             if isinstance(ev.msg, TRANSITIONS):
                 evolve(self.state, ev.msg)

@@ -375,7 +375,7 @@ READ_BATCH = 1000
 async def read_stream(
     js: JetStreamContext,
     stream: str,
-    subject: str,
+    subject: str | list[str],
     config: api.ConsumerConfig,
     idle_timeout_s: float = 5.0,
 ) -> AsyncIterator[NatsMsg]:
@@ -385,13 +385,17 @@ async def read_stream(
     most one batch in memory however long the stream, and knows from its own info, before
     anything is fetched, how much there is to read.
     """
+    subjects = [subject] if isinstance(subject, str) else subject
     cfg = copy.copy(config)
     cfg.ack_policy = api.AckPolicy.NONE
-    cfg.filter_subject = subject
+    if len(subjects) == 1:
+        cfg.filter_subject = subjects[0]
+    else:
+        cfg.filter_subjects = subjects
     cfg.inactive_threshold = 60.0
     cfg.mem_storage = True
     cfg.num_replicas = 1
-    sub = await js.pull_subscribe(subject, stream=stream, config=cfg)
+    sub = await js.pull_subscribe(subjects[0], stream=stream, config=cfg)
     name = ""
     try:
         info = await sub.consumer_info()

@@ -33,7 +33,7 @@ class Entry:
 
 async def read_history(
     bus: Bus,
-    subject: str,
+    subject: str | list[str],
     *,
     since: float | None = None,
     start_seq: int | None = None,
@@ -98,7 +98,8 @@ async def replay(bus: Bus, *, plan_id: str | None = None, since: float | None = 
     With `since`, plans accepted before that time are not in the result (their
     later events are folded into nothing).
     """
-    subject = bus.names.plan_filter(plan_id) if plan_id else bus.names.evt_all
+    # transitions only: the workers' reports and the rest are history, not state
+    subject = bus.names.transition_filters(plan_id)
     result = Replay(State(aging_s=bus.settings.aging_s))
     began = time.perf_counter()
     async for entry in read_history(bus, subject, since=since):

@@ -147,6 +147,11 @@ class Names:
         """One subject filter for every event of one plan (plan, task and run events)."""
         return f"{self.prefix}.evt.*.{check_token(plan_id, 'plan id')}.>"
 
+    def transition_filters(self, plan_id: str | None = None) -> list[str]:
+        """The brain's transitions (what replay folds), of one plan or of all."""
+        plan = check_token(plan_id, "plan id") if plan_id else "*"
+        return [f"{self.prefix}.evt.plan.{plan}.>", f"{self.prefix}.evt.task.{plan}.>"]
+
     def evt_filter(self, pattern: str) -> str:
         """A `mesh tail` filter: a subject pattern under `<p>.evt.`."""
         return f"{self.prefix}.evt.{pattern}"
