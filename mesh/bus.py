@@ -159,6 +159,20 @@ def consumer_definitions(settings: Settings, classes: tuple[str, ...] = ("cpu",)
             },
         },
     ]
+    out.append(
+        {
+            "stream": n.events_stream,
+            "config": {
+                "durable_name": n.auditor_consumer,
+                "filter_subjects": n.audited_subjects(),
+                "ack_policy": "all",
+                # an existing history is not audited again from its start
+                "deliver_policy": "new",
+                "ack_wait": 30 * NS,
+                "max_ack_pending": 20000,
+            },
+        }
+    )
     for cls in classes:
         out.append(
             {

@@ -515,6 +515,18 @@ def agent_brain(
     raise typer.Exit(run_agent(Brain(s)))
 
 
+@agent_app.command("auditor")
+def agent_auditor(
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """The auditor: dead-letters malformed messages on event subjects nobody else consumes."""
+    from agents.auditor import Auditor
+    from mesh.agent import run_agent
+
+    configure(log_level, name="auditor")
+    raise typer.Exit(run_agent(Auditor(settings())))
+
+
 @agent_app.command("worker")
 def agent_worker(
     slots: Annotated[int | None, typer.Option("--slots", help="concurrent tasks")] = None,

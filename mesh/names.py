@@ -86,6 +86,14 @@ class Names:
     def brain_runs_consumer(self) -> str:
         return "brain-runs"
 
+    @property
+    def auditor_consumer(self) -> str:
+        return "auditor"
+
+    def audited_subjects(self) -> list[str]:
+        """Event subjects no other agent consumes: the auditor checks them."""
+        return [f"{self.prefix}.evt.plan.>", f"{self.prefix}.evt.task.>", f"{self.prefix}.evt.agent.>"]
+
     def workers_consumer(self, cls: str) -> str:
         return f"workers-{check_token(cls, 'class')}"
 

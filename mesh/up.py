@@ -73,12 +73,14 @@ class Stack:
         log_dir: str | None = None,
         env: dict[str, str] | None = None,
         max_payload: int = 8 * 1024 * 1024,
+        auditor: bool = True,
     ) -> None:
         self.server = EmbeddedServer(data_dir, port, max_payload)
         self.workers = workers
         self.slots = slots
         self.log_dir = Path(log_dir) if log_dir else None
         self.env = dict(os.environ if env is None else env)
+        self.auditor = auditor
         self.children: list[Child] = []
 
     @property
@@ -98,6 +100,8 @@ class Stack:
                     self._log(f"worker-{i + 1}"),
                 )
             )
+        if self.auditor:
+            self.children.append(Child("auditor", agent_command("auditor", url), self._log("auditor")))
         for child in self.children:
             child.start(self.env)
 

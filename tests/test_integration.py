@@ -441,3 +441,38 @@ async def test_finished_plans_leave_kv_but_not_the_history(mesh: Mesh, tmp_path:
         events.type_of(m) for _, m in await mesh.history(bus.names.plan_filter(plan_id)) if m is not None
     ]
     assert kinds[0] == "plan.accepted" and kinds[-1] == "plan.archived" and "plan.finished" in kinds
+
+
+async def test_auditor_dead_letters_garbage_on_subjects_no_agent_consumes(mesh: Mesh, tmp_path: Path) -> None:
+    mesh.brain()
+    mesh.worker("w1")
+    mesh.start_agent("auditor", "auditor")
+    bus = await mesh.bus()
+    names = bus.names
+    for _ in range(100):  # the auditor's consumer delivers only what comes after it starts
+        if "auditor started as" in mesh.log("auditor"):
+            break
+        await asyncio.sleep(0.1)
+    plan_id = await mesh.submit_text(diamond(tmp_path / "out"))
+    garbage = [
+        (names.task_event("p", "t", "succeeded"), b"\x00\x01 not json"),
+        (names.plan_event("p", "finished"), b'{"type": "plan.finished", "plan_id": 7}'),
+        (names.agent_event("a", "started"), b'{"type": "no.such.type"}'),
+        # well formed, but not what this subject carries
+        (names.task_event("p", "t", "failed"), events.encode(events.PlanResumed(plan_id="p", at=1.0))),
+    ]
+    for subject, data in garbage:
+        await bus.js.publish(subject, data)
+    assert (await mesh.wait_plan(plan_id)).status == "succeeded"
+    letters: list[DeadLetter] = []
+    for _ in range(100):
+        letters = [m for _, m in await mesh.history(names.dead_all) if isinstance(m, DeadLetter)]
+        if len(letters) >= len(garbage):
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    letters = [m for _, m in await mesh.history(names.dead_all) if isinstance(m, DeadLetter)]
+    assert sorted(d.subject for d in letters) == sorted(s for s, _ in garbage), "each once, nothing else"
+    assert all(d.agent_id.startswith("auditor-") for d in letters)
+    assert "carries task.failed messages" in next(d.reason for d in letters if d.subject.endswith(".failed"))
+    assert mesh.alive("auditor")

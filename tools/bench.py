@@ -264,7 +264,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
         env["MESH_LOG_LEVEL"] = "WARNING"
-        stack = Stack(tmp, -1, args.workers, args.slots, log_dir=str(Path(tmp) / "logs"), env=env)
+        # the auditor is left out: it reads every transition again, on these same two cores
+        stack = Stack(
+            tmp, -1, args.workers, args.slots, log_dir=str(Path(tmp) / "logs"), env=env, auditor=False
+        )
         stack.start()
         rss = PeakRss(stack)
         try:

@@ -1,0 +1,74 @@
+"""The auditor: reads the event subjects no other agent consumes and dead-letters what is wrong there.
+
+The brain consumes submissions, commands and worker reports, and workers consume work items:
+each dead-letters what it cannot use. Nobody consumes the brain's own transitions
+(`evt.plan.*`, `evt.task.*`) or agent events (`evt.agent.*`): garbage published there
+would only sit in the history. The auditor reads them through its own durable consumer,
+checks that each decodes and that its type matches its subject, and records a dead letter
+for each that does not. It changes nothing else; `mesh up` runs one (and the watchdog will
+carry this duty on hosts that run one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg as NatsMsg
+
+from mesh.agent import Agent
+from mesh.bus import decode_or_none
+from mesh.events import type_of
+
+log = logging.getLogger("mesh.auditor")
+
+FETCH_BATCH = 500
+TRANSIENT = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
+
+
+def problem(raw: NatsMsg, prefix: str) -> str:
+    """Why a message on an audited subject is wrong ('' when it is fine)."""
+    msg, why = decode_or_none(raw)
+    if msg is None:
+        return why
+    tokens = raw.subject.split(".")
+    # <prefix>.evt.<family>.<...>.<kind>  must carry the type  <family>.<kind>
+    expected = f"{tokens[2]}.{tokens[-1]}" if len(tokens) >= 5 and tokens[0] == prefix else ""
+    tag = type_of(msg)
+    if tag != expected:
+        return f"a {tag} message on {raw.subject}, which carries {expected or 'no mesh event'} messages"
+    return ""
+
+
+class Auditor(Agent):
+    role = "auditor"
+
+    async def start(self) -> None:
+        await super().start()
+        self.sub = await self.bus.js.pull_subscribe_bind(
+            durable=self.names.auditor_consumer, stream=self.names.events_stream
+        )
+
+    async def run(self) -> None:
+        prefix = self.names.prefix
+        while not self.stop_requested.is_set():
+            try:
+                msgs = await self.sub.fetch(FETCH_BATCH, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except TRANSIENT as exc:
+                log.warning("fetching events failed (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                for raw in msgs:
+                    why = problem(raw, prefix)
+                    if why:
+                        await self.bus.dead_letter(self.agent_id, raw, why)
+                # the consumer acknowledges all up to the last (ack policy "all")
+                await msgs[-1].ack()
+            except TRANSIENT as exc:
+                log.warning("recording a dead letter failed (%s); the batch comes again", exc)
+                await asyncio.sleep(0.5)
