@@ -309,13 +309,13 @@ def test_up_stops_all_children_on_sigterm(env: dict[str, str], tmp_path: Path) -
             started = (
                 [p for p in logs.glob("*.log") if " started as " in p.read_text()] if logs.exists() else []
             )
-            if len(started) == 3:
+            if len(started) == 4:  # brain, two workers, the auditor
                 break
             time.sleep(0.1)
         else:
             raise AssertionError("agents did not start")
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) >= 4, "server, brain and two workers"
+        assert len(children) >= 5, "server, brain, two workers and the auditor"
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -325,5 +325,5 @@ def test_up_stops_all_children_on_sigterm(env: dict[str, str], tmp_path: Path) -
     no_traceback(subprocess.CompletedProcess(proc.args, 0, "", stderr))
     _gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running: {alive}"
-    for name in ("brain", "worker-1", "worker-2"):
+    for name in ("brain", "worker-1", "worker-2", "auditor"):
         assert " stopped" in (logs / f"{name}.log").read_text()
