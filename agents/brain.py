@@ -40,7 +40,7 @@ from mesh.agent import Agent
 from mesh.bus import decode_or_none, iter_bucket, read_bucket
 from mesh.events import CancelPlan, PlanSpec, RetryTasks, RunFinished, RunStarted, SubmitPlan, type_of
 from mesh.history import TRANSITIONS, read_history
-from mesh.machine import Policy, State, Step, Sweep, Tick, apply, evolve, next_due, work_item
+from mesh.machine import Policy, Reconcile, State, Step, Sweep, Tick, apply, evolve, next_due, work_item
 from mesh.records import (
     CANCELLED,
     INFLIGHT_STATES,
@@ -122,6 +122,8 @@ class Brain(Agent):
         )
         await self.load_state()
         await self.catch_up()
+        # a crash may have cut a step short: decide again what follows from the state alone
+        await self._commit(apply(self.state, Reconcile(), time.time(), self.policy))
         await self.republish_ready()
         js = self.bus.js
         self.cmd_sub = await js.pull_subscribe_bind(

@@ -92,6 +92,12 @@ class Tick:
     """A clock input: release what is due. Not a wire message."""
 
 
+class Reconcile:
+    """A start-up input: decide again what follows from the state alone (after a crash cut a
+    step short, a prefix of it may be in the history with the rest never decided). Not a
+    wire message."""
+
+
 @dataclass(frozen=True)
 class Sweep:
     """A clock input with the agents registered now (from the agents bucket). Not a wire message."""
@@ -459,8 +465,9 @@ class _Decider:
 
     # inputs --------------------------------------------------------------
     def submit(self, msg: SubmitPlan) -> None:
-        if msg.plan_id in self.state.plans:
-            self.step.ignored = f"plan {msg.plan_id} already known"
+        known = self.state.plans.get(msg.plan_id)
+        if known is not None:
+            self._complete_acceptance(msg, known)
             return
         error = validate_plan(msg.plan)
         if msg.object:
@@ -493,6 +500,52 @@ class _Decider:
         for spec in msg.plan.tasks:
             if not spec.depends_on:
                 self.emit(TaskWaiting(plan_id=msg.plan_id, task_id=spec.id, at=self.now))
+
+    def _complete_acceptance(self, msg: SubmitPlan, plan: PlanRecord) -> None:
+        """A submission seen again: if a crash cut its acceptance short (some `plan.tasks` parts
+        never published), publish the missing parts; otherwise there is nothing to do."""
+        have = len(self.state.plan_keys.get(msg.plan_id, ()))
+        if plan.status == PLAN_REJECTED or have >= plan.total or not msg.plan.tasks or msg.object:
+            self.step.ignored = f"plan {msg.plan_id} already known"
+            return
+        parts = split_tasks(msg.plan.tasks, self.policy.part_bytes)
+        for n, part in enumerate(parts[1:], start=1):
+            if f"{msg.plan_id}.{part[0].id}" not in self.state.tasks:
+                self.emit(PlanTasks(plan_id=msg.plan_id, part=n, tasks=part, at=self.now))
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        """What follows from the state alone: waiting tasks whose dependencies all succeeded,
+        dependency failures not yet cascaded, plans whose tasks are all final."""
+        state = self.state
+        for plan in sorted(state.plans.values(), key=lambda p: p.plan_id):
+            if plan.status != PLAN_RUNNING:
+                continue
+            self.touched_plans.add(plan.plan_id)
+            changed = True
+            while changed:  # a dependency may come later in the plan than its dependent
+                changed = False
+                for rec in state.plan_tasks(plan.plan_id):
+                    if rec.status != PENDING:
+                        continue
+                    deps = [state.tasks.get(f"{rec.plan_id}.{d}") for d in rec.spec.depends_on]
+                    if any(d is None for d in deps):
+                        continue  # the rest of the plan is still to come
+                    failed = next((d for d in deps if d is not None and d.status == FAILED), None)
+                    if failed is not None:
+                        self.emit(
+                            TaskFailed(
+                                plan_id=rec.plan_id,
+                                task_id=rec.task_id,
+                                attempt=rec.attempt,
+                                at=self.now,
+                                reason="dependency",
+                                error=f"dependency {failed.task_id} failed",
+                            )
+                        )
+                        changed = True
+                    elif all(d is not None and d.status == SUCCEEDED for d in deps):
+                        self.emit(TaskWaiting(plan_id=rec.plan_id, task_id=rec.task_id, at=self.now))
 
     def cancel(self, msg: CancelPlan) -> None:
         plan = self.state.plans.get(msg.plan_id)
@@ -746,7 +799,7 @@ class _Decider:
             self.emit(PlanFinished(plan_id=plan_id, status=status, at=self.now, counts=counts))
 
 
-def apply(state: State, msg: Message | Tick | Sweep, now: float, policy: Policy) -> Step:
+def apply(state: State, msg: Message | Tick | Sweep | Reconcile, now: float, policy: Policy) -> Step:
     """Decide what one input means; fold the decided events into `state`."""
     d = _Decider(state, now, policy)
     if isinstance(msg, SubmitPlan):
@@ -761,6 +814,8 @@ def apply(state: State, msg: Message | Tick | Sweep, now: float, policy: Policy)
         d.retry(msg)
     elif isinstance(msg, Sweep):
         d.sweep(msg)
+    elif isinstance(msg, Reconcile):
+        d.reconcile()
     elif not isinstance(msg, Tick):
         d.step.ignored = f"the brain does not take {type(msg).__name__} messages"
     d.release()

@@ -12,17 +12,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 
 from mesh.events import Message, PlanSpec, TaskSpec
 from mesh.settings import load_settings
 from tests.conftest import ROOT, Mesh
-
-T = TypeVar("T")
 
 
 def configure(mesh: Mesh, **settings: object) -> None:
@@ -38,9 +36,7 @@ def configure(mesh: Mesh, **settings: object) -> None:
     mesh.settings = load_settings(environ=mesh.env)
 
 
-async def until(
-    predicate: Callable[[], T | Awaitable[T]], timeout_s: float, what: str, interval_s: float = 0.05
-) -> T:
+async def until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
     """Poll `predicate` (sync or async) until it returns something truthy; return that."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -48,7 +44,7 @@ async def until(
         if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
         await asyncio.sleep(interval_s)
@@ -73,6 +69,11 @@ def log_count(mesh: Mesh, name: str, text: str) -> int:
     if path is None or not path.exists():
         return 0
     return path.read_text(errors="replace").count(text)
+
+
+def logged(mesh: Mesh, name: str, text: str, more_than: int = 0) -> Callable[[], bool]:
+    """A predicate: `text` is in the log of `name` more than `more_than` times."""
+    return lambda: log_count(mesh, name, text) > more_than
 
 
 def task(task_id: str, body: str, *deps: str, **fields: Any) -> TaskSpec:

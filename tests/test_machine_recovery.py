@@ -226,3 +226,61 @@ def test_every_task_and_plan_event_is_a_transition_that_replay_and_catch_up_read
     tags = {t.__struct_config__.tag: t for t in typing.get_args(events.Message)}
     published = {t for tag, t in tags.items() if tag.split(".")[0] in ("task", "plan")}
     assert published == set(events.TRANSITION_TYPES)
+
+
+def test_a_step_cut_short_is_completed_by_reconcile() -> None:
+    """A brain published only the first event of a step, then died. The next brain folds that
+    prefix (so the redelivered input is stale) and must still decide the rest."""
+    from mesh.machine import Reconcile
+
+    d = Driver(policy())
+    d.submit(plan(task("first", retries=0), task("second", "first"), task("third", "second")))
+    item = d.take("first")
+    d.started(item)
+    step = d.finished(item)
+    assert [type(e).__name__ for e in step.events][:2] == ["TaskSucceeded", "TaskWaiting"]
+    # what reached the history before the crash: everything before, and the step's first event
+    prefix = d.events[: len(d.events) - len(step.events) + 1]
+    after = Driver(policy(), state=replay(prefix, aging_s=60.0), now=d.now)
+    assert after.finished(item).ignored, "the redelivered report is stale now"
+    after.feed(Reconcile())
+    assert after.state.tasks["p1.second"].status != PENDING
+    after.drain()
+    assert statuses(after.state) == {"first": SUCCEEDED, "second": SUCCEEDED, "third": SUCCEEDED}
+    assert after.state.plans["p1"].status == SUCCEEDED
+
+
+def test_reconcile_cascades_a_failure_and_finishes_a_plan_left_running() -> None:
+    from mesh.machine import Reconcile
+
+    d = Driver(policy())
+    d.submit(plan(task("a", retries=0), task("b", "a"), task("c")))
+    d.run_task("c")
+    item = d.take("a")
+    d.started(item)
+    step = d.finished(item, ok=False)
+    prefix = d.events[: len(d.events) - len(step.events) + 1]  # only a's failure made it
+    after = Driver(policy(), state=replay(prefix, aging_s=60.0), now=d.now)
+    assert after.state.tasks["p1.b"].status == PENDING and after.state.plans["p1"].status == "running"
+    after.feed(Reconcile())
+    assert after.state.tasks["p1.b"].reason == "dependency"
+    assert after.state.plans["p1"].status == FAILED
+
+
+def test_a_submission_whose_acceptance_was_cut_short_is_completed_when_seen_again() -> None:
+    from mesh.events import SubmitPlan
+
+    spec = plan(*(task(f"t{i}") for i in range(40)), task("join", *(f"t{i}" for i in range(40))))
+    d = Driver(policy(part_bytes=1024))
+    step = d.submit(spec)
+    parts = sum(1 for e in step.events if type(e).__name__ == "PlanTasks")
+    assert parts >= 3
+    prefix = step.events[:2]  # plan.accepted and one part, then the crash
+    after = Driver(policy(part_bytes=1024), state=replay(prefix, aging_s=60.0), now=d.now)
+    assert len(after.state.plan_tasks("p1")) < 41
+    after.feed(SubmitPlan(plan_id="p1", plan=spec, at=0.0, by="tester"))
+    assert len(after.state.plan_tasks("p1")) == 41
+    after.drain()
+    assert after.state.plans["p1"].status == SUCCEEDED
+    assert_replays_prefix = replay(prefix + after.events, aging_s=60.0)
+    assert snapshot(assert_replays_prefix) == snapshot(after.state)
