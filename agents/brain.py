@@ -183,13 +183,7 @@ class Brain(Agent):
         waiting_logged = False
         while not self.stop_requested.is_set():
             now = time.time()
-            lease = Lease(
-                holder=self.agent_id,
-                expires_at=now + self.settings.lease_s,
-                acquired_at=now,
-                host=self.host,
-                pid=os.getpid(),
-            )
+            lease = self._new_lease(now)
             began = time.monotonic()
             try:
                 try:
@@ -218,6 +212,15 @@ class Brain(Agent):
             log.info("took the brain lease (revision %d)", self.lease_revision)
             return
 
+    def _new_lease(self, now: float) -> Lease:
+        return Lease(
+            holder=self.agent_id,
+            expires_at=now + self.settings.lease_s,
+            acquired_at=now,
+            host=self.host,
+            pid=os.getpid(),
+        )
+
     def _holder_dead(self, held: Lease) -> bool:
         """A holder on this host whose process is gone (a brain restarted after a crash) need not
         be waited out; one elsewhere can only be judged by its lease expiring."""
@@ -241,13 +244,7 @@ class Brain(Agent):
             await asyncio.sleep(every)
             now = time.time()
             began = time.monotonic()
-            lease = Lease(
-                holder=self.agent_id,
-                expires_at=now + self.settings.lease_s,
-                acquired_at=now,
-                host=self.host,
-                pid=os.getpid(),
-            )
+            lease = self._new_lease(now)
             try:
                 self.lease_revision = await kv.update(
                     LEASE_KEY, encode_record(lease), last=self.lease_revision

@@ -533,16 +533,7 @@ class _Decider:
                         continue  # the rest of the plan is still to come
                     failed = next((d for d in deps if d is not None and d.status == FAILED), None)
                     if failed is not None:
-                        self.emit(
-                            TaskFailed(
-                                plan_id=rec.plan_id,
-                                task_id=rec.task_id,
-                                attempt=rec.attempt,
-                                at=self.now,
-                                reason="dependency",
-                                error=f"dependency {failed.task_id} failed",
-                            )
-                        )
+                        self._fail_by_dependency(rec, failed)
                         changed = True
                     elif all(d is not None and d.status == SUCCEEDED for d in deps):
                         self.emit(TaskWaiting(plan_id=rec.plan_id, task_id=rec.task_id, at=self.now))
@@ -745,22 +736,25 @@ class _Decider:
             if all(tasks[f"{child.plan_id}.{d}"].status == SUCCEEDED for d in child.spec.depends_on):
                 self.emit(TaskWaiting(plan_id=child.plan_id, task_id=child.task_id, at=self.now))
 
+    def _fail_by_dependency(self, rec: TaskRecord, failed: TaskRecord) -> None:
+        self.emit(
+            TaskFailed(
+                plan_id=rec.plan_id,
+                task_id=rec.task_id,
+                attempt=rec.attempt,
+                at=self.now,
+                reason="dependency",
+                error=f"dependency {failed.task_id} failed",
+            )
+        )
+
     def _fail_dependents(self, rec: TaskRecord) -> None:
         todo = deque(self.state.dependents.get(rec.key, ()))
         while todo:
             child = self.state.tasks[todo.popleft()]
             if child.final:
                 continue
-            self.emit(
-                TaskFailed(
-                    plan_id=child.plan_id,
-                    task_id=child.task_id,
-                    attempt=child.attempt,
-                    at=self.now,
-                    reason="dependency",
-                    error=f"dependency {rec.task_id} failed",
-                )
-            )
+            self._fail_by_dependency(child, rec)
             todo.extend(self.state.dependents.get(child.key, ()))
 
     def release(self) -> None:
