@@ -28,7 +28,7 @@ from mesh.bus import decode_or_none
 from mesh.events import RunFinished, RunStarted, TaskCancelled, WorkItem, type_of
 from mesh.executors import EXECUTORS, RunContext, RunResult
 from mesh.reaper import Reaper
-from mesh.records import INFLIGHT_STATES, decode_task
+from mesh.records import INFLIGHT_STATES, RUNNING, decode_task
 from mesh.settings import Settings
 
 log = logging.getLogger("mesh.worker")
@@ -67,6 +67,8 @@ class Worker(Agent):
         self.subs: list[JetStreamContext.PullSubscription] = []
         # tasks recently cancelled (insertion-ordered, bounded): their queued items are not run
         self.cancelled: dict[str, None] = {}
+        # task key -> attempt, of what finished here recently (bounded): never run twice here
+        self.finished: dict[str, int] = {}
 
     def running_keys(self) -> list[str]:
         return sorted(self.running)
@@ -161,6 +163,22 @@ class Worker(Agent):
             await raw.term()
             return
         key = f"{msg.plan_id}.{msg.task_id}"
+        if self.finished.get(key) == msg.attempt:
+            # ran here and reported already; delivered again because a server restart lost
+            # the consumer's record of the first delivery or its acknowledgement
+            log.info("%s attempt %d already ran here; acknowledging the repeat", key, msg.attempt)
+            await raw.ack()
+            return
+        current = self.running.get(key)
+        if current is not None and current.item.attempt == msg.attempt:
+            # the same attempt delivered again while this worker runs it (a server restart can
+            # lose the consumer's record of the first delivery): keep running it once, and
+            # acknowledge the newer delivery when it is done
+            log.info(
+                "%s attempt %d delivered again while running here; not starting it twice", key, msg.attempt
+            )
+            current.raw = raw
+            return
         meta = raw.metadata
         delivery = meta.num_delivered or 1
         queued_s = time.time() - meta.timestamp.timestamp() if meta.timestamp else FRESH_S + 1
@@ -168,9 +186,14 @@ class Worker(Agent):
         # task it cancels, resets or gives up. One redelivered, one that sat in the queue (the
         # brain may have restarted since), or one of a task seen cancelled is checked first.
         suspect = delivery > 1 or queued_s > FRESH_S or key in self.cancelled
-        if suspect and not await self._still_wanted(msg, key):
-            await raw.ack()
-            return
+        if suspect:
+            verdict = await self._still_wanted(msg, key, delivery)
+            if verdict != "run":
+                # skip: the task no longer wants this attempt. held: a live worker runs it, so
+                # no second copy beside it; should that worker die, the brain gives the
+                # attempt up as lost and releases a new one
+                await raw.ack()
+                return
         if delivery > self.settings.max_deliveries:
             await self._dead_letter(msg, raw, delivery)
             return
@@ -223,20 +246,40 @@ class Worker(Agent):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _still_wanted(self, item: WorkItem, key: str) -> bool:
+    async def _still_wanted(self, item: WorkItem, key: str, delivery: int) -> str:
+        """'run', 'skip' (the task no longer wants this attempt) or 'held' (another live worker
+        runs this very attempt).
+
+        A redelivery (delivery > 1) of a running attempt means JetStream stopped hearing from
+        its worker: this one takes over. A first delivery of an attempt already running
+        elsewhere happens when a server restart lost the consumer's record of the first one:
+        if that worker is still registered, it still runs it."""
         kv = await self.bus.tasks_kv()
         try:
             entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:
             log.warning("skipping %s: no such task", key)
-            return False
+            return "skip"
         rec = decode_task(entry.value or b"")
         if rec.status not in INFLIGHT_STATES or rec.attempt != item.attempt:
             log.info(
                 "skipping %s attempt %d: task is %s at attempt %d", key, item.attempt, rec.status, rec.attempt
             )
-            return False
-        return True
+            return "skip"
+        if delivery == 1 and rec.status == RUNNING and rec.worker and rec.worker != self.agent_id:
+            agents = await self.bus.agents_kv()
+            try:
+                await agents.get(rec.worker)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                return "run"  # its worker is gone: this is the redelivery that takes over
+            log.info(
+                "%s attempt %d is running on live worker %s; not running a second copy",
+                key,
+                item.attempt,
+                rec.worker,
+            )
+            return "wait"
+        return "run"
 
     async def _execute(self, run: Running, key: str) -> None:
         item, raw = run.item, run.raw
@@ -252,7 +295,7 @@ class Worker(Agent):
             )
         )
         log.info("running %s attempt %d (delivery %d)", key, item.attempt, delivery)
-        beat = asyncio.get_running_loop().create_task(self._heartbeat(raw))
+        beat = asyncio.get_running_loop().create_task(self._heartbeat(run))
         try:
             executor = EXECUTORS.get(item.kind)
             if executor is None:
@@ -265,7 +308,7 @@ class Worker(Agent):
             beat.cancel()
         if run.handed_back:
             log.info("handing %s back to the queue", key)
-            await raw.nak()
+            await run.raw.nak()
             return
         await self._emit(
             RunFinished(
@@ -286,8 +329,11 @@ class Worker(Agent):
                 stderr_bytes=result.stderr_bytes,
             )
         )
+        self.finished[key] = item.attempt
+        while len(self.finished) > CANCELLED_MEMORY:
+            del self.finished[next(iter(self.finished))]
         try:
-            await raw.ack()
+            await run.raw.ack()
         except TRANSIENT as exc:
             # the report is out; a redelivery finds the task final and is skipped
             log.warning("could not acknowledge %s (%s)", key, exc)
@@ -299,11 +345,11 @@ class Worker(Agent):
             "" if result.ok else f": {result.error}",
         )
 
-    async def _heartbeat(self, raw: NatsMsg) -> None:
+    async def _heartbeat(self, run: Running) -> None:
         interval = self.settings.heartbeat_s
         while True:
             await asyncio.sleep(interval)
             try:
-                await raw.in_progress()
+                await run.raw.in_progress()
             except TRANSIENT as exc:
                 log.warning("progress heartbeat failed: %s", exc)
