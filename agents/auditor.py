@@ -59,7 +59,7 @@ class Auditor(Agent):
             except nats.errors.TimeoutError:
                 continue
             except TRANSIENT as exc:
-                log.warning("fetching events failed (%s); retrying", exc)
+                log.warning("fetching events failed (%r); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
             try:

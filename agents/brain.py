@@ -309,7 +309,7 @@ class Brain(Agent):
             except nats.errors.TimeoutError:
                 continue
             except TRANSIENT as exc:
-                log.warning("fetching %s failed (%s); retrying", what, exc)
+                log.warning("fetching %s failed (%r); retrying", what, exc)
                 await asyncio.sleep(0.5)
                 continue
             for m in msgs:

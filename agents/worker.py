@@ -113,7 +113,7 @@ class Worker(Agent):
             except nats.errors.TimeoutError:
                 continue
             except TRANSIENT as exc:
-                log.warning("fetching work failed (%s); retrying", exc)
+                log.warning("fetching work failed (%r); retrying", exc)
                 await self._wait_any(asyncio.sleep(0.5))
                 continue
             for raw in msgs:

@@ -27,6 +27,7 @@ from mesh.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+STOP_WAIT_S = 5.0
 
 
 def new_agent_id(role: str) -> str:
@@ -76,7 +77,11 @@ class Agent:
     async def stop(self, reason: str = "stopped") -> None:
         for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        stuck: set[asyncio.Task[Any]] = set()
+        if self._background:
+            # bounded: a task that will not finish cancelling (seen after a SIGSTOP/SIGCONT)
+            # must not keep a stopped agent alive
+            _, stuck = await asyncio.wait(set(self._background), timeout=STOP_WAIT_S)
         if self._bus is None:
             return
         try:
@@ -91,6 +96,14 @@ class Agent:
             log.warning("could not record the stop of %s: %s", self.agent_id, exc)
         await self.bus.close()
         log.info("%s %s stopped", self.role, self.agent_id)
+        if stuck:
+            log.error(
+                "%d background task(s) would not stop (%s); exiting anyway",
+                len(stuck),
+                ", ".join(t.get_name() for t in stuck),
+            )
+            logging.shutdown()
+            os._exit(1)
 
     # registration ------------------------------------------------------------------
     def record(self) -> AgentRecord:

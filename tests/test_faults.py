@@ -460,13 +460,9 @@ async def test_frozen_brain_loses_the_lease_and_stays_quiet_when_it_wakes(mesh: 
         os.kill(frozen, signal.SIGCONT)
     mesh._expected_dead.add("a")
     await until(lambda: "stopping" in mesh.log("a")[len(before) :], 20, "the woken brain to give up")
-    try:
-        await until(lambda: not mesh.alive("a"), 10, "the woken brain to exit")
-    except AssertionError:
-        # seen now and then under uvloop: the process stays up, idle, in Agent.stop, waiting on
-        # a registration task that never finishes its cancellation; it holds nothing, does nothing
-        print("the woken brain gave up the lease but did not exit within 10 s")
-        mesh.kill("a")
+    # a background task that will not finish cancelling (seen now and then under uvloop after
+    # SIGSTOP/SIGCONT) must not keep it up: Agent.stop waits a bounded time, then exits
+    await until(lambda: not mesh.alive("a"), 15, "the woken brain to exit")
     woke = mesh.log("a")[len(before) :]
     assert "lost the brain lease" in woke or "could not be renewed in time" in woke, woke
     assert "task." not in woke and "plan." not in woke, f"the woken brain acted:\n{woke}"
