@@ -23,6 +23,7 @@ acting at once and exits.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -63,6 +64,7 @@ log = logging.getLogger("mesh.brain")
 
 FETCH_BATCH = 256
 BATCH_MAX = 512
+RECENT_WRITES_S = 30.0
 TRANSIENT = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 LEASE_KEY = "lease"
 CHECKPOINT_KEY = "checkpoint"
@@ -98,6 +100,9 @@ class Brain(Agent):
         self.checkpoint_seq = 0
         self._last_checkpoint = 0.0
         self._last_sweep = 0.0
+        # (when, task keys, plan ids) of recent KV writes: a server killed right after
+        # acknowledging them may not have stored them yet, so they are written again on reconnect
+        self.recent_writes: collections.deque[tuple[float, list[str], list[str]]] = collections.deque()
         # stream sequence of each released task's work item, while it may be queued
         self.work_seq: dict[str, int] = {}
 
@@ -487,6 +492,18 @@ class Brain(Agent):
         puts = [(names.tasks_bucket, r.key, encode_record(r)) for r in tasks]
         puts += [(names.plans_bucket, p.plan_id, encode_record(p)) for p in plans]
         await self.bus.kv_put_many(puts)
+        now = time.monotonic()
+        self.recent_writes.append((now, [r.key for r in tasks], [p.plan_id for p in plans]))
+        while self.recent_writes and self.recent_writes[0][0] < now - RECENT_WRITES_S:
+            self.recent_writes.popleft()
+
+    async def on_reconnect(self) -> None:
+        """A server restarted under us may have lost writes it had acknowledged but not yet
+        stored: write the records of the last moments again (the next commit does it)."""
+        for _, keys, plan_ids in self.recent_writes:
+            self.state.dirty_tasks.update(k for k in keys if k in self.state.tasks)
+            self.state.dirty_plans.update(p for p in plan_ids if p in self.state.plans)
+        log.info("reconnected: writing %d recent records again", len(self.state.dirty_tasks))
 
     async def _checkpoint(self, force: bool = False) -> None:
         """Record that KV holds everything up to `last_seq` (called only with nothing unwritten)."""

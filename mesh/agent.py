@@ -58,7 +58,7 @@ class Agent:
 
     # life ----------------------------------------------------------------------
     async def start(self) -> None:
-        self._bus = await connect(self.settings, self.agent_id, wait_s=3600.0)
+        self._bus = await connect(self.settings, self.agent_id, wait_s=3600.0, on_reconnect=self.on_reconnect)
         await self.bus.ensure_resources(tuple(self.classes) or ("cpu",))
         await self.register()
         await self.bus.publish(
@@ -73,6 +73,9 @@ class Agent:
 
     async def run(self) -> None:
         raise NotImplementedError
+
+    async def on_reconnect(self) -> None:
+        """Called when the connection to the server comes back (after a server restart, say)."""
 
     async def stop(self, reason: str = "stopped") -> None:
         for task in list(self._background):
