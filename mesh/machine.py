@@ -196,7 +196,9 @@ class State:
 def _set_status(state: State, rec: TaskRecord, status: str, at: float) -> None:
     old = rec.status
     if old == status:
+        # the record still changed (a redelivery keeps it running): it must be written
         rec.updated_at = at
+        state.dirty_tasks.add(rec.key)
         return
     plan = state.plans.get(rec.plan_id)
     if plan is not None:

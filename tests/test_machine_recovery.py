@@ -284,3 +284,16 @@ def test_a_submission_whose_acceptance_was_cut_short_is_completed_when_seen_agai
     assert after.state.plans["p1"].status == SUCCEEDED
     assert_replays_prefix = replay(prefix + after.events, aging_s=60.0)
     assert snapshot(assert_replays_prefix) == snapshot(after.state)
+
+
+def test_a_transition_that_keeps_the_status_still_marks_the_record_for_writing() -> None:
+    """task.redelivered keeps a task running but changes its record: unless it is written to KV,
+    a brain restarted later loads the record without it (seen under chaos)."""
+    d = Driver(policy())
+    d.submit(plan(task("a")))
+    item = d.take("a")
+    d.started(item, worker="w1")
+    d.state.take_dirty()
+    d.feed(RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2))
+    written, _ = d.state.take_dirty()
+    assert [r.key for r in written] == ["p1.a"] and written[0].deliveries == 2
