@@ -15,7 +15,6 @@ import subprocess
 import sys
 import sysconfig
 import threading
-import time
 from pathlib import Path
 
 from mesh.errors import MeshError
@@ -144,12 +143,3 @@ class EmbeddedServer:
 def agent_command(role: str, url: str, *extra: str) -> list[str]:
     """The command line that runs one agent in the foreground."""
     return [sys.executable, "-m", "mesh", "--server", url, "agent", role, *extra]
-
-
-def wait_for(predicate: object, timeout_s: float, interval_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return True
-        time.sleep(interval_s)
-    return False

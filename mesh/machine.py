@@ -56,7 +56,6 @@ from mesh.events import (
 from mesh.records import (
     CANCELLED,
     FAILED,
-    FINAL_STATES,
     INFLIGHT_STATES,
     PENDING,
     PLAN_REJECTED,
@@ -830,20 +829,3 @@ def replay(history: list[Msg], aging_s: float = 60.0) -> State:
     for ev in history:
         evolve(state, ev)
     return state
-
-
-FINAL = FINAL_STATES
-__all__ = [
-    "FINAL",
-    "RUNNING",
-    "Policy",
-    "State",
-    "Step",
-    "Tick",
-    "apply",
-    "backoff_s",
-    "evolve",
-    "next_due",
-    "replay",
-    "validate_plan",
-]

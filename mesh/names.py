@@ -163,22 +163,3 @@ class Names:
     def evt_filter(self, pattern: str) -> str:
         """A `mesh tail` filter: a subject pattern under `<p>.evt.`."""
         return f"{self.prefix}.evt.{pattern}"
-
-    # keys ------------------------------------------------------------------------
-    @staticmethod
-    def task_key(plan_id: str, task_id: str) -> str:
-        return f"{plan_id}.{task_id}"
-
-    @staticmethod
-    def split_task_key(key: str) -> tuple[str, str]:
-        plan_id, _, task_id = key.partition(".")
-        return plan_id, task_id
-
-    @staticmethod
-    def plan_tasks_keys(plan_id: str) -> str:
-        return f"{plan_id}.>"
-
-
-def event_kind(tag: str) -> str:
-    """`task.succeeded` -> `succeeded`: the last subject token of an event."""
-    return tag.rsplit(".", 1)[-1]
