@@ -491,7 +491,18 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
         agent_id = getattr(ev, "agent_id", "")
         return names.agent_event(agent_id, kind), f"{agent_id}:{kind}:{at!r}"
     if tag == "work":
-        return names.work(getattr(ev, "cls", "cpu")), f"{plan_id}.{task_id}:{attempt}:work"
+        cls = getattr(ev, "cls", "cpu")
+        model = getattr(ev, "model", "")
+        subject = names.work_llm(model) if cls == "llm" and model else names.work(cls)
+        return subject, f"{plan_id}.{task_id}:{attempt}:work"
+    if tag == "resource":
+        rid = getattr(ev, "rid", "")
+        return names.work_to(getattr(ev, "worker", "")), f"resource:{rid}"
+    if tag.startswith("gpu."):
+        gpu = getattr(ev, "gpu", "")
+        if tag == "gpu.requested":
+            return names.gpu_event(gpu, kind), f"{gpu}:requested:{getattr(ev, 'rid', '')}"
+        return names.gpu_event(gpu, kind), f"{gpu}:{kind}:{getattr(ev, 'state', '')}:{at!r}"
     raise ValueError(f"no route for {tag}")
 
 

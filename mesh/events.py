@@ -26,9 +26,13 @@ class Struct(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Fa
 
 
 TaskClass = Literal["cpu", "script", "llm", "external"]
-BodyKind = Literal["shell", "noop"]
+BodyKind = Literal["shell", "noop", "prompt", "transcribe", "embed"]
 TASK_CLASSES: tuple[str, ...] = ("cpu", "script", "llm", "external")
-BODY_KINDS: tuple[str, ...] = ("shell", "noop")
+BODY_KINDS: tuple[str, ...] = ("shell", "noop", "prompt", "transcribe", "embed")
+# body kinds that run a model, and the model kind each needs
+MODEL_BODY_KINDS: dict[str, str] = {"prompt": "llm", "transcribe": "transcribe", "embed": "embed"}
+# the class a body kind runs in when the plan names none
+DEFAULT_CLASS_OF_KIND: dict[str, str] = {"prompt": "llm", "transcribe": "script", "embed": "script"}
 
 
 class TaskSpec(Struct, frozen=True, gc=False):
@@ -45,6 +49,12 @@ class TaskSpec(Struct, frozen=True, gc=False):
     env: dict[str, str] = msgspec.field(default_factory=dict)
     sensitive: bool = False
     line: int = 0
+    # model kinds: the model's registry name ('' = the configured default for the kind)
+    model: str = ""
+    # dependencies whose outputs the body takes (wrapped as untrusted data in a prompt)
+    inputs: tuple[str, ...] = ()
+    # prompt: most tokens to generate (0 = the model's configured max_tokens)
+    max_tokens: int = 0
 
 
 class PlanSpec(Struct, frozen=True):
@@ -111,6 +121,22 @@ class WorkItem(Msg, frozen=True, tag="work"):
     env: dict[str, str] = msgspec.field(default_factory=dict)
     workdir: str = ""
     sensitive: bool = False
+    model: str = ""
+    inputs: tuple[str, ...] = ()
+    max_tokens: int = 0
+
+
+class ResourceItem(Msg, frozen=True, tag="resource"):
+    """An internal resource task: the brain tells one worker to load or unload a model.
+
+    Travels on that worker's own work subject, ahead of any task work it takes."""
+
+    rid: str
+    worker: str
+    action: Literal["load", "unload"]
+    model: str
+    at: float
+    reason: str = ""
 
 
 # Worker reports (event stream, consumed by the brain) -------------------------
@@ -142,6 +168,73 @@ class RunFinished(Msg, frozen=True, tag="run.finished"):
     stdout_bytes: int = 0
     stderr_bytes: int = 0
     dead_letter: bool = False
+    # 'definition' when the task can never run as defined (no retry helps), e.g. a prompt
+    # longer than the model's context window
+    reason: str = ""
+    # what a model task produced (also a shell task's stdout tail); too big for an event,
+    # or the task is sensitive: only in the object store, under `output_object`
+    output: str = ""
+    output_object: str = ""
+    prompt: str = ""
+    model: str = ""
+    gpu: str = ""
+    # tokens_in, tokens_out, ttft_s, tokens_per_s, segments, vectors, dim, ...
+    metrics: dict[str, float] = msgspec.field(default_factory=dict)
+    artifacts: tuple[str, ...] = ()
+
+
+# GPUs (event stream; the brain reads them for placement) ---------------------
+
+
+GPU_STATES: tuple[str, ...] = (
+    "idle",
+    "booting_llm",
+    "llm_ready",
+    "llm_busy",
+    "booting_script",
+    "script_busy",
+    "paused",
+    "offline",
+)
+
+
+class GpuState(Msg, frozen=True, tag="gpu.state"):
+    """A GPU (or a worker's CPU standing in for one) changed state. Written by its worker alone.
+
+    `took_s` is how long the previous state lasted (a load's time, for `booting_llm`)."""
+
+    gpu: str
+    worker: str
+    host: str
+    state: str
+    at: float
+    previous: str = ""
+    took_s: float = 0.0
+    index: int = -1
+    name: str = ""
+    device: str = "cpu"
+    llm: str = ""
+    script_models: tuple[str, ...] = ()
+    vram_total_mb: int = 0
+    vram_used_mb: int = 0
+    vram_reserved_mb: int = 0
+    llm_slots: int = 1
+    script_slots: int = 1
+    running: int = 0
+    rid: str = ""
+    error: str = ""
+
+
+class ResourceRequested(Msg, frozen=True, tag="gpu.requested"):
+    """The brain asked a worker to load or unload a model, and why."""
+
+    gpu: str
+    worker: str
+    action: str
+    model: str
+    rid: str
+    at: float
+    reason: str = ""
 
 
 # Brain transitions (event stream; the history replay folds over) -------------
@@ -329,6 +422,7 @@ Message = (
     | CancelPlan
     | RetryTasks
     | WorkItem
+    | ResourceItem
     | RunStarted
     | RunFinished
     | PlanAccepted
@@ -349,6 +443,8 @@ Message = (
     | AgentStarted
     | AgentStopped
     | AgentOffline
+    | GpuState
+    | ResourceRequested
     | DeadLetter
 )
 

@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from mesh.events import WorkItem
 
@@ -29,6 +30,11 @@ class RunContext:
     # told the process group of a body when it starts, and again when it is gone
     on_start: Callable[[int], None] | None = None
     on_end: Callable[[int], None] | None = None
+    # model kinds: the loaded model (a `mesh.loaders.Loaded`), the device it is on, and the
+    # outputs of the dependencies named in the task's `inputs`, by task id
+    model: Any = None
+    device: str = "cpu"
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -43,6 +49,13 @@ class RunResult:
     stderr_tail: str = ""
     stdout_bytes: int = 0
     stderr_bytes: int = 0
+    # the task can never run as defined: the brain fails it without retrying
+    definition_error: bool = False
+    # what the task produced (the response, the transcript, a summary of the vectors)
+    output: str = ""
+    prompt: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)
 
 
 class Tail:

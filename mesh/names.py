@@ -10,10 +10,13 @@ Subjects
     <p>.cmd.cancel.<plan>              cancel requests            (command stream)
     <p>.cmd.retry.<plan>               retry requests             (command stream)
     <p>.work.<class>                   tasks ready to run         (work stream)
+    <p>.work.llm.<model>               LLM tasks for GPUs holding <model>
+    <p>.work.to.<worker>               resource tasks (model loads/unloads) for one worker
     <p>.evt.plan.<plan>.<type>         plan transitions           (event stream)
     <p>.evt.task.<plan>.<task>.<type>  task transitions by the brain
     <p>.evt.run.<plan>.<task>.<type>   what workers report
     <p>.evt.agent.<agent>.<type>       agents starting and stopping
+    <p>.evt.gpu.<gpu>.<type>           GPU state changes (by its worker), loads asked (by the brain)
     <p>.evt.dead.<agent>               dead letters: messages nobody could use
 """
 
@@ -73,6 +76,11 @@ class Names:
         return f"{self.prefix}-brain"
 
     @property
+    def gpus_bucket(self) -> str:
+        """GPU id -> its latest `gpu.state` (written by that GPU's worker alone)."""
+        return f"{self.prefix}-gpus"
+
+    @property
     def objects_bucket(self) -> str:
         """Object store for what is too big for one message (big plans; later, task outputs)."""
         return f"{self.prefix}-objects"
@@ -97,6 +105,14 @@ class Names:
     def workers_consumer(self, cls: str) -> str:
         return f"workers-{check_token(cls, 'class')}"
 
+    def llm_consumer(self, model: str) -> str:
+        """Shared by the workers whose GPU holds `model`."""
+        return f"workers-llm-{check_token(model, 'model name')}"
+
+    def own_consumer(self, worker: str) -> str:
+        """One worker's own queue of resource tasks."""
+        return f"worker-{check_token(worker, 'worker id')}"
+
     # subjects: whole spaces ------------------------------------------------------
     @property
     def cmd_all(self) -> str:
@@ -113,6 +129,10 @@ class Names:
     @property
     def runs_all(self) -> str:
         return f"{self.prefix}.evt.run.>"
+
+    @property
+    def gpus_all(self) -> str:
+        return f"{self.prefix}.evt.gpu.>"
 
     @property
     def task_cancelled_all(self) -> str:
@@ -135,6 +155,15 @@ class Names:
 
     def work(self, cls: str) -> str:
         return f"{self.prefix}.work.{check_token(cls, 'class')}"
+
+    def work_llm(self, model: str) -> str:
+        return f"{self.prefix}.work.llm.{check_token(model, 'model name')}"
+
+    def work_to(self, worker: str) -> str:
+        return f"{self.prefix}.work.to.{check_token(worker, 'worker id')}"
+
+    def gpu_event(self, gpu: str, kind: str) -> str:
+        return f"{self.prefix}.evt.gpu.{check_token(gpu, 'gpu id')}.{kind}"
 
     def plan_event(self, plan_id: str, kind: str) -> str:
         return f"{self.prefix}.evt.plan.{plan_id}.{kind}"

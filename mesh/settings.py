@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from mesh.errors import ConfigError
+from mesh.models import DEFAULT_MODELS, ModelSpec, builtin_models, check_registry
 from mesh.names import Names
 
 ENV_PREFIX = "MESH_"
@@ -66,6 +67,25 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     kill_grace_s: float = 5.0
     shell: str = "/bin/bash"
 
+    # models and GPUs: [models.NAME] tables add to (or replace) the built-in registry
+    models: dict[str, ModelSpec] = msgspec.field(default_factory=dict)
+    default_models: dict[str, str] = msgspec.field(default_factory=dict)
+    # tasks one GPU runs at once, per kind of work
+    llm_slots: int = 1
+    script_slots: int = 1
+    # a loaded LLM nobody used for this long is unloaded; one is never unloaded for other
+    # work before it has been loaded this long (a load costs minutes on small cards)
+    keep_alive_s: float = 600.0
+    min_residency_s: float = 300.0
+    # a load the brain asked for and never saw finish is asked again after this long
+    load_timeout_s: float = 900.0
+    # prepended to LD_LIBRARY_PATH of GPU workers before any CUDA library loads
+    gpu_library_path: str = ""
+    # the memory a CPU worker offers model kinds (MB; 0: the host's available memory)
+    cpu_model_memory_mb: int = 0
+    # outputs bigger than this go to the object store instead of the completion event
+    output_event_bytes: int = 64 * 1024
+
     # retention of the history (0: unlimited)
     events_max_age_days: float = 90.0
     events_max_bytes: int = 8 * 1024**3
@@ -100,6 +120,14 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         took the lease (within lease_s) gets it soon after. (The live brain keeps a long batch
         of inputs alive with progress acks.)"""
         return max(2 * self.lease_s, 5.0)
+
+    def model_registry(self) -> dict[str, ModelSpec]:
+        reg = builtin_models()
+        reg.update(self.models)
+        return reg
+
+    def default_model(self, kind: str) -> str:
+        return self.default_models.get(kind) or DEFAULT_MODELS[kind]
 
     @property
     def heartbeat_s(self) -> float:
@@ -153,4 +181,5 @@ def load_settings(
         settings.names  # noqa: B018 - validates the prefix
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    check_registry(settings.model_registry(), {**DEFAULT_MODELS, **settings.default_models})
     return settings

