@@ -39,9 +39,21 @@ from nats.js import JetStreamContext
 
 from mesh.agent import Agent
 from mesh.bus import decode_or_none, iter_bucket, read_bucket
-from mesh.events import CancelPlan, PlanSpec, RetryTasks, RunFinished, RunStarted, SubmitPlan, type_of
+from mesh.events import (
+    CancelPlan,
+    GpuState,
+    PlanSpec,
+    RetryTasks,
+    RunFinished,
+    RunStarted,
+    SubmitPlan,
+    decode,
+    type_of,
+)
 from mesh.history import TRANSITIONS, read_history
 from mesh.machine import Policy, Reconcile, State, Step, Sweep, Tick, apply, evolve, next_due, work_item
+from mesh.models import MODEL_KINDS
+from mesh.placement import PlacementPolicy, observe
 from mesh.records import (
     CANCELLED,
     INFLIGHT_STATES,
@@ -68,7 +80,9 @@ RECENT_WRITES_S = 30.0
 TRANSIENT = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 LEASE_KEY = "lease"
 CHECKPOINT_KEY = "checkpoint"
-BRAIN_INPUTS = SubmitPlan | CancelPlan | RetryTasks | RunStarted | RunFinished
+BRAIN_INPUTS = SubmitPlan | CancelPlan | RetryTasks | RunStarted | RunFinished | GpuState
+# a note for the operator (a model no GPU can hold, say) is logged at most this often
+NOTE_EVERY_S = 600.0
 
 
 class LeaseLost(Exception):
@@ -87,7 +101,15 @@ class Brain(Agent):
             aging_s=settings.aging_s,
             lost_after_s=settings.lost_after_s,
             archive_after_s=settings.archive_after_days * 86400.0,
+            default_models={k: settings.default_model(k) for k in MODEL_KINDS},
+            placement=PlacementPolicy(
+                models={name: (m.kind, m.vram_mb) for name, m in settings.model_registry().items()},
+                keep_alive_s=settings.keep_alive_s,
+                min_residency_s=settings.min_residency_s,
+                load_timeout_s=settings.load_timeout_s,
+            ),
         )
+        self._noted: dict[str, float] = {}
         self.state = State(aging_s=settings.aging_s)
         self.inbox: asyncio.Queue[NatsMsg] = asyncio.Queue(maxsize=4 * FETCH_BATCH)
         # a decided step whose publishing was interrupted; finished before anything else
@@ -144,6 +166,12 @@ class Brain(Agent):
         tasks = [decode_task(v) async for _, v in iter_bucket(await self.bus.tasks_kv())]
         plans = [decode_plan(v) async for _, v in iter_bucket(await self.bus.plans_kv())]
         self.state = State.load(tasks, plans, aging_s=self.settings.aging_s)
+        # the GPUs as their workers last wrote them (their later changes arrive as events)
+        async for _, value in iter_bucket(await self.bus.gpus_kv()):
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                gpu = decode(value)
+                if isinstance(gpu, GpuState):
+                    observe(self.state.gpus, gpu)
         log.info(
             "loaded %d tasks and %d plans from KV in %.3fs", len(tasks), len(plans), time.monotonic() - began
         )
@@ -390,6 +418,8 @@ class Brain(Agent):
                 log.debug("ignored %s: %s", type_of(msg), step.ignored)
             combined.events.extend(step.events)
             combined.work.extend(step.work)
+            combined.resources.extend(step.resources)
+            combined.notes.extend(step.notes)
             good.append(raw)
         await self._commit(combined)
         for raw, why in bad:
@@ -447,6 +477,15 @@ class Brain(Agent):
             for item, ack in zip(step.work, acks, strict=True):
                 self.work_seq[f"{item.plan_id}.{item.task_id}"] = ack.seq
             step.work.clear()
+        if step.resources:
+            await bus.emit_many(step.resources)
+            step.resources.clear()
+        now = time.time()
+        for note in step.notes:
+            if now - self._noted.get(note, 0.0) >= NOTE_EVERY_S:
+                self._noted[note] = now
+                log.warning("%s", note)
+        step.notes.clear()
         self._outbox = None
         await self._forget_work(tasks)
         await self._checkpoint()

@@ -14,7 +14,9 @@ back (`nak`) so another worker runs it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
 from typing import Any
 
@@ -23,10 +25,23 @@ import nats.js.errors
 from nats.aio.msg import Msg as NatsMsg
 from nats.js import JetStreamContext
 
+from mesh import placement as gs
 from mesh.agent import Agent
-from mesh.bus import decode_or_none
-from mesh.events import RunFinished, RunStarted, TaskCancelled, WorkItem, type_of
+from mesh.bus import decode_or_none, llm_consumer_definition, own_consumer_definition
+from mesh.events import (
+    MODEL_BODY_KINDS,
+    GpuState,
+    ResourceItem,
+    RunFinished,
+    RunStarted,
+    TaskCancelled,
+    WorkItem,
+    decode,
+    type_of,
+)
 from mesh.executors import EXECUTORS, RunContext, RunResult
+from mesh.gpu import Device, open_device
+from mesh.models import ModelError, ModelSpec
 from mesh.reaper import Reaper
 from mesh.records import INFLIGHT_STATES, RUNNING, decode_task
 from mesh.settings import Settings
@@ -38,12 +53,39 @@ CANCELLED_MEMORY = 100_000
 FRESH_S = 2.0
 
 
+MODEL_CLASSES = ("script", "llm")
+# a resource task older than this was meant for an earlier state of the mesh: not acted on
+RESOURCE_STALE_S = 600.0
+
+
+def _host_token() -> str:
+    host = socket.gethostname().split(".")[0]
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in host) or "host"
+
+
 class Running:
     def __init__(self, item: WorkItem, raw: NatsMsg) -> None:
         self.item = item
         self.raw = raw
         self.ctx = RunContext()
         self.handed_back = False
+
+
+class Lane:
+    """One queue this worker takes work from, with its own number of slots."""
+
+    def __init__(self, name: str, sub: JetStreamContext.PullSubscription, slots: int) -> None:
+        self.name = name
+        self.sub = sub
+        self.slots = slots
+        self.running = 0
+        self.enabled = True
+        self.closed = False
+        self.changed = asyncio.Event()
+        self.loop: asyncio.Task[Any] | None = None
+
+    def wake(self) -> None:
+        self.changed.set()
 
 
 class Worker(Agent):
@@ -56,33 +98,68 @@ class Worker(Agent):
         classes: tuple[str, ...] = ("cpu",),
         slots: int | None = None,
         drain_timeout_s: float = 30.0,
+        gpu: int | None = None,
+        memory_mb: int = 0,
     ) -> None:
+        if agent_id is None and gpu is not None:
+            # a GPU's worker keeps its name across restarts: its own queue waits for it
+            agent_id = f"worker-{_host_token()}-gpu{gpu}"
         super().__init__(settings, agent_id)
         self.classes = list(classes)
         self.slots = slots or settings.slots
         self.drain_timeout_s = drain_timeout_s
         self.running: dict[str, Running] = {}
         self._slot_tasks: set[asyncio.Task[Any]] = set()
-        self._freed = asyncio.Event()
-        self.subs: list[JetStreamContext.PullSubscription] = []
+        self.lanes: dict[str, Lane] = {}
         # tasks recently cancelled (insertion-ordered, bounded): their queued items are not run
         self.cancelled: dict[str, None] = {}
         # task key -> attempt, of what finished here recently (bounded): never run twice here
         self.finished: dict[str, int] = {}
+        # models: a worker of class script or llm owns a GPU (or the CPU standing in for one)
+        self.gpu_index = gpu
+        self.memory_mb = memory_mb or (0 if gpu is not None else settings.cpu_model_memory_mb)
+        self.models_on = any(c in MODEL_CLASSES for c in self.classes)
+        self.gpu_id = f"{_host_token()}-gpu{gpu}" if gpu is not None else self.agent_id
+        self.device: Device | None = None
+        self.registry: dict[str, ModelSpec] = settings.model_registry()
+        self.llm: Any = None  # mesh.loaders.Loaded
+        self.llm_name = ""
+        self.script_models: dict[str, Any] = {}
+        self.booting = ""  # gs.BOOTING_LLM / gs.BOOTING_SCRIPT while a load runs
+        self.gpu_state = gs.IDLE
+        self.gpu_since = time.time()
+        self.gpu_rid = ""
+        self.gpu_error = ""
+        self._gpu_outbox: list[GpuState] = []
+        self._gpu_changed = asyncio.Event()
+        self._model_lock = asyncio.Lock()
 
     def running_keys(self) -> list[str]:
         return sorted(self.running)
 
     async def start(self) -> None:
         self.reaper = Reaper()
+        if self.models_on:
+            self.device = await asyncio.to_thread(open_device, self.gpu_index, self.memory_mb)
         await super().start()
         for cls in self.classes:
-            self.subs.append(
-                await self.bus.js.pull_subscribe_bind(
-                    durable=self.names.workers_consumer(cls), stream=self.names.work_stream
-                )
+            if cls == "llm":
+                continue  # taken from a per-model queue while this GPU holds the model
+            sub = await self.bus.js.pull_subscribe_bind(
+                durable=self.names.workers_consumer(cls), stream=self.names.work_stream
             )
+            slots = self.settings.script_slots if cls == "script" else self.slots
+            self.lanes[cls] = Lane(cls, sub, slots)
+        if self.models_on:
+            own = await self.bus.bind_consumer(own_consumer_definition(self.settings, self.gpu_worker_id))
+            self.lanes["own"] = Lane("own", own, 1)
+            self._publish_state(force=True)
+            self.spawn(self._gpu_publisher(), "gpu-state")
         self._cancel_sub = await self.bus.nc.subscribe(self.names.task_cancelled_all, cb=self._on_cancel)
+
+    @property
+    def gpu_worker_id(self) -> str:
+        return self.agent_id
 
     async def _on_cancel(self, raw: NatsMsg) -> None:
         msg, _ = decode_or_none(raw)
@@ -99,28 +176,43 @@ class Worker(Agent):
 
     # the loop ----------------------------------------------------------------------
     async def run(self) -> None:
-        turn = 0
-        while not self.stop_requested.is_set():
-            free = self.slots - len(self._slot_tasks)
-            if free <= 0:
-                self._freed.clear()
-                await self._wait_any(self._freed.wait())
+        for lane in list(self.lanes.values()):
+            self._start_lane(lane)
+        self._update_lanes()
+        await self.stop_requested.wait()
+        for lane in list(self.lanes.values()):
+            lane.wake()
+        loops = [lane.loop for lane in self.lanes.values() if lane.loop is not None]
+        if loops:
+            await asyncio.wait(loops, timeout=self.settings.fetch_timeout_s + 5)
+        await self._drain()
+
+    def _start_lane(self, lane: Lane) -> None:
+        lane.loop = asyncio.get_running_loop().create_task(self._lane_loop(lane), name=f"lane-{lane.name}")
+
+    async def _lane_loop(self, lane: Lane) -> None:
+        while not self.stop_requested.is_set() and not lane.closed:
+            free = lane.slots - lane.running
+            if free <= 0 or not lane.enabled:
+                lane.changed.clear()
+                await self._wait_any(lane.changed.wait())
                 continue
-            sub = self.subs[turn % len(self.subs)]
-            turn += 1
             try:
-                msgs = await sub.fetch(free, timeout=self.settings.fetch_timeout_s)
+                msgs = await lane.sub.fetch(free, timeout=self.settings.fetch_timeout_s)
             except nats.errors.TimeoutError:
                 continue
             except TRANSIENT as exc:
-                log.warning("fetching work failed (%r); retrying", exc)
+                if lane.closed:
+                    return
+                log.warning("fetching %s work failed (%r); retrying", lane.name, exc)
                 await self._wait_any(asyncio.sleep(0.5))
                 continue
             for raw in msgs:
-                task = asyncio.get_running_loop().create_task(self._take(raw))
+                lane.running += 1
+                task = asyncio.get_running_loop().create_task(self._take(raw, lane))
                 self._slot_tasks.add(task)
-                task.add_done_callback(self._slot_done)
-        await self._drain()
+                task.add_done_callback(lambda t, ln=lane: self._slot_done(t, ln))  # type: ignore[misc]
+            self._publish_state()
 
     async def _wait_any(self, aw: Any) -> None:
         waiter = asyncio.ensure_future(aw)
@@ -129,13 +221,27 @@ class Worker(Agent):
         waiter.cancel()
         stopper.cancel()
 
-    def _slot_done(self, task: asyncio.Task[Any]) -> None:
+    def _slot_done(self, task: asyncio.Task[Any], lane: Lane) -> None:
         self._slot_tasks.discard(task)
-        self._freed.set()
+        lane.running -= 1
+        lane.wake()
+        self._publish_state()
         if not task.cancelled() and task.exception() is not None:
             log.error("a slot failed: %r", task.exception(), exc_info=task.exception())
 
     async def stop(self, reason: str = "stopped") -> None:
+        if self.models_on and self._bus is not None:
+            self.gpu_state_override = gs.OFFLINE
+            self._publish_state(force=True)
+            with contextlib.suppress(*TRANSIENT):
+                await asyncio.wait_for(self._flush_gpu_states(), timeout=5)
+        for name in list(self.script_models):
+            self.script_models.pop(name).close()
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+        if self.device is not None:
+            self.device.close()
         await super().stop(reason)
         reaper = getattr(self, "reaper", None)
         if reaper is not None:
@@ -154,9 +260,236 @@ class Worker(Agent):
                 run.ctx.cancel.set()
             await asyncio.wait(pending)
 
+    # the GPU's state ---------------------------------------------------------------------
+    gpu_state_override = ""
+
+    def _derive_state(self) -> str:
+        if self.gpu_state_override:
+            return self.gpu_state_override
+        if self.booting:
+            return self.booting
+        llm = self.lanes.get("llm")
+        if self.llm is not None:
+            return gs.LLM_BUSY if llm is not None and llm.running else gs.LLM_READY
+        script = self.lanes.get("script")
+        if script is not None and script.running:
+            return gs.SCRIPT_BUSY
+        return gs.IDLE
+
+    def _update_lanes(self) -> None:
+        """Script work runs only where no LLM is loaded or loading (it would not fit beside it)."""
+        script = self.lanes.get("script")
+        if script is not None:
+            enabled = self.llm is None and self.booting != gs.BOOTING_LLM and not self._model_lock.locked()
+            if enabled != script.enabled:
+                script.enabled = enabled
+                script.wake()
+
+    def _reserved_mb(self) -> int:
+        return sum(m.spec.vram_mb for m in self.script_models.values())
+
+    def _mesh_used_mb(self) -> int:
+        return self._reserved_mb() + (self.llm.spec.vram_mb if self.llm is not None else 0)
+
+    def _publish_state(self, force: bool = False, error: str = "", rid: str = "") -> None:
+        if not self.models_on:
+            return
+        state = self._derive_state()
+        if state == self.gpu_state and not force and not error:
+            return
+        now = time.time()
+        device = self.device
+        mem = device.memory(self._mesh_used_mb()) if device is not None else None
+        ev = GpuState(
+            gpu=self.gpu_id,
+            worker=self.agent_id,
+            host=self.host,
+            state=state,
+            at=now,
+            previous=self.gpu_state,
+            took_s=round(now - self.gpu_since, 3),
+            index=self.gpu_index if self.gpu_index is not None else -1,
+            name=device.name if device is not None else "",
+            device=device.kind if device is not None else "cpu",
+            llm=self.llm_name if self.llm is not None else "",
+            script_models=tuple(sorted(self.script_models)),
+            vram_total_mb=mem.total_mb if mem else 0,
+            vram_used_mb=mem.used_mb if mem else 0,
+            vram_reserved_mb=self._reserved_mb(),
+            llm_slots=self.settings.llm_slots,
+            script_slots=self.settings.script_slots,
+            running=len(self.running),
+            rid=rid,
+            error=error,
+        )
+        if state != self.gpu_state:
+            self.gpu_since = now
+        self.gpu_state = state
+        self._gpu_outbox.append(ev)
+        self._gpu_changed.set()
+
+    async def _flush_gpu_states(self) -> None:
+        while self._gpu_outbox:
+            ev = self._gpu_outbox[0]
+            await self.bus.emit(ev)
+            kv = await self.bus.gpus_kv()
+            await kv.put(self.gpu_id, self.bus_encode(ev))
+            self._gpu_outbox.pop(0)
+
+    @staticmethod
+    def bus_encode(ev: GpuState) -> bytes:
+        from mesh.events import encode
+
+        return encode(ev)
+
+    async def _gpu_publisher(self) -> None:
+        """Publish GPU states in order, riding out a server restart; refresh the reading now and then."""
+        while True:
+            try:
+                await asyncio.wait_for(self._gpu_changed.wait(), timeout=self.settings.agent_refresh_s)
+            except TimeoutError:
+                self._publish_state(force=True)
+            self._gpu_changed.clear()
+            try:
+                await self._flush_gpu_states()
+            except TRANSIENT as exc:
+                log.warning("publishing the GPU state failed (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+                self._gpu_changed.set()
+
+    # models --------------------------------------------------------------------------------
+    async def _load(self, name: str, spec: ModelSpec) -> Any:
+        from mesh.loaders import load_model
+
+        device = "cpu" if spec.device == "cpu" or self.device is None else self.device.kind
+        return await asyncio.to_thread(load_model, name, spec, device)
+
+    def _free_mb(self) -> int:
+        assert self.device is not None
+        mem = self.device.memory(self._mesh_used_mb())
+        return mem.total_mb - mem.used_mb
+
+    async def _resource(self, item: ResourceItem) -> None:
+        """Load or unload the LLM as the brain asked. A refusal or failure is reported, not raised."""
+        if time.time() - item.at > RESOURCE_STALE_S:
+            log.info(
+                "ignoring a stale %s of %s (asked %.0fs ago)", item.action, item.model, time.time() - item.at
+            )
+            self._publish_state(force=True, rid=item.rid, error="stale request ignored")
+            return
+        async with self._model_lock:
+            self._update_lanes()
+            if item.action == "unload":
+                await self._unload_llm()
+                self._publish_state(force=True, rid=item.rid)
+                return
+            if self.llm is not None and self.llm_name == item.model:
+                self._publish_state(force=True, rid=item.rid)
+                return
+            spec = self.registry.get(item.model)
+            if spec is None or spec.kind != "llm":
+                self._publish_state(
+                    force=True, rid=item.rid, error=f"load refused: {item.model!r} is not an llm model here"
+                )
+                return
+            await self._unload_llm()
+            await self._wait_lane_idle("script")
+            for name in list(self.script_models):
+                self.script_models.pop(name).close()
+            free = self._free_mb()
+            if spec.vram_mb > free:
+                why = f"load of {item.model} refused: it needs {spec.vram_mb} MB and {free} MB are free"
+                log.warning("%s", why)
+                self._publish_state(force=True, rid=item.rid, error=why)
+                return
+            self.booting = gs.BOOTING_LLM
+            self._publish_state(rid=item.rid)
+            began = time.monotonic()
+            try:
+                loaded = await self._load(item.model, spec)
+            except (ModelError, OSError, RuntimeError, ValueError) as exc:
+                self.booting = ""
+                log.error("loading %s failed: %s", item.model, exc)
+                self._publish_state(force=True, rid=item.rid, error=f"load of {item.model} failed: {exc}")
+                return
+            self.booting = ""
+            self.llm, self.llm_name = loaded, item.model
+            log.info("loaded %s in %.1fs", item.model, time.monotonic() - began)
+            sub = await self.bus.bind_consumer(llm_consumer_definition(self.settings, item.model))
+            lane = self.lanes["llm"] = Lane("llm", sub, self.settings.llm_slots)
+            self._start_lane(lane)
+            self._publish_state(rid=item.rid)
+        self._update_lanes()
+
+    async def _wait_lane_idle(self, name: str) -> None:
+        lane = self.lanes.get(name)
+        while lane is not None and lane.running:
+            lane.changed.clear()
+            await lane.changed.wait()
+
+    async def _unload_llm(self) -> None:
+        lane = self.lanes.pop("llm", None)
+        if lane is not None:
+            lane.closed = True
+            lane.wake()
+            while lane.running:
+                lane.changed.clear()
+                await lane.changed.wait()
+            if lane.loop is not None:
+                await asyncio.wait({lane.loop}, timeout=self.settings.fetch_timeout_s + 5)
+            with contextlib.suppress(*TRANSIENT):
+                await lane.sub.unsubscribe()
+        if self.llm is not None:
+            loaded, self.llm, self.llm_name = self.llm, None, ""
+            await asyncio.to_thread(loaded.close)
+            log.info("unloaded %s", loaded.name)
+
+    async def _script_model(self, name: str) -> Any:
+        """A script model, loaded on first use (seconds) and kept while no LLM needs the room."""
+        loaded = self.script_models.get(name)
+        if loaded is not None:
+            return loaded
+        spec = self.registry.get(name)
+        if spec is None:
+            raise ModelError(f"model {name!r} is not in this worker's registry; add it under [models]")
+        self.booting = gs.BOOTING_SCRIPT
+        self._publish_state()
+        try:
+            loaded = await self._load(name, spec)
+        finally:
+            self.booting = ""
+        self.script_models[name] = loaded
+        self._publish_state(force=True)
+        return loaded
+
+    async def _inputs(self, item: WorkItem) -> dict[str, str]:
+        """The outputs of the dependencies the task takes, from their completion events."""
+        out: dict[str, str] = {}
+        for dep in item.inputs:
+            subject = self.names.run_event(item.plan_id, dep, "finished")
+            try:
+                raw = await self.bus.js.get_last_msg(self.names.events_stream, subject)
+            except nats.js.errors.NotFoundError as exc:
+                raise ModelError(f"input {dep!r} has no completion event ({subject})") from exc
+            ev = decode(raw.data or b"")
+            if not isinstance(ev, RunFinished) or not ev.ok:
+                raise ModelError(f"input {dep!r}: its last completion event is not a success")
+            if ev.output_object:
+                obj = await (await self.bus.objects()).get(ev.output_object)
+                out[dep] = (obj.data or b"").decode("utf-8", errors="replace")
+            else:
+                out[dep] = ev.output or ev.stdout_tail
+        return out
+
     # one item --------------------------------------------------------------------------
-    async def _take(self, raw: NatsMsg) -> None:
+    async def _take(self, raw: NatsMsg, lane: Lane) -> None:
         msg, why = decode_or_none(raw)
+        if isinstance(msg, ResourceItem) and lane.name == "own":
+            try:
+                await self._resource(msg)
+            finally:
+                await raw.ack()
+            return
         if not isinstance(msg, WorkItem):
             reason = why or f"a worker does not take {type_of(msg)} messages"  # type: ignore[arg-type]
             await self.bus.dead_letter(self.agent_id, raw, reason)
@@ -303,13 +636,16 @@ class Worker(Agent):
                     ok=False, duration_s=0.0, error=f"this worker cannot run {item.kind!r} bodies"
                 )
             else:
-                result = await executor(item, run.ctx)
+                failed = await self._prepare(item, run.ctx)
+                result = failed or await executor(item, run.ctx)
         finally:
             beat.cancel()
         if run.handed_back:
             log.info("handing %s back to the queue", key)
             await run.raw.nak()
             return
+        output, output_object = await self._keep_output(item, result)
+        limit = self.settings.output_event_bytes
         await self._emit(
             RunFinished(
                 plan_id=item.plan_id,
@@ -327,6 +663,14 @@ class Worker(Agent):
                 stderr_tail="" if item.sensitive else result.stderr_tail,
                 stdout_bytes=result.stdout_bytes,
                 stderr_bytes=result.stderr_bytes,
+                reason="definition" if result.definition_error else "",
+                output=output,
+                output_object=output_object,
+                prompt="" if item.sensitive else result.prompt[:limit],
+                model=item.model if item.kind in MODEL_BODY_KINDS else "",
+                gpu=self.gpu_id if self.models_on else "",
+                metrics=result.metrics,
+                artifacts=tuple(result.artifacts),
             )
         )
         self.finished[key] = item.attempt
@@ -344,6 +688,50 @@ class Worker(Agent):
             result.duration_s,
             "" if result.ok else f": {result.error}",
         )
+
+    async def _prepare(self, item: WorkItem, ctx: RunContext) -> RunResult | None:
+        """Give a model task its model and inputs; a result instead when that is impossible."""
+        ctx.device = self.device.kind if self.device is not None else "cpu"
+        try:
+            if item.inputs:
+                ctx.inputs = await self._inputs(item)
+            need = MODEL_BODY_KINDS.get(item.kind)
+            if need is None:
+                return None
+            if not self.models_on:
+                return RunResult(ok=False, duration_s=0.0, error=f"this worker runs no models ({item.kind})")
+            if need == "llm":
+                if self.llm is None or self.llm_name != item.model:
+                    return RunResult(
+                        ok=False,
+                        duration_s=0.0,
+                        error=f"{item.model} is not loaded here (this GPU holds {self.llm_name or 'none'})",
+                    )
+                ctx.model = self.llm
+            else:
+                ctx.model = await self._script_model(item.model)
+        except ModelError as exc:
+            return RunResult(ok=False, duration_s=0.0, error=str(exc))
+        except TRANSIENT as exc:
+            return RunResult(ok=False, duration_s=0.0, error=f"could not read the task's inputs: {exc}")
+        return None
+
+    async def _keep_output(self, item: WorkItem, result: RunResult) -> tuple[str, str]:
+        """The output for the completion event, and the object holding it when it does not fit
+        (or the task is sensitive: its output is never in the history)."""
+        text = result.output
+        if not text:
+            return "", ""
+        data = text.encode()
+        if not item.sensitive and len(data) <= self.settings.output_event_bytes:
+            return text, ""
+        name = f"outputs/{item.plan_id}/{item.task_id}/{item.attempt}"
+        try:
+            await (await self.bus.objects()).put(name, data)
+        except TRANSIENT as exc:
+            log.warning("could not store the output of %s.%s: %s", item.plan_id, item.task_id, exc)
+            return ("" if item.sensitive else text[: self.settings.output_event_bytes]), ""
+        return "", name
 
     async def _heartbeat(self, run: Running) -> None:
         interval = self.settings.heartbeat_s

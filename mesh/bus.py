@@ -122,6 +122,13 @@ def bucket_definitions(settings: Settings) -> list[dict[str, Any]]:
             "storage": "file",
         },
         {
+            "bucket": n.gpus_bucket,
+            "description": "mesh: GPU id -> its latest gpu.state (written by that GPU's worker alone)",
+            "history": 1,
+            "ttl": 0,
+            "storage": "file",
+        },
+        {
             "bucket": n.agents_bucket,
             "description": "mesh: agent id -> registration; a key vanishes when its agent stops refreshing",
             "history": 1,
@@ -151,7 +158,7 @@ def consumer_definitions(settings: Settings, classes: tuple[str, ...] = ("cpu",)
             "stream": n.events_stream,
             "config": {
                 "durable_name": n.brain_runs_consumer,
-                "filter_subject": n.runs_all,
+                "filter_subjects": [n.runs_all, n.gpu_states_all],
                 "ack_policy": "explicit",
                 "deliver_policy": "all",
                 "ack_wait": int(settings.brain_ack_wait_s * NS),
@@ -174,6 +181,8 @@ def consumer_definitions(settings: Settings, classes: tuple[str, ...] = ("cpu",)
         }
     )
     for cls in classes:
+        if cls == "llm":
+            continue  # LLM work is queued per model: see `llm_consumer_definition`
         out.append(
             {
                 "stream": n.work_stream,
@@ -188,6 +197,33 @@ def consumer_definitions(settings: Settings, classes: tuple[str, ...] = ("cpu",)
             }
         )
     return out
+
+
+def llm_consumer_definition(settings: Settings, model: str) -> dict[str, Any]:
+    """The consumer the workers holding `model` share (created by the first one to load it)."""
+    n = settings.names
+    return {
+        "durable_name": n.llm_consumer(model),
+        "filter_subject": n.work_llm(model),
+        "ack_policy": "explicit",
+        "deliver_policy": "all",
+        "ack_wait": int(settings.ack_wait_s * NS),
+        "max_ack_pending": -1,
+    }
+
+
+def own_consumer_definition(settings: Settings, worker: str) -> dict[str, Any]:
+    """One worker's queue of resource tasks; forgotten by the server a day after its worker went."""
+    n = settings.names
+    return {
+        "durable_name": n.own_consumer(worker),
+        "filter_subject": n.work_to(worker),
+        "ack_policy": "explicit",
+        "deliver_policy": "all",
+        "ack_wait": int(settings.ack_wait_s * NS),
+        "max_ack_pending": -1,
+        "inactive_threshold": int(DAY_S * NS),
+    }
 
 
 def _stream_config(d: dict[str, Any]) -> api.StreamConfig:
@@ -236,6 +272,13 @@ class Bus:
         for c in consumer_definitions(self.settings, classes):
             await self.js.add_consumer(c["stream"], config=_consumer_config(c["config"]))
         await self.objects()
+
+    async def bind_consumer(self, config: dict[str, Any]) -> JetStreamContext.PullSubscription:
+        """Create (or update) a durable pull consumer on the work stream and bind to it."""
+        await self.js.add_consumer(self.names.work_stream, config=_consumer_config(config))
+        return await self.js.pull_subscribe_bind(
+            durable=config["durable_name"], stream=self.names.work_stream
+        )
 
     async def objects(self) -> ObjectStore:
         """The object store (created on first use), for payloads too big for a message."""
@@ -290,6 +333,9 @@ class Bus:
 
     async def agents_kv(self) -> KeyValue:
         return await self.kv(self.names.agents_bucket)
+
+    async def gpus_kv(self) -> KeyValue:
+        return await self.kv(self.names.gpus_bucket)
 
     async def brain_kv(self) -> KeyValue:
         return await self.kv(self.names.brain_bucket)

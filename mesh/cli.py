@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -21,6 +22,7 @@ from mesh import client, events, render
 from mesh.agent import run_loop
 from mesh.bus import Bus, connect
 from mesh.errors import MeshError
+from mesh.events import TASK_CLASSES
 from mesh.logs import configure
 from mesh.settings import Settings, load_settings
 
@@ -529,23 +531,65 @@ def agent_auditor(
 
 @agent_app.command("worker")
 def agent_worker(
-    slots: Annotated[int | None, typer.Option("--slots", help="concurrent tasks")] = None,
-    classes: Annotated[str, typer.Option("--classes", help="comma list of task classes to take")] = "cpu",
+    slots: Annotated[int | None, typer.Option("--slots", help="concurrent shell tasks")] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            "--classes", help="comma list of task classes to take [default: cpu; script,llm with --gpu N]"
+        ),
+    ] = None,
+    gpu: Annotated[
+        str, typer.Option("--gpu", help="the GPU this worker owns (NVML index), or 'none' for the CPU")
+    ] = "none",
+    memory_mb: Annotated[
+        int,
+        typer.Option(
+            "--memory-mb", help="memory model kinds may use (MB; 0: all of the GPU, or the host's free RAM)"
+        ),
+    ] = 0,
     drain_timeout: Annotated[
         float, typer.Option("--drain-timeout", help="on stop, seconds to let running tasks finish")
     ] = 30.0,
     log_level: Annotated[str | None, typer.Option("--log-level")] = None,
 ) -> None:
-    """A worker: claims tasks of its classes and runs them."""
+    """A worker: claims tasks of its classes and runs them; with --gpu N it owns GPU N."""
+    s = settings()
+    if gpu.strip().lower() in ("none", "cpu", ""):
+        index: int | None = None
+    elif gpu.strip().isdigit():
+        index = int(gpu)
+    else:
+        raise fail(
+            f"--gpu {gpu!r} is not a GPU index or 'none': e.g. --gpu 0, or --gpu none for a CPU worker"
+        )
+    from mesh.gpu import gpu_environment
+
+    # CUDA reads CUDA_VISIBLE_DEVICES, and the dynamic loader LD_LIBRARY_PATH, when they first
+    # load: set both before anything imports a CUDA library (the loader only at exec)
+    env = gpu_environment(index, s.gpu_library_path, dict(os.environ))
+    if env.get("LD_LIBRARY_PATH", "") != os.environ.get("LD_LIBRARY_PATH", ""):
+        os.execve(sys.executable, [sys.executable, "-m", "mesh", *sys.argv[1:]], env)
+    os.environ["CUDA_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"]
     from agents.worker import Worker
     from mesh.agent import run_agent
+    from mesh.gpu import GpuError
 
     configure(log_level, name="worker")
-    s = settings()
-    wanted = tuple(c.strip() for c in classes.split(",") if c.strip())
+    default = "script,llm" if index is not None else "cpu"
+    wanted = tuple(c.strip() for c in (classes or default).split(",") if c.strip())
     if not wanted:
         raise fail("--classes needs at least one class")
-    raise typer.Exit(run_agent(Worker(s, classes=wanted, slots=slots, drain_timeout_s=drain_timeout)))
+    unknown = [c for c in wanted if c not in TASK_CLASSES]
+    if unknown:
+        raise fail(f"unknown class {', '.join(unknown)}; known classes: {', '.join(TASK_CLASSES)}")
+    worker = Worker(
+        s, classes=wanted, slots=slots, drain_timeout_s=drain_timeout, gpu=index, memory_mb=memory_mb
+    )
+    try:
+        code = run_agent(worker)
+    except GpuError as exc:
+        raise fail(str(exc)) from exc
+    raise typer.Exit(code)
 
 
 @app.command()

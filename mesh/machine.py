@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 import msgspec
 
 from mesh.events import (
+    MODEL_BODY_KINDS,
     AgentOffline,
     CancelPlan,
+    GpuState,
     Message,
     Msg,
     PlanAccepted,
@@ -37,6 +39,7 @@ from mesh.events import (
     PlanResumed,
     PlanSpec,
     PlanTasks,
+    ResourceItem,
     RetryTasks,
     RunFinished,
     RunStarted,
@@ -53,6 +56,7 @@ from mesh.events import (
     TaskWaiting,
     WorkItem,
 )
+from mesh.placement import SCRIPT, GpuView, PlacementPolicy, llm_demand_key, observe, place
 from mesh.records import (
     CANCELLED,
     FAILED,
@@ -69,6 +73,10 @@ from mesh.records import (
 )
 
 MAX_ERROR_CHARS = 2000
+# failures no retry can help
+NO_RETRY = frozenset({"dead_letter", "definition"})
+# a task in these states is work waiting for a GPU (what placement counts)
+DEMAND_STATES = frozenset({WAITING, READY})
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,9 @@ class Policy:
     part_bytes: int = 256 * 1024
     # a plan final for this long is archived: dropped from KV and memory (0: never)
     archive_after_s: float = 7 * 86400.0
+    # model kind -> the model a task of that kind gets when it names none
+    default_models: dict[str, str] = field(default_factory=dict)
+    placement: PlacementPolicy = field(default_factory=PlacementPolicy)
 
 
 class Tick:
@@ -111,6 +122,10 @@ class Step:
     events: list[Msg] = field(default_factory=list)
     work: list[WorkItem] = field(default_factory=list)
     ignored: str = ""
+    # model loads and unloads for one worker each (their `gpu.requested` events are in `events`)
+    resources: list[ResourceItem] = field(default_factory=list)
+    # things to tell the operator (e.g. a model no GPU can hold)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -133,7 +148,21 @@ class State:
     removed_tasks: set[str] = field(default_factory=set)
     removed_plans: set[str] = field(default_factory=set)
     aging_s: float = 60.0
+    # GPUs as their workers report them, and the model work waiting (waiting or ready tasks)
+    # by demand key ('llm:<model>', 'script')
+    gpus: dict[str, GpuView] = field(default_factory=dict)
+    demand: dict[str, int] = field(default_factory=dict)
     _seq: int = 0
+
+    def _count_demand(self, rec: TaskRecord, delta: int) -> None:
+        cls = rec.spec.cls
+        if cls == "llm":
+            key = llm_demand_key(rec.spec.model)
+        elif cls == SCRIPT:
+            key = SCRIPT
+        else:
+            return
+        self.demand[key] = self.demand.get(key, 0) + delta
 
     # ---------------------------------------------------------- indexes
     def _push(self, rec: TaskRecord) -> None:
@@ -149,6 +178,8 @@ class State:
         self.plan_keys.setdefault(rec.plan_id, []).append(key)
         for dep in rec.spec.depends_on:
             self.dependents.setdefault(f"{rec.plan_id}.{dep}", []).append(key)
+        if rec.status in DEMAND_STATES:
+            self._count_demand(rec, 1)
         if rec.status == WAITING:
             self._push(rec)
         elif rec.status in INFLIGHT_STATES:
@@ -208,6 +239,8 @@ def _set_status(state: State, rec: TaskRecord, status: str, at: float) -> None:
         plan.updated_at = at
         state.dirty_plans.add(plan.plan_id)
     cls = rec.spec.cls
+    if (old in DEMAND_STATES) != (status in DEMAND_STATES):
+        state._count_demand(rec, 1 if status in DEMAND_STATES else -1)
     if old in INFLIGHT_STATES and status not in INFLIGHT_STATES:
         state.inflight[cls] = state.inflight.get(cls, 0) - 1
     elif status in INFLIGHT_STATES and old not in INFLIGHT_STATES:
@@ -437,6 +470,9 @@ def work_item(state: State, rec: TaskRecord) -> WorkItem:
         env=rec.spec.env,
         workdir=plan.workdir if plan else "",
         sensitive=rec.spec.sensitive,
+        model=rec.spec.model,
+        inputs=rec.spec.inputs,
+        max_tokens=rec.spec.max_tokens,
     )
 
 
@@ -470,7 +506,9 @@ class _Decider:
         if known is not None:
             self._complete_acceptance(msg, known)
             return
-        error = validate_plan(msg.plan)
+        plan_spec, error = self._resolve_models(msg.plan)
+        error = error or validate_plan(plan_spec)
+        msg = msgspec.structs.replace(msg, plan=plan_spec)
         if msg.object:
             error = f"the plan's tasks could not be read from the object store ({msg.object})"
         if error:
@@ -501,6 +539,39 @@ class _Decider:
         for spec in msg.plan.tasks:
             if not spec.depends_on:
                 self.emit(TaskWaiting(plan_id=msg.plan_id, task_id=spec.id, at=self.now))
+
+    def _resolve_models(self, plan: PlanSpec) -> tuple[PlanSpec, str]:
+        """Give each model task the default model of its kind when it names none (a repair the
+        accepted plan records); an unknown model, or one of the wrong kind, rejects the plan."""
+        registry = self.policy.placement.models
+        if not registry:
+            return plan, ""
+        tasks: list[TaskSpec] = []
+        changed = False
+        for spec in plan.tasks:
+            need = MODEL_BODY_KINDS.get(spec.kind)
+            if need is None:
+                tasks.append(spec)
+                continue
+            model = spec.model or self.policy.default_models.get(need, "")
+            known = registry.get(model)
+            if known is None:
+                names = ", ".join(sorted(m for m, (k, _) in registry.items() if k == need)) or "none"
+                return plan, (
+                    f"task {spec.id!r} (line {spec.line}) needs {need} model {model!r}, which is not in the "
+                    f"model registry ({need} models: {names}); add it under [models] in the config"
+                )
+            if known[0] != need:
+                return (
+                    plan,
+                    f"task {spec.id!r}: model {model!r} is a {known[0]} model; "
+                    f"a {spec.kind} body needs a {need} model",
+                )
+            if model != spec.model:
+                spec = msgspec.structs.replace(spec, model=model)
+                changed = True
+            tasks.append(spec)
+        return (msgspec.structs.replace(plan, tasks=tuple(tasks)) if changed else plan), ""
 
     def _complete_acceptance(self, msg: SubmitPlan, plan: PlanRecord) -> None:
         """A submission seen again: if a crash cut its acceptance short (some `plan.tasks` parts
@@ -607,6 +678,8 @@ class _Decider:
             return
         if msg.dead_letter:
             reason = "dead_letter"
+        elif msg.reason == "definition":
+            reason = "definition"
         elif msg.timed_out:
             reason = "timeout"
         else:
@@ -665,6 +738,8 @@ class _Decider:
             )
             self.step.events.append(AgentOffline(agent_id=agent, at=self.now, running=running))
         state.agents_live = set(msg.live)
+        for view in state.gpus.values():
+            view.live = view.worker in msg.live and view.state != "offline"
         holders = {r.worker for r in state.tasks.values() if r.status == RUNNING}
         for worker in holders - msg.live:
             state.offline_since.setdefault(worker, self.now)
@@ -690,7 +765,7 @@ class _Decider:
     def _attempt_failed(
         self, rec: TaskRecord, reason: str, error: str, rc: int | None, worker: str, duration_s: float
     ) -> None:
-        if reason != "dead_letter" and rec.attempt - rec.base_attempt <= rec.spec.retries:
+        if reason not in NO_RETRY and rec.attempt - rec.base_attempt <= rec.spec.retries:
             self.emit(
                 TaskRetrying(
                     plan_id=rec.plan_id,
@@ -779,6 +854,16 @@ class _Decider:
                     )
                 )
 
+    def place(self) -> None:
+        decision = place(self.state.gpus, self.state.demand, self.now, self.policy.placement)
+        self.step.events.extend(decision.events)
+        self.step.resources.extend(decision.items)
+        for model, need, largest in decision.unplaceable:
+            self.step.notes.append(
+                f"model {model} needs {need} MB of VRAM and the largest GPU known has {largest} MB: "
+                "its tasks wait until a GPU that can hold it joins (or lower vram_mb / use a smaller model)"
+            )
+
     def finish_plans(self) -> None:
         for plan_id in sorted(self.touched_plans):
             plan = self.state.plans.get(plan_id)
@@ -811,10 +896,14 @@ def apply(state: State, msg: Message | Tick | Sweep | Reconcile, now: float, pol
         d.sweep(msg)
     elif isinstance(msg, Reconcile):
         d.reconcile()
+    elif isinstance(msg, GpuState):
+        observe(state.gpus, msg)
     elif not isinstance(msg, Tick):
         d.step.ignored = f"the brain does not take {type(msg).__name__} messages"
     d.release()
     d.finish_plans()
+    if isinstance(msg, Tick | Sweep | GpuState):
+        d.place()
     return d.step
 
 

@@ -100,7 +100,12 @@ class Names:
 
     def audited_subjects(self) -> list[str]:
         """Event subjects no other agent consumes: the auditor checks them."""
-        return [f"{self.prefix}.evt.plan.>", f"{self.prefix}.evt.task.>", f"{self.prefix}.evt.agent.>"]
+        return [
+            f"{self.prefix}.evt.plan.>",
+            f"{self.prefix}.evt.task.>",
+            f"{self.prefix}.evt.agent.>",
+            f"{self.prefix}.evt.gpu.*.requested",
+        ]
 
     def workers_consumer(self, cls: str) -> str:
         return f"workers-{check_token(cls, 'class')}"
@@ -131,8 +136,9 @@ class Names:
         return f"{self.prefix}.evt.run.>"
 
     @property
-    def gpus_all(self) -> str:
-        return f"{self.prefix}.evt.gpu.>"
+    def gpu_states_all(self) -> str:
+        """Every GPU's state changes (what the brain places models by)."""
+        return f"{self.prefix}.evt.gpu.*.state"
 
     @property
     def task_cancelled_all(self) -> str:
