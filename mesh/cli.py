@@ -431,19 +431,30 @@ def up(
     port: Annotated[int | None, typer.Option("--port", help="server port (default 4222)")] = None,
     workers: Annotated[int, typer.Option("--workers", help="CPU workers to start")] = 2,
     slots: Annotated[int, typer.Option("--slots", help="concurrent tasks per worker")] = 2,
+    gpus: Annotated[
+        str,
+        typer.Option(
+            "--gpus",
+            help="model workers: 'auto' (one per NVIDIA GPU, else one on the CPU), 'cpu', 'off', "
+            "or GPU indices such as 0,1",
+        ),
+    ] = "auto",
     plan: Annotated[
         Path | None, typer.Option("--submit", help="submit this plan, follow it, then stop everything")
     ] = None,
     var: VarOpt = None,
 ) -> None:
-    """Start an embedded nats-server, a brain and N CPU workers; Ctrl-C stops them all."""
+    """Start an embedded nats-server, a brain, N CPU workers and the model workers; Ctrl-C stops them all."""
     from mesh.up import Stack
 
     configure()
     s = settings()
     spec = load(plan, var) if plan is not None else None
     data = Path(data_dir or s.data_dir)
-    stack = Stack(str(data), port or s.embedded_port, workers, slots, log_dir=str(data / "logs"))
+    model_workers = _model_workers(gpus)
+    stack = Stack(
+        str(data), port or s.embedded_port, workers, slots, log_dir=str(data / "logs"), gpus=model_workers
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -456,7 +467,8 @@ def up(
     except MeshError as exc:
         raise fail(str(exc)) from None
     err.print(
-        f"mesh up: server {stack.url}, store {data / 'jetstream'}, brain + {workers} worker(s), "
+        f"mesh up: server {stack.url}, store {data / 'jetstream'}, brain + {workers} worker(s)"
+        f" + {len(model_workers)} model worker(s) ({_show_gpus(model_workers)}), "
         f"logs in {data / 'logs'}"
     )
     code = 0
@@ -471,6 +483,27 @@ def up(
         err.print("stopping agents and server…")
         stack.stop()
     raise typer.Exit(code)
+
+
+def _show_gpus(gpus: tuple[int | None, ...]) -> str:
+    return ", ".join("cpu" if g is None else f"gpu {g}" for g in gpus) or "none"
+
+
+def _model_workers(spec: str) -> tuple[int | None, ...]:
+    word = spec.strip().lower()
+    if word == "off":
+        return ()
+    if word == "cpu":
+        return (None,)
+    if word == "auto":
+        from mesh.gpu import count_gpus
+
+        n = count_gpus()
+        return tuple(range(n)) if n else (None,)
+    try:
+        return tuple(int(p) for p in word.split(",") if p.strip())
+    except ValueError:
+        raise fail(f"--gpus {spec!r}: write auto, cpu, off, or GPU indices such as 0,1") from None
 
 
 def _submit_and_follow(s: Settings, stack: Any, spec: events.PlanSpec, stop: threading.Event) -> int:

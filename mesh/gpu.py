@@ -93,6 +93,23 @@ class GpuError(Exception):
     """A GPU a worker was told to use that it cannot use; the message says what to do."""
 
 
+def count_gpus() -> int:
+    """NVIDIA GPUs NVML sees; 0 when there is no driver (or no nvidia-ml-py)."""
+    try:
+        import pynvml
+    except ImportError:
+        return 0
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
 def open_device(gpu: int | None, memory_mb: int = 0) -> Device:
     return Device(memory_mb) if gpu is None else NvmlDevice(gpu, memory_mb)
 

@@ -74,6 +74,7 @@ class Stack:
         env: dict[str, str] | None = None,
         max_payload: int = 8 * 1024 * 1024,
         auditor: bool = True,
+        gpus: tuple[int | None, ...] = (),
     ) -> None:
         self.server = EmbeddedServer(data_dir, port, max_payload)
         self.workers = workers
@@ -81,6 +82,8 @@ class Stack:
         self.log_dir = Path(log_dir) if log_dir else None
         self.env = dict(os.environ if env is None else env)
         self.auditor = auditor
+        # one model worker per entry: a GPU index, or None for the CPU standing in for a GPU
+        self.gpus = gpus
         self.children: list[Child] = []
 
     @property
@@ -100,6 +103,10 @@ class Stack:
                     self._log(f"worker-{i + 1}"),
                 )
             )
+        for gpu in self.gpus:
+            name = f"gpu-{gpu}" if gpu is not None else "cpu-models"
+            args = ["--gpu", str(gpu)] if gpu is not None else ["--gpu", "none", "--classes", "script,llm"]
+            self.children.append(Child(name, agent_command("worker", url, *args), self._log(name)))
         if self.auditor:
             self.children.append(Child("auditor", agent_command("auditor", url), self._log("auditor")))
         for child in self.children:
