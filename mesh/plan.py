@@ -16,6 +16,14 @@ The format is described in plans/PLAN_FORMAT.md. In short:
     mkdir -p {OUT}
     ```
 
+    ### summary
+    - depends_on: fetch
+    - inputs: fetch
+
+    ```prompt
+    Q: What does the text below say?
+    ```
+
 `parse_plan` and `load_plan` either return a `PlanSpec` or raise `PlanError`
 carrying every problem they found, each with its line and a hint; they raise
 nothing else, whatever the input.
@@ -39,16 +47,27 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from mesh.errors import PlanError, Problem
-from mesh.events import BODY_KINDS, TASK_CLASSES, BodyKind, PlanSpec, TaskClass, TaskSpec
+from mesh.events import (
+    BODY_KINDS,
+    DEFAULT_CLASS_OF_KIND,
+    MODEL_BODY_KINDS,
+    TASK_CLASSES,
+    BodyKind,
+    PlanSpec,
+    TaskClass,
+    TaskSpec,
+)
 
 __all__ = [
     "BODY_KIND_ALIASES",
     "DEFAULT_PRIORITY",
     "DEFAULT_RETRIES",
     "DEFAULT_TIMEOUT_S",
+    "EMBED_KEYS",
     "FIELDS",
     "MAX_RETRIES",
     "MAX_TIMEOUT_S",
+    "MAX_TOKENS",
     "load_plan",
     "parse_plan",
 ]
@@ -64,6 +83,9 @@ FIELDS: tuple[str, ...] = (
     "foreach",
     "env",
     "sensitive",
+    "model",
+    "inputs",
+    "max_tokens",
 )
 DEFAULT_CLASS: TaskClass = "cpu"
 DEFAULT_PRIORITY = 5
@@ -73,6 +95,11 @@ DEFAULT_TIMEOUT_S = 1800.0
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 DEFAULT_RETRIES = 3
 MAX_RETRIES = 100
+MAX_TOKENS = 1_000_000
+# the line keys of an embed body
+EMBED_KEYS: tuple[str, ...] = ("file", "text", "input", "save")
+# body kinds that take the outputs of their `inputs`
+_INPUT_KINDS = ("prompt", "embed")
 
 BODY_KIND_ALIASES: dict[str, BodyKind] = {"sh": "shell", "bash": "shell"}
 _BODY_KINDS: dict[str, BodyKind] = {
@@ -104,7 +131,8 @@ _SCAN_START = frozenset(" #`~")  # a line starting otherwise is plain text
 _FENCE_START = " `~"
 
 _BODY_HINT = (
-    "put the commands in a fenced block under the task heading: a line '```shell', the commands, a line '```'"
+    "put the commands in a fenced block under the task heading: a line '```shell', the commands, "
+    "a line '```' (or '```prompt', '```transcribe', '```embed' for model work)"
 )
 _ID_HINT = (
     "a task id may use only letters, digits, '_' and '-' (it becomes a NATS subject token), "
@@ -116,6 +144,11 @@ _ENV_NAME_HINT = (
 _FOREACH_HINT = (
     "write '- foreach: NAME in a, b, c' (a comma list) or '- foreach: NAME in data/*.csv' (a glob)"
 )
+_MODEL_HINT = (
+    "a model name has only letters, digits, '_' and '-', e.g. 'gemma3-270m'; "
+    "leave the field out to use the configured default model for the body's kind"
+)
+_EMBED_HINT = "each line of an embed body is 'file: PATH', 'text: TEXT', 'input: TASK' or 'save: PATH.npy'"
 
 
 # ---------------------------------------------------------------- public API
@@ -306,7 +339,14 @@ class _Record:
     sensitive: bool
     deps: list[str]
     deps_line: int
+    model: str = ""
+    max_tokens: int = 0
+    # the `inputs` field as written, and the line of each `input:` line of an embed body
+    inputs: list[str] = field(default_factory=list)
+    inputs_line: int = 0
+    body_inputs: list[tuple[int, str]] = field(default_factory=list)
     resolved: tuple[str, ...] = ()
+    resolved_inputs: tuple[str, ...] = ()
 
 
 def _show(value: str, limit: int = 60) -> str:
@@ -370,6 +410,9 @@ class _Parser:
                 env=r.env,
                 sensitive=r.sensitive,
                 line=r.line,
+                model=r.model,
+                inputs=r.resolved_inputs,
+                max_tokens=r.max_tokens,
             )
             for r in records
         )
@@ -706,12 +749,14 @@ class _Parser:
         text = "\n".join(fence.lines)
         if fence.closed and not text.strip() and kind != "noop":
             self.add(
-                fence.line, f"the body of task '{task.id}' is empty", "put the task's commands in the block"
+                fence.line,
+                f"the body of task '{task.id}' is empty",
+                "put the task's commands (or its prompt, audio path or embed lines) in the block",
             )
             return None
         if kind is None or not fence.closed or len(task.fences) > 1:
             return None
-        return text + "\n", fence.line + 1, kind
+        return text, fence.line + 1, kind
 
     def _foreach(
         self, task: _RawTask, line: int, spec: str, variables: Mapping[str, str]
@@ -809,7 +854,7 @@ class _Parser:
         body: tuple[str, int, BodyKind] | None,
         plan_env: dict[str, str],
     ) -> _Record:
-        cls = DEFAULT_CLASS
+        cls: TaskClass | None = None
         priority = DEFAULT_PRIORITY
         retries = DEFAULT_RETRIES
         timeout_s = DEFAULT_TIMEOUT_S
@@ -817,12 +862,19 @@ class _Parser:
         env = plan_env
         deps: list[str] = []
         deps_line = 0
+        model = ""
+        max_tokens = 0
+        inputs: list[str] = []
+        # where the fields that must suit the body's kind are (0: not given)
+        lines = {"class": 0, "model": 0, "max_tokens": 0, "inputs": 0}
         for key, (line, raw_value) in task.fields.items():
             if key == "foreach":
                 continue
             if key == "env":
                 env = {**plan_env, **self._task_env(task, line, raw_value, values)}
                 continue
+            if key in lines:
+                lines[key] = line
             value = self._subst(raw_value, line, values)
             if key == "depends_on":
                 deps_line = line
@@ -882,12 +934,44 @@ class _Parser:
                     )
                 else:
                     sensitive = b
+            elif key == "model":
+                name = value.strip()
+                if _ID_RE.fullmatch(name):
+                    model = name
+                else:
+                    self.add(
+                        line, f"model {_show(name)} of task '{task.id}' is not a model name", _MODEL_HINT
+                    )
+            elif key == "inputs":
+                inputs = list(dict.fromkeys(_split_list(value)))
+            elif key == "max_tokens":
+                n = _int(value, 1, MAX_TOKENS)
+                if n is None:
+                    self.add(
+                        line,
+                        f"max_tokens {_show(value)} of task '{task.id}' is not a whole number "
+                        f"from 1 to {MAX_TOKENS}",
+                        "write e.g. '- max_tokens: 64' (leave it out for the model's configured default)",
+                    )
+                else:
+                    max_tokens = n
         if env is plan_env:
             env = dict(plan_env)
         text, kind = "", cast(BodyKind, BODY_KINDS[0])
+        body_inputs: list[tuple[int, str]] = []
         if body is not None:
             raw, first, kind = body
-            text = self._subst(raw, first, values)
+            if kind == "embed":
+                text, body_inputs = self._embed(task, raw, first, values)
+            else:
+                text = self._subst(raw, first, values)
+                if kind == "transcribe":
+                    text = self._transcribe(task, text, first - 1)
+                elif kind != "prompt":
+                    text += "\n"
+            self._suits(task, kind, cls, lines)
+        if cls is None:
+            cls = _CLASSES.get(DEFAULT_CLASS_OF_KIND.get(kind, ""), DEFAULT_CLASS)
         return _Record(
             id=eid,
             base=task.id,
@@ -902,7 +986,132 @@ class _Parser:
             sensitive=sensitive,
             deps=deps,
             deps_line=deps_line,
+            model=model,
+            max_tokens=max_tokens,
+            inputs=inputs,
+            inputs_line=lines["inputs"],
+            body_inputs=body_inputs,
         )
+
+    def _suits(self, task: _RawTask, kind: str, cls: TaskClass | None, lines: dict[str, int]) -> None:
+        """Check that the class (when valid and given) and the model fields suit the body's kind."""
+        need = DEFAULT_CLASS_OF_KIND.get(kind)
+        if cls is not None and need is not None and cls != need:
+            self.add(
+                lines["class"],
+                f"task '{task.id}' has {_a(kind)} {kind} body, which runs only in class {need}, "
+                f"but its class is '{cls}'",
+                f"write '- class: {need}', or leave class out: "
+                f"{_a(kind)} {kind} task is class {need} by default",
+            )
+        elif cls == "llm" and kind != "prompt":
+            self.add(
+                lines["class"],
+                f"task '{task.id}' has class llm, which runs only prompt bodies, but its body is {kind}",
+                "use class script for shell commands that need a GPU; class llm is for '```prompt' bodies",
+            )
+        if lines["model"] and kind not in MODEL_BODY_KINDS:
+            self.add(
+                lines["model"],
+                f"field 'model' of task '{task.id}' applies only to prompt, transcribe and embed bodies, "
+                f"and its body is {kind}",
+                f"remove the line: {_a(kind)} {kind} task runs no model",
+            )
+        if lines["max_tokens"] and kind != "prompt":
+            self.add(
+                lines["max_tokens"],
+                f"field 'max_tokens' of task '{task.id}' applies only to prompt bodies, "
+                f"and its body is {kind}",
+                "remove the line: only a prompt generates tokens",
+            )
+        if lines["inputs"] and kind not in _INPUT_KINDS:
+            hint = (
+                "a transcribe body is the path of one audio file: have the dependency write the file, "
+                "and put its path in the body"
+                if kind == "transcribe"
+                else "a shell task takes no outputs: have the dependency write a file, and read it"
+            )
+            self.add(
+                lines["inputs"],
+                f"field 'inputs' of task '{task.id}' applies only to prompt and embed bodies, "
+                f"and its body is {kind}",
+                hint,
+            )
+
+    def _transcribe(self, task: _RawTask, text: str, line: int) -> str:
+        """A transcribe body: one path to an audio file (blank lines around it allowed)."""
+        paths = [part.strip() for part in text.split("\n") if part.strip()]
+        if len(paths) != 1:
+            self.add(
+                line,
+                f"the transcribe body of task '{task.id}' has {len(paths)} lines, not one path",
+                "a transcribe body is the path of one audio file, e.g. '{OUT}/talk.wav'; "
+                "use foreach to transcribe several files",
+            )
+            return text
+        return paths[0]
+
+    def _embed(
+        self, task: _RawTask, raw: str, first: int, values: Mapping[str, str]
+    ) -> tuple[str, list[tuple[int, str]]]:
+        """An embed body: its lines, each written as 'key: value', and its `input:` lines.
+
+        Blank lines are dropped and keys lower-cased, so that the worker reads one form."""
+        out: list[str] = []
+        inputs: list[tuple[int, str]] = []
+        texts = 0
+        save_line = 0
+        for i, raw_line in enumerate(raw.split("\n")):
+            line = first + i
+            for part in self._subst(raw_line, line, values).split("\n"):
+                if not part.strip():
+                    continue
+                head, colon, rest = part.partition(":")
+                key = head.strip().lower()
+                value = rest.strip()
+                if not colon or key not in EMBED_KEYS:
+                    self.add(
+                        line,
+                        f"line {_show(part.strip())} of the embed body of task '{task.id}' "
+                        "is not a 'file:', 'text:', 'input:' or 'save:' line",
+                        _EMBED_HINT,
+                    )
+                    continue
+                if not value:
+                    self.add(
+                        line,
+                        f"the '{key}:' line of the embed body of task '{task.id}' has nothing after the ':'",
+                        _EMBED_HINT,
+                    )
+                    continue
+                out.append(f"{key}: {value}")
+                if key == "save":
+                    if save_line:
+                        self.add(
+                            line,
+                            f"the embed body of task '{task.id}' has a second 'save:' line "
+                            f"(the first is at line {save_line})",
+                            "the vectors go to one file; keep one of the two lines",
+                        )
+                    save_line = save_line or line
+                    if not value.endswith(".npy"):
+                        self.add(
+                            line,
+                            f"save path {_show(value)} of task '{task.id}' does not end in '.npy'",
+                            "the vectors are saved as a NumPy array: name a .npy file, "
+                            "e.g. 'save: {OUT}/vectors.npy'",
+                        )
+                    continue
+                texts += 1
+                if key == "input":
+                    inputs.append((line, value))
+        if not texts:
+            self.add(
+                first - 1,
+                f"the embed body of task '{task.id}' names no texts to embed",
+                "add 'text: TEXT', 'file: PATH' or 'input: TASK' lines",
+            )
+        return "\n".join(out), inputs
 
     def _task_env(self, task: _RawTask, line: int, text: str, values: Mapping[str, str]) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -932,36 +1141,78 @@ class _Parser:
     # ------------------------------------------------------------ dependencies
 
     def _resolve(self, records: list[_Record], targets: dict[str, list[str]]) -> None:
-        names: list[str] | None = None
         for r in records:
-            if not r.deps:
-                continue
-            out: list[str] = []
-            for dep in r.deps:
-                found = targets.get(dep)
-                if found is None:
-                    message = f"task '{r.base}' depends on unknown task {_show(dep)}"
-                    if self._may_suggest():
-                        if names is None:
-                            names = list(targets)
-                        near = _closest(dep, names)
-                        if near:
-                            message += f"; did you mean '{near}'?"
-                    self.add(
-                        r.deps_line,
-                        message,
-                        "depends_on lists task ids (the '### <id>' headings), separated by commas",
-                    )
-                    continue
-                if dep == r.base or dep == r.id:
-                    self.add(
-                        r.deps_line,
-                        f"task '{r.base}' depends on itself",
-                        f"remove '{dep}' from its depends_on",
-                    )
-                    continue
-                out.extend(found)
-            r.resolved = tuple(dict.fromkeys(out))
+            if r.deps:
+                out: list[str] = []
+                for dep in r.deps:
+                    found = self._target(r, dep, r.deps_line, targets, "depends on", "depends_on")
+                    if found is not None:
+                        out.extend(found)
+                r.resolved = tuple(dict.fromkeys(out))
+            if r.inputs or r.body_inputs:
+                self._resolve_inputs(r, targets)
+
+    def _target(
+        self, r: _Record, name: str, line: int, targets: dict[str, list[str]], verb: str, field: str
+    ) -> list[str] | None:
+        """The task ids `name` stands for in a list field of `r`, or None (reported) if none."""
+        found = targets.get(name)
+        if found is None:
+            message = f"task '{r.base}' {verb} unknown task {_show(name)}"
+            if self._may_suggest():
+                near = _closest(name, list(targets))
+                if near:
+                    message += f"; did you mean '{near}'?"
+            self.add(line, message, f"{field} lists task ids (the '### <id>' headings), separated by commas")
+            return None
+        if name == r.base or name == r.id:
+            self.add(line, f"task '{r.base}' {verb} itself", f"remove '{name}' from its {field}")
+            return None
+        return found
+
+    def _resolve_inputs(self, r: _Record, targets: dict[str, list[str]]) -> None:
+        """Resolve `inputs` (and an embed body's `input:` lines) like depends_on; each must be in it."""
+        deps = set(r.resolved)
+
+        def resolve(name: str, line: int) -> list[str]:
+            found = self._target(r, name, line, targets, "takes the output of", "inputs")
+            if found is None:
+                return []
+            if not deps.issuperset(found):
+                self.add(
+                    line,
+                    f"task '{r.base}' takes the output of '{name}', which is not in its depends_on",
+                    f"add '{name}' to depends_on: a task can take only the outputs of tasks it waits for",
+                )
+            return found
+
+        field_ids = {name: resolve(name, r.inputs_line) for name in r.inputs}
+        if r.kind != "embed":
+            r.resolved_inputs = tuple(dict.fromkeys(i for ids in field_ids.values() for i in ids))
+            return
+        body_ids = {name: resolve(name, line) for line, name in r.body_inputs}
+        used = {i for ids in body_ids.values() for i in ids}
+        for name, ids in field_ids.items():
+            if ids and not used.issuperset(ids):
+                self.add(
+                    r.inputs_line,
+                    f"task '{r.base}' lists '{name}' in inputs, "
+                    f"but its embed body has no 'input: {name}' line",
+                    f"add a line 'input: {name}' to the body to embed that task's output, "
+                    "or remove it from inputs",
+                )
+        r.resolved_inputs = tuple(dict.fromkeys(i for ids in body_ids.values() for i in ids))
+        # An 'input:' line naming a foreach task stands for each of its expansions.
+        many = {name: ids for name, ids in body_ids.items() if ids and ids != [name]}
+        if many:
+            lines: list[str] = []
+            for text in r.body.split("\n"):
+                name = text[len("input: ") :] if text.startswith("input: ") else ""
+                if name in many:
+                    lines.extend(f"input: {i}" for i in many[name])
+                else:
+                    lines.append(text)
+            r.body = "\n".join(lines)
 
     def _cycles(self, records: list[_Record]) -> None:
         """Report each cycle an iterative depth-first search finds (one per back edge)."""
@@ -1012,6 +1263,11 @@ class _Parser:
                 "dependency cycle: " + " -> ".join([*ids, ids[0]]),
                 "each task in it waits for the next; remove one of these depends_on entries",
             )
+
+
+def _a(word: str) -> str:
+    """The indefinite article for `word`."""
+    return "an" if word[:1] in ("a", "e", "i", "o", "u") else "a"
 
 
 def _int(text: str, low: int, high: int) -> int | None:

@@ -174,8 +174,8 @@ def test_timeout_formats(text: str, seconds: float) -> None:
 
 
 def test_field_keys_are_case_insensitive_and_list_markers_vary() -> None:
-    (t,) = parse_plan(tasks_plan(task("a", fields="* Priority: 9\n+ CLASS: LLM\n- Sensitive: No"))).tasks
-    assert (t.priority, t.cls, t.sensitive) == (9, "llm", False)
+    (t,) = parse_plan(tasks_plan(task("a", fields="* Priority: 9\n+ CLASS: SCRIPT\n- Sensitive: No"))).tasks
+    assert (t.priority, t.cls, t.sensitive) == (9, "script", False)
 
 
 def test_section_names_are_case_insensitive_and_order_free() -> None:
@@ -640,7 +640,7 @@ def test_unknown_and_missing_body_kind() -> None:
     found = problems(text)
     assert found[0].message == "task 'a' has a body of unknown kind 'python'"
     assert found[1].message == "task 'b' has a code block with no kind"
-    assert all("known kinds: shell, noop, sh, bash" in p.hint for p in found)
+    assert all("known kinds: shell, noop, prompt, transcribe, embed, sh, bash" in p.hint for p in found)
     assert [p.line for p in found] == [line_of(text, "```python"), line_of(text, "### b") + 2]
 
 
@@ -817,6 +817,317 @@ def test_load_plan_not_utf8(tmp_path: Path) -> None:
     assert p.line == line_of(path.read_text(encoding="latin-1"), "caf")
 
 
+# ---------------------------------------------------------------- model kinds
+
+
+def test_class_is_inferred_from_the_body() -> None:
+    text = tasks_plan(
+        task("sh")
+        + task("join", body="", kind="noop")
+        + task("ask", body="Q: Why?\nA:", kind="prompt")
+        + task("hear", body="/tmp/a.wav", kind="transcribe")
+        + task("vec", body="text: hello", kind="embed")
+    )
+    found = by_id(parse_plan(text))
+    assert {tid: (t.kind, t.cls) for tid, t in found.items()} == {
+        "sh": ("shell", "cpu"),
+        "join": ("noop", "cpu"),
+        "ask": ("prompt", "llm"),
+        "hear": ("transcribe", "script"),
+        "vec": ("embed", "script"),
+    }
+    assert all((t.model, t.inputs, t.max_tokens) == ("", (), 0) for t in found.values())
+
+
+def test_explicit_classes_that_suit_the_body() -> None:
+    text = tasks_plan(
+        task("gpu-shell", fields="- class: script")
+        + task("ext", fields="- class: external")
+        + task("ask", body="Q: Why?\nA:", kind="prompt", fields="- class: LLM")
+        + task("vec", body="text: hello", kind="embed", fields="- class: script")
+    )
+    assert [t.cls for t in parse_plan(text).tasks] == ["script", "external", "llm", "script"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "cls", "message", "hint"),
+    [
+        ("prompt", "Q: Why?", "script", "has a prompt body, which runs only in class llm", "'- class: llm'"),
+        ("prompt", "Q: Why?", "cpu", "but its class is 'cpu'", "a prompt task is class llm by default"),
+        ("transcribe", "a.wav", "cpu", "which runs only in class script", "'- class: script'"),
+        ("transcribe", "a.wav", "llm", "which runs only in class script", "leave class out"),
+        ("embed", "text: x", "llm", "has an embed body, which runs only in class script", "class script"),
+        ("embed", "text: x", "external", "but its class is 'external'", "'- class: script'"),
+        (
+            "shell",
+            "echo hi",
+            "llm",
+            "has class llm, which runs only prompt bodies, but its body is shell",
+            "use class script for shell commands that need a GPU",
+        ),
+        ("noop", "", "llm", "but its body is noop", "use class script"),
+    ],
+)
+def test_class_that_cannot_run_the_body(kind: str, body: str, cls: str, message: str, hint: str) -> None:
+    text = tasks_plan(task("a", body=body, kind=kind, fields=f"- class: {cls}"))
+    p = one(text)
+    assert p.line == line_of(text, "- class:")
+    assert message in p.message and "task 'a'" in p.message
+    assert hint in p.hint
+
+
+def test_model_kind_fields() -> None:
+    text = tasks_plan(
+        task("src")
+        + task(
+            "ask",
+            body="Q: {Q}\nA:",
+            kind="prompt",
+            fields="- depends_on: src\n- inputs: src\n- model: {LLM}\n- max_tokens: 32",
+        ),
+        head="## Variables\n\n- Q: Why?\n- LLM: my_model-2\n\n",
+    )
+    ask = by_id(parse_plan(text))["ask"]
+    assert (ask.model, ask.inputs, ask.max_tokens, ask.depends_on) == ("my_model-2", ("src",), 32, ("src",))
+    assert ask.body == "Q: Why?\nA:"  # as written, substituted, with no final line break
+
+
+def test_variables_substitute_in_every_model_body() -> None:
+    text = tasks_plan(
+        task("ask", body="{{literal}} about {TOPIC}", kind="prompt")
+        + task("hear", body="\n{OUT}/a.wav\n", kind="transcribe")
+        + task("vec", body="file: {OUT}/lines.txt\n\nText:   {TOPIC}  \nsave: {OUT}/v.npy", kind="embed"),
+        head="## Variables\n\n- OUT: /data\n- TOPIC: owls\n\n",
+    )
+    found = by_id(parse_plan(text))
+    assert found["ask"].body == "{literal} about owls"
+    assert found["hear"].body == "/data/a.wav"
+    assert found["vec"].body == "file: /data/lines.txt\ntext: owls\nsave: /data/v.npy"
+
+
+def test_unknown_variable_in_a_model_body_points_at_its_line() -> None:
+    text = tasks_plan(
+        task("ask", body="Q: {Q}\nA: {ANSWR}", kind="prompt")
+        + task("vec", body="text: a\ntext: {ANSWR}", kind="embed"),
+        head="## Variables\n\n- Q: Why?\n- ANSWER: because\n\n",
+    )
+    found = problems(text)
+    assert [p.line for p in found] == [line_of(text, "A: {ANSWR}"), line_of(text, "text: {ANSWR}")]
+    assert all("did you mean {ANSWER}?" in p.message for p in found)
+
+
+def test_inputs_not_in_depends_on() -> None:
+    text = tasks_plan(
+        task("src") + task("other") + task("ask", kind="prompt", fields="- depends_on: other\n- inputs: src")
+    )
+    p = one(text)
+    assert p.line == line_of(text, "- inputs:")
+    assert p.message == "task 'ask' takes the output of 'src', which is not in its depends_on"
+    assert "add 'src' to depends_on" in p.hint
+
+
+def test_unknown_and_own_inputs() -> None:
+    text = tasks_plan(
+        task("fetch") + task("ask", kind="prompt", fields="- depends_on: fetch\n- inputs: fetc, ask")
+    )
+    found = problems(text)
+    assert [p.line for p in found] == [line_of(text, "- inputs:")] * 2
+    messages = sorted(p.message for p in found)
+    assert messages == [
+        "task 'ask' takes the output of itself",
+        "task 'ask' takes the output of unknown task 'fetc'; did you mean 'fetch'?",
+    ]
+
+
+def test_inputs_resolve_through_foreach_like_depends_on() -> None:
+    text = tasks_plan(
+        task("part", fields="- foreach: X in a, b, c")
+        + task("all", kind="prompt", fields="- depends_on: part\n- inputs: part")
+        + task("one", kind="prompt", fields="- depends_on: part\n- inputs: part-2")
+        + task(
+            "each", kind="prompt", fields="- foreach: Y in 1, 2\n- depends_on: part-{Y}\n- inputs: part-{Y}"
+        )
+    )
+    found = by_id(parse_plan(text))
+    assert found["all"].inputs == ("part-1", "part-2", "part-3")
+    assert found["one"].inputs == ("part-2",)
+    assert (found["each-1"].inputs, found["each-2"].inputs) == (("part-1",), ("part-2",))
+
+
+def test_foreach_inputs_must_all_be_dependencies() -> None:
+    text = tasks_plan(
+        task("part", fields="- foreach: X in a, b")
+        + task("ask", kind="prompt", fields="- depends_on: part-1\n- inputs: part")
+    )
+    p = one(text)
+    assert (p.line, p.message) == (
+        line_of(text, "- inputs:"),
+        "task 'ask' takes the output of 'part', which is not in its depends_on",
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "field", "message", "hint"),
+    [
+        (
+            "shell",
+            "echo hi",
+            "max_tokens: 10",
+            "field 'max_tokens' of task 'a' applies only to prompt bodies",
+            "remove the line",
+        ),
+        ("embed", "text: x", "max_tokens: 10", "and its body is embed", "only a prompt generates tokens"),
+        ("prompt", "Q:", "max_tokens: 0", "max_tokens '0' of task 'a' is not a whole number from 1", "64"),
+        ("prompt", "Q:", "max_tokens: lots", "is not a whole number", "'- max_tokens: 64'"),
+        ("prompt", "Q:", "model: gemma 3", "model 'gemma 3' of task 'a' is not a model name", "gemma3-270m"),
+        ("embed", "text: x", "model: a/b", "model 'a/b' of task 'a' is not a model name", "letters, digits"),
+        ("transcribe", "a.wav", "model:", "model '' of task 'a' is not a model name", "leave the field out"),
+        (
+            "shell",
+            "echo hi",
+            "model: gemma3-270m",
+            "field 'model' of task 'a' applies only to prompt, "
+            "transcribe and embed bodies, and its body is shell",
+            "runs no model",
+        ),
+        (
+            "shell",
+            "echo hi",
+            "inputs:",
+            "field 'inputs' of task 'a' applies only to prompt and embed bodies",
+            "have the dependency write a file",
+        ),
+        ("transcribe", "a.wav", "inputs:", "and its body is transcribe", "put its path in the body"),
+    ],
+)
+def test_bad_model_fields(kind: str, body: str, field: str, message: str, hint: str) -> None:
+    text = tasks_plan(task("a", body=body, kind=kind, fields=f"- {field}"))
+    p = one(text)
+    assert p.line == line_of(text, f"- {field}")
+    assert message in p.message
+    assert hint in p.hint
+
+
+def test_model_field_names_are_suggested() -> None:
+    fields = "- modle: x\n- max-tokens: 3\n- input: b\n- max tokens: 4\n- inputs b"
+    text = tasks_plan(task("a", kind="prompt", body="Q:", fields=fields))
+    found = problems(text)
+    assert [p.message for p in found] == [
+        "unknown field 'modle' in task 'a'; did you mean 'model'?",
+        "unknown field 'max-tokens' in task 'a'; did you mean 'max_tokens'?",
+        "unknown field 'input' in task 'a'; did you mean 'inputs'?",
+        "field 'max tokens' of task 'a' is misspelt",
+        "field 'inputs' of task 'a' has no ':' after its name",
+    ]
+    assert "model, inputs, max_tokens" in found[0].hint
+    assert found[3].hint == "write '- max_tokens: <value>'"
+
+
+def test_transcribe_body_is_one_path() -> None:
+    text = tasks_plan(task("a", body="one.wav\ntwo.wav", kind="transcribe"))
+    p = one(text)
+    assert p.line == line_of(text, "```transcribe")
+    assert p.message == "the transcribe body of task 'a' has 2 lines, not one path"
+    assert "use foreach" in p.hint
+
+
+def test_embed_body_problems() -> None:
+    body = "\n".join(
+        [
+            "file: a.txt",
+            "texts: oops",
+            "just words",
+            "text:",
+            "save: out.txt",
+            "save: out.npy",
+        ]
+    )
+    text = tasks_plan(task("a", body=body, kind="embed"))
+    found = problems(text)
+    assert [(p.line, p.message) for p in found] == [
+        (
+            line_of(text, "texts: oops"),
+            "line 'texts: oops' of the embed body of task 'a' is not a 'file:', "
+            "'text:', 'input:' or 'save:' line",
+        ),
+        (
+            line_of(text, "just words"),
+            "line 'just words' of the embed body of task 'a' is not a 'file:', "
+            "'text:', 'input:' or 'save:' line",
+        ),
+        (line_of(text, "text:"), "the 'text:' line of the embed body of task 'a' has nothing after the ':'"),
+        (line_of(text, "save: out.txt"), "save path 'out.txt' of task 'a' does not end in '.npy'"),
+        (
+            line_of(text, "save: out.npy"),
+            "the embed body of task 'a' has a second 'save:' line "
+            f"(the first is at line {line_of(text, 'save: out.txt')})",
+        ),
+    ]
+    assert "'file: PATH', 'text: TEXT', 'input: TASK' or 'save: PATH.npy'" in found[0].hint
+    assert "name a .npy file" in found[3].hint
+
+
+def test_embed_body_with_no_texts() -> None:
+    text = tasks_plan(task("a", body="save: v.npy", kind="embed"))
+    p = one(text)
+    assert (p.line, p.message) == (
+        line_of(text, "```embed"),
+        "the embed body of task 'a' names no texts to embed",
+    )
+
+
+def test_embed_input_lines_are_inputs() -> None:
+    text = tasks_plan(
+        task("part", fields="- foreach: X in a, b")
+        + task("src")
+        + task(
+            "vec",
+            kind="embed",
+            body="input: src\ntext: hi\nINPUT:  part\nsave: v.npy",
+            fields="- depends_on: src, part\n- inputs: part",
+        )
+    )
+    vec = by_id(parse_plan(text))["vec"]
+    assert vec.inputs == ("src", "part-1", "part-2")
+    assert vec.body == "input: src\ntext: hi\ninput: part-1\ninput: part-2\nsave: v.npy"
+
+
+def test_embed_input_line_problems() -> None:
+    text = tasks_plan(
+        task("src")
+        + task("other")
+        + task(
+            "vec", kind="embed", body="input: src\ninput: nope", fields="- depends_on: other\n- inputs: other"
+        )
+    )
+    found = problems(text)
+    assert [(p.line, p.message) for p in found] == [
+        (
+            line_of(text, "- inputs:"),
+            "task 'vec' lists 'other' in inputs, but its embed body has no 'input: other' line",
+        ),
+        (line_of(text, "input: src"), "task 'vec' takes the output of 'src', which is not in its depends_on"),
+        (line_of(text, "input: nope"), "task 'vec' takes the output of unknown task 'nope'"),
+    ]
+    assert "add a line 'input: other' to the body" in found[0].hint
+
+
+def test_model_problems_are_reported_at_once_with_others() -> None:
+    text = tasks_plan(
+        task("a", kind="prompt", body="Q:", fields="- class: cpu\n- max_tokens: -3\n- inputs: b")
+        + task("b", fields="- class: llm\n- model: x y")
+    )
+    found = problems(text)
+    assert [p.line for p in found] == [
+        line_of(text, "- class: cpu"),
+        line_of(text, "- max_tokens"),
+        line_of(text, "- inputs"),
+        line_of(text, "- class: llm"),
+        line_of(text, "- model"),
+        line_of(text, "- model"),
+    ]
+
+
 # ---------------------------------------------------------------- examples and docs
 
 
@@ -838,6 +1149,54 @@ def test_example_shapes() -> None:
     retry = by_id(load_plan(EXAMPLES / "retry.md"))
     assert retry["flaky"].retries == 2 and retry["broken"].retries == 0
     assert retry["after-broken"].depends_on == ("broken",) and retry["independent"].depends_on == ()
+
+
+MODEL_EXAMPLES = ["prompt.md", "transcribe.md", "embed.md", "mixed.md"]
+
+
+@pytest.mark.parametrize("name", MODEL_EXAMPLES)
+def test_model_examples_parse(name: str, tmp_path: Path) -> None:
+    plan = load_plan(EXAMPLES / name, variables={"OUT": str(tmp_path)})
+    assert any(str(tmp_path) in t.body for t in plan.tasks)
+    assert not any("/tmp/mesh-examples" in t.body or "{OUT}" in t.body for t in plan.tasks)
+    assert any(t.kind != "shell" for t in plan.tasks)
+    default = load_plan(EXAMPLES / name)
+    assert default.variables["OUT"] == f"/tmp/mesh-examples/{name.removesuffix('.md')}"
+
+
+def test_model_example_shapes() -> None:
+    prompt = by_id(load_plan(EXAMPLES / "prompt.md"))
+    assert [(t.kind, t.cls) for t in prompt.values()] == [
+        ("shell", "cpu"),
+        ("prompt", "llm"),
+        ("prompt", "llm"),
+    ]
+    assert prompt["continue"].inputs == ("write",) and prompt["continue"].depends_on == ("write",)
+    assert prompt["answer"].body.endswith("\nA:") and prompt["answer"].model == "gemma3-270m"
+    transcribe = by_id(load_plan(EXAMPLES / "transcribe.md"))
+    assert "espeak-ng -s 130 -w /tmp/mesh-examples/transcribe/hello.wav" in transcribe["speak"].body
+    t = transcribe["transcribe"]
+    assert (t.kind, t.cls, t.body, t.depends_on) == (
+        "transcribe",
+        "script",
+        "/tmp/mesh-examples/transcribe/hello.wav",
+        ("speak",),
+    )
+    embed = by_id(load_plan(EXAMPLES / "embed.md"))
+    e = embed["embed"]
+    assert (e.kind, e.cls, e.depends_on) == ("embed", "script", ("write",))
+    assert e.body.splitlines()[0] == "file: /tmp/mesh-examples/embed/sentences.txt"
+    assert e.body.splitlines()[-1] == "save: /tmp/mesh-examples/embed/vectors.npy"
+    mixed = by_id(load_plan(EXAMPLES / "mixed.md"))
+    assert {t.kind for t in mixed.values()} == {"shell", "prompt", "transcribe", "embed"}
+    assert mixed["notes"].inputs == ("transcribe-1", "transcribe-2")
+    assert mixed["index"].inputs == ("transcribe-1", "transcribe-2", "notes")
+    assert mixed["index"].body.splitlines()[:3] == [
+        "input: transcribe-1",
+        "input: transcribe-2",
+        "input: notes",
+    ]
+    assert mixed["transcribe-2"].body == "/tmp/mesh-examples/mixed/two.wav"
 
 
 def test_format_document_example_parses() -> None:
@@ -913,6 +1272,17 @@ FRAGMENTS = [
     "~~~",
     "~~~bash",
     "```python",
+    "```prompt",
+    "```transcribe",
+    "```embed",
+    "```noop",
+    "file: {X}/a.txt",
+    "text: hello",
+    "input: a",
+    "INPUT: b",
+    "save: v.npy",
+    "save: v.txt",
+    "text:",
     "   ```sh",
     "echo {X} ${Y} {{z}} }}",
     "echo {UNKNOWN}",
@@ -927,10 +1297,28 @@ FRAGMENTS = [
     "- depends on: a",
     "- retries 2",
 ]
-KEYS = ["class", "depends_on", "priority", "timeout", "retries", "foreach", "env", "sensitive", "prio", "X"]
+KEYS = [
+    "class",
+    "depends_on",
+    "priority",
+    "timeout",
+    "retries",
+    "foreach",
+    "env",
+    "sensitive",
+    "model",
+    "inputs",
+    "max_tokens",
+    "prio",
+    "X",
+]
 VALUES = [
     "cpu",
     "gpu",
+    "llm",
+    "script",
+    "gemma3-270m",
+    "a b",
     "a",
     "a, b",
     "a-1, zz",
