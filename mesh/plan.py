@@ -966,7 +966,7 @@ class _Parser:
             else:
                 text = self._subst(raw, first, values)
                 if kind == "transcribe":
-                    text = self._transcribe(task, text, first - 1)
+                    text = self._transcribe(task, text, first)
                 elif kind != "prompt":
                     text += "\n"
             self._suits(task, kind, cls, lines)
@@ -1038,18 +1038,42 @@ class _Parser:
                 hint,
             )
 
-    def _transcribe(self, task: _RawTask, text: str, line: int) -> str:
-        """A transcribe body: one path to an audio file (blank lines around it allowed)."""
-        paths = [part.strip() for part in text.split("\n") if part.strip()]
+    def _transcribe(self, task: _RawTask, text: str, first: int) -> str:
+        """A transcribe body: the path of one audio file, and at most one 'save: PATH' line (where
+        the worker writes the segments). Kept as the path, then the save line, without blank lines."""
+        paths: list[str] = []
+        save = ""
+        for i, part in enumerate(text.split("\n")):
+            part = part.strip()
+            key, colon, value = part.partition(":")
+            if not colon or key.strip().lower() != "save":
+                if part:
+                    paths.append(part)
+                continue
+            if not value.strip():
+                self.add(
+                    first + i,
+                    f"the 'save:' line of the transcribe body of task '{task.id}' has nothing after the ':'",
+                    "write 'save: PATH' (a JSON file of the segments), or leave the line out",
+                )
+            elif save:
+                self.add(
+                    first + i,
+                    f"the transcribe body of task '{task.id}' has a second 'save:' line",
+                    "the segments go to one file; keep one of the two lines",
+                )
+            else:
+                save = value.strip()
         if len(paths) != 1:
             self.add(
-                line,
-                f"the transcribe body of task '{task.id}' has {len(paths)} lines, not one path",
-                "a transcribe body is the path of one audio file, e.g. '{OUT}/talk.wav'; "
-                "use foreach to transcribe several files",
+                first - 1,
+                f"the transcribe body of task '{task.id}' "
+                + (f"has {len(paths)} audio paths, not one" if paths else "names no audio file"),
+                "a transcribe body is the path of one audio file, e.g. '{OUT}/talk.wav' "
+                "(and maybe a line 'save: PATH'); use foreach to transcribe several files",
             )
             return text
-        return paths[0]
+        return "\n".join([paths[0], f"save: {save}"] if save else paths)
 
     def _embed(
         self, task: _RawTask, raw: str, first: int, values: Mapping[str, str]

@@ -1027,8 +1027,25 @@ def test_transcribe_body_is_one_path() -> None:
     text = tasks_plan(task("a", body="one.wav\ntwo.wav", kind="transcribe"))
     p = one(text)
     assert p.line == line_of(text, "```transcribe")
-    assert p.message == "the transcribe body of task 'a' has 2 lines, not one path"
+    assert p.message == "the transcribe body of task 'a' has 2 audio paths, not one"
     assert "use foreach" in p.hint
+    text = tasks_plan(task("a", body="save: a.json", kind="transcribe"))
+    assert one(text).message == "the transcribe body of task 'a' names no audio file"
+
+
+def test_transcribe_body_may_say_where_the_segments_go() -> None:
+    text = tasks_plan(task("a", body="\n Save:  {OUT}/a.json\n\n{OUT}/a.wav \n", kind="transcribe"))
+    plan = parse_plan(text, variables={"OUT": "/o"})
+    assert plan.tasks[0].body == "/o/a.wav\nsave: /o/a.json"
+    text = tasks_plan(task("a", body="a.wav\nsave:\nsave: b.json\nsave: c.json", kind="transcribe"))
+    found = problems(text)
+    assert [(p.line, p.message) for p in found] == [
+        (
+            line_equal(text, "save:"),
+            "the 'save:' line of the transcribe body of task 'a' has nothing after the ':'",
+        ),
+        (line_of(text, "save: c.json"), "the transcribe body of task 'a' has a second 'save:' line"),
+    ]
 
 
 def test_embed_body_problems() -> None:
