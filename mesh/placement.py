@@ -163,7 +163,8 @@ def place(gpus: dict[str, GpuView], demand: dict[str, int], now: float, policy: 
         want[model] = max(1, min(share, math.ceil(waiting / slots), n))
 
     def request(view: GpuView, action: str, model: str, reason: str) -> None:
-        rid = f"{view.gpu}-{action}-{int(now * 1000)}"
+        # the bus deduplicates on it (Nats-Msg-Id): two different requests never share one
+        rid = f"{view.gpu}-{action}-{model}-{int(now * 1000)}"
         view.pending = (action, model, rid, now)
         out.events.append(
             ResourceRequested(
@@ -227,17 +228,23 @@ def place(gpus: dict[str, GpuView], demand: dict[str, int], now: float, policy: 
                 request(view, "unload", view.llm, f"{model} has {llm_wait[model]} task(s) waiting")
 
     # give GPUs back to script work (or another model) when an LLM holds more than its share
-    others_wait = script_wait > 0 or any(len(holders(m)) < want[m] for m in llm_wait)
-    if others_wait:
-        for model in sorted(llm_wait):
-            extra = len(holders(model)) - want[model]
-            for view in sorted(holders(model), key=lambda v: (v.loaded_at, v.gpu)):
-                if extra <= 0:
-                    break
-                if unloadable(view):
-                    request(view, "unload", model, f"other work waits; {model} keeps {want[model]} GPU(s)")
-                    extra -= 1
-        for view in usable:
-            if view.llm and view.llm not in llm_wait and unloadable(view):
-                request(view, "unload", view.llm, "no work left for it and other work waits")
+    def others_could_use(view: GpuView) -> bool:
+        """Other waiting work could run on this GPU once it is free: script work, or a model
+        short of GPUs that fits here (one that fits no such GPU is no reason to unload it)."""
+        return script_wait > 0 or any(
+            m != view.llm and len(holders(m)) < want[m] and view.vram_total_mb >= policy.models[m][1]
+            for m in llm_wait
+        )
+
+    for model in sorted(llm_wait):
+        extra = len(holders(model)) - want[model]
+        for view in sorted(holders(model), key=lambda v: (v.loaded_at, v.gpu)):
+            if extra <= 0:
+                break
+            if unloadable(view) and others_could_use(view):
+                request(view, "unload", model, f"other work waits; {model} keeps {want[model]} GPU(s)")
+                extra -= 1
+    for view in usable:
+        if view.llm and view.llm not in llm_wait and unloadable(view) and others_could_use(view):
+            request(view, "unload", view.llm, "no work left for it and other work waits")
     return out
