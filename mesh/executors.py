@@ -248,6 +248,8 @@ async def _run_model(
         stop.set()
         cancel.cancel()
     if not job.done():
+        # nobody waits for it any more: its outcome is read when it comes, so none goes unseen
+        job.add_done_callback(lambda f: f.cancelled() or f.exception())
         result = RunResult(
             ok=False,
             duration_s=0.0,
