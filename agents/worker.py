@@ -37,6 +37,7 @@ from mesh.events import (
     TaskCancelled,
     WorkItem,
     decode,
+    encode,
     type_of,
 )
 from mesh.executors import EXECUTORS, RunContext, RunResult
@@ -126,11 +127,13 @@ class Worker(Agent):
         self.llm_name = ""
         self.script_models: dict[str, Any] = {}
         self.booting = ""  # gs.BOOTING_LLM / gs.BOOTING_SCRIPT while a load runs
-        self.gpu_state = gs.IDLE
+        # '' until the first report: a report with no previous state says the worker (re)started
+        self.gpu_state = ""
         self.gpu_since = time.time()
         self.gpu_rid = ""
         self.gpu_error = ""
-        self._gpu_outbox: list[GpuState] = []
+        self._gpu_outbox: list[tuple[GpuState, bool]] = []
+        self._gpu_flush_lock = asyncio.Lock()
         self._gpu_changed = asyncio.Event()
         self._model_lock = asyncio.Lock()
 
@@ -291,11 +294,13 @@ class Worker(Agent):
     def _mesh_used_mb(self) -> int:
         return self._reserved_mb() + (self.llm.spec.vram_mb if self.llm is not None else 0)
 
-    def _publish_state(self, force: bool = False, error: str = "", rid: str = "") -> None:
+    def _publish_state(
+        self, force: bool = False, error: str = "", rid: str = "", refresh: bool = False
+    ) -> None:
         if not self.models_on:
             return
         state = self._derive_state()
-        if state == self.gpu_state and not force and not error:
+        if state == self.gpu_state and not (force or error or rid or refresh):
             return
         now = time.time()
         device = self.device
@@ -322,25 +327,23 @@ class Worker(Agent):
             rid=rid,
             error=error,
         )
+        # a change (or an answer to the brain) is an event; a fresh reading only updates KV
+        event = state != self.gpu_state or bool(error or rid) or force
         if state != self.gpu_state:
             self.gpu_since = now
         self.gpu_state = state
-        self._gpu_outbox.append(ev)
+        self._gpu_outbox.append((ev, event))
         self._gpu_changed.set()
 
     async def _flush_gpu_states(self) -> None:
-        while self._gpu_outbox:
-            ev = self._gpu_outbox[0]
-            await self.bus.emit(ev)
-            kv = await self.bus.gpus_kv()
-            await kv.put(self.gpu_id, self.bus_encode(ev))
-            self._gpu_outbox.pop(0)
-
-    @staticmethod
-    def bus_encode(ev: GpuState) -> bytes:
-        from mesh.events import encode
-
-        return encode(ev)
+        async with self._gpu_flush_lock:
+            while self._gpu_outbox:
+                ev, event = self._gpu_outbox[0]
+                if event:
+                    await self.bus.emit(ev)
+                kv = await self.bus.gpus_kv()
+                await kv.put(self.gpu_id, encode(ev))
+                self._gpu_outbox.pop(0)
 
     async def _gpu_publisher(self) -> None:
         """Publish GPU states in order, riding out a server restart; refresh the reading now and then."""
@@ -348,7 +351,7 @@ class Worker(Agent):
             try:
                 await asyncio.wait_for(self._gpu_changed.wait(), timeout=self.settings.agent_refresh_s)
             except TimeoutError:
-                self._publish_state(force=True)
+                self._publish_state(refresh=True)
             self._gpu_changed.clear()
             try:
                 await self._flush_gpu_states()
@@ -375,7 +378,7 @@ class Worker(Agent):
             log.info(
                 "ignoring a stale %s of %s (asked %.0fs ago)", item.action, item.model, time.time() - item.at
             )
-            self._publish_state(force=True, rid=item.rid, error="stale request ignored")
+            self._publish_state(force=True, rid=item.rid)
             return
         async with self._model_lock:
             self._update_lanes()

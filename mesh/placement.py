@@ -108,7 +108,10 @@ def observe(gpus: dict[str, GpuView], ev: GpuState) -> None:
         view.last_used = ev.at
     if view.pending is not None:
         action, model, rid, _ = view.pending
-        if ev.error and (not ev.rid or ev.rid == rid):
+        if not ev.previous:
+            # the worker (re)started: whatever it was asked before is gone with its old process
+            view.pending = None
+        elif ev.error and (not ev.rid or ev.rid == rid):
             if action == "load":
                 view.refused[model] = ev.at
             view.pending = None

@@ -118,6 +118,8 @@ class SimGpu:
     # the worker never answers a resource item (a lost message, a hung load)
     mute: bool = False
     live: bool = True
+    # the state last reported ('' before the first report: the worker just started)
+    reported: str = ""
     state: str = IDLE
     llm: str = ""
     task: WorkItem | None = None
@@ -259,12 +261,14 @@ class Sim:
 
     # the workers -------------------------------------------------------------
     def report(self, g: SimGpu, rid: str = "", error: str = "") -> None:
+        previous, g.reported = g.reported, g.state
         self.feed(
             GpuState(
                 gpu=g.gpu,
                 worker=g.worker,
                 host=f"host-{g.worker}",
                 state=g.state,
+                previous=previous,
                 at=self.now,
                 llm=g.llm,
                 vram_total_mb=g.vram_total_mb,
