@@ -68,7 +68,8 @@ class Auditor(Agent):
                     if why:
                         await self.bus.dead_letter(self.agent_id, raw, why)
                 # the consumer acknowledges all up to the last (ack policy "all")
-                await msgs[-1].ack()
+                if msgs:
+                    await msgs[-1].ack()
             except TRANSIENT as exc:
                 log.warning("recording a dead letter failed (%s); the batch comes again", exc)
                 await asyncio.sleep(0.5)

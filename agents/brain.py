@@ -107,6 +107,7 @@ class Brain(Agent):
                 keep_alive_s=settings.keep_alive_s,
                 min_residency_s=settings.min_residency_s,
                 load_timeout_s=settings.load_timeout_s,
+                yield_after_s=settings.yield_after_s,
             ),
         )
         self._noted: dict[str, float] = {}

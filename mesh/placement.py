@@ -8,9 +8,13 @@ work waiting for each model. On every tick `place` decides loads and unloads:
   work waits, never more GPUs than it has waiting tasks;
 - only on a GPU that is idle, live, not paused, and has the model's VRAM free
   (a GPU holding another LLM with no work left is unloaded first);
-- a loaded LLM stays at least `min_residency_s` (a load costs minutes), and goes
-  when nothing has used it for `keep_alive_s`, or earlier, once past its
-  minimum residency, when other work (script tasks, another model) needs the GPU;
+- a loaded LLM goes when nothing has used it for `keep_alive_s`;
+- an LLM with no work left gives its GPU to other waiting work (script tasks,
+  another model) once unused for `yield_after_s`, or three times its last load
+  time if that is longer: a GPU never spends more than about a quarter of its
+  time loading, however work alternates;
+- an LLM that still has work gives up GPUs beyond its share to other work only
+  after `min_residency_s` since its load (a load costs minutes);
 - one request per GPU at a time; a request never answered is given up after
   `load_timeout_s` and decided again.
 
@@ -50,6 +54,7 @@ class PlacementPolicy:
     keep_alive_s: float = 600.0
     min_residency_s: float = 300.0
     load_timeout_s: float = 900.0
+    yield_after_s: float = 10.0
 
 
 @dataclass
@@ -68,6 +73,8 @@ class GpuView:
     live: bool = True
     loaded_at: float = 0.0
     last_used: float = 0.0
+    # how long the last LLM load took here
+    load_s: float = 0.0
     # the request in flight: (action, model, rid, at)
     pending: tuple[str, str, str, float] | None = None
     # a load this GPU refused, and when: not asked again until load_timeout_s passed
@@ -185,6 +192,15 @@ def place(gpus: dict[str, GpuView], demand: dict[str, int], now: float, policy: 
             and now - view.loaded_at >= policy.min_residency_s
         )
 
+    def yieldable(view: GpuView) -> bool:
+        """An LLM with no work left, unused long enough to hand its GPU to other work."""
+        return (
+            view.pending is None
+            and view.state == LLM_READY
+            and view.llm not in llm_wait
+            and now - view.last_used >= max(policy.yield_after_s, 3 * view.load_s)
+        )
+
     # unload what nobody used for keep_alive_s
     for view in usable:
         if (
@@ -220,13 +236,7 @@ def place(gpus: dict[str, GpuView], demand: dict[str, int], now: float, policy: 
                     view, "load", model, f"{llm_wait[model]} {model} task(s) waiting, {have} GPU(s) hold it"
                 )
                 have += 1
-            elif (
-                view.state == LLM_READY
-                and view.llm != model
-                and view.llm not in llm_wait
-                and unloadable(view)
-                and view.vram_total_mb >= need
-            ):
+            elif view.llm != model and yieldable(view) and view.vram_total_mb >= need:
                 # another LLM with no work left: make room (the load follows once it is idle)
                 request(view, "unload", view.llm, f"{model} has {llm_wait[model]} task(s) waiting")
 
@@ -248,6 +258,6 @@ def place(gpus: dict[str, GpuView], demand: dict[str, int], now: float, policy: 
                 request(view, "unload", model, f"other work waits; {model} keeps {want[model]} GPU(s)")
                 extra -= 1
     for view in usable:
-        if view.llm and view.llm not in llm_wait and unloadable(view) and others_could_use(view):
+        if view.llm and yieldable(view) and others_could_use(view):
             request(view, "unload", view.llm, "no work left for it and other work waits")
     return out

@@ -79,6 +79,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     min_residency_s: float = 300.0
     # a load the brain asked for and never saw finish is asked again after this long
     load_timeout_s: float = 900.0
+    # an LLM with no work left hands its GPU to other waiting work once unused this long (or
+    # three times its last load time, if longer)
+    yield_after_s: float = 10.0
     # prepended to LD_LIBRARY_PATH of GPU workers before any CUDA library loads
     gpu_library_path: str = ""
     # the memory a CPU worker offers model kinds (MB; 0: the host's available memory)
