@@ -2,8 +2,9 @@
 
 A small simulator (`Sim`) plays the GPU workers on a simulated clock, no NATS: it feeds
 `Tick` and `Sweep` to `apply`, answers the `Step.resources` load and unload requests with
-`GpuState` reports (refusing a load that does not fit its real free VRAM), and runs the
-released work: a GPU holding a ready LLM takes that model's `llm` work, an idle GPU takes
+`GpuState` reports (refusing a load that does not fit its real free VRAM; each report carries
+`previous` and `took_s` as a worker's does, and `Sim.restart` plays a worker restarting), and
+runs the released work: a GPU holding a ready LLM takes that model's `llm` work, an idle GPU takes
 `script` work. Every request the brain makes is checked as it is made (see `Sim.feed`); the
 scenarios then check what was loaded where and when.
 """
@@ -63,6 +64,7 @@ DEFAULTS = {"llm": "small", "transcribe": "whisper", "embed": "minilm"}
 KEEP_ALIVE_S = 600.0
 MIN_RESIDENCY_S = 300.0
 LOAD_TIMEOUT_S = 900.0
+YIELD_AFTER_S = 10.0
 CPU_WORKER = "cpu1"
 
 
@@ -70,6 +72,7 @@ def make_policy(
     keep_alive_s: float = KEEP_ALIVE_S,
     min_residency_s: float = MIN_RESIDENCY_S,
     load_timeout_s: float = LOAD_TIMEOUT_S,
+    yield_after_s: float = YIELD_AFTER_S,
 ) -> Policy:
     return Policy(
         release_window=256,
@@ -78,6 +81,7 @@ def make_policy(
             keep_alive_s=keep_alive_s,
             min_residency_s=min_residency_s,
             load_timeout_s=load_timeout_s,
+            yield_after_s=yield_after_s,
         ),
         default_models=DEFAULTS,
     )
@@ -120,6 +124,10 @@ class SimGpu:
     live: bool = True
     # the state last reported ('' before the first report: the worker just started)
     reported: str = ""
+    # when the reported state began (a report's took_s is how long the previous state lasted)
+    since: float = 0.0
+    # how often its worker restarted (a load in flight dies with the old process)
+    restarts: int = 0
     state: str = IDLE
     llm: str = ""
     task: WorkItem | None = None
@@ -141,13 +149,15 @@ class Request:
     model: str
     rid: str
     reason: str
+    # the model's waiting work (brain's demand) when the request was made
+    waiting: int = 0
 
 
 @dataclass(frozen=True)
 class Answer:
     at: float
     gpu: str
-    what: str  # 'booting', 'ready', 'refused', 'unloaded', 'ignored'
+    what: str  # 'booting', 'ready', 'refused', 'unloaded', 'ignored', 'restarted'
     model: str
 
 
@@ -244,7 +254,10 @@ class Sim:
             if self.rids.setdefault(item.rid, what) != what:
                 self.violations.append(f"{self.now}: rid {item.rid} names {self.rids[item.rid]} and {what}")
             self.outstanding[g.gpu] = (item.rid, self.now)
-            self.requests.append(Request(self.now, g.gpu, item.action, item.model, item.rid, item.reason))
+            waiting = self.state.demand.get(f"llm:{item.model}", 0)
+            self.requests.append(
+                Request(self.now, g.gpu, item.action, item.model, item.rid, item.reason, waiting)
+            )
             self.inbox.append(item)
         return step
 
@@ -261,7 +274,14 @@ class Sim:
 
     # the workers -------------------------------------------------------------
     def report(self, g: SimGpu, rid: str = "", error: str = "") -> None:
+        """Send the GPU's state as its worker does: `previous` is the state it last reported
+        ('' on a (re)started worker's first report), `took_s` how long that state lasted."""
         previous, g.reported = g.reported, g.state
+        if not previous:
+            g.since = self.now
+        took_s = self.now - g.since
+        if g.state != previous:
+            g.since = self.now
         self.feed(
             GpuState(
                 gpu=g.gpu,
@@ -269,6 +289,7 @@ class Sim:
                 host=f"host-{g.worker}",
                 state=g.state,
                 previous=previous,
+                took_s=took_s,
                 at=self.now,
                 llm=g.llm,
                 vram_total_mb=g.vram_total_mb,
@@ -307,7 +328,8 @@ class Sim:
             g.state, g.llm = BOOTING_LLM, item.model
             self.answer(g, "booting", item.model)
             self.report(g, rid=item.rid)
-            self.later(g.load_s.get(item.model, g.default_load_s), lambda: self.loaded(g, item))
+            epoch = g.restarts
+            self.later(g.load_s.get(item.model, g.default_load_s), lambda: self.loaded(g, item, epoch))
         else:
             if g.state != LLM_READY or g.llm != item.model:
                 self.violations.append(f"{self.now}: unload {item.model} on {g.gpu} in state {g.state}")
@@ -317,12 +339,25 @@ class Sim:
             self.answer(g, "unloaded", item.model)
             self.report(g, rid=item.rid)
 
-    def loaded(self, g: SimGpu, item: ResourceItem) -> None:
+    def loaded(self, g: SimGpu, item: ResourceItem, epoch: int) -> None:
+        if g.restarts != epoch:
+            return  # the process loading it is gone
         g.state = LLM_READY
         if self.outstanding.get(g.gpu, ("", 0.0))[0] == item.rid:
             del self.outstanding[g.gpu]
         self.answer(g, "ready", item.model)
         self.report(g, rid=item.rid)
+
+    def restart(self, g: SimGpu) -> None:
+        """The GPU's worker restarts: its model, and whatever was asked of the old process, are
+        gone; its first report has no previous state."""
+        assert g.task is None, "the simulator does not restart a worker mid-task"
+        g.restarts += 1
+        g.state, g.llm, g.reported = IDLE, "", ""
+        self.outstanding.pop(g.gpu, None)
+        self.inbox = deque(i for i in self.inbox if i.worker != g.worker)
+        self.answer(g, "restarted", "")
+        self.report(g)
 
     def settle(self) -> None:
         for _ in range(10_000):
@@ -440,26 +475,42 @@ class Sim:
         return {g.gpu: g.llm for g in self.gpus.values() if g.llm}
 
     def check(self) -> None:
-        """What must hold in any run: no violation seen, and no model left a GPU before it had
-        been resident min_residency_s (or, without use, keep_alive_s)."""
+        """What must hold in any run: no violation seen, and every unload one the policy allows:
+        the model had been resident min_residency_s, or unused keep_alive_s, or it had no waiting
+        work and had been unused max(yield_after_s, 3 * its load's time)."""
         assert self.violations == []
+        booting: dict[str, float] = {}
+        load_s: dict[str, float] = {}
         ready: dict[str, float] = {}
         last_used: dict[str, float] = {}
         events = sorted(
-            [(a.at, 0, a.gpu, a.what) for a in self.answers if a.what == "ready"]
-            + [(r.end, 1, r.gpu, "used") for r in self.runs if r.cls == "llm"]
-            + [(r.at, 2, r.gpu, "unload") for r in self.unloads()]
+            [
+                (a.at, 0, n, a.gpu, a.what, 0)
+                for n, a in enumerate(self.answers)
+                if a.what in ("booting", "ready")
+            ]
+            + [(r.end, 1, 0, r.gpu, "used", 0) for r in self.runs if r.cls == "llm"]
+            + [(r.at, 2, 0, r.gpu, "unload", r.waiting) for r in self.unloads()]
         )
-        for at, _, gpu, what in events:
-            if what == "ready":
+        for at, _, _, gpu, what, waiting in events:
+            if what == "booting":
+                booting[gpu] = at
+            elif what == "ready":
+                load_s[gpu] = at - booting[gpu]
                 ready[gpu] = last_used[gpu] = at
             elif what == "used":
                 last_used[gpu] = at
             else:
                 held = at - ready[gpu]
                 idle = at - last_used[gpu]
-                assert held >= self.pp.min_residency_s or idle >= self.pp.keep_alive_s, (
-                    f"{gpu} unloaded at {at} after {held}s resident, {idle}s unused"
+                yield_after = max(self.pp.yield_after_s, 3 * load_s[gpu])
+                assert (
+                    held >= self.pp.min_residency_s
+                    or idle >= self.pp.keep_alive_s
+                    or (waiting == 0 and idle >= yield_after)
+                ), (
+                    f"{gpu} unloaded at {at} after {held}s resident, {idle}s unused, with {waiting} "
+                    f"task(s) of its model waiting (its load took {load_s[gpu]}s)"
                 )
 
 
@@ -630,9 +681,9 @@ def test_queue_shifting_llm_script_llm_does_not_thrash() -> None:
 
     unloads = sim.unloads()
     script_runs = [r for r in sim.runs if r.cls == "script"]
-    # the GPUs held the model at least min_residency_s before any went to script work
+    # the LLM's work still waited: the GPUs held it min_residency_s before any went to script work
     assert unloads and unloads[0].at >= ready_at + MIN_RESIDENCY_S
-    assert "other work waits" in unloads[0].reason
+    assert "other work waits" in unloads[0].reason and unloads[0].waiting > 0
     assert min(r.start for r in script_runs) >= unloads[0].at
     # the LLM kept a GPU while its work waited
     first = [r for r in sim.runs if r.plan_id == "llm1"]
@@ -648,7 +699,7 @@ def test_queue_shifting_llm_script_llm_does_not_thrash() -> None:
     assert len(sim.loads(since=back)) == 3
     assert sim.plan("llm2").status == "succeeded"
 
-    # no thrashing: one load per GPU and phase of LLM work, none undone within min_residency_s
+    # no thrashing: one load per GPU and phase of LLM work, none undone before the policy allows
     # (check()); none while the script work ran
     assert len(sim.loads()) == 6, sim.loads()
     assert {g: len(sim.loads(g)) for g in sim.gpus} == {"g1": 2, "g2": 2, "g3": 2}
@@ -656,8 +707,10 @@ def test_queue_shifting_llm_script_llm_does_not_thrash() -> None:
     sim.check()
 
 
-def test_script_work_waits_for_min_residency_then_gets_gpus() -> None:
-    """All three GPUs hold the LLM; script work arriving at once waits min_residency_s, not longer."""
+def test_script_work_waits_min_residency_while_the_llm_still_has_work() -> None:
+    """All three GPUs hold the LLM, and its work keeps them busy long after: script work arriving
+    at once waits min_residency_s since the loads (a GPU beyond the LLM's share goes then, not
+    after yield_after_s, and not later than the task running on it)."""
     sim = Sim(fleet(3, default_load_s=10.0), llm_s=5.0, script_s=5.0)
     sim.submit(prompts(300), plan_id="llm")
     sim.run_until(T0 + 20)
@@ -666,24 +719,163 @@ def test_script_work_waits_for_min_residency_then_gets_gpus() -> None:
     sim.run_until(ready_at + MIN_RESIDENCY_S - 1)
     assert sim.unloads() == []
     assert not [r for r in sim.runs if r.cls == "script"]
-    sim.run_until(ready_at + MIN_RESIDENCY_S + 2 * sim.llm_s)
-    assert len(sim.unloads()) >= 1
-    assert [r for r in sim.runs if r.cls == "script"]
+    assert sim.state.demand["llm:small"] > 0
+    sim.run_until(ready_at + MIN_RESIDENCY_S + sim.llm_s + sim.dt)
+    first = sim.unloads()[0]
+    assert ready_at + MIN_RESIDENCY_S <= first.at <= ready_at + MIN_RESIDENCY_S + sim.llm_s
+    assert first.waiting > 0 and "other work waits" in first.reason
+    assert min(r.start for r in sim.runs if r.cls == "script") >= first.at
     sim.finish("scripts")
     sim.finish("llm")
     sim.check()
 
 
-def test_an_idle_model_makes_room_for_another_after_min_residency() -> None:
-    sim = Sim(fleet(1))
+def test_place_keeps_an_llm_that_still_has_work_for_min_residency_however_long_unused() -> None:
+    """g1 holds small beyond its share (g2 holds it too; one task waits, script work waits) and
+    sat unused far longer than yield_after_s and three load times: with work of its own still
+    waiting, it keeps the GPU until min_residency_s since its load. Without such work it would go."""
+    pp = make_policy().placement
+    loaded_at = T0
+
+    def views() -> dict[str, GpuView]:
+        ready = GpuView(
+            gpu="g1",
+            worker="w1",
+            state=LLM_READY,
+            llm="small",
+            vram_total_mb=8192,
+            vram_used_mb=800,
+            loaded_at=loaded_at,
+            last_used=loaded_at,
+            load_s=30.0,
+        )
+        busy = GpuView(
+            gpu="g2",
+            worker="w2",
+            state=LLM_BUSY,
+            llm="small",
+            vram_total_mb=8192,
+            vram_used_mb=800,
+            loaded_at=loaded_at,
+            last_used=loaded_at + MIN_RESIDENCY_S,
+            load_s=30.0,
+        )
+        return {"g1": ready, "g2": busy}
+
+    demand = {"llm:small": 1, "script": 5}
+    assert place(views(), demand, loaded_at + MIN_RESIDENCY_S - 1, pp).events == []
+    (unload,) = place(views(), demand, loaded_at + MIN_RESIDENCY_S, pp).events
+    assert (unload.gpu, unload.action, unload.model) == ("g1", "unload", "small")
+    assert "other work waits" in unload.reason
+    # the same GPU, its model's work done: it goes once unused three load times
+    assert place(views(), {"script": 5}, loaded_at + 3 * 30.0 - 1, pp).events == []
+    (unload,) = place(views(), {"script": 5}, loaded_at + 3 * 30.0, pp).events
+    assert (unload.gpu, unload.action) == ("g1", "unload") and "no work left" in unload.reason
+
+
+def load_times(sim: Sim) -> list[float]:
+    """How long each load took (its worker's booting answer to its ready answer)."""
+    booting: dict[str, float] = {}
+    took: list[float] = []
+    for a in sim.answers:
+        if a.what == "booting":
+            booting[a.gpu] = a.at
+        elif a.what == "ready":
+            took.append(a.at - booting.pop(a.gpu))
+    return took
+
+
+@pytest.mark.parametrize(("load_s", "yield_s"), [(2.0, YIELD_AFTER_S), (60.0, 3 * 60.0)])
+def test_with_no_llm_work_left_script_work_gets_the_gpu_once_the_model_sat_unused(
+    load_s: float, yield_s: float
+) -> None:
+    """Script work waits behind the LLM's last tasks on the only GPU. Once the LLM's work is
+    done, the model goes after yield_after_s unused, or three times its load time if that is
+    longer; not before, and long before min_residency_s."""
+    sim = Sim(fleet(1, default_load_s=load_s))
+    sim.submit(prompts(3) + scripts(3))
+    sim.run_while(lambda: len([r for r in sim.runs if r.cls == "llm"]) < 3)
+    assert load_times(sim) == [load_s]
+    assert sim.state.gpus["g1"].load_s == load_s  # the brain learned the load time from took_s
+    last_used = max(r.end for r in sim.runs)
+    sim.run_until(last_used + yield_s - 1)
+    assert sim.unloads() == []
+    assert not [r for r in sim.runs if r.cls == "script"]
+    sim.run_until(last_used + yield_s + sim.dt)
+    (unload,) = sim.unloads()
+    assert last_used + yield_s <= unload.at <= last_used + yield_s + sim.dt
+    assert unload.waiting == 0 and "no work left" in unload.reason
+    held = unload.at - next(a.at for a in sim.answers if a.what == "ready")
+    assert held < MIN_RESIDENCY_S
+    sim.finish()
+    assert min(r.start for r in sim.runs if r.cls == "script") == unload.at  # at once
+    assert len(sim.loads()) == 1
+    sim.check()
+
+
+def test_an_idle_model_makes_room_for_another_once_unused_three_load_times() -> None:
+    """small's work is done and big's waits for the only GPU: small goes once unused three times
+    its load time (90 s, longer than yield_after_s), long before min_residency_s."""
+    sim = Sim(fleet(1, default_load_s=30.0))
     sim.submit(prompts(1))
     sim.run_for(60)
-    ready_at = next(a.at for a in sim.answers if a.what == "ready")
+    (run,) = sim.runs
+    assert sim.state.gpus["g1"].load_s == 30.0
     sim.submit(prompts(5, model="big", prefix="b"), plan_id="p2")
+    sim.run_until(run.end + 3 * 30.0 - 1)
+    assert sim.unloads() == []
     sim.finish("p2")
     (unload,) = sim.unloads()
-    assert unload.model == "small" and unload.at == pytest.approx(ready_at + MIN_RESIDENCY_S, abs=sim.dt)
+    assert unload.model == "small" and run.end + 90.0 <= unload.at <= run.end + 90.0 + sim.dt
+    assert unload.waiting == 0 and "big has 5 task(s) waiting" in unload.reason
     assert [r.model for r in sim.loads()] == ["small", "big"]
+    sim.check()
+
+
+@pytest.mark.parametrize("load_s", [5.0, 60.0, 150.0])
+def test_alternating_llm_and_script_work_spends_at_most_a_quarter_of_the_time_loading(load_s: float) -> None:
+    """Work alternates on one GPU, each LLM task with a script task queued behind it, so the
+    model is unloaded for the script and loaded again for the next LLM task, forty times over.
+    However long a load takes, the GPU spends at most a quarter of the time loading."""
+    sim = Sim(fleet(1, default_load_s=load_s), llm_s=5.0, script_s=5.0)
+    began = sim.now
+    for k in range(40):
+        sim.submit(prompts(1, prefix=f"q{k}") + scripts(1, prefix=f"s{k}"), plan_id=f"p{k}")
+        sim.finish(f"p{k}")
+        assert sim.plan(f"p{k}").status == "succeeded"
+    took = load_times(sim)
+    assert len(took) == len(sim.loads()) == len(sim.unloads()) == 40  # it really alternated
+    assert all(t == load_s for t in took)
+    assert sum(took) <= (sim.now - began) / 4
+    sim.check()
+
+
+@pytest.mark.parametrize("hung", [True, False], ids=["unanswered", "booting"])
+def test_a_worker_restart_clears_a_pending_load_and_the_gpu_is_asked_again_at_once(hung: bool) -> None:
+    """g1 took a load and never answered (a lost item, a hung load), or was still booting the
+    model, when its worker restarted. The new process's first report (no previous state) tells
+    the brain the request died with the old one: the load is asked again at once, not after
+    load_timeout_s. A report from the same process leaves the request pending."""
+    gpus = fleet(1, mute=hung, default_load_s=120.0)
+    sim = Sim(gpus)
+    sim.submit(prompts(3))
+    sim.run_for(60)
+    (first,) = sim.loads()
+    assert sim.state.gpus["g1"].pending is not None
+    sim.report(gpus[0])  # a fresh reading from the old process
+    sim.settle()
+    assert sim.state.gpus["g1"].pending is not None and len(sim.loads()) == 1
+    gpus[0].mute = False
+    restarted = sim.now
+    sim.restart(gpus[0])
+    sim.settle()
+    (_, second) = sim.loads()
+    assert second.at == restarted and second.rid != first.rid
+    assert sim.state.gpus["g1"].pending is not None and sim.state.gpus["g1"].pending[2] == second.rid
+    sim.finish()
+    assert sim.plan().status == "succeeded"
+    assert len(sim.loads()) == 2 and load_times(sim) == [120.0]
+    assert min(r.start for r in sim.runs) == restarted + 120.0
     sim.check()
 
 
