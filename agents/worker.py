@@ -380,6 +380,13 @@ class Worker(Agent):
             )
             self._publish_state(force=True, rid=item.rid)
             return
+        try:
+            await self._resource_locked(item)
+        finally:
+            # whatever happened, script work may run again if no LLM is left
+            self._update_lanes()
+
+    async def _resource_locked(self, item: ResourceItem) -> None:
         async with self._model_lock:
             self._update_lanes()
             if item.action == "unload":
@@ -422,7 +429,6 @@ class Worker(Agent):
             lane = self.lanes["llm"] = Lane("llm", sub, self.settings.llm_slots)
             self._start_lane(lane)
             self._publish_state(rid=item.rid)
-        self._update_lanes()
 
     async def _wait_lane_idle(self, name: str) -> None:
         lane = self.lanes.get(name)

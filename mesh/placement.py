@@ -111,6 +111,8 @@ def observe(gpus: dict[str, GpuView], ev: GpuState) -> None:
     ):
         view.loaded_at = ev.at
         view.last_used = ev.at
+    if ev.previous == BOOTING_LLM and ev.state in (LLM_READY, LLM_BUSY):
+        view.load_s = ev.took_s
     if ev.state == LLM_BUSY or (was == LLM_BUSY and ev.state == LLM_READY):
         view.last_used = ev.at
     if view.pending is not None:
