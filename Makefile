@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mesh-installed
 MODELS_STAMP := $(VENV)/.mesh-models
-PLAN   ?= plans/examples/diamond.md
+PLAN   ?= plans/examples/mixed.md
 # torch goes in first, pinned: the CPU build pip finds on this machine's disk. Left to
 # sentence-transformers, pip pulls a multi-GB CUDA build from PyPI.
 TORCH  ?= torch==2.13.0
