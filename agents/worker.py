@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from typing import Any
@@ -701,6 +702,7 @@ class Worker(Agent):
     async def _prepare(self, item: WorkItem, ctx: RunContext) -> RunResult | None:
         """Give a model task its model and inputs; a result instead when that is impossible."""
         ctx.device = self.device.kind if self.device is not None else "cpu"
+        ctx.artifacts_dir = os.path.join(self.settings.data_dir, "artifacts")
         try:
             if item.inputs:
                 ctx.inputs = await self._inputs(item)

@@ -39,6 +39,8 @@ class RunContext:
     model: Any = None
     device: str = "cpu"
     inputs: dict[str, str] = field(default_factory=dict)
+    # where a model task's files go when its body names no `save:` path
+    artifacts_dir: str = ""
 
 
 @dataclass
@@ -272,6 +274,14 @@ async def _run_model(
     return result
 
 
+def _artifact_path(item: WorkItem, artifacts_dir: str, name: str) -> str:
+    """Default home of a task's file: `<artifacts_dir>/<plan>/<name>` (under the worker's data dir),
+    so no output lands beside the plan file unless the body says `save:`."""
+    if not artifacts_dir:  # run outside a worker: beside the plan, as a relative `save:` would be
+        return _local_path(item, name)
+    return os.path.join(artifacts_dir, item.plan_id, name)
+
+
 def _local_path(item: WorkItem, path: str) -> str:
     """A path of the body: ~ expanded, relative ones relative to the plan's workdir."""
     path = os.path.expanduser(path.strip())
@@ -400,7 +410,9 @@ def _key_value(line: str) -> tuple[str, str]:
     return (key.strip().lower(), value.strip()) if sep else ("", line)
 
 
-def _transcribe_work(item: WorkItem, loaded: Any, stop: threading.Event) -> RunResult:
+def _transcribe_work(
+    item: WorkItem, loaded: Any, stop: threading.Event, artifacts_dir: str = ""
+) -> RunResult:
     audio = save = ""
     for line in _body_lines(item.body):
         key, value = _key_value(line)
@@ -419,7 +431,7 @@ def _transcribe_work(item: WorkItem, loaded: Any, stop: threading.Event) -> RunR
             f"audio file {audio} does not exist (relative paths are relative to the plan's workdir, "
             f"{item.workdir or os.getcwd()})"
         )
-    save = save or _local_path(item, f"{item.task_id}.segments.json")
+    save = save or _artifact_path(item, artifacts_dir, f"{item.task_id}.segments.json")
     spec = loaded.spec
     began = time.monotonic()
     try:
@@ -463,7 +475,9 @@ def _transcribe_work(item: WorkItem, loaded: Any, stop: threading.Event) -> RunR
 
 async def run_transcribe(item: WorkItem, ctx: RunContext) -> RunResult:
     """Transcribe the audio file the body names; the segments go to a JSON file."""
-    return await _run_model(item, ctx, "transcribe", lambda m, stop: _transcribe_work(item, m, stop))
+    return await _run_model(
+        item, ctx, "transcribe", lambda m, stop: _transcribe_work(item, m, stop, ctx.artifacts_dir)
+    )
 
 
 # embed ------------------------------------------------------------------------
@@ -471,7 +485,7 @@ async def run_transcribe(item: WorkItem, ctx: RunContext) -> RunResult:
 EMBED_KEYS = ("file", "text", "input", "save")
 
 
-def _embed_texts(item: WorkItem, inputs: Mapping[str, str]) -> tuple[list[str], str]:
+def _embed_texts(item: WorkItem, inputs: Mapping[str, str], artifacts_dir: str = "") -> tuple[list[str], str]:
     """The texts the body names, in order, and where the vectors go."""
     texts: list[str] = []
     save = ""
@@ -509,16 +523,18 @@ def _embed_texts(item: WorkItem, inputs: Mapping[str, str]) -> tuple[list[str], 
         raise TaskDefinitionError(
             "nothing to embed: the body needs at least one non-empty 'text:', 'file:' or 'input:' text"
         )
-    save = save or _local_path(item, f"{item.task_id}.npy")
+    save = save or _artifact_path(item, artifacts_dir, f"{item.task_id}.npy")
     if not save.endswith(".npy"):
         save += ".npy"
     return texts, save
 
 
-def _embed_work(item: WorkItem, inputs: Mapping[str, str], loaded: Any, stop: threading.Event) -> RunResult:
+def _embed_work(
+    item: WorkItem, inputs: Mapping[str, str], loaded: Any, stop: threading.Event, artifacts_dir: str = ""
+) -> RunResult:
     import numpy as np
 
-    texts, save = _embed_texts(item, inputs)
+    texts, save = _embed_texts(item, inputs, artifacts_dir)
     spec = loaded.spec
     batch = max(1, spec.batch_size)
     chunk = batch * 8  # a cancel or a timeout is seen between chunks
@@ -559,7 +575,9 @@ def _save_npy(path: str, matrix: Any) -> None:
 async def run_embed(item: WorkItem, ctx: RunContext) -> RunResult:
     """Embed the texts the body names into an (N x dim) float32 .npy matrix."""
     inputs = dict(ctx.inputs)
-    return await _run_model(item, ctx, "embed", lambda m, stop: _embed_work(item, inputs, m, stop))
+    return await _run_model(
+        item, ctx, "embed", lambda m, stop: _embed_work(item, inputs, m, stop, ctx.artifacts_dir)
+    )
 
 
 Executor = Callable[[WorkItem, RunContext], Awaitable[RunResult]]

@@ -249,14 +249,16 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def test_transcribe_an_espeak_recording(whisper: Loaded, speech: Path) -> None:
     work = speech.parent
-    result = await run_transcribe(
-        item("transcribe", "speech.wav\n", workdir=str(work), task_id="hear"), ctx_for(whisper)
-    )
+    ctx = ctx_for(whisper)
+    ctx.artifacts_dir = str(work / "artifacts")
+    result = await run_transcribe(item("transcribe", "speech.wav\n", workdir=str(work), task_id="hear"), ctx)
     assert result.ok, result.error
     words = set(result.output.lower().replace(",", " ").replace(".", " ").split())
     assert len(words & {"hello", "world", "this", "is", "test", "transcription"}) >= 2, result.output
-    assert result.artifacts == [str(work / "hear.segments.json")]
-    doc = json.loads((work / "hear.segments.json").read_text())
+    # without save: the segments go under the worker's artifacts dir, never beside the plan
+    saved = work / "artifacts" / "p1" / "hear.segments.json"
+    assert result.artifacts == [str(saved)]
+    doc = json.loads(saved.read_text())
     assert doc["segments"] and doc["segments"][0]["text"]
     assert result.metrics["segments"] == len(doc["segments"])
     assert result.metrics["audio_s"] > 1.0
