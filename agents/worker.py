@@ -350,7 +350,10 @@ class Worker(Agent):
         """Publish GPU states in order, riding out a server restart; refresh the reading now and then."""
         while True:
             try:
-                await asyncio.wait_for(self._gpu_changed.wait(), timeout=self.settings.agent_refresh_s)
+                # not wait_for: on Python 3.11 it swallows a cancel that lands as the event is set
+                # (stop() sets it with the last state), and this loop would never end
+                async with asyncio.timeout(self.settings.agent_refresh_s):
+                    await self._gpu_changed.wait()
             except TimeoutError:
                 self._publish_state(refresh=True)
             self._gpu_changed.clear()
