@@ -295,6 +295,8 @@ def test_up_stops_all_children_on_sigterm(env: dict[str, str], tmp_path: Path) -
             "--port=-1",
             "--workers",
             "2",
+            "--gpus",
+            "cpu",
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -309,18 +311,19 @@ def test_up_stops_all_children_on_sigterm(env: dict[str, str], tmp_path: Path) -
             started = (
                 [p for p in logs.glob("*.log") if " started as " in p.read_text()] if logs.exists() else []
             )
-            if len(started) == 4:  # brain, two workers, the auditor
+            if len(started) == 5:  # brain, two workers, the model worker, the auditor
                 break
             time.sleep(0.1)
         else:
             raise AssertionError("agents did not start")
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) >= 5, "server, brain, two workers and the auditor"
+        assert len(children) >= 6, "server, brain, two workers, the model worker and the auditor"
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.communicate(timeout=30)  # closes the pipes
     assert proc.returncode == 0, stderr
     no_traceback(subprocess.CompletedProcess(proc.args, 0, "", stderr))
     _gone, alive = psutil.wait_procs(children, timeout=10)
