@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from mesh.errors import PlanError, Problem
 from mesh.events import PlanSpec, TaskSpec
-from mesh.plan import load_plan, parse_plan
+from mesh.plan import FIELDS, load_plan, parse_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "plans" / "examples"
@@ -1314,21 +1314,7 @@ FRAGMENTS = [
     "- depends on: a",
     "- retries 2",
 ]
-KEYS = [
-    "class",
-    "depends_on",
-    "priority",
-    "timeout",
-    "retries",
-    "foreach",
-    "env",
-    "sensitive",
-    "model",
-    "inputs",
-    "max_tokens",
-    "prio",
-    "X",
-]
+KEYS = [*FIELDS, "prio", "X"]
 VALUES = [
     "cpu",
     "gpu",
