@@ -85,6 +85,8 @@ class Lane:
         self.closed = False
         self.changed = asyncio.Event()
         self.loop: asyncio.Task[Any] | None = None
+        # a fetch is in flight: what it returns is run even if the lane was disabled meanwhile
+        self.fetching = False
 
     def wake(self) -> None:
         self.changed.set()
@@ -201,6 +203,7 @@ class Worker(Agent):
                 lane.changed.clear()
                 await self._wait_any(lane.changed.wait())
                 continue
+            lane.fetching = True
             try:
                 msgs = await lane.sub.fetch(free, timeout=self.settings.fetch_timeout_s)
             except nats.errors.TimeoutError:
@@ -211,6 +214,10 @@ class Worker(Agent):
                 log.warning("fetching %s work failed (%r); retrying", lane.name, exc)
                 await self._wait_any(asyncio.sleep(0.5))
                 continue
+            finally:
+                # (the fetched items are counted in `running` below, before anything else runs)
+                lane.fetching = False
+                lane.wake()
             for raw in msgs:
                 lane.running += 1
                 task = asyncio.get_running_loop().create_task(self._take(raw, lane))
@@ -435,8 +442,9 @@ class Worker(Agent):
             self._publish_state(rid=item.rid)
 
     async def _wait_lane_idle(self, name: str) -> None:
+        """Until the lane runs nothing, and no fetch in flight can still hand it work."""
         lane = self.lanes.get(name)
-        while lane is not None and lane.running:
+        while lane is not None and (lane.running or lane.fetching):
             lane.changed.clear()
             await lane.changed.wait()
 
@@ -445,11 +453,12 @@ class Worker(Agent):
         if lane is not None:
             lane.closed = True
             lane.wake()
+            if lane.loop is not None:
+                # first its fetch in flight, which may still start a task, then that task
+                await asyncio.wait({lane.loop}, timeout=self.settings.fetch_timeout_s + 5)
             while lane.running:
                 lane.changed.clear()
                 await lane.changed.wait()
-            if lane.loop is not None:
-                await asyncio.wait({lane.loop}, timeout=self.settings.fetch_timeout_s + 5)
             with contextlib.suppress(*TRANSIENT):
                 await lane.sub.unsubscribe()
         if self.llm is not None:
