@@ -484,7 +484,7 @@ class Worker(Agent):
         self._publish_state(force=True)
         return loaded
 
-    async def _inputs(self, item: WorkItem) -> dict[str, str]:
+    async def _inputs(self, item: WorkItem, ctx: RunContext) -> dict[str, str]:
         """The outputs of the dependencies the task takes, from their completion events."""
         out: dict[str, str] = {}
         for dep in item.inputs:
@@ -496,6 +496,9 @@ class Worker(Agent):
             ev = decode(raw.data or b"")
             if not isinstance(ev, RunFinished) or not ev.ok:
                 raise ModelError(f"input {dep!r}: its last completion event is not a success")
+            if ev.sensitive:
+                # what reads a secret is kept out of the history like the secret itself
+                ctx.sensitive = True
             if ev.output_object:
                 obj = await (await self.bus.objects()).get(ev.output_object)
                 out[dep] = (obj.data or b"").decode("utf-8", errors="replace")
@@ -666,7 +669,8 @@ class Worker(Agent):
             log.info("handing %s back to the queue", key)
             await run.raw.nak()
             return
-        output, output_object = await self._keep_output(item, result)
+        sensitive = item.sensitive or run.ctx.sensitive
+        output, output_object = await self._keep_output(item, result, sensitive)
         limit = self.settings.output_event_bytes
         await self._emit(
             RunFinished(
@@ -681,18 +685,19 @@ class Worker(Agent):
                 timed_out=result.timed_out,
                 cancelled=result.cancelled,
                 error=result.error,
-                stdout_tail="" if item.sensitive else result.stdout_tail,
-                stderr_tail="" if item.sensitive else result.stderr_tail,
+                stdout_tail="" if sensitive else result.stdout_tail,
+                stderr_tail="" if sensitive else result.stderr_tail,
                 stdout_bytes=result.stdout_bytes,
                 stderr_bytes=result.stderr_bytes,
                 reason="definition" if result.definition_error else "",
                 output=output,
                 output_object=output_object,
-                prompt="" if item.sensitive else result.prompt[:limit],
+                prompt="" if sensitive else result.prompt[:limit],
                 model=item.model if item.kind in MODEL_BODY_KINDS else "",
                 gpu=self.gpu_id if self.models_on else "",
                 metrics=result.metrics,
                 artifacts=tuple(result.artifacts),
+                sensitive=sensitive,
             )
         )
         self.finished[key] = item.attempt
@@ -717,7 +722,7 @@ class Worker(Agent):
         ctx.artifacts_dir = os.path.join(self.settings.data_dir, "artifacts")
         try:
             if item.inputs:
-                ctx.inputs = await self._inputs(item)
+                ctx.inputs = await self._inputs(item, ctx)
             need = MODEL_BODY_KINDS.get(item.kind)
             if need is None:
                 return None
@@ -739,21 +744,21 @@ class Worker(Agent):
             return RunResult(ok=False, duration_s=0.0, error=f"could not read the task's inputs: {exc}")
         return None
 
-    async def _keep_output(self, item: WorkItem, result: RunResult) -> tuple[str, str]:
+    async def _keep_output(self, item: WorkItem, result: RunResult, sensitive: bool) -> tuple[str, str]:
         """The output for the completion event, and the object holding it when it does not fit
         (or the task is sensitive: its output is never in the history)."""
         text = result.output
         if not text:
             return "", ""
         data = text.encode()
-        if not item.sensitive and len(data) <= self.settings.output_event_bytes:
+        if not sensitive and len(data) <= self.settings.output_event_bytes:
             return text, ""
         name = f"outputs/{item.plan_id}/{item.task_id}/{item.attempt}"
         try:
             await (await self.bus.objects()).put(name, data)
         except TRANSIENT as exc:
             log.warning("could not store the output of %s.%s: %s", item.plan_id, item.task_id, exc)
-            return ("" if item.sensitive else text[: self.settings.output_event_bytes]), ""
+            return ("" if sensitive else text[: self.settings.output_event_bytes]), ""
         return "", name
 
     async def _heartbeat(self, run: Running) -> None:

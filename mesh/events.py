@@ -181,6 +181,8 @@ class RunFinished(Msg, frozen=True, tag="run.finished"):
     # tokens_in, tokens_out, ttft_s, tokens_per_s, segments, vectors, dim, ...
     metrics: dict[str, float] = msgspec.field(default_factory=dict)
     artifacts: tuple[str, ...] = ()
+    # the task was sensitive, or read a sensitive task's output: nothing it saw or made is here
+    sensitive: bool = False
 
 
 # GPUs (event stream; the brain reads them for placement) ---------------------

@@ -39,6 +39,8 @@ class RunContext:
     model: Any = None
     device: str = "cpu"
     inputs: dict[str, str] = field(default_factory=dict)
+    # set when an input came from a sensitive task: the run is then kept out of the history too
+    sensitive: bool = False
     # where a model task's files go when its body names no `save:` path
     artifacts_dir: str = ""
 

@@ -520,10 +520,15 @@ The numbers below continue a list.
     kept = (obj.data or b"").decode()
     assert kept.strip(), "the object store holds the output"
     assert secret.metrics["tokens_out"] > 0
+    assert secret.sensitive
     reader = await finished(mesh, plan_id, "reader")
     assert reader.ok
-    # the dependent (not sensitive itself) got it as a data block: its own prompt shows it
-    assert f'<data from="secret">\n{kept.strip()}\n</data>' in reader.prompt
+    # the dependent (not marked sensitive) read the secret: it is kept out of the history too,
+    # and its own output (which may repeat the secret) is only in the object store
+    assert reader.sensitive and reader.prompt == "" and reader.output == ""
+    assert reader.output_object == f"outputs/{plan_id}/reader/1"
+    got = await (await (await mesh.bus()).objects()).get(reader.output_object)
+    assert (got.data or b"").strip()
     # the secret's own events never carry it
     names = (await mesh.bus()).names
     raw = [e.data for e in await _raw_history(mesh, names.evt_filter(f"*.{plan_id}.secret.>"))]
