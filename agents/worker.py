@@ -42,7 +42,7 @@ from mesh.events import (
     type_of,
 )
 from mesh.executors import EXECUTORS, RunContext, RunResult
-from mesh.gpu import Device, open_device
+from mesh.gpu import Device, Memory, open_device
 from mesh.models import ModelError, ModelSpec
 from mesh.reaper import Reaper
 from mesh.records import INFLIGHT_STATES, RUNNING, decode_task
@@ -136,6 +136,7 @@ class Worker(Agent):
         self.gpu_rid = ""
         self.gpu_error = ""
         self._gpu_outbox: list[tuple[GpuState, bool]] = []
+        self._mem: Memory | None = None
         self._gpu_flush_lock = asyncio.Lock()
         self._gpu_changed = asyncio.Event()
         self._model_lock = asyncio.Lock()
@@ -147,6 +148,7 @@ class Worker(Agent):
         self.reaper = Reaper()
         if self.models_on:
             self.device = await asyncio.to_thread(open_device, self.gpu_index, self.memory_mb)
+            await self._read_memory()
         await super().start()
         for cls in self.classes:
             if cls == "llm":
@@ -312,7 +314,7 @@ class Worker(Agent):
             return
         now = time.time()
         device = self.device
-        mem = device.memory(self._mesh_used_mb()) if device is not None else None
+        mem = self._memory()
         ev = GpuState(
             gpu=self.gpu_id,
             worker=self.agent_id,
@@ -362,6 +364,7 @@ class Worker(Agent):
                 async with asyncio.timeout(self.settings.agent_refresh_s):
                     await self._gpu_changed.wait()
             except TimeoutError:
+                await self._read_memory()
                 self._publish_state(refresh=True)
             self._gpu_changed.clear()
             try:
@@ -378,9 +381,24 @@ class Worker(Agent):
         device = "cpu" if spec.device == "cpu" or self.device is None else self.device.kind
         return await asyncio.to_thread(load_model, name, spec, device)
 
-    def _free_mb(self) -> int:
-        assert self.device is not None
-        mem = self.device.memory(self._mesh_used_mb())
+    def _memory(self) -> Memory | None:
+        """The device's memory as last read. A GPU is read through NVML in a thread, never on the
+        event loop: a driver call that waits on a CUDA initialisation in another thread must not
+        stop this worker's heartbeats."""
+        if self.device is None:
+            return None
+        if self.device.kind == "cpu" or self._mem is None:
+            return self.device.memory(self._mesh_used_mb())
+        return self._mem
+
+    async def _read_memory(self) -> None:
+        if self.device is not None and self.device.kind != "cpu":
+            self._mem = await asyncio.to_thread(self.device.memory, self._mesh_used_mb())
+
+    async def _free_mb(self) -> int:
+        await self._read_memory()
+        mem = self._memory()
+        assert mem is not None
         return mem.total_mb - mem.used_mb
 
     async def _resource(self, item: ResourceItem) -> None:
@@ -417,7 +435,7 @@ class Worker(Agent):
             await self._wait_lane_idle("script")
             for name in list(self.script_models):
                 self.script_models.pop(name).close()
-            free = self._free_mb()
+            free = await self._free_mb()
             if spec.vram_mb > free:
                 why = f"load of {item.model} refused: it needs {spec.vram_mb} MB and {free} MB are free"
                 log.warning("%s", why)
@@ -439,6 +457,7 @@ class Worker(Agent):
             sub = await self.bus.bind_consumer(llm_consumer_definition(self.settings, item.model))
             lane = self.lanes["llm"] = Lane("llm", sub, self.settings.llm_slots)
             self._start_lane(lane)
+            await self._read_memory()
             self._publish_state(rid=item.rid)
 
     async def _wait_lane_idle(self, name: str) -> None:
@@ -465,6 +484,7 @@ class Worker(Agent):
             loaded, self.llm, self.llm_name = self.llm, None, ""
             await asyncio.to_thread(loaded.close)
             log.info("unloaded %s", loaded.name)
+            await self._read_memory()
 
     async def _script_model(self, name: str) -> Any:
         """A script model, loaded on first use (seconds) and kept while no LLM needs the room."""
@@ -481,6 +501,7 @@ class Worker(Agent):
         finally:
             self.booting = ""
         self.script_models[name] = loaded
+        await self._read_memory()
         self._publish_state(force=True)
         return loaded
 
