@@ -50,8 +50,8 @@ $(MODELS_STAMP): $(STAMP)
 
 models: $(MODELS_STAMP)
 
-# An embedded nats-server, a brain and two CPU workers run the example plan,
-# show its progress, and stop.
+# An embedded nats-server, a brain, two CPU workers and a model worker (one per NVIDIA
+# GPU, else one on the CPU) run the example plan, show its progress, and stop.
 demo: models
 	$(BIN)/mesh up --data-dir .mesh/demo --workers 2 --submit $(PLAN)
 
