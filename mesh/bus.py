@@ -129,6 +129,15 @@ def bucket_definitions(settings: Settings) -> list[dict[str, Any]]:
             "storage": "file",
         },
         {
+            "bucket": n.telemetry_bucket,
+            "description": "mesh: <host>.gpu<N> / <host>.host -> latest telemetry (by that host's watchdog)",
+            "history": 1,
+            # a host whose watchdog stopped leaves no stale readings behind for long
+            "ttl": int(settings.telemetry_ttl_s * NS),
+            # rewritten every few seconds and worthless after a restart: memory, not disk
+            "storage": "memory",
+        },
+        {
             "bucket": n.agents_bucket,
             "description": "mesh: agent id -> registration; a key vanishes when its agent stops refreshing",
             "history": 1,
@@ -336,6 +345,9 @@ class Bus:
 
     async def gpus_kv(self) -> KeyValue:
         return await self.kv(self.names.gpus_bucket)
+
+    async def telemetry_kv(self) -> KeyValue:
+        return await self.kv(self.names.telemetry_bucket)
 
     async def brain_kv(self) -> KeyValue:
         return await self.kv(self.names.brain_bucket)
@@ -549,6 +561,9 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
         if tag == "gpu.requested":
             return names.gpu_event(gpu, kind), f"{gpu}:requested:{getattr(ev, 'rid', '')}"
         return names.gpu_event(gpu, kind), f"{gpu}:{kind}:{getattr(ev, 'state', '')}:{at!r}"
+    if tag.startswith("alert."):
+        rule, target = getattr(ev, "rule", ""), getattr(ev, "target", "")
+        return names.alert_event(rule, kind), f"alert:{rule}:{target}:{kind}:{at!r}"
     raise ValueError(f"no route for {tag}")
 
 

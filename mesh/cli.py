@@ -562,6 +562,22 @@ def agent_auditor(
     raise typer.Exit(run_agent(Auditor(settings())))
 
 
+@agent_app.command("watchdog")
+def agent_watchdog(
+    host: Annotated[
+        str | None,
+        typer.Option("--host", help="the host name telemetry is filed under (default: this host's)"),
+    ] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """The watchdog (one per host): GPU and host telemetry, and alerts."""
+    from agents.watchdog import Watchdog
+    from mesh.agent import run_agent
+
+    configure(log_level, name="watchdog")
+    raise typer.Exit(run_agent(Watchdog(settings(), host=host)))
+
+
 @agent_app.command("worker")
 def agent_worker(
     slots: Annotated[int | None, typer.Option("--slots", help="concurrent shell tasks")] = None,
@@ -706,6 +722,111 @@ def models(
         )
     out.print(table)
     raise typer.Exit(0)
+
+
+@app.command()
+def gpus(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per GPU")] = False,
+) -> None:
+    """Every GPU: its worker's state and model (gpus bucket) beside its watchdog's last reading."""
+    s = settings()
+
+    async def go() -> int:
+        from mesh.bus import read_bucket
+        from mesh.telemetry import GpuSample, decode_sample
+
+        bus = await _bus(s)
+        try:
+            states_raw = await read_bucket(await bus.gpus_kv())
+            try:
+                tel_raw = await read_bucket(await bus.telemetry_kv(), "*.*")
+            except MeshError:
+                tel_raw = {}  # no watchdog ever ran against this server
+        finally:
+            await bus.close()
+        states: dict[str, events.GpuState] = {}
+        for value in states_raw.values():
+            try:
+                st = events.decode(value)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            if isinstance(st, events.GpuState) and st.index >= 0:
+                states[st.gpu] = st
+        samples: dict[str, GpuSample] = {}
+        for value in tel_raw.values():
+            try:
+                sample = decode_sample(value)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            if isinstance(sample, GpuSample):
+                samples[sample.gpu_id] = sample
+        rows = [
+            _gpu_row(gid, samples.get(gid), states.get(gid)) for gid in sorted(set(samples) | set(states))
+        ]
+        if as_json:
+            for row in rows:
+                print(msgspec.json.encode(row).decode())
+        elif rows:
+            out.print(_gpus_table(rows))
+        else:
+            out.print("no GPUs known: start a watchdog (`mesh agent watchdog`) or a GPU worker on each host")
+        return 0
+
+    raise typer.Exit(run(go))
+
+
+def _num(value: float | None, fmt: str = "{:.0f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _gpu_row(gid: str, sample: Any, state: events.GpuState | None) -> dict[str, Any]:
+    return {
+        "gpu": gid,
+        "host": sample.host if sample else state.host if state else "",
+        "index": sample.index if sample else state.index if state else -1,
+        "name": (sample.name if sample else "") or (state.name if state else ""),
+        "state": state.state if state else "",
+        "model": (state.llm or ",".join(state.script_models)) if state else "",
+        "temp_c": sample.temp_c if sample else None,
+        "util_pct": sample.util_pct if sample else None,
+        "mem_used_mb": sample.mem_used_mb if sample else (state.vram_used_mb if state else None),
+        "mem_total_mb": sample.mem_total_mb if sample else (state.vram_total_mb if state else None),
+        "power_w": sample.power_w if sample else None,
+        "power_limit_w": sample.power_limit_w if sample else None,
+        "throttle": list(sample.throttle_reasons) if sample else [],
+        "sampled_at": sample.at if sample else None,
+    }
+
+
+def _gpus_table(rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title_justify="left")
+    for col in ("host", "gpu", "name", "state", "model", "temp °C", "util %", "VRAM MB", "power W", "seen"):
+        table.add_column(col, justify="right" if col[0] in "tuVps" and col != "state" else "left")
+    now = time.time()
+    for r in rows:
+        temp = _num(r["temp_c"])
+        if r["temp_c"] is not None and r["temp_c"] >= 85:
+            temp = f"[red]{temp}[/red]"
+        power = _num(r["power_w"])
+        if r["power_limit_w"]:
+            power += f"/{r['power_limit_w']:.0f}"
+        vram = f"{_num(r['mem_used_mb'])}/{_num(r['mem_total_mb'])}"
+        seen = f"{now - r['sampled_at']:.0f}s ago" if r["sampled_at"] else "-"
+        table.add_row(
+            r["host"],
+            str(r["index"]),
+            r["name"],
+            r["state"] or "-",
+            r["model"] or "-",
+            temp + (" " + ",".join(r["throttle"]) if r["throttle"] else ""),
+            _num(r["util_pct"]),
+            vram,
+            power,
+            seen,
+        )
+    return table
 
 
 def entry() -> None:

@@ -419,6 +419,38 @@ class DeadLetter(Msg, frozen=True, tag="dead.letter"):
     payload: str = ""
 
 
+# Alerts (event stream; written by a host's watchdog) ---------------------------
+
+
+class AlertRaised(Msg, frozen=True, tag="alert.raised"):
+    """A watchdog rule fired on a target (a GPU `<host>-gpu<N>`, a host, an agent id)."""
+
+    rule: str
+    target: str
+    host: str
+    severity: str
+    at: float
+    metric: str = ""
+    value: float = 0.0
+    threshold: float = 0.0
+    message: str = ""
+
+
+class AlertResolved(Msg, frozen=True, tag="alert.resolved"):
+    """A raised alert's condition cleared (past its threshold by the rule's hysteresis)."""
+
+    rule: str
+    target: str
+    host: str
+    severity: str
+    at: float
+    raised_at: float = 0.0
+    metric: str = ""
+    value: float = 0.0
+    threshold: float = 0.0
+    message: str = ""
+
+
 Message = (
     SubmitPlan
     | CancelPlan
@@ -447,6 +479,8 @@ Message = (
     | AgentOffline
     | GpuState
     | ResourceRequested
+    | AlertRaised
+    | AlertResolved
     | DeadLetter
 )
 

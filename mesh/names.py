@@ -18,6 +18,9 @@ Subjects
     <p>.evt.agent.<agent>.<type>       agents starting and stopping
     <p>.evt.gpu.<gpu>.<type>           GPU state changes (by its worker), loads asked (by the brain)
     <p>.evt.dead.<agent>               dead letters: messages nobody could use
+    <p>.evt.alert.<rule>.<type>        alerts raised and resolved by a host's watchdog
+    <p>.tel.gpu.<host>.<index>         a GPU's telemetry sample   (core NATS, not stored)
+    <p>.tel.host.<host>                a host's telemetry sample  (core NATS, not stored)
 """
 
 from __future__ import annotations
@@ -81,6 +84,11 @@ class Names:
         return f"{self.prefix}-gpus"
 
     @property
+    def telemetry_bucket(self) -> str:
+        """`<host>.gpu<index>` / `<host>.host` -> the latest telemetry sample (by that host's watchdog)."""
+        return f"{self.prefix}-telemetry"
+
+    @property
     def objects_bucket(self) -> str:
         """Object store for what is too big for one message (big plans; later, task outputs)."""
         return f"{self.prefix}-objects"
@@ -141,6 +149,19 @@ class Names:
         return f"{self.prefix}.evt.gpu.*.state"
 
     @property
+    def agent_stopped_all(self) -> str:
+        """Every clean agent stop (the watchdog stops watching an agent's heartbeat)."""
+        return f"{self.prefix}.evt.agent.*.stopped"
+
+    @property
+    def alerts_all(self) -> str:
+        return f"{self.prefix}.evt.alert.>"
+
+    @property
+    def telemetry_all(self) -> str:
+        return f"{self.prefix}.tel.>"
+
+    @property
     def task_cancelled_all(self) -> str:
         return f"{self.prefix}.evt.task.*.*.cancelled"
 
@@ -185,6 +206,24 @@ class Names:
 
     def dead_letter(self, agent_id: str) -> str:
         return f"{self.prefix}.evt.dead.{agent_id}"
+
+    def alert_event(self, rule: str, kind: str) -> str:
+        return f"{self.prefix}.evt.alert.{check_token(rule, 'alert rule')}.{kind}"
+
+    def tel_gpu(self, host: str, index: int) -> str:
+        return f"{self.prefix}.tel.gpu.{check_token(host, 'host')}.{int(index)}"
+
+    def tel_host(self, host: str) -> str:
+        return f"{self.prefix}.tel.host.{check_token(host, 'host')}"
+
+    @staticmethod
+    def telemetry_gpu_key(host: str, index: int) -> str:
+        """A GPU's key in the telemetry bucket."""
+        return f"{check_token(host, 'host')}.gpu{int(index)}"
+
+    @staticmethod
+    def telemetry_host_key(host: str) -> str:
+        return f"{check_token(host, 'host')}.host"
 
     def plan_filter(self, plan_id: str) -> str:
         """One subject filter for every event of one plan (plan, task and run events)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -88,6 +88,21 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cpu_model_memory_mb: int = 0
     # outputs bigger than this go to the object store instead of the completion event
     output_event_bytes: int = 64 * 1024
+
+    # watchdog (one per host): samples GPUs and the host this often
+    watchdog_interval_s: float = 2.0
+    # a host's readings leave the telemetry bucket this long after its watchdog's last sample
+    telemetry_ttl_s: float = 60.0
+    # a JSON file of simulated GPUs the watchdog reads instead of NVML (tests, demos)
+    simulated_gpus: str = ""
+    # [alerts.NAME] tables over the built-in rules (see mesh/alerts.py, docs/watchdog.md)
+    alerts: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    # a temperature alert resolves only this far below its threshold
+    alert_hysteresis_c: float = 5.0
+    alert_webhook_url: str = ""
+    alert_webhook_format: Literal["json", "slack", "discord", "ntfy"] = "json"
+    alert_webhook_timeout_s: float = 5.0
+    alert_notify_send: bool = False
 
     # retention of the history (0: unlimited)
     events_max_age_days: float = 90.0
@@ -185,4 +200,10 @@ def load_settings(
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     check_registry(settings.model_registry(), {**DEFAULT_MODELS, **settings.default_models})
+    from mesh.alerts import RuleError, build_rules
+
+    try:
+        build_rules(settings.alerts, settings.alert_hysteresis_c)
+    except RuleError as exc:
+        raise ConfigError(f"{exc} (check {file})") from exc
     return settings

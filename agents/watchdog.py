@@ -1,0 +1,196 @@
+"""The watchdog, one per host: samples the host's GPUs and the host itself, and raises alerts.
+
+Every `watchdog_interval_s` it
+
+1. reads each GPU (NVML, or the simulated set named by `simulated_gpus`) and the host
+   (psutil), in a thread so a slow driver never stalls the event loop;
+2. publishes each sample as a core NATS message on `<p>.tel.gpu.<host>.<index>` /
+   `<p>.tel.host.<host>` (nothing stores these: a subscriber sees them live), and puts it in
+   the telemetry bucket under `<host>.gpu<index>` / `<host>.host` (latest only);
+3. feeds the samples, and the heartbeats of this host's agents, to the alert engine
+   (`mesh.alerts`), publishes each change as `alert.raised` / `alert.resolved` on
+   `<p>.evt.alert.<rule>.<kind>`, and hands it to the sinks (log, webhook, notify-send).
+
+Without NVML (no NVIDIA driver) it watches the host alone and says so once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import nats.errors
+import nats.js.errors
+import psutil
+from nats.aio.msg import Msg as NatsMsg
+
+from mesh.agent import Agent
+from mesh.alerts import AlertEngine, Change, Sinks, build_rules
+from mesh.bus import read_bucket
+from mesh.events import AgentStopped, AlertRaised, AlertResolved, decode
+from mesh.names import HEADER_TYPE
+from mesh.records import decode_agent
+from mesh.settings import Settings
+from mesh.telemetry import (
+    GpuSample,
+    GpuSource,
+    HostSample,
+    encode_sample,
+    host_token,
+    open_source,
+    sample_host,
+)
+
+log = logging.getLogger("mesh.watchdog")
+
+TRANSIENT = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
+HOST_ONLY = "no NVIDIA GPU readable through NVML on this host: watching the host only"
+
+
+class Watchdog(Agent):
+    role = "watchdog"
+
+    def __init__(self, settings: Settings, host: str | None = None, agent_id: str | None = None) -> None:
+        super().__init__(settings, agent_id)
+        self.tel_host = host_token(host)
+        self.source: GpuSource | None = None
+        self.engine = AlertEngine(build_rules(settings.alerts, settings.alert_hysteresis_c))
+        self.sinks = Sinks(
+            settings.alert_webhook_url,
+            settings.alert_webhook_format,
+            settings.alert_webhook_timeout_s,
+            settings.alert_notify_send,
+        )
+        self._stopped: list[tuple[str, float]] = []
+        self._unsent: list[AlertRaised | AlertResolved] = []
+        self._agents_read_at = 0.0
+        self._failing: set[int] = set()
+
+    async def start(self) -> None:
+        await super().start()
+        self.source = await asyncio.to_thread(open_source, self.tel_host, self.settings.simulated_gpus)
+        if self.source is None:
+            log.info(HOST_ONLY)
+        else:
+            log.info("watching %d GPU(s) on %s", await asyncio.to_thread(self.source.count), self.tel_host)
+        psutil.cpu_percent(percpu=True)  # the first reading is since import: start the clock now
+        await self.bus.nc.subscribe(self.names.agent_stopped_all, cb=self._on_stopped)
+
+    async def _on_stopped(self, raw: NatsMsg) -> None:
+        try:
+            msg = decode(raw.data)
+        except ValueError:
+            return
+        if isinstance(msg, AgentStopped):
+            self._stopped.append((msg.agent_id, msg.at))
+
+    async def run(self) -> None:
+        interval = self.settings.watchdog_interval_s
+        while not self.stop_requested.is_set():
+            began = time.monotonic()
+            await self.tick()
+            remaining = max(0.05, interval - (time.monotonic() - began))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_requested.wait(), remaining)
+
+    async def stop(self, reason: str = "stopped") -> None:
+        if self.source is not None:
+            self.source.close()
+            self.source = None
+        await super().stop(reason)
+
+    # one round ---------------------------------------------------------------------------
+    def read(self) -> tuple[list[GpuSample], HostSample]:
+        """Every GPU and the host now (blocking: runs in a thread)."""
+        gpus: list[GpuSample] = []
+        source = self.source
+        if source is not None:
+            try:
+                count = source.count()
+            except Exception as exc:
+                log.warning("cannot count GPUs: %r", exc)
+                count = 0
+            for index in range(count):
+                try:
+                    gpus.append(source.sample(index))
+                    self._failing.discard(index)
+                except Exception as exc:
+                    if index not in self._failing:
+                        log.warning("cannot read GPU %d: %r", index, exc)
+                        self._failing.add(index)
+        return gpus, sample_host(self.tel_host, self.settings.data_dir)
+
+    async def tick(self) -> None:
+        gpus, host = await asyncio.to_thread(self.read)
+        now = time.time()
+        await self.publish_samples(gpus, host)
+        changes: list[Change] = []
+        for g in gpus:
+            changes += self.engine.gpu(g, now)
+        changes += self.engine.host(host, now)
+        changes += await self.watch_agents(now)
+        for c in changes:
+            ev = c.event()
+            self._unsent.append(ev)
+            self.spawn(self.sinks.deliver(ev), f"alert-{c.rule}")
+        await self.flush_alerts()
+
+    async def publish_samples(self, gpus: list[GpuSample], host: HostSample) -> None:
+        n = self.names
+        bucket = n.telemetry_bucket
+        puts: list[tuple[str, str, bytes]] = []
+        try:
+            for g in gpus:
+                data = encode_sample(g)
+                await self.bus.nc.publish(n.tel_gpu(g.host, g.index), data, headers={HEADER_TYPE: "tel.gpu"})
+                puts.append((bucket, n.telemetry_gpu_key(g.host, g.index), data))
+            data = encode_sample(host)
+            await self.bus.nc.publish(n.tel_host(host.host), data, headers={HEADER_TYPE: "tel.host"})
+            puts.append((bucket, n.telemetry_host_key(host.host), data))
+            await self.bus.kv_put_many(puts)
+        except TRANSIENT as exc:
+            log.warning("publishing telemetry failed: %r", exc)
+
+    async def watch_agents(self, now: float) -> list[Change]:
+        """Heartbeats of this host's agents (read at most every `agent_refresh_s`), and the
+        clean stops seen since the last round."""
+        changes: list[Change] = []
+        stopped, self._stopped = self._stopped, []
+        for agent_id, _ in stopped:
+            changes += self.engine.forget_agent(agent_id, now)
+        if now - self._agents_read_at < self.settings.agent_refresh_s:
+            return changes
+        try:
+            raw = await read_bucket(await self.bus.agents_kv())
+        except TRANSIENT as exc:
+            # no reading is no evidence: heartbeats are judged only on a successful read
+            log.warning("reading the agents bucket failed: %r", exc)
+            return changes
+        self._agents_read_at = now
+        gone = {a for a, _ in stopped}
+        seen: dict[str, float] = {}
+        for agent_id, value in raw.items():
+            try:
+                rec = decode_agent(value)
+            except ValueError:
+                continue
+            if rec.host != self.host or agent_id == self.agent_id or agent_id in gone:
+                continue
+            seen[agent_id] = rec.seen_at
+        changes += self.engine.agents(seen, self.tel_host, now)
+        return changes
+
+    async def flush_alerts(self) -> None:
+        """Publish the alerts not yet in the stream, in order; what fails is tried next round
+        (its `Nats-Msg-Id` keeps a retried one from being stored twice)."""
+        while self._unsent:
+            try:
+                await self.bus.emit(self._unsent[0])
+            except TRANSIENT as exc:
+                log.warning(
+                    "publishing an alert failed (%r); %d wait for the next round", exc, len(self._unsent)
+                )
+                return
+            self._unsent.pop(0)

@@ -1,0 +1,435 @@
+"""Alert rules and the engine that turns samples into raised and resolved alerts, and the sinks.
+
+The engine is pure: samples and the time go in, changes come out; no I/O, no clock of its own.
+An alert is one rule on one target (a GPU `<host>-gpu<N>`, a host, an agent id). A rule
+
+- *fires* when its metric is `>= above` (or `< below`), and is raised once it has fired
+  continuously for `for_s` seconds;
+- *resolves* only once the metric is back past the threshold by `hysteresis`
+  (`< above - hysteresis`, or `>= below + hysteresis`), so a reading that wanders around
+  the threshold raises once and stays raised instead of flapping.
+
+A reading the device does not offer (None) changes nothing.
+
+Rules come from the built-in defaults (`DEFAULT_RULES`) with the config's `[alerts.NAME]`
+tables over them, field by field: `[alerts.gpu_temp_warn] above = 80` moves one threshold,
+`enabled = false` turns a rule off, a new name with a `metric` adds a rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+
+from mesh.events import AlertRaised, AlertResolved
+from mesh.names import check_token
+from mesh.telemetry import GpuSample, HostSample
+
+log = logging.getLogger("mesh.alerts")
+
+Severity = Literal["info", "warn", "critical"]
+
+# what each metric is read from: a GPU sample, a host sample, or an agent's registration
+GPU_METRICS: dict[str, str] = {
+    "gpu_temp_c": "°C",
+    "gpu_util_pct": "%",
+    "gpu_mem_used_pct": "%",
+    "gpu_power_w": "W",
+    "gpu_xid_errors": "",
+    "gpu_ecc_errors": "",
+}
+HOST_METRICS: dict[str, str] = {
+    "disk_free_pct": "%",
+    "cpu_pct": "%",
+    "ram_used_pct": "%",
+    "swap_used_pct": "%",
+    "load1": "",
+    "host_temp_c": "°C",
+}
+AGENT_METRICS: dict[str, str] = {"heartbeat_age_s": "s"}
+METRICS: dict[str, str] = {**GPU_METRICS, **HOST_METRICS, **AGENT_METRICS}
+TEMPERATURE_METRICS = frozenset({"gpu_temp_c", "host_temp_c"})
+
+
+class AlertRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    metric: str
+    above: float | None = None
+    below: float | None = None
+    # None: `alert_hysteresis_c` for temperatures, else 0
+    hysteresis: float | None = None
+    for_s: float = 0.0
+    severity: Severity = "warn"
+    enabled: bool = True
+
+    def fires(self, value: float) -> bool:
+        if self.above is not None:
+            return value >= self.above
+        assert self.below is not None
+        return value < self.below
+
+    def clear(self, value: float, hysteresis: float) -> bool:
+        if self.above is not None:
+            return value < self.above - hysteresis
+        assert self.below is not None
+        return value >= self.below + hysteresis
+
+    @property
+    def threshold(self) -> float:
+        value = self.above if self.above is not None else self.below
+        assert value is not None
+        return value
+
+
+DEFAULT_RULES: dict[str, dict[str, Any]] = {
+    "gpu_temp_warn": {"metric": "gpu_temp_c", "above": 85.0, "severity": "warn"},
+    "gpu_temp_critical": {"metric": "gpu_temp_c", "above": 90.0, "severity": "critical"},
+    "disk_low": {"metric": "disk_free_pct", "below": 5.0, "hysteresis": 1.0, "severity": "critical"},
+    "agent_silent": {"metric": "heartbeat_age_s", "above": 30.0, "severity": "warn"},
+}
+
+
+class RuleError(ValueError):
+    """A rule in the config that cannot work; the message names it."""
+
+
+def build_rules(
+    overrides: Mapping[str, Mapping[str, Any]], hysteresis_c: float = 5.0
+) -> dict[str, AlertRule]:
+    """The defaults with the config's tables over them, field by field; disabled rules left out."""
+    merged: dict[str, dict[str, Any]] = {name: dict(d) for name, d in DEFAULT_RULES.items()}
+    for name, fields in overrides.items():
+        merged.setdefault(name, {}).update(fields)
+    rules: dict[str, AlertRule] = {}
+    for name, fields in merged.items():
+        try:
+            check_token(name, "alert rule name")
+            rule = msgspec.convert(fields, AlertRule, strict=False)
+        except (ValueError, msgspec.ValidationError) as exc:
+            raise RuleError(f"alert rule {name!r}: {exc}") from exc
+        if rule.metric not in METRICS:
+            raise RuleError(
+                f"alert rule {name!r}: unknown metric {rule.metric!r}; known: {', '.join(METRICS)}"
+            )
+        if (rule.above is None) == (rule.below is None):
+            raise RuleError(f"alert rule {name!r}: set exactly one of above or below")
+        if rule.hysteresis is None:
+            rule = msgspec.structs.replace(
+                rule, hysteresis=hysteresis_c if rule.metric in TEMPERATURE_METRICS else 0.0
+            )
+        if rule.enabled:
+            rules[name] = rule
+    return rules
+
+
+@dataclass
+class _State:
+    pending_since: float | None = None
+    raised_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Change:
+    """An alert raised or resolved."""
+
+    kind: Literal["raised", "resolved"]
+    rule: str
+    target: str
+    host: str
+    metric: str
+    severity: str
+    value: float
+    threshold: float
+    at: float
+    raised_at: float
+
+    @property
+    def message(self) -> str:
+        unit = METRICS.get(self.metric, "")
+        what = f"{self.metric} {self.value:g}{unit}"
+        if self.kind == "raised":
+            limit = f"{self.threshold:g}{unit}"
+            return f"{self.severity.upper()} {self.rule} on {self.target}: {what} (threshold {limit})"
+        lasted = self.at - self.raised_at
+        return f"resolved {self.rule} on {self.target}: {what} after {lasted:.0f}s"
+
+    def event(self) -> AlertRaised | AlertResolved:
+        if self.kind == "raised":
+            return AlertRaised(
+                rule=self.rule,
+                target=self.target,
+                host=self.host,
+                metric=self.metric,
+                severity=self.severity,
+                value=self.value,
+                threshold=self.threshold,
+                at=self.at,
+                message=self.message,
+            )
+        return AlertResolved(
+            rule=self.rule,
+            target=self.target,
+            host=self.host,
+            metric=self.metric,
+            severity=self.severity,
+            value=self.value,
+            threshold=self.threshold,
+            at=self.at,
+            raised_at=self.raised_at,
+            message=self.message,
+        )
+
+
+def gpu_metrics(s: GpuSample) -> dict[str, float | None]:
+    return {
+        "gpu_temp_c": s.temp_c,
+        "gpu_util_pct": s.util_pct,
+        "gpu_mem_used_pct": s.mem_used_pct,
+        "gpu_power_w": s.power_w,
+        "gpu_xid_errors": None if s.xid_errors is None else float(s.xid_errors),
+        "gpu_ecc_errors": None if s.ecc_errors is None else float(s.ecc_errors),
+    }
+
+
+def host_metrics(s: HostSample) -> dict[str, float | None]:
+    return {
+        "disk_free_pct": s.disk_free_pct,
+        "cpu_pct": s.cpu_pct,
+        "ram_used_pct": 100.0 * s.ram_used_mb / s.ram_total_mb if s.ram_total_mb else None,
+        "swap_used_pct": 100.0 * s.swap_used_mb / s.swap_total_mb if s.swap_total_mb else None,
+        "load1": s.load1,
+        "host_temp_c": max(s.temps.values()) if s.temps else None,
+    }
+
+
+class AlertEngine:
+    """Rules over time. Feed it samples (and agents' last heartbeats); it returns the changes."""
+
+    def __init__(self, rules: Mapping[str, AlertRule]) -> None:
+        self.rules = dict(rules)
+        self._states: dict[tuple[str, str], _State] = {}
+        # agent id -> (host, last seen_at)
+        self._agents: dict[str, tuple[str, float]] = {}
+
+    @property
+    def active(self) -> dict[tuple[str, str], float]:
+        """(rule, target) -> when raised, for every alert raised now."""
+        return {k: s.raised_at for k, s in self._states.items() if s.raised_at is not None}
+
+    def _evaluate(
+        self, metrics: Mapping[str, float | None], target: str, host: str, now: float
+    ) -> list[Change]:
+        changes: list[Change] = []
+        for name, rule in self.rules.items():
+            if rule.metric not in metrics:
+                continue
+            value = metrics[rule.metric]
+            if value is None:
+                continue
+            state = self._states.setdefault((name, target), _State())
+            if state.raised_at is None:
+                if not rule.fires(value):
+                    state.pending_since = None
+                    continue
+                if state.pending_since is None:
+                    state.pending_since = now
+                if now - state.pending_since >= rule.for_s:
+                    state.raised_at = now
+                    changes.append(self._change("raised", name, rule, target, host, value, now, now))
+            elif rule.clear(value, rule.hysteresis or 0.0):
+                changes.append(
+                    self._change("resolved", name, rule, target, host, value, now, state.raised_at)
+                )
+                state.raised_at = None
+                state.pending_since = None
+        return changes
+
+    @staticmethod
+    def _change(
+        kind: Literal["raised", "resolved"],
+        name: str,
+        rule: AlertRule,
+        target: str,
+        host: str,
+        value: float,
+        now: float,
+        raised_at: float,
+    ) -> Change:
+        return Change(
+            kind=kind,
+            rule=name,
+            target=target,
+            host=host,
+            metric=rule.metric,
+            severity=rule.severity,
+            value=round(value, 3),
+            threshold=rule.threshold,
+            at=now,
+            raised_at=raised_at,
+        )
+
+    def gpu(self, sample: GpuSample, now: float) -> list[Change]:
+        return self._evaluate(gpu_metrics(sample), sample.gpu_id, sample.host, now)
+
+    def host(self, sample: HostSample, now: float) -> list[Change]:
+        return self._evaluate(host_metrics(sample), sample.host, sample.host, now)
+
+    def agents(self, seen: Mapping[str, float], host: str, now: float) -> list[Change]:
+        """Heartbeats: `seen` is each registered agent's `seen_at` now. An agent that was seen
+        before and is missing now keeps aging from its last heartbeat (its key expired)."""
+        for agent_id, seen_at in seen.items():
+            _, last = self._agents.get(agent_id, (host, 0.0))
+            self._agents[agent_id] = (host, max(last, seen_at))
+        changes: list[Change] = []
+        for agent_id, (agent_host, last) in self._agents.items():
+            changes += self._evaluate({"heartbeat_age_s": max(0.0, now - last)}, agent_id, agent_host, now)
+        return changes
+
+    def forget_agent(self, agent_id: str, now: float) -> list[Change]:
+        """An agent that stopped cleanly: no longer watched; an alert raised on it resolves."""
+        entry = self._agents.pop(agent_id, None)
+        changes: list[Change] = []
+        for (name, target), state in list(self._states.items()):
+            if target != agent_id:
+                continue
+            if state.raised_at is not None and entry is not None:
+                rule = self.rules[name]
+                changes.append(
+                    self._change(
+                        "resolved",
+                        name,
+                        rule,
+                        target,
+                        entry[0],
+                        max(0.0, now - entry[1]),
+                        now,
+                        state.raised_at,
+                    )
+                )
+            del self._states[(name, target)]
+        return changes
+
+
+# ---------------------------------------------------------------- sinks
+
+
+WebhookFormat = Literal["json", "slack", "discord", "ntfy"]
+WEBHOOK_FORMATS: tuple[str, ...] = ("json", "slack", "discord", "ntfy")
+_NTFY_PRIORITY = {"info": 3, "warn": 4, "critical": 5}
+
+
+def webhook_request(url: str, fmt: str, ev: AlertRaised | AlertResolved) -> tuple[str, dict[str, Any]]:
+    """Where to POST an alert and the JSON body, in the shape the receiving service reads.
+
+    json: the event itself plus `text`; slack: `{"text"}`; discord: `{"content"}`;
+    ntfy: ntfy's JSON publish (`topic`, `title`, `message`, `priority`, `tags`) sent to the
+    server's root, the topic being the last part of the configured URL (`https://ntfy.sh/mytopic`)."""
+    text = ev.message
+    if fmt == "slack":
+        return url, {"text": text}
+    if fmt == "discord":
+        return url, {"content": text}
+    if fmt == "ntfy":
+        parts = urllib.parse.urlsplit(url)
+        base, _, topic = parts.path.rstrip("/").rpartition("/")
+        root = urllib.parse.urlunsplit((parts.scheme, parts.netloc, base + "/", "", ""))
+        raised = isinstance(ev, AlertRaised)
+        return root, {
+            "topic": topic,
+            "title": f"mesh: {ev.rule} {'raised' if raised else 'resolved'} on {ev.target}",
+            "message": text,
+            "priority": _NTFY_PRIORITY.get(ev.severity, 3) if raised else 2,
+            "tags": ["rotating_light" if ev.severity == "critical" else "warning"]
+            if raised
+            else ["white_check_mark"],
+        }
+    body: dict[str, Any] = json.loads(msgspec.json.encode(ev))
+    body["text"] = text
+    return url, body
+
+
+def post_json(url: str, body: dict[str, Any], timeout_s: float) -> int:
+    """POST JSON; the HTTP status (raises on a network error or an error status)."""
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "User-Agent": "mesh-watchdog"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        return int(resp.status)
+
+
+def notify_send(ev: AlertRaised | AlertResolved, timeout_s: float = 5.0) -> bool:
+    """A desktop notification through `notify-send`, where it is installed; False where not."""
+    exe = shutil.which("notify-send")
+    if exe is None:
+        return False
+    urgency = "critical" if isinstance(ev, AlertRaised) and ev.severity == "critical" else "normal"
+    subprocess.run(
+        [exe, "-u", urgency, "-a", "mesh", f"mesh: {ev.rule} on {ev.target}", ev.message],
+        timeout=timeout_s,
+        check=False,
+        capture_output=True,
+    )
+    return True
+
+
+class Sinks:
+    """Where alerts go besides the event stream: the log always, a webhook and notify-send if
+    configured. Delivery runs in threads; a failure is logged and never reaches the caller."""
+
+    def __init__(
+        self,
+        webhook_url: str = "",
+        webhook_format: str = "json",
+        timeout_s: float = 5.0,
+        use_notify_send: bool = False,
+    ) -> None:
+        self.webhook_url = webhook_url
+        self.webhook_format = webhook_format
+        self.timeout_s = timeout_s
+        self.use_notify_send = use_notify_send
+        self._notify_missing_logged = False
+
+    async def deliver(self, ev: AlertRaised | AlertResolved) -> None:
+        level = (
+            logging.INFO
+            if isinstance(ev, AlertResolved)
+            else (logging.ERROR if ev.severity == "critical" else logging.WARNING)
+        )
+        log.log(level, "alert: %s", ev.message)
+        jobs = []
+        if self.webhook_url:
+            jobs.append(asyncio.to_thread(self._webhook, ev))
+        if self.use_notify_send:
+            jobs.append(asyncio.to_thread(self._notify, ev))
+        if jobs:
+            await asyncio.gather(*jobs)
+
+    def _webhook(self, ev: AlertRaised | AlertResolved) -> None:
+        try:
+            url, body = webhook_request(self.webhook_url, self.webhook_format, ev)
+            post_json(url, body, self.timeout_s)
+        except (OSError, ValueError, urllib.error.URLError) as exc:
+            log.warning("alert webhook %s failed: %s", self.webhook_url, exc)
+        except Exception as exc:
+            log.warning("alert webhook %s failed unexpectedly: %r", self.webhook_url, exc)
+
+    def _notify(self, ev: AlertRaised | AlertResolved) -> None:
+        try:
+            if not notify_send(ev, self.timeout_s) and not self._notify_missing_logged:
+                log.info("alert_notify_send is on but notify-send is not installed")
+                self._notify_missing_logged = True
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("notify-send failed: %s", exc)

@@ -1,0 +1,411 @@
+"""What the watchdog reads: each GPU (through NVML, or a simulated set) and the host (psutil).
+
+Samples are plain msgspec Structs, JSON on the wire like every mesh message, but they are not
+events: the watchdog publishes them as core NATS messages (nothing stores them) and keeps only
+the latest of each in the telemetry bucket. So they are not members of `mesh.events.Message`;
+`decode_sample` reads them.
+
+Devices sit behind `GpuSource` (`count`, `sample`, `close`): `NvmlSource` reads NVIDIA GPUs
+through NVML, guarding every optional reading so a query the card or driver does not support
+gives None rather than an error; `SimulatedSource` reads a JSON file (setting
+`simulated_gpus`, env `MESH_SIMULATED_GPUS`) again at every sample, so a test or a demo can
+drive a running watchdog's temperatures, loads and memory from outside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+import psutil
+
+log = logging.getLogger("mesh.telemetry")
+MB = 1024 * 1024
+
+
+def host_token(name: str | None = None) -> str:
+    """The host as one subject token: the short hostname, anything odd replaced by '-'.
+
+    The same token a GPU worker puts in its GPU id (`<host>-gpu<N>`)."""
+    host = (name if name is not None else socket.gethostname()).split(".")[0]
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in host) or "host"
+
+
+class GpuSample(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="tel.gpu"):
+    """One reading of one GPU. A reading the device does not offer is None."""
+
+    host: str
+    index: int
+    name: str
+    at: float
+    util_pct: float | None = None
+    mem_used_mb: int | None = None
+    mem_total_mb: int | None = None
+    temp_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    sm_clock_mhz: int | None = None
+    mem_clock_mhz: int | None = None
+    # why the clocks are held down now (names such as 'sw_thermal', 'hw_slowdown'; 'gpu_idle' omitted)
+    throttle_reasons: list[str] = msgspec.field(default_factory=list)
+    # critical XID events seen since the watchdog started; uncorrected ECC errors (volatile)
+    xid_errors: int | None = None
+    ecc_errors: int | None = None
+    simulated: bool = False
+
+    @property
+    def gpu_id(self) -> str:
+        """The id its worker uses in the gpus bucket and `gpu.*` events."""
+        return f"{self.host}-gpu{self.index}"
+
+    @property
+    def mem_used_pct(self) -> float | None:
+        if self.mem_used_mb is None or not self.mem_total_mb:
+            return None
+        return 100.0 * self.mem_used_mb / self.mem_total_mb
+
+
+class HostSample(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="tel.host"):
+    """One reading of the host. `disk_*` is the filesystem of the data directory."""
+
+    host: str
+    at: float
+    cpu_pct: float
+    per_core: list[float]
+    load1: float
+    load5: float
+    load15: float
+    ram_used_mb: int
+    ram_total_mb: int
+    swap_used_mb: int
+    swap_total_mb: int
+    disk_path: str
+    disk_used_mb: int
+    disk_total_mb: int
+    disk_free_pct: float
+    # sensor name -> hottest current reading (only where psutil sees sensors)
+    temps: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+Sample = GpuSample | HostSample
+_decoder: msgspec.json.Decoder[Sample] = msgspec.json.Decoder(Sample)
+_encoder = msgspec.json.Encoder()
+
+
+def encode_sample(sample: Sample) -> bytes:
+    return _encoder.encode(sample)
+
+
+def decode_sample(data: bytes) -> Sample:
+    return _decoder.decode(data)
+
+
+# ---------------------------------------------------------------- GPU sources
+
+
+class GpuSource(Protocol):
+    def count(self) -> int: ...
+
+    def sample(self, index: int) -> GpuSample: ...
+
+    def close(self) -> None: ...
+
+
+# NVML's clock event (throttle) reason bits, by the names samples carry
+_THROTTLE_BITS: dict[str, int] = {
+    "gpu_idle": 0x1,
+    "applications_clocks": 0x2,
+    "sw_power_cap": 0x4,
+    "hw_slowdown": 0x8,
+    "sync_boost": 0x10,
+    "sw_thermal": 0x20,
+    "hw_thermal": 0x40,
+    "hw_power_brake": 0x80,
+    "display_clocks": 0x100,
+}
+
+
+def throttle_names(mask: int) -> list[str]:
+    """The reasons in an NVML clock event mask, idle left out (an idle card is not throttled)."""
+    return [name for name, bit in _THROTTLE_BITS.items() if mask & bit and name != "gpu_idle"]
+
+
+class NvmlSource:
+    """NVIDIA GPUs through NVML. Construct with `open_source()`; raises NVMLError without a driver."""
+
+    def __init__(self, host: str) -> None:
+        import pynvml
+
+        self._nvml: Any = pynvml
+        pynvml.nvmlInit()
+        self.host = host
+        self._handles: dict[int, Any] = {}
+        self._names: dict[int, str] = {}
+        self._xid: dict[int, int] = {}
+        self._by_uuid: dict[Any, int] = {}
+        self._events: Any = None
+        try:
+            self._events = pynvml.nvmlEventSetCreate()
+        except pynvml.NVMLError as exc:
+            log.info("NVML events unavailable (%s): XID errors are not counted", exc)
+
+    def count(self) -> int:
+        return int(self._nvml.nvmlDeviceGetCount())
+
+    def _handle(self, index: int) -> Any:
+        if index not in self._handles:
+            nvml = self._nvml
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            self._handles[index] = handle
+            name = self._read(lambda: nvml.nvmlDeviceGetName(handle))
+            self._names[index] = name.decode() if isinstance(name, bytes) else str(name or f"gpu{index}")
+            if self._events is not None:
+                try:
+                    nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError, self._events)
+                    self._xid[index] = 0
+                    uuid = self._read(lambda: nvml.nvmlDeviceGetUUID(handle))
+                    if uuid is not None:
+                        self._by_uuid[uuid] = index
+                except nvml.NVMLError as exc:
+                    log.info("GPU %d: XID events unavailable (%s)", index, exc)
+        return self._handles[index]
+
+    def _read(self, fn: Any) -> Any:
+        """One optional reading: None where the device or driver does not support it."""
+        try:
+            return fn()
+        except self._nvml.NVMLError:
+            return None
+
+    def _drain_xids(self) -> None:
+        if self._events is None or not self._xid:
+            return
+        nvml = self._nvml
+        for _ in range(1000):
+            try:
+                data = nvml.nvmlEventSetWait_v2(self._events, 0)
+            except nvml.NVMLError:  # NVML_ERROR_TIMEOUT: nothing waiting
+                return
+            uuid = self._read(lambda d=data: nvml.nvmlDeviceGetUUID(d.device))
+            index = self._by_uuid.get(uuid) if uuid is not None else None
+            if index is not None and index in self._xid:
+                self._xid[index] += 1
+                log.warning("GPU %d: XID %s", index, getattr(data, "eventData", "?"))
+
+    def sample(self, index: int) -> GpuSample:
+        nvml = self._nvml
+        h = self._handle(index)
+        self._drain_xids()
+        util = self._read(lambda: nvml.nvmlDeviceGetUtilizationRates(h))
+        mem = self._read(lambda: nvml.nvmlDeviceGetMemoryInfo(h))
+        temp = self._read(lambda: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU))
+        power = self._read(lambda: nvml.nvmlDeviceGetPowerUsage(h))
+        limit = self._read(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(h))
+        sm = self._read(lambda: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM))
+        memclk = self._read(lambda: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_MEM))
+        reasons = self._read(lambda: nvml.nvmlDeviceGetCurrentClocksEventReasons(h))
+        if reasons is None:
+            reasons = self._read(lambda: nvml.nvmlDeviceGetCurrentClocksThrottleReasons(h))
+        ecc = self._read(
+            lambda: nvml.nvmlDeviceGetTotalEccErrors(
+                h, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC
+            )
+        )
+        return GpuSample(
+            host=self.host,
+            index=index,
+            name=self._names.get(index, f"gpu{index}"),
+            at=time.time(),
+            util_pct=float(util.gpu) if util is not None else None,
+            mem_used_mb=int(mem.used // MB) if mem is not None else None,
+            mem_total_mb=int(mem.total // MB) if mem is not None else None,
+            temp_c=float(temp) if temp is not None else None,
+            power_w=power / 1000.0 if power is not None else None,
+            power_limit_w=limit / 1000.0 if limit is not None else None,
+            sm_clock_mhz=int(sm) if sm is not None else None,
+            mem_clock_mhz=int(memclk) if memclk is not None else None,
+            throttle_reasons=throttle_names(int(reasons)) if reasons is not None else [],
+            xid_errors=self._xid.get(index),
+            ecc_errors=int(ecc) if ecc is not None else None,
+        )
+
+    def close(self) -> None:
+        nvml = self._nvml
+        if self._events is not None:
+            with contextlib.suppress(nvml.NVMLError):
+                nvml.nvmlEventSetFree(self._events)
+            self._events = None
+        with contextlib.suppress(nvml.NVMLError):
+            nvml.nvmlShutdown()
+
+
+class SimGpu(msgspec.Struct, kw_only=True):
+    """One simulated GPU as its JSON file describes it."""
+
+    name: str = "Simulated GPU"
+    util_pct: float = 0.0
+    mem_used_mb: int = 0
+    mem_total_mb: int = 24576
+    temp_c: float = 40.0
+    power_w: float = 50.0
+    power_limit_w: float = 300.0
+    sm_clock_mhz: int = 1500
+    mem_clock_mhz: int = 9000
+    throttle_reasons: list[str] = msgspec.field(default_factory=list)
+    xid_errors: int | None = None
+    ecc_errors: int | None = None
+
+
+class SimFile(msgspec.Struct):
+    gpus: list[SimGpu]
+
+
+_sim_decoder: msgspec.json.Decoder[SimFile | list[SimGpu]] = msgspec.json.Decoder(SimFile | list[SimGpu])
+
+
+class SimulatedSource:
+    """GPUs described by a JSON file, read again at every sample.
+
+    The file holds `{"gpus": [{"name": ..., "temp_c": 70, "util_pct": 50, "mem_used_mb": 1000,
+    "mem_total_mb": 24576, ...}, ...]}` (or just the list); a missing field takes the default
+    of `SimGpu`. A file that cannot be read (mid-write, say) keeps the last good reading: write
+    it to a temporary name and rename it over.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], host: str) -> None:
+        self.path = Path(path)
+        self.host = host
+        self._gpus: list[SimGpu] = []
+        self._mtime: float | None = None
+        self._warned = False
+        self._load()
+
+    def _load(self) -> list[SimGpu]:
+        try:
+            stat = self.path.stat()
+            if self._mtime is not None and stat.st_mtime == self._mtime and self._gpus:
+                return self._gpus
+            decoded: Any = _sim_decoder.decode(self.path.read_bytes())
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if not self._warned:
+                log.warning("simulated GPUs: cannot read %s (%s); keeping the last reading", self.path, exc)
+                self._warned = True
+            return self._gpus
+        self._warned = False
+        self._mtime = stat.st_mtime
+        self._gpus = list(decoded.gpus if isinstance(decoded, SimFile) else decoded)
+        return self._gpus
+
+    def count(self) -> int:
+        return len(self._load())
+
+    def sample(self, index: int) -> GpuSample:
+        gpus = self._load()
+        if not 0 <= index < len(gpus):
+            raise IndexError(f"no simulated GPU {index} (the file lists {len(gpus)})")
+        g = gpus[index]
+        return GpuSample(
+            host=self.host,
+            index=index,
+            name=g.name,
+            at=time.time(),
+            util_pct=g.util_pct,
+            mem_used_mb=g.mem_used_mb,
+            mem_total_mb=g.mem_total_mb,
+            temp_c=g.temp_c,
+            power_w=g.power_w,
+            power_limit_w=g.power_limit_w,
+            sm_clock_mhz=g.sm_clock_mhz,
+            mem_clock_mhz=g.mem_clock_mhz,
+            throttle_reasons=list(g.throttle_reasons),
+            xid_errors=g.xid_errors,
+            ecc_errors=g.ecc_errors,
+            simulated=True,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def write_simulated(path: str | os.PathLike[str], gpus: list[dict[str, Any]]) -> None:
+    """Write a simulated GPU file atomically (what tests and demos use to drive a watchdog)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"gpus": gpus}))
+    os.replace(tmp, target)
+
+
+def open_source(host: str, simulated: str = "") -> GpuSource | None:
+    """The host's GPUs: the simulated set when `simulated` names a file, else NVML; None when
+    NVML cannot start (no NVIDIA driver, no nvidia-ml-py): the watchdog then reads the host only."""
+    if simulated:
+        return SimulatedSource(simulated, host)
+    try:
+        import pynvml
+    except ImportError:
+        log.debug("nvidia-ml-py is not installed")
+        return None
+    try:
+        return NvmlSource(host)
+    except pynvml.NVMLError as exc:
+        log.debug("NVML unavailable: %s", exc)
+        return None
+
+
+# ---------------------------------------------------------------- the host
+
+
+def _temps() -> dict[str, float]:
+    reader = getattr(psutil, "sensors_temperatures", None)
+    if reader is None:
+        return {}
+    try:
+        sensors = reader()
+    except (OSError, RuntimeError):
+        return {}
+    out: dict[str, float] = {}
+    for name, readings in (sensors or {}).items():
+        values = [r.current for r in readings if r.current is not None]
+        if values:
+            out[name] = float(max(values))
+    return out
+
+
+def sample_host(host: str, disk_path: str) -> HostSample:
+    """The host now. CPU percentages are since the previous call (the first call's are since
+    import, so call once at start and discard, as the watchdog does)."""
+    per_core = [float(p) for p in psutil.cpu_percent(percpu=True)]
+    cpu = sum(per_core) / len(per_core) if per_core else 0.0
+    load1, load5, load15 = os.getloadavg()
+    vm = psutil.virtual_memory()
+    sw = psutil.swap_memory()
+    path = Path(disk_path)
+    # the data directory may not exist yet: its nearest existing parent is on the same filesystem
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    du = psutil.disk_usage(str(path))
+    return HostSample(
+        host=host,
+        at=time.time(),
+        cpu_pct=cpu,
+        per_core=per_core,
+        load1=load1,
+        load5=load5,
+        load15=load15,
+        ram_used_mb=int((vm.total - vm.available) // MB),
+        ram_total_mb=int(vm.total // MB),
+        swap_used_mb=int(sw.used // MB),
+        swap_total_mb=int(sw.total // MB),
+        disk_path=str(path),
+        disk_used_mb=int(du.used // MB),
+        disk_total_mb=int(du.total // MB),
+        disk_free_pct=100.0 * du.free / du.total if du.total else 100.0,
+        temps=_temps(),
+    )
