@@ -575,6 +575,11 @@ class Brain(Agent):
             detail = f" {getattr(ev, 'status', '')}"
         elif tag == "plan.rejected":
             detail = f" {getattr(ev, 'error', '')}"
+        elif tag == "gpu.requested":
+            detail = (
+                f"{getattr(ev, 'action', '')} {getattr(ev, 'model', '')} on {getattr(ev, 'gpu', '')}: "
+                f"{getattr(ev, 'reason', '')}"
+            )
         elif tag == "agent.offline":
             detail = f" {getattr(ev, 'agent_id', '')} (running {len(getattr(ev, 'running', ()))})"
         log.info("%s %s%s%s", tag, plan_id, f".{task_id}" if task_id else "", detail)

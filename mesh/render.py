@@ -73,6 +73,20 @@ def event_line(subject: str, msg: events.Message | None) -> Text:
         line.append(f" {msg.agent_id}")
     if isinstance(msg, events.DeadLetter):
         line.append(f" from {msg.subject}: {msg.reason}", style="red")
+    if isinstance(msg, events.GpuState):
+        line.append(f" {msg.gpu} {msg.previous or 'start'} -> {msg.state} after {seconds(msg.took_s)}")
+        if msg.llm:
+            line.append(f" llm={msg.llm}", style="dim")
+        if msg.vram_total_mb:
+            line.append(f" {msg.vram_used_mb}/{msg.vram_total_mb} MB", style="dim")
+        if msg.error:
+            line.append(f" {msg.error}", style="red")
+    if isinstance(msg, events.ResourceRequested):
+        line.append(f" {msg.action} {msg.model} on {msg.gpu}: {msg.reason}")
+    if isinstance(msg, events.AlertRaised):
+        line.append(f" {msg.severity} {msg.rule} {msg.target}: {msg.message}", style="red")
+    if isinstance(msg, events.AlertResolved):
+        line.append(f" {msg.rule} {msg.target}")
     return line
 
 
