@@ -28,8 +28,8 @@ from nats.aio.msg import Msg as NatsMsg
 
 from mesh.agent import Agent
 from mesh.alerts import AlertEngine, Change, Sinks, build_rules
-from mesh.bus import read_bucket
-from mesh.events import AgentStopped, AlertRaised, AlertResolved, decode
+from mesh.bus import iter_bucket, read_bucket
+from mesh.events import AgentStopped, AlertRaised, AlertResolved, GpuControl, decode, encode
 from mesh.names import HEADER_TYPE
 from mesh.records import decode_agent
 from mesh.settings import Settings
@@ -67,6 +67,8 @@ class Watchdog(Agent):
         self._unsent: list[AlertRaised | AlertResolved] = []
         self._agents_read_at = 0.0
         self._failing: set[int] = set()
+        # GPU id -> whether this watchdog paused it for heat (read back from KV at start)
+        self.thermal_paused: dict[str, bool] = {}
 
     async def start(self) -> None:
         await super().start()
@@ -76,7 +78,19 @@ class Watchdog(Agent):
         else:
             log.info("watching %d GPU(s) on %s", await asyncio.to_thread(self.source.count), self.tel_host)
         psutil.cpu_percent(percpu=True)  # the first reading is since import: start the clock now
+        await self._read_thermal()
         await self.bus.nc.subscribe(self.names.agent_stopped_all, cb=self._on_stopped)
+
+    async def _read_thermal(self) -> None:
+        """This host's thermal pauses as a previous run left them (so a hot GPU stays paused)."""
+        kv = await self.bus.gpu_control_kv()
+        async for key, value in iter_bucket(kv, "*.thermal"):
+            if not key.startswith(f"{self.tel_host}-gpu"):
+                continue
+            with contextlib.suppress(ValueError):
+                control = decode(value)
+                if isinstance(control, GpuControl):
+                    self.thermal_paused[key.rsplit(".", 1)[0]] = control.paused
 
     async def _on_stopped(self, raw: NatsMsg) -> None:
         try:
@@ -131,11 +145,41 @@ class Watchdog(Agent):
             changes += self.engine.gpu(g, now)
         changes += self.engine.host(host, now)
         changes += await self.watch_agents(now)
+        await self.thermal(gpus, now)
         for c in changes:
             ev = c.event()
             self._unsent.append(ev)
             self.spawn(self.sinks.deliver(ev), f"alert-{c.rule}")
         await self.flush_alerts()
+
+    async def thermal(self, gpus: list[GpuSample], now: float) -> None:
+        """Pause a GPU at or above thermal_pause_c (its worker stops claiming work) and resume it
+        below thermal_resume_c; the gap keeps it from flapping. Both are `gpu.control` events."""
+        pause_c, resume_c = self.settings.thermal_pause_c, self.settings.thermal_resume_c
+        for g in gpus:
+            if g.temp_c is None:
+                continue
+            paused = self.thermal_paused.get(g.gpu_id, False)
+            if not paused and g.temp_c >= pause_c:
+                why = f"{g.temp_c:.0f} °C >= {pause_c:g} °C; resumes below {resume_c:g} °C"
+            elif paused and g.temp_c < resume_c:
+                why = f"{g.temp_c:.0f} °C < {resume_c:g} °C"
+            else:
+                continue
+            control = GpuControl(
+                gpu=g.gpu_id, source="thermal", at=now, paused=not paused, reason=why, by=self.agent_id
+            )
+            try:
+                await self.bus.emit(control)
+                kv = await self.bus.gpu_control_kv()
+                await kv.put(self.names.gpu_control_key(g.gpu_id, "thermal"), encode(control))
+            except TRANSIENT as exc:
+                log.warning(
+                    "could not %s %s (%s); next round", "pause" if not paused else "resume", g.gpu_id, exc
+                )
+                continue
+            self.thermal_paused[g.gpu_id] = not paused
+            log.warning("%s %s: %s", "paused" if not paused else "resumed", g.gpu_id, why)
 
     async def publish_samples(self, gpus: list[GpuSample], host: HostSample) -> None:
         n = self.names

@@ -17,10 +17,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 from typing import Any
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg as NatsMsg
@@ -31,6 +31,7 @@ from mesh.agent import Agent
 from mesh.bus import decode_or_none, llm_consumer_definition, own_consumer_definition
 from mesh.events import (
     MODEL_BODY_KINDS,
+    GpuControl,
     GpuState,
     ResourceItem,
     RunFinished,
@@ -47,6 +48,7 @@ from mesh.models import ModelError, ModelSpec
 from mesh.reaper import Reaper
 from mesh.records import INFLIGHT_STATES, RUNNING, decode_task
 from mesh.settings import Settings
+from mesh.telemetry import host_token
 
 log = logging.getLogger("mesh.worker")
 
@@ -58,11 +60,6 @@ FRESH_S = 2.0
 MODEL_CLASSES = ("script", "llm")
 # a resource task older than this was meant for an earlier state of the mesh: not acted on
 RESOURCE_STALE_S = 600.0
-
-
-def _host_token() -> str:
-    host = socket.gethostname().split(".")[0]
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in host) or "host"
 
 
 class Running:
@@ -107,7 +104,7 @@ class Worker(Agent):
     ) -> None:
         if agent_id is None and gpu is not None:
             # a GPU's worker keeps its name across restarts: its own queue waits for it
-            agent_id = f"worker-{_host_token()}-gpu{gpu}"
+            agent_id = f"worker-{host_token()}-gpu{gpu}"
         super().__init__(settings, agent_id)
         self.classes = list(classes)
         self.slots = slots or settings.slots
@@ -123,7 +120,7 @@ class Worker(Agent):
         self.gpu_index = gpu
         self.memory_mb = memory_mb or (0 if gpu is not None else settings.cpu_model_memory_mb)
         self.models_on = any(c in MODEL_CLASSES for c in self.classes)
-        self.gpu_id = f"{_host_token()}-gpu{gpu}" if gpu is not None else self.agent_id
+        self.gpu_id = f"{host_token()}-gpu{gpu}" if gpu is not None else self.agent_id
         self.device: Device | None = None
         self.registry: dict[str, ModelSpec] = settings.model_registry()
         self.llm: Any = None  # mesh.loaders.Loaded
@@ -136,6 +133,8 @@ class Worker(Agent):
         self.gpu_rid = ""
         self.gpu_error = ""
         self._gpu_outbox: list[tuple[GpuState, bool]] = []
+        # this GPU's control keys by source ('thermal', 'operator')
+        self.controls: dict[str, GpuControl] = {}
         self._mem: Memory | None = None
         self._gpu_flush_lock = asyncio.Lock()
         self._gpu_changed = asyncio.Event()
@@ -147,7 +146,9 @@ class Worker(Agent):
     async def start(self) -> None:
         self.reaper = Reaper()
         if self.models_on:
-            self.device = await asyncio.to_thread(open_device, self.gpu_index, self.memory_mb)
+            self.device = await asyncio.to_thread(
+                open_device, self.gpu_index, self.memory_mb, self.settings.simulated_gpus
+            )
             await self._read_memory()
         await super().start()
         for cls in self.classes:
@@ -163,6 +164,7 @@ class Worker(Agent):
             self.lanes["own"] = Lane("own", own, 1)
             self._publish_state(force=True)
             self.spawn(self._gpu_publisher(), "gpu-state")
+            self.spawn(self._control_loop(), "gpu-control")
         self._cancel_sub = await self.bus.nc.subscribe(self.names.task_cancelled_all, cb=self._on_cancel)
 
     @property
@@ -220,6 +222,12 @@ class Worker(Agent):
                 # (the fetched items are counted in `running` below, before anything else runs)
                 lane.fetching = False
                 lane.wake()
+            if lane.name != "own" and self.hold_reason():
+                # paused while this fetch was in flight: hand the work back for another GPU
+                for raw in msgs:
+                    with contextlib.suppress(*TRANSIENT):
+                        await raw.nak()
+                continue
             for raw in msgs:
                 lane.running += 1
                 task = asyncio.get_running_loop().create_task(self._take(raw, lane))
@@ -279,6 +287,8 @@ class Worker(Agent):
     def _derive_state(self) -> str:
         if self.gpu_state_override:
             return self.gpu_state_override
+        if self.hold_reason():
+            return gs.PAUSED
         if self.booting:
             return self.booting
         llm = self.lanes.get("llm")
@@ -290,13 +300,59 @@ class Worker(Agent):
         return gs.IDLE
 
     def _update_lanes(self) -> None:
-        """Script work runs only where no LLM is loaded or loading (it would not fit beside it)."""
-        script = self.lanes.get("script")
-        if script is not None:
-            enabled = self.llm is None and self.booting != gs.BOOTING_LLM and not self._model_lock.locked()
-            if enabled != script.enabled:
-                script.enabled = enabled
-                script.wake()
+        """Script work runs only where no LLM is loaded or loading (it would not fit beside it);
+        a paused or cordoned GPU's worker claims nothing (what runs finishes)."""
+        held = bool(self.hold_reason())
+        for name, lane in self.lanes.items():
+            if name == "own":
+                continue
+            enabled = not held
+            if name == "script":
+                enabled = enabled and (
+                    self.llm is None and self.booting != gs.BOOTING_LLM and not self._model_lock.locked()
+                )
+            if enabled != lane.enabled:
+                lane.enabled = enabled
+                lane.wake()
+
+    def hold_reason(self) -> str:
+        """Why this GPU takes no work now ('' when it does): a thermal or an operator's pause, or
+        a cordon."""
+        reasons = [
+            f"{c.source} {'cordon' if c.cordoned else 'pause'}: {c.reason}".rstrip(": ")
+            for c in self.controls.values()
+            if c.paused or c.cordoned
+        ]
+        return "; ".join(sorted(reasons))
+
+    async def _control_loop(self) -> None:
+        """Follow this GPU's keys in the control bucket: pause, resume, cordon."""
+        kv = await self.bus.gpu_control_kv()
+        while True:
+            try:
+                watcher = await kv.watch(f"{self.gpu_id}.*")
+                async for entry in watcher:
+                    if entry is None:
+                        continue  # the end of the initial values
+                    source = entry.key.rsplit(".", 1)[-1]
+                    try:
+                        control = decode(entry.value) if entry.value else None
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        log.warning("ignoring an unreadable control value for %s", entry.key)
+                        continue
+                    before = self.hold_reason()
+                    if isinstance(control, GpuControl):
+                        self.controls[source] = control
+                    else:
+                        self.controls.pop(source, None)
+                    after = self.hold_reason()
+                    if after != before:
+                        log.info("%s: %s", self.gpu_id, f"holding: {after}" if after else "taking work again")
+                        self._update_lanes()
+                        self._publish_state(force=True)
+            except TRANSIENT as exc:
+                log.warning("watching the GPU's control keys failed (%s); again in 1s", exc)
+                await asyncio.sleep(1.0)
 
     def _reserved_mb(self) -> int:
         return sum(m.spec.vram_mb for m in self.script_models.values())
@@ -336,6 +392,7 @@ class Worker(Agent):
             running=len(self.running),
             rid=rid,
             error=error,
+            hold=self.hold_reason(),
         )
         # a change (or an answer to the brain) is an event; a fresh reading only updates KV
         event = state != self.gpu_state or bool(error or rid) or force

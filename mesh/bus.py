@@ -138,6 +138,13 @@ def bucket_definitions(settings: Settings) -> list[dict[str, Any]]:
             "storage": "memory",
         },
         {
+            "bucket": n.gpu_control_bucket,
+            "description": "mesh: <gpu>.thermal / <gpu>.operator -> whether that GPU's worker may claim work",
+            "history": 1,
+            "ttl": 0,
+            "storage": "file",
+        },
+        {
             "bucket": n.agents_bucket,
             "description": "mesh: agent id -> registration; a key vanishes when its agent stops refreshing",
             "history": 1,
@@ -342,6 +349,9 @@ class Bus:
 
     async def agents_kv(self) -> KeyValue:
         return await self.kv(self.names.agents_bucket)
+
+    async def gpu_control_kv(self) -> KeyValue:
+        return await self.kv(self.names.gpu_control_bucket)
 
     async def gpus_kv(self) -> KeyValue:
         return await self.kv(self.names.gpus_bucket)
@@ -560,6 +570,8 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
         gpu = getattr(ev, "gpu", "")
         if tag == "gpu.requested":
             return names.gpu_event(gpu, kind), f"{gpu}:requested:{getattr(ev, 'rid', '')}"
+        if tag == "gpu.control":
+            return names.gpu_event(gpu, kind), f"{gpu}:control:{getattr(ev, 'source', '')}:{at!r}"
         return names.gpu_event(gpu, kind), f"{gpu}:{kind}:{getattr(ev, 'state', '')}:{at!r}"
     if tag.startswith("alert."):
         rule, target = getattr(ev, "rule", ""), getattr(ev, "target", "")

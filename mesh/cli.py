@@ -667,6 +667,85 @@ def agents() -> None:
     raise typer.Exit(run(go))
 
 
+gpu_app = typer.Typer(help="Pause, resume or cordon a GPU (its worker stops or starts claiming work).")
+app.add_typer(gpu_app, name="gpu")
+
+
+def _gpu_id(gpu: str) -> str:
+    """A GPU id as the gpus bucket has it; a bare index means this host's GPU."""
+    if gpu.isdigit():
+        from mesh.telemetry import host_token
+
+        return f"{host_token()}-gpu{gpu}"
+    return gpu
+
+
+def _control(gpu: str, paused: bool, cordoned: bool | None, reason: str) -> None:
+    s = settings()
+    gpu_id = _gpu_id(gpu)
+
+    async def go() -> int:
+        from mesh.events import GpuControl
+
+        bus = await _bus(s)
+        try:
+            kv = await bus.gpu_control_kv()
+            key = s.names.gpu_control_key(gpu_id, "operator")
+            was = False
+            try:
+                entry = await kv.get(key)
+                old = events.decode(entry.value or b"")
+                was = isinstance(old, GpuControl) and old.cordoned
+            except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+                pass
+            control = GpuControl(
+                gpu=gpu_id,
+                source="operator",
+                at=time.time(),
+                paused=paused,
+                cordoned=was if cordoned is None else cordoned,
+                reason=reason,
+                by=client._user(),
+            )
+            await bus.emit(control)
+            await kv.put(key, events.encode(control))
+            state = "cordoned" if control.cordoned else "paused" if paused else "taking work"
+            out.print(f"{gpu_id}: {state}" + (f" ({reason})" if reason else ""), highlight=False)
+            return 0
+        finally:
+            await bus.close()
+
+    raise typer.Exit(run(go))
+
+
+ReasonOpt = Annotated[str, typer.Option("--reason", help="why (shown in mesh gpus and the events)")]
+
+
+@gpu_app.command("pause")
+def gpu_pause(gpu: str, reason: ReasonOpt = "") -> None:
+    """Stop GPU's worker claiming work (running tasks finish). GPU: an id from `mesh gpus`, or an
+    index on this host."""
+    _control(gpu, True, None, reason)
+
+
+@gpu_app.command("resume")
+def gpu_resume(gpu: str, reason: ReasonOpt = "") -> None:
+    """Lift an operator's pause (a cordon stays until `mesh gpu uncordon`)."""
+    _control(gpu, False, None, reason)
+
+
+@gpu_app.command("cordon")
+def gpu_cordon(gpu: str, reason: ReasonOpt = "") -> None:
+    """Mark a GPU not to be used (e.g. it reports XID errors) until `mesh gpu uncordon`."""
+    _control(gpu, False, True, reason)
+
+
+@gpu_app.command("uncordon")
+def gpu_uncordon(gpu: str, reason: ReasonOpt = "") -> None:
+    """Let a cordoned GPU take work again."""
+    _control(gpu, False, False, reason)
+
+
 @app.command()
 def models(
     offline: Annotated[

@@ -225,6 +225,23 @@ class GpuState(Msg, frozen=True, tag="gpu.state"):
     running: int = 0
     rid: str = ""
     error: str = ""
+    # why a paused GPU takes no work (a thermal or operator pause, a cordon)
+    hold: str = ""
+
+
+class GpuControl(Msg, frozen=True, tag="gpu.control"):
+    """Stop (or let again) a GPU's worker claiming work. `source` is who decided: the host's
+    watchdog (`thermal`) or an operator (`operator`); each writes only its own key of the GPU
+    in the control bucket, so a thermal resume never lifts an operator's pause or cordon."""
+
+    gpu: str
+    source: Literal["thermal", "operator"]
+    at: float
+    paused: bool = False
+    # an operator's mark for a GPU not to be used until uncordoned (e.g. it reports XID errors)
+    cordoned: bool = False
+    reason: str = ""
+    by: str = ""
 
 
 class ResourceRequested(Msg, frozen=True, tag="gpu.requested"):
@@ -478,6 +495,7 @@ Message = (
     | AgentStopped
     | AgentOffline
     | GpuState
+    | GpuControl
     | ResourceRequested
     | AlertRaised
     | AlertResolved

@@ -89,6 +89,32 @@ class NvmlDevice(Device):
             self._nvml.nvmlShutdown()
 
 
+class SimulatedDevice(Device):
+    """A GPU of a simulated set (the `simulated_gpus` file the watchdog reads too): its name and
+    memory come from the file; models load on the CPU. Lets tests and demos run GPU workers, the
+    watchdog and thermal control on a machine with no NVIDIA GPU: only NVML is simulated."""
+
+    def __init__(self, index: int, path: str, memory_mb: int = 0) -> None:
+        from mesh.telemetry import SimulatedSource, host_token
+
+        self.source = SimulatedSource(path, host_token())
+        self.index = index
+        try:
+            first = self.source.sample(index)
+        except (IndexError, OSError, ValueError) as exc:
+            raise GpuError(f"no simulated GPU {index} in {path}: {exc}") from exc
+        self.name = first.name
+        total = first.mem_total_mb or 0
+        self.total_mb = min(total, memory_mb) if memory_mb else total
+
+    def memory(self, mesh_used_mb: int) -> Memory:
+        try:
+            sample = self.source.sample(self.index)
+        except (IndexError, OSError, ValueError):
+            return Memory(self.total_mb, mesh_used_mb)
+        return Memory(self.total_mb, max(sample.mem_used_mb or 0, mesh_used_mb))
+
+
 class GpuError(Exception):
     """A GPU a worker was told to use that it cannot use; the message says what to do."""
 
@@ -110,8 +136,12 @@ def count_gpus() -> int:
             pynvml.nvmlShutdown()
 
 
-def open_device(gpu: int | None, memory_mb: int = 0) -> Device:
-    return Device(memory_mb) if gpu is None else NvmlDevice(gpu, memory_mb)
+def open_device(gpu: int | None, memory_mb: int = 0, simulated: str = "") -> Device:
+    if gpu is None:
+        return Device(memory_mb)
+    if simulated:
+        return SimulatedDevice(gpu, simulated, memory_mb)
+    return NvmlDevice(gpu, memory_mb)
 
 
 def gpu_environment(gpu: int | None, library_path: str, environ: dict[str, str]) -> dict[str, str]:

@@ -79,6 +79,16 @@ class Names:
         return f"{self.prefix}-brain"
 
     @property
+    def gpu_control_bucket(self) -> str:
+        """`<gpu>.thermal` (its host's watchdog) and `<gpu>.operator` (mesh gpu ...) -> a
+        `gpu.control`: whether the GPU's worker may claim work."""
+        return f"{self.prefix}-gpu-control"
+
+    @staticmethod
+    def gpu_control_key(gpu: str, source: str) -> str:
+        return f"{check_token(gpu, 'gpu id')}.{check_token(source, 'control source')}"
+
+    @property
     def gpus_bucket(self) -> str:
         """GPU id -> its latest `gpu.state` (written by that GPU's worker alone)."""
         return f"{self.prefix}-gpus"

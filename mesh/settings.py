@@ -91,6 +91,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     # watchdog (one per host): samples GPUs and the host this often
     watchdog_interval_s: float = 2.0
+    # thermal control: a GPU at or above this stops claiming work, and claims again below resume
+    thermal_pause_c: float = 87.0
+    thermal_resume_c: float = 80.0
     # a host's readings leave the telemetry bucket this long after its watchdog's last sample
     telemetry_ttl_s: float = 60.0
     # a JSON file of simulated GPUs the watchdog reads instead of NVML (tests, demos)
