@@ -62,6 +62,32 @@ MODEL_CLASSES = ("script", "llm")
 RESOURCE_STALE_S = 600.0
 
 
+RESOURCE_SAMPLE_S = 0.5
+
+
+class ResourceUse:
+    """GPU readings taken while one task ran."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.peak_mb = 0
+        self.util_sum = 0.0
+        self.util_n = 0
+
+    def add(self, used_mb: int, util: float | None) -> None:
+        self.samples += 1
+        self.peak_mb = max(self.peak_mb, used_mb)
+        if util is not None:
+            self.util_sum += util
+            self.util_n += 1
+
+    def metrics(self) -> dict[str, float]:
+        out = {"gpu_mem_peak_mb": float(self.peak_mb), "gpu_samples": float(self.samples)}
+        if self.util_n:
+            out["gpu_util_mean_pct"] = round(self.util_sum / self.util_n, 1)
+        return out
+
+
 class Running:
     def __init__(self, item: WorkItem, raw: NatsMsg) -> None:
         self.item = item
@@ -732,6 +758,12 @@ class Worker(Agent):
         )
         log.info("running %s attempt %d (delivery %d)", key, item.attempt, delivery)
         beat = asyncio.get_running_loop().create_task(self._heartbeat(run))
+        usage = ResourceUse()
+        sampler = (
+            asyncio.get_running_loop().create_task(self._sample_resources(usage))
+            if self.device is not None and self.device.measured
+            else None
+        )
         try:
             executor = EXECUTORS.get(item.kind)
             if executor is None:
@@ -743,6 +775,15 @@ class Worker(Agent):
                 result = failed or await executor(item, run.ctx)
         finally:
             beat.cancel()
+            if sampler is not None:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
+        if sampler is not None:
+            with contextlib.suppress(Exception):
+                await self._sample_once(usage)  # the end of the task, too (and a short task's only)
+            if usage.samples:
+                result.metrics.update(usage.metrics())
         if run.handed_back:
             log.info("handing %s back to the queue", key)
             await run.raw.nak()
@@ -838,6 +879,22 @@ class Worker(Agent):
             log.warning("could not store the output of %s.%s: %s", item.plan_id, item.task_id, exc)
             return ("" if sensitive else text[: self.settings.output_event_bytes]), ""
         return "", name
+
+    async def _sample_once(self, usage: ResourceUse) -> None:
+        device = self.device
+        assert device is not None
+        mem = await asyncio.to_thread(device.memory, self._mesh_used_mb())
+        usage.add(mem.used_mb, await asyncio.to_thread(device.utilization))
+
+    async def _sample_resources(self, usage: ResourceUse) -> None:
+        """Read the GPU while a task runs: its peak memory and mean utilisation go into the
+        task's completion event (the GPU's, so they include whatever else runs on it)."""
+        while True:
+            try:
+                await self._sample_once(usage)
+            except Exception as exc:  # a reading that fails must never fail the task
+                log.debug("GPU reading failed: %r", exc)
+            await asyncio.sleep(RESOURCE_SAMPLE_S)
 
     async def _heartbeat(self, run: Running) -> None:
         interval = self.settings.heartbeat_s

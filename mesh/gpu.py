@@ -38,6 +38,15 @@ class Device:
     def memory(self, mesh_used_mb: int) -> Memory:
         return Memory(self.total_mb, mesh_used_mb)
 
+    def utilization(self) -> float | None:
+        """The GPU's utilisation now, percent; None where there is no GPU to read."""
+        return None
+
+    @property
+    def measured(self) -> bool:
+        """Whether readings come from a device (so per-task GPU resources mean something)."""
+        return False
+
     def close(self) -> None:
         pass
 
@@ -84,6 +93,16 @@ class NvmlDevice(Device):
             used = mesh_used_mb + others
         return Memory(self.total_mb, used)
 
+    def utilization(self) -> float | None:
+        try:
+            return float(self._nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+        except self._nvml.NVMLError:
+            return None
+
+    @property
+    def measured(self) -> bool:
+        return True
+
     def close(self) -> None:
         with contextlib.suppress(self._nvml.NVMLError):
             self._nvml.nvmlShutdown()
@@ -113,6 +132,16 @@ class SimulatedDevice(Device):
         except (IndexError, OSError, ValueError):
             return Memory(self.total_mb, mesh_used_mb)
         return Memory(self.total_mb, max(sample.mem_used_mb or 0, mesh_used_mb))
+
+    def utilization(self) -> float | None:
+        try:
+            return self.source.sample(self.index).util_pct
+        except (IndexError, OSError, ValueError):
+            return None
+
+    @property
+    def measured(self) -> bool:
+        return True
 
 
 class GpuError(Exception):

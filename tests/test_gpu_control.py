@@ -155,3 +155,37 @@ async def test_an_operator_pause_and_cordon_hold_a_gpu_until_lifted(mesh: Mesh, 
         (False, False),
     ]
     assert all(c.source == "operator" and c.by == (os.environ.get("USER") or c.by) for c in history)
+
+
+async def test_a_task_on_a_gpu_records_its_peak_memory_and_mean_utilisation(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    sim = tmp_path / "gpus.json"
+    write_simulated(
+        sim,
+        [{"name": "Simulated 8GB", "temp_c": 50, "mem_total_mb": 8192, "mem_used_mb": 3000, "util_pct": 40}],
+    )
+    mesh.env["MESH_SIMULATED_GPUS"] = str(sim)
+    mesh.brain()
+    mesh.worker("gpu", 1, "--gpu", "0", "--classes", "script")
+    await until_state(mesh, "idle")
+    gate = tmp_path / "gate"
+    plan_id = await mesh.submit_text(
+        "# busy\n\n## Tasks\n\n### work\n- class: script\n\n```shell\n"
+        f"while [ ! -e {gate} ]; do sleep 0.05; done\n```\n"
+    )
+    await mesh.wait_task(plan_id, "work", "running")
+    await asyncio.sleep(1.2)  # readings at 3000 MB and 40 %
+    write_simulated(
+        sim,
+        [{"name": "Simulated 8GB", "temp_c": 50, "mem_total_mb": 8192, "mem_used_mb": 5000, "util_pct": 100}],
+    )
+    await asyncio.sleep(1.2)  # and at 5000 MB and 100 %
+    gate.touch()
+    assert (await mesh.wait_plan(plan_id, 30)).status == "succeeded"
+    bus = await mesh.bus()
+    done = [m for _, m in await mesh.history(bus.names.run_event(plan_id, "work", "finished"))]
+    metrics = done[0].metrics  # type: ignore[union-attr]
+    assert metrics["gpu_mem_peak_mb"] == 5000
+    assert 40 < metrics["gpu_util_mean_pct"] < 100, metrics
+    assert metrics["gpu_samples"] >= 4
