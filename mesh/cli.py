@@ -578,6 +578,19 @@ def agent_watchdog(
     raise typer.Exit(run_agent(Watchdog(settings(), host=host)))
 
 
+@agent_app.command("exporter")
+def agent_exporter(
+    port: Annotated[int | None, typer.Option("--port", help="serve /metrics on this port [9464]")] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """The Prometheus exporter: GPU telemetry and states, queues, task durations, alerts on /metrics."""
+    from mesh.agent import run_agent
+    from mesh.metrics import Exporter
+
+    configure(log_level, name="exporter")
+    raise typer.Exit(run_agent(Exporter(settings(metrics_port=port))))
+
+
 @agent_app.command("worker")
 def agent_worker(
     slots: Annotated[int | None, typer.Option("--slots", help="concurrent shell tasks")] = None,

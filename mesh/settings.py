@@ -107,6 +107,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     alert_webhook_timeout_s: float = 5.0
     alert_notify_send: bool = False
 
+    # the Prometheus exporter (`mesh agent exporter`) serves /metrics here
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+
     # retention of the history (0: unlimited)
     events_max_age_days: float = 90.0
     events_max_bytes: int = 8 * 1024**3
