@@ -824,37 +824,13 @@ def gpus(
     s = settings()
 
     async def go() -> int:
-        from mesh.bus import read_bucket
-        from mesh.telemetry import GpuSample, decode_sample
+        from mesh.top import gpu_rows, read_gpus
 
         bus = await _bus(s)
         try:
-            states_raw = await read_bucket(await bus.gpus_kv())
-            try:
-                tel_raw = await read_bucket(await bus.telemetry_kv(), "*.*")
-            except MeshError:
-                tel_raw = {}  # no watchdog ever ran against this server
+            rows = gpu_rows(await read_gpus(bus))
         finally:
             await bus.close()
-        states: dict[str, events.GpuState] = {}
-        for value in states_raw.values():
-            try:
-                st = events.decode(value)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
-            if isinstance(st, events.GpuState) and st.index >= 0:
-                states[st.gpu] = st
-        samples: dict[str, GpuSample] = {}
-        for value in tel_raw.values():
-            try:
-                sample = decode_sample(value)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
-            if isinstance(sample, GpuSample):
-                samples[sample.gpu_id] = sample
-        rows = [
-            _gpu_row(gid, samples.get(gid), states.get(gid)) for gid in sorted(set(samples) | set(states))
-        ]
         if as_json:
             for row in rows:
                 print(msgspec.json.encode(row).decode())
@@ -867,31 +843,10 @@ def gpus(
     raise typer.Exit(run(go))
 
 
-def _num(value: float | None, fmt: str = "{:.0f}") -> str:
-    return "-" if value is None else fmt.format(value)
-
-
-def _gpu_row(gid: str, sample: Any, state: events.GpuState | None) -> dict[str, Any]:
-    return {
-        "gpu": gid,
-        "host": sample.host if sample else state.host if state else "",
-        "index": sample.index if sample else state.index if state else -1,
-        "name": (sample.name if sample else "") or (state.name if state else ""),
-        "state": state.state if state else "",
-        "model": (state.llm or ",".join(state.script_models)) if state else "",
-        "temp_c": sample.temp_c if sample else None,
-        "util_pct": sample.util_pct if sample else None,
-        "mem_used_mb": sample.mem_used_mb if sample else (state.vram_used_mb if state else None),
-        "mem_total_mb": sample.mem_total_mb if sample else (state.vram_total_mb if state else None),
-        "power_w": sample.power_w if sample else None,
-        "power_limit_w": sample.power_limit_w if sample else None,
-        "throttle": list(sample.throttle_reasons) if sample else [],
-        "sampled_at": sample.at if sample else None,
-    }
-
-
 def _gpus_table(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
+
+    from mesh.top import num as _num
 
     table = Table(title_justify="left")
     for col in ("host", "gpu", "name", "state", "model", "temp °C", "util %", "VRAM MB", "power W", "seen"):
@@ -919,6 +874,26 @@ def _gpus_table(rows: list[dict[str, Any]]) -> Any:
             seen,
         )
     return table
+
+
+@app.command()
+def top(
+    interval: Annotated[float, typer.Option("--interval", "-n", help="seconds between redraws")] = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="print one frame and exit")] = False,
+) -> None:
+    """A live full-screen view: GPUs, queues, recent events and alerts firing (Ctrl-C quits)."""
+    from mesh.top import run_top
+
+    s = settings()
+
+    async def go() -> int:
+        bus = await _bus(s)
+        try:
+            return await run_top(bus, out, interval_s=max(0.1, interval), once=once)
+        finally:
+            await bus.close()
+
+    raise typer.Exit(run(go))
 
 
 def entry() -> None:
