@@ -30,6 +30,7 @@ from mesh.agent import Agent
 from mesh.alerts import AlertEngine, Change, Sinks, build_rules
 from mesh.bus import iter_bucket, read_bucket
 from mesh.events import AgentStopped, AlertRaised, AlertResolved, GpuControl, decode, encode
+from mesh.health import HealthCheck, Tracker, probe_http, restart
 from mesh.names import HEADER_TYPE
 from mesh.records import decode_agent
 from mesh.settings import Settings
@@ -69,6 +70,8 @@ class Watchdog(Agent):
         self._failing: set[int] = set()
         # GPU id -> whether this watchdog paused it for heat (read back from KV at start)
         self.thermal_paused: dict[str, bool] = {}
+        self.health = [Tracker(name, check) for name, check in sorted(settings.health.items())]
+        self._health_raised: dict[tuple[str, str], float] = {}
 
     async def start(self) -> None:
         await super().start()
@@ -80,6 +83,8 @@ class Watchdog(Agent):
         psutil.cpu_percent(percpu=True)  # the first reading is since import: start the clock now
         await self._read_thermal()
         await self.bus.nc.subscribe(self.names.agent_stopped_all, cb=self._on_stopped)
+        if self.health:
+            self.spawn(self._health_loop(), "health")
 
     async def _read_thermal(self) -> None:
         """This host's thermal pauses as a previous run left them (so a hot GPU stays paused)."""
@@ -151,6 +156,88 @@ class Watchdog(Agent):
             self._unsent.append(ev)
             self.spawn(self.sinks.deliver(ev), f"alert-{c.rule}")
         await self.flush_alerts()
+
+    async def _health_loop(self) -> None:
+        """Probe each configured health check when due; restart what stays unhealthy."""
+        while True:
+            now = time.time()
+            for tracker in self.health:
+                if tracker.due(now):
+                    ok, detail = await self._probe(tracker.check)
+                    for action in tracker.observe(ok, time.time(), detail):
+                        await self._health_action(tracker, action, detail)
+            await asyncio.sleep(0.2)
+
+    async def _probe(self, check: HealthCheck) -> tuple[bool, str]:
+        if check.url:
+            return await asyncio.to_thread(probe_http, check.url, check.timeout_s)
+        try:
+            entry = await (await self.bus.agents_kv()).get(check.agent)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return False, f"agent {check.agent} is not registered (no heartbeat)"
+        except TRANSIENT as exc:
+            return False, f"cannot read the agents bucket: {exc!r}"
+        return bool(entry.value), "registered"
+
+    async def _health_action(self, tracker: Tracker, action: str, detail: str) -> None:
+        check, name, now = tracker.check, tracker.name, time.time()
+        what = check.url or f"agent {check.agent}"
+        ev: AlertRaised | AlertResolved | None = None
+        if action == "raise":
+            ev = self._raise(
+                "health", name, "warning", f"{what} unhealthy after {check.retries} checks: {detail}"
+            )
+        elif action == "loop":
+            ev = self._raise(
+                "restart_loop",
+                name,
+                "critical",
+                f"{what}: {check.restart_max} restarts within {check.restart_window_s:g}s and still "
+                "unhealthy; not restarting it again until that window has passed",
+            )
+        elif action == "resolve":
+            for rule in ("health", "restart_loop"):
+                raised_at = self._health_raised.pop((rule, name), None)
+                if raised_at is not None:
+                    self._queue_alert(
+                        AlertResolved(
+                            rule=rule,
+                            target=name,
+                            host=self.tel_host,
+                            severity="info",
+                            at=now,
+                            raised_at=raised_at,
+                            metric="health",
+                            message=f"{what} healthy again ({detail})",
+                        )
+                    )
+        elif action == "restart":
+            argv = check.restart_argv()
+            worked, said = await asyncio.to_thread(restart, argv)
+            if worked:
+                log.warning("restarted %s (%s): %s", name, what, said)
+            else:
+                log.error("restarting %s failed: %s", name, said)
+        if ev is not None:
+            self._queue_alert(ev)
+        await self.flush_alerts()
+
+    def _raise(self, rule: str, target: str, severity: str, message: str) -> AlertRaised:
+        now = time.time()
+        self._health_raised[(rule, target)] = now
+        return AlertRaised(
+            rule=rule,
+            target=target,
+            host=self.tel_host,
+            severity=severity,
+            at=now,
+            metric="health",
+            message=message,
+        )
+
+    def _queue_alert(self, ev: AlertRaised | AlertResolved) -> None:
+        self._unsent.append(ev)
+        self.spawn(self.sinks.deliver(ev), f"alert-{ev.rule}")
 
     async def thermal(self, gpus: list[GpuSample], now: float) -> None:
         """Pause a GPU at or above thermal_pause_c (its worker stops claiming work) and resume it

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import msgspec
 
 from mesh.errors import ConfigError
+from mesh.health import HealthCheck
 from mesh.models import DEFAULT_MODELS, ModelSpec, builtin_models, check_registry
 from mesh.names import Names
 
@@ -106,6 +107,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     alert_webhook_format: Literal["json", "slack", "discord", "ntfy"] = "json"
     alert_webhook_timeout_s: float = 5.0
     alert_notify_send: bool = False
+    # [health.NAME] tables: HTTP endpoints and agents the watchdog checks and restarts
+    health: dict[str, HealthCheck] = msgspec.field(default_factory=dict)
 
     # the Prometheus exporter (`mesh agent exporter`) serves /metrics here
     metrics_host: str = "127.0.0.1"
@@ -207,6 +210,9 @@ def load_settings(
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     check_registry(settings.model_registry(), {**DEFAULT_MODELS, **settings.default_models})
+    for name, check in settings.health.items():
+        if check.problem():
+            raise ConfigError(f"[health.{name}]: {check.problem()} (check {file})")
     from mesh.alerts import RuleError, build_rules
 
     try:
