@@ -123,6 +123,8 @@ class Names:
             f"{self.prefix}.evt.task.>",
             f"{self.prefix}.evt.agent.>",
             f"{self.prefix}.evt.gpu.*.requested",
+            f"{self.prefix}.evt.gpu.*.control",
+            f"{self.prefix}.evt.alert.>",
         ]
 
     def workers_consumer(self, cls: str) -> str:
