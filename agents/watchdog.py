@@ -17,6 +17,7 @@ Without NVML (no NVIDIA driver) it watches the host alone and says so once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -29,10 +30,20 @@ from nats.aio.msg import Msg as NatsMsg
 from mesh.agent import Agent
 from mesh.alerts import AlertEngine, Change, Sinks, build_rules
 from mesh.bus import iter_bucket, read_bucket
-from mesh.events import AgentStopped, AlertRaised, AlertResolved, GpuControl, decode, encode
+from mesh.events import (
+    AgentStopped,
+    AlertRaised,
+    AlertResolved,
+    GpuControl,
+    GpuState,
+    TaskFailed,
+    TaskRetrying,
+    decode,
+    encode,
+)
 from mesh.health import HealthCheck, Tracker, probe_http, restart
 from mesh.names import HEADER_TYPE
-from mesh.records import decode_agent
+from mesh.records import decode_agent, decode_plan, decode_task
 from mesh.settings import Settings
 from mesh.telemetry import (
     GpuSample,
@@ -71,6 +82,10 @@ class Watchdog(Agent):
         # GPU id -> whether this watchdog paused it for heat (read back from KV at start)
         self.thermal_paused: dict[str, bool] = {}
         self.health = [Tracker(name, check) for name, check in sorted(settings.health.items())]
+        self._mesh_read_at = 0.0
+        # failed attempts seen since the last round (task key, when), and per class in the window
+        self._failures_seen: list[tuple[str, float]] = []
+        self._failures: dict[str, collections.deque[float]] = {}
         self._health_raised: dict[tuple[str, str], float] = {}
 
     async def start(self) -> None:
@@ -83,6 +98,9 @@ class Watchdog(Agent):
         psutil.cpu_percent(percpu=True)  # the first reading is since import: start the clock now
         await self._read_thermal()
         await self.bus.nc.subscribe(self.names.agent_stopped_all, cb=self._on_stopped)
+        if self.settings.watchdog_mesh_rules:
+            for kind in ("failed", "retrying"):
+                await self.bus.nc.subscribe(self.names.task_event("*", "*", kind), cb=self._on_failure)
         if self.health:
             self.spawn(self._health_loop(), "health")
 
@@ -150,6 +168,7 @@ class Watchdog(Agent):
             changes += self.engine.gpu(g, now)
         changes += self.engine.host(host, now)
         changes += await self.watch_agents(now)
+        changes += await self.watch_mesh(gpus, now)
         await self.thermal(gpus, now)
         for c in changes:
             ev = c.event()
@@ -238,6 +257,69 @@ class Watchdog(Agent):
     def _queue_alert(self, ev: AlertRaised | AlertResolved) -> None:
         self._unsent.append(ev)
         self.spawn(self.sinks.deliver(ev), f"alert-{ev.rule}")
+
+    async def _on_failure(self, raw: NatsMsg) -> None:
+        try:
+            msg = decode(raw.data)
+        except ValueError:
+            return
+        if isinstance(msg, TaskFailed | TaskRetrying) and msg.reason not in ("dependency", "cancelled"):
+            self._failures_seen.append((f"{msg.plan_id}.{msg.task_id}", msg.at))
+
+    async def watch_mesh(self, gpus: list[GpuSample], now: float) -> list[Change]:
+        """The rules over the mesh's state, read at most every `agent_refresh_s`: GPU memory held
+        on this host's idle GPUs; queue depth and failures per class (with watchdog_mesh_rules)."""
+        if now - self._mesh_read_at < self.settings.agent_refresh_s:
+            return []
+        self._mesh_read_at = now
+        changes: list[Change] = []
+        try:
+            states = await read_bucket(await self.bus.gpus_kv())
+            idle: set[str] = set()
+            for value in states.values():
+                with contextlib.suppress(ValueError):
+                    st = decode(value)
+                    if (
+                        isinstance(st, GpuState)
+                        and st.state == "idle"
+                        and not st.llm
+                        and not st.script_models
+                    ):
+                        idle.add(st.gpu)
+            for g in gpus:
+                held = float(g.mem_used_mb or 0) if g.gpu_id in idle else 0.0
+                changes += self.engine.mesh({"idle_gpu_mem_mb": held}, g.gpu_id, self.tel_host, now)
+            if self.settings.watchdog_mesh_rules:
+                changes += await self._queue_and_failures(now)
+        except TRANSIENT as exc:
+            log.warning("reading the mesh's state failed: %r", exc)
+        return changes
+
+    async def _queue_and_failures(self, now: float) -> list[Change]:
+        depth = 0
+        for value in (await read_bucket(await self.bus.plans_kv())).values():
+            with contextlib.suppress(ValueError):
+                plan = decode_plan(value)
+                if not plan.final:
+                    depth += plan.counts.get("waiting", 0) + plan.counts.get("ready", 0)
+        changes = self.engine.mesh({"queue_depth": float(depth)}, "queue", self.tel_host, now)
+        seen, self._failures_seen = self._failures_seen, []
+        if seen:
+            kv = await self.bus.tasks_kv()
+            for key, at in seen:
+                try:
+                    rec = decode_task((await kv.get(key)).value or b"")
+                except (nats.js.errors.KeyNotFoundError, ValueError):
+                    continue
+                self._failures.setdefault(rec.spec.cls, collections.deque()).append(at)
+        window = self.settings.failure_window_s
+        for cls, times in sorted(self._failures.items()):
+            while times and now - times[0] > window:
+                times.popleft()
+            changes += self.engine.mesh(
+                {"class_failures": float(len(times))}, f"class-{cls}", self.tel_host, now
+            )
+        return changes
 
     async def thermal(self, gpus: list[GpuSample], now: float) -> None:
         """Pause a GPU at or above thermal_pause_c (its worker stops claiming work) and resume it

@@ -58,7 +58,11 @@ HOST_METRICS: dict[str, str] = {
     "host_temp_c": "°C",
 }
 AGENT_METRICS: dict[str, str] = {"heartbeat_age_s": "s"}
-METRICS: dict[str, str] = {**GPU_METRICS, **HOST_METRICS, **AGENT_METRICS}
+# read from the mesh's state: tasks waiting or ready in running plans; failed attempts of one task
+# class within `failure_window_s`; GPU memory in use on a GPU whose worker holds no model and runs
+# nothing (something outside mesh, or a stuck process, holds it)
+MESH_METRICS: dict[str, str] = {"queue_depth": "", "class_failures": "", "idle_gpu_mem_mb": " MB"}
+METRICS: dict[str, str] = {**GPU_METRICS, **HOST_METRICS, **AGENT_METRICS, **MESH_METRICS}
 TEMPERATURE_METRICS = frozenset({"gpu_temp_c", "host_temp_c"})
 
 
@@ -96,6 +100,9 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
     "gpu_temp_critical": {"metric": "gpu_temp_c", "above": 90.0, "severity": "critical"},
     "disk_low": {"metric": "disk_free_pct", "below": 5.0, "hysteresis": 1.0, "severity": "critical"},
     "agent_silent": {"metric": "heartbeat_age_s", "above": 30.0, "severity": "warn"},
+    "queue_deep": {"metric": "queue_depth", "above": 1000.0, "for_s": 300.0, "severity": "warn"},
+    "task_failures": {"metric": "class_failures", "above": 3.0, "severity": "warn"},
+    "idle_vram": {"metric": "idle_gpu_mem_mb", "above": 1024.0, "for_s": 300.0, "severity": "warn"},
 }
 
 
@@ -277,6 +284,10 @@ class AlertEngine:
             at=now,
             raised_at=raised_at,
         )
+
+    def mesh(self, metrics: Mapping[str, float | None], target: str, host: str, now: float) -> list[Change]:
+        """Readings of the mesh's state (queue depth, failures per class, idle GPU memory)."""
+        return self._evaluate(metrics, target, host, now)
 
     def gpu(self, sample: GpuSample, now: float) -> list[Change]:
         return self._evaluate(gpu_metrics(sample), sample.gpu_id, sample.host, now)

@@ -107,6 +107,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     alert_webhook_format: Literal["json", "slack", "discord", "ntfy"] = "json"
     alert_webhook_timeout_s: float = 5.0
     alert_notify_send: bool = False
+    # failed attempts of one task class are counted over this window (alert rule task_failures)
+    failure_window_s: float = 600.0
+    # whether this host's watchdog evaluates the mesh-wide rules (queue depth, failures per
+    # class): leave it on for one watchdog of the mesh
+    watchdog_mesh_rules: bool = True
     # [health.NAME] tables: HTTP endpoints and agents the watchdog checks and restarts
     health: dict[str, HealthCheck] = msgspec.field(default_factory=dict)
 

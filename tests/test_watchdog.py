@@ -456,3 +456,75 @@ def test_no_nvml_here_gives_no_source() -> None:
     if nvml_present():
         pytest.skip("NVML works on this host")
     assert open_source(HOST) is None
+
+
+# ---------------------------------------------------------------- rules over the mesh's state
+
+
+def test_mesh_rules_queue_failures_and_idle_vram() -> None:
+    engine = AlertEngine(build_rules({}))
+    assert engine.mesh({"queue_depth": 5000.0}, "queue", "h", 0.0) == [], "deep, but not for 5 minutes yet"
+    raised = engine.mesh({"queue_depth": 5000.0}, "queue", "h", 300.0)
+    assert [(c.rule, c.kind) for c in raised] == [("queue_deep", "raised")]
+    assert [(c.rule, c.kind) for c in engine.mesh({"queue_depth": 10.0}, "queue", "h", 301.0)] == [
+        ("queue_deep", "resolved")
+    ]
+    assert engine.mesh({"class_failures": 2.0}, "class-cpu", "h", 0.0) == []
+    assert [c.rule for c in engine.mesh({"class_failures": 3.0}, "class-cpu", "h", 1.0)] == ["task_failures"]
+    assert engine.mesh({"idle_gpu_mem_mb": 3000.0}, "h-gpu0", "h", 0.0) == []
+    assert [c.rule for c in engine.mesh({"idle_gpu_mem_mb": 3000.0}, "h-gpu0", "h", 300.0)] == ["idle_vram"]
+
+
+@pytest.mark.integration
+async def test_watchdog_alerts_on_deep_queues_failing_classes_and_memory_held_by_an_idle_gpu(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    from mesh.telemetry import host_token
+
+    sim = tmp_path / "gpus.json"
+    write_simulated(sim, [{"name": "S", "temp_c": 50, "mem_total_mb": 8192, "mem_used_mb": 3000}])
+    config = Path(mesh.env["XDG_CONFIG_HOME"]) / "mesh" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[alerts.queue_deep]\nabove = 3\nfor_s = 0\n\n[alerts.idle_vram]\nfor_s = 0\n")
+    mesh.env.update({"MESH_SIMULATED_GPUS": str(sim), "MESH_WATCHDOG_INTERVAL_S": "0.3"})
+    mesh.brain()
+    mesh.worker("cpu", 2)
+    mesh.worker("gpu", 1, "--gpu", "0", "--classes", "script")
+    mesh.start_agent("watchdog", "watchdog")
+    # three failed attempts of a cpu task; four script tasks held back (the GPU is cordoned)
+    subprocess.run(
+        [sys.executable, "-m", "mesh", "gpu", "cordon", f"{host_token()}-gpu0"],
+        env=mesh.env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    text = "# t\n\n## Tasks\n\n### bad\n- retries: 2\n\n```shell\nexit 3\n```\n" + "".join(
+        f"\n### s{i}\n- class: script\n\n```shell\ntrue\n```\n" for i in range(4)
+    )
+    plan_id = await mesh.submit_text(text)
+    await mesh.wait_task(plan_id, "bad", "failed", 30)
+
+    async def rules() -> set[tuple[str, str]]:
+        history = await mesh.history((await mesh.bus()).names.alerts_all)
+        return {(m.rule, m.target) for _, m in history if isinstance(m, AlertRaised)}
+
+    deadline = time.monotonic() + 30
+    want = {("task_failures", "class-cpu"), ("queue_deep", "queue")}
+    while time.monotonic() < deadline and not want <= await rules():
+        await asyncio.sleep(0.3)
+    assert want <= await rules()
+    # the GPU is cordoned, not idle: its memory is not "held by an idle GPU"
+    assert ("idle_vram", f"{host_token()}-gpu0") not in await rules()
+    subprocess.run(
+        [sys.executable, "-m", "mesh", "gpu", "uncordon", f"{host_token()}-gpu0"],
+        env=mesh.env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    await mesh.wait_plan(plan_id, 30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and ("idle_vram", f"{host_token()}-gpu0") not in await rules():
+        await asyncio.sleep(0.3)
+    assert ("idle_vram", f"{host_token()}-gpu0") in await rules(), "idle, with 3000 MB in use"
