@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import socket
 import time
 import urllib.error
@@ -228,3 +229,10 @@ async def test_exporter_serves_telemetry_states_tasks_durations_and_alerts(mesh:
 
     await wait_for("the alert resolved", resolved)
     assert mesh.alive("exporter"), mesh.log("exporter")
+
+    # a clean stop: the HTTP server goes with it
+    mesh.kill("exporter", signal.SIGTERM)
+    assert mesh.procs["exporter"].returncode == 0, mesh.log("exporter")
+    assert "Traceback" not in mesh.log("exporter"), mesh.log("exporter")
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        await scrape(port)
