@@ -188,6 +188,9 @@ class Worker(Agent):
         if self.models_on:
             own = await self.bus.bind_consumer(own_consumer_definition(self.settings, self.gpu_worker_id))
             self.lanes["own"] = Lane("own", own, 1)
+            # a paused or cordoned GPU's worker must not claim work in its first moments either
+            await self._load_controls()
+            self._update_lanes()
             self._publish_state(force=True)
             self.spawn(self._gpu_publisher(), "gpu-state")
             self.spawn(self._control_loop(), "gpu-control")
@@ -350,6 +353,20 @@ class Worker(Agent):
             if c.paused or c.cordoned
         ]
         return "; ".join(sorted(reasons))
+
+    async def _load_controls(self) -> None:
+        kv = await self.bus.gpu_control_kv()
+        for source in ("thermal", "operator"):
+            try:
+                entry = await kv.get(self.names.gpu_control_key(self.gpu_id, source))
+                control = decode(entry.value or b"")
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                continue
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.warning("ignoring an unreadable %s control value for %s", source, self.gpu_id)
+                continue
+            if isinstance(control, GpuControl):
+                self.controls[source] = control
 
     async def _control_loop(self) -> None:
         """Follow this GPU's keys in the control bucket: pause, resume, cordon."""

@@ -598,6 +598,8 @@ async def test_work_of_a_dead_worker_is_given_up_as_lost_then_rerun(mesh: Mesh, 
         rec = await mesh.wait_task(plan_id, "long", "running")
         dead_id = rec.worker
         assert name_of(mesh, dead_id) == "w1"
+        # killed once the body runs (killed before, the body's $PPID would already be init's)
+        await until(lambda: marks.exists() and marks.read_text().strip(), 10, "the body to start")
         mesh._expected_dead.add("w1")
         mesh.kill("w1")
         killed_at = time.monotonic()
