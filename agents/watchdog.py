@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
 import logging
 import time
 
@@ -26,6 +27,7 @@ import nats.errors
 import nats.js.errors
 import psutil
 from nats.aio.msg import Msg as NatsMsg
+from nats.js import api
 
 from mesh.agent import Agent
 from mesh.alerts import AlertEngine, Change, Sinks, build_rules
@@ -99,8 +101,20 @@ class Watchdog(Agent):
         await self._read_thermal()
         await self.bus.nc.subscribe(self.names.agent_stopped_all, cb=self._on_stopped)
         if self.settings.watchdog_mesh_rules:
+            # from the start of the failure window, then live, with no gap between the two
+            since = datetime.datetime.fromtimestamp(
+                time.time() - self.settings.failure_window_s, tz=datetime.UTC
+            )
             for kind in ("failed", "retrying"):
-                await self.bus.nc.subscribe(self.names.task_event("*", "*", kind), cb=self._on_failure)
+                await self.bus.js.subscribe(
+                    self.names.task_event("*", "*", kind),
+                    stream=self.names.events_stream,
+                    ordered_consumer=True,
+                    config=api.ConsumerConfig(
+                        deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=since
+                    ),
+                    cb=self._on_failure,
+                )
         if self.health:
             self.spawn(self._health_loop(), "health")
 

@@ -468,7 +468,7 @@ def up(
         raise fail(str(exc)) from None
     err.print(
         f"mesh up: server {stack.url}, store {data / 'jetstream'}, brain + {workers} worker(s)"
-        f" + {len(model_workers)} model worker(s) ({_show_gpus(model_workers)}), "
+        f" + {len(model_workers)} model worker(s) ({_show_gpus(model_workers)}) + watchdog, "
         f"logs in {data / 'logs'}"
     )
     code = 0

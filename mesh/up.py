@@ -75,6 +75,7 @@ class Stack:
         max_payload: int = 8 * 1024 * 1024,
         auditor: bool = True,
         gpus: tuple[int | None, ...] = (),
+        watchdog: bool = True,
     ) -> None:
         self.server = EmbeddedServer(data_dir, port, max_payload)
         self.workers = workers
@@ -82,6 +83,7 @@ class Stack:
         self.log_dir = Path(log_dir) if log_dir else None
         self.env = dict(os.environ if env is None else env)
         self.auditor = auditor
+        self.watchdog = watchdog
         # one model worker per entry: a GPU index, or None for the CPU standing in for a GPU
         self.gpus = gpus
         self.children: list[Child] = []
@@ -107,6 +109,8 @@ class Stack:
             name = f"gpu-{gpu}" if gpu is not None else "cpu-models"
             args = ["--gpu", str(gpu)] if gpu is not None else ["--gpu", "none", "--classes", "script,llm"]
             self.children.append(Child(name, agent_command("worker", url, *args), self._log(name)))
+        if self.watchdog:
+            self.children.append(Child("watchdog", agent_command("watchdog", url), self._log("watchdog")))
         if self.auditor:
             self.children.append(Child("auditor", agent_command("auditor", url), self._log("auditor")))
         for child in self.children:

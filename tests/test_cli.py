@@ -311,13 +311,13 @@ def test_up_stops_all_children_on_sigterm(env: dict[str, str], tmp_path: Path) -
             started = (
                 [p for p in logs.glob("*.log") if " started as " in p.read_text()] if logs.exists() else []
             )
-            if len(started) == 5:  # brain, two workers, the model worker, the auditor
+            if len(started) == 6:  # brain, two workers, the model worker, the watchdog, the auditor
                 break
             time.sleep(0.1)
         else:
             raise AssertionError("agents did not start")
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) >= 6, "server, brain, two workers, the model worker and the auditor"
+        assert len(children) >= 7, "server, brain, two workers, the model worker, watchdog and auditor"
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:

@@ -489,9 +489,8 @@ async def test_watchdog_alerts_on_deep_queues_failing_classes_and_memory_held_by
     mesh.env.update({"MESH_SIMULATED_GPUS": str(sim), "MESH_WATCHDOG_INTERVAL_S": "0.3"})
     mesh.brain()
     mesh.worker("cpu", 2)
-    mesh.worker("gpu", 1, "--gpu", "0", "--classes", "script")
-    mesh.start_agent("watchdog", "watchdog")
-    # three failed attempts of a cpu task; four script tasks held back (the GPU is cordoned)
+    # three failed attempts of a cpu task; four script tasks held back: the GPU is cordoned
+    # before its worker starts (so it is never idle while this part of the test runs)
     subprocess.run(
         [sys.executable, "-m", "mesh", "gpu", "cordon", f"{host_token()}-gpu0"],
         env=mesh.env,
@@ -499,6 +498,8 @@ async def test_watchdog_alerts_on_deep_queues_failing_classes_and_memory_held_by
         check=True,
         capture_output=True,
     )
+    mesh.worker("gpu", 1, "--gpu", "0", "--classes", "script")
+    mesh.start_agent("watchdog", "watchdog")
     text = "# t\n\n## Tasks\n\n### bad\n- retries: 2\n\n```shell\nexit 3\n```\n" + "".join(
         f"\n### s{i}\n- class: script\n\n```shell\ntrue\n```\n" for i in range(4)
     )

@@ -266,7 +266,14 @@ def main() -> int:
         env["MESH_LOG_LEVEL"] = "WARNING"
         # the auditor is left out: it reads every transition again, on these same two cores
         stack = Stack(
-            tmp, -1, args.workers, args.slots, log_dir=str(Path(tmp) / "logs"), env=env, auditor=False
+            tmp,
+            -1,
+            args.workers,
+            args.slots,
+            log_dir=str(Path(tmp) / "logs"),
+            env=env,
+            auditor=False,
+            watchdog=False,
         )
         stack.start()
         rss = PeakRss(stack)

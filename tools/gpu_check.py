@@ -190,7 +190,9 @@ def main() -> int:
         # short keep-alive and residency so the check also sees the LLM unloaded
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_") or k == "MESH_CONFIG"}
         env.update({"MESH_LOG_LEVEL": "INFO", "MESH_KEEP_ALIVE_S": "5", "MESH_MIN_RESIDENCY_S": "1"})
-        stack = Stack(tmp, -1, 0, 1, log_dir=str(work / "logs"), env=env, auditor=False, gpus=(gpu,))
+        stack = Stack(
+            tmp, -1, 0, 1, log_dir=str(work / "logs"), env=env, auditor=False, gpus=(gpu,), watchdog=False
+        )
         stack.start()
         try:
             report.update(run_loop(check(stack.url, make_plan(work, kinds, audio), work, args.timeout)))
