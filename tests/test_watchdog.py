@@ -529,3 +529,16 @@ async def test_watchdog_alerts_on_deep_queues_failing_classes_and_memory_held_by
     while time.monotonic() < deadline and ("idle_vram", f"{host_token()}-gpu0") not in await rules():
         await asyncio.sleep(0.3)
     assert ("idle_vram", f"{host_token()}-gpu0") in await rules(), "idle, with 3000 MB in use"
+
+
+def test_every_nvml_call_mesh_makes_exists_in_the_installed_nvidia_ml_py() -> None:
+    """NVML runs only where there is an NVIDIA GPU; this at least catches a misspelt or removed call."""
+    import re
+
+    import pynvml
+
+    used: set[str] = set()
+    for rel in ("mesh/telemetry.py", "mesh/gpu.py", "tools/gpu_check.py"):
+        used |= set(re.findall(r"\b(nvml[A-Z][A-Za-z]+|NVML_[A-Z_]+)\b", (ROOT / rel).read_text()))
+    assert {"nvmlInit", "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetTemperature"} <= used
+    assert sorted(n for n in used if not hasattr(pynvml, n)) == []
