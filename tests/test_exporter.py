@@ -22,6 +22,7 @@ from mesh.bus import route
 from mesh.events import GpuState, RunFinished, encode
 from mesh.telemetry import write_simulated
 from tests.conftest import ROOT, Mesh
+from tests.faults import until
 
 pytestmark = pytest.mark.integration
 
@@ -59,14 +60,7 @@ def value(samples: Samples, metric: str, /, **labels: str) -> float | None:
 
 
 async def wait_for(what: str, check: Callable[[], Awaitable[Any]], timeout_s: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what}: not after {timeout_s}s")
+    return await until(check, timeout_s, what)
 
 
 def set_gpus(path: Path, temp: float) -> None:

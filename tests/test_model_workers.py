@@ -40,6 +40,7 @@ from mesh.history import Entry, read_history
 from mesh.models import builtin_models, resolve_path
 from mesh.records import decode_agent
 from tests.conftest import Mesh
+from tests.faults import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.models]
 
@@ -67,13 +68,7 @@ async def start(mesh: Mesh, *worker_args: str, **settings: float) -> str:
 
 async def eventually(check: Callable[[], Awaitable[object]], timeout_s: float, what: str) -> object:
     """Poll `check` until it returns something truthy."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = await check()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not within {timeout_s}s: {what}")
+    return await until(check, timeout_s, what)
 
 
 async def worker_id(mesh: Mesh, name: str) -> str:

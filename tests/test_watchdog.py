@@ -36,6 +36,7 @@ from mesh.telemetry import (
     write_simulated,
 )
 from tests.conftest import ROOT, Mesh
+from tests.faults import until
 
 HOST = "testhost"
 
@@ -275,13 +276,7 @@ def hook() -> Iterator[Hook]:
 
 
 async def wait_for(what: str, check: Any, timeout_s: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = await check()
-        if result:
-            return result
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what}: not after {timeout_s}s")
+    return await until(check, timeout_s, what)
 
 
 async def alerts(mesh: Mesh) -> list[AlertRaised | AlertResolved]:
