@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import copy
+import json
 import logging
 import time
 import uuid
@@ -464,8 +466,12 @@ async def read_stream(
     """Messages of `stream` under `subject` (as `config` selects them), up to the current end.
 
     An ephemeral pull consumer without acks: it never disturbs durable consumers, holds at
-    most one batch in memory however long the stream, and knows from its own info, before
+    most a batch or two in memory however long the stream, and knows from its own info, before
     anything is fetched, how much there is to read.
+
+    Batches are asked for with the consumer's `MSG.NEXT` request and arrive on one inbox
+    subscription: nats-py's `fetch` waits for each message with its own `wait_for` and two
+    tasks, which was most of the cost of reading history (replay, the brain's catch-up).
     """
     subjects = [subject] if isinstance(subject, str) else subject
     cfg = copy.copy(config)
@@ -477,27 +483,49 @@ async def read_stream(
     cfg.inactive_threshold = 60.0
     cfg.mem_storage = True
     cfg.num_replicas = 1
-    sub = await js.pull_subscribe(subjects[0], stream=stream, config=cfg)
-    name = ""
+    info = await js.add_consumer(stream, config=cfg)
+    name = info.name
+    nc = js._nc
+    arrived: collections.deque[NatsMsg] = collections.deque()
+    wake = asyncio.Event()
+
+    async def on_msg(msg: NatsMsg) -> None:
+        arrived.append(msg)
+        wake.set()
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=4 * READ_BATCH)
+    next_subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{name}"
+    request = json.dumps({"batch": READ_BATCH, "expires": int(idle_timeout_s * NS)}).encode()
     try:
-        info = await sub.consumer_info()
-        name = info.name
         if not info.num_pending:
             return
+        await nc.publish(next_subject, request, reply=inbox)
+        in_batch = 0
         while True:
-            try:
-                msgs = await sub.fetch(READ_BATCH, timeout=idle_timeout_s)
-            except nats.errors.TimeoutError:
+            if not arrived:
+                wake.clear()
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=idle_timeout_s + 1.0)
+                except TimeoutError:
+                    return
+                continue
+            raw = arrived.popleft()
+            if raw.headers and raw.headers.get("Status"):
+                # the batch ended early (its request expired, or the consumer has no more): the
+                # stream's end, as far as this read goes
                 return
-            for raw in msgs:
-                yield raw
-            if not msgs or msgs[-1].metadata.num_pending == 0:
+            yield raw
+            if raw.metadata.num_pending == 0:
                 return
+            in_batch += 1
+            if in_batch == READ_BATCH:
+                in_batch = 0
+                await nc.publish(next_subject, request, reply=inbox)
     finally:
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
             await sub.unsubscribe()
-            if name:
-                await js.delete_consumer(stream, name)
+            await js.delete_consumer(stream, name)
 
 
 async def iter_bucket(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str, bytes]]:
