@@ -454,6 +454,8 @@ class Bus:
 
 
 READ_BATCH = 1000
+# a history read holds at most about this much of one batch in memory
+READ_BATCH_BYTES = 32 * 1024 * 1024
 
 
 async def read_stream(
@@ -494,9 +496,13 @@ async def read_stream(
         wake.set()
 
     inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=4 * READ_BATCH)
+    # no byte limit on the subscription (a batch is bounded by the request's max_bytes instead):
+    # nats-py would drop what exceeds one as a slow consumer
+    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=4 * READ_BATCH, pending_bytes_limit=0)
     next_subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{name}"
-    request = json.dumps({"batch": READ_BATCH, "expires": int(idle_timeout_s * NS)}).encode()
+    request = json.dumps(
+        {"batch": READ_BATCH, "max_bytes": READ_BATCH_BYTES, "expires": int(idle_timeout_s * NS)}
+    ).encode()
     try:
         if not info.num_pending:
             return
@@ -511,8 +517,17 @@ async def read_stream(
                     return
                 continue
             raw = arrived.popleft()
-            if raw.headers and raw.headers.get("Status"):
-                # the batch ended early (its request expired, or the consumer has no more): the
+            status = raw.headers.get("Status") if raw.headers else None
+            if status:
+                description = (raw.headers or {}).get("Description", "")
+                if status == "409" and "Batch Completed" in description:
+                    continue  # a full batch: the next one is already asked for
+                if status == "409" and "MaxBytes" in description:
+                    # the batch reached max_bytes before READ_BATCH messages: ask for the next
+                    in_batch = 0
+                    await nc.publish(next_subject, request, reply=inbox)
+                    continue
+                # the request expired with nothing more, or the consumer has no more: the
                 # stream's end, as far as this read goes
                 return
             yield raw
