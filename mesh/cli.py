@@ -702,6 +702,8 @@ def _control(gpu: str, paused: bool, cordoned: bool | None, reason: str) -> None
 
         bus = await _bus(s)
         try:
+            # a GPU may be cordoned before any agent has run (and created the bucket)
+            await bus.ensure_resources()
             kv = await bus.gpu_control_kv()
             key = s.names.gpu_control_key(gpu_id, "operator")
             was = False

@@ -189,3 +189,13 @@ async def test_a_task_on_a_gpu_records_its_peak_memory_and_mean_utilisation(
     assert metrics["gpu_mem_peak_mb"] == 5000
     assert 40 < metrics["gpu_util_mean_pct"] < 100, metrics
     assert metrics["gpu_samples"] >= 4
+
+
+async def test_a_gpu_can_be_cordoned_before_any_agent_ran(mesh: Mesh, tmp_path: Path) -> None:
+    # a bare server: no agent has created a bucket yet
+    assert "cordoned" in cli(mesh, "gpu", "cordon", GPU, "--reason", "XID 79")
+    sim = tmp_path / "gpus.json"
+    heat(sim, 50)
+    mesh.env["MESH_SIMULATED_GPUS"] = str(sim)
+    mesh.worker("gpu", 1, "--gpu", "0", "--classes", "script")
+    assert "operator cordon: XID 79" in (await until_state(mesh, "paused")).hold
