@@ -114,6 +114,12 @@ class Lane:
     def wake(self) -> None:
         self.changed.set()
 
+    async def until_idle(self) -> None:
+        """Until the lane runs nothing, and no fetch in flight can still hand it work."""
+        while self.running or self.fetching:
+            self.changed.clear()
+            await self.changed.wait()
+
 
 class Worker(Agent):
     role = "worker"
@@ -561,11 +567,9 @@ class Worker(Agent):
             self._publish_state(rid=item.rid)
 
     async def _wait_lane_idle(self, name: str) -> None:
-        """Until the lane runs nothing, and no fetch in flight can still hand it work."""
         lane = self.lanes.get(name)
-        while lane is not None and (lane.running or lane.fetching):
-            lane.changed.clear()
-            await lane.changed.wait()
+        if lane is not None:
+            await lane.until_idle()
 
     async def _unload_llm(self) -> None:
         lane = self.lanes.pop("llm", None)
@@ -575,9 +579,7 @@ class Worker(Agent):
             if lane.loop is not None:
                 # first its fetch in flight, which may still start a task, then that task
                 await asyncio.wait({lane.loop}, timeout=self.settings.fetch_timeout_s + 5)
-            while lane.running:
-                lane.changed.clear()
-                await lane.changed.wait()
+            await lane.until_idle()
             with contextlib.suppress(*TRANSIENT):
                 await lane.sub.unsubscribe()
         if self.llm is not None:
