@@ -115,6 +115,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # [health.NAME] tables: HTTP endpoints and agents the watchdog checks and restarts
     health: dict[str, HealthCheck] = msgspec.field(default_factory=dict)
 
+    # [redact] NAME = "regex": removed (as [REDACTED:NAME]) from everything sent to Claude or
+    # exported, besides the built-in kinds (keys, tokens, passwords, private keys, e-mail, IPs)
+    redact: dict[str, str] = msgspec.field(default_factory=dict)
+
     # the Prometheus exporter (`mesh agent exporter`) serves /metrics here
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
@@ -219,6 +223,12 @@ def load_settings(
         if check.problem():
             raise ConfigError(f"[health.{name}]: {check.problem()} (check {file})")
     from mesh.alerts import RuleError, build_rules
+    from mesh.redact import PatternError, Redactor
+
+    try:
+        Redactor(settings.redact)
+    except PatternError as exc:
+        raise ConfigError(f"[redact]: {exc} (check {file})") from exc
 
     try:
         build_rules(settings.alerts, settings.alert_hysteresis_c)
