@@ -256,6 +256,97 @@ class ResourceRequested(Msg, frozen=True, tag="gpu.requested"):
     reason: str = ""
 
 
+# Escalation (request stream to the gateway; its answers on the event stream) -----
+
+
+class LocalAttempt(Struct, frozen=True):
+    """One local attempt at a task, as an escalation carries it to Claude."""
+
+    attempt: int
+    worker: str = ""
+    error: str = ""
+    rc: int | None = None
+    reason: str = ""
+    output: str = ""
+
+
+class EscalationRequest(Msg, frozen=True, tag="esc.request"):
+    """The brain hands a task to the gateway (subject `<p>.esc.<plan>.<task>`, stream
+    `<P>_ESC`, which only the brain may publish to).
+
+    `why`: `external` (the task's class), `requires_external` (its flag), `local_failures`
+    (it failed locally N times and its plan allows automatic escalation) or `review` (the
+    brain's local reviewer judged it beyond the local models). `inputs` are its
+    dependencies' outputs, untrusted data. `rid` names this request: the gateway answers
+    each rid once."""
+
+    rid: str
+    plan_id: str
+    task_id: str
+    attempt: int
+    at: float
+    why: str
+    task: TaskSpec
+    attempts: tuple[LocalAttempt, ...] = ()
+    inputs: dict[str, str] = msgspec.field(default_factory=dict)
+    # the plan allows Claude to answer with follow-up tasks instead of a result
+    followups_allowed: bool = True
+
+
+class EscalationAnswered(Msg, frozen=True, tag="esc.answered"):
+    """Claude answered (`<p>.evt.esc.<plan>.<task>.answered`, by the gateway): a result, or
+    follow-up tasks (plan-format markdown the brain validates like any plan's tasks)."""
+
+    rid: str
+    plan_id: str
+    task_id: str
+    attempt: int
+    at: float
+    model: str
+    result: str = ""
+    followups: str = ""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    duration_s: float = 0.0
+    # what was redacted from the request, per kind (see mesh/redact.py)
+    redacted: dict[str, int] = msgspec.field(default_factory=dict)
+    request_id: str = ""
+    # the request as sent, after redaction (empty when the task was sensitive)
+    prompt: str = ""
+    system: str = ""
+
+
+class EscalationWaiting(Msg, frozen=True, tag="esc.waiting"):
+    """The gateway could not get an answer yet (offline, 429, 5xx, rate limit) and tries
+    again at `retry_at`."""
+
+    rid: str
+    plan_id: str
+    task_id: str
+    attempt: int
+    at: float
+    retry_at: float
+    reason: str
+    tries: int = 1
+
+
+class EscalationFailed(Msg, frozen=True, tag="esc.failed"):
+    """No answer will come: `reason` is `budget`, `sensitive`, `refused` (a 4xx other than
+    429) or `error`."""
+
+    rid: str
+    plan_id: str
+    task_id: str
+    attempt: int
+    at: float
+    reason: str
+    error: str = ""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+
+
 # Brain transitions (event stream; the history replay folds over) -------------
 
 
@@ -499,6 +590,10 @@ Message = (
     | ResourceRequested
     | AlertRaised
     | AlertResolved
+    | EscalationRequest
+    | EscalationAnswered
+    | EscalationWaiting
+    | EscalationFailed
     | DeadLetter
 )
 

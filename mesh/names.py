@@ -19,6 +19,8 @@ Subjects
     <p>.evt.gpu.<gpu>.<type>           GPU state changes (by its worker), loads asked (by the brain)
     <p>.evt.dead.<agent>               dead letters: messages nobody could use
     <p>.evt.alert.<rule>.<type>        alerts raised and resolved by a host's watchdog
+    <p>.esc.<plan>.<task>              escalation requests, brain -> gateway (escalation stream)
+    <p>.evt.esc.<plan>.<task>.<type>   the gateway's answers, waits and failures
     <p>.tel.gpu.<host>.<index>         a GPU's telemetry sample   (core NATS, not stored)
     <p>.tel.host.<host>                a host's telemetry sample  (core NATS, not stored)
 """
@@ -60,6 +62,11 @@ class Names:
     @property
     def cmd_stream(self) -> str:
         return f"{self.prefix.upper()}_CMD"
+
+    @property
+    def esc_stream(self) -> str:
+        """Escalation requests: only the brain publishes here, only the gateway consumes."""
+        return f"{self.prefix.upper()}_ESC"
 
     # buckets -----------------------------------------------------------------
     @property
@@ -221,6 +228,20 @@ class Names:
 
     def alert_event(self, rule: str, kind: str) -> str:
         return f"{self.prefix}.evt.alert.{check_token(rule, 'alert rule')}.{kind}"
+
+    def escalation(self, plan_id: str, task_id: str) -> str:
+        return f"{self.prefix}.esc.{plan_id}.{task_id}"
+
+    @property
+    def esc_all(self) -> str:
+        return f"{self.prefix}.esc.>"
+
+    def esc_event(self, plan_id: str, task_id: str, kind: str) -> str:
+        return f"{self.prefix}.evt.esc.{plan_id}.{task_id}.{kind}"
+
+    @property
+    def esc_events_all(self) -> str:
+        return f"{self.prefix}.evt.esc.>"
 
     def tel_gpu(self, host: str, index: int) -> str:
         return f"{self.prefix}.tel.gpu.{check_token(host, 'host')}.{int(index)}"
