@@ -1,3 +1,10 @@
 """mesh: run plans of local AI work across the GPUs of your own machines, over NATS JetStream."""
 
 __version__ = "0.1.0"
+
+# A GPU worker loads its native model libraries before anything else (see mesh/preload.py).
+import sys as _sys
+
+from mesh.preload import preload as _preload
+
+_preload(_sys.argv)

@@ -8,6 +8,7 @@ then drains its connection and exits.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -178,5 +179,12 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def run_agent(agent: Agent) -> int:
-    """Run an agent to completion."""
+    """Run an agent to completion. A crash in native code (a model library, a driver) prints
+    the Python stack to its log (stderr); `kill -USR1 PID` prints every thread's stack and the
+    agent goes on: how to see where a stuck agent waits."""
+    try:
+        faulthandler.enable(all_threads=True)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (AttributeError, OSError, RuntimeError, ValueError) as exc:  # no usable stderr
+        log.debug("no stack dumps on crashes: %s", exc)
     return run_loop(_main(agent))

@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -196,6 +197,15 @@ def main() -> int:
         stack.start()
         try:
             report.update(run_loop(check(stack.url, make_plan(work, kinds, audio), work, args.timeout)))
+            if report.get("status") == "timeout":
+                # where each agent waits (its threads' stacks go to its log), or how it died
+                for child in stack.children:
+                    assert child.proc is not None
+                    if child.alive():
+                        os.kill(child.proc.pid, signal.SIGUSR1)
+                    else:
+                        report.setdefault("exited", {})[child.name] = child.proc.returncode
+                time.sleep(1)
             if gpu is not None:
                 report["nvml_after"] = nvml_reading(gpu)
             time.sleep(8)  # past the keep-alive: the unload shows in the states
@@ -204,7 +214,9 @@ def main() -> int:
             stack.stop()
             logs = work / "logs"
             report["worker_log_tail"] = [
-                line for p in sorted(logs.glob("*.log")) for line in p.read_text().splitlines()[-15:]
+                line
+                for p in sorted(logs.glob("*.log"))
+                for line in p.read_text().splitlines()[-(15 if report.get("status") != "timeout" else 200) :]
             ]
     text = json.dumps(report, indent=2, default=str)
     print(text)
