@@ -1038,6 +1038,42 @@ def health(
     raise typer.Exit(run(go))
 
 
+@app.command()
+def doctor(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="leave out the slow checks (model files, CUDA libraries)")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per finding")] = False,
+) -> None:
+    """Check this host's mesh: server and JetStream, stream and bucket config, clocks, GPUs, models,
+    disk, systemd units; each problem with its fix. Exit 1 if anything failed."""
+    from rich.table import Table
+
+    from mesh.doctor import diagnose, failed
+
+    s = settings()
+    findings = run(lambda: diagnose(s, quick=quick))
+    if as_json:
+        for finding in findings:
+            print(msgspec.json.encode(finding).decode())
+    else:
+        table = Table(title_justify="left", show_lines=False)
+        for col in ("check", "", "finding", "fix"):
+            table.add_column(col, overflow="fold")
+        marks = {
+            "ok": "[green]ok[/green]",
+            "warn": "[yellow]warn[/yellow]",
+            "fail": "[red]FAIL[/red]",
+            "skip": "[dim]skip[/dim]",
+        }
+        for f in findings:
+            table.add_row(f.check, marks[f.level], f.message, f.fix)
+        out.print(table)
+        counts = {level: sum(f.level == level for f in findings) for level in ("fail", "warn")}
+        out.print(f"{counts['fail']} failed, {counts['warn']} warnings, {len(findings)} checks")
+    raise typer.Exit(1 if failed(findings) else 0)
+
+
 def entry() -> None:
     try:
         app()
