@@ -997,7 +997,7 @@ def health(
 
     s = settings()
     if not s.health:
-        out.print("no [health.NAME] checks configured (docs/watchdog.md#health-checks)")
+        out.print("no [health.NAME] checks configured (docs/watchdog.md#health-checks-and-restarts)")
         raise typer.Exit(0)
 
     async def go() -> int:
