@@ -970,6 +970,9 @@ def install_units(
             return
         units.check_binaries(layout)
         written = units.install(layout, s, files)
+    except PermissionError as exc:
+        hint = "" if user else ": run it as root (sudo), or add --user for units of your own"
+        raise fail(f"{exc}{hint}") from None
     except (units.UnitError, OSError) as exc:
         raise fail(str(exc)) from None
     for path in written:
