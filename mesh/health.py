@@ -14,13 +14,15 @@ restarting are small functions the watchdog runs in threads.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import shlex
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -131,3 +133,42 @@ def restart(argv: list[str], timeout_s: float = 60.0) -> tuple[bool, str]:
         return False, f"{' '.join(argv)}: {exc}"
     said = (done.stderr or done.stdout).strip()[-300:]
     return done.returncode == 0, f"{' '.join(argv)} exited {done.returncode}" + (f": {said}" if said else "")
+
+
+# ------------------------------------------------------------------ one round (`mesh health`)
+
+
+@dataclass
+class Verdict:
+    """What one round of a check found, and what was done about it."""
+
+    name: str
+    target: str
+    healthy: bool
+    detail: str
+    restarted: bool = False
+    restart_detail: str = ""
+
+
+Probe = Callable[[HealthCheck], Awaitable[tuple[bool, str]]]
+
+
+async def check_once(
+    name: str, check: HealthCheck, probe: Probe, sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
+) -> Verdict:
+    """Probe up to `retries` times, `interval_s` apart, as the watchdog would; restart the target
+    (its unit or command) if every probe failed. For a timer on hosts without a watchdog, where
+    each run starts afresh: the target's restart loop is bounded by its own unit's start limits."""
+    target = check.url or f"agent {check.agent}"
+    detail = ""
+    for attempt in range(check.retries):
+        if attempt:
+            await sleep(check.interval_s)
+        ok, detail = await probe(check)
+        if ok:
+            return Verdict(name, target, True, detail)
+    verdict = Verdict(name, target, False, f"{check.retries} failed checks: {detail}")
+    argv = check.restart_argv()
+    if argv:
+        verdict.restarted, verdict.restart_detail = await asyncio.to_thread(restart, argv)
+    return verdict
