@@ -468,7 +468,7 @@ def up(
         raise fail(str(exc)) from None
     err.print(
         f"mesh up: server {stack.url}, store {data / 'jetstream'}, brain + {workers} worker(s)"
-        f" + {len(model_workers)} model worker(s) ({_show_gpus(model_workers)}) + watchdog, "
+        f" + {len(model_workers)} model worker(s) ({_show_gpus(model_workers)}) + watchdog + gateway, "
         f"logs in {data / 'logs'}"
     )
     code = 0
@@ -589,6 +589,18 @@ def agent_exporter(
 
     configure(log_level, name="exporter")
     raise typer.Exit(run_agent(Exporter(settings(metrics_port=port))))
+
+
+@agent_app.command("gateway")
+def agent_gateway(
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """The gateway: answers escalated tasks with Claude, within budgets and rate limits."""
+    from agents.gateway import Gateway
+    from mesh.agent import run_agent
+
+    configure(log_level, name="gateway")
+    raise typer.Exit(run_agent(Gateway(settings())))
 
 
 @agent_app.command("worker")
