@@ -215,6 +215,9 @@ def status(
                         print(msgspec.json.encode(p).decode())
                 elif plans:
                     out.print(render.plans_table(plans))
+                    escalating = sum(p.counts.get("escalating", 0) for p in plans if not p.final)
+                    if escalating:
+                        out.print(f"{escalating} task(s) waiting on escalation (`mesh status PLAN` says why)")
                 else:
                     out.print("no plans yet: `mesh submit PLAN.md`")
                 return 0
@@ -227,7 +230,9 @@ def status(
                 for t in tasks:
                     print(msgspec.json.encode(t).decode())
             else:
-                out.print(render.tasks_table(record, tasks))
+                from mesh.history import escalation_waits
+
+                out.print(render.tasks_table(record, tasks, await escalation_waits(bus, tasks)))
             return 0
         finally:
             await bus.close()
@@ -389,6 +394,34 @@ def dead(
             return 0
         finally:
             await bus.close()
+
+    raise typer.Exit(run(go))
+
+
+@app.command()
+def costs(
+    by: Annotated[str, typer.Option("--by", help="group by 'day' (UTC) or 'plan'")] = "day",
+    since: Annotated[str | None, typer.Option("--since", help="2h, 7d, or a date")] = None,
+) -> None:
+    """What escalations to Claude cost: calls, tokens and USD, from the history."""
+    from mesh import history
+
+    if by not in ("day", "plan"):
+        raise fail(f"--by {by!r}: write --by day or --by plan")
+    s = settings()
+    start = history.parse_since(since) if since else None
+
+    async def go() -> int:
+        bus = await _bus(s)
+        try:
+            rows = await history.escalation_costs(bus, by, since=start)
+        finally:
+            await bus.close()
+        if rows:
+            out.print(render.costs_table(rows, by))
+        else:
+            out.print("no escalations yet")
+        return 0
 
     raise typer.Exit(run(go))
 

@@ -506,6 +506,8 @@ class TaskEscalated(Msg, frozen=True, tag="task.escalated"):
     at: float
     rid: str
     why: str
+    # the failed local attempt that led here (escalation after local failures)
+    after: LocalAttempt | None = None
 
 
 class TaskFollowups(Msg, frozen=True, tag="task.followups"):
