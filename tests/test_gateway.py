@@ -39,7 +39,7 @@ from mesh.redact import Redactor
 from mesh.settings import Price
 from tests.conftest import Mesh
 from tests.fake_anthropic import FakeAnthropic, Reply
-from tests.faults import configure, until
+from tests.faults import configure, run_mesh, until
 
 SECRET = "sk-ant-api03-" + "Zq7" * 12
 FAST = {"gateway_backoff_min_s": 0.2, "gateway_backoff_max_s": 2, "gateway_ack_wait_s": 3}
@@ -265,3 +265,165 @@ async def test_a_waiting_request_survives_a_killed_gateway_and_is_answered_once(
         statuses = Counter(s.status for s in api.requests())
         assert statuses[200] == 1 and statuses[429] >= 2 and statuses[500] >= 1
         assert len(await _of_kind(mesh, EscalationAnswered)) == 1
+
+
+# ---------------------------------------------------------------- end to end: brain, workers, gateway
+
+EXTERNAL = """\
+# Ask Claude
+
+## Tasks
+
+### ask
+- class: external
+
+```prompt
+What is the capital of France? (deploy key {KEY}, contact ops@example.com)
+```
+
+### after
+- depends_on: ask
+
+```shell
+echo after
+```
+"""
+
+
+def run_mesh_with_gateway(mesh: Mesh, api: FakeAnthropic, **settings: object) -> None:
+    start_gateway(mesh, api, **settings)
+    mesh.brain()
+    mesh.worker("w1")
+
+
+async def test_an_external_task_is_answered_and_its_answer_is_its_output(mesh: Mesh) -> None:
+    from mesh.outputs import task_output
+
+    with FakeAnthropic() as api:
+        api.then(Reply(result="Paris"))
+        run_mesh_with_gateway(mesh, api)
+        plan_id = await mesh.submit_text(EXTERNAL, KEY=SECRET)
+        plan = await mesh.wait_plan(plan_id)
+        assert plan.status == "succeeded"
+        tasks = await mesh.tasks(plan_id)
+        assert tasks["ask"].status == "succeeded" and tasks["ask"].worker == ""
+        assert (await task_output(await mesh.bus(), plan_id, "ask")).text == "Paris"
+        (seen,) = api.requests()
+        assert "What is the capital of France?" in seen.user
+        # the planted secret never reached the API, and the answer event counts it
+        assert SECRET not in seen.everything and "ops@example.com" not in seen.everything
+        (ev,) = of(await esc_events(mesh, plan_id), EscalationAnswered)
+        assert ev.redacted == {"api_key": 1, "email": 1}
+        # no worker ever saw the external task
+        assert f"{plan_id}.ask " not in mesh.log("w1") and f"{plan_id}.after " in mesh.log("w1")
+        mesh.env["COLUMNS"] = "200"
+        result = run_mesh(mesh, "costs", "--by", "plan")
+        assert result.returncode == 0, result.stderr
+        assert plan_id in result.stdout and f"{ev.cost_usd:.4f}" in result.stdout
+
+
+FLAKY = """\
+# Flaky
+
+## Escalation
+- auto: true
+- after: 2
+
+## Tasks
+
+### build
+- retries: 5
+
+```shell
+echo "compiling"; echo "error: disk full at /var/tmp" >&2; exit 3
+```
+
+### ship
+- depends_on: build
+
+```shell
+test -f {OUT}/fixed && echo shipped > {OUT}/shipped
+```
+"""
+
+FIX = """\
+### build-fix
+```shell
+touch {out}/fixed
+```
+
+### build-check
+- depends_on: build-fix
+
+```shell
+test -f {out}/fixed
+```
+"""
+
+
+async def test_a_task_failing_twice_escalates_and_its_followups_run(mesh: Mesh, tmp_path: Path) -> None:
+    with FakeAnthropic() as api:
+        api.then(Reply(followups=FIX.format(out=tmp_path)))
+        run_mesh_with_gateway(mesh, api)
+        plan_id = await mesh.submit_text(FLAKY, OUT=str(tmp_path))
+        plan = await mesh.wait_plan(plan_id)
+        assert plan.status == "succeeded" and plan.total == 4
+        tasks = await mesh.tasks(plan_id)
+        assert {t: r.status for t, r in tasks.items()} == dict.fromkeys(
+            ("build", "ship", "build-fix", "build-check"), "succeeded"
+        )
+        assert (tmp_path / "shipped").read_text() == "shipped\n"
+        (seen,) = api.requests()
+        # the request carried both local attempts and their errors, as data
+        assert seen.user.split("</task>")[1].count("error: disk full at /var/tmp") == 2
+        assert '<data from="attempt 1">' in seen.user and '<data from="attempt 2">' in seen.user
+        assert '"escalated_because": "local_failures"' in seen.user
+        assert tasks["build"].attempt == 3 and tasks["build"].followups == ["build-fix", "build-check"]
+
+
+async def test_sensitive_tasks_are_not_escalated_and_budgets_fail_with_budget(mesh: Mesh) -> None:
+    text = EXTERNAL.replace("- class: external", "- class: external\n- sensitive: true")
+    with FakeAnthropic() as api:
+        run_mesh_with_gateway(mesh, api, gateway_budget_day_usd=0.0001)
+        secret_plan = await mesh.submit_text(text, KEY="x")
+        assert (await mesh.wait_plan(secret_plan)).status == "failed"
+        tasks = await mesh.tasks(secret_plan)
+        assert tasks["ask"].reason == "sensitive" and tasks["after"].reason == "dependency"
+        poor_plan = await mesh.submit_text(EXTERNAL, KEY="x")
+        assert (await mesh.wait_plan(poor_plan)).status == "failed"
+        ask = (await mesh.tasks(poor_plan))["ask"]
+        assert ask.reason == "budget" and "gateway_budget_day_usd" in ask.error
+        bus = await mesh.bus()
+        alerts = [m for _, m in await mesh.history(bus.names.alerts_all) if isinstance(m, AlertRaised)]
+        assert [a.rule for a in alerts] == ["escalation_budget"] and alerts[0].target.startswith("day:")
+        assert api.requests() == []
+
+
+async def test_a_killed_gateway_restarts_and_the_task_is_answered_once(mesh: Mesh) -> None:
+    with FakeAnthropic() as api:
+        api.default = lambda seen: Reply(status=429, headers={"retry-after": "1"})
+        run_mesh_with_gateway(mesh, api)
+        plan_id = await mesh.submit_text(EXTERNAL, KEY="x")
+        await until(lambda: len(api.requests()) >= 2, 30, "two 429s", interval_s=0.1)
+        # the brain and `mesh status` show the task waiting on escalation
+        await mesh.wait_task(plan_id, "ask", "escalating")
+        mesh.env["COLUMNS"] = "250"
+        status = run_mesh(mesh, "status", plan_id)
+        assert "escalating" in status.stdout and "waiting on escalation" in status.stdout, status.stdout
+        assert "429" in status.stdout
+        await until(lambda: "waits on escalation" in mesh.log("brain"), 10, "the brain's log line")
+        mesh._expected_dead.update({"gateway", "gateway-2"})
+        mesh.kill("gateway")
+        api.default = lambda seen: Reply(status=500)
+        mesh.start_agent("gateway-2", "gateway")
+        await until(lambda: any(s.status == 500 for s in api.requests()), 30, "a 500", interval_s=0.1)
+        mesh.kill("gateway-2")
+        api.default = lambda seen: Reply(result="Paris")
+        mesh.start_agent("gateway-3", "gateway")
+        plan = await mesh.wait_plan(plan_id)
+        assert plan.status == "succeeded"
+        answered = of(await esc_events(mesh, plan_id), EscalationAnswered)
+        assert len(answered) == 1 and answered[0].result == "Paris"
+        assert Counter(s.status for s in api.requests())[200] == 1
+        succeeded = [m for _, m in await mesh.history() if type(m).__name__ == "TaskSucceeded"]
+        assert [m.task_id for m in succeeded].count("ask") == 1
