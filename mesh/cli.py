@@ -449,8 +449,8 @@ def init(
         try:
             await bus.ensure_resources()
             n = s.names
-            out.print(f"streams: {n.events_stream}, {n.work_stream}, {n.cmd_stream}")
-            out.print(f"buckets: {n.tasks_bucket}, {n.plans_bucket}, {n.agents_bucket}")
+            out.print(f"streams: {n.events_stream}, {n.work_stream}, {n.cmd_stream}, {n.esc_stream}")
+            out.print(f"buckets: {n.tasks_bucket}, {n.plans_bucket}, {n.agents_bucket}, {n.gateway_bucket}")
             return 0
         finally:
             await bus.close()
