@@ -8,6 +8,7 @@ workers are further down.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections import Counter
@@ -379,6 +380,8 @@ async def test_a_task_failing_twice_escalates_and_its_followups_run(mesh: Mesh, 
         assert '<data from="attempt 1">' in seen.user and '<data from="attempt 2">' in seen.user
         assert '"escalated_because": "local_failures"' in seen.user
         assert tasks["build"].attempt == 3 and tasks["build"].followups == ["build-fix", "build-check"]
+        verify = run_mesh(mesh, "replay", "--verify")
+        assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 async def test_sensitive_tasks_are_not_escalated_and_budgets_fail_with_budget(mesh: Mesh) -> None:
@@ -427,3 +430,34 @@ async def test_a_killed_gateway_restarts_and_the_task_is_answered_once(mesh: Mes
         assert Counter(s.status for s in api.requests())[200] == 1
         succeeded = [m for _, m in await mesh.history() if type(m).__name__ == "TaskSucceeded"]
         assert [m.task_id for m in succeeded].count("ask") == 1
+
+
+async def test_a_restarted_brain_sends_a_request_it_had_decided_but_not_sent(mesh: Mesh) -> None:
+    with FakeAnthropic() as api:
+        api.then(Reply(result="Paris"))
+        # a short duplicate window: the purged request's id is forgotten soon, as if it had never
+        # been published
+        configure(mesh, gateway_base_url=api.base_url, gateway_api_key=api.key, duplicate_window_s=1, **FAST)
+        mesh.brain()
+        plan_id = await mesh.submit_text(EXTERNAL, KEY="x")
+        await mesh.wait_task(plan_id, "ask", "escalating")
+        bus = await mesh.bus()
+        await until(
+            lambda: _stream_msgs(mesh, bus.names.esc_stream), 10, "the request in the escalation stream"
+        )
+        # as if the brain had died between `task.escalated` and publishing the request
+        mesh._expected_dead.add("brain")
+        mesh.kill("brain")
+        await bus.js.purge_stream(bus.names.esc_stream)
+        await asyncio.sleep(1.5)  # past the duplicate window
+        mesh.brain("brain-2")
+        mesh.start_agent("gateway", "gateway")
+        mesh.worker("w1")
+        assert (await mesh.wait_plan(plan_id)).status == "succeeded"
+        assert "published 1 escalation requests a crash had cut short" in mesh.log("brain-2")
+        assert len(api.answered()) == 1
+
+
+async def _stream_msgs(mesh: Mesh, stream: str) -> int:
+    info = await (await mesh.bus()).js.stream_info(stream)
+    return int(info.state.messages)
