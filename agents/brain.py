@@ -41,6 +41,10 @@ from mesh.agent import Agent
 from mesh.bus import decode_or_none, iter_bucket, read_bucket
 from mesh.events import (
     CancelPlan,
+    EscalationAnswered,
+    EscalationFailed,
+    EscalationRequest,
+    EscalationWaiting,
     GpuState,
     PlanSpec,
     RetryTasks,
@@ -51,11 +55,25 @@ from mesh.events import (
     type_of,
 )
 from mesh.history import TRANSITIONS, read_history
-from mesh.machine import Policy, Reconcile, State, Step, Sweep, Tick, apply, evolve, next_due, work_item
+from mesh.machine import (
+    Policy,
+    Reconcile,
+    State,
+    Step,
+    Sweep,
+    Tick,
+    apply,
+    escalation_request,
+    evolve,
+    next_due,
+    work_item,
+)
 from mesh.models import MODEL_KINDS
+from mesh.outputs import OutputError, task_output
 from mesh.placement import PlacementPolicy, observe
 from mesh.records import (
     CANCELLED,
+    ESCALATING,
     INFLIGHT_STATES,
     PENDING,
     READY,
@@ -80,7 +98,17 @@ RECENT_WRITES_S = 30.0
 TRANSIENT = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 LEASE_KEY = "lease"
 CHECKPOINT_KEY = "checkpoint"
-BRAIN_INPUTS = SubmitPlan | CancelPlan | RetryTasks | RunStarted | RunFinished | GpuState
+BRAIN_INPUTS = (
+    SubmitPlan
+    | CancelPlan
+    | RetryTasks
+    | RunStarted
+    | RunFinished
+    | GpuState
+    | EscalationAnswered
+    | EscalationFailed
+    | EscalationWaiting
+)
 # a note for the operator (a model no GPU can hold, say) is logged at most this often
 NOTE_EVERY_S = 600.0
 
@@ -102,6 +130,7 @@ class Brain(Agent):
             lost_after_s=settings.lost_after_s,
             archive_after_s=settings.archive_after_days * 86400.0,
             default_models={k: settings.default_model(k) for k in MODEL_KINDS},
+            escalate_after=settings.escalate_after,
             placement=PlacementPolicy(
                 models={name: (m.kind, m.vram_mb) for name, m in settings.model_registry().items()},
                 keep_alive_s=settings.keep_alive_s,
@@ -153,12 +182,16 @@ class Brain(Agent):
         # a crash may have cut a step short: decide again what follows from the state alone
         await self._commit(apply(self.state, Reconcile(), time.time(), self.policy))
         await self.republish_ready()
+        await self.republish_escalations()
         js = self.bus.js
         self.cmd_sub = await js.pull_subscribe_bind(
             durable=self.names.brain_cmd_consumer, stream=self.names.cmd_stream
         )
         self.runs_sub = await js.pull_subscribe_bind(
             durable=self.names.brain_runs_consumer, stream=self.names.events_stream
+        )
+        self.esc_sub = await js.pull_subscribe_bind(
+            durable=self.names.brain_esc_consumer, stream=self.names.events_stream
         )
 
     async def load_state(self) -> None:
@@ -210,6 +243,48 @@ class Brain(Agent):
         await asyncio.gather(*(self.bus.emit(work_item(self.state, r)) for r in ready))
         if ready:
             log.info("re-published %d ready work items (duplicates are dropped by the server)", len(ready))
+
+    async def republish_escalations(self) -> None:
+        """Publish again the request of every task waiting on Claude whose request is not in the
+        escalation stream (a crash came between its `task.escalated` and the request)."""
+        names = self.names
+        missing: list[EscalationRequest] = []
+        for rec in self.state.tasks.values():
+            if rec.status != ESCALATING or rec.followups:
+                continue
+            try:
+                raw = await self.bus.js.get_last_msg(
+                    names.esc_stream, names.escalation(rec.plan_id, rec.task_id)
+                )
+                last = decode(raw.data or b"")
+                if isinstance(last, EscalationRequest) and last.rid == rec.rid:
+                    continue
+            except nats.js.errors.NotFoundError:
+                pass
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                pass
+            missing.append(escalation_request(self.state, rec))
+        if missing:
+            await self._publish_escalations(missing)
+            log.info("published %d escalation requests a crash had cut short", len(missing))
+
+    async def _publish_escalations(self, requests: list[EscalationRequest]) -> None:
+        """Requests with their inputs (the outputs of the dependencies the task takes)."""
+        filled = []
+        for req in requests:
+            inputs: dict[str, str] = {}
+            for dep in req.task.inputs:
+                try:
+                    found = await task_output(self.bus, req.plan_id, dep)
+                except OutputError as exc:
+                    inputs[dep] = f"[no output: {exc}]"
+                    continue
+                if found.sensitive and not req.sensitive_allowed:
+                    inputs[dep] = "[withheld: the output of a sensitive task]"
+                else:
+                    inputs[dep] = found.text
+            filled.append(msgspec.structs.replace(req, inputs=inputs) if inputs else req)
+        await self.bus.emit_many(filled)
 
     # lease -----------------------------------------------------------------------
     async def acquire_lease(self) -> None:
@@ -308,6 +383,7 @@ class Brain(Agent):
             return
         self.spawn(self._fetch(self.cmd_sub, "commands"), "fetch-commands")
         self.spawn(self._fetch(self.runs_sub, "reports"), "fetch-reports")
+        self.spawn(self._fetch(self.esc_sub, "escalation answers"), "fetch-escalations")
         await self._guarded(None)  # release whatever was waiting when the brain last stopped
         while not self.stop_requested.is_set():
             timeout = self.settings.tick_s
@@ -415,10 +491,20 @@ class Brain(Agent):
             if isinstance(msg, SubmitPlan) and msg.object:
                 msg = await self._fetch_plan(msg)
             step = apply(self.state, msg, now, self.policy)
-            if step.ignored:
+            if isinstance(msg, EscalationWaiting):
+                log.info(
+                    "%s.%s waits on escalation (try %d, again in %.0fs): %s",
+                    msg.plan_id,
+                    msg.task_id,
+                    msg.tries,
+                    max(0.0, msg.retry_at - now),
+                    msg.reason[:200],
+                )
+            elif step.ignored:
                 log.debug("ignored %s: %s", type_of(msg), step.ignored)
             combined.events.extend(step.events)
             combined.work.extend(step.work)
+            combined.escalations.extend(step.escalations)
             combined.resources.extend(step.resources)
             combined.notes.extend(step.notes)
             good.append(raw)
@@ -481,6 +567,9 @@ class Brain(Agent):
         if step.resources:
             await bus.emit_many(step.resources)
             step.resources.clear()
+        if step.escalations:
+            await self._publish_escalations(step.escalations)
+            step.escalations.clear()
         now = time.time()
         for note in step.notes:
             if now - self._noted.get(note, 0.0) >= NOTE_EVERY_S:
@@ -569,6 +658,8 @@ class Brain(Agent):
             detail = f" in {getattr(ev, 'duration_s', 0.0):.3f}s"
         elif tag in ("task.failed", "task.retrying"):
             detail = f" ({getattr(ev, 'reason', '')}) {getattr(ev, 'error', '')[:120]!r}"
+        elif tag == "task.escalated":
+            detail = f" ({getattr(ev, 'why', '')}) as {getattr(ev, 'rid', '')}"
         elif tag == "task.redelivered":
             detail = f" to {getattr(ev, 'worker', '')} (delivery {getattr(ev, 'delivery', 0)})"
         elif tag == "plan.finished":

@@ -45,6 +45,7 @@ from mesh.events import (
 from mesh.executors import EXECUTORS, RunContext, RunResult
 from mesh.gpu import Device, Memory, open_device
 from mesh.models import ModelError, ModelSpec
+from mesh.outputs import OutputError, task_output
 from mesh.reaper import Reaper
 from mesh.records import INFLIGHT_STATES, RUNNING, decode_task
 from mesh.settings import Settings
@@ -608,25 +609,18 @@ class Worker(Agent):
         return loaded
 
     async def _inputs(self, item: WorkItem, ctx: RunContext) -> dict[str, str]:
-        """The outputs of the dependencies the task takes, from their completion events."""
+        """The outputs of the dependencies the task takes, from their completion events (a
+        worker's report, or Claude's answer for an escalated task)."""
         out: dict[str, str] = {}
         for dep in item.inputs:
-            subject = self.names.run_event(item.plan_id, dep, "finished")
             try:
-                raw = await self.bus.js.get_last_msg(self.names.events_stream, subject)
-            except nats.js.errors.NotFoundError as exc:
-                raise ModelError(f"input {dep!r} has no completion event ({subject})") from exc
-            ev = decode(raw.data or b"")
-            if not isinstance(ev, RunFinished) or not ev.ok:
-                raise ModelError(f"input {dep!r}: its last completion event is not a success")
-            if ev.sensitive:
+                found = await task_output(self.bus, item.plan_id, dep)
+            except OutputError as exc:
+                raise ModelError(f"input {exc}") from exc
+            if found.sensitive:
                 # what reads a secret is kept out of the history like the secret itself
                 ctx.sensitive = True
-            if ev.output_object:
-                obj = await (await self.bus.objects()).get(ev.output_object)
-                out[dep] = (obj.data or b"").decode("utf-8", errors="replace")
-            else:
-                out[dep] = ev.output or ev.stdout_tail
+            out[dep] = found.text
         return out
 
     # one item --------------------------------------------------------------------------

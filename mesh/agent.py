@@ -60,7 +60,7 @@ class Agent:
     # life ----------------------------------------------------------------------
     async def start(self) -> None:
         self._bus = await connect(self.settings, self.agent_id, wait_s=3600.0, on_reconnect=self.on_reconnect)
-        await self.bus.ensure_resources(tuple(self.classes) or ("cpu",))
+        await self.ensure_resources()
         await self.register()
         await self.bus.publish(
             self.names.agent_event(self.agent_id, "started"),
@@ -71,6 +71,10 @@ class Agent:
         )
         self.spawn(self._refresh_loop(), "registration")
         log.info("%s started as %s on %s", self.role, self.agent_id, self.settings.url)
+
+    async def ensure_resources(self) -> None:
+        """Create or update the streams, buckets and consumers this agent uses."""
+        await self.bus.ensure_resources(tuple(self.classes) or ("cpu",))
 
     async def run(self) -> None:
         raise NotImplementedError

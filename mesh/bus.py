@@ -93,6 +93,19 @@ def stream_definitions(settings: Settings) -> list[dict[str, Any]]:
             "duplicate_window": dup_ns,
             "num_replicas": 1,
         },
+        {
+            "name": n.esc_stream,
+            "description": "mesh: escalation requests from the brain, for the gateway",
+            "subjects": [n.esc_all],
+            "retention": "limits",
+            "storage": "file",
+            "discard": "old",
+            "max_age": int(settings.cmd_max_age_days * DAY_S * NS),
+            "max_bytes": -1,
+            "max_msg_size": settings.max_payload_bytes,
+            "duplicate_window": dup_ns,
+            "num_replicas": 1,
+        },
     ]
 
 
@@ -153,6 +166,13 @@ def bucket_definitions(settings: Settings) -> list[dict[str, Any]]:
             "ttl": int(settings.agent_ttl_s * NS),
             "storage": "file",
         },
+        {
+            "bucket": n.gateway_bucket,
+            "description": "mesh: the gateway's spend per day and plan, and each escalation's final answer",
+            "history": 1,
+            "ttl": 0,
+            "storage": "file",
+        },
     ]
 
 
@@ -188,6 +208,20 @@ def consumer_definitions(settings: Settings, classes: tuple[str, ...] = ("cpu",)
         {
             "stream": n.events_stream,
             "config": {
+                "durable_name": n.brain_esc_consumer,
+                "filter_subject": n.esc_events_all,
+                "ack_policy": "explicit",
+                "deliver_policy": "all",
+                "ack_wait": int(settings.brain_ack_wait_s * NS),
+                "max_ack_pending": 10000,
+            },
+        }
+    )
+    out.append(gateway_consumer_definition(settings))
+    out.append(
+        {
+            "stream": n.events_stream,
+            "config": {
                 "durable_name": n.auditor_consumer,
                 "filter_subjects": n.audited_subjects(),
                 "ack_policy": "all",
@@ -215,6 +249,25 @@ def consumer_definitions(settings: Settings, classes: tuple[str, ...] = ("cpu",)
             }
         )
     return out
+
+
+def gateway_consumer_definition(settings: Settings) -> dict[str, Any]:
+    """The gateway's consumer of escalation requests. A request is acknowledged only once it is
+    answered or has failed for good; one waiting out a backoff is handed back with a delay
+    (`nak`), so the server, not the gateway, holds pending retries across restarts."""
+    n = settings.names
+    return {
+        "stream": n.esc_stream,
+        "config": {
+            "durable_name": n.gateway_consumer,
+            "filter_subject": n.esc_all,
+            "ack_policy": "explicit",
+            "deliver_policy": "all",
+            "ack_wait": int(settings.gateway_ack_wait_s * NS),
+            "max_deliver": -1,
+            "max_ack_pending": 1000,
+        },
+    }
 
 
 def llm_consumer_definition(settings: Settings, model: str) -> dict[str, Any]:
@@ -291,6 +344,19 @@ class Bus:
             await self.js.add_consumer(c["stream"], config=_consumer_config(c["config"]))
         await self.objects()
 
+    async def ensure_gateway_resources(self) -> None:
+        """What the gateway uses, and nothing else (its credentials may allow no more): the
+        event and escalation streams, the agents and gateway buckets, and its own consumer."""
+        n = self.names
+        for d in stream_definitions(self.settings):
+            if d["name"] in (n.events_stream, n.esc_stream):
+                await self._ensure_stream(d)
+        for d in bucket_definitions(self.settings):
+            if d["bucket"] in (n.agents_bucket, n.gateway_bucket):
+                await self._ensure_bucket(d)
+        c = gateway_consumer_definition(self.settings)
+        await self.js.add_consumer(c["stream"], config=_consumer_config(c["config"]))
+
     async def bind_consumer(self, config: dict[str, Any]) -> JetStreamContext.PullSubscription:
         """Create (or update) a durable pull consumer on the work stream and bind to it."""
         await self.js.add_consumer(self.names.work_stream, config=_consumer_config(config))
@@ -363,6 +429,9 @@ class Bus:
 
     async def brain_kv(self) -> KeyValue:
         return await self.kv(self.names.brain_bucket)
+
+    async def gateway_kv(self) -> KeyValue:
+        return await self.kv(self.names.gateway_bucket)
 
     # publishing ------------------------------------------------------------------
     async def publish(self, subject: str, msg: Msg, msg_id: str) -> api.PubAck:
@@ -616,6 +685,12 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
         if tag == "gpu.control":
             return names.gpu_event(gpu, kind), f"{gpu}:control:{getattr(ev, 'source', '')}:{at!r}"
         return names.gpu_event(gpu, kind), f"{gpu}:{kind}:{getattr(ev, 'state', '')}:{at!r}"
+    if tag == "esc.request":
+        return names.escalation(plan_id, task_id), f"esc:{getattr(ev, 'rid', '')}"
+    if tag.startswith("esc."):
+        rid = getattr(ev, "rid", "")
+        tries = f":{getattr(ev, 'tries', 0)}" if tag == "esc.waiting" else ""
+        return names.esc_event(plan_id, task_id, kind), f"esc:{rid}:{kind}{tries}"
     if tag.startswith("alert."):
         rule, target = getattr(ev, "rule", ""), getattr(ev, "target", "")
         return names.alert_event(rule, kind), f"alert:{rule}:{target}:{kind}:{at!r}"

@@ -216,6 +216,9 @@ def status(
                         print(msgspec.json.encode(p).decode())
                 elif plans:
                     out.print(render.plans_table(plans))
+                    escalating = sum(p.counts.get("escalating", 0) for p in plans if not p.final)
+                    if escalating:
+                        out.print(f"{escalating} task(s) waiting on escalation (`mesh status PLAN` says why)")
                 else:
                     out.print("no plans yet: `mesh submit PLAN.md`")
                 return 0
@@ -228,7 +231,9 @@ def status(
                 for t in tasks:
                     print(msgspec.json.encode(t).decode())
             else:
-                out.print(render.tasks_table(record, tasks))
+                from mesh.history import escalation_waits
+
+                out.print(render.tasks_table(record, tasks, await escalation_waits(bus, tasks)))
             return 0
         finally:
             await bus.close()
@@ -394,6 +399,34 @@ def dead(
     raise typer.Exit(run(go))
 
 
+@app.command()
+def costs(
+    by: Annotated[str, typer.Option("--by", help="group by 'day' (UTC) or 'plan'")] = "day",
+    since: Annotated[str | None, typer.Option("--since", help="2h, 7d, or a date")] = None,
+) -> None:
+    """What escalations to Claude cost: calls, tokens and USD, from the history."""
+    from mesh import history
+
+    if by not in ("day", "plan"):
+        raise fail(f"--by {by!r}: write --by day or --by plan")
+    s = settings()
+    start = history.parse_since(since) if since else None
+
+    async def go() -> int:
+        bus = await _bus(s)
+        try:
+            rows = await history.escalation_costs(bus, by, since=start)
+        finally:
+            await bus.close()
+        if rows:
+            out.print(render.costs_table(rows, by))
+        else:
+            out.print("no escalations yet")
+        return 0
+
+    raise typer.Exit(run(go))
+
+
 # ------------------------------------------------------------------ servers and agents
 
 
@@ -417,8 +450,8 @@ def init(
         try:
             await bus.ensure_resources()
             n = s.names
-            out.print(f"streams: {n.events_stream}, {n.work_stream}, {n.cmd_stream}")
-            out.print(f"buckets: {n.tasks_bucket}, {n.plans_bucket}, {n.agents_bucket}")
+            out.print(f"streams: {n.events_stream}, {n.work_stream}, {n.cmd_stream}, {n.esc_stream}")
+            out.print(f"buckets: {n.tasks_bucket}, {n.plans_bucket}, {n.agents_bucket}, {n.gateway_bucket}")
             return 0
         finally:
             await bus.close()
@@ -469,7 +502,7 @@ def up(
         raise fail(str(exc)) from None
     err.print(
         f"mesh up: server {stack.url}, store {data / 'jetstream'}, brain + {workers} worker(s)"
-        f" + {len(model_workers)} model worker(s) ({_show_gpus(model_workers)}) + watchdog, "
+        f" + {len(model_workers)} model worker(s) ({_show_gpus(model_workers)}) + watchdog + gateway, "
         f"logs in {data / 'logs'}"
     )
     code = 0
@@ -590,6 +623,18 @@ def agent_exporter(
 
     configure(log_level, name="exporter")
     raise typer.Exit(run_agent(Exporter(settings(metrics_port=port))))
+
+
+@agent_app.command("gateway")
+def agent_gateway(
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """The gateway: answers escalated tasks with Claude, within budgets and rate limits."""
+    from agents.gateway import Gateway
+    from mesh.agent import run_agent
+
+    configure(log_level, name="gateway")
+    raise typer.Exit(run_agent(Gateway(settings())))
 
 
 @agent_app.command("worker")

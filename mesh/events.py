@@ -55,6 +55,20 @@ class TaskSpec(Struct, frozen=True, gc=False):
     inputs: tuple[str, ...] = ()
     # prompt: most tokens to generate (0 = the model's configured max_tokens)
     max_tokens: int = 0
+    # escalate to Claude instead of running locally (as class `external` does)
+    requires_external: bool = False
+
+
+class EscalationPolicy(Struct, frozen=True):
+    """A plan's `## Escalation` section: what it lets the brain hand to Claude."""
+
+    # escalate a task that failed locally `after` times (0: the configured default, 2)
+    auto: bool = False
+    after: int = 0
+    # sensitive tasks may be escalated at all (redacted, like everything that leaves)
+    sensitive: bool = False
+    # Claude may answer with follow-up tasks instead of a result
+    followups: bool = True
 
 
 class PlanSpec(Struct, frozen=True):
@@ -67,6 +81,7 @@ class PlanSpec(Struct, frozen=True):
     workdir: str = ""
     variables: dict[str, str] = msgspec.field(default_factory=dict)
     env: dict[str, str] = msgspec.field(default_factory=dict)
+    escalation: EscalationPolicy = msgspec.field(default_factory=EscalationPolicy)
 
 
 # ---------------------------------------------------------------- messages
@@ -291,6 +306,8 @@ class EscalationRequest(Msg, frozen=True, tag="esc.request"):
     inputs: dict[str, str] = msgspec.field(default_factory=dict)
     # the plan allows Claude to answer with follow-up tasks instead of a result
     followups_allowed: bool = True
+    # the task is sensitive and its plan allows escalating it anyway
+    sensitive_allowed: bool = False
 
 
 class EscalationAnswered(Msg, frozen=True, tag="esc.answered"):
@@ -315,6 +332,7 @@ class EscalationAnswered(Msg, frozen=True, tag="esc.answered"):
     # the request as sent, after redaction (empty when the task was sensitive)
     prompt: str = ""
     system: str = ""
+    stop_reason: str = ""
 
 
 class EscalationWaiting(Msg, frozen=True, tag="esc.waiting"):
@@ -477,6 +495,34 @@ class TaskReset(Msg, frozen=True, tag="task.reset"):
     at: float
 
 
+class TaskEscalated(Msg, frozen=True, tag="task.escalated"):
+    """The brain handed the task to the gateway (request `rid`): it waits on escalation.
+
+    `why` as in `EscalationRequest`. The escalation counts as an attempt."""
+
+    plan_id: str
+    task_id: str
+    attempt: int
+    at: float
+    rid: str
+    why: str
+    # the failed local attempt that led here (escalation after local failures)
+    after: LocalAttempt | None = None
+
+
+class TaskFollowups(Msg, frozen=True, tag="task.followups"):
+    """Claude answered an escalated task with follow-up tasks: the brain validated them like a
+    plan's tasks and adds them to the plan. The escalated task succeeds when they all have
+    (and fails with reason `dependency` if one fails)."""
+
+    plan_id: str
+    task_id: str
+    attempt: int
+    at: float
+    tasks: tuple[TaskSpec, ...]
+    rid: str = ""
+
+
 class PlanResumed(Msg, frozen=True, tag="plan.resumed"):
     plan_id: str
     at: float
@@ -582,6 +628,8 @@ Message = (
     | TaskFailed
     | TaskCancelled
     | TaskReset
+    | TaskEscalated
+    | TaskFollowups
     | AgentStarted
     | AgentStopped
     | AgentOffline
@@ -607,6 +655,8 @@ TaskTransition = (
     | TaskFailed
     | TaskCancelled
     | TaskReset
+    | TaskEscalated
+    | TaskFollowups
 )
 
 # Everything the brain publishes that changes a record: what `mesh.machine.evolve` folds, and

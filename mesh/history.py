@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import msgspec
+import nats.js.errors
 from nats.js import api
 
 from mesh import events
@@ -180,3 +181,48 @@ async def dead_letters(bus: Bus, since: float | None = None) -> list[events.Dead
         if isinstance(entry.msg, events.DeadLetter):
             out.append(entry.msg)
     return out
+
+
+# escalation ------------------------------------------------------------------------
+
+
+async def escalation_costs(
+    bus: Bus, by: str = "day", since: float | None = None
+) -> list[tuple[str, int, int, int, int, float]]:
+    """Escalation spend from the history of `esc.answered` and `esc.failed` events, grouped by
+    UTC day or by plan: (key, answered, failed, tokens in, tokens out, USD), sorted by key."""
+    if by not in ("day", "plan"):
+        raise MeshError(f"costs by {by!r}: group by 'day' or 'plan'")
+    names = bus.names
+    subjects = [names.esc_events_of("answered"), names.esc_events_of("failed")]
+    sums: dict[str, list[float]] = {}
+    async for entry in read_history(bus, subjects, since=since):
+        msg = entry.msg
+        if not isinstance(msg, events.EscalationAnswered | events.EscalationFailed):
+            continue
+        key = msg.plan_id if by == "plan" else time.strftime("%Y-%m-%d", time.gmtime(msg.at))
+        row = sums.setdefault(key, [0, 0, 0, 0, 0.0])
+        row[0 if isinstance(msg, events.EscalationAnswered) else 1] += 1
+        row[2] += msg.tokens_in
+        row[3] += msg.tokens_out
+        row[4] += msg.cost_usd
+    return [(k, int(a), int(f), int(i), int(o), usd) for k, (a, f, i, o, usd) in sorted(sums.items())]
+
+
+async def escalation_waits(bus: Bus, tasks: list[TaskRecord]) -> dict[str, str]:
+    """For each task waiting on Claude, what the gateway last said about it (task id -> text)."""
+    names = bus.names
+    notes: dict[str, str] = {}
+    for rec in tasks:
+        if rec.status != "escalating" or rec.followups:
+            continue
+        subject = names.esc_event(rec.plan_id, rec.task_id, "waiting")
+        try:
+            raw = await bus.js.get_last_msg(names.events_stream, subject)
+            msg = events.decode(raw.data or b"")
+        except (nats.js.errors.NotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        if isinstance(msg, events.EscalationWaiting) and msg.rid == rec.rid:
+            again = time.strftime("%H:%M:%S", time.localtime(msg.retry_at))
+            notes[rec.task_id] = f"waiting on escalation (try {msg.tries}, again at {again}): {msg.reason}"
+    return notes

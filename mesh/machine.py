@@ -25,11 +25,18 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from mesh.errors import PlanError
 from mesh.events import (
     MODEL_BODY_KINDS,
     AgentOffline,
     CancelPlan,
+    EscalationAnswered,
+    EscalationFailed,
+    EscalationPolicy,
+    EscalationRequest,
+    EscalationWaiting,
     GpuState,
+    LocalAttempt,
     Message,
     Msg,
     PlanAccepted,
@@ -45,7 +52,9 @@ from mesh.events import (
     RunStarted,
     SubmitPlan,
     TaskCancelled,
+    TaskEscalated,
     TaskFailed,
+    TaskFollowups,
     TaskRedelivered,
     TaskReleased,
     TaskReset,
@@ -57,8 +66,10 @@ from mesh.events import (
     WorkItem,
 )
 from mesh.placement import SCRIPT, GpuView, PlacementPolicy, llm_demand_key, observe, place
+from mesh.plan import parse_followups
 from mesh.records import (
     CANCELLED,
+    ESCALATING,
     FAILED,
     INFLIGHT_STATES,
     PENDING,
@@ -77,6 +88,12 @@ MAX_ERROR_CHARS = 2000
 NO_RETRY = frozenset({"dead_letter", "definition"})
 # a task in these states is work waiting for a GPU (what placement counts)
 DEMAND_STATES = frozenset({WAITING, READY})
+# a task keeps this many of its last local attempts (what an escalation carries to Claude)
+KEEP_ATTEMPTS = 5
+# the most follow-up tasks one answer may add
+MAX_FOLLOWUPS = 100
+# failures after which an escalation may follow (not a cancel, not a dependency)
+ESCALATABLE = frozenset({"error", "timeout", "lost", "dead_letter", "definition"})
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,8 @@ class Policy:
     archive_after_s: float = 7 * 86400.0
     # model kind -> the model a task of that kind gets when it names none
     default_models: dict[str, str] = field(default_factory=dict)
+    # local failures after which a task of a plan with automatic escalation is escalated
+    escalate_after: int = 2
     placement: PlacementPolicy = field(default_factory=PlacementPolicy)
 
 
@@ -124,6 +143,8 @@ class Step:
     ignored: str = ""
     # model loads and unloads for one worker each (their `gpu.requested` events are in `events`)
     resources: list[ResourceItem] = field(default_factory=list)
+    # requests for the gateway (published after the records, like work items)
+    escalations: list[EscalationRequest] = field(default_factory=list)
     # things to tell the operator (e.g. a model no GPU can hold)
     notes: list[str] = field(default_factory=list)
 
@@ -155,6 +176,8 @@ class State:
     _seq: int = 0
 
     def _count_demand(self, rec: TaskRecord, delta: int) -> None:
+        if rec.spec.requires_external:
+            return  # Claude does it: no GPU needs its model
         cls = rec.spec.cls
         if cls == "llm":
             key = llm_demand_key(rec.spec.model)
@@ -178,6 +201,9 @@ class State:
         self.plan_keys.setdefault(rec.plan_id, []).append(key)
         for dep in rec.spec.depends_on:
             self.dependents.setdefault(f"{rec.plan_id}.{dep}", []).append(key)
+        for followup in rec.followups:
+            # an escalated task waits on the follow-up tasks Claude proposed
+            self.dependents.setdefault(f"{rec.plan_id}.{followup}", []).append(key)
         if rec.status in DEMAND_STATES:
             self._count_demand(rec, 1)
         if rec.status == WAITING:
@@ -264,6 +290,7 @@ def _accept(state: State, ev: PlanAccepted) -> None:
         counts={},
         env=dict(plan.env),
         updated_at=ev.at,
+        escalation=plan.escalation,
     )
     state.plans[ev.plan_id] = record
     state.dirty_plans.add(ev.plan_id)
@@ -354,6 +381,10 @@ def evolve(state: State, ev: Msg) -> None:
         _set_status(state, rec, RUNNING, ev.at)
     elif isinstance(ev, TaskReset):
         rec.base_attempt = ev.attempt
+        rec.rid = ""
+        rec.escalated = ""
+        rec.followups = []
+        rec.attempts = []
         rec.worker = ""
         rec.reason = ""
         rec.error = ""
@@ -371,7 +402,34 @@ def evolve(state: State, ev: Msg) -> None:
         rec.reason = ""
         rec.error = ""
         _set_status(state, rec, SUCCEEDED, ev.at)
+    elif isinstance(ev, TaskEscalated):
+        if ev.after is not None:
+            rec.attempts = [*rec.attempts[-(KEEP_ATTEMPTS - 1) :], ev.after]
+            rec.reason = ev.after.reason
+            rec.error = ev.after.error
+            rec.rc = ev.after.rc
+        rec.attempt = ev.attempt
+        rec.rid = ev.rid
+        rec.escalated = ev.why
+        rec.worker = ""
+        rec.released_at = ev.at
+        rec.started_at = ev.at
+        rec.not_before = 0.0
+        _set_status(state, rec, ESCALATING, ev.at)
+    elif isinstance(ev, TaskFollowups):
+        plan = state.plans.get(ev.plan_id)
+        if plan is None or rec.followups or rec.status != ESCALATING:
+            return
+        plan.total += len(ev.tasks)
+        _add_tasks(state, plan, ev.tasks, ev.at)
+        rec.followups = [t.id for t in ev.tasks]
+        for followup in rec.followups:
+            state.dependents.setdefault(f"{rec.plan_id}.{followup}", []).append(rec.key)
+        rec.updated_at = ev.at
+        state.dirty_tasks.add(rec.key)
+        state.dirty_plans.add(plan.plan_id)
     elif isinstance(ev, TaskRetrying):
+        _keep_attempt(rec, ev)
         rec.rc = ev.rc
         rec.reason = ev.reason
         rec.error = ev.error
@@ -382,6 +440,8 @@ def evolve(state: State, ev: Msg) -> None:
         _set_status(state, rec, WAITING, ev.at)
         state._push(rec)
     elif isinstance(ev, TaskFailed):
+        if ev.worker:
+            _keep_attempt(rec, ev)
         rec.rc = ev.rc
         rec.reason = ev.reason
         rec.error = ev.error
@@ -395,6 +455,39 @@ def evolve(state: State, ev: Msg) -> None:
         rec.error = ev.reason
         rec.finished_at = ev.at
         _set_status(state, rec, CANCELLED, ev.at)
+
+
+def escalation_why(spec: TaskSpec) -> str:
+    """Why a task goes to Claude rather than to a worker ('' : it runs locally)."""
+    if spec.cls == "external":
+        return "external"
+    if spec.requires_external:
+        return "requires_external"
+    return ""
+
+
+def escalation_request(state: State, rec: TaskRecord) -> EscalationRequest:
+    """The request of an escalated task's current attempt (`inputs` are filled by the brain)."""
+    plan = state.plans.get(rec.plan_id)
+    policy = plan.escalation if plan is not None else EscalationPolicy()
+    return EscalationRequest(
+        rid=rec.rid,
+        plan_id=rec.plan_id,
+        task_id=rec.task_id,
+        attempt=rec.attempt,
+        at=rec.started_at,
+        why=rec.escalated,
+        task=rec.spec,
+        attempts=tuple(rec.attempts),
+        followups_allowed=policy.followups,
+        sensitive_allowed=policy.sensitive,
+    )
+
+
+def _keep_attempt(rec: TaskRecord, ev: TaskRetrying | TaskFailed) -> None:
+    """Remember a failed local attempt (the last few), for an escalation to carry."""
+    attempt = LocalAttempt(attempt=ev.attempt, worker=ev.worker, error=ev.error, rc=ev.rc, reason=ev.reason)
+    rec.attempts = [*rec.attempts[-(KEEP_ATTEMPTS - 1) :], attempt]
 
 
 # ------------------------------------------------------------------ decide
@@ -550,8 +643,8 @@ class _Decider:
         changed = False
         for spec in plan.tasks:
             need = MODEL_BODY_KINDS.get(spec.kind)
-            if need is None:
-                tasks.append(spec)
+            if need is None or escalation_why(spec):
+                tasks.append(spec)  # runs no local model (Claude answers an escalated prompt)
                 continue
             model = spec.model or self.policy.default_models.get(need, "")
             known = registry.get(model)
@@ -598,6 +691,9 @@ class _Decider:
             while changed:  # a dependency may come later in the plan than its dependent
                 changed = False
                 for rec in state.plan_tasks(plan.plan_id):
+                    if rec.status == ESCALATING and rec.followups:
+                        changed = self._followups_settled(rec) or changed
+                        continue
                     if rec.status != PENDING:
                         continue
                     deps = [state.tasks.get(f"{rec.plan_id}.{d}") for d in rec.spec.depends_on]
@@ -765,6 +861,10 @@ class _Decider:
     def _attempt_failed(
         self, rec: TaskRecord, reason: str, error: str, rc: int | None, worker: str, duration_s: float
     ) -> None:
+        if self._auto_escalates(rec, reason):
+            after = LocalAttempt(attempt=rec.attempt, worker=worker, error=error, rc=rc, reason=reason)
+            self.escalate(rec, "local_failures", after)
+            return
         if reason not in NO_RETRY and rec.attempt - rec.base_attempt <= rec.spec.retries:
             self.emit(
                 TaskRetrying(
@@ -796,6 +896,163 @@ class _Decider:
         )
         self._fail_dependents(rec)
 
+    # escalation -------------------------------------------------------------
+    def escalate(self, rec: TaskRecord, why: str, after: LocalAttempt | None = None) -> None:
+        """Hand a task to the gateway; a sensitive one only if its plan allows it."""
+        plan = self.state.plans.get(rec.plan_id)
+        policy = plan.escalation if plan is not None else EscalationPolicy()
+        if rec.spec.sensitive and not policy.sensitive:
+            self.emit(
+                TaskFailed(
+                    plan_id=rec.plan_id,
+                    task_id=rec.task_id,
+                    attempt=rec.attempt,
+                    at=self.now,
+                    reason="sensitive",
+                    error="the task is sensitive and its plan does not allow escalating sensitive tasks: "
+                    "add '- sensitive: true' under the plan's '## Escalation', or let it run locally",
+                )
+            )
+            self._fail_dependents(rec)
+            return
+        attempt = rec.attempt + 1
+        self.emit(
+            TaskEscalated(
+                plan_id=rec.plan_id,
+                task_id=rec.task_id,
+                attempt=attempt,
+                at=self.now,
+                rid=f"{rec.plan_id}.{rec.task_id}.{attempt}",
+                why=why,
+                after=after,
+            )
+        )
+        self.step.escalations.append(escalation_request(self.state, rec))
+
+    def _auto_escalates(self, rec: TaskRecord, reason: str) -> bool:
+        """A failed local attempt of a plan with automatic escalation: escalate after N failures,
+        or before the task would fail for good with fewer."""
+        plan = self.state.plans.get(rec.plan_id)
+        if plan is None or not plan.escalation.auto or reason not in ESCALATABLE:
+            return False
+        if rec.spec.sensitive and not plan.escalation.sensitive:
+            return False  # it stays local: retried, then failed as usual
+        failures = rec.attempt - rec.base_attempt
+        last = reason in NO_RETRY or failures > rec.spec.retries
+        return failures >= (plan.escalation.after or self.policy.escalate_after) or last
+
+    def _escalated(self, msg: EscalationAnswered | EscalationFailed) -> TaskRecord | None:
+        """The task an answer is for, if it still waits on it."""
+        rec = self.state.tasks.get(f"{msg.plan_id}.{msg.task_id}")
+        if rec is None or rec.status != ESCALATING or rec.rid != msg.rid or rec.followups:
+            what = "unknown" if rec is None else f"{rec.status}, request {rec.rid or 'none'}"
+            self.step.ignored = f"stale answer {msg.rid} for {msg.plan_id}.{msg.task_id} ({what})"
+            return None
+        return rec
+
+    def esc_answered(self, msg: EscalationAnswered) -> None:
+        rec = self._escalated(msg)
+        if rec is None:
+            return
+        if not msg.followups:
+            self.emit(
+                TaskSucceeded(
+                    plan_id=rec.plan_id,
+                    task_id=rec.task_id,
+                    attempt=rec.attempt,
+                    worker="",
+                    at=self.now,
+                    duration_s=max(0.0, self.now - rec.started_at),
+                    rc=None,
+                )
+            )
+            self._wake_dependents(rec)
+            return
+        tasks, error = self._followup_tasks(rec, msg.followups)
+        if error:
+            self._escalation_failed(rec, "followups", error)
+            return
+        self.emit(
+            TaskFollowups(
+                plan_id=rec.plan_id,
+                task_id=rec.task_id,
+                attempt=rec.attempt,
+                at=self.now,
+                tasks=tasks,
+                rid=msg.rid,
+            )
+        )
+        for spec in tasks:
+            if not spec.depends_on:
+                self.emit(TaskWaiting(plan_id=rec.plan_id, task_id=spec.id, at=self.now))
+
+    def esc_failed(self, msg: EscalationFailed) -> None:
+        rec = self._escalated(msg)
+        if rec is not None:
+            self._escalation_failed(rec, msg.reason, msg.error)
+
+    def _escalation_failed(self, rec: TaskRecord, reason: str, error: str) -> None:
+        self.emit(
+            TaskFailed(
+                plan_id=rec.plan_id,
+                task_id=rec.task_id,
+                attempt=rec.attempt,
+                at=self.now,
+                reason=reason,
+                error=error[-MAX_ERROR_CHARS:],
+            )
+        )
+        self._fail_dependents(rec)
+
+    def _followup_tasks(self, rec: TaskRecord, text: str) -> tuple[tuple[TaskSpec, ...], str]:
+        """Claude's follow-up tasks, checked as a plan's tasks are (and then some): (tasks, '') or
+        ((), what is wrong)."""
+        plan = self.state.plans[rec.plan_id]
+        if not plan.escalation.followups:
+            return (), "Claude answered with follow-up tasks, which the plan does not allow"
+        try:
+            specs = parse_followups(text, source=f"follow-ups of {rec.key}", workdir=plan.workdir)
+        except PlanError as exc:
+            return (), f"Claude's follow-up tasks are not valid: {exc}"
+        if len(specs) > MAX_FOLLOWUPS:
+            return (), f"Claude proposed {len(specs)} follow-up tasks; at most {MAX_FOLLOWUPS} are taken"
+        taken = [s.id for s in specs if f"{rec.plan_id}.{s.id}" in self.state.tasks]
+        if taken:
+            return (), f"follow-up task ids already in the plan: {', '.join(taken[:10])}"
+        external = [s.id for s in specs if escalation_why(s)]
+        if external:
+            return (), f"follow-up tasks run locally, but {', '.join(external[:10])} would be escalated again"
+        specs = tuple(msgspec.structs.replace(s, env={**plan.env, **s.env}) for s in specs)
+        resolved, error = self._resolve_models(PlanSpec(title=plan.title, tasks=specs))
+        if error:
+            return (), f"follow-up task {error}"
+        return resolved.tasks, ""
+
+    def _followups_settled(self, rec: TaskRecord) -> bool:
+        """An escalated task whose follow-up tasks all succeeded succeeds; one whose follow-up
+        failed fails. True when it did either."""
+        tasks = self.state.tasks
+        followups = [tasks.get(f"{rec.plan_id}.{f}") for f in rec.followups]
+        failed = next((f for f in followups if f is not None and f.status in (FAILED, CANCELLED)), None)
+        if failed is not None:
+            self._fail_by_dependency(rec, failed)
+            return True
+        if not all(f is not None and f.status == SUCCEEDED for f in followups):
+            return False
+        self.emit(
+            TaskSucceeded(
+                plan_id=rec.plan_id,
+                task_id=rec.task_id,
+                attempt=rec.attempt,
+                worker="",
+                at=self.now,
+                duration_s=max(0.0, self.now - rec.started_at),
+                rc=None,
+            )
+        )
+        self._wake_dependents(rec)
+        return True
+
     # helpers ----------------------------------------------------------------
     @staticmethod
     def _stale(rec: TaskRecord | None, attempt: int) -> str:
@@ -807,6 +1064,9 @@ class _Decider:
         tasks = self.state.tasks
         for child_key in self.state.dependents.get(rec.key, ()):
             child = tasks[child_key]
+            if child.status == ESCALATING and child.followups:
+                self._followups_settled(child)
+                continue
             if child.status != PENDING:
                 continue
             if all(tasks[f"{child.plan_id}.{d}"].status == SUCCEEDED for d in child.spec.depends_on):
@@ -847,6 +1107,10 @@ class _Decider:
                 _, _, key = heapq.heappop(heap)
                 rec = state.tasks.get(key)
                 if rec is None or rec.status != WAITING or rec.not_before > self.now:
+                    continue
+                why = escalation_why(rec.spec)
+                if why:
+                    self.escalate(rec, why)
                     continue
                 self.emit(
                     TaskReleased(
@@ -898,6 +1162,12 @@ def apply(state: State, msg: Message | Tick | Sweep | Reconcile, now: float, pol
         d.reconcile()
     elif isinstance(msg, GpuState):
         observe(state.gpus, msg)
+    elif isinstance(msg, EscalationAnswered):
+        d.esc_answered(msg)
+    elif isinstance(msg, EscalationFailed):
+        d.esc_failed(msg)
+    elif isinstance(msg, EscalationWaiting):
+        d.step.ignored = f"{msg.plan_id}.{msg.task_id} waits on escalation: {msg.reason}"
     elif not isinstance(msg, Tick):
         d.step.ignored = f"the brain does not take {type(msg).__name__} messages"
     d.release()

@@ -21,6 +21,7 @@ Subjects
     <p>.evt.alert.<rule>.<type>        alerts raised and resolved by a host's watchdog
     <p>.esc.<plan>.<task>              escalation requests, brain -> gateway (escalation stream)
     <p>.evt.esc.<plan>.<task>.<type>   the gateway's answers, waits and failures
+    (bucket <p>-gateway: the gateway's spend and final answers; consumer `gateway` on <P>_ESC)
     <p>.tel.gpu.<host>.<index>         a GPU's telemetry sample   (core NATS, not stored)
     <p>.tel.host.<host>                a host's telemetry sample  (core NATS, not stored)
 """
@@ -118,6 +119,11 @@ class Names:
     @property
     def brain_runs_consumer(self) -> str:
         return "brain-runs"
+
+    @property
+    def brain_esc_consumer(self) -> str:
+        """The brain's consumer of the gateway's answers (`<p>.evt.esc.>`)."""
+        return "brain-esc"
 
     @property
     def auditor_consumer(self) -> str:
@@ -242,6 +248,31 @@ class Names:
     @property
     def esc_events_all(self) -> str:
         return f"{self.prefix}.evt.esc.>"
+
+    # escalation: the gateway's own resources ------------------------------------------
+    @property
+    def gateway_consumer(self) -> str:
+        """The gateway's durable consumer on the escalation stream."""
+        return "gateway"
+
+    @property
+    def gateway_bucket(self) -> str:
+        """The gateway's state: spend per day and per plan, and each request's final answer."""
+        return f"{self.prefix}-gateway"
+
+    @staticmethod
+    def gateway_spend_key(scope: str, name: str) -> str:
+        """`day.<YYYY-MM-DD>` or `plan.<plan>` in the gateway bucket."""
+        return f"spend.{check_token(scope, 'spend scope')}.{check_token(name, 'spend name')}"
+
+    @staticmethod
+    def gateway_done_key(plan_id: str, task_id: str, attempt: int) -> str:
+        """A request's final event (answered or failed), kept so it is never asked twice."""
+        return f"done.{check_token(plan_id, 'plan id')}.{check_token(task_id, 'task id')}.{int(attempt)}"
+
+    def esc_events_of(self, kind: str) -> str:
+        """Every escalation event of one kind (`answered`, `waiting`, `failed`)."""
+        return f"{self.prefix}.evt.esc.*.*.{check_token(kind, 'event kind')}"
 
     def tel_gpu(self, host: str, index: int) -> str:
         return f"{self.prefix}.tel.gpu.{check_token(host, 'host')}.{int(index)}"

@@ -53,6 +53,7 @@ from mesh.events import (
     MODEL_BODY_KINDS,
     TASK_CLASSES,
     BodyKind,
+    EscalationPolicy,
     PlanSpec,
     TaskClass,
     TaskSpec,
@@ -86,7 +87,11 @@ FIELDS: tuple[str, ...] = (
     "model",
     "inputs",
     "max_tokens",
+    "requires_external",
 )
+# the lines of a plan's `## Escalation` section
+ESCALATION_KEYS: tuple[str, ...] = ("auto", "after", "sensitive", "followups")
+MAX_ESCALATE_AFTER = 100
 DEFAULT_CLASS: TaskClass = "cpu"
 DEFAULT_PRIORITY = 5
 MIN_PRIORITY = 1
@@ -108,7 +113,7 @@ _BODY_KINDS: dict[str, BodyKind] = {
 }
 _CLASSES: dict[str, TaskClass] = {c: cast(TaskClass, c) for c in TASK_CLASSES}
 _BOOLS: dict[str, bool] = {"true": True, "yes": True, "false": False, "no": False}
-_SECTIONS = ("variables", "env", "tasks")
+_SECTIONS = ("variables", "env", "tasks", "escalation")
 
 # How many "did you mean" searches and cycles to report at most: both are
 # there to help a person, and neither should turn a broken 10,000-task plan
@@ -347,6 +352,7 @@ class _Record:
     body_inputs: list[tuple[int, str]] = field(default_factory=list)
     resolved: tuple[str, ...] = ()
     resolved_inputs: tuple[str, ...] = ()
+    requires_external: bool = False
 
 
 def _show(value: str, limit: int = 60) -> str:
@@ -380,6 +386,7 @@ class _Parser:
         self.description = ""
         self.var_entries: list[tuple[int, str]] = []
         self.env_entries: list[tuple[int, str]] = []
+        self.escalation_entries: list[tuple[int, str]] = []
         self.tasks_line = 0
         self.other_sections: list[tuple[int, str]] = []
         self.raw_tasks: list[_RawTask] = []
@@ -393,6 +400,7 @@ class _Parser:
         self._structure(_scan(self.lines))
         variables = self._variables()
         env = self._plan_env(variables)
+        escalation = self._escalation(variables)
         records = self._tasks(variables, env)
         self._cycles(records)
         if self.problems:
@@ -413,6 +421,7 @@ class _Parser:
                 model=r.model,
                 inputs=r.resolved_inputs,
                 max_tokens=r.max_tokens,
+                requires_external=r.requires_external,
             )
             for r in records
         )
@@ -424,6 +433,7 @@ class _Parser:
             workdir=self.workdir,
             variables=variables,
             env=env,
+            escalation=escalation,
         )
 
     # ------------------------------------------------------------ structure
@@ -502,11 +512,16 @@ class _Parser:
                         task.fences.append(item)
                 continue
             text = item.text
-            if mode == "variables" or mode == "env":
+            if mode == "variables" or mode == "env" or mode == "escalation":
                 m = _LIST_ITEM_RE.match(text)
                 if m:
                     entry = m.group(1)
-                    (self.var_entries if mode == "variables" else self.env_entries).append((item.line, entry))
+                    entries = {
+                        "variables": self.var_entries,
+                        "env": self.env_entries,
+                        "escalation": self.escalation_entries,
+                    }[mode]
+                    entries.append((item.line, entry))
             elif mode == "tasks":
                 self._task_line(task, item)
 
@@ -723,6 +738,60 @@ class _Parser:
             env[name] = self._subst(value.strip(), line, variables)
         return env
 
+    def _escalation(self, variables: Mapping[str, str]) -> EscalationPolicy:
+        """`## Escalation`: what the plan lets the brain hand to Claude."""
+        values: dict[str, bool | int] = {}
+        lines: dict[str, int] = {}
+        for line, entry in self.escalation_entries:
+            name, colon, raw = entry.partition(":")
+            key = name.strip().lower()
+            if not colon:
+                self.add(line, f"escalation line {_show(entry)} has no ':'", "write e.g. '- auto: true'")
+                continue
+            if key not in ESCALATION_KEYS:
+                near = _closest(key, list(ESCALATION_KEYS))
+                message = f"unknown escalation setting {_show(name.strip())}"
+                if near:
+                    message += f"; did you mean '{near}'?"
+                self.add(line, message, "known settings: " + ", ".join(ESCALATION_KEYS))
+                continue
+            if key in lines:
+                self.add(
+                    line,
+                    f"escalation setting '{key}' is given twice (first at line {lines[key]})",
+                    "keep one of the two lines",
+                )
+                continue
+            lines[key] = line
+            value = self._subst(raw.strip(), line, variables)
+            if key == "after":
+                n = _int(value, 1, MAX_ESCALATE_AFTER)
+                if n is None:
+                    self.add(
+                        line,
+                        f"escalation 'after' {_show(value)} is not a whole number "
+                        f"from 1 to {MAX_ESCALATE_AFTER}",
+                        "write e.g. '- after: 2': escalate a task after 2 failed local attempts",
+                    )
+                else:
+                    values[key] = n
+                continue
+            b = _BOOLS.get(value.lower())
+            if b is None:
+                self.add(
+                    line,
+                    f"escalation '{key}' {_show(value)} is not true or false",
+                    f"write '- {key}: true' or '- {key}: false' (or yes / no)",
+                )
+            else:
+                values[key] = b
+        return EscalationPolicy(
+            auto=bool(values.get("auto", False)),
+            after=int(values.get("after", 0)),
+            sensitive=bool(values.get("sensitive", False)),
+            followups=bool(values.get("followups", True)),
+        )
+
     # ------------------------------------------------------------ tasks
 
     def _body(self, task: _RawTask) -> tuple[str, int, BodyKind] | None:
@@ -859,6 +928,7 @@ class _Parser:
         retries = DEFAULT_RETRIES
         timeout_s = DEFAULT_TIMEOUT_S
         sensitive = False
+        requires_external = False
         env = plan_env
         deps: list[str] = []
         deps_line = 0
@@ -924,16 +994,18 @@ class _Parser:
                     )
                 else:
                     cls = found
-            elif key == "sensitive":
+            elif key in ("sensitive", "requires_external"):
                 b = _BOOLS.get(value.strip().lower())
                 if b is None:
                     self.add(
                         line,
-                        f"sensitive {_show(value)} of task '{task.id}' is not true or false",
-                        "write '- sensitive: true' or '- sensitive: false' (or yes / no)",
+                        f"{key} {_show(value)} of task '{task.id}' is not true or false",
+                        f"write '- {key}: true' or '- {key}: false' (or yes / no)",
                     )
-                else:
+                elif key == "sensitive":
                     sensitive = b
+                else:
+                    requires_external = b
             elif key == "model":
                 name = value.strip()
                 if _ID_RE.fullmatch(name):
@@ -991,12 +1063,15 @@ class _Parser:
             inputs=inputs,
             inputs_line=lines["inputs"],
             body_inputs=body_inputs,
+            requires_external=requires_external,
         )
 
     def _suits(self, task: _RawTask, kind: str, cls: TaskClass | None, lines: dict[str, int]) -> None:
         """Check that the class (when valid and given) and the model fields suit the body's kind."""
         need = DEFAULT_CLASS_OF_KIND.get(kind)
-        if cls is not None and need is not None and cls != need:
+        if cls == "external" and kind == "prompt":
+            pass  # a question for Claude
+        elif cls is not None and need is not None and cls != need:
             self.add(
                 lines["class"],
                 f"task '{task.id}' has {_a(kind)} {kind} body, which runs only in class {need}, "
@@ -1316,3 +1391,14 @@ def _duration(text: str) -> float | None:
         h, mi, s = (float(g) if g else 0.0 for g in m.groups())
         value = h * 3600 + mi * 60 + s
     return value if math.isfinite(value) else None
+
+
+def parse_followups(text: str, *, source: str, workdir: str = "") -> tuple[TaskSpec, ...]:
+    """Follow-up tasks (plan-format task sections, as Claude proposes them), checked exactly as a
+    plan's tasks are. A text without its own `## Tasks` heading is read as that section's body.
+
+    Raises `PlanError` listing every problem; never anything else."""
+    body = text if re.search(r"^ {0,3}##[ \t]+tasks[ \t]*$", text, re.M | re.I) else "## Tasks\n\n" + text
+    if not re.search(r"^ {0,3}#[ \t]", body, re.M):
+        body = "# follow-up tasks\n\n" + body
+    return parse_plan(body, source=source, workdir=workdir).tasks

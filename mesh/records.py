@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from mesh.events import TaskSpec
+from mesh.events import EscalationPolicy, LocalAttempt, TaskSpec
 
 # Task states. `waiting` sits between `pending` and `ready`: every dependency
 # succeeded (or a retry's backoff is running) but the brain has not yet put the
@@ -21,8 +21,10 @@ RUNNING = "running"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
+# handed to the gateway: waiting on Claude's answer, or on the follow-up tasks it proposed
+ESCALATING = "escalating"
 
-TASK_STATES = (PENDING, WAITING, READY, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+TASK_STATES = (PENDING, WAITING, READY, RUNNING, ESCALATING, SUCCEEDED, FAILED, CANCELLED)
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 INFLIGHT_STATES = frozenset({READY, RUNNING})
 
@@ -54,6 +56,12 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     reason: str = ""
     error: str = ""
     updated_at: float = 0.0
+    # escalation: the request out (its rid, and why), the follow-up tasks Claude proposed, and
+    # the last local attempts (what the request carries)
+    rid: str = ""
+    escalated: str = ""
+    followups: list[str] = msgspec.field(default_factory=list)
+    attempts: list[LocalAttempt] = msgspec.field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -80,6 +88,7 @@ class PlanRecord(msgspec.Struct, kw_only=True):
     env: dict[str, str] = msgspec.field(default_factory=dict)
     error: str = ""
     updated_at: float = 0.0
+    escalation: EscalationPolicy = msgspec.field(default_factory=EscalationPolicy)
 
     @property
     def final(self) -> bool:

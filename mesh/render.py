@@ -20,6 +20,7 @@ STYLE = {
     "waiting": "magenta",
     "pending": "dim",
     "retrying": "yellow",
+    "escalating": "bright_magenta",
 }
 
 
@@ -109,7 +110,8 @@ def plans_table(plans: list[PlanRecord]) -> Table:
     return table
 
 
-def tasks_table(plan: PlanRecord, tasks: list[TaskRecord]) -> Table:
+def tasks_table(plan: PlanRecord, tasks: list[TaskRecord], notes: dict[str, str] | None = None) -> Table:
+    """A plan's tasks; `notes` (task id -> text) override the detail column."""
     title = f"{plan.plan_id} — {plan.title} — {plan.status}"
     if plan.error:
         title += f": {plan.error}"
@@ -121,6 +123,10 @@ def tasks_table(plan: PlanRecord, tasks: list[TaskRecord]) -> Table:
         if t.status in ("failed", "waiting") and (t.reason or t.error):
             last = t.error.strip().splitlines()[-1] if t.error.strip() else ""
             detail = f"{t.reason}: {last}"[:80]
+        if t.status == "escalating":
+            detail = f"{len(t.followups)} follow-up tasks" if t.followups else f"asked Claude ({t.escalated})"
+        if notes and t.task_id in notes:
+            detail = notes[t.task_id][:100]
         table.add_row(
             t.task_id,
             t.spec.cls,
@@ -140,4 +146,27 @@ def dead_table(letters: list[events.DeadLetter]) -> Table:
         table.add_column(col)
     for d in letters:
         table.add_row(clock(d.at), d.agent_id, d.subject, str(d.size), d.reason[:120])
+    return table
+
+
+def costs_table(rows: list[tuple[str, int, int, int, int, float]], by: str) -> Table:
+    """Escalation spend: (key, answered, failed, tokens in, tokens out, USD) per day or plan."""
+    table = Table(title=f"escalation costs by {by}", title_justify="left")
+    for col in (by, "answered", "failed", "tokens in", "tokens out", "cost USD"):
+        table.add_column(col, justify="left" if col == by else "right")
+    total = [0, 0, 0, 0, 0.0]
+    for key, answered, failed, tokens_in, tokens_out, usd in rows:
+        table.add_row(key, str(answered), str(failed), f"{tokens_in:,}", f"{tokens_out:,}", f"{usd:.4f}")
+        for i, v in enumerate((answered, failed, tokens_in, tokens_out, usd)):
+            total[i] += v
+    if len(rows) > 1:
+        table.add_row(
+            "total",
+            str(total[0]),
+            str(total[1]),
+            f"{int(total[2]):,}",
+            f"{int(total[3]):,}",
+            f"{total[4]:.4f}",
+            style="bold",
+        )
     return table

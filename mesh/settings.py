@@ -34,6 +34,25 @@ def default_config_path() -> Path:
     return Path(base) / "mesh" / "config.toml"
 
 
+class Price(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a model costs, in USD per million tokens."""
+
+    input: float
+    output: float
+
+
+# Anthropic's list prices (USD per million tokens); `[gateway_prices.MODEL]` adds or overrides
+DEFAULT_PRICES: dict[str, Price] = {
+    "claude-opus-4-1": Price(input=15.0, output=75.0),
+    "claude-opus-4-5": Price(input=5.0, output=25.0),
+    "claude-sonnet-4": Price(input=3.0, output=15.0),
+    "claude-sonnet-4-5": Price(input=3.0, output=15.0),
+    "claude-haiku-4-5": Price(input=1.0, output=5.0),
+    "claude-3-5-haiku-latest": Price(input=0.8, output=4.0),
+}
+ENV_ANTHROPIC_KEY = "ANTHROPIC_API_KEY"
+
+
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server_url: str = ""
     prefix: str = "mesh"
@@ -119,6 +138,36 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # exported, besides the built-in kinds (keys, tokens, passwords, private keys, e-mail, IPs)
     redact: dict[str, str] = msgspec.field(default_factory=dict)
 
+    # escalation to Claude through the gateway (docs/gateway.md) -------------------------
+    # the Anthropic API key; '' takes ANTHROPIC_API_KEY from the environment
+    gateway_api_key: str = ""
+    # '' : the SDK's default (https://api.anthropic.com)
+    gateway_base_url: str = ""
+    gateway_model: str = "claude-sonnet-4-5"
+    gateway_max_tokens: int = 4096
+    # one API call may take this long before it counts as failed (and is tried again)
+    gateway_timeout_s: float = 600.0
+    # [gateway_prices.MODEL] input = 3.0, output = 15.0 (USD per million tokens), over the defaults
+    gateway_prices: dict[str, Price] = msgspec.field(default_factory=dict)
+    # rate limits of the gateway's own calls (0: none)
+    gateway_requests_per_min: int = 50
+    gateway_tokens_per_min: int = 200_000
+    # spend limits in USD (0: none); a day is a UTC calendar day
+    gateway_budget_day_usd: float = 10.0
+    gateway_budget_plan_usd: float = 2.0
+    # an unreachable API (or a 429 / 5xx) is tried again after a backoff between these bounds,
+    # or after the API's Retry-After; a request is given up this long after it was made (0: never)
+    gateway_backoff_min_s: float = 2.0
+    gateway_backoff_max_s: float = 300.0
+    gateway_give_up_after_s: float = 86400.0
+    # API calls the gateway makes at once
+    gateway_concurrency: int = 4
+    # a request the gateway holds is delivered again this long after the gateway died
+    gateway_ack_wait_s: float = 30.0
+    # a task of a plan with `auto: true` escalation is escalated after this many local failures
+    # (a plan's `after:` overrides it)
+    escalate_after: int = 2
+
     # the Prometheus exporter (`mesh agent exporter`) serves /metrics here
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
@@ -157,6 +206,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         took the lease (within lease_s) gets it soon after. (The live brain keeps a long batch
         of inputs alive with progress acks.)"""
         return max(2 * self.lease_s, 5.0)
+
+    def price_table(self) -> dict[str, Price]:
+        """What each Claude model costs: the built-in list prices under `[gateway_prices]`."""
+        return {**DEFAULT_PRICES, **self.gateway_prices}
 
     def model_registry(self) -> dict[str, ModelSpec]:
         reg = builtin_models()
@@ -205,6 +258,8 @@ def load_settings(
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {file}: {exc}") from exc
     values.update(_from_env(env))
+    if not values.get("gateway_api_key") and env.get(ENV_ANTHROPIC_KEY):
+        values["gateway_api_key"] = env[ENV_ANTHROPIC_KEY]
     values.update({k: v for k, v in overrides.items() if v is not None})
     if server:
         values["server_url"] = server
@@ -230,8 +285,47 @@ def load_settings(
     except PatternError as exc:
         raise ConfigError(f"[redact]: {exc} (check {file})") from exc
 
+    problem = gateway_problem(settings)
+    if problem:
+        raise ConfigError(f"{problem} (check {file})")
     try:
         build_rules(settings.alerts, settings.alert_hysteresis_c)
     except RuleError as exc:
         raise ConfigError(f"{exc} (check {file})") from exc
     return settings
+
+
+def gateway_problem(settings: Settings) -> str:
+    """What is wrong with the gateway's settings ('' when nothing is)."""
+    if settings.gateway_model not in settings.price_table():
+        return (
+            f"gateway_model {settings.gateway_model!r} has no price, so its spend cannot be kept "
+            f"within budget: add [gateway_prices.{settings.gateway_model}] with input = and output = "
+            "(USD per million tokens)"
+        )
+    checks = [
+        ("gateway_max_tokens", settings.gateway_max_tokens >= 1, "at least 1"),
+        ("gateway_timeout_s", settings.gateway_timeout_s > 0, "above 0"),
+        ("gateway_concurrency", settings.gateway_concurrency >= 1, "at least 1"),
+        ("gateway_backoff_min_s", settings.gateway_backoff_min_s > 0, "above 0"),
+        (
+            "gateway_backoff_max_s",
+            settings.gateway_backoff_max_s >= settings.gateway_backoff_min_s,
+            "at least gateway_backoff_min_s",
+        ),
+        ("gateway_ack_wait_s", settings.gateway_ack_wait_s >= 1, "at least 1"),
+        ("escalate_after", settings.escalate_after >= 1, "at least 1"),
+    ]
+    for name, ok, want in checks:
+        if not ok:
+            return f"{name} = {getattr(settings, name)!r} must be {want}"
+    for name in ("gateway_requests_per_min", "gateway_tokens_per_min"):
+        if getattr(settings, name) < 0:
+            return f"{name} must be 0 (no limit) or more"
+    for name in ("gateway_budget_day_usd", "gateway_budget_plan_usd"):
+        if getattr(settings, name) < 0:
+            return f"{name} must be 0 (no limit) or more"
+    for model, price in settings.gateway_prices.items():
+        if price.input < 0 or price.output < 0:
+            return f"[gateway_prices.{model}]: prices cannot be negative"
+    return ""

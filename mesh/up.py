@@ -1,4 +1,5 @@
-"""`mesh up`: an embedded server, a brain and N workers on this machine, as child processes.
+"""`mesh up`: an embedded server, a brain, N workers, a watchdog, the auditor and the gateway on
+this machine, as child processes.
 
 The supervisor restarts an agent that dies (with a growing delay, so a crash
 loop does not spin) and on Ctrl-C or SIGTERM stops workers first, then the
@@ -76,6 +77,7 @@ class Stack:
         auditor: bool = True,
         gpus: tuple[int | None, ...] = (),
         watchdog: bool = True,
+        gateway: bool = True,
     ) -> None:
         self.server = EmbeddedServer(data_dir, port, max_payload)
         self.workers = workers
@@ -84,6 +86,8 @@ class Stack:
         self.env = dict(os.environ if env is None else env)
         self.auditor = auditor
         self.watchdog = watchdog
+        # the gateway to Claude (without an API key it runs, and fails escalations saying why)
+        self.gateway = gateway
         # one model worker per entry: a GPU index, or None for the CPU standing in for a GPU
         self.gpus = gpus
         self.children: list[Child] = []
@@ -113,6 +117,8 @@ class Stack:
             self.children.append(Child("watchdog", agent_command("watchdog", url), self._log("watchdog")))
         if self.auditor:
             self.children.append(Child("auditor", agent_command("auditor", url), self._log("auditor")))
+        if self.gateway:
+            self.children.append(Child("gateway", agent_command("gateway", url), self._log("gateway")))
         for child in self.children:
             child.start(self.env)
 

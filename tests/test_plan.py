@@ -1381,3 +1381,52 @@ def test_noop_body_may_be_empty() -> None:
     assert spec.tasks[0].kind == "noop"
     found = problems("# N\n\n## Tasks\n\n### empty\n```shell\n```\n")
     assert "is empty" in found[0].message
+
+
+# ---------------------------------------------------------------- escalation
+
+
+def test_escalation_section_and_requires_external() -> None:
+    from mesh.events import EscalationPolicy
+
+    head = "## Escalation\n\n- auto: yes\n- after: 3\n- sensitive: true\n- followups: no\n\n"
+    text = tasks_plan(
+        task("ask", body="Why is the sky blue?", kind="prompt", fields="- class: external")
+        + task("hard", fields="- requires_external: true"),
+        head=head,
+    )
+    plan = parse_plan(text)
+    assert plan.escalation == EscalationPolicy(auto=True, after=3, sensitive=True, followups=False)
+    ask, hard = plan.tasks
+    assert (ask.cls, ask.kind, ask.requires_external) == ("external", "prompt", False)
+    assert (hard.cls, hard.requires_external) == ("cpu", True)
+    assert parse_plan(tasks_plan(task("a"))).escalation == EscalationPolicy()
+
+
+@pytest.mark.parametrize(
+    ("line", "message", "hint"),
+    [
+        ("- auto: maybe", "escalation 'auto' 'maybe' is not true or false", "'- auto: true'"),
+        ("- after: 0", "escalation 'after' '0' is not a whole number from 1 to 100", "'- after: 2'"),
+        ("- atuo: true", "unknown escalation setting 'atuo'; did you mean 'auto'?", "known settings"),
+        ("- auto", "escalation line 'auto' has no ':'", "'- auto: true'"),
+    ],
+)
+def test_bad_escalation_lines(line: str, message: str, hint: str) -> None:
+    text = tasks_plan(task("a"), head=f"## Escalation\n\n{line}\n\n")
+    p = one(text)
+    assert p.line == line_of(text, line) and p.message == message and hint in p.hint
+
+
+def test_requires_external_must_be_a_boolean() -> None:
+    text = tasks_plan(task("a", fields="- requires_external: sometimes"))
+    assert "requires_external 'sometimes' of task 'a' is not true or false" in one(text).message
+
+
+def test_followups_are_checked_like_plan_tasks() -> None:
+    from mesh.plan import parse_followups
+
+    tasks = parse_followups(md(task("t-fix") + task("t-check", fields="- depends_on: t-fix")), source="f")
+    assert [(t.id, t.depends_on) for t in tasks] == [("t-fix", ()), ("t-check", ("t-fix",))]
+    with pytest.raises(PlanError, match="depends on unknown task 'nope'"):
+        parse_followups(md(task("t-x", fields="- depends_on: nope")), source="f")

@@ -1,0 +1,58 @@
+"""A task's output, wherever its last success left it.
+
+A task that ran on a worker has its output in its `run.finished` report (or, too big or
+sensitive for an event, in the object store under the report's `output_object`). A task Claude
+answered has it in the gateway's `esc.answered` event (`result`; an answer of follow-up tasks
+has no output of its own). Whichever of the two came last is the task's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+import nats.js.errors
+
+from mesh.bus import Bus
+from mesh.events import EscalationAnswered, RunFinished, decode
+
+
+@dataclass(frozen=True)
+class Output:
+    text: str
+    # the task was sensitive, or read a sensitive task's output
+    sensitive: bool = False
+
+
+class OutputError(Exception):
+    """A task has no output to take: it never finished, or its last completion failed."""
+
+
+async def task_output(bus: Bus, plan_id: str, task_id: str) -> Output:
+    """The output of the task's last completion; raises `OutputError` when there is none."""
+    names = bus.names
+    latest: tuple[int, RunFinished | EscalationAnswered] | None = None
+    subjects = (names.run_event(plan_id, task_id, "finished"), names.esc_event(plan_id, task_id, "answered"))
+    for subject in subjects:
+        try:
+            raw = await bus.js.get_last_msg(names.events_stream, subject)
+        except nats.js.errors.NotFoundError:
+            continue
+        try:
+            ev = decode(raw.data or b"")
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        seq = raw.seq or 0
+        if isinstance(ev, RunFinished | EscalationAnswered) and (latest is None or seq > latest[0]):
+            latest = (seq, ev)
+    if latest is None:
+        raise OutputError(f"task {task_id!r} has no completion event ({subjects[0]})")
+    ev = latest[1]
+    if isinstance(ev, EscalationAnswered):
+        return Output(ev.result)
+    if not ev.ok:
+        raise OutputError(f"task {task_id!r}: its last completion event is not a success")
+    if ev.output_object:
+        obj = await (await bus.objects()).get(ev.output_object)
+        return Output((obj.data or b"").decode("utf-8", errors="replace"), ev.sensitive)
+    return Output(ev.output or ev.stdout_tail, ev.sensitive)
