@@ -970,8 +970,9 @@ def export_cmd(
             f"{sum(manifest.redacted.values())} redactions, "
             f"{manifest.sensitive_metadata_only} sensitive as metadata only",
             highlight=False,
+            soft_wrap=True,
         )
-        err.print(f"wrote {options.out} and {options.manifest_path}", highlight=False)
+        err.print(f"wrote {options.out} and {options.manifest_path}", highlight=False, soft_wrap=True)
         if manifest.sensitive_leaks_in_history:
             err.print(
                 f"[yellow]warning:[/yellow] {manifest.sensitive_leaks_in_history} sensitive attempts have "

@@ -10,9 +10,15 @@ report that arrives after its attempt was cancelled, or after it was given up as
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import sys
 import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +44,32 @@ from mesh.events import (
     TaskStarted,
     TaskSucceeded,
 )
+from mesh.executors import DATA_PREAMBLE
 from mesh.export import Options, export, parse_point
 from mesh.history import read_history
+from mesh.redact import Redactor
 from tests.conftest import Mesh
+from tests.faults import run_mesh, until
 
 LLM = "gemma3-270m"
 PLAN_TIMEOUT_S = 180.0
+
+
+@contextlib.contextmanager
+def _quiet_hub(tmp: Path) -> Iterator[None]:
+    """`datasets` offline, with its caches under `tmp`, and its own warnings not raised as errors."""
+    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HF_HOME")}
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf-home"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def load_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -141,6 +167,7 @@ def hand_plan() -> PlanSpec:
     )
 
 
+@pytest.mark.integration
 async def test_escalations_cancels_lost_attempts_and_leaks_are_joined_as_they_happened(
     mesh: Mesh, tmp_path: Path
 ) -> None:
@@ -366,3 +393,323 @@ async def test_escalations_cancels_lost_attempts_and_leaks_are_joined_as_they_ha
     # all plans: the other plan's attempt too
     everything = await export(bus, Options(out=tmp_path / "all.jsonl"))
     assert everything.records == 8 and everything.counts["cpu"]["succeeded"] == 3
+
+
+# ------------------------------------------------------------------ real plans, real agents
+
+NOTE_SECRET = "token=a4b5c6d7e8f9xyz"
+ASK = "Mail alice@example.com, password: hunter2planted. Count: 1, 2, 3, 4, 5, 6,"
+# the worker keeps outputs over this many bytes in the object store only: `count` says more
+OUTPUT_EVENT_BYTES = 240
+
+TRAINING = f"""\
+# Training
+
+## Tasks
+
+### note
+
+```shell
+printf 'token=%s\\n' "$(echo zyx9f8e7d6c5b4a | rev)"
+```
+
+### story
+- depends_on: note
+- inputs: note
+- max_tokens: 8
+
+```prompt
+Next line:
+```
+
+### ask
+- max_tokens: 8
+
+```prompt
+{ASK}
+```
+
+### ask-again
+- max_tokens: 8
+
+```prompt
+{ASK}
+```
+
+### count
+- max_tokens: 300
+
+```prompt
+Count from 1 to 1000: 1, 2, 3, 4, 5, 6,
+```
+
+### boom
+- retries: 1
+
+```shell
+echo "partial out"
+echo "fatal: disk full" >&2
+exit 3
+```
+
+### hush
+- sensitive: true
+
+```shell
+printf 'hush-%s\\n' "$(echo terces | rev)"
+```
+
+### hush-llm
+- sensitive: true
+- max_tokens: 8
+
+```prompt
+List the vowels: a, e,
+```
+"""
+
+LATER = "# Later\n\n## Tasks\n\n### later\n\n```shell\necho later\n```\n"
+
+
+async def consumers(bus: Bus) -> dict[str, tuple[Any, ...]]:
+    """The event stream's consumers and where each stands."""
+    out = {}
+    for info in await bus.js.consumers_info(bus.names.events_stream):
+        out[info.name] = (
+            info.delivered.stream_seq,
+            info.ack_floor.stream_seq,
+            info.num_ack_pending,
+            info.num_pending,
+            info.num_redelivered,
+        )
+    return out
+
+
+async def agent_id(mesh: Mesh, name: str) -> str:
+    from mesh.bus import read_bucket
+    from mesh.records import decode_agent
+
+    pid = mesh.procs[name].pid
+
+    async def find() -> str:
+        agents = await read_bucket(await (await mesh.bus()).agents_kv())
+        return next((k for k, v in agents.items() if decode_agent(v).pid == pid), "")
+
+    return str(await until(find, 30, f"agent {name} registered"))
+
+
+def export_cli(mesh: Mesh, out: Path, *args: str) -> str:
+    done = run_mesh(mesh, "export", "--out", str(out), *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "", "the records go to the file"
+    return done.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.models
+async def test_real_plans_export_field_by_field_safely_and_without_moving_any_consumer(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    mesh.env["MESH_OUTPUT_EVENT_BYTES"] = str(OUTPUT_EVENT_BYTES)
+    mesh.brain()
+    mesh.worker("gpu", 1, "--gpu", "none", "--classes", "script,llm")
+    mesh.worker("cpu", 2)
+    gpu, cpu = await agent_id(mesh, "gpu"), await agent_id(mesh, "cpu")
+    bus = await mesh.bus()
+    names = bus.names
+
+    plan_id = await mesh.submit_text(TRAINING)
+    plan = await mesh.wait_plan(plan_id, timeout_s=PLAN_TIMEOUT_S)
+    tasks = await mesh.tasks(plan_id)
+    detail = {t.task_id: (t.status, t.error[-200:]) for t in tasks.values()}
+    assert plan.status == "failed", detail
+    assert {k: t.status for k, t in tasks.items() if t.status != "succeeded"} == {"boom": "failed"}, detail
+    boundary = (await bus.js.stream_info(names.events_stream)).state.last_seq + 1
+    between = time.time()
+    await asyncio.sleep(0.05)
+    later_id = await mesh.submit_text(LATER)
+    assert (await mesh.wait_plan(later_id)).status == "succeeded"
+    mesh.stop_all()  # a quiet stream: the consumers' positions only move if export moves them
+
+    history = [e async for e in read_history(bus, names.evt_all)]
+    assert not any(b"hush-secret" in e.data for e in history), "a sensitive output is never in an event"
+    specs = {
+        t.id: t
+        for e in history
+        if isinstance(e.msg, PlanAccepted) and e.msg.plan_id == plan_id
+        for t in e.msg.plan.tasks
+    }
+    reports = {
+        (m.task_id, m.attempt): m
+        for m in (e.msg for e in history)
+        if isinstance(m, RunFinished) and m.plan_id == plan_id
+    }
+    # what the checks below rest on: the prompt whole in its event, count's output only in the store
+    story_run, count_run = reports[("story", 1)], reports[("count", 1)]
+    assert story_run.prompt.endswith("</data>\n") and DATA_PREAMBLE in story_run.prompt
+    assert count_run.output == "" and count_run.output_object == f"outputs/{plan_id}/count/1"
+    stored = await (await bus.objects()).get(count_run.output_object)
+    count_output = (stored.data or b"").decode()
+    assert len(count_output.encode()) > OUTPUT_EVENT_BYTES
+    assert reports[("hush-llm", 1)].output_object, "a sensitive output is kept in the store only"
+
+    before = await consumers(bus)
+    assert {names.brain_runs_consumer, names.auditor_consumer} <= set(before)
+    out = tmp_path / "all.jsonl"
+    said = export_cli(mesh, out)
+    assert "exported 9 records" in said and "1 duplicates dropped" in said, said
+    assert await consumers(bus) == before, "exporting moved no consumer and left none behind"
+
+    text = out.read_text()
+    for secret in ("a4b5c6d7e8f9xyz", "hunter2planted", "alice@example.com", "hush-secret"):
+        assert secret not in text, secret
+    records = by_id(load_jsonl(out))
+    key = f"{plan_id}.{{}}:{{}}".format
+    assert sorted(records) == sorted(
+        [key(t, 1) for t in ("note", "story", "count", "boom", "hush", "hush-llm")]
+        + [key("boom", 2), f"{later_id}.later:1"]
+        + [key("ask", 1) if key("ask", 1) in records else key("ask-again", 1)]
+    ), "ask and ask-again asked the same and heard the same: one record"
+    for r in records.values():
+        assert r["plan"] + "." + r["task"] + ":" + str(r["attempt"]) == r["id"]
+        run = reports.get((r["task"], r["attempt"])) if r["plan"] == plan_id else None
+        if run is not None:
+            assert r["finished_at"] >= run.at and r["duration_s"] == run.duration_s and r["rc"] == run.rc
+
+    # a prompt task: what the model saw (the input wrapped as data) and said, and its numbers
+    story = records[key("story", 1)]
+    redactor = Redactor()
+    seen_prompt, counted = redactor.text(story_run.prompt)
+    assert counted == {"token": 1}
+    assert story["messages"] == [
+        {"role": "user", "content": seen_prompt},
+        {"role": "assistant", "content": redactor.text(story_run.output)[0]},
+    ]
+    assert '<data from="note">\ntoken=[REDACTED:token]\n</data>' in story["messages"][0]["content"]
+    assert story["body"] == specs["story"].body == "Next line:"
+    assert (story["class"], story["kind"], story["model"], story["outcome"], story["reason"]) == (
+        "llm",
+        "prompt",
+        LLM,
+        "succeeded",
+        "",
+    )
+    assert (story["worker"], story["gpu"], story["sensitive"], story["escalated"]) == (gpu, gpu, False, False)
+    assert story["escalation"] is None and story["will_retry"] is False
+    for field in ("tokens_in", "tokens_out"):
+        assert story[field] == int(story_run.metrics[field]) and story[field] > 0
+    for field in ("tokens_per_s", "ttft_s"):
+        assert story[field] == story_run.metrics[field]
+    assert story["metrics"] == story_run.metrics
+    assert story["started_at"] == next(
+        m.at for m in (e.msg for e in history) if isinstance(m, TaskStarted) and m.task_id == "story"
+    )
+    assert story["redacted"].get("token", 0) >= 1
+
+    # the planted secrets of a prompt body: gone from the body and from what the model saw
+    ask = records.get(key("ask", 1)) or records[key("ask-again", 1)]
+    masked = "Mail [REDACTED:email], password: [REDACTED:password] Count: 1, 2, 3, 4, 5, 6,"
+    assert ask["body"] == masked and ask["messages"][0] == {"role": "user", "content": masked}
+    assert ask["redacted"] == {"email": 2, "password": 2}, "in the body and in the prompt"
+
+    # an output kept in the object store is fetched into the record
+    count = records[key("count", 1)]
+    assert count["output"] == count_output == count["messages"][1]["content"]
+    assert count["tokens_out"] == int(count_run.metrics["tokens_out"])
+
+    # a failing task: both attempts, with the return code, the error snippet and the output
+    boom1, boom2 = records[key("boom", 1)], records[key("boom", 2)]
+    for r in (boom1, boom2):
+        assert (r["class"], r["kind"], r["model"], r["outcome"], r["reason"], r["rc"]) == (
+            "cpu",
+            "shell",
+            "",
+            "failed",
+            "error",
+            3,
+        )
+        assert r["error"] == "exit code 3\nfatal: disk full"
+        assert r["stderr_tail"] == "fatal: disk full\n" and r["output"] == "partial out\n"
+        assert (r["stdout_bytes"], r["stderr_bytes"]) == (12, 17)
+        assert r["body"] == specs["boom"].body == 'echo "partial out"\necho "fatal: disk full" >&2\nexit 3\n'
+        assert r["worker"] == cpu and r["gpu"] == "" and r["messages"] == []
+        assert r["tokens_in"] is None and r["tokens_per_s"] is None
+    assert (boom1["will_retry"], boom2["will_retry"]) == (True, False)
+
+    # sensitive tasks: metadata only
+    for name in ("hush", "hush-llm"):
+        r = records[key(name, 1)]
+        assert r["sensitive"] is True and r["outcome"] == "succeeded" and r["duration_s"] > 0
+        for field in ("body", "output", "error", "stderr_tail", "artifacts"):
+            assert r[field] is None, (name, field)
+        assert r["messages"] == [] and r["redacted"] == {}
+    assert records[key("hush-llm", 1)]["tokens_out"] == int(reports[("hush-llm", 1)].metrics["tokens_out"])
+    assert records[key("hush", 1)]["rc"] == 0 and records[key("hush", 1)]["worker"] == cpu
+
+    manifest = load_manifest(out)
+    assert manifest["records"] == 9
+    assert manifest["counts"] == {"cpu": {"failed": 2, "succeeded": 3}, "llm": {"succeeded": 4}}
+    assert manifest["duplicates_dropped"] == 1 and manifest["sensitive_metadata_only"] == 2
+    assert manifest["sensitive_leaks_in_history"] == 0 and manifest["unfinished"] == 0
+    assert manifest["outputs_fetched"] == 1, "count's output, and never the sensitive one's"
+    assert manifest["redacted"]["email"] == 2 and manifest["redacted"]["password"] == 2
+    assert manifest["redacted"]["token"] >= 2, "the note's output and the story's prompt"
+    per_record = Counter[str]()
+    for r in records.values():
+        per_record.update(r["redacted"])
+    assert manifest["redacted"] == dict(per_record)
+    accepted = next(e.seq for e in history if isinstance(e.msg, PlanAccepted) and e.msg.plan_id == plan_id)
+    finished = next(e.seq for e in history if isinstance(e.msg, PlanFinished) and e.msg.plan_id == later_id)
+    assert (manifest["first_seq"], manifest["last_seq"]) == (accepted, finished)
+    assert manifest["filters"] == {"since": None, "until": None, "plan": None, "class": None, "status": None}
+
+    # windows: from a sequence, from a time, up to a sequence
+    since = tmp_path / "since.jsonl"
+    export_cli(mesh, since, "--since", f"seq:{boundary}")
+    assert [r["id"] for r in load_jsonl(since)] == [f"{later_id}.later:1"]
+    assert load_manifest(since)["first_seq"] >= boundary
+    timed = tmp_path / "timed.jsonl"
+    export_cli(mesh, timed, "--since", str(between))
+    assert [r["id"] for r in load_jsonl(timed)] == [f"{later_id}.later:1"]
+    upto = tmp_path / "upto.jsonl"
+    export_cli(mesh, upto, "--until", f"seq:{boundary - 1}")
+    assert sorted(r["id"] for r in load_jsonl(upto)) == sorted(set(records) - {f"{later_id}.later:1"})
+    # a window that starts after the plan was accepted still has its tasks' specs
+    inside = tmp_path / "inside.jsonl"
+    export_cli(mesh, inside, "--since", f"seq:{accepted + 1}", "--plan", plan_id)
+    assert load_jsonl(inside) == [r for r in load_jsonl(out) if r["plan"] == plan_id]
+
+    # filters and the raw form
+    raw = tmp_path / "raw.jsonl"
+    export_cli(mesh, raw, "--class", "llm", "--status", "succeeded", "--format", "raw")
+    rows = by_id(load_jsonl(raw))
+    assert sorted(rows) == sorted(k for k, r in records.items() if r["class"] == "llm")
+    assert (rows[key("story", 1)]["system"], rows[key("story", 1)]["prompt"]) == ("", seen_prompt)
+    assert rows[key("story", 1)]["response"] == story["messages"][1]["content"]
+    assert all("messages" not in r for r in rows.values())
+    failed = tmp_path / "failed.jsonl"
+    export_cli(mesh, failed, "--status", "failed")
+    assert sorted(r["id"] for r in load_jsonl(failed)) == [key("boom", 1), key("boom", 2)]
+    assert load_manifest(failed)["filtered_out"] == 8, "ask-again too: filters come before duplicates"
+
+    # it loads as it is with the common tools
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    frame = pd.read_json(out, lines=True)
+    assert len(frame) == 9 and {"class", "messages", "outcome", "duration_s"} <= set(frame.columns)
+    assert frame.set_index("id").loc[key("boom", 2), "rc"] == 3
+    parquet = tmp_path / "all.parquet"
+    export_cli(mesh, parquet)
+    table = pq.read_table(parquet).to_pylist()
+    assert [r["id"] for r in table] == [r["id"] for r in load_jsonl(out)]
+    story_row = next(r for r in table if r["id"] == key("story", 1))
+    assert story_row["messages"] == story["messages"] and story_row["class"] == "llm"
+    assert dict(story_row["metrics"]) == story["metrics"]
+    with _quiet_hub(tmp_path):
+        import datasets
+
+        dataset = datasets.load_dataset(
+            "json", data_files=str(out), split="train", cache_dir=str(tmp_path / "hf")
+        )
+    assert dataset.num_rows == 9 and dataset[1]["id"] == load_jsonl(out)[1]["id"]
