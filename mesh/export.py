@@ -375,7 +375,8 @@ class Exporter:
         tmp = self.opts.out.with_name(f".{self.opts.out.name}.tmp{os.getpid()}")
         self.sink = _ParquetSink(tmp, self.opts.fmt) if self.opts.parquet else _JsonlSink(tmp)
         m = self.m
-        first = 0
+        first = last = 0
+        first_at = last_at = 0.0
         try:
             filters = self.names.export_filters(self.opts.plan_id)
             reader = cast(
@@ -389,10 +390,9 @@ class Exporter:
                     if seq > end or (until_at is not None and at > until_at):
                         break
                     if not first:
-                        first = m.first_seq = seq
-                        m.first_at = iso(at)
-                    m.last_seq, m.events_read = seq, m.events_read + 1
-                    m.last_at = iso(at)
+                        first, first_at = seq, at
+                    last, last_at = seq, at
+                    m.events_read += 1
                     try:
                         msg = events.DECODER.decode(raw.data)
                     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -412,6 +412,8 @@ class Exporter:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        if first:
+            m.first_seq, m.last_seq, m.first_at, m.last_at = first, last, iso(first_at), iso(last_at)
         if self.progress is not None and first:
             self.progress(max(1, end - first + 1), max(1, end - first + 1))
         m.counts = {cls: dict(sorted(c.items())) for cls, c in sorted(self.counts.items())}
