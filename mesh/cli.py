@@ -957,8 +957,9 @@ def export_cmd(
             with progress:
                 bar = progress.add_task("export", total=None, detail="")
 
-                def advance(done: int, total: int) -> None:
-                    progress.update(bar, completed=done, total=total, detail=f"seq {done:,}/{total:,}")
+                def advance(seq: int, first: int, last: int) -> None:
+                    done, total = seq - first + 1, last - first + 1
+                    progress.update(bar, completed=done, total=total, detail=f"seq {seq:,} of {last:,}")
 
                 manifest = await export.export(bus, options, advance)
         finally:

@@ -306,7 +306,8 @@ class Attempt:
         self.spec: TaskSpec | None = None
 
 
-Progress = Callable[[int, int], None]
+# told (stream sequence reached, first sequence of the window, last one) as the export reads
+Progress = Callable[[int, int, int], None]
 
 
 class Exporter:
@@ -402,7 +403,7 @@ class Exporter:
                         await self._flush_awaiting(at - REPORT_GRACE_S)
                     await self._fold(msg, seq)
                     if self.progress is not None and m.events_read % PROGRESS_EVERY == 0:
-                        self.progress(seq - first + 1, max(1, end - first + 1))
+                        self.progress(seq, first, max(seq, end))
             await self._flush_awaiting(None)
             m.unfinished = len(self.open)
             self.sink.close()
@@ -415,7 +416,7 @@ class Exporter:
         if first:
             m.first_seq, m.last_seq, m.first_at, m.last_at = first, last, iso(first_at), iso(last_at)
         if self.progress is not None and first:
-            self.progress(max(1, end - first + 1), max(1, end - first + 1))
+            self.progress(max(last, end), first, max(last, end))
         m.counts = {cls: dict(sorted(c.items())) for cls, c in sorted(self.counts.items())}
         m.redacted = dict(sorted(self.redacted.items()))
         m.seconds = round(time.perf_counter() - began, 3)
