@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import json
 import os
+import pty
+import subprocess
 import sys
 import time
 import warnings
@@ -48,7 +50,7 @@ from mesh.executors import DATA_PREAMBLE
 from mesh.export import Options, export, parse_point
 from mesh.history import read_history
 from mesh.redact import Redactor
-from tests.conftest import Mesh
+from tests.conftest import ROOT, Mesh
 from tests.faults import run_mesh, until
 
 LLM = "gemma3-270m"
@@ -502,7 +504,35 @@ def export_cli(mesh: Mesh, out: Path, *args: str) -> str:
     done = run_mesh(mesh, "export", "--out", str(out), *args)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "", "the records go to the file"
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("exported "), "no progress bar off a terminal"
     return done.stderr
+
+
+def export_on_a_terminal(mesh: Mesh, out: Path) -> str:
+    """`mesh export` with a terminal for its stdout and stderr: what it draws there."""
+    main, side = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh", "export", "--out", str(out)],
+        env={**mesh.env, "COLUMNS": "120", "TERM": "xterm"},
+        stdin=subprocess.DEVNULL,
+        stdout=side,
+        stderr=side,
+        cwd=ROOT,
+    )
+    os.close(side)
+    drawn = bytearray()
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the terminal closes when the command exits
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(main)
+    assert proc.wait(60) == 0, drawn.decode(errors="replace")
+    return drawn.decode(errors="replace")
 
 
 @pytest.mark.integration
@@ -662,6 +692,12 @@ async def test_real_plans_export_field_by_field_safely_and_without_moving_any_co
     finished = next(e.seq for e in history if isinstance(e.msg, PlanFinished) and e.msg.plan_id == later_id)
     assert (manifest["first_seq"], manifest["last_seq"]) == (accepted, finished)
     assert manifest["filters"] == {"since": None, "until": None, "plan": None, "class": None, "status": None}
+
+    # on a terminal, a progress bar to the last sequence, and the same file
+    drawn = export_on_a_terminal(mesh, tmp_path / "tty.jsonl")
+    last = (await bus.js.stream_info(names.events_stream)).state.last_seq
+    assert f"100% seq {last:,} of {last:,}" in drawn and "exported 9 records" in drawn, drawn
+    assert (tmp_path / "tty.jsonl").read_text() == text
 
     # windows: from a sequence, from a time, up to a sequence
     since = tmp_path / "since.jsonl"
