@@ -421,7 +421,10 @@ class Exporter:
         m.redacted = dict(sorted(self.redacted.items()))
         m.seconds = round(time.perf_counter() - began, 3)
         m.events_per_s = round(m.events_read / m.seconds, 1) if m.seconds else 0.0
-        self.opts.manifest_path.write_bytes(msgspec.json.format(msgspec.json.encode(m)) + b"\n")
+        manifest = self.opts.manifest_path
+        written = manifest.with_name(f".{manifest.name}.tmp{os.getpid()}")
+        written.write_bytes(msgspec.json.format(msgspec.json.encode(m)) + b"\n")
+        os.replace(written, manifest)
         return m
 
     async def _fold(self, msg: events.Message, seq: int) -> None:

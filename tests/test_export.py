@@ -1,11 +1,11 @@
 """`mesh export`: the event history as training data, against a real nats-server.
 
-The first tests run real plans on real agents (a brain, a CPU worker, and a model worker with
-the real Gemma 3 270M) and check the exported records field by field against the history the
-agents wrote. The escalation join is checked with `esc.answered` / `esc.failed` events this
-test publishes itself (real events on a real server, as the gateway publishes them), together
-with the transitions around them, as are the orderings a live mesh rarely shows on cue: a
-report that arrives after its attempt was cancelled, or after it was given up as lost.
+The last test runs real plans on real agents (a brain, a CPU worker, and a model worker with
+the real Gemma 3 270M) and checks the exported records field by field against the history the
+agents wrote. The escalation join is checked with `esc.answered` / `esc.failed` events a test
+publishes itself (real events on a real server, as the gateway publishes them), together with
+the transitions around them, as are the orderings a live mesh rarely shows on cue: a report
+that arrives after its attempt was cancelled, or after it was given up as lost.
 """
 
 from __future__ import annotations
