@@ -1086,6 +1086,93 @@ def health(
     raise typer.Exit(run(go))
 
 
+# ------------------------------------------------------------------ training data
+
+
+@app.command("export")
+def export_cmd(
+    out_path: Annotated[
+        Path, typer.Option("--out", "-o", help="FILE.jsonl (or FILE.parquet, with pyarrow installed)")
+    ],
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="start: an age (2h, 3d), a date/time, or a stream sequence (seq:1234)"),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", help="end (included): same forms as --since")
+    ] = None,
+    plan: Annotated[str | None, typer.Option("--plan", help="only this plan")] = None,
+    cls: Annotated[
+        str | None, typer.Option("--class", help="only tasks of this class: cpu, script, llm, external")
+    ] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="only attempts that ended so: succeeded, failed, cancelled")
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="chat: LLM attempts as messages; raw: as prompt and response")
+    ] = "chat",
+) -> None:
+    """Write the history as training data: one redacted record per task attempt, and a manifest."""
+    from mesh import export
+
+    s = settings()
+    try:
+        options = export.Options(
+            out=out_path,
+            since=export.parse_point(since, "--since") if since else None,
+            until=export.parse_point(until, "--until") if until else None,
+            plan_id=plan,
+            cls=cls,
+            status=status,
+            fmt=fmt,
+        )
+        options.check()
+    except MeshError as exc:
+        raise fail(str(exc)) from None
+
+    async def go() -> int:
+        bus = await _bus(s)
+        progress = Progress(
+            TextColumn("[bold]export"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=err,
+            disable=not err.is_terminal,
+        )
+        try:
+            with progress:
+                bar = progress.add_task("export", total=None, detail="")
+
+                def advance(seq: int, first: int, last: int) -> None:
+                    done, total = seq - first + 1, last - first + 1
+                    progress.update(bar, completed=done, total=total, detail=f"seq {seq:,} of {last:,}")
+
+                manifest = await export.export(bus, options, advance)
+        finally:
+            await bus.close()
+        err.print(
+            f"exported {manifest.records:,} records from {manifest.events_read:,} events "
+            f"(seq {manifest.first_seq}-{manifest.last_seq}) in {manifest.seconds:.2f}s, "
+            f"{manifest.events_per_s:,.0f} events/s; {manifest.duplicates_dropped} duplicates dropped, "
+            f"{sum(manifest.redacted.values())} redactions, "
+            f"{manifest.sensitive_metadata_only} sensitive as metadata only",
+            highlight=False,
+            soft_wrap=True,
+        )
+        err.print(f"wrote {options.out} and {options.manifest_path}", highlight=False, soft_wrap=True)
+        if manifest.sensitive_leaks_in_history:
+            err.print(
+                f"[yellow]warning:[/yellow] {manifest.sensitive_leaks_in_history} sensitive attempts have "
+                "what they saw or made in the history (not exported); see the log",
+                highlight=False,
+            )
+        return 0
+
+    raise typer.Exit(run(go))
+
+
 @app.command()
 def doctor(
     quick: Annotated[

@@ -52,3 +52,7 @@ class ServerUnavailable(MeshError):
 
 class NotFound(MeshError):
     """A plan, task or resource that does not exist."""
+
+
+class ExportError(MeshError):
+    """An export that cannot be made as asked (a bad option, an output path mesh cannot write)."""

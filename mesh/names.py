@@ -301,3 +301,24 @@ class Names:
     def evt_filter(self, pattern: str) -> str:
         """A `mesh tail` filter: a subject pattern under `<p>.evt.`."""
         return f"{self.prefix}.evt.{pattern}"
+
+    # export ----------------------------------------------------------------------
+    def export_filters(self, plan_id: str | None = None) -> list[str]:
+        """The events `mesh export` joins into one record per task attempt, of one plan or of
+        all: plan specs and plan ends, the brain's start and final transitions of an attempt,
+        the worker's report, and the gateway's answers. The rest stays on the server."""
+        plan = check_token(plan_id, "plan id") if plan_id else "*"
+        return [
+            f"{self.prefix}.evt.plan.{plan}.accepted",
+            f"{self.prefix}.evt.plan.{plan}.tasks",
+            f"{self.prefix}.evt.plan.{plan}.finished",
+            f"{self.prefix}.evt.task.{plan}.*.started",
+            f"{self.prefix}.evt.task.{plan}.*.redelivered",
+            f"{self.prefix}.evt.task.{plan}.*.succeeded",
+            f"{self.prefix}.evt.task.{plan}.*.retrying",
+            f"{self.prefix}.evt.task.{plan}.*.failed",
+            f"{self.prefix}.evt.task.{plan}.*.cancelled",
+            f"{self.prefix}.evt.run.{plan}.*.finished",
+            f"{self.prefix}.evt.esc.{plan}.*.answered",
+            f"{self.prefix}.evt.esc.{plan}.*.failed",
+        ]

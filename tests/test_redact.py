@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from collections import Counter
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh import redact
 from mesh.redact import PatternError, Redactor
 
 KEY_BLOCK = (
@@ -80,3 +85,49 @@ def test_redacting_twice_changes_nothing() -> None:
 def test_a_bad_pattern_names_itself() -> None:
     with pytest.raises(PatternError, match="broken"):
         Redactor({"broken": "(unclosed"})
+
+
+# ------------------------------------------------------------------ the literal pre-check
+
+
+def every_rule(redactor: Redactor, text: str) -> tuple[str, Counter[str]]:
+    """The redaction with every rule run on every text (no literal pre-check)."""
+    counts: Counter[str] = Counter()
+    for kind, pattern, group, _needs in redactor._rules:
+        text = pattern.sub(redact._replacer(kind, group, counts), text)
+    text = redact._IPV4.sub(redact._ip_replacer(counts), text)
+    text = redact._IPV6.sub(redact._ip_replacer(counts), text)
+    return text, counts
+
+
+FRAGMENTS = [text for text, _, _ in CASES] + [
+    "paſsword=hunter2",  # the long s: `re` matches it as an s without (?i) knowing a case
+    "apı_key: abcdefgh12345",  # the dotless i
+    "ToKEN=zzzzzzzz99",  # the Kelvin sign
+    "AUTHORIZATION: BEARER abcdefgh1234",
+    "ftp://u:pw@host",
+    "12:30:45",
+    "fe80::1",
+    "1.2.3.4",
+    "v1.2.3",
+    "std::vector",
+    "an ordinary line of a build log",
+    "ŞİŞLİ",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=12)), min_size=1, max_size=8),
+    st.sampled_from([" ", "\n", "", "=", ":"]),
+)
+def test_the_literal_pre_check_changes_no_result(parts: list[str], sep: str) -> None:
+    redactor = Redactor({"employee_id": r"\bEMP-\d{6}\b"})
+    text = sep.join(parts)
+    assert redactor.text(text) == every_rule(redactor, text)
+
+
+def test_the_literal_pre_check_catches_case_folded_secrets() -> None:
+    for text in ("paſsword=hunter2", "apı_key: abcdefgh12345", "ToKEN=zzzzzzzz99"):
+        out, counts = Redactor().text(text)
+        assert out != text and sum(counts.values()) == 1, (text, out)

@@ -11,6 +11,8 @@ Scenarios:
   recovery     a brain killed with 100,000 tasks known: restart -> first release, and its RSS
   scale        that 100,000-task plan run to the end
   replay       events/s through `mesh replay` over everything above
+  export       events/s through `mesh export` over everything above (alone: over a
+               no-op plan of its own and a tenth as many shell tasks with output)
 
 Durability is what mesh always runs with: file storage, every publish acknowledged.
 Timings live here (and in docs/performance.md), never in tests.
@@ -42,12 +44,13 @@ sys.path.insert(0, str(ROOT))
 from mesh import client, events  # noqa: E402
 from mesh.agent import run_loop  # noqa: E402
 from mesh.bus import Bus, connect  # noqa: E402
+from mesh.export import Options, export  # noqa: E402
 from mesh.history import read_history, replay  # noqa: E402
 from mesh.plan import parse_plan  # noqa: E402
 from mesh.settings import load_settings  # noqa: E402
 from mesh.up import Child, Stack  # noqa: E402
 
-SCENARIOS = ("throughput", "chain", "submit", "recovery", "scale", "replay")
+SCENARIOS = ("throughput", "chain", "submit", "recovery", "scale", "replay", "export")
 
 
 def make_plan(n: int, body: str = "noop", chain: bool = False, title: str = "bench", cls: str = "cpu") -> str:
@@ -243,9 +246,37 @@ async def main_async(args: argparse.Namespace, stack: Stack, rss: PeakRss) -> di
                 "seconds": round(r.seconds, 2),
                 "events_per_s": round(r.events / r.seconds, 0) if r.seconds else 0,
             }
+        if "export" in only:
+            if only == {"export"}:
+                results["export_history"] = await run_plan(bus, make_plan(args.tasks, "noop"), args.tasks)
+                # and a tenth as many shell tasks with 1.6 KB of output each: text to redact
+                n = max(1, args.tasks // 10)
+                body = "seq -f 'line %g of the build log, nothing secret in it' 1 30"
+                results["export_history_shell"] = await run_plan(bus, make_plan(n, body, title="logs"), n)
+            results["export"] = await scenario_export(bus)
     finally:
         await bus.close()
     return results
+
+
+async def scenario_export(bus: Bus) -> dict[str, Any]:
+    """`mesh export` of the whole history: events read (after the server's subject filter), the
+    events of the stream the window spans, and the records written, per second."""
+    with tempfile.TemporaryDirectory(prefix="mesh-bench-export-") as tmp:
+        out = Path(tmp) / "history.jsonl"
+        m = await export(bus, Options(out=out))
+        size = out.stat().st_size
+    window = m.last_seq - m.first_seq + 1 if m.records else 0
+    return {
+        "records": m.records,
+        "events_read": m.events_read,
+        "window_events": window,
+        "seconds": m.seconds,
+        "events_read_per_s": m.events_per_s,
+        "window_events_per_s": round(window / m.seconds, 0) if m.seconds else 0,
+        "records_per_s": round(m.records / m.seconds, 0) if m.seconds else 0,
+        "jsonl_mb": round(size / 2**20, 1),
+    }
 
 
 def main() -> int:
