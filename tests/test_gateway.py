@@ -9,6 +9,7 @@ workers are further down.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections import Counter
@@ -321,6 +322,18 @@ async def test_an_external_task_is_answered_and_its_answer_is_its_output(mesh: M
         result = run_mesh(mesh, "costs", "--by", "plan")
         assert result.returncode == 0, result.stderr
         assert plan_id in result.stdout and f"{ev.cost_usd:.4f}" in result.stdout
+        # the export shows the attempt as escalated, with Claude's answer and nothing secret
+        out = mesh.tmp / "ask.jsonl"
+        result = run_mesh(mesh, "export", "--plan", plan_id, "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        assert SECRET not in out.read_text() and "ops@example.com" not in out.read_text()
+        records = {r["task"]: r for r in map(json.loads, out.read_text().splitlines())}
+        ask = records["ask"]
+        assert ask["escalated"] is True and ask["outcome"] == "succeeded"
+        assert ask["escalation"]["answered"] is True and ask["escalation"]["result"] == "Paris"
+        assert ask["escalation"]["redacted"] == {"api_key": 1, "email": 1}
+        assert ask["messages"][-1] == {"role": "assistant", "content": "Paris"}
+        assert records["after"]["escalated"] is False and records["after"]["output"] == "after\n"
 
 
 FLAKY = """\
