@@ -42,7 +42,7 @@ class Agent:
     def __init__(self, settings: Settings, agent_id: str | None = None) -> None:
         self.settings = settings
         self.names = settings.names
-        self.agent_id = agent_id or new_agent_id(self.role)
+        self.agent_id = agent_id or settings.agent_id or new_agent_id(self.role)
         self.host = socket.gethostname()
         self.started_at = time.time()
         self.stop_requested = asyncio.Event()
@@ -59,7 +59,7 @@ class Agent:
     # life ----------------------------------------------------------------------
     async def start(self) -> None:
         self._bus = await connect(self.settings, self.agent_id, wait_s=3600.0, on_reconnect=self.on_reconnect)
-        await self.bus.ensure_resources(tuple(self.classes) or ("cpu",))
+        await self.bus.prepare(tuple(self.classes) or ("cpu",), self.bound_consumers())
         await self.register()
         await self.bus.publish(
             self.names.agent_event(self.agent_id, "started"),
@@ -73,6 +73,10 @@ class Agent:
 
     async def run(self) -> None:
         raise NotImplementedError
+
+    def bound_consumers(self) -> tuple[str, ...]:
+        """The durable consumers (of `consumer_definitions`) this agent binds to at start."""
+        return ()
 
     async def on_reconnect(self) -> None:
         """Called when the connection to the server comes back (after a server restart, say)."""

@@ -270,3 +270,14 @@ class Names:
     def evt_filter(self, pattern: str) -> str:
         """A `mesh tail` filter: a subject pattern under `<p>.evt.`."""
         return f"{self.prefix}.evt.{pattern}"
+
+    # the gateway ---------------------------------------------------------------------
+    @property
+    def gateway_consumer(self) -> str:
+        """The gateway's durable pull consumer on the escalation stream."""
+        return "gateway"
+
+    @property
+    def gateway_bucket(self) -> str:
+        """The gateway's own state."""
+        return f"{self.prefix}-gateway"

@@ -27,6 +27,9 @@ def rendered(settings: Settings) -> dict[str, str]:
         files[f"streams/{d['name']}.json"] = json.dumps(d, indent=2) + "\n"
     for d in bucket_definitions(settings):
         files[f"kv/{d['bucket']}.json"] = json.dumps(d, indent=2) + "\n"
+    from mesh.security import EXAMPLE_WORKERS, render_permissions
+
+    files["secure/permissions.conf"] = render_permissions(settings, EXAMPLE_WORKERS)
     for c in consumer_definitions(settings):
         files[f"consumers/{c['stream']}.{c['config']['durable_name']}.json"] = (
             json.dumps(c["config"], indent=2) + "\n"
