@@ -15,6 +15,7 @@ import contextlib
 import copy
 import json
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -758,18 +759,29 @@ async def connect(
             holder.append(bus)
             return bus
         except (TimeoutError, nats.errors.Error, OSError) as exc:
+            # (bounded: closing a connection whose TLS handshake failed can wait forever)
             with contextlib.suppress(TimeoutError, nats.errors.Error, OSError):
-                await nc.close()
+                await asyncio.wait_for(nc.close(), timeout=2.0)
             if _refused(exc):
                 raise ServerUnavailable(
                     f"the NATS server at {url} refused the credentials of user "
                     f"{settings.nats_user or '(none)'!r} ({exc}). Check nats_user and nats_password "
                     "(the config file `mesh init --secure` wrote for this role)."
                 ) from exc
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise ServerUnavailable(
+                    f"the NATS server at {url} has a certificate this client does not trust ({exc}). "
+                    "Set nats_tls_ca to the CA file that signed it (docs/security.md#tls)."
+                ) from exc
             if time.monotonic() >= deadline:
                 raise ServerUnavailable(
                     f"cannot reach the NATS server at {url} ({exc.__class__.__name__}: {exc}). "
-                    "Start one with `mesh up`, or point mesh at yours with --server or MESH_NATS_URL."
+                    "Start one with `mesh up`, or point mesh at yours with --server or MESH_NATS_URL"
+                    + (
+                        "; if it asks clients for certificates, set nats_tls_cert and nats_tls_key."
+                        if settings.nats_tls_ca or url.startswith("tls://")
+                        else "."
+                    )
                 ) from exc
             if attempt == 1 or attempt % 10 == 0:
                 log.warning("waiting for the NATS server at %s: %s", url, exc)
@@ -791,8 +803,6 @@ def connect_options(settings: Settings) -> dict[str, Any]:
         options["inbox_prefix"] = inbox_prefix(settings.nats_user)
     tls_wanted = any(u.startswith("tls://") for u in settings.urls) or settings.nats_tls_ca
     if tls_wanted:
-        import ssl
-
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.nats_tls_ca or None)
         if settings.nats_tls_cert:
             context.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key)

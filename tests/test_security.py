@@ -4,6 +4,7 @@ every agent on its own credentials."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.js import api
@@ -21,7 +23,7 @@ from mesh.bus import connect
 from mesh.embedded import EmbeddedServer
 from mesh.errors import ServerUnavailable
 from mesh.natsconf import rendered
-from mesh.security import inbox_prefix, render_permissions, users, write_secure
+from mesh.security import Tls, inbox_prefix, render_permissions, users, write_secure
 from mesh.settings import load_settings
 from tests.conftest import FAST_ENV, ROOT, Mesh
 from tests.faults import run_mesh, until
@@ -429,3 +431,85 @@ def test_every_user_gets_its_own_inbox_and_roles_are_covered() -> None:
         assert user.permissions.subscribe[0] == f"_INBOX.{user.name}.>"
     text = render_permissions(settings, WORKERS)
     assert text.count("PERMS_") == len(all_users)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    done = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def make_certificates(where: Path) -> dict[str, Path]:
+    """A CA, and a server and a client certificate it signed for 127.0.0.1 (openssl CLI)."""
+    where.mkdir(parents=True, exist_ok=True)
+    ca = "-x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=mesh-test-CA -keyout ca.key -out ca.pem"
+    _openssl("req", *ca.split(), cwd=where)
+    (where / "san.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    for name in ("server", "client"):
+        request = f"-newkey rsa:2048 -nodes -subj /CN={name} -keyout {name}.key -out {name}.csr"
+        _openssl("req", *request.split(), cwd=where)
+        sign = f"-req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile san.ext"
+        _openssl("x509", *sign.split(), "-out", f"{name}.pem", cwd=where)
+    return {n: where / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command to make certificates")
+async def test_tls_on_loopback_runs_a_plan_and_refuses_clients_without_ca_or_cert(tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    settings = load_settings(environ={"XDG_CONFIG_HOME": str(tmp_path / "none")})
+    conf = tmp_path / "secure"
+    write_secure(
+        settings,
+        conf,
+        workers=[WORKER],
+        server_url="tls://127.0.0.1:4222",
+        port=-1,
+        listen_host="127.0.0.1",
+        store_dir=str(tmp_path / "nats" / "jetstream"),
+        tls=Tls(str(certs["server.pem"]), str(certs["server.key"]), str(certs["ca.pem"]), True),
+        client_ca=str(certs["ca.pem"]),
+    )
+    data = tmp_path / "nats"
+    data.mkdir()
+    (data / "permissions.conf").write_text((conf / "permissions.conf").read_text())
+    server = EmbeddedServer(data, port=-1, config_text=(conf / "server.conf").read_text())
+    server.scheme = "tls"
+    server.start()
+    mesh = Mesh(server, tmp_path)
+    client_cert = {
+        "MESH_NATS_TLS_CERT": str(certs["client.pem"]),
+        "MESH_NATS_TLS_KEY": str(certs["client.key"]),
+    }
+
+    def env(user: str) -> dict[str, str]:
+        return {**mesh.env, "MESH_CONFIG": str(conf / f"{user}.toml"), **client_cert}
+
+    try:
+        assert server.url.startswith("tls://")
+        mesh.env = env("cli")
+        mesh.settings = load_settings(environ=mesh.env)
+        assert mesh.settings.nats_tls_ca == str(certs["ca.pem"])
+        for role in ("brain",):
+            mesh.env = env(role)
+            mesh.brain()
+        mesh.env = env(WORKER)
+        mesh.worker(WORKER, 2)
+        mesh.env = env("cli")
+        out = tmp_path / "ran"
+        plan_id = await mesh.submit_text(f"# tls\n\n## Tasks\n\n### a\n```shell\necho a > {out}\n```\n")
+        plan = await mesh.wait_plan(plan_id, 60)
+        assert plan.status == "succeeded"
+        assert out.read_text() == "a\n"
+        # the same user without the CA does not trust the server; without a client certificate
+        # the server does not let it in
+        no_ca = msgspec.structs.replace(mesh.settings, nats_tls_ca="")
+        with pytest.raises(ServerUnavailable, match="certificate this client does not trust"):
+            await connect(no_ca, "test", wait_s=30)  # refused at once, not retried
+        no_cert = msgspec.structs.replace(mesh.settings, nats_tls_cert="", nats_tls_key="")
+        with pytest.raises(ServerUnavailable, match="set nats_tls_cert and nats_tls_key"):
+            await connect(no_cert, "test")
+    finally:
+        await mesh.close()
+        mesh.stop_all()
+        server.stop()
