@@ -46,3 +46,32 @@ def write_config(settings: Settings, directory: str | Path) -> list[Path]:
         path.write_text(text)
         written.append(path)
     return written
+
+
+def cluster_server_config(
+    name: str,
+    client_port: int,
+    cluster_port: int,
+    routes: list[str],
+    store_dir: str,
+    *,
+    host: str = "127.0.0.1",
+    cluster_name: str = "mesh",
+    max_payload: int = 8 * 1024 * 1024,
+) -> str:
+    """One server of a JetStream cluster: its own name and store, and routes to the others
+    (`host:port` of their cluster listeners). Streams and buckets kept on 3 of them survive
+    one server's loss: set `replicas = 3` for the agents that create them."""
+    route_lines = "".join(f'    "nats-route://{r}"\n' for r in routes)
+    return (
+        server_config(client_port, store_dir, max_payload, name=name).replace(
+            f"listen: 127.0.0.1:{client_port}", f"listen: {host}:{client_port}"
+        )
+        + "cluster {\n"
+        + f"  name: {cluster_name}\n"
+        + f"  listen: {host}:{cluster_port}\n"
+        + "  routes: [\n"
+        + route_lines
+        + "  ]\n"
+        + "}\n"
+    )
