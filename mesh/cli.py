@@ -437,6 +437,9 @@ def init(
     verify_clients: Annotated[
         bool, typer.Option("--verify-clients", help="with --tls-ca: also require client certificates")
     ] = False,
+    leaf_port: Annotated[
+        int, typer.Option("--leaf-port", help="with --secure: accept leaf node connections on this port")
+    ] = 0,
 ) -> None:
     """Create (or update) every stream, bucket and consumer on the server. Safe to repeat."""
     s = settings()
@@ -476,6 +479,7 @@ def _init_secure(
     tls_key: Path | None,
     tls_ca: Path | None,
     verify_clients: bool,
+    leaf_port: int,
 ) -> None:
     from mesh.gpu import count_gpus
     from mesh.security import Tls, write_secure
@@ -511,6 +515,7 @@ def _init_secure(
             store_dir=store_dir,
             tls=tls,
             client_ca=str(tls_ca.resolve()) if tls_ca else "",
+            leaf_port=leaf_port,
         )
     except (MeshError, ValueError) as exc:
         raise fail(str(exc)) from None

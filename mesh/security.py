@@ -525,8 +525,13 @@ def render_server_config(
     listen_host: str = "0.0.0.0",
     tls: Tls | None = None,
     name: str = "mesh",
+    leaf_port: int = 0,
 ) -> str:
-    """A server config with JetStream, a user per role (passwords given), and TLS if asked."""
+    """A server config with JetStream, a user per role (passwords given), and TLS if asked.
+
+    With `leaf_port` it also accepts leaf node connections there (docs/multihost.md): a
+    leaf server authenticates as one of the users, and only what that user may publish and
+    subscribe to crosses the link."""
     base = server_config(port, store_dir, settings.max_payload_bytes, name=name).replace(
         f"listen: 127.0.0.1:{port}", f"listen: {listen_host}:{port}"
     )
@@ -545,6 +550,10 @@ def render_server_config(
         if tls.verify_clients:
             lines.append("  verify: true")
         lines.append("  timeout: 5")
+        lines.append("}")
+    if leaf_port:
+        lines.append("leafnodes {")
+        lines.append(f"  listen: {listen_host}:{leaf_port}")
         lines.append("}")
     lines.append("authorization {")
     lines.append("  users = [")
@@ -601,6 +610,7 @@ def write_secure(
     listen_host: str = "0.0.0.0",
     tls: Tls | None = None,
     client_ca: str = "",
+    leaf_port: int = 0,
 ) -> list[Path]:
     """`mesh init --secure DIR`: server.conf, permissions.conf and `<user>.toml` for each user."""
     base = Path(directory)
@@ -617,7 +627,13 @@ def write_secure(
     _write_secret(
         server,
         render_server_config(
-            settings, passwords, port=port, store_dir=store_dir, listen_host=listen_host, tls=tls
+            settings,
+            passwords,
+            port=port,
+            store_dir=store_dir,
+            listen_host=listen_host,
+            tls=tls,
+            leaf_port=leaf_port,
         ),
     )
     written.append(server)

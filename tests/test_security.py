@@ -19,10 +19,10 @@ from nats.aio.client import Client
 from nats.js import api
 
 import nats
-from mesh.bus import connect
+from mesh.bus import connect, stream_definitions
 from mesh.embedded import EmbeddedServer
 from mesh.errors import ServerUnavailable
-from mesh.natsconf import rendered
+from mesh.natsconf import leaf_server_config, rendered
 from mesh.security import Tls, inbox_prefix, render_permissions, users, write_secure
 from mesh.settings import load_settings
 from tests.conftest import FAST_ENV, ROOT, Mesh
@@ -39,7 +39,7 @@ WORKERS = (WORKER, OTHER, GPU_WORKER)
 class Secure:
     """A nats-server with one user per role, and each user's config file."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, leaf_port: int = 0) -> None:
         self.tmp = tmp
         self.dir = tmp / "secure"
         self.settings = load_settings(environ={"XDG_CONFIG_HOME": str(tmp / "none")})
@@ -51,6 +51,7 @@ class Secure:
             store_dir=str(tmp / "nats" / "jetstream"),
             listen_host="127.0.0.1",
             port=-1,
+            leaf_port=leaf_port,
         )
         data = tmp / "nats"
         data.mkdir(parents=True, exist_ok=True)
@@ -513,3 +514,58 @@ async def test_tls_on_loopback_runs_a_plan_and_refuses_clients_without_ca_or_cer
         await mesh.close()
         mesh.stop_all()
         server.stop()
+
+
+async def test_a_leaf_node_link_carries_only_what_the_gateways_user_may_publish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/multihost.md: the gateway host runs a leaf server of the rig's server, linked as
+    the gateway's user. What its clients publish crosses only where that user may publish.
+
+    (JetStream API calls do not cross this link as configured: see docs/multihost.md.)"""
+    from tests.test_cluster import free_ports
+
+    (leaf_port,) = free_ports(1)
+    rig = Secure(tmp_path / "rig", leaf_port=leaf_port)
+    rig.server.start()
+    password = rig.config("gateway")["nats_password"]
+    monkeypatch.setenv("MESH_LEAF_URL", f"nats-leaf://gateway:{password}@127.0.0.1:{leaf_port}")
+    leaf = EmbeddedServer(tmp_path / "leaf", port=-1, config_text=leaf_server_config("gateway-host", -1))
+    leaf.start()
+    n = rig.settings.names
+    admin = await rig.client("cli")
+    local = await nats.connect(leaf.url)
+    try:
+        ajs = admin.nc.jetstream(timeout=5)
+        for d in stream_definitions(rig.settings):
+            await ajs.add_stream(api.StreamConfig.from_response(dict(d)))
+
+        async def stored(stream: str) -> int:
+            return int((await ajs.stream_info(stream)).state.messages)
+
+        # the link is up once something the gateway may publish reaches the rig's history
+        async def answered() -> bool:
+            await local.publish(n.esc_event("p1", "t0", "answered"), b"{}")
+            await local.flush()
+            return await stored(n.events_stream) > 0
+
+        await until(answered, 20, "the leaf link to carry the gateway's answers", interval_s=0.2)
+        before = await stored(n.events_stream)
+        for subject in (n.work("cpu"), n.submit, n.cancel("p1"), n.escalation("p1", "t2")):
+            await local.publish(subject, b"{}")
+        # after them on the same link, something it may publish: once that is stored, the
+        # forbidden ones before it have been dealt with
+        await local.publish(n.esc_event("p1", "t1", "answered"), b"{}")
+        await local.flush()
+        await until(lambda: _more(stored(n.events_stream), before), 10, "the second answer", interval_s=0.1)
+        assert await stored(n.work_stream) == 0
+        assert await stored(n.cmd_stream) == 0
+    finally:
+        await local.close()
+        await admin.close()
+        leaf.stop()
+        rig.server.stop()
+
+
+async def _more(count: Any, than: int) -> bool:
+    return bool(await count > than)
