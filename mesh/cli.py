@@ -444,7 +444,9 @@ def init(
     """Create (or update) every stream, bucket and consumer on the server. Safe to repeat."""
     s = settings()
     if secure_dir is not None:
-        _init_secure(s, secure_dir, worker, url, port, store_dir, tls_cert, tls_key, tls_ca, verify_clients)
+        _init_secure(
+            s, secure_dir, worker, url, port, store_dir, tls_cert, tls_key, tls_ca, verify_clients, leaf_port
+        )
         return
     if render_dir is not None:
         from mesh.natsconf import write_config
