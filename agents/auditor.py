@@ -45,6 +45,9 @@ def problem(raw: NatsMsg, prefix: str) -> str:
 class Auditor(Agent):
     role = "auditor"
 
+    def bound_consumers(self) -> tuple[str, ...]:
+        return (self.names.auditor_consumer,)
+
     async def start(self) -> None:
         await super().start()
         self.sub = await self.bus.js.pull_subscribe_bind(

@@ -29,6 +29,7 @@ from nats.js import JetStreamContext
 from mesh import placement as gs
 from mesh.agent import Agent
 from mesh.bus import decode_or_none, llm_consumer_definition, own_consumer_definition
+from mesh.errors import ConfigError
 from mesh.events import (
     MODEL_BODY_KINDS,
     GpuControl,
@@ -138,6 +139,12 @@ class Worker(Agent):
         if agent_id is None and gpu is not None:
             # a GPU's worker keeps its name across restarts: its own queue waits for it
             agent_id = f"worker-{host_token()}-gpu{gpu}"
+            if settings.agent_id and settings.agent_id != agent_id:
+                raise ConfigError(
+                    f"agent_id is {settings.agent_id!r}, but the worker of GPU {gpu} on this host is "
+                    f"{agent_id!r}: a GPU worker's id names its host and GPU. Use the config file "
+                    f"`mesh init --secure --worker {agent_id}` writes for it"
+                )
         super().__init__(settings, agent_id)
         self.classes = list(classes)
         self.slots = slots or settings.slots
@@ -202,6 +209,9 @@ class Worker(Agent):
             self.spawn(self._gpu_publisher(), "gpu-state")
             self.spawn(self._control_loop(), "gpu-control")
         self._cancel_sub = await self.bus.nc.subscribe(self.names.task_cancelled_all, cb=self._on_cancel)
+
+    def bound_consumers(self) -> tuple[str, ...]:
+        return tuple(self.names.workers_consumer(c) for c in self.classes if c != "llm")
 
     @property
     def gpu_worker_id(self) -> str:

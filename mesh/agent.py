@@ -43,7 +43,7 @@ class Agent:
     def __init__(self, settings: Settings, agent_id: str | None = None) -> None:
         self.settings = settings
         self.names = settings.names
-        self.agent_id = agent_id or new_agent_id(self.role)
+        self.agent_id = agent_id or settings.agent_id or new_agent_id(self.role)
         self.host = socket.gethostname()
         self.started_at = time.time()
         self.stop_requested = asyncio.Event()
@@ -73,11 +73,16 @@ class Agent:
         log.info("%s started as %s on %s", self.role, self.agent_id, self.settings.url)
 
     async def ensure_resources(self) -> None:
-        """Create or update the streams, buckets and consumers this agent uses."""
-        await self.bus.ensure_resources(tuple(self.classes) or ("cpu",))
+        """Create or update the streams, buckets and consumers this agent uses; where its NATS
+        user may not (`manage_resources = false`), wait for them to exist."""
+        await self.bus.prepare(tuple(self.classes) or ("cpu",), self.bound_consumers())
 
     async def run(self) -> None:
         raise NotImplementedError
+
+    def bound_consumers(self) -> tuple[str, ...]:
+        """The durable consumers (of `consumer_definitions`) this agent binds to at start."""
+        return ()
 
     async def on_reconnect(self) -> None:
         """Called when the connection to the server comes back (after a server restart, say)."""

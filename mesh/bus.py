@@ -13,8 +13,10 @@ import base64
 import collections
 import contextlib
 import copy
+import itertools
 import json
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -64,7 +66,7 @@ def stream_definitions(settings: Settings) -> list[dict[str, Any]]:
             "max_bytes": settings.events_max_bytes or -1,
             "max_msg_size": settings.max_payload_bytes,
             "duplicate_window": dup_ns,
-            "num_replicas": 1,
+            "num_replicas": settings.replicas,
         },
         {
             "name": n.work_stream,
@@ -78,7 +80,7 @@ def stream_definitions(settings: Settings) -> list[dict[str, Any]]:
             "max_bytes": settings.work_max_bytes,
             "max_msg_size": settings.max_payload_bytes,
             "duplicate_window": dup_ns,
-            "num_replicas": 1,
+            "num_replicas": settings.replicas,
         },
         {
             "name": n.cmd_stream,
@@ -91,7 +93,7 @@ def stream_definitions(settings: Settings) -> list[dict[str, Any]]:
             "max_bytes": -1,
             "max_msg_size": settings.max_payload_bytes,
             "duplicate_window": dup_ns,
-            "num_replicas": 1,
+            "num_replicas": settings.replicas,
         },
         {
             "name": n.esc_stream,
@@ -104,12 +106,20 @@ def stream_definitions(settings: Settings) -> list[dict[str, Any]]:
             "max_bytes": -1,
             "max_msg_size": settings.max_payload_bytes,
             "duplicate_window": dup_ns,
-            "num_replicas": 1,
+            "num_replicas": settings.replicas,
         },
     ]
 
 
 def bucket_definitions(settings: Settings) -> list[dict[str, Any]]:
+    """The KV buckets; on a cluster (`replicas` > 1) each kept on that many servers."""
+    buckets = _bucket_definitions(settings)
+    if settings.replicas == 1:
+        return buckets
+    return [{**d, "replicas": settings.replicas} for d in buckets]
+
+
+def _bucket_definitions(settings: Settings) -> list[dict[str, Any]]:
     """The KV buckets: current state (the event stream is the history)."""
     n = settings.names
     return [
@@ -315,6 +325,7 @@ def _kv_config(d: dict[str, Any]) -> api.KeyValueConfig:
         ttl=(d["ttl"] / NS) or None,
         storage=api.StorageType(d["storage"]),
         direct=d.get("allow_direct", False),
+        replicas=d.get("replicas", 1),
     )
 
 
@@ -349,17 +360,76 @@ class Bus:
         event and escalation streams, the agents and gateway buckets, and its own consumer."""
         n = self.names
         for d in stream_definitions(self.settings):
-            if d["name"] in (n.events_stream, n.esc_stream):
+            if d["name"] not in (n.events_stream, n.esc_stream):
+                continue
+            if self.settings.manage_resources:
                 await self._ensure_stream(d)
+            else:  # the brain or `mesh init` creates the streams; its own bucket it may create
+                await self._wait_for_stream(d["name"])
         for d in bucket_definitions(self.settings):
             if d["bucket"] in (n.agents_bucket, n.gateway_bucket):
                 await self._ensure_bucket(d)
         c = gateway_consumer_definition(self.settings)
         await self.js.add_consumer(c["stream"], config=_consumer_config(c["config"]))
 
+    async def bind_resources(
+        self, classes: tuple[str, ...] = ("cpu",), consumers: tuple[str, ...] = (), wait_s: float = 3600.0
+    ) -> None:
+        """Wait until every stream and bucket, and the durable `consumers` this process binds to,
+        exist, creating none.
+
+        For processes whose NATS user may not create them (`manage_resources = false`): the
+        brain, or `mesh init`, creates them."""
+        deadline = time.monotonic() + wait_s
+        missing = ""
+        attempt = 0
+        while True:
+            missing = await self._missing_resource(classes, consumers)
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                raise MeshError(
+                    f"{missing} does not exist on the server, and this process may not create it "
+                    "(manage_resources = false): start the brain, or run `mesh init` as the cli user"
+                )
+            attempt += 1
+            if attempt == 1 or attempt % 30 == 0:
+                log.warning("waiting for %s (the brain or `mesh init` creates it)", missing)
+            await asyncio.sleep(1.0)
+
+    async def _missing_resource(self, classes: tuple[str, ...], consumers: tuple[str, ...]) -> str:
+        # the escalation stream and the gateway's bucket are the brain's and the gateway's
+        # alone: other roles may not even look at them
+        n = self.names
+        try:
+            for d in stream_definitions(self.settings):
+                if d["name"] != n.esc_stream:
+                    await self.js.stream_info(d["name"])
+            for d in bucket_definitions(self.settings):
+                if d["bucket"] != n.gateway_bucket:
+                    self._kv[d["bucket"]] = await self.js.key_value(d["bucket"])
+            for c in consumer_definitions(self.settings, classes):
+                if c["config"]["durable_name"] in consumers:
+                    await self.js.consumer_info(c["stream"], c["config"]["durable_name"])
+            self._objects = await self.js.object_store(self.names.objects_bucket)
+        except nats.js.errors.NotFoundError as exc:
+            return f"a stream, bucket or consumer ({exc.description or exc})"
+        return ""
+
+    async def prepare(self, classes: tuple[str, ...] = ("cpu",), consumers: tuple[str, ...] = ()) -> None:
+        """`ensure_resources`, or `bind_resources` where this process may not create them."""
+        if self.settings.manage_resources:
+            await self.ensure_resources(classes)
+        else:
+            await self.bind_resources(classes, consumers)
+
     async def bind_consumer(self, config: dict[str, Any]) -> JetStreamContext.PullSubscription:
-        """Create (or update) a durable pull consumer on the work stream and bind to it."""
-        await self.js.add_consumer(self.names.work_stream, config=_consumer_config(config))
+        """Create (or update) a durable pull consumer on the work stream and bind to it.
+
+        Created under its name and filter (`CONSUMER.CREATE.<stream>.<name>.<filter>`): a
+        server with per-role permissions lets a worker create exactly the consumers it owns."""
+        named = {**config, "name": config["durable_name"]}
+        await self.js.add_consumer(self.names.work_stream, config=_consumer_config(named))
         return await self.js.pull_subscribe_bind(
             durable=config["durable_name"], stream=self.names.work_stream
         )
@@ -377,10 +447,27 @@ class Bus:
                         description="mesh: payloads too big for one message",
                         storage=api.StorageType.FILE,
                         ttl=self.settings.events_max_age_days * DAY_S,
+                        replicas=self.settings.replicas,
                     ),
                 )
                 log.info("created object store %s", name)
         return self._objects
+
+    async def _wait_for_stream(self, name: str, wait_s: float = 3600.0) -> None:
+        deadline = time.monotonic() + wait_s
+        for attempt in itertools.count():
+            try:
+                await self.js.stream_info(name)
+                return
+            except nats.js.errors.NotFoundError:
+                if time.monotonic() >= deadline:
+                    raise MeshError(
+                        f"stream {name} does not exist on the server, and this process may not "
+                        "create it (manage_resources = false): start the brain, or run `mesh init`"
+                    ) from None
+                if attempt % 30 == 0:
+                    log.warning("waiting for stream %s (the brain or `mesh init` creates it)", name)
+                await asyncio.sleep(1.0)
 
     async def _ensure_stream(self, d: dict[str, Any]) -> None:
         config = _stream_config(d)
@@ -723,8 +810,13 @@ async def connect(
     wait_s: float = 0.0,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
 ) -> Bus:
-    """Connect to the server. With `wait_s` > 0 keep trying that long (agents starting early)."""
+    """Connect to the server. With `wait_s` > 0 keep trying that long (agents starting early).
+
+    With `nats_user` it authenticates, and its replies come to an inbox only that user may
+    read; with a `tls://` URL or a CA file it speaks TLS. `server_url` may list several
+    servers of a cluster, comma-separated: it fails over between them."""
     url = settings.url
+    options = connect_options(settings)
     deadline = time.monotonic() + wait_s
     attempt = 0
     holder: list[Bus] = []
@@ -743,21 +835,24 @@ async def connect(
         if on_reconnect is not None:
             await on_reconnect()
 
+    connect_kwargs: dict[str, Any] = dict(
+        servers=settings.urls,
+        name=name,
+        **options,
+        connect_timeout=2,
+        # fail fast on the first connection (we retry it here, visibly)...
+        max_reconnect_attempts=1,
+        reconnect_time_wait=0.5,
+        allow_reconnect=False,
+        error_cb=error,
+        disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
+    )
     while True:
         attempt += 1
+        nc = Client()
         try:
-            nc = await nats.connect(
-                servers=[url],
-                name=name,
-                connect_timeout=2,
-                # fail fast on the first connection (we retry it here, visibly)...
-                max_reconnect_attempts=1,
-                reconnect_time_wait=0.5,
-                allow_reconnect=False,
-                error_cb=error,
-                disconnected_cb=disconnected,
-                reconnected_cb=reconnected,
-            )
+            await nc.connect(**connect_kwargs)
             # ...and once connected, reconnect forever through server restarts
             nc.options["allow_reconnect"] = True
             nc.options["max_reconnect_attempts"] = -1
@@ -765,11 +860,52 @@ async def connect(
             holder.append(bus)
             return bus
         except (TimeoutError, nats.errors.Error, OSError) as exc:
+            # (bounded: closing a connection whose TLS handshake failed can wait forever)
+            with contextlib.suppress(TimeoutError, nats.errors.Error, OSError):
+                await asyncio.wait_for(nc.close(), timeout=2.0)
+            if _refused(exc):
+                raise ServerUnavailable(
+                    f"the NATS server at {url} refused the credentials of user "
+                    f"{settings.nats_user or '(none)'!r} ({exc}). Check nats_user and nats_password "
+                    "(the config file `mesh init --secure` wrote for this role)."
+                ) from exc
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise ServerUnavailable(
+                    f"the NATS server at {url} has a certificate this client does not trust ({exc}). "
+                    "Set nats_tls_ca to the CA file that signed it (docs/security.md#tls)."
+                ) from exc
             if time.monotonic() >= deadline:
                 raise ServerUnavailable(
                     f"cannot reach the NATS server at {url} ({exc.__class__.__name__}: {exc}). "
-                    "Start one with `mesh up`, or point mesh at yours with --server or MESH_NATS_URL."
+                    "Start one with `mesh up`, or point mesh at yours with --server or MESH_NATS_URL"
+                    + (
+                        "; if it asks clients for certificates, set nats_tls_cert and nats_tls_key."
+                        if settings.nats_tls_ca or url.startswith("tls://")
+                        else "."
+                    )
                 ) from exc
             if attempt == 1 or attempt % 10 == 0:
                 log.warning("waiting for the NATS server at %s: %s", url, exc)
             await asyncio.sleep(1.0)
+
+
+def _refused(exc: BaseException) -> bool:
+    return "authorization violation" in str(exc).lower() or "authentication" in str(exc).lower()
+
+
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """The credential and TLS options of `nats.connect` these settings ask for."""
+    options: dict[str, Any] = {}
+    if settings.nats_user:
+        from mesh.security import inbox_prefix
+
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password
+        options["inbox_prefix"] = inbox_prefix(settings.nats_user)
+    tls_wanted = any(u.startswith("tls://") for u in settings.urls) or settings.nats_tls_ca
+    if tls_wanted:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.nats_tls_ca or None)
+        if settings.nats_tls_cert:
+            context.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key)
+        options["tls"] = context
+    return options

@@ -435,9 +435,53 @@ def init(
     render_dir: Annotated[
         Path | None, typer.Option("--render", help="write the nats/ config files to this dir instead")
     ] = None,
+    secure_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--secure",
+            help="write a server config with a user per role, and each role's config file, to this dir",
+        ),
+    ] = None,
+    worker: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--worker",
+            help="with --secure: a worker's id, one user each (a GPU worker's is worker-<host>-gpu<N>) "
+            "[default: this host's GPUs and worker-<host>-cpu1]",
+        ),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url", help="with --secure: the URL the agents reach the server at [nats://<host>:4222]"
+        ),
+    ] = None,
+    port: Annotated[int, typer.Option("--port", help="with --secure: the server's client port")] = 4222,
+    store_dir: Annotated[
+        str, typer.Option("--store-dir", help="with --secure: the server's JetStream store")
+    ] = "/var/lib/mesh/jetstream",
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="with --secure: the server's TLS certificate (PEM)")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="with --secure: its private key")] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option("--tls-ca", help="with --secure: the CA that signed it (the agents trust this CA)"),
+    ] = None,
+    verify_clients: Annotated[
+        bool, typer.Option("--verify-clients", help="with --tls-ca: also require client certificates")
+    ] = False,
+    leaf_port: Annotated[
+        int, typer.Option("--leaf-port", help="with --secure: accept leaf node connections on this port")
+    ] = 0,
 ) -> None:
     """Create (or update) every stream, bucket and consumer on the server. Safe to repeat."""
     s = settings()
+    if secure_dir is not None:
+        _init_secure(
+            s, secure_dir, worker, url, port, store_dir, tls_cert, tls_key, tls_ca, verify_clients, leaf_port
+        )
+        return
     if render_dir is not None:
         from mesh.natsconf import write_config
 
@@ -448,7 +492,8 @@ def init(
     async def go() -> int:
         bus = await _bus(s)
         try:
-            await bus.ensure_resources()
+            # every class's queue: workers whose users may not create consumers bind to them
+            await bus.ensure_resources(TASK_CLASSES)
             n = s.names
             out.print(f"streams: {n.events_stream}, {n.work_stream}, {n.cmd_stream}, {n.esc_stream}")
             out.print(f"buckets: {n.tasks_bucket}, {n.plans_bucket}, {n.agents_bucket}, {n.gateway_bucket}")
@@ -457,6 +502,67 @@ def init(
             await bus.close()
 
     raise typer.Exit(run(go))
+
+
+def _init_secure(
+    s: Settings,
+    directory: Path,
+    workers: list[str] | None,
+    url: str | None,
+    port: int,
+    store_dir: str,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_ca: Path | None,
+    verify_clients: bool,
+    leaf_port: int,
+) -> None:
+    from mesh.gpu import count_gpus
+    from mesh.security import Tls, write_secure
+    from mesh.telemetry import host_token
+
+    host = host_token()
+    if not workers:
+        workers = [f"worker-{host}-gpu{i}" for i in range(count_gpus())] + [f"worker-{host}-cpu1"]
+    if bool(tls_cert) != bool(tls_key):
+        raise fail("--tls-cert and --tls-key go together: the server needs its certificate and its key")
+    if verify_clients and not tls_ca:
+        raise fail("--verify-clients needs --tls-ca: the CA the clients' certificates are checked against")
+    for path in (tls_cert, tls_key, tls_ca):
+        if path is not None and not path.is_file():
+            raise fail(f"{path} is not a file")
+    tls = None
+    if tls_cert and tls_key:
+        tls = Tls(
+            str(tls_cert.resolve()),
+            str(tls_key.resolve()),
+            str(tls_ca.resolve()) if tls_ca else "",
+            verify_clients,
+        )
+    scheme = "tls" if tls else "nats"
+    server_url = url or f"{scheme}://{host}:{port}"
+    try:
+        written = write_secure(
+            s,
+            directory,
+            workers=workers,
+            server_url=server_url,
+            port=port,
+            store_dir=store_dir,
+            tls=tls,
+            client_ca=str(tls_ca.resolve()) if tls_ca else "",
+            leaf_port=leaf_port,
+        )
+    except (MeshError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    for path in written:
+        out.print(f"wrote {path}", highlight=False)
+    out.print(
+        f"start the server with `nats-server -c {directory / 'server.conf'}`; give each agent its file "
+        "(MESH_CONFIG=FILE), keep them mode 0600; then `mesh --config "
+        f"{directory / 'cli.toml'} init` creates the streams and buckets",
+        highlight=False,
+    )
 
 
 @app.command()

@@ -60,11 +60,19 @@ class EmbeddedServer:
     """A nats-server child process with JetStream and a store in `data_dir`."""
 
     def __init__(
-        self, data_dir: str | os.PathLike[str], port: int = 4222, max_payload: int = 8 * 1024 * 1024
+        self,
+        data_dir: str | os.PathLike[str],
+        port: int = 4222,
+        max_payload: int = 8 * 1024 * 1024,
+        config_text: str | None = None,
     ):
         self.data_dir = Path(data_dir)
         self.port = port
         self.max_payload = max_payload
+        # a whole config of its own (users, TLS, a cluster) instead of the single-host one;
+        # `port` must then be the port it listens on (or -1, read back from the server's log)
+        self.config_text = config_text
+        self.scheme = "nats"
         self.proc: subprocess.Popen[str] | None = None
         self.log_lines: list[str] = []
         self._ready = threading.Event()
@@ -72,7 +80,7 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def config_path(self) -> Path:
@@ -81,7 +89,10 @@ class EmbeddedServer:
     def start(self, timeout_s: float = 20.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         store = self.data_dir / "jetstream"
-        self.config_path.write_text(server_config(self.port, str(store), self.max_payload))
+        text = self.config_text or server_config(self.port, str(store), self.max_payload)
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
         self._ready.clear()
         self.log_lines = []
         self.proc = subprocess.Popen(

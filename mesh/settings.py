@@ -183,6 +183,23 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_payload_bytes: int = 8 * 1024 * 1024
     duplicate_window_s: float = 3600.0
 
+    # security and hosts (docs/security.md, docs/multihost.md) ------------------------------
+    # the NATS user and password this process connects as (`mesh init --secure` writes them)
+    nats_user: str = ""
+    nats_password: str = ""
+    # TLS: the CA that signed the server's certificate; a client certificate and key if the
+    # server asks for one. A tls:// URL, or a CA, turns TLS on.
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
+    # a fixed agent id (a worker's NATS user may publish only as one agent); empty: a fresh one
+    agent_id: str = ""
+    # whether this process creates and updates streams, buckets and consumers; false: it waits
+    # for them to exist (its NATS user may not create them)
+    manage_resources: bool = True
+    # copies of every stream and bucket kept by a JetStream cluster (1 on a single server)
+    replicas: int = 1
+
     @property
     def names(self) -> Names:
         return Names(self.prefix)
@@ -194,6 +211,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def url(self) -> str:
         return self.server_url or self.embedded_url
+
+    @property
+    def urls(self) -> list[str]:
+        """Every server URL to try (`server_url` may list a cluster's, comma-separated)."""
+        return [u.strip() for u in self.url.split(",") if u.strip()]
 
     @property
     def lost_after_s(self) -> float:
@@ -273,6 +295,9 @@ def load_settings(
         settings.names  # noqa: B018 - validates the prefix
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    problem = security_problem(settings)
+    if problem:
+        raise ConfigError(f"{problem} (check {file} and the {ENV_PREFIX}* environment variables)")
     check_registry(settings.model_registry(), {**DEFAULT_MODELS, **settings.default_models})
     for name, check in settings.health.items():
         if check.problem():
@@ -328,4 +353,26 @@ def gateway_problem(settings: Settings) -> str:
     for model, price in settings.gateway_prices.items():
         if price.input < 0 or price.output < 0:
             return f"[gateway_prices.{model}]: prices cannot be negative"
+    return ""
+
+
+def security_problem(settings: Settings) -> str:
+    """What is wrong with the credential, TLS and cluster settings, or ''."""
+    if settings.nats_user and not settings.nats_password:
+        return f"nats_user is {settings.nats_user!r} but nats_password is empty: set both, or neither"
+    if settings.nats_password and not settings.nats_user:
+        return "nats_password is set but nats_user is empty: set both, or neither"
+    if bool(settings.nats_tls_cert) != bool(settings.nats_tls_key):
+        return "nats_tls_cert and nats_tls_key go together: a client certificate needs its key"
+    for name in ("nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
+        path = getattr(settings, name)
+        if path and not Path(path).is_file():
+            return f"{name} {path!r} is not a file"
+    if not 1 <= settings.replicas <= 5:
+        return f"replicas is {settings.replicas}: JetStream keeps 1 to 5 copies (3 on a 3-server cluster)"
+    if settings.agent_id:
+        try:
+            Names(settings.prefix).own_consumer(settings.agent_id)
+        except ValueError as exc:
+            return f"agent_id: {exc}"
     return ""

@@ -1,0 +1,151 @@
+"""A three-server JetStream cluster on loopback: a plan rides out the loss of a server."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats.errors
+import nats.js.errors
+import pytest
+
+from mesh.embedded import EmbeddedServer
+from mesh.events import RunStarted, TaskSucceeded
+from mesh.natsconf import cluster_server_config
+from mesh.settings import load_settings
+from tests.conftest import Mesh
+from tests.faults import plan, runs, task, until
+from tests.test_faults import assert_history_matches_kv
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class Cluster:
+    def __init__(self, tmp: Path, size: int = 3) -> None:
+        ports = free_ports(2 * size)
+        self.client_ports, self.route_ports = ports[:size], ports[size:]
+        self.servers: dict[str, EmbeddedServer] = {}
+        for i in range(size):
+            name = f"n{i + 1}"
+            routes = [f"127.0.0.1:{p}" for j, p in enumerate(self.route_ports) if j != i]
+            data = tmp / name
+            text = cluster_server_config(
+                name, self.client_ports[i], self.route_ports[i], routes, str(data / "jetstream")
+            )
+            self.servers[name] = EmbeddedServer(data, port=self.client_ports[i], config_text=text)
+
+    @property
+    def urls(self) -> str:
+        return ",".join(s.url for s in self.servers.values())
+
+    def start(self) -> None:
+        for server in self.servers.values():
+            server.start()
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path / "cluster")
+    c.start()
+    yield c
+    c.stop()
+
+
+async def test_three_server_cluster_loses_a_server_mid_plan_and_nothing_is_lost(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    first = next(iter(cluster.servers.values()))
+    mesh = Mesh(first, tmp_path)
+    mesh.env["MESH_NATS_URL"] = cluster.urls
+    mesh.env["MESH_REPLICAS"] = "3"
+    mesh.settings = load_settings(environ=mesh.env)
+    try:
+        # the cluster elects its JetStream leader after the servers are up: create the
+        # replicated streams and buckets once it has
+        async def created() -> bool:
+            try:
+                await mesh.bus()
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error):
+                with contextlib.suppress(Exception):
+                    await mesh.close()
+                return False
+            return True
+
+        await until(created, 60, "JetStream on the cluster", interval_s=0.5)
+        bus = await mesh.bus()
+        n = bus.names
+        for stream in (n.events_stream, n.work_stream, n.cmd_stream, f"KV_{n.tasks_bucket}"):
+            info = await bus.js.stream_info(stream)
+            assert info.config.num_replicas == 3, stream
+        mesh.brain()
+        mesh.worker("w1")
+        mesh.worker("w2")
+        marks = tmp_path / "marks"
+        body = f'echo "$MESH_TASK_ID $(date +%s.%N)" >> {marks}; sleep 0.2'
+        tasks = [task(f"t{i:02d}", body) for i in range(24)]
+        tasks += [task(f"u{i:02d}", body, f"t{i:02d}", f"t{(i + 1) % 24:02d}") for i in range(24)]
+        plan_id = await mesh.submit(plan("Cluster loses a server", tasks, tmp_path))
+        await until(lambda: len(runs(marks)) >= 8, 60, "a few tasks to run")
+        # the server that leads the work stream: the loss that moves the most
+        leader = (await bus.js.stream_info(n.work_stream)).cluster.leader
+        assert leader in cluster.servers, leader
+        killed_at = time.time()
+        cluster.servers[leader].kill()
+        if mesh.server is cluster.servers[leader]:
+            mesh.server = next(s for name, s in cluster.servers.items() if name != leader)
+
+        async def final() -> bool:
+            try:
+                record = await mesh.plan(plan_id)
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error):
+                return False
+            return record is not None and record.final
+
+        for name, proc in mesh.procs.items():
+            assert proc.poll() is None, f"{name} died:\n{mesh.log(name)[-2000:]}"
+        await until(final, 120, "the plan to finish on two servers", interval_s=0.2)
+        record = await mesh.plan(plan_id)
+        assert record is not None and record.status == "succeeded", await mesh.tasks(plan_id)
+        records = await mesh.tasks(plan_id)
+        assert {t.status for t in records.values()} == {"succeeded"}
+        assert set(records) == {t.id for t in tasks}
+        history = await mesh.history(n.plan_filter(plan_id))
+        succeeded = Counter(m.task_id for _, m in history if isinstance(m, TaskSucceeded))
+        assert succeeded == Counter({t.id: 1 for t in tasks}), succeeded
+        # every body ran; a second run comes only from work the lost server caught in flight
+        starts: dict[str, list[float]] = {}
+        for line in marks.read_text().splitlines():
+            tid, at = line.split()
+            starts.setdefault(tid, []).append(float(at))
+        assert set(starts) == {t.id for t in tasks}
+        twice = sorted(tid for tid, ats in starts.items() if len(ats) > 1)
+        assert all(starts[tid][0] < killed_at for tid in twice), {t: starts[t] for t in twice}
+        reports = Counter(m.task_id for _, m in history if isinstance(m, RunStarted))
+        print(
+            f"\nkilled {leader} (leader of {n.work_stream}); plan final {time.time() - killed_at:.1f}s "
+            f"later; bodies run twice: {twice}; run.started reports: {sum(reports.values())}"
+        )
+        assert all(mesh.alive(name) for name in mesh.procs)
+        await assert_history_matches_kv(mesh)
+    finally:
+        await mesh.close()
+        mesh.stop_all()

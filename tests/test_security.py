@@ -1,0 +1,587 @@
+"""Per-role NATS users: the server refuses what each role must not do, and a plan runs with
+every agent on its own credentials."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tomllib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from nats.aio.client import Client
+from nats.js import api
+
+import nats
+from mesh.bus import connect, stream_definitions
+from mesh.embedded import EmbeddedServer
+from mesh.errors import ServerUnavailable
+from mesh.natsconf import leaf_server_config, rendered
+from mesh.security import Tls, inbox_prefix, render_permissions, users, write_secure
+from mesh.settings import load_settings
+from tests.conftest import FAST_ENV, ROOT, Mesh
+from tests.fake_anthropic import FakeAnthropic, Reply
+from tests.faults import run_mesh, until
+
+pytestmark = pytest.mark.integration
+
+WORKER = "worker-t-cpu1"
+OTHER = "worker-t-cpu2"
+GPU_WORKER = "worker-t-gpu0"
+WORKERS = (WORKER, OTHER, GPU_WORKER)
+
+
+class Secure:
+    """A nats-server with one user per role, and each user's config file."""
+
+    def __init__(self, tmp: Path, leaf_port: int = 0) -> None:
+        self.tmp = tmp
+        self.dir = tmp / "secure"
+        self.settings = load_settings(environ={"XDG_CONFIG_HOME": str(tmp / "none")})
+        write_secure(
+            self.settings,
+            self.dir,
+            workers=WORKERS,
+            server_url="nats://127.0.0.1:4222",
+            store_dir=str(tmp / "nats" / "jetstream"),
+            listen_host="127.0.0.1",
+            port=-1,
+            leaf_port=leaf_port,
+        )
+        data = tmp / "nats"
+        data.mkdir(parents=True, exist_ok=True)
+        (data / "permissions.conf").write_text((self.dir / "permissions.conf").read_text())
+        self.server = EmbeddedServer(data, port=-1, config_text=(self.dir / "server.conf").read_text())
+
+    def config(self, user: str) -> dict[str, Any]:
+        return tomllib.loads((self.dir / f"{user}.toml").read_text())
+
+    def env(self, user: str) -> dict[str, str]:
+        """The environment an agent of this user runs with: its config file, the server's URL."""
+        return {
+            **{k: v for k, v in os.environ.items() if not k.startswith("MESH_")},
+            **FAST_ENV,
+            "MESH_CONFIG": str(self.dir / f"{user}.toml"),
+            "MESH_NATS_URL": self.server.url,
+            "XDG_CONFIG_HOME": str(self.tmp / "none"),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    async def client(self, user: str) -> Refusals:
+        conf = self.config(user)
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc).lower())
+
+        nc = await nats.connect(
+            self.server.url,
+            user=conf["nats_user"],
+            password=conf["nats_password"],
+            inbox_prefix=inbox_prefix(conf["nats_user"]),
+            error_cb=on_error,
+            allow_reconnect=False,
+        )
+        return Refusals(user, nc, errors)
+
+
+class Refusals:
+    """One user's connection, and the permission errors the server sent it."""
+
+    def __init__(self, user: str, nc: Client, errors: list[str]) -> None:
+        self.user = user
+        self.nc = nc
+        self.errors = errors
+
+    async def refused_publish(self, subject: str) -> None:
+        await self.nc.publish(subject, b"{}", reply=self.nc.new_inbox())
+        await self.nc.flush()
+        expected = f'permissions violation for publish to "{subject.lower()}"'
+        await until(
+            lambda: any(expected in e for e in self.errors),
+            5.0,
+            f"{self.user} refused publishing to {subject}",
+        )
+
+    async def refused_subscribe(self, subject: str) -> None:
+        await self.nc.subscribe(subject)
+        await self.nc.flush()
+        expected = f'permissions violation for subscription to "{subject.lower()}"'
+        await until(
+            lambda: any(expected in e for e in self.errors),
+            5.0,
+            f"{self.user} refused subscribing to {subject}",
+        )
+
+    def clean(self) -> None:
+        assert not [e for e in self.errors if "permissions violation" in e], self.errors
+
+    async def close(self) -> None:
+        await self.nc.close()
+
+
+@pytest.fixture
+def secure(tmp_path: Path) -> Iterator[Secure]:
+    s = Secure(tmp_path)
+    s.server.start()
+    yield s
+    s.server.stop()
+
+
+@pytest.fixture
+async def resources(secure: Secure) -> AsyncIterator[Secure]:
+    """The streams and buckets, created by the CLI's user (as `mesh init` does)."""
+    code = subprocess.run(
+        [sys.executable, "-m", "mesh", "init"],
+        env=secure.env("cli"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert code.returncode == 0, code.stderr
+    yield secure
+
+
+P = "mesh"
+SUBMIT = f"{P}.cmd.submit"
+WORK = (f"{P}.work.cpu", f"{P}.work.llm.gemma3-270m", f"{P}.work.to.{WORKER}")
+
+# (user, subject): what the server must refuse each role
+FORBIDDEN_PUBLISH = [
+    # only the CLI submits plans (and cancels, and retries)
+    *[(u, SUBMIT) for u in ("brain", WORKER, "watchdog", "auditor", "exporter", "gateway")],
+    *[(u, f"{P}.cmd.cancel.p1") for u in (WORKER, "gateway", "brain")],
+    # only the brain queues work
+    *[(u, s) for u in ("gateway", WORKER, "watchdog", "cli") for s in WORK],
+    # only the brain writes transitions and records
+    *[(u, f"{P}.evt.task.p1.t1.succeeded") for u in (WORKER, "gateway", "cli", "watchdog")],
+    *[(u, f"$KV.{P}-tasks.p1.t1") for u in (WORKER, "gateway", "cli", "watchdog")],
+    (WORKER, f"$KV.{P}-brain.lease"),
+    (WORKER, f"{P}.evt.agent.{WORKER}.offline"),
+    ("watchdog", f"{P}.evt.agent.{WORKER}.offline"),
+    # a worker publishes only its own facts and GPU keys
+    (WORKER, f"{P}.evt.agent.{OTHER}.started"),
+    (WORKER, f"$KV.{P}-agents.{OTHER}"),
+    (WORKER, f"{P}.evt.gpu.t-gpu0.state"),
+    (WORKER, f"$KV.{P}-gpus.t-gpu0"),
+    (WORKER, f"{P}.evt.dead.{OTHER}"),
+    (GPU_WORKER, f"$KV.{P}-gpus.{WORKER}"),
+    (WORKER, f"$KV.{P}-gpu-control.t-gpu0.operator"),
+    # ...takes work only from its own queues...
+    (WORKER, f"$JS.API.CONSUMER.MSG.NEXT.{P.upper()}_WORK.worker-{OTHER}"),
+    (WORKER, f"$JS.API.CONSUMER.CREATE.{P.upper()}_WORK.worker-{OTHER}.{P}.work.to.{OTHER}"),
+    (WORKER, f"$JS.API.CONSUMER.CREATE.{P.upper()}_WORK.worker-{WORKER}.{P}.work.>"),
+    (WORKER, f"$JS.API.CONSUMER.MSG.NEXT.{P.upper()}_CMD.brain-cmd"),
+    (WORKER, f"$JS.API.CONSUMER.MSG.NEXT.{P.upper()}_EVENTS.brain-runs"),
+    # ...and cannot reach the gateway
+    (WORKER, f"{P}.esc.p1.t1"),
+    (WORKER, f"{P}.evt.esc.p1.t1.answered"),
+    (WORKER, f"$KV.{P}-gateway.state"),
+    (WORKER, f"$JS.API.CONSUMER.MSG.NEXT.{P.upper()}_ESC.gateway"),
+    (WORKER, f"$JS.API.STREAM.INFO.{P.upper()}_ESC"),
+    # the brain asks the gateway; it does not answer for it
+    ("brain", f"{P}.evt.esc.p1.t1.answered"),
+    # only the brain and the CLI create streams; nobody deletes or purges them
+    *[(u, f"$JS.API.STREAM.CREATE.{P.upper()}_EVENTS") for u in (WORKER, "watchdog", "gateway", "auditor")],
+    *[(u, f"$JS.API.STREAM.UPDATE.{P.upper()}_WORK") for u in (WORKER, "watchdog", "gateway", "exporter")],
+    *[(u, f"$JS.API.STREAM.DELETE.{P.upper()}_EVENTS") for u in ("brain", "cli", WORKER, "gateway")],
+    *[(u, f"$JS.API.STREAM.PURGE.{P.upper()}_WORK") for u in ("brain", "cli", WORKER, "gateway")],
+    # readers of the history leave the agents' durables alone
+    ("watchdog", f"$JS.API.CONSUMER.MSG.NEXT.{P.upper()}_EVENTS.brain-runs"),
+    ("exporter", f"$JS.API.CONSUMER.DELETE.{P.upper()}_EVENTS.auditor"),
+    ("auditor", f"$JS.API.CONSUMER.DELETE.{P.upper()}_EVENTS.auditor"),
+    ("gateway", f"$JS.API.CONSUMER.MSG.NEXT.{P.upper()}_EVENTS.brain-runs"),
+]
+
+FORBIDDEN_SUBSCRIBE = [
+    (WORKER, f"{P}.esc.>"),
+    (WORKER, f"{P}.evt.esc.>"),
+    (WORKER, f"{P}.cmd.>"),
+    (WORKER, "_INBOX.brain.>"),
+    (WORKER, f"_INBOX.{OTHER}.>"),
+    ("gateway", f"{P}.work.>"),
+    ("gateway", "_INBOX.cli.>"),
+    ("watchdog", f"{P}.cmd.submit"),
+    ("exporter", ">"),
+]
+
+
+def _by_user(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for user, subject in pairs:
+        out.setdefault(user, []).append(subject)
+    return out
+
+
+async def test_each_role_is_refused_what_it_must_not_do(secure: Secure) -> None:
+    for user, subjects in _by_user(FORBIDDEN_PUBLISH).items():
+        conn = await secure.client(user)
+        try:
+            for subject in subjects:
+                await conn.refused_publish(subject)
+        finally:
+            await conn.close()
+    for user, subjects in _by_user(FORBIDDEN_SUBSCRIBE).items():
+        conn = await secure.client(user)
+        try:
+            for subject in subjects:
+                await conn.refused_subscribe(subject)
+        finally:
+            await conn.close()
+
+
+async def test_a_worker_publishes_its_own_facts_and_is_refused_another_workers(resources: Secure) -> None:
+    """The same subjects that are refused for another worker's names are accepted for its own
+    (so the refusals above are about whose names, not about the subjects' shape)."""
+    mine = await resources.client(GPU_WORKER)
+    js = mine.nc.jetstream(timeout=5)
+    try:
+        ack = await js.publish(f"{P}.evt.gpu.t-gpu0.state", b"{}")
+        assert ack.stream == f"{P.upper()}_EVENTS"
+        ack = await js.publish(f"$KV.{P}-gpus.t-gpu0", b"{}")
+        assert ack.stream == f"KV_{P}-gpus"
+        ack = await js.publish(f"{P}.evt.agent.{GPU_WORKER}.started", b"{}")
+        assert ack.stream == f"{P.upper()}_EVENTS"
+        ack = await js.publish(f"{P}.evt.run.p1.t1.started", b"{}")
+        assert ack.stream == f"{P.upper()}_EVENTS"
+        mine.clean()
+        await mine.refused_publish(f"{P}.evt.gpu.t-cpu1.state")
+        await mine.refused_publish(f"{P}.evt.agent.{WORKER}.started")
+    finally:
+        await mine.close()
+
+
+async def test_the_gateway_answers_escalations_and_cannot_queue_work_or_submit(resources: Secure) -> None:
+    """Issue 7, permissions: with the gateway's credentials the server refuses work and
+    submissions, while what the gateway is for works."""
+    n = resources.settings.names
+    admin = await resources.client("cli")
+    brain = await resources.client("brain")
+    gateway = await resources.client("gateway")
+    try:
+        ajs = admin.nc.jetstream(timeout=5)
+        # the brain asks (`mesh init` created the escalation stream and the gateway's bucket)
+        await brain.nc.jetstream(timeout=5).publish(n.escalation("p1", "t1"), b'{"q": 1}')
+        # the gateway creates its own consumer and bucket, pulls the request, answers it
+        gjs = gateway.nc.jetstream(timeout=5)
+        await gjs.add_consumer(
+            n.esc_stream,
+            config=api.ConsumerConfig(
+                name=n.gateway_consumer, durable_name=n.gateway_consumer, filter_subject=n.esc_all
+            ),
+        )
+        sub = await gjs.pull_subscribe_bind(durable=n.gateway_consumer, stream=n.esc_stream)
+        msgs = await sub.fetch(1, timeout=5)
+        assert msgs[0].data == b'{"q": 1}'
+        await msgs[0].ack_sync()
+        ack = await gjs.publish(n.esc_event("p1", "t1", "answered"), b"{}")
+        assert ack.stream == n.events_stream
+        kv = await gjs.key_value(n.gateway_bucket)
+        await kv.put("budget", b"1")
+        gateway.clean()
+        # and it cannot queue work, submit, command, or touch those streams
+        for subject in (
+            n.work("cpu"),
+            n.work_llm("gemma3-270m"),
+            n.work_to(WORKER),
+            n.submit,
+            n.cancel("p1"),
+            n.retry("p1"),
+            n.escalation("p1", "t2"),
+            f"$JS.API.STREAM.CREATE.{n.work_stream}",
+            f"$JS.API.STREAM.DELETE.{n.work_stream}",
+            f"$JS.API.STREAM.PURGE.{n.cmd_stream}",
+            f"$JS.API.CONSUMER.CREATE.{n.work_stream}",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{n.work_stream}.mine",
+            f"$JS.API.CONSUMER.CREATE.{n.cmd_stream}.mine.{n.cmd_all}",
+            f"$JS.API.CONSUMER.DELETE.{n.work_stream}.workers-cpu",
+            f"$JS.API.CONSUMER.MSG.NEXT.{n.work_stream}.workers-cpu",
+        ):
+            await gateway.refused_publish(subject)
+        # and nothing it was refused reached a stream
+        info = await ajs.stream_info(n.work_stream)
+        assert info.state.messages == 0
+        info = await ajs.stream_info(n.cmd_stream)
+        assert info.state.messages == 0
+    finally:
+        for conn in (admin, brain, gateway):
+            await conn.close()
+
+
+async def test_a_plan_runs_with_every_agent_on_its_own_credentials(resources: Secure, tmp_path: Path) -> None:
+    mesh = Mesh(resources.server, tmp_path)
+    mesh.env = resources.env("cli")
+    mesh.settings = load_settings(environ=mesh.env)
+    log_from = len(resources.server.log_lines)
+    api = FakeAnthropic().__enter__()
+    api.then(Reply(result="forty-two"))
+    try:
+        for role in ("brain", "auditor", "watchdog", "exporter"):
+            mesh.env = resources.env(role)
+            mesh.start_agent(role, role, *(("--port", "0") if role == "exporter" else ()))
+        # the gateway, on its credentials, answering from a local Messages API
+        mesh.env = {
+            **resources.env("gateway"),
+            "MESH_GATEWAY_BASE_URL": api.base_url,
+            "MESH_GATEWAY_API_KEY": api.key,
+        }
+        mesh.start_agent("gateway", "gateway")
+        mesh.env = resources.env(WORKER)
+        mesh.worker(WORKER, 2)
+        mesh.env = resources.env(OTHER)
+        # a model worker on the CPU: it creates its own resource queue at start
+        mesh.start_agent(OTHER, "worker", "--gpu", "none", "--classes", "script,cpu")
+        mesh.env = resources.env("cli")
+        out = tmp_path / "out"
+        out.mkdir()
+        plan_id = await mesh.submit_text(
+            "# secured\n\n## Tasks\n\n"
+            + "".join(
+                f"### t{i}\n{'depends_on: t0' if i else ''}\n```shell\necho {i} >> {out}/ran\n```\n\n"
+                for i in range(6)
+            )
+            + "### ask\n- class: external\n\n```prompt\nWhat is six times seven?\n```\n"
+        )
+        plan = await mesh.wait_plan(plan_id, 60)
+        assert plan.status == "succeeded", await mesh.tasks(plan_id)
+        assert sorted((out / "ran").read_text().split()) == [str(i) for i in range(6)]
+        tasks = await mesh.tasks(plan_id)
+        workers = {t.worker for k, t in tasks.items() if k != "ask"}
+        assert workers <= {WORKER, OTHER}, workers
+        # the external task was answered through the gateway, not run by a worker
+        assert tasks["ask"].status == "succeeded" and tasks["ask"].worker == ""
+        (seen,) = api.requests()
+        assert "six times seven" in seen.user
+        # the model worker registered under its own id, with its own queue
+        agents = await mesh.history(f"{P}.evt.agent.*.started")
+        started = {subject.split(".")[3] for subject, _ in agents}
+        assert {WORKER, OTHER} <= started, started
+        bus = await mesh.bus()
+        own = await bus.js.consumer_info(bus.names.work_stream, bus.names.own_consumer(OTHER))
+        assert own.config.filter_subject == bus.names.work_to(OTHER)
+        violations = [line for line in resources.server.log_lines[log_from:] if "Violation" in line]
+        assert not violations, violations
+    finally:
+        await mesh.close()
+        mesh.stop_all()
+        api.__exit__()
+
+
+async def test_wrong_password_is_refused_with_a_clear_error(secure: Secure) -> None:
+    settings = load_settings(environ=secure.env(WORKER)).__class__(
+        server_url=secure.server.url, nats_user=WORKER, nats_password="not-the-password"
+    )
+    with pytest.raises(ServerUnavailable, match="refused the credentials of user 'worker-t-cpu1'"):
+        await connect(settings, "test")
+    with pytest.raises(ServerUnavailable, match="user '\\(none\\)'"):
+        await connect(load_settings(server=secure.server.url, environ={}), "test")
+
+
+def test_init_secure_writes_private_files_and_refuses_bad_worker_ids(tmp_path: Path, mesh: Mesh) -> None:
+    out = run_mesh(
+        mesh, "init", "--secure", str(tmp_path / "s"), "--worker", "worker-a-gpu0", "--worker", "w2"
+    )
+    assert out.returncode == 0, out.stderr
+    files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "s").iterdir()}
+    for name in ("server.conf", "cli.toml", "brain.toml", "worker-a-gpu0.toml", "w2.toml", "gateway.toml"):
+        assert files[name] == 0o600, (name, oct(files[name]))
+    worker = tomllib.loads((tmp_path / "s" / "w2.toml").read_text())
+    assert worker["agent_id"] == "w2" and worker["manage_resources"] is False
+    assert "manage_resources" not in tomllib.loads((tmp_path / "s" / "brain.toml").read_text())
+    # the server accepts the config as written
+    from mesh.embedded import find_server_binary
+
+    check = subprocess.run(
+        [find_server_binary(), "-t", "-c", str(tmp_path / "s" / "server.conf")],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    bad = run_mesh(mesh, "init", "--secure", str(tmp_path / "b"), "--worker", "a.b")
+    assert bad.returncode == 2
+    assert "worker id 'a.b' may hold only letters, digits" in bad.stderr
+    twice = run_mesh(mesh, "init", "--secure", str(tmp_path / "c"), "--worker", "w", "--worker", "w")
+    assert twice.returncode == 2 and "given twice" in twice.stderr
+    tls = run_mesh(
+        mesh, "init", "--secure", str(tmp_path / "d"), "--tls-cert", str(tmp_path / "s" / "w2.toml")
+    )
+    assert tls.returncode == 2 and "--tls-cert and --tls-key go together" in tls.stderr
+
+
+def test_a_password_without_a_user_is_a_clear_error(tmp_path: Path) -> None:
+    from mesh.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nats_password is set but nats_user is empty"):
+        load_settings(environ={"MESH_NATS_PASSWORD": "x", "XDG_CONFIG_HOME": str(tmp_path)})
+    with pytest.raises(ConfigError, match="replicas is 7"):
+        load_settings(environ={"MESH_REPLICAS": "7", "XDG_CONFIG_HOME": str(tmp_path)})
+
+
+def test_committed_permissions_match_the_rendering() -> None:
+    settings = load_settings(environ={"XDG_CONFIG_HOME": "/nonexistent"})
+    files = rendered(settings)
+    committed = (ROOT / "nats" / "secure" / "permissions.conf").read_text()
+    assert files["secure/permissions.conf"] == committed, "run `mesh init --render nats/`"
+
+
+def test_every_user_gets_its_own_inbox_and_roles_are_covered() -> None:
+    settings = load_settings(environ={"XDG_CONFIG_HOME": "/nonexistent"})
+    all_users = users(settings, WORKERS)
+    assert {u.role for u in all_users} == {
+        "cli",
+        "brain",
+        "worker",
+        "watchdog",
+        "auditor",
+        "exporter",
+        "gateway",
+    }
+    for user in all_users:
+        assert user.permissions.subscribe[0] == f"_INBOX.{user.name}.>"
+    text = render_permissions(settings, WORKERS)
+    assert text.count("PERMS_") == len(all_users)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    done = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def make_certificates(where: Path) -> dict[str, Path]:
+    """A CA, and a server and a client certificate it signed for 127.0.0.1 (openssl CLI)."""
+    where.mkdir(parents=True, exist_ok=True)
+    ca = "-x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=mesh-test-CA -keyout ca.key -out ca.pem"
+    _openssl("req", *ca.split(), cwd=where)
+    (where / "san.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    for name in ("server", "client"):
+        request = f"-newkey rsa:2048 -nodes -subj /CN={name} -keyout {name}.key -out {name}.csr"
+        _openssl("req", *request.split(), cwd=where)
+        sign = f"-req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile san.ext"
+        _openssl("x509", *sign.split(), "-out", f"{name}.pem", cwd=where)
+    return {n: where / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command to make certificates")
+async def test_tls_on_loopback_runs_a_plan_and_refuses_clients_without_ca_or_cert(tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    settings = load_settings(environ={"XDG_CONFIG_HOME": str(tmp_path / "none")})
+    conf = tmp_path / "secure"
+    write_secure(
+        settings,
+        conf,
+        workers=[WORKER],
+        server_url="tls://127.0.0.1:4222",
+        port=-1,
+        listen_host="127.0.0.1",
+        store_dir=str(tmp_path / "nats" / "jetstream"),
+        tls=Tls(str(certs["server.pem"]), str(certs["server.key"]), str(certs["ca.pem"]), True),
+        client_ca=str(certs["ca.pem"]),
+    )
+    data = tmp_path / "nats"
+    data.mkdir()
+    (data / "permissions.conf").write_text((conf / "permissions.conf").read_text())
+    server = EmbeddedServer(data, port=-1, config_text=(conf / "server.conf").read_text())
+    server.scheme = "tls"
+    server.start()
+    mesh = Mesh(server, tmp_path)
+    client_cert = {
+        "MESH_NATS_TLS_CERT": str(certs["client.pem"]),
+        "MESH_NATS_TLS_KEY": str(certs["client.key"]),
+    }
+
+    def env(user: str) -> dict[str, str]:
+        return {**mesh.env, "MESH_CONFIG": str(conf / f"{user}.toml"), **client_cert}
+
+    try:
+        assert server.url.startswith("tls://")
+        mesh.env = env("cli")
+        mesh.settings = load_settings(environ=mesh.env)
+        assert mesh.settings.nats_tls_ca == str(certs["ca.pem"])
+        for role in ("brain",):
+            mesh.env = env(role)
+            mesh.brain()
+        mesh.env = env(WORKER)
+        mesh.worker(WORKER, 2)
+        mesh.env = env("cli")
+        out = tmp_path / "ran"
+        plan_id = await mesh.submit_text(f"# tls\n\n## Tasks\n\n### a\n```shell\necho a > {out}\n```\n")
+        plan = await mesh.wait_plan(plan_id, 60)
+        assert plan.status == "succeeded"
+        assert out.read_text() == "a\n"
+        # the same user without the CA does not trust the server; without a client certificate
+        # the server does not let it in
+        no_ca = msgspec.structs.replace(mesh.settings, nats_tls_ca="")
+        with pytest.raises(ServerUnavailable, match="certificate this client does not trust"):
+            await connect(no_ca, "test", wait_s=30)  # refused at once, not retried
+        no_cert = msgspec.structs.replace(mesh.settings, nats_tls_cert="", nats_tls_key="")
+        with pytest.raises(ServerUnavailable, match="set nats_tls_cert and nats_tls_key"):
+            await connect(no_cert, "test")
+    finally:
+        await mesh.close()
+        mesh.stop_all()
+        server.stop()
+
+
+async def test_a_leaf_node_link_carries_only_what_the_gateways_user_may_publish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/multihost.md: the gateway host runs a leaf server of the rig's server, linked as
+    the gateway's user. What its clients publish crosses only where that user may publish.
+
+    (JetStream API calls do not cross this link as configured: see docs/multihost.md.)"""
+    from tests.test_cluster import free_ports
+
+    (leaf_port,) = free_ports(1)
+    rig = Secure(tmp_path / "rig", leaf_port=leaf_port)
+    rig.server.start()
+    password = rig.config("gateway")["nats_password"]
+    monkeypatch.setenv("MESH_LEAF_URL", f"nats-leaf://gateway:{password}@127.0.0.1:{leaf_port}")
+    leaf = EmbeddedServer(tmp_path / "leaf", port=-1, config_text=leaf_server_config("gateway-host", -1))
+    leaf.start()
+    n = rig.settings.names
+    admin = await rig.client("cli")
+    local = await nats.connect(leaf.url)
+    try:
+        ajs = admin.nc.jetstream(timeout=5)
+        for d in stream_definitions(rig.settings):
+            await ajs.add_stream(api.StreamConfig.from_response(dict(d)))
+
+        async def stored(stream: str) -> int:
+            return int((await ajs.stream_info(stream)).state.messages)
+
+        # the link is up once something the gateway may publish reaches the rig's history
+        async def answered() -> bool:
+            await local.publish(n.esc_event("p1", "t0", "answered"), b"{}")
+            await local.flush()
+            return await stored(n.events_stream) > 0
+
+        await until(answered, 20, "the leaf link to carry the gateway's answers", interval_s=0.2)
+        before = await stored(n.events_stream)
+        for subject in (n.work("cpu"), n.submit, n.cancel("p1"), n.escalation("p1", "t2")):
+            await local.publish(subject, b"{}")
+        # after them on the same link, something it may publish: once that is stored, the
+        # forbidden ones before it have been dealt with
+        await local.publish(n.esc_event("p1", "t1", "answered"), b"{}")
+        await local.flush()
+        await until(lambda: _more(stored(n.events_stream), before), 10, "the second answer", interval_s=0.1)
+        assert await stored(n.work_stream) == 0
+        assert await stored(n.cmd_stream) == 0
+    finally:
+        await local.close()
+        await admin.close()
+        leaf.stop()
+        rig.server.stop()
+
+
+async def _more(count: Any, than: int) -> bool:
+    return bool(await count > than)
