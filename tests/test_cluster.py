@@ -122,7 +122,12 @@ async def test_three_server_cluster_loses_a_server_mid_plan_and_nothing_is_lost(
 
         for name, proc in mesh.procs.items():
             assert proc.poll() is None, f"{name} died:\n{mesh.log(name)[-2000:]}"
-        await until(final, 120, "the plan to finish on two servers", interval_s=0.2)
+        try:
+            await until(final, 120, "the plan to finish on two servers", interval_s=0.2)
+        except AssertionError:
+            for name in mesh.procs:
+                print(f"--- {name}\n{mesh.log(name)[-4000:]}")
+            raise
         record = await mesh.plan(plan_id)
         assert record is not None and record.status == "succeeded", await mesh.tasks(plan_id)
         records = await mesh.tasks(plan_id)
