@@ -227,6 +227,40 @@ def utc_day(at: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(at))
 
 
+class BudgetAlert(msgspec.Struct, kw_only=True):
+    """An `escalation_budget` alert the gateway raised and has not resolved yet, as kept in its
+    bucket (`alert.<day|plan>.<name>`)."""
+
+    # `day:<YYYY-MM-DD>` or `plan:<plan>`
+    target: str
+    # the budget when it was raised, and the worst-case cost of the call it refused
+    limit_usd: float
+    need_usd: float
+    spent_usd: float
+    raised_at: float
+    message: str = ""
+
+
+def budget_cleared(
+    alert: BudgetAlert, today: str, plan_ended: bool, spent_usd: float, limit_usd: float
+) -> str:
+    """Why a raised budget alert no longer holds ('' : it still does).
+
+    It holds until its scope is over (a day's alert once another day began, a plan's once the
+    plan ended) or the call it refused would fit now: the budget was raised (or removed) in the
+    config, or the calls in flight when it was raised cost less than reserved."""
+    scope, _, name = alert.target.partition(":")
+    if scope == "day" and name != today:
+        return f"the day {name} is over"
+    if scope == "plan" and plan_ended:
+        return f"plan {name} ended"
+    if not limit_usd:
+        return "the budget was removed"
+    if spent_usd + alert.need_usd <= limit_usd:
+        return f"${spent_usd:.4f} spent of ${limit_usd:.2f}: a call fits again"
+    return ""
+
+
 @dataclass
 class RateLimiter:
     """Requests and tokens per minute over a sliding minute. Not shared between gateways: with

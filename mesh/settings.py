@@ -164,6 +164,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     gateway_concurrency: int = 4
     # a request the gateway holds is delivered again this long after the gateway died
     gateway_ack_wait_s: float = 30.0
+    # how often the gateway looks whether a budget alert it raised is over (a new day, the plan
+    # ended, the budget raised)
+    gateway_alert_check_s: float = 60.0
     # a task of a plan with `auto: true` escalation is escalated after this many local failures
     # (a plan's `after:` overrides it)
     escalate_after: int = 2
@@ -314,6 +317,7 @@ def gateway_problem(settings: Settings) -> str:
             "at least gateway_backoff_min_s",
         ),
         ("gateway_ack_wait_s", settings.gateway_ack_wait_s >= 1, "at least 1"),
+        ("gateway_alert_check_s", settings.gateway_alert_check_s > 0, "above 0"),
         ("escalate_after", settings.escalate_after >= 1, "at least 1"),
     ]
     for name, ok, want in checks:

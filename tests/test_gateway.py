@@ -16,12 +16,15 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 
 from mesh.escalation import (
     AnswerError,
+    BudgetAlert,
     RateLimiter,
     backoff_s,
+    budget_cleared,
     cost_usd,
     prepare,
     read_answer,
@@ -29,6 +32,7 @@ from mesh.escalation import (
 )
 from mesh.events import (
     AlertRaised,
+    AlertResolved,
     EscalationAnswered,
     EscalationFailed,
     EscalationRequest,
@@ -37,6 +41,7 @@ from mesh.events import (
     Message,
     TaskSpec,
 )
+from mesh.records import PlanRecord
 from mesh.redact import Redactor
 from mesh.settings import Price
 from tests.conftest import Mesh
@@ -44,7 +49,12 @@ from tests.fake_anthropic import FakeAnthropic, Reply
 from tests.faults import configure, run_mesh, until
 
 SECRET = "sk-ant-api03-" + "Zq7" * 12
-FAST = {"gateway_backoff_min_s": 0.2, "gateway_backoff_max_s": 2, "gateway_ack_wait_s": 3}
+FAST = {
+    "gateway_backoff_min_s": 0.2,
+    "gateway_backoff_max_s": 2,
+    "gateway_ack_wait_s": 3,
+    "gateway_alert_check_s": 0.5,
+}
 
 
 def request(task_id: str = "t", body: str = "What is 2 + 2?", **fields: object) -> EscalationRequest:
@@ -132,6 +142,18 @@ def test_cost_limits_and_backoff() -> None:
     assert retry_after_s({}, 0.0) is None
     delays = [backoff_s(n, 1.0, 60.0, "k") for n in range(1, 10)]
     assert all(1.0 <= d <= 60.0 for d in delays) and delays[-1] >= 30.0
+
+
+def test_a_budget_alert_holds_until_its_scope_is_over_or_a_call_fits_again() -> None:
+    day = BudgetAlert(target="day:2025-03-01", limit_usd=1.0, need_usd=0.2, spent_usd=0.9, raised_at=0.0)
+    assert budget_cleared(day, "2025-03-01", False, 0.9, 1.0) == ""
+    assert "over" in budget_cleared(day, "2025-03-02", False, 0.9, 1.0)  # the next day
+    assert "fits again" in budget_cleared(day, "2025-03-01", False, 0.9, 1.5)  # the budget raised
+    assert budget_cleared(day, "2025-03-01", False, 0.9, 1.05) == ""  # raised, but not enough
+    assert "removed" in budget_cleared(day, "2025-03-01", False, 0.9, 0.0)
+    plan = BudgetAlert(target="plan:p", limit_usd=1.0, need_usd=0.2, spent_usd=0.9, raised_at=0.0)
+    assert budget_cleared(plan, "2030-01-01", False, 0.9, 1.0) == ""  # a plan's alert has no day
+    assert "plan p ended" in budget_cleared(plan, "2030-01-01", True, 0.9, 1.0)
 
 
 # ---------------------------------------------------------------- a gateway process
@@ -235,6 +257,8 @@ async def test_over_budget_fails_with_budget_and_raises_an_alert(mesh: Mesh) -> 
         # which leaves too little of the plan's $0.005 for a second call's worst case
         start_gateway(mesh, api, gateway_budget_plan_usd=0.005, gateway_max_tokens=100)
         bus = await mesh.bus()
+        # the plan runs (as the brain would record it): its alert is not over with it
+        await (await bus.plans_kv()).put("p", msgspec.json.encode(PlanRecord(plan_id="p", title="p")))
         await bus.emit(request("one"))
         await until(lambda: _has(mesh, EscalationAnswered, "one"), 30, "the first answer", interval_s=0.2)
         await bus.emit(request("two"))
@@ -243,6 +267,29 @@ async def test_over_budget_fails_with_budget_and_raises_an_alert(mesh: Mesh) -> 
         alerts = [m for _, m in await mesh.history(bus.names.alerts_all) if isinstance(m, AlertRaised)]
         assert [(a.rule, a.target) for a in alerts] == [("escalation_budget", "plan:p")]
         assert len(api.requests()) == 1
+        # still over budget: a restarted gateway keeps the alert raised
+        mesh.kill("gateway", signal.SIGTERM)
+        mesh.start_agent("gateway-2", "gateway")
+        await until(
+            lambda: "budget alert plan:p holds" in mesh.log("gateway-2"), 30, "the restarted gateway's check"
+        )
+        assert await _resolved(mesh) == []
+        # the plan's budget raised in the config: the next gateway resolves the alert
+        mesh.kill("gateway-2", signal.SIGTERM)
+        mesh.env["MESH_GATEWAY_BUDGET_PLAN_USD"] = "1.0"
+        mesh.start_agent("gateway-3", "gateway")
+        (resolved,) = await until(lambda: _resolved(mesh), 30, "alert.resolved", interval_s=0.2)
+        assert (resolved.rule, resolved.target) == ("escalation_budget", "plan:p")
+        assert "fits again" in resolved.message and resolved.raised_at == alerts[0].at
+        assert resolved.threshold == 1.0
+        await bus.emit(request("three"))
+        await until(lambda: _has(mesh, EscalationAnswered, "three"), 30, "an answer again", interval_s=0.2)
+        assert len(await _resolved(mesh)) == 1
+
+
+async def _resolved(mesh: Mesh) -> list[AlertResolved]:
+    bus = await mesh.bus()
+    return [m for _, m in await mesh.history(bus.names.alerts_all) if isinstance(m, AlertResolved)]
 
 
 async def test_a_waiting_request_survives_a_killed_gateway_and_is_answered_once(
@@ -412,6 +459,26 @@ async def test_sensitive_tasks_are_not_escalated_and_budgets_fail_with_budget(me
         bus = await mesh.bus()
         alerts = [m for _, m in await mesh.history(bus.names.alerts_all) if isinstance(m, AlertRaised)]
         assert [a.rule for a in alerts] == ["escalation_budget"] and alerts[0].target.startswith("day:")
+        assert api.requests() == []
+
+
+async def test_a_plans_budget_alert_is_resolved_when_the_plan_ends(mesh: Mesh) -> None:
+    from mesh.top import EventFold
+
+    with FakeAnthropic() as api:
+        run_mesh_with_gateway(mesh, api, gateway_budget_plan_usd=0.0001)
+        plan_id = await mesh.submit_text(EXTERNAL, KEY="x")
+        plan = await mesh.wait_plan(plan_id)
+        assert plan.status == "failed" and (await mesh.tasks(plan_id))["ask"].reason == "budget"
+        (resolved,) = await until(lambda: _resolved(mesh), 30, "alert.resolved", interval_s=0.2)
+        assert resolved.target == f"plan:{plan_id}" and f"plan {plan_id} ended" in resolved.message
+        # `mesh top` no longer shows it firing
+        bus = await mesh.bus()
+        fold = EventFold()
+        for subject, msg in await mesh.history(bus.names.alerts_all):
+            fold.add(subject, msg)
+        assert [type(m).__name__ for _, m in fold.recent] == ["AlertRaised", "AlertResolved"]
+        assert fold.alerts() == []
         assert api.requests() == []
 
 
