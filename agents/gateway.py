@@ -95,7 +95,6 @@ class Gateway(Agent):
         super().__init__(settings, agent_id)
         self.redactor = Redactor(settings.redact)
         self.price = settings.price_table()[settings.gateway_model]
-        self.limiter = RateLimiter(settings.gateway_requests_per_min, settings.gateway_tokens_per_min)
         self.client: anthropic.AsyncAnthropic | None = None
         self.handlers: set[asyncio.Task[None]] = set()
         # requests being handled here, and the worst-case cost each has reserved, by spend key
@@ -277,25 +276,20 @@ class Gateway(Agent):
         if over:
             return await self._over(req, over, worst)
         tokens = prepared.tokens_in_estimate + s.gateway_max_tokens
-        while True:
-            delay = self.limiter.wait_s(tokens, time.time())
-            if delay <= 0:
-                break
-            log.info("%s: rate limit: waiting %.1fs", req.rid, delay)
-            if await self._sleep(delay):
-                return Wait(0.0, "the gateway stopped")
-        self.limiter.take(tokens, time.time())
+        taken_at = await self._rate_turn(req, tokens)
+        if taken_at is None:
+            return Wait(0.0, "the gateway stopped")
         keys = self._spend_keys(req, time.time())
         for key in keys:
             self.reserved[key] = self.reserved.get(key, 0.0) + worst
         try:
-            return await self._call(req, prepared, tries, tokens)
+            return await self._call(req, prepared, tries, tokens, taken_at)
         finally:
             for key in keys:
                 self.reserved[key] -= worst
 
     async def _call(
-        self, req: EscalationRequest, prepared: Prepared, tries: int, tokens: int
+        self, req: EscalationRequest, prepared: Prepared, tries: int, tokens: int, taken_at: float
     ) -> EscalationAnswered | EscalationFailed | Wait:
         s = self.settings
         assert self.client is not None
@@ -332,7 +326,7 @@ class Gateway(Agent):
         )
         tokens_out = usage.output_tokens
         cost = cost_usd(self.price, tokens_in, tokens_out)
-        self.limiter.settle(tokens, tokens_in + tokens_out, time.time())
+        await self._rate_settle(taken_at, tokens, tokens_in + tokens_out)
         await self._add_spend(req, cost, tokens_in, tokens_out)
         try:
             answer = read_answer(resp.content, req.followups_allowed)
@@ -513,6 +507,65 @@ class Gateway(Agent):
     def _alert_key(self, target: str) -> str:
         scope, _, name = target.partition(":")
         return self.names.gateway_alert_key(scope, name)
+
+    # rate limit: its log is in the bucket, shared by restarts ---------------------------
+    async def _rate_turn(self, req: EscalationRequest, tokens: int) -> float | None:
+        """Wait until a call of `tokens` fits the rate limits, then count it. Returns when it
+        was counted, or None when the gateway was asked to stop meanwhile."""
+        s = self.settings
+        if not (s.gateway_requests_per_min or s.gateway_tokens_per_min):
+            return time.time()
+        kv = await self.bus.gateway_kv()
+        while True:
+            limiter, revision = await self._rate_log(kv)
+            now = time.time()
+            delay = limiter.wait_s(tokens, now)
+            if delay > 0:
+                log.info("%s: rate limit: waiting %.1fs", req.rid, delay)
+                if await self._sleep(delay):
+                    return None
+                continue
+            limiter.take(tokens, now)
+            if await self._rate_store(kv, limiter, revision, now):
+                return now
+
+    async def _rate_settle(self, taken_at: float, estimated: int, actual: int) -> None:
+        """Count what a call really used instead of its estimate."""
+        s = self.settings
+        if not (s.gateway_requests_per_min or s.gateway_tokens_per_min):
+            return
+        kv = await self.bus.gateway_kv()
+        while True:
+            limiter, revision = await self._rate_log(kv)
+            limiter.settle(taken_at, estimated, actual)
+            if await self._rate_store(kv, limiter, revision, time.time()):
+                return
+
+    async def _rate_log(self, kv: Any) -> tuple[RateLimiter, int | None]:
+        """The calls of the last minute (by this gateway and those before it), and the revision
+        read (None: no log yet)."""
+        s = self.settings
+        limiter = RateLimiter(s.gateway_requests_per_min, s.gateway_tokens_per_min)
+        try:
+            entry = await kv.get(self.names.gateway_rate_key)
+        except nats.js.errors.KeyNotFoundError:
+            return limiter, None
+        try:
+            limiter.load(entry.value or b"")
+        except ValueError as exc:
+            log.error("the rate log is unreadable (%s); counting from an empty minute", exc)
+        return limiter, entry.revision
+
+    async def _rate_store(self, kv: Any, limiter: RateLimiter, revision: int | None, now: float) -> bool:
+        """Write the log by compare-and-swap; False when another write came first."""
+        try:
+            if revision is None:
+                await kv.create(self.names.gateway_rate_key, limiter.dump(now))
+            else:
+                await kv.update(self.names.gateway_rate_key, limiter.dump(now), last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
 
     # spend -------------------------------------------------------------------------------
     def _spend_keys(self, req: EscalationRequest, now: float) -> list[str]:

@@ -265,6 +265,11 @@ class Names:
         """`day.<YYYY-MM-DD>` or `plan.<plan>` in the gateway bucket."""
         return f"spend.{check_token(scope, 'spend scope')}.{check_token(name, 'spend name')}"
 
+    @property
+    def gateway_rate_key(self) -> str:
+        """The gateway's calls of the last minute (its rate limit's log)."""
+        return "rate"
+
     @staticmethod
     def gateway_alert_key(scope: str, name: str) -> str:
         """A budget alert the gateway raised and has not resolved (`alert.day.<date>`,

@@ -134,8 +134,19 @@ def test_cost_limits_and_backoff() -> None:
     limiter.take(600, 0.0)
     limiter.take(300, 30.0)
     assert limiter.wait_s(300, 31.0) == pytest.approx(29.0)  # the first call's tokens must age out
-    limiter.settle(300, 0, 31.0)  # the second call used nothing
+    # the log as kept in the bucket: a limiter loaded from it (a restarted gateway) agrees
+    restarted = RateLimiter(requests_per_min=0, tokens_per_min=1000)
+    restarted.load(limiter.dump(31.0))
+    assert restarted.wait_s(300, 31.0) == pytest.approx(29.0)
+    limiter.settle(30.0, 300, 0)  # the second call used nothing
     assert limiter.wait_s(300, 31.0) == 0.0
+    limiter.settle(0.0, 600, 100)  # the first used less than estimated, and still counts from 0.0
+    assert limiter.wait_s(950, 31.0) == pytest.approx(29.0)
+    assert limiter.wait_s(900, 31.0) == 0.0
+    limiter.load(limiter.dump(61.0))  # what left the window is not kept
+    assert limiter.dump(61.0) == b'{"calls":[[30.0,0]]}'
+    with pytest.raises(ValueError, match="not a rate log"):
+        limiter.load(b"[1, 2]")
     assert retry_after_s({"Retry-After": "7"}, 0.0) == 7.0
     assert retry_after_s({"retry-after-ms": "1500"}, 0.0) == 1.5
     assert retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:10 GMT"}, 1445412480.0) == 10.0
@@ -290,6 +301,30 @@ async def test_over_budget_fails_with_budget_and_raises_an_alert(mesh: Mesh) -> 
 async def _resolved(mesh: Mesh) -> list[AlertResolved]:
     bus = await mesh.bus()
     return [m for _, m in await mesh.history(bus.names.alerts_all) if isinstance(m, AlertResolved)]
+
+
+async def test_a_restarted_gateway_honours_the_rate_limit_of_the_one_before(mesh: Mesh) -> None:
+    with FakeAnthropic() as api:
+        start_gateway(mesh, api, gateway_requests_per_min=1)
+        bus = await mesh.bus()
+        await bus.emit(request("one"))
+        await until(lambda: _has(mesh, EscalationAnswered, "one"), 30, "the first answer", interval_s=0.2)
+        # the minute's one call is in the gateway's bucket, with what it really used
+        entry = await (await bus.gateway_kv()).get(bus.names.gateway_rate_key)
+        (answered,) = await _of_kind(mesh, EscalationAnswered)
+        (call,) = msgspec.json.decode(entry.value or b"")["calls"]
+        assert call[1] == answered.tokens_in + answered.tokens_out
+        mesh.kill("gateway")
+        start_gateway(mesh, api, name="gateway-2")
+        await bus.emit(request("two"))
+        # the new gateway knows the minute's call was made: the second waits its turn
+        await until(
+            lambda: "p.two.1: rate limit: waiting" in mesh.log("gateway-2"),
+            30,
+            "the restarted gateway waiting",
+        )
+        assert len(api.requests()) == 1
+        assert await _has(mesh, EscalationAnswered, "two") is None
 
 
 async def test_a_waiting_request_survives_a_killed_gateway_and_is_answered_once(
