@@ -170,6 +170,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # a task of a plan with `auto: true` escalation is escalated after this many local failures
     # (a plan's `after:` overrides it)
     escalate_after: int = 2
+    # the llm model (of the registry) that reviews failed attempts of plans with `review: true`
+    # under `## Escalation` ('' : the default llm model)
+    review_model: str = ""
 
     # the Prometheus exporter (`mesh agent exporter`) serves /metrics here
     metrics_host: str = "127.0.0.1"
@@ -277,6 +280,14 @@ def load_settings(
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     check_registry(settings.model_registry(), {**DEFAULT_MODELS, **settings.default_models})
+    if settings.review_model:
+        known = settings.model_registry().get(settings.review_model)
+        if known is None or known.kind != "llm":
+            llms = ", ".join(sorted(n for n, m in settings.model_registry().items() if m.kind == "llm"))
+            raise ConfigError(
+                f"review_model {settings.review_model!r} is not an llm model of the registry "
+                f"(llm models: {llms or 'none'}): name one, or add it under [models] (check {file})"
+            )
     for name, check in settings.health.items():
         if check.problem():
             raise ConfigError(f"[health.{name}]: {check.problem()} (check {file})")
