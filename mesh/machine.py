@@ -839,7 +839,7 @@ class _Decider:
             self.step.ignored = self._stale(rec, msg.attempt)
             return
         if rec.review and msg.ok:
-            answer = (msg.stdout_tail or msg.output).strip()
+            answer = (msg.output or msg.stdout_tail).strip()
             verdict = review.verdict(answer)
             error = "" if verdict else f"the review answered {answer[:200]!r}, neither ESCALATE nor RETRY"
             self._reviewed(rec, verdict, answer[:200], error, msg.worker)

@@ -39,6 +39,9 @@ from mesh.events import (
     EscalationWaiting,
     LocalAttempt,
     Message,
+    RunFinished,
+    TaskReviewed,
+    TaskReviewing,
     TaskSpec,
 )
 from mesh.records import PlanRecord
@@ -576,3 +579,52 @@ async def test_a_restarted_brain_sends_a_request_it_had_decided_but_not_sent(mes
 async def _stream_msgs(mesh: Mesh, stream: str) -> int:
     info = await (await mesh.bus()).js.stream_info(stream)
     return int(info.state.messages)
+
+
+REVIEWED = """\
+# Reviewed
+
+## Escalation
+- review: true
+
+## Tasks
+
+### convert
+- retries: 0
+
+```shell
+echo "converting the report"; echo "error: cannot decode report.xlsx: unknown format" >&2; exit 1
+```
+"""
+
+
+@pytest.mark.models
+async def test_a_failed_task_is_reviewed_by_the_local_model_and_takes_the_path_it_answers(mesh: Mesh) -> None:
+    """The real small model reviews the failure. Its answer is its own, but the grammar allows
+    only ESCALATE or RETRY: whichever it is, the brain must read it and act on it."""
+    with FakeAnthropic() as api:
+        api.then(Reply(result="the report, converted"))
+        run_mesh_with_gateway(mesh, api)
+        mesh.worker("gpu", 1, "--gpu", "none", "--classes", "script,llm")
+        plan_id = await mesh.submit_text(REVIEWED)
+        plan = await mesh.wait_plan(plan_id, timeout_s=240)
+        history = [m for _, m in await mesh.history() if getattr(m, "task_id", "") == "convert"]
+        (reviewing,) = [m for m in history if isinstance(m, TaskReviewing)]
+        assert reviewing.attempt == 2 and reviewing.model == "gemma3-270m" and reviewing.then == "fail"
+        assert reviewing.failed.attempt == 1 and "unknown format" in reviewing.failed.error
+        # the review ran on the model worker, as the task's second attempt
+        (review_run,) = [m for m in history if isinstance(m, RunFinished) and m.attempt == 2]
+        assert review_run.ok and review_run.model == "gemma3-270m"
+        assert '<data from="task convert (cpu, shell)">' in review_run.prompt
+        (done,) = [m for m in history if isinstance(m, TaskReviewed)]
+        assert done.answer == review_run.output.strip() and done.verdict == done.answer.lower()
+        convert = (await mesh.tasks(plan_id))["convert"]
+        if done.verdict == "escalate":
+            (seen,) = api.requests()
+            assert '"escalated_because": "review"' in seen.user and "unknown format" in seen.user
+            assert plan.status == "succeeded" and convert.escalated == "review" and convert.attempt == 3
+        else:
+            assert api.requests() == []
+            assert plan.status == "failed" and convert.reason == "error" and "unknown format" in convert.error
+        verify = run_mesh(mesh, "replay", "--verify")
+        assert verify.returncode == 0, verify.stdout + verify.stderr
