@@ -131,6 +131,7 @@ class Brain(Agent):
             archive_after_s=settings.archive_after_days * 86400.0,
             default_models={k: settings.default_model(k) for k in MODEL_KINDS},
             escalate_after=settings.escalate_after,
+            review_model=settings.review_model,
             placement=PlacementPolicy(
                 models={name: (m.kind, m.vram_mb) for name, m in settings.model_registry().items()},
                 keep_alive_s=settings.keep_alive_s,
@@ -660,6 +661,12 @@ class Brain(Agent):
             detail = f" ({getattr(ev, 'reason', '')}) {getattr(ev, 'error', '')[:120]!r}"
         elif tag == "task.escalated":
             detail = f" ({getattr(ev, 'why', '')}) as {getattr(ev, 'rid', '')}"
+        elif tag == "task.reviewing":
+            model, then = getattr(ev, "model", ""), getattr(ev, "then", "")
+            detail = f" attempt {getattr(ev, 'attempt', 0)} on {model} (else {then})"
+        elif tag == "task.reviewed":
+            said = getattr(ev, "answer", "") or getattr(ev, "error", "")[:120]
+            detail = f" {getattr(ev, 'verdict', '') or 'no verdict'}: {said!r}"
         elif tag == "task.redelivered":
             detail = f" to {getattr(ev, 'worker', '')} (delivery {getattr(ev, 'delivery', 0)})"
         elif tag == "plan.finished":

@@ -8,7 +8,8 @@ Wiring around `mesh.escalation`. For each request on its durable consumer (strea
    request older than `gateway_give_up_after_s` fails at once;
 3. the request is built and redacted, and priced at its worst (the input estimated, the output
    at `gateway_max_tokens`): over the day's or the plan's budget, it fails with reason `budget`
-   and an `alert.raised` (rule `escalation_budget`);
+   and an `alert.raised` (rule `escalation_budget`), kept in the bucket until it is resolved
+   (`alert.resolved`: the day or the plan is over, or the budget was raised);
 4. it waits for the rate limit, then calls the Messages API, heartbeating the request;
 5. an answer is recorded (spend, then the final event in the bucket), published as
    `esc.answered` and acknowledged; an unreachable API, a 429 or a 5xx publishes
@@ -36,12 +37,25 @@ from anthropic.types import MessageParam, ToolChoiceAnyParam, ToolParam
 from nats.aio.msg import Msg as NatsMsg
 
 from mesh.agent import Agent
-from mesh.bus import decode_or_none
-from mesh.escalation import AnswerError, Prepared, RateLimiter, Spend, cost_usd, prepare, read_answer, utc_day
+from mesh.bus import decode_or_none, read_bucket
+from mesh.errors import MeshError
+from mesh.escalation import (
+    AnswerError,
+    BudgetAlert,
+    Prepared,
+    RateLimiter,
+    Spend,
+    budget_cleared,
+    cost_usd,
+    prepare,
+    read_answer,
+    utc_day,
+)
 from mesh.escalation import backoff_s as esc_backoff_s
 from mesh.escalation import retry_after_s as esc_retry_after_s
 from mesh.events import (
     AlertRaised,
+    AlertResolved,
     EscalationAnswered,
     EscalationFailed,
     EscalationRequest,
@@ -50,6 +64,7 @@ from mesh.events import (
     encode,
     type_of,
 )
+from mesh.records import PLAN_FINAL_STATES, decode_plan
 from mesh.redact import Redactor
 from mesh.settings import Settings
 
@@ -62,6 +77,7 @@ RETRY_STATUSES = frozenset({408, 409, 429})
 # on stop, in-flight calls get this long to finish before they are handed back
 DRAIN_S = 20.0
 _spend_decoder = msgspec.json.Decoder(Spend)
+_alert_decoder = msgspec.json.Decoder(BudgetAlert)
 
 
 @dataclass(frozen=True)
@@ -79,13 +95,14 @@ class Gateway(Agent):
         super().__init__(settings, agent_id)
         self.redactor = Redactor(settings.redact)
         self.price = settings.price_table()[settings.gateway_model]
-        self.limiter = RateLimiter(settings.gateway_requests_per_min, settings.gateway_tokens_per_min)
         self.client: anthropic.AsyncAnthropic | None = None
         self.handlers: set[asyncio.Task[None]] = set()
         # requests being handled here, and the worst-case cost each has reserved, by spend key
         self.busy: set[str] = set()
         self.reserved: dict[str, float] = {}
         self.slots = settings.gateway_concurrency
+        # budget alerts found still holding (logged once each)
+        self.alerts_seen: set[str] = set()
 
     def running_keys(self) -> list[str]:
         return sorted(self.busy)
@@ -124,7 +141,14 @@ class Gateway(Agent):
 
     # run ---------------------------------------------------------------------------------
     async def run(self) -> None:
+        next_check = 0.0
         while not self.stop_requested.is_set():
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.settings.gateway_alert_check_s
+                try:
+                    await self.check_budget_alerts()
+                except TRANSIENT as exc:
+                    log.warning("checking the budget alerts failed (%r); trying again later", exc)
             free = self.settings.gateway_concurrency - len(self.handlers)
             if free <= 0:
                 await asyncio.wait(set(self.handlers), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
@@ -250,27 +274,22 @@ class Gateway(Agent):
         worst = cost_usd(self.price, prepared.tokens_in_estimate, s.gateway_max_tokens)
         over = await self._over_budget(req, worst)
         if over:
-            return await self._over(req, over)
+            return await self._over(req, over, worst)
         tokens = prepared.tokens_in_estimate + s.gateway_max_tokens
-        while True:
-            delay = self.limiter.wait_s(tokens, time.time())
-            if delay <= 0:
-                break
-            log.info("%s: rate limit: waiting %.1fs", req.rid, delay)
-            if await self._sleep(delay):
-                return Wait(0.0, "the gateway stopped")
-        self.limiter.take(tokens, time.time())
+        taken_at = await self._rate_turn(req, tokens)
+        if taken_at is None:
+            return Wait(0.0, "the gateway stopped")
         keys = self._spend_keys(req, time.time())
         for key in keys:
             self.reserved[key] = self.reserved.get(key, 0.0) + worst
         try:
-            return await self._call(req, prepared, tries, tokens)
+            return await self._call(req, prepared, tries, tokens, taken_at)
         finally:
             for key in keys:
                 self.reserved[key] -= worst
 
     async def _call(
-        self, req: EscalationRequest, prepared: Prepared, tries: int, tokens: int
+        self, req: EscalationRequest, prepared: Prepared, tries: int, tokens: int, taken_at: float
     ) -> EscalationAnswered | EscalationFailed | Wait:
         s = self.settings
         assert self.client is not None
@@ -307,7 +326,7 @@ class Gateway(Agent):
         )
         tokens_out = usage.output_tokens
         cost = cost_usd(self.price, tokens_in, tokens_out)
-        self.limiter.settle(tokens, tokens_in + tokens_out, time.time())
+        await self._rate_settle(taken_at, tokens, tokens_in + tokens_out)
         await self._add_spend(req, cost, tokens_in, tokens_out)
         try:
             answer = read_answer(resp.content, req.followups_allowed)
@@ -394,7 +413,9 @@ class Gateway(Agent):
             return done
         return None
 
-    async def _over(self, req: EscalationRequest, over: tuple[str, float, float]) -> EscalationFailed:
+    async def _over(
+        self, req: EscalationRequest, over: tuple[str, float, float], worst: float
+    ) -> EscalationFailed:
         scope, spent, limit = over
         now = time.time()
         message = (
@@ -402,6 +423,12 @@ class Gateway(Agent):
             f"{'gateway_budget_day_usd' if scope.startswith('day') else 'gateway_budget_plan_usd'} "
             f"or wait for the next day, then `mesh retry {req.plan_id}.{req.task_id}`"
         )
+        # kept until it is resolved (see check_budget_alerts), then the alert is published
+        kv = await self.bus.gateway_kv()
+        alert = BudgetAlert(
+            target=scope, limit_usd=limit, need_usd=worst, spent_usd=spent, raised_at=now, message=message
+        )
+        await kv.put(self._alert_key(scope), msgspec.json.encode(alert))
         await self.bus.emit(
             AlertRaised(
                 rule=BUDGET_RULE,
@@ -416,6 +443,129 @@ class Gateway(Agent):
             )
         )
         return await self._fail(req, "budget", message)
+
+    async def check_budget_alerts(self) -> None:
+        """Resolve each budget alert whose condition is over: its day ended, its plan ended, or
+        the call it refused fits the budget now (raised in the config, which a restart reads)."""
+        kv = await self.bus.gateway_kv()
+        s = self.settings
+        now = time.time()
+        for key, value in (await read_bucket(kv, "alert.>")).items():
+            try:
+                alert = _alert_decoder.decode(value)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.error("budget alert record %s is unreadable; dropping it", key)
+                await kv.delete(key)
+                continue
+            scope, _, name = alert.target.partition(":")
+            if scope == "day":
+                limit, spend_key = s.gateway_budget_day_usd, self.names.gateway_spend_key("day", name)
+            else:
+                limit, spend_key = s.gateway_budget_plan_usd, self.names.gateway_spend_key("plan", name)
+            spent = (await self._spend(kv, spend_key))[0].usd + self.reserved.get(spend_key, 0.0)
+            ended = scope == "plan" and await self._plan_ended(name)
+            why = budget_cleared(alert, utc_day(now), ended, spent, limit)
+            if not why:
+                if key not in self.alerts_seen:
+                    self.alerts_seen.add(key)
+                    log.info("budget alert %s holds: $%.4f spent of $%.2f", alert.target, spent, limit)
+                continue
+            # published first: a gateway dying before the delete resolves it again next time
+            await self.bus.emit(
+                AlertResolved(
+                    rule=BUDGET_RULE,
+                    target=alert.target,
+                    host=self.host,
+                    severity="warning",
+                    at=now,
+                    raised_at=alert.raised_at,
+                    metric="usd",
+                    value=spent,
+                    threshold=limit,
+                    message=f"escalation budget {alert.target}: {why}",
+                )
+            )
+            await kv.delete(key)
+            log.info("budget alert %s resolved: %s", alert.target, why)
+
+    async def _plan_ended(self, plan_id: str) -> bool:
+        """Whether a plan is final, or gone from the plans bucket (archived). A mesh without
+        that bucket yet knows no plan: not ended."""
+        try:
+            kv = await self.bus.plans_kv()
+        except MeshError:
+            return False
+        try:
+            entry = await kv.get(plan_id)
+        except nats.js.errors.KeyNotFoundError:
+            return True
+        try:
+            return decode_plan(entry.value or b"").status in PLAN_FINAL_STATES
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False
+
+    def _alert_key(self, target: str) -> str:
+        scope, _, name = target.partition(":")
+        return self.names.gateway_alert_key(scope, name)
+
+    # rate limit: its log is in the bucket, shared by restarts ---------------------------
+    async def _rate_turn(self, req: EscalationRequest, tokens: int) -> float | None:
+        """Wait until a call of `tokens` fits the rate limits, then count it. Returns when it
+        was counted, or None when the gateway was asked to stop meanwhile."""
+        s = self.settings
+        if not (s.gateway_requests_per_min or s.gateway_tokens_per_min):
+            return time.time()
+        kv = await self.bus.gateway_kv()
+        while True:
+            limiter, revision = await self._rate_log(kv)
+            now = time.time()
+            delay = limiter.wait_s(tokens, now)
+            if delay > 0:
+                log.info("%s: rate limit: waiting %.1fs", req.rid, delay)
+                if await self._sleep(delay):
+                    return None
+                continue
+            limiter.take(tokens, now)
+            if await self._rate_store(kv, limiter, revision, now):
+                return now
+
+    async def _rate_settle(self, taken_at: float, estimated: int, actual: int) -> None:
+        """Count what a call really used instead of its estimate."""
+        s = self.settings
+        if not (s.gateway_requests_per_min or s.gateway_tokens_per_min):
+            return
+        kv = await self.bus.gateway_kv()
+        while True:
+            limiter, revision = await self._rate_log(kv)
+            limiter.settle(taken_at, estimated, actual)
+            if await self._rate_store(kv, limiter, revision, time.time()):
+                return
+
+    async def _rate_log(self, kv: Any) -> tuple[RateLimiter, int | None]:
+        """The calls of the last minute (by this gateway and those before it), and the revision
+        read (None: no log yet)."""
+        s = self.settings
+        limiter = RateLimiter(s.gateway_requests_per_min, s.gateway_tokens_per_min)
+        try:
+            entry = await kv.get(self.names.gateway_rate_key)
+        except nats.js.errors.KeyNotFoundError:
+            return limiter, None
+        try:
+            limiter.load(entry.value or b"")
+        except ValueError as exc:
+            log.error("the rate log is unreadable (%s); counting from an empty minute", exc)
+        return limiter, entry.revision
+
+    async def _rate_store(self, kv: Any, limiter: RateLimiter, revision: int | None, now: float) -> bool:
+        """Write the log by compare-and-swap; False when another write came first."""
+        try:
+            if revision is None:
+                await kv.create(self.names.gateway_rate_key, limiter.dump(now))
+            else:
+                await kv.update(self.names.gateway_rate_key, limiter.dump(now), last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
 
     # spend -------------------------------------------------------------------------------
     def _spend_keys(self, req: EscalationRequest, now: float) -> list[str]:

@@ -227,10 +227,55 @@ def utc_day(at: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(at))
 
 
+class BudgetAlert(msgspec.Struct, kw_only=True):
+    """An `escalation_budget` alert the gateway raised and has not resolved yet, as kept in its
+    bucket (`alert.<day|plan>.<name>`)."""
+
+    # `day:<YYYY-MM-DD>` or `plan:<plan>`
+    target: str
+    # the budget when it was raised, and the worst-case cost of the call it refused
+    limit_usd: float
+    need_usd: float
+    spent_usd: float
+    raised_at: float
+    message: str = ""
+
+
+def budget_cleared(
+    alert: BudgetAlert, today: str, plan_ended: bool, spent_usd: float, limit_usd: float
+) -> str:
+    """Why a raised budget alert no longer holds ('' : it still does).
+
+    It holds until its scope is over (a day's alert once another day began, a plan's once the
+    plan ended) or the call it refused would fit now: the budget was raised (or removed) in the
+    config, or the calls in flight when it was raised cost less than reserved."""
+    scope, _, name = alert.target.partition(":")
+    if scope == "day" and name != today:
+        return f"the day {name} is over"
+    if scope == "plan" and plan_ended:
+        return f"plan {name} ended"
+    if not limit_usd:
+        return "the budget was removed"
+    if spent_usd + alert.need_usd <= limit_usd:
+        return f"${spent_usd:.4f} spent of ${limit_usd:.2f}: a call fits again"
+    return ""
+
+
+class RateLog(msgspec.Struct, kw_only=True):
+    """The calls of the last minute, as kept in the gateway's bucket (`rate`): (time, tokens)
+    each, the tokens estimated until the call answered, then what it used."""
+
+    calls: list[tuple[float, int]] = msgspec.field(default_factory=list)
+
+
+_rate_log_decoder = msgspec.json.Decoder(RateLog)
+
+
 @dataclass
 class RateLimiter:
-    """Requests and tokens per minute over a sliding minute. Not shared between gateways: with
-    one gateway per mesh, this is the mesh's rate."""
+    """Requests and tokens per minute over a sliding minute. The gateway keeps its log in its
+    bucket (see `dump` and `load`), so a restarted gateway honours the calls its predecessor
+    made."""
 
     requests_per_min: int
     tokens_per_min: int
@@ -259,9 +304,27 @@ class RateLimiter:
     def take(self, tokens: int, now: float) -> None:
         self._log.append((now, tokens))
 
-    def settle(self, estimated: int, actual: int, now: float) -> None:
-        """Replace a call's estimate with what it really used."""
-        self._log.append((now, actual - estimated))
+    def settle(self, taken_at: float, estimated: int, actual: int) -> None:
+        """Replace the estimate of the call taken at `taken_at` with what it really used (it
+        still counts from when it was taken). A call already out of the window is forgotten."""
+        for i, (at, tokens) in enumerate(self._log):
+            if at == taken_at and tokens == estimated:
+                self._log[i] = (at, actual)
+                return
+
+    def dump(self, now: float) -> bytes:
+        """The calls still in the window, encoded."""
+        self._forget(now)
+        return msgspec.json.encode(RateLog(calls=list(self._log)))
+
+    def load(self, data: bytes) -> None:
+        """Take the calls of a dumped log instead of those known here. Raises ValueError for
+        bytes that are no rate log."""
+        try:
+            log = _rate_log_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ValueError(f"not a rate log: {exc}") from exc
+        self._log = collections.deque(sorted(log.calls))
 
     def _forget(self, now: float) -> None:
         while self._log and self._log[0][0] <= now - self.window_s:

@@ -69,6 +69,8 @@ class EscalationPolicy(Struct, frozen=True):
     sensitive: bool = False
     # Claude may answer with follow-up tasks instead of a result
     followups: bool = True
+    # a failed local attempt is reviewed by a local model first, which may escalate it
+    review: bool = False
 
 
 class PlanSpec(Struct, frozen=True):
@@ -139,6 +141,8 @@ class WorkItem(Msg, frozen=True, tag="work"):
     model: str = ""
     inputs: tuple[str, ...] = ()
     max_tokens: int = 0
+    # llm prompt: a llama.cpp GBNF grammar the answer must match ('' : free text)
+    grammar: str = ""
 
 
 class ResourceItem(Msg, frozen=True, tag="resource"):
@@ -510,6 +514,41 @@ class TaskEscalated(Msg, frozen=True, tag="task.escalated"):
     after: LocalAttempt | None = None
 
 
+class TaskReviewing(Msg, frozen=True, tag="task.reviewing"):
+    """A local attempt failed in a plan with `review: true`: before the failure takes its course
+    (`then`: `retry` or `fail`), a local model reviews whether Claude should have the task.
+
+    The review runs as the task's next attempt (a work item of class llm on `model`, with the
+    prompt of `mesh.review`): the task is `ready`, then `running`, like any attempt. It is not
+    one of the task's own tries: it does not count against its retries or its escalation's
+    `after`."""
+
+    plan_id: str
+    task_id: str
+    attempt: int
+    at: float
+    model: str
+    # the failed attempt under review, and what follows it unless the review escalates
+    failed: LocalAttempt
+    then: str
+    duration_s: float = 0.0
+
+
+class TaskReviewed(Msg, frozen=True, tag="task.reviewed"):
+    """The review's outcome: `verdict` `escalate` (a `task.escalated`, why `review`, follows) or
+    `retry` (the failure takes its course: `task.retrying` or `task.failed`). '' when the
+    review failed or its answer was neither: the failure takes its course too."""
+
+    plan_id: str
+    task_id: str
+    attempt: int
+    at: float
+    verdict: str
+    answer: str = ""
+    error: str = ""
+    worker: str = ""
+
+
 class TaskFollowups(Msg, frozen=True, tag="task.followups"):
     """Claude answered an escalated task with follow-up tasks: the brain validated them like a
     plan's tasks and adds them to the plan. The escalated task succeeds when they all have
@@ -630,6 +669,8 @@ Message = (
     | TaskReset
     | TaskEscalated
     | TaskFollowups
+    | TaskReviewing
+    | TaskReviewed
     | AgentStarted
     | AgentStopped
     | AgentOffline
@@ -657,6 +698,8 @@ TaskTransition = (
     | TaskReset
     | TaskEscalated
     | TaskFollowups
+    | TaskReviewing
+    | TaskReviewed
 )
 
 # Everything the brain publishes that changes a record: what `mesh.machine.evolve` folds, and

@@ -335,7 +335,7 @@ def build_prompt(body: str, inputs: Mapping[str, str], order: Sequence[str] = ()
 
 
 def _prompt_work(item: WorkItem, inputs: Mapping[str, str], loaded: Any, stop: threading.Event) -> RunResult:
-    from llama_cpp import StoppingCriteriaList
+    from llama_cpp import LlamaGrammar, StoppingCriteriaList
 
     llm, spec = loaded.handle, loaded.spec
     prompt = build_prompt(item.body, inputs, item.inputs)
@@ -350,6 +350,8 @@ def _prompt_work(item: WorkItem, inputs: Mapping[str, str], loaded: Any, stop: t
             f"prompt is {len(tokens)} tokens and max_tokens {max_tokens}; the model {loaded.name} has "
             f"n_ctx {n_ctx}: shorten the prompt or raise n_ctx"
         )
+    # an answer held to a grammar (a review's one word) can be nothing else
+    grammar = LlamaGrammar.from_string(item.grammar, verbose=False) if item.grammar else None
     llm.reset()  # a fresh context: nothing of an earlier task's prompt is reused
     sampled: list[float] = []
 
@@ -367,6 +369,7 @@ def _prompt_work(item: WorkItem, inputs: Mapping[str, str], loaded: Any, stop: t
         temperature=spec.temperature,
         seed=spec.seed,
         stopping_criteria=StoppingCriteriaList([stopping]),
+        grammar=grammar,
     )
     ended = time.monotonic()
     choice = response["choices"][0]

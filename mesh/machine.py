@@ -21,10 +21,12 @@ import heapq
 import sys
 import zlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
 
+from mesh import review
 from mesh.errors import PlanError
 from mesh.events import (
     MODEL_BODY_KINDS,
@@ -59,6 +61,8 @@ from mesh.events import (
     TaskReleased,
     TaskReset,
     TaskRetrying,
+    TaskReviewed,
+    TaskReviewing,
     TaskSpec,
     TaskStarted,
     TaskSucceeded,
@@ -114,6 +118,9 @@ class Policy:
     default_models: dict[str, str] = field(default_factory=dict)
     # local failures after which a task of a plan with automatic escalation is escalated
     escalate_after: int = 2
+    # the llm model that reviews failed attempts of plans with `review: true` ('' : the default
+    # llm model)
+    review_model: str = ""
     placement: PlacementPolicy = field(default_factory=PlacementPolicy)
 
 
@@ -176,6 +183,12 @@ class State:
     _seq: int = 0
 
     def _count_demand(self, rec: TaskRecord, delta: int) -> None:
+        if rec.review:
+            # a review in flight is llm work on the review model, whatever the task's own class
+            self.demand[llm_demand_key(rec.review_model)] = (
+                self.demand.get(llm_demand_key(rec.review_model), 0) + delta
+            )
+            return
         if rec.spec.requires_external:
             return  # Claude does it: no GPU needs its model
         cls = rec.spec.cls
@@ -385,6 +398,10 @@ def evolve(state: State, ev: Msg) -> None:
         rec.escalated = ""
         rec.followups = []
         rec.attempts = []
+        rec.review = ""
+        rec.review_model = ""
+        rec.review_of = None
+        rec.reviews = 0
         rec.worker = ""
         rec.reason = ""
         rec.error = ""
@@ -416,6 +433,13 @@ def evolve(state: State, ev: Msg) -> None:
         rec.started_at = ev.at
         rec.not_before = 0.0
         _set_status(state, rec, ESCALATING, ev.at)
+    elif isinstance(ev, TaskReviewing):
+        _rekey_demand(state, rec, lambda: _start_review(rec, ev))
+        _set_status(state, rec, READY, ev.at)
+    elif isinstance(ev, TaskReviewed):
+        _rekey_demand(state, rec, lambda: _end_review(rec))
+        rec.updated_at = ev.at
+        state.dirty_tasks.add(rec.key)
     elif isinstance(ev, TaskFollowups):
         plan = state.plans.get(ev.plan_id)
         if plan is None or rec.followups or rec.status != ESCALATING:
@@ -455,6 +479,43 @@ def evolve(state: State, ev: Msg) -> None:
         rec.error = ev.reason
         rec.finished_at = ev.at
         _set_status(state, rec, CANCELLED, ev.at)
+
+
+def _rekey_demand(state: State, rec: TaskRecord, change: Callable[[], None]) -> None:
+    """Change what a record's demand is counted under (a review starting or ending) while it
+    may be counted."""
+    counted = rec.status in DEMAND_STATES
+    if counted:
+        state._count_demand(rec, -1)
+    change()
+    if counted:
+        state._count_demand(rec, 1)
+
+
+def _start_review(rec: TaskRecord, ev: TaskReviewing) -> None:
+    rec.attempt = ev.attempt
+    rec.review = ev.then
+    rec.review_model = ev.model
+    rec.review_of = ev.failed
+    rec.reviews += 1
+    rec.reason = ev.failed.reason
+    rec.error = ev.failed.error
+    rec.rc = ev.failed.rc
+    rec.duration_s = ev.duration_s
+    rec.worker = ""
+    rec.released_at = ev.at
+
+
+def _reviewed_attempts(rec: TaskRecord) -> list[LocalAttempt]:
+    """The failed attempts a review reads: the last few before, and the one it reviews."""
+    latest = [rec.review_of] if rec.review_of is not None else []
+    return [*rec.attempts[-(KEEP_ATTEMPTS - len(latest)) :], *latest]
+
+
+def _end_review(rec: TaskRecord) -> None:
+    rec.review = ""
+    rec.review_model = ""
+    rec.review_of = None
 
 
 def escalation_why(spec: TaskSpec) -> str:
@@ -550,8 +611,22 @@ _spec_encoder = msgspec.json.Encoder()
 
 
 def work_item(state: State, rec: TaskRecord) -> WorkItem:
-    """The work item of a task's current attempt."""
+    """The work item of a task's current attempt (a review's, while one is in flight)."""
     plan = state.plans.get(rec.plan_id)
+    if rec.review:
+        return WorkItem(
+            plan_id=rec.plan_id,
+            task_id=rec.task_id,
+            attempt=rec.attempt,
+            cls="llm",
+            kind="prompt",
+            body=review.prompt(rec.spec, _reviewed_attempts(rec)),
+            timeout_s=min(rec.spec.timeout_s, review.TIMEOUT_S),
+            workdir=plan.workdir if plan else "",
+            model=rec.review_model,
+            max_tokens=review.MAX_TOKENS,
+            grammar=review.GRAMMAR,
+        )
     return WorkItem(
         plan_id=rec.plan_id,
         task_id=rec.task_id,
@@ -567,6 +642,11 @@ def work_item(state: State, rec: TaskRecord) -> WorkItem:
         inputs=rec.spec.inputs,
         max_tokens=rec.spec.max_tokens,
     )
+
+
+def _tries(rec: TaskRecord) -> int:
+    """The task's own attempts since its last reset (reviews are not tries of the task)."""
+    return rec.attempt - rec.base_attempt - rec.reviews
 
 
 def backoff_s(key: str, attempt: int, policy: Policy) -> float:
@@ -590,7 +670,7 @@ class _Decider:
         plan_id = getattr(ev, "plan_id", None)
         if isinstance(plan_id, str):
             self.touched_plans.add(plan_id)
-        if isinstance(ev, TaskReleased):
+        if isinstance(ev, TaskReleased | TaskReviewing):
             self.step.work.append(work_item(self.state, self.state.tasks[f"{ev.plan_id}.{ev.task_id}"]))
 
     # inputs --------------------------------------------------------------
@@ -758,6 +838,12 @@ class _Decider:
         if rec is None or rec.status not in INFLIGHT_STATES or rec.attempt != msg.attempt:
             self.step.ignored = self._stale(rec, msg.attempt)
             return
+        if rec.review and msg.ok:
+            answer = (msg.output or msg.stdout_tail).strip()
+            verdict = review.verdict(answer)
+            error = "" if verdict else f"the review answered {answer[:200]!r}, neither ESCALATE nor RETRY"
+            self._reviewed(rec, verdict, answer[:200], error, msg.worker)
+            return
         if msg.ok:
             self.emit(
                 TaskSucceeded(
@@ -861,22 +947,46 @@ class _Decider:
     def _attempt_failed(
         self, rec: TaskRecord, reason: str, error: str, rc: int | None, worker: str, duration_s: float
     ) -> None:
-        if self._auto_escalates(rec, reason):
-            after = LocalAttempt(attempt=rec.attempt, worker=worker, error=error, rc=rc, reason=reason)
-            self.escalate(rec, "local_failures", after)
+        if rec.review:
+            # the review itself failed (an error, a timeout, its worker lost): no verdict
+            self._reviewed(rec, "", "", f"the review failed ({reason}): {error}"[-MAX_ERROR_CHARS:], worker)
             return
-        if reason not in NO_RETRY and rec.attempt - rec.base_attempt <= rec.spec.retries:
+        failed = LocalAttempt(attempt=rec.attempt, worker=worker, error=error, rc=rc, reason=reason)
+        if self._auto_escalates(rec, reason):
+            self.escalate(rec, "local_failures", failed)
+            return
+        retry = reason not in NO_RETRY and _tries(rec) <= rec.spec.retries
+        model = self._review_model(rec, reason)
+        if model:
+            self.emit(
+                TaskReviewing(
+                    plan_id=rec.plan_id,
+                    task_id=rec.task_id,
+                    attempt=rec.attempt + 1,
+                    at=self.now,
+                    model=model,
+                    failed=failed,
+                    then="retry" if retry else "fail",
+                    duration_s=duration_s,
+                )
+            )
+            return
+        self._retry_or_fail(rec, failed, retry, duration_s)
+
+    def _retry_or_fail(self, rec: TaskRecord, failed: LocalAttempt, retry: bool, duration_s: float) -> None:
+        """A failed local attempt takes its course: retried after a backoff, or failed for good."""
+        if retry:
             self.emit(
                 TaskRetrying(
                     plan_id=rec.plan_id,
                     task_id=rec.task_id,
-                    attempt=rec.attempt,
+                    attempt=failed.attempt,
                     at=self.now,
-                    retry_at=self.now + backoff_s(rec.key, rec.attempt, self.policy),
-                    reason=reason,
-                    error=error,
-                    rc=rc,
-                    worker=worker,
+                    retry_at=self.now + backoff_s(rec.key, failed.attempt, self.policy),
+                    reason=failed.reason,
+                    error=failed.error,
+                    rc=failed.rc,
+                    worker=failed.worker,
                     duration_s=duration_s,
                 )
             )
@@ -885,16 +995,52 @@ class _Decider:
             TaskFailed(
                 plan_id=rec.plan_id,
                 task_id=rec.task_id,
-                attempt=rec.attempt,
+                attempt=failed.attempt,
                 at=self.now,
-                reason=reason,
-                error=error,
-                rc=rc,
-                worker=worker,
+                reason=failed.reason,
+                error=failed.error,
+                rc=failed.rc,
+                worker=failed.worker,
                 duration_s=duration_s,
             )
         )
         self._fail_dependents(rec)
+
+    # review -----------------------------------------------------------------
+    def _review_model(self, rec: TaskRecord, reason: str) -> str:
+        """The model that reviews this failed attempt ('' : no review). Only a failure an
+        escalation could follow is reviewed, and never a sensitive task (the review's answer
+        would be withheld from the events, like all its output)."""
+        plan = self.state.plans.get(rec.plan_id)
+        if plan is None or not plan.escalation.review or reason not in ESCALATABLE or rec.spec.sensitive:
+            return ""
+        model = self.policy.review_model or self.policy.default_models.get("llm", "")
+        known = self.policy.placement.models
+        if not model or (known and known.get(model, ("", 0))[0] != "llm"):
+            return ""
+        return model
+
+    def _reviewed(self, rec: TaskRecord, verdict: str, answer: str, error: str, worker: str) -> None:
+        """A review is over: escalate on its word, else let the reviewed failure take its course
+        (retried or failed, as it would have been without the review)."""
+        failed = rec.review_of or LocalAttempt(attempt=rec.attempt, reason=rec.reason, error=rec.error)
+        then, duration_s = rec.review, rec.duration_s
+        self.emit(
+            TaskReviewed(
+                plan_id=rec.plan_id,
+                task_id=rec.task_id,
+                attempt=rec.attempt,
+                at=self.now,
+                verdict=verdict,
+                answer=answer,
+                error=error,
+                worker=worker,
+            )
+        )
+        if verdict == review.ESCALATE:
+            self.escalate(rec, "review", failed)
+            return
+        self._retry_or_fail(rec, failed, then == "retry", duration_s)
 
     # escalation -------------------------------------------------------------
     def escalate(self, rec: TaskRecord, why: str, after: LocalAttempt | None = None) -> None:
@@ -937,7 +1083,7 @@ class _Decider:
             return False
         if rec.spec.sensitive and not plan.escalation.sensitive:
             return False  # it stays local: retried, then failed as usual
-        failures = rec.attempt - rec.base_attempt
+        failures = _tries(rec)
         last = reason in NO_RETRY or failures > rec.spec.retries
         return failures >= (plan.escalation.after or self.policy.escalate_after) or last
 

@@ -21,7 +21,7 @@ Subjects
     <p>.evt.alert.<rule>.<type>        alerts raised and resolved by a host's watchdog
     <p>.esc.<plan>.<task>              escalation requests, brain -> gateway (escalation stream)
     <p>.evt.esc.<plan>.<task>.<type>   the gateway's answers, waits and failures
-    (bucket <p>-gateway: the gateway's spend and final answers; consumer `gateway` on <P>_ESC)
+    (bucket <p>-gateway: the gateway's spend, final answers and budget alerts; consumer `gateway` on <P>_ESC)
     <p>.tel.gpu.<host>.<index>         a GPU's telemetry sample   (core NATS, not stored)
     <p>.tel.host.<host>                a host's telemetry sample  (core NATS, not stored)
 """
@@ -264,6 +264,17 @@ class Names:
     def gateway_spend_key(scope: str, name: str) -> str:
         """`day.<YYYY-MM-DD>` or `plan.<plan>` in the gateway bucket."""
         return f"spend.{check_token(scope, 'spend scope')}.{check_token(name, 'spend name')}"
+
+    @property
+    def gateway_rate_key(self) -> str:
+        """The gateway's calls of the last minute (its rate limit's log)."""
+        return "rate"
+
+    @staticmethod
+    def gateway_alert_key(scope: str, name: str) -> str:
+        """A budget alert the gateway raised and has not resolved (`alert.day.<date>`,
+        `alert.plan.<plan>`)."""
+        return f"alert.{check_token(scope, 'alert scope')}.{check_token(name, 'alert name')}"
 
     @staticmethod
     def gateway_done_key(plan_id: str, task_id: str, attempt: int) -> str:

@@ -90,7 +90,7 @@ FIELDS: tuple[str, ...] = (
     "requires_external",
 )
 # the lines of a plan's `## Escalation` section
-ESCALATION_KEYS: tuple[str, ...] = ("auto", "after", "sensitive", "followups")
+ESCALATION_KEYS: tuple[str, ...] = ("auto", "after", "sensitive", "followups", "review")
 MAX_ESCALATE_AFTER = 100
 DEFAULT_CLASS: TaskClass = "cpu"
 DEFAULT_PRIORITY = 5
@@ -790,6 +790,7 @@ class _Parser:
             after=int(values.get("after", 0)),
             sensitive=bool(values.get("sensitive", False)),
             followups=bool(values.get("followups", True)),
+            review=bool(values.get("review", False)),
         )
 
     # ------------------------------------------------------------ tasks

@@ -62,6 +62,13 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     escalated: str = ""
     followups: list[str] = msgspec.field(default_factory=list)
     attempts: list[LocalAttempt] = msgspec.field(default_factory=list)
+    # a review in flight: what follows unless it escalates ('retry', 'fail'; '' : none), its
+    # model, and the failed attempt it reviews; `reviews` since the last reset (attempts that
+    # were reviews, not tries of the task)
+    review: str = ""
+    review_model: str = ""
+    review_of: LocalAttempt | None = None
+    reviews: int = 0
 
     @property
     def key(self) -> str:

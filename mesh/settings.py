@@ -164,9 +164,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     gateway_concurrency: int = 4
     # a request the gateway holds is delivered again this long after the gateway died
     gateway_ack_wait_s: float = 30.0
+    # how often the gateway looks whether a budget alert it raised is over (a new day, the plan
+    # ended, the budget raised)
+    gateway_alert_check_s: float = 60.0
     # a task of a plan with `auto: true` escalation is escalated after this many local failures
     # (a plan's `after:` overrides it)
     escalate_after: int = 2
+    # the llm model (of the registry) that reviews failed attempts of plans with `review: true`
+    # under `## Escalation` ('' : the default llm model)
+    review_model: str = ""
 
     # the Prometheus exporter (`mesh agent exporter`) serves /metrics here
     metrics_host: str = "127.0.0.1"
@@ -299,6 +305,14 @@ def load_settings(
     if problem:
         raise ConfigError(f"{problem} (check {file} and the {ENV_PREFIX}* environment variables)")
     check_registry(settings.model_registry(), {**DEFAULT_MODELS, **settings.default_models})
+    if settings.review_model:
+        known = settings.model_registry().get(settings.review_model)
+        if known is None or known.kind != "llm":
+            llms = ", ".join(sorted(n for n, m in settings.model_registry().items() if m.kind == "llm"))
+            raise ConfigError(
+                f"review_model {settings.review_model!r} is not an llm model of the registry "
+                f"(llm models: {llms or 'none'}): name one, or add it under [models] (check {file})"
+            )
     for name, check in settings.health.items():
         if check.problem():
             raise ConfigError(f"[health.{name}]: {check.problem()} (check {file})")
@@ -339,6 +353,7 @@ def gateway_problem(settings: Settings) -> str:
             "at least gateway_backoff_min_s",
         ),
         ("gateway_ack_wait_s", settings.gateway_ack_wait_s >= 1, "at least 1"),
+        ("gateway_alert_check_s", settings.gateway_alert_check_s > 0, "above 0"),
         ("escalate_after", settings.escalate_after >= 1, "at least 1"),
     ]
     for name, ok, want in checks:

@@ -16,12 +16,15 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 
 from mesh.escalation import (
     AnswerError,
+    BudgetAlert,
     RateLimiter,
     backoff_s,
+    budget_cleared,
     cost_usd,
     prepare,
     read_answer,
@@ -29,14 +32,19 @@ from mesh.escalation import (
 )
 from mesh.events import (
     AlertRaised,
+    AlertResolved,
     EscalationAnswered,
     EscalationFailed,
     EscalationRequest,
     EscalationWaiting,
     LocalAttempt,
     Message,
+    RunFinished,
+    TaskReviewed,
+    TaskReviewing,
     TaskSpec,
 )
+from mesh.records import PlanRecord
 from mesh.redact import Redactor
 from mesh.settings import Price
 from tests.conftest import Mesh
@@ -44,7 +52,12 @@ from tests.fake_anthropic import FakeAnthropic, Reply
 from tests.faults import configure, run_mesh, until
 
 SECRET = "sk-ant-api03-" + "Zq7" * 12
-FAST = {"gateway_backoff_min_s": 0.2, "gateway_backoff_max_s": 2, "gateway_ack_wait_s": 3}
+FAST = {
+    "gateway_backoff_min_s": 0.2,
+    "gateway_backoff_max_s": 2,
+    "gateway_ack_wait_s": 3,
+    "gateway_alert_check_s": 0.5,
+}
 
 
 def request(task_id: str = "t", body: str = "What is 2 + 2?", **fields: object) -> EscalationRequest:
@@ -124,14 +137,37 @@ def test_cost_limits_and_backoff() -> None:
     limiter.take(600, 0.0)
     limiter.take(300, 30.0)
     assert limiter.wait_s(300, 31.0) == pytest.approx(29.0)  # the first call's tokens must age out
-    limiter.settle(300, 0, 31.0)  # the second call used nothing
+    # the log as kept in the bucket: a limiter loaded from it (a restarted gateway) agrees
+    restarted = RateLimiter(requests_per_min=0, tokens_per_min=1000)
+    restarted.load(limiter.dump(31.0))
+    assert restarted.wait_s(300, 31.0) == pytest.approx(29.0)
+    limiter.settle(30.0, 300, 0)  # the second call used nothing
     assert limiter.wait_s(300, 31.0) == 0.0
+    limiter.settle(0.0, 600, 100)  # the first used less than estimated, and still counts from 0.0
+    assert limiter.wait_s(950, 31.0) == pytest.approx(29.0)
+    assert limiter.wait_s(900, 31.0) == 0.0
+    limiter.load(limiter.dump(61.0))  # what left the window is not kept
+    assert limiter.dump(61.0) == b'{"calls":[[30.0,0]]}'
+    with pytest.raises(ValueError, match="not a rate log"):
+        limiter.load(b"[1, 2]")
     assert retry_after_s({"Retry-After": "7"}, 0.0) == 7.0
     assert retry_after_s({"retry-after-ms": "1500"}, 0.0) == 1.5
     assert retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:10 GMT"}, 1445412480.0) == 10.0
     assert retry_after_s({}, 0.0) is None
     delays = [backoff_s(n, 1.0, 60.0, "k") for n in range(1, 10)]
     assert all(1.0 <= d <= 60.0 for d in delays) and delays[-1] >= 30.0
+
+
+def test_a_budget_alert_holds_until_its_scope_is_over_or_a_call_fits_again() -> None:
+    day = BudgetAlert(target="day:2025-03-01", limit_usd=1.0, need_usd=0.2, spent_usd=0.9, raised_at=0.0)
+    assert budget_cleared(day, "2025-03-01", False, 0.9, 1.0) == ""
+    assert "over" in budget_cleared(day, "2025-03-02", False, 0.9, 1.0)  # the next day
+    assert "fits again" in budget_cleared(day, "2025-03-01", False, 0.9, 1.5)  # the budget raised
+    assert budget_cleared(day, "2025-03-01", False, 0.9, 1.05) == ""  # raised, but not enough
+    assert "removed" in budget_cleared(day, "2025-03-01", False, 0.9, 0.0)
+    plan = BudgetAlert(target="plan:p", limit_usd=1.0, need_usd=0.2, spent_usd=0.9, raised_at=0.0)
+    assert budget_cleared(plan, "2030-01-01", False, 0.9, 1.0) == ""  # a plan's alert has no day
+    assert "plan p ended" in budget_cleared(plan, "2030-01-01", True, 0.9, 1.0)
 
 
 # ---------------------------------------------------------------- a gateway process
@@ -235,6 +271,8 @@ async def test_over_budget_fails_with_budget_and_raises_an_alert(mesh: Mesh) -> 
         # which leaves too little of the plan's $0.005 for a second call's worst case
         start_gateway(mesh, api, gateway_budget_plan_usd=0.005, gateway_max_tokens=100)
         bus = await mesh.bus()
+        # the plan runs (as the brain would record it): its alert is not over with it
+        await (await bus.plans_kv()).put("p", msgspec.json.encode(PlanRecord(plan_id="p", title="p")))
         await bus.emit(request("one"))
         await until(lambda: _has(mesh, EscalationAnswered, "one"), 30, "the first answer", interval_s=0.2)
         await bus.emit(request("two"))
@@ -243,6 +281,53 @@ async def test_over_budget_fails_with_budget_and_raises_an_alert(mesh: Mesh) -> 
         alerts = [m for _, m in await mesh.history(bus.names.alerts_all) if isinstance(m, AlertRaised)]
         assert [(a.rule, a.target) for a in alerts] == [("escalation_budget", "plan:p")]
         assert len(api.requests()) == 1
+        # still over budget: a restarted gateway keeps the alert raised
+        mesh.kill("gateway", signal.SIGTERM)
+        mesh.start_agent("gateway-2", "gateway")
+        await until(
+            lambda: "budget alert plan:p holds" in mesh.log("gateway-2"), 30, "the restarted gateway's check"
+        )
+        assert await _resolved(mesh) == []
+        # the plan's budget raised in the config: the next gateway resolves the alert
+        mesh.kill("gateway-2", signal.SIGTERM)
+        mesh.env["MESH_GATEWAY_BUDGET_PLAN_USD"] = "1.0"
+        mesh.start_agent("gateway-3", "gateway")
+        (resolved,) = await until(lambda: _resolved(mesh), 30, "alert.resolved", interval_s=0.2)
+        assert (resolved.rule, resolved.target) == ("escalation_budget", "plan:p")
+        assert "fits again" in resolved.message and resolved.raised_at == alerts[0].at
+        assert resolved.threshold == 1.0
+        await bus.emit(request("three"))
+        await until(lambda: _has(mesh, EscalationAnswered, "three"), 30, "an answer again", interval_s=0.2)
+        assert len(await _resolved(mesh)) == 1
+
+
+async def _resolved(mesh: Mesh) -> list[AlertResolved]:
+    bus = await mesh.bus()
+    return [m for _, m in await mesh.history(bus.names.alerts_all) if isinstance(m, AlertResolved)]
+
+
+async def test_a_restarted_gateway_honours_the_rate_limit_of_the_one_before(mesh: Mesh) -> None:
+    with FakeAnthropic() as api:
+        start_gateway(mesh, api, gateway_requests_per_min=1)
+        bus = await mesh.bus()
+        await bus.emit(request("one"))
+        await until(lambda: _has(mesh, EscalationAnswered, "one"), 30, "the first answer", interval_s=0.2)
+        # the minute's one call is in the gateway's bucket, with what it really used
+        entry = await (await bus.gateway_kv()).get(bus.names.gateway_rate_key)
+        (answered,) = await _of_kind(mesh, EscalationAnswered)
+        (call,) = msgspec.json.decode(entry.value or b"")["calls"]
+        assert call[1] == answered.tokens_in + answered.tokens_out
+        mesh.kill("gateway")
+        start_gateway(mesh, api, name="gateway-2")
+        await bus.emit(request("two"))
+        # the new gateway knows the minute's call was made: the second waits its turn
+        await until(
+            lambda: "p.two.1: rate limit: waiting" in mesh.log("gateway-2"),
+            30,
+            "the restarted gateway waiting",
+        )
+        assert len(api.requests()) == 1
+        assert await _has(mesh, EscalationAnswered, "two") is None
 
 
 async def test_a_waiting_request_survives_a_killed_gateway_and_is_answered_once(
@@ -415,6 +500,26 @@ async def test_sensitive_tasks_are_not_escalated_and_budgets_fail_with_budget(me
         assert api.requests() == []
 
 
+async def test_a_plans_budget_alert_is_resolved_when_the_plan_ends(mesh: Mesh) -> None:
+    from mesh.top import EventFold
+
+    with FakeAnthropic() as api:
+        run_mesh_with_gateway(mesh, api, gateway_budget_plan_usd=0.0001)
+        plan_id = await mesh.submit_text(EXTERNAL, KEY="x")
+        plan = await mesh.wait_plan(plan_id)
+        assert plan.status == "failed" and (await mesh.tasks(plan_id))["ask"].reason == "budget"
+        (resolved,) = await until(lambda: _resolved(mesh), 30, "alert.resolved", interval_s=0.2)
+        assert resolved.target == f"plan:{plan_id}" and f"plan {plan_id} ended" in resolved.message
+        # `mesh top` no longer shows it firing
+        bus = await mesh.bus()
+        fold = EventFold()
+        for subject, msg in await mesh.history(bus.names.alerts_all):
+            fold.add(subject, msg)
+        assert [type(m).__name__ for _, m in fold.recent] == ["AlertRaised", "AlertResolved"]
+        assert fold.alerts() == []
+        assert api.requests() == []
+
+
 async def test_a_killed_gateway_restarts_and_the_task_is_answered_once(mesh: Mesh) -> None:
     with FakeAnthropic() as api:
         api.default = lambda seen: Reply(status=429, headers={"retry-after": "1"})
@@ -474,3 +579,52 @@ async def test_a_restarted_brain_sends_a_request_it_had_decided_but_not_sent(mes
 async def _stream_msgs(mesh: Mesh, stream: str) -> int:
     info = await (await mesh.bus()).js.stream_info(stream)
     return int(info.state.messages)
+
+
+REVIEWED = """\
+# Reviewed
+
+## Escalation
+- review: true
+
+## Tasks
+
+### convert
+- retries: 0
+
+```shell
+echo "converting the report"; echo "error: cannot decode report.xlsx: unknown format" >&2; exit 1
+```
+"""
+
+
+@pytest.mark.models
+async def test_a_failed_task_is_reviewed_by_the_local_model_and_takes_the_path_it_answers(mesh: Mesh) -> None:
+    """The real small model reviews the failure. Its answer is its own, but the grammar allows
+    only ESCALATE or RETRY: whichever it is, the brain must read it and act on it."""
+    with FakeAnthropic() as api:
+        api.then(Reply(result="the report, converted"))
+        run_mesh_with_gateway(mesh, api)
+        mesh.worker("gpu", 1, "--gpu", "none", "--classes", "script,llm")
+        plan_id = await mesh.submit_text(REVIEWED)
+        plan = await mesh.wait_plan(plan_id, timeout_s=240)
+        history = [m for _, m in await mesh.history() if getattr(m, "task_id", "") == "convert"]
+        (reviewing,) = [m for m in history if isinstance(m, TaskReviewing)]
+        assert reviewing.attempt == 2 and reviewing.model == "gemma3-270m" and reviewing.then == "fail"
+        assert reviewing.failed.attempt == 1 and "unknown format" in reviewing.failed.error
+        # the review ran on the model worker, as the task's second attempt
+        (review_run,) = [m for m in history if isinstance(m, RunFinished) and m.attempt == 2]
+        assert review_run.ok and review_run.model == "gemma3-270m"
+        assert '<data from="task convert (cpu, shell)">' in review_run.prompt
+        (done,) = [m for m in history if isinstance(m, TaskReviewed)]
+        assert done.answer == review_run.output.strip() and done.verdict == done.answer.lower()
+        convert = (await mesh.tasks(plan_id))["convert"]
+        if done.verdict == "escalate":
+            (seen,) = api.requests()
+            assert '"escalated_because": "review"' in seen.user and "unknown format" in seen.user
+            assert plan.status == "succeeded" and convert.escalated == "review" and convert.attempt == 3
+        else:
+            assert api.requests() == []
+            assert plan.status == "failed" and convert.reason == "error" and "unknown format" in convert.error
+        verify = run_mesh(mesh, "replay", "--verify")
+        assert verify.returncode == 0, verify.stdout + verify.stderr

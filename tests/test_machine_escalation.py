@@ -17,8 +17,10 @@ from mesh.events import (
     TaskFollowups,
     TaskReleased,
     TaskRetrying,
+    TaskReviewed,
+    TaskReviewing,
 )
-from mesh.machine import Policy, replay
+from mesh.machine import Policy, replay, work_item
 from mesh.records import ESCALATING, FAILED, PENDING, SUCCEEDED
 from tests.test_machine import Driver, of_task, plan, reload, snapshot, statuses, task
 
@@ -228,3 +230,111 @@ def test_no_work_item_is_ever_made_for_an_escalated_task() -> None:
     assert not any(isinstance(e, TaskReleased) for e in d.events)
     assert d.work == []
     assert len(requests(d)) == 10
+
+
+# ---------------------------------------------------------------- the local review
+
+REVIEW = EscalationPolicy(review=True)
+
+
+def reviewing(d: Driver, task_id: str) -> list[TaskReviewing]:
+    return [e for e in of_task(d.events, task_id) if isinstance(e, TaskReviewing)]
+
+
+def reviewed(d: Driver, task_id: str) -> list[TaskReviewed]:
+    return [e for e in of_task(d.events, task_id) if isinstance(e, TaskReviewed)]
+
+
+def test_a_review_that_says_escalate_hands_the_task_to_claude() -> None:
+    d = Driver(policy=Policy(review_model="judge"))
+    d.submit(plan(task("build", retries=3), task("next", "build"), escalation=REVIEW))
+    d.run_task("build", ok=False, error="make: *** no rule to make target 'all'", rc=2)
+    (started,) = reviewing(d, "build")
+    assert (started.attempt, started.model, started.then) == (2, "judge", "retry")
+    assert (started.failed.attempt, started.failed.rc) == (1, 2)
+    rec = d.state.tasks["p1.build"]
+    assert rec.status == "ready" and rec.attempt == 2 and rec.review == "retry"
+    # the review is llm work on the review model, with the task and its error as data
+    item = d.take("build")
+    assert (item.cls, item.kind, item.model, item.attempt) == ("llm", "prompt", "judge", 2)
+    assert item.grammar == 'root ::= "ESCALATE" | "RETRY"' and item.max_tokens > 0
+    assert '<data from="task build (cpu, shell)">' in item.body and "no rule to make target" in item.body
+    assert d.state.demand.get("llm:judge") == 1
+    d.run(item, stdout_tail="ESCALATE")
+    (done,) = reviewed(d, "build")
+    assert (done.verdict, done.answer, done.worker) == ("escalate", "ESCALATE", "w1")
+    (req,) = requests(d)
+    assert req.why == "review" and req.attempt == 3 and [a.attempt for a in req.attempts] == [1]
+    assert "no rule to make target" in req.attempts[0].error
+    assert statuses(d.state) == {"build": ESCALATING, "next": PENDING}
+    assert not any(isinstance(e, TaskRetrying) for e in d.events)
+    assert d.state.demand.get("llm:judge", 0) == 0
+    answer(d, req, result="built")
+    assert statuses(d.state) == {"build": SUCCEEDED, "next": "ready"}
+    assert_replays(d)
+
+
+def test_a_review_that_says_retry_or_fails_or_answers_garbage_lets_the_failure_take_its_course() -> None:
+    d = Driver(policy=Policy(review_model="judge"))
+    d.submit(plan(task("flaky", retries=2), task("next", "flaky"), escalation=REVIEW))
+    d.run_task("flaky", ok=False, error="boom 1")
+    d.run(d.take("flaky"), stdout_tail="RETRY")  # the review, attempt 2
+    (retrying,) = [e for e in of_task(d.events, "flaky") if isinstance(e, TaskRetrying)]
+    assert retrying.attempt == 1 and retrying.error == "boom 1" and retrying.worker == "w1"
+    d.tick(at=d.now + 60)
+    item = d.take("flaky")
+    assert (item.attempt, item.cls, item.grammar) == (3, "cpu", "")  # the task itself again
+    d.run(item, ok=False, error="boom 3")
+    # reviews are not tries: with 2 retries, the second failure is still retried
+    assert reviewing(d, "flaky")[-1].then == "retry"
+    d.run(d.take("flaky"), stdout_tail="maybe later")  # an answer that is neither word
+    assert reviewed(d, "flaky")[-1].verdict == "" and "neither" in reviewed(d, "flaky")[-1].error
+    assert [e.attempt for e in of_task(d.events, "flaky") if isinstance(e, TaskRetrying)] == [1, 3]
+    d.tick(at=d.now + 600)
+    d.run_task("flaky", ok=False, error="boom 5")
+    assert reviewing(d, "flaky")[-1].then == "fail"
+    d.run(d.take("flaky"), ok=False, error="model crashed")  # the review itself fails
+    assert reviewed(d, "flaky")[-1].verdict == "" and "review failed" in reviewed(d, "flaky")[-1].error
+    (failed,) = [e for e in of_task(d.events, "flaky") if isinstance(e, TaskFailed)]
+    assert failed.attempt == 5 and failed.reason == "error" and failed.error == "boom 5"
+    assert statuses(d.state) == {"flaky": FAILED, "next": FAILED}
+    rec = d.state.tasks["p1.flaky"]
+    assert [a.attempt for a in rec.attempts] == [1, 3, 5] and rec.reviews == 3 and not requests(d)
+    assert_replays(d)
+
+
+def test_a_review_in_flight_survives_a_restart() -> None:
+    d = Driver(policy=Policy(review_model="judge"))
+    d.submit(plan(task("build", retries=0), escalation=REVIEW))
+    d.run_task("build", ok=False, error="boom")
+    (item,) = d.work
+    restored = Driver(state=reload(d.state, 60.0), now=d.now, policy=Policy(review_model="judge"))
+    rec = restored.state.tasks["p1.build"]
+    # what a restarted brain publishes again for a ready task: the same review item
+    assert work_item(restored.state, rec) == item
+    assert restored.state.demand.get("llm:judge") == 1
+    restored.run(item, stdout_tail="RETRY")
+    assert reviewed(restored, "build")[0].verdict == "retry"
+    assert statuses(restored.state) == {"build": FAILED}  # no retries left: failed for good
+    d.events.extend(restored.events)
+    assert snapshot(replay(d.events)) == snapshot(restored.state)
+
+
+def test_no_review_without_the_plan_asking_for_a_sensitive_task_or_before_automatic_escalation() -> None:
+    d = Driver(policy=Policy(review_model="judge"))
+    d.submit(plan(task("plain", retries=0)))
+    d.run_task("plain", ok=False)
+    d.submit(plan(task("secret", retries=0, sensitive=True), escalation=REVIEW), plan_id="p2")
+    d.run_task("secret", ok=False, plan_id="p2")
+    assert not reviewing(d, "plain") and not reviewing(d, "secret")
+    assert statuses(d.state) == {"plain": FAILED} and statuses(d.state, "p2") == {"secret": FAILED}
+    # with automatic escalation too, the N-th failure escalates as before: no review first
+    both = EscalationPolicy(review=True, auto=True, after=1)
+    d.submit(plan(task("auto", retries=3), escalation=both), plan_id="p3")
+    d.run_task("auto", ok=False, plan_id="p3")
+    assert not reviewing(d, "auto") and requests(d)[-1].why == "local_failures"
+    # no model to review with: the failure takes its course
+    bare = Driver()
+    bare.submit(plan(task("x", retries=0), escalation=REVIEW))
+    bare.run_task("x", ok=False)
+    assert not reviewing(bare, "x") and statuses(bare.state) == {"x": FAILED}
