@@ -332,12 +332,59 @@ def _kv_config(d: dict[str, Any]) -> api.KeyValueConfig:
 # ------------------------------------------------------------------ the bus
 
 
+class DomainJetStream(JetStreamContext):
+    """A JetStream context for a named domain (`$JS.<domain>.API`), KV writes included.
+
+    nats-py sends a bucket's writes to `$KV.<bucket>.<key>` whatever the domain. A server
+    with a domain does not let `$KV.>` cross a leaf node link; it takes KV writes for its
+    domain on `$JS.<domain>.API.$KV.>` and maps them to `$KV.>`. Reads already go through the
+    domain's API (stream info, direct and message gets, consumers), and publishes to other
+    streams' subjects cross as they are."""
+
+    def _route(self, subject: str) -> str:
+        if subject.startswith("$KV.") and self._prefix != api.DEFAULT_PREFIX:
+            return f"{self._prefix}.{subject}"
+        return subject
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float | None = None,
+        stream: str | None = None,
+        headers: dict[str, Any] | None = None,
+        msg_ttl: float | None = None,
+    ) -> api.PubAck:
+        return await super().publish(
+            self._route(subject), payload, timeout=timeout, stream=stream, headers=headers, msg_ttl=msg_ttl
+        )
+
+    async def publish_async(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        wait_stall: float | None = None,
+        stream: str | None = None,
+        headers: dict[str, Any] | None = None,
+        msg_ttl: float | None = None,
+    ) -> asyncio.Future[api.PubAck]:
+        subject = self._route(subject)
+        return await super().publish_async(
+            subject, payload, wait_stall=wait_stall, stream=stream, headers=headers, msg_ttl=msg_ttl
+        )
+
+
+def jetstream(nc: Client, settings: Settings, timeout: float = 10.0) -> JetStreamContext:
+    """The JetStream context of these settings: the server's own domain, or `jetstream_domain`."""
+    return DomainJetStream(nc, domain=settings.jetstream_domain or None, timeout=timeout)
+
+
 class Bus:
     """A connected client: JetStream context, KV handles and publish helpers."""
 
     def __init__(self, nc: Client, settings: Settings) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream(timeout=10.0)
+        self.js: JetStreamContext = jetstream(nc, settings)
         self.settings = settings
         self.names: Names = settings.names
         self._kv: dict[str, KeyValue] = {}

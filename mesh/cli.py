@@ -474,12 +474,31 @@ def init(
     leaf_port: Annotated[
         int, typer.Option("--leaf-port", help="with --secure: accept leaf node connections on this port")
     ] = 0,
+    domain: Annotated[
+        str,
+        typer.Option(
+            "--domain",
+            help="with --leaf-port: name the server's JetStream domain, and write gateway.toml and "
+            "gateway-host.conf for a gateway on a leaf node server (docs/multihost.md)",
+        ),
+    ] = "",
 ) -> None:
     """Create (or update) every stream, bucket and consumer on the server. Safe to repeat."""
     s = settings()
     if secure_dir is not None:
         _init_secure(
-            s, secure_dir, worker, url, port, store_dir, tls_cert, tls_key, tls_ca, verify_clients, leaf_port
+            s,
+            secure_dir,
+            worker,
+            url,
+            port,
+            store_dir,
+            tls_cert,
+            tls_key,
+            tls_ca,
+            verify_clients,
+            leaf_port,
+            domain,
         )
         return
     if render_dir is not None:
@@ -516,6 +535,7 @@ def _init_secure(
     tls_ca: Path | None,
     verify_clients: bool,
     leaf_port: int,
+    domain: str,
 ) -> None:
     from mesh.gpu import count_gpus
     from mesh.security import Tls, write_secure
@@ -526,6 +546,8 @@ def _init_secure(
         workers = [f"worker-{host}-gpu{i}" for i in range(count_gpus())] + [f"worker-{host}-cpu1"]
     if bool(tls_cert) != bool(tls_key):
         raise fail("--tls-cert and --tls-key go together: the server needs its certificate and its key")
+    if domain and not leaf_port:
+        raise fail("--domain needs --leaf-port: the domain is how a leaf node server reaches this one")
     if verify_clients and not tls_ca:
         raise fail("--verify-clients needs --tls-ca: the CA the clients' certificates are checked against")
     for path in (tls_cert, tls_key, tls_ca):
@@ -552,6 +574,7 @@ def _init_secure(
             tls=tls,
             client_ca=str(tls_ca.resolve()) if tls_ca else "",
             leaf_port=leaf_port,
+            domain=domain,
         )
     except (MeshError, ValueError) as exc:
         raise fail(str(exc)) from None
@@ -563,6 +586,13 @@ def _init_secure(
         f"{directory / 'cli.toml'} init` creates the streams and buckets",
         highlight=False,
     )
+    if domain:
+        out.print(
+            "on the gateway host: `MESH_LEAF_URL=nats-leaf://gateway:PASSWORD@<this host>:"
+            f"{leaf_port} nats-server -c gateway-host.conf` (PASSWORD from gateway.toml), then "
+            "`MESH_CONFIG=gateway.toml mesh agent gateway`",
+            highlight=False,
+        )
 
 
 @app.command()

@@ -131,7 +131,8 @@ async def check_jetstream(bus: Bus) -> list[Finding]:
         "enable JetStream in nats-server.conf (`jetstream { store_dir: ... }`, see nats/server.conf) "
         "and restart the server; with accounts, give mesh's account JetStream limits"
     )
-    if not (bus.nc._server_info or {}).get("jetstream", False):
+    # (a leaf server reaching another domain's JetStream runs none of its own)
+    if not bus.settings.jetstream_domain and not (bus.nc._server_info or {}).get("jetstream", False):
         return [fail("jetstream", "the server runs without JetStream", fix)]
     try:
         account = await bus.js.account_info()
@@ -161,7 +162,8 @@ async def check_jetstream(bus: Bus) -> list[Finding]:
 
 async def _api(bus: Bus, subject: str) -> dict[str, Any] | None:
     """A JetStream API request; None when the thing asked about does not exist."""
-    reply = await bus.nc.request(f"$JS.API.{subject}", b"", timeout=REQUEST_TIMEOUT_S)
+    # (`$JS.<domain>.API` where the settings name a JetStream domain)
+    reply = await bus.nc.request(f"{bus.js._prefix}.{subject}", b"", timeout=REQUEST_TIMEOUT_S)
     data: dict[str, Any] = msgspec.json.decode(reply.data)
     error = data.get("error")
     if error:

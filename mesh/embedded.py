@@ -41,8 +41,13 @@ def find_server_binary() -> str:
     )
 
 
-def server_config(port: int, store_dir: str, max_payload: int = 8 * 1024 * 1024, name: str = "mesh") -> str:
-    """A single-host server config with JetStream; the same shape as nats/server.conf."""
+def server_config(
+    port: int, store_dir: str, max_payload: int = 8 * 1024 * 1024, name: str = "mesh", domain: str = ""
+) -> str:
+    """A single-host server config with JetStream; the same shape as nats/server.conf.
+
+    With `domain` its JetStream answers also on `$JS.<domain>.API.>`, the way clients on a
+    leaf node server reach it (docs/multihost.md)."""
     return "\n".join(
         [
             f"server_name: {name}",
@@ -50,6 +55,7 @@ def server_config(port: int, store_dir: str, max_payload: int = 8 * 1024 * 1024,
             f"max_payload: {max_payload}",
             "jetstream {",
             f'  store_dir: "{store_dir}"',
+            *([f"  domain: {domain}"] if domain else []),
             "}",
             "",
         ]

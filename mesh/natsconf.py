@@ -82,10 +82,11 @@ def leaf_server_config(name: str, port: int, remote_url_variable: str = "MESH_LE
     """A server with no JetStream of its own that reaches the mesh's server as a leaf node.
 
     Its clients (the gateway on an internet-connected host) connect to it on loopback; it
-    forwards what they send, JetStream API calls included, over one outbound link whose
-    user's permissions decide what crosses. The link's URL, with that user's password, comes
-    from the environment variable `remote_url_variable` (nats-leaf://USER:PASSWORD@HOST:7422),
-    so no password is written here."""
+    forwards what they send over one outbound link whose user's permissions decide what
+    crosses. They reach the rig's JetStream through its domain (`jetstream_domain`), on
+    `$JS.<domain>.API.>`, which the rig's server maps to its own API. The link's URL, with
+    that user's password, comes from the environment variable `remote_url_variable`
+    (nats-leaf://USER:PASSWORD@HOST:7422), so no password is written here."""
     return (
         f"server_name: {name}\n"
         f"listen: 127.0.0.1:{port}\n"
@@ -110,10 +111,16 @@ def examples() -> dict[str, str]:
                 f"n{i + 1}", 4222, 6222, routes, "/var/lib/mesh/jetstream", host="0.0.0.0"
             )
         )
-    files["examples/leaf/gateway-host.conf"] = (
+    files["examples/leaf/gateway-host.conf"] = gateway_host_config(4222)
+    return files
+
+
+def gateway_host_config(port: int) -> str:
+    """The gateway host's leaf server, as `mesh init --secure --leaf-port P --domain D` writes it."""
+    return (
         "# The gateway host's server: a leaf node of the GPU rig's server (docs/multihost.md).\n"
+        "# It runs no JetStream: its clients reach the rig's, named by jetstream_domain.\n"
         "# Start it with (PASSWORD from the gateway.toml `mesh init --secure` wrote):\n"
         "#   MESH_LEAF_URL=nats-leaf://gateway:PASSWORD@rig.lan:7422 nats-server -c gateway-host.conf\n"
-        + leaf_server_config("gateway-host", 4222)
+        + leaf_server_config("gateway-host", port)
     )
-    return files

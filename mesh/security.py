@@ -144,6 +144,24 @@ def protect(stream: str, durables: Iterable[str]) -> list[str]:
     return out
 
 
+def in_domain(subjects: Iterable[str], domain: str) -> list[str]:
+    """These subjects, and each JetStream API subject and KV write again as a client on a leaf
+    node server sends it to the JetStream domain `domain`: `$JS.<domain>.API.…` for
+    `$JS.API.…`, and `$JS.<domain>.API.$KV.…` for `$KV.…` (the server with that domain maps
+    them back). A leaf link's user is checked against the subjects as they cross, so both
+    forms are allowed, and denied, alike."""
+    out = list(subjects)
+    if not domain:
+        return out
+    check_token(domain, "JetStream domain")
+    for subject in subjects:
+        if subject.startswith(f"{JS_API}."):
+            out.append(f"$JS.{domain}.API." + subject[len(JS_API) + 1 :])
+        elif subject.startswith("$KV."):
+            out.append(f"$JS.{domain}.API.{subject}")
+    return out
+
+
 def untouchable(stream: str) -> list[str]:
     """Every JetStream API call on a stream and its consumers."""
     return [
@@ -196,6 +214,8 @@ class Grants:
     """The names one mesh's permissions are written in."""
 
     settings: Settings
+    # the JetStream domain of the rig's server, which the gateway reaches over a leaf link
+    domain: str = ""
     n: Names = field(init=False)
 
     def __post_init__(self) -> None:
@@ -418,10 +438,11 @@ class Grants:
         deny = [n.work_all, n.cmd_all, n.esc_all, self.offline_deny, *keep_off]
         for s in (n.work_stream, n.cmd_stream):
             deny += untouchable(s)
+        # over a leaf node link its JetStream calls and KV writes arrive under the domain
         return Permissions(
-            publish=_unique(pub),
+            publish=_unique(in_domain(pub, self.domain)),
             subscribe=(self.inbox("gateway"),),
-            publish_deny=_unique(deny),
+            publish_deny=_unique(in_domain(deny, self.domain)),
         )
 
     def _observer(self) -> tuple[list[str], list[str]]:
@@ -442,9 +463,10 @@ class Grants:
 # ------------------------------------------------------------------ users and files
 
 
-def users(settings: Settings, workers: Iterable[str]) -> list[User]:
-    """One user per role, and one per worker (named by the worker's agent id)."""
-    g = Grants(settings)
+def users(settings: Settings, workers: Iterable[str], domain: str = "") -> list[User]:
+    """One user per role, and one per worker (named by the worker's agent id). With `domain`
+    the gateway's user may also reach the JetStream of that domain from a leaf node server."""
+    g = Grants(settings, domain)
     out = [
         User("cli", "cli", g.cli()),
         User("brain", "brain", g.brain()),
@@ -478,7 +500,7 @@ def _conf_list(items: Iterable[str], indent: str) -> str:
     return f"[\n{inner}{indent}]"
 
 
-def render_permissions(settings: Settings, workers: Iterable[str]) -> str:
+def render_permissions(settings: Settings, workers: Iterable[str], domain: str = "") -> str:
     """One `PERMS_<USER>` variable per user, for `server.conf` to refer to."""
     lines = [
         "# Subject permissions of each mesh user, rendered from mesh/security.py.",
@@ -486,7 +508,7 @@ def render_permissions(settings: Settings, workers: Iterable[str]) -> str:
         "",
     ]
     variables: dict[str, str] = {}
-    for user in users(settings, workers):
+    for user in users(settings, workers, domain):
         var = _variable(user.name)
         if var in variables:
             raise ConfigError(
@@ -526,13 +548,15 @@ def render_server_config(
     tls: Tls | None = None,
     name: str = "mesh",
     leaf_port: int = 0,
+    domain: str = "",
 ) -> str:
     """A server config with JetStream, a user per role (passwords given), and TLS if asked.
 
     With `leaf_port` it also accepts leaf node connections there (docs/multihost.md): a
     leaf server authenticates as one of the users, and only what that user may publish and
-    subscribe to crosses the link."""
-    base = server_config(port, store_dir, settings.max_payload_bytes, name=name).replace(
+    subscribe to crosses the link. With `domain` its JetStream has that domain name, which
+    clients on the leaf side name to reach it (`jetstream_domain`)."""
+    base = server_config(port, store_dir, settings.max_payload_bytes, name=name, domain=domain).replace(
         f"listen: 127.0.0.1:{port}", f"listen: {listen_host}:{port}"
     )
     lines = [
@@ -569,7 +593,14 @@ def new_password() -> str:
 
 
 def client_config(
-    user: User, password: str, server_url: str, *, prefix: str, tls_ca: str = "", manage: bool
+    user: User,
+    password: str,
+    server_url: str,
+    *,
+    prefix: str,
+    tls_ca: str = "",
+    manage: bool,
+    domain: str = "",
 ) -> str:
     """The TOML settings one agent (or the CLI) connects with."""
     lines = [
@@ -582,6 +613,9 @@ def client_config(
     ]
     if tls_ca:
         lines.append(f"nats_tls_ca = {_q(tls_ca)}")
+    if domain:
+        lines.append("# the rig's JetStream, reached through the leaf node server this host runs")
+        lines.append(f"jetstream_domain = {_q(domain)}")
     if user.agent_id:
         lines.append("# the server lets this user publish only as this agent")
         lines.append(f"agent_id = {_q(user.agent_id)}")
@@ -611,17 +645,28 @@ def write_secure(
     tls: Tls | None = None,
     client_ca: str = "",
     leaf_port: int = 0,
+    domain: str = "",
+    leaf_host_port: int = 4222,
 ) -> list[Path]:
-    """`mesh init --secure DIR`: server.conf, permissions.conf and `<user>.toml` for each user."""
+    """`mesh init --secure DIR`: server.conf, permissions.conf and `<user>.toml` for each user.
+
+    With `leaf_port` and `domain` (docs/multihost.md, the air-gapped rig): the server accepts
+    leaf node links and its JetStream is named `domain`; `gateway.toml` is for the gateway
+    host, whose gateway connects to its own leaf server on loopback port `leaf_host_port`,
+    whose config `gateway-host.conf` is written too."""
+    if domain and not leaf_port:
+        raise ConfigError("a JetStream domain is for a leaf node link: give the leaf port too")
+    if domain:
+        check_token(domain, "JetStream domain")
     base = Path(directory)
     base.mkdir(parents=True, exist_ok=True)
     os.chmod(base, 0o700)
     workers = list(workers)
-    all_users = users(settings, workers)
+    all_users = users(settings, workers, domain)
     passwords = {u.name: new_password() for u in all_users}
     written = []
     perms = base / "permissions.conf"
-    perms.write_text(render_permissions(settings, workers), encoding="utf-8")
+    perms.write_text(render_permissions(settings, workers, domain), encoding="utf-8")
     written.append(perms)
     server = base / "server.conf"
     _write_secret(
@@ -634,21 +679,31 @@ def write_secure(
             listen_host=listen_host,
             tls=tls,
             leaf_port=leaf_port,
+            domain=domain,
         ),
     )
     written.append(server)
     for user in all_users:
         path = base / f"{user.name}.toml"
+        # behind a leaf link the gateway speaks to its own host's server, without TLS on loopback
+        behind_leaf = bool(domain) and user.role == "gateway"
         _write_secret(
             path,
             client_config(
                 user,
                 passwords[user.name],
-                server_url,
+                f"nats://127.0.0.1:{leaf_host_port}" if behind_leaf else server_url,
                 prefix=settings.prefix,
-                tls_ca=client_ca,
+                tls_ca="" if behind_leaf else client_ca,
                 manage=user.role in MANAGERS,
+                domain=domain if behind_leaf else "",
             ),
         )
         written.append(path)
+    if domain:
+        from mesh.natsconf import gateway_host_config
+
+        host_conf = base / "gateway-host.conf"
+        host_conf.write_text(gateway_host_config(leaf_host_port), encoding="utf-8")
+        written.append(host_conf)
     return written

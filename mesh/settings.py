@@ -8,6 +8,7 @@ config file's `server_url`, then the embedded default (`mesh up`'s server on
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -205,6 +206,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     manage_resources: bool = True
     # copies of every stream and bucket kept by a JetStream cluster (1 on a single server)
     replicas: int = 1
+    # the JetStream domain this process's streams and buckets live in; empty: the server's own.
+    # A process on a leaf node server (the gateway host's, docs/multihost.md) names the rig's
+    # domain, and its JetStream calls go to `$JS.<domain>.API.…` and cross the link
+    jetstream_domain: str = ""
 
     @property
     def names(self) -> Names:
@@ -371,6 +376,9 @@ def gateway_problem(settings: Settings) -> str:
     return ""
 
 
+_DOMAIN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
 def security_problem(settings: Settings) -> str:
     """What is wrong with the credential, TLS and cluster settings, or ''."""
     if settings.nats_user and not settings.nats_password:
@@ -385,6 +393,11 @@ def security_problem(settings: Settings) -> str:
             return f"{name} {path!r} is not a file"
     if not 1 <= settings.replicas <= 5:
         return f"replicas is {settings.replicas}: JetStream keeps 1 to 5 copies (3 on a 3-server cluster)"
+    if settings.jetstream_domain and not _DOMAIN.match(settings.jetstream_domain):
+        return (
+            f"jetstream_domain {settings.jetstream_domain!r} may hold only letters, digits, '-' and '_' "
+            "(it is one token of a subject)"
+        )
     if settings.agent_id:
         try:
             Names(settings.prefix).own_consumer(settings.agent_id)

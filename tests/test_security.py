@@ -14,15 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.js import api
 
 import nats
-from mesh.bus import connect, stream_definitions
+from mesh.bus import DomainJetStream, connect, read_bucket
 from mesh.embedded import EmbeddedServer
 from mesh.errors import ServerUnavailable
-from mesh.natsconf import leaf_server_config, rendered
+from mesh.natsconf import rendered
+from mesh.records import AgentRecord
 from mesh.security import Tls, inbox_prefix, render_permissions, users, write_secure
 from mesh.settings import load_settings
 from tests.conftest import FAST_ENV, ROOT, Mesh
@@ -40,7 +43,7 @@ WORKERS = (WORKER, OTHER, GPU_WORKER)
 class Secure:
     """A nats-server with one user per role, and each user's config file."""
 
-    def __init__(self, tmp: Path, leaf_port: int = 0) -> None:
+    def __init__(self, tmp: Path, leaf_port: int = 0, domain: str = "") -> None:
         self.tmp = tmp
         self.dir = tmp / "secure"
         self.settings = load_settings(environ={"XDG_CONFIG_HOME": str(tmp / "none")})
@@ -53,6 +56,9 @@ class Secure:
             listen_host="127.0.0.1",
             port=-1,
             leaf_port=leaf_port,
+            domain=domain,
+            # the gateway host's leaf server (gateway-host.conf) on any free loopback port
+            leaf_host_port=-1,
         )
         data = tmp / "nats"
         data.mkdir(parents=True, exist_ok=True)
@@ -416,6 +422,41 @@ def test_init_secure_writes_private_files_and_refuses_bad_worker_ids(tmp_path: P
     assert tls.returncode == 2 and "--tls-cert and --tls-key go together" in tls.stderr
 
 
+def test_init_secure_with_a_domain_writes_the_gateway_hosts_files(tmp_path: Path, mesh: Mesh) -> None:
+    """`mesh init --secure --leaf-port P --domain D`: the rig's server names its JetStream
+    domain and accepts leaf links; the gateway's file points at its own host's leaf server
+    and names the domain; only the gateway's user gets the domain's subjects."""
+    d = tmp_path / "s"
+    done = run_mesh(
+        mesh, "init", "--secure", str(d), "--worker", "w1", "--leaf-port", "7422", "--domain", "rig"
+    )
+    assert done.returncode == 0, done.stderr
+    server = (d / "server.conf").read_text()
+    assert "  domain: rig\n" in server and "leafnodes {\n  listen: 0.0.0.0:7422\n}" in server
+    gateway = tomllib.loads((d / "gateway.toml").read_text())
+    assert gateway["jetstream_domain"] == "rig" and gateway["server_url"] == "nats://127.0.0.1:4222"
+    assert "jetstream_domain" not in tomllib.loads((d / "brain.toml").read_text())
+    assert (d / "gateway-host.conf").read_text() == rendered(mesh.settings)["examples/leaf/gateway-host.conf"]
+    perms = (d / "permissions.conf").read_text()
+    gateway_perms = perms[perms.index("PERMS_GATEWAY") :].split("\n}\n")[0]
+    assert '"$JS.rig.API.CONSUMER.MSG.NEXT.MESH_ESC.gateway"' in gateway_perms
+    assert '"$JS.rig.API.$KV.mesh-gateway.>"' in gateway_perms
+    # ...denied alike under the domain
+    assert '"$JS.rig.API.STREAM.*.MESH_WORK"' in gateway_perms
+    assert perms.count("$JS.rig.API.") == gateway_perms.count("$JS.rig.API.")
+    from mesh.embedded import find_server_binary
+
+    check = subprocess.run(
+        [find_server_binary(), "-t", "-c", str(d / "server.conf")], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    alone = run_mesh(mesh, "init", "--secure", str(tmp_path / "a"), "--domain", "rig")
+    assert alone.returncode == 2 and "--domain needs --leaf-port" in alone.stderr
+    bad = run_mesh(mesh, "init", "--secure", str(tmp_path / "b"), "--leaf-port", "7422", "--domain", "a.b")
+    assert bad.returncode == 2 and "JetStream domain 'a.b' may hold only" in bad.stderr
+
+
 def test_a_password_without_a_user_is_a_clear_error(tmp_path: Path) -> None:
     from mesh.errors import ConfigError
 
@@ -423,6 +464,8 @@ def test_a_password_without_a_user_is_a_clear_error(tmp_path: Path) -> None:
         load_settings(environ={"MESH_NATS_PASSWORD": "x", "XDG_CONFIG_HOME": str(tmp_path)})
     with pytest.raises(ConfigError, match="replicas is 7"):
         load_settings(environ={"MESH_REPLICAS": "7", "XDG_CONFIG_HOME": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"jetstream_domain 'a\.b' may hold only"):
+        load_settings(environ={"MESH_JETSTREAM_DOMAIN": "a.b", "XDG_CONFIG_HOME": str(tmp_path)})
 
 
 def test_committed_permissions_match_the_rendering() -> None:
@@ -532,56 +575,117 @@ async def test_tls_on_loopback_runs_a_plan_and_refuses_clients_without_ca_or_cer
         server.stop()
 
 
-async def test_a_leaf_node_link_carries_only_what_the_gateways_user_may_publish(
+async def test_the_gateway_on_a_leaf_node_server_answers_through_the_link_and_nothing_else_crosses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """docs/multihost.md: the gateway host runs a leaf server of the rig's server, linked as
-    the gateway's user. What its clients publish crosses only where that user may publish.
-
-    (JetStream API calls do not cross this link as configured: see docs/multihost.md.)"""
+    """docs/multihost.md, the air-gapped rig: the rig's server (secure, JetStream in domain
+    `rig`) runs the brain and a worker; the gateway host runs its own leaf server, linked as
+    the gateway's user, and the real gateway connects to that on loopback with the files
+    `mesh init --secure --leaf-port P --domain rig` wrote. An external task is answered
+    through the link, and what the gateway's user may not do does not cross it."""
     from tests.test_cluster import free_ports
 
     (leaf_port,) = free_ports(1)
-    rig = Secure(tmp_path / "rig", leaf_port=leaf_port)
+    rig = Secure(tmp_path / "rig", leaf_port=leaf_port, domain="rig")
     rig.server.start()
-    password = rig.config("gateway")["nats_password"]
-    monkeypatch.setenv("MESH_LEAF_URL", f"nats-leaf://gateway:{password}@127.0.0.1:{leaf_port}")
-    leaf = EmbeddedServer(tmp_path / "leaf", port=-1, config_text=leaf_server_config("gateway-host", -1))
+    gateway_conf = rig.config("gateway")
+    assert gateway_conf["jetstream_domain"] == "rig" and "nats_tls_ca" not in gateway_conf
+    assert gateway_conf["server_url"].startswith("nats://127.0.0.1:")
+    monkeypatch.setenv(
+        "MESH_LEAF_URL", f"nats-leaf://gateway:{gateway_conf['nats_password']}@127.0.0.1:{leaf_port}"
+    )
+    leaf = EmbeddedServer(tmp_path / "leaf", port=-1, config_text=(rig.dir / "gateway-host.conf").read_text())
     leaf.start()
-    n = rig.settings.names
-    admin = await rig.client("cli")
-    local = await nats.connect(leaf.url)
+    mesh = Mesh(rig.server, tmp_path)
+    api_ = FakeAnthropic().__enter__()
+    api_.then(Reply(result="forty-two"))
+    local: Client | None = None
     try:
-        ajs = admin.nc.jetstream(timeout=5)
-        for d in stream_definitions(rig.settings):
-            await ajs.add_stream(api.StreamConfig.from_response(dict(d)))
+        init = subprocess.run(
+            [sys.executable, "-m", "mesh", "init"],
+            env=rig.env("cli"),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert init.returncode == 0, init.stderr
+        mesh.env = rig.env("brain")
+        mesh.brain()
+        mesh.env = rig.env(WORKER)
+        mesh.worker(WORKER, 2)
+        # the gateway on the gateway host: its own file, its host's leaf server, a model API
+        mesh.env = {
+            **rig.env("gateway"),
+            "MESH_NATS_URL": leaf.url,
+            "MESH_GATEWAY_BASE_URL": api_.base_url,
+            "MESH_GATEWAY_API_KEY": api_.key,
+        }
+        mesh.start_agent("gateway", "gateway")
+        mesh.env = rig.env("cli")
+        mesh.settings = load_settings(environ=mesh.env)
+        out = tmp_path / "ran"
+        plan_id = await mesh.submit_text(
+            f"# behind a leaf\n\n## Tasks\n\n### a\n```shell\necho a > {out}\n```\n\n"
+            "### ask\n- class: external\n\n```prompt\nWhat is six times seven?\n```\n"
+        )
+        plan = await mesh.wait_plan(plan_id, 60)
+        tasks = await mesh.tasks(plan_id)
+        assert plan.status == "succeeded", (tasks, mesh.log("gateway")[-3000:])
+        assert out.read_text() == "a\n"
+        assert tasks["ask"].status == "succeeded" and tasks["ask"].worker == ""
+        (seen,) = api_.requests()
+        assert "six times seven" in seen.user
+        # its KV writes crossed too (as `$JS.rig.API.$KV.…`): its registration and its records
+        bus = await mesh.bus()
+        n = bus.names
+        registered = await read_bucket(await bus.agents_kv())
+        roles = {msgspec.json.decode(v, type=AgentRecord).role for v in registered.values()}
+        assert "gateway" in roles, roles
+        assert await read_bucket(await bus.gateway_kv())
+        answered = await mesh.history(f"{P}.evt.esc.>")
+        assert any(subject.endswith(".answered") for subject, _ in answered), answered
 
-        async def stored(stream: str) -> int:
-            return int((await ajs.stream_info(stream)).state.messages)
+        # from the gateway host, what the gateway's user may not do does not reach the rig
+        errors: list[str] = []
 
-        # the link is up once something the gateway may publish reaches the rig's history
-        async def answered() -> bool:
-            await local.publish(n.esc_event("p1", "t0", "answered"), b"{}")
-            await local.flush()
-            return await stored(n.events_stream) > 0
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
 
-        await until(answered, 20, "the leaf link to carry the gateway's answers", interval_s=0.2)
-        before = await stored(n.events_stream)
-        for subject in (n.work("cpu"), n.submit, n.cancel("p1"), n.escalation("p1", "t2")):
+        local = await nats.connect(leaf.url, inbox_prefix=inbox_prefix("gateway"), error_cb=on_error)
+        ljs = local.jetstream(domain="rig", timeout=5)
+
+        async def last_seq(stream: str) -> int:
+            return int((await bus.js.stream_info(stream)).state.last_seq)
+
+        before = {s: await last_seq(s) for s in (n.work_stream, n.cmd_stream, f"KV_{n.tasks_bucket}")}
+        refused = (n.work("cpu"), n.work_to(WORKER), n.submit, n.cancel(plan_id), n.escalation("p", "t"))
+        for subject in refused:
             await local.publish(subject, b"{}")
-        # after them on the same link, something it may publish: once that is stored, the
-        # forbidden ones before it have been dealt with
-        await local.publish(n.esc_event("p1", "t1", "answered"), b"{}")
-        await local.flush()
-        await until(lambda: _more(stored(n.events_stream), before), 10, "the second answer", interval_s=0.1)
-        assert await stored(n.work_stream) == 0
-        assert await stored(n.cmd_stream) == 0
+            with pytest.raises(nats.js.errors.NoStreamResponseError):
+                await ljs.publish(subject, b"{}")
+        with pytest.raises(nats.js.errors.NoStreamResponseError):
+            await DomainJetStream(local, domain="rig", timeout=5).publish(f"$KV.{n.tasks_bucket}.p.t", b"{}")
+        for call in (
+            f"STREAM.PURGE.{n.work_stream}",
+            f"STREAM.DELETE.{n.cmd_stream}",
+            f"STREAM.INFO.{n.work_stream}",
+            f"CONSUMER.MSG.NEXT.{n.work_stream}.{n.workers_consumer('cpu')}",
+            f"CONSUMER.CREATE.{n.cmd_stream}",
+        ):
+            with pytest.raises(nats.errors.NoRespondersError):
+                await local.request(f"$JS.rig.API.{call}", b"{}", timeout=5)
+        # while what it may do answers on the same link, after all of the above
+        info = await ljs.stream_info(n.esc_stream)
+        assert info.config.name == n.esc_stream
+        after = {s: await last_seq(s) for s in before}
+        assert after == before
+        assert not errors, errors
     finally:
-        await local.close()
-        await admin.close()
+        if local is not None:
+            await local.close()
+        await mesh.close()
+        mesh.stop_all()
+        api_.__exit__()
         leaf.stop()
         rig.server.stop()
-
-
-async def _more(count: Any, than: int) -> bool:
-    return bool(await count > than)
