@@ -67,7 +67,8 @@ class Agent:
             AgentStarted(
                 agent_id=self.agent_id, role=self.role, host=self.host, pid=os.getpid(), at=time.time()
             ),
-            f"{self.agent_id}:started",
+            # one start per process: a restarted agent that keeps its id (a GPU worker) is new
+            f"{self.agent_id}:started:{self.started_at!r}",
         )
         self.spawn(self._refresh_loop(), "registration")
         log.info("%s started as %s on %s", self.role, self.agent_id, self.settings.url)
@@ -101,7 +102,7 @@ class Agent:
             await self.bus.publish(
                 self.names.agent_event(self.agent_id, "stopped"),
                 AgentStopped(agent_id=self.agent_id, role=self.role, at=time.time(), reason=reason),
-                f"{self.agent_id}:stopped",
+                f"{self.agent_id}:stopped:{self.started_at!r}",
             )
             kv = await self.bus.agents_kv()
             await kv.delete(self.agent_id)

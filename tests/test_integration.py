@@ -23,6 +23,7 @@ from mesh.events import (
 from mesh.machine import replay
 from mesh.plan import parse_plan
 from tests.conftest import Mesh
+from tests.faults import until
 
 pytestmark = pytest.mark.integration
 
@@ -476,3 +477,15 @@ async def test_auditor_dead_letters_garbage_on_subjects_no_agent_consumes(mesh: 
     assert all(d.agent_id.startswith("auditor-") for d in letters)
     assert "carries task.failed messages" in next(d.reason for d in letters if d.subject.endswith(".failed"))
     assert mesh.alive("auditor")
+
+
+async def test_an_agent_restarted_under_the_same_id_is_in_the_history_each_time(mesh: Mesh) -> None:
+    """A GPU worker keeps its id across restarts: each start and stop is a new fact."""
+    mesh.env["MESH_AGENT_ID"] = "worker-fixed"
+    for n in (1, 2):
+        mesh.worker("fixed")
+        await until(lambda n=n: mesh.log("fixed").count("started as worker-fixed") == n, 30, "a start")
+        mesh.kill("fixed", signal.SIGTERM)
+        mesh.procs.pop("fixed")
+    kinds = [type(msg).__name__ for _, msg in await mesh.history("mesh.evt.agent.worker-fixed.>")]
+    assert kinds == ["AgentStarted", "AgentStopped", "AgentStarted", "AgentStopped"], kinds
