@@ -113,6 +113,9 @@ BRAIN_INPUTS = (
 NOTE_EVERY_S = 600.0
 
 
+EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: try again
+
+
 class LeaseLost(Exception):
     """Another brain may be acting: this one must stop at once."""
 
@@ -411,6 +414,10 @@ class Brain(Agent):
                 log.info("released the brain lease")
             except TRANSIENT as exc:
                 log.warning("could not release the brain lease (%s); it expires by itself", exc)
+        if self.lost_lease:
+            # not a clean stop: exit non-zero so that systemd (Restart=on-failure) or `mesh up`
+            # starts a brain again, which takes the lease back or stands by
+            self.exit_code = EXIT_LEASE_LOST
         await super().stop("lease lost" if self.lost_lease else reason)
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription, what: str) -> None:

@@ -51,6 +51,9 @@ class Agent:
         self._background: set[asyncio.Task[Any]] = set()
         self.classes: list[str] = []
         self.slots = 0
+        # the process's exit status; not 0 when it stopped for a reason a supervisor (systemd's
+        # Restart=on-failure, `mesh up`) should answer by starting it again
+        self.exit_code = 0
 
     @property
     def bus(self) -> Bus:
@@ -178,7 +181,7 @@ async def _main(agent: Agent) -> int:
         await agent.run()
     finally:
         await agent.stop()
-    return 0
+    return agent.exit_code
 
 
 def run_loop(coro: Coroutine[Any, Any, T]) -> T:

@@ -24,6 +24,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 
+from agents.brain import EXIT_LEASE_LOST
 from mesh.bus import read_bucket
 from mesh.events import (
     AgentOffline,
@@ -463,6 +464,8 @@ async def test_frozen_brain_loses_the_lease_and_stays_quiet_when_it_wakes(mesh: 
     # a background task that will not finish cancelling (seen now and then under uvloop after
     # SIGSTOP/SIGCONT) must not keep it up: Agent.stop waits a bounded time, then exits
     await until(lambda: not mesh.alive("a"), 15, "the woken brain to exit")
+    # and says so in its exit status, for systemd's Restart=on-failure to start it again
+    assert mesh.procs["a"].returncode == EXIT_LEASE_LOST
     woke = mesh.log("a")[len(before) :]
     assert "lost the brain lease" in woke or "could not be renewed in time" in woke, woke
     assert "task." not in woke and "plan." not in woke, f"the woken brain acted:\n{woke}"
