@@ -1101,18 +1101,7 @@ class _Decider:
         if rec is None:
             return
         if not msg.followups:
-            self.emit(
-                TaskSucceeded(
-                    plan_id=rec.plan_id,
-                    task_id=rec.task_id,
-                    attempt=rec.attempt,
-                    worker="",
-                    at=self.now,
-                    duration_s=max(0.0, self.now - rec.started_at),
-                    rc=None,
-                )
-            )
-            self._wake_dependents(rec)
+            self._escalation_succeeded(rec)
             return
         tasks, error = self._followup_tasks(rec, msg.followups)
         if error:
@@ -1185,6 +1174,11 @@ class _Decider:
             return True
         if not all(f is not None and f.status == SUCCEEDED for f in followups):
             return False
+        self._escalation_succeeded(rec)
+        return True
+
+    def _escalation_succeeded(self, rec: TaskRecord) -> None:
+        """An escalated task is done: answered with a result, or its follow-ups all succeeded."""
         self.emit(
             TaskSucceeded(
                 plan_id=rec.plan_id,
@@ -1197,7 +1191,6 @@ class _Decider:
             )
         )
         self._wake_dependents(rec)
-        return True
 
     # helpers ----------------------------------------------------------------
     @staticmethod
