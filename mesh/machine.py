@@ -396,8 +396,8 @@ def evolve(state: State, ev: Msg) -> None:
         rec.base_attempt = ev.attempt
         rec.rid = ""
         rec.escalated = ""
-        rec.followups = []
-        rec.attempts = []
+        rec.followups = ()
+        rec.attempts = ()
         rec.review = ""
         rec.review_model = ""
         rec.review_of = None
@@ -421,7 +421,7 @@ def evolve(state: State, ev: Msg) -> None:
         _set_status(state, rec, SUCCEEDED, ev.at)
     elif isinstance(ev, TaskEscalated):
         if ev.after is not None:
-            rec.attempts = [*rec.attempts[-(KEEP_ATTEMPTS - 1) :], ev.after]
+            rec.attempts = (*rec.attempts[-(KEEP_ATTEMPTS - 1) :], ev.after)
             rec.reason = ev.after.reason
             rec.error = ev.after.error
             rec.rc = ev.after.rc
@@ -446,7 +446,7 @@ def evolve(state: State, ev: Msg) -> None:
             return
         plan.total += len(ev.tasks)
         _add_tasks(state, plan, ev.tasks, ev.at)
-        rec.followups = [t.id for t in ev.tasks]
+        rec.followups = tuple(t.id for t in ev.tasks)
         for followup in rec.followups:
             state.dependents.setdefault(f"{rec.plan_id}.{followup}", []).append(rec.key)
         rec.updated_at = ev.at
@@ -548,7 +548,7 @@ def escalation_request(state: State, rec: TaskRecord) -> EscalationRequest:
 def _keep_attempt(rec: TaskRecord, ev: TaskRetrying | TaskFailed) -> None:
     """Remember a failed local attempt (the last few), for an escalation to carry."""
     attempt = LocalAttempt(attempt=ev.attempt, worker=ev.worker, error=ev.error, rc=ev.rc, reason=ev.reason)
-    rec.attempts = [*rec.attempts[-(KEEP_ATTEMPTS - 1) :], attempt]
+    rec.attempts = (*rec.attempts[-(KEEP_ATTEMPTS - 1) :], attempt)
 
 
 # ------------------------------------------------------------------ decide

@@ -60,8 +60,9 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     # the last local attempts (what the request carries)
     rid: str = ""
     escalated: str = ""
-    followups: list[str] = msgspec.field(default_factory=list)
-    attempts: list[LocalAttempt] = msgspec.field(default_factory=list)
+    # tuples: an empty one is shared, where an empty list would cost every record 56 bytes
+    followups: tuple[str, ...] = ()
+    attempts: tuple[LocalAttempt, ...] = ()
     # a review in flight: what follows unless it escalates ('retry', 'fail'; '' : none), its
     # model, and the failed attempt it reviews; `reviews` since the last reset (attempts that
     # were reviews, not tries of the task)

@@ -477,7 +477,7 @@ async def test_a_task_failing_twice_escalates_and_its_followups_run(mesh: Mesh, 
         assert seen.user.split("</task>")[1].count("error: disk full at /var/tmp") == 2
         assert '<data from="attempt 1">' in seen.user and '<data from="attempt 2">' in seen.user
         assert '"escalated_because": "local_failures"' in seen.user
-        assert tasks["build"].attempt == 3 and tasks["build"].followups == ["build-fix", "build-check"]
+        assert tasks["build"].attempt == 3 and tasks["build"].followups == ("build-fix", "build-check")
         verify = run_mesh(mesh, "replay", "--verify")
         assert verify.returncode == 0, verify.stdout + verify.stderr
 
