@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -626,8 +627,12 @@ class Brain(Agent):
         if not tasks and not plans:
             return
         names = self.names
-        puts = [(names.tasks_bucket, r.key, encode_record(r)) for r in tasks]
-        puts += [(names.plans_bucket, p.plan_id, encode_record(p)) for p in plans]
+        # encoded as they are sent, a chunk at a time (a huge plan's records all encoded at once
+        # were tens of MB the heap kept)
+        puts = itertools.chain(
+            ((names.tasks_bucket, r.key, encode_record(r)) for r in tasks),
+            ((names.plans_bucket, p.plan_id, encode_record(p)) for p in plans),
+        )
         await self.bus.kv_put_many(puts)
         now = time.monotonic()
         self.recent_writes.append((now, [r.key for r in tasks], [p.plan_id for p in plans]))
