@@ -120,7 +120,7 @@ class Agent:
                 ", ".join(t.get_name() for t in stuck),
             )
             logging.shutdown()
-            os._exit(1)
+            os._exit(self.exit_code or 1)
 
     # registration ------------------------------------------------------------------
     def record(self) -> AgentRecord:
