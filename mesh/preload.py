@@ -1,8 +1,8 @@
 """Native model libraries a GPU worker loads before anything else.
 
 A llama-cpp-python built with CUDA can carry its own copy of the C++ runtime inside
-`libggml-cuda` and export it. When the system's `libstdc++` is already loaded (nats-py pulls
-it in through its optional dependencies), llama.cpp's C++ calls bind half to one copy and half
+`libggml-cuda` and export it. When the system's `libstdc++` is already loaded (on that host
+it was, once `nats` had been imported), llama.cpp's C++ calls bind half to one copy and half
 to the other, and the process dies with SIGSEGV in `llama_model::print_info` at the first
 model load. Seen on an H100 host (llama-cpp-python 0.3.36 built with nvcc 13.0): the worker
 crashed silently in `booting_llm`, while the same load in a plain script worked. Loading
