@@ -1048,18 +1048,12 @@ class _Decider:
         plan = self.state.plans.get(rec.plan_id)
         policy = plan.escalation if plan is not None else EscalationPolicy()
         if rec.spec.sensitive and not policy.sensitive:
-            self.emit(
-                TaskFailed(
-                    plan_id=rec.plan_id,
-                    task_id=rec.task_id,
-                    attempt=rec.attempt,
-                    at=self.now,
-                    reason="sensitive",
-                    error="the task is sensitive and its plan does not allow escalating sensitive tasks: "
-                    "add '- sensitive: true' under the plan's '## Escalation', or let it run locally",
-                )
+            self._escalation_failed(
+                rec,
+                "sensitive",
+                "the task is sensitive and its plan does not allow escalating sensitive tasks: "
+                "add '- sensitive: true' under the plan's '## Escalation', or let it run locally",
             )
-            self._fail_dependents(rec)
             return
         attempt = rec.attempt + 1
         self.emit(
