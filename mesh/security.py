@@ -267,6 +267,16 @@ class Grants:
     def models(self) -> list[str]:
         return sorted(name for name, spec in self.settings.model_registry().items() if spec.kind == "llm")
 
+    def manage_everything(self) -> list[str]:
+        """Create, update and delete every stream, bucket and the object store (brain, cli)."""
+        out: list[str] = []
+        for stream in self.streams:
+            out += manage_stream(stream)
+        for bucket in self.buckets:
+            out += manage_stream(_kv_stream(bucket))
+        out += manage_stream(_obj_stream(self.n.objects_bucket))
+        return out
+
     # ---------------------------------------------------------------- roles
     def brain(self) -> Permissions:
         n, p = self.n, self.p
@@ -280,11 +290,7 @@ class Grants:
             n.esc_all,
             *(kv_put(b) for b in (n.tasks_bucket, n.plans_bucket, n.brain_bucket, n.agents_bucket)),
         ]
-        for s in self.streams:
-            pub += manage_stream(s)
-        for b in self.buckets:
-            pub += manage_stream(_kv_stream(b))
-        pub += manage_stream(_obj_stream(n.objects_bucket))
+        pub += self.manage_everything()
         return Permissions(
             publish=_unique(pub),
             subscribe=(self.inbox("brain"),),
@@ -300,11 +306,7 @@ class Grants:
             kv_put(n.gpu_control_bucket, "*.operator"),
             objects_subject(n.objects_bucket),
         ]
-        for s in self.streams:
-            pub += manage_stream(s)
-        for b in self.buckets:
-            pub += manage_stream(_kv_stream(b))
-        pub += manage_stream(_obj_stream(n.objects_bucket))
+        pub += self.manage_everything()
         return Permissions(
             publish=_unique(pub),
             subscribe=(self.inbox("cli"),),
