@@ -13,6 +13,7 @@ import base64
 import collections
 import contextlib
 import copy
+import functools
 import itertools
 import json
 import logging
@@ -51,7 +52,7 @@ PIPELINE_CHUNK = 2000
 
 
 def stream_definitions(settings: Settings) -> list[dict[str, Any]]:
-    """The three streams, in JetStream API form (durations in nanoseconds)."""
+    """The streams, in JetStream API form (durations in nanoseconds)."""
     n = settings.names
     dup_ns = int(settings.duplicate_window_s * NS)
     return [
@@ -412,7 +413,7 @@ class Bus:
             if self.settings.manage_resources:
                 await self._ensure_stream(d)
             else:  # the brain or `mesh init` creates the streams; its own bucket it may create
-                await self._wait_for_stream(d["name"])
+                await self._wait_until_present(functools.partial(self._missing_stream, d["name"]), 3600.0)
         for d in bucket_definitions(self.settings):
             if d["bucket"] in (n.agents_bucket, n.gateway_bucket):
                 await self._ensure_bucket(d)
@@ -427,21 +428,23 @@ class Bus:
 
         For processes whose NATS user may not create them (`manage_resources = false`): the
         brain, or `mesh init`, creates them."""
+        await self._wait_until_present(lambda: self._missing_resource(classes, consumers), wait_s)
+
+    async def _wait_until_present(self, missing: Callable[[], Awaitable[str]], wait_s: float) -> None:
+        """Poll `missing` (what does not exist yet, '' once all does) until all exists; for a
+        process whose NATS user may not create what it uses."""
         deadline = time.monotonic() + wait_s
-        missing = ""
-        attempt = 0
-        while True:
-            missing = await self._missing_resource(classes, consumers)
-            if not missing:
+        for attempt in itertools.count():
+            what = await missing()
+            if not what:
                 return
             if time.monotonic() >= deadline:
                 raise MeshError(
-                    f"{missing} does not exist on the server, and this process may not create it "
+                    f"{what} does not exist on the server, and this process may not create it "
                     "(manage_resources = false): start the brain, or run `mesh init` as the cli user"
                 )
-            attempt += 1
-            if attempt == 1 or attempt % 30 == 0:
-                log.warning("waiting for %s (the brain or `mesh init` creates it)", missing)
+            if attempt % 30 == 0:
+                log.warning("waiting for %s (the brain or `mesh init` creates it)", what)
             await asyncio.sleep(1.0)
 
     async def _missing_resource(self, classes: tuple[str, ...], consumers: tuple[str, ...]) -> str:
@@ -500,21 +503,12 @@ class Bus:
                 log.info("created object store %s", name)
         return self._objects
 
-    async def _wait_for_stream(self, name: str, wait_s: float = 3600.0) -> None:
-        deadline = time.monotonic() + wait_s
-        for attempt in itertools.count():
-            try:
-                await self.js.stream_info(name)
-                return
-            except nats.js.errors.NotFoundError:
-                if time.monotonic() >= deadline:
-                    raise MeshError(
-                        f"stream {name} does not exist on the server, and this process may not "
-                        "create it (manage_resources = false): start the brain, or run `mesh init`"
-                    ) from None
-                if attempt % 30 == 0:
-                    log.warning("waiting for stream %s (the brain or `mesh init` creates it)", name)
-                await asyncio.sleep(1.0)
+    async def _missing_stream(self, name: str) -> str:
+        try:
+            await self.js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            return f"stream {name}"
+        return ""
 
     async def _ensure_stream(self, d: dict[str, Any]) -> None:
         config = _stream_config(d)
