@@ -6,6 +6,12 @@ progress (so it is never redelivered to a second worker while this one lives),
 report `run.finished`, then acknowledge. A worker that dies stops sending
 progress, and the item is redelivered once `ack_wait` lapses.
 
+`run.started` of a first delivery is held back `start_report_after_s` (20 ms): a
+task that ends sooner reports its start in `run.finished` (`started_at`) instead,
+and the brain records both transitions from that one report. Half the reports
+and half the brain's commits for short tasks, and a dependent's release no
+longer waits behind the commit of its predecessor's start.
+
 On stop it takes no new work, lets running tasks finish for up to
 `drain_timeout_s` while still registered, then kills what is left and hands it
 back (`nak`) so another worker runs it.
@@ -18,6 +24,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -57,6 +64,8 @@ log = logging.getLogger("mesh.worker")
 TRANSIENT = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)
 CANCELLED_MEMORY = 100_000
 FRESH_S = 2.0
+# an item whose task has no record yet is offered again after this long
+LATER_S = 2.0
 
 
 MODEL_CLASSES = ("script", "llm")
@@ -96,6 +105,39 @@ class Running:
         self.raw = raw
         self.ctx = RunContext()
         self.handed_back = False
+
+
+class StartReport:
+    """A `run.started` held back a moment; `settle` says whether it went out (or is going
+    out: then it waits for it, so the start is stored before the end)."""
+
+    def __init__(self, send: Callable[[RunStarted], Awaitable[None]], ev: RunStarted, after_s: float) -> None:
+        self.send = send
+        self.ev = ev
+        self.after_s = after_s
+        self.sending = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def begin(self) -> None:
+        if self.after_s <= 0:
+            self.sending = True
+            await self.send(self.ev)
+        else:
+            self.task = asyncio.get_running_loop().create_task(self._later())
+
+    async def _later(self) -> None:
+        await asyncio.sleep(self.after_s)
+        self.sending = True
+        await self.send(self.ev)
+
+    async def settle(self) -> bool:
+        if self.task is None:
+            return self.sending
+        if not self.sending:
+            self.task.cancel()
+            return False
+        await self.task
+        return True
 
 
 class Lane:
@@ -673,6 +715,9 @@ class Worker(Agent):
         suspect = delivery > 1 or queued_s > FRESH_S or key in self.cancelled
         if suspect:
             verdict = await self._still_wanted(msg, key, delivery)
+            if verdict == "later" and delivery < self.settings.max_deliveries:
+                await raw.nak(delay=LATER_S)
+                return
             if verdict != "run":
                 # skip: the task no longer wants this attempt. held: a live worker runs it, so
                 # no second copy beside it; should that worker die, the brain gives the
@@ -732,8 +777,13 @@ class Worker(Agent):
                 delay = min(delay * 2, 5.0)
 
     async def _still_wanted(self, item: WorkItem, key: str, delivery: int) -> str:
-        """'run', 'skip' (the task no longer wants this attempt) or 'held' (another live worker
-        runs this very attempt).
+        """'run', 'skip' (the task no longer wants this attempt), 'wait' (another live worker
+        runs this very attempt) or 'later' (no record of the task yet: look again soon).
+
+        The brain writes a task's record and its work item in the same round trip, and a
+        brain that crashed between the two leaves the record for the next one to repair: a
+        record behind the item's attempt has not caught up with the release the item comes
+        from, and the item is as current as a fresh one.
 
         A redelivery (delivery > 1) of a running attempt means JetStream stopped hearing from
         its worker: this one takes over. A first delivery of an attempt already running
@@ -743,9 +793,11 @@ class Worker(Agent):
         try:
             entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:
-            log.warning("skipping %s: no such task", key)
-            return "skip"
+            log.warning("no record of %s (delivery %d): not written yet, or long archived", key, delivery)
+            return "later"
         rec = decode_task(entry.value or b"")
+        if rec.attempt < item.attempt:
+            return "run"
         if rec.status not in INFLIGHT_STATES or rec.attempt != item.attempt:
             log.info(
                 "skipping %s attempt %d: task is %s at attempt %d", key, item.attempt, rec.status, rec.attempt
@@ -769,16 +821,21 @@ class Worker(Agent):
     async def _execute(self, run: Running, key: str) -> None:
         item, raw = run.item, run.raw
         delivery = raw.metadata.num_delivered or 1
-        await self._emit(
+        started_at = time.time()
+        # a redelivery is reported at once: the brain records who took the task over
+        start = StartReport(
+            self._emit,
             RunStarted(
                 plan_id=item.plan_id,
                 task_id=item.task_id,
                 attempt=item.attempt,
                 worker=self.agent_id,
-                at=time.time(),
+                at=started_at,
                 delivery=delivery,
-            )
+            ),
+            0.0 if delivery > 1 else self.settings.start_report_after_s,
         )
+        await start.begin()
         log.info("running %s attempt %d (delivery %d)", key, item.attempt, delivery)
         beat = asyncio.get_running_loop().create_task(self._heartbeat(run))
         usage = ResourceUse()
@@ -807,6 +864,7 @@ class Worker(Agent):
                 await self._sample_once(usage)  # the end of the task, too (and a short task's only)
             if usage.samples:
                 result.metrics.update(usage.metrics())
+        await start.settle()
         if run.handed_back:
             log.info("handing %s back to the queue", key)
             await run.raw.nak()
@@ -821,6 +879,7 @@ class Worker(Agent):
                 attempt=item.attempt,
                 worker=self.agent_id,
                 at=time.time(),
+                started_at=started_at,
                 ok=result.ok,
                 duration_s=result.duration_s,
                 rc=result.rc,

@@ -179,6 +179,9 @@ class RunFinished(Msg, frozen=True, tag="run.finished"):
     ok: bool
     duration_s: float
     rc: int | None = None
+    # when the worker began the attempt; a task that ended before its `run.started` was due
+    # reports its start only here (0: not started, e.g. a dead letter)
+    started_at: float = 0.0
     timed_out: bool = False
     cancelled: bool = False
     error: str = ""

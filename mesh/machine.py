@@ -807,10 +807,13 @@ class _Decider:
         rec = self.state.tasks.get(f"{msg.plan_id}.{msg.task_id}")
         if (
             rec is not None
-            and rec.status == RUNNING
             and rec.attempt == msg.attempt
-            and msg.worker != rec.worker
-            and msg.delivery > rec.deliveries
+            and (
+                (rec.status == RUNNING and msg.worker != rec.worker and msg.delivery > rec.deliveries)
+                # the worker of an earlier delivery died before reporting its start (a first
+                # delivery reports it only after `start_report_after_s`): still a redelivery
+                or (rec.status == READY and msg.delivery > 1)
+            )
         ):
             self.emit(
                 TaskRedelivered(
@@ -838,6 +841,17 @@ class _Decider:
         if rec is None or rec.status not in INFLIGHT_STATES or rec.attempt != msg.attempt:
             self.step.ignored = self._stale(rec, msg.attempt)
             return
+        if rec.status == READY and msg.started_at:
+            # a short task reports its start with its end: both transitions, from this report
+            self.emit(
+                TaskStarted(
+                    plan_id=msg.plan_id,
+                    task_id=msg.task_id,
+                    attempt=msg.attempt,
+                    worker=msg.worker,
+                    at=self.now,
+                )
+            )
         if rec.review and msg.ok:
             answer = (msg.output or msg.stdout_tail).strip()
             verdict = review.verdict(answer)

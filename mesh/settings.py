@@ -64,6 +64,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ack_wait_s: float = 30.0
     heartbeat_every_s: float = 0.0  # 0: a third of ack_wait_s
     fetch_timeout_s: float = 1.0
+    # a first delivery's `run.started` waits this long: a task done sooner reports its start
+    # with its end, one report and one brain commit instead of two (0: report at once)
+    start_report_after_s: float = 0.02
     # a work item delivered more often than this (each time its worker died) is dead-lettered
     max_deliveries: int = 5
 

@@ -140,7 +140,8 @@ async def test_tail_shows_events_live(mesh: Mesh, env: dict[str, str], tmp_path:
     )
     try:
         time.sleep(1.5)
-        plan_id = await mesh.submit_text("# T\n\n## Tasks\n\n### one\n```shell\necho hi\n```\n")
+        # long enough to report its start while it runs (a shorter task reports it with its end)
+        plan_id = await mesh.submit_text("# T\n\n## Tasks\n\n### one\n```shell\nsleep 0.2; echo hi\n```\n")
         await mesh.wait_plan(plan_id)
         time.sleep(0.5)
     finally:

@@ -363,6 +363,37 @@ def test_diamond_records_carry_report_details() -> None:
     assert (pl.by, pl.submitted_at, pl.accepted_at, pl.title) == ("tester", T0, T0, "test plan")
 
 
+def test_a_short_task_reports_its_start_with_its_end() -> None:
+    # a worker holds `run.started` back; a task done sooner carries `started_at` in its one report
+    d = Driver()
+    d.submit(plan(task("a"), task("b", "a"), task("c")), at=T0)
+    a = d.take("a")
+    step = d.finished(a, worker="w4", at=T0 + 2, started_at=T0 + 1.99)
+    assert kinds(step.events) == [TaskStarted, TaskSucceeded, TaskWaiting, TaskReleased]
+    assert [w.task_id for w in step.work] == ["b"]
+    rec = d.state.tasks["p1.a"]
+    assert (rec.status, rec.worker, rec.started_at, rec.finished_at) == (SUCCEEDED, "w4", T0 + 2, T0 + 2)
+    # the same for a failure, which retries as any other
+    c = d.take("c")
+    step = d.finished(c, ok=False, worker="w4", started_at=d.now)
+    assert kinds(step.events)[:2] == [TaskStarted, TaskRetrying]
+    # the late report of a start already recorded is ignored
+    assert_ignored(d.started(a, worker="w4"))
+    check_history(d.events, d.policy.release_window)
+    assert_replays(d)
+
+
+def test_a_report_without_a_start_records_no_start() -> None:
+    # a dead-lettered item never started: its failure is not a start
+    d = Driver()
+    d.submit(plan(task("a", retries=0)))
+    a = d.take("a")
+    step = d.finished(a, ok=False, dead_letter=True)
+    assert kinds(step.events)[0] is TaskFailed
+    assert d.state.tasks["p1.a"].reason == "dead_letter"
+    assert_replays(d)
+
+
 def test_take_dirty_returns_changed_records_once() -> None:
     d = Driver()
     d.submit(DIAMOND)
@@ -1131,10 +1162,13 @@ def test_random_plans_always_finish_consistently(
         due = next_due(d.state)
         if d.work and (due is None or rnd.random() < 0.8):
             item = d.work.pop(rnd.randrange(len(d.work)))
-            if rnd.random() < 0.9:
+            reported = rnd.random()
+            if reported < 0.8:
                 d.started(item)
             ok = next(results, True)
-            d.finished(item, ok=ok, timed_out=not ok and rnd.random() < 0.3)
+            # 10 %: a short task's start comes with its end; 10 %: a start report was lost
+            short = {"started_at": d.now} if reported >= 0.9 else {}
+            d.finished(item, ok=ok, timed_out=not ok and rnd.random() < 0.3, **short)
             if rnd.random() < 0.1:
                 assert_ignored(d.finished(item, ok=not ok, at=d.now))  # a duplicate report
             runs += 1

@@ -55,6 +55,22 @@ def test_redelivery_to_another_worker_is_a_transition() -> None:
     assert_replays(d)
 
 
+def test_a_redelivery_of_a_task_whose_start_was_never_reported_is_a_redelivery() -> None:
+    # the first worker died before its (held back) run.started went out: the brain never saw it
+    d = Driver(policy())
+    d.submit(plan(task("a")))
+    item = d.take("a")
+    step = d.feed(RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2))
+    assert [type(e) for e in step.events] == [TaskRedelivered]
+    ev = step.events[0]
+    assert isinstance(ev, TaskRedelivered) and (ev.previous_worker, ev.worker, ev.delivery) == ("", "w2", 2)
+    rec = d.state.tasks["p1.a"]
+    assert (rec.status, rec.worker, rec.deliveries) == (RUNNING, "w2", 2)
+    d.finished(item, worker="w2")
+    assert d.state.tasks["p1.a"].status == SUCCEEDED
+    assert_replays(d)
+
+
 def test_dead_letter_fails_at_once_and_cascades() -> None:
     d = Driver(policy())
     d.submit(plan(task("a", retries=5), task("b", "a")))
