@@ -37,6 +37,7 @@ import nats.js.errors
 import psutil
 from nats.aio.msg import Msg as NatsMsg
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from mesh.agent import Agent
 from mesh.bus import decode_or_none, iter_bucket, read_bucket
@@ -52,6 +53,7 @@ from mesh.events import (
     RunFinished,
     RunStarted,
     SubmitPlan,
+    WorkItem,
     decode,
     type_of,
 )
@@ -545,9 +547,13 @@ class Brain(Agent):
         return msgspec.structs.replace(msg, plan=plan, object="")
 
     async def _commit(self, step: Step) -> None:
-        """Publish a decided step: events, then records, then work, each phase pipelined and
-        fully acknowledged before the next (KV never runs ahead of the history, and a work
-        item never reaches a worker before its task record says `ready`).
+        """Publish a decided step: events, then records and work items together, each phase
+        pipelined and fully acknowledged before the next. Neither KV nor the work queue ever
+        runs ahead of the history: a crash after the events leaves records the next brain
+        repairs from them. A record and its task's work item are written in the same round
+        trip, so a worker may take an item before the record says `ready`: workers read the
+        record only of an item that is not fresh, and take a record behind the item for one
+        not yet written (`Worker._still_wanted`).
 
         Interrupted, the step stays in the outbox and is published again, whole, before
         anything else; the server drops what it already stored by `Nats-Msg-Id`.
@@ -562,14 +568,14 @@ class Brain(Agent):
             step.events.clear()
         tasks, plans = self.state.take_dirty()
         try:
-            await self._write_records(tasks, plans)
+            acks = await self._write_records(tasks, plans, then=step.work)
         except BaseException:
-            # records not written stay dirty so the retry writes them
+            # records not written stay dirty so the retry writes them (the work items again too:
+            # the server drops the ones it already stored)
             self.state.dirty_tasks.update(r.key for r in tasks)
             self.state.dirty_plans.update(p.plan_id for p in plans)
             raise
         if step.work:
-            acks = await bus.emit_many(step.work)
             for item, ack in zip(step.work, acks, strict=True):
                 self.work_seq[f"{item.plan_id}.{item.task_id}"] = ack.seq
             step.work.clear()
@@ -609,7 +615,11 @@ class Brain(Agent):
                 if isinstance(result, BaseException) and not isinstance(result, nats.js.errors.NotFoundError):
                     log.debug("could not delete a stale work item: %s", result)
 
-    async def _write_records(self, tasks: list[TaskRecord], plans: list[PlanRecord]) -> None:
+    async def _write_records(
+        self, tasks: list[TaskRecord], plans: list[PlanRecord], then: list[WorkItem] | None = None
+    ) -> list[PubAck]:
+        """Write changed records (and remove archived ones); `then`, work items, go out in the
+        same pipeline as the last records: their acknowledgements are returned."""
         gone_tasks, gone_plans = self.state.take_removed()
         if gone_tasks or gone_plans:
             names = self.names
@@ -625,7 +635,7 @@ class Brain(Agent):
             for key in gone_tasks:
                 self.work_seq.pop(key, None)
         if not tasks and not plans:
-            return
+            return await self.bus.emit_many(then) if then else []
         names = self.names
         # encoded as they are sent, a chunk at a time (a huge plan's records all encoded at once
         # were tens of MB the heap kept)
@@ -633,11 +643,12 @@ class Brain(Agent):
             ((names.tasks_bucket, r.key, encode_record(r)) for r in tasks),
             ((names.plans_bucket, p.plan_id, encode_record(p)) for p in plans),
         )
-        await self.bus.kv_put_many(puts)
+        acks = await self.bus.kv_put_many(puts, then or ())
         now = time.monotonic()
         self.recent_writes.append((now, [r.key for r in tasks], [p.plan_id for p in plans]))
         while self.recent_writes and self.recent_writes[0][0] < now - RECENT_WRITES_S:
             self.recent_writes.popleft()
+        return acks
 
     async def on_reconnect(self) -> None:
         """A server restarted under us may have lost writes it had acknowledged but not yet

@@ -1,0 +1,203 @@
+"""How a worker reports a run, and how the brain's commit reaches workers.
+
+A first delivery's `run.started` is held back `start_report_after_s`: a task that
+ends sooner reports its start in `run.finished` (`started_at`), and the brain
+records both transitions from that one report. The brain writes task records and
+work items in one round trip, so a worker can meet an item whose record is not
+written yet: it looks again later instead of dropping the item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import nats.js.errors
+import pytest
+
+from mesh import events
+from mesh.bus import connect
+from mesh.events import RunFinished, RunStarted, TaskSpec, TaskStarted, TaskSucceeded, WorkItem
+from mesh.machine import replay
+from mesh.records import PENDING, READY, SUCCEEDED, TaskRecord, decode_task, encode_record
+from tests.conftest import Mesh
+
+pytestmark = pytest.mark.integration
+
+PLAN = """# Reports
+
+## Tasks
+
+### quick
+```noop
+```
+
+### slow
+```shell
+sleep 0.5
+```
+
+### after
+- depends_on: quick, slow
+```noop
+```
+"""
+
+
+def by_task(history: list[events.Message | None], kind: type) -> dict[str, list[events.Message]]:
+    out: dict[str, list[events.Message]] = {}
+    for m in history:
+        if isinstance(m, kind):
+            out.setdefault(m.task_id, []).append(m)  # type: ignore[attr-defined]
+    return out
+
+
+async def test_a_short_task_reports_its_start_with_its_end(mesh: Mesh) -> None:
+    mesh.brain()
+    mesh.worker("w1", slots=2)
+    plan_id = await mesh.submit_text(PLAN)
+    assert (await mesh.wait_plan(plan_id)).status == SUCCEEDED
+    bus = await mesh.bus()
+    msgs = [m for _, m in await mesh.history(bus.names.plan_filter(plan_id))]
+    started = by_task(msgs, RunStarted)
+    finished = by_task(msgs, RunFinished)
+    # the no-op tasks ended before their start was due: one report each, carrying the start
+    assert "quick" not in started and "after" not in started
+    for task in ("quick", "after"):
+        (fin,) = finished[task]
+        assert isinstance(fin, RunFinished)
+        assert 0 < fin.started_at <= fin.at
+    # the half-second task reported its start while it ran, and its end says the same start
+    (start,) = started["slow"]
+    (fin,) = finished["slow"]
+    assert isinstance(start, RunStarted) and isinstance(fin, RunFinished)
+    assert fin.started_at == start.at and fin.at - start.at >= 0.5
+    assert msgs.index(start) < msgs.index(fin)
+    # every task still has its start transition, before its success, and the history
+    # folds into exactly what KV holds
+    for task in ("quick", "slow", "after"):
+        kinds = [type(m) for m in msgs if getattr(m, "task_id", None) == task]
+        assert kinds.index(TaskStarted) < kinds.index(TaskSucceeded), (task, kinds)
+    state = replay([m for m in msgs if m is not None])
+    kv = await mesh.raw_tasks()
+    for key, rec in state.tasks.items():
+        assert kv[key] == rec
+        assert rec.worker and rec.started_at > 0
+
+
+async def test_start_reports_can_go_out_at_once(mesh: Mesh) -> None:
+    mesh.env["MESH_START_REPORT_AFTER_S"] = "0"
+    mesh.brain()
+    mesh.worker("w1", slots=2)
+    plan_id = await mesh.submit_text(PLAN)
+    assert (await mesh.wait_plan(plan_id)).status == SUCCEEDED
+    bus = await mesh.bus()
+    msgs = [m for _, m in await mesh.history(bus.names.plan_filter(plan_id))]
+    started = by_task(msgs, RunStarted)
+    assert sorted(started) == ["after", "quick", "slow"]
+    for task, (fin,) in by_task(msgs, RunFinished).items():
+        assert isinstance(fin, RunFinished)
+        assert fin.started_at == started[task][0].at  # type: ignore[attr-defined]
+
+
+async def test_records_and_work_items_go_out_in_one_round_trip(mesh: Mesh) -> None:
+    bus = await mesh.bus()
+    names = bus.names
+    recs = [
+        TaskRecord(plan_id="p9", task_id=f"t{i}", spec=TaskSpec(id=f"t{i}", body="true"), status=READY)
+        for i in range(3)
+    ]
+    items = [WorkItem(plan_id="p9", task_id=f"t{i}", attempt=1) for i in range(3)]
+    acks = await bus.kv_put_many(((names.tasks_bucket, r.key, encode_record(r)) for r in recs), items)
+    assert [a.stream for a in acks] == [names.work_stream] * 3
+    assert len({a.seq for a in acks}) == 3
+    kv = await bus.tasks_kv()
+    for r in recs:
+        entry = await kv.get(r.key)
+        assert decode_task(entry.value or b"").status == READY
+    # nothing to write but work: the items alone; and nothing at all
+    more = await bus.kv_put_many([], [WorkItem(plan_id="p9", task_id="t9", attempt=1)])
+    assert len(more) == 1 and more[0].seq > max(a.seq for a in acks)
+    assert await bus.kv_put_many([]) == []
+
+
+async def test_an_item_met_before_its_record_is_run_once_the_record_is_there(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """A brain that died between writing a work item and its task record (they go out together)
+    leaves the item queued with no record: a worker must not drop it."""
+    bus = await mesh.bus()
+    names = bus.names
+    out = tmp_path / "ran"
+    spec = TaskSpec(id="late", body=f"echo ran >> {out}")
+    item = WorkItem(plan_id="p8", task_id="late", attempt=1, body=spec.body, workdir=str(tmp_path))
+    await bus.emit(item)
+    await asyncio.sleep(2.5)  # queued past FRESH_S: the worker checks the record first
+    mesh.worker("w1")
+    log_deadline = time.monotonic() + 30
+    while "no record of p8.late" not in mesh.log("w1"):
+        assert time.monotonic() < log_deadline, mesh.log("w1")
+        await asyncio.sleep(0.1)
+    assert not out.exists()
+    # the record arrives (the next brain repairs it from the history): the item runs, once
+    rec = TaskRecord(plan_id="p8", task_id="late", spec=spec, status=READY, attempt=1)
+    await (await bus.tasks_kv()).put(rec.key, encode_record(rec))
+    while not out.exists():
+        assert time.monotonic() < log_deadline, mesh.log("w1")
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)
+    assert out.read_text() == "ran\n"
+    reports = [m for _, m in await mesh.history(names.run_event("p8", "late", "*"))]
+    # offered again (a redelivery), so its start was reported at once
+    assert [type(m) for m in reports] == [RunStarted, RunFinished]
+    assert isinstance(reports[0], RunStarted) and reports[0].delivery >= 2
+
+
+async def test_a_record_behind_its_item_runs_it_and_a_record_past_it_skips_it(mesh: Mesh) -> None:
+    """The worker's check of a suspect item against its task's record, on a real bucket."""
+    from agents.worker import Worker
+
+    await mesh.bus()  # the streams and buckets exist
+    worker = Worker(mesh.settings, agent_id="w-check")
+    worker._bus = await connect(mesh.settings, "w-check", wait_s=10)
+    try:
+        kv = await worker.bus.tasks_kv()
+        spec = TaskSpec(id="t", body="true")
+        item = WorkItem(plan_id="p7", task_id="t", attempt=2)
+
+        async def verdict(status: str | None, attempt: int) -> str:
+            if status is None:
+                await kv.purge("p7.t")
+            else:
+                rec = TaskRecord(plan_id="p7", task_id="t", spec=spec, status=status, attempt=attempt)
+                await kv.put("p7.t", encode_record(rec))
+            return await worker._still_wanted(item, "p7.t", 2)
+
+        assert await verdict(None, 0) == "later"  # not written yet
+        assert await verdict(PENDING, 1) == "run"  # the release of attempt 2 not written yet
+        assert await verdict(READY, 2) == "run"
+        assert await verdict(READY, 3) == "skip"  # the brain moved past this attempt
+        assert await verdict(SUCCEEDED, 2) == "skip"
+    finally:
+        await worker.bus.close()
+
+
+async def test_a_pipelined_batch_returns_acks_in_order_and_raises_what_the_server_refuses(mesh: Mesh) -> None:
+    bus = await mesh.bus()
+    names = bus.names
+    work = [WorkItem(plan_id="p6", task_id=f"t{i}", attempt=1) for i in range(50)]
+    acks = await bus.emit_many(work)
+    assert [a.seq for a in acks] == sorted(a.seq for a in acks) and len({a.seq for a in acks}) == 50
+    # the same facts again: stored once, acknowledged as duplicates at the same sequences
+    again = await bus.emit_many(work)
+    assert [a.seq for a in again] == [a.seq for a in acks] and all(a.duplicate for a in again)
+    # a write the stream refuses fails the batch with the server's error
+    bad = [(names.work("cpu"), b"x", {"Nats-Expected-Last-Sequence": "1"})]
+    with pytest.raises(nats.js.errors.APIError):
+        await bus._pipelined(bad)
+    # a subject no stream takes: nobody answers
+    with pytest.raises(nats.js.errors.NoStreamResponseError):
+        await bus._pipelined([("nowhere.at.all", b"x", {})])
+    # and the bus still works afterwards
+    assert len(await bus.emit_many(work[:1])) == 1
