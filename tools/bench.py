@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from mesh import client, events  # noqa: E402
 from mesh.agent import run_loop  # noqa: E402
-from mesh.bus import Bus, connect  # noqa: E402
+from mesh.bus import Bus, connect, read_bucket  # noqa: E402
 from mesh.export import Options, export  # noqa: E402
 from mesh.history import read_history, replay  # noqa: E402
 from mesh.plan import parse_plan  # noqa: E402
@@ -105,6 +105,18 @@ async def wait_final(bus: Bus, plan_id: str, timeout_s: float = 3600) -> str:
     raise TimeoutError(f"plan {plan_id} not final after {timeout_s}s")
 
 
+async def wait_agents(bus: Bus, expected: int, timeout_s: float = 120.0) -> None:
+    """Until every agent of the stack has registered: the scenarios time a running mesh, not
+    its start (the first plan otherwise shares the cores with the agents' imports)."""
+    deadline = time.monotonic() + timeout_s
+    kv = await bus.agents_kv()
+    while time.monotonic() < deadline:
+        if len(await read_bucket(kv)) >= expected:
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"fewer than {expected} agents registered after {timeout_s}s")
+
+
 async def run_plan(bus: Bus, text: str, n: int) -> dict[str, Any]:
     began = time.perf_counter()
     spec = parse_plan(text, source="bench.md")
@@ -125,7 +137,8 @@ async def run_plan(bus: Bus, text: str, n: int) -> dict[str, Any]:
 
 
 async def hops(bus: Bus, plan_id: str) -> dict[str, float]:
-    """ms from each task's end (worker's run.finished) to its dependent's start (run.started)."""
+    """ms from each task's end (worker's run.finished) to its dependent's start (the worker's
+    run.started, or `started_at` in run.finished for a task too short to report its start)."""
     started: dict[str, float] = {}
     finished: dict[str, float] = {}
     async for entry in read_history(bus, f"{bus.names.prefix}.evt.run.{plan_id}.>"):
@@ -133,6 +146,8 @@ async def hops(bus: Bus, plan_id: str) -> dict[str, float]:
             started.setdefault(entry.msg.task_id, entry.msg.at)
         elif isinstance(entry.msg, events.RunFinished):
             finished[entry.msg.task_id] = entry.msg.at
+            if entry.msg.started_at:
+                started.setdefault(entry.msg.task_id, entry.msg.started_at)
     gaps = sorted(
         (started[f"t{i + 1}"] - finished[f"t{i}"]) * 1000
         for i in range(len(finished))
@@ -209,6 +224,7 @@ async def main_async(args: argparse.Namespace, stack: Stack, rss: PeakRss) -> di
     settings = load_settings(server=stack.url, environ={})
     bus = await connect(settings, "bench", wait_s=10)
     await bus.ensure_resources()
+    await wait_agents(bus, len(stack.children))
     results: dict[str, Any] = {}
     only = set(args.only or SCENARIOS)
     try:
