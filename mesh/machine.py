@@ -830,6 +830,9 @@ class _Decider:
         if rec is None or rec.status != READY or rec.attempt != msg.attempt:
             self.step.ignored = self._stale(rec, msg.attempt)
             return
+        self._started(msg)
+
+    def _started(self, msg: RunStarted | RunFinished) -> None:
         self.emit(
             TaskStarted(
                 plan_id=msg.plan_id, task_id=msg.task_id, attempt=msg.attempt, worker=msg.worker, at=self.now
@@ -843,15 +846,7 @@ class _Decider:
             return
         if rec.status == READY and msg.started_at:
             # a short task reports its start with its end: both transitions, from this report
-            self.emit(
-                TaskStarted(
-                    plan_id=msg.plan_id,
-                    task_id=msg.task_id,
-                    attempt=msg.attempt,
-                    worker=msg.worker,
-                    at=self.now,
-                )
-            )
+            self._started(msg)
         if rec.review and msg.ok:
             answer = (msg.output or msg.stdout_tail).strip()
             verdict = review.verdict(answer)

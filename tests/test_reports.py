@@ -53,13 +53,18 @@ def by_task(history: list[events.Message | None], kind: type) -> dict[str, list[
     return out
 
 
-async def test_a_short_task_reports_its_start_with_its_end(mesh: Mesh) -> None:
+async def run_plan(mesh: Mesh) -> list[events.Message | None]:
+    """Run PLAN on a brain and one worker; its history."""
     mesh.brain()
     mesh.worker("w1", slots=2)
     plan_id = await mesh.submit_text(PLAN)
     assert (await mesh.wait_plan(plan_id)).status == SUCCEEDED
     bus = await mesh.bus()
-    msgs = [m for _, m in await mesh.history(bus.names.plan_filter(plan_id))]
+    return [m for _, m in await mesh.history(bus.names.plan_filter(plan_id))]
+
+
+async def test_a_short_task_reports_its_start_with_its_end(mesh: Mesh) -> None:
+    msgs = await run_plan(mesh)
     started = by_task(msgs, RunStarted)
     finished = by_task(msgs, RunFinished)
     # the no-op tasks ended before their start was due: one report each, carrying the start
@@ -88,12 +93,7 @@ async def test_a_short_task_reports_its_start_with_its_end(mesh: Mesh) -> None:
 
 async def test_start_reports_can_go_out_at_once(mesh: Mesh) -> None:
     mesh.env["MESH_START_REPORT_AFTER_S"] = "0"
-    mesh.brain()
-    mesh.worker("w1", slots=2)
-    plan_id = await mesh.submit_text(PLAN)
-    assert (await mesh.wait_plan(plan_id)).status == SUCCEEDED
-    bus = await mesh.bus()
-    msgs = [m for _, m in await mesh.history(bus.names.plan_filter(plan_id))]
+    msgs = await run_plan(mesh)
     started = by_task(msgs, RunStarted)
     assert sorted(started) == ["after", "quick", "slow"]
     for task, (fin,) in by_task(msgs, RunFinished).items():
