@@ -94,6 +94,25 @@ class PeakRss:
         return {k: round(v / 2**20, 1) for k, v in sorted(self.peak.items())}
 
 
+def cpu_seconds(stack: Stack) -> dict[str, float]:
+    """CPU time (user + system) each process of the stack has used so far."""
+    procs = [(c.name, c.proc.pid) for c in stack.children if c.proc is not None]
+    if stack.server.proc is not None:
+        procs.append(("server", stack.server.proc.pid))
+    out = {}
+    for name, pid in procs:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[name] = t.user + t.system
+    return out
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before[k], 2) for k in sorted(after) if k in before and after[k] > before[k]}
+
+
 async def wait_final(bus: Bus, plan_id: str, timeout_s: float = 3600) -> str:
     # poll the plan record (cheap) rather than follow every event (a client's cost, not mesh's)
     deadline = time.monotonic() + timeout_s
@@ -117,15 +136,16 @@ async def wait_agents(bus: Bus, expected: int, timeout_s: float = 120.0) -> None
     raise TimeoutError(f"fewer than {expected} agents registered after {timeout_s}s")
 
 
-async def run_plan(bus: Bus, text: str, n: int) -> dict[str, Any]:
+async def run_plan(bus: Bus, text: str, n: int, stack: Stack | None = None) -> dict[str, Any]:
     began = time.perf_counter()
     spec = parse_plan(text, source="bench.md")
     parsed = time.perf_counter()
+    cpu_before = cpu_seconds(stack) if stack else {}
     plan_id = await client.submit(bus, spec)
     submitted = time.perf_counter()
     status = await wait_final(bus, plan_id)
     finished = time.perf_counter()
-    return {
+    result = {
         "plan_id": plan_id,
         "tasks": n,
         "status": status,
@@ -134,29 +154,58 @@ async def run_plan(bus: Bus, text: str, n: int) -> dict[str, Any]:
         "run_s": round(finished - submitted, 3),
         "tasks_per_s": round(n / (finished - submitted), 1),
     }
+    if stack:
+        # where the cores went: CPU seconds of each process from submit to plan final
+        result["cpu_s"] = cpu_used(cpu_before, cpu_seconds(stack))
+    return result
 
 
-async def hops(bus: Bus, plan_id: str) -> dict[str, float]:
+async def hops(bus: Bus, plan_id: str) -> dict[str, Any]:
     """ms from each task's end (worker's run.finished) to its dependent's start (the worker's
-    run.started, or `started_at` in run.finished for a task too short to report its start)."""
+    run.started, or `started_at` in run.finished for a task too short to report its start),
+    and the median of each part of a hop, from the events' own times (the worker's and the
+    brain's clocks) and the server's storage times (one host: one clock):
+
+      report         the worker's end -> its run.finished stored
+      brain_pickup   stored -> the brain decides (task.succeeded's time)
+      events         the brain decides -> the dependent's task.released stored
+      to_start       released stored -> its record and work item written, fetched, started
+    """
     started: dict[str, float] = {}
     finished: dict[str, float] = {}
-    async for entry in read_history(bus, f"{bus.names.prefix}.evt.run.{plan_id}.>"):
-        if isinstance(entry.msg, events.RunStarted):
-            started.setdefault(entry.msg.task_id, entry.msg.at)
-        elif isinstance(entry.msg, events.RunFinished):
-            finished[entry.msg.task_id] = entry.msg.at
-            if entry.msg.started_at:
-                started.setdefault(entry.msg.task_id, entry.msg.started_at)
-    gaps = sorted(
-        (started[f"t{i + 1}"] - finished[f"t{i}"]) * 1000
-        for i in range(len(finished))
-        if f"t{i + 1}" in started and f"t{i}" in finished
-    )
+    stored: dict[tuple[str, str], float] = {}
+    decided: dict[str, float] = {}
+    async for entry in read_history(bus, bus.names.plan_filter(plan_id)):
+        m = entry.msg
+        if isinstance(m, events.RunStarted):
+            started.setdefault(m.task_id, m.at)
+        elif isinstance(m, events.RunFinished):
+            finished[m.task_id] = m.at
+            stored[("finished", m.task_id)] = entry.at
+            if m.started_at:
+                started.setdefault(m.task_id, m.started_at)
+        elif isinstance(m, events.TaskSucceeded):
+            decided[m.task_id] = m.at
+        elif isinstance(m, events.TaskReleased):
+            stored[("released", m.task_id)] = entry.at
+    gaps: list[float] = []
+    parts: dict[str, list[float]] = {"report": [], "brain_pickup": [], "events": [], "to_start": []}
+    for i in range(len(finished)):
+        a, b = f"t{i}", f"t{i + 1}"
+        if b not in started or a not in finished:
+            continue
+        gaps.append((started[b] - finished[a]) * 1000)
+        if a in decided and ("finished", a) in stored and ("released", b) in stored:
+            parts["report"].append(stored[("finished", a)] - finished[a])
+            parts["brain_pickup"].append(decided[a] - stored[("finished", a)])
+            parts["events"].append(stored[("released", b)] - decided[a])
+            parts["to_start"].append(started[b] - stored[("released", b)])
+    gaps.sort()
     return {
         "hops": len(gaps),
         "hop_p50_ms": round(statistics.median(gaps), 2),
         "hop_p99_ms": round(gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))], 2),
+        "hop_parts_p50_ms": {k: round(statistics.median(v) * 1000, 2) for k, v in parts.items() if v},
     }
 
 
@@ -229,8 +278,10 @@ async def main_async(args: argparse.Namespace, stack: Stack, rss: PeakRss) -> di
     only = set(args.only or SCENARIOS)
     try:
         if "throughput" in only:
-            results["throughput_noop"] = await run_plan(bus, make_plan(args.tasks, "noop"), args.tasks)
-            results["throughput_shell"] = await run_plan(bus, make_plan(args.tasks, "true"), args.tasks)
+            results["throughput_noop"] = await run_plan(bus, make_plan(args.tasks, "noop"), args.tasks, stack)
+            results["throughput_shell"] = await run_plan(
+                bus, make_plan(args.tasks, "true"), args.tasks, stack
+            )
         if "chain" in only:
             r = await run_plan(bus, make_plan(args.chain, "noop", chain=True), args.chain)
             results["chain"] = {**r, **(await hops(bus, r["plan_id"]))}
