@@ -8,7 +8,6 @@ controlled clock values.
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -1225,11 +1224,8 @@ def test_ten_thousand_tasks(shape: str) -> None:
         tasks = [task("t0"), *(task(f"t{i}", f"t{i - 1}") for i in range(1, n))]
     else:
         tasks = [task("root"), *(task(f"t{i}", "root", priority=i % 10) for i in range(1, n))]
-    began = time.perf_counter()
-    d = run_big(plan(*tasks))
-    elapsed = time.perf_counter() - began
+    d = run_big(plan(*tasks))  # how fast: `tools/bench.py` (timings live there, not in tests)
     pl = d.state.plans["p1"]
     assert pl.status == SUCCEEDED and pl.counts == {SUCCEEDED: n}
     assert sum(isinstance(e, TaskReleased) for e in d.events) == n
-    assert elapsed < 60
     assert_replays(d, through_wire=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -1237,15 +1236,12 @@ def big_plan(n: int) -> str:
     return "\n".join(parts)
 
 
-def test_ten_thousand_tasks_parse_quickly() -> None:
-    text = big_plan(10_000)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        plan = parse_plan(text)
-        best = min(best, time.perf_counter() - start)
+def test_ten_thousand_tasks_parse() -> None:
+    # how fast: the `submit` scenario of `tools/bench.py` (timings live there, not in tests)
+    plan = parse_plan(big_plan(10_000))
     assert len(plan.tasks) == 10_000
-    assert best < 2.0, f"parsing 10,000 tasks took {best:.2f}s"
+    assert plan.tasks[-1].depends_on == ("t4999", "t9998")
+    assert plan.tasks[-1].timeout_s == 5400.0
 
 
 # ---------------------------------------------------------------- robustness
