@@ -14,18 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg as NatsMsg
 
 from mesh.agent import Agent
-from mesh.bus import decode_or_none
+from mesh.bus import TRANSIENT, decode_or_none, fetch_some
 from mesh.events import type_of
 
 log = logging.getLogger("mesh.auditor")
 
 FETCH_BATCH = 500
-TRANSIENT = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 
 
 def problem(raw: NatsMsg, prefix: str) -> str:
@@ -57,14 +54,7 @@ class Auditor(Agent):
     async def run(self) -> None:
         prefix = self.names.prefix
         while not self.stop_requested.is_set():
-            try:
-                msgs = await self.sub.fetch(FETCH_BATCH, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            except TRANSIENT as exc:
-                log.warning("fetching events failed (%r); retrying", exc)
-                await asyncio.sleep(0.5)
-                continue
+            msgs = await fetch_some(self.sub, FETCH_BATCH, "events")
             try:
                 for raw in msgs:
                     why = problem(raw, prefix)

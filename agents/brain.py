@@ -40,7 +40,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from mesh.agent import Agent
-from mesh.bus import decode_or_none, iter_bucket, read_bucket
+from mesh.bus import TRANSIENT, decode_or_none, fetch_some, iter_bucket, read_bucket
 from mesh.events import (
     CancelPlan,
     EscalationAnswered,
@@ -98,7 +98,6 @@ log = logging.getLogger("mesh.brain")
 FETCH_BATCH = 256
 BATCH_MAX = 512
 RECENT_WRITES_S = 30.0
-TRANSIENT = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 LEASE_KEY = "lease"
 CHECKPOINT_KEY = "checkpoint"
 BRAIN_INPUTS = (
@@ -425,15 +424,7 @@ class Brain(Agent):
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription, what: str) -> None:
         while not self.stop_requested.is_set():
-            try:
-                msgs = await sub.fetch(FETCH_BATCH, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            except TRANSIENT as exc:
-                log.warning("fetching %s failed (%r); retrying", what, exc)
-                await asyncio.sleep(0.5)
-                continue
-            for m in msgs:
+            for m in await fetch_some(sub, FETCH_BATCH, what):
                 await self.inbox.put(m)
 
     async def _guarded(self, raw: list[NatsMsg] | None) -> None:

@@ -37,7 +37,7 @@ from anthropic.types import MessageParam, ToolChoiceAnyParam, ToolParam
 from nats.aio.msg import Msg as NatsMsg
 
 from mesh.agent import Agent
-from mesh.bus import decode_or_none, read_bucket
+from mesh.bus import TRANSIENT, decode_or_none, fetch_some, read_bucket
 from mesh.errors import MeshError
 from mesh.escalation import (
     AnswerError,
@@ -70,7 +70,6 @@ from mesh.settings import Settings
 
 log = logging.getLogger("mesh.gateway")
 
-TRANSIENT = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 BUDGET_RULE = "escalation_budget"
 # statuses worth asking again: rate limited, overloaded, server errors, timeouts
 RETRY_STATUSES = frozenset({408, 409, 429})
@@ -153,15 +152,7 @@ class Gateway(Agent):
             if free <= 0:
                 await asyncio.wait(set(self.handlers), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            try:
-                msgs = await self.sub.fetch(free, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            except TRANSIENT as exc:
-                log.warning("fetching escalation requests failed (%r); retrying", exc)
-                await asyncio.sleep(0.5)
-                continue
-            for raw in msgs:
+            for raw in await fetch_some(self.sub, free, "escalation requests"):
                 task = asyncio.get_running_loop().create_task(self.handle(raw), name=f"esc:{raw.subject}")
                 self.handlers.add(task)
                 task.add_done_callback(self._reap_handler)

@@ -31,7 +31,7 @@ from nats.js import api
 
 from mesh.agent import Agent
 from mesh.alerts import AlertEngine, Change, Sinks, build_rules
-from mesh.bus import iter_bucket, read_bucket
+from mesh.bus import TRANSIENT, iter_bucket, read_bucket
 from mesh.events import (
     AgentStopped,
     AlertRaised,
@@ -59,7 +59,6 @@ from mesh.telemetry import (
 
 log = logging.getLogger("mesh.watchdog")
 
-TRANSIENT = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 HOST_ONLY = "no NVIDIA GPU readable through NVML on this host: watching the host only"
 
 

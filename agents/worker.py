@@ -35,7 +35,7 @@ from nats.js import JetStreamContext
 
 from mesh import placement as gs
 from mesh.agent import Agent
-from mesh.bus import decode_or_none, llm_consumer_definition, own_consumer_definition
+from mesh.bus import TRANSIENT, decode_or_none, llm_consumer_definition, own_consumer_definition
 from mesh.errors import ConfigError
 from mesh.events import (
     MODEL_BODY_KINDS,
@@ -61,7 +61,6 @@ from mesh.telemetry import host_token
 
 log = logging.getLogger("mesh.worker")
 
-TRANSIENT = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)
 CANCELLED_MEMORY = 100_000
 FRESH_S = 2.0
 # an item whose task has no record yet is offered again after this long

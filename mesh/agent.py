@@ -18,10 +18,7 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-import nats.errors
-import nats.js.errors
-
-from mesh.bus import Bus, connect
+from mesh.bus import TRANSIENT, Bus, connect
 from mesh.events import AgentStarted, AgentStopped
 from mesh.records import AgentRecord, encode_record
 from mesh.settings import Settings
@@ -109,7 +106,7 @@ class Agent:
             )
             kv = await self.bus.agents_kv()
             await kv.delete(self.agent_id)
-        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+        except TRANSIENT as exc:
             log.warning("could not record the stop of %s: %s", self.agent_id, exc)
         await self.bus.close()
         log.info("%s %s stopped", self.role, self.agent_id)
@@ -150,7 +147,7 @@ class Agent:
             began = time.monotonic()
             try:
                 await self.register()
-            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            except TRANSIENT as exc:
                 log.warning("could not refresh the registration of %s: %s", self.agent_id, exc)
             await asyncio.sleep(max(0.05, interval - (time.monotonic() - began)))
 

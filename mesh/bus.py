@@ -46,6 +46,8 @@ DAY_S = 86_400.0
 DEAD_PAYLOAD_BYTES = 2048
 PUBLISH_TIMEOUT_S = 10.0
 PIPELINE_CHUNK = 2000
+# what a server that is restarting, unreachable or slow raises: worth trying again
+TRANSIENT = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 
 
 # ------------------------------------------------------------------ definitions
@@ -758,6 +760,21 @@ class Bus:
             await self.nc.close()
 
 
+async def fetch_some(
+    sub: JetStreamContext.PullSubscription, batch: int, what: str, timeout_s: float = 1.0
+) -> list[NatsMsg]:
+    """Up to `batch` messages of a pull subscription: none when nothing came within
+    `timeout_s`, or when the server could not be reached (logged, after a short pause)."""
+    try:
+        return await sub.fetch(batch, timeout=timeout_s)
+    except nats.errors.TimeoutError:
+        return []
+    except TRANSIENT as exc:
+        log.warning("fetching %s failed (%r); retrying", what, exc)
+        await asyncio.sleep(0.5)
+        return []
+
+
 READ_BATCH = 1000
 # a history read holds at most about this much of one batch in memory
 READ_BATCH_BYTES = 32 * 1024 * 1024
@@ -843,7 +860,7 @@ async def read_stream(
                 in_batch = 0
                 await nc.publish(next_subject, request, reply=inbox)
     finally:
-        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+        with contextlib.suppress(*TRANSIENT):
             await sub.unsubscribe()
             await js.delete_consumer(stream, name)
 

@@ -45,7 +45,7 @@ from prometheus_client.registry import Collector
 
 from mesh import events
 from mesh.agent import Agent
-from mesh.bus import read_bucket
+from mesh.bus import TRANSIENT, read_bucket
 from mesh.errors import MeshError
 from mesh.records import (
     PLAN_FINAL_STATES,
@@ -252,7 +252,7 @@ class Exporter(Agent):
         for sub in subs:
             try:
                 await sub.unsubscribe()
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            except TRANSIENT as exc:
                 log.debug("unsubscribe failed: %s", exc)
 
     async def _subscribe(self) -> None:
