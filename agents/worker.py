@@ -24,7 +24,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -108,32 +108,32 @@ class Running:
 
 class StartReport:
     """A `run.started` held back a moment; `settle` says whether it went out (or is going
-    out: then it waits for it, so the start is stored before the end)."""
+    out: then it waits for it, so the start is stored before the end). A timer, not a task,
+    until it is due: most short tasks end first, and cancelling a timer costs nothing."""
 
-    def __init__(self, send: Callable[[RunStarted], Awaitable[None]], ev: RunStarted, after_s: float) -> None:
+    def __init__(
+        self, send: Callable[[RunStarted], Coroutine[Any, Any, None]], ev: RunStarted, after_s: float
+    ) -> None:
         self.send = send
         self.ev = ev
         self.after_s = after_s
-        self.sending = False
+        self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
 
     async def begin(self) -> None:
         if self.after_s <= 0:
-            self.sending = True
             await self.send(self.ev)
         else:
-            self.task = asyncio.get_running_loop().create_task(self._later())
+            self.timer = asyncio.get_running_loop().call_later(self.after_s, self._due)
 
-    async def _later(self) -> None:
-        await asyncio.sleep(self.after_s)
-        self.sending = True
-        await self.send(self.ev)
+    def _due(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.send(self.ev))
 
     async def settle(self) -> bool:
+        if self.timer is None:
+            return True  # sent at once
         if self.task is None:
-            return self.sending
-        if not self.sending:
-            self.task.cancel()
+            self.timer.cancel()
             return False
         await self.task
         return True
