@@ -626,7 +626,7 @@ class Brain(Agent):
             for key in gone_tasks:
                 self.work_seq.pop(key, None)
         if not tasks and not plans:
-            return await self.bus.emit_many(then) if then else []
+            return await self.bus.emit_many(then or [])
         names = self.names
         # encoded as they are sent, a chunk at a time (a huge plan's records all encoded at once
         # were tens of MB the heap kept)

@@ -706,25 +706,21 @@ class Bus:
         `then` (work items, say) goes out in the same pipeline as the last chunk, so both cost
         one round trip; their acknowledgements are returned. Nothing orders them against the
         puts: they are different streams, which the server stores independently."""
+
+        def kv(chunk: list[tuple[str, str, bytes]]) -> list[tuple[str, bytes, dict[str, str]]]:
+            return [(f"$KV.{bucket}.{key}", value, {}) for bucket, key, value in chunk]
+
         rest = iter(puts)
         chunk = list(itertools.islice(rest, PIPELINE_CHUNK))
-        while True:
-            items: list[tuple[str, bytes, dict[str, str]]] = [
-                (f"$KV.{bucket}.{key}", value, {}) for bucket, key, value in chunk
-            ]
-            following = list(itertools.islice(rest, PIPELINE_CHUNK)) if chunk else []
-            if following:
-                await self._pipelined(items)
-                chunk = following
-                continue
-            if len(then) > PIPELINE_CHUNK:
-                if items:
-                    await self._pipelined(items)
-                return await self.emit_many(then)
-            if not items and not then:
-                return []
-            acks = await self._pipelined(items + self._encoded(then))
-            return acks[len(items) :]
+        while following := list(itertools.islice(rest, PIPELINE_CHUNK)):
+            await self._pipelined(kv(chunk))
+            chunk = following
+        last = kv(chunk)
+        if len(then) > PIPELINE_CHUNK:
+            await self._pipelined(last)
+            return await self.emit_many(then)
+        acks = await self._pipelined(last + self._encoded(then))
+        return acks[len(last) :]
 
     async def kv_purge_many(self, keys: list[tuple[str, str]]) -> None:
         """Remove many KV keys (bucket, key) with their history, pipelined."""
