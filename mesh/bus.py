@@ -398,8 +398,9 @@ _decode_ack = msgspec.json.Decoder(_Ack).decode
 class AckBatch:
     """The acknowledgements of one pipelined batch, in the order its messages were sent."""
 
-    def __init__(self, prefix: str, n: int) -> None:
-        self.prefix = prefix
+    def __init__(self, prefix: str, key: str, n: int) -> None:
+        self.key = key
+        self.prefix = f"{prefix}.{key}"
         self.acks: list[api.PubAck | None] = [None] * n
         self.missing = n
         self.done: asyncio.Future[list[api.PubAck]] = asyncio.get_running_loop().create_future()
@@ -440,12 +441,12 @@ class AckCollector:
 
     def open(self, n: int) -> AckBatch:
         key = str(next(self.counter))
-        batch = AckBatch(f"{self.prefix}.{key}", n)
+        batch = AckBatch(self.prefix, key, n)
         self.batches[key] = batch
         return batch
 
     def close(self, batch: AckBatch) -> None:
-        self.batches.pop(batch.prefix.rsplit(".", 1)[-1], None)
+        self.batches.pop(batch.key, None)
         if not batch.done.done():
             batch.done.cancel()
 
