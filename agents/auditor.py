@@ -17,26 +17,18 @@ import logging
 from nats.aio.msg import Msg as NatsMsg
 
 from mesh.agent import Agent
-from mesh.bus import TRANSIENT, decode_or_none, fetch_some
-from mesh.events import type_of
+from mesh.bus import TRANSIENT, decode_checked, fetch_some
+from mesh.names import Names
 
 log = logging.getLogger("mesh.auditor")
 
 FETCH_BATCH = 500
 
 
-def problem(raw: NatsMsg, prefix: str) -> str:
-    """Why a message on an audited subject is wrong ('' when it is fine)."""
-    msg, why = decode_or_none(raw)
-    if msg is None:
-        return why
-    tokens = raw.subject.split(".")
-    # <prefix>.evt.<family>.<...>.<kind>  must carry the type  <family>.<kind>
-    expected = f"{tokens[2]}.{tokens[-1]}" if len(tokens) >= 5 and tokens[0] == prefix else ""
-    tag = type_of(msg)
-    if tag != expected:
-        return f"a {tag} message on {raw.subject}, which carries {expected or 'no mesh event'} messages"
-    return ""
+def problem(raw: NatsMsg, names: Names) -> str:
+    """Why a message on an audited subject is wrong ('' when it is fine): unreadable, or not
+    the message mesh would publish on that subject (`mesh.bus.misplaced`)."""
+    return decode_checked(raw, names)[1]
 
 
 class Auditor(Agent):
@@ -52,12 +44,11 @@ class Auditor(Agent):
         )
 
     async def run(self) -> None:
-        prefix = self.names.prefix
         while not self.stop_requested.is_set():
             msgs = await fetch_some(self.sub, FETCH_BATCH, "events")
             try:
                 for raw in msgs:
-                    why = problem(raw, prefix)
+                    why = problem(raw, self.names)
                     if why:
                         await self.bus.dead_letter(self.agent_id, raw, why)
                 # the consumer acknowledges all up to the last (ack policy "all")

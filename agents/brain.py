@@ -29,6 +29,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import secrets
 import time
 
 import msgspec
@@ -39,8 +40,10 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
+from mesh import claims, validate
 from mesh.agent import Agent
-from mesh.bus import TRANSIENT, decode_or_none, fetch_some, iter_bucket, read_bucket
+from mesh.bus import TRANSIENT, decode_checked, fetch_some, iter_bucket, read_bucket
+from mesh.errors import MeshError
 from mesh.events import (
     CancelPlan,
     EscalationAnswered,
@@ -181,7 +184,9 @@ class Brain(Agent):
         self.spawn(self._renew_loop(), "lease")
         # parts of a big plan's acceptance must each fit in one message
         self.policy = dataclasses.replace(
-            self.policy, part_bytes=min(self.policy.part_bytes, self.bus.nc.max_payload // 4)
+            self.policy,
+            part_bytes=min(self.policy.part_bytes, self.bus.nc.max_payload // 4),
+            claim_key=await self._claim_key(),
         )
         await self.load_state()
         await self.catch_up()
@@ -200,6 +205,26 @@ class Brain(Agent):
             durable=self.names.brain_esc_consumer, stream=self.names.events_stream
         )
 
+    async def _claim_key(self) -> bytes:
+        """The secret work items' claims are made with: made by the first brain, kept in the
+        brain's bucket (which no worker may read), the same for every brain after it."""
+        kv = await self.bus.brain_kv()
+        try:
+            await kv.create(claims.KEY_NAME, secrets.token_bytes(claims.KEY_BYTES))
+            log.info("made a new claim key")
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass  # another brain made it first, or an earlier one did
+        entry = await kv.get(claims.KEY_NAME)
+        key = entry.value or b""
+        if len(key) != claims.KEY_BYTES:
+            raise MeshError(
+                f"the claim key in bucket {self.names.brain_bucket} is {len(key)} bytes, not "
+                f"{claims.KEY_BYTES}: delete it (`nats kv del {self.names.brain_bucket} {claims.KEY_NAME}`) "
+                "and restart the brain; reports on tasks running now are then refused and those "
+                "attempts are retried"
+            )
+        return key
+
     async def load_state(self) -> None:
         began = time.monotonic()
         # decoded as read: the raw values are never all held at once
@@ -207,10 +232,11 @@ class Brain(Agent):
         plans = [decode_plan(v) async for _, v in iter_bucket(await self.bus.plans_kv())]
         self.state = State.load(tasks, plans, aging_s=self.settings.aging_s)
         # the GPUs as their workers last wrote them (their later changes arrive as events)
-        async for _, value in iter_bucket(await self.bus.gpus_kv()):
+        async for key, value in iter_bucket(await self.bus.gpus_kv()):
             with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
                 gpu = decode(value)
-                if isinstance(gpu, GpuState):
+                # only a GPU's own state under its own key (each worker may write its GPU's key)
+                if isinstance(gpu, GpuState) and gpu.gpu == key:
                     observe(self.state.gpus, gpu)
         log.info(
             "loaded %d tasks and %d plans from KV in %.3fs", len(tasks), len(plans), time.monotonic() - began
@@ -246,7 +272,7 @@ class Brain(Agent):
 
     async def republish_ready(self) -> None:
         ready = [r for r in self.state.tasks.values() if r.status == READY]
-        await asyncio.gather(*(self.bus.emit(work_item(self.state, r)) for r in ready))
+        await asyncio.gather(*(self.bus.emit(work_item(self.state, r, self.policy.claim_key)) for r in ready))
         if ready:
             log.info("re-published %d ready work items (duplicates are dropped by the server)", len(ready))
 
@@ -482,16 +508,27 @@ class Brain(Agent):
         combined = Step()
         good: list[NatsMsg] = []
         bad: list[tuple[NatsMsg, str]] = []
+        letters: list[tuple[NatsMsg, str]] = []
         for raw in batch:
-            msg, why = decode_or_none(raw)
+            msg, why = decode_checked(raw, self.names)
             if msg is None:
                 bad.append((raw, why))
                 continue
             if not isinstance(msg, BRAIN_INPUTS):
                 bad.append((raw, f"the brain does not take {type_of(msg)} messages"))
                 continue
-            if isinstance(msg, SubmitPlan) and msg.object:
-                msg = await self._fetch_plan(msg)
+            if isinstance(msg, SubmitPlan):
+                if msg.object and not validate.id_problem(msg.plan_id, "plan id", validate.MAX_PLAN_ID_CHARS):
+                    msg = await self._fetch_plan(msg)
+                problems = validate.check_submission(msg)
+                if problems:
+                    # a dead letter; a plan whose id can name a subject is also rejected
+                    # (`plan.rejected`, decided below), so its submitter sees why
+                    why = "invalid submission: " + "; ".join(problems)
+                    if validate.id_problem(msg.plan_id, "plan id", validate.MAX_PLAN_ID_CHARS):
+                        bad.append((raw, why))
+                        continue
+                    letters.append((raw, why))
             step = apply(self.state, msg, now, self.policy)
             if isinstance(msg, EscalationWaiting):
                 log.info(
@@ -509,8 +546,15 @@ class Brain(Agent):
             combined.escalations.extend(step.escalations)
             combined.resources.extend(step.resources)
             combined.notes.extend(step.notes)
-            good.append(raw)
+            if step.refused:
+                # nothing was decided on it (a step may still hold what the clock released)
+                log.warning("refused %s: %s", type_of(msg), step.refused)
+                bad.append((raw, step.refused))
+            else:
+                good.append(raw)
         await self._commit(combined)
+        for raw, why in letters:
+            await self.bus.dead_letter(self.agent_id, raw, why)
         for raw, why in bad:
             await self.bus.dead_letter(self.agent_id, raw, why)
             await raw.term()

@@ -37,7 +37,7 @@ from anthropic.types import MessageParam, ToolChoiceAnyParam, ToolParam
 from nats.aio.msg import Msg as NatsMsg
 
 from mesh.agent import Agent
-from mesh.bus import TRANSIENT, decode_or_none, fetch_some, read_bucket
+from mesh.bus import TRANSIENT, decode_checked, fetch_some, read_bucket
 from mesh.errors import MeshError
 from mesh.escalation import (
     AnswerError,
@@ -172,7 +172,7 @@ class Gateway(Agent):
 
     # one request ---------------------------------------------------------------------------
     async def handle(self, raw: NatsMsg) -> None:
-        msg, why = decode_or_none(raw)
+        msg, why = decode_checked(raw, self.names)
         if not isinstance(msg, EscalationRequest):
             reason = why or f"the gateway does not take {type_of(msg)} messages"  # type: ignore[arg-type]
             await self.bus.dead_letter(self.agent_id, raw, reason)

@@ -31,7 +31,7 @@ from nats.js import api
 
 from mesh.agent import Agent
 from mesh.alerts import AlertEngine, Change, Sinks, build_rules
-from mesh.bus import TRANSIENT, iter_bucket, read_bucket
+from mesh.bus import TRANSIENT, decode_checked, iter_bucket, read_bucket
 from mesh.events import (
     AgentStopped,
     AlertRaised,
@@ -129,10 +129,7 @@ class Watchdog(Agent):
                     self.thermal_paused[key.rsplit(".", 1)[0]] = control.paused
 
     async def _on_stopped(self, raw: NatsMsg) -> None:
-        try:
-            msg = decode(raw.data)
-        except ValueError:
-            return
+        msg, _ = decode_checked(raw, self.names)
         if isinstance(msg, AgentStopped):
             self._stopped.append((msg.agent_id, msg.at))
 
@@ -272,10 +269,7 @@ class Watchdog(Agent):
         self.spawn(self.sinks.deliver(ev), f"alert-{ev.rule}")
 
     async def _on_failure(self, raw: NatsMsg) -> None:
-        try:
-            msg = decode(raw.data)
-        except ValueError:
-            return
+        msg, _ = decode_checked(raw, self.names)
         if isinstance(msg, TaskFailed | TaskRetrying) and msg.reason not in ("dependency", "cancelled"):
             self._failures_seen.append((f"{msg.plan_id}.{msg.task_id}", msg.at))
 

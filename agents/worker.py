@@ -35,7 +35,7 @@ from nats.js import JetStreamContext
 
 from mesh import placement as gs
 from mesh.agent import Agent
-from mesh.bus import TRANSIENT, decode_or_none, llm_consumer_definition, own_consumer_definition
+from mesh.bus import TRANSIENT, decode_checked, llm_consumer_definition, own_consumer_definition
 from mesh.errors import ConfigError
 from mesh.events import (
     MODEL_BODY_KINDS,
@@ -259,7 +259,7 @@ class Worker(Agent):
         return self.agent_id
 
     async def _on_cancel(self, raw: NatsMsg) -> None:
-        msg, _ = decode_or_none(raw)
+        msg, _ = decode_checked(raw, self.names)
         if not isinstance(msg, TaskCancelled):
             return  # the brain dead-letters bad messages; a core subscriber only listens
         key = f"{msg.plan_id}.{msg.task_id}"
@@ -423,7 +423,7 @@ class Worker(Agent):
             except (msgspec.DecodeError, msgspec.ValidationError):
                 log.warning("ignoring an unreadable %s control value for %s", source, self.gpu_id)
                 continue
-            if isinstance(control, GpuControl):
+            if isinstance(control, GpuControl) and (control.gpu, control.source) == (self.gpu_id, source):
                 self.controls[source] = control
 
     async def _control_loop(self) -> None:
@@ -442,7 +442,10 @@ class Worker(Agent):
                         log.warning("ignoring an unreadable control value for %s", entry.key)
                         continue
                     before = self.hold_reason()
-                    if isinstance(control, GpuControl):
+                    if isinstance(control, GpuControl) and (control.gpu, control.source) == (
+                        self.gpu_id,
+                        source,
+                    ):
                         self.controls[source] = control
                     else:
                         self.controls.pop(source, None)
@@ -676,7 +679,7 @@ class Worker(Agent):
 
     # one item --------------------------------------------------------------------------
     async def _take(self, raw: NatsMsg, lane: Lane) -> None:
-        msg, why = decode_or_none(raw)
+        msg, why = decode_checked(raw, self.names)
         if isinstance(msg, ResourceItem) and lane.name == "own":
             try:
                 await self._resource(msg)
@@ -757,6 +760,7 @@ class Worker(Agent):
                 duration_s=0.0,
                 error=why,
                 dead_letter=True,
+                claim=item.claim,
             )
         )
         await raw.term()
@@ -831,6 +835,7 @@ class Worker(Agent):
                 worker=self.agent_id,
                 at=started_at,
                 delivery=delivery,
+                claim=item.claim,
             ),
             0.0 if delivery > 1 else self.settings.start_report_after_s,
         )
@@ -898,6 +903,7 @@ class Worker(Agent):
                 metrics=result.metrics,
                 artifacts=tuple(result.artifacts),
                 sensitive=sensitive,
+                claim=item.claim,
             )
         )
         self.finished[key] = item.attempt

@@ -912,7 +912,9 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
         return names.task_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}{moment}"
     if tag.startswith("run."):
         worker = getattr(ev, "worker", "")
-        return names.run_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}:{worker}"
+        return names.run_event(
+            plan_id, task_id, kind, worker
+        ), f"{plan_id}.{task_id}:{attempt}:{kind}:{worker}"
     if tag == "plan.tasks":
         return names.plan_event(plan_id, kind), f"{plan_id}:{kind}:{getattr(ev, 'part', 0)}"
     if tag.startswith("plan."):
@@ -935,6 +937,14 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
         if tag == "gpu.control":
             return names.gpu_event(gpu, kind), f"{gpu}:control:{getattr(ev, 'source', '')}:{at!r}"
         return names.gpu_event(gpu, kind), f"{gpu}:{kind}:{getattr(ev, 'state', '')}:{at!r}"
+    if tag == "cmd.submit":
+        return names.submit, plan_id
+    if tag == "cmd.cancel":
+        return names.cancel(plan_id), f"{plan_id}:cancel:{at}"
+    if tag == "cmd.retry":
+        return names.retry(plan_id), f"{plan_id}:retry:{at}"
+    if tag == "dead.letter":
+        return names.dead_letter(getattr(ev, "agent_id", "")), ""
     if tag == "esc.request":
         return names.escalation(plan_id, task_id), f"esc:{getattr(ev, 'rid', '')}"
     if tag.startswith("esc."):
@@ -964,6 +974,34 @@ def decode_or_none(raw: NatsMsg) -> tuple[events.Message | None, str]:
         return None, f"invalid message: {exc}"
     except msgspec.DecodeError as exc:
         return None, f"undecodable message: {exc}"
+
+
+def misplaced(names: Names, subject: str, msg: Msg) -> str:
+    """Why `msg` does not belong on `subject` ('' when it does).
+
+    A message belongs only on the subject mesh itself would publish it to (`route`): its type,
+    and the plan, task, worker, GPU or agent it speaks of, are all in that subject. So the
+    server's per-subject permissions decide who may say what: a worker, whose user may publish
+    run reports under its own name only, cannot pass a submission off as a report, nor report
+    in another worker's name.
+    """
+    try:
+        expected, _ = route(names, msg)
+    except ValueError as exc:  # a plan or task id that cannot be a subject token
+        return f"a {events.type_of(msg)} message that names no valid subject ({exc}) arrived on {subject}"
+    if expected != subject:
+        return f"a {events.type_of(msg)} message belongs on {expected}, not on {subject}"
+    return ""
+
+
+def decode_checked(raw: NatsMsg, names: Names) -> tuple[events.Message | None, str]:
+    """Decode a message read from a stream or subscription and check that it belongs on the
+    subject it came on (`misplaced`); on either failure return (None, why)."""
+    msg, why = decode_or_none(raw)
+    if msg is None:
+        return None, why
+    why = misplaced(names, raw.subject, msg)
+    return (None, why) if why else (msg, "")
 
 
 async def connect(

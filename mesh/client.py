@@ -14,9 +14,9 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from mesh import events
+from mesh import events, validate
 from mesh.bus import Bus, decode_or_none, read_bucket
-from mesh.errors import NotFound
+from mesh.errors import NotFound, PlanError, Problem
 from mesh.events import CancelPlan, PlanSpec, RetryTasks, SubmitPlan
 from mesh.names import check_token
 from mesh.records import PlanRecord, TaskRecord, decode_plan, decode_task
@@ -40,8 +40,13 @@ def new_plan_id(title: str) -> str:
 
 
 async def submit(bus: Bus, plan: PlanSpec, plan_id: str | None = None, by: str = "") -> str:
-    plan_id = check_token(plan_id or new_plan_id(plan.title), "plan id")
+    """Submit a parsed plan; returns its id. The plan passes the same checks the brain makes of
+    every submission (`mesh.validate`) before anything is sent."""
+    plan_id = plan_id or new_plan_id(plan.title)
     msg = SubmitPlan(plan_id=plan_id, plan=plan, at=time.time(), by=by or _user())
+    problems = validate.check_submission(msg)
+    if problems:
+        raise PlanError(plan.source or plan_id, [Problem(0, p) for p in problems])
     data = events.encode(msg)
     if len(data) > bus.nc.max_payload - 4096:
         # too big for one message: the plan goes to the object store, the submission names it

@@ -143,6 +143,8 @@ class WorkItem(Msg, frozen=True, tag="work"):
     max_tokens: int = 0
     # llm prompt: a llama.cpp GBNF grammar the answer must match ('' : free text)
     grammar: str = ""
+    # proof of this attempt, copied into the worker's reports (`mesh.claims`)
+    claim: str = ""
 
 
 class ResourceItem(Msg, frozen=True, tag="resource"):
@@ -168,6 +170,8 @@ class RunStarted(Msg, frozen=True, tag="run.started"):
     worker: str
     at: float
     delivery: int = 1
+    # the claim of the work item this reports on (`mesh.claims`)
+    claim: str = ""
 
 
 class RunFinished(Msg, frozen=True, tag="run.finished"):
@@ -205,6 +209,8 @@ class RunFinished(Msg, frozen=True, tag="run.finished"):
     artifacts: tuple[str, ...] = ()
     # the task was sensitive, or read a sensitive task's output: nothing it saw or made is here
     sensitive: bool = False
+    # the claim of the work item this reports on (`mesh.claims`)
+    claim: str = ""
 
 
 # GPUs (event stream; the brain reads them for placement) ---------------------

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from mesh import review
+from mesh import claims, review, validate
 from mesh.errors import PlanError
 from mesh.events import (
     MODEL_BODY_KINDS,
@@ -68,6 +68,7 @@ from mesh.events import (
     TaskSucceeded,
     TaskWaiting,
     WorkItem,
+    type_of,
 )
 from mesh.placement import SCRIPT, GpuView, PlacementPolicy, llm_demand_key, observe, place
 from mesh.plan import parse_followups
@@ -122,6 +123,8 @@ class Policy:
     # llm model)
     review_model: str = ""
     placement: PlacementPolicy = field(default_factory=PlacementPolicy)
+    # the secret that work items' claims are made with (`mesh.claims`; the brain's bucket)
+    claim_key: bytes = b""
 
 
 class Tick:
@@ -148,6 +151,9 @@ class Step:
     events: list[Msg] = field(default_factory=list)
     work: list[WorkItem] = field(default_factory=list)
     ignored: str = ""
+    # an input refused as forged or misdirected (a report without the attempt's claim, or from a
+    # worker that does not hold the attempt): the brain dead-letters it with this reason
+    refused: str = ""
     # model loads and unloads for one worker each (their `gpu.requested` events are in `events`)
     resources: list[ResourceItem] = field(default_factory=list)
     # requests for the gateway (published after the records, like work items)
@@ -555,37 +561,9 @@ def _keep_attempt(rec: TaskRecord, ev: TaskRetrying | TaskFailed) -> None:
 
 
 def validate_plan(plan: PlanSpec) -> str:
-    """Check what the brain depends on (the CLI's parser checks much more). '' when fine."""
-    ids: set[str] = set()
-    for t in plan.tasks:
-        if t.id in ids:
-            return f"duplicate task id {t.id!r}"
-        ids.add(t.id)
-    if not plan.tasks:
-        return "plan has no tasks"
-    for t in plan.tasks:
-        for d in t.depends_on:
-            if d not in ids:
-                return f"task {t.id!r} depends on unknown task {d!r}"
-    # Kahn's algorithm: anything left over sits on a cycle
-    indegree = {t.id: len(set(t.depends_on)) for t in plan.tasks}
-    children: dict[str, list[str]] = {}
-    for t in plan.tasks:
-        for d in set(t.depends_on):
-            children.setdefault(d, []).append(t.id)
-    todo = deque(i for i, n in indegree.items() if n == 0)
-    seen = 0
-    while todo:
-        node = todo.popleft()
-        seen += 1
-        for child in children.get(node, ()):
-            indegree[child] -= 1
-            if indegree[child] == 0:
-                todo.append(child)
-    if seen != len(indegree):
-        stuck = sorted(i for i, n in indegree.items() if n > 0)
-        return f"dependency cycle among {', '.join(stuck[:10])}"
-    return ""
+    """What is wrong with a plan's tasks ('' when nothing): the checks of `mesh.validate`, the
+    same the CLI runs before it sends a plan."""
+    return "; ".join(validate.check_plan(plan))
 
 
 PART_BYTES = 256 * 1024
@@ -610,9 +588,11 @@ def split_tasks(tasks: tuple[TaskSpec, ...], limit: int = PART_BYTES) -> list[tu
 _spec_encoder = msgspec.json.Encoder()
 
 
-def work_item(state: State, rec: TaskRecord) -> WorkItem:
-    """The work item of a task's current attempt (a review's, while one is in flight)."""
+def work_item(state: State, rec: TaskRecord, claim_key: bytes) -> WorkItem:
+    """The work item of a task's current attempt (a review's, while one is in flight), with the
+    claim its worker proves the attempt with."""
     plan = state.plans.get(rec.plan_id)
+    claim = claims.claim_of(claim_key, rec.plan_id, rec.task_id, rec.attempt)
     if rec.review:
         return WorkItem(
             plan_id=rec.plan_id,
@@ -626,6 +606,7 @@ def work_item(state: State, rec: TaskRecord) -> WorkItem:
             model=rec.review_model,
             max_tokens=review.MAX_TOKENS,
             grammar=review.GRAMMAR,
+            claim=claim,
         )
     return WorkItem(
         plan_id=rec.plan_id,
@@ -641,6 +622,7 @@ def work_item(state: State, rec: TaskRecord) -> WorkItem:
         model=rec.spec.model,
         inputs=rec.spec.inputs,
         max_tokens=rec.spec.max_tokens,
+        claim=claim,
     )
 
 
@@ -671,7 +653,8 @@ class _Decider:
         if isinstance(plan_id, str):
             self.touched_plans.add(plan_id)
         if isinstance(ev, TaskReleased | TaskReviewing):
-            self.step.work.append(work_item(self.state, self.state.tasks[f"{ev.plan_id}.{ev.task_id}"]))
+            rec = self.state.tasks[f"{ev.plan_id}.{ev.task_id}"]
+            self.step.work.append(work_item(self.state, rec, self.policy.claim_key))
 
     # inputs --------------------------------------------------------------
     def submit(self, msg: SubmitPlan) -> None:
@@ -803,8 +786,32 @@ class _Decider:
                     )
                 )
 
+    def _forged(self, rec: TaskRecord, msg: RunStarted | RunFinished) -> bool:
+        """Refuse a report on the current attempt that its sender cannot have made: one without
+        the claim of the attempt's work item (the worker never received it), or a `run.finished`
+        from a worker other than the one running the attempt."""
+        if not claims.holds(self.policy.claim_key, msg.claim, msg.plan_id, msg.task_id, msg.attempt):
+            self.step.refused = (
+                f"{type_of(msg)} from {msg.worker} for {rec.key} attempt {msg.attempt} without the "
+                "attempt's claim: that worker was never handed the attempt"
+            )
+            return True
+        if isinstance(msg, RunFinished) and rec.status == RUNNING and msg.worker != rec.worker:
+            self.step.refused = (
+                f"run.finished from {msg.worker} for {rec.key} attempt {msg.attempt}, which {rec.worker} runs"
+            )
+            return True
+        return False
+
     def run_started(self, msg: RunStarted) -> None:
         rec = self.state.tasks.get(f"{msg.plan_id}.{msg.task_id}")
+        if (
+            rec is not None
+            and rec.attempt == msg.attempt
+            and rec.status in INFLIGHT_STATES
+            and self._forged(rec, msg)
+        ):
+            return
         if (
             rec is not None
             and rec.attempt == msg.attempt
@@ -843,6 +850,8 @@ class _Decider:
         rec = self.state.tasks.get(f"{msg.plan_id}.{msg.task_id}")
         if rec is None or rec.status not in INFLIGHT_STATES or rec.attempt != msg.attempt:
             self.step.ignored = self._stale(rec, msg.attempt)
+            return
+        if self._forged(rec, msg):
             return
         if rec.status == READY and msg.started_at:
             # a short task reports its start with its end: both transitions, from this report

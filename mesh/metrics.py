@@ -274,7 +274,7 @@ class Exporter(Agent):
             )
         self._subs.append(
             await js.subscribe(
-                f"{n.prefix}.evt.run.*.*.finished",
+                n.run_events(kind="finished"),
                 stream=n.events_stream,
                 cb=self._on_run,
                 ordered_consumer=True,

@@ -14,7 +14,7 @@ Subjects
     <p>.work.to.<worker>               resource tasks (model loads/unloads) for one worker
     <p>.evt.plan.<plan>.<type>         plan transitions           (event stream)
     <p>.evt.task.<plan>.<task>.<type>  task transitions by the brain
-    <p>.evt.run.<plan>.<task>.<type>   what workers report
+    <p>.evt.run.<plan>.<task>.<type>.<worker>  what a worker reports (only under its own id)
     <p>.evt.agent.<agent>.<type>       agents starting and stopping
     <p>.evt.gpu.<gpu>.<type>           GPU state changes (by its worker), loads asked (by the brain)
     <p>.evt.dead.<agent>               dead letters: messages nobody could use
@@ -223,8 +223,19 @@ class Names:
     def task_event(self, plan_id: str, task_id: str, kind: str) -> str:
         return f"{self.prefix}.evt.task.{plan_id}.{task_id}.{kind}"
 
-    def run_event(self, plan_id: str, task_id: str, kind: str) -> str:
-        return f"{self.prefix}.evt.run.{plan_id}.{task_id}.{kind}"
+    def run_event(self, plan_id: str, task_id: str, kind: str, worker: str) -> str:
+        """A worker's report on a task. The worker's id is the last token, so a worker's NATS
+        user may be allowed `<p>.evt.run.*.*.*.<its id>` alone, and `evt.*.<plan>.>` still
+        gathers every event of a plan."""
+        return f"{self.prefix}.evt.run.{plan_id}.{task_id}.{kind}.{check_token(worker, 'worker id')}"
+
+    def run_events(self, plan_id: str = "*", task_id: str = "*", kind: str = "*") -> str:
+        """Every worker's reports of a kind on a task (`*` for any plan, task or kind)."""
+        return f"{self.prefix}.evt.run.{plan_id}.{task_id}.{kind}.*"
+
+    def runs_by(self, worker: str) -> str:
+        """Every report one worker may publish (its NATS permission)."""
+        return f"{self.prefix}.evt.run.*.*.*.{check_token(worker, 'worker id')}"
 
     def agent_event(self, agent_id: str, kind: str) -> str:
         return f"{self.prefix}.evt.agent.{agent_id}.{kind}"
@@ -329,7 +340,7 @@ class Names:
             f"{self.prefix}.evt.task.{plan}.*.retrying",
             f"{self.prefix}.evt.task.{plan}.*.failed",
             f"{self.prefix}.evt.task.{plan}.*.cancelled",
-            f"{self.prefix}.evt.run.{plan}.*.finished",
+            f"{self.prefix}.evt.run.{plan}.*.finished.*",
             f"{self.prefix}.evt.esc.{plan}.*.answered",
             f"{self.prefix}.evt.esc.{plan}.*.failed",
         ]

@@ -15,6 +15,7 @@ import nats.js.errors
 
 from mesh.bus import Bus
 from mesh.events import EscalationAnswered, RunFinished, decode
+from mesh.records import decode_task
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,23 @@ class OutputError(Exception):
 
 
 async def task_output(bus: Bus, plan_id: str, task_id: str) -> Output:
-    """The output of the task's last completion; raises `OutputError` when there is none."""
+    """The output of the task's last completion; raises `OutputError` when there is none.
+
+    Only a report the brain took counts: the one from the worker its record names (the worker
+    that held the attempt), never whatever report came last on the task's subjects."""
     names = bus.names
+    try:
+        entry = await (await bus.tasks_kv()).get(f"{plan_id}.{task_id}")
+    except nats.js.errors.KeyNotFoundError:
+        raise OutputError(f"task {task_id!r} of plan {plan_id!r} has no record") from None
+    try:
+        rec = decode_task(entry.value or b"")
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise OutputError(f"the record of task {task_id!r} is unreadable: {exc}") from None
     latest: tuple[int, RunFinished | EscalationAnswered] | None = None
-    subjects = (names.run_event(plan_id, task_id, "finished"), names.esc_event(plan_id, task_id, "answered"))
+    subjects = [names.esc_event(plan_id, task_id, "answered")]
+    if rec.worker:
+        subjects.insert(0, names.run_event(plan_id, task_id, "finished", rec.worker))
     for subject in subjects:
         try:
             raw = await bus.js.get_last_msg(names.events_stream, subject)

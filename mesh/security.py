@@ -331,7 +331,7 @@ class Grants:
         gpu = match.group("gpu") if match else agent_id
         work = n.work_stream
         pub = [
-            n.runs_all,
+            n.runs_by(agent_id),
             n.agent_event(agent_id, "*"),
             n.dead_letter(agent_id),
             n.gpu_event(gpu, "state"),

@@ -515,7 +515,7 @@ async def _freeze_brain_holding_a_report(mesh: Mesh, brain_pid: int, tmp_path: P
         await mesh.wait_task(plan_id, "hold", "running")
         os.kill(brain_pid, signal.SIGSTOP)
         gate.touch()
-        finished = names.run_event(plan_id, "hold", "finished")
+        finished = names.run_events(plan_id, "hold", "finished")
         await until(functools.partial(mesh.history, finished), 5, "the run.finished report")
         info = await bus.js.consumer_info(names.events_stream, names.brain_runs_consumer)
         if info.num_ack_pending and not info.num_pending:
@@ -666,7 +666,7 @@ async def test_garbage_on_every_subject_during_a_run(mesh: Mesh, tmp_path: Path)
         names.submit,
         names.cancel("x"),
         names.work("cpu"),
-        names.run_event("a", "b", "finished"),
+        names.run_event("a", "b", "finished", "w1"),
         names.task_event("a", "b", "cancelled"),
         names.plan_event("a", "finished"),
     ]

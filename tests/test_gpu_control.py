@@ -184,7 +184,7 @@ async def test_a_task_on_a_gpu_records_its_peak_memory_and_mean_utilisation(
     gate.touch()
     assert (await mesh.wait_plan(plan_id, 30)).status == "succeeded"
     bus = await mesh.bus()
-    done = [m for _, m in await mesh.history(bus.names.run_event(plan_id, "work", "finished"))]
+    done = [m for _, m in await mesh.history(bus.names.run_events(plan_id, "work", "finished"))]
     metrics = done[0].metrics  # type: ignore[union-attr]
     assert metrics["gpu_mem_peak_mb"] == 5000
     assert 40 < metrics["gpu_util_mean_pct"] < 100, metrics

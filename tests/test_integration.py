@@ -311,7 +311,7 @@ async def test_garbage_is_dead_lettered_and_agents_keep_running(mesh: Mesh, tmp_
         (names.submit, b'{"type": "cmd.submit", "plan_id": 3}'),
         (names.cancel("nope"), b'{"type": "no.such.type"}'),
         (names.work("cpu"), b"[1, 2, 3]"),
-        (names.run_event("p", "t", "finished"), b'{"type": "run.finished"}'),
+        (names.run_event("p", "t", "finished", "w1"), b'{"type": "run.finished"}'),
         (names.work("cpu"), b'{"type": "cmd.cancel", "plan_id": "x", "at": 1}'),
     ]
     for subject, data in garbage:
@@ -475,7 +475,9 @@ async def test_auditor_dead_letters_garbage_on_subjects_no_agent_consumes(mesh: 
     letters = [m for _, m in await mesh.history(names.dead_all) if isinstance(m, DeadLetter)]
     assert sorted(d.subject for d in letters) == sorted(s for s, _ in garbage), "each once, nothing else"
     assert all(d.agent_id.startswith("auditor-") for d in letters)
-    assert "carries task.failed messages" in next(d.reason for d in letters if d.subject.endswith(".failed"))
+    assert "belongs on mesh.evt.plan.p.resumed, not on mesh.evt.task.p.t.failed" in next(
+        d.reason for d in letters if d.subject.endswith(".failed")
+    )
     assert mesh.alive("auditor")
 
 

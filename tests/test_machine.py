@@ -17,6 +17,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from mesh.claims import claim_of
 from mesh.events import (
     CancelPlan,
     Msg,
@@ -158,7 +159,12 @@ class Driver:
     def started(self, item: WorkItem, worker: str = "w1", at: float | None = None) -> Step:
         return self.feed(
             RunStarted(
-                plan_id=item.plan_id, task_id=item.task_id, attempt=item.attempt, worker=worker, at=0.0
+                plan_id=item.plan_id,
+                task_id=item.task_id,
+                attempt=item.attempt,
+                worker=worker,
+                at=0.0,
+                claim=item.claim,
             ),
             at,
         )
@@ -172,6 +178,7 @@ class Driver:
         **kw: Any,
     ) -> Step:
         kw.setdefault("rc", 0 if ok else 1)
+        kw.setdefault("claim", item.claim)
         msg = RunFinished(
             plan_id=item.plan_id,
             task_id=item.task_id,
@@ -1031,7 +1038,7 @@ def head_fan(d: Driver) -> None:
     d.submit(
         plan(
             task("root"),
-            *(task(f"m{i}", "root", priority=i % 4, retries=1) for i in range(6)),
+            *(task(f"m{i}", "root", priority=1 + i % 4, retries=1) for i in range(6)),
             task("join", *(f"m{i}" for i in range(6))),
             task("side", cls="script", retries=2),
         )
@@ -1100,7 +1107,16 @@ def test_restart_keeps_the_release_window_and_retry_timer() -> None:
     assert step.events == []
     step = apply(
         state,
-        RunFinished(plan_id="p1", task_id="b", attempt=1, worker="w", at=0, ok=True, duration_s=1),
+        RunFinished(
+            plan_id="p1",
+            task_id="b",
+            attempt=1,
+            worker="w",
+            at=0,
+            ok=True,
+            duration_s=1,
+            claim=claim_of(d.policy.claim_key, "p1", "b", 1),
+        ),
         due + 1,
         d.policy,
     )
@@ -1121,7 +1137,7 @@ def random_plans(draw: st.DrawFn) -> PlanSpec:
                 id=f"t{i}",
                 body="true",
                 depends_on=tuple(f"t{j}" for j in deps),
-                priority=draw(st.integers(0, 9)),
+                priority=draw(st.integers(1, 10)),
                 retries=draw(st.integers(0, 2)),
                 cls=draw(st.sampled_from(["cpu", "script"])),
             )
@@ -1223,7 +1239,7 @@ def test_ten_thousand_tasks(shape: str) -> None:
     if shape == "chain":
         tasks = [task("t0"), *(task(f"t{i}", f"t{i - 1}") for i in range(1, n))]
     else:
-        tasks = [task("root"), *(task(f"t{i}", "root", priority=i % 10) for i in range(1, n))]
+        tasks = [task("root"), *(task(f"t{i}", "root", priority=1 + i % 10) for i in range(1, n))]
     d = run_big(plan(*tasks))  # how fast: `tools/bench.py` (timings live there, not in tests)
     pl = d.state.plans["p1"]
     assert pl.status == SUCCEEDED and pl.counts == {SUCCEEDED: n}

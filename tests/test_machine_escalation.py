@@ -311,7 +311,7 @@ def test_a_review_in_flight_survives_a_restart() -> None:
     restored = Driver(state=reload(d.state, 60.0), now=d.now, policy=Policy(review_model="judge"))
     rec = restored.state.tasks["p1.build"]
     # what a restarted brain publishes again for a ready task: the same review item
-    assert work_item(restored.state, rec) == item
+    assert work_item(restored.state, rec, restored.policy.claim_key) == item
     assert restored.state.demand.get("llm:judge") == 1
     restored.run(item, stdout_tail="RETRY")
     assert reviewed(restored, "build")[0].verdict == "retry"

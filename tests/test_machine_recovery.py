@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mesh.claims import claim_of
 from mesh.events import (
     AgentOffline,
     PlanFinished,
@@ -31,6 +32,10 @@ def policy(**kw: float) -> Policy:
     return Policy(**base)  # type: ignore[arg-type]
 
 
+# every policy here has the default (empty) claim key: the claim on attempt 1 of p1.a
+CLAIM_A1 = claim_of(b"", "p1", "a", 1)
+
+
 def assert_replays(d: Driver) -> None:
     assert snapshot(replay(d.events, aging_s=d.policy.aging_s)) == snapshot(d.state)
 
@@ -41,14 +46,18 @@ def test_redelivery_to_another_worker_is_a_transition() -> None:
     item = d.take("a")
     d.started(item, worker="w1")
     # the same attempt delivered again to w2 (w1 stopped heartbeating)
-    step = d.feed(RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2))
+    step = d.feed(
+        RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2, claim=CLAIM_A1)
+    )
     assert [type(e) for e in step.events] == [TaskRedelivered]
     ev = step.events[0]
     assert isinstance(ev, TaskRedelivered) and ev.previous_worker == "w1" and ev.worker == "w2"
     rec = d.state.tasks["p1.a"]
     assert rec.status == RUNNING and rec.worker == "w2" and rec.attempt == 1 and rec.deliveries == 2
     # a repeat of that report, or a report of an older delivery, changes nothing
-    again = d.feed(RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2))
+    again = d.feed(
+        RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2, claim=CLAIM_A1)
+    )
     assert again.events == [] and again.ignored
     d.finished(item, worker="w2")
     assert d.state.tasks["p1.a"].status == SUCCEEDED
@@ -60,7 +69,9 @@ def test_a_redelivery_of_a_task_whose_start_was_never_reported_is_a_redelivery()
     d = Driver(policy())
     d.submit(plan(task("a")))
     item = d.take("a")
-    step = d.feed(RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2))
+    step = d.feed(
+        RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2, claim=CLAIM_A1)
+    )
     assert [type(e) for e in step.events] == [TaskRedelivered]
     ev = step.events[0]
     assert isinstance(ev, TaskRedelivered) and (ev.previous_worker, ev.worker, ev.delivery) == ("", "w2", 2)
@@ -133,7 +144,7 @@ def test_a_redelivery_before_the_deadline_keeps_the_attempt() -> None:
     item = d.take("a")
     d.started(item, worker="w1")
     d.feed(Sweep(frozenset({"w2"})))
-    d.feed(RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2))
+    d.feed(RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2, claim=CLAIM_A1))
     step = d.feed(Sweep(frozenset({"w2"})), at=d.now + 60)
     assert not [e for e in step.events if isinstance(e, TaskRetrying)], "w2 holds it now"
     d.finished(item, worker="w2")
@@ -310,6 +321,51 @@ def test_a_transition_that_keeps_the_status_still_marks_the_record_for_writing()
     item = d.take("a")
     d.started(item, worker="w1")
     d.state.take_dirty()
-    d.feed(RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2))
+    d.feed(RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2, claim=CLAIM_A1))
     written, _ = d.state.take_dirty()
     assert [r.key for r in written] == ["p1.a"] and written[0].deliveries == 2
+
+
+# ------------------------------------------------------------------ claims: who may report
+
+
+def test_a_report_without_the_attempts_claim_is_refused_and_changes_nothing() -> None:
+    d = Driver(Policy(claim_key=b"k" * 32))
+    d.submit(plan(task("a"), task("b", "a")))
+    item = d.take("a")
+    assert item.claim == claim_of(b"k" * 32, "p1", "a", 1)
+    before = snapshot(d.state)
+    for claim in ("", "0" * 32, claim_of(b"other key", "p1", "a", 1), claim_of(b"k" * 32, "p1", "a", 2)):
+        step = d.finished(item, worker="w9", claim=claim, started_at=1.0)
+        assert step.events == [] and "without the attempt's claim" in step.refused, step
+        step = d.feed(RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w9", at=0.0, claim=claim))
+        assert step.events == [] and step.refused
+    assert snapshot(d.state) == before
+    # the worker that was handed the item reports with its claim, and is taken
+    d.started(item, worker="w1")
+    assert d.state.tasks["p1.a"].status == RUNNING
+    assert_replays(d)
+
+
+def test_only_the_worker_running_an_attempt_may_finish_it() -> None:
+    d = Driver(policy())
+    d.submit(plan(task("a"), task("b", "a")))
+    item = d.take("a")
+    d.started(item, worker="w1")
+    # even with the claim (say, a worker that took an earlier delivery and was replaced)
+    step = d.finished(item, worker="w2")
+    assert step.events == [] and "which w1 runs" in step.refused
+    assert d.state.tasks["p1.a"].status == RUNNING
+    d.finished(item, worker="w1")
+    assert d.state.tasks["p1.a"].status == SUCCEEDED
+    assert_replays(d)
+
+
+def test_a_stale_report_is_ignored_not_refused() -> None:
+    # a report on an attempt that is over is not a forgery: it came late
+    d = Driver(policy())
+    d.submit(plan(task("a", retries=1)))
+    item = d.take("a")
+    d.run(item, ok=False)
+    step = d.finished(item, worker="w1")
+    assert step.ignored and not step.refused

@@ -117,7 +117,7 @@ async def gpu_kv(mesh: Mesh, gpu: str) -> GpuState | None:
 async def finished(mesh: Mesh, plan_id: str, task_id: str) -> RunFinished:
     """The last run.finished event of a task."""
     names = (await mesh.bus()).names
-    evs = [m for m in await events_of(mesh, names.run_event(plan_id, task_id, "finished"))]
+    evs = [m for m in await events_of(mesh, names.run_events(plan_id, task_id, "finished"))]
     assert evs, f"no run.finished for {plan_id}.{task_id}"
     last = evs[-1]
     assert isinstance(last, RunFinished)

@@ -370,7 +370,12 @@ class Sim:
         worker = g.worker if g else CPU_WORKER
         step = self.feed(
             RunStarted(
-                plan_id=item.plan_id, task_id=item.task_id, attempt=item.attempt, worker=worker, at=self.now
+                plan_id=item.plan_id,
+                task_id=item.task_id,
+                attempt=item.attempt,
+                worker=worker,
+                at=self.now,
+                claim=item.claim,
             )
         )
         assert not step.ignored, step.ignored
@@ -396,6 +401,7 @@ class Sim:
                     rc=0,
                     model=item.model,
                     gpu=g.gpu if g else "",
+                    claim=item.claim,
                 )
             )
             if g is not None:
@@ -1105,7 +1111,9 @@ def test_demand_follows_cancel_and_retry() -> None:
     assert sim.state.demand == {"llm:small": 2, "script": 1}
     # a running task is no longer waiting work
     item = sim.llm_work["small"].popleft()
-    sim.feed(RunStarted(plan_id="p1", task_id=item.task_id, attempt=1, worker="w1", at=sim.now))
+    sim.feed(
+        RunStarted(plan_id="p1", task_id=item.task_id, attempt=1, worker="w1", at=sim.now, claim=item.claim)
+    )
     assert sim.state.demand == {"llm:small": 1, "script": 1}
     sim.feed(CancelPlan(plan_id="p1", at=sim.now))
     assert {k: v for k, v in sim.state.demand.items() if v} == {}
@@ -1113,11 +1121,20 @@ def test_demand_follows_cancel_and_retry() -> None:
     retried = Sim([])
     retried.submit([TaskSpec(id="q", body="say", kind="prompt", cls="llm", retries=2)])
     item = retried.llm_work["small"].popleft()
-    retried.feed(RunStarted(plan_id="p1", task_id="q", attempt=1, worker="w1", at=retried.now))
+    retried.feed(
+        RunStarted(plan_id="p1", task_id="q", attempt=1, worker="w1", at=retried.now, claim=item.claim)
+    )
     assert retried.state.demand == {"llm:small": 0}
     retried.feed(
         RunFinished(
-            plan_id="p1", task_id="q", attempt=1, worker="w1", at=retried.now, ok=False, duration_s=1.0
+            plan_id="p1",
+            task_id="q",
+            attempt=1,
+            worker="w1",
+            at=retried.now,
+            ok=False,
+            duration_s=1.0,
+            claim=item.claim,
         )
     )
     assert retried.state.demand == {"llm:small": 1}

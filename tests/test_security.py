@@ -255,9 +255,12 @@ async def test_a_worker_publishes_its_own_facts_and_is_refused_another_workers(r
         assert ack.stream == f"KV_{P}-gpus"
         ack = await js.publish(f"{P}.evt.agent.{GPU_WORKER}.started", b"{}")
         assert ack.stream == f"{P.upper()}_EVENTS"
-        ack = await js.publish(f"{P}.evt.run.p1.t1.started", b"{}")
+        ack = await js.publish(f"{P}.evt.run.p1.t1.started.{GPU_WORKER}", b"{}")
         assert ack.stream == f"{P.upper()}_EVENTS"
         mine.clean()
+        # reports only under its own name
+        await mine.refused_publish(f"{P}.evt.run.p1.t1.started.{WORKER}")
+        await mine.refused_publish(f"{P}.evt.run.p1.t1.started")
         await mine.refused_publish(f"{P}.evt.gpu.t-cpu1.state")
         await mine.refused_publish(f"{P}.evt.agent.{WORKER}.started")
     finally:

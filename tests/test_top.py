@@ -58,7 +58,7 @@ def snapshot() -> Snapshot:
     now = time.time()
     recent = [
         (
-            "mesh.evt.run.p1.draft.started",
+            "mesh.evt.run.p1.draft.started.w",
             RunStarted(plan_id="p1", task_id="draft", attempt=1, worker="w", at=now),
         ),
         (
