@@ -796,7 +796,14 @@ class _Decider:
                 "attempt's claim: that worker was never handed the attempt"
             )
             return True
-        if isinstance(msg, RunFinished) and rec.status == RUNNING and msg.worker != rec.worker:
+        # (a dead letter comes from the worker of the delivery past `max_deliveries`, which runs
+        # nothing and so never reported a start: its claim shows it was handed the attempt)
+        if (
+            isinstance(msg, RunFinished)
+            and rec.status == RUNNING
+            and msg.worker != rec.worker
+            and not msg.dead_letter
+        ):
             self.step.refused = (
                 f"run.finished from {msg.worker} for {rec.key} attempt {msg.attempt}, which {rec.worker} runs"
             )

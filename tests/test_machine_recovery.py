@@ -369,3 +369,14 @@ def test_a_stale_report_is_ignored_not_refused() -> None:
     d.run(item, ok=False)
     step = d.finished(item, worker="w1")
     assert step.ignored and not step.refused
+
+
+def test_a_dead_letter_from_the_worker_of_the_last_delivery_is_taken() -> None:
+    # w1 ran the attempt and died; the delivery past max_deliveries went to w3, which runs nothing
+    d = Driver(policy())
+    d.submit(plan(task("a"), task("b", "a")))
+    item = d.take("a")
+    d.started(item, worker="w1")
+    step = d.finished(item, ok=False, worker="w3", dead_letter=True, error="delivered 3 times")
+    assert not step.refused and d.state.tasks["p1.a"].reason == "dead_letter"
+    assert_replays(d)
