@@ -102,6 +102,8 @@ class Gateway(Agent):
         self.slots = settings.gateway_concurrency
         # budget alerts found still holding (logged once each)
         self.alerts_seen: set[str] = set()
+        # plans whose record was found unreadable (each said once)
+        self._damaged_seen: set[str] = set()
 
     def running_keys(self) -> list[str]:
         return sorted(self.busy)
@@ -492,7 +494,10 @@ class Gateway(Agent):
             return True
         try:
             return decode_plan(entry.value or b"").status in PLAN_FINAL_STATES
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if plan_id not in self._damaged_seen:
+                self._damaged_seen.add(plan_id)
+                log.warning("the record of plan %s is unreadable (%s); taking it as not ended", plan_id, exc)
             return False
 
     def _alert_key(self, target: str) -> str:

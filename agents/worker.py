@@ -55,7 +55,7 @@ from mesh.gpu import Device, Memory, open_device
 from mesh.models import ModelError, ModelSpec
 from mesh.outputs import OutputError, task_output
 from mesh.reaper import Reaper
-from mesh.records import INFLIGHT_STATES, RUNNING, decode_task
+from mesh.records import INFLIGHT_STATES, RUNNING, UNREADABLE, decode_task
 from mesh.settings import Settings
 from mesh.telemetry import host_token
 
@@ -220,6 +220,8 @@ class Worker(Agent):
         self._gpu_flush_lock = asyncio.Lock()
         self._gpu_changed = asyncio.Event()
         self._model_lock = asyncio.Lock()
+        # task records found unreadable (each said once)
+        self.damaged_seen: set[str] = set()
 
     def running_keys(self) -> list[str]:
         return sorted(self.running)
@@ -794,7 +796,15 @@ class Worker(Agent):
         except nats.js.errors.KeyNotFoundError:
             log.warning("no record of %s (delivery %d): not written yet, or long archived", key, delivery)
             return "later"
-        rec = decode_task(entry.value or b"")
+        try:
+            rec = decode_task(entry.value or b"")
+        except UNREADABLE as exc:
+            # the brain released this attempt; a record that cannot be read cannot say
+            # otherwise (the brain rebuilds it from the history when it starts)
+            if key not in self.damaged_seen:
+                self.damaged_seen.add(key)
+                log.warning("the record of %s is unreadable (%s); running the item as released", key, exc)
+            return "run"
         if rec.attempt < item.attempt:
             return "run"
         if rec.status not in INFLIGHT_STATES or rec.attempt != item.attempt:
