@@ -40,7 +40,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from mesh.agent import Agent
-from mesh.bus import TRANSIENT, decode_or_none, fetch_some, iter_bucket, read_bucket
+from mesh.bus import TRANSIENT, decode_or_none, fetch_some, iter_bucket, iter_revisions, read_bucket
 from mesh.events import (
     CancelPlan,
     EscalationAnswered,
@@ -57,7 +57,7 @@ from mesh.events import (
     decode,
     type_of,
 )
-from mesh.history import TRANSITIONS, read_history
+from mesh.history import TRANSITIONS, read_history, replay
 from mesh.machine import (
     Policy,
     Reconcile,
@@ -80,11 +80,14 @@ from mesh.records import (
     INFLIGHT_STATES,
     PENDING,
     READY,
+    UNREADABLE,
     AgentRecord,
     Checkpoint,
+    Damaged,
     Lease,
     PlanRecord,
     TaskRecord,
+    damaged,
     decode_checkpoint,
     decode_lease,
     decode_plan,
@@ -201,11 +204,32 @@ class Brain(Agent):
         )
 
     async def load_state(self) -> None:
+        """Load the task and plan records. A value that does not decode is quarantined (a dead
+        letter with its key and first bytes) and rebuilt from the history of its plan; the
+        rebuilt record is written over it by `catch_up`."""
         began = time.monotonic()
+        names = self.names
+        tasks: list[TaskRecord] = []
+        plans: list[PlanRecord] = []
+        bad: list[tuple[Damaged, bytes]] = []
         # decoded as read: the raw values are never all held at once
-        tasks = [decode_task(v) async for _, v in iter_bucket(await self.bus.tasks_kv())]
-        plans = [decode_plan(v) async for _, v in iter_bucket(await self.bus.plans_kv())]
+        async for key, value, revision in iter_revisions(await self.bus.tasks_kv()):
+            try:
+                tasks.append(decode_task(value))
+            except UNREADABLE as exc:
+                bad.append((damaged(names.tasks_bucket, key, value, exc, revision), value))
+        async for key, value, revision in iter_revisions(await self.bus.plans_kv()):
+            try:
+                plans.append(decode_plan(value))
+            except UNREADABLE as exc:
+                bad.append((damaged(names.plans_bucket, key, value, exc, revision), value))
+        rebuilt_tasks, rebuilt_plans = await self._rebuild(bad) if bad else ([], [])
+        tasks.extend(rebuilt_tasks)
+        plans.extend(rebuilt_plans)
         self.state = State.load(tasks, plans, aging_s=self.settings.aging_s)
+        # written over the damaged values by the catch-up that follows
+        self.state.dirty_tasks.update(r.key for r in rebuilt_tasks)
+        self.state.dirty_plans.update(p.plan_id for p in rebuilt_plans)
         # the GPUs as their workers last wrote them (their later changes arrive as events)
         async for _, value in iter_bucket(await self.bus.gpus_kv()):
             with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
@@ -213,8 +237,43 @@ class Brain(Agent):
                 if isinstance(gpu, GpuState):
                     observe(self.state.gpus, gpu)
         log.info(
-            "loaded %d tasks and %d plans from KV in %.3fs", len(tasks), len(plans), time.monotonic() - began
+            "loaded %d tasks and %d plans from KV in %.3fs",
+            len(self.state.tasks),
+            len(self.state.plans),
+            time.monotonic() - began,
         )
+
+    async def _rebuild(self, bad: list[tuple[Damaged, bytes]]) -> tuple[list[TaskRecord], list[PlanRecord]]:
+        """The records of damaged values, from the history of their plans (what `mesh replay`
+        folds). Each damaged value becomes a dead letter, saying whether it could be rebuilt;
+        one the history no longer holds (aged out, or its plan archived) is left out."""
+        tasks: list[TaskRecord] = []
+        plans: list[PlanRecord] = []
+        by_plan: dict[str, list[tuple[Damaged, bytes]]] = {}
+        for entry in bad:
+            by_plan.setdefault(entry[0].plan_id, []).append(entry)
+        for plan_id, entries in sorted(by_plan.items()):
+            try:
+                found = (await replay(self.bus, plan_id=plan_id)).state
+            except ValueError:  # a key that names no plan id: nothing in the history is its
+                found = State(aging_s=self.settings.aging_s)
+            for d, value in entries:
+                what = "task" if d.bucket == self.names.tasks_bucket else "plan"
+                record: TaskRecord | PlanRecord | None = (
+                    found.tasks.get(d.key) if what == "task" else found.plans.get(d.key)
+                )
+                if record is None:
+                    outcome = "the history no longer holds it (aged out, or its plan archived): left out"
+                elif isinstance(record, TaskRecord):
+                    tasks.append(record)
+                    outcome = f"rebuilt from the history ({record.status}, attempt {record.attempt})"
+                else:
+                    plans.append(record)
+                    outcome = f"rebuilt from the history ({record.status})"
+                reason = f"unreadable {what} record {d.key} in {d.bucket}: {d.error}; {outcome}"
+                log.warning("%s", reason)
+                await self.bus.dead_record(self.agent_id, d.bucket, d.key, value, d.revision, reason)
+        return tasks, plans
 
     async def catch_up(self) -> None:
         """Fold the transitions published after the checkpoint, and write what they change."""

@@ -744,6 +744,23 @@ class Bus:
         )
         await self.publish(self.names.dead_letter(agent_id), letter, f"dead:{origin_of(raw)}")
 
+    async def dead_record(
+        self, agent_id: str, bucket: str, key: str, data: bytes, revision: int, reason: str
+    ) -> None:
+        """Record a KV value nobody can read (a damaged task or plan record), with a bounded copy
+        of its bytes. Named by its revision: recorded once however often it is found."""
+        letter = DeadLetter(
+            agent_id=agent_id,
+            subject=f"$KV.{bucket}.{key}",
+            reason=reason[:500],
+            at=time.time(),
+            size=len(data),
+            payload=base64.b64encode(data[:DEAD_PAYLOAD_BYTES]).decode(),
+            bucket=bucket,
+            key=key,
+        )
+        await self.publish(self.names.dead_letter(agent_id), letter, f"dead:kv:{bucket}:{key}:{revision}")
+
     async def close(self) -> None:
         """Flush what we published and close. (Every publish mesh makes is already
         acknowledged, so there is nothing in flight to drain.)"""
@@ -868,6 +885,17 @@ async def iter_bucket(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str,
     (nats-py's own watcher can report the end before the first value arrives, returning an
     empty bucket; this reads the bucket's stream directly, a batch at a time.)
     """
+    async for key, raw in _live_values(kv, keys):
+        yield key, raw.data
+
+
+async def iter_revisions(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str, bytes, int]]:
+    """`iter_bucket` with each value's revision (its sequence in the bucket's stream)."""
+    async for key, raw in _live_values(kv, keys):
+        yield key, raw.data, raw.metadata.sequence.stream
+
+
+async def _live_values(kv: KeyValue, keys: str) -> AsyncIterator[tuple[str, NatsMsg]]:
     bucket = kv._name
     prefix = f"$KV.{bucket}."
     config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
@@ -875,7 +903,7 @@ async def iter_bucket(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str,
         headers = raw.headers or {}
         if headers.get("KV-Operation") in _KV_GONE or headers.get("Nats-Marker-Reason"):
             continue
-        yield raw.subject[len(prefix) :], raw.data
+        yield raw.subject[len(prefix) :], raw
 
 
 _KV_GONE = {"DEL", "PURGE"}
