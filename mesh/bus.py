@@ -38,6 +38,7 @@ from mesh.errors import MeshError, ServerUnavailable
 from mesh.events import DeadLetter, Msg
 from mesh.names import HEADER_MSG_ID, HEADER_TYPE, Names
 from mesh.settings import Settings
+from mesh.store import StoreWatch
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +345,9 @@ class DomainJetStream(JetStreamContext):
     domain's API (stream info, direct and message gets, consumers), and publishes to other
     streams' subjects cross as they are."""
 
+    # told of every write that fails and of the next that goes through (`Bus` sets it)
+    store: StoreWatch | None = None
+
     def _route(self, subject: str) -> str:
         if subject.startswith("$KV.") and self._prefix != api.DEFAULT_PREFIX:
             return f"{self._prefix}.{subject}"
@@ -358,9 +362,23 @@ class DomainJetStream(JetStreamContext):
         headers: dict[str, Any] | None = None,
         msg_ttl: float | None = None,
     ) -> api.PubAck:
-        return await super().publish(
-            self._route(subject), payload, timeout=timeout, stream=stream, headers=headers, msg_ttl=msg_ttl
-        )
+        """A publish to a stream (KV and object store writes too), waiting for its acknowledgement."""
+        try:
+            ack = await super().publish(
+                self._route(subject),
+                payload,
+                timeout=timeout,
+                stream=stream,
+                headers=headers,
+                msg_ttl=msg_ttl,
+            )
+        except TRANSIENT as exc:
+            if self.store is not None:
+                await self.store.failed(exc, (subject,))
+            raise
+        if self.store is not None and self.store.full:
+            self.store.cleared(subject)
+        return ack
 
     async def publish_async(
         self,
@@ -469,6 +487,12 @@ class Bus:
         self._objects: ObjectStore | None = None
         self._acks: AckCollector | None = None
         self.closing = False
+        # says once when the server's store is full, and once when it takes writes again
+        buckets = bucket_definitions(settings)
+        memory = tuple(f"$KV.{d['bucket']}." for d in buckets if d["storage"] == "memory")
+        self.store = StoreWatch(settings, memory_subjects=memory)
+        if isinstance(self.js, DomainJetStream):
+            self.js.store = self.store
 
     # resources ----------------------------------------------------------------
     async def ensure_resources(self, classes: tuple[str, ...] = ("cpu",)) -> None:
@@ -677,9 +701,16 @@ class Bus:
                 await self.nc.publish(
                     route(subject) if route else subject, data, reply=batch.reply(i), headers=headers
                 )
-            return await asyncio.wait_for(batch.done, timeout=PUBLISH_TIMEOUT_S)
+            acks = await asyncio.wait_for(batch.done, timeout=PUBLISH_TIMEOUT_S)
+        except TRANSIENT as exc:
+            await self.store.failed(exc, (subject for subject, _, _ in items))
+            raise
         finally:
             self._acks.close(batch)
+        if self.store.full:
+            for subject, _, _ in items:
+                self.store.cleared(subject)
+        return acks
 
     def _encoded(self, evs: Sequence[Msg]) -> list[tuple[str, bytes, dict[str, str]]]:
         items: list[tuple[str, bytes, dict[str, str]]] = []
@@ -775,16 +806,22 @@ class Bus:
 
 
 async def fetch_some(
-    sub: JetStreamContext.PullSubscription, batch: int, what: str, timeout_s: float = 1.0
+    sub: JetStreamContext.PullSubscription,
+    batch: int,
+    what: str,
+    timeout_s: float = 1.0,
+    store: StoreWatch | None = None,
 ) -> list[NatsMsg]:
     """Up to `batch` messages of a pull subscription: none when nothing came within
-    `timeout_s`, or when the server could not be reached (logged, after a short pause)."""
+    `timeout_s`, or when the server could not be reached (logged, after a short pause; not
+    while `store` is known full, which fails fetches too and was said once)."""
     try:
         return await sub.fetch(batch, timeout=timeout_s)
     except nats.errors.TimeoutError:
         return []
     except TRANSIENT as exc:
-        log.warning("fetching %s failed (%r); retrying", what, exc)
+        if store is None or not store.full:
+            log.warning("fetching %s failed (%r); retrying", what, exc)
         await asyncio.sleep(0.5)
         return []
 
@@ -1023,6 +1060,8 @@ async def connect(
 
     async def reconnected() -> None:
         log.info("reconnected to %s", url)
+        if holder:
+            holder[0].store.reconnected()
         if on_reconnect is not None:
             await on_reconnect()
 
