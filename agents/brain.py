@@ -125,6 +125,12 @@ class LeaseLost(Exception):
     """Another brain may be acting: this one must stop at once."""
 
 
+class LeaseStalled(Exception):
+    """The lease ran out because the server's store is full: no brain can write it, this one
+    included. This one acts on nothing until it renews the lease at its own revision (which
+    proves no other brain took it meanwhile)."""
+
+
 class Brain(Agent):
     role = "brain"
 
@@ -156,6 +162,8 @@ class Brain(Agent):
         self.lease_revision = 0
         self.lease_valid_until = 0.0  # monotonic
         self.lost_lease = False
+        # the lease ran out while the store was full: not acting until renewed
+        self._stalled = False
         self.leading = False
         self.last_seq = 0
         self.checkpoint_seq = 0
@@ -186,12 +194,8 @@ class Brain(Agent):
         self.policy = dataclasses.replace(
             self.policy, part_bytes=min(self.policy.part_bytes, self.bus.nc.max_payload // 4)
         )
-        await self.load_state()
-        await self.catch_up()
-        # a crash may have cut a step short: decide again what follows from the state alone
-        await self._commit(apply(self.state, Reconcile(), time.time(), self.policy))
-        await self.republish_ready()
-        await self.republish_escalations()
+        if not await self._recover():
+            return
         js = self.bus.js
         self.cmd_sub = await js.pull_subscribe_bind(
             durable=self.names.brain_cmd_consumer, stream=self.names.cmd_stream
@@ -202,6 +206,34 @@ class Brain(Agent):
         self.esc_sub = await js.pull_subscribe_bind(
             durable=self.names.brain_esc_consumer, stream=self.names.events_stream
         )
+
+    async def _recover(self) -> bool:
+        """Load the state, catch up with the history, finish what a crash cut short. Server
+        errors (a full store, a restart) are waited out and the whole of it done again; False
+        when the brain must not act (its lease is lost, or it was asked to stop)."""
+        delay = 0.2
+        while not self.stop_requested.is_set():
+            try:
+                await self._check_lease()
+                self._outbox = None
+                await self.load_state()
+                await self.catch_up()
+                # a crash may have cut a step short: decide again what follows from the state alone
+                await self._commit(apply(self.state, Reconcile(), time.time(), self.policy))
+                await self.republish_ready()
+                await self.republish_escalations()
+                return True
+            except LeaseLost as exc:
+                log.error("%s; stopping without acting further", exc)
+                return False
+            except LeaseStalled:
+                self._say_stalled()
+            except TRANSIENT as exc:
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning("server error while loading the state (%r); again in %.1fs", exc, delay)
+            await self._sleep(delay)
+            delay = min(delay * 2, 5.0)
+        return False
 
     async def load_state(self) -> None:
         """Load the task and plan records. A value that does not decode is quarantined (a dead
@@ -379,7 +411,8 @@ class Brain(Agent):
                 await self._sleep(0.2)  # another brain took it first
                 continue
             except TRANSIENT as exc:
-                log.warning("cannot reach the lease (%s); retrying", exc)
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning("cannot reach the lease (%s); retrying", exc)
                 await self._sleep(1.0)
                 continue
             self.lease_valid_until = began + self.settings.lease_s - 1.0
@@ -424,19 +457,37 @@ class Brain(Agent):
                     LEASE_KEY, encode_record(lease), last=self.lease_revision
                 )
                 self.lease_valid_until = began + self.settings.lease_s - 1.0
+                if self._stalled:
+                    self._stalled = False
+                    log.warning("renewed the brain lease (no other brain took it); acting again")
             except nats.js.errors.KeyWrongLastSequenceError:
                 log.error("lost the brain lease to another brain; stopping")
                 self.lost_lease = True
                 self.stop_requested.set()
                 return
             except TRANSIENT as exc:
-                log.warning("could not renew the brain lease (%s)", exc)
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning("could not renew the brain lease (%s)", exc)
 
-    def _check_lease(self) -> None:
+    async def _check_lease(self) -> None:
+        expired = time.monotonic() > self.lease_valid_until
+        # (a renewal that gets no answer takes longer than the lease: ask the store's disk)
+        if not self.lost_lease and expired and (self._stalled or await self.bus.store.probe()):
+            # nobody can write the lease: wait for this brain's renewal, which succeeds only if
+            # no other brain took it meanwhile (the store may take other writes again first)
+            raise LeaseStalled("the brain lease ran out while the server's store is full")
         if self.lost_lease or time.monotonic() > self.lease_valid_until:
             self.lost_lease = True
             self.stop_requested.set()
             raise LeaseLost("the brain lease could not be renewed in time")
+
+    def _say_stalled(self) -> None:
+        if not self._stalled:
+            self._stalled = True
+            log.warning(
+                "the brain lease ran out while the server's store is full: acting on nothing until "
+                "it is renewed (no other brain can take it meanwhile)"
+            )
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -444,7 +495,7 @@ class Brain(Agent):
 
     # run ---------------------------------------------------------------------------
     async def run(self) -> None:
-        if not self.leading:
+        if not self.leading or self.stop_requested.is_set():
             return
         self.spawn(self._fetch(self.cmd_sub, "commands"), "fetch-commands")
         self.spawn(self._fetch(self.runs_sub, "reports"), "fetch-reports")
@@ -483,7 +534,7 @@ class Brain(Agent):
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription, what: str) -> None:
         while not self.stop_requested.is_set():
-            for m in await fetch_some(sub, FETCH_BATCH, what):
+            for m in await fetch_some(sub, FETCH_BATCH, what, store=self.bus.store):
                 await self.inbox.put(m)
 
     async def _guarded(self, raw: list[NatsMsg] | None) -> None:
@@ -492,19 +543,24 @@ class Brain(Agent):
         delay = 0.1
         while True:
             try:
-                self._check_lease()
+                await self._check_lease()
                 await self.handle(raw)
                 return
             except LeaseLost as exc:
                 log.error("%s; stopping without acting further", exc)
                 return
+            except LeaseStalled:
+                self._say_stalled()
             except TRANSIENT as exc:
                 if self.stop_requested.is_set():
                     log.warning("stopping with an input unfinished (%s); it will be delivered again", exc)
                     return
-                log.warning("server error while handling input (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning("server error while handling input (%s); retrying in %.1fs", exc, delay)
+            if self.stop_requested.is_set():
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def handle(self, batch: list[NatsMsg] | None) -> None:
         """Decide a batch of inputs one by one, then commit what they decided together.

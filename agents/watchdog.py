@@ -369,9 +369,10 @@ class Watchdog(Agent):
                 kv = await self.bus.gpu_control_kv()
                 await kv.put(self.names.gpu_control_key(g.gpu_id, "thermal"), encode(control))
             except TRANSIENT as exc:
-                log.warning(
-                    "could not %s %s (%s); next round", "pause" if not paused else "resume", g.gpu_id, exc
-                )
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning(
+                        "could not %s %s (%s); next round", "pause" if not paused else "resume", g.gpu_id, exc
+                    )
                 continue
             self.thermal_paused[g.gpu_id] = not paused
             log.warning("%s %s: %s", "paused" if not paused else "resumed", g.gpu_id, why)
@@ -428,8 +429,9 @@ class Watchdog(Agent):
             try:
                 await self.bus.emit(self._unsent[0])
             except TRANSIENT as exc:
-                log.warning(
-                    "publishing an alert failed (%r); %d wait for the next round", exc, len(self._unsent)
-                )
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning(
+                        "publishing an alert failed (%r); %d wait for the next round", exc, len(self._unsent)
+                    )
                 return
             self._unsent.pop(0)

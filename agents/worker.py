@@ -304,7 +304,8 @@ class Worker(Agent):
             except TRANSIENT as exc:
                 if lane.closed:
                     return
-                log.warning("fetching %s work failed (%r); retrying", lane.name, exc)
+                if not self.bus.store.full:  # (a full store also fails fetches; said once)
+                    log.warning("fetching %s work failed (%r); retrying", lane.name, exc)
                 await self._wait_any(asyncio.sleep(0.5))
                 continue
             finally:
@@ -530,7 +531,8 @@ class Worker(Agent):
             try:
                 await self._flush_gpu_states()
             except TRANSIENT as exc:
-                log.warning("publishing the GPU state failed (%s); retrying", exc)
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning("publishing the GPU state failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 self._gpu_changed.set()
 
@@ -773,7 +775,8 @@ class Worker(Agent):
             except TRANSIENT as exc:
                 if self.stop_requested.is_set() and delay > 5:
                     raise
-                log.warning("publishing %s failed (%s); retrying in %.1fs", type_of(ev), exc, delay)
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning("publishing %s failed (%s); retrying in %.1fs", type_of(ev), exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
