@@ -19,16 +19,27 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+import nats.js.errors
+
 from mesh.bus import TRANSIENT, Bus, connect
 from mesh.events import AgentStarted, AgentStopped
 from mesh.records import AgentRecord, encode_record
 from mesh.settings import Settings
+from mesh.store import full_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 STOP_WAIT_S = 5.0
 # the longest pause between tries of a step that the server refused
 RETRY_MAX_S = 5.0
+
+
+def passing(exc: BaseException) -> bool:
+    """Whether a server error may go away by itself: no answer, no connection, a server that is
+    unavailable or whose store is full; not a request it refused (a bad config, a permission)."""
+    if not isinstance(exc, nats.js.errors.APIError):
+        return True
+    return isinstance(exc, nats.js.errors.ServiceUnavailableError) or bool(full_error(exc))
 
 
 def new_agent_id(role: str) -> str:
@@ -81,14 +92,14 @@ class Agent:
         log.info("%s started as %s on %s", self.role, self.agent_id, self.settings.url)
 
     async def retrying(self, step: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run `step` until it goes through, riding out server errors (a full store, a server
-        restarting) with a growing pause; raises them only once asked to stop."""
+        """Run `step` until it goes through, riding out server errors that pass (a full store, a
+        server restarting) with a growing pause; raises the others, and any once asked to stop."""
         delay = 0.2
         while True:
             try:
                 return await step()
             except TRANSIENT as exc:
-                if self.stop_requested.is_set():
+                if self.stop_requested.is_set() or not passing(exc):
                     raise
                 # a full store was said once already (by the bus); other errors each time
                 if not self.bus.store.full:
