@@ -27,6 +27,7 @@ from mesh.events import TASK_CLASSES
 from mesh.logs import configure
 from mesh.records import Damaged
 from mesh.settings import Settings, load_settings
+from mesh.store import full_error
 
 app = typer.Typer(
     name="mesh",
@@ -81,6 +82,11 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     except MeshError as exc:
         raise fail(str(exc)) from None
     except (nats.errors.Error, nats.js.errors.Error) as exc:
+        if full_error(exc):
+            raise fail(
+                f"the NATS server's store is full (it says: {full_error(exc)}); nothing was written. "
+                "Free space in its store (`mesh doctor` shows where and how much) and try again"
+            ) from None
         raise fail(f"NATS error: {exc.__class__.__name__}: {exc}") from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

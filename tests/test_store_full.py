@@ -119,6 +119,11 @@ async def test_jetstream_limit_reached_agents_wait_and_carry_on(tmp_path: Path) 
             for _ in range(100):
                 await bus.js.publish("filler.x", chunk)
         assert refused.value.err_code == 10023, refused.value
+        # a person submitting meanwhile is told what is wrong
+        (tmp_path / "more.md").write_text("# More\n\n## Tasks\n\n### x\n```shell\ntrue\n```\n")
+        refused_cli = run_mesh(mesh, "submit", str(tmp_path / "more.md"))
+        assert refused_cli.returncode == 2 and "Traceback" not in refused_cli.stderr, refused_cli.stderr
+        assert "the NATS server's store is full (it says: insufficient resources)" in refused_cli.stderr
         go.touch()  # the task ends; its report cannot be stored
         await until(logged(mesh, "w", FULL), 30, "the worker to say the store is full")
         await until(logged(mesh, "brain", FULL), 30, "the brain to say the store is full")
