@@ -287,7 +287,7 @@ class StoreWatch:
             log.warning(
                 "the NATS server's store is full (%s); the server says: %s. Waiting for room and "
                 "trying again, nothing is lost meanwhile: free disk space there, or raise "
-                "JetStream's max_file_store (`mesh doctor` shows the store)",
+                "JetStream's max_file_store (an account's max_file) (`mesh doctor` shows the store)",
                 room(await self.where()),
                 words,
             )
