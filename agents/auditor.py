@@ -45,7 +45,7 @@ class Auditor(Agent):
 
     async def run(self) -> None:
         while not self.stop_requested.is_set():
-            msgs = await fetch_some(self.sub, FETCH_BATCH, "events")
+            msgs = await fetch_some(self.sub, FETCH_BATCH, "events", store=self.bus.store)
             try:
                 for raw in msgs:
                     why = problem(raw, self.names)
@@ -55,5 +55,6 @@ class Auditor(Agent):
                 if msgs:
                     await msgs[-1].ack()
             except TRANSIENT as exc:
-                log.warning("recording a dead letter failed (%s); the batch comes again", exc)
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning("recording a dead letter failed (%s); the batch comes again", exc)
                 await asyncio.sleep(0.5)

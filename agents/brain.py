@@ -42,7 +42,7 @@ from nats.js.api import PubAck
 
 from mesh import claims, validate
 from mesh.agent import Agent
-from mesh.bus import TRANSIENT, decode_checked, fetch_some, iter_bucket, read_bucket
+from mesh.bus import TRANSIENT, decode_checked, fetch_some, iter_bucket, iter_revisions, read_bucket
 from mesh.errors import MeshError
 from mesh.events import (
     CancelPlan,
@@ -60,7 +60,7 @@ from mesh.events import (
     decode,
     type_of,
 )
-from mesh.history import TRANSITIONS, read_history
+from mesh.history import TRANSITIONS, read_history, replay
 from mesh.machine import (
     Policy,
     Reconcile,
@@ -83,11 +83,14 @@ from mesh.records import (
     INFLIGHT_STATES,
     PENDING,
     READY,
+    UNREADABLE,
     AgentRecord,
     Checkpoint,
+    Damaged,
     Lease,
     PlanRecord,
     TaskRecord,
+    damaged,
     decode_checkpoint,
     decode_lease,
     decode_plan,
@@ -125,6 +128,12 @@ class LeaseLost(Exception):
     """Another brain may be acting: this one must stop at once."""
 
 
+class LeaseStalled(Exception):
+    """The lease ran out because the server's store is full: no brain can write it, this one
+    included. This one acts on nothing until it renews the lease at its own revision (which
+    proves no other brain took it meanwhile)."""
+
+
 class Brain(Agent):
     role = "brain"
 
@@ -156,6 +165,8 @@ class Brain(Agent):
         self.lease_revision = 0
         self.lease_valid_until = 0.0  # monotonic
         self.lost_lease = False
+        # the lease ran out while the store was full: not acting until renewed
+        self._stalled = False
         self.leading = False
         self.last_seq = 0
         self.checkpoint_seq = 0
@@ -188,12 +199,8 @@ class Brain(Agent):
             part_bytes=min(self.policy.part_bytes, self.bus.nc.max_payload // 4),
             claim_key=await self._claim_key(),
         )
-        await self.load_state()
-        await self.catch_up()
-        # a crash may have cut a step short: decide again what follows from the state alone
-        await self._commit(apply(self.state, Reconcile(), time.time(), self.policy))
-        await self.republish_ready()
-        await self.republish_escalations()
+        if not await self._recover():
+            return
         js = self.bus.js
         self.cmd_sub = await js.pull_subscribe_bind(
             durable=self.names.brain_cmd_consumer, stream=self.names.cmd_stream
@@ -225,12 +232,61 @@ class Brain(Agent):
             )
         return key
 
+    async def _recover(self) -> bool:
+        """Load the state, catch up with the history, finish what a crash cut short. Server
+        errors (a full store, a restart) are waited out and the whole of it done again; False
+        when the brain must not act (its lease is lost, or it was asked to stop)."""
+        delay = 0.2
+        while not self.stop_requested.is_set():
+            try:
+                await self._check_lease()
+                self._outbox = None
+                await self.load_state()
+                await self.catch_up()
+                # a crash may have cut a step short: decide again what follows from the state alone
+                await self._commit(apply(self.state, Reconcile(), time.time(), self.policy))
+                await self.republish_ready()
+                await self.republish_escalations()
+                return True
+            except LeaseLost as exc:
+                log.error("%s; stopping without acting further", exc)
+                return False
+            except LeaseStalled:
+                self._say_stalled()
+            except TRANSIENT as exc:
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning("server error while loading the state (%r); again in %.1fs", exc, delay)
+            await self._sleep(delay)
+            delay = min(delay * 2, 5.0)
+        return False
+
     async def load_state(self) -> None:
+        """Load the task and plan records. A value that does not decode is quarantined (a dead
+        letter with its key and first bytes) and rebuilt from the history of its plan; the
+        rebuilt record is written over it by `catch_up`."""
         began = time.monotonic()
+        names = self.names
+        tasks: list[TaskRecord] = []
+        plans: list[PlanRecord] = []
+        bad: list[tuple[Damaged, bytes]] = []
         # decoded as read: the raw values are never all held at once
-        tasks = [decode_task(v) async for _, v in iter_bucket(await self.bus.tasks_kv())]
-        plans = [decode_plan(v) async for _, v in iter_bucket(await self.bus.plans_kv())]
+        async for key, value, revision in iter_revisions(await self.bus.tasks_kv()):
+            try:
+                tasks.append(decode_task(value))
+            except UNREADABLE as exc:
+                bad.append((damaged(names.tasks_bucket, key, value, exc, revision), value))
+        async for key, value, revision in iter_revisions(await self.bus.plans_kv()):
+            try:
+                plans.append(decode_plan(value))
+            except UNREADABLE as exc:
+                bad.append((damaged(names.plans_bucket, key, value, exc, revision), value))
+        rebuilt_tasks, rebuilt_plans = await self._rebuild(bad) if bad else ([], [])
+        tasks.extend(rebuilt_tasks)
+        plans.extend(rebuilt_plans)
         self.state = State.load(tasks, plans, aging_s=self.settings.aging_s)
+        # written over the damaged values by the catch-up that follows
+        self.state.dirty_tasks.update(r.key for r in rebuilt_tasks)
+        self.state.dirty_plans.update(p.plan_id for p in rebuilt_plans)
         # the GPUs as their workers last wrote them (their later changes arrive as events)
         async for key, value in iter_bucket(await self.bus.gpus_kv()):
             with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
@@ -239,8 +295,43 @@ class Brain(Agent):
                 if isinstance(gpu, GpuState) and gpu.gpu == key:
                     observe(self.state.gpus, gpu)
         log.info(
-            "loaded %d tasks and %d plans from KV in %.3fs", len(tasks), len(plans), time.monotonic() - began
+            "loaded %d tasks and %d plans from KV in %.3fs",
+            len(self.state.tasks),
+            len(self.state.plans),
+            time.monotonic() - began,
         )
+
+    async def _rebuild(self, bad: list[tuple[Damaged, bytes]]) -> tuple[list[TaskRecord], list[PlanRecord]]:
+        """The records of damaged values, from the history of their plans (what `mesh replay`
+        folds). Each damaged value becomes a dead letter, saying whether it could be rebuilt;
+        one the history no longer holds (aged out, or its plan archived) is left out."""
+        tasks: list[TaskRecord] = []
+        plans: list[PlanRecord] = []
+        by_plan: dict[str, list[tuple[Damaged, bytes]]] = {}
+        for entry in bad:
+            by_plan.setdefault(entry[0].plan_id, []).append(entry)
+        for plan_id, entries in sorted(by_plan.items()):
+            try:
+                found = (await replay(self.bus, plan_id=plan_id)).state
+            except ValueError:  # a key that names no plan id: nothing in the history is its
+                found = State(aging_s=self.settings.aging_s)
+            for d, value in entries:
+                what = "task" if d.bucket == self.names.tasks_bucket else "plan"
+                record: TaskRecord | PlanRecord | None = (
+                    found.tasks.get(d.key) if what == "task" else found.plans.get(d.key)
+                )
+                if record is None:
+                    outcome = "the history no longer holds it (aged out, or its plan archived): left out"
+                elif isinstance(record, TaskRecord):
+                    tasks.append(record)
+                    outcome = f"rebuilt from the history ({record.status}, attempt {record.attempt})"
+                else:
+                    plans.append(record)
+                    outcome = f"rebuilt from the history ({record.status})"
+                reason = f"unreadable {what} record {d.key} in {d.bucket}: {d.error}; {outcome}"
+                log.warning("%s", reason)
+                await self.bus.dead_record(self.agent_id, d.bucket, d.key, value, d.revision, reason)
+        return tasks, plans
 
     async def catch_up(self) -> None:
         """Fold the transitions published after the checkpoint, and write what they change."""
@@ -346,7 +437,8 @@ class Brain(Agent):
                 await self._sleep(0.2)  # another brain took it first
                 continue
             except TRANSIENT as exc:
-                log.warning("cannot reach the lease (%s); retrying", exc)
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning("cannot reach the lease (%s); retrying", exc)
                 await self._sleep(1.0)
                 continue
             self.lease_valid_until = began + self.settings.lease_s - 1.0
@@ -391,19 +483,37 @@ class Brain(Agent):
                     LEASE_KEY, encode_record(lease), last=self.lease_revision
                 )
                 self.lease_valid_until = began + self.settings.lease_s - 1.0
+                if self._stalled:
+                    self._stalled = False
+                    log.warning("renewed the brain lease (no other brain took it); acting again")
             except nats.js.errors.KeyWrongLastSequenceError:
                 log.error("lost the brain lease to another brain; stopping")
                 self.lost_lease = True
                 self.stop_requested.set()
                 return
             except TRANSIENT as exc:
-                log.warning("could not renew the brain lease (%s)", exc)
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning("could not renew the brain lease (%s)", exc)
 
-    def _check_lease(self) -> None:
+    async def _check_lease(self) -> None:
+        expired = time.monotonic() > self.lease_valid_until
+        # (a renewal that gets no answer takes longer than the lease: ask the store's disk)
+        if not self.lost_lease and expired and (self._stalled or await self.bus.store.probe()):
+            # nobody can write the lease: wait for this brain's renewal, which succeeds only if
+            # no other brain took it meanwhile (the store may take other writes again first)
+            raise LeaseStalled("the brain lease ran out while the server's store is full")
         if self.lost_lease or time.monotonic() > self.lease_valid_until:
             self.lost_lease = True
             self.stop_requested.set()
             raise LeaseLost("the brain lease could not be renewed in time")
+
+    def _say_stalled(self) -> None:
+        if not self._stalled:
+            self._stalled = True
+            log.warning(
+                "the brain lease ran out while the server's store is full: acting on nothing until "
+                "it is renewed (no other brain can take it meanwhile)"
+            )
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -411,7 +521,7 @@ class Brain(Agent):
 
     # run ---------------------------------------------------------------------------
     async def run(self) -> None:
-        if not self.leading:
+        if not self.leading or self.stop_requested.is_set():
             return
         self.spawn(self._fetch(self.cmd_sub, "commands"), "fetch-commands")
         self.spawn(self._fetch(self.runs_sub, "reports"), "fetch-reports")
@@ -450,7 +560,7 @@ class Brain(Agent):
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription, what: str) -> None:
         while not self.stop_requested.is_set():
-            for m in await fetch_some(sub, FETCH_BATCH, what):
+            for m in await fetch_some(sub, FETCH_BATCH, what, store=self.bus.store):
                 await self.inbox.put(m)
 
     async def _guarded(self, raw: list[NatsMsg] | None) -> None:
@@ -459,19 +569,24 @@ class Brain(Agent):
         delay = 0.1
         while True:
             try:
-                self._check_lease()
+                await self._check_lease()
                 await self.handle(raw)
                 return
             except LeaseLost as exc:
                 log.error("%s; stopping without acting further", exc)
                 return
+            except LeaseStalled:
+                self._say_stalled()
             except TRANSIENT as exc:
                 if self.stop_requested.is_set():
                     log.warning("stopping with an input unfinished (%s); it will be delivered again", exc)
                     return
-                log.warning("server error while handling input (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning("server error while handling input (%s); retrying in %.1fs", exc, delay)
+            if self.stop_requested.is_set():
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def handle(self, batch: list[NatsMsg] | None) -> None:
         """Decide a batch of inputs one by one, then commit what they decided together.

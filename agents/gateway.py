@@ -102,6 +102,8 @@ class Gateway(Agent):
         self.slots = settings.gateway_concurrency
         # budget alerts found still holding (logged once each)
         self.alerts_seen: set[str] = set()
+        # plans whose record was found unreadable (each said once)
+        self._damaged_seen: set[str] = set()
 
     def running_keys(self) -> list[str]:
         return sorted(self.busy)
@@ -147,12 +149,13 @@ class Gateway(Agent):
                 try:
                     await self.check_budget_alerts()
                 except TRANSIENT as exc:
-                    log.warning("checking the budget alerts failed (%r); trying again later", exc)
+                    if not self.bus.store.full:  # (the bus said that once)
+                        log.warning("checking the budget alerts failed (%r); trying again later", exc)
             free = self.settings.gateway_concurrency - len(self.handlers)
             if free <= 0:
                 await asyncio.wait(set(self.handlers), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            for raw in await fetch_some(self.sub, free, "escalation requests"):
+            for raw in await fetch_some(self.sub, free, "escalation requests", store=self.bus.store):
                 task = asyncio.get_running_loop().create_task(self.handle(raw), name=f"esc:{raw.subject}")
                 self.handlers.add(task)
                 task.add_done_callback(self._reap_handler)
@@ -198,7 +201,8 @@ class Gateway(Agent):
             raise
         except TRANSIENT as exc:
             # unacknowledged, it comes back after ack_wait; its answer, if any, is in the bucket
-            log.warning("%s: server error (%s); the request comes back", msg.rid, exc)
+            if not self.bus.store.full:  # (the bus said that once)
+                log.warning("%s: server error (%s); the request comes back", msg.rid, exc)
         finally:
             beat.cancel()
             self.busy.discard(msg.rid)
@@ -492,7 +496,10 @@ class Gateway(Agent):
             return True
         try:
             return decode_plan(entry.value or b"").status in PLAN_FINAL_STATES
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if plan_id not in self._damaged_seen:
+                self._damaged_seen.add(plan_id)
+                log.warning("the record of plan %s is unreadable (%s); taking it as not ended", plan_id, exc)
             return False
 
     def _alert_key(self, target: str) -> str:

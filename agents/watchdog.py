@@ -45,7 +45,7 @@ from mesh.events import (
 )
 from mesh.health import HealthCheck, Tracker, probe_http, restart
 from mesh.names import HEADER_TYPE
-from mesh.records import decode_agent, decode_plan, decode_task
+from mesh.records import UNREADABLE, decode_agent, decode_plan, decode_task
 from mesh.settings import Settings
 from mesh.telemetry import (
     GpuSample,
@@ -86,6 +86,7 @@ class Watchdog(Agent):
         self._mesh_read_at = 0.0
         # failed attempts seen since the last round (task key, when), and per class in the window
         self._failures_seen: list[tuple[str, float]] = []
+        self._damaged_seen: set[tuple[str, str]] = set()
         self._failures: dict[str, collections.deque[float]] = {}
         self._health_raised: dict[tuple[str, str], float] = {}
 
@@ -304,11 +305,14 @@ class Watchdog(Agent):
 
     async def _queue_and_failures(self, now: float) -> list[Change]:
         depth = 0
-        for value in (await read_bucket(await self.bus.plans_kv())).values():
-            with contextlib.suppress(ValueError):
+        for key, value in (await read_bucket(await self.bus.plans_kv())).items():
+            try:
                 plan = decode_plan(value)
-                if not plan.final:
-                    depth += plan.counts.get("waiting", 0) + plan.counts.get("ready", 0)
+            except UNREADABLE as exc:
+                self._unreadable(self.names.plans_bucket, key, exc)
+                continue
+            if not plan.final:
+                depth += plan.counts.get("waiting", 0) + plan.counts.get("ready", 0)
         changes = self.engine.mesh({"queue_depth": float(depth)}, "queue", self.tel_host, now)
         seen, self._failures_seen = self._failures_seen, []
         if seen:
@@ -316,7 +320,10 @@ class Watchdog(Agent):
             for key, at in seen:
                 try:
                     rec = decode_task((await kv.get(key)).value or b"")
-                except (nats.js.errors.KeyNotFoundError, ValueError):
+                except nats.js.errors.KeyNotFoundError:
+                    continue
+                except UNREADABLE as exc:
+                    self._unreadable(self.names.tasks_bucket, key, exc)
                     continue
                 self._failures.setdefault(rec.spec.cls, collections.deque()).append(at)
         window = self.settings.failure_window_s
@@ -327,6 +334,12 @@ class Watchdog(Agent):
                 {"class_failures": float(len(times))}, f"class-{cls}", self.tel_host, now
             )
         return changes
+
+    def _unreadable(self, bucket: str, key: str, exc: Exception) -> None:
+        """A damaged record is left out of what the watchdog counts; said once per key."""
+        if (bucket, key) not in self._damaged_seen:
+            self._damaged_seen.add((bucket, key))
+            log.warning("%s %s is unreadable (%s); not counted", bucket, key, exc)
 
     async def thermal(self, gpus: list[GpuSample], now: float) -> None:
         """Pause a GPU at or above thermal_pause_c (its worker stops claiming work) and resume it
@@ -350,9 +363,10 @@ class Watchdog(Agent):
                 kv = await self.bus.gpu_control_kv()
                 await kv.put(self.names.gpu_control_key(g.gpu_id, "thermal"), encode(control))
             except TRANSIENT as exc:
-                log.warning(
-                    "could not %s %s (%s); next round", "pause" if not paused else "resume", g.gpu_id, exc
-                )
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning(
+                        "could not %s %s (%s); next round", "pause" if not paused else "resume", g.gpu_id, exc
+                    )
                 continue
             self.thermal_paused[g.gpu_id] = not paused
             log.warning("%s %s: %s", "paused" if not paused else "resumed", g.gpu_id, why)
@@ -409,8 +423,9 @@ class Watchdog(Agent):
             try:
                 await self.bus.emit(self._unsent[0])
             except TRANSIENT as exc:
-                log.warning(
-                    "publishing an alert failed (%r); %d wait for the next round", exc, len(self._unsent)
-                )
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning(
+                        "publishing an alert failed (%r); %d wait for the next round", exc, len(self._unsent)
+                    )
                 return
             self._unsent.pop(0)

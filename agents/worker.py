@@ -55,7 +55,7 @@ from mesh.gpu import Device, Memory, open_device
 from mesh.models import ModelError, ModelSpec
 from mesh.outputs import OutputError, task_output
 from mesh.reaper import Reaper
-from mesh.records import INFLIGHT_STATES, RUNNING, decode_task
+from mesh.records import INFLIGHT_STATES, RUNNING, UNREADABLE, decode_task
 from mesh.settings import Settings
 from mesh.telemetry import host_token
 
@@ -220,6 +220,8 @@ class Worker(Agent):
         self._gpu_flush_lock = asyncio.Lock()
         self._gpu_changed = asyncio.Event()
         self._model_lock = asyncio.Lock()
+        # task records found unreadable (each said once)
+        self.damaged_seen: set[str] = set()
 
     def running_keys(self) -> list[str]:
         return sorted(self.running)
@@ -302,7 +304,8 @@ class Worker(Agent):
             except TRANSIENT as exc:
                 if lane.closed:
                     return
-                log.warning("fetching %s work failed (%r); retrying", lane.name, exc)
+                if not self.bus.store.full:  # (a full store also fails fetches; said once)
+                    log.warning("fetching %s work failed (%r); retrying", lane.name, exc)
                 await self._wait_any(asyncio.sleep(0.5))
                 continue
             finally:
@@ -531,7 +534,8 @@ class Worker(Agent):
             try:
                 await self._flush_gpu_states()
             except TRANSIENT as exc:
-                log.warning("publishing the GPU state failed (%s); retrying", exc)
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning("publishing the GPU state failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 self._gpu_changed.set()
 
@@ -775,7 +779,8 @@ class Worker(Agent):
             except TRANSIENT as exc:
                 if self.stop_requested.is_set() and delay > 5:
                     raise
-                log.warning("publishing %s failed (%s); retrying in %.1fs", type_of(ev), exc, delay)
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning("publishing %s failed (%s); retrying in %.1fs", type_of(ev), exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -798,7 +803,15 @@ class Worker(Agent):
         except nats.js.errors.KeyNotFoundError:
             log.warning("no record of %s (delivery %d): not written yet, or long archived", key, delivery)
             return "later"
-        rec = decode_task(entry.value or b"")
+        try:
+            rec = decode_task(entry.value or b"")
+        except UNREADABLE as exc:
+            # the brain released this attempt; a record that cannot be read cannot say
+            # otherwise (the brain rebuilds it from the history when it starts)
+            if key not in self.damaged_seen:
+                self.damaged_seen.add(key)
+                log.warning("the record of %s is unreadable (%s); running the item as released", key, exc)
+            return "run"
         if rec.attempt < item.attempt:
             return "run"
         if rec.status not in INFLIGHT_STATES or rec.attempt != item.attempt:

@@ -8,6 +8,7 @@ then drains its connection and exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import logging
 import os
@@ -15,17 +16,30 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
+
+import nats.js.errors
 
 from mesh.bus import TRANSIENT, Bus, connect
 from mesh.events import AgentStarted, AgentStopped
 from mesh.records import AgentRecord, encode_record
 from mesh.settings import Settings
+from mesh.store import full_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 STOP_WAIT_S = 5.0
+# the longest pause between tries of a step that the server refused
+RETRY_MAX_S = 5.0
+
+
+def passing(exc: BaseException) -> bool:
+    """Whether a server error may go away by itself: no answer, no connection, a server that is
+    unavailable or whose store is full; not a request it refused (a bad config, a permission)."""
+    if not isinstance(exc, nats.js.errors.APIError):
+        return True
+    return isinstance(exc, nats.js.errors.ServiceUnavailableError) or bool(full_error(exc))
 
 
 def new_agent_id(role: str) -> str:
@@ -60,6 +74,10 @@ class Agent:
     # life ----------------------------------------------------------------------
     async def start(self) -> None:
         self._bus = await connect(self.settings, self.agent_id, wait_s=3600.0, on_reconnect=self.on_reconnect)
+        await self.retrying(self._join, "joining the mesh")
+
+    async def _join(self) -> None:
+        """Resources, registration, `agent.started`: each safe to do again."""
         await self.ensure_resources()
         await self.register()
         await self.bus.publish(
@@ -72,6 +90,27 @@ class Agent:
         )
         self.spawn(self._refresh_loop(), "registration")
         log.info("%s started as %s on %s", self.role, self.agent_id, self.settings.url)
+
+    async def retrying(self, step: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run `step` until it goes through, riding out server errors that pass (a full store, a
+        server restarting) with a growing pause; raises the others, and any once asked to stop."""
+        delay = 0.2
+        while True:
+            try:
+                return await step()
+            except TRANSIENT as exc:
+                if self.stop_requested.is_set() or not passing(exc):
+                    raise
+                # a full store was said once already (by the bus); other errors each time
+                if not self.bus.store.full:
+                    log.warning("%s failed (%r); retrying in %.1fs", what, exc, delay)
+                await self.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when asked to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_requested.wait(), timeout=seconds)
 
     async def ensure_resources(self) -> None:
         """Create or update the streams, buckets and consumers this agent uses; where its NATS
@@ -148,7 +187,8 @@ class Agent:
             try:
                 await self.register()
             except TRANSIENT as exc:
-                log.warning("could not refresh the registration of %s: %s", self.agent_id, exc)
+                if not self.bus.store.full:  # (the bus said that once)
+                    log.warning("could not refresh the registration of %s: %s", self.agent_id, exc)
             await asyncio.sleep(max(0.05, interval - (time.monotonic() - began)))
 
     # tasks -----------------------------------------------------------------------------
@@ -176,6 +216,10 @@ async def _main(agent: Agent) -> int:
     try:
         await agent.start()
         await agent.run()
+    except TRANSIENT as exc:
+        if not agent.stop_requested.is_set():
+            raise
+        log.warning("asked to stop while the server refused a step (%r)", exc)
     finally:
         await agent.stop()
     return agent.exit_code

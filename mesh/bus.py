@@ -38,6 +38,7 @@ from mesh.errors import MeshError, ServerUnavailable
 from mesh.events import DeadLetter, Msg
 from mesh.names import HEADER_MSG_ID, HEADER_TYPE, Names
 from mesh.settings import Settings
+from mesh.store import StoreWatch
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +345,9 @@ class DomainJetStream(JetStreamContext):
     domain's API (stream info, direct and message gets, consumers), and publishes to other
     streams' subjects cross as they are."""
 
+    # told of every write that fails and of the next that goes through (`Bus` sets it)
+    store: StoreWatch | None = None
+
     def _route(self, subject: str) -> str:
         if subject.startswith("$KV.") and self._prefix != api.DEFAULT_PREFIX:
             return f"{self._prefix}.{subject}"
@@ -358,9 +362,23 @@ class DomainJetStream(JetStreamContext):
         headers: dict[str, Any] | None = None,
         msg_ttl: float | None = None,
     ) -> api.PubAck:
-        return await super().publish(
-            self._route(subject), payload, timeout=timeout, stream=stream, headers=headers, msg_ttl=msg_ttl
-        )
+        """A publish to a stream (KV and object store writes too), waiting for its acknowledgement."""
+        try:
+            ack = await super().publish(
+                self._route(subject),
+                payload,
+                timeout=timeout,
+                stream=stream,
+                headers=headers,
+                msg_ttl=msg_ttl,
+            )
+        except TRANSIENT as exc:
+            if self.store is not None:
+                await self.store.failed(exc, (subject,))
+            raise
+        if self.store is not None and self.store.full:
+            self.store.cleared(subject)
+        return ack
 
     async def publish_async(
         self,
@@ -469,6 +487,12 @@ class Bus:
         self._objects: ObjectStore | None = None
         self._acks: AckCollector | None = None
         self.closing = False
+        # says once when the server's store is full, and once when it takes writes again
+        buckets = bucket_definitions(settings)
+        memory = tuple(f"$KV.{d['bucket']}." for d in buckets if d["storage"] == "memory")
+        self.store = StoreWatch(settings, memory_subjects=memory)
+        if isinstance(self.js, DomainJetStream):
+            self.js.store = self.store
 
     # resources ----------------------------------------------------------------
     async def ensure_resources(self, classes: tuple[str, ...] = ("cpu",)) -> None:
@@ -677,9 +701,16 @@ class Bus:
                 await self.nc.publish(
                     route(subject) if route else subject, data, reply=batch.reply(i), headers=headers
                 )
-            return await asyncio.wait_for(batch.done, timeout=PUBLISH_TIMEOUT_S)
+            acks = await asyncio.wait_for(batch.done, timeout=PUBLISH_TIMEOUT_S)
+        except TRANSIENT as exc:
+            await self.store.failed(exc, (subject for subject, _, _ in items))
+            raise
         finally:
             self._acks.close(batch)
+        if self.store.full:
+            for subject, _, _ in items:
+                self.store.cleared(subject)
+        return acks
 
     def _encoded(self, evs: Sequence[Msg]) -> list[tuple[str, bytes, dict[str, str]]]:
         items: list[tuple[str, bytes, dict[str, str]]] = []
@@ -744,6 +775,23 @@ class Bus:
         )
         await self.publish(self.names.dead_letter(agent_id), letter, f"dead:{origin_of(raw)}")
 
+    async def dead_record(
+        self, agent_id: str, bucket: str, key: str, data: bytes, revision: int, reason: str
+    ) -> None:
+        """Record a KV value nobody can read (a damaged task or plan record), with a bounded copy
+        of its bytes. Named by its revision: recorded once however often it is found."""
+        letter = DeadLetter(
+            agent_id=agent_id,
+            subject=f"$KV.{bucket}.{key}",
+            reason=reason[:500],
+            at=time.time(),
+            size=len(data),
+            payload=base64.b64encode(data[:DEAD_PAYLOAD_BYTES]).decode(),
+            bucket=bucket,
+            key=key,
+        )
+        await self.publish(self.names.dead_letter(agent_id), letter, f"dead:kv:{bucket}:{key}:{revision}")
+
     async def close(self) -> None:
         """Flush what we published and close. (Every publish mesh makes is already
         acknowledged, so there is nothing in flight to drain.)"""
@@ -758,16 +806,22 @@ class Bus:
 
 
 async def fetch_some(
-    sub: JetStreamContext.PullSubscription, batch: int, what: str, timeout_s: float = 1.0
+    sub: JetStreamContext.PullSubscription,
+    batch: int,
+    what: str,
+    timeout_s: float = 1.0,
+    store: StoreWatch | None = None,
 ) -> list[NatsMsg]:
     """Up to `batch` messages of a pull subscription: none when nothing came within
-    `timeout_s`, or when the server could not be reached (logged, after a short pause)."""
+    `timeout_s`, or when the server could not be reached (logged, after a short pause; not
+    while `store` is known full, which fails fetches too and was said once)."""
     try:
         return await sub.fetch(batch, timeout=timeout_s)
     except nats.errors.TimeoutError:
         return []
     except TRANSIENT as exc:
-        log.warning("fetching %s failed (%r); retrying", what, exc)
+        if store is None or not store.full:
+            log.warning("fetching %s failed (%r); retrying", what, exc)
         await asyncio.sleep(0.5)
         return []
 
@@ -868,6 +922,17 @@ async def iter_bucket(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str,
     (nats-py's own watcher can report the end before the first value arrives, returning an
     empty bucket; this reads the bucket's stream directly, a batch at a time.)
     """
+    async for key, raw in _live_values(kv, keys):
+        yield key, raw.data
+
+
+async def iter_revisions(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str, bytes, int]]:
+    """`iter_bucket` with each value's revision (its sequence in the bucket's stream)."""
+    async for key, raw in _live_values(kv, keys):
+        yield key, raw.data, raw.metadata.sequence.stream
+
+
+async def _live_values(kv: KeyValue, keys: str) -> AsyncIterator[tuple[str, NatsMsg]]:
     bucket = kv._name
     prefix = f"$KV.{bucket}."
     config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
@@ -875,7 +940,7 @@ async def iter_bucket(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str,
         headers = raw.headers or {}
         if headers.get("KV-Operation") in _KV_GONE or headers.get("Nats-Marker-Reason"):
             continue
-        yield raw.subject[len(prefix) :], raw.data
+        yield raw.subject[len(prefix) :], raw
 
 
 _KV_GONE = {"DEL", "PURGE"}
@@ -1033,6 +1098,8 @@ async def connect(
 
     async def reconnected() -> None:
         log.info("reconnected to %s", url)
+        if holder:
+            holder[0].store.reconnected()
         if on_reconnect is not None:
             await on_reconnect()
 

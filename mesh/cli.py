@@ -25,7 +25,9 @@ from mesh.bus import Bus, connect
 from mesh.errors import MeshError
 from mesh.events import TASK_CLASSES
 from mesh.logs import configure
+from mesh.records import Damaged
 from mesh.settings import Settings, load_settings
+from mesh.store import full_error
 
 app = typer.Typer(
     name="mesh",
@@ -80,6 +82,11 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     except MeshError as exc:
         raise fail(str(exc)) from None
     except (nats.errors.Error, nats.js.errors.Error) as exc:
+        if full_error(exc):
+            raise fail(
+                f"the NATS server's store is full (it says: {full_error(exc)}); nothing was written. "
+                "Free space in its store (`mesh doctor` shows where and how much) and try again"
+            ) from None
         raise fail(f"NATS error: {exc.__class__.__name__}: {exc}") from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -189,13 +196,21 @@ async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None 
                 if isinstance(msg, events.PlanRejected):
                     err.print(f"[red]plan rejected:[/red] {msg.error}")
                 break
-    records = await client.plan_tasks(bus, plan_id)
-    plan = await client.get_plan(bus, plan_id)
-    if plan is not None and any(r.status != "succeeded" for r in records):
-        err.print(render.tasks_table(plan, [r for r in records if r.status != "succeeded"]))
+    records, damaged = await client.read_tasks(bus, plan_id)
+    plan = await client.read_plan(bus, plan_id)
+    if plan is not None and (damaged or any(r.status != "succeeded" for r in records)):
+        unfinished = [r for r in records if r.status != "succeeded"]
+        err.print(render.tasks_table(plan, unfinished, damaged=damaged))
     style = render.STYLE.get(status, "")
     err.print(f"plan {plan_id} [{style}]{status}[/{style}]" if style else f"plan {plan_id} {status}")
     return 0 if status == "succeeded" else 1
+
+
+DAMAGED_HINT = (
+    "{n} record(s) cannot be read (damaged). The brain sets each aside as a dead letter "
+    "(`mesh dead`) and rebuilds it from the history when it starts; `mesh replay --plan PLAN` "
+    "shows what the history holds."
+)
 
 
 @app.command()
@@ -210,30 +225,43 @@ def status(
         bus = await _bus(s)
         try:
             if plan is None:
-                plans = await client.list_plans(bus)
+                plans, damaged = await client.read_plans(bus)
                 if as_json:
                     for p in plans:
                         print(msgspec.json.encode(p).decode())
-                elif plans:
-                    out.print(render.plans_table(plans))
+                    for d in damaged:
+                        print(msgspec.json.encode({"damaged": d}).decode())
+                elif plans or damaged:
+                    out.print(render.plans_table(plans, damaged))
+                    if damaged:
+                        err.print(DAMAGED_HINT.format(n=len(damaged)), highlight=False)
                     escalating = sum(p.counts.get("escalating", 0) for p in plans if not p.final)
                     if escalating:
                         out.print(f"{escalating} task(s) waiting on escalation (`mesh status PLAN` says why)")
                 else:
                     out.print("no plans yet: `mesh submit PLAN.md`")
                 return 0
-            record = await client.get_plan(bus, plan)
+            record = await client.read_plan(bus, plan)
             if record is None:
                 raise fail(f"no plan {plan!r}; `mesh status` lists the plans")
-            tasks = await client.plan_tasks(bus, plan)
+            tasks, damaged = await client.read_tasks(bus, plan)
+            if isinstance(record, Damaged):
+                damaged.insert(0, record)
             if as_json:
-                print(msgspec.json.encode(record).decode())
+                if not isinstance(record, Damaged):
+                    print(msgspec.json.encode(record).decode())
                 for t in tasks:
                     print(msgspec.json.encode(t).decode())
+                for d in damaged:
+                    print(msgspec.json.encode({"damaged": d}).decode())
             else:
                 from mesh.history import escalation_waits
 
-                out.print(render.tasks_table(record, tasks, await escalation_waits(bus, tasks)))
+                notes = await escalation_waits(bus, tasks)
+                bad_tasks = [d for d in damaged if d is not record]
+                out.print(render.tasks_table(record, tasks, notes, bad_tasks))
+                if damaged:
+                    err.print(DAMAGED_HINT.format(n=len(damaged)), highlight=False)
             return 0
         finally:
             await bus.close()

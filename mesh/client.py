@@ -19,7 +19,7 @@ from mesh.bus import Bus, decode_or_none, read_bucket
 from mesh.errors import NotFound, PlanError, Problem
 from mesh.events import CancelPlan, PlanSpec, RetryTasks, SubmitPlan
 from mesh.names import check_token
-from mesh.records import PlanRecord, TaskRecord, decode_plan, decode_task
+from mesh.records import UNREADABLE, Damaged, PlanRecord, TaskRecord, damaged, decode_plan, decode_task
 
 
 def _user() -> str:
@@ -62,8 +62,8 @@ async def submit(bus: Bus, plan: PlanSpec, plan_id: str | None = None, by: str =
 
 
 async def cancel(bus: Bus, plan_id: str, reason: str = "cancelled by operator") -> None:
-    plan = await get_plan(bus, plan_id)
-    if plan is None:
+    # a damaged record still names a plan the brain knows
+    if await read_plan(bus, plan_id) is None:
         raise NotFound(f"no plan {plan_id!r}; `mesh status` lists the plans")
     at = time.time()
     await bus.publish(
@@ -77,8 +77,7 @@ async def retry(bus: Bus, plan_id: str, task_ids: tuple[str, ...] = ()) -> int:
     Returns the event stream's next sequence at the time of asking: follow from
     there to see what the retry does.
     """
-    plan = await get_plan(bus, plan_id)
-    if plan is None:
+    if await read_plan(bus, plan_id) is None:
         raise NotFound(f"no plan {plan_id!r}; `mesh status` lists the plans")
     kv = await bus.tasks_kv()
     unknown = []
@@ -99,25 +98,59 @@ async def retry(bus: Bus, plan_id: str, task_ids: tuple[str, ...] = ()) -> int:
     return int(info.state.last_seq) + 1
 
 
-async def get_plan(bus: Bus, plan_id: str) -> PlanRecord | None:
+async def read_plan(bus: Bus, plan_id: str) -> PlanRecord | Damaged | None:
+    """A plan's record; `Damaged` when its value does not decode, None when there is none."""
     kv = await bus.plans_kv()
     try:
         entry = await kv.get(plan_id)
     except nats.js.errors.KeyNotFoundError:
         return None
-    return decode_plan(entry.value or b"")
+    data = entry.value or b""
+    try:
+        return decode_plan(data)
+    except UNREADABLE as exc:
+        return damaged(bus.names.plans_bucket, plan_id, data, exc, entry.revision or 0)
+
+
+async def get_plan(bus: Bus, plan_id: str) -> PlanRecord | None:
+    """A plan's record, or None when there is none or it is unreadable (`read_plan` tells)."""
+    found = await read_plan(bus, plan_id)
+    return found if isinstance(found, PlanRecord) else None
+
+
+async def read_plans(bus: Bus) -> tuple[list[PlanRecord], list[Damaged]]:
+    """Every plan record, by acceptance; and the values of the plans bucket that do not decode."""
+    plans: list[PlanRecord] = []
+    bad: list[Damaged] = []
+    for key, value in (await read_bucket(await bus.plans_kv())).items():
+        try:
+            plans.append(decode_plan(value))
+        except UNREADABLE as exc:
+            bad.append(damaged(bus.names.plans_bucket, key, value, exc))
+    return sorted(plans, key=lambda p: p.accepted_at), sorted(bad, key=lambda d: d.key)
 
 
 async def list_plans(bus: Bus) -> list[PlanRecord]:
-    raw = await read_bucket(await bus.plans_kv())
-    return sorted((decode_plan(v) for v in raw.values()), key=lambda p: p.accepted_at)
+    """Every readable plan record (`read_plans` also returns the damaged ones)."""
+    return (await read_plans(bus))[0]
+
+
+async def read_tasks(bus: Bus, plan_id: str) -> tuple[list[TaskRecord], list[Damaged]]:
+    """A plan's task records in plan order; and its values of the tasks bucket that do not decode."""
+    check_token(plan_id, "plan id")
+    records: list[TaskRecord] = []
+    bad: list[Damaged] = []
+    for key, value in (await read_bucket(await bus.tasks_kv(), f"{plan_id}.>")).items():
+        try:
+            records.append(decode_task(value))
+        except UNREADABLE as exc:
+            bad.append(damaged(bus.names.tasks_bucket, key, value, exc))
+    return sorted(records, key=lambda r: r.index), sorted(bad, key=lambda d: d.key)
 
 
 async def plan_tasks(bus: Bus, plan_id: str) -> list[TaskRecord]:
-    check_token(plan_id, "plan id")
-    raw = await read_bucket(await bus.tasks_kv(), f"{plan_id}.>")
-    records = [decode_task(v) for v in raw.values()]
-    return sorted(records, key=lambda r: r.index)
+    """A plan's readable task records (`read_tasks` also returns the damaged ones)."""
+    return (await read_tasks(bus, plan_id))[0]
 
 
 async def follow(

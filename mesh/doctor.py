@@ -6,8 +6,8 @@ that says what was seen, and for anything not ok a fix. The checks: the server
 against what `mesh/bus.py` defines (drift names the field), clock skew (this
 host against the server, and every agent's host through its registration), the
 GPUs (NVML, driver, nvidia-smi, CUDA in llama.cpp), the configured models on
-disk, free disk, and the systemd units. `--quick` leaves out the slow ones
-(model files, CUDA libraries).
+disk, free disk, the server's store (where it is, its room), and the systemd
+units. `--quick` leaves out the slow ones (model files, CUDA libraries).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from mesh import store
 from mesh.bus import (
     NS,
     Bus,
@@ -461,31 +462,86 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _room_finding(check: str, message: str, free: int, total: int, fix: str) -> Finding:
+    """fail under DISK_FAIL_BYTES free; warn under DISK_WARN_BYTES or DISK_WARN_FRACTION."""
+    if free < DISK_FAIL_BYTES:
+        return fail(check, message, fix)
+    if free < DISK_WARN_BYTES or free < DISK_WARN_FRACTION * total:
+        return warn(check, message, fix)
+    return ok(check, message)
+
+
 def check_disk(settings: Settings) -> list[Finding]:
-    data = Path(settings.data_dir).expanduser()
-    places = [("data dir", data)]
-    if (data / "jetstream").exists():
-        places.append(("JetStream store", data / "jetstream"))
-    seen: set[int] = set()
-    findings = []
-    for label, path in places:
-        where = _existing(path)
-        device = where.stat().st_dev
-        if device in seen:
-            continue
-        seen.add(device)
-        usage = shutil.disk_usage(where)
-        message = f"{label} {path}: {_bytes(usage.free)} free of {_bytes(usage.total)}"
-        fix = (
-            f"free space on the filesystem of {path}, or lower events_max_bytes / "
-            "events_max_age_days (the history is most of the store)"
+    """The data dir's filesystem (task artifacts, `mesh up`'s server); the server's store is
+    `check_store`'s."""
+    path = Path(settings.data_dir).expanduser()
+    usage = shutil.disk_usage(_existing(path))
+    message = f"data dir {path}: {_bytes(usage.free)} free of {_bytes(usage.total)}"
+    fix = f"free space on the filesystem of {path}"
+    return [_room_finding("disk", message, usage.free, usage.total, fix)]
+
+
+def check_store(settings: Settings, environ: dict[str, str] | None = None) -> list[Finding]:
+    """The server's JetStream store: where it is (the server's `/varz` at nats_monitor_url, or
+    the server config mesh wrote on this host) and how much room it has. A full store refuses
+    every write: the agents wait (docs/reliability.md#a-full-disk)."""
+    fix_room = (
+        "free space there, or lower events_max_bytes / events_max_age_days (the history is most "
+        "of the store); a nats-server whose disk filled up must be restarted once there is room"
+    )
+    try:
+        where = store.locate(settings, environ)
+    except OSError as exc:
+        return [
+            fail(
+                "store",
+                f"nats_monitor_url does not answer: {exc}",
+                "fix nats_monitor_url (the server's `http:` address, e.g. http://127.0.0.1:8222), "
+                "or unset it to read the server config on this host",
+            )
+        ]
+    if where is None:
+        if not store.server_is_local(settings):
+            return [
+                skip(
+                    "store",
+                    f"the server ({settings.url}) is on another host: run `mesh doctor` there, or set "
+                    "nats_monitor_url to its monitoring address",
+                )
+            ]
+        looked = ", ".join(str(p) for p in store.config_candidates(settings, environ))
+        return [
+            warn(
+                "store",
+                f"the server's store directory is not known: no server config with JetStream at {looked}, "
+                "and no nats_monitor_url",
+                "add `http: 127.0.0.1:8222` to the server's config and set nats_monitor_url = "
+                '"http://127.0.0.1:8222", so the store can be found and its room said when it fills',
+            )
+        ]
+    findings: list[Finding] = []
+    held = ""
+    if where.max_bytes > 0:
+        held = f"; JetStream holds {_bytes(where.used_bytes)} of its {_bytes(where.max_bytes)} limit"
+    if where.local:
+        usage = shutil.disk_usage(_existing(Path(where.path)))
+        message = (
+            f"{where.path} (from {where.source}): {_bytes(usage.free)} free of {_bytes(usage.total)}{held}"
         )
-        if usage.free < DISK_FAIL_BYTES:
-            findings.append(fail("disk", message, fix))
-        elif usage.free < DISK_WARN_BYTES or usage.free < DISK_WARN_FRACTION * usage.total:
-            findings.append(warn("disk", message, fix))
-        else:
-            findings.append(ok("disk", message))
+        findings.append(_room_finding("store", message, usage.free, usage.total, fix_room))
+    else:
+        findings.append(
+            ok("store", f"{where.path} on the server's host (from {where.source}){held}; run doctor there")
+        )
+    if where.max_bytes > 0 and where.used_bytes > 0.9 * where.max_bytes:
+        findings.append(
+            warn(
+                "store",
+                f"JetStream holds {_bytes(where.used_bytes)} of its {_bytes(where.max_bytes)} limit",
+                "raise max_file_store in the server's `jetstream {}` block, or lower events_max_bytes "
+                "/ events_max_age_days",
+            )
+        )
     return findings
 
 
@@ -628,6 +684,7 @@ async def diagnose(settings: Settings, quick: bool = False) -> list[Finding]:
     if not quick:
         findings += await asyncio.to_thread(check_models, settings)
     findings += check_disk(settings)
+    findings += await asyncio.to_thread(check_store, settings)
     findings += await asyncio.to_thread(check_units)
     return findings
 

@@ -611,7 +611,10 @@ class AgentOffline(Msg, frozen=True, tag="agent.offline"):
 
 
 class DeadLetter(Msg, frozen=True, tag="dead.letter"):
-    """A message an agent could not use; kept so nothing vanishes silently."""
+    """A message an agent could not use; kept so nothing vanishes silently.
+
+    For an unreadable KV value (a task or plan record) `subject` is its `$KV.<bucket>.<key>`,
+    and `bucket` and `key` name it; `payload` is the base64 of the first bytes either way."""
 
     agent_id: str
     subject: str
@@ -619,6 +622,8 @@ class DeadLetter(Msg, frozen=True, tag="dead.letter"):
     at: float
     size: int = 0
     payload: str = ""
+    bucket: str = ""
+    key: str = ""
 
 
 # Alerts (event stream; written by a host's watchdog) ---------------------------

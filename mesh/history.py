@@ -20,7 +20,7 @@ from mesh import events
 from mesh.bus import Bus, decode_or_none, read_bucket, read_stream
 from mesh.errors import MeshError
 from mesh.machine import State, evolve
-from mesh.records import PlanRecord, TaskRecord, decode_plan, decode_task
+from mesh.records import UNREADABLE, PlanRecord, TaskRecord, decode_plan, decode_task
 
 
 @dataclass
@@ -155,23 +155,36 @@ async def verify(
     bus: Bus, result: Replay, *, plan_id: str | None = None, since: float | None = None
 ) -> Verification:
     """Compare replayed records with KV, for the plans the replay covers; list every difference."""
-    kv_plans = {
-        k: decode_plan(v) for k, v in (await read_bucket(await bus.plans_kv(), plan_id or ">")).items()
-    }
-    kv_tasks_raw = await read_bucket(await bus.tasks_kv(), f"{plan_id}.>" if plan_id else ">")
-    kv_tasks = {k: decode_task(v) for k, v in kv_tasks_raw.items()}
+    kv_plans: dict[str, PlanRecord] = {}
+    kv_tasks: dict[str, TaskRecord] = {}
+    bad: dict[str, str] = {}
+    for k, v in (await read_bucket(await bus.plans_kv(), plan_id or ">")).items():
+        try:
+            kv_plans[k] = decode_plan(v)
+        except UNREADABLE as exc:
+            bad[k] = f"a damaged record ({exc})"
+    for k, v in (await read_bucket(await bus.tasks_kv(), f"{plan_id}.>" if plan_id else ">")).items():
+        try:
+            kv_tasks[k] = decode_task(v)
+        except UNREADABLE as exc:
+            bad[k] = f"a damaged record ({exc})"
     if since is not None:
         kv_plans = {k: p for k, p in kv_plans.items() if p.accepted_at >= since}
         kv_tasks = {k: t for k, t in kv_tasks.items() if t.plan_id in kv_plans}
     out = Verification()
+    for key, what in sorted(bad.items()):
+        replayed = result.state.plans.get(key) or result.state.tasks.get(key)
+        out.differences.append(Difference(key, "record", what, "present" if replayed else "missing"))
     replayed_plans: dict[str, PlanRecord] = result.state.plans
     replayed_tasks: dict[str, TaskRecord] = result.state.tasks
     for pid in sorted(set(kv_plans) | set(replayed_plans)):
         out.plans += 1
-        out.differences += _compare(pid, kv_plans.get(pid), replayed_plans.get(pid))
+        if pid not in bad:
+            out.differences += _compare(pid, kv_plans.get(pid), replayed_plans.get(pid))
     for key in sorted(set(kv_tasks) | set(replayed_tasks)):
         out.tasks += 1
-        out.differences += _compare(key, kv_tasks.get(key), replayed_tasks.get(key))
+        if key not in bad:
+            out.differences += _compare(key, kv_tasks.get(key), replayed_tasks.get(key))
     return out
 
 

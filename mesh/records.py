@@ -124,6 +124,39 @@ def decode_plan(data: bytes) -> PlanRecord:
     return _plan_decoder.decode(data)
 
 
+class Damaged(msgspec.Struct, frozen=True, kw_only=True):
+    """A value of the tasks or plans bucket that does not decode as its record.
+
+    Readers show it as damaged instead of failing; the brain quarantines it on start (a dead
+    letter with its first bytes) and writes the record the history gives over it."""
+
+    bucket: str
+    key: str
+    size: int
+    error: str
+    # stream sequence of the value (its KV revision); 0 when not known
+    revision: int = 0
+
+    @property
+    def plan_id(self) -> str:
+        """The plan the key belongs to: a plan key is the plan id, a task key `<plan>.<task>`."""
+        return self.key.partition(".")[0]
+
+    @property
+    def task_id(self) -> str:
+        return self.key.partition(".")[2]
+
+    def describe(self) -> str:
+        return f"unreadable record ({self.size} bytes): {self.error}"
+
+
+def damaged(bucket: str, key: str, data: bytes, exc: Exception, revision: int = 0) -> Damaged:
+    return Damaged(bucket=bucket, key=key, size=len(data), error=str(exc)[:300], revision=revision)
+
+
+UNREADABLE = (msgspec.DecodeError, msgspec.ValidationError)
+
+
 class AgentRecord(msgspec.Struct, kw_only=True):
     """An agent's registration in the agents bucket, refreshed while it lives."""
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from rich.table import Table
 from rich.text import Text
 
 from mesh import events
-from mesh.records import PlanRecord, TaskRecord
+from mesh.records import Damaged, PlanRecord, TaskRecord
 
 STYLE = {
     "succeeded": "green",
@@ -21,7 +22,9 @@ STYLE = {
     "pending": "dim",
     "retrying": "yellow",
     "escalating": "bright_magenta",
+    "damaged": "bold red",
 }
+DAMAGED = "damaged"
 
 
 def clock(ts: float) -> str:
@@ -91,10 +94,13 @@ def event_line(subject: str, msg: events.Message | None) -> Text:
     return line
 
 
-def plans_table(plans: list[PlanRecord]) -> Table:
+def plans_table(plans: list[PlanRecord], damaged: Sequence[Damaged] = ()) -> Table:
+    """Plans; a damaged record (a value that does not decode) is a row of its own."""
     table = Table(title="plans", title_justify="left")
     for col in ("plan", "title", "status", "done", "failed", "running", "accepted", "took"):
         table.add_column(col)
+    for d in damaged:
+        table.add_row(d.key, d.describe()[:80], Text(DAMAGED, style=STYLE[DAMAGED]), "?", "?", "?", "-", "-")
     for p in plans:
         took = (p.finished_at or time.time()) - p.accepted_at if p.accepted_at else 0.0
         table.add_row(
@@ -110,14 +116,27 @@ def plans_table(plans: list[PlanRecord]) -> Table:
     return table
 
 
-def tasks_table(plan: PlanRecord, tasks: list[TaskRecord], notes: dict[str, str] | None = None) -> Table:
-    """A plan's tasks; `notes` (task id -> text) override the detail column."""
-    title = f"{plan.plan_id} — {plan.title} — {plan.status}"
-    if plan.error:
-        title += f": {plan.error}"
+def tasks_table(
+    plan: PlanRecord | Damaged,
+    tasks: list[TaskRecord],
+    notes: dict[str, str] | None = None,
+    damaged: Sequence[Damaged] = (),
+) -> Table:
+    """A plan's tasks; `notes` (task id -> text) override the detail column. A damaged plan
+    record is said in the title, damaged task records are rows of their own."""
+    if isinstance(plan, Damaged):
+        title = f"{plan.key} — plan record {DAMAGED}: {plan.describe()}"
+    else:
+        title = f"{plan.plan_id} — {plan.title} — {plan.status}"
+        if plan.error:
+            title += f": {plan.error}"
     table = Table(title=title, title_justify="left")
     for col in ("task", "class", "prio", "status", "attempt", "worker", "took", "detail"):
         table.add_column(col)
+    for d in damaged:
+        table.add_row(
+            d.task_id, "?", "?", Text(DAMAGED, style=STYLE[DAMAGED]), "?", "", "-", d.describe()[:100]
+        )
     for t in tasks:
         detail = ""
         if t.status in ("failed", "waiting") and (t.reason or t.error):

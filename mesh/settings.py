@@ -213,6 +213,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # A process on a leaf node server (the gateway host's, docs/multihost.md) names the rig's
     # domain, and its JetStream calls go to `$JS.<domain>.API.…` and cross the link
     jetstream_domain: str = ""
+    # the server's HTTP monitoring address (`http: 127.0.0.1:8222` in its config), e.g.
+    # http://127.0.0.1:8222: where its store is (`/varz`), for `mesh doctor` and for saying how
+    # much room a full store has left. Empty: read from the server config mesh wrote on this host
+    nats_monitor_url: str = ""
 
     @property
     def names(self) -> Names:

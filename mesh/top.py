@@ -32,7 +32,7 @@ from rich.text import Text
 from mesh import client, events, render
 from mesh.bus import Bus, decode_or_none, read_bucket, read_stream
 from mesh.errors import MeshError
-from mesh.records import PENDING, READY, RUNNING, WAITING, decode_plan, decode_task
+from mesh.records import PENDING, READY, RUNNING, WAITING, Damaged
 from mesh.telemetry import GpuSample, HostSample, decode_sample
 
 RECENT_EVENTS = 15
@@ -133,6 +133,8 @@ class Snapshot:
     # alerts raised and not yet resolved, oldest first
     alerts: list[events.AlertRaised] = field(default_factory=list)
     server: str = ""
+    # task and plan records that do not decode (the brain rebuilds them when it starts)
+    damaged: list[Damaged] = field(default_factory=list)
 
 
 def _state_cell(state: events.GpuState | None) -> Text:
@@ -227,9 +229,13 @@ def queue_panel(snap: Snapshot) -> Panel:
 
 
 def alerts_panel(snap: Snapshot) -> Panel:
-    if not snap.alerts:
+    if not snap.alerts and not snap.damaged:
         return Panel(Text("none firing", style="green"), title="alerts", title_align="left")
     lines = []
+    for d in snap.damaged:
+        line = Text(f"damaged {d.bucket} {d.key}", style="bold red")
+        line.append(f": {d.describe()}")
+        lines.append(line)
     for a in snap.alerts:
         style = "bold red" if a.severity == "critical" else "red" if a.severity == "warn" else ""
         line = Text(f"{render.clock(a.at)} ", style="dim")
@@ -237,7 +243,10 @@ def alerts_panel(snap: Snapshot) -> Panel:
         if a.message:
             line.append(f": {a.message}")
         lines.append(line)
-    return Panel(Group(*lines), title=f"alerts firing: {len(snap.alerts)}", title_align="left")
+    title = f"alerts firing: {len(snap.alerts)}"
+    if snap.damaged:
+        title += f", damaged records: {len(snap.damaged)}"
+    return Panel(Group(*lines), title=title, title_align="left")
 
 
 def events_panel(snap: Snapshot) -> Panel:
@@ -258,6 +267,8 @@ def header(snap: Snapshot) -> Text:
     line.append(f"  {len(set(snap.gpus.samples) | set(snap.gpus.states))} GPUs, {running} running")
     if snap.alerts:
         line.append(f", {len(snap.alerts)} alerts firing", style="red")
+    if snap.damaged:
+        line.append(f", {len(snap.damaged)} damaged records", style="bold red")
     return line
 
 
@@ -273,7 +284,7 @@ def build(snap: Snapshot, height: int | None = None) -> RenderableType:
         return Group(header(snap), gpus, grid, recent)
     n_gpus = len(set(snap.gpus.samples) | set(snap.gpus.states))
     gpu_lines = max(n_gpus, 1) + 1 + len(snap.gpus.hosts) + 2
-    middle_lines = max(len(snap.queue) + 2, len(snap.alerts), 1) + 2
+    middle_lines = max(len(snap.queue) + 2, len(snap.alerts) + len(snap.damaged), 1) + 2
     layout = Layout()
     layout.split_column(
         Layout(header(snap), name="header", size=1),
@@ -357,25 +368,28 @@ def count_tasks(records: Iterable[Any]) -> tuple[dict[str, dict[str, int]], dict
     return queue, running
 
 
-async def read_tasks(bus: Bus) -> tuple[dict[str, dict[str, int]], dict[str, list[str]]]:
+async def read_tasks(bus: Bus) -> tuple[dict[str, dict[str, int]], dict[str, list[str]], list[Damaged]]:
     """Queue depths and running tasks: only unfinished plans can have any, so only their tasks
-    are read."""
-    plans = [decode_plan(v) for v in (await read_bucket(await bus.plans_kv())).values()]
+    are read (and those of a plan whose record is damaged: it may be unfinished). Also the
+    damaged records met on the way."""
+    plans, damaged = await client.read_plans(bus)
+    unfinished = [p.plan_id for p in plans if not p.final] + [d.key for d in damaged]
     records = []
-    for plan in plans:
-        if plan.final:
-            continue
-        raw = await read_bucket(await bus.tasks_kv(), f"{plan.plan_id}.>")
-        for value in raw.values():
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                records.append(decode_task(value))
-    return count_tasks(records)
+    for plan_id in unfinished:
+        try:
+            tasks, bad = await client.read_tasks(bus, plan_id)
+        except ValueError:
+            continue  # a damaged plan key that is no plan id: it has no tasks
+        records += tasks
+        damaged += bad
+    queue, running = count_tasks(records)
+    return queue, running, damaged
 
 
 async def gather(bus: Bus, fold: EventFold, server: str = "") -> Snapshot:
     """One snapshot of a running mesh (the event fold kept up by `prime` and `follow_events`)."""
     gpus = await read_gpus(bus)
-    queue, running = await read_tasks(bus)
+    queue, running, damaged = await read_tasks(bus)
     return Snapshot(
         at=time.time(),
         gpus=gpus,
@@ -384,6 +398,7 @@ async def gather(bus: Bus, fold: EventFold, server: str = "") -> Snapshot:
         recent=list(fold.recent),
         alerts=fold.alerts(),
         server=server,
+        damaged=damaged,
     )
 
 

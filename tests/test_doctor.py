@@ -220,3 +220,64 @@ def test_no_units_installed_says_how_to_install(tmp_path: Path) -> None:
 def test_server_times_parse_to_the_nanosecond() -> None:
     assert doctor.parse_time("2026-01-02T03:04:05.250000001Z") == pytest.approx(1767323045.250000001)
     assert doctor.parse_time("2026-01-02T03:04:05Z") == 1767323045.0
+
+
+# ---------------------------------------------------------------- the server's store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_the_store_is_found_in_the_server_config_mesh_wrote(env: dict[str, str], tmp_path: Path) -> None:
+    # as under `mesh up`: the server's config in the data dir
+    server = EmbeddedServer(tmp_path / "data", port=-1)
+    server.start()
+    try:
+        result = run_mesh("doctor", "--quick", "--json", env=with_server(env, server))
+    finally:
+        server.stop()
+    [found] = [f for f in findings(result) if f["check"] == "store"]
+    assert found["level"] == "ok", found
+    conf = tmp_path / "data" / "nats-server.conf"
+    assert found["message"].startswith(f"{tmp_path}/data/jetstream/jetstream (from {conf}): ")
+    assert " free of " in found["message"]
+
+
+def test_the_store_is_asked_of_the_servers_monitoring_port(env: dict[str, str], tmp_path: Path) -> None:
+    port, http = free_port(), free_port()
+    text = (
+        f"listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\n"
+        f'jetstream {{ store_dir: "{tmp_path / "elsewhere"}", max_file_store: 64MB }}\n'
+    )
+    server = EmbeddedServer(tmp_path / "nats", port=port, config_text=text)
+    server.start()
+    try:
+        env = {**with_server(env, server), "MESH_NATS_MONITOR_URL": f"http://127.0.0.1:{http}"}
+        result = run_mesh("doctor", "--quick", "--json", env=env)
+    finally:
+        server.stop()
+    [found] = [f for f in findings(result) if f["check"] == "store"]
+    assert found["level"] == "ok", found
+    assert found["message"].startswith(
+        f"{tmp_path}/elsewhere/jetstream (from the server's /varz at http://127.0.0.1:{http}): "
+    )
+    assert "JetStream holds 0 B of its 64.0 MiB limit" in found["message"]
+
+
+def test_an_unknown_store_says_how_to_make_it_known(
+    nats_server: EmbeddedServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    result = run_mesh("doctor", "--quick", "--json", env=with_server(env, nats_server))
+    [found] = [f for f in findings(result) if f["check"] == "store"]
+    assert found["level"] == "warn", found
+    assert "store directory is not known" in found["message"]
+    assert str(tmp_path / "data" / "nats-server.conf") in found["message"]
+    assert "nats_monitor_url" in found["fix"] and "http: 127.0.0.1:8222" in found["fix"]
+    dead = {**with_server(env, nats_server), "MESH_NATS_MONITOR_URL": f"http://127.0.0.1:{free_port()}"}
+    answer = run_mesh("doctor", "--quick", "--json", env=dead)
+    [found] = [f for f in findings(answer) if f["check"] == "store"]
+    assert found["level"] == "fail" and "nats_monitor_url does not answer" in found["message"], found
