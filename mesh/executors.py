@@ -43,6 +43,8 @@ class RunContext:
     sensitive: bool = False
     # where a model task's files go when its body names no `save:` path
     artifacts_dir: str = ""
+    # set (from the model's thread) when a prompt's first token is sampled
+    first_token: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -334,7 +336,13 @@ def build_prompt(body: str, inputs: Mapping[str, str], order: Sequence[str] = ()
     return "\n\n".join([instruction, DATA_PREAMBLE, *blocks]) + "\n"
 
 
-def _prompt_work(item: WorkItem, inputs: Mapping[str, str], loaded: Any, stop: threading.Event) -> RunResult:
+def _prompt_work(
+    item: WorkItem,
+    inputs: Mapping[str, str],
+    loaded: Any,
+    stop: threading.Event,
+    first_token: threading.Event | None = None,
+) -> RunResult:
     from llama_cpp import LlamaGrammar, StoppingCriteriaList
 
     llm, spec = loaded.handle, loaded.spec
@@ -360,6 +368,8 @@ def _prompt_work(item: WorkItem, inputs: Mapping[str, str], loaded: Any, stop: t
         # first token's time; True stops the generation there
         if not sampled:
             sampled.append(time.monotonic())
+            if first_token is not None:
+                first_token.set()
         return stop.is_set()
 
     began = time.monotonic()
@@ -400,7 +410,9 @@ def _prompt_work(item: WorkItem, inputs: Mapping[str, str], loaded: Any, stop: t
 async def run_prompt(item: WorkItem, ctx: RunContext) -> RunResult:
     """Complete the body's prompt (with the task's inputs as data) with the loaded LLM."""
     inputs = dict(ctx.inputs)
-    return await _run_model(item, ctx, "llm", lambda m, stop: _prompt_work(item, inputs, m, stop))
+    return await _run_model(
+        item, ctx, "llm", lambda m, stop: _prompt_work(item, inputs, m, stop, ctx.first_token)
+    )
 
 
 # transcribe -------------------------------------------------------------------
