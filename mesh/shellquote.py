@@ -101,7 +101,7 @@ class _Spot:
 @dataclass(slots=True)
 class _Frame:
     kind: Literal["cmd", "dq", "sq", "ansi", "param", "arith", "heredoc"]
-    close: str = ""  # cmd: ")" or "`" ("" at the top); arith: "))", "]" or "}"; dq: "'" in "${...}"
+    close: str = ""  # cmd: ")" ("" at the top); arith: "))", "]" or "}"; dq: "'" in "${...}"
     depth: int = 0  # open '(' (cmd, arith) or '{' (param)
     cases: int = 0  # open 'case' commands (cmd): their patterns end in an unmatched ')'
     cmd_pos: bool = True  # cmd: a command may start here
@@ -122,18 +122,29 @@ class _Lexer:
         self.spots: dict[int, _Spot] = {}
         self.stack: list[_Frame] = [_Frame("cmd")]
         self.pending: list[_Frame] = []  # here-documents whose bodies start after this line
+        self.unclosed = False  # a backquote with no closing one
 
     # ---------------------------------------------------------------- helpers
 
     def push(self, frame: _Frame) -> None:
         self.stack.append(frame)
 
-    def backquoted(self) -> bool:
-        return any(f.kind == "cmd" and f.close == "`" for f in self.stack)
-
     def spot(self, i: int, context: Context, brace: bool = False) -> None:
-        # inside "${...}" bash pairs single quotes while it reads (keeping them in the value)
-        self.spots[i] = _Spot(context, self.backquoted(), brace)
+        self.spots[i] = _Spot(context, False, brace)
+
+    def backquote(self, i: int) -> int:
+        """A backquote at `i`: bash takes the text up to the next unescaped one as the command,
+        before it reads any quote in it, so it is one region here; its holes are backquoted."""
+        s = self.s
+        j = i + 1
+        while j < self.n and s[j] != "`":
+            j += 2 if s[j] == "\\" else 1
+        for m in range(i + 1, min(j, self.n)):
+            if m in self.marks:
+                self.spots[m] = _Spot("word", True)
+        if j >= self.n:
+            self.unclosed = True
+        return j + 1
 
     def marked(self, start: int, end: int) -> bool:
         return any(m in self.marks for m in range(start, end))
@@ -205,11 +216,12 @@ class _Lexer:
                     continue
                 kind: Context = "heredoc-quoted" if top.quoted else "heredoc"
                 for m in holes:
-                    self.spots[m] = _Spot(kind, self.backquoted(), False, top.delim, top.tabs, (i, end))
+                    self.spots[m] = _Spot(kind, False, False, top.delim, top.tabs, (i, end))
             i = self.step(i, top)
         bottom = self.stack[0]
         return (
-            bottom.depth == 0
+            not self.unclosed
+            and bottom.depth == 0
             and bottom.cases == 0
             and all(f.kind == "heredoc" for f in self.stack[1:])  # bash reads one left open to the end
         )
@@ -253,8 +265,7 @@ class _Lexer:
         if c == "$":
             return self.dollar(i, quoted=kind != "param" or top.quoted)
         if c == "`":
-            self.push(_Frame("cmd", close="`"))
-            return i + 1
+            return self.backquote(i)
         if kind == "dq":
             if c == (top.close or '"'):
                 self.stack.pop()
@@ -353,10 +364,7 @@ class _Lexer:
         elif c == "$":
             return self.dollar(i, quoted=False)
         elif c == "`":
-            if top.close == "`":
-                self.stack.pop()
-            else:
-                self.push(_Frame("cmd", close="`"))
+            return self.backquote(i)
         elif c in "<>" and s[i + 1 : i + 2] == "(":
             self.push(_Frame("cmd", close=")"))
             return i + 2

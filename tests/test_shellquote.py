@@ -12,6 +12,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mesh.errors import PlanError, Problem
 from mesh.events import WorkItem
@@ -283,7 +285,15 @@ TEMPLATES = [
     "printf '%s' \"$(cat <<EOF\n[$(printf '%s' @)]\nEOF\n)\"",
     "printf '[%s]' @ \\\n  >/dev/stdout",
     "[[ x@ == x@ ]] && printf '[%s]' @",
+    "x=`echo \"a)\" '#'`; printf '[%s]' @",
+    "printf '%s' \"`echo '\"'`\" >/dev/null; printf '[%s]' \"@\"",
+    "cat <<A >/dev/null; cat <<'B' >/dev/null; printf '[%s]' @\n$(echo ')')\nA\n$(echo @)\nB",
 ]
+
+
+def shown(template: str) -> int:
+    """How many times a template prints its value."""
+    return template.count("%s' @") + template.count('%s" "@"') + template.count("%s' '@'") or 1
 
 
 def template_ok(template: str, value: str, tmp: Path) -> tuple[bool, str]:
@@ -294,10 +304,7 @@ def template_ok(template: str, value: str, tmp: Path) -> tuple[bool, str]:
         known = ("<<" in template and "\n" in value) or ('"${' in template and "'" in value)
         return known, f"refused: {refusals}"
     run = subprocess.run(["/bin/bash", "-c", out], cwd=tmp, capture_output=True, text=True, timeout=10)
-    holes = 1 if template.startswith("[[") else len(pieces) - 1
-    if template.startswith("# a comment"):
-        holes = 1
-    want = f"[{value}]" * holes
+    want = f"[{value}]" * shown(template)
     return run.stdout == want and not pwned(tmp), f"{out!r} -> {run.stdout!r} {run.stderr!r}"
 
 
@@ -317,3 +324,23 @@ def test_plain_is_plain() -> None:
 def test_fill_wants_one_more_piece_than_holes() -> None:
     with pytest.raises(ValueError):
         fill(["a"], [Hole("V", "x")])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    templates=st.lists(st.sampled_from(TEMPLATES), min_size=2, max_size=5), value=st.sampled_from(PAYLOADS)
+)
+def test_places_do_not_leak_into_the_commands_after_them(
+    templates: list[str], value: str, tmp_path: Path
+) -> None:
+    """Bodies made of several templates in a row: each still gets the exact value, so no place
+    (a here-document, a case, a quote) is read as ending anywhere but where bash ends it."""
+    body = "\n".join(templates)
+    pieces = body.split("@")
+    out, refusals = fill(pieces, [Hole("V", value)] * (len(pieces) - 1))
+    if refusals:
+        assert ("<<" in body and "\n" in value) or ('"${' in body and "'" in value), refusals
+        return
+    run = subprocess.run(["/bin/bash", "-c", out], cwd=tmp_path, capture_output=True, text=True, timeout=10)
+    assert run.stdout == "".join(f"[{value}]" * shown(t) for t in templates), (out, run.stderr)
+    assert pwned(tmp_path) == []
