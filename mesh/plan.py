@@ -983,23 +983,23 @@ class _Parser:
             item = part.group().strip()
             if item:
                 if len(items) == room:
-                    self._too_many(task, line, "has more than", "items")
+                    self._too_many(line, f"foreach of task '{task.id}' has", "items")
                     return []
                 items.append(item)
         if not items:
             self.add(line, f"foreach of task '{task.id}' has an empty list", _FOREACH_HINT)
         return items
 
-    def _too_many(self, task: _RawTask, line: int, what: str, things: str) -> None:
+    def _too_many(self, line: int, head: str, things: str) -> None:
+        """`head` ("foreach of task 'x' has") more items than the plan has room for."""
         limit = self.limits.max_expansions
         if self.expanded:
             message = (
-                f"foreach of task '{task.id}' {what} {limit - self.expanded:,} {things}, all the "
-                f"plan has room for: its foreach tasks may make {limit:,} tasks in all "
-                f"and the ones above made {self.expanded:,}"
+                f"{head} more than {limit - self.expanded:,} {things}, all the plan has room for: "
+                f"its foreach tasks may make {limit:,} tasks in all and the ones above made {self.expanded:,}"
             )
         else:
-            message = f"foreach of task '{task.id}' {what} {limit:,} {things}, the most a plan may expand to"
+            message = f"{head} more than {limit:,} {things}, the most a plan may expand to"
         self.add(
             line,
             message,
@@ -1025,7 +1025,9 @@ class _Parser:
             # an iterator, stopped at the first match past the limit: '**' over a big tree stops early
             for path in glob.iglob(pattern, root_dir=self.workdir or None, recursive=True):
                 if len(found) == room:
-                    self._too_many(task, line, f"glob {_show(pattern)} matches more than", "files")
+                    self._too_many(
+                        line, f"foreach glob {_show(pattern)} of task '{task.id}' matches", "files"
+                    )
                     return []
                 found.append(path)
         except (OSError, ValueError, RecursionError) as e:

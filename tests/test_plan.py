@@ -1286,7 +1286,7 @@ def test_a_glob_over_a_big_tree_is_refused(tmp_path: Path) -> None:
     assert p.line == line_of(text, "- foreach")
     assert (
         p.message
-        == "foreach of task 'all' glob '**/*' matches more than 50 files, the most a plan may expand to"
+        == "foreach glob '**/*' of task 'all' matches more than 50 files, the most a plan may expand to"
     )
     # 56 files, 7 + 1 directories: the same pattern under a bigger limit takes them all
     assert len(parse_plan(text, workdir=str(tmp_path), limits=PlanLimits(max_expansions=64)).tasks) == 64
