@@ -106,11 +106,25 @@ def parse_vars(pairs: list[str] | None) -> dict[str, str]:
     return values
 
 
-def load(path: Path, var: list[str] | None) -> events.PlanSpec:
-    from mesh.plan import load_plan
+def load(path: Path, var: list[str] | None, s: Settings, glob_outside: bool = False) -> events.PlanSpec:
+    """Read and check a plan within the limits of the settings `plan_*`."""
+    from mesh.plan import PlanLimits, load_plan
 
+    limits = PlanLimits(
+        max_expansions=s.plan_max_expansions,
+        max_tasks=s.plan_max_tasks,
+        max_bytes=s.plan_max_bytes,
+        glob_outside=glob_outside or s.plan_glob_outside,
+    )
     try:
-        return load_plan(path, parse_vars(var))
+        return load_plan(path, parse_vars(var), limits=limits)
+    except MeshError as exc:
+        raise fail(str(exc)) from None
+
+
+def checked_settings() -> Settings:
+    try:
+        return settings()
     except MeshError as exc:
         raise fail(str(exc)) from None
 
@@ -118,15 +132,26 @@ def load(path: Path, var: list[str] | None) -> events.PlanSpec:
 VarOpt = Annotated[
     list[str] | None, typer.Option("--var", "-v", help="NAME=value, overriding a plan variable")
 ]
+GlobOutsideOpt = Annotated[
+    bool,
+    typer.Option(
+        "--glob-outside",
+        help="let foreach globs match files outside the plan's directory (setting plan_glob_outside)",
+    ),
+]
 
 
 # ------------------------------------------------------------------ plans
 
 
 @app.command()
-def check(plan: Annotated[Path, typer.Argument(help="plan file (markdown)")], var: VarOpt = None) -> None:
+def check(
+    plan: Annotated[Path, typer.Argument(help="plan file (markdown)")],
+    var: VarOpt = None,
+    glob_outside: GlobOutsideOpt = False,
+) -> None:
     """Parse and validate a plan without submitting it."""
-    spec = load(plan, var)
+    spec = load(plan, var, checked_settings(), glob_outside)
     out.print(f"[green]ok[/green] {plan}: {spec.title!r}, {len(spec.tasks)} tasks")
 
 
@@ -136,10 +161,11 @@ def submit(
     var: VarOpt = None,
     wait: Annotated[bool, typer.Option("--wait", "-w", help="follow the plan until it is final")] = False,
     plan_id: Annotated[str | None, typer.Option("--id", help="plan id (default: from the title)")] = None,
+    glob_outside: GlobOutsideOpt = False,
 ) -> None:
     """Validate a plan and submit it; prints the plan id."""
-    spec = load(plan, var)
-    s = settings()
+    s = checked_settings()
+    spec = load(plan, var, s, glob_outside)
 
     async def go() -> int:
         bus = await _bus(s)
@@ -641,13 +667,14 @@ def up(
         Path | None, typer.Option("--submit", help="submit this plan, follow it, then stop everything")
     ] = None,
     var: VarOpt = None,
+    glob_outside: GlobOutsideOpt = False,
 ) -> None:
     """Start an embedded nats-server, a brain, N CPU workers and the model workers; Ctrl-C stops them all."""
     from mesh.up import Stack
 
     configure()
     s = settings()
-    spec = load(plan, var) if plan is not None else None
+    spec = load(plan, var, s, glob_outside) if plan is not None else None
     data = Path(data_dir or s.data_dir)
     model_workers = _model_workers(gpus)
     stack = Stack(

@@ -31,6 +31,12 @@ nothing else, whatever the input.
 The parser is a single pass over the lines (fences first, so that a `#` line
 inside a code block is never a heading), then checks that each run in linear
 time, so that plans of tens of thousands of tasks parse in well under a second.
+Its work is bounded (`PlanLimits`): the size of the text, the number of tasks
+and of foreach expansions, the size of the parsed plan, and where a foreach
+glob may look.
+
+In a shell body a value is written quoted for its place (`mesh.shellquote`):
+a file name or a `--var` value reaches bash as text, never as code to run.
 """
 
 from __future__ import annotations
@@ -42,10 +48,11 @@ import math
 import os
 import re
 from collections import ChainMap
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
+from mesh import shellquote
 from mesh.errors import PlanError, Problem
 from mesh.events import (
     BODY_KINDS,
@@ -69,6 +76,7 @@ __all__ = [
     "MAX_RETRIES",
     "MAX_TIMEOUT_S",
     "MAX_TOKENS",
+    "PlanLimits",
     "load_plan",
     "parse_plan",
 ]
@@ -125,7 +133,8 @@ _ID_RE = re.compile(r"[A-Za-z0-9_-]+")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LIST_ITEM_RE = re.compile(r" {0,3}[-*+][ \t]+(\S.*)")
 _FIELD_RE = re.compile(r" {0,3}[-*+][ \t]+([A-Za-z_][A-Za-z0-9_-]*)[ \t]*:(.*)")
-_SUBST_RE = re.compile(r"\{\{|\}\}|(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SUBST_RE = re.compile(r"\{\{|\}\}|(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)(:raw)?\}")
+_ITEM_RE = re.compile(r"[^,]+")
 _FOREACH_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)[ \t]+in(?:[ \t]+(.*))?", re.IGNORECASE)
 _INT_RE = re.compile(r"[0-9]{1,9}")
 _NUMBER = r"[0-9]{1,12}(?:\.[0-9]{1,9})?"
@@ -159,35 +168,63 @@ _EMBED_HINT = "each line of an embed body is 'file: PATH', 'text: TEXT', 'input:
 # ---------------------------------------------------------------- public API
 
 
+@dataclass(frozen=True, slots=True)
+class PlanLimits:
+    """How much work one plan may ask of the parser (the settings `plan_max_*`, `plan_glob_outside`).
+
+    - `max_expansions`: foreach items, per foreach and over the whole plan;
+    - `max_tasks`: tasks of the plan, foreach expansions included;
+    - `max_bytes`: the plan's text, and the parsed plan (bodies and environments of every task,
+      variable values) after substitution and expansion;
+    - `glob_outside`: whether a foreach glob may name files outside the plan's directory (an
+      absolute pattern elsewhere, or '..').
+    """
+
+    max_expansions: int = 10_000
+    max_tasks: int = 100_000
+    max_bytes: int = 32 * 1024 * 1024
+    glob_outside: bool = False
+
+
 def parse_plan(
     text: str,
     *,
     source: str = "<plan>",
     variables: Mapping[str, str] | None = None,
     workdir: str = "",
+    limits: PlanLimits | None = None,
 ) -> PlanSpec:
     """Parse and validate the markdown `text` of a plan.
 
     `variables` override the defaults under `## Variables` (`mesh submit --var
     NAME=value`); a name the plan does not declare is added. Relative foreach
     globs are resolved against `workdir` (the current directory when empty),
-    which is kept as `PlanSpec.workdir`.
+    which is kept as `PlanSpec.workdir`. `limits` bound the work (the defaults
+    of `PlanLimits` when None).
 
     Raises `PlanError` listing every problem found; never anything else.
     """
-    return _Parser(text, source, dict(variables or {}), workdir).parse()
+    return _Parser(text, source, dict(variables or {}), workdir, limits or PlanLimits()).parse()
 
 
-def load_plan(path: str | os.PathLike[str], variables: Mapping[str, str] | None = None) -> PlanSpec:
+def load_plan(
+    path: str | os.PathLike[str],
+    variables: Mapping[str, str] | None = None,
+    *,
+    limits: PlanLimits | None = None,
+) -> PlanSpec:
     """Read the plan file at `path` (UTF-8) and parse it; see `parse_plan`.
 
     The source is the path as given; the workdir is the file's absolute parent
-    directory. A file that cannot be read raises `PlanError` as well.
+    directory. A file that cannot be read, or is bigger than `limits.max_bytes`
+    (checked before it is read), raises `PlanError` as well.
     """
     source = os.fsdecode(os.fspath(path))
+    limits = limits or PlanLimits()
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            data = b"" if size > limits.max_bytes else f.read(limits.max_bytes + 1)
     except FileNotFoundError:
         raise PlanError(
             source,
@@ -206,6 +243,10 @@ def load_plan(path: str | os.PathLike[str], variables: Mapping[str, str] | None 
         raise PlanError(
             source, [Problem(0, f"cannot read the plan file: {reason}", "check the path and its permissions")]
         ) from None
+    if size > limits.max_bytes or len(data) > limits.max_bytes:
+        raise PlanError(
+            source, [_too_big(size if size > limits.max_bytes else 0, limits.max_bytes)]
+        ) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -221,7 +262,17 @@ def load_plan(path: str | os.PathLike[str], variables: Mapping[str, str] | None 
             ],
         ) from None
     workdir = os.path.dirname(os.path.abspath(source))
-    return parse_plan(text, source=source, variables=variables, workdir=workdir)
+    return parse_plan(text, source=source, variables=variables, workdir=workdir, limits=limits)
+
+
+def _too_big(size: int, limit: int) -> Problem:
+    """The plan's text is over the limit (`size` 0: not known, e.g. read from a pipe)."""
+    told = f"{size:,} bytes, " if size else ""
+    return Problem(
+        0,
+        f"the plan is {told}more than the limit of {limit:,} bytes",
+        "split it into several plans, or raise the setting plan_max_bytes",
+    )
 
 
 # ---------------------------------------------------------------- scanning
@@ -372,14 +423,25 @@ def _split_list(text: str) -> list[str]:
 
 
 class _Parser:
-    def __init__(self, text: str, source: str, overrides: dict[str, str], workdir: str) -> None:
+    def __init__(
+        self, text: str, source: str, overrides: dict[str, str], workdir: str, limits: PlanLimits
+    ) -> None:
+        self.limits = limits
+        self.problems: list[Problem] = []
+        if len(text) > limits.max_bytes:
+            self.problems.append(_too_big(len(text), limits.max_bytes))
+            text = ""
         text = text.removeprefix("\ufeff")
         self.lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         self.source = source
         self.overrides = overrides
         self.workdir = workdir
-        self.problems: list[Problem] = []
         self.suggestions = 0
+        self.refusals = 0  # values a shell body could not take, reported so far
+        # the bounds: foreach items so far, and bytes of the parsed plan so far
+        self.expanded = 0
+        self.spent = 0
+        self.over = False  # the plan outgrew max_bytes or max_tasks: stop building it
         # filled by _structure
         self.title: str | None = None
         self.title_line = 0
@@ -397,6 +459,8 @@ class _Parser:
     # ------------------------------------------------------------ driver
 
     def parse(self) -> PlanSpec:
+        if self.problems:  # the text is too big to read at all
+            raise PlanError(self.source, self.problems)
         self._structure(_scan(self.lines))
         variables = self._variables()
         env = self._plan_env(variables)
@@ -612,34 +676,96 @@ class _Parser:
     # ------------------------------------------------------------ variables
 
     def _subst(self, text: str, line: int, values: Mapping[str, str]) -> str:
-        """Replace `{NAME}` by its value; `{{`/`}}` are braces; `${NAME}` is left alone."""
+        """Replace `{NAME}` (and `{NAME:raw}`) by its value; `{{`/`}}` are braces; `${NAME}` is left alone."""
         if "{" not in text and "}" not in text:
             return text
+        split = self._holes(text, line, values)
+        if split is None:
+            return text
+        pieces, holes, _ = split
+        out = [pieces[0]]
+        for hole, piece in zip(holes, pieces[1:], strict=True):
+            out.append(hole.value)
+            out.append(piece)
+        return "".join(out)
 
-        def replace(m: re.Match[str]) -> str:
-            whole = m.group(0)
-            if whole == "{{":
-                return "{"
-            if whole == "}}":
-                return "}"
-            name = m.group(1)
+    def _subst_shell(self, text: str, line: int, values: Mapping[str, str]) -> str:
+        """`_subst` for a shell body: each value is written quoted for its place in the script
+        (`mesh.shellquote`), except `{NAME:raw}`; a value no quoting can hold is reported."""
+        if "\x00" in text:
+            self.add(line, "the shell body has a NUL byte, which bash cannot take", "remove the NUL byte")
+        if "{" not in text and "}" not in text:
+            return text
+        split = self._holes(text, line, values)
+        if split is None:
+            return text
+        pieces, holes, starts = split
+        if not holes:
+            return "".join(pieces)
+        out, refusals = shellquote.fill(pieces, holes)
+        for r in refusals:
+            self.refusals += 1
+            if self.refusals > _MAX_SUGGESTIONS:
+                if self.refusals == _MAX_SUGGESTIONS + 1:
+                    self.add(
+                        line, "more values that the shell bodies cannot take are not shown", "fix the above"
+                    )
+                continue
+            hole = holes[r.index]
+            where = line + text.count("\n", 0, starts[r.index])
+            self.add(where, f"{{{hole.name}}} ({_show(hole.value)}) {r.message}", r.hint)
+        return out
+
+    def _holes(
+        self, text: str, line: int, values: Mapping[str, str]
+    ) -> tuple[list[str], list[shellquote.Hole], list[int]] | None:
+        """`text` cut at its `{NAME}`s: the literal pieces between them (with `{{`/`}}` made
+        braces), the values, and where each `{NAME}` starts. An unknown name is reported and
+        kept as text. None (reported) if the result would make the plan outgrow max_bytes."""
+        cut, names = _template(text)
+        pieces = [cut[0]]
+        holes: list[shellquote.Hole] = []
+        starts: list[int] = []
+        size = 0
+        for (name, raw, at, whole), piece in zip(names, cut[1:], strict=True):
             value = values.get(name)
-            if value is not None:
-                return value
-            where = line + text.count("\n", 0, m.start())
-            message = f"unknown variable {{{name}}}"
-            near = _closest(name, list(values)) if self._may_suggest() else None
-            if near:
-                message += f"; did you mean {{{near}}}?"
-            self.add(
-                where,
-                message,
-                f"declare it under '## Variables' as '- {name}: <default>', or pass --var {name}=<value>; "
-                f"write '{{{{{name}}}}}' for literal braces",
-            )
-            return whole
+            if value is None:
+                self._unknown(name, line + text.count("\n", 0, at), values)
+                pieces[-1] += whole + piece
+                continue
+            holes.append(shellquote.Hole(name, value, raw))
+            starts.append(at)
+            pieces.append(piece)
+            size += len(value)
+        if size and not self._room(line, len(text) + size):
+            return None
+        return pieces, holes, starts
 
-        return _SUBST_RE.sub(replace, text)
+    def _unknown(self, name: str, where: int, values: Mapping[str, str]) -> None:
+        message = f"unknown variable {{{name}}}"
+        near = _closest(name, list(values)) if self._may_suggest() else None
+        if near:
+            message += f"; did you mean {{{near}}}?"
+        self.add(
+            where,
+            message,
+            f"declare it under '## Variables' as '- {name}: <default>', or pass --var {name}=<value>; "
+            f"write '{{{{{name}}}}}' for literal braces",
+        )
+
+    def _room(self, line: int, size: int) -> bool:
+        """Whether `size` more bytes fit in the parsed plan; reports (once) when not."""
+        if self.spent + size <= self.limits.max_bytes:
+            return True
+        if not self.over:
+            self.over = True
+            self.add(
+                line,
+                f"the plan grows past {self.limits.max_bytes:,} bytes as its variables are substituted "
+                "and its foreach tasks expanded; it was not read further",
+                "use smaller values or fewer expansions, or raise the setting plan_max_bytes",
+            )
+        return False
 
     def _may_suggest(self) -> bool:
         self.suggestions += 1
@@ -706,9 +832,11 @@ class _Parser:
                 value = self._subst(default, line, ChainMap(visible, later))
             resolved[name] = value
             visible[name] = value
+            self.spent += len(value)
         for name, value in self.overrides.items():
             if name not in resolved:
                 resolved[name] = value
+                self.spent += len(value)
         return resolved
 
     def _plan_env(self, variables: Mapping[str, str]) -> dict[str, str]:
@@ -839,25 +967,83 @@ class _Parser:
             return None, []
         name = m.group(1)
         what = self._subst((m.group(2) or "").strip(), line, variables)
+        # at most this many items: the plan's foreach items so far count against the limit too
+        room = self.limits.max_expansions - self.expanded
         if _GLOB_CHARS.intersection(what):
-            try:
-                found = sorted(glob.glob(what, root_dir=self.workdir or None, recursive=True))
-            except (OSError, ValueError) as e:
-                self.add(line, f"foreach glob {_show(what)} cannot be read: {e}", "check the pattern")
-                return name, []
-            if not found:
-                base = f"'{self.workdir}'" if self.workdir else "the current directory"
-                self.add(
-                    line,
-                    f"foreach glob {_show(what)} matched no files",
-                    f"a relative glob is resolved against {base}, when the plan is submitted "
-                    "(not when the task runs): check the pattern, or list the items instead",
-                )
-            return name, found
-        items = _split_list(what)
+            items = self._glob(task, line, what, room)
+        else:
+            items = self._list(task, line, what, room)
+        self.expanded += len(items)
+        return name, items
+
+    def _list(self, task: _RawTask, line: int, what: str, room: int) -> list[str]:
+        """The items of a foreach comma list, read lazily: a huge list is refused, not built."""
+        items: list[str] = []
+        for part in _ITEM_RE.finditer(what):
+            item = part.group().strip()
+            if item:
+                if len(items) == room:
+                    self._too_many(line, f"foreach of task '{task.id}' has", "items")
+                    return []
+                items.append(item)
         if not items:
             self.add(line, f"foreach of task '{task.id}' has an empty list", _FOREACH_HINT)
-        return name, items
+        return items
+
+    def _too_many(self, line: int, head: str, things: str) -> None:
+        """`head` ("foreach of task 'x' has") more items than the plan has room for."""
+        limit = self.limits.max_expansions
+        if self.expanded:
+            message = (
+                f"{head} more than {limit - self.expanded:,} {things}, all the plan has room for: "
+                f"its foreach tasks may make {limit:,} tasks in all and the ones above made {self.expanded:,}"
+            )
+        else:
+            message = f"{head} more than {limit:,} {things}, the most a plan may expand to"
+        self.add(
+            line,
+            message,
+            "split the work into several plans, or raise the setting plan_max_expansions "
+            "(a foreach task is expanded when the plan is read, all at once)",
+        )
+
+    def _glob(self, task: _RawTask, line: int, pattern: str, room: int) -> list[str]:
+        """The files a foreach glob matches, sorted; none (reported) if they may not be used."""
+        if not self.limits.glob_outside:
+            outside = _outside(pattern, self.workdir)
+            if outside:
+                self.add(
+                    line,
+                    f"foreach glob {_show(pattern)} of task '{task.id}' {outside}",
+                    "a foreach glob may name only files under the plan's directory: write a pattern "
+                    "relative to it, or allow others with `mesh submit --glob-outside` "
+                    "(the setting plan_glob_outside)",
+                )
+                return []
+        found: list[str] = []
+        try:
+            # an iterator, stopped at the first match past the limit: '**' over a big tree stops early
+            for path in glob.iglob(pattern, root_dir=self.workdir or None, recursive=True):
+                if len(found) == room:
+                    self._too_many(
+                        line, f"foreach glob {_show(pattern)} of task '{task.id}' matches", "files"
+                    )
+                    return []
+                found.append(path)
+        except (OSError, ValueError, RecursionError) as e:
+            self.add(line, f"foreach glob {_show(pattern)} cannot be read: {e}", "check the pattern")
+            return []
+        if not found:
+            base = f"'{self.workdir}'" if self.workdir else "the current directory"
+            self.add(
+                line,
+                f"foreach glob {_show(pattern)} matched no files",
+                f"a relative glob is resolved against {base}, when the plan is submitted "
+                "(not when the task runs): check the pattern, or list the items instead",
+            )
+            return []
+        found.sort()
+        return found
 
     def _tasks(self, variables: dict[str, str], plan_env: dict[str, str]) -> list[_Record]:
         records: list[_Record] = []
@@ -865,7 +1051,19 @@ class _Parser:
         # (meaning all its expansions), or one expansion's id.
         targets: dict[str, list[str]] = {}
         owner: dict[str, str] = {}  # name -> what defines it, for duplicate messages
+        max_tasks = self.limits.max_tasks
+        if len(self.raw_tasks) > max_tasks:
+            self.add(
+                self.raw_tasks[max_tasks].line,
+                f"the plan has {len(self.raw_tasks):,} tasks, more than the limit of {max_tasks:,}",
+                "split it into several plans, or raise the setting plan_max_tasks",
+            )
+            return records
+        # every task carries the plan's environment: its size counts once per task
+        env_size = sum(len(k) + len(v) for k, v in plan_env.items())
         for task in self.raw_tasks:
+            if self.over:
+                break
             if not task.id:
                 self.add(task.line, "task heading has no id", _ID_HINT)
             elif not _ID_RE.fullmatch(task.id):
@@ -878,7 +1076,8 @@ class _Parser:
                     "give each task its own id",
                 )
             body = self._body(task)
-            expansions: list[tuple[str, dict[str, str]]]
+            expansions: list[tuple[str, Mapping[str, str]]]
+            dry: list[tuple[str, Mapping[str, str]]]
             if "foreach" in task.fields:
                 line, spec = task.fields["foreach"]
                 name, items = self._foreach(task, line, spec, variables)
@@ -886,9 +1085,9 @@ class _Parser:
                     expansions, dry = [], [(task.id, variables)]
                 else:
                     expansions = [
-                        (f"{task.id}-{n}", {**variables, name: item}) for n, item in enumerate(items, 1)
+                        (f"{task.id}-{n}", _Bound(name, item, variables)) for n, item in enumerate(items, 1)
                     ]
-                    dry = [(task.id, {**variables, name: ""})] if not items else []
+                    dry = [(task.id, _Bound(name, "", variables))] if not items else []
                 names = [eid for eid, _ in expansions]
                 if task.id not in owner:
                     owner[task.id] = what
@@ -909,8 +1108,26 @@ class _Parser:
                 if task.id not in owner:
                     owner[task.id] = what
                     targets[task.id] = [task.id]
+            if len(records) + len(expansions) > max_tasks:
+                self.add(
+                    task.line,
+                    f"the plan has more than {max_tasks:,} tasks once its foreach tasks are expanded "
+                    f"(task '{task.id}' makes {len(expansions):,}, after {len(records):,} before it)",
+                    "split it into several plans, or raise the setting plan_max_tasks",
+                )
+                self.over = True
+                break
             for eid, values in expansions:
-                records.append(self._record(task, eid, values, body, plan_env))
+                if self.over:
+                    break
+                r = self._record(task, eid, values, body, plan_env)
+                records.append(r)
+                size = len(r.body) + env_size
+                if "env" in task.fields:
+                    size += sum(len(k) + len(v) for k, v in r.env.items())
+                self.spent += size
+                if self.spent > self.limits.max_bytes:
+                    self._room(task.line, 0)
             for eid, values in dry:  # check the fields of a task whose foreach is broken
                 self._record(task, eid, values, body, plan_env)
         self._resolve(records, targets)
@@ -1037,7 +1254,10 @@ class _Parser:
             if kind == "embed":
                 text, body_inputs = self._embed(task, raw, first, values)
             else:
-                text = self._subst(raw, first, values)
+                if kind == "shell":  # values quoted for their place in the script
+                    text = self._subst_shell(raw, first, values)
+                else:
+                    text = self._subst(raw, first, values)
                 if kind == "transcribe":
                     text = self._transcribe(task, text, first)
                 elif kind != "prompt":
@@ -1363,6 +1583,70 @@ class _Parser:
                 "dependency cycle: " + " -> ".join([*ids, ids[0]]),
                 "each task in it waits for the next; remove one of these depends_on entries",
             )
+
+
+@functools.lru_cache(maxsize=256)
+def _template(text: str) -> tuple[tuple[str, ...], tuple[tuple[str, bool, int, str], ...]]:
+    """`text` cut at its `{NAME}`s: the literal pieces (with `{{`/`}}` made braces), and for each
+    `{NAME}` its name, whether it is `:raw`, where it starts and the text of it. Cached: each
+    expansion of a foreach task has the same texts."""
+    pieces: list[str] = []
+    names: list[tuple[str, bool, int, str]] = []
+    buf: list[str] = []
+    last = 0
+    for m in _SUBST_RE.finditer(text):
+        buf.append(text[last : m.start()])
+        last = m.end()
+        whole = m.group(0)
+        if whole == "{{" or whole == "}}":
+            buf.append(whole[0])
+            continue
+        pieces.append("".join(buf))
+        buf = []
+        names.append((m.group(1), m.group(2) is not None, m.start(), whole))
+    buf.append(text[last:])
+    pieces.append("".join(buf))
+    return tuple(pieces), tuple(names)
+
+
+class _Bound(Mapping[str, str]):
+    """The plan's variables with a foreach variable bound over them (a view: no copy per item)."""
+
+    __slots__ = ("base", "item", "name")
+
+    def __init__(self, name: str, item: str, base: Mapping[str, str]) -> None:
+        self.name = name
+        self.item = item
+        self.base = base
+
+    def __getitem__(self, key: str) -> str:
+        return self.item if key == self.name else self.base[key]
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return self.item if key == self.name else self.base.get(key, default)
+
+    def __iter__(self) -> Iterator[str]:
+        yield self.name
+        yield from (k for k in self.base if k != self.name)
+
+    def __len__(self) -> int:
+        return len(self.base) + (self.name not in self.base)
+
+
+def _outside(pattern: str, workdir: str) -> str:
+    """How a foreach glob reaches outside the plan's directory, or '' if it does not."""
+    try:
+        base = os.path.abspath(workdir or os.curdir)
+    except OSError:  # the current directory is gone
+        base = ""
+    if os.path.isabs(pattern):
+        prefix = base.rstrip(os.sep) + os.sep
+        if not base or _GLOB_CHARS.intersection(base) or not pattern.startswith(prefix):
+            return f"is an absolute pattern outside the plan's directory {_show(base, 200)}"
+        pattern = pattern[len(prefix) :]
+    if ".." in pattern.split(os.sep):
+        return "goes up out of the plan's directory with '..'"
+    return ""
 
 
 def _a(word: str) -> str:

@@ -85,6 +85,14 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     agent_ttl_s: float = 15.0
     agent_refresh_s: float = 5.0
 
+    # plans (`mesh check`, `mesh submit`, `mesh up --submit`): how much one plan may ask of the
+    # parser (mesh.plan.PlanLimits): foreach items in all, tasks, bytes of the text and of the parsed
+    # plan, and whether a foreach glob may name files outside the plan's directory
+    plan_max_expansions: int = 10_000
+    plan_max_tasks: int = 100_000
+    plan_max_bytes: int = 32 * 1024 * 1024
+    plan_glob_outside: bool = False
+
     # worker
     slots: int = 1
     output_tail_bytes: int = 4096
@@ -336,7 +344,7 @@ def load_settings(
     except PatternError as exc:
         raise ConfigError(f"[redact]: {exc} (check {file})") from exc
 
-    problem = gateway_problem(settings)
+    problem = gateway_problem(settings) or plan_problem(settings)
     if problem:
         raise ConfigError(f"{problem} (check {file})")
     try:
@@ -380,6 +388,14 @@ def gateway_problem(settings: Settings) -> str:
     for model, price in settings.gateway_prices.items():
         if price.input < 0 or price.output < 0:
             return f"[gateway_prices.{model}]: prices cannot be negative"
+    return ""
+
+
+def plan_problem(settings: Settings) -> str:
+    """What is wrong with the plan limits ('' when nothing is)."""
+    for name in ("plan_max_expansions", "plan_max_tasks", "plan_max_bytes"):
+        if getattr(settings, name) < 1:
+            return f"{name} = {getattr(settings, name)!r} must be at least 1"
     return ""
 
 

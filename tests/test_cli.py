@@ -64,6 +64,31 @@ def test_check_refuses_a_broken_plan_with_file_and_line(env: dict[str, str], tmp
     assert "nothing was submitted" in result.stderr
 
 
+def test_check_bounds_plans_by_the_settings(env: dict[str, str], tmp_path: Path) -> None:
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    (tmp_path / "a.csv").write_text("x")
+    plan = plans / "p.md"
+    plan.write_text("# P\n\n## Tasks\n\n### t\n- foreach: F in ../*.csv\n```shell\ncat {F}\n```\n")
+    result = run_mesh("check", str(plan), env=env)
+    assert result.returncode == 2
+    no_traceback(result)
+    assert (
+        f"{plan}:6: foreach glob '../*.csv' of task 't' goes up out of the plan's directory" in result.stderr
+    )
+    assert run_mesh("check", str(plan), "--glob-outside", env=env).returncode == 0
+    assert run_mesh("check", str(plan), env={**env, "MESH_PLAN_GLOB_OUTSIDE": "true"}).returncode == 0
+    many = plans / "many.md"
+    many.write_text("# P\n\n## Tasks\n\n### t\n- foreach: N in 1, 2, 3\n```shell\necho {N}\n```\n")
+    result = run_mesh("check", str(many), env={**env, "MESH_PLAN_MAX_EXPANSIONS": "2"})
+    assert result.returncode == 2
+    assert "foreach of task 't' has more than 2 items" in result.stderr
+    result = run_mesh("check", str(many), env={**env, "MESH_PLAN_MAX_TASKS": "0"})
+    assert result.returncode == 2
+    assert "plan_max_tasks = 0 must be at least 1" in result.stderr
+    no_traceback(result)
+
+
 def test_missing_plan_file_is_a_clear_error(env: dict[str, str], tmp_path: Path) -> None:
     result = run_mesh("submit", str(tmp_path / "nope.md"), env=env)
     assert result.returncode == 2

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mesh.errors import PlanError, Problem
 from mesh.events import PlanSpec, TaskSpec
-from mesh.plan import FIELDS, load_plan, parse_plan
+from mesh.plan import FIELDS, PlanLimits, load_plan, parse_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "plans" / "examples"
@@ -207,12 +207,13 @@ def test_variables_overrides_and_additions() -> None:
     assert plan.variables == {"OUT": "/data", "LOG": "/data/log", "EXTRA": "more"}
     assert plan.tasks[0].body == "echo /data /data/log more\n"
     default = parse_plan(text, variables={"EXTRA": ""})
-    assert default.tasks[0].body == "echo /tmp/default /tmp/default/log \n"
+    # in a shell body an empty value is an empty word, quoted like any other value
+    assert default.tasks[0].body == "echo /tmp/default /tmp/default/log ''\n"
 
 
 def test_override_values_are_not_substituted() -> None:
     text = tasks_plan(task("a", body="echo {A}"), head="## Variables\n\n- A: x\n\n")
-    assert parse_plan(text, variables={"A": "{B}"}).tasks[0].body == "echo {B}\n"
+    assert parse_plan(text, variables={"A": "{B}"}).tasks[0].body == "echo '{B}'\n"
 
 
 def test_shell_variables_and_literal_braces_are_left_alone() -> None:
@@ -358,8 +359,19 @@ def test_foreach_absolute_glob_through_a_variable(tmp_path: Path) -> None:
     for name in ["1.txt", "2.txt"]:
         (tmp_path / name).write_text("x")
     text = tasks_plan(task("t", body="cat {F}", fields="- foreach: F in {DIR}/*.txt"))
-    plan = parse_plan(text, variables={"DIR": str(tmp_path)})
-    assert [t.body for t in plan.tasks] == [f"cat {tmp_path}/1.txt\n", f"cat {tmp_path}/2.txt\n"]
+    want = [f"cat {tmp_path}/1.txt\n", f"cat {tmp_path}/2.txt\n"]
+    # under the plan's directory: allowed
+    plan = parse_plan(text, variables={"DIR": str(tmp_path)}, workdir=str(tmp_path))
+    assert [t.body for t in plan.tasks] == want
+    # elsewhere: only when allowed
+    elsewhere = tmp_path / "plans"
+    elsewhere.mkdir()
+    p = one(text, variables={"DIR": str(tmp_path)}, workdir=str(elsewhere))
+    assert "is an absolute pattern outside the plan's directory" in p.message
+    assert "--glob-outside" in p.hint
+    allowed = PlanLimits(glob_outside=True)
+    plan = parse_plan(text, variables={"DIR": str(tmp_path)}, workdir=str(elsewhere), limits=allowed)
+    assert [t.body for t in plan.tasks] == want
 
 
 def test_load_plan_resolves_globs_next_to_the_file(tmp_path: Path) -> None:
@@ -1242,6 +1254,133 @@ def test_ten_thousand_tasks_parse() -> None:
     assert len(plan.tasks) == 10_000
     assert plan.tasks[-1].depends_on == ("t4999", "t9998")
     assert plan.tasks[-1].timeout_s == 5400.0
+
+
+# ---------------------------------------------------------------- bounds
+# What these cost (time, memory) is measured by hand: docs/performance.md, "Plan bounds".
+
+
+@pytest.mark.parametrize("count", [10_001, 1_000_000])
+def test_a_huge_foreach_list_is_refused(count: int) -> None:
+    items = ",".join(str(i) for i in range(count))
+    text = tasks_plan(task("big", body="echo {N}", fields=f"- foreach: N in {items}"))
+    p = one(text)
+    assert p.line == line_of(text, "- foreach")
+    assert p.message == "foreach of task 'big' has more than 10,000 items, the most a plan may expand to"
+    assert "plan_max_expansions" in p.hint
+
+
+def test_a_foreach_list_at_the_limit_is_accepted() -> None:
+    text = tasks_plan(task("t", body="echo {N}", fields="- foreach: N in " + ",".join(map(str, range(50)))))
+    assert len(parse_plan(text, limits=PlanLimits(max_expansions=50)).tasks) == 50
+
+
+def test_a_glob_over_a_big_tree_is_refused(tmp_path: Path) -> None:
+    for d in range(7):
+        (tmp_path / "tree" / str(d)).mkdir(parents=True)
+        for f in range(8):
+            (tmp_path / "tree" / str(d) / f"{f}.txt").write_text("x")
+    limits = PlanLimits(max_expansions=50)
+    text = tasks_plan(task("all", body="cat {F}", fields="- foreach: F in **/*"))
+    p = one(text, workdir=str(tmp_path), limits=limits)
+    assert p.line == line_of(text, "- foreach")
+    assert (
+        p.message
+        == "foreach glob '**/*' of task 'all' matches more than 50 files, the most a plan may expand to"
+    )
+    # 56 files, 7 + 1 directories: the same pattern under a bigger limit takes them all
+    assert len(parse_plan(text, workdir=str(tmp_path), limits=PlanLimits(max_expansions=64)).tasks) == 64
+
+
+def test_foreach_expansions_count_over_the_whole_plan() -> None:
+    thirty = "- foreach: N in " + ",".join(map(str, range(30)))
+    text = tasks_plan(task("a", body="echo {N}", fields=thirty) + task("b", body="echo {N}", fields=thirty))
+    p = one(text, limits=PlanLimits(max_expansions=50))
+    assert p.line == line_of(text, "- foreach", 2)
+    assert p.message == (
+        "foreach of task 'b' has more than 20 items, all the plan has room for: "
+        "its foreach tasks may make 50 tasks in all and the ones above made 30"
+    )
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("../*.md", "goes up out of the plan's directory with '..'"),
+        ("data/../../*", "goes up out of the plan's directory with '..'"),
+        ("/**/*", "is an absolute pattern outside the plan's directory"),
+        ("/etc/*", "is an absolute pattern outside the plan's directory"),
+    ],
+)
+def test_globs_stay_in_the_plans_directory(pattern: str, message: str, tmp_path: Path) -> None:
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    (tmp_path / "x.md").write_text("x")
+    text = tasks_plan(task("t", body="cat {F}", fields=f"- foreach: F in {pattern}"))
+    p = one(text, workdir=str(plans))
+    assert p.message.startswith(f"foreach glob '{pattern}' of task 't' {message}")
+    assert "--glob-outside" in p.hint and "plan_glob_outside" in p.hint
+
+
+def test_globs_outside_the_plans_directory_when_allowed(tmp_path: Path) -> None:
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    (tmp_path / "x.md").write_text("x")
+    text = tasks_plan(task("t", body="cat {F}", fields="- foreach: F in ../*.md"))
+    plan = parse_plan(text, workdir=str(plans), limits=PlanLimits(glob_outside=True))
+    assert [t.body for t in plan.tasks] == ["cat ../x.md\n"]
+
+
+def test_too_many_tasks() -> None:
+    text = tasks_plan("".join(task(f"t{i}") for i in range(6)))
+    p = one(text, limits=PlanLimits(max_tasks=5))
+    assert p.message == "the plan has 6 tasks, more than the limit of 5"
+    assert p.line == line_of(text, "### t5") and "plan_max_tasks" in p.hint
+    expanded = tasks_plan(task("a") + task("b", fields="- foreach: N in 1, 2, 3, 4, 5"))
+    p = one(expanded, limits=PlanLimits(max_tasks=5))
+    assert p.message == (
+        "the plan has more than 5 tasks once its foreach tasks are expanded "
+        "(task 'b' makes 5, after 1 before it)"
+    )
+
+
+def test_a_plan_text_over_the_limit_is_not_read(tmp_path: Path) -> None:
+    text = tasks_plan(task("a", body="echo " + "x" * 200))
+    p = one(text, limits=PlanLimits(max_bytes=100))
+    assert p.line == 0 and p.message == f"the plan is {len(text):,} bytes, more than the limit of 100 bytes"
+    assert "plan_max_bytes" in p.hint
+    path = tmp_path / "big.md"
+    path.write_text(text)
+    with pytest.raises(PlanError) as info:
+        load_plan(path, limits=PlanLimits(max_bytes=100))
+    assert (
+        info.value.problems[0].message == f"the plan is {len(text):,} bytes, more than the limit of 100 bytes"
+    )
+    # a file with no size (a device, a pipe) is read only up to the limit
+    with pytest.raises(PlanError) as info:
+        load_plan("/dev/zero", limits=PlanLimits(max_bytes=1000))
+    assert info.value.problems[0].message == "the plan is more than the limit of 1,000 bytes"
+
+
+def test_variables_that_grow_without_bound_are_refused() -> None:
+    head = "## Variables\n\n- A: " + "x" * 1000 + "\n"
+    for a, b in zip("ABCDEF", "BCDEFG", strict=True):
+        head += f"- {b}: " + f"{{{a}}}" * 10 + "\n"  # each ten times the one above: G is 1 GB
+    text = tasks_plan(task("t", body="echo {G}"), head=head + "\n")
+    found = problems(text, limits=PlanLimits(max_bytes=1_000_000))
+    assert [p.message for p in found] == [
+        "the plan grows past 1,000,000 bytes as its variables are substituted and its foreach "
+        "tasks expanded; it was not read further"
+    ]
+    assert found[0].line == line_of(text, "- D:")  # A to C make 111,000 bytes, D a million more
+
+
+def test_foreach_copies_of_a_big_body_count_against_the_size() -> None:
+    body = "echo {N} " + "x" * 1000
+    text = tasks_plan(task("t", body=body, fields="- foreach: N in " + ",".join(map(str, range(100)))))
+    p = one(text, limits=PlanLimits(max_bytes=50_000))
+    assert p.message.startswith("the plan grows past 50,000 bytes")
+    assert len(parse_plan(text, limits=PlanLimits(max_bytes=200_000)).tasks) == 100
 
 
 # ---------------------------------------------------------------- robustness
