@@ -65,6 +65,7 @@ from mesh.events import (
     TaskClass,
     TaskSpec,
 )
+from mesh.validate import INPUT_KINDS, MAX_PRIORITY, MAX_RETRIES, MAX_TIMEOUT_S, MAX_TOKENS, MIN_PRIORITY
 
 __all__ = [
     "BODY_KIND_ALIASES",
@@ -102,17 +103,12 @@ ESCALATION_KEYS: tuple[str, ...] = ("auto", "after", "sensitive", "followups", "
 MAX_ESCALATE_AFTER = 100
 DEFAULT_CLASS: TaskClass = "cpu"
 DEFAULT_PRIORITY = 5
-MIN_PRIORITY = 1
-MAX_PRIORITY = 10
 DEFAULT_TIMEOUT_S = 1800.0
-MAX_TIMEOUT_S = 7 * 24 * 3600.0
 DEFAULT_RETRIES = 3
-MAX_RETRIES = 100
-MAX_TOKENS = 1_000_000
 # the line keys of an embed body
 EMBED_KEYS: tuple[str, ...] = ("file", "text", "input", "save")
 # body kinds that take the outputs of their `inputs`
-_INPUT_KINDS = ("prompt", "embed")
+_INPUT_KINDS = INPUT_KINDS
 
 BODY_KIND_ALIASES: dict[str, BodyKind] = {"sh": "shell", "bash": "shell"}
 _BODY_KINDS: dict[str, BodyKind] = {
