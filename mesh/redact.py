@@ -298,11 +298,11 @@ _BUILTIN: list[tuple[str, str, int, tuple[str, ...], bool]] = [
         ("api_key", "api-key", "apikey", "secret", "token", "access_key", "access-key", "accesskey", "auth"),
         False,
     ),
-    # an address, but not a URL's user (`ssh://git@host`, `nats://user:PASSWORD@host`), git's
-    # (`git@github.com:org/repo`), or a systemd unit's instance (`mesh-worker@0.service`)
+    # an address, but not git's (`git@github.com:org/repo`), a placeholder's in a URL
+    # (`nats://user:PASSWORD@host`), or a systemd unit's instance (`mesh-worker@0.service`)
     (
         "email",
-        r"\b(?:(?<=mailto:)|(?<![:/]))(?!git@)[A-Za-z0-9._%+\-]{1,64}@[A-Za-z0-9.\-]{1,253}\.[A-Za-z]{2,63}\b"
+        r"\b(?!git@|PASSWORD@|SECRET@|TOKEN@)[A-Za-z0-9._%+\-]{1,64}@[A-Za-z0-9.\-]{1,253}\.[A-Za-z]{2,63}\b"
         + "".join(
             f"(?<!\\.{u})" for u in ("service", "socket", "target", "timer", "mount", "slice", "scope")
         ),

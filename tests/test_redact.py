@@ -35,6 +35,7 @@ CASES = [
     ("postgres://app:pa55word@db.internal:5432/x", "pa55word", "password"),
     (f"here\n{KEY_BLOCK}\nthere", "b3BlbnNzaC1r", "private_key"),
     ("mail ada@example.org now", "ada@example.org", "email"),
+    ("contact:ada@example.org", "ada@example.org", "email"),  # no space after the colon
     ("host 192.168.1.20 up", "192.168.1.20", "ip"),
     ("v6 2001:db8::8a2e:370:7334 and ::1", "2001:db8", "ip"),
 ]
