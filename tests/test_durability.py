@@ -5,6 +5,7 @@ Whether the server then keeps what it acknowledged through a power cut is tests/
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,25 @@ def test_nats_server_starts_with_either(tmp_path: Path, durability: str) -> None
         assert not [line for line in server.log_lines if "sync_interval" in line or "[ERR]" in line]
     finally:
         server.stop()
+
+
+def test_plugfs_forgets_on_a_cut_what_was_not_synced() -> None:
+    """The model of tests/plugfs.py, without mounting it: data survives a cut once synced, names
+    once any sync came after them."""
+    from tests.plugfs import Filesystem
+
+    fs = Filesystem()
+    fs.mkdir("/d", 0o755)
+    fh = fs.create("/d/a", 0o644)
+    fs.write("/d/a", b"kept", 0, fh)
+    fs.fsync("/d/a", 0, fh)  # commits /d and /d/a with a's data
+    fs.write("/d/a", b"-lost", 4, fh)
+    synced = fs.create("/d/o_sync", 0o644, os.O_WRONLY | os.O_SYNC)
+    fs.write("/d/o_sync", b"at once", 0, synced)  # durable as written, and so is its name
+    fs.create("/d/late", 0o644)  # after the last sync: gone with the cut
+    fs.rename("/d/a", "/d/b")  # likewise: a is back under its old name
+    fs.cut()
+    assert fs.readdir("/d", 0)[2:] == ["a", "o_sync"]
+    assert fs.read("/d/a", 100, 0, fs.open("/d/a", os.O_RDONLY)) == b"kept"
+    assert fs.read("/d/o_sync", 100, 0, fs.open("/d/o_sync", os.O_RDONLY)) == b"at once"
+    assert fs.last_cut["files_lost"] == 1 and fs.last_cut["bytes_lost"] == 5
