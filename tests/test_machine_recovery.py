@@ -313,3 +313,37 @@ def test_a_transition_that_keeps_the_status_still_marks_the_record_for_writing()
     d.feed(RunStarted(plan_id="p1", task_id="a", attempt=1, worker="w2", at=0.0, delivery=2))
     written, _ = d.state.take_dirty()
     assert [r.key for r in written] == ["p1.a"] and written[0].deliveries == 2
+
+
+def test_a_plan_accepted_after_the_checkpoint_is_built_again_from_the_history() -> None:
+    """The brain's catch-up, when KV holds a plan's record but only some of its task records (a
+    crash cut their writing short; the plans bucket is another stream, stored independently):
+    the plan is forgotten and folded again from its acceptance on, and it is whole."""
+    from mesh.events import PlanAccepted
+    from mesh.machine import State, evolve
+    from tests.test_machine import copy_records
+
+    d = Driver(policy())
+    d.submit(plan(*(task(f"t{i}") for i in range(20))))
+    d.run_task("t0")
+    d.run_task("t1")
+    full = replay(d.events, aging_s=60.0)
+
+    def catch_up(forget: bool) -> State:
+        tasks, plans = copy_records(full)
+        kept = [r for r in tasks if r.task_id in ("t0", "t5", "t9")]
+        state = State.load(kept, plans, aging_s=60.0)
+        for ev in d.events:  # every event after a checkpoint from before the acceptance
+            if forget and isinstance(ev, PlanAccepted) and ev.plan_id in state.plans:
+                state.forget_plan(ev.plan_id)
+            evolve(state, ev)
+        return state
+
+    assert len(catch_up(forget=False).plan_tasks("p1")) == 3, "without forgetting, the rest stays lost"
+    state = catch_up(forget=True)
+    assert snapshot(state) == snapshot(full)
+    after = Driver(policy(), state=state, now=d.now)
+    after.work = list(d.work)
+    after.drain()
+    assert after.state.plans["p1"].status == SUCCEEDED
+    assert statuses(after.state) == {f"t{i}": SUCCEEDED for i in range(20)}
