@@ -67,7 +67,6 @@ class Rig:
     """A server on plugfs, a brain and two workers, and the test's client (`mesh`)."""
 
     def __init__(self, tmp: Path, durability: str) -> None:
-        self.tmp = tmp
         self.fs = PlugFS(tmp / "disk", tmp / "logs" / "plugfs.log")
         port = free_port()
         text = server_config(port, str(self.fs.mountpoint / "store"), durability=durability)
