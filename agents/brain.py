@@ -51,6 +51,7 @@ from mesh.events import (
     EscalationRequest,
     EscalationWaiting,
     GpuState,
+    PlanAccepted,
     PlanSpec,
     RetryTasks,
     RunFinished,
@@ -338,15 +339,22 @@ class Brain(Agent):
         kv = await self.bus.brain_kv()
         try:
             entry = await kv.get(CHECKPOINT_KEY)
+            self.checkpoint_seq = decode_checkpoint(entry.value or b"").seq
         except nats.js.errors.KeyNotFoundError:
-            return
-        self.checkpoint_seq = decode_checkpoint(entry.value or b"").seq
+            # no brain has finished a step yet: the first one may have been cut short with its
+            # events stored and only part of its records written, so fold the whole history
+            self.checkpoint_seq = 0
         self.last_seq = self.checkpoint_seq
         folded = 0
         transitions = self.names.transition_filters()
         async for ev in read_history(self.bus, transitions, start_seq=self.checkpoint_seq + 1):
             self.last_seq = max(self.last_seq, ev.seq)
             if isinstance(ev.msg, TRANSITIONS):
+                if isinstance(ev.msg, PlanAccepted) and ev.msg.plan_id in self.state.plans:
+                    # accepted after the checkpoint: a crash may have cut the writing of its
+                    # records short (the plan's written, some of its tasks not), and everything
+                    # that happened to it is in the history from here on: build it from that
+                    self.state.forget_plan(ev.msg.plan_id)
                 evolve(self.state, ev.msg)
                 folded += 1
         tasks, plans = self.state.take_dirty()

@@ -678,7 +678,13 @@ def up(
     data = Path(data_dir or s.data_dir)
     model_workers = _model_workers(gpus)
     stack = Stack(
-        str(data), port or s.embedded_port, workers, slots, log_dir=str(data / "logs"), gpus=model_workers
+        str(data),
+        port or s.embedded_port,
+        workers,
+        slots,
+        log_dir=str(data / "logs"),
+        gpus=model_workers,
+        durability=s.durability,
     )
     stop = threading.Event()
 
@@ -692,7 +698,8 @@ def up(
     except MeshError as exc:
         raise fail(str(exc)) from None
     err.print(
-        f"mesh up: server {stack.url}, store {data / 'jetstream'}, brain + {workers} worker(s)"
+        f"mesh up: server {stack.url}, store {data / 'jetstream'} (durability {s.durability}), "
+        f"brain + {workers} worker(s)"
         f" + {len(model_workers)} model worker(s) ({_show_gpus(model_workers)}) + watchdog + gateway, "
         f"logs in {data / 'logs'}"
     )

@@ -41,13 +41,40 @@ def find_server_binary() -> str:
     )
 
 
+# `durability = "lazy"`: the file store syncs on this interval (nats-server's own default). It is
+# quoted: unquoted, the config parser reads `2m` as a size (two million), not a duration.
+LAZY_SYNC_INTERVAL = "2m"
+
+
+def sync_lines(durability: str) -> list[str]:
+    """The `jetstream {}` lines for the `durability` setting (docs/reliability.md)."""
+    if durability == "always":
+        return [
+            '  # durability = "always": every write reaches the disk before it is acknowledged',
+            "  sync_interval: always",
+        ]
+    if durability == "lazy":
+        return [
+            '  # durability = "lazy": writes reach the disk every 2 minutes; a power cut loses',
+            "  # what was acknowledged since",
+            f'  sync_interval: "{LAZY_SYNC_INTERVAL}"',
+        ]
+    raise MeshError(f"durability is {durability!r}: it must be 'always' or 'lazy' (docs/configuration.md)")
+
+
 def server_config(
-    port: int, store_dir: str, max_payload: int = 8 * 1024 * 1024, name: str = "mesh", domain: str = ""
+    port: int,
+    store_dir: str,
+    max_payload: int = 8 * 1024 * 1024,
+    name: str = "mesh",
+    domain: str = "",
+    durability: str = "always",
 ) -> str:
     """A single-host server config with JetStream; the same shape as nats/server.conf.
 
     With `domain` its JetStream answers also on `$JS.<domain>.API.>`, the way clients on a
-    leaf node server reach it (docs/multihost.md)."""
+    leaf node server reach it (docs/multihost.md). `durability` ("always" or "lazy") is
+    rendered as the store's `sync_interval`."""
     return "\n".join(
         [
             f"server_name: {name}",
@@ -56,6 +83,7 @@ def server_config(
             "jetstream {",
             f'  store_dir: "{store_dir}"',
             *([f"  domain: {domain}"] if domain else []),
+            *sync_lines(durability),
             "}",
             "",
         ]
@@ -71,10 +99,12 @@ class EmbeddedServer:
         port: int = 4222,
         max_payload: int = 8 * 1024 * 1024,
         config_text: str | None = None,
+        durability: str = "always",
     ):
         self.data_dir = Path(data_dir)
         self.port = port
         self.max_payload = max_payload
+        self.durability = durability
         # a whole config of its own (users, TLS, a cluster) instead of the single-host one;
         # `port` must then be the port it listens on (or -1, read back from the server's log)
         self.config_text = config_text
@@ -95,7 +125,9 @@ class EmbeddedServer:
     def start(self, timeout_s: float = 20.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         store = self.data_dir / "jetstream"
-        text = self.config_text or server_config(self.port, str(store), self.max_payload)
+        text = self.config_text or server_config(
+            self.port, str(store), self.max_payload, durability=self.durability
+        )
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)

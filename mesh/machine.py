@@ -248,6 +248,23 @@ class State:
             state._index(rec)
         return state
 
+    def forget_plan(self, plan_id: str) -> None:
+        """Drop a plan and its tasks from memory (not from KV), indexes included, so that
+        folding its history from its acceptance on builds it again whole. (Stale entries of
+        its tasks in the queues are skipped when popped, as any stale entry is.)"""
+        for key in self.plan_keys.pop(plan_id, ()):
+            rec = self.tasks.pop(key, None)
+            self.dependents.pop(key, None)
+            self.dirty_tasks.discard(key)
+            if rec is None:
+                continue
+            if rec.status in DEMAND_STATES:
+                self._count_demand(rec, -1)
+            if rec.status in INFLIGHT_STATES:
+                self.inflight[rec.spec.cls] = self.inflight.get(rec.spec.cls, 0) - 1
+        self.plans.pop(plan_id, None)
+        self.dirty_plans.discard(plan_id)
+
     def plan_tasks(self, plan_id: str) -> list[TaskRecord]:
         return [self.tasks[k] for k in self.plan_keys.get(plan_id, ())]
 

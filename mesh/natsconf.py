@@ -21,7 +21,9 @@ def rendered(settings: Settings) -> dict[str, str]:
     files: dict[str, str] = {
         "server.conf": "# A single-host nats-server with JetStream, as `mesh up` runs it.\n"
         "# Start it with: nats-server -c nats/server.conf\n"
-        + server_config(4222, "/var/lib/mesh/jetstream", settings.max_payload_bytes),
+        + server_config(
+            4222, "/var/lib/mesh/jetstream", settings.max_payload_bytes, durability=settings.durability
+        ),
     }
     for d in stream_definitions(settings):
         files[f"streams/{d['name']}.json"] = json.dumps(d, indent=2) + "\n"
@@ -30,7 +32,7 @@ def rendered(settings: Settings) -> dict[str, str]:
     from mesh.security import EXAMPLE_WORKERS, render_permissions
 
     files["secure/permissions.conf"] = render_permissions(settings, EXAMPLE_WORKERS)
-    files.update(examples())
+    files.update(examples(settings.durability))
     for c in consumer_definitions(settings):
         files[f"consumers/{c['stream']}.{c['config']['durable_name']}.json"] = (
             json.dumps(c["config"], indent=2) + "\n"
@@ -59,13 +61,14 @@ def cluster_server_config(
     host: str = "127.0.0.1",
     cluster_name: str = "mesh",
     max_payload: int = 8 * 1024 * 1024,
+    durability: str = "always",
 ) -> str:
     """One server of a JetStream cluster: its own name and store, and routes to the others
     (`host:port` of their cluster listeners). Streams and buckets kept on 3 of them survive
     one server's loss: set `replicas = 3` for the agents that create them."""
     route_lines = "".join(f'    "nats-route://{r}"\n' for r in routes)
     return (
-        server_config(client_port, store_dir, max_payload, name=name).replace(
+        server_config(client_port, store_dir, max_payload, name=name, durability=durability).replace(
             f"listen: 127.0.0.1:{client_port}", f"listen: {host}:{client_port}"
         )
         + "cluster {\n"
@@ -98,7 +101,7 @@ def leaf_server_config(name: str, port: int, remote_url_variable: str = "MESH_LE
     )
 
 
-def examples() -> dict[str, str]:
+def examples(durability: str = "always") -> dict[str, str]:
     """The example configs of docs/multihost.md (three-server cluster, leaf node)."""
     hosts = ["n1.lan", "n2.lan", "n3.lan"]
     files: dict[str, str] = {}
@@ -108,7 +111,13 @@ def examples() -> dict[str, str]:
             f"# Server {i + 1} of a three-server JetStream cluster (docs/multihost.md).\n"
             "# Start it on its host with: nats-server -c n{i}.conf\n".replace("{i}", str(i + 1))
             + cluster_server_config(
-                f"n{i + 1}", 4222, 6222, routes, "/var/lib/mesh/jetstream", host="0.0.0.0"
+                f"n{i + 1}",
+                4222,
+                6222,
+                routes,
+                "/var/lib/mesh/jetstream",
+                host="0.0.0.0",
+                durability=durability,
             )
         )
     files["examples/leaf/gateway-host.conf"] = gateway_host_config(4222)

@@ -558,9 +558,9 @@ def render_server_config(
     leaf server authenticates as one of the users, and only what that user may publish and
     subscribe to crosses the link. With `domain` its JetStream has that domain name, which
     clients on the leaf side name to reach it (`jetstream_domain`)."""
-    base = server_config(port, store_dir, settings.max_payload_bytes, name=name, domain=domain).replace(
-        f"listen: 127.0.0.1:{port}", f"listen: {listen_host}:{port}"
-    )
+    base = server_config(
+        port, store_dir, settings.max_payload_bytes, name=name, domain=domain, durability=settings.durability
+    ).replace(f"listen: 127.0.0.1:{port}", f"listen: {listen_host}:{port}")
     lines = [
         "# A mesh nats-server with one user per role (rendered by `mesh init --secure`).",
         "# It holds the passwords: keep it readable by the server's user alone.",

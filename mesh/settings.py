@@ -200,6 +200,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     archive_after_days: float = 7.0
     max_payload_bytes: int = 8 * 1024 * 1024
     duplicate_window_s: float = 3600.0
+    # what every nats-server config mesh writes or runs (`mesh up`, `mesh init --render` and
+    # `--secure`, `mesh install-units`) asks of JetStream's file store: "always" writes each
+    # message to the disk before acknowledging it, so a power cut loses nothing acknowledged;
+    # "lazy" syncs every 2 minutes, faster, and a power cut loses what was acknowledged since
+    durability: Literal["always", "lazy"] = "always"
 
     # security and hosts (docs/security.md, docs/multihost.md) ------------------------------
     # the NATS user and password this process connects as (`mesh init --secure` writes them)
@@ -311,6 +316,12 @@ def load_settings(
     values.update({k: v for k, v in overrides.items() if v is not None})
     if server:
         values["server_url"] = server
+    if values.get("durability", "always") not in ("always", "lazy"):
+        raise ConfigError(
+            f"durability is {values['durability']!r}: set 'always' (every write on the disk before "
+            f"it is acknowledged) or 'lazy' (synced every 2 minutes) (check {file} and "
+            f"{ENV_PREFIX}DURABILITY)"
+        )
     try:
         settings = msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:

@@ -439,7 +439,7 @@ def config_files(layout: Layout, settings: Settings) -> dict[str, str]:
     nats_conf = (
         "# mesh's NATS server (mesh-nats.service). For several hosts, TLS and\n"
         "# per-role credentials see docs/multihost.md and docs/security.md.\n"
-        + server_config(layout.port, store, settings.max_payload_bytes)
+        + server_config(layout.port, store, settings.max_payload_bytes, durability=settings.durability)
     )
     env = (
         "# MESH_* settings every mesh service on this host shares, one NAME=value a line\n"

@@ -78,8 +78,9 @@ class Stack:
         gpus: tuple[int | None, ...] = (),
         watchdog: bool = True,
         gateway: bool = True,
+        durability: str = "always",
     ) -> None:
-        self.server = EmbeddedServer(data_dir, port, max_payload)
+        self.server = EmbeddedServer(data_dir, port, max_payload, durability=durability)
         self.workers = workers
         self.slots = slots
         self.log_dir = Path(log_dir) if log_dir else None

@@ -40,7 +40,9 @@ FAST_ENV = {
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    server = EmbeddedServer(tmp_path / "nats", port=-1)
+    # a test's store is thrown away with it: syncing every write (mesh's default) would only
+    # slow the suite down; tests/test_power_cut.py is where durability is tested
+    server = EmbeddedServer(tmp_path / "nats", port=-1, durability="lazy")
     server.start()
     yield server
     server.stop()

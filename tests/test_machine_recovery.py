@@ -380,3 +380,37 @@ def test_a_dead_letter_from_the_worker_of_the_last_delivery_is_taken() -> None:
     step = d.finished(item, ok=False, worker="w3", dead_letter=True, error="delivered 3 times")
     assert not step.refused and d.state.tasks["p1.a"].reason == "dead_letter"
     assert_replays(d)
+
+
+def test_a_plan_accepted_after_the_checkpoint_is_built_again_from_the_history() -> None:
+    """The brain's catch-up, when KV holds a plan's record but only some of its task records (a
+    crash cut their writing short; the plans bucket is another stream, stored independently):
+    the plan is forgotten and folded again from its acceptance on, and it is whole."""
+    from mesh.events import PlanAccepted
+    from mesh.machine import State, evolve
+    from tests.test_machine import copy_records
+
+    d = Driver(policy())
+    d.submit(plan(*(task(f"t{i}") for i in range(20))))
+    d.run_task("t0")
+    d.run_task("t1")
+    full = replay(d.events, aging_s=60.0)
+
+    def catch_up(forget: bool) -> State:
+        tasks, plans = copy_records(full)
+        kept = [r for r in tasks if r.task_id in ("t0", "t5", "t9")]
+        state = State.load(kept, plans, aging_s=60.0)
+        for ev in d.events:  # every event after a checkpoint from before the acceptance
+            if forget and isinstance(ev, PlanAccepted) and ev.plan_id in state.plans:
+                state.forget_plan(ev.plan_id)
+            evolve(state, ev)
+        return state
+
+    assert len(catch_up(forget=False).plan_tasks("p1")) == 3, "without forgetting, the rest stays lost"
+    state = catch_up(forget=True)
+    assert snapshot(state) == snapshot(full)
+    after = Driver(policy(), state=state, now=d.now)
+    after.work = list(d.work)
+    after.drain()
+    assert after.state.plans["p1"].status == SUCCEEDED
+    assert statuses(after.state) == {f"t{i}": SUCCEEDED for i in range(20)}

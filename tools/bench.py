@@ -14,7 +14,8 @@ Scenarios:
   export       events/s through `mesh export` over everything above (alone: over a
                no-op plan of its own and a tenth as many shell tasks with output)
 
-Durability is what mesh always runs with: file storage, every publish acknowledged.
+File storage, every publish acknowledged; the server syncs every write to the disk
+(`--durability always`, mesh's default) or every 2 minutes (`--durability lazy`).
 Timings live here (and in docs/performance.md), never in tests.
 """
 
@@ -374,6 +375,12 @@ def main() -> int:
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--only", action="append", choices=SCENARIOS, help="run only these (repeatable)")
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument(
+        "--durability",
+        choices=("always", "lazy"),
+        default="always",
+        help="the server's sync: every write (always) or every 2 minutes (lazy)",
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
@@ -389,6 +396,7 @@ def main() -> int:
             env=env,
             auditor=False,
             watchdog=False,
+            durability=args.durability,
         )
         stack.start()
         rss = PeakRss(stack)
@@ -403,6 +411,7 @@ def main() -> int:
         "processor": platform.processor() or platform.machine(),
         "workers": args.workers,
         "slots": args.slots,
+        "durability": args.durability,
     }
     table = Table(title="mesh bench", title_justify="left")
     table.add_column("scenario")
