@@ -37,7 +37,7 @@ from mesh.executors import DATA_PREAMBLE
 from mesh.history import Entry, read_history
 from mesh.models import builtin_models, resolve_path
 from mesh.records import decode_agent
-from tests.conftest import Mesh
+from tests.conftest import HANG_S, Mesh
 from tests.faults import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.models]
@@ -49,9 +49,6 @@ LLM_MB = builtin_models()[LLM].vram_mb
 COUNTING = "Count from 1 to 1000: 1, 2, 3, 4, 5, 6,"
 # model tasks on a small CPU: generous, the tests end as soon as the work is done
 PLAN_TIMEOUT_S = 180.0
-# every other wait ends as soon as what it waits for happens; this bound only catches a hang
-# (a 2-core machine that is busy with something else too takes many times longer than an idle one)
-HANG_S = 120.0
 
 
 # ------------------------------------------------------------------ helpers
