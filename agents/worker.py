@@ -556,9 +556,10 @@ class Worker(Agent):
             return self.device.memory(self._mesh_used_mb())
         return self._mem
 
-    async def _read_memory(self) -> None:
+    async def _read_memory(self, mesh_used_mb: int | None = None) -> None:
         if self.device is not None and self.device.kind != "cpu":
-            self._mem = await asyncio.to_thread(self.device.memory, self._mesh_used_mb())
+            used = self._mesh_used_mb() if mesh_used_mb is None else mesh_used_mb
+            self._mem = await asyncio.to_thread(self.device.memory, used)
 
     async def _free_mb(self) -> int:
         await self._read_memory()
@@ -642,10 +643,15 @@ class Worker(Agent):
             with contextlib.suppress(*TRANSIENT):
                 await lane.sub.unsubscribe()
         if self.llm is not None:
-            loaded, self.llm, self.llm_name = self.llm, None, ""
+            # the LLM is gone for the GPU's state only once it is closed and the memory read
+            # without it, with no wait after: a state reported while it closed (the publisher's
+            # refresh) said `idle` without the unload's rid, and the unload's own answer then
+            # came as idle -> idle (seen on a busy machine, where closing takes longer)
+            loaded = self.llm
             await asyncio.to_thread(loaded.close)
             log.info("unloaded %s", loaded.name)
-            await self._read_memory()
+            await self._read_memory(self._reserved_mb())
+            self.llm, self.llm_name = None, ""
 
     async def _script_model(self, name: str) -> Any:
         """A script model, loaded on first use (seconds) and kept while no LLM needs the room."""

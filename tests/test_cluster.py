@@ -18,7 +18,7 @@ from mesh.embedded import EmbeddedServer
 from mesh.events import RunStarted, TaskSucceeded
 from mesh.natsconf import cluster_server_config
 from mesh.settings import load_settings
-from tests.conftest import Mesh
+from tests.conftest import HANG_S, Mesh
 from tests.faults import plan, runs, task, until
 from tests.test_faults import assert_history_matches_kv
 
@@ -91,7 +91,7 @@ async def test_three_server_cluster_loses_a_server_mid_plan_and_nothing_is_lost(
                 return False
             return True
 
-        await until(created, 60, "JetStream on the cluster", interval_s=0.5)
+        await until(created, HANG_S, "JetStream on the cluster", interval_s=0.5)
         bus = await mesh.bus()
         n = bus.names
         for stream in (n.events_stream, n.work_stream, n.cmd_stream, f"KV_{n.tasks_bucket}"):
@@ -105,7 +105,7 @@ async def test_three_server_cluster_loses_a_server_mid_plan_and_nothing_is_lost(
         tasks = [task(f"t{i:02d}", body) for i in range(24)]
         tasks += [task(f"u{i:02d}", body, f"t{i:02d}", f"t{(i + 1) % 24:02d}") for i in range(24)]
         plan_id = await mesh.submit(plan("Cluster loses a server", tasks, tmp_path))
-        await until(lambda: len(runs(marks)) >= 8, 60, "a few tasks to run")
+        await until(lambda: len(runs(marks)) >= 8, HANG_S, "a few tasks to run")
         # the server that leads the work stream: the loss that moves the most
         leader = (await bus.js.stream_info(n.work_stream)).cluster.leader
         assert leader in cluster.servers, leader
@@ -134,7 +134,7 @@ async def test_three_server_cluster_loses_a_server_mid_plan_and_nothing_is_lost(
             if name != "brain":
                 assert proc.poll() is None, f"{name} died:\n{mesh.log(name)[-2000:]}"
         try:
-            await until(final, 120, "the plan to finish on two servers", interval_s=0.2)
+            await until(final, HANG_S, "the plan to finish on two servers", interval_s=0.2)
         except AssertionError:
             for name in mesh.procs:
                 print(f"--- {name}\n{mesh.log(name)[-4000:]}")

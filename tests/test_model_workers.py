@@ -11,7 +11,6 @@ seconds (torch), and each test loads each model it uses once.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import signal
@@ -38,7 +37,7 @@ from mesh.executors import DATA_PREAMBLE
 from mesh.history import Entry, read_history
 from mesh.models import builtin_models, resolve_path
 from mesh.records import decode_agent
-from tests.conftest import Mesh
+from tests.conftest import HANG_S, Mesh
 from tests.faults import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.models]
@@ -78,7 +77,7 @@ async def worker_id(mesh: Mesh, name: str) -> str:
         agents = await read_bucket(await (await mesh.bus()).agents_kv())
         return next((k for k, v in agents.items() if decode_agent(v).pid == pid), "")
 
-    return str(await eventually(find, 30, f"worker {name} registered"))
+    return str(await eventually(find, HANG_S, f"worker {name} registered"))
 
 
 async def events_of(mesh: Mesh, subject: str) -> list[Message]:
@@ -124,7 +123,7 @@ async def finished(mesh: Mesh, plan_id: str, task_id: str) -> RunFinished:
     return last
 
 
-async def wait_state(mesh: Mesh, gpu: str, state: str, timeout_s: float = 60.0) -> GpuState:
+async def wait_state(mesh: Mesh, gpu: str, state: str, timeout_s: float = HANG_S) -> GpuState:
     async def seen() -> GpuState | None:
         return next((s for s in await gpu_states(mesh, gpu) if s.state == state), None)
 
@@ -270,16 +269,40 @@ async def test_a_plan_of_every_kind_runs_on_a_model_worker_and_a_cpu_worker(
 
 
 async def test_the_llm_is_loaded_for_its_work_and_unloaded_after_keep_alive(mesh: Mesh) -> None:
-    gpu = await start(mesh, keep_alive_s=3)
+    keep_alive = 3.0
+    gpu = await start(mesh, keep_alive_s=keep_alive)
     text = f"# Hot\n\n## Tasks\n\n### ask\n- max_tokens: 8\n\n```prompt\n{COUNTING}\n```\n"
     plan_id = await mesh.submit_text(text)
     await all_succeeded(mesh, plan_id)
-    idle = await eventually(lambda: _unloaded(mesh, gpu), 30, "the LLM unloaded after keep-alive")
+    idle = await eventually(lambda: _unloaded(mesh, gpu), HANG_S, "the LLM unloaded after keep-alive")
     assert isinstance(idle, GpuState)
-    await asyncio.sleep(0.5)  # anything that would follow the unload
+    # the KV entry is written after the event
+    kv = await eventually(lambda: _kv_in(mesh, gpu, "idle"), HANG_S, f"{gpu}'s KV entry idle")
+    assert isinstance(kv, GpuState) and kv.llm == "" and kv.vram_used_mb == 0
+
+    # a stopping worker says its GPU is offline: its last report, after which nothing of it can
+    # follow unseen
+    mesh.kill("gpu", signal.SIGTERM)
+    # a background task that would not stop makes the agent wait STOP_WAIT_S, say so and exit 1
+    assert mesh.procs["gpu"].returncode == 0, mesh.log("gpu")[-2000:]
+    assert "would not stop" not in mesh.log("gpu"), mesh.log("gpu")[-2000:]
+    offline = await wait_state(mesh, gpu, "offline")
+    assert (offline.previous, offline.state) == ("idle", "offline")
+    kv = await eventually(lambda: _kv_in(mesh, gpu, "offline"), HANG_S, f"{gpu}'s KV entry offline")
+    assert isinstance(kv, GpuState)
 
     states = await gpu_states(mesh, gpu)
-    assert transitions(states) == ["idle", "booting_llm", "llm_ready", "llm_busy", "llm_ready", "idle"]
+    assert states[-1] == offline
+    assert transitions(states) == [
+        "idle",
+        "booting_llm",
+        "llm_ready",
+        "llm_busy",
+        "llm_ready",
+        "idle",
+        "offline",
+    ]
+    states = states[:-1]
     assert all(s.worker == gpu and s.device == "cpu" and not s.error for s in states)
     by = {(s.previous, s.state): s for s in states}
     booting = by[("idle", "booting_llm")]
@@ -299,28 +322,21 @@ async def test_the_llm_is_loaded_for_its_work_and_unloaded_after_keep_alive(mesh
     assert "1 gemma3-270m task(s) waiting" in load.reason
     assert booting.rid == ready.rid == load.rid, "the worker answers the request it acted on"
     assert unload.rid == unloaded.rid
-    assert unload.at - used.at >= 3.0, "not unloaded before keep_alive_s of disuse"
-    assert unload.at - used.at < 10.0
+    # no sooner than keep_alive_s of disuse, and for that reason (not yield_after_s, which needs
+    # other work waiting, nor min_residency_s, 300 s)
+    assert unload.at - used.at >= keep_alive, "not unloaded before keep_alive_s of disuse"
     assert "keep_alive 3s" in unload.reason
-
-    kv = await gpu_kv(mesh, gpu)
-    assert kv is not None and kv.state == "idle" and kv.llm == "" and kv.vram_used_mb == 0
-
-    # a stopping worker says its GPU is offline, and stops at once
-    began = time.monotonic()
-    mesh.kill("gpu", signal.SIGTERM)
-    assert mesh.procs["gpu"].returncode == 0, mesh.log("gpu")[-2000:]
-    assert time.monotonic() - began < 4.0, "no background task held the stop up"
-    last = (await gpu_states(mesh, gpu))[-1]
-    assert (last.previous, last.state) == ("idle", "offline")
-    kv = await gpu_kv(mesh, gpu)
-    assert kv is not None and kv.state == "offline"
 
 
 async def _unloaded(mesh: Mesh, gpu: str) -> GpuState | None:
     return next(
         (s for s in await gpu_states(mesh, gpu) if s.previous == "llm_ready" and s.state == "idle"), None
     )
+
+
+async def _kv_in(mesh: Mesh, gpu: str, state: str) -> GpuState | None:
+    kv = await gpu_kv(mesh, gpu)
+    return kv if kv is not None and kv.state == state else None
 
 
 # ------------------------------------------------------------------ 3. too little memory
@@ -334,12 +350,13 @@ async def test_a_model_is_never_placed_where_it_does_not_fit_and_a_direct_load_i
     assert first.vram_total_mb == 100
     text = f"# Too big\n\n## Tasks\n\n### ask\n- max_tokens: 8\n\n```prompt\n{COUNTING}\n```\n"
     plan_id = await mesh.submit_text(text)
-    await mesh.wait_task(plan_id, "ask", "ready")
-    await asyncio.sleep(3.0)  # many placement rounds
+    await mesh.wait_task(plan_id, "ask", "ready", timeout_s=HANG_S)
+    # the brain logs this once it placed the waiting work and found no GPU for it, after it
+    # published whatever that placement round decided
+    note = f"model {LLM} needs {LLM_MB} MB of VRAM and the largest GPU known has 100 MB"
+    await until(lambda: note in mesh.log("brain"), HANG_S, "the brain's note on the model")
     assert (await mesh.tasks(plan_id))["ask"].status == "ready", "it waits for a GPU that can hold it"
     assert await gpu_requests(mesh, gpu) == [], "no load where the model does not fit"
-    note = f"model {LLM} needs {LLM_MB} MB of VRAM and the largest GPU known has 100 MB"
-    assert note in mesh.log("brain")
 
     # asked directly anyway, the worker refuses, says why, and stays idle
     bus = await mesh.bus()
@@ -350,7 +367,7 @@ async def test_a_model_is_never_placed_where_it_does_not_fit_and_a_direct_load_i
     async def answer() -> GpuState | None:
         return next((s for s in await gpu_states(mesh, gpu) if s.rid == rid), None)
 
-    reply = await eventually(answer, 30, "the worker answers the load")
+    reply = await eventually(answer, HANG_S, "the worker answers the load")
     assert isinstance(reply, GpuState)
     assert re.search(rf"refused: it needs {LLM_MB} MB and 100 MB are free", reply.error), reply.error
     assert reply.error.startswith(f"load of {LLM} refused")
@@ -369,7 +386,7 @@ async def test_a_model_is_never_placed_where_it_does_not_fit_and_a_direct_load_i
     assert await gpu_requests(mesh, gpu) == [], "the brain still asks for nothing"
     assert (await mesh.tasks(plan_id))["ask"].status == "ready"
     await client.cancel(bus, plan_id)
-    plan = await mesh.wait_plan(plan_id)
+    plan = await mesh.wait_plan(plan_id, timeout_s=HANG_S)
     assert plan.status == "cancelled"
 
 
@@ -417,9 +434,10 @@ async def test_a_prompt_longer_than_the_context_fails_as_a_definition_error(mesh
 
 
 async def test_script_work_waits_for_the_llm_to_be_unloaded(mesh: Mesh, tmp_path: Path) -> None:
-    yield_after = 12.0  # long enough for the checks below on a loaded 2-core machine
+    yield_after = 12.0
+    keep_alive = 120.0
     # the LLM outlives its work by yield_after_s (not keep_alive_s, not min_residency_s)
-    gpu = await start(mesh, keep_alive_s=120, min_residency_s=300, yield_after_s=yield_after)
+    gpu = await start(mesh, keep_alive_s=keep_alive, min_residency_s=300, yield_after_s=yield_after)
     prompt = f"# Hot\n\n## Tasks\n\n### ask\n- max_tokens: 8\n\n```prompt\n{COUNTING}\n```\n"
     prompt_plan = await mesh.submit_text(prompt)
     # submitted as the load begins: a fetch of script work already in flight must not bring it
@@ -436,7 +454,7 @@ async def test_script_work_waits_for_the_llm_to_be_unloaded(mesh: Mesh, tmp_path
         rec = (await mesh.tasks(script_plan)).get("s")
         return rec.status if rec is not None and rec.status not in ("pending", "waiting") else ""
 
-    status = await eventually(released, 30, "the script task released")
+    status = await eventually(released, HANG_S, "the script task released")
     assert status == "ready", f"script work {status} while the LLM loads"
     await all_succeeded(mesh, prompt_plan)
 
@@ -444,14 +462,13 @@ async def test_script_work_waits_for_the_llm_to_be_unloaded(mesh: Mesh, tmp_path
         states = await gpu_states(mesh, gpu)
         return next((s for s in states if s.previous == "llm_busy" and s.state == "llm_ready"), None)
 
-    used = await eventually(last_use, 60, f"{gpu} done with the prompt")
+    used = await eventually(last_use, HANG_S, f"{gpu} done with the prompt")
     assert isinstance(used, GpuState)
-    await asyncio.sleep(1.0)
-    # the yield counts from the LLM's last use
-    assert time.time() - used.at < yield_after - 1, "the machine is too slow for this test's timing"
-    kv = await gpu_kv(mesh, gpu)
-    assert kv is not None and kv.llm == LLM, "the LLM is still loaded"
-    assert (await mesh.tasks(script_plan))["s"].status == "ready", "script work waits beside the LLM"
+    # a look while the LLM sits unused: what it finds is checked below against the moment the
+    # worker decided to unload (the unload's `at`), not against a clock window
+    kv_then = await gpu_kv(mesh, gpu)
+    status_then = (await mesh.tasks(script_plan))["s"].status
+    looked_at = time.time()
     await all_succeeded(mesh, script_plan)
 
     states = await gpu_states(mesh, gpu)
@@ -475,14 +492,22 @@ async def test_script_work_waits_for_the_llm_to_be_unloaded(mesh: Mesh, tmp_path
     assert began.worker == gpu
     assert began.at >= unloaded.at, "script work started only once the LLM was gone"
     assert float(stamp.read_text()) >= unloaded.at
+    # the look above, where it ended before the worker let the LLM go (12 s of yield_after_s
+    # leave it time even on a busy machine; the checks above hold either way)
+    if looked_at < unloaded.at:
+        assert kv_then is not None and kv_then.llm == LLM, "the LLM is still loaded"
+        assert status_then == "ready", "script work waits beside the LLM"
+    else:
+        print(f"\nthe look came {looked_at - unloaded.at:.1f}s after the unload: not checked")
     requests = await gpu_requests(mesh, gpu)
     assert [(r.action, r.model) for r in requests] == [("load", LLM), ("unload", LLM)]
     unload = requests[1]
     assert unload.rid == unloaded.rid
     assert unload.reason == "no work left for it and other work waits"
-    # handed over once unused for yield_after_s (or three times its load, if longer), no sooner
+    # handed over once unused for yield_after_s (or three times its load, if longer), no sooner,
+    # and by that rule: keep_alive_s (and min_residency_s) would have kept it longer
     assert unload.at - last_used.at >= max(yield_after, 3 * load_s)
-    assert unload.at - last_used.at < max(yield_after, 3 * load_s) + 5.0
+    assert unload.at - last_used.at < keep_alive
 
 
 # ------------------------------------------------------------------ 6. sensitive output
