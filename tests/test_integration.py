@@ -22,7 +22,8 @@ from mesh.events import (
 )
 from mesh.machine import replay
 from mesh.plan import parse_plan
-from tests.conftest import Mesh
+from mesh.records import TaskRecord
+from tests.conftest import HANG_S, Mesh
 from tests.faults import until
 
 pytestmark = pytest.mark.integration
@@ -408,7 +409,14 @@ async def test_a_plan_too_big_for_one_message_goes_through_the_object_store(tmp_
         accepted = next(m for m in history if isinstance(m, PlanAccepted))
         assert accepted.total == n
         assert len(accepted.plan.tasks) + sum(len(p.tasks) for p in parts) == n
-        records = await mesh.tasks(plan_id)
+
+        # the plan's record and its tasks' are in different buckets, stored independently: the
+        # last task records may land just after the plan's final one
+        async def all_records() -> dict[str, TaskRecord]:
+            records = await mesh.tasks(plan_id)
+            return records if len(records) == n else {}
+
+        records = await until(all_records, HANG_S, "every task record")
         assert [r.index for r in records.values()] == list(range(n))
         state = replay([m for m in history if m is not None])
         assert state.plans[plan_id] == (await mesh.raw_plans())[plan_id]
