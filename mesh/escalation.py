@@ -30,9 +30,9 @@ from typing import Any
 import msgspec
 
 from mesh.events import EscalationRequest
-from mesh.executors import neutralise_data
 from mesh.redact import Redactor
 from mesh.settings import Price
+from mesh.untrusted import neutralise_data
 
 RESULT_TOOL = "give_result"
 FOLLOWUPS_TOOL = "propose_followups"

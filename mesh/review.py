@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mesh.events import LocalAttempt, TaskSpec
-from mesh.executors import neutralise_data
+from mesh.untrusted import neutralise_data
 
 ESCALATE = "escalate"
 RETRY = "retry"

@@ -26,13 +26,13 @@ from mesh.executors import (
     EXECUTORS,
     RunContext,
     build_prompt,
-    neutralise_data,
     run_embed,
     run_prompt,
     run_transcribe,
 )
 from mesh.loaders import Loaded, load_model, whisper_compute_type
 from mesh.models import DEFAULT_MODELS, ModelError, ModelSpec, builtin_models
+from mesh.untrusted import neutralise_data
 
 pytestmark = pytest.mark.models
 
