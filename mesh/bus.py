@@ -36,7 +36,7 @@ import nats
 from mesh import events
 from mesh.errors import MeshError, ServerUnavailable
 from mesh.events import DeadLetter, Msg
-from mesh.names import HEADER_MSG_ID, HEADER_TYPE, Names
+from mesh.names import HEADER_MSG_ID, HEADER_TYPE, KV_SUBJECTS, Names, kv_keys, kv_subject
 from mesh.settings import Settings
 from mesh.store import StoreWatch
 
@@ -349,7 +349,7 @@ class DomainJetStream(JetStreamContext):
     store: StoreWatch | None = None
 
     def _route(self, subject: str) -> str:
-        if subject.startswith("$KV.") and self._prefix != api.DEFAULT_PREFIX:
+        if subject.startswith(KV_SUBJECTS) and self._prefix != api.DEFAULT_PREFIX:
             return f"{self._prefix}.{subject}"
         return subject
 
@@ -489,7 +489,7 @@ class Bus:
         self.closing = False
         # says once when the server's store is full, and once when it takes writes again
         buckets = bucket_definitions(settings)
-        memory = tuple(f"$KV.{d['bucket']}." for d in buckets if d["storage"] == "memory")
+        memory = tuple(kv_keys(d["bucket"]) for d in buckets if d["storage"] == "memory")
         self.store = StoreWatch(settings, memory_subjects=memory)
         if isinstance(self.js, DomainJetStream):
             self.js.store = self.store
@@ -740,7 +740,7 @@ class Bus:
         puts: they are different streams, which the server stores independently."""
 
         def kv(chunk: list[tuple[str, str, bytes]]) -> list[tuple[str, bytes, dict[str, str]]]:
-            return [(f"$KV.{bucket}.{key}", value, {}) for bucket, key, value in chunk]
+            return [(kv_subject(bucket, key), value, {}) for bucket, key, value in chunk]
 
         rest = iter(puts)
         chunk = list(itertools.islice(rest, PIPELINE_CHUNK))
@@ -757,7 +757,7 @@ class Bus:
     async def kv_purge_many(self, keys: list[tuple[str, str]]) -> None:
         """Remove many KV keys (bucket, key) with their history, pipelined."""
         headers = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
-        items = [(f"$KV.{bucket}.{key}", b"", dict(headers)) for bucket, key in keys]
+        items = [(kv_subject(bucket, key), b"", dict(headers)) for bucket, key in keys]
         for i in range(0, len(items), PIPELINE_CHUNK):
             await self._pipelined(items[i : i + PIPELINE_CHUNK])
 
@@ -782,7 +782,7 @@ class Bus:
         of its bytes. Named by its revision: recorded once however often it is found."""
         letter = DeadLetter(
             agent_id=agent_id,
-            subject=f"$KV.{bucket}.{key}",
+            subject=kv_subject(bucket, key),
             reason=reason[:500],
             at=time.time(),
             size=len(data),
@@ -934,7 +934,7 @@ async def iter_revisions(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[s
 
 async def _live_values(kv: KeyValue, keys: str) -> AsyncIterator[tuple[str, NatsMsg]]:
     bucket = kv._name
-    prefix = f"$KV.{bucket}."
+    prefix = kv_keys(bucket)
     config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
     async for raw in read_stream(kv._js, f"KV_{bucket}", prefix + keys, config):
         headers = raw.headers or {}

@@ -40,6 +40,7 @@ from mesh.bus import (
 )
 from mesh.errors import MeshError
 from mesh.models import ModelError, builtin_models, resolve_path
+from mesh.names import kv_keys
 from mesh.records import decode_agent
 from mesh.settings import Settings
 
@@ -319,7 +320,7 @@ async def check_clock(bus: Bus, now: Callable[[], float] = time.time) -> list[Fi
     bucket = bus.names.agents_bucket
     if await _api(bus, f"STREAM.INFO.KV_{bucket}") is None:
         return findings
-    prefix = f"$KV.{bucket}."
+    prefix = kv_keys(bucket)
     worst: dict[str, float] = {}
     config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
     async for raw in read_stream(bus.js, f"KV_{bucket}", prefix + ">", config):

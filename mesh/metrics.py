@@ -47,6 +47,7 @@ from mesh import events
 from mesh.agent import Agent
 from mesh.bus import TRANSIENT, read_bucket
 from mesh.errors import MeshError
+from mesh.names import kv_keys, kv_subject
 from mesh.records import (
     PLAN_FINAL_STATES,
     PLAN_RUNNING,
@@ -265,7 +266,7 @@ class Exporter(Agent):
         for bucket, cb in ((n.tasks_bucket, self._on_task), (n.plans_bucket, self._on_plan)):
             self._subs.append(
                 await js.subscribe(
-                    f"$KV.{bucket}.>",
+                    kv_subject(bucket, ">"),
                     stream=f"KV_{bucket}",
                     cb=cb,
                     ordered_consumer=True,
@@ -296,7 +297,7 @@ class Exporter(Agent):
         """The key a KV message is about, and whether it is gone (deleted, purged, expired)."""
         headers = raw.headers or {}
         gone = headers.get("KV-Operation") in _KV_GONE or bool(headers.get("Nats-Marker-Reason"))
-        return raw.subject[len(f"$KV.{bucket}.") :], gone
+        return raw.subject[len(kv_keys(bucket)) :], gone
 
     async def _on_task(self, raw: NatsMsg) -> None:
         key, gone = self._key(raw, self.names.tasks_bucket)

@@ -36,6 +36,19 @@ HEADER_TYPE = "Mesh-Type"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
+# A KV write is a publish on `$KV.<bucket>.<key>` (whatever the prefix: the server names it)
+KV_SUBJECTS = "$KV."
+
+
+def kv_keys(bucket: str) -> str:
+    """What every key's subject of one bucket starts with: `$KV.<bucket>.`."""
+    return f"{KV_SUBJECTS}{bucket}."
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    """The subject a put or purge of `key` in `bucket` is published on (`key` may be a pattern)."""
+    return kv_keys(bucket) + key
+
 
 def check_token(value: str, what: str) -> str:
     """A subject token must not contain '.', '*', '>' or whitespace."""
@@ -132,12 +145,12 @@ class Names:
     def audited_subjects(self) -> list[str]:
         """Event subjects no other agent consumes: the auditor checks them."""
         return [
-            f"{self.prefix}.evt.plan.>",
-            f"{self.prefix}.evt.task.>",
-            f"{self.prefix}.evt.agent.>",
-            f"{self.prefix}.evt.gpu.*.requested",
-            f"{self.prefix}.evt.gpu.*.control",
-            f"{self.prefix}.evt.alert.>",
+            self.plan_events_all,
+            self.task_events_all,
+            self.agent_events_all,
+            self.gpu_requests_all,
+            self.gpu_controls_all,
+            self.alerts_all,
         ]
 
     def workers_consumer(self, cls: str) -> str:
@@ -167,6 +180,34 @@ class Names:
     @property
     def runs_all(self) -> str:
         return f"{self.prefix}.evt.run.>"
+
+    @property
+    def plan_events_all(self) -> str:
+        return f"{self.prefix}.evt.plan.>"
+
+    @property
+    def task_events_all(self) -> str:
+        """The brain's task transitions, every plan."""
+        return f"{self.prefix}.evt.task.>"
+
+    @property
+    def agent_events_all(self) -> str:
+        return f"{self.prefix}.evt.agent.>"
+
+    @property
+    def agent_events_each(self) -> str:
+        """`<p>.evt.agent.<agent>.<kind>` for any agent and kind (exactly two tokens after `agent`)."""
+        return f"{self.prefix}.evt.agent.*.*"
+
+    @property
+    def gpu_requests_all(self) -> str:
+        """The brain asking any GPU's worker to load or unload a model."""
+        return f"{self.prefix}.evt.gpu.*.requested"
+
+    @property
+    def gpu_controls_all(self) -> str:
+        """Any GPU paused, resumed, cordoned or uncordoned."""
+        return f"{self.prefix}.evt.gpu.*.control"
 
     @property
     def gpu_states_all(self) -> str:

@@ -40,7 +40,7 @@ from mesh.bus import bucket_definitions, consumer_definitions
 from mesh.embedded import server_config
 from mesh.errors import ConfigError
 from mesh.events import TASK_CLASSES
-from mesh.names import Names, check_token
+from mesh.names import Names, check_token, kv_subject
 from mesh.settings import Settings
 
 JS_API = "$JS.API"
@@ -68,7 +68,7 @@ def _obj_stream(bucket: str) -> str:
 
 
 def kv_put(bucket: str, key: str = ">") -> str:
-    return f"$KV.{bucket}.{key}"
+    return kv_subject(bucket, key)
 
 
 def objects_subject(bucket: str) -> str:
@@ -257,7 +257,7 @@ class Grants:
 
     def agent_events(self) -> list[str]:
         """An agent's own started/stopped events (offline is the brain's to say)."""
-        return [f"{self.p}.evt.agent.*.*"]
+        return [self.n.agent_events_each]
 
     @property
     def offline_deny(self) -> str:
@@ -279,12 +279,12 @@ class Grants:
 
     # ---------------------------------------------------------------- roles
     def brain(self) -> Permissions:
-        n, p = self.n, self.p
+        n = self.n
         pub = [
-            f"{p}.evt.plan.>",
-            f"{p}.evt.task.>",
-            f"{p}.evt.agent.>",
-            f"{p}.evt.gpu.*.requested",
+            n.plan_events_all,
+            n.task_events_all,
+            n.agent_events_all,
+            n.gpu_requests_all,
             n.dead_all,
             n.work_all,
             n.esc_all,
@@ -299,10 +299,10 @@ class Grants:
         )
 
     def cli(self) -> Permissions:
-        n, p = self.n, self.p
+        n = self.n
         pub = [
             n.cmd_all,
-            f"{self.p}.evt.gpu.*.control",
+            self.n.gpu_controls_all,
             kv_put(n.gpu_control_bucket, "*.operator"),
             objects_subject(n.objects_bucket),
         ]
@@ -314,8 +314,8 @@ class Grants:
             publish_deny=(
                 n.work_all,
                 n.esc_all,
-                f"{p}.evt.task.>",
-                f"{p}.evt.plan.>",
+                n.task_events_all,
+                n.plan_events_all,
                 n.runs_all,
                 kv_put(n.tasks_bucket),
                 kv_put(n.plans_bucket),
@@ -376,7 +376,7 @@ class Grants:
             n.telemetry_all,
             kv_put(n.telemetry_bucket),
             kv_put(n.gpu_control_bucket, "*.thermal"),
-            f"{self.p}.evt.gpu.*.control",
+            self.n.gpu_controls_all,
             n.alerts_all,
             *self.agent_events(),
             kv_put(n.agents_bucket, "*"),
