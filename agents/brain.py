@@ -45,18 +45,31 @@ from mesh.agent import Agent
 from mesh.bus import TRANSIENT, decode_checked, fetch_some, iter_bucket, iter_revisions, read_bucket
 from mesh.errors import MeshError
 from mesh.events import (
+    AgentOffline,
     CancelPlan,
     EscalationAnswered,
     EscalationFailed,
     EscalationRequest,
     EscalationWaiting,
     GpuState,
+    Msg,
     PlanAccepted,
+    PlanFinished,
+    PlanRejected,
     PlanSpec,
+    ResourceRequested,
     RetryTasks,
     RunFinished,
     RunStarted,
     SubmitPlan,
+    TaskEscalated,
+    TaskFailed,
+    TaskRedelivered,
+    TaskRetrying,
+    TaskReviewed,
+    TaskReviewing,
+    TaskSucceeded,
+    TaskWaiting,
     WorkItem,
     decode,
     type_of,
@@ -829,36 +842,34 @@ class Brain(Agent):
         self._last_checkpoint = time.monotonic()
 
     @staticmethod
-    def _log_event(ev: msgspec.Struct) -> None:
-        tag = type_of(ev)  # type: ignore[arg-type]
+    def _log_event(ev: Msg) -> None:
+        tag = type_of(ev)
         plan_id = getattr(ev, "plan_id", "")
         task_id = getattr(ev, "task_id", "")
-        if tag == "task.waiting":
-            return
-        detail = ""
-        if tag == "task.succeeded":
-            detail = f" in {getattr(ev, 'duration_s', 0.0):.3f}s"
-        elif tag in ("task.failed", "task.retrying"):
-            detail = f" ({getattr(ev, 'reason', '')}) {getattr(ev, 'error', '')[:120]!r}"
-        elif tag == "task.escalated":
-            detail = f" ({getattr(ev, 'why', '')}) as {getattr(ev, 'rid', '')}"
-        elif tag == "task.reviewing":
-            model, then = getattr(ev, "model", ""), getattr(ev, "then", "")
-            detail = f" attempt {getattr(ev, 'attempt', 0)} on {model} (else {then})"
-        elif tag == "task.reviewed":
-            said = getattr(ev, "answer", "") or getattr(ev, "error", "")[:120]
-            detail = f" {getattr(ev, 'verdict', '') or 'no verdict'}: {said!r}"
-        elif tag == "task.redelivered":
-            detail = f" to {getattr(ev, 'worker', '')} (delivery {getattr(ev, 'delivery', 0)})"
-        elif tag == "plan.finished":
-            detail = f" {getattr(ev, 'status', '')}"
-        elif tag == "plan.rejected":
-            detail = f" {getattr(ev, 'error', '')}"
-        elif tag == "gpu.requested":
-            detail = (
-                f"{getattr(ev, 'action', '')} {getattr(ev, 'model', '')} on {getattr(ev, 'gpu', '')}: "
-                f"{getattr(ev, 'reason', '')}"
-            )
-        elif tag == "agent.offline":
-            detail = f" {getattr(ev, 'agent_id', '')} (running {len(getattr(ev, 'running', ()))})"
+        match ev:
+            case TaskWaiting():
+                return
+            case TaskSucceeded():
+                detail = f" in {ev.duration_s:.3f}s"
+            case TaskFailed() | TaskRetrying():
+                detail = f" ({ev.reason}) {ev.error[:120]!r}"
+            case TaskEscalated():
+                detail = f" ({ev.why}) as {ev.rid}"
+            case TaskReviewing():
+                detail = f" attempt {ev.attempt} on {ev.model} (else {ev.then})"
+            case TaskReviewed():
+                said = ev.answer or ev.error[:120]
+                detail = f" {ev.verdict or 'no verdict'}: {said!r}"
+            case TaskRedelivered():
+                detail = f" to {ev.worker} (delivery {ev.delivery})"
+            case PlanFinished():
+                detail = f" {ev.status}"
+            case PlanRejected():
+                detail = f" {ev.error}"
+            case ResourceRequested():
+                detail = f"{ev.action} {ev.model} on {ev.gpu}: {ev.reason}"
+            case AgentOffline():
+                detail = f" {ev.agent_id} (running {len(ev.running)})"
+            case _:
+                detail = ""
         log.info("%s %s%s%s", tag, plan_id, f".{task_id}" if task_id else "", detail)

@@ -1321,34 +1321,38 @@ class _Decider:
 def apply(state: State, msg: Message | Tick | Sweep | Reconcile, now: float, policy: Policy) -> Step:
     """Decide what one input means; fold the decided events into `state`."""
     d = _Decider(state, now, policy)
-    if isinstance(msg, SubmitPlan):
-        d.submit(msg)
-    elif isinstance(msg, CancelPlan):
-        d.cancel(msg)
-    elif isinstance(msg, RunStarted):
-        d.run_started(msg)
-    elif isinstance(msg, RunFinished):
-        d.run_finished(msg)
-    elif isinstance(msg, RetryTasks):
-        d.retry(msg)
-    elif isinstance(msg, Sweep):
-        d.sweep(msg)
-    elif isinstance(msg, Reconcile):
-        d.reconcile()
-    elif isinstance(msg, GpuState):
-        observe(state.gpus, msg)
-    elif isinstance(msg, EscalationAnswered):
-        d.esc_answered(msg)
-    elif isinstance(msg, EscalationFailed):
-        d.esc_failed(msg)
-    elif isinstance(msg, EscalationWaiting):
-        d.step.ignored = f"{msg.plan_id}.{msg.task_id} waits on escalation: {msg.reason}"
-    elif not isinstance(msg, Tick):
-        d.step.ignored = f"the brain does not take {type(msg).__name__} messages"
+    match msg:
+        case SubmitPlan():
+            d.submit(msg)
+        case CancelPlan():
+            d.cancel(msg)
+        case RunStarted():
+            d.run_started(msg)
+        case RunFinished():
+            d.run_finished(msg)
+        case RetryTasks():
+            d.retry(msg)
+        case Sweep():
+            d.sweep(msg)
+        case Reconcile():
+            d.reconcile()
+        case GpuState():
+            observe(state.gpus, msg)
+        case EscalationAnswered():
+            d.esc_answered(msg)
+        case EscalationFailed():
+            d.esc_failed(msg)
+        case EscalationWaiting():
+            d.step.ignored = f"{msg.plan_id}.{msg.task_id} waits on escalation: {msg.reason}"
+        case Tick():
+            pass
+        case _:
+            d.step.ignored = f"the brain does not take {type(msg).__name__} messages"
     d.release()
     d.finish_plans()
-    if isinstance(msg, Tick | Sweep | GpuState):
-        d.place()
+    match msg:
+        case Tick() | Sweep() | GpuState():
+            d.place()
     return d.step
 
 
