@@ -654,18 +654,17 @@ class Brain(Agent):
                 bad.append((raw, f"the brain does not take {type_of(msg)} messages"))
                 continue
             if isinstance(msg, SubmitPlan):
-                if msg.object and not validate.id_problem(msg.plan_id, "plan id", validate.MAX_PLAN_ID_CHARS):
+                bad_id = validate.plan_id_problem(msg.plan_id)
+                if bad_id:
+                    # nothing can be published about such a plan, not even its rejection
+                    bad.append((raw, f"invalid submission: {bad_id}"))
+                    continue
+                if msg.object:
                     msg = await self._fetch_plan(msg)
-                problems = validate.check_submission(msg)
-                if problems:
-                    # a dead letter; a plan whose id can name a subject is also rejected
-                    # (`plan.rejected`, decided below), so its submitter sees why
-                    why = "invalid submission: " + "; ".join(problems)
-                    if validate.id_problem(msg.plan_id, "plan id", validate.MAX_PLAN_ID_CHARS):
-                        bad.append((raw, why))
-                        continue
-                    letters.append((raw, why))
             step = apply(self.state, msg, now, self.policy)
+            if step.invalid:
+                # rejected by the machine's checks (`mesh.validate`): a dead letter too
+                letters.append((raw, f"invalid submission: {step.invalid}"))
             if isinstance(msg, EscalationWaiting):
                 log.info(
                     "%s.%s waits on escalation (try %d, again in %.0fs): %s",

@@ -154,6 +154,9 @@ class Step:
     # an input refused as forged or misdirected (a report without the attempt's claim, or from a
     # worker that does not hold the attempt): the brain dead-letters it with this reason
     refused: str = ""
+    # what is wrong with a submission `mesh.validate` refuses (it is also a `plan.rejected`):
+    # the brain records it as a dead letter too
+    invalid: str = ""
     # model loads and unloads for one worker each (their `gpu.requested` events are in `events`)
     resources: list[ResourceItem] = field(default_factory=list)
     # requests for the gateway (published after the records, like work items)
@@ -680,7 +683,8 @@ class _Decider:
             self._complete_acceptance(msg, known)
             return
         plan_spec, error = self._resolve_models(msg.plan)
-        error = error or validate_plan(plan_spec)
+        self.step.invalid = validate_plan(plan_spec)
+        error = error or self.step.invalid
         msg = msgspec.structs.replace(msg, plan=plan_spec)
         if msg.object:
             error = f"the plan's tasks could not be read from the object store ({msg.object})"

@@ -65,7 +65,17 @@ from mesh.events import (
     TaskClass,
     TaskSpec,
 )
-from mesh.validate import INPUT_KINDS, MAX_PRIORITY, MAX_RETRIES, MAX_TIMEOUT_S, MAX_TOKENS, MIN_PRIORITY
+from mesh.validate import (
+    ID_RE,
+    INPUT_KINDS,
+    MAX_PRIORITY,
+    MAX_RETRIES,
+    MAX_TIMEOUT_S,
+    MAX_TOKENS,
+    MIN_PRIORITY,
+    NAME_RE,
+)
+from mesh.validate import show as _show
 
 __all__ = [
     "BODY_KIND_ALIASES",
@@ -125,8 +135,6 @@ _SECTIONS = ("variables", "env", "tasks", "escalation")
 _MAX_SUGGESTIONS = 100
 _MAX_CYCLES = 50
 
-_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LIST_ITEM_RE = re.compile(r" {0,3}[-*+][ \t]+(\S.*)")
 _FIELD_RE = re.compile(r" {0,3}[-*+][ \t]+([A-Za-z_][A-Za-z0-9_-]*)[ \t]*:(.*)")
 _SUBST_RE = re.compile(r"\{\{|\}\}|(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)(:raw)?\}")
@@ -400,13 +408,6 @@ class _Record:
     resolved: tuple[str, ...] = ()
     resolved_inputs: tuple[str, ...] = ()
     requires_external: bool = False
-
-
-def _show(value: str, limit: int = 60) -> str:
-    """A value quoted for a message, shortened when long."""
-    if len(value) > limit:
-        value = value[: limit - 3] + "..."
-    return repr(value)
 
 
 def _closest(word: str, choices: list[str]) -> str | None:
@@ -769,7 +770,7 @@ class _Parser:
 
     def _variables(self) -> dict[str, str]:
         for name in self.overrides:
-            if not _NAME_RE.fullmatch(name):
+            if not NAME_RE.fullmatch(name):
                 self.add(
                     0,
                     f"--var {_show(name)} is not a valid variable name",
@@ -783,7 +784,7 @@ class _Parser:
             if not colon:
                 self.add(line, f"variable line {_show(entry)} has no ':'", "write '- NAME: default value'")
                 continue
-            if not _NAME_RE.fullmatch(name):
+            if not NAME_RE.fullmatch(name):
                 self.add(
                     line,
                     f"{_show(name)} is not a valid variable name",
@@ -844,7 +845,7 @@ class _Parser:
             if not colon:
                 self.add(line, f"env line {_show(entry)} has no ':'", "write '- NAME: value'")
                 continue
-            if not _NAME_RE.fullmatch(name):
+            if not NAME_RE.fullmatch(name):
                 self.add(
                     line,
                     f"{_show(name)} is not a valid environment variable name",
@@ -1062,7 +1063,7 @@ class _Parser:
                 break
             if not task.id:
                 self.add(task.line, "task heading has no id", _ID_HINT)
-            elif not _ID_RE.fullmatch(task.id):
+            elif not ID_RE.fullmatch(task.id):
                 self.add(task.line, f"task id {_show(task.id)} has characters that are not allowed", _ID_HINT)
             what = f"task at line {task.line}"
             if task.id in owner:
@@ -1222,7 +1223,7 @@ class _Parser:
                     requires_external = b
             elif key == "model":
                 name = value.strip()
-                if _ID_RE.fullmatch(name):
+                if ID_RE.fullmatch(name):
                     model = name
                 else:
                     self.add(
@@ -1441,7 +1442,7 @@ class _Parser:
                     "write '- env: NAME=value, OTHER=value'",
                 )
                 continue
-            if not _NAME_RE.fullmatch(name):
+            if not NAME_RE.fullmatch(name):
                 self.add(
                     line,
                     f"{_show(name)} in the env of task '{task.id}' is not a valid environment variable name",

@@ -38,13 +38,16 @@ INPUT_KINDS = ("prompt", "embed")
 # what is reported of a bad submission at most (a broken 100,000-task plan is not a wall of text)
 MAX_PROBLEMS = 20
 
-_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
-_ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# a plan, task or model id; a variable or environment variable name
+ID_RE = re.compile(r"[A-Za-z0-9_-]+")
+NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def show(value: str, limit: int = 40) -> str:
+def show(value: str, limit: int = 60) -> str:
     """A value quoted for a message, shortened when long."""
-    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
+    if len(value) > limit:
+        value = value[: limit - 3] + "..."
+    return repr(value)
 
 
 def id_problem(value: str, what: str, limit: int) -> str:
@@ -53,14 +56,20 @@ def id_problem(value: str, what: str, limit: int) -> str:
         return f"{what} is empty"
     if len(value) > limit:
         return f"{what} {show(value)} is longer than {limit} characters"
-    if not _ID_RE.fullmatch(value):
+    if not ID_RE.fullmatch(value):
         return f"{what} {show(value)} may hold only letters, digits, '_' and '-'"
     return ""
 
 
+def plan_id_problem(plan_id: str) -> str:
+    """Why `plan_id` cannot be a plan's id ('' when it can): nothing could be published about
+    such a plan, not even its rejection."""
+    return id_problem(plan_id, "plan id", MAX_PLAN_ID_CHARS)
+
+
 def check_submission(msg: SubmitPlan) -> list[str]:
     """Every problem of a submission (at most `MAX_PROBLEMS`); [] when it may be accepted."""
-    why = id_problem(msg.plan_id, "plan id", MAX_PLAN_ID_CHARS)
+    why = plan_id_problem(msg.plan_id)
     if why:
         return [why]
     if msg.object:
@@ -74,7 +83,7 @@ def check_plan(plan: PlanSpec) -> list[str]:
     if not plan.tasks:
         return ["the plan has no tasks"]
     for name in plan.env:
-        if not _ENV_RE.fullmatch(name):
+        if not NAME_RE.fullmatch(name):
             problems.append(f"plan environment variable name {show(name)} is not a valid name")
     ids: set[str] = set()
     for spec in plan.tasks:
@@ -133,14 +142,14 @@ def check_task(spec: TaskSpec) -> list[str]:
     if spec.model:
         if spec.kind not in MODEL_BODY_KINDS:
             problems.append(f"task {t} names a model, but a {spec.kind} body runs none")
-        elif not _ID_RE.fullmatch(spec.model):
+        elif not ID_RE.fullmatch(spec.model):
             problems.append(f"task {t} names model {show(spec.model)}: letters, digits, '_' and '-' only")
     if spec.inputs and spec.kind not in INPUT_KINDS:
         problems.append(
             f"task {t} takes inputs, which apply only to prompt and embed bodies, not {spec.kind}"
         )
     for name, value in spec.env.items():
-        if not _ENV_RE.fullmatch(name):
+        if not NAME_RE.fullmatch(name):
             problems.append(
                 f"task {t} sets environment variable name {show(name)}, which is not a valid name"
             )
