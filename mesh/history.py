@@ -17,7 +17,7 @@ import nats.js.errors
 from nats.js import api
 
 from mesh import events
-from mesh.bus import Bus, decode_or_none, read_bucket, read_stream
+from mesh.bus import Bus, decode_checked, read_bucket, read_stream
 from mesh.errors import MeshError
 from mesh.machine import State, evolve
 from mesh.records import UNREADABLE, PlanRecord, TaskRecord, decode_plan, decode_task
@@ -51,7 +51,8 @@ async def read_history(
         config.opt_start_time = datetime.datetime.fromtimestamp(since, tz=datetime.UTC)
     async for raw in read_stream(bus.js, bus.names.events_stream, subject, config, idle_timeout_s):
         meta = raw.metadata
-        msg, _ = decode_or_none(raw)
+        # a message on a subject it does not belong on is history nobody may fold (None)
+        msg, _ = decode_checked(raw, bus.names)
         stamp = meta.timestamp.timestamp() if meta.timestamp else 0.0
         yield Entry(meta.sequence.stream, raw.subject, stamp, msg, raw.data)
 

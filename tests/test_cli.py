@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from mesh import events
+from mesh.bus import read_bucket
 from mesh.embedded import EmbeddedServer
 from mesh.natsconf import rendered
 from mesh.settings import load_settings
-from tests.conftest import FAST_ENV, ROOT, Mesh
+from tests.conftest import FAST_ENV, HANG_S, ROOT, Mesh
+from tests.faults import until
 
 EXAMPLES = ROOT / "plans" / "examples"
 
@@ -154,24 +156,47 @@ async def test_tail_shows_events_live(mesh: Mesh, env: dict[str, str], tmp_path:
     mesh.brain()
     mesh.worker("w1")
     env = {**env, "MESH_NATS_URL": mesh.server.url}
-    await mesh.bus()  # the streams exist before tail subscribes
-    tail = subprocess.Popen(
-        [sys.executable, "-m", "mesh", "tail", "--json"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    bus = await mesh.bus()  # the streams exist before tail subscribes
+
+    async def brain_registered() -> bool:
+        return any(k.startswith("brain") for k in await read_bucket(await bus.agents_kv()))
+
+    await until(brain_registered, HANG_S, "the brain registered")
+    before = (await bus.js.stream_info(bus.names.events_stream)).state.consumer_count
+    tail_out = tmp_path / "tail.out"
+    with open(tail_out, "w") as out:
+        tail = subprocess.Popen(
+            [sys.executable, "-m", "mesh", "tail", "--json"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+    gate = tmp_path / "gate"
     try:
-        time.sleep(1.5)
-        # long enough to report its start while it runs (a shorter task reports it with its end)
-        plan_id = await mesh.submit_text("# T\n\n## Tasks\n\n### one\n```shell\nsleep 0.2; echo hi\n```\n")
+
+        async def following() -> bool:
+            info = await bus.js.stream_info(bus.names.events_stream)
+            return info.state.consumer_count > before
+
+        # tail follows once its consumer is on the server (however slow its start)
+        await until(following, HANG_S, "tail's consumer")
+        # the task runs until the brain has recorded its start (so `run.started` was sent)
+        body = f"while [ ! -e {gate} ]; do sleep 0.05; done; echo hi"
+        plan_id = await mesh.submit_text(f"# T\n\n## Tasks\n\n### one\n```shell\n{body}\n```\n")
+        await mesh.wait_task(plan_id, "one", "running")
+        gate.touch()
         await mesh.wait_plan(plan_id)
-        time.sleep(0.5)
+
+        async def shown_finished() -> bool:
+            return "plan.finished" in tail_out.read_text()
+
+        await until(shown_finished, HANG_S, "tail shows the plan's end")
     finally:
         tail.terminate()
-        stdout, stderr = tail.communicate(timeout=10)
+        _, stderr = tail.communicate(timeout=10)
+    stdout = tail_out.read_text()
     types = [json.loads(line)["type"] for line in stdout.splitlines() if line.strip()]
     for expected in ("plan.accepted", "task.waiting", "task.released", "run.started", "task.started"):
         assert expected in types, (expected, types, stderr)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh import client, events, validate
+from mesh import client, events, history, validate
 from mesh.errors import PlanError
 from mesh.events import (
     DeadLetter,
@@ -286,3 +286,22 @@ async def test_the_cli_refuses_what_the_brain_would_with_the_same_reasons(mesh: 
         assert brain_says and all(p in str(err.value) for p in brain_says)
     info = await bus.js.stream_info(bus.names.cmd_stream)
     assert info.state.messages == 0
+
+
+async def test_a_transition_on_another_tasks_subject_is_not_folded(mesh: Mesh) -> None:
+    """Replay and the brain's catch-up read the history through the same subject check: a
+    transition that names one task but sits on another's subject is never folded."""
+    mesh.brain()
+    mesh.worker()
+    plan_id = await mesh.submit_text(
+        "# two\n\n## Tasks\n\n### a\n```shell\ntrue\n```\n\n### b\n```shell\ntrue\n```\n"
+    )
+    assert (await mesh.wait_plan(plan_id)).status == "succeeded"
+    bus = await mesh.bus()
+    lie = events.TaskFailed(plan_id=plan_id, task_id="a", attempt=1, at=time.time(), error="forged")
+    subject = bus.names.task_event(plan_id, "b", "failed")
+    await bus.js.publish(subject, events.encode(lie), headers={HEADER_TYPE: "task.failed"})
+    result = await history.replay(bus, plan_id=plan_id)
+    assert result.undecodable == 1
+    assert result.state.tasks[f"{plan_id}.a"].status == "succeeded"
+    assert not (await history.verify(bus, result, plan_id=plan_id)).differences
