@@ -16,8 +16,10 @@ import logging
 
 from nats.aio.msg import Msg as NatsMsg
 
-from mesh.agent import Agent
-from mesh.bus import TRANSIENT, decode_checked, fetch_some
+from agents.base import Agent
+from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.read import fetch_some
+from mesh.bus.route import decode_checked
 from mesh.names import Names
 
 log = logging.getLogger("mesh.auditor")

@@ -40,9 +40,13 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
+from agents.base import Agent
 from mesh import claims, validate
-from mesh.agent import Agent
-from mesh.bus import TRANSIENT, decode_checked, fetch_some, iter_bucket, iter_revisions, read_bucket
+from mesh.bus.history import TRANSITIONS, read_history, replay
+from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.outputs import OutputError, task_output
+from mesh.bus.read import fetch_some, iter_bucket, iter_revisions, read_bucket
+from mesh.bus.route import decode_checked
 from mesh.errors import MeshError
 from mesh.events import (
     AgentOffline,
@@ -74,7 +78,6 @@ from mesh.events import (
     decode,
     type_of,
 )
-from mesh.history import TRANSITIONS, read_history, replay
 from mesh.machine import (
     Policy,
     Reconcile,
@@ -89,7 +92,6 @@ from mesh.machine import (
     work_item,
 )
 from mesh.models import MODEL_KINDS
-from mesh.outputs import OutputError, task_output
 from mesh.placement import PlacementPolicy, observe
 from mesh.records import (
     CANCELLED,

@@ -36,8 +36,10 @@ import nats.js.errors
 from anthropic.types import MessageParam, ToolChoiceAnyParam, ToolParam
 from nats.aio.msg import Msg as NatsMsg
 
-from mesh.agent import Agent
-from mesh.bus import TRANSIENT, decode_checked, fetch_some, read_bucket
+from agents.base import Agent
+from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.read import fetch_some, read_bucket
+from mesh.bus.route import decode_checked
 from mesh.errors import MeshError
 from mesh.escalation import (
     AnswerError,

@@ -29,9 +29,11 @@ import psutil
 from nats.aio.msg import Msg as NatsMsg
 from nats.js import api
 
-from mesh.agent import Agent
+from agents.base import Agent
 from mesh.alerts import AlertEngine, Change, Sinks, build_rules
-from mesh.bus import TRANSIENT, decode_checked, iter_bucket, read_bucket
+from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.read import iter_bucket, read_bucket
+from mesh.bus.route import decode_checked
 from mesh.events import (
     AgentStopped,
     AlertRaised,
@@ -43,11 +45,8 @@ from mesh.events import (
     decode,
     encode,
 )
-from mesh.health import HealthCheck, Tracker, probe_http, restart
-from mesh.names import HEADER_TYPE
-from mesh.records import UNREADABLE, decode_agent, decode_plan, decode_task
-from mesh.settings import Settings
-from mesh.telemetry import (
+from mesh.host.health import HealthCheck, Tracker, probe_http, restart
+from mesh.host.telemetry import (
     GpuSample,
     GpuSource,
     HostSample,
@@ -56,6 +55,9 @@ from mesh.telemetry import (
     open_source,
     sample_host,
 )
+from mesh.names import HEADER_TYPE
+from mesh.records import UNREADABLE, decode_agent, decode_plan, decode_task
+from mesh.settings import Settings
 
 log = logging.getLogger("mesh.watchdog")
 

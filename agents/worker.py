@@ -33,9 +33,12 @@ import nats.js.errors
 from nats.aio.msg import Msg as NatsMsg
 from nats.js import JetStreamContext
 
+from agents.base import Agent
 from mesh import placement as gs
-from mesh.agent import Agent
-from mesh.bus import TRANSIENT, decode_checked, llm_consumer_definition, own_consumer_definition
+from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.outputs import OutputError, task_output
+from mesh.bus.resources import llm_consumer_definition, own_consumer_definition
+from mesh.bus.route import decode_checked
 from mesh.errors import ConfigError
 from mesh.events import (
     MODEL_BODY_KINDS,
@@ -50,14 +53,13 @@ from mesh.events import (
     encode,
     type_of,
 )
-from mesh.executors import EXECUTORS, RunContext, RunResult
-from mesh.gpu import Device, Memory, open_device
+from mesh.host.executors import EXECUTORS, RunContext, RunResult
+from mesh.host.gpu import Device, Memory, open_device
+from mesh.host.reaper import Reaper
+from mesh.host.telemetry import host_token
 from mesh.models import ModelError, ModelSpec
-from mesh.outputs import OutputError, task_output
-from mesh.reaper import Reaper
 from mesh.records import INFLIGHT_STATES, RUNNING, UNREADABLE, decode_task
 from mesh.settings import Settings
-from mesh.telemetry import host_token
 
 log = logging.getLogger("mesh.worker")
 
@@ -204,7 +206,7 @@ class Worker(Agent):
         self.gpu_id = f"{host_token()}-gpu{gpu}" if gpu is not None else self.agent_id
         self.device: Device | None = None
         self.registry: dict[str, ModelSpec] = settings.model_registry()
-        self.llm: Any = None  # mesh.loaders.Loaded
+        self.llm: Any = None  # mesh.host.loaders.Loaded
         self.llm_name = ""
         self.script_models: dict[str, Any] = {}
         self.booting = ""  # gs.BOOTING_LLM / gs.BOOTING_SCRIPT while a load runs
@@ -541,7 +543,7 @@ class Worker(Agent):
 
     # models --------------------------------------------------------------------------------
     async def _load(self, name: str, spec: ModelSpec) -> Any:
-        from mesh.loaders import load_model
+        from mesh.host.loaders import load_model
 
         device = "cpu" if spec.device == "cpu" or self.device is None else self.device.kind
         return await asyncio.to_thread(load_model, name, spec, device)

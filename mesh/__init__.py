@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-# A GPU worker loads its native model libraries before anything else (see mesh/preload.py).
+# A GPU worker loads its native model libraries before anything else (see mesh/host/preload.py).
 import sys as _sys
 
-from mesh.preload import preload as _preload
+from mesh.host.preload import preload as _preload
 
 _preload(_sys.argv)

@@ -33,8 +33,8 @@ from typing import Any, Literal
 import msgspec
 
 from mesh.events import AlertRaised, AlertResolved
+from mesh.host.telemetry import GpuSample, HostSample
 from mesh.names import check_token
-from mesh.telemetry import GpuSample, HostSample
 
 log = logging.getLogger("mesh.alerts")
 

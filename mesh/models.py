@@ -1,7 +1,7 @@
 """The model registry: name -> what a worker needs to load a model, and how big it is.
 
 Nothing here imports a model library: the registry is read by the brain (which
-needs only sizes), the CLI and every worker. Loading lives in `mesh.loaders`,
+needs only sizes), the CLI and every worker. Loading lives in `mesh.host.loaders`,
 which a worker imports only when it runs a model kind.
 
 A model's file comes from `path`, or from `source`, a `module:callable` that

@@ -57,6 +57,15 @@ def check_token(value: str, what: str) -> str:
     return value
 
 
+# every user's replies arrive under its own inbox prefix, which no other user may read
+INBOX_ROOT = "_INBOX"
+
+
+def inbox_prefix(user: str) -> str:
+    """The inbox prefix of a NATS user: where its replies arrive, under its own name."""
+    return f"{INBOX_ROOT}.{check_token(user, 'NATS user')}"
+
+
 @dataclass(frozen=True)
 class Names:
     prefix: str = "mesh"

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from mesh import client
-from mesh.bus import Bus, connect, read_bucket
-from mesh.embedded import EmbeddedServer
+from mesh.bus import client
+from mesh.bus.connect import connect
+from mesh.bus.history import read_history
+from mesh.bus.publish import Bus
+from mesh.bus.read import read_bucket
 from mesh.events import Message, PlanSpec
-from mesh.history import read_history
+from mesh.ops.embedded import EmbeddedServer
 from mesh.plan import parse_plan
 from mesh.records import PlanRecord, TaskRecord, decode_plan, decode_task
 from mesh.settings import Settings, load_settings

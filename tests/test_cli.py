@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from mesh import events
-from mesh.bus import read_bucket
-from mesh.embedded import EmbeddedServer
-from mesh.natsconf import rendered
+from mesh.bus.read import read_bucket
+from mesh.ops.embedded import EmbeddedServer
+from mesh.ops.natsconf import rendered
 from mesh.settings import load_settings
 from tests.conftest import FAST_ENV, HANG_S, ROOT, Mesh
 from tests.faults import until

@@ -14,9 +14,9 @@ import nats.js.errors
 import pytest
 
 from agents.brain import EXIT_LEASE_LOST
-from mesh.embedded import EmbeddedServer
 from mesh.events import RunStarted, TaskSucceeded
-from mesh.natsconf import cluster_server_config
+from mesh.ops.embedded import EmbeddedServer
+from mesh.ops.serverconf import cluster_server_config
 from mesh.settings import load_settings
 from tests.conftest import HANG_S, Mesh
 from tests.faults import plan, runs, task, until

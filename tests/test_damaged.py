@@ -16,10 +16,10 @@ import msgspec
 import pytest
 from rich.console import Console
 
-from mesh.history import dead_letters, replay
+from mesh.bus.history import dead_letters, replay
+from mesh.cli.render import tasks_table
+from mesh.cli.top import Snapshot, build
 from mesh.records import Damaged, PlanRecord, TaskRecord, decode_plan, decode_task
-from mesh.render import tasks_table
-from mesh.top import Snapshot, build
 from tests.conftest import Mesh
 from tests.faults import log_count, logged, plan, run_mesh, task, until
 

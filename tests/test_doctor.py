@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from mesh import doctor
-from mesh.bus import connect
-from mesh.embedded import EmbeddedServer
+from mesh.bus.connect import connect
+from mesh.ops import doctor
+from mesh.ops.embedded import EmbeddedServer
 from mesh.records import AgentRecord, encode_record
 from mesh.settings import load_settings
 from tests.conftest import FAST_ENV, ROOT

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mesh import units
-from mesh.embedded import EmbeddedServer, server_config
 from mesh.errors import ConfigError, MeshError
-from mesh.natsconf import rendered
-from mesh.security import render_server_config
+from mesh.ops import units
+from mesh.ops.embedded import EmbeddedServer, server_config
+from mesh.ops.natsconf import rendered
+from mesh.ops.security import render_server_config
 from mesh.settings import load_settings
 
 

@@ -28,7 +28,8 @@ import msgspec
 import pytest
 
 from mesh import events
-from mesh.bus import Bus
+from mesh.bus.history import read_history
+from mesh.bus.publish import Bus
 from mesh.errors import ExportError
 from mesh.events import (
     EscalationAnswered,
@@ -46,9 +47,8 @@ from mesh.events import (
     TaskStarted,
     TaskSucceeded,
 )
-from mesh.executors import DATA_PREAMBLE
-from mesh.export import Options, export, parse_point
-from mesh.history import read_history
+from mesh.host.executors import DATA_PREAMBLE
+from mesh.ops.export import Options, export, parse_point
 from mesh.redact import Redactor
 from tests.conftest import ROOT, Mesh
 from tests.faults import run_mesh, until
@@ -127,7 +127,7 @@ def test_window_points_and_bad_options_say_what_to_write(tmp_path: Path) -> None
 def test_parquet_without_pyarrow_names_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mesh.export import _ParquetSink
+    from mesh.ops.export import _ParquetSink
 
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     with pytest.raises(ExportError, match=r"Parquet output needs pyarrow.*pip install pyarrow"):
@@ -488,7 +488,7 @@ async def consumers(bus: Bus) -> dict[str, tuple[Any, ...]]:
 
 
 async def agent_id(mesh: Mesh, name: str) -> str:
-    from mesh.bus import read_bucket
+    from mesh.bus.read import read_bucket
     from mesh.records import decode_agent
 
     pid = mesh.procs[name].pid

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh.bus import route
+from mesh.bus.route import route
 from mesh.events import GpuState, RunFinished, encode
-from mesh.telemetry import write_simulated
+from mesh.host.telemetry import write_simulated
 from tests.conftest import ROOT, Mesh
 from tests.faults import until
 

@@ -26,7 +26,9 @@ import nats.js.errors
 import pytest
 
 from agents.brain import EXIT_LEASE_LOST, LEASE_KEY
-from mesh.bus import read_bucket
+from mesh.bus.history import replay as replay_history
+from mesh.bus.history import verify
+from mesh.bus.read import read_bucket
 from mesh.events import (
     AgentOffline,
     DeadLetter,
@@ -37,8 +39,6 @@ from mesh.events import (
     TaskSpec,
     TaskSucceeded,
 )
-from mesh.history import replay as replay_history
-from mesh.history import verify
 from mesh.records import Lease, PlanRecord, TaskRecord, decode_agent, decode_lease
 from tests.conftest import HANG_S, Mesh
 from tests.faults import (

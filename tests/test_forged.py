@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mesh import client, events, history, validate
+from mesh import events, validate
+from mesh.bus import client, history
+from mesh.bus.outputs import task_output
 from mesh.errors import PlanError
 from mesh.events import (
     DeadLetter,
@@ -22,7 +24,6 @@ from mesh.events import (
     TaskSpec,
 )
 from mesh.names import HEADER_MSG_ID, HEADER_TYPE
-from mesh.outputs import task_output
 from mesh.settings import load_settings
 from tests import test_security
 from tests.conftest import Mesh

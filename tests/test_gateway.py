@@ -384,7 +384,7 @@ def run_mesh_with_gateway(mesh: Mesh, api: FakeAnthropic, **settings: object) ->
 
 
 async def test_an_external_task_is_answered_and_its_answer_is_its_output(mesh: Mesh) -> None:
-    from mesh.outputs import task_output
+    from mesh.bus.outputs import task_output
 
     with FakeAnthropic() as api:
         api.then(Reply(result="Paris"))
@@ -501,7 +501,7 @@ async def test_sensitive_tasks_are_not_escalated_and_budgets_fail_with_budget(me
 
 
 async def test_a_plans_budget_alert_is_resolved_when_the_plan_ends(mesh: Mesh) -> None:
-    from mesh.top import EventFold
+    from mesh.cli.top import EventFold
 
     with FakeAnthropic() as api:
         run_mesh_with_gateway(mesh, api, gateway_budget_plan_usd=0.0001)

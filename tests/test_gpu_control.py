@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from mesh.bus import read_bucket
+from mesh.bus.read import read_bucket
 from mesh.events import GpuControl, GpuState, decode
-from mesh.telemetry import host_token, write_simulated
+from mesh.host.telemetry import host_token, write_simulated
 from tests.conftest import ROOT, Mesh
 
 pytestmark = pytest.mark.integration

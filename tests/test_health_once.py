@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.embedded import EmbeddedServer
-from mesh.health import HealthCheck, check_once
+from mesh.host.health import HealthCheck, check_once
+from mesh.ops.embedded import EmbeddedServer
 from tests.conftest import FAST_ENV, ROOT
 
 

@@ -274,7 +274,7 @@ echo never
         if pidfile.exists() and pidfile.read_text().strip():
             break
         await asyncio.sleep(0.05)
-    from mesh import client
+    from mesh.bus import client
 
     await client.cancel(await mesh.bus(), plan_id)
     plan = await mesh.wait_plan(plan_id)
@@ -362,7 +362,7 @@ async def test_cancelled_queued_work_never_runs(mesh: Mesh, tmp_path: Path) -> N
     await mesh.wait_task(plan_id, "long", "running")
     tasks = await mesh.tasks(plan_id)
     assert all(tasks[f"q{i}"].status == "ready" for i in range(3)), "queued behind the running task"
-    from mesh import client
+    from mesh.bus import client
 
     await client.cancel(await mesh.bus(), plan_id)
     plan = await mesh.wait_plan(plan_id)
@@ -386,7 +386,7 @@ async def test_noop_tasks_join_work(mesh: Mesh, tmp_path: Path) -> None:
 
 
 async def test_a_plan_too_big_for_one_message_goes_through_the_object_store(tmp_path: Path) -> None:
-    from mesh.embedded import EmbeddedServer
+    from mesh.ops.embedded import EmbeddedServer
 
     server = EmbeddedServer(tmp_path / "small", port=-1, max_payload=64 * 1024)
     server.start()
@@ -439,7 +439,7 @@ async def test_finished_plans_leave_kv_but_not_the_history(mesh: Mesh, tmp_path:
         await asyncio.sleep(0.1)
     assert await mesh.plan(plan_id) is None, "archived: gone from the plans bucket"
     assert not [k for k in await mesh.raw_tasks() if k.startswith(plan_id)], "and its tasks too"
-    from mesh import history
+    from mesh.bus import history
 
     bus = await mesh.bus()
     result = await history.replay(bus)

@@ -205,7 +205,7 @@ def test_retry_after_cancel_runs_the_cancelled_work() -> None:
 def test_every_decided_fact_has_its_own_message_id() -> None:
     """The server drops a publish whose Nats-Msg-Id it has seen: two different facts must never
     share one, or the history silently loses one of them."""
-    from mesh.bus import route
+    from mesh.bus.route import route
     from mesh.names import Names
 
     d = Driver(policy(part_bytes=2048))

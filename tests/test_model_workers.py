@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mesh import client
-from mesh.bus import read_bucket
+from mesh.bus import client
+from mesh.bus.history import Entry, read_history
+from mesh.bus.read import read_bucket
 from mesh.events import (
     GpuState,
     Message,
@@ -33,8 +34,7 @@ from mesh.events import (
     TaskStarted,
     decode,
 )
-from mesh.executors import DATA_PREAMBLE
-from mesh.history import Entry, read_history
+from mesh.host.executors import DATA_PREAMBLE
 from mesh.models import builtin_models, resolve_path
 from mesh.records import decode_agent
 from tests.conftest import HANG_S, Mesh

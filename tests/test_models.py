@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from mesh.events import WorkItem
-from mesh.executors import (
+from mesh.host.executors import (
     DATA_PREAMBLE,
     EXECUTORS,
     RunContext,
@@ -30,7 +30,7 @@ from mesh.executors import (
     run_prompt,
     run_transcribe,
 )
-from mesh.loaders import Loaded, load_model, whisper_compute_type
+from mesh.host.loaders import Loaded, load_model, whisper_compute_type
 from mesh.models import DEFAULT_MODELS, ModelError, ModelSpec, builtin_models
 from mesh.untrusted import neutralise_data
 

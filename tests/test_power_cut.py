@@ -34,8 +34,8 @@ import pytest
 from nats.js import api
 
 from agents.brain import CHECKPOINT_KEY
-from mesh.bus import read_stream
-from mesh.embedded import EmbeddedServer, server_config
+from mesh.bus.read import read_stream
+from mesh.ops.embedded import EmbeddedServer, server_config
 from mesh.records import decode_checkpoint
 from tests.conftest import Mesh
 from tests.faults import configure, plan, run_mesh, task, until

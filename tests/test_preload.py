@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mesh.preload import is_gpu_worker, preload
+from mesh.host.preload import is_gpu_worker, preload
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.bus import READ_BATCH, READ_BATCH_BYTES, connect
-from mesh.embedded import EmbeddedServer
+from mesh.bus.connect import connect
+from mesh.bus.history import read_history
+from mesh.bus.read import READ_BATCH, READ_BATCH_BYTES
 from mesh.events import PlanTasks, TaskSpec, TaskWaiting
-from mesh.history import read_history
+from mesh.ops.embedded import EmbeddedServer
 from mesh.settings import load_settings
 
 pytestmark = pytest.mark.integration

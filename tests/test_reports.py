@@ -17,7 +17,7 @@ import nats.js.errors
 import pytest
 
 from mesh import events
-from mesh.bus import connect
+from mesh.bus.connect import connect
 from mesh.events import RunFinished, RunStarted, TaskSpec, TaskStarted, TaskSucceeded, WorkItem
 from mesh.machine import replay
 from mesh.records import PENDING, READY, SUCCEEDED, TaskRecord, decode_task, encode_record

@@ -21,12 +21,15 @@ from nats.aio.client import Client
 from nats.js import api
 
 import nats
-from mesh.bus import DomainJetStream, connect, read_bucket
-from mesh.embedded import EmbeddedServer
+from mesh.bus.connect import connect
+from mesh.bus.jetstream import DomainJetStream
+from mesh.bus.read import read_bucket
 from mesh.errors import ServerUnavailable
-from mesh.natsconf import rendered
+from mesh.names import inbox_prefix
+from mesh.ops.embedded import EmbeddedServer
+from mesh.ops.natsconf import rendered
+from mesh.ops.security import Tls, render_permissions, users, write_secure
 from mesh.records import AgentRecord
-from mesh.security import Tls, inbox_prefix, render_permissions, users, write_secure
 from mesh.settings import load_settings
 from tests.conftest import FAST_ENV, ROOT, Mesh
 from tests.fake_anthropic import FakeAnthropic, Reply
@@ -405,7 +408,7 @@ def test_init_secure_writes_private_files_and_refuses_bad_worker_ids(tmp_path: P
     assert worker["agent_id"] == "w2" and worker["manage_resources"] is False
     assert "manage_resources" not in tomllib.loads((tmp_path / "s" / "brain.toml").read_text())
     # the server accepts the config as written
-    from mesh.embedded import find_server_binary
+    from mesh.ops.embedded import find_server_binary
 
     check = subprocess.run(
         [find_server_binary(), "-t", "-c", str(tmp_path / "s" / "server.conf")],
@@ -447,7 +450,7 @@ def test_init_secure_with_a_domain_writes_the_gateway_hosts_files(tmp_path: Path
     # ...denied alike under the domain
     assert '"$JS.rig.API.STREAM.*.MESH_WORK"' in gateway_perms
     assert perms.count("$JS.rig.API.") == gateway_perms.count("$JS.rig.API.")
-    from mesh.embedded import find_server_binary
+    from mesh.ops.embedded import find_server_binary
 
     check = subprocess.run(
         [find_server_binary(), "-t", "-c", str(d / "server.conf")], capture_output=True, text=True

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from mesh.errors import PlanError, Problem
 from mesh.events import WorkItem
-from mesh.executors import RunContext, run_shell
+from mesh.host.executors import RunContext, run_shell
 from mesh.plan import parse_plan
 from mesh.shellquote import Hole, fill, is_plain
 from tests.conftest import Mesh

@@ -11,8 +11,8 @@ import nats.errors
 import nats.js.errors
 import pytest
 
+from mesh.bus.store import StoreWatch, full_error, locate, store_dir_of_config, stream_of
 from mesh.settings import load_settings
-from mesh.store import StoreWatch, full_error, locate, store_dir_of_config, stream_of
 
 FULL = "the NATS server's store is full"
 
@@ -71,7 +71,7 @@ async def test_a_full_store_is_said_once_and_its_end_once(
     (tmp_path / "nats-server.conf").write_text(f'jetstream {{ store_dir: "{tmp_path}" }}\n')
     watch = StoreWatch(load_settings(environ={"MESH_DATA_DIR": str(tmp_path)}), environ={})
     refused = api_error(503, 10023, "insufficient resources")
-    caplog.set_level(logging.INFO, logger="mesh.store")
+    caplog.set_level(logging.INFO, logger="mesh.bus.store")
     for _ in range(3):
         assert await watch.failed(refused, ["mesh.evt.run.p.t.finished"])
         assert await watch.failed(refused, ["$KV.mesh-agents.w1"])

@@ -27,8 +27,8 @@ from pathlib import Path
 import nats.js.errors
 import pytest
 
-from mesh.embedded import EmbeddedServer
-from mesh.history import replay, verify
+from mesh.bus.history import replay, verify
+from mesh.ops.embedded import EmbeddedServer
 from mesh.records import SUCCEEDED
 from tests.conftest import Mesh
 from tests.faults import configure, log_count, logged, plan, run_mesh, task, until

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh import units
+from mesh.ops import units
 from mesh.settings import load_settings
 from tests.conftest import ROOT
 

@@ -20,12 +20,11 @@ import psutil
 import pytest
 
 from mesh.alerts import AlertEngine, AlertRule, Sinks, build_rules, webhook_request
-from mesh.bus import read_bucket, route
+from mesh.bus.read import read_bucket
+from mesh.bus.route import route
 from mesh.errors import ConfigError
 from mesh.events import AlertRaised, AlertResolved, decode, encode
-from mesh.names import Names
-from mesh.settings import load_settings
-from mesh.telemetry import (
+from mesh.host.telemetry import (
     GpuSample,
     HostSample,
     SimulatedSource,
@@ -35,6 +34,8 @@ from mesh.telemetry import (
     sample_host,
     write_simulated,
 )
+from mesh.names import Names
+from mesh.settings import load_settings
 from tests.conftest import ROOT, Mesh
 from tests.faults import until
 
@@ -474,7 +475,7 @@ def test_mesh_rules_queue_failures_and_idle_vram() -> None:
 async def test_watchdog_alerts_on_deep_queues_failing_classes_and_memory_held_by_an_idle_gpu(
     mesh: Mesh, tmp_path: Path
 ) -> None:
-    from mesh.telemetry import host_token
+    from mesh.host.telemetry import host_token
 
     sim = tmp_path / "gpus.json"
     write_simulated(sim, [{"name": "S", "temp_c": 50, "mem_total_mb": 8192, "mem_used_mb": 3000}])
@@ -533,7 +534,7 @@ def test_every_nvml_call_mesh_makes_exists_in_the_installed_nvidia_ml_py() -> No
     import pynvml
 
     used: set[str] = set()
-    for rel in ("mesh/telemetry.py", "mesh/gpu.py", "tools/gpu_check.py"):
+    for rel in ("mesh/host/telemetry.py", "mesh/host/gpu.py", "tools/gpu_check.py"):
         used |= set(re.findall(r"\b(nvml[A-Z][A-Za-z]+|NVML_[A-Z_]+)\b", (ROOT / rel).read_text()))
     assert {"nvmlInit", "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetTemperature"} <= used
     assert sorted(n for n in used if not hasattr(pynvml, n)) == []

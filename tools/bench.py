@@ -44,16 +44,19 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agents.base import run_loop  # noqa: E402
 from agents.brain import CHECKPOINT_KEY  # noqa: E402
-from mesh import client, events  # noqa: E402
-from mesh.agent import run_loop  # noqa: E402
-from mesh.bus import Bus, connect, read_bucket  # noqa: E402
-from mesh.export import Options, export  # noqa: E402
-from mesh.history import read_history, replay  # noqa: E402
+from mesh import events  # noqa: E402
+from mesh.bus import client  # noqa: E402
+from mesh.bus.connect import connect  # noqa: E402
+from mesh.bus.history import read_history, replay  # noqa: E402
+from mesh.bus.publish import Bus  # noqa: E402
+from mesh.bus.read import read_bucket  # noqa: E402
+from mesh.ops.export import Options, export  # noqa: E402
+from mesh.ops.up import Child, Stack  # noqa: E402
 from mesh.plan import parse_plan  # noqa: E402
 from mesh.records import decode_checkpoint  # noqa: E402
 from mesh.settings import load_settings  # noqa: E402
-from mesh.up import Child, Stack  # noqa: E402
 
 SCENARIOS = ("throughput", "chain", "submit", "recovery", "scale", "replay", "export")
 

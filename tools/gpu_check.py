@@ -29,14 +29,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mesh import client  # noqa: E402
-from mesh.agent import run_loop  # noqa: E402
-from mesh.bus import connect  # noqa: E402
+from agents.base import run_loop  # noqa: E402
+from mesh.bus import client  # noqa: E402
+from mesh.bus.connect import connect  # noqa: E402
+from mesh.bus.history import read_history  # noqa: E402
 from mesh.events import GpuState, PlanFinished, RunFinished  # noqa: E402
-from mesh.history import read_history  # noqa: E402
+from mesh.ops.up import Stack  # noqa: E402
 from mesh.plan import load_plan  # noqa: E402
 from mesh.settings import load_settings  # noqa: E402
-from mesh.up import Stack  # noqa: E402
 
 TEXTS = [
     "The GPU in the closet runs all night.",

@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-log = logging.getLogger("mesh.gpu")
+log = logging.getLogger("mesh.host.gpu")
 MB = 1024 * 1024
 
 
@@ -114,7 +114,7 @@ class SimulatedDevice(Device):
     watchdog and thermal control on a machine with no NVIDIA GPU: only NVML is simulated."""
 
     def __init__(self, index: int, path: str, memory_mb: int = 0) -> None:
-        from mesh.telemetry import SimulatedSource, host_token
+        from mesh.host.telemetry import SimulatedSource, host_token
 
         self.source = SimulatedSource(path, host_token())
         self.index = index

@@ -40,7 +40,9 @@ from nats.js import api
 from nats.js.object_store import ObjectStore
 
 from mesh import events
-from mesh.bus import Bus, read_stream
+from mesh.bus.history import parse_since
+from mesh.bus.publish import Bus
+from mesh.bus.read import read_stream
 from mesh.errors import ExportError, MeshError
 from mesh.events import (
     EscalationAnswered,
@@ -57,7 +59,6 @@ from mesh.events import (
     TaskStarted,
     TaskSucceeded,
 )
-from mesh.history import parse_since
 from mesh.names import check_token
 from mesh.redact import Redactor
 

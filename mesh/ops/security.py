@@ -36,11 +36,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh.bus import bucket_definitions, consumer_definitions
-from mesh.embedded import server_config
+from mesh.bus.resources import bucket_definitions, consumer_definitions
 from mesh.errors import ConfigError
 from mesh.events import TASK_CLASSES
-from mesh.names import Names, check_token, kv_subject
+from mesh.names import Names, check_token, inbox_prefix, kv_subject
+from mesh.ops.embedded import server_config
+from mesh.ops.serverconf import gateway_host_config
 from mesh.settings import Settings
 
 JS_API = "$JS.API"
@@ -49,14 +50,8 @@ ROLES = ("cli", "brain", "worker", "watchdog", "auditor", "exporter", "gateway")
 MANAGERS = frozenset({"cli", "brain"})
 # the workers of the rendering committed in nats/secure/ (docs/security.md's example host `rig`)
 EXAMPLE_WORKERS = ("worker-rig-gpu0", "worker-rig-gpu1", "worker-rig-cpu1")
-# every user's replies arrive under its own inbox prefix, which no other user may read
-INBOX_ROOT = "_INBOX"
 # a GPU worker's id as the worker makes it: `worker-<host>-gpu<N>`; its GPU is `<host>-gpu<N>`
 _GPU_WORKER = re.compile(r"^worker-(?P<gpu>[A-Za-z0-9_-]+-gpu[0-9]+)$")
-
-
-def inbox_prefix(user: str) -> str:
-    return f"{INBOX_ROOT}.{check_token(user, 'NATS user')}"
 
 
 def _kv_stream(bucket: str) -> str:
@@ -505,7 +500,7 @@ def _conf_list(items: Iterable[str], indent: str) -> str:
 def render_permissions(settings: Settings, workers: Iterable[str], domain: str = "") -> str:
     """One `PERMS_<USER>` variable per user, for `server.conf` to refer to."""
     lines = [
-        "# Subject permissions of each mesh user, rendered from mesh/security.py.",
+        "# Subject permissions of each mesh user, rendered from mesh/ops/security.py.",
         "# `mesh init --secure DIR` writes this file beside the server.conf that includes it.",
         "",
     ]
@@ -703,8 +698,6 @@ def write_secure(
         )
         written.append(path)
     if domain:
-        from mesh.natsconf import gateway_host_config
-
         host_conf = base / "gateway-host.conf"
         host_conf.write_text(gateway_host_config(leaf_host_port), encoding="utf-8")
         written.append(host_conf)

@@ -21,11 +21,13 @@ from typing import Any, TypeVar
 
 import nats.js.errors
 
-from mesh.bus import TRANSIENT, Bus, connect
+from mesh.bus.connect import connect
+from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.publish import Bus
+from mesh.bus.store import full_error
 from mesh.events import AgentStarted, AgentStopped
 from mesh.records import AgentRecord, encode_record
 from mesh.settings import Settings
-from mesh.store import full_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -40,7 +40,7 @@ import nats.js.errors
 
 from mesh.settings import ENV_CONFIG, Settings
 
-log = logging.getLogger("mesh.store")
+log = logging.getLogger("mesh.bus.store")
 
 MB = 1024 * 1024
 # JetStream's answers to a write that does not fit (nats-server's error codes)

@@ -29,11 +29,15 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from mesh import client, events, render
-from mesh.bus import Bus, decode_or_none, read_bucket, read_stream
+from mesh import events
+from mesh.bus import client
+from mesh.bus.publish import Bus
+from mesh.bus.read import read_bucket, read_stream
+from mesh.bus.route import decode_or_none
+from mesh.cli import render
 from mesh.errors import MeshError
+from mesh.host.telemetry import GpuSample, HostSample, decode_sample
 from mesh.records import PENDING, READY, RUNNING, WAITING, Damaged
-from mesh.telemetry import GpuSample, HostSample, decode_sample
 
 RECENT_EVENTS = 15
 # how far back in the event stream the first frame looks for its recent events

@@ -15,7 +15,9 @@ import nats.js.errors
 from nats.js import api
 
 from mesh import events, validate
-from mesh.bus import Bus, decode_or_none, read_bucket
+from mesh.bus.publish import Bus
+from mesh.bus.read import read_bucket
+from mesh.bus.route import decode_or_none
 from mesh.errors import NotFound, PlanError, Problem
 from mesh.events import CancelPlan, PlanSpec, RetryTasks, SubmitPlan
 from mesh.names import check_token

@@ -34,7 +34,7 @@ class RunContext:
     # told the process group of a body when it starts, and again when it is gone
     on_start: Callable[[int], None] | None = None
     on_end: Callable[[int], None] | None = None
-    # model kinds: the loaded model (a `mesh.loaders.Loaded`), the device it is on, and the
+    # model kinds: the loaded model (a `mesh.host.loaders.Loaded`), the device it is on, and the
     # outputs of the dependencies named in the task's `inputs`, by task id
     model: Any = None
     device: str = "cpu"

@@ -3,7 +3,7 @@
 Each check is a function returning findings: ok, warn, fail or skip, a message
 that says what was seen, and for anything not ok a fix. The checks: the server
 (reachable, JetStream on, its limits), the streams, buckets and consumers
-against what `mesh/bus.py` defines (drift names the field), clock skew (this
+against what `mesh/bus/` defines (drift names the field), clock skew (this
 host against the server, and every agent's host through its registration), the
 GPUs (NVML, driver, nvidia-smi, CUDA in llama.cpp), the configured models on
 disk, free disk, the server's store (where it is, its room), and the systemd
@@ -28,16 +28,11 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from mesh import store
-from mesh.bus import (
-    NS,
-    Bus,
-    bucket_definitions,
-    connect,
-    consumer_definitions,
-    read_stream,
-    stream_definitions,
-)
+from mesh.bus import store
+from mesh.bus.connect import connect
+from mesh.bus.publish import Bus
+from mesh.bus.read import read_stream
+from mesh.bus.resources import NS, bucket_definitions, consumer_definitions, stream_definitions
 from mesh.errors import MeshError
 from mesh.models import ModelError, builtin_models, resolve_path
 from mesh.names import kv_keys
@@ -200,7 +195,7 @@ def show(key: str, value: Any) -> str:
 
 
 async def check_resources(bus: Bus) -> list[Finding]:
-    """Streams, buckets and durable consumers as `mesh/bus.py` defines them."""
+    """Streams, buckets and durable consumers as `mesh/bus/` defines them."""
     s = bus.settings
     findings: list[Finding] = []
     for d in stream_definitions(s):

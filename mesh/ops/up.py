@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh.embedded import EmbeddedServer, agent_command
+from mesh.ops.embedded import EmbeddedServer, agent_command
 
 log = logging.getLogger(__name__)
 

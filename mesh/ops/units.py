@@ -27,10 +27,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.agent import STOP_WAIT_S
-from mesh.bus import PUBLISH_TIMEOUT_S
-from mesh.embedded import server_config
+from agents.base import STOP_WAIT_S
+from mesh.bus.publish import PUBLISH_TIMEOUT_S
 from mesh.errors import MeshError
+from mesh.ops.embedded import server_config
 from mesh.settings import Settings
 
 SYSTEM_UNIT_DIR = "/etc/systemd/system"

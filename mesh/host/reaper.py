@@ -7,7 +7,7 @@ small process with a pipe; it writes `+ PGID` when a body starts and `- PGID` wh
 When the pipe closes, the worker is gone (a clean stop closes it with no groups left), and the
 reaper kills every group still listed.
 
-    python -m mesh.reaper        (started by the worker, never by hand)
+    python -m mesh.host.reaper        (started by the worker, never by hand)
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Reaper:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh.reaper"],
+            [sys.executable, "-m", "mesh.host.reaper"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import msgspec
 import nats.js.errors
 
-from mesh.bus import Bus
+from mesh.bus.publish import Bus
 from mesh.events import EscalationAnswered, RunFinished, decode
 from mesh.records import decode_task
 

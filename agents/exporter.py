@@ -43,10 +43,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from agents.base import Agent
 from mesh import events
-from mesh.agent import Agent
-from mesh.bus import TRANSIENT, read_bucket
+from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.read import read_bucket
 from mesh.errors import MeshError
+from mesh.host.telemetry import GpuSample, HostSample, decode_sample
 from mesh.names import kv_keys, kv_subject
 from mesh.records import (
     PLAN_FINAL_STATES,
@@ -58,7 +60,6 @@ from mesh.records import (
     decode_task,
 )
 from mesh.settings import Settings
-from mesh.telemetry import GpuSample, HostSample, decode_sample
 
 log = logging.getLogger(__name__)
 

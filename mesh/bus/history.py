@@ -17,7 +17,9 @@ import nats.js.errors
 from nats.js import api
 
 from mesh import events
-from mesh.bus import Bus, decode_checked, read_bucket, read_stream
+from mesh.bus.publish import Bus
+from mesh.bus.read import read_bucket, read_stream
+from mesh.bus.route import decode_checked
 from mesh.errors import MeshError
 from mesh.machine import State, evolve
 from mesh.records import UNREADABLE, PlanRecord, TaskRecord, decode_plan, decode_task

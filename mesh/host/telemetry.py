@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import msgspec
 import psutil
 
-log = logging.getLogger("mesh.telemetry")
+log = logging.getLogger("mesh.host.telemetry")
 MB = 1024 * 1024
 
 

@@ -19,15 +19,18 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mesh import client, events, render
-from mesh.agent import run_loop
-from mesh.bus import Bus, connect
+from agents.base import run_loop
+from mesh import events
+from mesh.bus import client
+from mesh.bus.connect import connect
+from mesh.bus.publish import Bus
+from mesh.bus.store import full_error
+from mesh.cli import render
 from mesh.errors import MeshError
 from mesh.events import TASK_CLASSES
-from mesh.logs import configure
+from mesh.host.logs import configure
 from mesh.records import Damaged
 from mesh.settings import Settings, load_settings
-from mesh.store import full_error
 
 app = typer.Typer(
     name="mesh",
@@ -281,7 +284,7 @@ def status(
                 for d in damaged:
                     print(msgspec.json.encode({"damaged": d}).decode())
             else:
-                from mesh.history import escalation_waits
+                from mesh.bus.history import escalation_waits
 
                 notes = await escalation_waits(bus, tasks)
                 bad_tasks = [d for d in damaged if d is not record]
@@ -386,7 +389,7 @@ def replay(
     ] = False,
 ) -> None:
     """Rebuild task and plan state from the event history, with the brain's own state machine."""
-    from mesh import history
+    from mesh.bus import history
 
     s = settings()
     start = history.parse_since(since) if since else None
@@ -428,7 +431,7 @@ def dead(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON record per line")] = False,
 ) -> None:
     """Dead letters: messages an agent could not use, kept so nothing vanishes silently."""
-    from mesh import history
+    from mesh.bus import history
 
     s = settings()
     start = history.parse_since(since) if since else None
@@ -459,7 +462,7 @@ def costs(
     since: Annotated[str | None, typer.Option("--since", help="2h, 7d, or a date")] = None,
 ) -> None:
     """What escalations to Claude cost: calls, tokens and USD, from the history."""
-    from mesh import history
+    from mesh.bus import history
 
     if by not in ("day", "plan"):
         raise fail(f"--by {by!r}: write --by day or --by plan")
@@ -556,7 +559,7 @@ def init(
         )
         return
     if render_dir is not None:
-        from mesh.natsconf import write_config
+        from mesh.ops.natsconf import write_config
 
         for path in write_config(s, render_dir):
             out.print(f"wrote {path}")
@@ -591,9 +594,9 @@ def _init_secure(
     leaf_port: int,
     domain: str,
 ) -> None:
-    from mesh.gpu import count_gpus
-    from mesh.security import Tls, write_secure
-    from mesh.telemetry import host_token
+    from mesh.host.gpu import count_gpus
+    from mesh.host.telemetry import host_token
+    from mesh.ops.security import Tls, write_secure
 
     host = host_token()
     if not workers:
@@ -670,7 +673,7 @@ def up(
     glob_outside: GlobOutsideOpt = False,
 ) -> None:
     """Start an embedded nats-server, a brain, N CPU workers and the model workers; Ctrl-C stops them all."""
-    from mesh.up import Stack
+    from mesh.ops.up import Stack
 
     configure()
     s = settings()
@@ -728,7 +731,7 @@ def _model_workers(spec: str) -> tuple[int | None, ...]:
     if word == "cpu":
         return (None,)
     if word == "auto":
-        from mesh.gpu import count_gpus
+        from mesh.host.gpu import count_gpus
 
         n = count_gpus()
         return tuple(range(n)) if n else (None,)
@@ -774,8 +777,8 @@ def agent_brain(
     log_level: Annotated[str | None, typer.Option("--log-level")] = None,
 ) -> None:
     """The brain: releases tasks, cascades results, retries."""
+    from agents.base import run_agent
     from agents.brain import Brain
-    from mesh.agent import run_agent
 
     configure(log_level, name="brain")
     s = settings()
@@ -788,7 +791,7 @@ def agent_auditor(
 ) -> None:
     """The auditor: dead-letters malformed messages on event subjects nobody else consumes."""
     from agents.auditor import Auditor
-    from mesh.agent import run_agent
+    from agents.base import run_agent
 
     configure(log_level, name="auditor")
     raise typer.Exit(run_agent(Auditor(settings())))
@@ -803,8 +806,8 @@ def agent_watchdog(
     log_level: Annotated[str | None, typer.Option("--log-level")] = None,
 ) -> None:
     """The watchdog (one per host): GPU and host telemetry, and alerts."""
+    from agents.base import run_agent
     from agents.watchdog import Watchdog
-    from mesh.agent import run_agent
 
     configure(log_level, name="watchdog")
     raise typer.Exit(run_agent(Watchdog(settings(), host=host)))
@@ -816,8 +819,8 @@ def agent_exporter(
     log_level: Annotated[str | None, typer.Option("--log-level")] = None,
 ) -> None:
     """The Prometheus exporter: GPU telemetry and states, queues, task durations, alerts on /metrics."""
-    from mesh.agent import run_agent
-    from mesh.metrics import Exporter
+    from agents.base import run_agent
+    from agents.exporter import Exporter
 
     configure(log_level, name="exporter")
     raise typer.Exit(run_agent(Exporter(settings(metrics_port=port))))
@@ -828,8 +831,8 @@ def agent_gateway(
     log_level: Annotated[str | None, typer.Option("--log-level")] = None,
 ) -> None:
     """The gateway: answers escalated tasks with Claude, within budgets and rate limits."""
+    from agents.base import run_agent
     from agents.gateway import Gateway
-    from mesh.agent import run_agent
 
     configure(log_level, name="gateway")
     raise typer.Exit(run_agent(Gateway(settings())))
@@ -868,7 +871,7 @@ def agent_worker(
         raise fail(
             f"--gpu {gpu!r} is not a GPU index or 'none': e.g. --gpu 0, or --gpu none for a CPU worker"
         )
-    from mesh.gpu import gpu_environment
+    from mesh.host.gpu import gpu_environment
 
     # CUDA reads CUDA_VISIBLE_DEVICES, and the dynamic loader LD_LIBRARY_PATH, when they first
     # load: set both before anything imports a CUDA library (the loader only at exec)
@@ -876,9 +879,9 @@ def agent_worker(
     if env.get("LD_LIBRARY_PATH", "") != os.environ.get("LD_LIBRARY_PATH", ""):
         os.execve(sys.executable, [sys.executable, "-m", "mesh", *sys.argv[1:]], env)
     os.environ["CUDA_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"]
+    from agents.base import run_agent
     from agents.worker import Worker
-    from mesh.agent import run_agent
-    from mesh.gpu import GpuError
+    from mesh.host.gpu import GpuError
 
     configure(log_level, name="worker")
     default = "script,llm" if index is not None else "cpu"
@@ -904,7 +907,7 @@ def agents() -> None:
     s = settings()
 
     async def go() -> int:
-        from mesh.bus import read_bucket
+        from mesh.bus.read import read_bucket
         from mesh.records import decode_agent
 
         bus = await _bus(s)
@@ -931,7 +934,7 @@ app.add_typer(gpu_app, name="gpu")
 def _gpu_id(gpu: str) -> str:
     """A GPU id as the gpus bucket has it; a bare index means this host's GPU."""
     if gpu.isdigit():
-        from mesh.telemetry import host_token
+        from mesh.host.telemetry import host_token
 
         return f"{host_token()}-gpu{gpu}"
     return gpu
@@ -1021,7 +1024,7 @@ def models(
     registry = s.model_registry()
 
     async def loaded_where() -> dict[str, list[str]]:
-        from mesh.bus import read_bucket
+        from mesh.bus.read import read_bucket
 
         bus = await _bus(s)
         try:
@@ -1070,7 +1073,7 @@ def gpus(
     s = settings()
 
     async def go() -> int:
-        from mesh.top import gpu_rows, read_gpus
+        from mesh.cli.top import gpu_rows, read_gpus
 
         bus = await _bus(s)
         try:
@@ -1092,7 +1095,7 @@ def gpus(
 def _gpus_table(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
-    from mesh.top import num as _num
+    from mesh.cli.top import num as _num
 
     table = Table(title_justify="left")
     for col in ("host", "gpu", "name", "state", "model", "temp °C", "util %", "VRAM MB", "power W", "seen"):
@@ -1128,7 +1131,7 @@ def top(
     once: Annotated[bool, typer.Option("--once", help="print one frame and exit")] = False,
 ) -> None:
     """A live full-screen view: GPUs, queues, recent events and alerts firing (Ctrl-C quits)."""
-    from mesh.top import run_top
+    from mesh.cli.top import run_top
 
     s = settings()
 
@@ -1188,7 +1191,7 @@ def install_units(
     """Render systemd units (server, brain, workers, watchdog, gateway, health timer) for this host."""
     import dataclasses
 
-    from mesh import units
+    from mesh.ops import units
 
     if (out_dir is None) == (not install):
         raise fail("say where the units go: --out DIR to look at them, or --install")
@@ -1239,7 +1242,7 @@ def health(
 ) -> None:
     """One round of the [health.NAME] checks (what the watchdog runs continuously); restarts what
     stays unhealthy. Exit 1 if any check failed. mesh-health.timer runs it on hosts without a watchdog."""
-    from mesh.health import HealthCheck, Verdict, check_once, probe_http
+    from mesh.host.health import HealthCheck, Verdict, check_once, probe_http
 
     s = settings()
     if not s.health:
@@ -1311,7 +1314,7 @@ def export_cmd(
     ] = "chat",
 ) -> None:
     """Write the history as training data: one redacted record per task attempt, and a manifest."""
-    from mesh import export
+    from mesh.ops import export
 
     s = settings()
     try:
@@ -1382,7 +1385,7 @@ def doctor(
     disk, systemd units; each problem with its fix. Exit 1 if anything failed."""
     from rich.table import Table
 
-    from mesh.doctor import diagnose, failed
+    from mesh.ops.doctor import diagnose, failed
 
     s = settings()
     findings = run(lambda: diagnose(s, quick=quick))

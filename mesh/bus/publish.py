@@ -1,0 +1,385 @@
+"""The bus: one connected client, its resources, and typed publishing of mesh's messages.
+
+Every message goes to the subject `route` names, with its `Nats-Msg-Id` for deduplication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg as NatsMsg
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+import nats
+from mesh import events
+from mesh.bus.jetstream import TRANSIENT, DomainJetStream, jetstream
+from mesh.bus.pipeline import AckCollector
+from mesh.bus.resources import (
+    DAY_S,
+    _consumer_config,
+    _kv_config,
+    _stream_config,
+    bucket_definitions,
+    consumer_definitions,
+    gateway_consumer_definition,
+    stream_definitions,
+)
+from mesh.bus.route import origin_of, route
+from mesh.bus.store import StoreWatch
+from mesh.errors import MeshError
+from mesh.events import DeadLetter, Msg
+from mesh.names import HEADER_MSG_ID, HEADER_TYPE, Names, kv_keys, kv_subject
+from mesh.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+DEAD_PAYLOAD_BYTES = 2048
+
+
+PUBLISH_TIMEOUT_S = 10.0
+
+
+PIPELINE_CHUNK = 2000
+
+
+class Bus:
+    """A connected client: JetStream context, KV handles and publish helpers."""
+
+    def __init__(self, nc: Client, settings: Settings) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = jetstream(nc, settings)
+        self.settings = settings
+        self.names: Names = settings.names
+        self._kv: dict[str, KeyValue] = {}
+        self._objects: ObjectStore | None = None
+        self._acks: AckCollector | None = None
+        self.closing = False
+        # says once when the server's store is full, and once when it takes writes again
+        buckets = bucket_definitions(settings)
+        memory = tuple(kv_keys(d["bucket"]) for d in buckets if d["storage"] == "memory")
+        self.store = StoreWatch(settings, memory_subjects=memory)
+        if isinstance(self.js, DomainJetStream):
+            self.js.store = self.store
+
+    # resources ----------------------------------------------------------------
+    async def ensure_resources(self, classes: tuple[str, ...] = ("cpu",)) -> None:
+        """Create or update every stream, bucket and consumer; safe to run any number of times."""
+        for d in stream_definitions(self.settings):
+            await self._ensure_stream(d)
+        for d in bucket_definitions(self.settings):
+            await self._ensure_bucket(d)
+        for c in consumer_definitions(self.settings, classes):
+            await self.js.add_consumer(c["stream"], config=_consumer_config(c["config"]))
+        await self.objects()
+
+    async def ensure_gateway_resources(self) -> None:
+        """What the gateway uses, and nothing else (its credentials may allow no more): the
+        event and escalation streams, the agents and gateway buckets, and its own consumer."""
+        n = self.names
+        for d in stream_definitions(self.settings):
+            if d["name"] not in (n.events_stream, n.esc_stream):
+                continue
+            if self.settings.manage_resources:
+                await self._ensure_stream(d)
+            else:  # the brain or `mesh init` creates the streams; its own bucket it may create
+                await self._wait_until_present(functools.partial(self._missing_stream, d["name"]), 3600.0)
+        for d in bucket_definitions(self.settings):
+            if d["bucket"] in (n.agents_bucket, n.gateway_bucket):
+                await self._ensure_bucket(d)
+        c = gateway_consumer_definition(self.settings)
+        await self.js.add_consumer(c["stream"], config=_consumer_config(c["config"]))
+
+    async def bind_resources(
+        self, classes: tuple[str, ...] = ("cpu",), consumers: tuple[str, ...] = (), wait_s: float = 3600.0
+    ) -> None:
+        """Wait until every stream and bucket, and the durable `consumers` this process binds to,
+        exist, creating none.
+
+        For processes whose NATS user may not create them (`manage_resources = false`): the
+        brain, or `mesh init`, creates them."""
+        await self._wait_until_present(lambda: self._missing_resource(classes, consumers), wait_s)
+
+    async def _wait_until_present(self, missing: Callable[[], Awaitable[str]], wait_s: float) -> None:
+        """Poll `missing` (what does not exist yet, '' once all does) until all exists; for a
+        process whose NATS user may not create what it uses."""
+        deadline = time.monotonic() + wait_s
+        for attempt in itertools.count():
+            what = await missing()
+            if not what:
+                return
+            if time.monotonic() >= deadline:
+                raise MeshError(
+                    f"{what} does not exist on the server, and this process may not create it "
+                    "(manage_resources = false): start the brain, or run `mesh init` as the cli user"
+                )
+            if attempt % 30 == 0:
+                log.warning("waiting for %s (the brain or `mesh init` creates it)", what)
+            await asyncio.sleep(1.0)
+
+    async def _missing_resource(self, classes: tuple[str, ...], consumers: tuple[str, ...]) -> str:
+        # the escalation stream and the gateway's bucket are the brain's and the gateway's
+        # alone: other roles may not even look at them
+        n = self.names
+        try:
+            for d in stream_definitions(self.settings):
+                if d["name"] != n.esc_stream:
+                    await self.js.stream_info(d["name"])
+            for d in bucket_definitions(self.settings):
+                if d["bucket"] != n.gateway_bucket:
+                    self._kv[d["bucket"]] = await self.js.key_value(d["bucket"])
+            for c in consumer_definitions(self.settings, classes):
+                if c["config"]["durable_name"] in consumers:
+                    await self.js.consumer_info(c["stream"], c["config"]["durable_name"])
+            self._objects = await self.js.object_store(self.names.objects_bucket)
+        except nats.js.errors.NotFoundError as exc:
+            return f"a stream, bucket or consumer ({exc.description or exc})"
+        return ""
+
+    async def prepare(self, classes: tuple[str, ...] = ("cpu",), consumers: tuple[str, ...] = ()) -> None:
+        """`ensure_resources`, or `bind_resources` where this process may not create them."""
+        if self.settings.manage_resources:
+            await self.ensure_resources(classes)
+        else:
+            await self.bind_resources(classes, consumers)
+
+    async def bind_consumer(self, config: dict[str, Any]) -> JetStreamContext.PullSubscription:
+        """Create (or update) a durable pull consumer on the work stream and bind to it.
+
+        Created under its name and filter (`CONSUMER.CREATE.<stream>.<name>.<filter>`): a
+        server with per-role permissions lets a worker create exactly the consumers it owns."""
+        named = {**config, "name": config["durable_name"]}
+        await self.js.add_consumer(self.names.work_stream, config=_consumer_config(named))
+        return await self.js.pull_subscribe_bind(
+            durable=config["durable_name"], stream=self.names.work_stream
+        )
+
+    async def objects(self) -> ObjectStore:
+        """The object store (created on first use), for payloads too big for a message."""
+        if self._objects is None:
+            name = self.names.objects_bucket
+            try:
+                self._objects = await self.js.object_store(name)
+            except nats.js.errors.BucketNotFoundError:
+                self._objects = await self.js.create_object_store(
+                    name,
+                    api.ObjectStoreConfig(
+                        description="mesh: payloads too big for one message",
+                        storage=api.StorageType.FILE,
+                        ttl=self.settings.events_max_age_days * DAY_S,
+                        replicas=self.settings.replicas,
+                    ),
+                )
+                log.info("created object store %s", name)
+        return self._objects
+
+    async def _missing_stream(self, name: str) -> str:
+        try:
+            await self.js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            return f"stream {name}"
+        return ""
+
+    async def _ensure_stream(self, d: dict[str, Any]) -> None:
+        config = _stream_config(d)
+        try:
+            await self.js.stream_info(d["name"])
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(config)
+            log.info("created stream %s", d["name"])
+            return
+        await self.js.update_stream(config)
+
+    async def _ensure_bucket(self, d: dict[str, Any]) -> None:
+        try:
+            self._kv[d["bucket"]] = await self.js.key_value(d["bucket"])
+        except nats.js.errors.BucketNotFoundError:
+            self._kv[d["bucket"]] = await self.js.create_key_value(_kv_config(d))
+            log.info("created bucket %s", d["bucket"])
+
+    async def kv(self, bucket: str) -> KeyValue:
+        if bucket not in self._kv:
+            try:
+                self._kv[bucket] = await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError as exc:
+                raise MeshError(
+                    f"bucket {bucket} does not exist on the server; run `mesh init` or start an agent"
+                ) from exc
+        return self._kv[bucket]
+
+    async def tasks_kv(self) -> KeyValue:
+        return await self.kv(self.names.tasks_bucket)
+
+    async def plans_kv(self) -> KeyValue:
+        return await self.kv(self.names.plans_bucket)
+
+    async def agents_kv(self) -> KeyValue:
+        return await self.kv(self.names.agents_bucket)
+
+    async def gpu_control_kv(self) -> KeyValue:
+        return await self.kv(self.names.gpu_control_bucket)
+
+    async def gpus_kv(self) -> KeyValue:
+        return await self.kv(self.names.gpus_bucket)
+
+    async def telemetry_kv(self) -> KeyValue:
+        return await self.kv(self.names.telemetry_bucket)
+
+    async def brain_kv(self) -> KeyValue:
+        return await self.kv(self.names.brain_bucket)
+
+    async def gateway_kv(self) -> KeyValue:
+        return await self.kv(self.names.gateway_bucket)
+
+    # publishing ------------------------------------------------------------------
+    async def publish(self, subject: str, msg: Msg, msg_id: str) -> api.PubAck:
+        """Publish to a stream and wait for the server's acknowledgement.
+
+        `msg_id` names the fact: the server stores a fact re-published within the
+        duplicate window once.
+        """
+        headers = {HEADER_TYPE: events.type_of(msg), HEADER_MSG_ID: msg_id}
+        return await self.js.publish(subject, events.encode(msg), headers=headers)
+
+    async def emit(self, ev: Msg) -> api.PubAck:
+        """Publish an event or work item on its own subject, with its deterministic id."""
+        subject, msg_id = route(self.names, ev)
+        return await self.publish(subject, ev, msg_id)
+
+    async def _pipelined(self, items: list[tuple[str, bytes, dict[str, str]]]) -> list[api.PubAck]:
+        """Publish many messages without waiting between them; wait for every acknowledgement.
+
+        The server stores a connection's messages to one stream in the order sent. The
+        acknowledgements come to one subscription of this bus and complete one future for the
+        whole batch (nats-py's `publish_async` makes a future, a semaphore wait, a random token
+        and a done callback per message, and decodes each acknowledgement with `json`: about
+        a fifth of the brain's time).
+        """
+        if not items:
+            return []
+        if self._acks is None:
+            self._acks = AckCollector(self.nc.new_inbox())
+            await self.nc.subscribe(f"{self._acks.prefix}.>", cb=self._acks.on_reply)
+        batch = self._acks.open(len(items))
+        route = self.js._route if isinstance(self.js, DomainJetStream) else None
+        try:
+            for i, (subject, data, headers) in enumerate(items):
+                # nothing here yields until the client's buffer is full: the batch goes out
+                # in as few writes as the buffer allows
+                await self.nc.publish(
+                    route(subject) if route else subject, data, reply=batch.reply(i), headers=headers
+                )
+            acks = await asyncio.wait_for(batch.done, timeout=PUBLISH_TIMEOUT_S)
+        except TRANSIENT as exc:
+            await self.store.failed(exc, (subject for subject, _, _ in items))
+            raise
+        finally:
+            self._acks.close(batch)
+        if self.store.full:
+            for subject, _, _ in items:
+                self.store.cleared(subject)
+        return acks
+
+    def _encoded(self, evs: Sequence[Msg]) -> list[tuple[str, bytes, dict[str, str]]]:
+        items: list[tuple[str, bytes, dict[str, str]]] = []
+        for ev in evs:
+            subject, msg_id = route(self.names, ev)
+            items.append(
+                (subject, events.encode(ev), {HEADER_TYPE: events.type_of(ev), HEADER_MSG_ID: msg_id})
+            )
+        return items
+
+    async def emit_many(self, evs: Sequence[Msg]) -> list[api.PubAck]:
+        """`emit` for many events or work items, pipelined, in order. Encoded a chunk at a time:
+        a 100,000-task plan's events encoded at once were 100 MB that the brain's heap kept."""
+        acks: list[api.PubAck] = []
+        for i in range(0, len(evs), PIPELINE_CHUNK):
+            acks += await self._pipelined(self._encoded(evs[i : i + PIPELINE_CHUNK]))
+        return acks
+
+    async def kv_put_many(
+        self, puts: Iterable[tuple[str, str, bytes]], then: Sequence[Msg] = ()
+    ) -> list[api.PubAck]:
+        """Write many KV keys (bucket, key, value), pipelined: a KV put is a publish to its stream.
+        `puts` is consumed a chunk at a time, so a lazy one is encoded a chunk at a time too.
+
+        `then` (work items, say) goes out in the same pipeline as the last chunk, so both cost
+        one round trip; their acknowledgements are returned. Nothing orders them against the
+        puts: they are different streams, which the server stores independently."""
+
+        def kv(chunk: list[tuple[str, str, bytes]]) -> list[tuple[str, bytes, dict[str, str]]]:
+            return [(kv_subject(bucket, key), value, {}) for bucket, key, value in chunk]
+
+        rest = iter(puts)
+        chunk = list(itertools.islice(rest, PIPELINE_CHUNK))
+        while following := list(itertools.islice(rest, PIPELINE_CHUNK)):
+            await self._pipelined(kv(chunk))
+            chunk = following
+        last = kv(chunk)
+        if len(then) > PIPELINE_CHUNK:
+            await self._pipelined(last)
+            return await self.emit_many(then)
+        acks = await self._pipelined(last + self._encoded(then))
+        return acks[len(last) :]
+
+    async def kv_purge_many(self, keys: list[tuple[str, str]]) -> None:
+        """Remove many KV keys (bucket, key) with their history, pipelined."""
+        headers = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
+        items = [(kv_subject(bucket, key), b"", dict(headers)) for bucket, key in keys]
+        for i in range(0, len(items), PIPELINE_CHUNK):
+            await self._pipelined(items[i : i + PIPELINE_CHUNK])
+
+    async def dead_letter(self, agent_id: str, raw: NatsMsg, reason: str) -> None:
+        """Record a message nobody can use, with a bounded copy of its bytes."""
+        subject, data = raw.subject, raw.data
+        log.warning("dead letter from %s (%d bytes): %s", subject, len(data), reason)
+        letter = DeadLetter(
+            agent_id=agent_id,
+            subject=subject,
+            reason=reason[:500],
+            at=time.time(),
+            size=len(data),
+            payload=base64.b64encode(data[:DEAD_PAYLOAD_BYTES]).decode(),
+        )
+        await self.publish(self.names.dead_letter(agent_id), letter, f"dead:{origin_of(raw)}")
+
+    async def dead_record(
+        self, agent_id: str, bucket: str, key: str, data: bytes, revision: int, reason: str
+    ) -> None:
+        """Record a KV value nobody can read (a damaged task or plan record), with a bounded copy
+        of its bytes. Named by its revision: recorded once however often it is found."""
+        letter = DeadLetter(
+            agent_id=agent_id,
+            subject=kv_subject(bucket, key),
+            reason=reason[:500],
+            at=time.time(),
+            size=len(data),
+            payload=base64.b64encode(data[:DEAD_PAYLOAD_BYTES]).decode(),
+            bucket=bucket,
+            key=key,
+        )
+        await self.publish(self.names.dead_letter(agent_id), letter, f"dead:kv:{bucket}:{key}:{revision}")
+
+    async def close(self) -> None:
+        """Flush what we published and close. (Every publish mesh makes is already
+        acknowledged, so there is nothing in flight to drain.)"""
+        self.closing = True
+        if self.nc.is_connected:
+            try:
+                await self.nc.flush(timeout=2)
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.debug("flush before close failed: %s", exc)
+        if not self.nc.is_closed:
+            await self.nc.close()

@@ -1,0 +1,176 @@
+"""Reading from the server: pull fetches, whole-stream reads, and KV bucket scans.
+
+Reads never disturb a durable consumer: history reads use ordered, ephemeral consumers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import copy
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg as NatsMsg
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+
+import nats
+from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.resources import NS
+from mesh.bus.store import StoreWatch
+from mesh.names import kv_keys
+
+log = logging.getLogger(__name__)
+
+
+async def fetch_some(
+    sub: JetStreamContext.PullSubscription,
+    batch: int,
+    what: str,
+    timeout_s: float = 1.0,
+    store: StoreWatch | None = None,
+) -> list[NatsMsg]:
+    """Up to `batch` messages of a pull subscription: none when nothing came within
+    `timeout_s`, or when the server could not be reached (logged, after a short pause; not
+    while `store` is known full, which fails fetches too and was said once)."""
+    try:
+        return await sub.fetch(batch, timeout=timeout_s)
+    except nats.errors.TimeoutError:
+        return []
+    except TRANSIENT as exc:
+        if store is None or not store.full:
+            log.warning("fetching %s failed (%r); retrying", what, exc)
+        await asyncio.sleep(0.5)
+        return []
+
+
+READ_BATCH = 1000
+
+
+# a history read holds at most about this much of one batch in memory
+READ_BATCH_BYTES = 32 * 1024 * 1024
+
+
+async def read_stream(
+    js: JetStreamContext,
+    stream: str,
+    subject: str | list[str],
+    config: api.ConsumerConfig,
+    idle_timeout_s: float = 5.0,
+) -> AsyncIterator[NatsMsg]:
+    """Messages of `stream` under `subject` (as `config` selects them), up to the current end.
+
+    An ephemeral pull consumer without acks: it never disturbs durable consumers, holds at
+    most a batch or two in memory however long the stream, and knows from its own info, before
+    anything is fetched, how much there is to read.
+
+    Batches are asked for with the consumer's `MSG.NEXT` request and arrive on one inbox
+    subscription: nats-py's `fetch` waits for each message with its own `wait_for` and two
+    tasks, which was most of the cost of reading history (replay, the brain's catch-up).
+    """
+    subjects = [subject] if isinstance(subject, str) else subject
+    cfg = copy.copy(config)
+    cfg.ack_policy = api.AckPolicy.NONE
+    if len(subjects) == 1:
+        cfg.filter_subject = subjects[0]
+    else:
+        cfg.filter_subjects = subjects
+    cfg.inactive_threshold = 60.0
+    cfg.mem_storage = True
+    cfg.num_replicas = 1
+    info = await js.add_consumer(stream, config=cfg)
+    name = info.name
+    nc = js._nc
+    arrived: collections.deque[NatsMsg] = collections.deque()
+    wake = asyncio.Event()
+
+    async def on_msg(msg: NatsMsg) -> None:
+        arrived.append(msg)
+        wake.set()
+
+    inbox = nc.new_inbox()
+    # no byte limit on the subscription (a batch is bounded by the request's max_bytes instead):
+    # nats-py would drop what exceeds one as a slow consumer
+    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=4 * READ_BATCH, pending_bytes_limit=0)
+    next_subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{name}"
+    request = json.dumps(
+        {"batch": READ_BATCH, "max_bytes": READ_BATCH_BYTES, "expires": int(idle_timeout_s * NS)}
+    ).encode()
+    try:
+        if not info.num_pending:
+            return
+        await nc.publish(next_subject, request, reply=inbox)
+        in_batch = 0
+        while True:
+            if not arrived:
+                wake.clear()
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=idle_timeout_s + 1.0)
+                except TimeoutError:
+                    return
+                continue
+            raw = arrived.popleft()
+            status = raw.headers.get("Status") if raw.headers else None
+            if status:
+                description = (raw.headers or {}).get("Description", "")
+                if status == "409" and "Batch Completed" in description:
+                    continue  # a full batch: the next one is already asked for
+                if status == "409" and "MaxBytes" in description:
+                    # the batch reached max_bytes before READ_BATCH messages: ask for the next
+                    in_batch = 0
+                    await nc.publish(next_subject, request, reply=inbox)
+                    continue
+                # the request expired with nothing more, or the consumer has no more: the
+                # stream's end, as far as this read goes
+                return
+            yield raw
+            if raw.metadata.num_pending == 0:
+                return
+            in_batch += 1
+            if in_batch == READ_BATCH:
+                in_batch = 0
+                await nc.publish(next_subject, request, reply=inbox)
+    finally:
+        with contextlib.suppress(*TRANSIENT):
+            await sub.unsubscribe()
+            await js.delete_consumer(stream, name)
+
+
+async def iter_bucket(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str, bytes]]:
+    """Every live key of a bucket (matching `keys`) with its latest value, one at a time.
+
+    (nats-py's own watcher can report the end before the first value arrives, returning an
+    empty bucket; this reads the bucket's stream directly, a batch at a time.)
+    """
+    async for key, raw in _live_values(kv, keys):
+        yield key, raw.data
+
+
+async def iter_revisions(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str, bytes, int]]:
+    """`iter_bucket` with each value's revision (its sequence in the bucket's stream)."""
+    async for key, raw in _live_values(kv, keys):
+        yield key, raw.data, raw.metadata.sequence.stream
+
+
+async def _live_values(kv: KeyValue, keys: str) -> AsyncIterator[tuple[str, NatsMsg]]:
+    bucket = kv._name
+    prefix = kv_keys(bucket)
+    config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
+    async for raw in read_stream(kv._js, f"KV_{bucket}", prefix + keys, config):
+        headers = raw.headers or {}
+        if headers.get("KV-Operation") in _KV_GONE or headers.get("Nats-Marker-Reason"):
+            continue
+        yield raw.subject[len(prefix) :], raw
+
+
+_KV_GONE = {"DEL", "PURGE"}
+
+
+async def read_bucket(kv: KeyValue, keys: str = ">") -> dict[str, bytes]:
+    """Every live key of a bucket (matching `keys`) and its latest value."""
+    return {key: value async for key, value in iter_bucket(kv, keys)}
