@@ -4,6 +4,9 @@
 - Subject strings are written only in mesh/names.py (and, for the JetStream API's
   `$JS.`/`$KV.`/`$O.` permission subjects, mesh/ops/security.py).
 - No import cycle among the modules of mesh/ and agents/, counting imports inside functions.
+- Imports point down the layers the tree shows (LAYERS): the core (the flat modules of
+  mesh/), then mesh/bus/ and mesh/host/ (neither imports the other), agents/, mesh/ops/,
+  and the CLI (mesh/cli/) on top.
 
 Each check has an allow-list of what the code does today and the layered tree will remove.
 A new violation fails; so does an entry that no longer happens (remove it from the list).
@@ -291,6 +294,66 @@ def test_no_import_cycles() -> None:
     assert not stale, f"no longer a cycle, remove from ALLOWED_CYCLES: {stale}"
 
 
+# The layers, lowest first: a module may import its own layer and the layers below it.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("core",),
+    ("mesh.bus", "mesh.host"),
+    ("agents",),
+    ("mesh.ops",),
+    ("mesh.cli",),
+)
+# The package itself: `mesh/__init__.py` preloads a GPU worker's native libraries (host) before
+# anything else is imported, and `python -m mesh` runs the CLI. Neither is imported for its names.
+ENTRY_MODULES = frozenset({"mesh", "mesh.__main__"})
+
+
+def layer_of(module: str) -> str:
+    """The layer a module of mesh/ or agents/ belongs to, read from its place in the tree."""
+    for group in LAYERS:
+        for layer in group:
+            if module == layer or module.startswith(layer + "."):
+                return layer
+    parts = module.split(".")
+    assert parts[0] == "mesh" and len(parts) == 2, f"{module} is in no layer: put it in one (LAYERS)"
+    return "core"
+
+
+RANK = {layer: rank for rank, group in enumerate(LAYERS) for layer in group}
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, imported in sorted(graph.items()):
+        if module in ENTRY_MODULES:
+            continue
+        mine = layer_of(module)
+        for target in sorted(imported - ENTRY_MODULES):
+            theirs = layer_of(target)
+            if RANK[theirs] > RANK[mine] or (RANK[theirs] == RANK[mine] and theirs != mine):
+                found.append(f"{module} ({mine}) imports {target} ({theirs})")
+    return found
+
+
+# Upward imports today; each is removed by moving the pure part down into the core.
+ALLOWED_UPWARD = frozenset(
+    {
+        "mesh.alerts (core) imports mesh.host.telemetry (mesh.host)",
+        "mesh.settings (core) imports mesh.host.health (mesh.host)",
+    }
+)
+
+
+def test_imports_point_down_the_layers() -> None:
+    found = _upward(_graph())
+    stale = sorted(ALLOWED_UPWARD - set(found))
+    assert not stale, f"no longer happens, remove from ALLOWED_UPWARD: {stale}"
+    found = [f for f in found if f not in ALLOWED_UPWARD]
+    assert not found, (
+        f"an import points up or across the layers: {found}. Move what both need down to a "
+        "layer below both (the core when it is pure), or pass it in"
+    )
+
+
 def test_the_checks_see_what_they_look_for() -> None:
     """The readers above find an upward import, an I/O import, `open()`, a subject and a cycle."""
     src = (
@@ -309,3 +372,15 @@ def test_the_checks_see_what_they_look_for() -> None:
         "$KV.b.k",
     ]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {frozenset({"a", "b", "c"})}
+    assert _upward(
+        {
+            "mesh.events": {"mesh.bus.publish"},
+            "mesh.bus.read": {"mesh.host.gpu", "mesh.names"},
+            "agents.brain": {"mesh.ops.up", "mesh.machine", "mesh.bus.read"},
+            "mesh.cli.app": {"agents.brain", "mesh.ops.up"},
+        }
+    ) == [
+        "agents.brain (agents) imports mesh.ops.up (mesh.ops)",
+        "mesh.bus.read (mesh.bus) imports mesh.host.gpu (mesh.host)",
+        "mesh.events (core) imports mesh.bus.publish (mesh.bus)",
+    ]
