@@ -25,7 +25,8 @@ import nats.errors
 import nats.js.errors
 import pytest
 
-from agents.brain import EXIT_LEASE_LOST, LEASE_KEY
+from agents.brain import EXIT_LEASE_LOST
+from agents.brain_lease import LEASE_KEY
 from mesh.bus.history import replay as replay_history
 from mesh.bus.history import verify
 from mesh.bus.read import read_bucket

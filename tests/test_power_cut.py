@@ -33,7 +33,7 @@ import nats.js.errors
 import pytest
 from nats.js import api
 
-from agents.brain import CHECKPOINT_KEY
+from agents.brain_commit import CHECKPOINT_KEY
 from mesh.bus.read import read_stream
 from mesh.ops.embedded import EmbeddedServer, server_config
 from mesh.records import decode_checkpoint

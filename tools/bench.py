@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agents.base import run_loop  # noqa: E402
-from agents.brain import CHECKPOINT_KEY  # noqa: E402
+from agents.brain_commit import CHECKPOINT_KEY  # noqa: E402
 from mesh import events  # noqa: E402
 from mesh.bus import client  # noqa: E402
 from mesh.bus.connect import connect  # noqa: E402

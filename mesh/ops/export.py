@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import cast
 
 import msgspec
 import nats.js.errors
@@ -60,6 +60,7 @@ from mesh.events import (
     TaskSucceeded,
 )
 from mesh.names import check_token
+from mesh.ops.export_sinks import ChatMessage, Escalation, Manifest, Record, _JsonlSink, _ParquetSink, _Sink
 from mesh.redact import Redactor
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,6 @@ REPORT_GRACE_S = 60.0
 # lost whose worker reports after all) is recognised instead of opening a new attempt
 RECENT_CLOSED = 65_536
 PROGRESS_EVERY = 2_000
-PARQUET_BATCH = 5_000
 
 Closing = TaskSucceeded | TaskRetrying | TaskFailed | TaskCancelled
 Key = tuple[str, str, int]
@@ -161,118 +161,6 @@ class Options:
 
 def iso(at: float) -> str:
     return datetime.datetime.fromtimestamp(at, tz=datetime.UTC).isoformat(timespec="milliseconds")
-
-
-# ------------------------------------------------------------------ records
-
-
-class ChatMessage(msgspec.Struct, frozen=True):
-    role: str
-    content: str
-
-
-class Escalation(msgspec.Struct, kw_only=True):
-    """What the gateway did with the attempt: Claude's answer, or why there was none."""
-
-    answered: bool
-    model: str = ""
-    # the answer: a result, or follow-up tasks in plan format (None: withheld, sensitive)
-    result: str | None = ""
-    followups: str | None = ""
-    # esc.failed: budget, sensitive, refused or error
-    reason: str = ""
-    error: str | None = ""
-    tokens_in: int = 0
-    tokens_out: int = 0
-    cost_usd: float = 0.0
-    duration_s: float = 0.0
-    # what the gateway redacted from the request before it left, by kind
-    redacted: dict[str, int] = msgspec.field(default_factory=dict)
-
-
-class Record(msgspec.Struct, kw_only=True):
-    """One task attempt. Every record has every field (null where it does not apply), so the
-    file loads as one table; `messages` is there in the chat format, `system` / `prompt` /
-    `response` in the raw one."""
-
-    id: str
-    plan: str
-    task: str
-    attempt: int
-    cls: str = msgspec.field(name="class")
-    kind: str
-    model: str
-    outcome: str
-    reason: str
-    will_retry: bool
-    sensitive: bool
-    escalated: bool
-    worker: str
-    gpu: str
-    started_at: float | None
-    finished_at: float
-    duration_s: float | None
-    rc: int | None
-    tokens_in: int | None
-    tokens_out: int | None
-    tokens_per_s: float | None
-    ttft_s: float | None
-    gpu_mem_peak_mb: float | None
-    gpu_util_mean_pct: float | None
-    metrics: dict[str, float]
-    messages: list[ChatMessage] | msgspec.UnsetType = msgspec.UNSET
-    system: str | msgspec.UnsetType | None = msgspec.UNSET
-    prompt: str | msgspec.UnsetType | None = msgspec.UNSET
-    response: str | msgspec.UnsetType | None = msgspec.UNSET
-    body: str | None
-    output: str | None
-    error: str | None
-    stderr_tail: str | None
-    stdout_bytes: int
-    stderr_bytes: int
-    artifacts: list[str] | None
-    escalation: Escalation | None
-    # what was redacted from this record, by kind
-    redacted: dict[str, int]
-    # stream sequence of the attempt's final transition
-    seq: int
-
-
-class Manifest(msgspec.Struct, kw_only=True):
-    """What an export read, wrote, dropped and redacted: `FILE.manifest.json`."""
-
-    output: str
-    format: str
-    created_at: str
-    filters: dict[str, str | None]
-    stream: str
-    # the events read (after the server's subject filter), by stream sequence and time
-    first_seq: int = 0
-    last_seq: int = 0
-    first_at: str | None = None
-    last_at: str | None = None
-    events_read: int = 0
-    undecodable: int = 0
-    records: int = 0
-    # class -> outcome -> records written
-    counts: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
-    # kind -> matches replaced in the records written
-    redacted: dict[str, int] = msgspec.field(default_factory=dict)
-    duplicates_dropped: int = 0
-    sensitive_metadata_only: int = 0
-    # reports of sensitive attempts that carried a prompt or output anyway (never exported)
-    sensitive_leaks_in_history: int = 0
-    outputs_fetched: int = 0
-    # output objects named by a report but gone from the store (its head from the event is used)
-    outputs_missing: int = 0
-    filtered_out: int = 0
-    # cancelled or failed by a dependency before an attempt ever ran: no record
-    never_ran: int = 0
-    # attempts not final when the window ended (running, or reports without a transition)
-    unfinished: int = 0
-    late_reports: int = 0
-    seconds: float = 0.0
-    events_per_s: float = 0.0
 
 
 # ------------------------------------------------------------------ the join
@@ -429,35 +317,36 @@ class Exporter:
         return m
 
     async def _fold(self, msg: events.Message, seq: int) -> None:
-        if isinstance(msg, RunFinished):
-            key = (msg.plan_id, msg.task_id, msg.attempt)
-            parked = self.awaiting.pop(key, None)
-            if parked is not None:
-                parked.run = msg
-                await self._write(parked)
-            elif key in self.recent:
-                self.m.late_reports += 1
-            else:
-                self._attempt(key).run = msg
-        elif isinstance(msg, TaskSucceeded | TaskRetrying | TaskFailed | TaskCancelled):
-            await self._close(msg, seq)
-        elif isinstance(msg, TaskStarted):
-            a = self._attempt((msg.plan_id, msg.task_id, msg.attempt))
-            a.started_at, a.worker = msg.at, msg.worker
-        elif isinstance(msg, TaskRedelivered):
-            self._attempt((msg.plan_id, msg.task_id, msg.attempt)).worker = msg.worker
-        elif isinstance(msg, PlanAccepted):
-            self.specs[msg.plan_id] = {t.id: t for t in msg.plan.tasks}
-        elif isinstance(msg, PlanTasks):
-            self.specs.setdefault(msg.plan_id, {}).update((t.id, t) for t in msg.tasks)
-        elif isinstance(msg, PlanFinished):
-            # every attempt of the plan is closed (and holds its spec): a resumed plan's specs
-            # are read back when they are needed
-            self.specs.pop(msg.plan_id, None)
-        elif isinstance(msg, EscalationAnswered):
-            self._attempt((msg.plan_id, msg.task_id, msg.attempt)).answered = msg
-        elif isinstance(msg, EscalationFailed):
-            self._attempt((msg.plan_id, msg.task_id, msg.attempt)).esc_failed = msg
+        match msg:
+            case RunFinished():
+                key = (msg.plan_id, msg.task_id, msg.attempt)
+                parked = self.awaiting.pop(key, None)
+                if parked is not None:
+                    parked.run = msg
+                    await self._write(parked)
+                elif key in self.recent:
+                    self.m.late_reports += 1
+                else:
+                    self._attempt(key).run = msg
+            case TaskSucceeded() | TaskRetrying() | TaskFailed() | TaskCancelled():
+                await self._close(msg, seq)
+            case TaskStarted():
+                a = self._attempt((msg.plan_id, msg.task_id, msg.attempt))
+                a.started_at, a.worker = msg.at, msg.worker
+            case TaskRedelivered():
+                self._attempt((msg.plan_id, msg.task_id, msg.attempt)).worker = msg.worker
+            case PlanAccepted():
+                self.specs[msg.plan_id] = {t.id: t for t in msg.plan.tasks}
+            case PlanTasks():
+                self.specs.setdefault(msg.plan_id, {}).update((t.id, t) for t in msg.tasks)
+            case PlanFinished():
+                # every attempt of the plan is closed (and holds its spec): a resumed plan's specs
+                # are read back when they are needed
+                self.specs.pop(msg.plan_id, None)
+            case EscalationAnswered():
+                self._attempt((msg.plan_id, msg.task_id, msg.attempt)).answered = msg
+            case EscalationFailed():
+                self._attempt((msg.plan_id, msg.task_id, msg.attempt)).esc_failed = msg
 
     def _attempt(self, key: Key) -> Attempt:
         a = self.open.get(key)
@@ -511,10 +400,11 @@ class Exporter:
                 msg = events.DECODER.decode(raw.data)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
-            if isinstance(msg, PlanAccepted):
-                out.update((t.id, t) for t in msg.plan.tasks)
-            elif isinstance(msg, PlanTasks):
-                out.update((t.id, t) for t in msg.tasks)
+            match msg:
+                case PlanAccepted():
+                    out.update((t.id, t) for t in msg.plan.tasks)
+                case PlanTasks():
+                    out.update((t.id, t) for t in msg.tasks)
         if not out:
             log.warning(
                 "plan %s: no plan.accepted event left in the history; its records lack the spec", plan_id
@@ -546,12 +436,13 @@ class Exporter:
         assert close is not None
         cls = spec.cls if spec is not None else ""
         kind = spec.kind if spec is not None else ""
-        if isinstance(close, TaskSucceeded):
-            outcome, reason = "succeeded", ""
-        elif isinstance(close, TaskCancelled):
-            outcome, reason = "cancelled", "cancelled"
-        else:
-            outcome, reason = "failed", close.reason
+        match close:
+            case TaskSucceeded():
+                outcome, reason = "succeeded", ""
+            case TaskCancelled():
+                outcome, reason = "cancelled", "cancelled"
+            case _:
+                outcome, reason = "failed", close.reason
         if (self.opts.cls is not None and cls != self.opts.cls) or (
             self.opts.status is not None and outcome != self.opts.status
         ):
@@ -699,12 +590,14 @@ class Exporter:
 
 
 def _error(close: Closing, run: RunFinished | None) -> str:
-    if isinstance(close, TaskRetrying | TaskFailed) and close.error:
-        return close.error  # the brain's snippet: the error, then the end of stderr (or stdout)
-    if isinstance(close, TaskCancelled):
-        parts = [close.reason, run.error if run is not None else ""]
-        return "\n".join(p for p in parts if p)
-    return run.error if run is not None else ""
+    match close:
+        case TaskRetrying() | TaskFailed() if close.error:
+            return close.error  # the brain's snippet: the error, then the end of stderr (or stdout)
+        case TaskCancelled():
+            parts = [close.reason, run.error if run is not None else ""]
+            return "\n".join(p for p in parts if p)
+        case _:
+            return run.error if run is not None else ""
 
 
 def _int(value: float | None) -> int | None:
@@ -716,144 +609,6 @@ def _messages(system: str | None, prompt: str | None, response: str | None) -> l
     out.append(ChatMessage("user", prompt or ""))
     out.append(ChatMessage("assistant", response or ""))
     return out
-
-
-# ------------------------------------------------------------------ output files
-
-
-class _Sink:
-    def write(self, record: Record, encoder: msgspec.json.Encoder) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def abort(self) -> None:
-        raise NotImplementedError
-
-
-class _JsonlSink(_Sink):
-    """One JSON object per line, UTF-8: what pandas' `read_json(lines=True)` and `datasets`'
-    json loader read as they are."""
-
-    def __init__(self, path: Path) -> None:
-        self.fh: IO[bytes] = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed in close()/abort()
-
-    def write(self, record: Record, encoder: msgspec.json.Encoder) -> None:
-        self.fh.write(encoder.encode(record))
-        self.fh.write(b"\n")
-
-    def close(self) -> None:
-        self.fh.close()
-
-    def abort(self) -> None:
-        self.fh.close()
-
-
-class _ParquetSink(_Sink):
-    """Parquet through pyarrow (not a dependency of mesh), written a row group at a time."""
-
-    def __init__(self, path: Path, fmt: str) -> None:
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ExportError(
-                "Parquet output needs pyarrow, which mesh does not install: `pip install pyarrow` "
-                "in mesh's environment, or write FILE.jsonl instead"
-            ) from None
-        self.pa = pa
-        self.schema = _arrow_schema(pa, fmt)
-        self.writer = pq.ParquetWriter(str(path), self.schema)
-        self.rows: list[Any] = []
-
-    def write(self, record: Record, encoder: msgspec.json.Encoder) -> None:
-        row = msgspec.to_builtins(record)
-        row["metrics"] = sorted(row["metrics"].items())
-        for name in ("redacted",):
-            row[name] = sorted(row[name].items())
-        if row.get("escalation") is not None:
-            row["escalation"]["redacted"] = sorted(row["escalation"]["redacted"].items())
-        self.rows.append(row)
-        if len(self.rows) >= PARQUET_BATCH:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.rows:
-            self.writer.write_table(self.pa.Table.from_pylist(self.rows, schema=self.schema))
-            self.rows = []
-
-    def close(self) -> None:
-        self._flush()
-        self.writer.close()
-
-    def abort(self) -> None:
-        self.rows = []
-        self.writer.close()
-
-
-def _arrow_schema(pa: Any, fmt: str) -> Any:
-    """The arrow schema of `Record` (maps for the dicts, so every row group has one schema)."""
-    counts = pa.map_(pa.string(), pa.int64())
-    fields = [
-        ("id", pa.string()),
-        ("plan", pa.string()),
-        ("task", pa.string()),
-        ("attempt", pa.int64()),
-        ("class", pa.string()),
-        ("kind", pa.string()),
-        ("model", pa.string()),
-        ("outcome", pa.string()),
-        ("reason", pa.string()),
-        ("will_retry", pa.bool_()),
-        ("sensitive", pa.bool_()),
-        ("escalated", pa.bool_()),
-        ("worker", pa.string()),
-        ("gpu", pa.string()),
-        ("started_at", pa.float64()),
-        ("finished_at", pa.float64()),
-        ("duration_s", pa.float64()),
-        ("rc", pa.int64()),
-        ("tokens_in", pa.int64()),
-        ("tokens_out", pa.int64()),
-        ("tokens_per_s", pa.float64()),
-        ("ttft_s", pa.float64()),
-        ("gpu_mem_peak_mb", pa.float64()),
-        ("gpu_util_mean_pct", pa.float64()),
-        ("metrics", pa.map_(pa.string(), pa.float64())),
-    ]
-    if fmt == "chat":
-        fields.append(("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))))
-    else:
-        fields += [("system", pa.string()), ("prompt", pa.string()), ("response", pa.string())]
-    escalation = pa.struct(
-        [
-            ("answered", pa.bool_()),
-            ("model", pa.string()),
-            ("result", pa.string()),
-            ("followups", pa.string()),
-            ("reason", pa.string()),
-            ("error", pa.string()),
-            ("tokens_in", pa.int64()),
-            ("tokens_out", pa.int64()),
-            ("cost_usd", pa.float64()),
-            ("duration_s", pa.float64()),
-            ("redacted", counts),
-        ]
-    )
-    fields += [
-        ("body", pa.string()),
-        ("output", pa.string()),
-        ("error", pa.string()),
-        ("stderr_tail", pa.string()),
-        ("stdout_bytes", pa.int64()),
-        ("stderr_bytes", pa.int64()),
-        ("artifacts", pa.list_(pa.string())),
-        ("escalation", escalation),
-        ("redacted", counts),
-        ("seq", pa.int64()),
-    ]
-    return pa.schema(fields)
 
 
 async def export(bus: Bus, options: Options, progress: Progress | None = None) -> Manifest:

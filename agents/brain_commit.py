@@ -1,0 +1,248 @@
+"""Publishing what the brain decided: the events to the history, then the task and plan records
+to KV together with the work items, then resource and escalation requests and the checkpoint.
+
+Neither KV nor the work queue ever runs ahead of the history. A step whose publishing was cut
+short stays in the outbox and is published again, whole, before anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import time
+
+import msgspec
+import nats.js.errors
+from nats.js.api import PubAck
+
+from agents.base import Agent
+from mesh.bus.outputs import OutputError, task_output
+from mesh.events import (
+    AgentOffline,
+    EscalationRequest,
+    Msg,
+    PlanFinished,
+    PlanRejected,
+    ResourceRequested,
+    TaskEscalated,
+    TaskFailed,
+    TaskRedelivered,
+    TaskRetrying,
+    TaskReviewed,
+    TaskReviewing,
+    TaskSucceeded,
+    TaskWaiting,
+    WorkItem,
+    type_of,
+)
+from mesh.machine import State, Step
+from mesh.records import (
+    CANCELLED,
+    INFLIGHT_STATES,
+    PENDING,
+    Checkpoint,
+    PlanRecord,
+    TaskRecord,
+    encode_record,
+)
+
+log = logging.getLogger("mesh.brain")
+
+RECENT_WRITES_S = 30.0
+CHECKPOINT_KEY = "checkpoint"
+# a note for the operator (a model no GPU can hold, say) is logged at most this often
+NOTE_EVERY_S = 600.0
+
+
+class BrainCommit(Agent):
+    """Writing decided steps out (its fields are set by `Brain.__init__`)."""
+
+    state: State
+    # a decided step whose publishing was interrupted; finished before anything else
+    _outbox: Step | None
+    last_seq: int
+    checkpoint_seq: int
+    _last_checkpoint: float
+    _noted: dict[str, float]
+    # (when, task keys, plan ids) of recent KV writes: a server killed right after
+    # acknowledging them may not have stored them yet, so they are written again on reconnect
+    recent_writes: collections.deque[tuple[float, list[str], list[str]]]
+    # stream sequence of each released task's work item, while it may be queued
+    work_seq: dict[str, int]
+
+    async def _commit(self, step: Step) -> None:
+        """Publish a decided step: events, then records and work items together, each phase
+        pipelined and fully acknowledged before the next. Neither KV nor the work queue ever
+        runs ahead of the history: a crash after the events leaves records the next brain
+        repairs from them. A record and its task's work item are written in the same round
+        trip, so a worker may take an item before the record says `ready`: workers read the
+        record only of an item that is not fresh, and take a record behind the item for one
+        not yet written (`Worker._still_wanted`).
+
+        Interrupted, the step stays in the outbox and is published again, whole, before
+        anything else; the server drops what it already stored by `Nats-Msg-Id`.
+        """
+        self._outbox = step
+        bus = self.bus
+        if step.events:
+            acks = await bus.emit_many(step.events)
+            self.last_seq = max(self.last_seq, max(a.seq for a in acks))
+            for ev in step.events:
+                self._log_event(ev)
+            step.events.clear()
+        tasks, plans = self.state.take_dirty()
+        try:
+            acks = await self._write_records(tasks, plans, then=step.work)
+        except BaseException:
+            # records not written stay dirty so the retry writes them (the work items again too:
+            # the server drops the ones it already stored)
+            self.state.dirty_tasks.update(r.key for r in tasks)
+            self.state.dirty_plans.update(p.plan_id for p in plans)
+            raise
+        if step.work:
+            for item, ack in zip(step.work, acks, strict=True):
+                self.work_seq[f"{item.plan_id}.{item.task_id}"] = ack.seq
+            step.work.clear()
+        if step.resources:
+            await bus.emit_many(step.resources)
+            step.resources.clear()
+        if step.escalations:
+            await self._publish_escalations(step.escalations)
+            step.escalations.clear()
+        now = time.time()
+        for note in step.notes:
+            if now - self._noted.get(note, 0.0) >= NOTE_EVERY_S:
+                self._noted[note] = now
+                log.warning("%s", note)
+        step.notes.clear()
+        self._outbox = None
+        await self._forget_work(tasks)
+        await self._checkpoint()
+
+    async def _forget_work(self, tasks: list[TaskRecord]) -> None:
+        """Delete the queued work item of a task that no longer wants it (cancelled, reset or
+        given up as lost), so no worker runs it; forget the items of finished tasks."""
+        stale = []
+        for rec in tasks:
+            seq = self.work_seq.get(rec.key)
+            if seq is None or rec.status in INFLIGHT_STATES:
+                continue
+            del self.work_seq[rec.key]
+            if rec.status in (CANCELLED, PENDING) or rec.reason == "lost":
+                stale.append(seq)
+        if stale:
+            stream = self.names.work_stream
+            results = await asyncio.gather(
+                *(self.bus.js.delete_msg(stream, seq) for seq in stale), return_exceptions=True
+            )
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, nats.js.errors.NotFoundError):
+                    log.debug("could not delete a stale work item: %s", result)
+
+    async def _write_records(
+        self, tasks: list[TaskRecord], plans: list[PlanRecord], then: list[WorkItem] | None = None
+    ) -> list[PubAck]:
+        """Write changed records (and remove archived ones); `then`, work items, go out in the
+        same pipeline as the last records: their acknowledgements are returned."""
+        gone_tasks, gone_plans = self.state.take_removed()
+        if gone_tasks or gone_plans:
+            names = self.names
+            purge = [(names.tasks_bucket, k) for k in gone_tasks] + [
+                (names.plans_bucket, p) for p in gone_plans
+            ]
+            try:
+                await self.bus.kv_purge_many(purge)
+            except BaseException:
+                self.state.removed_tasks.update(gone_tasks)
+                self.state.removed_plans.update(gone_plans)
+                raise
+            for key in gone_tasks:
+                self.work_seq.pop(key, None)
+        if not tasks and not plans:
+            return await self.bus.emit_many(then or [])
+        names = self.names
+        # encoded as they are sent, a chunk at a time (a huge plan's records all encoded at once
+        # were tens of MB the heap kept)
+        puts = itertools.chain(
+            ((names.tasks_bucket, r.key, encode_record(r)) for r in tasks),
+            ((names.plans_bucket, p.plan_id, encode_record(p)) for p in plans),
+        )
+        acks = await self.bus.kv_put_many(puts, then or ())
+        now = time.monotonic()
+        self.recent_writes.append((now, [r.key for r in tasks], [p.plan_id for p in plans]))
+        while self.recent_writes and self.recent_writes[0][0] < now - RECENT_WRITES_S:
+            self.recent_writes.popleft()
+        return acks
+
+    async def _publish_escalations(self, requests: list[EscalationRequest]) -> None:
+        """Requests with their inputs (the outputs of the dependencies the task takes)."""
+        filled = []
+        for req in requests:
+            inputs: dict[str, str] = {}
+            for dep in req.task.inputs:
+                try:
+                    found = await task_output(self.bus, req.plan_id, dep)
+                except OutputError as exc:
+                    inputs[dep] = f"[no output: {exc}]"
+                    continue
+                if found.sensitive and not req.sensitive_allowed:
+                    inputs[dep] = "[withheld: the output of a sensitive task]"
+                else:
+                    inputs[dep] = found.text
+            filled.append(msgspec.structs.replace(req, inputs=inputs) if inputs else req)
+        await self.bus.emit_many(filled)
+
+    async def on_reconnect(self) -> None:
+        """A server restarted under us may have lost writes it had acknowledged but not yet
+        stored: write the records of the last moments again (the next commit does it)."""
+        for _, keys, plan_ids in self.recent_writes:
+            self.state.dirty_tasks.update(k for k in keys if k in self.state.tasks)
+            self.state.dirty_plans.update(p for p in plan_ids if p in self.state.plans)
+        log.info("reconnected: writing %d recent records again", len(self.state.dirty_tasks))
+
+    async def _checkpoint(self, force: bool = False) -> None:
+        """Record that KV holds everything up to `last_seq` (called only with nothing unwritten)."""
+        if self.last_seq <= self.checkpoint_seq and not force:
+            return
+        if not force and time.monotonic() - self._last_checkpoint < self.settings.checkpoint_s:
+            return
+        kv = await self.bus.brain_kv()
+        cp = Checkpoint(seq=self.last_seq, at=time.time(), brain=self.agent_id)
+        await kv.put(CHECKPOINT_KEY, encode_record(cp))
+        self.checkpoint_seq = self.last_seq
+        self._last_checkpoint = time.monotonic()
+
+    @staticmethod
+    def _log_event(ev: Msg) -> None:
+        tag = type_of(ev)
+        plan_id = getattr(ev, "plan_id", "")
+        task_id = getattr(ev, "task_id", "")
+        match ev:
+            case TaskWaiting():
+                return
+            case TaskSucceeded():
+                detail = f" in {ev.duration_s:.3f}s"
+            case TaskFailed() | TaskRetrying():
+                detail = f" ({ev.reason}) {ev.error[:120]!r}"
+            case TaskEscalated():
+                detail = f" ({ev.why}) as {ev.rid}"
+            case TaskReviewing():
+                detail = f" attempt {ev.attempt} on {ev.model} (else {ev.then})"
+            case TaskReviewed():
+                said = ev.answer or ev.error[:120]
+                detail = f" {ev.verdict or 'no verdict'}: {said!r}"
+            case TaskRedelivered():
+                detail = f" to {ev.worker} (delivery {ev.delivery})"
+            case PlanFinished():
+                detail = f" {ev.status}"
+            case PlanRejected():
+                detail = f" {ev.error}"
+            case ResourceRequested():
+                detail = f"{ev.action} {ev.model} on {ev.gpu}: {ev.reason}"
+            case AgentOffline():
+                detail = f" {ev.agent_id} (running {len(ev.running)})"
+            case _:
+                detail = ""
+        log.info("%s %s%s%s", tag, plan_id, f".{task_id}" if task_id else "", detail)

@@ -1,0 +1,181 @@
+"""The brain's recovery on start: load the task and plan records from KV (rebuilding damaged
+ones from the history), fold the transitions published after the checkpoint, write them.
+
+Then publish again what a crash may have cut short: the work items of tasks left `ready` (the
+work stream drops duplicates) and the escalation requests missing from the escalation stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import msgspec
+import nats.js.errors
+
+from agents.brain_commit import CHECKPOINT_KEY, BrainCommit
+from mesh.bus.history import TRANSITIONS, read_history, replay
+from mesh.bus.read import iter_bucket, iter_revisions
+from mesh.events import EscalationRequest, GpuState, PlanAccepted, decode
+from mesh.machine import Policy, State, escalation_request, evolve, work_item
+from mesh.placement import observe
+from mesh.records import (
+    ESCALATING,
+    READY,
+    UNREADABLE,
+    Damaged,
+    PlanRecord,
+    TaskRecord,
+    damaged,
+    decode_checkpoint,
+    decode_plan,
+    decode_task,
+)
+
+log = logging.getLogger("mesh.brain")
+
+
+class BrainRecovery(BrainCommit):
+    """Rebuilding the brain's state after a restart (its fields are set by `Brain.__init__`)."""
+
+    policy: Policy
+
+    async def load_state(self) -> None:
+        """Load the task and plan records. A value that does not decode is quarantined (a dead
+        letter with its key and first bytes) and rebuilt from the history of its plan; the
+        rebuilt record is written over it by `catch_up`."""
+        began = time.monotonic()
+        names = self.names
+        tasks: list[TaskRecord] = []
+        plans: list[PlanRecord] = []
+        bad: list[tuple[Damaged, bytes]] = []
+        # decoded as read: the raw values are never all held at once
+        async for key, value, revision in iter_revisions(await self.bus.tasks_kv()):
+            try:
+                tasks.append(decode_task(value))
+            except UNREADABLE as exc:
+                bad.append((damaged(names.tasks_bucket, key, value, exc, revision), value))
+        async for key, value, revision in iter_revisions(await self.bus.plans_kv()):
+            try:
+                plans.append(decode_plan(value))
+            except UNREADABLE as exc:
+                bad.append((damaged(names.plans_bucket, key, value, exc, revision), value))
+        rebuilt_tasks, rebuilt_plans = await self._rebuild(bad) if bad else ([], [])
+        tasks.extend(rebuilt_tasks)
+        plans.extend(rebuilt_plans)
+        self.state = State.load(tasks, plans, aging_s=self.settings.aging_s)
+        # written over the damaged values by the catch-up that follows
+        self.state.dirty_tasks.update(r.key for r in rebuilt_tasks)
+        self.state.dirty_plans.update(p.plan_id for p in rebuilt_plans)
+        # the GPUs as their workers last wrote them (their later changes arrive as events)
+        async for key, value in iter_bucket(await self.bus.gpus_kv()):
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                gpu = decode(value)
+                # only a GPU's own state under its own key (each worker may write its GPU's key)
+                if isinstance(gpu, GpuState) and gpu.gpu == key:
+                    observe(self.state.gpus, gpu)
+        log.info(
+            "loaded %d tasks and %d plans from KV in %.3fs",
+            len(self.state.tasks),
+            len(self.state.plans),
+            time.monotonic() - began,
+        )
+
+    async def _rebuild(self, bad: list[tuple[Damaged, bytes]]) -> tuple[list[TaskRecord], list[PlanRecord]]:
+        """The records of damaged values, from the history of their plans (what `mesh replay`
+        folds). Each damaged value becomes a dead letter, saying whether it could be rebuilt;
+        one the history no longer holds (aged out, or its plan archived) is left out."""
+        tasks: list[TaskRecord] = []
+        plans: list[PlanRecord] = []
+        by_plan: dict[str, list[tuple[Damaged, bytes]]] = {}
+        for entry in bad:
+            by_plan.setdefault(entry[0].plan_id, []).append(entry)
+        for plan_id, entries in sorted(by_plan.items()):
+            try:
+                found = (await replay(self.bus, plan_id=plan_id)).state
+            except ValueError:  # a key that names no plan id: nothing in the history is its
+                found = State(aging_s=self.settings.aging_s)
+            for d, value in entries:
+                what = "task" if d.bucket == self.names.tasks_bucket else "plan"
+                record: TaskRecord | PlanRecord | None = (
+                    found.tasks.get(d.key) if what == "task" else found.plans.get(d.key)
+                )
+                if record is None:
+                    outcome = "the history no longer holds it (aged out, or its plan archived): left out"
+                elif isinstance(record, TaskRecord):
+                    tasks.append(record)
+                    outcome = f"rebuilt from the history ({record.status}, attempt {record.attempt})"
+                else:
+                    plans.append(record)
+                    outcome = f"rebuilt from the history ({record.status})"
+                reason = f"unreadable {what} record {d.key} in {d.bucket}: {d.error}; {outcome}"
+                log.warning("%s", reason)
+                await self.bus.dead_record(self.agent_id, d.bucket, d.key, value, d.revision, reason)
+        return tasks, plans
+
+    async def catch_up(self) -> None:
+        """Fold the transitions published after the checkpoint, and write what they change."""
+        kv = await self.bus.brain_kv()
+        try:
+            entry = await kv.get(CHECKPOINT_KEY)
+            self.checkpoint_seq = decode_checkpoint(entry.value or b"").seq
+        except nats.js.errors.KeyNotFoundError:
+            # no brain has finished a step yet: the first one may have been cut short with its
+            # events stored and only part of its records written, so fold the whole history
+            self.checkpoint_seq = 0
+        self.last_seq = self.checkpoint_seq
+        folded = 0
+        transitions = self.names.transition_filters()
+        async for ev in read_history(self.bus, transitions, start_seq=self.checkpoint_seq + 1):
+            self.last_seq = max(self.last_seq, ev.seq)
+            if isinstance(ev.msg, TRANSITIONS):
+                if isinstance(ev.msg, PlanAccepted) and ev.msg.plan_id in self.state.plans:
+                    # accepted after the checkpoint: a crash may have cut the writing of its
+                    # records short (the plan's written, some of its tasks not), and everything
+                    # that happened to it is in the history from here on: build it from that
+                    self.state.forget_plan(ev.msg.plan_id)
+                evolve(self.state, ev.msg)
+                folded += 1
+        tasks, plans = self.state.take_dirty()
+        await self._write_records(tasks, plans)
+        if folded:
+            log.info(
+                "caught up %d transitions after checkpoint %d; repaired %d task and %d plan records",
+                folded,
+                self.checkpoint_seq,
+                len(tasks),
+                len(plans),
+            )
+        await self._checkpoint(force=True)
+
+    async def republish_ready(self) -> None:
+        ready = [r for r in self.state.tasks.values() if r.status == READY]
+        await asyncio.gather(*(self.bus.emit(work_item(self.state, r, self.policy.claim_key)) for r in ready))
+        if ready:
+            log.info("re-published %d ready work items (duplicates are dropped by the server)", len(ready))
+
+    async def republish_escalations(self) -> None:
+        """Publish again the request of every task waiting on Claude whose request is not in the
+        escalation stream (a crash came between its `task.escalated` and the request)."""
+        names = self.names
+        missing: list[EscalationRequest] = []
+        for rec in self.state.tasks.values():
+            if rec.status != ESCALATING or rec.followups:
+                continue
+            try:
+                raw = await self.bus.js.get_last_msg(
+                    names.esc_stream, names.escalation(rec.plan_id, rec.task_id)
+                )
+                last = decode(raw.data or b"")
+                if isinstance(last, EscalationRequest) and last.rid == rec.rid:
+                    continue
+            except nats.js.errors.NotFoundError:
+                pass
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                pass
+            missing.append(escalation_request(self.state, rec))
+        if missing:
+            await self._publish_escalations(missing)
+            log.info("published %d escalation requests a crash had cut short", len(missing))
