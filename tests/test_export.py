@@ -127,11 +127,11 @@ def test_window_points_and_bad_options_say_what_to_write(tmp_path: Path) -> None
 def test_parquet_without_pyarrow_names_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mesh.ops.export_sinks import _ParquetSink
+    from mesh.ops.export_sinks import ParquetSink
 
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     with pytest.raises(ExportError, match=r"Parquet output needs pyarrow.*pip install pyarrow"):
-        _ParquetSink(tmp_path / "x.parquet", "chat")
+        ParquetSink(tmp_path / "x.parquet", "chat")
 
 
 # ------------------------------------------------------------------ the join, event by event

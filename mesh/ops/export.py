@@ -60,7 +60,7 @@ from mesh.events import (
     TaskSucceeded,
 )
 from mesh.names import check_token
-from mesh.ops.export_sinks import ChatMessage, Escalation, Manifest, Record, _JsonlSink, _ParquetSink, _Sink
+from mesh.ops.export_sinks import ChatMessage, Escalation, Manifest, Record, JsonlSink, ParquetSink, Sink
 from mesh.redact import Redactor
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class Exporter:
             },
             stream=self.names.events_stream,
         )
-        self.sink: _Sink | None = None
+        self.sink: Sink | None = None
 
     # reading -----------------------------------------------------------------------
     def _config(self) -> api.ConsumerConfig:
@@ -263,7 +263,7 @@ class Exporter:
             end = min(end, until.seq)
         until_at = until.at if until is not None else None
         tmp = self.opts.out.with_name(f".{self.opts.out.name}.tmp{os.getpid()}")
-        self.sink = _ParquetSink(tmp, self.opts.fmt) if self.opts.parquet else _JsonlSink(tmp)
+        self.sink = ParquetSink(tmp, self.opts.fmt) if self.opts.parquet else JsonlSink(tmp)
         m = self.m
         first = last = 0
         first_at = last_at = 0.0

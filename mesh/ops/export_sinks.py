@@ -132,7 +132,7 @@ class Manifest(msgspec.Struct, kw_only=True):
 # ------------------------------------------------------------------ output files
 
 
-class _Sink:
+class Sink:
     def write(self, record: Record, encoder: msgspec.json.Encoder) -> None:
         raise NotImplementedError
 
@@ -143,7 +143,7 @@ class _Sink:
         raise NotImplementedError
 
 
-class _JsonlSink(_Sink):
+class JsonlSink(Sink):
     """One JSON object per line, UTF-8: what pandas' `read_json(lines=True)` and `datasets`'
     json loader read as they are."""
 
@@ -161,7 +161,7 @@ class _JsonlSink(_Sink):
         self.fh.close()
 
 
-class _ParquetSink(_Sink):
+class ParquetSink(Sink):
     """Parquet through pyarrow (not a dependency of mesh), written a row group at a time."""
 
     def __init__(self, path: Path, fmt: str) -> None:
