@@ -60,7 +60,7 @@ from mesh.events import (
     TaskSucceeded,
 )
 from mesh.names import check_token
-from mesh.ops.export_sinks import ChatMessage, Escalation, Manifest, Record, JsonlSink, ParquetSink, Sink
+from mesh.ops.export_sinks import ChatMessage, Escalation, JsonlSink, Manifest, ParquetSink, Record, Sink
 from mesh.redact import Redactor
 
 log = logging.getLogger(__name__)
