@@ -1186,7 +1186,7 @@ class _Decider:
         if not plan.escalation.followups:
             return (), "Claude answered with follow-up tasks, which the plan does not allow"
         try:
-            specs = parse_followups(text, source=f"follow-ups of {rec.key}", workdir=plan.workdir)
+            specs = parse_followups(text, source=f"follow-ups of {rec.key}")
         except PlanError as exc:
             return (), f"Claude's follow-up tasks are not valid: {exc}"
         if len(specs) > MAX_FOLLOWUPS:

@@ -19,6 +19,7 @@ from mesh.bus.history import read_history
 from mesh.bus.publish import Bus
 from mesh.bus.read import read_bucket
 from mesh.events import Message, PlanSpec
+from mesh.host.planfiles import directory_glob
 from mesh.ops.embedded import EmbeddedServer
 from mesh.plan import parse_plan
 from mesh.records import PlanRecord, TaskRecord, decode_plan, decode_task
@@ -134,7 +135,10 @@ class Mesh:
             self._bus = None
 
     async def submit_text(self, text: str, plan_id: str | None = None, **variables: str) -> str:
-        spec = parse_plan(text, source="test.md", variables=variables, workdir=str(self.tmp))
+        workdir = str(self.tmp)
+        spec = parse_plan(
+            text, source="test.md", variables=variables, workdir=workdir, glob=directory_glob(workdir)
+        )
         return await self.submit(spec, plan_id)
 
     async def submit(self, spec: PlanSpec, plan_id: str | None = None) -> str:

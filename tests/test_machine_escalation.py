@@ -195,6 +195,7 @@ def test_invalid_followups_fail_the_task_saying_why() -> None:
         "### ask\n```shell\necho\n```\n": "already in the plan: ask",
         "### ask-y\n- class: external\n```shell\necho\n```\n": "would be escalated again",
         "just prose, no tasks": "no tasks",
+        "### ask-g\n- foreach: F in *\n```shell\ncat {F}\n```\n": "glob '*' of task 'ask-g' is refused",
     }
     for n, (text, why) in enumerate(cases.items()):
         d = Driver()

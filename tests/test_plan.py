@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from hypothesis import strategies as st
 
 from mesh.errors import PlanError, Problem
 from mesh.events import PlanSpec, TaskSpec
-from mesh.plan import FIELDS, PlanLimits, load_plan, parse_plan
+from mesh.host.planfiles import directory_glob, load_plan
+from mesh.plan import FIELDS, GlobRefused, PlanLimits, parse_followups, parse_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "plans" / "examples"
@@ -51,6 +53,11 @@ def one(text: str, **kwargs: object) -> Problem:
     found = problems(text, **kwargs)
     assert len(found) == 1, found
     return found[0]
+
+
+def in_dir(path: Path, outside: bool = False) -> dict[str, object]:
+    """The arguments of parse_plan for a plan in directory `path`: its foreach globs list its files."""
+    return {"workdir": str(path), "glob": directory_glob(str(path), outside=outside)}
 
 
 def by_id(plan: PlanSpec) -> dict[str, TaskSpec]:
@@ -349,7 +356,7 @@ def test_foreach_over_a_glob(tmp_path: Path) -> None:
     for name in ["b.csv", "a.csv", "c.txt"]:
         (tmp_path / "data" / name).write_text("x")
     text = tasks_plan(task("conv", body="wc -c {F}", fields="- foreach: F in data/*.csv"))
-    plan = parse_plan(text, workdir=str(tmp_path))
+    plan = parse_plan(text, workdir=str(tmp_path), glob=directory_glob(str(tmp_path)))
     assert [t.body for t in plan.tasks] == ["wc -c data/a.csv\n", "wc -c data/b.csv\n"]
     assert [t.id for t in plan.tasks] == ["conv-1", "conv-2"]
     assert plan.workdir == str(tmp_path)
@@ -361,16 +368,16 @@ def test_foreach_absolute_glob_through_a_variable(tmp_path: Path) -> None:
     text = tasks_plan(task("t", body="cat {F}", fields="- foreach: F in {DIR}/*.txt"))
     want = [f"cat {tmp_path}/1.txt\n", f"cat {tmp_path}/2.txt\n"]
     # under the plan's directory: allowed
-    plan = parse_plan(text, variables={"DIR": str(tmp_path)}, workdir=str(tmp_path))
+    plan = parse_plan(text, variables={"DIR": str(tmp_path)}, **in_dir(tmp_path))  # type: ignore[arg-type]
     assert [t.body for t in plan.tasks] == want
     # elsewhere: only when allowed
     elsewhere = tmp_path / "plans"
     elsewhere.mkdir()
-    p = one(text, variables={"DIR": str(tmp_path)}, workdir=str(elsewhere))
+    p = one(text, variables={"DIR": str(tmp_path)}, **in_dir(elsewhere))
     assert "is an absolute pattern outside the plan's directory" in p.message
     assert "--glob-outside" in p.hint
-    allowed = PlanLimits(glob_outside=True)
-    plan = parse_plan(text, variables={"DIR": str(tmp_path)}, workdir=str(elsewhere), limits=allowed)
+    allowed = in_dir(elsewhere, outside=True)
+    plan = parse_plan(text, variables={"DIR": str(tmp_path)}, **allowed)  # type: ignore[arg-type]
     assert [t.body for t in plan.tasks] == want
 
 
@@ -748,7 +755,7 @@ def test_foreach_glob_matching_nothing(tmp_path: Path) -> None:
         task("a", body="echo {F}", fields="- foreach: F in nothing/*.csv")
         + task("b", fields="- depends_on: a")
     )
-    p = one(text, workdir=str(tmp_path))
+    p = one(text, **in_dir(tmp_path))
     assert p.line == line_of(text, "- foreach")
     assert p.message == "foreach glob 'nothing/*.csv' matched no files"
     assert str(tmp_path) in p.hint and "when the plan is submitted" in p.hint
@@ -1282,14 +1289,15 @@ def test_a_glob_over_a_big_tree_is_refused(tmp_path: Path) -> None:
             (tmp_path / "tree" / str(d) / f"{f}.txt").write_text("x")
     limits = PlanLimits(max_expansions=50)
     text = tasks_plan(task("all", body="cat {F}", fields="- foreach: F in **/*"))
-    p = one(text, workdir=str(tmp_path), limits=limits)
+    p = one(text, limits=limits, **in_dir(tmp_path))
     assert p.line == line_of(text, "- foreach")
     assert (
         p.message
         == "foreach glob '**/*' of task 'all' matches more than 50 files, the most a plan may expand to"
     )
     # 56 files, 7 + 1 directories: the same pattern under a bigger limit takes them all
-    assert len(parse_plan(text, workdir=str(tmp_path), limits=PlanLimits(max_expansions=64)).tasks) == 64
+    bigger = PlanLimits(max_expansions=64)
+    assert len(parse_plan(text, limits=bigger, **in_dir(tmp_path)).tasks) == 64  # type: ignore[arg-type]
 
 
 def test_foreach_expansions_count_over_the_whole_plan() -> None:
@@ -1316,8 +1324,11 @@ def test_globs_stay_in_the_plans_directory(pattern: str, message: str, tmp_path:
     plans = tmp_path / "plans"
     plans.mkdir()
     (tmp_path / "x.md").write_text("x")
-    text = tasks_plan(task("t", body="cat {F}", fields=f"- foreach: F in {pattern}"))
-    p = one(text, workdir=str(plans))
+    path = plans / "p.md"
+    path.write_text(tasks_plan(task("t", body="cat {F}", fields=f"- foreach: F in {pattern}")))
+    with pytest.raises(PlanError) as info:
+        load_plan(path)
+    (p,) = info.value.problems
     assert p.message.startswith(f"foreach glob '{pattern}' of task 't' {message}")
     assert "--glob-outside" in p.hint and "plan_glob_outside" in p.hint
 
@@ -1326,9 +1337,87 @@ def test_globs_outside_the_plans_directory_when_allowed(tmp_path: Path) -> None:
     plans = tmp_path / "plans"
     plans.mkdir()
     (tmp_path / "x.md").write_text("x")
-    text = tasks_plan(task("t", body="cat {F}", fields="- foreach: F in ../*.md"))
-    plan = parse_plan(text, workdir=str(plans), limits=PlanLimits(glob_outside=True))
+    path = plans / "p.md"
+    path.write_text(tasks_plan(task("t", body="cat {F}", fields="- foreach: F in ../*.md")))
+    plan = load_plan(path, limits=PlanLimits(glob_outside=True))
     assert [t.body for t in plan.tasks] == ["cat ../x.md\n"]
+
+
+def test_the_parser_lists_a_glob_through_the_function_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """parse_plan reads no directory: a foreach glob's files are what its `glob` function lists."""
+    import glob as globmodule
+    import os
+
+    def no_disk(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the parser read the disk")
+
+    for module, name in [(globmodule, "iglob"), (globmodule, "glob"), (os, "scandir"), (os, "listdir")]:
+        monkeypatch.setattr(module, name, no_disk)
+    asked: list[str] = []
+
+    def listing(pattern: str) -> list[str]:
+        asked.append(pattern)
+        return ["data/b.csv", "data/a.csv"]
+
+    text = tasks_plan(
+        task("conv", body="wc -c {F}", fields="- foreach: F in {D}/*.csv"),
+        head="## Variables\n\n- D: data\n\n",
+    )
+    plan = parse_plan(text, workdir="/no/such/dir", glob=listing)
+    assert asked == ["data/*.csv"]
+    assert [t.body for t in plan.tasks] == ["wc -c data/a.csv\n", "wc -c data/b.csv\n"]
+    assert plan.workdir == "/no/such/dir"
+
+
+def test_the_parser_stops_reading_a_glob_past_its_limit() -> None:
+    read: list[int] = []
+
+    def endless(pattern: str) -> Iterator[str]:
+        n = 0
+        while True:
+            n += 1
+            read.append(n)
+            assert n < 100, "read on past the limit"
+            yield f"f{n}"
+
+    text = tasks_plan(task("t", body="cat {F}", fields="- foreach: F in *"))
+    p = one(text, glob=endless, limits=PlanLimits(max_expansions=5))
+    assert (
+        p.message == "foreach glob '*' of task 't' matches more than 5 files, the most a plan may expand to"
+    )
+    assert read == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_glob_the_files_function_refuses_or_cannot_read() -> None:
+    text = tasks_plan(task("t", body="cat {F}", fields="- foreach: F in x/*"))
+
+    def refuse(pattern: str) -> list[str]:
+        raise GlobRefused("is not for today", "try tomorrow")
+
+    def broken(pattern: str) -> Iterator[str]:
+        yield "x/1"
+        raise PermissionError(13, "Permission denied")
+
+    p = one(text, glob=refuse)
+    assert (p.line, p.message, p.hint) == (
+        line_of(text, "- foreach"),
+        "foreach glob 'x/*' of task 't' is not for today",
+        "try tomorrow",
+    )
+    p = one(text, glob=broken)
+    assert p.message == "foreach glob 'x/*' cannot be read: [Errno 13] Permission denied"
+
+
+def test_without_a_files_function_a_glob_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("x")
+    text = tasks_plan(task("t", body="cat {F}", fields="- foreach: F in *.csv"))
+    p = one(text, workdir=str(tmp_path))
+    assert p.line == line_of(text, "- foreach")
+    assert p.message.startswith(
+        "foreach glob '*.csv' of task 't' cannot be expanded: a glob needs a plan file"
+    )
+    assert "list the items instead" in p.hint
+    assert [t.body for t in parse_plan(text.replace("*.csv", "a.csv")).tasks] == ["cat a.csv\n"]
 
 
 def test_too_many_tasks() -> None:
@@ -1559,9 +1648,23 @@ def test_requires_external_must_be_a_boolean() -> None:
 
 
 def test_followups_are_checked_like_plan_tasks() -> None:
-    from mesh.plan import parse_followups
-
     tasks = parse_followups(md(task("t-fix") + task("t-check", fields="- depends_on: t-fix")), source="f")
     assert [(t.id, t.depends_on) for t in tasks] == [("t-fix", ()), ("t-check", ("t-fix",))]
     with pytest.raises(PlanError, match="depends on unknown task 'nope'"):
         parse_followups(md(task("t-x", fields="- depends_on: nope")), source="f")
+
+
+def test_followups_may_not_use_a_glob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claude's follow-up tasks cannot list the files of the machine that reads them (the brain's)."""
+    (tmp_path / "secret.key").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PlanError) as info:
+        parse_followups(md(task("t-all", body="cat {F}", fields="- foreach: F in *")), source="f")
+    (p,) = info.value.problems
+    assert p.message == (
+        "foreach glob '*' of task 't-all' is refused: "
+        "Claude's follow-up tasks may not list the files of the machine that reads them"
+    )
+    assert "list the items instead" in p.hint
+    tasks = parse_followups(md(task("t-two", body="cat {F}", fields="- foreach: F in a, b")), source="f")
+    assert [t.body for t in tasks] == ["cat a\n", "cat b\n"]

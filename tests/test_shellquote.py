@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from mesh.errors import PlanError, Problem
 from mesh.events import WorkItem
 from mesh.host.executors import RunContext, run_shell
+from mesh.host.planfiles import directory_glob
 from mesh.plan import parse_plan
 from mesh.shellquote import Hole, fill, is_plain
 from tests.conftest import Mesh
@@ -94,7 +95,7 @@ def test_hostile_file_names_from_a_glob_run_nothing(tmp_path: Path) -> None:
     for name in FILE_NAMES:
         (data / name).write_text("x")
     text = plan(f"### conv\n- foreach: F in data/*\n\n{FENCE}shell\n{BODY}{FENCE}\n")
-    spec = parse_plan(text, workdir=str(tmp_path))
+    spec = parse_plan(text, workdir=str(tmp_path), glob=directory_glob(str(tmp_path)))
     assert len(spec.tasks) == len(FILE_NAMES)
     seen = set()
     for n, t in enumerate(spec.tasks, 1):

@@ -111,7 +111,8 @@ def parse_vars(pairs: list[str] | None) -> dict[str, str]:
 
 def load(path: Path, var: list[str] | None, s: Settings, glob_outside: bool = False) -> events.PlanSpec:
     """Read and check a plan within the limits of the settings `plan_*`."""
-    from mesh.plan import PlanLimits, load_plan
+    from mesh.host.planfiles import load_plan
+    from mesh.plan import PlanLimits
 
     limits = PlanLimits(
         max_expansions=s.plan_max_expansions,

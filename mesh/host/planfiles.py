@@ -1,0 +1,122 @@
+"""Read a plan file from disk, and list the files its foreach globs match, next to it.
+
+`load_plan` reads the file (UTF-8, within `PlanLimits.max_bytes`) and hands its
+text to the pure parser `mesh.plan.parse_plan`, with `directory_glob`: a foreach
+glob is resolved against the plan's directory and may not leave it (an absolute
+pattern elsewhere, or '..'), unless `PlanLimits.glob_outside` allows it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable, Mapping
+
+from mesh.errors import PlanError, Problem
+from mesh.events import PlanSpec
+from mesh.plan import Glob, GlobRefused, PlanLimits, parse_plan, too_big
+from mesh.validate import show as _show
+
+__all__ = ["directory_glob", "load_plan"]
+
+_GLOB_CHARS = frozenset("*?[")
+_OUTSIDE_HINT = (
+    "a foreach glob may name only files under the plan's directory: write a pattern "
+    "relative to it, or allow others with `mesh submit --glob-outside` "
+    "(the setting plan_glob_outside)"
+)
+
+
+def load_plan(
+    path: str | os.PathLike[str],
+    variables: Mapping[str, str] | None = None,
+    *,
+    limits: PlanLimits | None = None,
+) -> PlanSpec:
+    """Read the plan file at `path` (UTF-8) and parse it; see `parse_plan`.
+
+    The source is the path as given; the workdir is the file's absolute parent
+    directory, where foreach globs are resolved (`directory_glob`). A file that
+    cannot be read, or is bigger than `limits.max_bytes` (checked before it is
+    read), raises `PlanError` as well.
+    """
+    source = os.fsdecode(os.fspath(path))
+    limits = limits or PlanLimits()
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = b"" if size > limits.max_bytes else f.read(limits.max_bytes + 1)
+    except FileNotFoundError:
+        raise PlanError(
+            source,
+            [
+                Problem(
+                    0, "plan file not found", "check the path; it is read relative to the current directory"
+                )
+            ],
+        ) from None
+    except IsADirectoryError:
+        raise PlanError(
+            source, [Problem(0, "this is a directory, not a plan file", "name a .md file")]
+        ) from None
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise PlanError(
+            source, [Problem(0, f"cannot read the plan file: {reason}", "check the path and its permissions")]
+        ) from None
+    if size > limits.max_bytes or len(data) > limits.max_bytes:
+        raise PlanError(source, [too_big(size if size > limits.max_bytes else 0, limits.max_bytes)]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PlanError(
+            source,
+            [
+                Problem(
+                    line,
+                    f"the file is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})",
+                    "save the plan as UTF-8",
+                )
+            ],
+        ) from None
+    workdir = os.path.dirname(os.path.abspath(source))
+    return parse_plan(
+        text,
+        source=source,
+        variables=variables,
+        workdir=workdir,
+        limits=limits,
+        glob=directory_glob(workdir, outside=limits.glob_outside),
+    )
+
+
+def directory_glob(workdir: str, *, outside: bool = False) -> Glob:
+    """The files a foreach glob matches, a relative pattern resolved against `workdir` (the
+    current directory when empty); with `outside` False, a pattern that leaves `workdir` is
+    refused (`GlobRefused`). The matches are read lazily, as the parser asks for them."""
+
+    def files(pattern: str) -> Iterable[str]:
+        if not outside:
+            why = _outside(pattern, workdir)
+            if why:
+                raise GlobRefused(why, _OUTSIDE_HINT)
+        return glob.iglob(pattern, root_dir=workdir or None, recursive=True)
+
+    return files
+
+
+def _outside(pattern: str, workdir: str) -> str:
+    """How a foreach glob reaches outside the plan's directory, or '' if it does not."""
+    try:
+        base = os.path.abspath(workdir or os.curdir)
+    except OSError:  # the current directory is gone
+        base = ""
+    if os.path.isabs(pattern):
+        prefix = base.rstrip(os.sep) + os.sep
+        if not base or _GLOB_CHARS.intersection(base) or not pattern.startswith(prefix):
+            return f"is an absolute pattern outside the plan's directory {_show(base, 200)}"
+        pattern = pattern[len(prefix) :]
+    if ".." in pattern.split(os.sep):
+        return "goes up out of the plan's directory with '..'"
+    return ""
