@@ -16,7 +16,7 @@ from typing import Any, Literal
 import msgspec
 
 from mesh.errors import ConfigError
-from mesh.host.health import HealthCheck
+from mesh.health import HealthCheck
 from mesh.models import DEFAULT_MODELS, ModelSpec, builtin_models, check_registry
 from mesh.names import Names
 

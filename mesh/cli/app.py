@@ -1242,7 +1242,8 @@ def health(
 ) -> None:
     """One round of the [health.NAME] checks (what the watchdog runs continuously); restarts what
     stays unhealthy. Exit 1 if any check failed. mesh-health.timer runs it on hosts without a watchdog."""
-    from mesh.host.health import HealthCheck, Verdict, check_once, probe_http
+    from mesh.health import HealthCheck
+    from mesh.host.health import Verdict, check_once, probe_http
 
     s = settings()
     if not s.health:
