@@ -1018,7 +1018,8 @@ def models(
     from rich.table import Table
 
     from mesh.events import GpuState
-    from mesh.models import ModelError, resolve_path
+    from mesh.host.modelfiles import resolve_path
+    from mesh.models import ModelError
 
     s = settings()
     registry = s.model_registry()
