@@ -25,10 +25,10 @@ from mesh.bus.route import route
 from mesh.errors import ConfigError
 from mesh.events import AlertRaised, AlertResolved, decode, encode
 from mesh.host.alertsinks import Sinks, webhook_request
+from mesh.host.config import load_settings
 from mesh.host.telemetry import SimulatedSource, open_source, sample_host, write_simulated
 from mesh.names import Names
 from mesh.samples import GpuSample, HostSample, decode_sample, encode_sample
-from mesh.settings import load_settings
 from tests.conftest import ROOT, Mesh
 from tests.faults import until
 

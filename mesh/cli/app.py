@@ -28,9 +28,10 @@ from mesh.bus.store import full_error
 from mesh.cli import render
 from mesh.errors import MeshError
 from mesh.events import TASK_CLASSES
+from mesh.host.config import load_settings
 from mesh.host.logs import configure
 from mesh.records import Damaged
-from mesh.settings import Settings, load_settings
+from mesh.settings import Settings
 
 app = typer.Typer(
     name="mesh",
