@@ -48,7 +48,6 @@ from mesh import events
 from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.read import read_bucket
 from mesh.errors import MeshError
-from mesh.host.telemetry import GpuSample, HostSample, decode_sample
 from mesh.names import kv_keys, kv_subject
 from mesh.records import (
     PLAN_FINAL_STATES,
@@ -59,6 +58,7 @@ from mesh.records import (
     decode_plan,
     decode_task,
 )
+from mesh.samples import GpuSample, HostSample, decode_sample
 from mesh.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js import api
 
 from agents.base import Agent
-from mesh.alerts import AlertEngine, Change, Sinks, build_rules
+from mesh.alerts import AlertEngine, Change, build_rules
 from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.read import iter_bucket, read_bucket
 from mesh.bus.route import decode_checked
@@ -45,18 +45,13 @@ from mesh.events import (
     decode,
     encode,
 )
-from mesh.host.health import HealthCheck, Tracker, probe_http, restart
-from mesh.host.telemetry import (
-    GpuSample,
-    GpuSource,
-    HostSample,
-    encode_sample,
-    host_token,
-    open_source,
-    sample_host,
-)
+from mesh.health import HealthCheck, Tracker
+from mesh.host.alertsinks import Sinks
+from mesh.host.health import probe_http, restart
+from mesh.host.telemetry import GpuSource, host_token, open_source, sample_host
 from mesh.names import HEADER_TYPE
 from mesh.records import UNREADABLE, decode_agent, decode_plan, decode_task
+from mesh.samples import GpuSample, HostSample, encode_sample
 from mesh.settings import Settings
 
 log = logging.getLogger("mesh.watchdog")

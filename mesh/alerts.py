@@ -1,4 +1,5 @@
-"""Alert rules and the engine that turns samples into raised and resolved alerts, and the sinks.
+"""Alert rules and the engine that turns samples into raised and resolved alerts.
+Where alerts go besides the event stream (a webhook, notify-send) is mesh.host.alertsinks.
 
 The engine is pure: samples and the time go in, changes come out; no I/O, no clock of its own.
 An alert is one rule on one target (a GPU `<host>-gpu<N>`, a host, an agent id). A rule
@@ -18,14 +19,6 @@ tables over them, field by field: `[alerts.gpu_temp_warn] above = 80` moves one 
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
-import shutil
-import subprocess
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,10 +26,8 @@ from typing import Any, Literal
 import msgspec
 
 from mesh.events import AlertRaised, AlertResolved
-from mesh.host.telemetry import GpuSample, HostSample
 from mesh.names import check_token
-
-log = logging.getLogger("mesh.alerts")
+from mesh.samples import GpuSample, HostSample
 
 Severity = Literal["info", "warn", "critical"]
 
@@ -329,118 +320,3 @@ class AlertEngine:
                 )
             del self._states[(name, target)]
         return changes
-
-
-# ---------------------------------------------------------------- sinks
-
-
-WebhookFormat = Literal["json", "slack", "discord", "ntfy"]
-WEBHOOK_FORMATS: tuple[str, ...] = ("json", "slack", "discord", "ntfy")
-_NTFY_PRIORITY = {"info": 3, "warn": 4, "critical": 5}
-
-
-def webhook_request(url: str, fmt: str, ev: AlertRaised | AlertResolved) -> tuple[str, dict[str, Any]]:
-    """Where to POST an alert and the JSON body, in the shape the receiving service reads.
-
-    json: the event itself plus `text`; slack: `{"text"}`; discord: `{"content"}`;
-    ntfy: ntfy's JSON publish (`topic`, `title`, `message`, `priority`, `tags`) sent to the
-    server's root, the topic being the last part of the configured URL (`https://ntfy.sh/mytopic`)."""
-    text = ev.message
-    if fmt == "slack":
-        return url, {"text": text}
-    if fmt == "discord":
-        return url, {"content": text}
-    if fmt == "ntfy":
-        parts = urllib.parse.urlsplit(url)
-        base, _, topic = parts.path.rstrip("/").rpartition("/")
-        root = urllib.parse.urlunsplit((parts.scheme, parts.netloc, base + "/", "", ""))
-        raised = isinstance(ev, AlertRaised)
-        return root, {
-            "topic": topic,
-            "title": f"mesh: {ev.rule} {'raised' if raised else 'resolved'} on {ev.target}",
-            "message": text,
-            "priority": _NTFY_PRIORITY.get(ev.severity, 3) if raised else 2,
-            "tags": ["rotating_light" if ev.severity == "critical" else "warning"]
-            if raised
-            else ["white_check_mark"],
-        }
-    body: dict[str, Any] = json.loads(msgspec.json.encode(ev))
-    body["text"] = text
-    return url, body
-
-
-def post_json(url: str, body: dict[str, Any], timeout_s: float) -> int:
-    """POST JSON; the HTTP status (raises on a network error or an error status)."""
-    req = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "User-Agent": "mesh-watchdog"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        return int(resp.status)
-
-
-def notify_send(ev: AlertRaised | AlertResolved, timeout_s: float = 5.0) -> bool:
-    """A desktop notification through `notify-send`, where it is installed; False where not."""
-    exe = shutil.which("notify-send")
-    if exe is None:
-        return False
-    urgency = "critical" if isinstance(ev, AlertRaised) and ev.severity == "critical" else "normal"
-    subprocess.run(
-        [exe, "-u", urgency, "-a", "mesh", f"mesh: {ev.rule} on {ev.target}", ev.message],
-        timeout=timeout_s,
-        check=False,
-        capture_output=True,
-    )
-    return True
-
-
-class Sinks:
-    """Where alerts go besides the event stream: the log always, a webhook and notify-send if
-    configured. Delivery runs in threads; a failure is logged and never reaches the caller."""
-
-    def __init__(
-        self,
-        webhook_url: str = "",
-        webhook_format: str = "json",
-        timeout_s: float = 5.0,
-        use_notify_send: bool = False,
-    ) -> None:
-        self.webhook_url = webhook_url
-        self.webhook_format = webhook_format
-        self.timeout_s = timeout_s
-        self.use_notify_send = use_notify_send
-        self._notify_missing_logged = False
-
-    async def deliver(self, ev: AlertRaised | AlertResolved) -> None:
-        level = (
-            logging.INFO
-            if isinstance(ev, AlertResolved)
-            else (logging.ERROR if ev.severity == "critical" else logging.WARNING)
-        )
-        log.log(level, "alert: %s", ev.message)
-        jobs = []
-        if self.webhook_url:
-            jobs.append(asyncio.to_thread(self._webhook, ev))
-        if self.use_notify_send:
-            jobs.append(asyncio.to_thread(self._notify, ev))
-        if jobs:
-            await asyncio.gather(*jobs)
-
-    def _webhook(self, ev: AlertRaised | AlertResolved) -> None:
-        try:
-            url, body = webhook_request(self.webhook_url, self.webhook_format, ev)
-            post_json(url, body, self.timeout_s)
-        except (OSError, ValueError, urllib.error.URLError) as exc:
-            log.warning("alert webhook %s failed: %s", self.webhook_url, exc)
-        except Exception as exc:
-            log.warning("alert webhook %s failed unexpectedly: %r", self.webhook_url, exc)
-
-    def _notify(self, ev: AlertRaised | AlertResolved) -> None:
-        try:
-            if not notify_send(ev, self.timeout_s) and not self._notify_missing_logged:
-                log.info("alert_notify_send is on but notify-send is not installed")
-                self._notify_missing_logged = True
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.warning("notify-send failed: %s", exc)

@@ -5,13 +5,12 @@ needs only sizes), the CLI and every worker. Loading lives in `mesh.host.loaders
 which a worker imports only when it runs a model kind.
 
 A model's file comes from `path`, or from `source`, a `module:callable` that
-returns the path (the PyPI model packages mesh uses by default ship one).
+returns the path (the PyPI model packages mesh uses by default ship one);
+`mesh.host.modelfiles.resolve_path` finds it on this machine.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 from typing import Literal
 
 import msgspec
@@ -88,31 +87,6 @@ DEFAULT_MODELS: dict[str, str] = {
 
 class ModelError(Exception):
     """A model that cannot be found or loaded; the message says what to do."""
-
-
-def resolve_path(name: str, spec: ModelSpec) -> str:
-    """The model's file or directory on disk; raises ModelError with what to do."""
-    if spec.path:
-        path = os.path.expanduser(spec.path)
-    elif spec.source:
-        module, _, attr = spec.source.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr or "get_model_path")
-        except ImportError as exc:
-            raise ModelError(
-                f"model {name!r}: cannot import {module!r} ({exc}); install the model stack with "
-                f"`make models` (or pip install 'mesh[models]'), or set models.{name}.path"
-            ) from exc
-        except AttributeError as exc:
-            raise ModelError(
-                f"model {name!r}: {module!r} has no {attr!r}; check models.{name}.source"
-            ) from exc
-        path = str(fn())
-    else:
-        raise ModelError(f"model {name!r} has neither path nor source; set one in the config")
-    if not os.path.exists(path):
-        raise ModelError(f"model {name!r}: {path} does not exist; check models.{name}.path")
-    return path
 
 
 def check_registry(models: dict[str, ModelSpec], defaults: dict[str, str]) -> None:

@@ -1,4 +1,5 @@
 """Settings: defaults, then a TOML config file, then `MESH_*` environment variables.
+The struct, its defaults and checks, built from plain data; mesh.host.config reads the file.
 
 The server URL is resolved in this order: `--server`, `MESH_NATS_URL`, the
 config file's `server_url`, then the embedded default (`mesh up`'s server on
@@ -7,32 +8,20 @@ config file's `server_url`, then the embedded default (`mesh up`'s server on
 
 from __future__ import annotations
 
-import os
 import re
-import tomllib
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import msgspec
 
 from mesh.errors import ConfigError
-from mesh.host.health import HealthCheck
+from mesh.health import HealthCheck
 from mesh.models import DEFAULT_MODELS, ModelSpec, builtin_models, check_registry
 from mesh.names import Names
 
 ENV_PREFIX = "MESH_"
 ENV_URL = "MESH_NATS_URL"
 ENV_CONFIG = "MESH_CONFIG"
-
-
-def default_data_dir() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return str(Path(base) / "mesh")
-
-
-def default_config_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "mesh" / "config.toml"
 
 
 class Price(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -57,7 +46,9 @@ ENV_ANTHROPIC_KEY = "ANTHROPIC_API_KEY"
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server_url: str = ""
     prefix: str = "mesh"
-    data_dir: str = msgspec.field(default_factory=default_data_dir)
+    # '' only in a struct built by hand: settings_from puts in its caller's default
+    # ($XDG_DATA_HOME/mesh, or ~/.local/share/mesh: mesh.host.config.default_data_dir)
+    data_dir: str = ""
     embedded_port: int = 4222
 
     # work delivery
@@ -280,7 +271,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 _FIELDS = Settings.__struct_fields__
 
 
-def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in _FIELDS:
         value = environ.get(ENV_PREFIX + name.upper())
@@ -291,28 +282,25 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def load_settings(
+def settings_from(
+    file_values: Mapping[str, Any],
+    environ: Mapping[str, str],
+    overrides: Mapping[str, Any],
     *,
     server: str | None = None,
-    config: str | os.PathLike[str] | None = None,
-    environ: dict[str, str] | None = None,
-    **overrides: Any,
+    file: str,
+    default_data_dir: Callable[[], str],
+    is_file: Callable[[str], bool],
 ) -> Settings:
-    """Build settings from the config file, the environment and explicit overrides."""
-    env = dict(os.environ) if environ is None else environ
-    path = Path(config) if config else Path(env[ENV_CONFIG]) if env.get(ENV_CONFIG) else None
-    values: dict[str, Any] = {}
-    file = path or default_config_path()
-    if path is not None and not file.exists():
-        raise ConfigError(f"config file {file} does not exist; create it or unset {ENV_CONFIG}")
-    if file.exists():
-        try:
-            values.update(tomllib.loads(file.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {file}: {exc}") from exc
-    values.update(_from_env(env))
-    if not values.get("gateway_api_key") and env.get(ENV_ANTHROPIC_KEY):
-        values["gateway_api_key"] = env[ENV_ANTHROPIC_KEY]
+    """Build settings from the config file's values, the environment and explicit overrides (an
+    override of None is not given), and check them; raises ConfigError saying what to fix.
+
+    `file` names the config file in the messages; `default_data_dir()` is the data directory
+    when nothing sets one, and `is_file(path)` says whether a TLS file named exists."""
+    values: dict[str, Any] = dict(file_values)
+    values.update(_from_env(environ))
+    if not values.get("gateway_api_key") and environ.get(ENV_ANTHROPIC_KEY):
+        values["gateway_api_key"] = environ[ENV_ANTHROPIC_KEY]
     values.update({k: v for k, v in overrides.items() if v is not None})
     if server:
         values["server_url"] = server
@@ -322,6 +310,8 @@ def load_settings(
             f"it is acknowledged) or 'lazy' (synced every 2 minutes) (check {file} and "
             f"{ENV_PREFIX}DURABILITY)"
         )
+    if "data_dir" not in values:
+        values["data_dir"] = default_data_dir()
     try:
         settings = msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
@@ -332,7 +322,7 @@ def load_settings(
         settings.names  # noqa: B018 - validates the prefix
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    problem = security_problem(settings)
+    problem = security_problem(settings, is_file)
     if problem:
         raise ConfigError(f"{problem} (check {file} and the {ENV_PREFIX}* environment variables)")
     check_registry(settings.model_registry(), {**DEFAULT_MODELS, **settings.default_models})
@@ -413,8 +403,9 @@ def plan_problem(settings: Settings) -> str:
 _DOMAIN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-def security_problem(settings: Settings) -> str:
-    """What is wrong with the credential, TLS and cluster settings, or ''."""
+def security_problem(settings: Settings, is_file: Callable[[str], bool]) -> str:
+    """What is wrong with the credential, TLS and cluster settings, or ''. `is_file(path)` says
+    whether a TLS file named exists."""
     if settings.nats_user and not settings.nats_password:
         return f"nats_user is {settings.nats_user!r} but nats_password is empty: set both, or neither"
     if settings.nats_password and not settings.nats_user:
@@ -423,7 +414,7 @@ def security_problem(settings: Settings) -> str:
         return "nats_tls_cert and nats_tls_key go together: a client certificate needs its key"
     for name in ("nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
         path = getattr(settings, name)
-        if path and not Path(path).is_file():
+        if path and not is_file(path):
             return f"{name} {path!r} is not a file"
     if not 1 <= settings.replicas <= 5:
         return f"replicas is {settings.replicas}: JetStream keeps 1 to 5 copies (3 on a 3-server cluster)"

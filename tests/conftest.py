@@ -19,11 +19,12 @@ from mesh.bus.history import read_history
 from mesh.bus.publish import Bus
 from mesh.bus.read import read_bucket
 from mesh.events import Message, PlanSpec
+from mesh.host.config import load_settings
 from mesh.host.planfiles import directory_glob
 from mesh.ops.embedded import EmbeddedServer
 from mesh.plan import parse_plan
 from mesh.records import PlanRecord, TaskRecord, decode_plan, decode_task
-from mesh.settings import Settings, load_settings
+from mesh.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

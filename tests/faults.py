@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 
 from mesh.events import Message, PlanSpec, TaskSpec
-from mesh.settings import load_settings
+from mesh.host.config import load_settings
 from tests.conftest import ROOT, Mesh
 
 

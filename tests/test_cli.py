@@ -14,9 +14,9 @@ import pytest
 
 from mesh import events
 from mesh.bus.read import read_bucket
+from mesh.host.config import load_settings
 from mesh.ops.embedded import EmbeddedServer
 from mesh.ops.natsconf import rendered
-from mesh.settings import load_settings
 from tests.conftest import FAST_ENV, HANG_S, ROOT, Mesh
 from tests.faults import until
 

@@ -15,9 +15,9 @@ import pytest
 
 from agents.brain import EXIT_LEASE_LOST
 from mesh.events import RunStarted, TaskSucceeded
+from mesh.host.config import load_settings
 from mesh.ops.embedded import EmbeddedServer
 from mesh.ops.serverconf import cluster_server_config
-from mesh.settings import load_settings
 from tests.conftest import HANG_S, Mesh
 from tests.faults import plan, runs, task, until
 from tests.test_faults import assert_history_matches_kv

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from mesh.bus.connect import connect
+from mesh.host.config import load_settings
 from mesh.ops import doctor
 from mesh.ops.embedded import EmbeddedServer
 from mesh.records import AgentRecord, encode_record
-from mesh.settings import load_settings
 from tests.conftest import FAST_ENV, ROOT
 
 

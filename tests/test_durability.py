@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from mesh.errors import ConfigError, MeshError
+from mesh.host.config import load_settings
 from mesh.ops import units
 from mesh.ops.embedded import EmbeddedServer, server_config
 from mesh.ops.natsconf import rendered
 from mesh.ops.security import render_server_config
-from mesh.settings import load_settings
 
 
 def jetstream_block(text: str) -> str:

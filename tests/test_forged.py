@@ -23,8 +23,8 @@ from mesh.events import (
     SubmitPlan,
     TaskSpec,
 )
+from mesh.host.config import load_settings
 from mesh.names import HEADER_MSG_ID, HEADER_TYPE
-from mesh.settings import load_settings
 from tests import test_security
 from tests.conftest import Mesh
 from tests.faults import until

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mesh.events import AlertRaised, AlertResolved
-from mesh.host.health import HealthCheck, Tracker, probe_http
+from mesh.health import HealthCheck, Tracker
+from mesh.host.health import probe_http
 from tests.conftest import Mesh
 from tests.faults import until
 

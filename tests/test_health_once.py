@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.host.health import HealthCheck, check_once
+from mesh.health import HealthCheck
+from mesh.host.health import check_once
 from mesh.ops.embedded import EmbeddedServer
 from tests.conftest import FAST_ENV, ROOT
 

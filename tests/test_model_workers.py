@@ -35,7 +35,8 @@ from mesh.events import (
     decode,
 )
 from mesh.host.executors import DATA_PREAMBLE
-from mesh.models import builtin_models, resolve_path
+from mesh.host.modelfiles import resolve_path
+from mesh.models import builtin_models
 from mesh.records import decode_agent
 from tests.conftest import HANG_S, Mesh
 from tests.faults import until

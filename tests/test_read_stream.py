@@ -8,8 +8,8 @@ from mesh.bus.connect import connect
 from mesh.bus.history import read_history
 from mesh.bus.read import READ_BATCH, READ_BATCH_BYTES
 from mesh.events import PlanTasks, TaskSpec, TaskWaiting
+from mesh.host.config import load_settings
 from mesh.ops.embedded import EmbeddedServer
-from mesh.settings import load_settings
 
 pytestmark = pytest.mark.integration
 

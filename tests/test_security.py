@@ -25,12 +25,12 @@ from mesh.bus.connect import connect
 from mesh.bus.jetstream import DomainJetStream
 from mesh.bus.read import read_bucket
 from mesh.errors import ServerUnavailable
+from mesh.host.config import load_settings
 from mesh.names import inbox_prefix
 from mesh.ops.embedded import EmbeddedServer
 from mesh.ops.natsconf import rendered
 from mesh.ops.security import Tls, render_permissions, users, write_secure
 from mesh.records import AgentRecord
-from mesh.settings import load_settings
 from tests.conftest import FAST_ENV, ROOT, Mesh
 from tests.fake_anthropic import FakeAnthropic, Reply
 from tests.faults import run_mesh, until

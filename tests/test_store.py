@@ -12,7 +12,7 @@ import nats.js.errors
 import pytest
 
 from mesh.bus.store import StoreWatch, full_error, locate, store_dir_of_config, stream_of
-from mesh.settings import load_settings
+from mesh.host.config import load_settings
 
 FULL = "the NATS server's store is full"
 

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from mesh.cli.top import EventFold, GpuView, Snapshot, build, count_tasks
 from mesh.events import AlertRaised, AlertResolved, GpuState, RunStarted, TaskStarted, TaskSucceeded
-from mesh.host.telemetry import GpuSample, encode_sample
+from mesh.samples import GpuSample, encode_sample
 from tests.conftest import ROOT, Mesh
 
 HOLD = "thermal pause: 90 °C >= 87 °C; resumes below 80 °C"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from mesh.host.config import load_settings
 from mesh.ops import units
-from mesh.settings import load_settings
 from tests.conftest import ROOT
 
 # `make setup` installs Debian's systemd package where systemd-analyze is missing: never skipped

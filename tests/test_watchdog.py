@@ -19,23 +19,16 @@ from typing import Any
 import psutil
 import pytest
 
-from mesh.alerts import AlertEngine, AlertRule, Sinks, build_rules, webhook_request
+from mesh.alerts import AlertEngine, AlertRule, build_rules
 from mesh.bus.read import read_bucket
 from mesh.bus.route import route
 from mesh.errors import ConfigError
 from mesh.events import AlertRaised, AlertResolved, decode, encode
-from mesh.host.telemetry import (
-    GpuSample,
-    HostSample,
-    SimulatedSource,
-    decode_sample,
-    encode_sample,
-    open_source,
-    sample_host,
-    write_simulated,
-)
+from mesh.host.alertsinks import Sinks, webhook_request
+from mesh.host.config import load_settings
+from mesh.host.telemetry import SimulatedSource, open_source, sample_host, write_simulated
 from mesh.names import Names
-from mesh.settings import load_settings
+from mesh.samples import GpuSample, HostSample, decode_sample, encode_sample
 from tests.conftest import ROOT, Mesh
 from tests.faults import until
 

@@ -52,11 +52,11 @@ from mesh.bus.connect import connect  # noqa: E402
 from mesh.bus.history import read_history, replay  # noqa: E402
 from mesh.bus.publish import Bus  # noqa: E402
 from mesh.bus.read import read_bucket  # noqa: E402
+from mesh.host.config import load_settings  # noqa: E402
 from mesh.ops.export import Options, export  # noqa: E402
 from mesh.ops.up import Child, Stack  # noqa: E402
 from mesh.plan import parse_plan  # noqa: E402
 from mesh.records import decode_checkpoint  # noqa: E402
-from mesh.settings import load_settings  # noqa: E402
 
 SCENARIOS = ("throughput", "chain", "submit", "recovery", "scale", "replay", "export")
 

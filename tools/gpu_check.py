@@ -34,9 +34,9 @@ from mesh.bus import client  # noqa: E402
 from mesh.bus.connect import connect  # noqa: E402
 from mesh.bus.history import read_history  # noqa: E402
 from mesh.events import GpuState, PlanFinished, RunFinished  # noqa: E402
+from mesh.host.config import load_settings  # noqa: E402
 from mesh.host.planfiles import load_plan  # noqa: E402
 from mesh.ops.up import Stack  # noqa: E402
-from mesh.settings import load_settings  # noqa: E402
 
 TEXTS = [
     "The GPU in the closet runs all night.",

@@ -28,9 +28,10 @@ from mesh.bus.store import full_error
 from mesh.cli import render
 from mesh.errors import MeshError
 from mesh.events import TASK_CLASSES
+from mesh.host.config import load_settings
 from mesh.host.logs import configure
 from mesh.records import Damaged
-from mesh.settings import Settings, load_settings
+from mesh.settings import Settings
 
 app = typer.Typer(
     name="mesh",
@@ -1019,7 +1020,8 @@ def models(
     from rich.table import Table
 
     from mesh.events import GpuState
-    from mesh.models import ModelError, resolve_path
+    from mesh.host.modelfiles import resolve_path
+    from mesh.models import ModelError
 
     s = settings()
     registry = s.model_registry()
@@ -1243,7 +1245,8 @@ def health(
 ) -> None:
     """One round of the [health.NAME] checks (what the watchdog runs continuously); restarts what
     stays unhealthy. Exit 1 if any check failed. mesh-health.timer runs it on hosts without a watchdog."""
-    from mesh.host.health import HealthCheck, Verdict, check_once, probe_http
+    from mesh.health import HealthCheck
+    from mesh.host.health import Verdict, check_once, probe_http
 
     s = settings()
     if not s.health:

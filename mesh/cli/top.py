@@ -36,8 +36,8 @@ from mesh.bus.read import read_bucket, read_stream
 from mesh.bus.route import decode_or_none
 from mesh.cli import render
 from mesh.errors import MeshError
-from mesh.host.telemetry import GpuSample, HostSample, decode_sample
 from mesh.records import PENDING, READY, RUNNING, WAITING, Damaged
+from mesh.samples import GpuSample, HostSample, decode_sample
 
 RECENT_EVENTS = 15
 # how far back in the event stream the first frame looks for its recent events

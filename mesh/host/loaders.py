@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.models import ModelError, ModelSpec, resolve_path
+from mesh.host.modelfiles import resolve_path
+from mesh.models import ModelError, ModelSpec
 
 INSTALL_HINT = "install the model stack with `make models` (or pip install -e '.[models]')"
 

@@ -34,7 +34,8 @@ from mesh.bus.publish import Bus
 from mesh.bus.read import read_stream
 from mesh.bus.resources import NS, bucket_definitions, consumer_definitions, stream_definitions
 from mesh.errors import MeshError
-from mesh.models import ModelError, builtin_models, resolve_path
+from mesh.host.modelfiles import resolve_path
+from mesh.models import ModelError, builtin_models
 from mesh.names import kv_keys
 from mesh.records import decode_agent
 from mesh.settings import Settings
