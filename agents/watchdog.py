@@ -75,6 +75,8 @@ class Watchdog(Agent):
         )
         self._stopped: list[tuple[str, float]] = []
         self._unsent: list[AlertRaised | AlertResolved] = []
+        # the tick and each health check flush; one at a time, so each alert is sent once, in order
+        self._flushing = asyncio.Lock()
         self._agents_read_at = 0.0
         self._failing: set[int] = set()
         # GPU id -> whether this watchdog paused it for heat (read back from KV at start)
@@ -415,14 +417,18 @@ class Watchdog(Agent):
 
     async def flush_alerts(self) -> None:
         """Publish the alerts not yet in the stream, in order; what fails is tried next round
-        (its `Nats-Msg-Id` keeps a retried one from being stored twice)."""
-        while self._unsent:
-            try:
-                await self.bus.emit(self._unsent[0])
-            except TRANSIENT as exc:
-                if not self.bus.store.full:  # (the bus said that once)
-                    log.warning(
-                        "publishing an alert failed (%r); %d wait for the next round", exc, len(self._unsent)
-                    )
-                return
-            self._unsent.pop(0)
+        (its `Nats-Msg-Id` keeps a retried one from being stored twice). The tick and the health
+        checks flush concurrently: one flush runs at a time."""
+        async with self._flushing:
+            while self._unsent:
+                try:
+                    await self.bus.emit(self._unsent[0])
+                except TRANSIENT as exc:
+                    if not self.bus.store.full:  # (the bus said that once)
+                        log.warning(
+                            "publishing an alert failed (%r); %d wait for the next round",
+                            exc,
+                            len(self._unsent),
+                        )
+                    return
+                self._unsent.pop(0)

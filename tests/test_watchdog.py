@@ -531,3 +531,33 @@ def test_every_nvml_call_mesh_makes_exists_in_the_installed_nvidia_ml_py() -> No
         used |= set(re.findall(r"\b(nvml[A-Z][A-Za-z]+|NVML_[A-Z_]+)\b", (ROOT / rel).read_text()))
     assert {"nvmlInit", "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetTemperature"} <= used
     assert sorted(n for n in used if not hasattr(pynvml, n)) == []
+
+
+async def test_alerts_flushed_from_two_places_at_once_are_each_published_once_in_order(mesh: Mesh) -> None:
+    """The watchdog flushes its unsent alerts after each tick and after each health check, and a
+    health check runs beside the tick: two flushes at once must neither publish an alert twice nor
+    drop one (nor fail on an empty queue)."""
+    from agents.watchdog import Watchdog
+
+    bus = await mesh.bus()
+    watchdog = Watchdog(mesh.settings, host="flushhost")
+    watchdog._bus = bus  # the test's connection: nothing else of start() matters here
+    sent = [
+        AlertRaised(
+            rule="gpu_hot",
+            target=f"flushhost-gpu{i}",
+            host="flushhost",
+            severity="warn",
+            at=1000.0 + i,
+            metric="gpu_temp_c",
+            value=90.0,
+            threshold=85.0,
+            message=f"alert {i}",
+        )
+        for i in range(30)
+    ]
+    watchdog._unsent.extend(sent)
+    await asyncio.gather(*(watchdog.flush_alerts() for _ in range(3)))
+    assert watchdog._unsent == []
+    stored = [m for _, m in await mesh.history(bus.names.alerts_all) if isinstance(m, AlertRaised)]
+    assert [m.message for m in stored if m.host == "flushhost"] == [f"alert {i}" for i in range(30)]
