@@ -39,6 +39,7 @@ CORE = frozenset(
         "shellquote",
         "untrusted",
         "validate",
+        "work",
     )
 )
 
