@@ -16,11 +16,19 @@ from pathlib import Path
 import nats.js.errors
 import pytest
 
-from mesh import events
-from mesh.bus.connect import connect
+from mesh import events, work
 from mesh.events import RunFinished, RunStarted, TaskSpec, TaskStarted, TaskSucceeded, WorkItem
 from mesh.machine import replay
-from mesh.records import PENDING, READY, SUCCEEDED, TaskRecord, decode_task, encode_record
+from mesh.records import (
+    PENDING,
+    READY,
+    RUNNING,
+    SUCCEEDED,
+    AgentRecord,
+    TaskRecord,
+    decode_task,
+    encode_record,
+)
 from tests.conftest import Mesh
 
 pytestmark = pytest.mark.integration
@@ -154,33 +162,77 @@ async def test_an_item_met_before_its_record_is_run_once_the_record_is_there(
     assert isinstance(reports[0], RunStarted) and reports[0].delivery >= 2
 
 
-async def test_a_record_behind_its_item_runs_it_and_a_record_past_it_skips_it(mesh: Mesh) -> None:
-    """The worker's check of a suspect item against its task's record, on a real bucket."""
+async def test_a_burst_worker_runs_what_is_queued_and_returns_when_idle(mesh: Mesh, tmp_path: Path) -> None:
+    """`Worker.run_burst`: a worker in this process claims everything queued for it, runs it in
+    its slots, reports it, and returns once nothing is left."""
     from agents.worker import Worker
 
-    await mesh.bus()  # the streams and buckets exist
-    worker = Worker(mesh.settings, agent_id="w-check")
-    worker._bus = await connect(mesh.settings, "w-check", wait_s=10)
-    try:
-        kv = await worker.bus.tasks_kv()
-        spec = TaskSpec(id="t", body="true")
-        item = WorkItem(plan_id="p7", task_id="t", attempt=2)
+    bus = await mesh.bus()
+    items = [
+        WorkItem(
+            plan_id="p5", task_id=f"t{i}", attempt=1, body=f"sleep 0.{i % 3}; echo {i}", workdir=str(tmp_path)
+        )
+        for i in range(5)
+    ]
+    await bus.emit_many(items)
+    worker = Worker(mesh.settings, agent_id="w-burst", slots=2)
+    await worker.run_burst()
+    assert worker.stop_requested.is_set() and not worker.running_keys()
+    done = [m for _, m in await mesh.history(bus.names.plan_filter("p5")) if isinstance(m, RunFinished)]
+    assert sorted((m.task_id, m.ok, m.stdout_tail) for m in done) == [
+        (f"t{i}", True, f"{i}\n") for i in range(5)
+    ]
+    assert all(m.worker == "w-burst" for m in done)
+    # every item was acknowledged: the work queue is empty
+    assert (await bus.js.stream_info(bus.names.work_stream)).state.messages == 0
 
-        async def verdict(status: str | None, attempt: int) -> str:
-            if status is None:
-                await kv.purge("p7.t")
-            else:
-                rec = TaskRecord(plan_id="p7", task_id="t", spec=spec, status=status, attempt=attempt)
-                await kv.put("p7.t", encode_record(rec))
-            return await worker._still_wanted(item, "p7.t", 2)
 
-        assert await verdict(None, 0) == "later"  # not written yet
-        assert await verdict(PENDING, 1) == "run"  # the release of attempt 2 not written yet
-        assert await verdict(READY, 2) == "run"
-        assert await verdict(READY, 3) == "skip"  # the brain moved past this attempt
-        assert await verdict(SUCCEEDED, 2) == "skip"
-    finally:
-        await worker.bus.close()
+async def test_a_record_behind_its_item_runs_it_and_a_record_past_it_skips_it(mesh: Mesh) -> None:
+    """The worker's check of a suspect item against its task's record, on a real bucket: a
+    burst-mode worker takes items that sat in the queue past `FRESH_S`."""
+    from agents.worker import Worker
+
+    bus = await mesh.bus()
+    kv = await bus.tasks_kv()
+    # task -> its record's (status, attempt, worker); None: no record (yet)
+    records: dict[str, tuple[str, int, str] | None] = {
+        "none": None,  # not written yet: offered again later
+        "behind": (PENDING, 1, ""),  # the release of attempt 2 not written yet: runs
+        "ready": (READY, 2, ""),  # runs
+        "past": (READY, 3, ""),  # the brain moved past this attempt: skipped
+        "done": (SUCCEEDED, 2, ""),  # skipped
+        "live": (RUNNING, 2, "w-live"),  # a live worker runs this attempt: no second copy
+        "gone": (RUNNING, 2, "w-gone"),  # its worker is gone: this one takes over
+    }
+    for task, rec in records.items():
+        if rec is not None:
+            status, attempt, owner = rec
+            spec = TaskSpec(id=task, body="")
+            record = TaskRecord(
+                plan_id="p7", task_id=task, spec=spec, status=status, attempt=attempt, worker=owner
+            )
+            await kv.put(record.key, encode_record(record))
+    now = time.time()
+    live = AgentRecord(agent_id="w-live", role="worker", host="h", pid=1, started_at=now, seen_at=now)
+    await (await bus.agents_kv()).put("w-live", encode_record(live))
+    await bus.emit_many([WorkItem(plan_id="p7", task_id=task, attempt=2, kind="noop") for task in records])
+    await asyncio.sleep(work.FRESH_S + 0.5)  # queued past FRESH_S: each is checked first
+
+    async def ran() -> set[str]:
+        history = await mesh.history(bus.names.plan_filter("p7"))
+        return {m.task_id for _, m in history if isinstance(m, RunFinished)}
+
+    await Worker(mesh.settings, agent_id="w-check").run_burst()
+    assert await ran() == {"behind", "ready", "gone"}
+    # only the item with no record is still queued, offered again after LATER_S
+    assert (await bus.js.stream_info(bus.names.work_stream)).state.messages == 1
+    # its record arrives (the next brain repairs it from the history): the item runs
+    rec = TaskRecord(plan_id="p7", task_id="none", spec=TaskSpec(id="none", body=""), status=READY, attempt=2)
+    await kv.put(rec.key, encode_record(rec))
+    await asyncio.sleep(work.LATER_S + 0.5)
+    await Worker(mesh.settings, agent_id="w-check").run_burst()
+    assert await ran() == {"behind", "ready", "gone", "none"}
+    assert (await bus.js.stream_info(bus.names.work_stream)).state.messages == 0
 
 
 async def test_a_pipelined_batch_returns_acks_in_order_and_raises_what_the_server_refuses(mesh: Mesh) -> None:

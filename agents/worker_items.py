@@ -1,0 +1,378 @@
+"""One item a worker took, from its delivery to its acknowledgement: check it is still wanted,
+run it through its executor while telling JetStream it is alive, report it, acknowledge it.
+
+For each work item: check the task record when the item is suspect (skip work the brain no
+longer wants), report `run.started`, run the body while telling JetStream it is still in
+progress (so it is never redelivered to a second worker while this one lives), report
+`run.finished`, then acknowledge. A worker that dies stops sending progress, and the item is
+redelivered once `ack_wait` lapses. A resource item on the worker's own queue goes to its
+models. The decisions and the reports' contents are `mesh.work`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import nats.js.errors
+from nats.aio.msg import Msg as NatsMsg
+
+from agents.base import Agent
+from agents.worker_gpu import Gpu
+from agents.worker_lanes import Lane
+from agents.worker_models import Models
+from agents.worker_resources import ResourceUse, sample_once, sample_resources
+from mesh import work
+from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.outputs import OutputError, task_output
+from mesh.bus.route import decode_checked
+from mesh.events import MODEL_BODY_KINDS, ResourceItem, RunFinished, RunStarted, WorkItem, type_of
+from mesh.host.executors import EXECUTORS, RunContext, RunResult
+from mesh.host.reaper import Reaper
+from mesh.models import ModelError
+from mesh.records import UNREADABLE, decode_task
+
+log = logging.getLogger("mesh.worker")
+
+
+class Running:
+    def __init__(self, item: WorkItem, raw: NatsMsg) -> None:
+        self.item = item
+        self.raw = raw
+        self.ctx = RunContext()
+        self.handed_back = False
+
+
+class StartReport:
+    """A `run.started` held back a moment; `settle` says whether it went out (or is going
+    out: then it waits for it, so the start is stored before the end). A timer, not a task,
+    until it is due: most short tasks end first, and cancelling a timer costs nothing."""
+
+    def __init__(
+        self, send: Callable[[RunStarted], Coroutine[Any, Any, None]], ev: RunStarted, after_s: float
+    ) -> None:
+        self.send = send
+        self.ev = ev
+        self.after_s = after_s
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def begin(self) -> None:
+        if self.after_s <= 0:
+            await self.send(self.ev)
+        else:
+            self.timer = asyncio.get_running_loop().call_later(self.after_s, self._due)
+
+    def _due(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.send(self.ev))
+
+    async def settle(self) -> bool:
+        if self.timer is None:
+            return True  # sent at once
+        if self.task is None:
+            self.timer.cancel()
+            return False
+        await self.task
+        return True
+
+
+class Items:
+    """What one worker runs now, and what it remembers of what it ran and what was cancelled."""
+
+    def __init__(self, agent: Agent, gpu: Gpu, models: Models) -> None:
+        self.agent = agent
+        self.settings = agent.settings
+        self.gpu = gpu
+        self.models = models
+        self.running: dict[str, Running] = {}
+        # tasks recently cancelled (insertion-ordered, bounded): their queued items are not run
+        self.cancelled: dict[str, None] = {}
+        # task key -> attempt, of what finished here recently (bounded): never run twice here
+        self.finished: dict[str, int] = {}
+        # task records found unreadable (each said once)
+        self.damaged_seen: set[str] = set()
+        self.reaper: Reaper | None = None
+
+    def cancel(self, plan_id: str, task_id: str) -> None:
+        """A task was cancelled: its queued items are not run, its running one is stopped."""
+        key = work.item_key(plan_id, task_id)
+        work.remember(self.cancelled, key, None)
+        run = self.running.get(key)
+        if run is not None:
+            log.info("cancelling %s.%s", plan_id, task_id)
+            run.ctx.cancel.set()
+
+    def hand_back_all(self) -> None:
+        """Stop what runs and hand it back to the queue (`nak`) so another worker runs it."""
+        for run in self.running.values():
+            run.handed_back = True
+            run.ctx.cancel.set()
+
+    # one delivery ---------------------------------------------------------------------------
+    async def take(self, raw: NatsMsg, lane: Lane) -> None:
+        agent = self.agent
+        msg, why = decode_checked(raw, agent.names)
+        match msg:
+            case ResourceItem() if lane.name == work.OWN:
+                try:
+                    await self.models.resource(msg)
+                finally:
+                    await raw.ack()
+            case WorkItem():
+                await self._work(msg, raw)
+            case _:
+                reason = why or f"a worker does not take {type_of(msg)} messages"  # type: ignore[arg-type]
+                await agent.bus.dead_letter(agent.agent_id, raw, reason)
+                await raw.term()
+
+    async def _work(self, msg: WorkItem, raw: NatsMsg) -> None:
+        key = work.item_key(msg.plan_id, msg.task_id)
+        current = self.running.get(key)
+        seen = work.repeat(msg, self.finished.get(key), current.item.attempt if current is not None else None)
+        if seen == work.REPEAT_DONE:
+            # ran here and reported already; delivered again because a server restart lost
+            # the consumer's record of the first delivery or its acknowledgement
+            log.info("%s attempt %d already ran here; acknowledging the repeat", key, msg.attempt)
+            await raw.ack()
+            return
+        if seen == work.REPEAT_RUNNING and current is not None:
+            # the same attempt delivered again while this worker runs it (a server restart can
+            # lose the consumer's record of the first delivery): keep running it once, and
+            # acknowledge the newer delivery when it is done
+            log.info(
+                "%s attempt %d delivered again while running here; not starting it twice", key, msg.attempt
+            )
+            current.raw = raw
+            return
+        meta = raw.metadata
+        delivery = meta.num_delivered or 1
+        queued_s = time.time() - meta.timestamp.timestamp() if meta.timestamp else work.FRESH_S + 1
+        if work.suspect(delivery, queued_s, key in self.cancelled):
+            verdict = await self._still_wanted(msg, key, delivery)
+            action = work.verdict_action(verdict, delivery, self.settings.max_deliveries)
+            if action == work.NAK_LATER:
+                await raw.nak(delay=work.LATER_S)
+                return
+            if action == work.ACK:
+                await raw.ack()
+                return
+        why = work.dead_letter_why(delivery, self.settings.max_deliveries)
+        if why:
+            await self._dead_letter(msg, raw, why)
+            return
+        run = Running(msg, raw)
+        run.ctx.tail_bytes = self.settings.output_tail_bytes
+        run.ctx.kill_grace_s = self.settings.kill_grace_s
+        run.ctx.shell = self.settings.shell
+        assert self.reaper is not None, "worker not started"
+        run.ctx.on_start = self.reaper.watch
+        run.ctx.on_end = self.reaper.forget
+        self.running[key] = run
+        try:
+            await self._execute(run, key)
+        finally:
+            self.running.pop(key, None)
+
+    async def _dead_letter(self, item: WorkItem, raw: NatsMsg, why: str) -> None:
+        """Every worker that took this item died with it: stop the cycle, record it, fail the task."""
+        log.error("dead-lettering %s.%s attempt %d: %s", item.plan_id, item.task_id, item.attempt, why)
+        await self.agent.bus.dead_letter(self.agent.agent_id, raw, why)
+        await self.emit(work.dead_letter_report(item, self.agent.agent_id, time.time(), why))
+        await raw.term()
+
+    async def emit(self, ev: RunStarted | RunFinished) -> None:
+        """Publish a report, riding out a server restart: a finished task is not run twice for it."""
+        delay = 0.2
+        while True:
+            try:
+                await self.agent.bus.emit(ev)
+                return
+            except TRANSIENT as exc:
+                if self.agent.stop_requested.is_set() and delay > 5:
+                    raise
+                if not self.agent.bus.store.full:  # (the bus said that once)
+                    log.warning("publishing %s failed (%s); retrying in %.1fs", type_of(ev), exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _still_wanted(self, item: WorkItem, key: str, delivery: int) -> str:
+        """The verdict on a suspect item (`mesh.work.still_wanted`), from its task's record and,
+        where another worker runs the attempt, that worker's registration."""
+        kv = await self.agent.bus.tasks_kv()
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            log.warning("no record of %s (delivery %d): not written yet, or long archived", key, delivery)
+            return work.LATER
+        try:
+            rec = decode_task(entry.value or b"")
+        except UNREADABLE as exc:
+            # the brain released this attempt; a record that cannot be read cannot say
+            # otherwise (the brain rebuilds it from the history when it starts)
+            if key not in self.damaged_seen:
+                self.damaged_seen.add(key)
+                log.warning("the record of %s is unreadable (%s); running the item as released", key, exc)
+            return work.RUN
+        verdict = work.still_wanted(item, rec, delivery, self.agent.agent_id)
+        if verdict == work.SKIP:
+            log.info(
+                "skipping %s attempt %d: task is %s at attempt %d", key, item.attempt, rec.status, rec.attempt
+            )
+        if verdict != work.ASK:
+            return verdict
+        agents = await self.agent.bus.agents_kv()
+        try:
+            await agents.get(rec.worker)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return work.owner_verdict(registered=False)  # its worker is gone: this one takes over
+        log.info(
+            "%s attempt %d is running on live worker %s; not running a second copy",
+            key,
+            item.attempt,
+            rec.worker,
+        )
+        return work.owner_verdict(registered=True)
+
+    # running it -----------------------------------------------------------------------------
+    async def _execute(self, run: Running, key: str) -> None:
+        item, raw = run.item, run.raw
+        agent_id = self.agent.agent_id
+        delivery = raw.metadata.num_delivered or 1
+        started_at = time.time()
+        start = StartReport(
+            self.emit,
+            work.run_started(item, agent_id, started_at, delivery),
+            work.start_report_after(delivery, self.settings.start_report_after_s),
+        )
+        await start.begin()
+        log.info("running %s attempt %d (delivery %d)", key, item.attempt, delivery)
+        beat = asyncio.get_running_loop().create_task(self._heartbeat(run))
+        usage = ResourceUse()
+        device = self.gpu.device
+        sampler = (
+            asyncio.get_running_loop().create_task(sample_resources(device, self.models.mesh_used_mb, usage))
+            if device is not None and device.measured
+            else None
+        )
+        try:
+            executor = EXECUTORS.get(item.kind)
+            if executor is None:
+                result = RunResult(
+                    ok=False, duration_s=0.0, error=f"this worker cannot run {item.kind!r} bodies"
+                )
+            else:
+                failed = await self._prepare(item, run.ctx)
+                result = failed or await executor(item, run.ctx)
+        finally:
+            beat.cancel()
+            if sampler is not None:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
+        if sampler is not None and device is not None:
+            with contextlib.suppress(Exception):
+                # the end of the task, too (and a short task's only)
+                await sample_once(device, self.models.mesh_used_mb(), usage)
+            if usage.samples:
+                result.metrics.update(usage.metrics())
+        await start.settle()
+        if run.handed_back:
+            log.info("handing %s back to the queue", key)
+            await run.raw.nak()
+            return
+        sensitive = item.sensitive or run.ctx.sensitive
+        output, output_object = await self._keep_output(item, result, sensitive)
+        await self.emit(
+            work.run_finished(
+                item,
+                result,
+                worker=agent_id,
+                at=time.time(),
+                started_at=started_at,
+                sensitive=sensitive,
+                output=output,
+                output_object=output_object,
+                prompt_limit=self.settings.output_event_bytes,
+                gpu=self.gpu.gpu_id if self.gpu.on else "",
+            )
+        )
+        work.remember(self.finished, key, item.attempt)
+        try:
+            await run.raw.ack()
+        except TRANSIENT as exc:
+            # the report is out; a redelivery finds the task final and is skipped
+            log.warning("could not acknowledge %s (%s)", key, exc)
+        log.info(
+            "%s %s in %.3fs%s",
+            key,
+            "succeeded" if result.ok else "failed",
+            result.duration_s,
+            "" if result.ok else f": {result.error}",
+        )
+
+    async def _prepare(self, item: WorkItem, ctx: RunContext) -> RunResult | None:
+        """Give a model task its model and inputs; a result instead when that is impossible."""
+        ctx.device = self.gpu.kind
+        ctx.artifacts_dir = os.path.join(self.settings.data_dir, "artifacts")
+        try:
+            if item.inputs:
+                ctx.inputs = await self._inputs(item, ctx)
+            missing = work.model_missing(item, self.gpu.on, self.models.loaded_llm())
+            if missing:
+                return RunResult(ok=False, duration_s=0.0, error=missing)
+            need = MODEL_BODY_KINDS.get(item.kind)
+            if need == work.LLM:
+                ctx.model = self.models.llm
+            elif need is not None:
+                ctx.model = await self.models.script_model(item.model)
+        except ModelError as exc:
+            return RunResult(ok=False, duration_s=0.0, error=str(exc))
+        except TRANSIENT as exc:
+            return RunResult(ok=False, duration_s=0.0, error=f"could not read the task's inputs: {exc}")
+        return None
+
+    async def _keep_output(self, item: WorkItem, result: RunResult, sensitive: bool) -> tuple[str, str]:
+        """The output for the completion event, and the object holding it when it does not fit
+        (or the task is sensitive: its output is never in the history)."""
+        text = result.output
+        if not text:
+            return "", ""
+        limit = self.settings.output_event_bytes
+        if work.output_in_event(text, sensitive, limit):
+            return text, ""
+        name = work.output_object_name(item)
+        try:
+            await (await self.agent.bus.objects()).put(name, text.encode())
+        except TRANSIENT as exc:
+            log.warning("could not store the output of %s.%s: %s", item.plan_id, item.task_id, exc)
+            return work.output_cut(text, sensitive, limit), ""
+        return "", name
+
+    async def _inputs(self, item: WorkItem, ctx: RunContext) -> dict[str, str]:
+        """The outputs of the dependencies the task takes, from their completion events (a
+        worker's report, or Claude's answer for an escalated task)."""
+        out: dict[str, str] = {}
+        for dep in item.inputs:
+            try:
+                found = await task_output(self.agent.bus, item.plan_id, dep)
+            except OutputError as exc:
+                raise ModelError(f"input {exc}") from exc
+            if found.sensitive:
+                # what reads a secret is kept out of the history like the secret itself
+                ctx.sensitive = True
+            out[dep] = found.text
+        return out
+
+    async def _heartbeat(self, run: Running) -> None:
+        interval = self.settings.heartbeat_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await run.raw.in_progress()
+            except TRANSIENT as exc:
+                log.warning("progress heartbeat failed: %s", exc)

@@ -1,0 +1,199 @@
+"""A worker's lanes: the queues it claims work from, each a pull consumer with its own slots.
+A lane fetches as slots free up and runs each item it fetched as its own task (`take`).
+
+Which lanes may claim is decided in `mesh.work` (`lanes_enabled`, `room`, `runs_fetched`): a
+paused or cordoned GPU's worker claims nothing, and script work waits while an LLM is loaded
+or loading. In burst mode a lane stops once its fetch comes back empty (or it may not claim)
+while no lane of the worker runs anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg as NatsMsg
+from nats.js import JetStreamContext
+
+from agents.base import Agent
+from mesh import work
+from mesh.bus.jetstream import TRANSIENT
+
+log = logging.getLogger("mesh.worker")
+
+
+class Lane:
+    """One queue this worker takes work from, with its own number of slots."""
+
+    def __init__(self, name: str, sub: JetStreamContext.PullSubscription, slots: int) -> None:
+        self.name = name
+        self.sub = sub
+        self.slots = slots
+        self.running = 0
+        self.enabled = True
+        self.closed = False
+        self.changed = asyncio.Event()
+        self.loop: asyncio.Task[Any] | None = None
+        # a fetch is in flight: what it returns is run even if the lane was disabled meanwhile
+        self.fetching = False
+
+    def wake(self) -> None:
+        self.changed.set()
+
+    async def until_idle(self) -> None:
+        """Until the lane runs nothing, and no fetch in flight can still hand it work."""
+        while self.running or self.fetching:
+            self.changed.clear()
+            await self.changed.wait()
+
+
+Take = Callable[[NatsMsg, Lane], Coroutine[Any, Any, None]]
+
+
+class Lanes:
+    """The lanes of one worker, by name, and the tasks running what they fetched."""
+
+    def __init__(
+        self, agent: Agent, take: Take, hold: Callable[[], str], on_change: Callable[[], None]
+    ) -> None:
+        self.agent = agent
+        self.take = take
+        self.hold = hold
+        self.on_change = on_change
+        self.by_name: dict[str, Lane] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        # stop each lane once the worker is idle (`Worker.run_burst`)
+        self.burst = False
+
+    def get(self, name: str) -> Lane | None:
+        return self.by_name.get(name)
+
+    def add(self, lane: Lane) -> None:
+        self.by_name[lane.name] = lane
+
+    def pop(self, name: str) -> Lane | None:
+        return self.by_name.pop(name, None)
+
+    def running(self, name: str) -> int:
+        lane = self.by_name.get(name)
+        return lane.running if lane is not None else 0
+
+    def busy(self) -> bool:
+        """Whether any lane runs something."""
+        return any(lane.running for lane in self.by_name.values())
+
+    def enable(self, held: bool, llm_present: bool) -> None:
+        for name, enabled in work.lanes_enabled(self.by_name, held, llm_present).items():
+            lane = self.by_name[name]
+            if enabled != lane.enabled:
+                lane.enabled = enabled
+                lane.wake()
+
+    def start(self, lane: Lane) -> None:
+        lane.loop = asyncio.get_running_loop().create_task(self._loop(lane), name=f"lane-{lane.name}")
+
+    def start_all(self) -> None:
+        for lane in list(self.by_name.values()):
+            self.start(lane)
+
+    async def stop_loops(self) -> None:
+        """Wake every lane (asked to stop) and wait, bounded, for their loops to end."""
+        for lane in list(self.by_name.values()):
+            lane.wake()
+        loops = [lane.loop for lane in self.by_name.values() if lane.loop is not None]
+        if loops:
+            await asyncio.wait(loops, timeout=self.agent.settings.fetch_timeout_s + 5)
+
+    async def until_loops_end(self) -> None:
+        """Until every lane's loop has ended, lanes started meanwhile included (burst mode)."""
+        while True:
+            loops = [
+                lane.loop for lane in self.by_name.values() if lane.loop is not None and not lane.loop.done()
+            ]
+            if not loops:
+                return
+            await asyncio.wait(loops)
+
+    async def close(self, name: str) -> None:
+        """Stop a lane and let go of its consumer: first its fetch in flight, which may still
+        start a task, then that task."""
+        lane = self.by_name.pop(name, None)
+        if lane is None:
+            return
+        lane.closed = True
+        lane.wake()
+        if lane.loop is not None:
+            await asyncio.wait({lane.loop}, timeout=self.agent.settings.fetch_timeout_s + 5)
+        await lane.until_idle()
+        with contextlib.suppress(*TRANSIENT):
+            await lane.sub.unsubscribe()
+
+    # the loop ----------------------------------------------------------------------------
+    async def _loop(self, lane: Lane) -> None:
+        stop = self.agent.stop_requested
+        while not stop.is_set() and not lane.closed:
+            free = work.room(lane.slots, lane.running, lane.enabled)
+            if free <= 0:
+                if self.burst and not lane.enabled and not self.busy():
+                    return
+                lane.changed.clear()
+                await self._wait_any(self._changed(lane))
+                continue
+            lane.fetching = True
+            try:
+                msgs = await lane.sub.fetch(free, timeout=self.agent.settings.fetch_timeout_s)
+            except nats.errors.TimeoutError:
+                if self.burst and not self.busy():
+                    return
+                continue
+            except TRANSIENT as exc:
+                if lane.closed:
+                    return
+                if not self.agent.bus.store.full:  # (a full store also fails fetches; said once)
+                    log.warning("fetching %s work failed (%r); retrying", lane.name, exc)
+                await self._wait_any(asyncio.sleep(0.5))
+                continue
+            finally:
+                # (the fetched items are counted in `running` below, before anything else runs)
+                lane.fetching = False
+                lane.wake()
+            if not work.runs_fetched(lane.name, self.hold()):
+                # paused while this fetch was in flight: hand the work back for another GPU
+                for raw in msgs:
+                    with contextlib.suppress(*TRANSIENT):
+                        await raw.nak()
+                continue
+            for raw in msgs:
+                lane.running += 1
+                task = asyncio.get_running_loop().create_task(self.take(raw, lane))
+                self.tasks.add(task)
+                task.add_done_callback(lambda t, ln=lane: self._slot_done(t, ln))  # type: ignore[misc]
+            self.on_change()
+
+    async def _wait_any(self, aw: Any) -> None:
+        waiter = asyncio.ensure_future(aw)
+        stopper = asyncio.ensure_future(self.agent.stop_requested.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopper.cancel()
+
+    async def _changed(self, lane: Lane) -> None:
+        """Until the lane changes; in burst mode at most a fetch's time, as the worker may go
+        idle with no change to this lane."""
+        if not self.burst:
+            await lane.changed.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(lane.changed.wait(), self.agent.settings.fetch_timeout_s)
+
+    def _slot_done(self, task: asyncio.Task[Any], lane: Lane) -> None:
+        self.tasks.discard(task)
+        lane.running -= 1
+        lane.wake()
+        self.on_change()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a slot failed: %r", task.exception(), exc_info=task.exception())

@@ -1,0 +1,173 @@
+"""The models on a worker's GPU: the LLM loaded and unloaded as the brain asks (resource items
+on the worker's own queue), script models loaded on first use and kept while no LLM needs room.
+
+What a resource item asks, and whether a model fits, is decided in `mesh.work`
+(`resource_step`, `load_refusal`); here the models are loaded (in a thread), the LLM's lane
+opened and closed, and every step answered with the GPU's state. Which lanes may claim follows
+what is loaded (`update_lanes`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from agents.base import Agent
+from agents.worker_gpu import Gpu
+from agents.worker_lanes import Lane, Lanes
+from mesh import placement as gs
+from mesh import work
+from mesh.bus.resources import llm_consumer_definition
+from mesh.events import ResourceItem
+from mesh.models import ModelError, ModelSpec
+
+log = logging.getLogger("mesh.worker")
+
+
+class Models:
+    """The LLM and the script models one worker holds."""
+
+    def __init__(self, agent: Agent, gpu: Gpu, lanes: Lanes, registry: dict[str, ModelSpec]) -> None:
+        self.agent = agent
+        self.gpu = gpu
+        self.lanes = lanes
+        self.registry = registry
+        self.llm: Any = None  # mesh.host.loaders.Loaded
+        self.llm_name = ""
+        self.script_models: dict[str, Any] = {}
+        self.booting = ""  # gs.BOOTING_LLM / gs.BOOTING_SCRIPT while a load runs
+        self.lock = asyncio.Lock()
+
+    def loaded_llm(self) -> str:
+        """The LLM loaded ('' when none)."""
+        return self.llm_name if self.llm is not None else ""
+
+    def reserved_mb(self) -> int:
+        return sum(m.spec.vram_mb for m in self.script_models.values())
+
+    def llm_mb(self) -> int:
+        return self.llm.spec.vram_mb if self.llm is not None else 0
+
+    def mesh_used_mb(self) -> int:
+        """The GPU memory the models loaded here take."""
+        return self.reserved_mb() + self.llm_mb()
+
+    def update_lanes(self) -> None:
+        """Script work runs only where no LLM is loaded or loading (it would not fit beside it);
+        a paused or cordoned GPU's worker claims nothing (what runs finishes)."""
+        llm_present = self.llm is not None or self.booting == gs.BOOTING_LLM or self.lock.locked()
+        self.lanes.enable(bool(self.gpu.hold_reason()), llm_present)
+
+    def close(self) -> None:
+        for name in list(self.script_models):
+            self.script_models.pop(name).close()
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+    async def _load(self, name: str, spec: ModelSpec) -> Any:
+        from mesh.host.loaders import load_model
+
+        device = "cpu" if spec.device == "cpu" else self.gpu.kind
+        return await asyncio.to_thread(load_model, name, spec, device)
+
+    # the LLM, as the brain asks -----------------------------------------------------------
+    async def resource(self, item: ResourceItem) -> None:
+        """Load or unload the LLM as the brain asked. A refusal or failure is reported, not raised."""
+        if work.stale(item, time.time()):
+            log.info(
+                "ignoring a stale %s of %s (asked %.0fs ago)", item.action, item.model, time.time() - item.at
+            )
+            self.gpu.publish(force=True, rid=item.rid)
+            return
+        try:
+            await self._resource_locked(item)
+        finally:
+            # whatever happened, script work may run again if no LLM is left
+            self.update_lanes()
+
+    async def _resource_locked(self, item: ResourceItem) -> None:
+        async with self.lock:
+            self.update_lanes()
+            spec = self.registry.get(item.model)
+            step, why = work.resource_step(item, self.loaded_llm(), spec.kind if spec is not None else None)
+            if step == work.UNLOAD:
+                await self._unload_llm()
+                self.gpu.publish(force=True, rid=item.rid)
+                return
+            if step == work.HAVE:
+                self.gpu.publish(force=True, rid=item.rid)
+                return
+            if step == work.REFUSE or spec is None:
+                self.gpu.publish(force=True, rid=item.rid, error=why)
+                return
+            await self._unload_llm()
+            await self._wait_lane_idle(work.SCRIPT)
+            for name in list(self.script_models):
+                self.script_models.pop(name).close()
+            free = await self.gpu.free_mb()
+            why = work.load_refusal(item.model, spec.vram_mb, free)
+            if why:
+                log.warning("%s", why)
+                self.gpu.publish(force=True, rid=item.rid, error=why)
+                return
+            self.booting = gs.BOOTING_LLM
+            self.gpu.publish(rid=item.rid)
+            began = time.monotonic()
+            try:
+                loaded = await self._load(item.model, spec)
+            except (ModelError, OSError, RuntimeError, ValueError) as exc:
+                self.booting = ""
+                log.error("loading %s failed: %s", item.model, exc)
+                self.gpu.publish(force=True, rid=item.rid, error=f"load of {item.model} failed: {exc}")
+                return
+            self.booting = ""
+            self.llm, self.llm_name = loaded, item.model
+            log.info("loaded %s in %.1fs", item.model, time.monotonic() - began)
+            settings = self.agent.settings
+            sub = await self.agent.bus.bind_consumer(llm_consumer_definition(settings, item.model))
+            lane = Lane(work.LLM, sub, settings.llm_slots)
+            self.lanes.add(lane)
+            self.lanes.start(lane)
+            await self.gpu.read_memory()
+            self.gpu.publish(rid=item.rid)
+
+    async def _wait_lane_idle(self, name: str) -> None:
+        lane = self.lanes.get(name)
+        if lane is not None:
+            await lane.until_idle()
+
+    async def _unload_llm(self) -> None:
+        await self.lanes.close(work.LLM)
+        if self.llm is not None:
+            # the LLM is gone for the GPU's state only once it is closed and the memory read
+            # without it, with no wait after: a state reported while it closed (the publisher's
+            # refresh) said `idle` without the unload's rid, and the unload's own answer then
+            # came as idle -> idle (seen on a busy machine, where closing takes longer)
+            loaded = self.llm
+            await asyncio.to_thread(loaded.close)
+            log.info("unloaded %s", loaded.name)
+            await self.gpu.read_memory(self.reserved_mb())
+            self.llm, self.llm_name = None, ""
+
+    # script models ----------------------------------------------------------------------
+    async def script_model(self, name: str) -> Any:
+        """A script model, loaded on first use (seconds) and kept while no LLM needs the room."""
+        loaded = self.script_models.get(name)
+        if loaded is not None:
+            return loaded
+        spec = self.registry.get(name)
+        if spec is None:
+            raise ModelError(f"model {name!r} is not in this worker's registry; add it under [models]")
+        self.booting = gs.BOOTING_SCRIPT
+        self.gpu.publish()
+        try:
+            loaded = await self._load(name, spec)
+        finally:
+            self.booting = ""
+        self.script_models[name] = loaded
+        await self.gpu.read_memory()
+        self.gpu.publish(force=True)
+        return loaded

@@ -1,0 +1,441 @@
+"""A worker's decisions: which lanes claim work, when its GPU's models load and unload, whether
+a work item is still wanted, and what the worker's reports say. Pure: no I/O, time passed in.
+
+`agents/worker.py` and its pieces (`agents/worker_*.py`) do the I/O and ask these functions
+what to do: the lanes are pull consumers with slots (`lanes_enabled`, `room`, `runs_fetched`),
+a GPU worker derives its `gpu.state` from what it holds (`gpu_state`, `gpu_report`), a
+resource item from the brain becomes a step (`resource_step`, `load_refusal`), a suspect item
+is checked against its task's record (`suspect`, `still_wanted`, `verdict_action`), and every
+run is reported by a `run.started` and a `run.finished` built here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from mesh import placement as gs
+from mesh.events import MODEL_BODY_KINDS, GpuControl, ResourceItem, RunFinished, RunStarted, WorkItem
+from mesh.records import INFLIGHT_STATES, RUNNING, TaskRecord
+
+V = TypeVar("V")
+
+# how many recently cancelled tasks, and recently finished attempts, a worker remembers
+CANCELLED_MEMORY = 100_000
+# an item queued longer than this may predate a decision of the brain: checked before it runs
+FRESH_S = 2.0
+# an item whose task has no record yet is offered again after this long
+LATER_S = 2.0
+# the classes whose work needs a model: a worker of either owns a GPU (or a CPU standing in)
+MODEL_CLASSES = ("script", "llm")
+# a resource task older than this was meant for an earlier state of the mesh: not acted on
+RESOURCE_STALE_S = 600.0
+
+# the lane of a GPU worker's own queue (its resource tasks), and the lanes of model work
+OWN = "own"
+LLM = "llm"
+SCRIPT = "script"
+
+# what a worker does with a suspect item, after reading its task's record
+RUN = "run"  # run it
+SKIP = "skip"  # the task no longer wants this attempt
+WAIT = "wait"  # another live worker runs this very attempt: no second copy beside it
+LATER = "later"  # no record of the task yet: look again soon
+ASK = "ask"  # another worker ran this attempt: whether it is still registered decides
+
+# what becomes of a delivery once the verdict is known
+NAK_LATER = "nak-later"
+ACK = "ack"
+
+# a delivery of an attempt this worker already ran or runs
+REPEAT_DONE = "done"
+REPEAT_RUNNING = "running"
+
+
+def remember(memory: dict[str, V], key: str, value: V, limit: int = CANCELLED_MEMORY) -> None:
+    """Add to an insertion-ordered memory, forgetting the oldest beyond `limit`."""
+    memory[key] = value
+    while len(memory) > limit:
+        del memory[next(iter(memory))]
+
+
+def item_key(plan_id: str, task_id: str) -> str:
+    """A task's key: in the tasks bucket, and in what a worker remembers."""
+    return f"{plan_id}.{task_id}"
+
+
+# claiming ----------------------------------------------------------------------------------
+
+
+def runs_models(classes: Iterable[str]) -> bool:
+    """Whether a worker of these classes owns a GPU (or the CPU standing in for one)."""
+    return any(c in MODEL_CLASSES for c in classes)
+
+
+def shared_lanes(classes: Iterable[str]) -> tuple[str, ...]:
+    """The classes a worker claims from the shared queue of at start. LLM work comes from a
+    per-model queue, taken only while this GPU holds that model."""
+    return tuple(c for c in classes if c != LLM)
+
+
+def lane_slots(cls: str, slots: int, script_slots: int) -> int:
+    """How many items of a class a worker runs at once."""
+    return script_slots if cls == SCRIPT else slots
+
+
+def control_for(control: object, gpu: str, source: str) -> GpuControl | None:
+    """The control a value of the control bucket sets on this GPU's `source` key; None when it
+    is none (deleted, another type, another GPU's or source's value under this key)."""
+    match control:
+        case GpuControl() if (control.gpu, control.source) == (gpu, source):
+            return control
+        case _:
+            return None
+
+
+def hold_reason(controls: Iterable[GpuControl]) -> str:
+    """Why a GPU takes no work now ('' when it does): a thermal or an operator's pause, or a
+    cordon."""
+    reasons = [
+        f"{c.source} {'cordon' if c.cordoned else 'pause'}: {c.reason}".rstrip(": ")
+        for c in controls
+        if c.paused or c.cordoned
+    ]
+    return "; ".join(sorted(reasons))
+
+
+def lanes_enabled(lanes: Iterable[str], held: bool, llm_present: bool) -> dict[str, bool]:
+    """Which lanes claim work. A held (paused, cordoned) GPU's worker claims nothing (what runs
+    finishes); script work runs only where no LLM is loaded or loading (it would not fit beside
+    it). The own lane is not held: the brain's resource tasks always come through."""
+    out = {}
+    for name in lanes:
+        if name == OWN:
+            continue
+        enabled = not held
+        if name == SCRIPT:
+            enabled = enabled and not llm_present
+        out[name] = enabled
+    return out
+
+
+def room(slots: int, running: int, enabled: bool) -> int:
+    """How many items a lane may fetch now (0: it waits for a slot, or to be enabled)."""
+    return slots - running if enabled else 0
+
+
+def runs_fetched(lane: str, hold: str) -> bool:
+    """Whether items a lane fetched are run: a GPU paused while its fetch was in flight hands
+    them back for another GPU (its own queue's are always taken)."""
+    return lane == OWN or not hold
+
+
+# the GPU's state ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuNow:
+    """What a GPU's worker holds and runs at one moment."""
+
+    # gs.BOOTING_LLM / gs.BOOTING_SCRIPT while a load runs
+    booting: str = ""
+    # the loaded LLM ('' when none) and the memory it takes
+    llm: str = ""
+    llm_mb: int = 0
+    # the script models loaded (sorted) and the memory they take
+    script_models: tuple[str, ...] = ()
+    reserved_mb: int = 0
+    llm_running: int = 0
+    script_running: int = 0
+    running: int = 0
+
+    @property
+    def mesh_used_mb(self) -> int:
+        """The GPU memory mesh's own models take."""
+        return self.reserved_mb + self.llm_mb
+
+
+def gpu_state(now: GpuNow, hold: str, override: str = "") -> str:
+    """The state a GPU's worker reports (one of `mesh.placement`'s)."""
+    if override:
+        return override
+    if hold:
+        return gs.PAUSED
+    if now.booting:
+        return now.booting
+    if now.llm:
+        return gs.LLM_BUSY if now.llm_running else gs.LLM_READY
+    if now.script_running:
+        return gs.SCRIPT_BUSY
+    return gs.IDLE
+
+
+# how a GPU's state goes out
+SILENT = ""  # unchanged, and nothing asked for it
+KV_ONLY = "kv"  # a fresh reading: the gpus bucket only
+EVENT = "event"  # a change, or an answer to the brain: an event and the bucket
+
+
+def gpu_report(
+    state: str, previous: str, force: bool = False, error: str = "", rid: str = "", refresh: bool = False
+) -> str:
+    """Whether (and how) a GPU's state goes out: SILENT, KV_ONLY or EVENT."""
+    if state != previous or force or error or rid:
+        return EVENT
+    return KV_ONLY if refresh else SILENT
+
+
+# models ------------------------------------------------------------------------------------
+
+
+def stale(item: ResourceItem, now: float) -> bool:
+    """Whether a resource task was meant for an earlier state of the mesh."""
+    return now - item.at > RESOURCE_STALE_S
+
+
+# what a resource task asks of a GPU, given what it holds
+UNLOAD = "unload"
+HAVE = "have"  # the model asked for is loaded already: answer at once
+REFUSE = "refuse"
+LOAD = "load"
+
+
+def resource_step(item: ResourceItem, loaded: str, kind: str | None) -> tuple[str, str]:
+    """(step, why): UNLOAD; HAVE; REFUSE with why; or LOAD (after unloading what is loaded and
+    closing the script models). `loaded` is the LLM the GPU holds ('' none), `kind` the
+    registry's kind of the model asked for (None when it is not in the registry)."""
+    if item.action == "unload":
+        return UNLOAD, ""
+    if loaded and loaded == item.model:
+        return HAVE, ""
+    if kind != LLM:
+        return REFUSE, f"load refused: {item.model!r} is not an llm model here"
+    return LOAD, ""
+
+
+def load_refusal(model: str, need_mb: int, free_mb: int) -> str:
+    """Why a model does not fit in what is free ('' when it does)."""
+    if need_mb > free_mb:
+        return f"load of {model} refused: it needs {need_mb} MB and {free_mb} MB are free"
+    return ""
+
+
+def model_missing(item: WorkItem, runs_models: bool, llm: str) -> str:
+    """Why a model task cannot run here, before its model is looked up ('' when it may: a
+    script model loads on first use)."""
+    need = MODEL_BODY_KINDS.get(item.kind)
+    if need is None:
+        return ""
+    if not runs_models:
+        return f"this worker runs no models ({item.kind})"
+    if need == LLM and (not llm or llm != item.model):
+        return f"{item.model} is not loaded here (this GPU holds {llm or 'none'})"
+    return ""
+
+
+# whether an item is still wanted -------------------------------------------------------------
+
+
+def repeat(item: WorkItem, finished_attempt: int | None, running_attempt: int | None) -> str:
+    """A delivery of an attempt that ran here and was reported already (REPEAT_DONE: only
+    acknowledge it), of one running here now (REPEAT_RUNNING: run it once, acknowledge the newer
+    delivery when done), or '' for new work. Both come of a server restart that lost the
+    consumer's record of the first delivery or its acknowledgement."""
+    if finished_attempt == item.attempt:
+        return REPEAT_DONE
+    if running_attempt == item.attempt:
+        return REPEAT_RUNNING
+    return ""
+
+
+def suspect(delivery: int, queued_s: float, cancelled: bool) -> bool:
+    """Whether an item is checked against its task's record before it runs. One taken fresh off
+    the queue is current: the brain deletes the queued item of a task it cancels, resets or gives
+    up. One redelivered, one that sat in the queue (the brain may have restarted since), or one
+    of a task seen cancelled may not be."""
+    return delivery > 1 or queued_s > FRESH_S or cancelled
+
+
+def still_wanted(item: WorkItem, rec: TaskRecord | None, delivery: int, me: str) -> str:
+    """RUN, SKIP, LATER (no record yet), or ASK (whether the worker the record names is still
+    registered decides: `owner_verdict`). An unreadable record is the caller's: it runs the item
+    as released (the brain rebuilds the record from the history when it starts).
+
+    The brain writes a task's record and its work item in the same round trip, and a brain
+    that crashed between the two leaves the record for the next one to repair: a record behind
+    the item's attempt has not caught up with the release the item comes from, and the item is
+    as current as a fresh one.
+
+    A redelivery (delivery > 1) of a running attempt means JetStream stopped hearing from its
+    worker: this one takes over. A first delivery of an attempt already running elsewhere
+    happens when a server restart lost the consumer's record of the first one: if that worker
+    is still registered, it still runs it."""
+    if rec is None:
+        return LATER
+    if rec.attempt < item.attempt:
+        return RUN
+    if rec.status not in INFLIGHT_STATES or rec.attempt != item.attempt:
+        return SKIP
+    if delivery == 1 and rec.status == RUNNING and rec.worker and rec.worker != me:
+        return ASK
+    return RUN
+
+
+def owner_verdict(registered: bool) -> str:
+    """The verdict of ASK: WAIT while the worker running the attempt is registered; RUN once it
+    is gone (this is the redelivery that takes over)."""
+    return WAIT if registered else RUN
+
+
+def verdict_action(verdict: str, delivery: int, max_deliveries: int) -> str:
+    """What becomes of a suspect delivery: NAK_LATER (offered again after LATER_S), ACK (not
+    run: skipped, or held by a live worker; should that worker die, the brain gives the attempt
+    up as lost and releases a new one) or RUN. A task with no record after `max_deliveries`
+    offers is dropped."""
+    if verdict == LATER and delivery < max_deliveries:
+        return NAK_LATER
+    if verdict != RUN:
+        return ACK
+    return RUN
+
+
+def dead_letter_why(delivery: int, max_deliveries: int) -> str:
+    """Why an item is dead-lettered ('' when it is not): every worker that took it died with it."""
+    if delivery <= max_deliveries:
+        return ""
+    return (
+        f"delivered {delivery} times (more than max_deliveries={max_deliveries}); "
+        "every worker that took it stopped heartbeating"
+    )
+
+
+# reports -----------------------------------------------------------------------------------
+
+
+class Outcome(Protocol):
+    """What an executor says of one run (`mesh.host.executors.RunResult`)."""
+
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def duration_s(self) -> float: ...
+    @property
+    def rc(self) -> int | None: ...
+    @property
+    def timed_out(self) -> bool: ...
+    @property
+    def cancelled(self) -> bool: ...
+    @property
+    def error(self) -> str: ...
+    @property
+    def stdout_tail(self) -> str: ...
+    @property
+    def stderr_tail(self) -> str: ...
+    @property
+    def stdout_bytes(self) -> int: ...
+    @property
+    def stderr_bytes(self) -> int: ...
+    @property
+    def definition_error(self) -> bool: ...
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def metrics(self) -> dict[str, float]: ...
+    @property
+    def artifacts(self) -> Sequence[str]: ...
+
+
+def start_report_after(delivery: int, after_s: float) -> float:
+    """How long a run's `run.started` is held back. A first delivery's waits `after_s`: a task
+    that ends sooner reports its start in `run.finished`. A redelivery's goes at once: the brain
+    records who took the task over."""
+    return 0.0 if delivery > 1 else after_s
+
+
+def run_started(item: WorkItem, worker: str, at: float, delivery: int) -> RunStarted:
+    return RunStarted(
+        plan_id=item.plan_id,
+        task_id=item.task_id,
+        attempt=item.attempt,
+        worker=worker,
+        at=at,
+        delivery=delivery,
+        claim=item.claim,
+    )
+
+
+def output_in_event(text: str, sensitive: bool, limit: int) -> bool:
+    """Whether a run's output travels in its `run.finished`; if not, it goes to the object
+    store (a sensitive task's output is never in the history)."""
+    return not sensitive and len(text.encode()) <= limit
+
+
+def output_object_name(item: WorkItem) -> str:
+    """The object that holds an attempt's output when it is not in the event."""
+    return f"outputs/{item.plan_id}/{item.task_id}/{item.attempt}"
+
+
+def output_cut(text: str, sensitive: bool, limit: int) -> str:
+    """What the event holds of an output that could not be stored as an object."""
+    return "" if sensitive else text[:limit]
+
+
+def run_finished(
+    item: WorkItem,
+    result: Outcome,
+    *,
+    worker: str,
+    at: float,
+    started_at: float,
+    sensitive: bool,
+    output: str,
+    output_object: str,
+    prompt_limit: int,
+    gpu: str,
+) -> RunFinished:
+    """The report of a run: what a sensitive run saw or wrote (its tails, its prompt) left out."""
+    return RunFinished(
+        plan_id=item.plan_id,
+        task_id=item.task_id,
+        attempt=item.attempt,
+        worker=worker,
+        at=at,
+        started_at=started_at,
+        ok=result.ok,
+        duration_s=result.duration_s,
+        rc=result.rc,
+        timed_out=result.timed_out,
+        cancelled=result.cancelled,
+        error=result.error,
+        stdout_tail="" if sensitive else result.stdout_tail,
+        stderr_tail="" if sensitive else result.stderr_tail,
+        stdout_bytes=result.stdout_bytes,
+        stderr_bytes=result.stderr_bytes,
+        reason="definition" if result.definition_error else "",
+        output=output,
+        output_object=output_object,
+        prompt="" if sensitive else result.prompt[:prompt_limit],
+        model=item.model if item.kind in MODEL_BODY_KINDS else "",
+        gpu=gpu,
+        metrics=result.metrics,
+        artifacts=tuple(result.artifacts),
+        sensitive=sensitive,
+        claim=item.claim,
+    )
+
+
+def dead_letter_report(item: WorkItem, worker: str, at: float, why: str) -> RunFinished:
+    """The report that fails a dead-lettered item's task (it never started here)."""
+    return RunFinished(
+        plan_id=item.plan_id,
+        task_id=item.task_id,
+        attempt=item.attempt,
+        worker=worker,
+        at=at,
+        ok=False,
+        duration_s=0.0,
+        error=why,
+        dead_letter=True,
+        claim=item.claim,
+    )
