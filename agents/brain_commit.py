@@ -79,7 +79,7 @@ class BrainCommit(Agent):
         repairs from them. A record and its task's work item are written in the same round
         trip, so a worker may take an item before the record says `ready`: workers read the
         record only of an item that is not fresh, and take a record behind the item for one
-        not yet written (`Worker._still_wanted`).
+        not yet written (`mesh.work.still_wanted`).
 
         Interrupted, the step stays in the outbox and is published again, whole, before
         anything else; the server drops what it already stored by `Nats-Msg-Id`.
