@@ -1,7 +1,5 @@
-"""What every `mesh` command shares: the typer app, its global options, settings and errors.
-
-`connected` is the one place a command connects to the server (and closes the connection);
-`run` turns mesh and server errors into a message and an exit code; `fail` says what is wrong.
+"""What every `mesh` command shares: the typer app and its global options, settings, the one
+connection helper (`connected`), and errors turned into a message and an exit code (`run`, `fail`).
 """
 
 from __future__ import annotations
