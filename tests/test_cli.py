@@ -122,6 +122,29 @@ def test_bad_var_and_bad_config_are_clear_errors(env: dict[str, str], tmp_path: 
     no_traceback(result)
 
 
+def test_options_that_do_not_go_together_are_clear_errors(env: dict[str, str], tmp_path: Path) -> None:
+    from mesh.errors import ConfigError
+    from mesh.ops.bootstrap import model_workers
+
+    assert model_workers("off") == () and model_workers(" CPU ") == (None,)
+    assert model_workers("0,1") == (0, 1)
+    with pytest.raises(ConfigError, match="write auto, cpu, off, or GPU indices"):
+        model_workers("0,x")
+    result = run_mesh("up", "--gpus", "some", "--data-dir", str(tmp_path / "up"), env=env)
+    assert result.returncode == 2 and "--gpus 'some': write auto, cpu, off" in result.stderr
+    assert not (tmp_path / "up").exists(), "nothing started"
+    secure = tmp_path / "secure"
+    for args, said in (
+        (["--domain", "rig"], "--domain needs --leaf-port"),
+        (["--verify-clients"], "--verify-clients needs --tls-ca"),
+        (["--tls-ca", str(tmp_path / "no-ca.pem")], f"{tmp_path / 'no-ca.pem'} is not a file"),
+    ):
+        result = run_mesh("init", "--secure", str(secure), "--worker", "w1", *args, env=env)
+        assert result.returncode == 2 and said in result.stderr, result.stderr
+        no_traceback(result)
+    assert not secure.exists(), "nothing written"
+
+
 @pytest.mark.integration
 async def test_submit_wait_status_and_exit_codes(mesh: Mesh, env: dict[str, str], tmp_path: Path) -> None:
     mesh.brain()

@@ -1,4 +1,5 @@
-"""What the CLI (and tests, and scripts) do against a running mesh: submit, cancel, read, follow."""
+"""What the CLI (and tests, and scripts) do against a running mesh: submit, cancel, read, follow,
+see the agents, GPUs and models, and pause or cordon a GPU."""
 
 from __future__ import annotations
 
@@ -18,10 +19,29 @@ from mesh import events, validate
 from mesh.bus.publish import Bus
 from mesh.bus.read import read_bucket
 from mesh.bus.route import decode_or_none
-from mesh.errors import NotFound, PlanError, Problem
-from mesh.events import CancelPlan, PlanSpec, RetryTasks, SubmitPlan
+from mesh.errors import MeshError, NotFound, PlanError, Problem
+from mesh.events import (
+    CancelPlan,
+    GpuControl,
+    GpuState,
+    PlanFinished,
+    PlanRejected,
+    PlanSpec,
+    RetryTasks,
+    SubmitPlan,
+)
 from mesh.names import check_token
-from mesh.records import UNREADABLE, Damaged, PlanRecord, TaskRecord, damaged, decode_plan, decode_task
+from mesh.records import (
+    UNREADABLE,
+    AgentRecord,
+    Damaged,
+    PlanRecord,
+    TaskRecord,
+    damaged,
+    decode_agent,
+    decode_plan,
+    decode_task,
+)
 
 
 def _user() -> str:
@@ -186,3 +206,86 @@ async def follow(
     finally:
         with contextlib.suppress(TimeoutError, nats.errors.Error):
             await sub.unsubscribe()
+
+
+async def plan_events(
+    bus: Bus, plan_id: str, start_seq: int | None = None
+) -> AsyncIterator[tuple[str, events.Message]]:
+    """A plan's events from its history (from the start, or from a stream sequence) as they
+    come, each that decodes, until the one that ends the plan (`plan.finished` or
+    `plan.rejected`), which is the last yielded."""
+    async for subject, _, msg in follow(
+        bus, bus.names.plan_filter(plan_id), from_start=True, start_seq=start_seq
+    ):
+        if msg is None:
+            continue
+        yield subject, msg
+        match msg:
+            case PlanFinished() | PlanRejected():
+                return
+
+
+async def control_gpu(
+    bus: Bus, gpu: str, *, paused: bool, cordoned: bool | None, reason: str = ""
+) -> GpuControl:
+    """An operator's pause or cordon of a GPU (an id as the gpus bucket has it): the event, and
+    the GPU's operator key in the control bucket, which its worker reads. `cordoned` None keeps
+    the cordon as it is. Creates the bucket if no agent has yet."""
+    # a GPU may be cordoned before any agent has run (and created the bucket)
+    await bus.ensure_resources()
+    kv = await bus.gpu_control_kv()
+    key = bus.names.gpu_control_key(gpu, "operator")
+    was = False
+    try:
+        entry = await kv.get(key)
+        old = events.decode(entry.value or b"")
+        was = isinstance(old, GpuControl) and old.cordoned
+    except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+        pass
+    control = GpuControl(
+        gpu=gpu,
+        source="operator",
+        at=time.time(),
+        paused=paused,
+        cordoned=was if cordoned is None else cordoned,
+        reason=reason,
+        by=_user(),
+    )
+    await bus.emit(control)
+    await kv.put(key, events.encode(control))
+    return control
+
+
+async def models_loaded(bus: Bus) -> dict[str, list[str]]:
+    """Where each model is loaded now, from the gpus bucket: model name -> `<gpu> (<state>)`
+    of each GPU that is not offline."""
+    raw = await read_bucket(await bus.gpus_kv())
+    where: dict[str, list[str]] = {}
+    for value in raw.values():
+        try:
+            gpu = events.decode(value)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        if not isinstance(gpu, GpuState) or gpu.state == "offline":
+            continue
+        place = f"{gpu.gpu} ({gpu.state})"
+        for name in {gpu.llm, *gpu.script_models} - {""}:
+            where.setdefault(name, []).append(place)
+    return where
+
+
+async def read_agents(bus: Bus) -> list[AgentRecord]:
+    """The agents registered now (the agents bucket), by id."""
+    raw = await read_bucket(await bus.agents_kv())
+    return sorted((decode_agent(v) for v in raw.values()), key=lambda a: a.agent_id)
+
+
+async def agent_registered(bus: Bus, agent_id: str) -> tuple[bool, str]:
+    """Whether an agent is registered (it heartbeats into the agents bucket), and what that says."""
+    try:
+        entry = await (await bus.agents_kv()).get(agent_id)
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        return False, f"agent {agent_id} is not registered (no heartbeat)"
+    except MeshError as exc:  # no agents bucket: no agent ever ran against this server
+        return False, f"agent {agent_id} is not registered ({exc})"
+    return bool(entry.value), "registered"

@@ -59,39 +59,49 @@ def event_line(subject: str, msg: events.Message | None) -> Text:
     attempt = getattr(msg, "attempt", 0)
     if attempt:
         line.append(f" #{attempt}", style="dim")
-    if isinstance(msg, events.TaskSucceeded | events.RunFinished):
-        line.append(f" {seconds(msg.duration_s)}", style="dim")
-    if isinstance(msg, events.TaskFailed | events.TaskRetrying) and (msg.reason or msg.error):
+    match msg:
+        case events.TaskSucceeded():
+            line.append(f" {seconds(msg.duration_s)}", style="dim")
+        case events.RunFinished():
+            line.append(f" {seconds(msg.duration_s)}", style="dim")
+            if not msg.ok:
+                line.append(f" {msg.error}", style="red")
+        case events.TaskFailed():
+            _why(line, msg)
+        case events.TaskRetrying():
+            _why(line, msg)
+            line.append(f" (retry in {seconds(msg.retry_at - msg.at)})", style="yellow")
+        case events.PlanFinished():
+            line.append(f" {msg.status}", style=STYLE.get(msg.status, ""))
+        case events.PlanRejected():
+            line.append(f" {msg.error}", style="red")
+        case events.AgentStarted() | events.AgentStopped():
+            line.append(f" {msg.agent_id}")
+        case events.DeadLetter():
+            line.append(f" from {msg.subject}: {msg.reason}", style="red")
+        case events.GpuState():
+            line.append(f" {msg.gpu} {msg.previous or 'start'} -> {msg.state} after {seconds(msg.took_s)}")
+            if msg.llm:
+                line.append(f" llm={msg.llm}", style="dim")
+            if msg.vram_total_mb:
+                line.append(f" {msg.vram_used_mb}/{msg.vram_total_mb} MB", style="dim")
+            if msg.error:
+                line.append(f" {msg.error}", style="red")
+        case events.ResourceRequested():
+            line.append(f" {msg.action} {msg.model} on {msg.gpu}: {msg.reason}")
+        case events.AlertRaised():
+            line.append(f" {msg.severity} {msg.rule} {msg.target}: {msg.message}", style="red")
+        case events.AlertResolved():
+            line.append(f" {msg.rule} {msg.target}")
+    return line
+
+
+def _why(line: Text, msg: events.TaskFailed | events.TaskRetrying) -> None:
+    """A failure's reason and the last line of its error, when it has either."""
+    if msg.reason or msg.error:
         line.append(
             f" {msg.reason}: {msg.error.strip().splitlines()[-1] if msg.error.strip() else ''}", style="red"
         )
-    if isinstance(msg, events.TaskRetrying):
-        line.append(f" (retry in {seconds(msg.retry_at - msg.at)})", style="yellow")
-    if isinstance(msg, events.RunFinished) and not msg.ok:
-        line.append(f" {msg.error}", style="red")
-    if isinstance(msg, events.PlanFinished):
-        line.append(f" {msg.status}", style=STYLE.get(msg.status, ""))
-    if isinstance(msg, events.PlanRejected):
-        line.append(f" {msg.error}", style="red")
-    if isinstance(msg, events.AgentStarted | events.AgentStopped):
-        line.append(f" {msg.agent_id}")
-    if isinstance(msg, events.DeadLetter):
-        line.append(f" from {msg.subject}: {msg.reason}", style="red")
-    if isinstance(msg, events.GpuState):
-        line.append(f" {msg.gpu} {msg.previous or 'start'} -> {msg.state} after {seconds(msg.took_s)}")
-        if msg.llm:
-            line.append(f" llm={msg.llm}", style="dim")
-        if msg.vram_total_mb:
-            line.append(f" {msg.vram_used_mb}/{msg.vram_total_mb} MB", style="dim")
-        if msg.error:
-            line.append(f" {msg.error}", style="red")
-    if isinstance(msg, events.ResourceRequested):
-        line.append(f" {msg.action} {msg.model} on {msg.gpu}: {msg.reason}")
-    if isinstance(msg, events.AlertRaised):
-        line.append(f" {msg.severity} {msg.rule} {msg.target}: {msg.message}", style="red")
-    if isinstance(msg, events.AlertResolved):
-        line.append(f" {msg.rule} {msg.target}")
-    return line
 
 
 def plans_table(plans: list[PlanRecord], damaged: Sequence[Damaged] = ()) -> Table:

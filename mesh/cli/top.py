@@ -74,17 +74,19 @@ async def read_gpus(bus: Bus) -> GpuView:
             st = events.decode(value)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
-        if isinstance(st, events.GpuState) and st.index >= 0:
-            view.states[st.gpu] = st
+        match st:
+            case events.GpuState() if st.index >= 0:
+                view.states[st.gpu] = st
     for value in tel_raw.values():
         try:
             sample = decode_sample(value)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
-        if isinstance(sample, GpuSample):
-            view.samples[sample.gpu_id] = sample
-        else:
-            view.hosts[sample.host] = sample
+        match sample:
+            case GpuSample():
+                view.samples[sample.gpu_id] = sample
+            case HostSample():
+                view.hosts[sample.host] = sample
     return view
 
 
@@ -312,10 +314,11 @@ class EventFold:
         self.last_seq = 0
 
     def add(self, subject: str, msg: events.Message | None, recent: bool = True) -> None:
-        if isinstance(msg, events.AlertRaised):
-            self.firing[(msg.rule, msg.target)] = msg
-        elif isinstance(msg, events.AlertResolved):
-            self.firing.pop((msg.rule, msg.target), None)
+        match msg:
+            case events.AlertRaised():
+                self.firing[(msg.rule, msg.target)] = msg
+            case events.AlertResolved():
+                self.firing.pop((msg.rule, msg.target), None)
         if recent:
             self.recent.append((subject, msg))
 

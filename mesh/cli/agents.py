@@ -1,0 +1,167 @@
+"""The agents: `mesh agent ROLE` runs one in the foreground (what `mesh up` and systemd run),
+`mesh agents` lists those registered now.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from mesh.bus import client
+from mesh.cli.common import connected, fail, out, run, settings
+from mesh.events import TASK_CLASSES
+from mesh.host.logs import configure
+
+agent_app = typer.Typer(help="Run one agent in the foreground (what `mesh up` and systemd run).")
+
+
+@agent_app.command("brain")
+def agent_brain(
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """The brain: releases tasks, cascades results, retries."""
+    from agents.base import run_agent
+    from agents.brain import Brain
+
+    configure(log_level, name="brain")
+    s = settings()
+    raise typer.Exit(run_agent(Brain(s)))
+
+
+@agent_app.command("auditor")
+def agent_auditor(
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """The auditor: dead-letters malformed messages on event subjects nobody else consumes."""
+    from agents.auditor import Auditor
+    from agents.base import run_agent
+
+    configure(log_level, name="auditor")
+    raise typer.Exit(run_agent(Auditor(settings())))
+
+
+@agent_app.command("watchdog")
+def agent_watchdog(
+    host: Annotated[
+        str | None,
+        typer.Option("--host", help="the host name telemetry is filed under (default: this host's)"),
+    ] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """The watchdog (one per host): GPU and host telemetry, and alerts."""
+    from agents.base import run_agent
+    from agents.watchdog import Watchdog
+
+    configure(log_level, name="watchdog")
+    raise typer.Exit(run_agent(Watchdog(settings(), host=host)))
+
+
+@agent_app.command("exporter")
+def agent_exporter(
+    port: Annotated[int | None, typer.Option("--port", help="serve /metrics on this port [9464]")] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """The Prometheus exporter: GPU telemetry and states, queues, task durations, alerts on /metrics."""
+    from agents.base import run_agent
+    from agents.exporter import Exporter
+
+    configure(log_level, name="exporter")
+    raise typer.Exit(run_agent(Exporter(settings(metrics_port=port))))
+
+
+@agent_app.command("gateway")
+def agent_gateway(
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """The gateway: answers escalated tasks with Claude, within budgets and rate limits."""
+    from agents.base import run_agent
+    from agents.gateway import Gateway
+
+    configure(log_level, name="gateway")
+    raise typer.Exit(run_agent(Gateway(settings())))
+
+
+@agent_app.command("worker")
+def agent_worker(
+    slots: Annotated[int | None, typer.Option("--slots", help="concurrent shell tasks")] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            "--classes", help="comma list of task classes to take [default: cpu; script,llm with --gpu N]"
+        ),
+    ] = None,
+    gpu: Annotated[
+        str, typer.Option("--gpu", help="the GPU this worker owns (NVML index), or 'none' for the CPU")
+    ] = "none",
+    memory_mb: Annotated[
+        int,
+        typer.Option(
+            "--memory-mb", help="memory model kinds may use (MB; 0: all of the GPU, or the host's free RAM)"
+        ),
+    ] = 0,
+    drain_timeout: Annotated[
+        float, typer.Option("--drain-timeout", help="on stop, seconds to let running tasks finish")
+    ] = 30.0,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """A worker: claims tasks of its classes and runs them; with --gpu N it owns GPU N."""
+    s = settings()
+    if gpu.strip().lower() in ("none", "cpu", ""):
+        index: int | None = None
+    elif gpu.strip().isdigit():
+        index = int(gpu)
+    else:
+        raise fail(
+            f"--gpu {gpu!r} is not a GPU index or 'none': e.g. --gpu 0, or --gpu none for a CPU worker"
+        )
+    from mesh.host.gpu import gpu_environment
+
+    # CUDA reads CUDA_VISIBLE_DEVICES, and the dynamic loader LD_LIBRARY_PATH, when they first
+    # load: set both before anything imports a CUDA library (the loader only at exec)
+    env = gpu_environment(index, s.gpu_library_path, dict(os.environ))
+    if env.get("LD_LIBRARY_PATH", "") != os.environ.get("LD_LIBRARY_PATH", ""):
+        os.execve(sys.executable, [sys.executable, "-m", "mesh", *sys.argv[1:]], env)
+    os.environ["CUDA_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"]
+    from agents.base import run_agent
+    from agents.worker import Worker
+    from mesh.host.gpu import GpuError
+
+    configure(log_level, name="worker")
+    default = "script,llm" if index is not None else "cpu"
+    wanted = tuple(c.strip() for c in (classes or default).split(",") if c.strip())
+    if not wanted:
+        raise fail("--classes needs at least one class")
+    unknown = [c for c in wanted if c not in TASK_CLASSES]
+    if unknown:
+        raise fail(f"unknown class {', '.join(unknown)}; known classes: {', '.join(TASK_CLASSES)}")
+    worker = Worker(
+        s, classes=wanted, slots=slots, drain_timeout_s=drain_timeout, gpu=index, memory_mb=memory_mb
+    )
+    try:
+        code = run_agent(worker)
+    except GpuError as exc:
+        raise fail(str(exc)) from exc
+    raise typer.Exit(code)
+
+
+def agents() -> None:
+    """Agents registered now (from the agents bucket)."""
+    s = settings()
+
+    async def go() -> int:
+        async with connected(s) as bus:
+            registered = await client.read_agents(bus)
+            now = time.time()
+            for rec in registered:
+                out.print(
+                    f"{rec.agent_id:<40} {rec.role:<8} {rec.state:<9} seen {now - rec.seen_at:4.1f}s ago"
+                    f"  running {len(rec.running)}/{rec.slots or '-'}",
+                    highlight=False,
+                )
+            return 0
+
+    raise typer.Exit(run(go))

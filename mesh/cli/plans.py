@@ -1,0 +1,215 @@
+"""The plan commands: check, submit, status, cancel and retry, and a plan's progress shown
+as it runs (`--wait`, and `mesh up --submit`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mesh import events
+from mesh.bus import client
+from mesh.bus.publish import Bus
+from mesh.cli import render
+from mesh.cli.common import (
+    GlobOutsideOpt,
+    VarOpt,
+    checked_settings,
+    connected,
+    err,
+    fail,
+    load,
+    out,
+    run,
+    settings,
+)
+from mesh.records import Damaged
+
+DAMAGED_HINT = (
+    "{n} record(s) cannot be read (damaged). The brain sets each aside as a dead letter "
+    "(`mesh dead`) and rebuilds it from the history when it starts; `mesh replay --plan PLAN` "
+    "shows what the history holds."
+)
+
+
+def check(
+    plan: Annotated[Path, typer.Argument(help="plan file (markdown)")],
+    var: VarOpt = None,
+    glob_outside: GlobOutsideOpt = False,
+) -> None:
+    """Parse and validate a plan without submitting it."""
+    spec = load(plan, var, checked_settings(), glob_outside)
+    out.print(f"[green]ok[/green] {plan}: {spec.title!r}, {len(spec.tasks)} tasks")
+
+
+def submit(
+    plan: Annotated[Path, typer.Argument(help="plan file (markdown)")],
+    var: VarOpt = None,
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="follow the plan until it is final")] = False,
+    plan_id: Annotated[str | None, typer.Option("--id", help="plan id (default: from the title)")] = None,
+    glob_outside: GlobOutsideOpt = False,
+) -> None:
+    """Validate a plan and submit it; prints the plan id."""
+    s = checked_settings()
+    spec = load(plan, var, s, glob_outside)
+
+    async def go() -> int:
+        async with connected(s) as bus:
+            await bus.ensure_resources()
+            pid = await client.submit(bus, spec, plan_id)
+            out.print(pid, highlight=False)
+            if not wait:
+                return 0
+            return await follow_plan(bus, pid, len(spec.tasks))
+
+    raise typer.Exit(run(go))
+
+
+async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None = None) -> int:
+    """Show a plan's progress from its history until it is final; 0 only if it succeeded."""
+    final: dict[str, str] = {}
+    status = ""
+    interactive = err.is_terminal
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not interactive,
+    )
+    with progress:
+        bar = progress.add_task(plan_id, total=total, detail="")
+        async for subject, msg in client.plan_events(bus, plan_id, start_seq):
+            match msg:
+                case events.TaskSucceeded():
+                    final[msg.task_id] = "succeeded"
+                    if not interactive:
+                        progress.console.print(render.event_line(subject, msg))
+                case events.TaskFailed() | events.TaskCancelled():
+                    final[msg.task_id] = events.type_of(msg).rsplit(".", 1)[-1]
+                    progress.console.print(render.event_line(subject, msg))
+                case events.TaskRetrying():
+                    progress.console.print(render.event_line(subject, msg))
+                case events.TaskStarted() if not interactive:
+                    progress.console.print(render.event_line(subject, msg))
+            counts = {k: list(final.values()).count(k) for k in ("succeeded", "failed", "cancelled")}
+            progress.update(
+                bar,
+                completed=len(final),
+                detail=" ".join(f"{k} {v}" for k, v in counts.items() if v),
+            )
+            match msg:
+                case events.PlanFinished():
+                    status = msg.status
+                case events.PlanRejected():
+                    status = "rejected"
+                    err.print(f"[red]plan rejected:[/red] {msg.error}")
+    records, damaged = await client.read_tasks(bus, plan_id)
+    plan = await client.read_plan(bus, plan_id)
+    if plan is not None and (damaged or any(r.status != "succeeded" for r in records)):
+        unfinished = [r for r in records if r.status != "succeeded"]
+        err.print(render.tasks_table(plan, unfinished, damaged=damaged))
+    style = render.STYLE.get(status, "")
+    err.print(f"plan {plan_id} [{style}]{status}[/{style}]" if style else f"plan {plan_id} {status}")
+    return 0 if status == "succeeded" else 1
+
+
+def status(
+    plan: Annotated[str | None, typer.Argument(help="a plan id: show its tasks")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="records as JSON lines")] = False,
+) -> None:
+    """Plans, or one plan's tasks, from the KV state."""
+    s = settings()
+
+    async def go() -> int:
+        async with connected(s) as bus:
+            if plan is None:
+                await _plans(bus, as_json)
+            else:
+                await _plan(bus, plan, as_json)
+            return 0
+
+    raise typer.Exit(run(go))
+
+
+async def _plans(bus: Bus, as_json: bool) -> None:
+    plans, damaged = await client.read_plans(bus)
+    if as_json:
+        for p in plans:
+            print(msgspec.json.encode(p).decode())
+        for d in damaged:
+            print(msgspec.json.encode({"damaged": d}).decode())
+    elif plans or damaged:
+        out.print(render.plans_table(plans, damaged))
+        if damaged:
+            err.print(DAMAGED_HINT.format(n=len(damaged)), highlight=False)
+        escalating = sum(p.counts.get("escalating", 0) for p in plans if not p.final)
+        if escalating:
+            out.print(f"{escalating} task(s) waiting on escalation (`mesh status PLAN` says why)")
+    else:
+        out.print("no plans yet: `mesh submit PLAN.md`")
+
+
+async def _plan(bus: Bus, plan: str, as_json: bool) -> None:
+    record = await client.read_plan(bus, plan)
+    if record is None:
+        raise fail(f"no plan {plan!r}; `mesh status` lists the plans")
+    tasks, damaged = await client.read_tasks(bus, plan)
+    if isinstance(record, Damaged):
+        damaged.insert(0, record)
+    if as_json:
+        if not isinstance(record, Damaged):
+            print(msgspec.json.encode(record).decode())
+        for t in tasks:
+            print(msgspec.json.encode(t).decode())
+        for d in damaged:
+            print(msgspec.json.encode({"damaged": d}).decode())
+    else:
+        from mesh.bus.history import escalation_waits
+
+        notes = await escalation_waits(bus, tasks)
+        bad_tasks = [d for d in damaged if d is not record]
+        out.print(render.tasks_table(record, tasks, notes, bad_tasks))
+        if damaged:
+            err.print(DAMAGED_HINT.format(n=len(damaged)), highlight=False)
+
+
+def cancel(plan: Annotated[str, typer.Argument(help="plan id")]) -> None:
+    """Cancel a plan: running tasks are killed, the rest are cancelled."""
+    s = settings()
+
+    async def go() -> int:
+        async with connected(s) as bus:
+            await client.cancel(bus, plan)
+            out.print(f"cancel requested for {plan}")
+            return 0
+
+    raise typer.Exit(run(go))
+
+
+def retry(
+    target: Annotated[
+        str, typer.Argument(help="a plan id, or PLAN.TASK for one task (and what failed because of it)")
+    ],
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="follow the plan until it is final")] = False,
+) -> None:
+    """Run failed or cancelled work again, with a fresh retry budget."""
+    s = settings()
+    plan_id, _, task_id = target.partition(".")
+
+    async def go() -> int:
+        async with connected(s) as bus:
+            seq = await client.retry(bus, plan_id, (task_id,) if task_id else ())
+            out.print(f"retry requested for {target}")
+            if not wait:
+                return 0
+            plan = await client.get_plan(bus, plan_id)
+            return await follow_plan(bus, plan_id, plan.total if plan else 0, start_seq=seq)
+
+    raise typer.Exit(run(go))
