@@ -23,14 +23,17 @@ def install_units(
     ] = False,
     venv: Annotated[
         str | None,
-        typer.Option("--venv", "--prefix", help="the virtual environment mesh runs from [this one]"),
+        typer.Option("--venv", "--prefix", help="the virtual environment mesh runs from (default: this one)"),
     ] = None,
     config_dir: Annotated[
-        str | None, typer.Option("--config-dir", help="role configs [/etc/mesh; --user: ~/.config/mesh]")
+        str | None,
+        typer.Option("--config-dir", help="role configs (default /etc/mesh; with --user ~/.config/mesh)"),
     ] = None,
     data_dir: Annotated[
         str | None,
-        typer.Option("--data-dir", help="server store, caches [/var/lib/mesh; --user: ~/.local/share/mesh]"),
+        typer.Option(
+            "--data-dir", help="server store, caches (default /var/lib/mesh; with --user ~/.local/share/mesh)"
+        ),
     ] = None,
     gpus: Annotated[
         str, typer.Option("--gpus", help="workers this host runs: GPU indices and/or cpu, e.g. 0,1,cpu")
