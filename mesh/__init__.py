@@ -1,4 +1,7 @@
-"""mesh: run plans of local AI work across the GPUs of your own machines, over NATS JetStream."""
+"""mesh: run plans of local AI work across the GPUs of your own machines, over NATS JetStream.
+
+The layers and the job of each module: docs/architecture.md, "The module map".
+"""
 
 __version__ = "0.1.0"
 

@@ -4,6 +4,8 @@
 - Subject strings are written only in mesh/names.py (and, for the JetStream API's
   `$JS.`/`$KV.`/`$O.` permission subjects, mesh/ops/security.py).
 - No import cycle among the modules of mesh/ and agents/, counting imports inside functions.
+- Every module opens with a docstring whose first paragraph (one or two lines) says its job,
+  and says more after it.
 - Imports point down the layers the tree shows (LAYERS): the core (the flat modules of
   mesh/), then mesh/bus/ and mesh/host/ (neither imports the other), agents/, mesh/ops/,
   and the CLI (mesh/cli/) on top.
@@ -297,6 +299,19 @@ def test_imports_point_down_the_layers() -> None:
     assert not found, (
         f"an import points up or across the layers: {found}. Move what both need down to a "
         "layer below both (the core when it is pure), or pass it in"
+    )
+
+
+def test_every_module_says_its_job() -> None:
+    missing = []
+    for module in MODULES:
+        doc = ast.get_docstring(module.tree) or ""
+        job = doc.split("\n\n")[0].splitlines()
+        if not 1 <= len(job) <= 2 or len([line for line in doc.splitlines() if line.strip()]) < 2:
+            missing.append(f"{module.path.relative_to(ROOT)}: {job[:3]}")
+    assert not missing, (
+        "every module opens with a docstring: its job in one or two lines, then a paragraph or a "
+        f"line more (what it leaves to others, how it is used): {missing}"
     )
 
 

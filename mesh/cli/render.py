@@ -1,4 +1,7 @@
-"""How events and records look on a terminal (rich)."""
+"""How events and records look on a terminal (rich).
+
+One line per event for `mesh tail` and `mesh submit --follow`; tables for `mesh status`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Logging setup. Only entry points call this; the library only asks `logging.getLogger`."""
+"""Logging setup for entry points: level, format, and which agent a line comes from.
+
+Only entry points call this; the library only asks `logging.getLogger`.
+"""
 
 from __future__ import annotations
 
