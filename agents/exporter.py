@@ -344,8 +344,9 @@ class Exporter(Agent):
             ev = events.decode(raw.data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
-        if isinstance(ev, events.AlertRaised | events.AlertResolved):
-            self.alerts[(ev.rule, ev.target)] = ev
+        match ev:
+            case events.AlertRaised() | events.AlertResolved():
+                self.alerts[(ev.rule, ev.target)] = ev
 
     # scrapes ----------------------------------------------------------------------------
     async def snapshot(self) -> Snapshot:
@@ -361,12 +362,13 @@ class Exporter(Agent):
                     item: Any = decode_sample(value) if name == "telemetry" else events.decode(value)
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     continue
-                if isinstance(item, GpuSample):
-                    snap.gpus.append(item)
-                elif isinstance(item, HostSample):
-                    snap.hosts.append(item)
-                elif isinstance(item, events.GpuState) and item.index >= 0:
-                    snap.states.append(item)
+                match item:
+                    case GpuSample():
+                        snap.gpus.append(item)
+                    case HostSample():
+                        snap.hosts.append(item)
+                    case events.GpuState() if item.index >= 0:
+                        snap.states.append(item)
         snap.gpus.sort(key=lambda g: (g.host, g.index))
         snap.hosts.sort(key=lambda h: h.host)
         snap.states.sort(key=lambda s: s.gpu)

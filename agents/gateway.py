@@ -192,10 +192,11 @@ class Gateway(Agent):
         beat = asyncio.get_running_loop().create_task(self._heartbeat(raw))
         try:
             outcome = await self.answer(msg, raw.metadata.num_delivered)
-            if isinstance(outcome, Wait):
-                await self._wait(msg, raw, outcome)
-            else:
-                await raw.ack()
+            match outcome:
+                case Wait():
+                    await self._wait(msg, raw, outcome)
+                case _:
+                    await raw.ack()
         except asyncio.CancelledError:
             # stopping with the call unfinished: hand the request back for the next gateway
             with contextlib.suppress(*TRANSIENT):
@@ -406,8 +407,9 @@ class Gateway(Agent):
             done = decode(entry.value or b"")
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
-        if isinstance(done, EscalationAnswered | EscalationFailed) and done.rid == req.rid:
-            return done
+        match done:
+            case EscalationAnswered() | EscalationFailed() if done.rid == req.rid:
+                return done
         return None
 
     async def _over(

@@ -127,14 +127,14 @@ class Watchdog(Agent):
             if not key.startswith(f"{self.tel_host}-gpu"):
                 continue
             with contextlib.suppress(ValueError):
-                control = decode(value)
-                if isinstance(control, GpuControl):
-                    self.thermal_paused[key.rsplit(".", 1)[0]] = control.paused
+                match decode(value):
+                    case GpuControl() as control:
+                        self.thermal_paused[key.rsplit(".", 1)[0]] = control.paused
 
     async def _on_stopped(self, raw: NatsMsg) -> None:
-        msg, _ = decode_checked(raw, self.names)
-        if isinstance(msg, AgentStopped):
-            self._stopped.append((msg.agent_id, msg.at))
+        match decode_checked(raw, self.names)[0]:
+            case AgentStopped() as msg:
+                self._stopped.append((msg.agent_id, msg.at))
 
     async def run(self) -> None:
         interval = self.settings.watchdog_interval_s
@@ -272,9 +272,9 @@ class Watchdog(Agent):
         self.spawn(self.sinks.deliver(ev), f"alert-{ev.rule}")
 
     async def _on_failure(self, raw: NatsMsg) -> None:
-        msg, _ = decode_checked(raw, self.names)
-        if isinstance(msg, TaskFailed | TaskRetrying) and msg.reason not in ("dependency", "cancelled"):
-            self._failures_seen.append((f"{msg.plan_id}.{msg.task_id}", msg.at))
+        match decode_checked(raw, self.names)[0]:
+            case TaskFailed() | TaskRetrying() as msg if msg.reason not in ("dependency", "cancelled"):
+                self._failures_seen.append((f"{msg.plan_id}.{msg.task_id}", msg.at))
 
     async def watch_mesh(self, gpus: list[GpuSample], now: float) -> list[Change]:
         """The rules over the mesh's state, read at most every `agent_refresh_s`: GPU memory held
@@ -288,14 +288,9 @@ class Watchdog(Agent):
             idle: set[str] = set()
             for value in states.values():
                 with contextlib.suppress(ValueError):
-                    st = decode(value)
-                    if (
-                        isinstance(st, GpuState)
-                        and st.state == "idle"
-                        and not st.llm
-                        and not st.script_models
-                    ):
-                        idle.add(st.gpu)
+                    match decode(value):
+                        case GpuState(state="idle") as st if not st.llm and not st.script_models:
+                            idle.add(st.gpu)
             for g in gpus:
                 held = float(g.mem_used_mb or 0) if g.gpu_id in idle else 0.0
                 changes += self.engine.mesh({"idle_gpu_mem_mb": held}, g.gpu_id, self.tel_host, now)

@@ -246,160 +246,162 @@ def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: 
 
 def evolve(state: State, ev: Msg) -> None:
     """Fold one transition event into the state. Events that change nothing are ignored."""
-    if isinstance(ev, PlanAccepted):
-        if ev.plan_id not in state.plans:
-            _accept(state, ev)
-        return
-    if isinstance(ev, PlanArchived):
-        if ev.plan_id in state.plans:
-            for key in state.plan_keys.pop(ev.plan_id, ()):
-                state.tasks.pop(key, None)
-                state.dependents.pop(key, None)
-                state.dirty_tasks.discard(key)
-                state.removed_tasks.add(key)
-            del state.plans[ev.plan_id]
-            state.dirty_plans.discard(ev.plan_id)
-            state.removed_plans.add(ev.plan_id)
-        return
-    if isinstance(ev, PlanTasks):
-        plan = state.plans.get(ev.plan_id)
-        if plan is not None and not any(f"{ev.plan_id}.{t.id}" in state.tasks for t in ev.tasks[:1]):
-            _add_tasks(state, plan, ev.tasks, ev.at)
-            state.dirty_plans.add(ev.plan_id)
-        return
-    if isinstance(ev, PlanRejected):
-        if ev.plan_id not in state.plans:
-            state.plans[ev.plan_id] = PlanRecord(
-                plan_id=ev.plan_id,
-                title=ev.title,
-                source=ev.source,
-                status=PLAN_REJECTED,
-                error=ev.error,
-                accepted_at=ev.at,
-                finished_at=ev.at,
-                updated_at=ev.at,
-            )
-            state.dirty_plans.add(ev.plan_id)
-        return
-    if isinstance(ev, PlanFinished | PlanResumed):
-        plan = state.plans.get(ev.plan_id)
-        if plan is not None:
-            plan.status = ev.status if isinstance(ev, PlanFinished) else PLAN_RUNNING
-            plan.finished_at = ev.at if isinstance(ev, PlanFinished) else 0.0
-            plan.updated_at = ev.at
-            state.dirty_plans.add(ev.plan_id)
-        return
+    match ev:
+        case PlanAccepted():
+            if ev.plan_id not in state.plans:
+                _accept(state, ev)
+            return
+        case PlanArchived():
+            if ev.plan_id in state.plans:
+                for key in state.plan_keys.pop(ev.plan_id, ()):
+                    state.tasks.pop(key, None)
+                    state.dependents.pop(key, None)
+                    state.dirty_tasks.discard(key)
+                    state.removed_tasks.add(key)
+                del state.plans[ev.plan_id]
+                state.dirty_plans.discard(ev.plan_id)
+                state.removed_plans.add(ev.plan_id)
+            return
+        case PlanTasks():
+            plan = state.plans.get(ev.plan_id)
+            if plan is not None and not any(f"{ev.plan_id}.{t.id}" in state.tasks for t in ev.tasks[:1]):
+                _add_tasks(state, plan, ev.tasks, ev.at)
+                state.dirty_plans.add(ev.plan_id)
+            return
+        case PlanRejected():
+            if ev.plan_id not in state.plans:
+                state.plans[ev.plan_id] = PlanRecord(
+                    plan_id=ev.plan_id,
+                    title=ev.title,
+                    source=ev.source,
+                    status=PLAN_REJECTED,
+                    error=ev.error,
+                    accepted_at=ev.at,
+                    finished_at=ev.at,
+                    updated_at=ev.at,
+                )
+                state.dirty_plans.add(ev.plan_id)
+            return
+        case PlanFinished() | PlanResumed():
+            plan = state.plans.get(ev.plan_id)
+            if plan is not None:
+                plan.status = ev.status if isinstance(ev, PlanFinished) else PLAN_RUNNING
+                plan.finished_at = ev.at if isinstance(ev, PlanFinished) else 0.0
+                plan.updated_at = ev.at
+                state.dirty_plans.add(ev.plan_id)
+            return
     key = f"{getattr(ev, 'plan_id', '')}.{getattr(ev, 'task_id', '')}"
     rec = state.tasks.get(key)
     if rec is None:
         return
-    if isinstance(ev, TaskWaiting):
-        rec.waiting_since = ev.at
-        rec.not_before = 0.0
-        _set_status(state, rec, WAITING, ev.at)
-        state._push(rec)
-    elif isinstance(ev, TaskReleased):
-        rec.attempt = ev.attempt
-        rec.released_at = ev.at
-        rec.worker = ""
-        _set_status(state, rec, READY, ev.at)
-    elif isinstance(ev, TaskStarted):
-        rec.worker = ev.worker
-        rec.started_at = ev.at
-        rec.deliveries = 1
-        _set_status(state, rec, RUNNING, ev.at)
-    elif isinstance(ev, TaskRedelivered):
-        rec.worker = ev.worker
-        rec.started_at = ev.at
-        rec.deliveries = ev.delivery
-        _set_status(state, rec, RUNNING, ev.at)
-    elif isinstance(ev, TaskReset):
-        rec.base_attempt = ev.attempt
-        rec.rid = ""
-        rec.escalated = ""
-        rec.followups = ()
-        rec.attempts = ()
-        rec.review = ""
-        rec.review_model = ""
-        rec.review_of = None
-        rec.reviews = 0
-        rec.worker = ""
-        rec.reason = ""
-        rec.error = ""
-        rec.rc = None
-        rec.not_before = 0.0
-        rec.finished_at = 0.0
-        rec.duration_s = 0.0
-        rec.deliveries = 0
-        _set_status(state, rec, PENDING, ev.at)
-    elif isinstance(ev, TaskSucceeded):
-        rec.worker = ev.worker
-        rec.finished_at = ev.at
-        rec.duration_s = ev.duration_s
-        rec.rc = ev.rc
-        rec.reason = ""
-        rec.error = ""
-        _set_status(state, rec, SUCCEEDED, ev.at)
-    elif isinstance(ev, TaskEscalated):
-        if ev.after is not None:
-            rec.attempts = (*rec.attempts[-(KEEP_ATTEMPTS - 1) :], ev.after)
-            rec.reason = ev.after.reason
-            rec.error = ev.after.error
-            rec.rc = ev.after.rc
-        rec.attempt = ev.attempt
-        rec.rid = ev.rid
-        rec.escalated = ev.why
-        rec.worker = ""
-        rec.released_at = ev.at
-        rec.started_at = ev.at
-        rec.not_before = 0.0
-        _set_status(state, rec, ESCALATING, ev.at)
-    elif isinstance(ev, TaskReviewing):
-        _rekey_demand(state, rec, lambda: _start_review(rec, ev))
-        _set_status(state, rec, READY, ev.at)
-    elif isinstance(ev, TaskReviewed):
-        _rekey_demand(state, rec, lambda: _end_review(rec))
-        rec.updated_at = ev.at
-        state.dirty_tasks.add(rec.key)
-    elif isinstance(ev, TaskFollowups):
-        plan = state.plans.get(ev.plan_id)
-        if plan is None or rec.followups or rec.status != ESCALATING:
-            return
-        plan.total += len(ev.tasks)
-        _add_tasks(state, plan, ev.tasks, ev.at)
-        rec.followups = tuple(t.id for t in ev.tasks)
-        for followup in rec.followups:
-            state.dependents.setdefault(f"{rec.plan_id}.{followup}", []).append(rec.key)
-        rec.updated_at = ev.at
-        state.dirty_tasks.add(rec.key)
-        state.dirty_plans.add(plan.plan_id)
-    elif isinstance(ev, TaskRetrying):
-        _keep_attempt(rec, ev)
-        rec.rc = ev.rc
-        rec.reason = ev.reason
-        rec.error = ev.error
-        rec.worker = ev.worker
-        rec.duration_s = ev.duration_s
-        rec.not_before = ev.retry_at
-        rec.waiting_since = ev.retry_at
-        _set_status(state, rec, WAITING, ev.at)
-        state._push(rec)
-    elif isinstance(ev, TaskFailed):
-        if ev.worker:
+    match ev:
+        case TaskWaiting():
+            rec.waiting_since = ev.at
+            rec.not_before = 0.0
+            _set_status(state, rec, WAITING, ev.at)
+            state._push(rec)
+        case TaskReleased():
+            rec.attempt = ev.attempt
+            rec.released_at = ev.at
+            rec.worker = ""
+            _set_status(state, rec, READY, ev.at)
+        case TaskStarted():
+            rec.worker = ev.worker
+            rec.started_at = ev.at
+            rec.deliveries = 1
+            _set_status(state, rec, RUNNING, ev.at)
+        case TaskRedelivered():
+            rec.worker = ev.worker
+            rec.started_at = ev.at
+            rec.deliveries = ev.delivery
+            _set_status(state, rec, RUNNING, ev.at)
+        case TaskReset():
+            rec.base_attempt = ev.attempt
+            rec.rid = ""
+            rec.escalated = ""
+            rec.followups = ()
+            rec.attempts = ()
+            rec.review = ""
+            rec.review_model = ""
+            rec.review_of = None
+            rec.reviews = 0
+            rec.worker = ""
+            rec.reason = ""
+            rec.error = ""
+            rec.rc = None
+            rec.not_before = 0.0
+            rec.finished_at = 0.0
+            rec.duration_s = 0.0
+            rec.deliveries = 0
+            _set_status(state, rec, PENDING, ev.at)
+        case TaskSucceeded():
+            rec.worker = ev.worker
+            rec.finished_at = ev.at
+            rec.duration_s = ev.duration_s
+            rec.rc = ev.rc
+            rec.reason = ""
+            rec.error = ""
+            _set_status(state, rec, SUCCEEDED, ev.at)
+        case TaskEscalated():
+            if ev.after is not None:
+                rec.attempts = (*rec.attempts[-(KEEP_ATTEMPTS - 1) :], ev.after)
+                rec.reason = ev.after.reason
+                rec.error = ev.after.error
+                rec.rc = ev.after.rc
+            rec.attempt = ev.attempt
+            rec.rid = ev.rid
+            rec.escalated = ev.why
+            rec.worker = ""
+            rec.released_at = ev.at
+            rec.started_at = ev.at
+            rec.not_before = 0.0
+            _set_status(state, rec, ESCALATING, ev.at)
+        case TaskReviewing():
+            _rekey_demand(state, rec, lambda: _start_review(rec, ev))
+            _set_status(state, rec, READY, ev.at)
+        case TaskReviewed():
+            _rekey_demand(state, rec, lambda: _end_review(rec))
+            rec.updated_at = ev.at
+            state.dirty_tasks.add(rec.key)
+        case TaskFollowups():
+            plan = state.plans.get(ev.plan_id)
+            if plan is None or rec.followups or rec.status != ESCALATING:
+                return
+            plan.total += len(ev.tasks)
+            _add_tasks(state, plan, ev.tasks, ev.at)
+            rec.followups = tuple(t.id for t in ev.tasks)
+            for followup in rec.followups:
+                state.dependents.setdefault(f"{rec.plan_id}.{followup}", []).append(rec.key)
+            rec.updated_at = ev.at
+            state.dirty_tasks.add(rec.key)
+            state.dirty_plans.add(plan.plan_id)
+        case TaskRetrying():
             _keep_attempt(rec, ev)
-        rec.rc = ev.rc
-        rec.reason = ev.reason
-        rec.error = ev.error
-        if ev.worker:
+            rec.rc = ev.rc
+            rec.reason = ev.reason
+            rec.error = ev.error
             rec.worker = ev.worker
             rec.duration_s = ev.duration_s
-        rec.finished_at = ev.at
-        _set_status(state, rec, FAILED, ev.at)
-    elif isinstance(ev, TaskCancelled):
-        rec.reason = "cancelled"
-        rec.error = ev.reason
-        rec.finished_at = ev.at
-        _set_status(state, rec, CANCELLED, ev.at)
+            rec.not_before = ev.retry_at
+            rec.waiting_since = ev.retry_at
+            _set_status(state, rec, WAITING, ev.at)
+            state._push(rec)
+        case TaskFailed():
+            if ev.worker:
+                _keep_attempt(rec, ev)
+            rec.rc = ev.rc
+            rec.reason = ev.reason
+            rec.error = ev.error
+            if ev.worker:
+                rec.worker = ev.worker
+                rec.duration_s = ev.duration_s
+            rec.finished_at = ev.at
+            _set_status(state, rec, FAILED, ev.at)
+        case TaskCancelled():
+            rec.reason = "cancelled"
+            rec.error = ev.reason
+            rec.finished_at = ev.at
+            _set_status(state, rec, CANCELLED, ev.at)
 
 
 def _rekey_demand(state: State, rec: TaskRecord, change: Callable[[], None]) -> None:

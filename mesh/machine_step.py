@@ -160,6 +160,7 @@ class Decision:
         plan_id = getattr(ev, "plan_id", None)
         if isinstance(plan_id, str):
             self.touched_plans.add(plan_id)
-        if isinstance(ev, TaskReleased | TaskReviewing):
-            rec = self.state.tasks[f"{ev.plan_id}.{ev.task_id}"]
-            self.step.work.append(work_item(self.state, rec, self.policy.claim_key))
+        match ev:
+            case TaskReleased() | TaskReviewing():
+                rec = self.state.tasks[f"{ev.plan_id}.{ev.task_id}"]
+                self.step.work.append(work_item(self.state, rec, self.policy.claim_key))
