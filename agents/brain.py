@@ -114,6 +114,7 @@ from mesh.records import (
     encode_record,
 )
 from mesh.settings import Settings
+from mesh.status import FailReason
 
 log = logging.getLogger("mesh.brain")
 
@@ -776,7 +777,7 @@ class Brain(Agent):
             if seq is None or rec.status in INFLIGHT_STATES:
                 continue
             del self.work_seq[rec.key]
-            if rec.status in (CANCELLED, PENDING) or rec.reason == "lost":
+            if rec.status in (CANCELLED, PENDING) or rec.reason == FailReason.LOST:
                 stale.append(seq)
         if stale:
             stream = self.names.work_stream

@@ -161,8 +161,8 @@ def families(snap: Snapshot) -> list[GaugeMetricFamily]:
             tasks.add_metric([st_name, cls], float(snap.tasks.get((st_name, cls), 0)))
         queue.add_metric([cls], float(sum(snap.tasks.get((s, cls), 0) for s in QUEUED_STATES)))
     plans = _gauge("mesh_plans", "plans in the plans bucket by state", ["state"])
-    for st_name in sorted(set(PLAN_STATES) | set(snap.plans)):
-        plans.add_metric([st_name], float(snap.plans.get(st_name, 0)))
+    for plan_state in sorted(set(PLAN_STATES) | set(snap.plans)):
+        plans.add_metric([plan_state], float(snap.plans.get(plan_state, 0)))
     out += [tasks, queue, plans]
 
     firing = _gauge(

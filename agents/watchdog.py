@@ -56,12 +56,15 @@ from mesh.host.telemetry import (
     sample_host,
 )
 from mesh.names import HEADER_TYPE
-from mesh.records import UNREADABLE, decode_agent, decode_plan, decode_task
+from mesh.records import READY, UNREADABLE, WAITING, decode_agent, decode_plan, decode_task
 from mesh.settings import Settings
+from mesh.status import FailReason
 
 log = logging.getLogger("mesh.watchdog")
 
 HOST_ONLY = "no NVIDIA GPU readable through NVML on this host: watching the host only"
+# failures not of the task's own doing (a dependency failed, it was cancelled): not counted
+NEVER_RAN = (FailReason.DEPENDENCY, FailReason.CANCELLED)
 
 
 class Watchdog(Agent):
@@ -273,7 +276,7 @@ class Watchdog(Agent):
 
     async def _on_failure(self, raw: NatsMsg) -> None:
         match decode_checked(raw, self.names)[0]:
-            case TaskFailed() | TaskRetrying() as msg if msg.reason not in ("dependency", "cancelled"):
+            case TaskFailed() | TaskRetrying() as msg if msg.reason not in NEVER_RAN:
                 self._failures_seen.append((f"{msg.plan_id}.{msg.task_id}", msg.at))
 
     async def watch_mesh(self, gpus: list[GpuSample], now: float) -> list[Change]:
@@ -309,7 +312,7 @@ class Watchdog(Agent):
                 self._unreadable(self.names.plans_bucket, key, exc)
                 continue
             if not plan.final:
-                depth += plan.counts.get("waiting", 0) + plan.counts.get("ready", 0)
+                depth += plan.counts.get(WAITING, 0) + plan.counts.get(READY, 0)
         changes = self.engine.mesh({"queue_depth": float(depth)}, "queue", self.tel_host, now)
         seen, self._failures_seen = self._failures_seen, []
         if seen:

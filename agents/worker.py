@@ -60,6 +60,7 @@ from mesh.host.telemetry import host_token
 from mesh.models import ModelError, ModelSpec
 from mesh.records import INFLIGHT_STATES, RUNNING, UNREADABLE, decode_task
 from mesh.settings import Settings
+from mesh.status import FailReason
 
 log = logging.getLogger("mesh.worker")
 
@@ -915,7 +916,7 @@ class Worker(Agent):
                 stderr_tail="" if sensitive else result.stderr_tail,
                 stdout_bytes=result.stdout_bytes,
                 stderr_bytes=result.stderr_bytes,
-                reason="definition" if result.definition_error else "",
+                reason=FailReason.DEFINITION if result.definition_error else FailReason.NONE,
                 output=output,
                 output_object=output_object,
                 prompt="" if sensitive else result.prompt[:limit],

@@ -53,6 +53,7 @@ from mesh.machine_state import State, evolve
 from mesh.machine_step import MAX_ERROR_CHARS, Policy, Reconcile, Step, Sweep, Tick, work_item
 from mesh.placement import observe
 from mesh.records import INFLIGHT_STATES, READY, RUNNING, TaskRecord
+from mesh.status import FailReason
 
 # what the rest of mesh imports from here (the entry points, and the parts it names)
 __all__ = [
@@ -175,13 +176,13 @@ class _Decider(Release):
             self._wake_dependents(rec)
             return
         if msg.dead_letter:
-            reason = "dead_letter"
-        elif msg.reason == "definition":
-            reason = "definition"
+            reason = FailReason.DEAD_LETTER
+        elif msg.reason == FailReason.DEFINITION:
+            reason = FailReason.DEFINITION
         elif msg.timed_out:
-            reason = "timeout"
+            reason = FailReason.TIMEOUT
         else:
-            reason = "cancelled" if msg.cancelled else "error"
+            reason = FailReason.CANCELLED if msg.cancelled else FailReason.ERROR
         snippet = (msg.stderr_tail or msg.stdout_tail).strip()
         error = "\n".join(p for p in (msg.error, snippet) if p)
         self._attempt_failed(rec, reason, error[-MAX_ERROR_CHARS:], msg.rc, msg.worker, msg.duration_s)
@@ -218,7 +219,7 @@ class _Decider(Release):
             ):
                 self._attempt_failed(
                     rec,
-                    "lost",
+                    FailReason.LOST,
                     f"worker {worker} went offline and nobody took the task over",
                     None,
                     worker,
@@ -226,7 +227,7 @@ class _Decider(Release):
                 )
 
     def _attempt_failed(
-        self, rec: TaskRecord, reason: str, error: str, rc: int | None, worker: str, duration_s: float
+        self, rec: TaskRecord, reason: FailReason, error: str, rc: int | None, worker: str, duration_s: float
     ) -> None:
         if rec.review:
             # the review itself failed (an error, a timeout, its worker lost): no verdict

@@ -9,6 +9,7 @@ from collections import deque
 from mesh.events import PlanFinished, TaskFailed, TaskSucceeded, TaskWaiting
 from mesh.machine_step import Decision
 from mesh.records import CANCELLED, ESCALATING, FAILED, PENDING, PLAN_RUNNING, SUCCEEDED, TaskRecord
+from mesh.status import FailReason, PlanStatus
 
 
 class Cascade(Decision):
@@ -89,7 +90,7 @@ class Cascade(Decision):
                 task_id=rec.task_id,
                 attempt=rec.attempt,
                 at=self.now,
-                reason="dependency",
+                reason=FailReason.DEPENDENCY,
                 error=f"dependency {failed.task_id} failed",
             )
         )
@@ -110,9 +111,9 @@ class Cascade(Decision):
                 continue
             counts = dict(plan.counts)
             if counts.get(CANCELLED):
-                status = CANCELLED
+                status = PlanStatus.CANCELLED
             elif counts.get(FAILED):
-                status = FAILED
+                status = PlanStatus.FAILED
             else:
-                status = SUCCEEDED
+                status = PlanStatus.SUCCEEDED
             self.emit(PlanFinished(plan_id=plan_id, status=status, at=self.now, counts=counts))

@@ -28,11 +28,14 @@ from mesh.machine_state import State
 from mesh.machine_step import MAX_ERROR_CHARS, escalation_why
 from mesh.plan import parse_followups
 from mesh.records import ESCALATING, TaskRecord
+from mesh.status import FailReason
 
 # the most follow-up tasks one answer may add
 MAX_FOLLOWUPS = 100
 # failures after which an escalation may follow (not a cancel, not a dependency)
-ESCALATABLE = frozenset({"error", "timeout", "lost", "dead_letter", "definition"})
+ESCALATABLE = frozenset(
+    {FailReason.ERROR, FailReason.TIMEOUT, FailReason.LOST, FailReason.DEAD_LETTER, FailReason.DEFINITION}
+)
 
 
 def escalation_request(state: State, rec: TaskRecord) -> EscalationRequest:
@@ -57,7 +60,7 @@ class Escalations(Retries, Admission):
     """Tasks handed to Claude, and failed attempts reviewed before they take their course."""
 
     # review -----------------------------------------------------------------
-    def _review_model(self, rec: TaskRecord, reason: str) -> str:
+    def _review_model(self, rec: TaskRecord, reason: FailReason) -> str:
         """The model that reviews this failed attempt ('' : no review). Only a failure an
         escalation could follow is reviewed, and never a sensitive task (the review's answer
         would be withheld from the events, like all its output)."""
@@ -100,7 +103,7 @@ class Escalations(Retries, Admission):
         if rec.spec.sensitive and not policy.sensitive:
             self._escalation_failed(
                 rec,
-                "sensitive",
+                FailReason.SENSITIVE,
                 "the task is sensitive and its plan does not allow escalating sensitive tasks: "
                 "add '- sensitive: true' under the plan's '## Escalation', or let it run locally",
             )
@@ -119,7 +122,7 @@ class Escalations(Retries, Admission):
         )
         self.step.escalations.append(escalation_request(self.state, rec))
 
-    def _auto_escalates(self, rec: TaskRecord, reason: str) -> bool:
+    def _auto_escalates(self, rec: TaskRecord, reason: FailReason) -> bool:
         """A failed local attempt of a plan with automatic escalation: escalate after N failures,
         or before the task would fail for good with fewer."""
         plan = self.state.plans.get(rec.plan_id)
@@ -149,7 +152,7 @@ class Escalations(Retries, Admission):
             return
         tasks, error = self._followup_tasks(rec, msg.followups)
         if error:
-            self._escalation_failed(rec, "followups", error)
+            self._escalation_failed(rec, FailReason.FOLLOWUPS, error)
             return
         self.emit(
             TaskFollowups(
@@ -170,7 +173,7 @@ class Escalations(Retries, Admission):
         if rec is not None:
             self._escalation_failed(rec, msg.reason, msg.error)
 
-    def _escalation_failed(self, rec: TaskRecord, reason: str, error: str) -> None:
+    def _escalation_failed(self, rec: TaskRecord, reason: FailReason, error: str) -> None:
         self.emit(
             TaskFailed(
                 plan_id=rec.plan_id,

@@ -19,9 +19,10 @@ from mesh.events import (
 from mesh.machine_cascade import Cascade
 from mesh.machine_step import Policy
 from mesh.records import CANCELLED, FAILED, PLAN_REJECTED, SUCCEEDED, TaskRecord
+from mesh.status import FailReason
 
 # failures no retry can help
-NO_RETRY = frozenset({"dead_letter", "definition"})
+NO_RETRY = frozenset({FailReason.DEAD_LETTER, FailReason.DEFINITION})
 
 
 def _tries(rec: TaskRecord) -> int:

@@ -53,6 +53,7 @@ from mesh.records import (
     PlanRecord,
     TaskRecord,
 )
+from mesh.status import FailReason, TaskStatus
 
 # a task in these states is work waiting for a GPU (what placement counts)
 DEMAND_STATES = frozenset({WAITING, READY})
@@ -136,11 +137,10 @@ class State:
             state.plans[plan.plan_id] = plan
         ordered = sorted(tasks, key=lambda r: (r.plan_id, r.index))
         for rec in ordered:
-            # a hundred thousand records repeat a few strings: keep one copy of each
+            # a hundred thousand records repeat a few strings: keep one copy of each (a status
+            # and a reason decode as their enum members, one copy already)
             rec.plan_id = sys.intern(rec.plan_id)
-            rec.status = sys.intern(rec.status)
             rec.worker = sys.intern(rec.worker)
-            rec.reason = sys.intern(rec.reason)
             state.tasks[rec.key] = rec
         for rec in ordered:
             state._index(rec)
@@ -183,7 +183,7 @@ class State:
 # ------------------------------------------------------------------ evolve
 
 
-def _set_status(state: State, rec: TaskRecord, status: str, at: float) -> None:
+def _set_status(state: State, rec: TaskRecord, status: TaskStatus, at: float) -> None:
     old = rec.status
     if old == status:
         # the record still changed (a redelivery keeps it running): it must be written
@@ -326,7 +326,7 @@ def evolve(state: State, ev: Msg) -> None:
             rec.review_of = None
             rec.reviews = 0
             rec.worker = ""
-            rec.reason = ""
+            rec.reason = FailReason.NONE
             rec.error = ""
             rec.rc = None
             rec.not_before = 0.0
@@ -339,7 +339,7 @@ def evolve(state: State, ev: Msg) -> None:
             rec.finished_at = ev.at
             rec.duration_s = ev.duration_s
             rec.rc = ev.rc
-            rec.reason = ""
+            rec.reason = FailReason.NONE
             rec.error = ""
             _set_status(state, rec, SUCCEEDED, ev.at)
         case TaskEscalated():
@@ -398,7 +398,7 @@ def evolve(state: State, ev: Msg) -> None:
             rec.finished_at = ev.at
             _set_status(state, rec, FAILED, ev.at)
         case TaskCancelled():
-            rec.reason = "cancelled"
+            rec.reason = FailReason.CANCELLED
             rec.error = ev.reason
             rec.finished_at = ev.at
             _set_status(state, rec, CANCELLED, ev.at)

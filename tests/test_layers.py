@@ -44,6 +44,7 @@ CORE = frozenset(
         "redact",
         "review",
         "shellquote",
+        "status",
         "untrusted",
         "validate",
     )

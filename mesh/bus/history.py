@@ -22,7 +22,7 @@ from mesh.bus.read import read_bucket, read_stream
 from mesh.bus.route import decode_checked
 from mesh.errors import MeshError
 from mesh.machine import State, evolve
-from mesh.records import UNREADABLE, PlanRecord, TaskRecord, decode_plan, decode_task
+from mesh.records import ESCALATING, UNREADABLE, PlanRecord, TaskRecord, decode_plan, decode_task
 
 
 @dataclass
@@ -236,7 +236,7 @@ async def escalation_waits(bus: Bus, tasks: list[TaskRecord]) -> dict[str, str]:
     names = bus.names
     notes: dict[str, str] = {}
     for rec in tasks:
-        if rec.status != "escalating" or rec.followups:
+        if rec.status != ESCALATING or rec.followups:
             continue
         subject = names.esc_event(rec.plan_id, rec.task_id, "waiting")
         try:

@@ -31,6 +31,7 @@ from mesh.events import TASK_CLASSES
 from mesh.host.logs import configure
 from mesh.records import Damaged
 from mesh.settings import Settings, load_settings
+from mesh.status import PlanStatus, TaskStatus
 
 app = typer.Typer(
     name="mesh",
@@ -214,25 +215,28 @@ async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None 
                     progress.console.print(render.event_line(subject, msg))
             elif isinstance(msg, events.TaskStarted) and not interactive:
                 progress.console.print(render.event_line(subject, msg))
-            counts = {k: list(final.values()).count(k) for k in ("succeeded", "failed", "cancelled")}
+            counts = {
+                k: list(final.values()).count(k)
+                for k in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+            }
             progress.update(
                 bar,
                 completed=len(final),
                 detail=" ".join(f"{k} {v}" for k, v in counts.items() if v),
             )
             if isinstance(msg, events.PlanFinished | events.PlanRejected):
-                status = msg.status if isinstance(msg, events.PlanFinished) else "rejected"
+                status = msg.status if isinstance(msg, events.PlanFinished) else PlanStatus.REJECTED
                 if isinstance(msg, events.PlanRejected):
                     err.print(f"[red]plan rejected:[/red] {msg.error}")
                 break
     records, damaged = await client.read_tasks(bus, plan_id)
     plan = await client.read_plan(bus, plan_id)
-    if plan is not None and (damaged or any(r.status != "succeeded" for r in records)):
-        unfinished = [r for r in records if r.status != "succeeded"]
+    if plan is not None and (damaged or any(r.status != TaskStatus.SUCCEEDED for r in records)):
+        unfinished = [r for r in records if r.status != TaskStatus.SUCCEEDED]
         err.print(render.tasks_table(plan, unfinished, damaged=damaged))
     style = render.STYLE.get(status, "")
     err.print(f"plan {plan_id} [{style}]{status}[/{style}]" if style else f"plan {plan_id} {status}")
-    return 0 if status == "succeeded" else 1
+    return 0 if status == PlanStatus.SUCCEEDED else 1
 
 
 DAMAGED_HINT = (
@@ -264,7 +268,7 @@ def status(
                     out.print(render.plans_table(plans, damaged))
                     if damaged:
                         err.print(DAMAGED_HINT.format(n=len(damaged)), highlight=False)
-                    escalating = sum(p.counts.get("escalating", 0) for p in plans if not p.final)
+                    escalating = sum(p.counts.get(TaskStatus.ESCALATING, 0) for p in plans if not p.final)
                     if escalating:
                         out.print(f"{escalating} task(s) waiting on escalation (`mesh status PLAN` says why)")
                 else:
