@@ -47,6 +47,7 @@ from mesh.records import (
     TaskRecord,
     encode_record,
 )
+from mesh.status import FailReason
 
 log = logging.getLogger("mesh.brain")
 
@@ -130,7 +131,7 @@ class BrainCommit(Agent):
             if seq is None or rec.status in INFLIGHT_STATES:
                 continue
             del self.work_seq[rec.key]
-            if rec.status in (CANCELLED, PENDING) or rec.reason == "lost":
+            if rec.status in (CANCELLED, PENDING) or rec.reason == FailReason.LOST:
                 stale.append(seq)
         if stale:
             stream = self.names.work_stream

@@ -161,8 +161,8 @@ def families(snap: Snapshot) -> list[GaugeMetricFamily]:
             tasks.add_metric([st_name, cls], float(snap.tasks.get((st_name, cls), 0)))
         queue.add_metric([cls], float(sum(snap.tasks.get((s, cls), 0) for s in QUEUED_STATES)))
     plans = _gauge("mesh_plans", "plans in the plans bucket by state", ["state"])
-    for st_name in sorted(set(PLAN_STATES) | set(snap.plans)):
-        plans.add_metric([st_name], float(snap.plans.get(st_name, 0)))
+    for plan_state in sorted(set(PLAN_STATES) | set(snap.plans)):
+        plans.add_metric([plan_state], float(snap.plans.get(plan_state, 0)))
     out += [tasks, queue, plans]
 
     firing = _gauge(
@@ -344,8 +344,9 @@ class Exporter(Agent):
             ev = events.decode(raw.data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
-        if isinstance(ev, events.AlertRaised | events.AlertResolved):
-            self.alerts[(ev.rule, ev.target)] = ev
+        match ev:
+            case events.AlertRaised() | events.AlertResolved():
+                self.alerts[(ev.rule, ev.target)] = ev
 
     # scrapes ----------------------------------------------------------------------------
     async def snapshot(self) -> Snapshot:
@@ -361,12 +362,13 @@ class Exporter(Agent):
                     item: Any = decode_sample(value) if name == "telemetry" else events.decode(value)
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     continue
-                if isinstance(item, GpuSample):
-                    snap.gpus.append(item)
-                elif isinstance(item, HostSample):
-                    snap.hosts.append(item)
-                elif isinstance(item, events.GpuState) and item.index >= 0:
-                    snap.states.append(item)
+                match item:
+                    case GpuSample():
+                        snap.gpus.append(item)
+                    case HostSample():
+                        snap.hosts.append(item)
+                    case events.GpuState() if item.index >= 0:
+                        snap.states.append(item)
         snap.gpus.sort(key=lambda g: (g.host, g.index))
         snap.hosts.sort(key=lambda h: h.host)
         snap.states.sort(key=lambda s: s.gpu)

@@ -69,6 +69,7 @@ from mesh.events import (
 from mesh.records import PLAN_FINAL_STATES, decode_plan
 from mesh.redact import Redactor
 from mesh.settings import Settings
+from mesh.status import FailReason
 
 log = logging.getLogger("mesh.gateway")
 
@@ -192,10 +193,11 @@ class Gateway(Agent):
         beat = asyncio.get_running_loop().create_task(self._heartbeat(raw))
         try:
             outcome = await self.answer(msg, raw.metadata.num_delivered)
-            if isinstance(outcome, Wait):
-                await self._wait(msg, raw, outcome)
-            else:
-                await raw.ack()
+            match outcome:
+                case Wait():
+                    await self._wait(msg, raw, outcome)
+                case _:
+                    await raw.ack()
         except asyncio.CancelledError:
             # stopping with the call unfinished: hand the request back for the next gateway
             with contextlib.suppress(*TRANSIENT):
@@ -249,21 +251,21 @@ class Gateway(Agent):
         if req.task.sensitive and not req.sensitive_allowed:
             return await self._fail(
                 req,
-                "sensitive",
+                FailReason.SENSITIVE,
                 "the task is sensitive and its plan does not allow escalating sensitive tasks "
                 "(add '- sensitive: true' under '## Escalation' to allow it)",
             )
         if self.client is None:
             return await self._fail(
                 req,
-                "config",
+                FailReason.CONFIG,
                 "the gateway has no Anthropic API key: set ANTHROPIC_API_KEY in its environment or "
                 f"gateway_api_key in the config, restart it, then `mesh retry {req.plan_id}.{req.task_id}`",
             )
         if s.gateway_give_up_after_s and time.time() - req.at > s.gateway_give_up_after_s:
             return await self._fail(
                 req,
-                "unreachable",
+                FailReason.UNREACHABLE,
                 f"no answer from the API in {s.gateway_give_up_after_s:.0f}s (gateway_give_up_after_s), "
                 f"after {tries - 1} tries",
             )
@@ -310,7 +312,7 @@ class Gateway(Agent):
                 delay = after if after is not None else self._backoff(req, tries)
                 return Wait(min(delay, s.gateway_backoff_max_s), f"the API answered {detail}")
             hint = " (check the API key)" if status in (401, 403) else ""
-            return await self._fail(req, "refused", f"the API refused the request: {detail}{hint}")
+            return await self._fail(req, FailReason.REFUSED, f"the API refused the request: {detail}{hint}")
         except anthropic.APIConnectionError as exc:
             what = "timed out" if isinstance(exc, anthropic.APITimeoutError) else "is unreachable"
             return Wait(self._backoff(req, tries), f"the API {what}: {exc}")
@@ -329,7 +331,7 @@ class Gateway(Agent):
             answer = read_answer(resp.content, req.followups_allowed)
         except AnswerError as exc:
             return await self._fail(
-                req, "error", f"Claude's answer cannot be used: {exc}", tokens_in, tokens_out, cost
+                req, FailReason.ERROR, f"Claude's answer cannot be used: {exc}", tokens_in, tokens_out, cost
             )
         keep = not req.task.sensitive
         event = EscalationAnswered(
@@ -368,7 +370,7 @@ class Gateway(Agent):
     async def _fail(
         self,
         req: EscalationRequest,
-        reason: str,
+        reason: FailReason,
         error: str,
         tokens_in: int = 0,
         tokens_out: int = 0,
@@ -406,8 +408,9 @@ class Gateway(Agent):
             done = decode(entry.value or b"")
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
-        if isinstance(done, EscalationAnswered | EscalationFailed) and done.rid == req.rid:
-            return done
+        match done:
+            case EscalationAnswered() | EscalationFailed() if done.rid == req.rid:
+                return done
         return None
 
     async def _over(
@@ -439,7 +442,7 @@ class Gateway(Agent):
                 message=f"{req.plan_id}.{req.task_id} not escalated: {message}",
             )
         )
-        return await self._fail(req, "budget", message)
+        return await self._fail(req, FailReason.BUDGET, message)
 
     async def check_budget_alerts(self) -> None:
         """Resolve each budget alert whose condition is over: its day ended, its plan ended, or

@@ -50,13 +50,16 @@ from mesh.host.alertsinks import Sinks
 from mesh.host.health import probe_http, restart
 from mesh.host.telemetry import GpuSource, host_token, open_source, sample_host
 from mesh.names import HEADER_TYPE
-from mesh.records import UNREADABLE, decode_agent, decode_plan, decode_task
+from mesh.records import READY, UNREADABLE, WAITING, decode_agent, decode_plan, decode_task
 from mesh.samples import GpuSample, HostSample, encode_sample
 from mesh.settings import Settings
+from mesh.status import FailReason
 
 log = logging.getLogger("mesh.watchdog")
 
 HOST_ONLY = "no NVIDIA GPU readable through NVML on this host: watching the host only"
+# failures not of the task's own doing (a dependency failed, it was cancelled): not counted
+NEVER_RAN = (FailReason.DEPENDENCY, FailReason.CANCELLED)
 
 
 class Watchdog(Agent):
@@ -124,14 +127,14 @@ class Watchdog(Agent):
             if not key.startswith(f"{self.tel_host}-gpu"):
                 continue
             with contextlib.suppress(ValueError):
-                control = decode(value)
-                if isinstance(control, GpuControl):
-                    self.thermal_paused[key.rsplit(".", 1)[0]] = control.paused
+                match decode(value):
+                    case GpuControl() as control:
+                        self.thermal_paused[key.rsplit(".", 1)[0]] = control.paused
 
     async def _on_stopped(self, raw: NatsMsg) -> None:
-        msg, _ = decode_checked(raw, self.names)
-        if isinstance(msg, AgentStopped):
-            self._stopped.append((msg.agent_id, msg.at))
+        match decode_checked(raw, self.names)[0]:
+            case AgentStopped() as msg:
+                self._stopped.append((msg.agent_id, msg.at))
 
     async def run(self) -> None:
         interval = self.settings.watchdog_interval_s
@@ -269,9 +272,9 @@ class Watchdog(Agent):
         self.spawn(self.sinks.deliver(ev), f"alert-{ev.rule}")
 
     async def _on_failure(self, raw: NatsMsg) -> None:
-        msg, _ = decode_checked(raw, self.names)
-        if isinstance(msg, TaskFailed | TaskRetrying) and msg.reason not in ("dependency", "cancelled"):
-            self._failures_seen.append((f"{msg.plan_id}.{msg.task_id}", msg.at))
+        match decode_checked(raw, self.names)[0]:
+            case TaskFailed() | TaskRetrying() as msg if msg.reason not in NEVER_RAN:
+                self._failures_seen.append((f"{msg.plan_id}.{msg.task_id}", msg.at))
 
     async def watch_mesh(self, gpus: list[GpuSample], now: float) -> list[Change]:
         """The rules over the mesh's state, read at most every `agent_refresh_s`: GPU memory held
@@ -285,14 +288,9 @@ class Watchdog(Agent):
             idle: set[str] = set()
             for value in states.values():
                 with contextlib.suppress(ValueError):
-                    st = decode(value)
-                    if (
-                        isinstance(st, GpuState)
-                        and st.state == "idle"
-                        and not st.llm
-                        and not st.script_models
-                    ):
-                        idle.add(st.gpu)
+                    match decode(value):
+                        case GpuState(state="idle") as st if not st.llm and not st.script_models:
+                            idle.add(st.gpu)
             for g in gpus:
                 held = float(g.mem_used_mb or 0) if g.gpu_id in idle else 0.0
                 changes += self.engine.mesh({"idle_gpu_mem_mb": held}, g.gpu_id, self.tel_host, now)
@@ -311,7 +309,7 @@ class Watchdog(Agent):
                 self._unreadable(self.names.plans_bucket, key, exc)
                 continue
             if not plan.final:
-                depth += plan.counts.get("waiting", 0) + plan.counts.get("ready", 0)
+                depth += plan.counts.get(WAITING, 0) + plan.counts.get(READY, 0)
         changes = self.engine.mesh({"queue_depth": float(depth)}, "queue", self.tel_host, now)
         seen, self._failures_seen = self._failures_seen, []
         if seen:

@@ -17,6 +17,8 @@ from typing import Literal
 
 import msgspec
 
+from mesh.status import FailReason, PlanStatus
+
 
 class Struct(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
     """Base for plain data carried inside messages and records."""
@@ -196,7 +198,7 @@ class RunFinished(Msg, frozen=True, tag="run.finished"):
     dead_letter: bool = False
     # 'definition' when the task can never run as defined (no retry helps), e.g. a prompt
     # longer than the model's context window
-    reason: str = ""
+    reason: FailReason = FailReason.NONE
     # what a model task produced (also a shell task's stdout tail); too big for an event,
     # or the task is sensitive: only in the object store, under `output_object`
     output: str = ""
@@ -294,7 +296,7 @@ class LocalAttempt(Struct, frozen=True):
     worker: str = ""
     error: str = ""
     rc: int | None = None
-    reason: str = ""
+    reason: FailReason = FailReason.NONE
     output: str = ""
 
 
@@ -371,7 +373,7 @@ class EscalationFailed(Msg, frozen=True, tag="esc.failed"):
     task_id: str
     attempt: int
     at: float
-    reason: str
+    reason: FailReason
     error: str = ""
     tokens_in: int = 0
     tokens_out: int = 0
@@ -414,7 +416,7 @@ class PlanRejected(Msg, frozen=True, tag="plan.rejected"):
 
 class PlanFinished(Msg, frozen=True, tag="plan.finished"):
     plan_id: str
-    status: str
+    status: PlanStatus
     at: float
     counts: dict[str, int] = msgspec.field(default_factory=dict)
 
@@ -472,7 +474,7 @@ class TaskRetrying(Msg, frozen=True, tag="task.retrying"):
     attempt: int
     at: float
     retry_at: float
-    reason: str = "error"
+    reason: FailReason = FailReason.ERROR
     error: str = ""
     rc: int | None = None
     worker: str = ""
@@ -484,7 +486,7 @@ class TaskFailed(Msg, frozen=True, tag="task.failed"):
     task_id: str
     attempt: int
     at: float
-    reason: str = "error"
+    reason: FailReason = FailReason.ERROR
     error: str = ""
     rc: int | None = None
     worker: str = ""

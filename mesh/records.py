@@ -10,28 +10,26 @@ from __future__ import annotations
 import msgspec
 
 from mesh.events import EscalationPolicy, LocalAttempt, TaskSpec
+from mesh.status import FailReason, PlanStatus, TaskStatus
 
-# Task states. `waiting` sits between `pending` and `ready`: every dependency
-# succeeded (or a retry's backoff is running) but the brain has not yet put the
-# task on the work queue, which it keeps short so that priorities mean something.
-PENDING = "pending"
-WAITING = "waiting"
-READY = "ready"
-RUNNING = "running"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELLED = "cancelled"
-# handed to the gateway: waiting on Claude's answer, or on the follow-up tasks it proposed
-ESCALATING = "escalating"
+# Task states (`mesh.status.TaskStatus`), by their short names.
+PENDING = TaskStatus.PENDING
+WAITING = TaskStatus.WAITING
+READY = TaskStatus.READY
+RUNNING = TaskStatus.RUNNING
+SUCCEEDED = TaskStatus.SUCCEEDED
+FAILED = TaskStatus.FAILED
+CANCELLED = TaskStatus.CANCELLED
+ESCALATING = TaskStatus.ESCALATING
 
-TASK_STATES = (PENDING, WAITING, READY, RUNNING, ESCALATING, SUCCEEDED, FAILED, CANCELLED)
+TASK_STATES = tuple(TaskStatus)
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 INFLIGHT_STATES = frozenset({READY, RUNNING})
 
-# Plan states.
-PLAN_RUNNING = "running"
-PLAN_REJECTED = "rejected"
-PLAN_FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED, PLAN_REJECTED})
+# Plan states (`mesh.status.PlanStatus`).
+PLAN_RUNNING = PlanStatus.RUNNING
+PLAN_REJECTED = PlanStatus.REJECTED
+PLAN_FINAL_STATES = frozenset({PlanStatus.SUCCEEDED, PlanStatus.FAILED, PlanStatus.CANCELLED, PLAN_REJECTED})
 
 
 class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
@@ -40,7 +38,7 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     spec: TaskSpec
     # position in its plan (file order, foreach expansions in item order)
     index: int = 0
-    status: str = PENDING
+    status: TaskStatus = PENDING
     attempt: int = 0
     # attempts before the last operator retry: the retry budget counts from here
     base_attempt: int = 0
@@ -53,7 +51,7 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     finished_at: float = 0.0
     duration_s: float = 0.0
     rc: int | None = None
-    reason: str = ""
+    reason: FailReason = FailReason.NONE
     error: str = ""
     updated_at: float = 0.0
     # escalation: the request out (its rid, and why), the follow-up tasks Claude proposed, and
@@ -83,7 +81,7 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
 class PlanRecord(msgspec.Struct, kw_only=True):
     plan_id: str
     title: str
-    status: str = PLAN_RUNNING
+    status: PlanStatus = PLAN_RUNNING
     source: str = ""
     workdir: str = ""
     by: str = ""

@@ -18,6 +18,7 @@ from typing import Protocol, TypeVar
 from mesh import placement as gs
 from mesh.events import MODEL_BODY_KINDS, GpuControl, ResourceItem, RunFinished, RunStarted, WorkItem
 from mesh.records import INFLIGHT_STATES, RUNNING, TaskRecord
+from mesh.status import FailReason
 
 V = TypeVar("V")
 
@@ -412,7 +413,7 @@ def run_finished(
         stderr_tail="" if sensitive else result.stderr_tail,
         stdout_bytes=result.stdout_bytes,
         stderr_bytes=result.stderr_bytes,
-        reason="definition" if result.definition_error else "",
+        reason=FailReason.DEFINITION if result.definition_error else FailReason.NONE,
         output=output,
         output_object=output_object,
         prompt="" if sensitive else result.prompt[:prompt_limit],

@@ -22,7 +22,7 @@ from mesh.bus.read import read_bucket, read_stream
 from mesh.bus.route import decode_checked
 from mesh.errors import MeshError
 from mesh.machine import State, evolve
-from mesh.records import UNREADABLE, PlanRecord, TaskRecord, decode_plan, decode_task
+from mesh.records import ESCALATING, UNREADABLE, PlanRecord, TaskRecord, decode_plan, decode_task
 
 
 @dataclass
@@ -194,8 +194,9 @@ async def verify(
 async def dead_letters(bus: Bus, since: float | None = None) -> list[events.DeadLetter]:
     out = []
     async for entry in read_history(bus, bus.names.dead_all, since=since):
-        if isinstance(entry.msg, events.DeadLetter):
-            out.append(entry.msg)
+        match entry.msg:
+            case events.DeadLetter() as dead:
+                out.append(dead)
     return out
 
 
@@ -214,11 +215,16 @@ async def escalation_costs(
     sums: dict[str, list[float]] = {}
     async for entry in read_history(bus, subjects, since=since):
         msg = entry.msg
-        if not isinstance(msg, events.EscalationAnswered | events.EscalationFailed):
-            continue
+        match msg:
+            case events.EscalationAnswered():
+                column = 0
+            case events.EscalationFailed():
+                column = 1
+            case _:
+                continue
         key = msg.plan_id if by == "plan" else time.strftime("%Y-%m-%d", time.gmtime(msg.at))
         row = sums.setdefault(key, [0, 0, 0, 0, 0.0])
-        row[0 if isinstance(msg, events.EscalationAnswered) else 1] += 1
+        row[column] += 1
         row[2] += msg.tokens_in
         row[3] += msg.tokens_out
         row[4] += msg.cost_usd
@@ -230,7 +236,7 @@ async def escalation_waits(bus: Bus, tasks: list[TaskRecord]) -> dict[str, str]:
     names = bus.names
     notes: dict[str, str] = {}
     for rec in tasks:
-        if rec.status != "escalating" or rec.followups:
+        if rec.status != ESCALATING or rec.followups:
             continue
         subject = names.esc_event(rec.plan_id, rec.task_id, "waiting")
         try:
@@ -238,7 +244,10 @@ async def escalation_waits(bus: Bus, tasks: list[TaskRecord]) -> dict[str, str]:
             msg = events.decode(raw.data or b"")
         except (nats.js.errors.NotFoundError, msgspec.DecodeError, msgspec.ValidationError):
             continue
-        if isinstance(msg, events.EscalationWaiting) and msg.rid == rec.rid:
-            again = time.strftime("%H:%M:%S", time.localtime(msg.retry_at))
-            notes[rec.task_id] = f"waiting on escalation (try {msg.tries}, again at {again}): {msg.reason}"
+        match msg:
+            case events.EscalationWaiting() if msg.rid == rec.rid:
+                again = time.strftime("%H:%M:%S", time.localtime(msg.retry_at))
+                notes[rec.task_id] = (
+                    f"waiting on escalation (try {msg.tries}, again at {again}): {msg.reason}"
+                )
     return notes

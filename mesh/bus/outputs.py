@@ -57,16 +57,18 @@ async def task_output(bus: Bus, plan_id: str, task_id: str) -> Output:
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
         seq = raw.seq or 0
-        if isinstance(ev, RunFinished | EscalationAnswered) and (latest is None or seq > latest[0]):
-            latest = (seq, ev)
+        match ev:
+            case RunFinished() | EscalationAnswered() if latest is None or seq > latest[0]:
+                latest = (seq, ev)
     if latest is None:
         raise OutputError(f"task {task_id!r} has no completion event ({subjects[0]})")
-    ev = latest[1]
-    if isinstance(ev, EscalationAnswered):
-        return Output(ev.result)
-    if not ev.ok:
-        raise OutputError(f"task {task_id!r}: its last completion event is not a success")
-    if ev.output_object:
-        obj = await (await bus.objects()).get(ev.output_object)
-        return Output((obj.data or b"").decode("utf-8", errors="replace"), ev.sensitive)
-    return Output(ev.output or ev.stdout_tail, ev.sensitive)
+    match latest[1]:
+        case EscalationAnswered() as answered:
+            return Output(answered.result)
+        case RunFinished() as run:
+            if not run.ok:
+                raise OutputError(f"task {task_id!r}: its last completion event is not a success")
+            if run.output_object:
+                obj = await (await bus.objects()).get(run.output_object)
+                return Output((obj.data or b"").decode("utf-8", errors="replace"), run.sensitive)
+            return Output(run.output or run.stdout_tail, run.sensitive)

@@ -17,6 +17,7 @@ import nats
 from mesh import events
 from mesh.events import Msg
 from mesh.names import Names
+from mesh.status import FailReason
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,9 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
     task_id = getattr(ev, "task_id", "")
     attempt = getattr(ev, "attempt", 0)
     at = getattr(ev, "at", 0.0)
-    repeatable = tag in _REPEATABLE or (tag == "task.failed" and getattr(ev, "reason", "") == "dependency")
+    repeatable = tag in _REPEATABLE or (
+        tag == "task.failed" and getattr(ev, "reason", "") == FailReason.DEPENDENCY
+    )
     moment = f":{at!r}" if repeatable else ""
     if tag == "task.redelivered":
         delivery = getattr(ev, "delivery", 0)

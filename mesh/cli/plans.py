@@ -28,6 +28,7 @@ from mesh.cli.common import (
     settings,
 )
 from mesh.records import Damaged
+from mesh.status import PlanStatus, TaskStatus
 
 DAMAGED_HINT = (
     "{n} record(s) cannot be read (damaged). The brain sets each aside as a dead letter "
@@ -98,7 +99,10 @@ async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None 
                     progress.console.print(render.event_line(subject, msg))
                 case events.TaskStarted() if not interactive:
                     progress.console.print(render.event_line(subject, msg))
-            counts = {k: list(final.values()).count(k) for k in ("succeeded", "failed", "cancelled")}
+            counts = {
+                k: list(final.values()).count(k)
+                for k in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+            }
             progress.update(
                 bar,
                 completed=len(final),
@@ -108,16 +112,16 @@ async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None 
                 case events.PlanFinished():
                     status = msg.status
                 case events.PlanRejected():
-                    status = "rejected"
+                    status = PlanStatus.REJECTED
                     err.print(f"[red]plan rejected:[/red] {msg.error}")
     records, damaged = await client.read_tasks(bus, plan_id)
     plan = await client.read_plan(bus, plan_id)
-    if plan is not None and (damaged or any(r.status != "succeeded" for r in records)):
-        unfinished = [r for r in records if r.status != "succeeded"]
+    if plan is not None and (damaged or any(r.status != TaskStatus.SUCCEEDED for r in records)):
+        unfinished = [r for r in records if r.status != TaskStatus.SUCCEEDED]
         err.print(render.tasks_table(plan, unfinished, damaged=damaged))
     style = render.STYLE.get(status, "")
     err.print(f"plan {plan_id} [{style}]{status}[/{style}]" if style else f"plan {plan_id} {status}")
-    return 0 if status == "succeeded" else 1
+    return 0 if status == PlanStatus.SUCCEEDED else 1
 
 
 def status(
@@ -149,7 +153,7 @@ async def _plans(bus: Bus, as_json: bool) -> None:
         out.print(render.plans_table(plans, damaged))
         if damaged:
             err.print(DAMAGED_HINT.format(n=len(damaged)), highlight=False)
-        escalating = sum(p.counts.get("escalating", 0) for p in plans if not p.final)
+        escalating = sum(p.counts.get(TaskStatus.ESCALATING, 0) for p in plans if not p.final)
         if escalating:
             out.print(f"{escalating} task(s) waiting on escalation (`mesh status PLAN` says why)")
     else:

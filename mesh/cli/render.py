@@ -13,18 +13,19 @@ from rich.text import Text
 
 from mesh import events
 from mesh.records import Damaged, PlanRecord, TaskRecord
+from mesh.status import PlanStatus, TaskStatus
 
 STYLE = {
-    "succeeded": "green",
-    "failed": "red",
-    "cancelled": "yellow",
-    "rejected": "red",
-    "running": "cyan",
-    "ready": "blue",
-    "waiting": "magenta",
-    "pending": "dim",
+    TaskStatus.SUCCEEDED: "green",
+    TaskStatus.FAILED: "red",
+    TaskStatus.CANCELLED: "yellow",
+    PlanStatus.REJECTED: "red",
+    TaskStatus.RUNNING: "cyan",
+    TaskStatus.READY: "blue",
+    TaskStatus.WAITING: "magenta",
+    TaskStatus.PENDING: "dim",
     "retrying": "yellow",
-    "escalating": "bright_magenta",
+    TaskStatus.ESCALATING: "bright_magenta",
     "damaged": "bold red",
 }
 DAMAGED = "damaged"
@@ -121,8 +122,8 @@ def plans_table(plans: list[PlanRecord], damaged: Sequence[Damaged] = ()) -> Tab
             p.title,
             Text(p.status, style=STYLE.get(p.status, "")),
             f"{p.done}/{p.total}",
-            str(p.counts.get("failed", 0)),
-            str(p.counts.get("running", 0)),
+            str(p.counts.get(TaskStatus.FAILED, 0)),
+            str(p.counts.get(TaskStatus.RUNNING, 0)),
             clock(p.accepted_at),
             seconds(took),
         )
@@ -152,10 +153,10 @@ def tasks_table(
         )
     for t in tasks:
         detail = ""
-        if t.status in ("failed", "waiting") and (t.reason or t.error):
+        if t.status in (TaskStatus.FAILED, TaskStatus.WAITING) and (t.reason or t.error):
             last = t.error.strip().splitlines()[-1] if t.error.strip() else ""
             detail = f"{t.reason}: {last}"[:80]
-        if t.status == "escalating":
+        if t.status == TaskStatus.ESCALATING:
             detail = f"{len(t.followups)} follow-up tasks" if t.followups else f"asked Claude ({t.escalated})"
         if notes and t.task_id in notes:
             detail = notes[t.task_id][:100]

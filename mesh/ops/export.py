@@ -62,11 +62,12 @@ from mesh.events import (
 from mesh.names import check_token
 from mesh.ops.export_sinks import ChatMessage, Escalation, JsonlSink, Manifest, ParquetSink, Record, Sink
 from mesh.redact import Redactor
+from mesh.status import FailReason, TaskStatus
 
 log = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("chat", "raw")
-OUTCOMES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
+OUTCOMES: tuple[str, ...] = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
 # the worker's report of an attempt cancelled while it ran follows the cancel: it is waited
 # for this long (in stream time) before the record is written without it
 REPORT_GRACE_S = 60.0
@@ -359,7 +360,7 @@ class Exporter:
         a = self.open.pop(key, None)
         if a is None:
             never = isinstance(msg, TaskCancelled) or (
-                isinstance(msg, TaskFailed) and msg.reason == "dependency"
+                isinstance(msg, TaskFailed) and msg.reason == FailReason.DEPENDENCY
             )
             if never or msg.attempt < 1:
                 # cancelled before it ran (or again, in its backoff), or failed by a dependency
@@ -438,11 +439,11 @@ class Exporter:
         kind = spec.kind if spec is not None else ""
         match close:
             case TaskSucceeded():
-                outcome, reason = "succeeded", ""
+                outcome, reason = TaskStatus.SUCCEEDED, FailReason.NONE
             case TaskCancelled():
-                outcome, reason = "cancelled", "cancelled"
+                outcome, reason = TaskStatus.CANCELLED, FailReason.CANCELLED
             case _:
-                outcome, reason = "failed", close.reason
+                outcome, reason = TaskStatus.FAILED, close.reason
         if (self.opts.cls is not None and cls != self.opts.cls) or (
             self.opts.status is not None and outcome != self.opts.status
         ):

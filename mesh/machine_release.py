@@ -1,0 +1,52 @@
+"""The brain's state machine, release and placement: waiting tasks put on the work queue by class
+and priority within the release window, and models placed on the GPUs for the work waiting.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from mesh.events import TaskReleased
+from mesh.machine_escalation import Escalations
+from mesh.machine_step import escalation_why
+from mesh.placement import place
+from mesh.records import WAITING
+
+
+class Release(Escalations):
+    """Work out: tasks released (or escalated), models placed."""
+
+    def release(self) -> None:
+        state = self.state
+        while state.delayed and state.delayed[0][0] <= self.now:
+            _, _, key = heapq.heappop(state.delayed)
+            rec = state.tasks.get(key)
+            if rec is not None and rec.status == WAITING and rec.not_before <= self.now:
+                state._seq += 1
+                vtime = rec.waiting_since - rec.spec.priority * state.aging_s
+                heapq.heappush(state.queue.setdefault(rec.spec.cls, []), (vtime, state._seq, key))
+        for cls, heap in state.queue.items():
+            while heap and state.inflight.get(cls, 0) < self.policy.release_window:
+                _, _, key = heapq.heappop(heap)
+                rec = state.tasks.get(key)
+                if rec is None or rec.status != WAITING or rec.not_before > self.now:
+                    continue
+                why = escalation_why(rec.spec)
+                if why:
+                    self.escalate(rec, why)
+                    continue
+                self.emit(
+                    TaskReleased(
+                        plan_id=rec.plan_id, task_id=rec.task_id, attempt=rec.attempt + 1, at=self.now
+                    )
+                )
+
+    def place(self) -> None:
+        decision = place(self.state.gpus, self.state.demand, self.now, self.policy.placement)
+        self.step.events.extend(decision.events)
+        self.step.resources.extend(decision.items)
+        for model, need, largest in decision.unplaceable:
+            self.step.notes.append(
+                f"model {model} needs {need} MB of VRAM and the largest GPU known has {largest} MB: "
+                "its tasks wait until a GPU that can hold it joins (or lower vram_mb / use a smaller model)"
+            )

@@ -1,0 +1,441 @@
+"""The brain's state machine, its state: the task and plan records in memory with their indexes
+(queues, demand, dependents), and `evolve`, which folds one transition event into them.
+
+`evolve` is the only code that changes task and plan records, and it reads nothing but the
+event, so folding the event history with it (`mesh replay`) rebuilds exactly the records the
+live brain wrote to KV.
+"""
+
+from __future__ import annotations
+
+import heapq
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mesh.events import (
+    LocalAttempt,
+    Msg,
+    PlanAccepted,
+    PlanArchived,
+    PlanFinished,
+    PlanRejected,
+    PlanResumed,
+    PlanTasks,
+    TaskCancelled,
+    TaskEscalated,
+    TaskFailed,
+    TaskFollowups,
+    TaskRedelivered,
+    TaskReleased,
+    TaskReset,
+    TaskRetrying,
+    TaskReviewed,
+    TaskReviewing,
+    TaskSpec,
+    TaskStarted,
+    TaskSucceeded,
+    TaskWaiting,
+)
+from mesh.placement import SCRIPT, GpuView, llm_demand_key
+from mesh.records import (
+    CANCELLED,
+    ESCALATING,
+    FAILED,
+    INFLIGHT_STATES,
+    PENDING,
+    PLAN_REJECTED,
+    PLAN_RUNNING,
+    READY,
+    RUNNING,
+    SUCCEEDED,
+    WAITING,
+    PlanRecord,
+    TaskRecord,
+)
+from mesh.status import FailReason, TaskStatus
+
+# a task in these states is work waiting for a GPU (what placement counts)
+DEMAND_STATES = frozenset({WAITING, READY})
+# a task keeps this many of its last local attempts (what an escalation carries to Claude)
+KEEP_ATTEMPTS = 5
+
+
+@dataclass
+class State:
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    plans: dict[str, PlanRecord] = field(default_factory=dict)
+    dependents: dict[str, list[str]] = field(default_factory=dict)
+    # plan id -> its task keys, in plan order
+    plan_keys: dict[str, list[str]] = field(default_factory=dict)
+    # class -> heap of (virtual time, seq, task key); stale entries are skipped on pop
+    queue: dict[str, list[tuple[float, int, str]]] = field(default_factory=dict)
+    # heap of (not_before, seq, task key): retries waiting out their backoff
+    delayed: list[tuple[float, int, str]] = field(default_factory=list)
+    inflight: dict[str, int] = field(default_factory=dict)
+    # agents seen registered, and since when each seen one has been gone
+    agents_live: set[str] = field(default_factory=set)
+    offline_since: dict[str, float] = field(default_factory=dict)
+    dirty_tasks: set[str] = field(default_factory=set)
+    dirty_plans: set[str] = field(default_factory=set)
+    removed_tasks: set[str] = field(default_factory=set)
+    removed_plans: set[str] = field(default_factory=set)
+    aging_s: float = 60.0
+    # GPUs as their workers report them, and the model work waiting (waiting or ready tasks)
+    # by demand key ('llm:<model>', 'script')
+    gpus: dict[str, GpuView] = field(default_factory=dict)
+    demand: dict[str, int] = field(default_factory=dict)
+    _seq: int = 0
+
+    def _count_demand(self, rec: TaskRecord, delta: int) -> None:
+        if rec.review:
+            # a review in flight is llm work on the review model, whatever the task's own class
+            self.demand[llm_demand_key(rec.review_model)] = (
+                self.demand.get(llm_demand_key(rec.review_model), 0) + delta
+            )
+            return
+        if rec.spec.requires_external:
+            return  # Claude does it: no GPU needs its model
+        cls = rec.spec.cls
+        if cls == "llm":
+            key = llm_demand_key(rec.spec.model)
+        elif cls == SCRIPT:
+            key = SCRIPT
+        else:
+            return
+        self.demand[key] = self.demand.get(key, 0) + delta
+
+    # ---------------------------------------------------------- indexes
+    def _push(self, rec: TaskRecord) -> None:
+        self._seq += 1
+        if rec.not_before > 0:
+            heapq.heappush(self.delayed, (rec.not_before, self._seq, rec.key))
+            return
+        vtime = rec.waiting_since - rec.spec.priority * self.aging_s
+        heapq.heappush(self.queue.setdefault(rec.spec.cls, []), (vtime, self._seq, rec.key))
+
+    def _index(self, rec: TaskRecord) -> None:
+        key = rec.key
+        self.plan_keys.setdefault(rec.plan_id, []).append(key)
+        for dep in rec.spec.depends_on:
+            self.dependents.setdefault(f"{rec.plan_id}.{dep}", []).append(key)
+        for followup in rec.followups:
+            # an escalated task waits on the follow-up tasks Claude proposed
+            self.dependents.setdefault(f"{rec.plan_id}.{followup}", []).append(key)
+        if rec.status in DEMAND_STATES:
+            self._count_demand(rec, 1)
+        if rec.status == WAITING:
+            self._push(rec)
+        elif rec.status in INFLIGHT_STATES:
+            self.inflight[rec.spec.cls] = self.inflight.get(rec.spec.cls, 0) + 1
+
+    @classmethod
+    def load(cls, tasks: list[TaskRecord], plans: list[PlanRecord], aging_s: float = 60.0) -> State:
+        """Rebuild a state (and its indexes) from records read back from KV."""
+        state = cls(aging_s=aging_s)
+        for plan in plans:
+            state.plans[plan.plan_id] = plan
+        ordered = sorted(tasks, key=lambda r: (r.plan_id, r.index))
+        for rec in ordered:
+            # a hundred thousand records repeat a few strings: keep one copy of each (a status
+            # and a reason decode as their enum members, one copy already)
+            rec.plan_id = sys.intern(rec.plan_id)
+            rec.worker = sys.intern(rec.worker)
+            state.tasks[rec.key] = rec
+        for rec in ordered:
+            state._index(rec)
+        return state
+
+    def forget_plan(self, plan_id: str) -> None:
+        """Drop a plan and its tasks from memory (not from KV), indexes included, so that
+        folding its history from its acceptance on builds it again whole. (Stale entries of
+        its tasks in the queues are skipped when popped, as any stale entry is.)"""
+        for key in self.plan_keys.pop(plan_id, ()):
+            rec = self.tasks.pop(key, None)
+            self.dependents.pop(key, None)
+            self.dirty_tasks.discard(key)
+            if rec is None:
+                continue
+            if rec.status in DEMAND_STATES:
+                self._count_demand(rec, -1)
+            if rec.status in INFLIGHT_STATES:
+                self.inflight[rec.spec.cls] = self.inflight.get(rec.spec.cls, 0) - 1
+        self.plans.pop(plan_id, None)
+        self.dirty_plans.discard(plan_id)
+
+    def plan_tasks(self, plan_id: str) -> list[TaskRecord]:
+        return [self.tasks[k] for k in self.plan_keys.get(plan_id, ())]
+
+    def take_dirty(self) -> tuple[list[TaskRecord], list[PlanRecord]]:
+        tasks = [self.tasks[k] for k in sorted(self.dirty_tasks) if k in self.tasks]
+        plans = [self.plans[k] for k in sorted(self.dirty_plans) if k in self.plans]
+        self.dirty_tasks.clear()
+        self.dirty_plans.clear()
+        return tasks, plans
+
+    def take_removed(self) -> tuple[list[str], list[str]]:
+        tasks, plans = sorted(self.removed_tasks), sorted(self.removed_plans)
+        self.removed_tasks.clear()
+        self.removed_plans.clear()
+        return tasks, plans
+
+
+# ------------------------------------------------------------------ evolve
+
+
+def _set_status(state: State, rec: TaskRecord, status: TaskStatus, at: float) -> None:
+    old = rec.status
+    if old == status:
+        # the record still changed (a redelivery keeps it running): it must be written
+        rec.updated_at = at
+        state.dirty_tasks.add(rec.key)
+        return
+    plan = state.plans.get(rec.plan_id)
+    if plan is not None:
+        plan.counts[old] = plan.counts.get(old, 0) - 1
+        if plan.counts[old] <= 0:
+            del plan.counts[old]
+        plan.counts[status] = plan.counts.get(status, 0) + 1
+        plan.updated_at = at
+        state.dirty_plans.add(plan.plan_id)
+    cls = rec.spec.cls
+    if (old in DEMAND_STATES) != (status in DEMAND_STATES):
+        state._count_demand(rec, 1 if status in DEMAND_STATES else -1)
+    if old in INFLIGHT_STATES and status not in INFLIGHT_STATES:
+        state.inflight[cls] = state.inflight.get(cls, 0) - 1
+    elif status in INFLIGHT_STATES and old not in INFLIGHT_STATES:
+        state.inflight[cls] = state.inflight.get(cls, 0) + 1
+    rec.status = status
+    rec.updated_at = at
+    state.dirty_tasks.add(rec.key)
+
+
+def _accept(state: State, ev: PlanAccepted) -> None:
+    plan = ev.plan
+    record = PlanRecord(
+        plan_id=ev.plan_id,
+        title=plan.title,
+        source=plan.source,
+        workdir=plan.workdir,
+        by=ev.by,
+        submitted_at=ev.submitted_at,
+        accepted_at=ev.at,
+        total=len(plan.tasks) if ev.total < 0 else ev.total,
+        counts={},
+        env=dict(plan.env),
+        updated_at=ev.at,
+        escalation=plan.escalation,
+    )
+    state.plans[ev.plan_id] = record
+    state.dirty_plans.add(ev.plan_id)
+    _add_tasks(state, record, plan.tasks, ev.at)
+
+
+def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: float) -> None:
+    if specs:
+        plan.counts[PENDING] = plan.counts.get(PENDING, 0) + len(specs)
+    for spec in specs:
+        index = len(state.plan_keys.get(plan.plan_id, ()))
+        rec = TaskRecord(plan_id=plan.plan_id, task_id=spec.id, spec=spec, index=index, updated_at=at)
+        if rec.key in state.tasks:
+            continue
+        state.tasks[rec.key] = rec
+        state.dirty_tasks.add(rec.key)
+        state._index(rec)
+
+
+def evolve(state: State, ev: Msg) -> None:
+    """Fold one transition event into the state. Events that change nothing are ignored."""
+    match ev:
+        case PlanAccepted():
+            if ev.plan_id not in state.plans:
+                _accept(state, ev)
+            return
+        case PlanArchived():
+            if ev.plan_id in state.plans:
+                for key in state.plan_keys.pop(ev.plan_id, ()):
+                    state.tasks.pop(key, None)
+                    state.dependents.pop(key, None)
+                    state.dirty_tasks.discard(key)
+                    state.removed_tasks.add(key)
+                del state.plans[ev.plan_id]
+                state.dirty_plans.discard(ev.plan_id)
+                state.removed_plans.add(ev.plan_id)
+            return
+        case PlanTasks():
+            plan = state.plans.get(ev.plan_id)
+            if plan is not None and not any(f"{ev.plan_id}.{t.id}" in state.tasks for t in ev.tasks[:1]):
+                _add_tasks(state, plan, ev.tasks, ev.at)
+                state.dirty_plans.add(ev.plan_id)
+            return
+        case PlanRejected():
+            if ev.plan_id not in state.plans:
+                state.plans[ev.plan_id] = PlanRecord(
+                    plan_id=ev.plan_id,
+                    title=ev.title,
+                    source=ev.source,
+                    status=PLAN_REJECTED,
+                    error=ev.error,
+                    accepted_at=ev.at,
+                    finished_at=ev.at,
+                    updated_at=ev.at,
+                )
+                state.dirty_plans.add(ev.plan_id)
+            return
+        case PlanFinished() | PlanResumed():
+            plan = state.plans.get(ev.plan_id)
+            if plan is not None:
+                plan.status = ev.status if isinstance(ev, PlanFinished) else PLAN_RUNNING
+                plan.finished_at = ev.at if isinstance(ev, PlanFinished) else 0.0
+                plan.updated_at = ev.at
+                state.dirty_plans.add(ev.plan_id)
+            return
+    key = f"{getattr(ev, 'plan_id', '')}.{getattr(ev, 'task_id', '')}"
+    rec = state.tasks.get(key)
+    if rec is None:
+        return
+    match ev:
+        case TaskWaiting():
+            rec.waiting_since = ev.at
+            rec.not_before = 0.0
+            _set_status(state, rec, WAITING, ev.at)
+            state._push(rec)
+        case TaskReleased():
+            rec.attempt = ev.attempt
+            rec.released_at = ev.at
+            rec.worker = ""
+            _set_status(state, rec, READY, ev.at)
+        case TaskStarted():
+            rec.worker = ev.worker
+            rec.started_at = ev.at
+            rec.deliveries = 1
+            _set_status(state, rec, RUNNING, ev.at)
+        case TaskRedelivered():
+            rec.worker = ev.worker
+            rec.started_at = ev.at
+            rec.deliveries = ev.delivery
+            _set_status(state, rec, RUNNING, ev.at)
+        case TaskReset():
+            rec.base_attempt = ev.attempt
+            rec.rid = ""
+            rec.escalated = ""
+            rec.followups = ()
+            rec.attempts = ()
+            rec.review = ""
+            rec.review_model = ""
+            rec.review_of = None
+            rec.reviews = 0
+            rec.worker = ""
+            rec.reason = FailReason.NONE
+            rec.error = ""
+            rec.rc = None
+            rec.not_before = 0.0
+            rec.finished_at = 0.0
+            rec.duration_s = 0.0
+            rec.deliveries = 0
+            _set_status(state, rec, PENDING, ev.at)
+        case TaskSucceeded():
+            rec.worker = ev.worker
+            rec.finished_at = ev.at
+            rec.duration_s = ev.duration_s
+            rec.rc = ev.rc
+            rec.reason = FailReason.NONE
+            rec.error = ""
+            _set_status(state, rec, SUCCEEDED, ev.at)
+        case TaskEscalated():
+            if ev.after is not None:
+                rec.attempts = (*rec.attempts[-(KEEP_ATTEMPTS - 1) :], ev.after)
+                rec.reason = ev.after.reason
+                rec.error = ev.after.error
+                rec.rc = ev.after.rc
+            rec.attempt = ev.attempt
+            rec.rid = ev.rid
+            rec.escalated = ev.why
+            rec.worker = ""
+            rec.released_at = ev.at
+            rec.started_at = ev.at
+            rec.not_before = 0.0
+            _set_status(state, rec, ESCALATING, ev.at)
+        case TaskReviewing():
+            _rekey_demand(state, rec, lambda: _start_review(rec, ev))
+            _set_status(state, rec, READY, ev.at)
+        case TaskReviewed():
+            _rekey_demand(state, rec, lambda: _end_review(rec))
+            rec.updated_at = ev.at
+            state.dirty_tasks.add(rec.key)
+        case TaskFollowups():
+            plan = state.plans.get(ev.plan_id)
+            if plan is None or rec.followups or rec.status != ESCALATING:
+                return
+            plan.total += len(ev.tasks)
+            _add_tasks(state, plan, ev.tasks, ev.at)
+            rec.followups = tuple(t.id for t in ev.tasks)
+            for followup in rec.followups:
+                state.dependents.setdefault(f"{rec.plan_id}.{followup}", []).append(rec.key)
+            rec.updated_at = ev.at
+            state.dirty_tasks.add(rec.key)
+            state.dirty_plans.add(plan.plan_id)
+        case TaskRetrying():
+            _keep_attempt(rec, ev)
+            rec.rc = ev.rc
+            rec.reason = ev.reason
+            rec.error = ev.error
+            rec.worker = ev.worker
+            rec.duration_s = ev.duration_s
+            rec.not_before = ev.retry_at
+            rec.waiting_since = ev.retry_at
+            _set_status(state, rec, WAITING, ev.at)
+            state._push(rec)
+        case TaskFailed():
+            if ev.worker:
+                _keep_attempt(rec, ev)
+            rec.rc = ev.rc
+            rec.reason = ev.reason
+            rec.error = ev.error
+            if ev.worker:
+                rec.worker = ev.worker
+                rec.duration_s = ev.duration_s
+            rec.finished_at = ev.at
+            _set_status(state, rec, FAILED, ev.at)
+        case TaskCancelled():
+            rec.reason = FailReason.CANCELLED
+            rec.error = ev.reason
+            rec.finished_at = ev.at
+            _set_status(state, rec, CANCELLED, ev.at)
+
+
+def _rekey_demand(state: State, rec: TaskRecord, change: Callable[[], None]) -> None:
+    """Change what a record's demand is counted under (a review starting or ending) while it
+    may be counted."""
+    counted = rec.status in DEMAND_STATES
+    if counted:
+        state._count_demand(rec, -1)
+    change()
+    if counted:
+        state._count_demand(rec, 1)
+
+
+def _start_review(rec: TaskRecord, ev: TaskReviewing) -> None:
+    rec.attempt = ev.attempt
+    rec.review = ev.then
+    rec.review_model = ev.model
+    rec.review_of = ev.failed
+    rec.reviews += 1
+    rec.reason = ev.failed.reason
+    rec.error = ev.failed.error
+    rec.rc = ev.failed.rc
+    rec.duration_s = ev.duration_s
+    rec.worker = ""
+    rec.released_at = ev.at
+
+
+def _end_review(rec: TaskRecord) -> None:
+    rec.review = ""
+    rec.review_model = ""
+    rec.review_of = None
+
+
+def _keep_attempt(rec: TaskRecord, ev: TaskRetrying | TaskFailed) -> None:
+    """Remember a failed local attempt (the last few), for an escalation to carry."""
+    attempt = LocalAttempt(attempt=ev.attempt, worker=ev.worker, error=ev.error, rc=ev.rc, reason=ev.reason)
+    rec.attempts = (*rec.attempts[-(KEEP_ATTEMPTS - 1) :], attempt)

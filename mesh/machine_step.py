@@ -1,0 +1,166 @@
+"""The brain's state machine, one step: the inputs that are not wire messages, what an input
+decides (`Step`), the policy it decides by, and `Decision`, the base every decision builds on.
+
+`Decision.emit` is how a decided event takes effect: folded into the state at once with
+`evolve`, kept in the step, and, for an attempt released, turned into its work item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mesh import claims, review
+from mesh.events import (
+    EscalationRequest,
+    LocalAttempt,
+    Msg,
+    ResourceItem,
+    TaskReleased,
+    TaskReviewing,
+    TaskSpec,
+    WorkItem,
+)
+from mesh.machine_state import KEEP_ATTEMPTS, State, evolve
+from mesh.placement import PlacementPolicy
+from mesh.records import TaskRecord
+
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The brain's tunables (from Settings)."""
+
+    release_window: int = 256
+    retry_base_s: float = 2.0
+    retry_max_s: float = 300.0
+    aging_s: float = 60.0
+    # a running attempt whose worker has been offline this long is given up as lost
+    lost_after_s: float = 65.0
+    # a plan's tasks are accepted in events of about this many bytes at most
+    part_bytes: int = 256 * 1024
+    # a plan final for this long is archived: dropped from KV and memory (0: never)
+    archive_after_s: float = 7 * 86400.0
+    # model kind -> the model a task of that kind gets when it names none
+    default_models: dict[str, str] = field(default_factory=dict)
+    # local failures after which a task of a plan with automatic escalation is escalated
+    escalate_after: int = 2
+    # the llm model that reviews failed attempts of plans with `review: true` ('' : the default
+    # llm model)
+    review_model: str = ""
+    placement: PlacementPolicy = field(default_factory=PlacementPolicy)
+    # the secret that work items' claims are made with (`mesh.claims`; the brain's bucket)
+    claim_key: bytes = b""
+
+
+class Tick:
+    """A clock input: release what is due. Not a wire message."""
+
+
+class Reconcile:
+    """A start-up input: decide again what follows from the state alone (after a crash cut a
+    step short, a prefix of it may be in the history with the rest never decided). Not a
+    wire message."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A clock input with the agents registered now (from the agents bucket). Not a wire message."""
+
+    live: frozenset[str]
+
+
+@dataclass
+class Step:
+    """What one input decided."""
+
+    events: list[Msg] = field(default_factory=list)
+    work: list[WorkItem] = field(default_factory=list)
+    ignored: str = ""
+    # an input refused as forged or misdirected (a report without the attempt's claim, or from a
+    # worker that does not hold the attempt): the brain dead-letters it with this reason
+    refused: str = ""
+    # what is wrong with a submission `mesh.validate` refuses (it is also a `plan.rejected`):
+    # the brain records it as a dead letter too
+    invalid: str = ""
+    # model loads and unloads for one worker each (their `gpu.requested` events are in `events`)
+    resources: list[ResourceItem] = field(default_factory=list)
+    # requests for the gateway (published after the records, like work items)
+    escalations: list[EscalationRequest] = field(default_factory=list)
+    # things to tell the operator (e.g. a model no GPU can hold)
+    notes: list[str] = field(default_factory=list)
+
+
+def _reviewed_attempts(rec: TaskRecord) -> list[LocalAttempt]:
+    """The failed attempts a review reads: the last few before, and the one it reviews."""
+    latest = [rec.review_of] if rec.review_of is not None else []
+    return [*rec.attempts[-(KEEP_ATTEMPTS - len(latest)) :], *latest]
+
+
+def escalation_why(spec: TaskSpec) -> str:
+    """Why a task goes to Claude rather than to a worker ('' : it runs locally)."""
+    if spec.cls == "external":
+        return "external"
+    if spec.requires_external:
+        return "requires_external"
+    return ""
+
+
+def work_item(state: State, rec: TaskRecord, claim_key: bytes) -> WorkItem:
+    """The work item of a task's current attempt (a review's, while one is in flight), with the
+    claim its worker proves the attempt with."""
+    plan = state.plans.get(rec.plan_id)
+    claim = claims.claim_of(claim_key, rec.plan_id, rec.task_id, rec.attempt)
+    if rec.review:
+        return WorkItem(
+            plan_id=rec.plan_id,
+            task_id=rec.task_id,
+            attempt=rec.attempt,
+            cls="llm",
+            kind="prompt",
+            body=review.prompt(rec.spec, _reviewed_attempts(rec)),
+            timeout_s=min(rec.spec.timeout_s, review.TIMEOUT_S),
+            workdir=plan.workdir if plan else "",
+            model=rec.review_model,
+            max_tokens=review.MAX_TOKENS,
+            grammar=review.GRAMMAR,
+            claim=claim,
+        )
+    return WorkItem(
+        plan_id=rec.plan_id,
+        task_id=rec.task_id,
+        attempt=rec.attempt,
+        cls=rec.spec.cls,
+        kind=rec.spec.kind,
+        body=rec.spec.body,
+        timeout_s=rec.spec.timeout_s,
+        env=rec.spec.env,
+        workdir=plan.workdir if plan else "",
+        sensitive=rec.spec.sensitive,
+        model=rec.spec.model,
+        inputs=rec.spec.inputs,
+        max_tokens=rec.spec.max_tokens,
+        claim=claim,
+    )
+
+
+class Decision:
+    """The base of the decisions: the input's state, time and policy, and the step so far."""
+
+    def __init__(self, state: State, now: float, policy: Policy) -> None:
+        self.state = state
+        self.now = now
+        self.policy = policy
+        self.step = Step()
+        self.touched_plans: set[str] = set()
+
+    def emit(self, ev: Msg) -> None:
+        evolve(self.state, ev)
+        self.step.events.append(ev)
+        plan_id = getattr(ev, "plan_id", None)
+        if isinstance(plan_id, str):
+            self.touched_plans.add(plan_id)
+        match ev:
+            case TaskReleased() | TaskReviewing():
+                rec = self.state.tasks[f"{ev.plan_id}.{ev.task_id}"]
+                self.step.work.append(work_item(self.state, rec, self.policy.claim_key))
