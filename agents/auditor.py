@@ -29,7 +29,7 @@ FETCH_BATCH = 500
 
 def problem(raw: NatsMsg, names: Names) -> str:
     """Why a message on an audited subject is wrong ('' when it is fine): unreadable, or not
-    the message mesh would publish on that subject (`mesh.bus.misplaced`)."""
+    the message mesh would publish on that subject (`mesh.bus.route.misplaced`)."""
     return decode_checked(raw, names)[1]
 
 

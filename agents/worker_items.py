@@ -32,10 +32,11 @@ from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.outputs import OutputError, task_output
 from mesh.bus.route import decode_checked
 from mesh.events import MODEL_BODY_KINDS, ResourceItem, RunFinished, RunStarted, WorkItem, type_of
-from mesh.host.executors import EXECUTORS, RunContext, RunResult
+from mesh.host.executors import EXECUTORS, RunContext
 from mesh.host.reaper import Reaper
 from mesh.models import ModelError
 from mesh.records import UNREADABLE, decode_task
+from mesh.work import RunResult
 
 log = logging.getLogger("mesh.worker")
 

@@ -11,9 +11,9 @@ run is reported by a `run.started` and a `run.finished` built here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from mesh import placement as gs
 from mesh.events import MODEL_BODY_KINDS, GpuControl, ResourceItem, RunFinished, RunStarted, WorkItem
@@ -314,37 +314,27 @@ def dead_letter_why(delivery: int, max_deliveries: int) -> str:
 # reports -----------------------------------------------------------------------------------
 
 
-class Outcome(Protocol):
-    """What an executor says of one run (`mesh.host.executors.RunResult`)."""
+@dataclass
+class RunResult:
+    """What an executor says of one run: the worker's report is built from it."""
 
-    @property
-    def ok(self) -> bool: ...
-    @property
-    def duration_s(self) -> float: ...
-    @property
-    def rc(self) -> int | None: ...
-    @property
-    def timed_out(self) -> bool: ...
-    @property
-    def cancelled(self) -> bool: ...
-    @property
-    def error(self) -> str: ...
-    @property
-    def stdout_tail(self) -> str: ...
-    @property
-    def stderr_tail(self) -> str: ...
-    @property
-    def stdout_bytes(self) -> int: ...
-    @property
-    def stderr_bytes(self) -> int: ...
-    @property
-    def definition_error(self) -> bool: ...
-    @property
-    def prompt(self) -> str: ...
-    @property
-    def metrics(self) -> dict[str, float]: ...
-    @property
-    def artifacts(self) -> Sequence[str]: ...
+    ok: bool
+    duration_s: float
+    rc: int | None = None
+    timed_out: bool = False
+    cancelled: bool = False
+    error: str = ""
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    # the task can never run as defined: the brain fails it without retrying
+    definition_error: bool = False
+    # what the task produced (the response, the transcript, a summary of the vectors)
+    output: str = ""
+    prompt: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)
 
 
 def start_report_after(delivery: int, after_s: float) -> float:
@@ -384,7 +374,7 @@ def output_cut(text: str, sensitive: bool, limit: int) -> str:
 
 def run_finished(
     item: WorkItem,
-    result: Outcome,
+    result: RunResult,
     *,
     worker: str,
     at: float,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from mesh import placement as gs
 from mesh import work
 from mesh.events import GpuControl, ResourceItem, RunFinished, RunStarted, TaskSpec, WorkItem
-from mesh.host.executors import RunResult
 from mesh.records import CANCELLED, FAILED, PENDING, READY, RUNNING, SUCCEEDED, TaskRecord
+from mesh.work import RunResult
 
 ITEM = WorkItem(plan_id="p", task_id="t", attempt=2, claim="c" * 32)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from mesh.events import WorkItem
 from mesh.untrusted import neutralise_data
+from mesh.work import RunResult
 
 
 @dataclass
@@ -45,27 +46,6 @@ class RunContext:
     artifacts_dir: str = ""
     # set (from the model's thread) when a prompt's first token is sampled
     first_token: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
-class RunResult:
-    ok: bool
-    duration_s: float
-    rc: int | None = None
-    timed_out: bool = False
-    cancelled: bool = False
-    error: str = ""
-    stdout_tail: str = ""
-    stderr_tail: str = ""
-    stdout_bytes: int = 0
-    stderr_bytes: int = 0
-    # the task can never run as defined: the brain fails it without retrying
-    definition_error: bool = False
-    # what the task produced (the response, the transcript, a summary of the vectors)
-    output: str = ""
-    prompt: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-    artifacts: list[str] = field(default_factory=list)
 
 
 class Tail:
