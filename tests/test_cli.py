@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -428,3 +429,18 @@ def test_every_command_has_help_that_renders() -> None:
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0, f"mesh {' '.join(path)} --help: {result.output}{result.exception!r}"
         assert "Usage:" in result.output, f"mesh {' '.join(path)} --help printed no usage"
+
+
+def test_no_help_text_is_eaten_as_markup() -> None:
+    """rich takes `[...]` in a help text for a style: `[default: cpu]` vanishes from `--help`, and a
+    `[/etc/mesh]` crashes it. Defaults are written in parentheses."""
+    found = []
+    for path in _command_paths(typer.main.get_command(app)):
+        command: Any = typer.main.get_command(app)
+        for name in path:
+            command = command.commands[name]
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        found += [
+            f"mesh {' '.join(path)}: {text!r}" for text in texts if re.search(r"(?<!\\)\[[^\]]*\]", text)
+        ]
+    assert not found, found

@@ -62,7 +62,9 @@ def agent_watchdog(
 
 @agent_app.command("exporter")
 def agent_exporter(
-    port: Annotated[int | None, typer.Option("--port", help="serve /metrics on this port [9464]")] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", help="serve /metrics on this port (default 9464)")
+    ] = None,
     log_level: Annotated[str | None, typer.Option("--log-level")] = None,
 ) -> None:
     """The Prometheus exporter: GPU telemetry and states, queues, task durations, alerts on /metrics."""
@@ -91,7 +93,7 @@ def agent_worker(
     classes: Annotated[
         str | None,
         typer.Option(
-            "--classes", help="comma list of task classes to take [default: cpu; script,llm with --gpu N]"
+            "--classes", help="comma list of task classes to take (default: cpu; script,llm with --gpu N)"
         ),
     ] = None,
     gpu: Annotated[

@@ -72,7 +72,7 @@ def models(
         bool, typer.Option("--offline", help="list the registry without asking the server")
     ] = False,
 ) -> None:
-    """The model registry (config [models] over the built-in models) and where each is loaded now."""
+    """The model registry (config \\[models] over the built-in models) and where each is loaded now."""
     from rich.table import Table
 
     from mesh.host.modelfiles import resolve_path

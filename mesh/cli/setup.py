@@ -52,13 +52,14 @@ def init(
         typer.Option(
             "--worker",
             help="with --secure: a worker's id, one user each (a GPU worker's is worker-<host>-gpu<N>) "
-            "[default: this host's GPUs and worker-<host>-cpu1]",
+            "(default: this host's GPUs and worker-<host>-cpu1)",
         ),
     ] = None,
     url: Annotated[
         str | None,
         typer.Option(
-            "--url", help="with --secure: the URL the agents reach the server at [nats://<host>:4222]"
+            "--url",
+            help="with --secure: the URL the agents reach the server at (default: nats://<host>:4222)",
         ),
     ] = None,
     port: Annotated[int, typer.Option("--port", help="with --secure: the server's client port")] = 4222,
