@@ -77,7 +77,8 @@ class Watchdog(Agent):
             settings.alert_notify_send,
         )
         self._stopped: list[tuple[str, float]] = []
-        self._unsent: list[AlertRaised | AlertResolved] = []
+        # alerts raised or resolved and not yet in the stream, oldest first
+        self.unsent: list[AlertRaised | AlertResolved] = []
         # the tick and each health check flush; one at a time, so each alert is sent once, in order
         self._flushing = asyncio.Lock()
         self._agents_read_at = 0.0
@@ -185,7 +186,7 @@ class Watchdog(Agent):
         await self.thermal(gpus, now)
         for c in changes:
             ev = c.event()
-            self._unsent.append(ev)
+            self.unsent.append(ev)
             self.spawn(self.sinks.deliver(ev), f"alert-{c.rule}")
         await self.flush_alerts()
 
@@ -268,7 +269,7 @@ class Watchdog(Agent):
         )
 
     def _queue_alert(self, ev: AlertRaised | AlertResolved) -> None:
-        self._unsent.append(ev)
+        self.unsent.append(ev)
         self.spawn(self.sinks.deliver(ev), f"alert-{ev.rule}")
 
     async def _on_failure(self, raw: NatsMsg) -> None:
@@ -418,15 +419,15 @@ class Watchdog(Agent):
         (its `Nats-Msg-Id` keeps a retried one from being stored twice). The tick and the health
         checks flush concurrently: one flush runs at a time."""
         async with self._flushing:
-            while self._unsent:
+            while self.unsent:
                 try:
-                    await self.bus.emit(self._unsent[0])
+                    await self.bus.emit(self.unsent[0])
                 except TRANSIENT as exc:
                     if not self.bus.store.full:  # (the bus said that once)
                         log.warning(
                             "publishing an alert failed (%r); %d wait for the next round",
                             exc,
-                            len(self._unsent),
+                            len(self.unsent),
                         )
                     return
-                self._unsent.pop(0)
+                self.unsent.pop(0)

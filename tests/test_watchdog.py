@@ -541,7 +541,7 @@ async def test_alerts_flushed_from_two_places_at_once_are_each_published_once_in
 
     bus = await mesh.bus()
     watchdog = Watchdog(mesh.settings, host="flushhost")
-    watchdog._bus = bus  # the test's connection: nothing else of start() matters here
+    await watchdog.start()
     sent = [
         AlertRaised(
             rule="gpu_hot",
@@ -556,8 +556,11 @@ async def test_alerts_flushed_from_two_places_at_once_are_each_published_once_in
         )
         for i in range(30)
     ]
-    watchdog._unsent.extend(sent)
-    await asyncio.gather(*(watchdog.flush_alerts() for _ in range(3)))
-    assert watchdog._unsent == []
+    watchdog.unsent.extend(sent)
+    try:
+        await asyncio.gather(*(watchdog.flush_alerts() for _ in range(3)))
+    finally:
+        await watchdog.stop()
+    assert watchdog.unsent == []
     stored = [m for _, m in await mesh.history(bus.names.alerts_all) if isinstance(m, AlertRaised)]
     assert [m.message for m in stored if m.host == "flushhost"] == [f"alert {i}" for i in range(30)]
