@@ -295,8 +295,14 @@ async def test_a_pause_or_cordon_of_any_card_holds_the_whole_set(mesh: Mesh, tmp
     )
     mesh.brain()
     mesh.start_agent("watchdog", "watchdog")
-    mesh.worker("gpu", 1, "--gpu", "0,1", "--classes", "script")
+    # started as its unit starts it: CUDA_VISIBLE_DEVICES is the instance, 0_1
+    mesh.env["CUDA_VISIBLE_DEVICES"] = "0_1"
+    worker = mesh.worker("gpu", 1, "--gpu", "0_1", "--classes", "script")
+    del mesh.env["CUDA_VISIBLE_DEVICES"]
     idle = await until_set(mesh, "idle")
+    # the worker replaced it before CUDA could read it: its process runs with the list
+    started_with = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
+    assert b"CUDA_VISIBLE_DEVICES=0,1" in started_with
     assert idle.indices == (0, 1) and idle.index == 0
     assert idle.vram_total_mb == 2 * CARD_MB and idle.name == "Sim 6GB #0 + Sim 6GB #1"
     assert idle.worker == f"worker-{SET}"
