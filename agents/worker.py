@@ -45,6 +45,7 @@ from mesh.bus.resources import own_consumer_definition
 from mesh.bus.route import decode_checked
 from mesh.errors import ConfigError
 from mesh.events import TaskCancelled
+from mesh.host.gpu import as_indices, gpu_id, gpu_label
 from mesh.host.reaper import Reaper
 from mesh.host.telemetry import host_token
 from mesh.settings import Settings
@@ -62,17 +63,18 @@ class Worker(Agent):
         classes: tuple[str, ...] = ("cpu",),
         slots: int | None = None,
         drain_timeout_s: float = 30.0,
-        gpu: int | None = None,
+        gpu: int | tuple[int, ...] | None = None,
         memory_mb: int = 0,
     ) -> None:
-        if agent_id is None and gpu is not None:
+        indices = as_indices(gpu)
+        if agent_id is None and indices:
             # a GPU's worker keeps its name across restarts: its own queue waits for it
-            agent_id = f"worker-{host_token()}-gpu{gpu}"
+            agent_id = f"worker-{gpu_id(host_token(), indices)}"
             if settings.agent_id and settings.agent_id != agent_id:
                 raise ConfigError(
-                    f"agent_id is {settings.agent_id!r}, but the worker of GPU {gpu} on this host is "
-                    f"{agent_id!r}: a GPU worker's id names its host and GPU. Use the config file "
-                    f"`mesh init --secure --worker {agent_id}` writes for it"
+                    f"agent_id is {settings.agent_id!r}, but the worker of GPU {gpu_label(indices)} on "
+                    f"this host is {agent_id!r}: a GPU worker's id names its host and GPU. Use the "
+                    f"config file `mesh init --secure --worker {agent_id}` writes for it"
                 )
         super().__init__(settings, agent_id)
         self.classes = list(classes)
@@ -83,8 +85,8 @@ class Worker(Agent):
         # models: a worker of class script or llm owns a GPU (or the CPU standing in for one)
         self.gpu = Gpu(
             self,
-            gpu,
-            memory_mb or (0 if gpu is not None else settings.cpu_model_memory_mb),
+            indices,
+            memory_mb or (0 if indices else settings.cpu_model_memory_mb),
             work.runs_models(self.classes),
             self._gpu_now,
             self._update_lanes,

@@ -4,6 +4,10 @@
 The state is derived (`mesh.work.gpu_state`) from what the worker holds and runs, which the
 worker tells through `view`; a change of the controls is told back through `on_hold`. A
 worker that runs no models has a `Gpu` that publishes nothing.
+
+A worker that owns a set of GPUs (`--gpu 0,3`) reports one GPU, the set (`<host>-gpu0_3`),
+and follows the controls of the set and of each of its cards: a card's thermal pause (the
+watchdog reads each card on its own) or an operator's pause or cordon of a card holds the set.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 import nats.js.errors
@@ -21,7 +25,7 @@ from mesh import placement as gs
 from mesh import work
 from mesh.bus.jetstream import TRANSIENT
 from mesh.events import GpuControl, GpuState, decode, encode
-from mesh.host.gpu import Device, Memory, open_device
+from mesh.host.gpu import Device, Memory, as_indices, gpu_id, gpu_label, open_device
 from mesh.host.telemetry import host_token
 
 log = logging.getLogger("mesh.worker")
@@ -33,20 +37,26 @@ class Gpu:
     def __init__(
         self,
         agent: Agent,
-        index: int | None,
+        gpu: int | Sequence[int] | None,
         memory_mb: int,
         on: bool,
         view: Callable[[], work.GpuNow],
         on_hold: Callable[[], None],
     ) -> None:
         self.agent = agent
-        self.index = index
+        # the GPUs (NVML indices) this worker owns: one, a set, or none (the CPU)
+        self.indices = as_indices(gpu)
+        self.index = self.indices[0] if self.indices else None
         self.memory_mb = memory_mb
         # whether this worker runs models (owns this GPU): if not, nothing is published
         self.on = on
         self.view = view
         self.on_hold = on_hold
-        self.gpu_id = f"{host_token()}-gpu{index}" if index is not None else agent.agent_id
+        self.gpu_id = gpu_id(host_token(), self.indices) if self.indices else agent.agent_id
+        # the GPU ids whose controls hold this worker: its own, and each card's of a set
+        self.control_ids = (self.gpu_id,) + (
+            tuple(gpu_id(host_token(), (i,)) for i in self.indices) if len(self.indices) > 1 else ()
+        )
         self.device: Device | None = None
         # '' until the first report: a report with no previous state says the worker (re)started
         self.state = ""
@@ -54,8 +64,8 @@ class Gpu:
         # set on stop: the last state this worker reports
         self.override = ""
         self._outbox: list[tuple[GpuState, bool]] = []
-        # this GPU's control keys by source ('thermal', 'operator')
-        self.controls: dict[str, GpuControl] = {}
+        # this GPU's control keys by (GPU id, source ('thermal', 'operator')); a set's cards' too
+        self.controls: dict[tuple[str, str], GpuControl] = {}
         self._mem: Memory | None = None
         self._flush_lock = asyncio.Lock()
         self._changed = asyncio.Event()
@@ -63,7 +73,7 @@ class Gpu:
     async def open(self) -> None:
         """Open the device and take a first reading (before the worker joins the mesh)."""
         self.device = await asyncio.to_thread(
-            open_device, self.index, self.memory_mb, self.agent.settings.simulated_gpus
+            open_device, self.indices, self.memory_mb, self.agent.settings.simulated_gpus
         )
         await self.read_memory()
 
@@ -74,7 +84,8 @@ class Gpu:
         self.on_hold()
         self.publish(force=True)
         self.agent.spawn(self._publisher(), "gpu-state")
-        self.agent.spawn(self._control_loop(), "gpu-control")
+        for gid in self.control_ids:
+            self.agent.spawn(self._control_loop(gid), f"gpu-control-{gid}")
 
     async def offline(self) -> None:
         """Report the GPU offline, the last state this worker reports (bounded)."""
@@ -87,36 +98,46 @@ class Gpu:
             self.device.close()
 
     @property
+    def label(self) -> str:
+        """The GPUs as a person reads them: '2', '0+3' (a set), '' for the CPU."""
+        return gpu_label(self.indices)
+
+    @property
     def kind(self) -> str:
         """The device models load on: 'cuda', or 'cpu'."""
         return self.device.kind if self.device is not None else "cpu"
 
     # controls ---------------------------------------------------------------------------
     def hold_reason(self) -> str:
-        """Why this GPU takes no work now ('' when it does)."""
-        return work.hold_reason(self.controls.values())
+        """Why this GPU takes no work now ('' when it does); a set's card's control names the card."""
+        return work.hold_reason(
+            c if gid == self.gpu_id else msgspec.structs.replace(c, reason=f"{gid}: {c.reason}".rstrip(": "))
+            for (gid, _), c in sorted(self.controls.items())
+        )
 
     async def _load_controls(self) -> None:
         kv = await self.agent.bus.gpu_control_kv()
-        for source in ("thermal", "operator"):
-            try:
-                entry = await kv.get(self.agent.names.gpu_control_key(self.gpu_id, source))
-                value = decode(entry.value or b"")
-            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                continue
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                log.warning("ignoring an unreadable %s control value for %s", source, self.gpu_id)
-                continue
-            control = work.control_for(value, self.gpu_id, source)
-            if control is not None:
-                self.controls[source] = control
+        for gid in self.control_ids:
+            for source in ("thermal", "operator"):
+                try:
+                    entry = await kv.get(self.agent.names.gpu_control_key(gid, source))
+                    value = decode(entry.value or b"")
+                except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                    continue
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    log.warning("ignoring an unreadable %s control value for %s", source, gid)
+                    continue
+                control = work.control_for(value, gid, source)
+                if control is not None:
+                    self.controls[gid, source] = control
 
-    async def _control_loop(self) -> None:
-        """Follow this GPU's keys in the control bucket: pause, resume, cordon."""
+    async def _control_loop(self, gid: str) -> None:
+        """Follow one GPU's keys in the control bucket (this one's, or a card's of its set):
+        pause, resume, cordon."""
         kv = await self.agent.bus.gpu_control_kv()
         while True:
             try:
-                watcher = await kv.watch(f"{self.gpu_id}.*")
+                watcher = await kv.watch(f"{gid}.*")
                 async for entry in watcher:
                     if entry is None:
                         continue  # the end of the initial values
@@ -127,11 +148,11 @@ class Gpu:
                         log.warning("ignoring an unreadable control value for %s", entry.key)
                         continue
                     before = self.hold_reason()
-                    control = work.control_for(value, self.gpu_id, source)
+                    control = work.control_for(value, gid, source)
                     if control is not None:
-                        self.controls[source] = control
+                        self.controls[gid, source] = control
                     else:
-                        self.controls.pop(source, None)
+                        self.controls.pop((gid, source), None)
                     after = self.hold_reason()
                     if after != before:
                         log.info("%s: %s", self.gpu_id, f"holding: {after}" if after else "taking work again")
@@ -163,6 +184,13 @@ class Gpu:
         assert mem is not None
         return mem.total_mb - mem.used_mb
 
+    async def cards_free_mb(self) -> tuple[int, ...]:
+        """Each card's free memory now (one value for a single GPU or the CPU), read in a thread."""
+        if self.device is None:
+            return ()
+        cards = await asyncio.to_thread(self.device.card_memory, self.view().mesh_used_mb)
+        return tuple(max(0, m.total_mb - m.used_mb) for m in cards)
+
     # the state --------------------------------------------------------------------------
     def publish(self, force: bool = False, error: str = "", rid: str = "", refresh: bool = False) -> None:
         """Queue the GPU's state for publishing, if it changed or is asked for."""
@@ -187,6 +215,7 @@ class Gpu:
             previous=self.state,
             took_s=round(at - self.since, 3),
             index=self.index if self.index is not None else -1,
+            indices=self.indices,
             name=device.name if device is not None else "",
             device=device.kind if device is not None else "cpu",
             llm=now.llm,

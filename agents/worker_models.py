@@ -67,11 +67,11 @@ class Models:
             self.llm.close()
             self.llm = None
 
-    async def _load(self, name: str, spec: ModelSpec) -> Any:
+    async def _load(self, name: str, spec: ModelSpec, cards_free_mb: tuple[int, ...] = ()) -> Any:
         from mesh.host.loaders import load_model
 
         device = "cpu" if spec.device == "cpu" else self.gpu.kind
-        return await asyncio.to_thread(load_model, name, spec, device)
+        return await asyncio.to_thread(load_model, name, spec, device, cards_free_mb)
 
     # the LLM, as the brain asks -----------------------------------------------------------
     async def resource(self, item: ResourceItem) -> None:
@@ -117,7 +117,9 @@ class Models:
             self.gpu.publish(rid=item.rid)
             began = time.monotonic()
             try:
-                loaded = await self._load(item.model, spec)
+                # on a set of GPUs the LLM is split over the cards by what each has free
+                cards = await self.gpu.cards_free_mb() if len(self.gpu.indices) > 1 else ()
+                loaded = await self._load(item.model, spec, cards)
             except (ModelError, OSError, RuntimeError, ValueError) as exc:
                 self.booting = ""
                 log.error("loading %s failed: %s", item.model, exc)
@@ -125,7 +127,16 @@ class Models:
                 return
             self.booting = ""
             self.llm, self.llm_name = loaded, item.model
-            log.info("loaded %s in %.1fs", item.model, time.monotonic() - began)
+            split = loaded.options.get("tensor_split") if len(self.gpu.indices) > 1 else None
+            log.info(
+                "loaded %s in %.1fs%s",
+                item.model,
+                time.monotonic() - began,
+                f" over GPUs {self.gpu.label} (free MB {', '.join(map(str, cards))}; tensor_split "
+                f"{', '.join(f'{x:g}' for x in split)}; main GPU {self.gpu.indices[0]})"
+                if split
+                else "",
+            )
             settings = self.agent.settings
             sub = await self.agent.bus.bind_consumer(llm_consumer_definition(settings, item.model))
             lane = Lane(work.LLM, sub, settings.llm_slots)

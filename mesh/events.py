@@ -257,6 +257,9 @@ class GpuState(Msg, frozen=True, tag="gpu.state"):
     error: str = ""
     # why a paused GPU takes no work (a thermal or operator pause, a cordon)
     hold: str = ""
+    # the GPUs (NVML indices) this is: one, or a set one worker owns as one GPU (`index` is the
+    # first; the vram figures are the set's sums); () for a CPU standing in, or an older worker
+    indices: tuple[int, ...] = ()
 
 
 class GpuControl(Msg, frozen=True, tag="gpu.control"):

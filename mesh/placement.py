@@ -135,7 +135,9 @@ def observe(gpus: dict[str, GpuView], ev: GpuState) -> None:
 class Decision:
     events: list[ResourceRequested] = field(default_factory=list)
     items: list[ResourceItem] = field(default_factory=list)
-    # models no known GPU could ever hold: (model, need MB, largest GPU MB)
+    # models no known GPU could ever hold: (model, need MB, largest GPU MB). A set of GPUs one
+    # worker owns is one GPU here, its memory the cards' sum: a model bigger than any card is
+    # placed on a set that holds it
     unplaceable: list[tuple[str, int, int]] = field(default_factory=list)
 
 

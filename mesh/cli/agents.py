@@ -97,12 +97,19 @@ def agent_worker(
         ),
     ] = None,
     gpu: Annotated[
-        str, typer.Option("--gpu", help="the GPU this worker owns (NVML index), or 'none' for the CPU")
+        str,
+        typer.Option(
+            "--gpu",
+            help="the GPU this worker owns (NVML index), a set of GPUs for models bigger than one "
+            "(e.g. 0,3; the first is the main GPU), or 'none' for the CPU",
+        ),
     ] = "none",
     memory_mb: Annotated[
         int,
         typer.Option(
-            "--memory-mb", help="memory model kinds may use (MB; 0: all of the GPU, or the host's free RAM)"
+            "--memory-mb",
+            help="memory model kinds may use (MB; 0: all of the GPU, or the host's free RAM; "
+            "of each GPU of a set)",
         ),
     ] = 0,
     drain_timeout: Annotated[
@@ -110,30 +117,34 @@ def agent_worker(
     ] = 30.0,
     log_level: Annotated[str | None, typer.Option("--log-level")] = None,
 ) -> None:
-    """A worker: claims tasks of its classes and runs them; with --gpu N it owns GPU N."""
+    """A worker: claims tasks of its classes and runs them; with --gpu N it owns GPU N, with
+    --gpu 0,3 the set of GPUs 0 and 3 (one GPU to the brain, with their memory summed)."""
     s = settings()
-    if gpu.strip().lower() in ("none", "cpu", ""):
-        index: int | None = None
-    elif gpu.strip().isdigit():
-        index = int(gpu)
-    else:
+    from mesh.host.gpu import GpuError, gpu_environment, parse_gpus
+
+    try:
+        indices = parse_gpus(gpu)
+    except GpuError as exc:
         raise fail(
-            f"--gpu {gpu!r} is not a GPU index or 'none': e.g. --gpu 0, or --gpu none for a CPU worker"
-        )
-    from mesh.host.gpu import gpu_environment
+            f"--gpu {exc}: e.g. --gpu 0, --gpu 0,3 for a set, or --gpu none for a CPU worker"
+        ) from None
 
     # CUDA reads CUDA_VISIBLE_DEVICES, and the dynamic loader LD_LIBRARY_PATH, when they first
-    # load: set both before anything imports a CUDA library (the loader only at exec)
-    env = gpu_environment(index, s.gpu_library_path, dict(os.environ))
-    if env.get("LD_LIBRARY_PATH", "") != os.environ.get("LD_LIBRARY_PATH", ""):
+    # load: set both before anything imports a CUDA library (the loader only at exec). A value
+    # this process was started with that is not the worker's own (a set's unit instance `0_3`) is
+    # replaced by an exec too: llama.cpp was imported before this ran (mesh.host.preload)
+    env = gpu_environment(indices, s.gpu_library_path, dict(os.environ))
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env.get("LD_LIBRARY_PATH", "") != os.environ.get("LD_LIBRARY_PATH", "") or (
+        inherited is not None and inherited != env["CUDA_VISIBLE_DEVICES"]
+    ):
         os.execve(sys.executable, [sys.executable, "-m", "mesh", *sys.argv[1:]], env)
     os.environ["CUDA_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"]
     from agents.base import run_agent
     from agents.worker import Worker
-    from mesh.host.gpu import GpuError
 
     configure(log_level, name="worker")
-    default = "script,llm" if index is not None else "cpu"
+    default = "script,llm" if indices else "cpu"
     wanted = tuple(c.strip() for c in (classes or default).split(",") if c.strip())
     if not wanted:
         raise fail("--classes needs at least one class")
@@ -141,7 +152,7 @@ def agent_worker(
     if unknown:
         raise fail(f"unknown class {', '.join(unknown)}; known classes: {', '.join(TASK_CLASSES)}")
     worker = Worker(
-        s, classes=wanted, slots=slots, drain_timeout_s=drain_timeout, gpu=index, memory_mb=memory_mb
+        s, classes=wanted, slots=slots, drain_timeout_s=drain_timeout, gpu=indices, memory_mb=memory_mb
     )
     try:
         code = run_agent(worker)

@@ -12,17 +12,24 @@ import typer
 
 from mesh.bus import client
 from mesh.cli.common import connected, out, run, settings
+from mesh.events import GpuState
 
 gpu_app = typer.Typer(help="Pause, resume or cordon a GPU (its worker stops or starts claiming work).")
 
 
 def _gpu_id(gpu: str) -> str:
-    """A GPU id as the gpus bucket has it; a bare index means this host's GPU."""
-    if gpu.isdigit():
-        from mesh.host.telemetry import host_token
+    """A GPU id as the gpus bucket has it; a bare index (or a set, `0,3`) means this host's GPU."""
+    from mesh.host.gpu import GpuError, gpu_id, parse_gpus
 
-        return f"{host_token()}-gpu{gpu}"
-    return gpu
+    try:
+        indices = parse_gpus(gpu)
+    except GpuError:
+        return gpu
+    if not indices:
+        return gpu
+    from mesh.host.telemetry import host_token
+
+    return gpu_id(host_token(), indices)
 
 
 def _control(gpu: str, paused: bool, cordoned: bool | None, reason: str) -> None:
@@ -45,7 +52,7 @@ ReasonOpt = Annotated[str, typer.Option("--reason", help="why (shown in mesh gpu
 @gpu_app.command("pause")
 def gpu_pause(gpu: str, reason: ReasonOpt = "") -> None:
     """Stop GPU's worker claiming work (running tasks finish). GPU: an id from `mesh gpus`, or an
-    index on this host."""
+    index on this host (or a set, 0,3; pausing one GPU of a set holds the whole set)."""
     _control(gpu, True, None, reason)
 
 
@@ -116,7 +123,8 @@ def gpus(
         from mesh.cli.top import gpu_rows, read_gpus
 
         async with connected(s) as bus:
-            rows = gpu_rows(await read_gpus(bus))
+            view = await read_gpus(bus)
+        rows = with_sets(gpu_rows(view), view.states)
         if as_json:
             for row in rows:
                 print(msgspec.json.encode(row).decode())
@@ -127,6 +135,29 @@ def gpus(
         return 0
 
     raise typer.Exit(run(go))
+
+
+def with_sets(rows: list[dict[str, Any]], states: dict[str, GpuState]) -> list[dict[str, Any]]:
+    """The rows with each set of GPUs one worker owns named: the set's row gets `cards` (its GPUs'
+    indices; its memory is their sum), each card's row (the watchdog's reading) the `set` it
+    belongs to and that set's `set_cards`. A single GPU's row gets none of them."""
+    from mesh.host.gpu import gpu_id
+
+    member: dict[str, GpuState] = {}
+    for state in states.values():
+        if len(state.indices) > 1:
+            for index in state.indices:
+                member[gpu_id(state.host, (index,))] = state
+    out = []
+    for row in rows:
+        st = states.get(row["gpu"])
+        if st is not None and len(st.indices) > 1:
+            row = {**row, "cards": list(st.indices)}
+        elif row["gpu"] in member:
+            owner = member[row["gpu"]]
+            row = {**row, "set": owner.gpu, "set_cards": list(owner.indices)}
+        out.append(row)
+    return out
 
 
 def _gpus_table(rows: list[dict[str, Any]]) -> Any:
@@ -147,11 +178,15 @@ def _gpus_table(rows: list[dict[str, Any]]) -> Any:
             power += f"/{r['power_limit_w']:.0f}"
         vram = f"{_num(r['mem_used_mb'])}/{_num(r['mem_total_mb'])}"
         seen = f"{now - r['sampled_at']:.0f}s ago" if r["sampled_at"] else "-"
+        index = "+".join(map(str, r["cards"])) if r.get("cards") else str(r["index"])
+        state = r["state"] or "-"
+        if r.get("set"):
+            state = f"in set {'+'.join(map(str, r['set_cards']))}"
         table.add_row(
             r["host"],
-            str(r["index"]),
+            index,
             r["name"],
-            r["state"] or "-",
+            state,
             r["model"] or "-",
             temp + (" " + ",".join(r["throttle"]) if r["throttle"] else ""),
             _num(r["util_pct"]),

@@ -36,7 +36,12 @@ def install_units(
         ),
     ] = None,
     gpus: Annotated[
-        str, typer.Option("--gpus", help="workers this host runs: GPU indices and/or cpu, e.g. 0,1,cpu")
+        str,
+        typer.Option(
+            "--gpus",
+            help="workers this host runs: GPU indices and/or cpu, e.g. 0,1,cpu; '+' joins GPUs into "
+            "one worker's set (0+3,1,cpu: unit mesh-worker@0_3)",
+        ),
     ] = "cpu",
     service_user: Annotated[
         str, typer.Option("--service-user", help="the account system units run as")

@@ -156,7 +156,7 @@ def up(
         typer.Option(
             "--gpus",
             help="model workers: 'auto' (one per NVIDIA GPU, else one on the CPU), 'cpu', 'off', "
-            "or GPU indices such as 0,1",
+            "or GPU indices such as 0,1; '+' joins GPUs into one worker's set (0+3,1,cpu)",
         ),
     ] = "auto",
     plan: Annotated[
@@ -216,8 +216,10 @@ def up(
     raise typer.Exit(code)
 
 
-def _show_gpus(gpus: tuple[int | None, ...]) -> str:
-    return ", ".join("cpu" if g is None else f"gpu {g}" for g in gpus) or "none"
+def _show_gpus(gpus: tuple[int | tuple[int, ...] | None, ...]) -> str:
+    from mesh.host.gpu import as_indices, gpu_label
+
+    return ", ".join("cpu" if g is None else f"gpu {gpu_label(as_indices(g))}" for g in gpus) or "none"
 
 
 def _submit_and_follow(stack: Stack, spec: events.PlanSpec) -> int:

@@ -10,6 +10,10 @@ The device is "cpu" or "cuda". A GPU worker has already narrowed
 CUDA_VISIBLE_DEVICES to its own card, so "cuda" is always cuda:0 in here. A
 model whose spec says `device = "cpu"` loads on the CPU whatever the worker
 asks for.
+
+A worker that owns a set of GPUs lists them all, its first as cuda:0; an LLM
+loaded there is split over them (`llm_options`: the spec's `tensor_split`, else
+in proportion to each card's free memory, the first card the main GPU).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import gc
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +41,8 @@ class Loaded:
     device: str  # "cpu" or "cuda"
     handle: Any  # llama_cpp.Llama, faster_whisper.WhisperModel or SentenceTransformer
     load_s: float
+    # an LLM's llama.cpp options (`llm_options`), to say how it was placed; empty for other kinds
+    options: dict[str, Any] = field(default_factory=dict)
     # a handle is not safe to use from two threads at once: executors hold this while they use it
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -66,19 +73,22 @@ def effective_device(spec: ModelSpec, device: str) -> str:
     return "cuda"
 
 
-def load_model(name: str, spec: ModelSpec, device: str) -> Loaded:
-    """Load `name` onto `device` ("cpu" or "cuda"). Blocks; raises ModelError saying what to do."""
+def load_model(name: str, spec: ModelSpec, device: str, cards_free_mb: Sequence[int] = ()) -> Loaded:
+    """Load `name` onto `device` ("cpu" or "cuda"); `cards_free_mb`, each card's free memory
+    when the worker owns a set of GPUs, spreads an LLM over them. Blocks; raises ModelError
+    saying what to do."""
     if device not in ("cpu", "cuda"):
         raise ModelError(f"model {name!r}: unknown device {device!r} (use 'cpu' or 'cuda')")
-    loaders = {"llm": _load_llm, "transcribe": _load_whisper, "embed": _load_embedder}
+    loaders = {"transcribe": _load_whisper, "embed": _load_embedder}
     loader = loaders.get(spec.kind)
-    if loader is None:
-        raise ModelError(f"model {name!r}: unknown kind {spec.kind!r} (known: {', '.join(loaders)})")
+    if loader is None and spec.kind != "llm":
+        raise ModelError(f"model {name!r}: unknown kind {spec.kind!r} (known: llm, {', '.join(loaders)})")
     path = resolve_path(name, spec)
     dev = effective_device(spec, device)
+    options = llm_options(name, spec, dev, cards_free_mb) if spec.kind == "llm" else {}
     began = time.monotonic()
     try:
-        handle = loader(name, spec, path, dev)
+        handle = loader(name, spec, path, dev) if loader is not None else _load_llm(name, path, dev, options)
     except ModelError:
         raise
     except Exception as exc:
@@ -87,7 +97,9 @@ def load_model(name: str, spec: ModelSpec, device: str) -> Loaded:
             f"check that the file is a {_FORMATS[spec.kind]} and that the {dev} has "
             f"{spec.vram_mb or 'enough'} MB free"
         ) from exc
-    return Loaded(name=name, spec=spec, device=dev, handle=handle, load_s=time.monotonic() - began)
+    return Loaded(
+        name=name, spec=spec, device=dev, handle=handle, load_s=time.monotonic() - began, options=options
+    )
 
 
 _FORMATS = {
@@ -101,28 +113,55 @@ def _missing(name: str, package: str, exc: ImportError) -> ModelError:
     return ModelError(f"model {name!r} needs {package}, which cannot be imported ({exc}); {INSTALL_HINT}")
 
 
-def _load_llm(name: str, spec: ModelSpec, path: str, device: str) -> Any:
+def split_by_free(cards_free_mb: Sequence[int]) -> list[float]:
+    """A model's share of each card, in proportion to the card's free memory (even where none
+    is known free), rounded to 4 places (llama.cpp normalises them)."""
+    free = [max(0, f) for f in cards_free_mb]
+    total = sum(free)
+    if total <= 0:
+        return [round(1 / len(free), 4) for _ in free]
+    return [round(f / total, 4) for f in free]
+
+
+def llm_options(name: str, spec: ModelSpec, device: str, cards_free_mb: Sequence[int] = ()) -> dict[str, Any]:
+    """The options llama.cpp loads the LLM with, besides its file. On a set of GPUs (more than
+    one card's free memory) the model is split over them: by the spec's `tensor_split` if it
+    has one (one share per card), else in proportion to each card's free memory; the first
+    card (cuda:0) is the main GPU. Pure but for the CPU count: tested without llama.cpp."""
+    options: dict[str, Any] = {
+        "n_ctx": spec.n_ctx,
+        "n_gpu_layers": spec.n_gpu_layers if device == "cuda" else 0,
+        "n_threads": spec.threads or os.cpu_count() or 1,
+        "tensor_split": list(spec.tensor_split) or None,
+        "seed": spec.seed,
+        "verbose": False,
+        "logits_all": False,
+    }
+    if len(cards_free_mb) > 1:
+        if spec.tensor_split and len(spec.tensor_split) != len(cards_free_mb):
+            raise ModelError(
+                f"model {name!r}: tensor_split has {len(spec.tensor_split)} share(s) and this worker "
+                f"owns {len(cards_free_mb)} GPUs; give one share per GPU, or leave tensor_split out "
+                "to split by each GPU's free memory"
+            )
+        options["tensor_split"] = list(spec.tensor_split) or split_by_free(cards_free_mb)
+        options["main_gpu"] = 0
+    return options
+
+
+def _load_llm(name: str, path: str, device: str, options: dict[str, Any]) -> Any:
     try:
         import llama_cpp
     except ImportError as exc:
         raise _missing(name, "llama-cpp-python", exc) from exc
-    if device == "cuda" and spec.n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():
+    if device == "cuda" and options["n_gpu_layers"] != 0 and not llama_cpp.llama_supports_gpu_offload():
         raise ModelError(
             f"model {name!r}: this llama-cpp-python was built without GPU support, so it would run "
             "on the CPU; rebuild it with CMAKE_ARGS='-DGGML_CUDA=on' "
             f"(pip install --force-reinstall --no-cache-dir llama-cpp-python), "
             f"or set models.{name}.device = 'cpu'"
         )
-    return llama_cpp.Llama(
-        model_path=path,
-        n_ctx=spec.n_ctx,
-        n_gpu_layers=spec.n_gpu_layers if device == "cuda" else 0,
-        n_threads=spec.threads or os.cpu_count() or 1,
-        tensor_split=spec.tensor_split or None,
-        seed=spec.seed,
-        verbose=False,
-        logits_all=False,
-    )
+    return llama_cpp.Llama(model_path=path, **options)
 
 
 # compute types a CPU (or an older GPU) may lack, and what stands in for them

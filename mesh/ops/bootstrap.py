@@ -77,23 +77,42 @@ def init_secure(
     )
 
 
-def model_workers(spec: str) -> tuple[int | None, ...]:
-    """`mesh up --gpus`: 'auto' (one per NVIDIA GPU, else one on the CPU), 'cpu', 'off', or GPU
-    indices such as 0,1; a GPU index per model worker, None for the CPU standing in for one."""
+def model_workers(spec: str) -> tuple[int | tuple[int, ...] | None, ...]:
+    """`mesh up --gpus`: 'auto' (one per NVIDIA GPU, else one on the CPU), 'off', or a comma list
+    of model workers, each a GPU index, a set of GPUs joined by '+' (one worker for a model
+    bigger than one card), or 'cpu': `0+3,1,2,4,cpu`. Per model worker: a GPU index, a tuple of
+    indices for a set, None for the CPU standing in for a GPU. A GPU belongs to one worker."""
+    from mesh.host.gpu import GpuError, gpu_label, parse_gpus
+
     word = spec.strip().lower()
     if word == "off":
         return ()
-    if word == "cpu":
-        return (None,)
     if word == "auto":
         from mesh.host.gpu import count_gpus
 
         n = count_gpus()
         return tuple(range(n)) if n else (None,)
-    try:
-        return tuple(int(p) for p in word.split(",") if p.strip())
-    except ValueError:
-        raise ConfigError(f"--gpus {spec!r}: write auto, cpu, off, or GPU indices such as 0,1") from None
+    workers: list[int | tuple[int, ...] | None] = []
+    owner: dict[int, str] = {}
+    for part in (p.strip() for p in word.split(",")):
+        if not part:
+            continue
+        try:
+            indices = parse_gpus(part)
+        except GpuError as exc:
+            raise ConfigError(
+                f"--gpus {spec!r}: write auto, cpu, off, or GPU indices such as 0,1, a set of GPUs "
+                f"for one worker joined by '+' (0+3,1,cpu); {exc}"
+            ) from None
+        for index in indices:
+            if index in owner:
+                raise ConfigError(
+                    f"--gpus {spec!r}: GPU {index} is in {owner[index]} and in {part}: a GPU belongs "
+                    "to one worker"
+                )
+            owner[index] = gpu_label(indices)
+        workers.append(None if not indices else indices[0] if len(indices) == 1 else indices)
+    return tuple(workers)
 
 
 def supervise(stack: Stack, stop: threading.Event) -> None:

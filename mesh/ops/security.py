@@ -51,7 +51,8 @@ MANAGERS = frozenset({"cli", "brain"})
 # the workers of the rendering committed in nats/secure/ (docs/security.md's example host `rig`)
 EXAMPLE_WORKERS = ("worker-rig-gpu0", "worker-rig-gpu1", "worker-rig-cpu1")
 # a GPU worker's id as the worker makes it: `worker-<host>-gpu<N>`; its GPU is `<host>-gpu<N>`
-_GPU_WORKER = re.compile(r"^worker-(?P<gpu>[A-Za-z0-9_-]+-gpu[0-9]+)$")
+# (a set of GPUs: `worker-<host>-gpu0_3`, its GPU `<host>-gpu0_3`)
+_GPU_WORKER = re.compile(r"^worker-(?P<gpu>[A-Za-z0-9_-]+-gpu[0-9]+(?:_[0-9]+)*)$")
 
 
 def _kv_stream(bucket: str) -> str:

@@ -5,8 +5,9 @@
     mesh install-units --user --install   # one user's: ~/.config/systemd/user
 
 One unit per process: `mesh-nats` (the server), `mesh-brain`, `mesh-worker@N`
-(the worker that owns GPU N, `CUDA_VISIBLE_DEVICES=N`; `mesh-worker@cpu` is a
-CPU worker), `mesh-watchdog`, `mesh-gateway`, `mesh-auditor`, `mesh-exporter`,
+(the worker that owns GPU N, `CUDA_VISIBLE_DEVICES=N`; `mesh-worker@0_3` owns the
+set of GPUs 0 and 3, `--gpus 0+3`; `mesh-worker@cpu` is a CPU worker),
+`mesh-watchdog`, `mesh-gateway`, `mesh-auditor`, `mesh-exporter`,
 all grouped by `mesh.target`; and `mesh-health.timer`, a one-shot health check
 every minute for hosts that run no watchdog. Each agent reads its settings
 from its own file, `<config dir>/<role>.toml` (`MESH_CONFIG`), so a role's
@@ -30,6 +31,7 @@ from pathlib import Path
 from agents.base import STOP_WAIT_S
 from mesh.bus.publish import PUBLISH_TIMEOUT_S
 from mesh.errors import MeshError
+from mesh.host.gpu import GpuError, gpu_token, parse_gpus
 from mesh.ops.embedded import server_config
 from mesh.settings import Settings
 
@@ -75,7 +77,7 @@ class Layout:
     writable: tuple[str, ...] = ()
     # the server's port, in the nats-server.conf written where none exists
     port: int = 4222
-    # the workers `enable_command` names: GPU indices, or 'cpu'
+    # the workers `enable_command` names: GPU indices, sets of them ('0+3'), or 'cpu'
     gpus: tuple[str, ...] = ()
 
     @property
@@ -110,9 +112,29 @@ class Layout:
             raise UnitError(f"--service-user {self.service_user!r} is not a valid user name")
         if self.drain_s < 0:
             raise UnitError(f"--drain-s {self.drain_s:g} is negative")
+        owner: dict[int, str] = {}
         for gpu in self.gpus:
-            if gpu != "cpu" and not gpu.isdigit():
+            try:
+                indices = parse_gpus(gpu)
+            except GpuError as exc:
+                raise UnitError(
+                    f"--gpus: {gpu!r} is neither a GPU index nor 'cpu' ({exc}); a set of GPUs for one "
+                    "worker joins them with '+', e.g. --gpus 0+3,1,cpu"
+                ) from None
+            if not indices and gpu != "cpu":
                 raise UnitError(f"--gpus: {gpu!r} is neither a GPU index nor 'cpu'; e.g. --gpus 0,1,cpu")
+            for index in indices:
+                if index in owner:
+                    raise UnitError(
+                        f"--gpus: GPU {index} is in {owner[index]} and in {gpu}: a GPU belongs to one worker"
+                    )
+                owner[index] = gpu
+
+    @property
+    def worker_instances(self) -> tuple[str, ...]:
+        """The worker units' instances: a GPU index, a set's indices joined by '_' (a unit name
+        may not hold '+' or ','), or 'cpu'."""
+        return tuple(gpu_token(parse_gpus(g)) or "cpu" for g in self.gpus or ("cpu",))
 
 
 def default_layout(user: bool) -> Layout:
@@ -293,7 +315,8 @@ def worker_unit(layout: Layout, settings: Settings) -> str:
                     ("Type", "simple"),
                     *_service_identity(layout),
                     *_agent_env(layout, "worker"),
-                    # the instance is the GPU index ('cpu': a CPU worker, which hides every GPU)
+                    # the instance is the GPU index ('cpu': a CPU worker, which hides every GPU; a
+                    # set's `0_3` the worker replaces with 0,3 before CUDA reads it)
                     ("Environment", "CUDA_VISIBLE_DEVICES=%i"),
                     ("ExecStart", f"{_esc(layout.bin)}/mesh agent worker --gpu %i --drain-timeout {drain}"),
                     # longer than the drain, so running tasks can finish on a stop
@@ -303,7 +326,8 @@ def worker_unit(layout: Layout, settings: Settings) -> str:
             ),
             _install(),
         ],
-        "mesh: the worker that owns GPU %i (mesh-worker@0, mesh-worker@1, ...), or a\n"
+        "mesh: the worker that owns GPU %i (mesh-worker@0, mesh-worker@1, ...), a set\n"
+        "of GPUs (mesh-worker@0_3: GPUs 0 and 3, for models bigger than one), or a\n"
         "CPU worker (mesh-worker@cpu). Tasks run as this unit's user and may write only\n"
         "the data dir"
         + (", the home directory" if layout.user else "")
@@ -502,14 +526,13 @@ def daemon_reload(user: bool) -> tuple[bool, str]:
 
 def enable_command(layout: Layout) -> str:
     """The `systemctl enable --now` line for the services this host runs."""
-    gpus = layout.gpus or ("cpu",)
     units = [
         TARGET,
         "mesh-nats.service",
         "mesh-brain.service",
         "mesh-watchdog.service",
         "mesh-auditor.service",
-        *(f"mesh-worker@{g}.service" for g in gpus),
+        *(f"mesh-worker@{g}.service" for g in layout.worker_instances),
     ]
     sudo = "" if layout.user else "sudo "
     return sudo + " ".join(systemctl_argv(layout.user, "enable", "--now", *units))

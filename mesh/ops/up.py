@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.host.gpu import as_indices, gpu_token
 from mesh.ops.embedded import EmbeddedServer, agent_command
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class Stack:
         env: dict[str, str] | None = None,
         max_payload: int = 8 * 1024 * 1024,
         auditor: bool = True,
-        gpus: tuple[int | None, ...] = (),
+        gpus: tuple[int | tuple[int, ...] | None, ...] = (),
         watchdog: bool = True,
         gateway: bool = True,
         durability: str = "always",
@@ -89,7 +90,7 @@ class Stack:
         self.watchdog = watchdog
         # the gateway to Claude (without an API key it runs, and fails escalations saying why)
         self.gateway = gateway
-        # one model worker per entry: a GPU index, or None for the CPU standing in for a GPU
+        # one model worker per entry: a GPU index, a set of them, or None for the CPU standing in
         self.gpus = gpus
         self.children: list[Child] = []
 
@@ -111,8 +112,13 @@ class Stack:
                 )
             )
         for gpu in self.gpus:
-            name = f"gpu-{gpu}" if gpu is not None else "cpu-models"
-            args = ["--gpu", str(gpu)] if gpu is not None else ["--gpu", "none", "--classes", "script,llm"]
+            indices = as_indices(gpu)
+            name = f"gpu-{gpu_token(indices)}" if indices else "cpu-models"
+            args = (
+                ["--gpu", ",".join(map(str, indices))]
+                if indices
+                else ["--gpu", "none", "--classes", "script,llm"]
+            )
             self.children.append(Child(name, agent_command("worker", url, *args), self._log(name)))
         if self.watchdog:
             self.children.append(Child("watchdog", agent_command("watchdog", url), self._log("watchdog")))
