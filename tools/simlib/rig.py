@@ -186,6 +186,8 @@ class Rig:
                 case TaskRetrying() | TaskFailed() if ev.reason == FailReason.LOST:
                     self.lost += 1
                     self._forget(f"{ev.plan_id}.{ev.task_id}", ev.attempt)
+                    if isinstance(ev, TaskFailed):
+                        self.finished[f"{ev.plan_id}.{ev.task_id}"] = now
                 case TaskRedelivered():
                     self.redelivered += 1
                 case TaskSucceeded():

@@ -63,7 +63,6 @@ class Hooks:
     load_started: Callable[[SimWorker, str, float], None] = lambda w, m, took: None
     unloaded: Callable[[SimWorker, str], None] = lambda w, m: None
     script_load: Callable[[SimWorker, str], None] = lambda w, m: None
-    run_started: Callable[[SimWorker, WorkItem, float], None] = lambda w, i, t: None
 
 
 class SimWorker:
@@ -192,7 +191,7 @@ class SimWorker:
         """`Models.resource`: load or unload the LLM as the brain asked."""
         self.lock = True
         self.current = item
-        if self.now - item.at > work.RESOURCE_STALE_S:
+        if work.stale(item, self.now):
             self.publish(force=True, rid=item.rid)
             self._resource_done()
             return
@@ -296,7 +295,6 @@ class SimWorker:
         run = Run(item, q.delivery, self.now)
         self.runs[lane] = run
         self.rig.run_starts[(work.item_key(item.plan_id, item.task_id), item.attempt, self.worker)] = self.now
-        self.rig.hooks.run_started(self, item, self.now)
         after = work.start_report_after(q.delivery, START_REPORT_AFTER_S)
         self.later(after, lambda: self._report_start(run))
         if (
