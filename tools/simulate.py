@@ -13,6 +13,7 @@ pure function of its workload, seed and policy: the same command prints the same
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             overrides[key] = float(value)
         except ValueError:
-            console.print(f"[red]--policy {item}: want FIELD=NUMBER[/]")
+            console.print(f"[red]--policy {escape(item)}: want FIELD=NUMBER[/]")
             return 2
     runs: dict[str, list[Report]] = {}
     began = time.monotonic()
@@ -117,16 +119,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             w = load(path)
         except WorkloadError as exc:
-            console.print(f"[red]{exc}[/]")
+            console.print(f"[red]{escape(str(exc))}[/]")
             return 2
         if overrides:
-            w = type(w)(**{**w.__dict__, "policy": {**w.policy, **overrides}})
+            w = dataclasses.replace(w, policy={**w.policy, **overrides})
         first = w.seed if args.seed is None else args.seed
         for seed in range(first, first + args.seeds):
             try:
                 report, _ = simulate(w, seed)
             except ValueError as exc:
-                console.print(f"[red]{exc}[/]")
+                console.print(f"[red]{escape(str(exc))}[/]")
                 return 2
             runs.setdefault(w.name, []).append(report)
     took = time.monotonic() - began
@@ -140,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, reports in runs.items():
         for r in reports:
             for v in r.violations:
-                console.print(f"[red]{name} seed {r.seed}: {v}[/]")
+                console.print(f"[red]{name} seed {r.seed}: {escape(v)}[/]")
             for note in r.notes:
-                console.print(f"[yellow]{name} seed {r.seed}: {note}[/]")
+                console.print(f"[yellow]{name} seed {r.seed}: {escape(note)}[/]")
     console.print(f"{sum(len(v) for v in runs.values())} run(s) in {took:.1f}s")
     if args.json is not None:
         data = {
