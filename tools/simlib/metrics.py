@@ -60,6 +60,9 @@ class Report:
     refusals: int
     lost: int
     redelivered: int
+    # worker reports the brain ignored as stale; deliveries a worker skipped as no longer wanted
+    ignored_reports: int
+    skipped_items: int
     makespan_s: float
     makespan_bound_s: float
     # kind -> {"n", "p50", "p95"} (seconds from arrival to the start of the run that served it)
@@ -215,6 +218,8 @@ class Meter:
             refusals=rig.refusals,
             lost=rig.lost,
             redelivered=rig.redelivered,
+            ignored_reports=rig.ignored,
+            skipped_items=rig.skipped,
             makespan_s=last_end if served == len(tasks) else end_s,
             makespan_bound_s=makespan_bound(w, tasks),
             waits={

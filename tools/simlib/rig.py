@@ -17,7 +17,6 @@ import heapq
 import random
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from mesh import work
 from mesh.events import (
@@ -125,6 +124,8 @@ class Rig:
         self.pumping = False
         self.violations: list[str] = []
         self.notes: dict[str, float] = {}
+        # loads the workers refused; deliveries skipped as no longer wanted; attempts taken over
+        # by redelivery and given up as lost; worker reports the brain ignored (stale)
         self.refusals = 0
         self.skipped = 0
         self.redelivered = 0
@@ -349,17 +350,4 @@ class Rig:
         return self.clock.now
 
 
-def describe(rig: Rig) -> dict[str, Any]:
-    """A short account of the rig's state (for a failing test's message)."""
-    return {
-        "now": rig.clock.now,
-        "workers": {
-            x.gpu_id: {"alive": x.alive, "llm": x.llm, "booting": x.booting, "runs": sorted(x.runs)}
-            for x in rig.workers
-        },
-        "queues": {k: len(v) for k, v in rig.queues.items() if v},
-        "demand": dict(rig.state.demand),
-    }
-
-
-__all__ = ["Clock", "Rig", "build_policy", "describe"]
+__all__ = ["Clock", "Rig", "build_policy"]

@@ -49,6 +49,8 @@ class Queued:
 
 @dataclass
 class Run:
+    """An item a lane runs (or loads the script model for)."""
+
     item: WorkItem
     delivery: int
     started: float
@@ -78,7 +80,7 @@ class SimWorker:
         self.alive = True
         # bumped when the process dies: what the old process had in flight never completes
         self.epoch = 0
-        # when its registration was last refreshed by a live process (it expires agent_ttl_s later)
+        # when its process died (its registration expires agent_ttl_s later)
         self.gone_at: float | None = None
         self.llm = ""
         self.llm_lane = False
@@ -321,7 +323,7 @@ class SimWorker:
         self._execute(run, lane)
 
     def _report_start(self, run: Run) -> None:
-        if run in self.runs.values() and not run.reported:
+        if any(r is run for r in self.runs.values()) and not run.reported:
             run.reported = True
             self.rig.send(work.run_started(run.item, self.worker, run.started, run.delivery))
 
