@@ -292,6 +292,8 @@ class Watchdog(Agent):
                     match decode(value):
                         case GpuState(state="idle") as st if not st.llm and not st.script_models:
                             idle.add(st.gpu)
+                            # a set's worker reports the set; the samples are of its cards
+                            idle.update(f"{st.host}-gpu{i}" for i in st.indices)
             for g in gpus:
                 held = float(g.mem_used_mb or 0) if g.gpu_id in idle else 0.0
                 changes += self.engine.mesh({"idle_gpu_mem_mb": held}, g.gpu_id, self.tel_host, now)

@@ -29,7 +29,7 @@ from mesh.host.config import load_settings
 from mesh.host.telemetry import SimulatedSource, open_source, sample_host, write_simulated
 from mesh.names import Names
 from mesh.samples import GpuSample, HostSample, decode_sample, encode_sample
-from tests.conftest import ROOT, Mesh
+from tests.conftest import HANG_S, ROOT, Mesh
 from tests.faults import until
 
 HOST = "testhost"
@@ -564,3 +564,33 @@ async def test_alerts_flushed_from_two_places_at_once_are_each_published_once_in
     assert watchdog.unsent == []
     stored = [m for _, m in await mesh.history(bus.names.alerts_all) if isinstance(m, AlertRaised)]
     assert [m.message for m in stored if m.host == "flushhost"] == [f"alert {i}" for i in range(30)]
+
+
+async def test_memory_held_on_an_idle_set_is_raised_for_its_card(mesh: Mesh, tmp_path: Path) -> None:
+    """A worker owning a set of cards reports one GPU state for the set; the watchdog samples each
+    card. Memory held on a card of an idle set is raised under that card's id, as for a lone card."""
+    from mesh.host.telemetry import host_token
+
+    sim = tmp_path / "gpus.json"
+    write_simulated(
+        sim,
+        [
+            {"name": "S0", "temp_c": 50, "mem_total_mb": 6144, "mem_used_mb": 0},
+            {"name": "S1", "temp_c": 50, "mem_total_mb": 6144, "mem_used_mb": 3000},
+        ],
+    )
+    config = Path(mesh.env["XDG_CONFIG_HOME"]) / "mesh" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[alerts.idle_vram]\nfor_s = 0\n")
+    mesh.env.update({"MESH_SIMULATED_GPUS": str(sim), "MESH_WATCHDOG_INTERVAL_S": "0.3"})
+    mesh.worker("set", 1, "--gpu", "0,1", "--classes", "script")
+    mesh.start_agent("watchdog", "watchdog")
+    card = f"{host_token()}-gpu1"
+
+    async def raised() -> bool:
+        history = await mesh.history((await mesh.bus()).names.alerts_all)
+        return any(
+            isinstance(m, AlertRaised) and (m.rule, m.target) == ("idle_vram", card) for _, m in history
+        )
+
+    await until(raised, HANG_S, f"the idle_vram alert for {card}, a card of an idle set")
