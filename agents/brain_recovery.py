@@ -123,7 +123,7 @@ class BrainRecovery(BrainCommit):
             checkpoint = decode_checkpoint(entry.value or b"")
             self.checkpoint_seq = checkpoint.seq
             # the learned figures as of the checkpoint: the transitions after it add the rest
-            if checkpoint.learned is not None:
+            if checkpoint.learned is not None and not self.settings.learn_forget:
                 self.state.learned = checkpoint.learned
         except nats.js.errors.KeyNotFoundError:
             # no brain has finished a step yet: the first one may have been cut short with its

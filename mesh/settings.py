@@ -109,6 +109,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # one once this many samples were seen; the median of the last learn_window is used
     learn_min_samples: int = 3
     learn_window: int = 20
+    # a brain started with this set begins with no learned figures (those of its checkpoint are
+    # dropped): start it once so after a new card or a model file replaced under the same name
+    learn_forget: bool = False
     # prepended to LD_LIBRARY_PATH of GPU workers before any CUDA library loads
     gpu_library_path: str = ""
     # the memory a CPU worker offers model kinds (MB; 0: the host's available memory)
