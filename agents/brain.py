@@ -95,6 +95,7 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         self.leading = False
         self.last_seq = 0
         self.checkpoint_seq = 0
+        self.learned_fed = 0
         self._last_checkpoint = 0.0
         self._last_sweep = 0.0
         # (when, task keys, plan ids) of recent KV writes: a server killed right after

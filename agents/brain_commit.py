@@ -65,6 +65,8 @@ class BrainCommit(Agent):
     _outbox: Step | None
     last_seq: int
     checkpoint_seq: int
+    # the learned figures' feed count the last checkpoint wrote
+    learned_fed: int
     _last_checkpoint: float
     _noted: dict[str, float]
     # (when, task keys, plan ids) of recent KV writes: a server killed right after
@@ -204,15 +206,18 @@ class BrainCommit(Agent):
         log.info("reconnected: writing %d recent records again", len(self.state.dirty_tasks))
 
     async def _checkpoint(self, force: bool = False) -> None:
-        """Record that KV holds everything up to `last_seq` (called only with nothing unwritten)."""
-        if self.last_seq <= self.checkpoint_seq and not force:
+        """Record that KV holds everything up to `last_seq` (called only with nothing unwritten),
+        with the learned figures folded so far (a GPU's report may change them alone)."""
+        learned = self.state.learned
+        if self.last_seq <= self.checkpoint_seq and learned.fed == self.learned_fed and not force:
             return
         if not force and time.monotonic() - self._last_checkpoint < self.settings.checkpoint_s:
             return
         kv = await self.bus.brain_kv()
-        cp = Checkpoint(seq=self.last_seq, at=time.time(), brain=self.agent_id)
+        cp = Checkpoint(seq=self.last_seq, at=time.time(), brain=self.agent_id, learned=learned)
         await kv.put(CHECKPOINT_KEY, encode_record(cp))
         self.checkpoint_seq = self.last_seq
+        self.learned_fed = learned.fed
         self._last_checkpoint = time.monotonic()
 
     @staticmethod

@@ -120,11 +120,16 @@ class BrainRecovery(BrainCommit):
         kv = await self.bus.brain_kv()
         try:
             entry = await kv.get(CHECKPOINT_KEY)
-            self.checkpoint_seq = decode_checkpoint(entry.value or b"").seq
+            checkpoint = decode_checkpoint(entry.value or b"")
+            self.checkpoint_seq = checkpoint.seq
+            # the learned figures as of the checkpoint: the transitions after it add the rest
+            if checkpoint.learned is not None and not self.settings.learn_forget:
+                self.state.learned = checkpoint.learned
         except nats.js.errors.KeyNotFoundError:
             # no brain has finished a step yet: the first one may have been cut short with its
             # events stored and only part of its records written, so fold the whole history
             self.checkpoint_seq = 0
+        self.state.learned.tune(self.settings.learn_min_samples, self.settings.learn_window)
         self.last_seq = self.checkpoint_seq
         folded = 0
         transitions = self.names.transition_filters()

@@ -282,6 +282,7 @@ def apply(state: State, msg: Message | Tick | Sweep | Reconcile, now: float, pol
             d.reconcile()
         case GpuState():
             observe(state.gpus, msg)
+            evolve(state, msg)  # the learned load time and VRAM
         case EscalationAnswered():
             d.esc_answered(msg)
         case EscalationFailed():

@@ -42,7 +42,8 @@ class Release(Escalations):
                 )
 
     def place(self) -> None:
-        decision = place(self.state.gpus, self.state.demand, self.now, self.policy.placement)
+        state = self.state
+        decision = place(state.gpus, state.demand, self.now, self.policy.placement, learned=state.learned)
         self.step.events.extend(decision.events)
         self.step.resources.extend(decision.items)
         for model, need, largest in decision.unplaceable:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mesh.events import (
+    GpuState,
     LocalAttempt,
     Msg,
     PlanAccepted,
@@ -37,6 +38,7 @@ from mesh.events import (
     TaskSucceeded,
     TaskWaiting,
 )
+from mesh.learned import Learned
 from mesh.placement import SCRIPT, GpuView, llm_demand_key
 from mesh.records import (
     CANCELLED,
@@ -85,6 +87,8 @@ class State:
     # by demand key ('llm:<model>', 'script')
     gpus: dict[str, GpuView] = field(default_factory=dict)
     demand: dict[str, int] = field(default_factory=dict)
+    # load times, VRAM used and task durations measured so far (`gpu.state`, `task.succeeded`)
+    learned: Learned = field(default_factory=Learned)
     _seq: int = 0
 
     def _count_demand(self, rec: TaskRecord, delta: int) -> None:
@@ -247,6 +251,10 @@ def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: 
 def evolve(state: State, ev: Msg) -> None:
     """Fold one transition event into the state. Events that change nothing are ignored."""
     match ev:
+        case GpuState():
+            # not a transition: the brain folds a GPU's reports for the learned figures alone
+            state.learned.observe(ev)
+            return
         case PlanAccepted():
             if ev.plan_id not in state.plans:
                 _accept(state, ev)
@@ -335,6 +343,7 @@ def evolve(state: State, ev: Msg) -> None:
             rec.deliveries = 0
             _set_status(state, rec, PENDING, ev.at)
         case TaskSucceeded():
+            state.learned.observe(ev, rec.spec)
             rec.worker = ev.worker
             rec.finished_at = ev.at
             rec.duration_s = ev.duration_s

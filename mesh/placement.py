@@ -18,6 +18,9 @@ work waiting for each model. On every tick `place` decides loads and unloads:
 - one request per GPU at a time; a request never answered is given up after
   `load_timeout_s` and decided again.
 
+A model's VRAM and load time are the learned figures (`mesh.learned`) once enough loads were
+seen, the configured `vram_mb` and the GPU's last load time until then.
+
 Decisions are `ResourceRequested` events (the history says what the brain asked
 and why) and `ResourceItem`s sent to the chosen worker's own queue.
 """
@@ -28,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 
 from mesh.events import GpuState, ResourceItem, ResourceRequested
+from mesh.learned import Learned
 
 # GPU states (written by the GPU's worker)
 IDLE = "idle"
@@ -141,9 +145,21 @@ class Decision:
     unplaceable: list[tuple[str, int, int]] = field(default_factory=list)
 
 
-def place(gpus: dict[str, GpuView], demand: dict[str, int], now: float, policy: PlacementPolicy) -> Decision:
-    """Decide loads and unloads for the waiting work. Changes only the views' `pending`."""
+def place(
+    gpus: dict[str, GpuView],
+    demand: dict[str, int],
+    now: float,
+    policy: PlacementPolicy,
+    learned: Learned | None = None,
+) -> Decision:
+    """Decide loads and unloads for the waiting work. Changes only the views' `pending`.
+    `learned`: measured VRAM and load times, used in place of the configured ones."""
     out = Decision()
+    figures = learned if learned is not None else Learned()
+
+    def need_mb(model: str) -> int:
+        return figures.vram_mb(model, policy.models[model][1])
+
     for view in gpus.values():
         if view.pending is not None and now - view.pending[3] >= policy.load_timeout_s:
             view.pending = None
@@ -202,7 +218,7 @@ def place(gpus: dict[str, GpuView], demand: dict[str, int], now: float, policy: 
             view.pending is None
             and view.state == LLM_READY
             and view.llm not in llm_wait
-            and now - view.last_used >= max(policy.yield_after_s, 3 * view.load_s)
+            and now - view.last_used >= max(policy.yield_after_s, 3 * figures.load_s(view.llm, view.load_s))
         )
 
     # unload what nobody used for keep_alive_s
@@ -222,7 +238,7 @@ def place(gpus: dict[str, GpuView], demand: dict[str, int], now: float, policy: 
 
     # loads, most waiting work first
     for model in sorted(llm_wait, key=lambda m: (-llm_wait[m], m)):
-        need = policy.models[model][1]
+        need = need_mb(model)
         have = len(holders(model))
         if have >= want[model]:
             continue
@@ -249,8 +265,7 @@ def place(gpus: dict[str, GpuView], demand: dict[str, int], now: float, policy: 
         """Other waiting work could run on this GPU once it is free: script work, or a model
         short of GPUs that fits here (one that fits no such GPU is no reason to unload it)."""
         return script_wait > 0 or any(
-            m != view.llm and len(holders(m)) < want[m] and view.vram_total_mb >= policy.models[m][1]
-            for m in llm_wait
+            m != view.llm and len(holders(m)) < want[m] and view.vram_total_mb >= need_mb(m) for m in llm_wait
         )
 
     for model in sorted(llm_wait):

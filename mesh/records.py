@@ -10,6 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from mesh.events import EscalationPolicy, LocalAttempt, TaskSpec
+from mesh.learned import Learned
 from mesh.status import FailReason, PlanStatus, TaskStatus
 
 # Task states (`mesh.status.TaskStatus`), by their short names.
@@ -178,11 +179,13 @@ def decode_agent(data: bytes) -> AgentRecord:
 
 
 class Checkpoint(msgspec.Struct, kw_only=True):
-    """Every event up to stream sequence `seq` is folded into the task and plan records in KV."""
+    """Every event up to stream sequence `seq` is folded into the task and plan records in KV
+    (and into `learned`, the brain's measured figures, written with it)."""
 
     seq: int
     at: float
     brain: str = ""
+    learned: Learned | None = None
 
 
 class Lease(msgspec.Struct, kw_only=True):

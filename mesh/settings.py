@@ -105,6 +105,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # an LLM with no work left hands its GPU to other waiting work once unused this long (or
     # three times its last load time, if longer)
     yield_after_s: float = 10.0
+    # a measured figure (a model's load time and VRAM, a task's duration) replaces the configured
+    # one once this many samples were seen; the median of the last learn_window is used
+    learn_min_samples: int = 3
+    learn_window: int = 20
+    # a brain started with this set begins with no learned figures (those of its checkpoint are
+    # dropped): start it once so after a new card or a model file replaced under the same name
+    learn_forget: bool = False
     # prepended to LD_LIBRARY_PATH of GPU workers before any CUDA library loads
     gpu_library_path: str = ""
     # the memory a CPU worker offers model kinds (MB; 0: the host's available memory)
@@ -345,7 +352,7 @@ def settings_from(
     except PatternError as exc:
         raise ConfigError(f"[redact]: {exc} (check {file})") from exc
 
-    problem = gateway_problem(settings) or plan_problem(settings)
+    problem = gateway_problem(settings) or plan_problem(settings) or learn_problem(settings)
     if problem:
         raise ConfigError(f"{problem} (check {file})")
     try:
@@ -397,6 +404,18 @@ def plan_problem(settings: Settings) -> str:
     for name in ("plan_max_expansions", "plan_max_tasks", "plan_max_bytes"):
         if getattr(settings, name) < 1:
             return f"{name} = {getattr(settings, name)!r} must be at least 1"
+    return ""
+
+
+def learn_problem(settings: Settings) -> str:
+    """What is wrong with the learned figures' settings ('' when nothing is)."""
+    if settings.learn_min_samples < 1:
+        return f"learn_min_samples = {settings.learn_min_samples!r} must be at least 1"
+    if settings.learn_window < settings.learn_min_samples:
+        return (
+            f"learn_window = {settings.learn_window!r} must be at least learn_min_samples "
+            f"({settings.learn_min_samples})"
+        )
     return ""
 
 

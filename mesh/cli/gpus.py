@@ -1,5 +1,5 @@
 """The GPUs and models: pause, resume or cordon a GPU (`mesh gpu ...`), every GPU's state and
-reading (gpus), the model registry and where each is loaded (models), the live view (top).
+reading (gpus), the model registry and what the brain measured of each (models), the live view (top).
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import msgspec
 import typer
 
 from mesh.bus import client
+from mesh.bus.publish import Bus
 from mesh.cli.common import connected, out, run, settings
 from mesh.events import GpuState
+from mesh.learned import DURATION, LOAD, VRAM, Learned
 
 gpu_app = typer.Typer(help="Pause, resume or cordon a GPU (its worker stops or starts claiming work).")
 
@@ -78,39 +80,139 @@ def models(
     offline: Annotated[
         bool, typer.Option("--offline", help="list the registry without asking the server")
     ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object: the models and figures")] = False,
 ) -> None:
-    """The model registry (config \\[models] over the built-in models) and where each is loaded now."""
-    from rich.table import Table
-
+    """The model registry (config \\[models] over the built-in models), where each is loaded now,
+    and the figures the brain measured (load time, VRAM, task duration) beside the configured ones."""
     from mesh.host.modelfiles import resolve_path
     from mesh.models import ModelError
 
     s = settings()
     registry = s.model_registry()
 
-    async def loaded_where() -> dict[str, list[str]]:
+    async def ask() -> tuple[dict[str, list[str]], Learned | None]:
         async with connected(s) as bus:
-            return await client.models_loaded(bus)
+            return await client.models_loaded(bus), await _learned(bus)
 
-    where = {} if offline else run(loaded_where)
-    table = Table(title_justify="left")
-    for col in ("model", "kind", "vram MB", "default", "file", "loaded on"):
-        table.add_column(col)
+    where, learned = ({}, None) if offline else run(ask)
+    rows: list[dict[str, Any]] = []
     for name, spec in sorted(registry.items()):
         try:
-            path = resolve_path(name, spec)
+            path, missing = resolve_path(name, spec), ""
         except ModelError as exc:
-            path = f"[red]missing[/red]: {exc}"
-        table.add_row(
-            name,
-            spec.kind,
-            str(spec.vram_mb),
-            "yes" if s.default_model(spec.kind) == name else "",
-            path,
-            ", ".join(sorted(where.get(name, []))) or ("?" if offline else "-"),
+            path, missing = "", str(exc)
+        rows.append(
+            {
+                "model": name,
+                "kind": spec.kind,
+                "vram_mb": spec.vram_mb,
+                "default": s.default_model(spec.kind) == name,
+                "file": path,
+                "missing": missing,
+                "loaded_on": sorted(where.get(name, [])),
+                "learned": _model_figures(learned, name),
+            }
         )
-    out.print(table)
+    durations = _class_figures(learned)
+    if as_json:
+        doc = {
+            "models": rows,
+            "durations": durations,
+            "learn_min_samples": learned.min_samples if learned else s.learn_min_samples,
+        }
+        print(msgspec.json.encode(doc).decode())
+        raise typer.Exit(0)
+    out.print(_models_table(rows, offline))
+    if durations:
+        out.print(_durations_table(durations))
+    if learned is not None:
+        out.print(
+            f"learned: the median of the last {learned.window} samples (how many were seen), used "
+            f"in place of the configured figure from {learned.min_samples} on (dim: not yet)",
+            highlight=False,
+        )
     raise typer.Exit(0)
+
+
+async def _learned(bus: Bus) -> Learned | None:
+    """The figures the brain learned, as its last checkpoint wrote them (None: none yet)."""
+    import nats.js.errors
+
+    from agents.brain_commit import CHECKPOINT_KEY
+    from mesh.records import decode_checkpoint
+
+    try:
+        entry = await (await bus.brain_kv()).get(CHECKPOINT_KEY)
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.BucketNotFoundError):
+        return None
+    try:
+        return decode_checkpoint(entry.value or b"").learned
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _figure(learned: Learned, table: str, key: str) -> dict[str, Any] | None:
+    found = learned.figure(table, key)
+    return msgspec.to_builtins(found) if found is not None else None
+
+
+def _model_figures(learned: Learned | None, model: str) -> dict[str, Any] | None:
+    if learned is None:
+        return None
+    return {
+        "load_s": _figure(learned, LOAD, model),
+        "vram_mb": _figure(learned, VRAM, model),
+        "duration_s": _figure(learned, DURATION, model),
+    }
+
+
+def _class_figures(learned: Learned | None) -> dict[str, Any]:
+    """Task durations by class and by body kind (`class:llm`, `kind:prompt`)."""
+    if learned is None:
+        return {}
+    keys = [k for k in learned.keys(DURATION) if k.startswith(("class:", "kind:"))]
+    return {k: _figure(learned, DURATION, k) for k in keys}
+
+
+def _shown(figure: dict[str, Any] | None, digits: int = 1) -> str:
+    if figure is None:
+        return "-"
+    value = f"{figure['value']:.{digits}f} ({figure['samples']})"
+    return value if figure["in_use"] else f"[dim]{value}[/dim]"
+
+
+def _models_table(rows: list[dict[str, Any]], offline: bool) -> Any:
+    from rich.table import Table
+
+    table = Table(title_justify="left")
+    columns = ("model", "kind", "vram MB", "learned MB", "load s", "task s", "default", "file", "loaded on")
+    for col in columns:
+        table.add_column(col, justify="right" if col in columns[2:6] else "left")
+    for r in rows:
+        figures = r["learned"] or {}
+        table.add_row(
+            r["model"],
+            r["kind"],
+            str(r["vram_mb"]),
+            _shown(figures.get("vram_mb"), 0),
+            _shown(figures.get("load_s")),
+            _shown(figures.get("duration_s"), 2),
+            "yes" if r["default"] else "",
+            r["file"] or f"[red]missing[/red]: {r['missing']}",
+            ", ".join(r["loaded_on"]) or ("?" if offline else "-"),
+        )
+    return table
+
+
+def _durations_table(durations: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="task durations by class and body kind", title_justify="left")
+    table.add_column("tasks")
+    table.add_column("typical s (samples)", justify="right")
+    for key, figure in durations.items():
+        table.add_row(key, _shown(figure, 2))
+    return table
 
 
 def gpus(
