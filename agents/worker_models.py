@@ -108,7 +108,7 @@ class Models:
             for name in list(self.script_models):
                 self.script_models.pop(name).close()
             free = await self.gpu.free_mb()
-            why = work.load_refusal(item.model, spec.vram_mb, free)
+            why = work.load_refusal(item.model, work.load_need_mb(item, spec.vram_mb), free)
             if why:
                 log.warning("%s", why)
                 self.gpu.publish(force=True, rid=item.rid, error=why)

@@ -160,6 +160,9 @@ class ResourceItem(Msg, frozen=True, tag="resource"):
     model: str
     at: float
     reason: str = ""
+    # a load: the VRAM the brain placed the model for (its learned figure, or the registry's);
+    # 0 from a brain that does not say, and the worker goes by its registry
+    vram_mb: int = 0
 
 
 # Worker reports (event stream, consumed by the brain) -------------------------

@@ -215,6 +215,12 @@ def resource_step(item: ResourceItem, loaded: str, kind: str | None) -> tuple[st
     return LOAD, ""
 
 
+def load_need_mb(item: ResourceItem, registry_mb: int) -> int:
+    """The VRAM a load needs: what the brain placed it for (it learns what the model really takes),
+    else the worker's registry figure."""
+    return item.vram_mb if item.vram_mb > 0 else registry_mb
+
+
 def load_refusal(model: str, need_mb: int, free_mb: int) -> str:
     """Why a model does not fit in what is free ('' when it does)."""
     if need_mb > free_mb:

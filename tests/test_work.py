@@ -310,3 +310,15 @@ def test_a_dead_letter_fails_its_task_with_why() -> None:
         claim=ITEM.claim,
     )
     assert ev.started_at == 0.0  # it never started
+
+
+def test_a_load_needs_what_the_brain_placed_it_for() -> None:
+    """The brain places by the VRAM it learned a model takes; the worker checks free memory against
+    that figure, not its registry's guess (else it refuses loads the brain rightly asked for)."""
+    learned = ResourceItem(rid="r", worker="w", action="load", model="m", at=0.0, vram_mb=3000)
+    old_brain = ResourceItem(rid="r", worker="w", action="load", model="m", at=0.0)
+    assert work.load_need_mb(learned, registry_mb=5600) == 3000
+    assert work.load_need_mb(old_brain, registry_mb=5600) == 5600
+    free = 4000
+    assert work.load_refusal("m", work.load_need_mb(learned, 5600), free) == ""
+    assert work.load_refusal("m", work.load_need_mb(old_brain, 5600), free) != ""
