@@ -182,7 +182,12 @@ def place(
         return [
             v
             for v in usable
-            if (v.llm == model and v.state in HOLDS_LLM)
+            if (
+                v.llm == model
+                and v.state in HOLDS_LLM
+                # one whose unload is already asked for (waiting for its running task) is going
+                and not (v.pending is not None and v.pending[0] == "unload" and v.pending[1] == model)
+            )
             or (v.pending is not None and v.pending[0] == "load" and v.pending[1] == model)
         ]
 
@@ -201,8 +206,18 @@ def place(
                 gpu=view.gpu, worker=view.worker, action=action, model=model, rid=rid, at=now, reason=reason
             )
         )
+        # a load says the VRAM it was placed by (learned or configured): the worker checks that
+        vram = need_mb(model) if action == "load" and model in policy.models else 0
         out.items.append(
-            ResourceItem(rid=rid, worker=view.worker, action=action, model=model, at=now, reason=reason)  # type: ignore[arg-type]
+            ResourceItem(
+                rid=rid,
+                worker=view.worker,
+                action=action,  # type: ignore[arg-type]
+                model=model,
+                at=now,
+                reason=reason,
+                vram_mb=vram,
+            )
         )
 
     def unloadable(view: GpuView) -> bool:

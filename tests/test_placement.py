@@ -1312,3 +1312,35 @@ def test_random_fleets_and_demands_run_clean(
     sim.run_for(1000)
     sim.check()
     assert all(sim.plan(p).status == "succeeded" for p in servable)
+
+
+def _held(gpu: str, state: str, loaded_at: float) -> GpuView:
+    return GpuView(
+        gpu=gpu,
+        worker=f"w-{gpu}",
+        state=state,
+        llm="qwen",
+        vram_total_mb=8192,
+        vram_used_mb=5600,
+        loaded_at=loaded_at,
+        last_used=loaded_at,
+    )
+
+
+def test_a_gpu_whose_unload_is_asked_for_no_longer_counts_as_holding_the_model() -> None:
+    """Three GPUs hold qwen; one is already being unloaded (its task still runs). With one qwen
+    task and plenty of script work waiting, qwen keeps one GPU: one of the other two, not none."""
+    policy = PlacementPolicy(models={"qwen": ("llm", 5600)}, min_residency_s=300.0)
+    going = _held("g0", LLM_BUSY, 0.0)
+    going.pending = ("unload", "qwen", "rid-0", 990.0)
+    gpus = {"g0": going, "g1": _held("g1", LLM_READY, 0.0), "g2": _held("g2", LLM_READY, 0.0)}
+    decision = place(gpus, {"llm:qwen": 1, "script": 10}, 1000.0, policy)
+    unloads = sorted(e.gpu for e in decision.events if e.action == "unload")
+    assert len(unloads) == 1, f"qwen must keep one GPU for its waiting task: {unloads} unloaded"
+
+
+def test_a_load_item_says_the_vram_it_was_placed_by() -> None:
+    policy = PlacementPolicy(models={"qwen": ("llm", 5600)})
+    gpus = {"g0": GpuView(gpu="g0", worker="w0", vram_total_mb=8192)}
+    decision = place(gpus, {"llm:qwen": 1}, 0.0, policy)
+    assert [(i.action, i.model, i.vram_mb) for i in decision.items] == [("load", "qwen", 5600)]
