@@ -42,7 +42,16 @@ class Release(Escalations):
                 )
 
     def place(self) -> None:
-        decision = place(self.state.gpus, self.state.demand, self.now, self.policy.placement)
+        state = self.state
+        decision = place(
+            state.gpus,
+            state.demand,
+            self.now,
+            self.policy.placement,
+            running=state.running,
+            pressure=state.pressure,
+            arrived=state.arrived,
+        )
         self.step.events.extend(decision.events)
         self.step.resources.extend(decision.items)
         for model, need, largest in decision.unplaceable:

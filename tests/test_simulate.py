@@ -167,8 +167,8 @@ def test_a_misplacement_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     real = placement.place
     forced: list[float] = []
 
-    def careless(gpus: Any, demand: Any, now: float, policy: Any) -> Decision:
-        decision = real(gpus, demand, now, policy)
+    def careless(gpus: Any, demand: Any, now: float, policy: Any, **kw: Any) -> Decision:
+        decision = real(gpus, demand, now, policy, **kw)
         view = gpus.get("sim-gpu1")
         if not forced and view is not None and view.usable and view.pending is None and not view.llm:
             forced.append(now)
