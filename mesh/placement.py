@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from mesh.events import GpuState, ResourceItem, ResourceRequested
 from mesh.placement_need import SCRIPT_DURATION_KEY, Figures, Pressure, Priors, Work, allocate
+from mesh.settings import Settings
 
 __all__ = ["Figures", "GpuView", "PlacementPolicy", "Pressure", "observe", "place"]
 
@@ -60,8 +61,8 @@ def llm_demand_key(model: str) -> str:
 
 @dataclass(frozen=True)
 class PlacementPolicy:
-    """Placement's settings (`mesh.settings.Settings`: the same names, `placement_` before
-    those of this module's rules)."""
+    """Placement's settings (`mesh.settings.Settings`: the same names, `placement_` before the
+    new ones); the defaults are the settings' (`PlacementPolicy.of` builds one from them)."""
 
     # model name -> (kind, VRAM needed in MB)
     models: dict[str, tuple[str, int]] = field(default_factory=dict)
@@ -77,6 +78,24 @@ class PlacementPolicy:
     # priors until measured: a task's duration, a model's load time
     task_s: float = 30.0
     load_s: float = 120.0
+
+    @classmethod
+    def of(cls, settings: Settings, models: dict[str, tuple[str, int]]) -> PlacementPolicy:
+        """The policy the settings say, for the models of the registry."""
+        return cls(
+            models=models,
+            keep_alive_s=settings.keep_alive_s,
+            keep_warm=settings.keep_warm,
+            min_residency_s=settings.min_residency_s,
+            load_timeout_s=settings.load_timeout_s,
+            yield_after_s=settings.yield_after_s,
+            yield_factor=settings.placement_yield_factor,
+            grow_factor=settings.placement_grow_factor,
+            memory_s=settings.placement_memory_s,
+            settle_s=settings.placement_settle_s,
+            task_s=settings.placement_task_s,
+            load_s=settings.placement_load_s,
+        )
 
 
 @dataclass

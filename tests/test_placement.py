@@ -52,6 +52,7 @@ from mesh.placement import (
     place,
 )
 from mesh.records import PlanRecord, TaskRecord
+from mesh.settings import Settings
 
 T0 = 1_000.0
 MODELS: dict[str, tuple[str, int]] = {
@@ -1322,3 +1323,10 @@ def test_random_fleets_and_demands_run_clean(
     sim.run_for(1000)
     sim.check()
     assert all(sim.plan(p).status == "succeeded" for p in servable)
+
+
+def test_the_policy_defaults_are_the_settings_defaults() -> None:
+    """A PlacementPolicy built without settings (the simulator's, a test's) decides as the brain
+    does with mesh's default settings."""
+    models = {"small": ("llm", 800)}
+    assert PlacementPolicy(models=models) == PlacementPolicy.of(Settings(), models)
