@@ -149,8 +149,11 @@ class GpuView:
 
     @property
     def free(self) -> bool:
-        """Holds no LLM and none is on its way: script work may run here."""
-        return not self.llm and self.state not in HOLDS_LLM and self.pending is None
+        """Free of LLMs, or soon: holds none and none is on its way, or its LLM is being
+        unloaded. Script work runs here."""
+        if self.pending is not None:
+            return self.pending[0] == "unload"
+        return not self.llm and self.state not in HOLDS_LLM
 
 
 def observe(gpus: dict[str, GpuView], ev: GpuState) -> None:

@@ -1330,3 +1330,38 @@ def test_the_policy_defaults_are_the_settings_defaults() -> None:
     does with mesh's default settings."""
     models = {"small": ("llm", 800)}
     assert PlacementPolicy(models=models) == PlacementPolicy.of(Settings(), models)
+
+
+def test_a_gpu_whose_unload_is_in_flight_no_longer_holds_its_model() -> None:
+    """Three GPUs hold qwen: g1 is busy with an unload asked of it (it waits for its task to
+    end), g2 and g3 are ready and were loaded long ago. One qwen task and ten script tasks wait.
+    g1 counts as leaving qwen (and as free for script work soon): qwen keeps a GPU for its task,
+    and no more than one other GPU is asked to go. (Counting g1 as still holding qwen made the
+    brain unload g2 and g3 both, leaving qwen on no GPU while its task waited.)"""
+    pp = PlacementPolicy(models={"qwen": ("llm", 5000)})
+    now = T0 + 10_000
+
+    def view(gpu: str, state: str, pending: tuple[str, str, str, float] | None = None) -> GpuView:
+        return GpuView(
+            gpu=gpu,
+            worker=f"w-{gpu}",
+            state=state,
+            llm="qwen",
+            vram_total_mb=8192,
+            vram_used_mb=5000,
+            loaded_at=T0,
+            last_used=T0,
+            load_times={"qwen": 60.0},
+            pending=pending,
+        )
+
+    views = {
+        "g1": view("g1", LLM_BUSY, ("unload", "qwen", "g1-unload-qwen", now - 5)),
+        "g2": view("g2", LLM_READY),
+        "g3": view("g3", LLM_READY),
+    }
+    decision = place(views, {"llm:qwen": 1, "script": 10}, now, pp)
+    unloads = [e for e in decision.events if e.action == "unload"]
+    assert len(unloads) <= 1 and {e.gpu for e in unloads} <= {"g2", "g3"}
+    keep = [v for v in views.values() if v.holds("qwen")]
+    assert keep and all(v.pending is None for v in keep), "qwen must keep a GPU for its waiting task"
