@@ -462,10 +462,10 @@ class _Placer:
             idle = [v for v in self.usable if v.free and v.state == IDLE]
             best: tuple[tuple[int, float, str], Work, GpuView, str] | None = None
             for w in self.llms.values():
-                if w.waiting <= 0:
-                    continue
+                if w.waiting <= 0 or w.holders * w.slots >= w.tasks:
+                    continue  # no work waiting, or a GPU for each of its tasks already
                 mine = [v for v in idle if self.owner.get(v.gpu) == w.key and self.settled(v, w)]
-                view = self.best_fit(w.model, mine)
+                view = self.best_fit(w.model, mine) if self.under(w) else None
                 why = f"its share is {self.share.get(w.key, 0)} GPU(s)"
                 if view is None and w.pays(self.policy.grow_factor):
                     view = self.best_fit(w.model, [v for v in idle if v.gpu not in self.owner])
