@@ -79,6 +79,7 @@ class PlacementPolicy:
     grow_factor: float = 0.5
     memory_s: float = 900.0
     settle_s: float = 60.0
+    lend_factor: float = 1.0
     # priors until measured: a task's duration, a model's load time
     task_s: float = 30.0
     load_s: float = 120.0
@@ -97,6 +98,7 @@ class PlacementPolicy:
             grow_factor=settings.placement_grow_factor,
             memory_s=settings.placement_memory_s,
             settle_s=settings.placement_settle_s,
+            lend_factor=settings.placement_lend_factor,
             task_s=settings.placement_task_s,
             load_s=settings.placement_load_s,
         )
@@ -493,6 +495,11 @@ class _Placer:
                     view = self.best_fit(w.model, [v for v in idle if v.gpu not in self.owner])
                     each = w.backlog_s(w.holders + 1)
                     why = f"a GPU in nobody's share; each of its GPUs gets {each:.0f}s of it"
+                if view is None and self.lend_pays(w, None):
+                    view = self.best_fit(w.model, [v for v in idle if self.lendable(v)])
+                    lender = self.owner.get(view.gpu, "") if view is not None else ""
+                    each = w.backlog_s(w.holders + 1)
+                    why = f"lent by {lender} (no work of its own); each of its GPUs gets {each:.0f}s of it"
                 if view is None:
                     continue
                 rank = (0 if w.holders == 0 else 1, -w.level / (w.holders + 1), w.model)
@@ -522,6 +529,34 @@ class _Placer:
         ]
         return min(wants, key=lambda w: (w.holders > 0, -w.level / (w.holders + 1), w.key), default=None)
 
+    def lend_pays(self, other: Work, holder: Work | None) -> bool:
+        """Lending a GPU to `other` pays: its waiting work gives the GPU, beside those that hold
+        it, at least lend_factor times what the loan costs (loading `other`'s model now, and
+        `holder`'s again when its work comes back)."""
+        if other.waiting <= 0 or other.holders * other.slots >= other.tasks:
+            return False
+        cost = other.load_s + (holder.load_s if holder is not None else 0.0)
+        return other.backlog_s(other.holders + 1) >= self.policy.lend_factor * max(cost, 1.0)
+
+    def lendable(self, view: GpuView) -> bool:
+        """In the share of an LLM with no work waiting or running (script work's GPUs are not
+        lent: its work trickles in, and a GPU lent to an LLM comes back only a load later)."""
+        key = self.owner.get(view.gpu)
+        w = next((w for w in self.llms.values() if w.key == key), None)
+        return w is not None and w.tasks == 0
+
+    def borrower(self, view: GpuView, holder: Work) -> Work | None:
+        """Waiting work this idle GPU, in the share of a class with no work, is lent to: the
+        most waiting work per GPU among those for which the loan pays."""
+        wants = [
+            w
+            for w in self.works
+            if w is not holder
+            and (not w.model or (self.fits(view, w.model) and w.model not in view.refused))
+            and self.lend_pays(w, holder)
+        ]
+        return max(wants, key=lambda w: (w.backlog_s(w.holders + 1), w.key), default=None)
+
     def hand_over(self) -> None:
         """Rules 3 and 4: a GPU whose LLM holds more than its share goes to waiting work whose
         share it is (or that is below its share): once unused about a load time when its model
@@ -533,6 +568,10 @@ class _Placer:
         for view in sorted(ready, key=lambda v: (v.last_used, v.gpu)):
             w = self.llms[view.llm]
             other = self.claimant(view, w)
+            lent = False
+            if other is None and w.tasks == 0 and self.now - view.last_used >= self.yield_s(w):
+                other = self.borrower(view, w)
+                lent = other is not None
             if other is None:
                 continue
             wanted = f"{other.waiting} {other.name} task(s) waiting on {other.holders} GPU(s)"
@@ -540,7 +579,14 @@ class _Placer:
             if w.waiting <= 0:
                 unused = self.now - view.last_used
                 kept = w.holders <= w.keeps()
-                if unused < self.yield_s(w) or (kept and not w.stopped and other.holders > 0):
+                if unused < self.yield_s(w) or (
+                    kept
+                    and not w.stopped
+                    and other.holders > 0
+                    and not lent
+                    and self.owner.get(view.gpu) != other.key
+                    and not self.lend_pays(other, w)
+                ):
                     continue
                 why = f"no {w.model} work waiting, unused {unused:.0f}s; {wanted} ({shares})"
             else:

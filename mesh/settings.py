@@ -122,6 +122,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     placement_memory_s: float = 900.0
     # a GPU changes class only after it has been in the other class's share this long
     placement_settle_s: float = 60.0
+    # an idle GPU whose class has no work is lent to another class's waiting work when that work
+    # gives it at least this many times what the loan costs (loads now and when the work is back)
+    placement_lend_factor: float = 1.0
     # until measured: how long a model task runs, how long loading a model takes
     placement_task_s: float = 30.0
     placement_load_s: float = 120.0
