@@ -18,6 +18,11 @@ waiting, running and arriving, per LLM model and for script work (a *class* each
    work of the last while keeps it: the model's work is between bursts, not stopped, or the
    other class is an LLM already served somewhere (a swap costs a load now and likely one
    later);
+   ... except a *loan*: a GPU in the share of an LLM with no work waiting or running, unused as
+   long, goes to another class whose waiting work gives it at least `lend_factor` times the
+   loan's cost (loading the borrower's model now, the lender's when its work is back); a free
+   GPU in such a share is loaded for the borrower on the same terms; script work's GPUs are
+   never lent (its work trickles back);
 4. a GPU in another class's share whose LLM still has work goes once it has been loaded
    `min_residency_s`, on the same terms against another LLM;
 5. a GPU changes hands for another class only after being in its share `settle_s` (at once for
@@ -589,6 +594,11 @@ class _Placer:
                 ):
                     continue
                 why = f"no {w.model} work waiting, unused {unused:.0f}s; {wanted} ({shares})"
+                if lent or (
+                    kept and not w.stopped and other.holders > 0 and self.owner.get(view.gpu) != other.key
+                ):
+                    each = other.backlog_s(other.holders + 1)
+                    why += f"; lent to {other.name}: {each:.0f}s of its work for this GPU pays for the loads"
             else:
                 if self.now - view.loaded_at < policy.min_residency_s:
                     continue

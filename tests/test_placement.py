@@ -11,6 +11,7 @@ scenarios then check what was loaded where and when.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections import defaultdict, deque
@@ -1372,3 +1373,31 @@ def test_a_load_item_says_the_vram_it_was_placed_by() -> None:
     gpus = {"g0": GpuView(gpu="g0", worker="w0", vram_total_mb=8192)}
     decision = place(gpus, {"llm:qwen": 1}, 0.0, policy)
     assert [(i.action, i.model, i.vram_mb) for i in decision.items] == [("load", "qwen", 5600)]
+
+
+@pytest.mark.parametrize("lend_factor", [1.0, 1000.0], ids=["lends", "never-pays"])
+def test_an_idle_models_gpus_are_lent_to_another_models_burst_when_it_pays(lend_factor: float) -> None:
+    """small ran a burst on all three GPUs and has no work left; then 60 big prompts arrive
+    (600 s of work against 30 s loads). big gets its own share at once; the GPUs still in
+    small's share go to big too once unused a load time, because the burst gives each of them
+    far more than the loan costs (big's load now, small's when its work is back). With a lend
+    factor no burst can pay, small keeps them (its work may come back) and big runs on its share."""
+    base = make_policy()
+    pp = dataclasses.replace(base.placement, lend_factor=lend_factor)
+    sim = Sim(fleet(3, default_load_s=30.0), dataclasses.replace(base, placement=pp))
+    sim.submit(prompts(30))
+    sim.finish()
+    assert set(sim.holding().values()) == {"small"} and len(sim.holding()) == 3
+    done = sim.now
+    sim.submit(prompts(60, model="big", prefix="b"), plan_id="p2")
+    sim.run_for(300)
+    big = sorted(g for g, m in sim.holding().items() if m == "big")
+    lent = [r for r in sim.unloads() if r.at >= done and "lent" in r.reason]
+    if lend_factor == 1.0:
+        assert len(big) == 3, sim.holding()
+        assert lent and all(r.model == "small" and r.at - done >= 30.0 for r in lent), lent
+    else:
+        assert 1 <= len(big) < 3 and not lent, (sim.holding(), lent)
+    sim.finish("p2")
+    assert sim.plan("p2").status == "succeeded"
+    sim.check()
