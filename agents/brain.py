@@ -74,12 +74,8 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
             default_models={k: settings.default_model(k) for k in MODEL_KINDS},
             escalate_after=settings.escalate_after,
             review_model=settings.review_model,
-            placement=PlacementPolicy(
-                models={name: (m.kind, m.vram_mb) for name, m in settings.model_registry().items()},
-                keep_alive_s=settings.keep_alive_s,
-                min_residency_s=settings.min_residency_s,
-                load_timeout_s=settings.load_timeout_s,
-                yield_after_s=settings.yield_after_s,
+            placement=PlacementPolicy.of(
+                settings, {name: (m.kind, m.vram_mb) for name, m in settings.model_registry().items()}
             ),
         )
         self._noted: dict[str, float] = {}

@@ -43,7 +43,16 @@ class Release(Escalations):
 
     def place(self) -> None:
         state = self.state
-        decision = place(state.gpus, state.demand, self.now, self.policy.placement, learned=state.learned)
+        decision = place(
+            state.gpus,
+            state.demand,
+            self.now,
+            self.policy.placement,
+            running=state.running,
+            pressure=state.pressure,
+            arrived=state.arrived,
+            learned=state.learned,
+        )
         self.step.events.extend(decision.events)
         self.step.resources.extend(decision.items)
         for model, need, largest in decision.unplaceable:

@@ -39,7 +39,7 @@ from mesh.events import (
     TaskWaiting,
 )
 from mesh.learned import Learned
-from mesh.placement import SCRIPT, GpuView, llm_demand_key
+from mesh.placement import SCRIPT, GpuView, Pressure, llm_demand_key
 from mesh.records import (
     CANCELLED,
     ESCALATING,
@@ -84,30 +84,32 @@ class State:
     removed_plans: set[str] = field(default_factory=set)
     aging_s: float = 60.0
     # GPUs as their workers report them, and the model work waiting (waiting or ready tasks)
-    # by demand key ('llm:<model>', 'script')
+    # and running, by demand key ('llm:<model>', 'script')
     gpus: dict[str, GpuView] = field(default_factory=dict)
     demand: dict[str, int] = field(default_factory=dict)
     # load times, VRAM used and task durations measured so far (`gpu.state`, `task.succeeded`)
     learned: Learned = field(default_factory=Learned)
+    running: dict[str, int] = field(default_factory=dict)
+    # tasks that became model work (waiting) so far, by demand key: placement tells work that
+    # stopped from work between bursts by when they arrive
+    arrived: dict[str, int] = field(default_factory=dict)
+    # placement's memory between decisions (each class's need over time, arrivals, shares); not
+    # in the records: a restarted brain starts it afresh
+    pressure: Pressure = field(default_factory=Pressure)
     _seq: int = 0
 
     def _count_demand(self, rec: TaskRecord, delta: int) -> None:
-        if rec.review:
-            # a review in flight is llm work on the review model, whatever the task's own class
-            self.demand[llm_demand_key(rec.review_model)] = (
-                self.demand.get(llm_demand_key(rec.review_model), 0) + delta
-            )
-            return
-        if rec.spec.requires_external:
-            return  # Claude does it: no GPU needs its model
-        cls = rec.spec.cls
-        if cls == "llm":
-            key = llm_demand_key(rec.spec.model)
-        elif cls == SCRIPT:
-            key = SCRIPT
-        else:
-            return
-        self.demand[key] = self.demand.get(key, 0) + delta
+        _add(self.demand, demand_key(rec), delta)
+
+    def _count_running(self, rec: TaskRecord, delta: int) -> None:
+        _add(self.running, demand_key(rec), delta)
+
+    def _count(self, rec: TaskRecord, delta: int) -> None:
+        """Count (or uncount) a record as model work by its status: waiting or running."""
+        if rec.status in DEMAND_STATES:
+            self._count_demand(rec, delta)
+        elif rec.status == RUNNING:
+            self._count_running(rec, delta)
 
     # ---------------------------------------------------------- indexes
     def _push(self, rec: TaskRecord) -> None:
@@ -126,8 +128,7 @@ class State:
         for followup in rec.followups:
             # an escalated task waits on the follow-up tasks Claude proposed
             self.dependents.setdefault(f"{rec.plan_id}.{followup}", []).append(key)
-        if rec.status in DEMAND_STATES:
-            self._count_demand(rec, 1)
+        self._count(rec, 1)
         if rec.status == WAITING:
             self._push(rec)
         elif rec.status in INFLIGHT_STATES:
@@ -160,8 +161,7 @@ class State:
             self.dirty_tasks.discard(key)
             if rec is None:
                 continue
-            if rec.status in DEMAND_STATES:
-                self._count_demand(rec, -1)
+            self._count(rec, -1)
             if rec.status in INFLIGHT_STATES:
                 self.inflight[rec.spec.cls] = self.inflight.get(rec.spec.cls, 0) - 1
         self.plans.pop(plan_id, None)
@@ -203,13 +203,15 @@ def _set_status(state: State, rec: TaskRecord, status: TaskStatus, at: float) ->
         plan.updated_at = at
         state.dirty_plans.add(plan.plan_id)
     cls = rec.spec.cls
-    if (old in DEMAND_STATES) != (status in DEMAND_STATES):
-        state._count_demand(rec, 1 if status in DEMAND_STATES else -1)
+    state._count(rec, -1)
     if old in INFLIGHT_STATES and status not in INFLIGHT_STATES:
         state.inflight[cls] = state.inflight.get(cls, 0) - 1
     elif status in INFLIGHT_STATES and old not in INFLIGHT_STATES:
         state.inflight[cls] = state.inflight.get(cls, 0) + 1
     rec.status = status
+    state._count(rec, 1)
+    if status in DEMAND_STATES and old not in DEMAND_STATES:
+        _add(state.arrived, demand_key(rec), 1)
     rec.updated_at = at
     state.dirty_tasks.add(rec.key)
 
@@ -414,14 +416,31 @@ def evolve(state: State, ev: Msg) -> None:
 
 
 def _rekey_demand(state: State, rec: TaskRecord, change: Callable[[], None]) -> None:
-    """Change what a record's demand is counted under (a review starting or ending) while it
-    may be counted."""
-    counted = rec.status in DEMAND_STATES
-    if counted:
-        state._count_demand(rec, -1)
+    """Change what a record's work is counted under (a review starting or ending) while it
+    may be counted (waiting or running)."""
+    state._count(rec, -1)
     change()
-    if counted:
-        state._count_demand(rec, 1)
+    state._count(rec, 1)
+
+
+def demand_key(rec: TaskRecord) -> str:
+    """The demand key a task's work counts under ('' : none, no GPU model needed)."""
+    if rec.review:
+        # a review in flight is llm work on the review model, whatever the task's own class
+        return llm_demand_key(rec.review_model)
+    if rec.spec.requires_external:
+        return ""  # Claude does it: no GPU needs its model
+    cls = rec.spec.cls
+    if cls == "llm":
+        return llm_demand_key(rec.spec.model)
+    if cls == SCRIPT:
+        return SCRIPT
+    return ""
+
+
+def _add(table: dict[str, int], key: str, delta: int) -> None:
+    if key:
+        table[key] = table.get(key, 0) + delta
 
 
 def _start_review(rec: TaskRecord, ev: TaskReviewing) -> None:

@@ -96,14 +96,16 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # tasks one GPU runs at once, per kind of work
     llm_slots: int = 1
     script_slots: int = 1
-    # a loaded LLM nobody used for this long is unloaded; one is never unloaded for other
-    # work before it has been loaded this long (a load costs minutes on small cards)
+    # a loaded LLM nobody used for this long is unloaded when no other work wants its GPU, but
+    # a model's last GPU stays loaded (keep_warm = false: that one too); an LLM that still has
+    # work is never unloaded for other work before it has been loaded min_residency_s
     keep_alive_s: float = 600.0
+    keep_warm: bool = True
     min_residency_s: float = 300.0
     # a load the brain asked for and never saw finish is asked again after this long
     load_timeout_s: float = 900.0
-    # an LLM with no work left hands its GPU to other waiting work once unused this long (or
-    # three times its last load time, if longer)
+    # an LLM with no work waiting hands its GPU to other waiting work once unused
+    # placement_yield_factor times its load time (at least yield_after_s)
     yield_after_s: float = 10.0
     # a measured figure (a model's load time and VRAM, a task's duration) replaces the configured
     # one once this many samples were seen; the median of the last learn_window is used
@@ -112,6 +114,20 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # a brain started with this set begins with no learned figures (those of its checkpoint are
     # dropped): start it once so after a new card or a model file replaced under the same name
     learn_forget: bool = False
+    placement_yield_factor: float = 1.0
+    # a free GPU in no class's share is loaded for a burst while the waiting work gives each GPU
+    # of the model at least this many load times of work
+    placement_grow_factor: float = 0.5
+    # how long a class's need is remembered once its work drops (its level falls within this)
+    placement_memory_s: float = 900.0
+    # a GPU changes class only after it has been in the other class's share this long
+    placement_settle_s: float = 60.0
+    # an idle GPU whose class has no work is lent to another class's waiting work when that work
+    # gives it at least this many times what the loan costs (loads now and when the work is back)
+    placement_lend_factor: float = 1.0
+    # until measured: how long a model task runs, how long loading a model takes
+    placement_task_s: float = 30.0
+    placement_load_s: float = 120.0
     # prepended to LD_LIBRARY_PATH of GPU workers before any CUDA library loads
     gpu_library_path: str = ""
     # the memory a CPU worker offers model kinds (MB; 0: the host's available memory)

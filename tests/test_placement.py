@@ -11,6 +11,7 @@ scenarios then check what was loaded where and when.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections import defaultdict, deque
@@ -52,6 +53,7 @@ from mesh.placement import (
     place,
 )
 from mesh.records import PlanRecord, TaskRecord
+from mesh.settings import Settings
 
 T0 = 1_000.0
 MODELS: dict[str, tuple[str, int]] = {
@@ -73,12 +75,14 @@ def make_policy(
     min_residency_s: float = MIN_RESIDENCY_S,
     load_timeout_s: float = LOAD_TIMEOUT_S,
     yield_after_s: float = YIELD_AFTER_S,
+    keep_warm: bool = True,
 ) -> Policy:
     return Policy(
         release_window=256,
         placement=PlacementPolicy(
             models=MODELS,
             keep_alive_s=keep_alive_s,
+            keep_warm=keep_warm,
             min_residency_s=min_residency_s,
             load_timeout_s=load_timeout_s,
             yield_after_s=yield_after_s,
@@ -483,7 +487,7 @@ class Sim:
     def check(self) -> None:
         """What must hold in any run: no violation seen, and every unload one the policy allows:
         the model had been resident min_residency_s, or unused keep_alive_s, or it had no waiting
-        work and had been unused max(yield_after_s, 3 * its load's time)."""
+        work and had been unused max(yield_after_s, yield_factor * its load's time)."""
         assert self.violations == []
         booting: dict[str, float] = {}
         load_s: dict[str, float] = {}
@@ -509,7 +513,7 @@ class Sim:
             else:
                 held = at - ready[gpu]
                 idle = at - last_used[gpu]
-                yield_after = max(self.pp.yield_after_s, 3 * load_s[gpu])
+                yield_after = max(self.pp.yield_after_s, self.pp.yield_factor * load_s[gpu])
                 assert (
                     held >= self.pp.min_residency_s
                     or idle >= self.pp.keep_alive_s
@@ -533,6 +537,9 @@ def statuses(sim: Sim, plan_id: str = "p1") -> set[str]:
 
 @pytest.mark.parametrize(("n_tasks", "expected_gpus"), [(1, 1), (2, 2), (3, 3), (12, 3)])
 def test_llm_work_spreads_over_idle_gpus_as_far_as_it_goes(n_tasks: int, expected_gpus: int) -> None:
+    """The first GPU at once; each further idle GPU once the waiting work gives each GPU half a
+    load time of work: at once for 12 tasks; for 2 or 3 once the first load showed that a load
+    takes 30 s (the prior is 120 s), never more GPUs than tasks."""
     sim = Sim(fleet(3))
     assert sim.requests == []  # idle GPUs and no work: nothing to load
     sim.submit(prompts(n_tasks))
@@ -542,11 +549,14 @@ def test_llm_work_spreads_over_idle_gpus_as_far_as_it_goes(n_tasks: int, expecte
     assert len(loads) == expected_gpus <= n_tasks
     assert len({r.gpu for r in loads}) == expected_gpus  # each GPU asked once
     assert {r.model for r in loads} == {"small"}  # the default llm model
-    assert all(r.at == T0 + sim.dt for r in loads)  # at once, on the first tick after the submission
+    assert loads[0].at == T0 + sim.dt  # at once, on the first tick after the submission
+    if n_tasks * sim.pp.task_s / expected_gpus >= sim.pp.grow_factor * sim.pp.load_s:
+        assert all(r.at == T0 + sim.dt for r in loads)
+    assert all(r.at <= T0 + sim.dt + 30.0 for r in loads)
     assert "task(s) waiting" in loads[0].reason
     assert sim.plan().status == "succeeded" and statuses(sim) == {"succeeded"}
     assert len(sim.runs) == n_tasks and {r.model for r in sim.runs} == {"small"}
-    assert {r.gpu for r in sim.runs} == {r.gpu for r in loads}
+    assert {r.gpu for r in sim.runs} <= {r.gpu for r in loads}
     assert sim.unloads() == []  # the models stay warm after the work (keep-alive)
     sim.check()
 
@@ -676,7 +686,7 @@ def test_an_unrelated_error_does_not_clear_a_pending_request() -> None:
 
 
 def test_queue_shifting_llm_script_llm_does_not_thrash() -> None:
-    sim = Sim(fleet(3, default_load_s=60.0), llm_s=20.0, script_s=20.0)
+    sim = Sim(fleet(3, default_load_s=60.0), make_policy(keep_warm=False), llm_s=20.0, script_s=20.0)
     sim.submit(prompts(60), plan_id="llm1")
     sim.run_until(T0 + 100)
     assert len(sim.loads()) == 3 and sim.unloads() == []
@@ -696,19 +706,21 @@ def test_queue_shifting_llm_script_llm_does_not_thrash() -> None:
     assert len(first) == 60 and len(script_runs) == 60
     assert sim.plan("llm1").status == sim.plan("scripts").status == "succeeded"
 
-    # every GPU goes cold once nothing used it for keep_alive_s; then LLM work returns
+    # every GPU goes cold once nothing used it for keep_alive_s (keep_warm off); then LLM work
+    # returns: it loads where script work does not keep a GPU for its recent work (the script
+    # work came ten minutes ago: one GPU stays free for it a while longer)
     sim.run_for(KEEP_ALIVE_S + 10)
     assert sim.holding() == {}
     back = sim.now
     sim.submit(prompts(30, prefix="r"), plan_id="llm2")
     sim.finish("llm2")
-    assert len(sim.loads(since=back)) == 3
+    assert 2 <= len(sim.loads(since=back)) <= 3
     assert sim.plan("llm2").status == "succeeded"
 
-    # no thrashing: one load per GPU and phase of LLM work, none undone before the policy allows
-    # (check()); none while the script work ran
-    assert len(sim.loads()) == 6, sim.loads()
-    assert {g: len(sim.loads(g)) for g in sim.gpus} == {"g1": 2, "g2": 2, "g3": 2}
+    # no thrashing: at most one load per GPU and phase of LLM work, none undone before the
+    # policy allows (check()); none while the script work ran
+    assert len(sim.loads()) <= 6, sim.loads()
+    assert all(len(sim.loads(g)) <= 2 for g in sim.gpus)
     assert len(sim.unloads()) == 3
     sim.check()
 
@@ -738,7 +750,7 @@ def test_script_work_waits_min_residency_while_the_llm_still_has_work() -> None:
 
 def test_place_keeps_an_llm_that_still_has_work_for_min_residency_however_long_unused() -> None:
     """g1 holds small beyond its share (g2 holds it too; one task waits, script work waits) and
-    sat unused far longer than yield_after_s and three load times: with work of its own still
+    sat unused far longer than yield_after_s and its load time: with work of its own still
     waiting, it keeps the GPU until min_residency_s since its load. Without such work it would go."""
     pp = make_policy().placement
     loaded_at = T0
@@ -773,10 +785,10 @@ def test_place_keeps_an_llm_that_still_has_work_for_min_residency_however_long_u
     (unload,) = place(views(), demand, loaded_at + MIN_RESIDENCY_S, pp).events
     assert (unload.gpu, unload.action, unload.model) == ("g1", "unload", "small")
     assert "other work waits" in unload.reason
-    # the same GPU, its model's work done: it goes once unused three load times
-    assert place(views(), {"script": 5}, loaded_at + 3 * 30.0 - 1, pp).events == []
-    (unload,) = place(views(), {"script": 5}, loaded_at + 3 * 30.0, pp).events
-    assert (unload.gpu, unload.action) == ("g1", "unload") and "no work left" in unload.reason
+    # the same GPU, its model's work done: it goes once unused a load time
+    assert place(views(), {"script": 5}, loaded_at + 30.0 - 1, pp).events == []
+    (unload,) = place(views(), {"script": 5}, loaded_at + 30.0, pp).events
+    assert (unload.gpu, unload.action) == ("g1", "unload") and "no small work waiting" in unload.reason
 
 
 def load_times(sim: Sim) -> list[float]:
@@ -791,13 +803,13 @@ def load_times(sim: Sim) -> list[float]:
     return took
 
 
-@pytest.mark.parametrize(("load_s", "yield_s"), [(2.0, YIELD_AFTER_S), (60.0, 3 * 60.0)])
+@pytest.mark.parametrize(("load_s", "yield_s"), [(2.0, YIELD_AFTER_S), (60.0, 60.0)])
 def test_with_no_llm_work_left_script_work_gets_the_gpu_once_the_model_sat_unused(
     load_s: float, yield_s: float
 ) -> None:
     """Script work waits behind the LLM's last tasks on the only GPU. Once the LLM's work is
-    done, the model goes after yield_after_s unused, or three times its load time if that is
-    longer; not before, and long before min_residency_s."""
+    done, the model goes after yield_after_s unused, or its load time if that is longer (about
+    as long as loading it again costs); not before, and long before min_residency_s."""
     sim = Sim(fleet(1, default_load_s=load_s))
     sim.submit(prompts(3) + scripts(3))
     sim.run_while(lambda: len([r for r in sim.runs if r.cls == "llm"]) < 3)
@@ -810,7 +822,7 @@ def test_with_no_llm_work_left_script_work_gets_the_gpu_once_the_model_sat_unuse
     sim.run_until(last_used + yield_s + sim.dt)
     (unload,) = sim.unloads()
     assert last_used + yield_s <= unload.at <= last_used + yield_s + sim.dt
-    assert unload.waiting == 0 and "no work left" in unload.reason
+    assert unload.waiting == 0 and "no small work waiting" in unload.reason
     held = unload.at - next(a.at for a in sim.answers if a.what == "ready")
     assert held < MIN_RESIDENCY_S
     sim.finish()
@@ -819,30 +831,32 @@ def test_with_no_llm_work_left_script_work_gets_the_gpu_once_the_model_sat_unuse
     sim.check()
 
 
-def test_an_idle_model_makes_room_for_another_once_unused_three_load_times() -> None:
-    """small's work is done and big's waits for the only GPU: small goes once unused three times
-    its load time (90 s, longer than yield_after_s), long before min_residency_s."""
+def test_an_idle_model_makes_room_for_another_once_unused_a_load_time() -> None:
+    """small's work is done and big's waits for the only GPU: small goes once unused its load
+    time (30 s, longer than yield_after_s), long before min_residency_s."""
     sim = Sim(fleet(1, default_load_s=30.0))
     sim.submit(prompts(1))
     sim.run_for(60)
     (run,) = sim.runs
     assert sim.state.gpus["g1"].load_s == 30.0
     sim.submit(prompts(5, model="big", prefix="b"), plan_id="p2")
-    sim.run_until(run.end + 3 * 30.0 - 1)
+    sim.run_until(run.end + 30.0 - 1)
     assert sim.unloads() == []
     sim.finish("p2")
     (unload,) = sim.unloads()
-    assert unload.model == "small" and run.end + 90.0 <= unload.at <= run.end + 90.0 + sim.dt
-    assert unload.waiting == 0 and "big has 5 task(s) waiting" in unload.reason
+    assert unload.model == "small" and run.end + 30.0 <= unload.at <= run.end + 30.0 + sim.dt
+    assert unload.waiting == 0 and "5 big task(s) waiting" in unload.reason
     assert [r.model for r in sim.loads()] == ["small", "big"]
     sim.check()
 
 
 @pytest.mark.parametrize("load_s", [5.0, 60.0, 150.0])
-def test_alternating_llm_and_script_work_spends_at_most_a_quarter_of_the_time_loading(load_s: float) -> None:
+def test_alternating_llm_and_script_work_spends_at_most_half_the_time_loading(load_s: float) -> None:
     """Work alternates on one GPU, each LLM task with a script task queued behind it, so the
     model is unloaded for the script and loaded again for the next LLM task, forty times over.
-    However long a load takes, the GPU spends at most a quarter of the time loading."""
+    However long a load takes, the GPU spends at most half the time loading: the model waits a
+    load time unused before it goes (a rent-or-buy rule: never more than twice the cost of
+    the best choice made knowing the future)."""
     sim = Sim(fleet(1, default_load_s=load_s), llm_s=5.0, script_s=5.0)
     began = sim.now
     for k in range(40):
@@ -852,7 +866,7 @@ def test_alternating_llm_and_script_work_spends_at_most_a_quarter_of_the_time_lo
     took = load_times(sim)
     assert len(took) == len(sim.loads()) == len(sim.unloads()) == 40  # it really alternated
     assert all(t == load_s for t in took)
-    assert sum(took) <= (sim.now - began) / 4
+    assert sum(took) <= (sim.now - began) / 2
     sim.check()
 
 
@@ -924,7 +938,7 @@ def test_a_model_over_its_share_keeps_gpus_the_short_model_cannot_use() -> None:
 
 
 def test_work_no_gpu_can_hold_does_not_push_other_models_out() -> None:
-    sim = Sim(fleet(1, vram_mb=4096))
+    sim = Sim(fleet(1, vram_mb=4096), make_policy(keep_warm=False))
     sim.submit(prompts(3, model="big", prefix="b"), plan_id="big")
     sim.submit(prompts(1), plan_id="small")
     sim.finish("small")
@@ -942,7 +956,7 @@ def test_work_no_gpu_can_hold_does_not_push_other_models_out() -> None:
 
 
 def test_an_unused_model_is_unloaded_after_keep_alive_not_before() -> None:
-    sim = Sim(fleet(1))
+    sim = Sim(fleet(1), make_policy(keep_warm=False))
     sim.submit(prompts(3))
     sim.finish()
     last_used = max(r.end for r in sim.runs)
@@ -959,7 +973,7 @@ def test_an_unused_model_is_unloaded_after_keep_alive_not_before() -> None:
 
 
 def test_use_restarts_the_keep_alive_clock() -> None:
-    sim = Sim(fleet(1))
+    sim = Sim(fleet(1), make_policy(keep_warm=False))
     sim.submit(prompts(1))
     sim.finish()
     sim.run_for(KEEP_ALIVE_S - 100)
@@ -1240,19 +1254,17 @@ def test_place_never_loads_where_it_cannot_and_asks_each_gpu_once(
     views = data.draw(gpu_views(now))
     before = {g: (v.pending, dict(v.refused), v.free_for_llm_mb) for g, v in views.items()}
 
-    def live_load(v: GpuView, m: str) -> bool:
-        return (
-            v.pending is not None and v.pending[:2] == ("load", m) and now - v.pending[3] < pp.load_timeout_s
-        )
+    def live(v: GpuView) -> bool:
+        return v.pending is not None and now - v.pending[3] < pp.load_timeout_s
 
-    holders_before = {
-        m: sum(
-            1
-            for v in views.values()
-            if v.usable and ((v.llm == m and v.state in HOLDS_LLM) or live_load(v, m))
-        )
-        for m in ("small", "big")
-    }
+    def holds(v: GpuView, m: str) -> bool:
+        """As placement counts holders: a GPU whose unload is in flight no longer holds its
+        model, one asked to load a model holds it."""
+        if live(v):
+            return v.pending is not None and v.pending[:2] == ("load", m)
+        return v.llm == m and v.state in HOLDS_LLM
+
+    holders_before = {m: sum(1 for v in views.values() if v.usable and holds(v, m)) for m in ("small", "big")}
     decision = place(views, demand, now, pp)
 
     assert [i.rid for i in decision.items] == [e.rid for e in decision.events]
@@ -1314,29 +1326,46 @@ def test_random_fleets_and_demands_run_clean(
     assert all(sim.plan(p).status == "succeeded" for p in servable)
 
 
-def _held(gpu: str, state: str, loaded_at: float) -> GpuView:
-    return GpuView(
-        gpu=gpu,
-        worker=f"w-{gpu}",
-        state=state,
-        llm="qwen",
-        vram_total_mb=8192,
-        vram_used_mb=5600,
-        loaded_at=loaded_at,
-        last_used=loaded_at,
-    )
+def test_the_policy_defaults_are_the_settings_defaults() -> None:
+    """A PlacementPolicy built without settings (the simulator's, a test's) decides as the brain
+    does with mesh's default settings."""
+    models = {"small": ("llm", 800)}
+    assert PlacementPolicy(models=models) == PlacementPolicy.of(Settings(), models)
 
 
-def test_a_gpu_whose_unload_is_asked_for_no_longer_counts_as_holding_the_model() -> None:
-    """Three GPUs hold qwen; one is already being unloaded (its task still runs). With one qwen
-    task and plenty of script work waiting, qwen keeps one GPU: one of the other two, not none."""
-    policy = PlacementPolicy(models={"qwen": ("llm", 5600)}, min_residency_s=300.0)
-    going = _held("g0", LLM_BUSY, 0.0)
-    going.pending = ("unload", "qwen", "rid-0", 990.0)
-    gpus = {"g0": going, "g1": _held("g1", LLM_READY, 0.0), "g2": _held("g2", LLM_READY, 0.0)}
-    decision = place(gpus, {"llm:qwen": 1, "script": 10}, 1000.0, policy)
-    unloads = sorted(e.gpu for e in decision.events if e.action == "unload")
-    assert len(unloads) == 1, f"qwen must keep one GPU for its waiting task: {unloads} unloaded"
+def test_a_gpu_whose_unload_is_in_flight_no_longer_holds_its_model() -> None:
+    """Three GPUs hold qwen: g1 is busy with an unload asked of it (it waits for its task to
+    end), g2 and g3 are ready and were loaded long ago. One qwen task and ten script tasks wait.
+    g1 counts as leaving qwen (and as free for script work soon): qwen keeps a GPU for its task,
+    and no more than one other GPU is asked to go. (Counting g1 as still holding qwen made the
+    brain unload g2 and g3 both, leaving qwen on no GPU while its task waited.)"""
+    pp = PlacementPolicy(models={"qwen": ("llm", 5000)})
+    now = T0 + 10_000
+
+    def view(gpu: str, state: str, pending: tuple[str, str, str, float] | None = None) -> GpuView:
+        return GpuView(
+            gpu=gpu,
+            worker=f"w-{gpu}",
+            state=state,
+            llm="qwen",
+            vram_total_mb=8192,
+            vram_used_mb=5000,
+            loaded_at=T0,
+            last_used=T0,
+            load_times={"qwen": 60.0},
+            pending=pending,
+        )
+
+    views = {
+        "g1": view("g1", LLM_BUSY, ("unload", "qwen", "g1-unload-qwen", now - 5)),
+        "g2": view("g2", LLM_READY),
+        "g3": view("g3", LLM_READY),
+    }
+    decision = place(views, {"llm:qwen": 1, "script": 10}, now, pp)
+    unloads = [e for e in decision.events if e.action == "unload"]
+    assert len(unloads) <= 1 and {e.gpu for e in unloads} <= {"g2", "g3"}
+    keep = [v for v in views.values() if v.holds("qwen")]
+    assert keep and all(v.pending is None for v in keep), "qwen must keep a GPU for its waiting task"
 
 
 def test_a_load_item_says_the_vram_it_was_placed_by() -> None:
@@ -1344,3 +1373,31 @@ def test_a_load_item_says_the_vram_it_was_placed_by() -> None:
     gpus = {"g0": GpuView(gpu="g0", worker="w0", vram_total_mb=8192)}
     decision = place(gpus, {"llm:qwen": 1}, 0.0, policy)
     assert [(i.action, i.model, i.vram_mb) for i in decision.items] == [("load", "qwen", 5600)]
+
+
+@pytest.mark.parametrize("lend_factor", [1.0, 1000.0], ids=["lends", "never-pays"])
+def test_an_idle_models_gpus_are_lent_to_another_models_burst_when_it_pays(lend_factor: float) -> None:
+    """small ran a burst on all three GPUs and has no work left; then 60 big prompts arrive
+    (600 s of work against 30 s loads). big gets its own share at once; the GPUs still in
+    small's share go to big too once unused a load time, because the burst gives each of them
+    far more than the loan costs (big's load now, small's when its work is back). With a lend
+    factor no burst can pay, small keeps them (its work may come back) and big runs on its share."""
+    base = make_policy()
+    pp = dataclasses.replace(base.placement, lend_factor=lend_factor)
+    sim = Sim(fleet(3, default_load_s=30.0), dataclasses.replace(base, placement=pp))
+    sim.submit(prompts(30))
+    sim.finish()
+    assert set(sim.holding().values()) == {"small"} and len(sim.holding()) == 3
+    done = sim.now
+    sim.submit(prompts(60, model="big", prefix="b"), plan_id="p2")
+    sim.run_for(300)
+    big = sorted(g for g, m in sim.holding().items() if m == "big")
+    lent = [r for r in sim.unloads() if r.at >= done and "lent" in r.reason]
+    if lend_factor == 1.0:
+        assert len(big) == 3, sim.holding()
+        assert lent and all(r.model == "small" and r.at - done >= 30.0 for r in lent), lent
+    else:
+        assert 1 <= len(big) < 3 and not lent, (sim.holding(), lent)
+    sim.finish("p2")
+    assert sim.plan("p2").status == "succeeded"
+    sim.check()
