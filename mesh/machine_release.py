@@ -58,5 +58,6 @@ class Release(Escalations):
         for model, need, largest in decision.unplaceable:
             self.step.notes.append(
                 f"model {model} needs {need} MB of VRAM and the largest GPU known has {largest} MB: "
-                "its tasks wait until a GPU that can hold it joins (or lower vram_mb / use a smaller model)"
+                "its tasks wait until a GPU that can hold it joins: a bigger card, or cards one worker "
+                "owns together (mesh agent worker --gpu 0,3); or use a smaller model"
             )

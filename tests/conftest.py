@@ -112,6 +112,20 @@ class Mesh:
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace")
 
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        """What the `mesh` command prints on this mesh (wide, for tables); it must succeed."""
+        done = subprocess.run(
+            [sys.executable, "-m", "mesh", *args],
+            env={**self.env, "COLUMNS": "200"},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
     def stop_all(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 from mesh.bus.read import read_bucket
 from mesh.events import GpuControl, GpuState, decode
 from mesh.host.telemetry import host_token, write_simulated
-from tests.conftest import ROOT, Mesh
+from tests.conftest import Mesh
 
 pytestmark = pytest.mark.integration
 
@@ -54,19 +52,6 @@ async def controls(mesh: Mesh) -> list[GpuControl]:
     return [
         m for _, m in await mesh.history(bus.names.gpu_event(GPU, "control")) if isinstance(m, GpuControl)
     ]
-
-
-def cli(mesh: Mesh, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "mesh", *args],
-        env=mesh.env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 SCRIPT_PLAN = """# hot
@@ -129,22 +114,22 @@ async def test_an_operator_pause_and_cordon_hold_a_gpu_until_lifted(mesh: Mesh, 
     mesh.worker("gpu", 1, "--gpu", "0", "--classes", "script")
     await until_state(mesh, "idle")
 
-    assert "cordoned" in cli(mesh, "gpu", "cordon", GPU, "--reason", "XID 79")
+    assert "cordoned" in mesh.cli("gpu", "cordon", GPU, "--reason", "XID 79")
     held = await until_state(mesh, "paused")
     assert "operator cordon: XID 79" in held.hold
     plan_id = await mesh.submit_text(SCRIPT_PLAN)
     # resume lifts a pause, not a cordon
-    cli(mesh, "gpu", "resume", "0")
+    mesh.cli("gpu", "resume", "0")
     await asyncio.sleep(2.0)
     assert (await gpu_state(mesh)).state == "paused"  # type: ignore[union-attr]
     assert (await mesh.tasks(plan_id))["work"].status == "ready"
 
-    assert "taking work" in cli(mesh, "gpu", "uncordon", "0")
+    assert "taking work" in mesh.cli("gpu", "uncordon", "0")
     assert (await mesh.wait_plan(plan_id, 30)).status == "succeeded"
 
-    cli(mesh, "gpu", "pause", GPU, "--reason", "maintenance")
+    mesh.cli("gpu", "pause", GPU, "--reason", "maintenance")
     assert "operator pause: maintenance" in (await until_state(mesh, "paused")).hold
-    cli(mesh, "gpu", "resume", GPU)
+    mesh.cli("gpu", "resume", GPU)
     await until_state(mesh, "idle")
     history = await controls(mesh)
     assert [(c.paused, c.cordoned) for c in history] == [
@@ -193,7 +178,7 @@ async def test_a_task_on_a_gpu_records_its_peak_memory_and_mean_utilisation(
 
 async def test_a_gpu_can_be_cordoned_before_any_agent_ran(mesh: Mesh, tmp_path: Path) -> None:
     # a bare server: no agent has created a bucket yet
-    assert "cordoned" in cli(mesh, "gpu", "cordon", GPU, "--reason", "XID 79")
+    assert "cordoned" in mesh.cli("gpu", "cordon", GPU, "--reason", "XID 79")
     sim = tmp_path / "gpus.json"
     heat(sim, 50)
     mesh.env["MESH_SIMULATED_GPUS"] = str(sim)

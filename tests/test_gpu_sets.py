@@ -247,19 +247,6 @@ def test_mesh_gpus_shows_a_set_as_one_row_naming_its_cards() -> None:
 # ------------------------------------------------------------------ real agents
 
 
-def cli(mesh: Mesh, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "mesh", *args],
-        env={**mesh.env, "COLUMNS": "200"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 async def set_state(mesh: Mesh) -> GpuState | None:
     raw = await read_bucket(await (await mesh.bus()).gpus_kv())
     msg = decode(raw[SET]) if SET in raw else None
@@ -323,13 +310,13 @@ async def test_a_pause_or_cordon_of_any_card_holds_the_whole_set(mesh: Mesh, tmp
     assert "ran on 0,1" in done[-1].stdout_tail, "the task sees both cards"  # type: ignore[union-attr]
 
     # an operator's pause of one card (by its index) holds the set; a cordon of the set too
-    cli(mesh, "gpu", "pause", "0", "--reason", "fan noise")
+    mesh.cli("gpu", "pause", "0", "--reason", "fan noise")
     assert f"operator pause: {CARD[0]}: fan noise" in (await until_set(mesh, "paused")).hold
-    cli(mesh, "gpu", "resume", "0")
+    mesh.cli("gpu", "resume", "0")
     await until_set(mesh, "idle")
-    assert "cordoned" in cli(mesh, "gpu", "cordon", "0,1", "--reason", "XID 79")
+    assert "cordoned" in mesh.cli("gpu", "cordon", "0,1", "--reason", "XID 79")
     assert (await until_set(mesh, "paused")).hold == "operator cordon: XID 79"
-    cli(mesh, "gpu", "uncordon", SET)
+    mesh.cli("gpu", "uncordon", SET)
     await until_set(mesh, "idle")
 
     # `mesh gpus`: the set as one row naming its cards, each card's reading beside it
@@ -338,11 +325,11 @@ async def test_a_pause_or_cordon_of_any_card_holds_the_whole_set(mesh: Mesh, tmp
         return all(f"{HOST}.gpu{i}" in raw for i in (0, 1))
 
     await until(sampled, HANG_S, "both cards sampled")
-    rows = {r["gpu"]: r for r in map(json.loads, cli(mesh, "gpus", "--json").splitlines())}
+    rows = {r["gpu"]: r for r in map(json.loads, mesh.cli("gpus", "--json").splitlines())}
     assert rows[SET]["cards"] == [0, 1] and rows[SET]["mem_total_mb"] == 2 * CARD_MB
     assert rows[CARD[0]]["set"] == rows[CARD[1]]["set"] == SET
     assert rows[CARD[1]]["mem_total_mb"] == CARD_MB
-    table = cli(mesh, "gpus")
+    table = mesh.cli("gpus")
     assert "0+1" in table and "in set 0+1" in table
 
 

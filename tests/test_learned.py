@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,7 @@ from mesh.machine import Policy, Tick, apply, evolve, replay
 from mesh.models import builtin_models
 from mesh.placement import BOOTING_LLM, IDLE, LLM_BUSY, LLM_READY, GpuView, PlacementPolicy, place
 from mesh.records import Checkpoint, decode_checkpoint, encode_record
-from tests.conftest import HANG_S, ROOT, Mesh
+from tests.conftest import HANG_S, Mesh
 from tests.faults import until
 from tests.test_machine import Driver, reload
 
@@ -401,19 +399,6 @@ def test_the_machine_places_by_what_it_learned() -> None:
 # ------------------------------------------------------------------ a real mesh
 
 
-def mesh_cli(mesh: Mesh, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "mesh", *args],
-        env={**mesh.env, "COLUMNS": "200"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 async def checkpointed(mesh: Mesh) -> Learned | None:
     kv = await (await mesh.bus()).brain_kv()
     try:
@@ -508,7 +493,7 @@ async def test_mesh_models_shows_what_a_real_run_measured(mesh: Mesh) -> None:
     assert len(ready) == 1
     task = (await mesh.tasks(plan_id))["ask"]
 
-    doc = json.loads(mesh_cli(mesh, "models", "--json"))
+    doc = json.loads(mesh.cli("models", "--json"))
     assert doc["learn_min_samples"] == 1
     row = next(r for r in doc["models"] if r["model"] == LLM)
     assert row["vram_mb"] == builtin_models()[LLM].vram_mb
@@ -528,10 +513,10 @@ async def test_mesh_models_shows_what_a_real_run_measured(mesh: Mesh) -> None:
     other = next(r for r in doc["models"] if r["model"] == "whisper-tiny-en")
     assert other["learned"] == {"load_s": None, "vram_mb": None, "duration_s": None}
 
-    table = mesh_cli(mesh, "models")
+    table = mesh.cli("models")
     line = next(line for line in table.splitlines() if LLM in line)
     assert f"{ready[0].took_s:.1f} (1)" in line and "600 (1)" in line, table
     assert "class:llm" in table and "kind:prompt" in table
     # offline: the registry alone
-    doc = json.loads(mesh_cli(mesh, "models", "--json", "--offline"))
+    doc = json.loads(mesh.cli("models", "--json", "--offline"))
     assert all(r["learned"] is None for r in doc["models"]) and doc["durations"] == {}
