@@ -313,3 +313,40 @@ def test_a_record_says_who_answered() -> None:
     assert rec.tier_model == "big"
     rec.escalated = "local_failures"
     assert rec.answered_by == "claude"
+
+
+def test_mesh_status_shows_the_rung_a_task_is_on_or_ended_on() -> None:
+    from rich.console import Console
+
+    from mesh.cli.render import model_cell, tasks_table
+
+    d = Driver()
+    d.submit(plan(prompt("ask", retries=0, escalate=("big", "claude")), prompt("plain", retries=0)))
+    assert model_cell(d.state.tasks["p1.ask"]) == "small (tier 1/3)"
+    fail(d, "ask", 1)
+    assert model_cell(d.state.tasks["p1.ask"]) == "big (tier 2/3)"
+    fail(d, "ask", 1)
+    assert model_cell(d.state.tasks["p1.ask"]) == "claude (tier 3/3)"
+    assert model_cell(d.state.tasks["p1.plain"]) == "small"  # no ladder: the model alone
+    console = Console(width=200, record=True)
+    console.print(tasks_table(d.state.plans["p1"], d.state.plan_tasks("p1")))
+    text = console.export_text()
+    assert "model" in text and "claude (tier 3/3)" in text
+
+
+def test_a_climb_is_the_brains_to_say_on_its_own_task_subject() -> None:
+    from mesh.bus.route import misplaced, route
+    from mesh.names import Names
+
+    names = Names()
+    climb = TaskClimbed(plan_id="p1", task_id="ask", attempt=2, at=1.0, tier=1, model="big")
+    subject, msg_id = route(names, climb)
+    assert subject == names.task_event("p1", "ask", "climbed") and msg_id == "p1.ask:2:climbed"
+    assert subject.startswith(names.task_events_all[:-1])  # where only the brain may publish
+    assert misplaced(names, subject, climb) == ""
+    # said on another task's subject, or as a worker's report, it is refused
+    assert "belongs on" in misplaced(names, names.task_event("p1", "other", "climbed"), climb)
+    assert "belongs on" in misplaced(names, names.run_event("p1", "ask", "climbed", "w1"), climb)
+    # and the brain takes none as an input
+    d = Driver()
+    assert "does not take" in d.feed(climb).ignored
