@@ -1,5 +1,9 @@
 """The brain's state machine, escalation and review: a task handed to Claude, its answer (a result,
 or follow-up tasks checked like a plan's) or its failure taken, and a failed attempt's local review.
+
+A task with an escalation ladder (`TaskSpec.escalate`) climbs it first: where it would fail for
+good, or the criteria would hand it to Claude, it moves up one rung (`task.climbed`) to the next
+local model, and reaches Claude only when that is the next rung.
 """
 
 from __future__ import annotations

@@ -350,3 +350,18 @@ def test_a_climb_is_the_brains_to_say_on_its_own_task_subject() -> None:
     # and the brain takes none as an input
     d = Driver()
     assert "does not take" in d.feed(climb).ignored
+
+
+def test_the_ladder_example_parses_with_its_ladders() -> None:
+    from pathlib import Path
+
+    from mesh.host.planfiles import load_plan
+
+    example = load_plan(Path(__file__).parent.parent / "plans" / "examples" / "ladder.md")
+    ladders = {t.id: (t.model, t.escalate) for t in example.tasks}
+    assert ladders == {
+        "notes": ("", ()),
+        "triage": ("qwen-7b", ("qwen-14b", "claude")),
+        "summary": ("qwen-7b", ("qwen-14b",)),
+        "report": ("qwen-7b", ("qwen-14b",)),
+    }
