@@ -26,6 +26,7 @@ from mesh.events import (
     PlanFinished,
     PlanRejected,
     ResourceRequested,
+    TaskClimbed,
     TaskEscalated,
     TaskFailed,
     TaskRedelivered,
@@ -236,6 +237,8 @@ class BrainCommit(Agent):
                 detail = f" ({ev.why}) as {ev.rid}"
             case TaskReviewing():
                 detail = f" attempt {ev.attempt} on {ev.model} (else {ev.then})"
+            case TaskClimbed():
+                detail = f" from {ev.from_model} to {ev.model}, tier {ev.tier} ({ev.why})"
             case TaskReviewed():
                 said = ev.answer or ev.error[:120]
                 detail = f" {ev.verdict or 'no verdict'}: {said!r}"

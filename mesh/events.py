@@ -59,6 +59,14 @@ class TaskSpec(Struct, frozen=True, gc=False):
     max_tokens: int = 0
     # escalate to Claude instead of running locally (as class `external` does)
     requires_external: bool = False
+    # the escalation ladder: the llm models a prompt task climbs to, one after another, when it
+    # fails on the one before (its retries spent, or judged too hard), and `claude` (`CLAUDE`)
+    # last when the gateway comes after them; () : Claude alone, by the plan's `## Escalation`
+    escalate: tuple[str, ...] = ()
+
+
+# the rung of an escalation ladder that is the gateway (Claude), not a local model
+CLAUDE = "claude"
 
 
 class EscalationPolicy(Struct, frozen=True):
@@ -73,6 +81,9 @@ class EscalationPolicy(Struct, frozen=True):
     followups: bool = True
     # a failed local attempt is reviewed by a local model first, which may escalate it
     review: bool = False
+    # `- ladder:`, the escalation ladder of every prompt task that names none of its own (the
+    # parser copies it into those tasks' `escalate`)
+    ladder: tuple[str, ...] = ()
 
 
 class PlanSpec(Struct, frozen=True):
@@ -531,6 +542,26 @@ class TaskEscalated(Msg, frozen=True, tag="task.escalated"):
     after: LocalAttempt | None = None
 
 
+class TaskClimbed(Msg, frozen=True, tag="task.climbed"):
+    """A task climbed its escalation ladder: its attempt `attempt` failed on its model
+    (`from_model`) for good (`why` `local_failures`: its retries on that model spent, or its
+    plan's automatic escalation after N failures) or a review judged it too hard (`why`
+    `review`), and it waits to run next on the ladder's rung `tier` (1 : the first of the task's
+    `escalate`), the llm `model`. Its retries count afresh on the new model."""
+
+    plan_id: str
+    task_id: str
+    attempt: int
+    at: float
+    tier: int
+    model: str
+    from_model: str = ""
+    why: str = ""
+    # the failed local attempt that led here
+    after: LocalAttempt | None = None
+    duration_s: float = 0.0
+
+
 class TaskReviewing(Msg, frozen=True, tag="task.reviewing"):
     """A local attempt failed in a plan with `review: true`: before the failure takes its course
     (`then`: `retry` or `fail`), a local model reviews whether Claude should have the task.
@@ -693,6 +724,7 @@ Message = (
     | TaskFollowups
     | TaskReviewing
     | TaskReviewed
+    | TaskClimbed
     | AgentStarted
     | AgentStopped
     | AgentOffline
@@ -722,6 +754,7 @@ TaskTransition = (
     | TaskFollowups
     | TaskReviewing
     | TaskReviewed
+    | TaskClimbed
 )
 
 # Everything the brain publishes that changes a record: what `mesh.machine.evolve` folds, and

@@ -235,7 +235,7 @@ class _Decider(Release):
             return
         failed = LocalAttempt(attempt=rec.attempt, worker=worker, error=error, rc=rc, reason=reason)
         if self._auto_escalates(rec, reason):
-            self.escalate(rec, "local_failures", failed)
+            self._climb_or_escalate(rec, "local_failures", failed, duration_s)
             return
         retry = reason not in NO_RETRY and _tries(rec) <= rec.spec.retries
         model = self._review_model(rec, reason)
@@ -253,7 +253,7 @@ class _Decider(Release):
                 )
             )
             return
-        self._retry_or_fail(rec, failed, retry, duration_s)
+        self._take_course(rec, failed, retry, duration_s)
 
     @staticmethod
     def _stale(rec: TaskRecord | None, attempt: int) -> str:

@@ -8,6 +8,7 @@ import msgspec
 
 from mesh import validate
 from mesh.events import (
+    CLAUDE,
     MODEL_BODY_KINDS,
     CancelPlan,
     PlanAccepted,
@@ -50,6 +51,29 @@ def split_tasks(tasks: tuple[TaskSpec, ...], limit: int = PART_BYTES) -> list[tu
 
 
 _spec_encoder = msgspec.json.Encoder()
+
+
+def _ladder_problem(spec: TaskSpec, model: str, registry: dict[str, tuple[str, int]]) -> str:
+    """What is wrong with a task's escalation ladder on this mesh ('' : nothing): each local
+    rung must be an llm model of the registry, other than the one the task starts on."""
+    for rung in spec.escalate:
+        if rung == CLAUDE or not validate.ID_RE.fullmatch(rung):
+            continue  # (a name that cannot be a model's is the plan checks' to report)
+        known = registry.get(rung)
+        if known is None or known[0] != "llm":
+            names = ", ".join(sorted(m for m, (k, _) in registry.items() if k == "llm")) or "none"
+            what = "not in the model registry" if known is None else f"of kind {known[0]}"
+            return (
+                f"task {spec.id!r} (line {spec.line}) climbs to model {rung!r} (its escalate ladder), "
+                f"which is {what}; a rung is an llm model ({names}) or 'claude', last; "
+                "add the model under [models] in the config"
+            )
+        if rung == model:
+            return (
+                f"task {spec.id!r} (line {spec.line}) climbs to model {rung!r}, the model it runs on "
+                "already; a ladder names bigger models than the task's own"
+            )
+    return ""
 
 
 class Admission(Cascade):
@@ -122,6 +146,9 @@ class Admission(Cascade):
                     f"task {spec.id!r}: model {model!r} is a {known[0]} model; "
                     f"a {spec.kind} body needs a {need} model",
                 )
+            error = _ladder_problem(spec, model, registry)
+            if error:
+                return plan, error
             if model != spec.model:
                 spec = msgspec.structs.replace(spec, model=model)
                 changed = True

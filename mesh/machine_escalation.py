@@ -1,5 +1,9 @@
 """The brain's state machine, escalation and review: a task handed to Claude, its answer (a result,
 or follow-up tasks checked like a plan's) or its failure taken, and a failed attempt's local review.
+
+A task with an escalation ladder (`TaskSpec.escalate`) climbs it first: where it would fail for
+good, or the criteria would hand it to Claude, it moves up one rung (`task.climbed`) to the next
+local model, and reaches Claude only when that is the next rung.
 """
 
 from __future__ import annotations
@@ -9,12 +13,14 @@ import msgspec
 from mesh import review
 from mesh.errors import PlanError
 from mesh.events import (
+    CLAUDE,
     EscalationAnswered,
     EscalationFailed,
     EscalationPolicy,
     EscalationRequest,
     LocalAttempt,
     PlanSpec,
+    TaskClimbed,
     TaskEscalated,
     TaskFailed,
     TaskFollowups,
@@ -36,6 +42,15 @@ MAX_FOLLOWUPS = 100
 ESCALATABLE = frozenset(
     {FailReason.ERROR, FailReason.TIMEOUT, FailReason.LOST, FailReason.DEAD_LETTER, FailReason.DEFINITION}
 )
+
+
+def next_rung(rec: TaskRecord) -> str:
+    """The rung of its escalation ladder above the task's current one: an llm model, `claude`,
+    or '' (the top: nothing above it). Above a task with no ladder is Claude, as always."""
+    ladder = rec.spec.escalate
+    if not ladder:
+        return CLAUDE
+    return ladder[rec.tier] if rec.tier < len(ladder) else ""
 
 
 def escalation_request(state: State, rec: TaskRecord) -> EscalationRequest:
@@ -67,6 +82,8 @@ class Escalations(Retries, Admission):
         plan = self.state.plans.get(rec.plan_id)
         if plan is None or not plan.escalation.review or reason not in ESCALATABLE or rec.spec.sensitive:
             return ""
+        if not next_rung(rec):
+            return ""  # the top of its ladder: a verdict could not take it anywhere
         model = self.policy.review_model or self.policy.default_models.get("llm", "")
         known = self.policy.placement.models
         if not model or (known and known.get(model, ("", 0))[0] != "llm"):
@@ -90,10 +107,52 @@ class Escalations(Retries, Admission):
                 worker=worker,
             )
         )
-        if verdict == review.ESCALATE:
-            self.escalate(rec, "review", failed)
+        if verdict == review.ESCALATE and next_rung(rec):
+            self._climb_or_escalate(rec, "review", failed, duration_s)
             return
-        self._retry_or_fail(rec, failed, then == "retry", duration_s)
+        self._take_course(rec, failed, then == "retry", duration_s)
+
+    # the ladder -------------------------------------------------------------
+    def _may_reach(self, rec: TaskRecord, rung: str) -> bool:
+        """A local rung is always in reach; Claude is not for a sensitive task whose plan does
+        not allow escalating sensitive tasks (it stays local)."""
+        if rung != CLAUDE or not rec.spec.sensitive:
+            return True
+        plan = self.state.plans.get(rec.plan_id)
+        return plan is not None and plan.escalation.sensitive
+
+    def _take_course(self, rec: TaskRecord, failed: LocalAttempt, retry: bool, duration_s: float) -> None:
+        """A failed local attempt takes its course: retried, else (its retries on this model
+        spent) climbed to the next rung of the task's ladder, else failed for good. Without a
+        ladder, exactly as before: retried or failed."""
+        if not retry and rec.spec.escalate and failed.reason in ESCALATABLE:
+            rung = next_rung(rec)
+            if rung and self._may_reach(rec, rung):
+                self._climb_or_escalate(rec, "local_failures", failed, duration_s)
+                return
+        self._retry_or_fail(rec, failed, retry, duration_s)
+
+    def _climb_or_escalate(self, rec: TaskRecord, why: str, failed: LocalAttempt, duration_s: float) -> None:
+        """Up one rung: to the ladder's next local model, or to Claude (the gateway) when that
+        is next (or the task has no ladder)."""
+        rung = next_rung(rec)
+        if rung == CLAUDE:
+            self.escalate(rec, why, failed)
+            return
+        self.emit(
+            TaskClimbed(
+                plan_id=rec.plan_id,
+                task_id=rec.task_id,
+                attempt=failed.attempt,
+                at=self.now,
+                tier=rec.tier + 1,
+                model=rung,
+                from_model=rec.tier_model,
+                why=why,
+                after=failed,
+                duration_s=duration_s,
+            )
+        )
 
     # escalation -------------------------------------------------------------
     def escalate(self, rec: TaskRecord, why: str, after: LocalAttempt | None = None) -> None:
@@ -128,8 +187,9 @@ class Escalations(Retries, Admission):
         plan = self.state.plans.get(rec.plan_id)
         if plan is None or not plan.escalation.auto or reason not in ESCALATABLE:
             return False
-        if rec.spec.sensitive and not plan.escalation.sensitive:
-            return False  # it stays local: retried, then failed as usual
+        rung = next_rung(rec)
+        if not rung or not self._may_reach(rec, rung):
+            return False  # it stays where it is: retried, then failed as usual
         failures = _tries(rec)
         last = reason in NO_RETRY or failures > rec.spec.retries
         return failures >= (plan.escalation.after or self.policy.escalate_after) or last
@@ -201,7 +261,7 @@ class Escalations(Retries, Admission):
         taken = [s.id for s in specs if f"{rec.plan_id}.{s.id}" in self.state.tasks]
         if taken:
             return (), f"follow-up task ids already in the plan: {', '.join(taken[:10])}"
-        external = [s.id for s in specs if escalation_why(s)]
+        external = [s.id for s in specs if escalation_why(s) or CLAUDE in s.escalate]
         if external:
             return (), f"follow-up tasks run locally, but {', '.join(external[:10])} would be escalated again"
         specs = tuple(msgspec.structs.replace(s, env={**plan.env, **s.env}) for s in specs)

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from mesh.events import (
     GpuState,
     LocalAttempt,
@@ -24,6 +26,7 @@ from mesh.events import (
     PlanResumed,
     PlanTasks,
     TaskCancelled,
+    TaskClimbed,
     TaskEscalated,
     TaskFailed,
     TaskFollowups,
@@ -326,6 +329,7 @@ def evolve(state: State, ev: Msg) -> None:
             rec.deliveries = ev.delivery
             _set_status(state, rec, RUNNING, ev.at)
         case TaskReset():
+            _rekey_demand(state, rec, lambda: setattr(rec, "tier", 0))
             rec.base_attempt = ev.attempt
             rec.rid = ""
             rec.escalated = ""
@@ -345,7 +349,10 @@ def evolve(state: State, ev: Msg) -> None:
             rec.deliveries = 0
             _set_status(state, rec, PENDING, ev.at)
         case TaskSucceeded():
-            state.learned.observe(ev, rec.spec)
+            spec = rec.spec
+            if rec.tier:  # its duration is the climbed-to model's
+                spec = msgspec.structs.replace(spec, model=rec.tier_model)
+            state.learned.observe(ev, spec)
             rec.worker = ev.worker
             rec.finished_at = ev.at
             rec.duration_s = ev.duration_s
@@ -367,6 +374,19 @@ def evolve(state: State, ev: Msg) -> None:
             rec.started_at = ev.at
             rec.not_before = 0.0
             _set_status(state, rec, ESCALATING, ev.at)
+        case TaskClimbed():
+            if ev.after is not None:
+                rec.attempts = (*rec.attempts[-(KEEP_ATTEMPTS - 1) :], ev.after)
+                rec.reason = ev.after.reason
+                rec.error = ev.after.error
+                rec.rc = ev.after.rc
+                rec.worker = ev.after.worker
+            rec.duration_s = ev.duration_s
+            _rekey_demand(state, rec, lambda: _climb(rec, ev))
+            rec.waiting_since = ev.at
+            rec.not_before = 0.0
+            _set_status(state, rec, WAITING, ev.at)
+            state._push(rec)
         case TaskReviewing():
             _rekey_demand(state, rec, lambda: _start_review(rec, ev))
             _set_status(state, rec, READY, ev.at)
@@ -432,7 +452,7 @@ def demand_key(rec: TaskRecord) -> str:
         return ""  # Claude does it: no GPU needs its model
     cls = rec.spec.cls
     if cls == "llm":
-        return llm_demand_key(rec.spec.model)
+        return llm_demand_key(rec.tier_model)
     if cls == SCRIPT:
         return SCRIPT
     return ""
@@ -455,6 +475,13 @@ def _start_review(rec: TaskRecord, ev: TaskReviewing) -> None:
     rec.duration_s = ev.duration_s
     rec.worker = ""
     rec.released_at = ev.at
+
+
+def _climb(rec: TaskRecord, ev: TaskClimbed) -> None:
+    """On the ladder's next rung, the task's tries count afresh (reviews among them)."""
+    rec.tier = ev.tier
+    rec.base_attempt = rec.attempt
+    rec.reviews = 0
 
 
 def _end_review(rec: TaskRecord) -> None:

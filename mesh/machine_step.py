@@ -137,7 +137,7 @@ def work_item(state: State, rec: TaskRecord, claim_key: bytes) -> WorkItem:
         env=rec.spec.env,
         workdir=plan.workdir if plan else "",
         sensitive=rec.spec.sensitive,
-        model=rec.spec.model,
+        model=rec.tier_model,
         inputs=rec.spec.inputs,
         max_tokens=rec.spec.max_tokens,
         claim=claim,

@@ -390,6 +390,7 @@ class Names:
             f"{self.prefix}.evt.task.{plan}.*.retrying",
             f"{self.prefix}.evt.task.{plan}.*.failed",
             f"{self.prefix}.evt.task.{plan}.*.cancelled",
+            f"{self.prefix}.evt.task.{plan}.*.climbed",
             f"{self.prefix}.evt.run.{plan}.*.finished.*",
             f"{self.prefix}.evt.esc.{plan}.*.answered",
             f"{self.prefix}.evt.esc.{plan}.*.failed",

@@ -61,6 +61,7 @@ from mesh.planfields import (
     ESCALATION_KEYS,
     MAX_ESCALATE_AFTER,
     FieldReader,
+    Record,
 )
 from mesh.planproblems import Report
 from mesh.planscan import FIELDS, outline
@@ -153,6 +154,14 @@ def parse_followups(text: str, *, source: str) -> tuple[TaskSpec, ...]:
     return _parse(body, source, {}, "", PlanLimits(), None, NO_FILES_FOLLOWUPS).tasks
 
 
+def _ladder(r: Record, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A task's escalation ladder: its own `escalate`, else the plan's `ladder` for a prompt task
+    that runs on a local model (class llm)."""
+    if r.escalate is not None:
+        return r.escalate
+    return default if r.kind == "prompt" and r.cls == "llm" and not r.requires_external else ()
+
+
 def too_big(size: int, limit: int) -> Problem:
     """The plan's text is over the limit (`size` 0: not known, e.g. read from a pipe)."""
     told = f"{size:,} bytes, " if size else ""
@@ -214,6 +223,7 @@ def _parse(
             inputs=r.resolved_inputs,
             max_tokens=r.max_tokens,
             requires_external=r.requires_external,
+            escalate=_ladder(r, escalation.ladder),
         )
         for r in records
     )

@@ -36,11 +36,12 @@ from mesh.validate import (
     MAX_TOKENS,
     MIN_PRIORITY,
     NAME_RE,
+    ladder_problems,
 )
 from mesh.validate import show as _show
 
 # the lines of a plan's `## Escalation` section
-ESCALATION_KEYS: tuple[str, ...] = ("auto", "after", "sensitive", "followups", "review")
+ESCALATION_KEYS: tuple[str, ...] = ("auto", "after", "sensitive", "followups", "review", "ladder")
 MAX_ESCALATE_AFTER = 100
 DEFAULT_CLASS: TaskClass = "cpu"
 DEFAULT_PRIORITY = 5
@@ -75,6 +76,10 @@ _MODEL_HINT = (
     "a model name has only letters, digits, '_' and '-', e.g. 'gemma3-270m'; "
     "leave the field out to use the configured default model for the body's kind"
 )
+_LADDER_HINT = (
+    "write e.g. '- escalate: qwen-14b, claude': the bigger llm models of the registry in the order "
+    "they are tried, then 'claude' last if the gateway may have the task after them"
+)
 _EMBED_HINT = "each line of an embed body is 'file: PATH', 'text: TEXT', 'input: TASK' or 'save: PATH.npy'"
 
 
@@ -104,6 +109,8 @@ class Record:
     resolved: tuple[str, ...] = ()
     resolved_inputs: tuple[str, ...] = ()
     requires_external: bool = False
+    # `- escalate:` (None : not given, the plan's `ladder` applies)
+    escalate: tuple[str, ...] | None = None
 
 
 def split_list(text: str) -> list[str]:
@@ -177,6 +184,7 @@ class FieldReader:
     def escalation(self, entries: list[tuple[int, str]], variables: Mapping[str, str]) -> EscalationPolicy:
         """`## Escalation`: what the plan lets the brain hand to Claude."""
         values: dict[str, bool | int] = {}
+        ladder: tuple[str, ...] = ()
         lines: dict[str, int] = {}
         for line, entry in entries:
             name, colon, raw = entry.partition(":")
@@ -202,6 +210,11 @@ class FieldReader:
                 continue
             lines[key] = line
             value = self.expander.subst(raw.strip(), line, variables)
+            if key == "ladder":
+                ladder = tuple(split_list(value))
+                for problem in ladder_problems(ladder, "prompt", "llm", False, "the plan's ladder"):
+                    self.report.add(line, problem, _LADDER_HINT.replace("- escalate:", "- ladder:"))
+                continue
             if key == "after":
                 n = _int(value, 1, MAX_ESCALATE_AFTER)
                 if n is None:
@@ -229,6 +242,7 @@ class FieldReader:
             sensitive=bool(values.get("sensitive", False)),
             followups=bool(values.get("followups", True)),
             review=bool(values.get("review", False)),
+            ladder=ladder,
         )
 
     # ------------------------------------------------------------ tasks
@@ -286,6 +300,8 @@ class FieldReader:
         model = ""
         max_tokens = 0
         inputs: list[str] = []
+        escalate: tuple[str, ...] | None = None
+        escalate_line = 0
         # where the fields that must suit the body's kind are (0: not given)
         lines = {"class": 0, "model": 0, "max_tokens": 0, "inputs": 0}
         for key, (line, raw_value) in task.fields.items():
@@ -367,6 +383,8 @@ class FieldReader:
                     )
             elif key == "inputs":
                 inputs = list(dict.fromkeys(split_list(value)))
+            elif key == "escalate":
+                escalate, escalate_line = tuple(split_list(value)), line
             elif key == "max_tokens":
                 n = _int(value, 1, MAX_TOKENS)
                 if n is None:
@@ -398,6 +416,9 @@ class FieldReader:
             self._suits(task, kind, cls, lines)
         if cls is None:
             cls = _CLASSES.get(DEFAULT_CLASS_OF_KIND.get(kind, ""), DEFAULT_CLASS)
+        if escalate is not None and body is not None:
+            for problem in ladder_problems(escalate, kind, cls, requires_external, f"task '{task.id}'"):
+                self.report.add(escalate_line, problem, _LADDER_HINT)
         return Record(
             id=eid,
             base=task.id,
@@ -418,6 +439,7 @@ class FieldReader:
             inputs_line=lines["inputs"],
             body_inputs=body_inputs,
             requires_external=requires_external,
+            escalate=escalate,
         )
 
     def _suits(self, task: RawTask, kind: str, cls: TaskClass | None, lines: dict[str, int]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from mesh.events import EscalationPolicy, LocalAttempt, TaskSpec
+from mesh.events import CLAUDE, EscalationPolicy, LocalAttempt, TaskSpec
 from mesh.learned import Learned
 from mesh.status import FailReason, PlanStatus, TaskStatus
 
@@ -69,10 +69,26 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     review_model: str = ""
     review_of: LocalAttempt | None = None
     reviews: int = 0
+    # the rung of its escalation ladder the task is on (0 : its own model; n : the n-th model of
+    # `spec.escalate`); an operator's retry starts it on its own model again
+    tier: int = 0
 
     @property
     def key(self) -> str:
         return f"{self.plan_id}.{self.task_id}"
+
+    @property
+    def tier_model(self) -> str:
+        """The model the task runs on now: its own, or that of the ladder's rung it climbed to."""
+        if 0 < self.tier <= len(self.spec.escalate):
+            return self.spec.escalate[self.tier - 1]
+        return self.spec.model
+
+    @property
+    def answered_by(self) -> str:
+        """Who answers (or answered) the task: `claude` once escalated, else its tier's model
+        ('' for a task that runs no model)."""
+        return CLAUDE if self.escalated else self.tier_model
 
     @property
     def final(self) -> bool:

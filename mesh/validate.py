@@ -16,6 +16,7 @@ from collections import deque
 
 from mesh.events import (
     BODY_KINDS,
+    CLAUDE,
     DEFAULT_CLASS_OF_KIND,
     MODEL_BODY_KINDS,
     TASK_CLASSES,
@@ -35,6 +36,8 @@ MAX_RETRIES = 100
 MAX_TOKENS = 1_000_000
 # body kinds that take the outputs of their `inputs`
 INPUT_KINDS = ("prompt", "embed")
+# the most rungs an escalation ladder may have
+MAX_LADDER = 8
 # what is reported of a bad submission at most (a broken 100,000-task plan is not a wall of text)
 MAX_PROBLEMS = 20
 
@@ -144,6 +147,7 @@ def check_task(spec: TaskSpec) -> list[str]:
             problems.append(f"task {t} names a model, but a {spec.kind} body runs none")
         elif not ID_RE.fullmatch(spec.model):
             problems.append(f"task {t} names model {show(spec.model)}: letters, digits, '_' and '-' only")
+    problems += ladder_problems(spec.escalate, spec.kind, spec.cls, spec.requires_external, f"task {t}")
     if spec.inputs and spec.kind not in INPUT_KINDS:
         problems.append(
             f"task {t} takes inputs, which apply only to prompt and embed bodies, not {spec.kind}"
@@ -157,6 +161,30 @@ def check_task(spec: TaskSpec) -> list[str]:
             problems.append(f"task {t} sets environment variable {name} to a value holding a NUL byte")
     if "\0" in spec.body:
         problems.append(f"task {t} has a body holding a NUL byte")
+    return problems
+
+
+def ladder_problems(ladder: tuple[str, ...], kind: str, cls: str, external: bool, who: str) -> list[str]:
+    """The problems of an escalation ladder as written: model names, `claude` last and only
+    there, no rung twice; local rungs only for a prompt task that runs locally (class llm)."""
+    problems = []
+    if len(ladder) > MAX_LADDER:
+        problems.append(f"{who} has an escalation ladder of {len(ladder)} rungs, more than {MAX_LADDER}")
+    for n, rung in enumerate(ladder):
+        if not ID_RE.fullmatch(rung):
+            problems.append(f"{who} climbs to model {show(rung)}: letters, digits, '_' and '-' only")
+        elif rung == CLAUDE and n != len(ladder) - 1:
+            problems.append(
+                f"{who} names '{CLAUDE}' before the end of its escalation ladder: it is the last rung"
+            )
+        elif rung in ladder[:n]:
+            problems.append(f"{who} names {show(rung)} twice in its escalation ladder")
+    if any(r != CLAUDE for r in ladder) and (kind != "prompt" or cls != "llm" or external):
+        problems.append(
+            f"{who} climbs to local models, which run only prompt bodies of class llm "
+            f"(it is {kind}, class {cls}{', requires_external' if external else ''}); "
+            f"'- escalate: {CLAUDE}' alone hands any task to Claude"
+        )
     return problems
 
 

@@ -34,12 +34,14 @@ from mesh.errors import ExportError
 from mesh.events import (
     EscalationAnswered,
     EscalationFailed,
+    LocalAttempt,
     Msg,
     PlanAccepted,
     PlanFinished,
     PlanSpec,
     RunFinished,
     TaskCancelled,
+    TaskClimbed,
     TaskFailed,
     TaskReleased,
     TaskRetrying,
@@ -50,6 +52,7 @@ from mesh.events import (
 from mesh.host.executors import DATA_PREAMBLE
 from mesh.ops.export import Options, export, parse_point
 from mesh.redact import Redactor
+from mesh.status import FailReason
 from tests.conftest import ROOT, Mesh
 from tests.faults import run_mesh, until
 
@@ -395,6 +398,71 @@ async def test_escalations_cancels_lost_attempts_and_leaks_are_joined_as_they_ha
     # all plans: the other plan's attempt too
     everything = await export(bus, Options(out=tmp_path / "all.jsonl"))
     assert everything.records == 8 and everything.counts["cpu"]["succeeded"] == 3
+
+
+@pytest.mark.integration
+async def test_a_task_that_climbed_its_ladder_is_exported_rung_by_rung(mesh: Mesh, tmp_path: Path) -> None:
+    bus = await mesh.bus()
+    p, t = "climb", time.time()
+    ask = TaskSpec(id="ask", body="Sum 2 and 2", kind="prompt", cls="llm", model="small", escalate=("big",))
+    failed = LocalAttempt(attempt=1, worker="w1", error="no answer", rc=None, reason=FailReason.ERROR)
+    await publish(
+        bus,
+        PlanAccepted(plan_id=p, plan=PlanSpec(title="ladder", tasks=(ask,)), at=t),
+        TaskStarted(plan_id=p, task_id="ask", attempt=1, worker="w1", at=t),
+        RunFinished(
+            plan_id=p,
+            task_id="ask",
+            attempt=1,
+            worker="w1",
+            at=t + 1,
+            ok=False,
+            duration_s=1.0,
+            error="no answer",
+            model="small",
+            prompt="Sum 2 and 2",
+        ),
+        TaskClimbed(
+            plan_id=p,
+            task_id="ask",
+            attempt=1,
+            at=t + 1,
+            tier=1,
+            model="big",
+            from_model="small",
+            why="local_failures",
+            after=failed,
+            duration_s=1.0,
+        ),
+        TaskStarted(plan_id=p, task_id="ask", attempt=2, worker="w2", at=t + 2),
+        RunFinished(
+            plan_id=p,
+            task_id="ask",
+            attempt=2,
+            worker="w2",
+            at=t + 3,
+            ok=True,
+            duration_s=1.0,
+            output="4",
+            model="big",
+            prompt="Sum 2 and 2",
+        ),
+        TaskSucceeded(plan_id=p, task_id="ask", attempt=2, worker="w2", at=t + 3, duration_s=1.0),
+    )
+    out = tmp_path / "climb.jsonl"
+    await export(bus, Options(out=out, plan_id=p, fmt="raw"))
+    records = by_id(load_jsonl(out))
+    first, second = records["climb.ask:1"], records["climb.ask:2"]
+    # the attempt the task climbed after: failed on the small model, tried again (on the big one)
+    assert (first["model"], first["outcome"], first["reason"], first["will_retry"]) == (
+        "small",
+        "failed",
+        "error",
+        True,
+    )
+    assert first["error"] == "no answer"
+    # the final answer, and the model that produced it
+    assert (second["model"], second["outcome"], second["response"]) == ("big", "succeeded", "4")
 
 
 # ------------------------------------------------------------------ real plans, real agents

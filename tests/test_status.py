@@ -44,14 +44,14 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'{"plan_id":"p1","task_id":"a","spec":{"id":"a","body":"echo a","kind":"shell",'
             b'"class":"cpu","depends_on":[],"priority":5,"timeout_s":1800.0,"retries":3,'
             b'"env":{},"sensitive":false,"line":0,"model":"","inputs":[],"max_tokens":0,'
-            b'"requires_external":false},"index":0,"status":"running","attempt":0,'
+            b'"requires_external":false,"escalate":[]},"index":0,"status":"running","attempt":0,'
             b'"base_attempt":0,"deliveries":0,"worker":"","not_before":0.0,"waiting_since":0.0,'
             b'"released_at":0.0,"started_at":0.0,"finished_at":0.0,"duration_s":0.0,"rc":null,'
             b'"reason":"timeout","error":"","updated_at":0.0,"rid":"","escalated":"",'
             b'"followups":[],"attempts":[{"attempt":1,"worker":"w1","error":"boom","rc":1,'
             b'"reason":"error","output":""}],"review":"","review_model":"",'
             b'"review_of":{"attempt":2,"worker":"","error":"","rc":null,"reason":"definition",'
-            b'"output":""},"reviews":0}'
+            b'"output":""},"reviews":0,"tier":0}'
         ),
     ),
     (
@@ -60,11 +60,11 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'{"plan_id":"p1","task_id":"b","spec":{"id":"a","body":"echo a","kind":"shell",'
             b'"class":"cpu","depends_on":[],"priority":5,"timeout_s":1800.0,"retries":3,'
             b'"env":{},"sensitive":false,"line":0,"model":"","inputs":[],"max_tokens":0,'
-            b'"requires_external":false},"index":0,"status":"pending","attempt":0,'
+            b'"requires_external":false,"escalate":[]},"index":0,"status":"pending","attempt":0,'
             b'"base_attempt":0,"deliveries":0,"worker":"","not_before":0.0,"waiting_since":0.0,'
             b'"released_at":0.0,"started_at":0.0,"finished_at":0.0,"duration_s":0.0,"rc":null,'
             b'"reason":"","error":"","updated_at":0.0,"rid":"","escalated":"","followups":[],'
-            b'"attempts":[],"review":"","review_model":"","review_of":null,"reviews":0}'
+            b'"attempts":[],"review":"","review_model":"","review_of":null,"reviews":0,"tier":0}'
         ),
     ),
     (
@@ -79,7 +79,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'"submitted_at":0.0,"accepted_at":0.0,"finished_at":0.0,"total":0,'
             b'"counts":{"succeeded":2,"failed":1},"env":{},"error":"","updated_at":0.0,'
             b'"escalation":{"auto":false,"after":0,"sensitive":false,"followups":true,'
-            b'"review":false}}'
+            b'"review":false,"ladder":[]}}'
         ),
     ),
     (
@@ -88,7 +88,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'{"plan_id":"p2","title":"t","status":"running","source":"","workdir":"","by":"",'
             b'"submitted_at":0.0,"accepted_at":0.0,"finished_at":0.0,"total":0,"counts":{},'
             b'"env":{},"error":"","updated_at":0.0,"escalation":{"auto":false,"after":0,'
-            b'"sensitive":false,"followups":true,"review":false}}'
+            b'"sensitive":false,"followups":true,"review":false,"ladder":[]}}'
         ),
     ),
     (

@@ -72,6 +72,12 @@ def event_line(subject: str, msg: events.Message | None) -> Text:
                 line.append(f" {msg.error}", style="red")
         case events.TaskFailed():
             _why(line, msg)
+        case events.TaskClimbed():
+            line.append(
+                f" {msg.from_model or '?'} -> {msg.model} (tier {msg.tier}, {msg.why})", style="yellow"
+            )
+            if msg.after is not None and msg.after.error.strip():
+                line.append(f" {msg.after.error.strip().splitlines()[-1]}", style="red")
         case events.TaskRetrying():
             _why(line, msg)
             line.append(f" (retry in {seconds(msg.retry_at - msg.at)})", style="yellow")
@@ -145,11 +151,11 @@ def tasks_table(
         if plan.error:
             title += f": {plan.error}"
     table = Table(title=title, title_justify="left")
-    for col in ("task", "class", "prio", "status", "attempt", "worker", "took", "detail"):
+    for col in ("task", "class", "prio", "status", "attempt", "model", "worker", "took", "detail"):
         table.add_column(col)
     for d in damaged:
         table.add_row(
-            d.task_id, "?", "?", Text(DAMAGED, style=STYLE[DAMAGED]), "?", "", "-", d.describe()[:100]
+            d.task_id, "?", "?", Text(DAMAGED, style=STYLE[DAMAGED]), "?", "", "", "-", d.describe()[:100]
         )
     for t in tasks:
         detail = ""
@@ -166,11 +172,23 @@ def tasks_table(
             str(t.spec.priority),
             Text(t.status, style=STYLE.get(t.status, "")),
             str(t.attempt),
+            model_cell(t),
             t.worker,
             seconds(t.duration_s),
             detail,
         )
     return table
+
+
+def model_cell(t: TaskRecord) -> str:
+    """The model a task is on (or ended on), with its rung when it has an escalation ladder:
+    `qwen-14b (tier 2/3)`; `claude` once escalated."""
+    who = t.answered_by
+    ladder = t.spec.escalate
+    if not ladder:
+        return who
+    tier = len(ladder) + 1 if t.escalated and ladder[-1] == events.CLAUDE else t.tier + 1
+    return f"{who} (tier {tier}/{len(ladder) + 1})"
 
 
 def dead_table(letters: list[events.DeadLetter]) -> Table:

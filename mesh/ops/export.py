@@ -52,6 +52,7 @@ from mesh.events import (
     PlanTasks,
     RunFinished,
     TaskCancelled,
+    TaskClimbed,
     TaskFailed,
     TaskRedelivered,
     TaskRetrying,
@@ -76,7 +77,8 @@ REPORT_GRACE_S = 60.0
 RECENT_CLOSED = 65_536
 PROGRESS_EVERY = 2_000
 
-Closing = TaskSucceeded | TaskRetrying | TaskFailed | TaskCancelled
+# (an attempt after which the task climbed its escalation ladder closes with the climb)
+Closing = TaskSucceeded | TaskRetrying | TaskFailed | TaskCancelled | TaskClimbed
 Key = tuple[str, str, int]
 
 
@@ -329,7 +331,7 @@ class Exporter:
                     self.m.late_reports += 1
                 else:
                     self._attempt(key).run = msg
-            case TaskSucceeded() | TaskRetrying() | TaskFailed() | TaskCancelled():
+            case TaskSucceeded() | TaskRetrying() | TaskFailed() | TaskCancelled() | TaskClimbed():
                 await self._close(msg, seq)
             case TaskStarted():
                 a = self._attempt((msg.plan_id, msg.task_id, msg.attempt))
@@ -442,6 +444,9 @@ class Exporter:
                 outcome, reason = TaskStatus.SUCCEEDED, FailReason.NONE
             case TaskCancelled():
                 outcome, reason = TaskStatus.CANCELLED, FailReason.CANCELLED
+            case TaskClimbed():
+                outcome = TaskStatus.FAILED
+                reason = close.after.reason if close.after is not None else FailReason.ERROR
             case _:
                 outcome, reason = TaskStatus.FAILED, close.reason
         if (self.opts.cls is not None and cls != self.opts.cls) or (
@@ -529,7 +534,7 @@ class Exporter:
         duration: float | None = None
         if run is not None:
             duration = run.duration_s
-        elif isinstance(close, TaskRetrying | TaskFailed | TaskSucceeded) and close.duration_s:
+        elif isinstance(close, TaskRetrying | TaskFailed | TaskSucceeded | TaskClimbed) and close.duration_s:
             duration = close.duration_s
         elif answered is not None:
             duration = answered.duration_s
@@ -545,10 +550,20 @@ class Exporter:
             attempt=a.attempt,
             cls=cls,
             kind=kind,
-            model=(run.model if run is not None and run.model else spec.model if spec is not None else ""),
+            # who produced the answer: the run's model (a ladder's rung), or Claude's
+            model=(
+                answered.model
+                if answered is not None
+                else run.model
+                if run is not None and run.model
+                else spec.model
+                if spec is not None
+                else ""
+            ),
             outcome=outcome,
             reason=reason,
-            will_retry=isinstance(close, TaskRetrying),
+            # tried again: after a backoff, or on the next rung of its ladder
+            will_retry=isinstance(close, TaskRetrying | TaskClimbed),
             sensitive=sensitive,
             escalated=answered is not None or failed is not None,
             worker=worker,
@@ -594,6 +609,8 @@ def _error(close: Closing, run: RunFinished | None) -> str:
     match close:
         case TaskRetrying() | TaskFailed() if close.error:
             return close.error  # the brain's snippet: the error, then the end of stderr (or stdout)
+        case TaskClimbed() if close.after is not None and close.after.error:
+            return close.after.error
         case TaskCancelled():
             parts = [close.reason, run.error if run is not None else ""]
             return "\n".join(p for p in parts if p)
