@@ -69,6 +69,8 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     review_model: str = ""
     review_of: LocalAttempt | None = None
     reviews: int = 0
+    # an LLM task's time to its first token, in its succeeded attempt (0: none, or no LLM)
+    ttft_s: float = 0.0
 
     @property
     def key(self) -> str:
