@@ -83,8 +83,8 @@ class _Attempt:
 class TextView:
     """Chunks of many tasks in, whole lines out, each prefixed by its task: what a terminal
     shows while several tasks stream at once. A gap (missed chunks) is marked `[…]`; a newer
-    attempt starts over with a line saying so; a chunk of an older attempt, or one seen
-    already, is dropped."""
+    attempt (or the same one redelivered to another worker) starts over with a line saying
+    so; a chunk of an older attempt, or one seen already, is dropped."""
 
     tasks: dict[str, _Attempt] = field(default_factory=dict)
 
@@ -92,14 +92,22 @@ class TextView:
         """The lines `chunk` completes, as `task| text` (a final chunk ends its last line)."""
         out: list[str] = []
         seen = self.tasks.get(chunk.task_id)
-        if seen is None or chunk.attempt > seen.attempt:
-            if seen is not None and seen.line:
-                out.append(self._prefixed(chunk.task_id, seen.line + " […]"))
-            if seen is not None:
-                out.append(self._prefixed(chunk.task_id, f"[attempt {chunk.attempt}, on {chunk.worker}]"))
+        if seen is None:
             seen = self.tasks[chunk.task_id] = _Attempt(attempt=chunk.attempt, worker=chunk.worker)
-        elif chunk.attempt < seen.attempt or chunk.seq < seen.next_seq or seen.ended:
-            return out
+        # a newer attempt, or the same one delivered again to another worker: it starts over
+        elif chunk.attempt > seen.attempt or (
+            (chunk.attempt, chunk.seq) == (seen.attempt, 0) and chunk.worker != seen.worker
+        ):
+            if seen.line:
+                out.append(self._prefixed(chunk.task_id, seen.line + " […]"))
+            out.append(self._prefixed(chunk.task_id, f"[attempt {chunk.attempt}, on {chunk.worker}]"))
+            seen = self.tasks[chunk.task_id] = _Attempt(attempt=chunk.attempt, worker=chunk.worker)
+        elif (
+            (chunk.attempt, chunk.worker) != (seen.attempt, seen.worker)
+            or chunk.seq < seen.next_seq
+            or seen.ended
+        ):
+            return out  # an older attempt's, the other worker's, or seen already
         if chunk.seq > seen.next_seq:
             seen.line += "[…]"
         seen.next_seq = chunk.seq + 1

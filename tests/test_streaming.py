@@ -89,6 +89,12 @@ def test_the_view_prints_whole_lines_per_task_and_marks_gaps_and_new_attempts() 
     # a new attempt starts over, on its own line; the old attempt's text is not taken again
     assert view.take(chunk(0, "again\n", attempt=2)) == ["t| [attempt 2, on w1]", "t| again"]
     assert view.take(chunk(7, "old", attempt=1)) == []
+    # the same attempt redelivered to another worker starts over too; the first worker's
+    # late chunks are not mixed in
+    moved = TextChunk(plan_id="p", task_id="m", attempt=1, worker="w2", seq=0, text="x\n", at=1.0)
+    assert view.take(chunk(0, "from w1 ", task="m")) == []
+    assert view.take(moved) == ["m| from w1  […]", "m| [attempt 1, on w2]", "m| x"]
+    assert view.take(chunk(1, "late w1\n", task="m")) == []
     # the other task's line was held until its end
     assert view.end("a") == ["a| A"]
     assert view.end("a") == []
