@@ -25,6 +25,7 @@ from agents.worker_stream import TextStream
 from mesh.events import PlanResumed, RunFinished, WorkItem, decode, encode
 from mesh.host.executors import RunContext, build_prompt, run_prompt
 from mesh.host.loaders import Loaded, load_model
+from mesh.host.planfiles import load_plan
 from mesh.models import DEFAULT_MODELS, builtin_models
 from mesh.names import Names
 from mesh.textstream import TextChunk, TextView, decode_chunk, printable
@@ -100,6 +101,12 @@ def test_the_view_prints_whole_lines_per_task_and_marks_gaps_and_new_attempts() 
     # what a terminal would act on is written out, not sent
     assert view.take(chunk(1, "\x1b[2J\x07red\tok\r\n", attempt=2)) == ["t| \\x1b[2J\\x07red\tok\\x0d"]
     assert printable("plain text, [bold]markup[/bold] and all") == "plain text, [bold]markup[/bold] and all"
+
+
+def test_the_example_plan_parses() -> None:
+    plan = {t.id: t for t in load_plan(ROOT / "plans" / "examples" / "streaming.md").tasks}
+    assert [t.kind for t in plan.values()] == ["prompt"] * 3
+    assert plan["secret"].sensitive and not plan["story"].sensitive
 
 
 # ------------------------------------------------------------------ the worker's publisher
