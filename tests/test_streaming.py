@@ -127,6 +127,7 @@ async def test_without_a_server_the_text_is_dropped_and_the_task_never_waits() -
     stream.push("after the end")  # a model call that outlived its task: ignored, no error
 
 
+@pytest.mark.integration
 async def test_the_text_goes_out_in_batches_and_a_final_chunk_ends_it(mesh: Mesh) -> None:
     bus = await mesh.bus()
     got: list[TextChunk] = []
