@@ -27,6 +27,7 @@ from agents.worker_gpu import Gpu
 from agents.worker_lanes import Lane
 from agents.worker_models import Models
 from agents.worker_resources import ResourceUse, sample_once, sample_resources
+from agents.worker_stream import TextStream
 from mesh import work
 from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.outputs import OutputError, task_output
@@ -268,7 +269,12 @@ class Items:
                 )
             else:
                 failed = await self._prepare(item, run.ctx)
-                result = failed or await executor(item, run.ctx)
+                stream = None if failed else self._stream(item, run.ctx)
+                try:
+                    result = failed or await executor(item, run.ctx)
+                finally:
+                    if stream is not None:
+                        await stream.close()  # the text before `run.finished`
         finally:
             beat.cancel()
             if sampler is not None:
@@ -336,6 +342,18 @@ class Items:
         except TRANSIENT as exc:
             return RunResult(ok=False, duration_s=0.0, error=f"could not read the task's inputs: {exc}")
         return None
+
+    def _stream(self, item: WorkItem, ctx: RunContext) -> TextStream | None:
+        """Publish an LLM's answer as it is generated, unless the task is sensitive (or read a
+        sensitive task's output): what stays out of the history is not streamed either."""
+        if not self.settings.stream_text or item.sensitive or ctx.sensitive:
+            return None
+        if MODEL_BODY_KINDS.get(item.kind) != work.LLM:
+            return None
+        agent = self.agent
+        stream = TextStream(agent.bus.nc, agent.names, item, agent.agent_id, self.settings.stream_batch_s)
+        ctx.on_text = stream.push
+        return stream
 
     async def _keep_output(self, item: WorkItem, result: RunResult, sensitive: bool) -> tuple[str, str]:
         """The output for the completion event, and the object holding it when it does not fit

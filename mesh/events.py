@@ -481,6 +481,8 @@ class TaskSucceeded(Msg, frozen=True, tag="task.succeeded"):
     at: float
     duration_s: float = 0.0
     rc: int | None = 0
+    # an LLM task's time to its first token (its run's `ttft_s`), so its record keeps it
+    ttft_s: float = 0.0
 
 
 class TaskRetrying(Msg, frozen=True, tag="task.retrying"):

@@ -171,6 +171,7 @@ class _Decider(Release):
                     at=self.now,
                     duration_s=msg.duration_s,
                     rc=msg.rc,
+                    ttft_s=msg.metrics.get("ttft_s", 0.0),
                 )
             )
             self._wake_dependents(rec)

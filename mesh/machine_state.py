@@ -346,6 +346,7 @@ def evolve(state: State, ev: Msg) -> None:
             rec.not_before = 0.0
             rec.finished_at = 0.0
             rec.duration_s = 0.0
+            rec.ttft_s = 0.0
             rec.deliveries = 0
             _set_status(state, rec, PENDING, ev.at)
         case TaskSucceeded():
@@ -356,6 +357,7 @@ def evolve(state: State, ev: Msg) -> None:
             rec.worker = ev.worker
             rec.finished_at = ev.at
             rec.duration_s = ev.duration_s
+            rec.ttft_s = ev.ttft_s
             rec.rc = ev.rc
             rec.reason = FailReason.NONE
             rec.error = ""

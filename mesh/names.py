@@ -24,6 +24,8 @@ Subjects
     (bucket <p>-gateway: the gateway's spend, final answers and budget alerts; consumer `gateway` on <P>_ESC)
     <p>.tel.gpu.<host>.<index>         a GPU's telemetry sample   (core NATS, not stored)
     <p>.tel.host.<host>                a host's telemetry sample  (core NATS, not stored)
+    <p>.stream.<plan>.<task>.<worker>  a prompt's answer as it is generated (core NATS, not stored;
+                                       only under the worker's own id, like its reports)
 """
 
 from __future__ import annotations
@@ -360,6 +362,28 @@ class Names:
     @staticmethod
     def telemetry_host_key(host: str) -> str:
         return f"{check_token(host, 'host')}.host"
+
+    # a prompt's text as it is generated (core NATS, not stored) ----------------------
+    def text(self, plan_id: str, task_id: str, worker: str) -> str:
+        """Where a worker streams the answer of a task it runs. The worker's id is the last
+        token, as in its reports, so its NATS user may publish under its own id alone."""
+        return (
+            f"{self.prefix}.stream.{check_token(plan_id, 'plan id')}.{check_token(task_id, 'task id')}"
+            f".{check_token(worker, 'worker id')}"
+        )
+
+    def text_of_plan(self, plan_id: str) -> str:
+        """Every streamed answer of one plan (what `mesh tail PLAN` and `--wait` subscribe to)."""
+        return f"{self.prefix}.stream.{check_token(plan_id, 'plan id')}.>"
+
+    @property
+    def text_all(self) -> str:
+        """Every streamed answer (what a CLI user may subscribe to)."""
+        return f"{self.prefix}.stream.>"
+
+    def text_by(self, worker: str) -> str:
+        """Every streamed answer one worker may publish (its NATS permission)."""
+        return f"{self.prefix}.stream.*.*.{check_token(worker, 'worker id')}"
 
     def plan_filter(self, plan_id: str) -> str:
         """One subject filter for every event of one plan (plan, task and run events)."""

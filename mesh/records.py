@@ -72,6 +72,8 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     # the rung of its escalation ladder the task is on (0 : its own model; n : the n-th model of
     # `spec.escalate`); an operator's retry starts it on its own model again
     tier: int = 0
+    # an LLM task's time to its first token, in its succeeded attempt (0: none, or no LLM)
+    ttft_s: float = 0.0
 
     @property
     def key(self) -> str:

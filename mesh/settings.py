@@ -134,6 +134,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cpu_model_memory_mb: int = 0
     # outputs bigger than this go to the object store instead of the completion event
     output_event_bytes: int = 64 * 1024
+    # an LLM's answer is published as it is generated (core NATS, `<p>.stream.…`), in batches
+    # gathered over this many seconds; false: not at all
+    stream_text: bool = True
+    stream_batch_s: float = 0.05
 
     # watchdog (one per host): samples GPUs and the host this often
     watchdog_interval_s: float = 2.0

@@ -68,7 +68,7 @@ IO_MODULES = frozenset(
 # A subject, written out: `mesh.` or a prefix placeholder, then a subject space; or a
 # JetStream/KV/object-store API subject.
 SUBJECT = re.compile(
-    r"^(?:(?:mesh|\{(?:[\w.]*\.)?(?:prefix|p)\})\.(?:cmd|work|evt|esc|tel)(?:\.|$)|\$(?:KV|JS|O)\.)"
+    r"^(?:(?:mesh|\{(?:[\w.]*\.)?(?:prefix|p)\})\.(?:cmd|work|evt|esc|tel|stream)(?:\.|$)|\$(?:KV|JS|O)\.)"
 )
 API_SUBJECT = re.compile(r"^\$(?:KV|JS|O)\.")
 NAMES_MODULE = "mesh.names"

@@ -18,6 +18,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import api
 
 import nats
@@ -31,7 +32,7 @@ from mesh.ops.embedded import EmbeddedServer
 from mesh.ops.natsconf import rendered
 from mesh.ops.security import Tls, render_permissions, users, write_secure
 from mesh.records import AgentRecord
-from tests.conftest import FAST_ENV, ROOT, Mesh
+from tests.conftest import FAST_ENV, HANG_S, ROOT, Mesh
 from tests.fake_anthropic import FakeAnthropic, Reply
 from tests.faults import run_mesh, until
 
@@ -182,6 +183,10 @@ FORBIDDEN_PUBLISH = [
     (WORKER, f"$KV.{P}-gpus.t-gpu0"),
     (WORKER, f"{P}.evt.dead.{OTHER}"),
     (GPU_WORKER, f"$KV.{P}-gpus.{WORKER}"),
+    # ...and streams text only under its own id; nobody else streams text
+    (WORKER, f"{P}.stream.p1.t1.{OTHER}"),
+    (WORKER, f"{P}.stream.p1.t1"),
+    *[(u, f"{P}.stream.p1.t1.{WORKER}") for u in ("cli", "brain", "watchdog", "gateway")],
     (WORKER, f"$KV.{P}-gpu-control.t-gpu0.operator"),
     # ...takes work only from its own queues...
     (WORKER, f"$JS.API.CONSUMER.MSG.NEXT.{P.upper()}_WORK.worker-{OTHER}"),
@@ -216,6 +221,8 @@ FORBIDDEN_SUBSCRIBE = [
     (WORKER, "_INBOX.brain.>"),
     (WORKER, f"_INBOX.{OTHER}.>"),
     ("gateway", f"{P}.work.>"),
+    (WORKER, f"{P}.stream.>"),
+    ("gateway", f"{P}.stream.>"),
     ("gateway", "_INBOX.cli.>"),
     ("watchdog", f"{P}.cmd.submit"),
     ("exporter", ">"),
@@ -268,6 +275,28 @@ async def test_a_worker_publishes_its_own_facts_and_is_refused_another_workers(r
         await mine.refused_publish(f"{P}.evt.agent.{WORKER}.started")
     finally:
         await mine.close()
+
+
+async def test_a_worker_streams_text_under_its_own_id_and_the_cli_reads_it(resources: Secure) -> None:
+    cli = await resources.client("cli")
+    mine = await resources.client(GPU_WORKER)
+    got: list[tuple[str, bytes]] = []
+
+    async def take(msg: Msg) -> None:
+        got.append((msg.subject, msg.data))
+
+    try:
+        await cli.nc.subscribe(f"{P}.stream.p1.>", cb=take)
+        await cli.nc.flush()
+        await mine.nc.publish(f"{P}.stream.p1.t1.{GPU_WORKER}", b"chunk")
+        await mine.nc.flush()
+        await until(lambda: got or mine.errors or cli.errors, HANG_S, "the chunk, or a refusal")
+        assert got == [(f"{P}.stream.p1.t1.{GPU_WORKER}", b"chunk")], (mine.errors, cli.errors)
+        mine.clean()
+        cli.clean()
+    finally:
+        await mine.close()
+        await cli.close()
 
 
 async def test_the_gateway_answers_escalations_and_cannot_queue_work_or_submit(resources: Secure) -> None:

@@ -51,7 +51,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'"followups":[],"attempts":[{"attempt":1,"worker":"w1","error":"boom","rc":1,'
             b'"reason":"error","output":""}],"review":"","review_model":"",'
             b'"review_of":{"attempt":2,"worker":"","error":"","rc":null,"reason":"definition",'
-            b'"output":""},"reviews":0,"tier":0}'
+            b'"output":""},"reviews":0,"tier":0,"ttft_s":0.0}'
         ),
     ),
     (
@@ -64,7 +64,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'"base_attempt":0,"deliveries":0,"worker":"","not_before":0.0,"waiting_since":0.0,'
             b'"released_at":0.0,"started_at":0.0,"finished_at":0.0,"duration_s":0.0,"rc":null,'
             b'"reason":"","error":"","updated_at":0.0,"rid":"","escalated":"","followups":[],'
-            b'"attempts":[],"review":"","review_model":"","review_of":null,"reviews":0,"tier":0}'
+            b'"attempts":[],"review":"","review_model":"","review_of":null,"reviews":0,"tier":0,"ttft_s":0.0}'
         ),
     ),
     (

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg as NatsMsg
 from nats.js import api
 
 from mesh import events, validate
@@ -42,6 +44,9 @@ from mesh.records import (
     decode_plan,
     decode_task,
 )
+from mesh.textstream import TextChunk, decode_chunk
+
+log = logging.getLogger(__name__)
 
 
 def _user() -> str:
@@ -223,6 +228,28 @@ async def plan_events(
         match msg:
             case PlanFinished() | PlanRejected():
                 return
+
+
+@contextlib.asynccontextmanager
+async def watching_text(bus: Bus, plan_id: str, on_chunk: Callable[[TextChunk], None]) -> AsyncIterator[None]:
+    """While inside, `on_chunk` is told each chunk of text a plan's tasks stream as they are
+    generated (core NATS: only what comes while subscribed). What arrives is untrusted: a
+    chunk that does not decode, or does not belong on the subject it came on, is ignored."""
+    names = bus.names
+
+    async def take(raw: NatsMsg) -> None:
+        chunk, why = decode_chunk(names, raw.subject, raw.data)
+        if chunk is None:
+            log.debug("ignored on %s: %s", raw.subject, why)
+            return
+        on_chunk(chunk)
+
+    sub = await bus.nc.subscribe(names.text_of_plan(plan_id), cb=take)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(TimeoutError, nats.errors.Error):
+            await sub.unsubscribe()
 
 
 async def control_gpu(

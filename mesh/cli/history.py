@@ -4,7 +4,9 @@ dead letters, escalation costs, and the history written out as training data (ex
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -13,9 +15,12 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mesh.bus import client
+from mesh.bus.publish import Bus
 from mesh.cli import render
 from mesh.cli.common import connected, err, fail, out, run, settings
 from mesh.errors import MeshError
+from mesh.events import RunFinished
+from mesh.textstream import TextChunk, TextView
 
 
 def tail(
@@ -27,28 +32,58 @@ def tail(
     from_start: Annotated[
         bool, typer.Option("--all", help="start from the beginning of the history")
     ] = False,
+    text: Annotated[
+        bool,
+        typer.Option(
+            "--text/--no-text", help="with a plan id: also the answers of its LLM tasks as they are generated"
+        ),
+    ] = True,
 ) -> None:
-    """Follow events live, pretty or raw."""
+    """Follow events live, pretty or raw; a plan's LLM answers appear as they are generated."""
     s = settings()
     names = s.names
+    plan_id = ""
     if filter is None:
         subject = names.evt_all
     elif any(c in filter for c in ".*>"):
         subject = names.evt_filter(filter)
     else:
         subject = names.plan_filter(filter)
+        plan_id = filter if text else ""
+    view = TextView()
+
+    def show_text(chunk: TextChunk) -> None:
+        if as_json:
+            _json_line(msgspec.json.encode(chunk))
+        else:
+            for line in view.take(chunk):
+                out.print(render.text_line(line), soft_wrap=True)
 
     async def go() -> int:
-        async with connected(s) as bus:
+        async with connected(s) as bus, _text_of(bus, plan_id, show_text):
             async for subj, data, msg in client.follow(bus, subject, from_start=from_start):
                 if as_json:
-                    sys.stdout.write(data.decode("utf-8", errors="replace") + "\n")
-                    sys.stdout.flush()
-                else:
-                    out.print(render.event_line(subj, msg))
+                    _json_line(data)
+                    continue
+                if isinstance(msg, RunFinished):
+                    for line in view.end(msg.task_id):  # what its last chunks left unsaid
+                        out.print(render.text_line(line), soft_wrap=True)
+                out.print(render.event_line(subj, msg))
             return 0
 
     raise typer.Exit(run(go))
+
+
+def _json_line(data: bytes) -> None:
+    sys.stdout.write(data.decode("utf-8", errors="replace") + "\n")
+    sys.stdout.flush()
+
+
+def _text_of(
+    bus: Bus, plan_id: str, show: Callable[[TextChunk], None]
+) -> contextlib.AbstractAsyncContextManager[None]:
+    """The plan's streamed text shown while inside; nothing without a plan."""
+    return client.watching_text(bus, plan_id, show) if plan_id else contextlib.nullcontext()
 
 
 def replay(

@@ -29,6 +29,7 @@ from mesh.cli.common import (
 )
 from mesh.records import Damaged
 from mesh.status import PlanStatus, TaskStatus
+from mesh.textstream import TextChunk, TextView
 
 DAMAGED_HINT = (
     "{n} record(s) cannot be read (damaged). The brain sets each aside as a dead letter "
@@ -71,9 +72,8 @@ def submit(
 
 
 async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None = None) -> int:
-    """Show a plan's progress from its history until it is final; 0 only if it succeeded."""
-    final: dict[str, str] = {}
-    status = ""
+    """Show a plan's progress from its history until it is final, and its LLM tasks' answers
+    as they are generated; 0 only if it succeeded."""
     interactive = err.is_terminal
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -84,36 +84,16 @@ async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None 
         console=err,
         disable=not interactive,
     )
-    with progress:
-        bar = progress.add_task(plan_id, total=total, detail="")
-        async for subject, msg in client.plan_events(bus, plan_id, start_seq):
-            match msg:
-                case events.TaskSucceeded():
-                    final[msg.task_id] = "succeeded"
-                    if not interactive:
-                        progress.console.print(render.event_line(subject, msg))
-                case events.TaskFailed() | events.TaskCancelled():
-                    final[msg.task_id] = events.type_of(msg).rsplit(".", 1)[-1]
-                    progress.console.print(render.event_line(subject, msg))
-                case events.TaskRetrying():
-                    progress.console.print(render.event_line(subject, msg))
-                case events.TaskStarted() if not interactive:
-                    progress.console.print(render.event_line(subject, msg))
-            counts = {
-                k: list(final.values()).count(k)
-                for k in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
-            }
-            progress.update(
-                bar,
-                completed=len(final),
-                detail=" ".join(f"{k} {v}" for k, v in counts.items() if v),
-            )
-            match msg:
-                case events.PlanFinished():
-                    status = msg.status
-                case events.PlanRejected():
-                    status = PlanStatus.REJECTED
-                    err.print(f"[red]plan rejected:[/red] {msg.error}")
+    view = TextView()
+
+    def show_text(chunk: TextChunk) -> None:
+        for line in view.take(chunk):
+            progress.console.print(render.text_line(line), soft_wrap=True)
+
+    # a plan's LLM answers as they are generated, above the bar (the text of what runs from now)
+    async with client.watching_text(bus, plan_id, show_text):
+        with progress:
+            status = await _progress(bus, plan_id, total, start_seq, progress, view, interactive)
     records, damaged = await client.read_tasks(bus, plan_id)
     plan = await client.read_plan(bus, plan_id)
     if plan is not None and (damaged or any(r.status != TaskStatus.SUCCEEDED for r in records)):
@@ -122,6 +102,53 @@ async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None 
     style = render.STYLE.get(status, "")
     err.print(f"plan {plan_id} [{style}]{status}[/{style}]" if style else f"plan {plan_id} {status}")
     return 0 if status == PlanStatus.SUCCEEDED else 1
+
+
+async def _progress(
+    bus: Bus,
+    plan_id: str,
+    total: int,
+    start_seq: int | None,
+    progress: Progress,
+    view: TextView,
+    interactive: bool,
+) -> str:
+    """Follow a plan's events on its progress bar until it is final; its final status."""
+    final: dict[str, str] = {}
+    status = ""
+    bar = progress.add_task(plan_id, total=total, detail="")
+    async for subject, msg in client.plan_events(bus, plan_id, start_seq):
+        match msg:
+            case events.RunFinished():
+                for line in view.end(msg.task_id):  # what its last chunks left unsaid
+                    progress.console.print(render.text_line(line), soft_wrap=True)
+            case events.TaskSucceeded():
+                final[msg.task_id] = "succeeded"
+                if not interactive:
+                    progress.console.print(render.event_line(subject, msg))
+            case events.TaskFailed() | events.TaskCancelled():
+                final[msg.task_id] = events.type_of(msg).rsplit(".", 1)[-1]
+                progress.console.print(render.event_line(subject, msg))
+            case events.TaskRetrying():
+                progress.console.print(render.event_line(subject, msg))
+            case events.TaskStarted() if not interactive:
+                progress.console.print(render.event_line(subject, msg))
+        counts = {
+            k: list(final.values()).count(k)
+            for k in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+        }
+        progress.update(
+            bar,
+            completed=len(final),
+            detail=" ".join(f"{k} {v}" for k, v in counts.items() if v),
+        )
+        match msg:
+            case events.PlanFinished():
+                status = msg.status
+            case events.PlanRejected():
+                status = PlanStatus.REJECTED
+                err.print(f"[red]plan rejected:[/red] {msg.error}")
+    return status
 
 
 def status(

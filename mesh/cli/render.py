@@ -66,8 +66,12 @@ def event_line(subject: str, msg: events.Message | None) -> Text:
     match msg:
         case events.TaskSucceeded():
             line.append(f" {seconds(msg.duration_s)}", style="dim")
+            if msg.ttft_s:
+                line.append(f" ttft {seconds(msg.ttft_s)}", style="dim")
         case events.RunFinished():
             line.append(f" {seconds(msg.duration_s)}", style="dim")
+            if ttft := msg.metrics.get("ttft_s"):
+                line.append(f" ttft {seconds(ttft)}", style="dim")
             if not msg.ok:
                 line.append(f" {msg.error}", style="red")
         case events.TaskFailed():
@@ -104,6 +108,15 @@ def event_line(subject: str, msg: events.Message | None) -> Text:
         case events.AlertResolved():
             line.append(f" {msg.rule} {msg.target}")
     return line
+
+
+def text_line(line: str) -> Text:
+    """A line of a task's streamed answer (`task| text`, from `mesh.textstream.TextView`): the
+    task dim, the text as it is (a `Text` takes no markup from it)."""
+    task, sep, text = line.partition("| ")
+    out = Text(task + sep, style="dim cyan")
+    out.append(text)
+    return out
 
 
 def _why(line: Text, msg: events.TaskFailed | events.TaskRetrying) -> None:
@@ -162,6 +175,8 @@ def tasks_table(
         if t.status in (TaskStatus.FAILED, TaskStatus.WAITING) and (t.reason or t.error):
             last = t.error.strip().splitlines()[-1] if t.error.strip() else ""
             detail = f"{t.reason}: {last}"[:80]
+        if t.status == TaskStatus.SUCCEEDED and t.ttft_s:
+            detail = f"ttft {seconds(t.ttft_s)}"
         if t.status == TaskStatus.ESCALATING:
             detail = f"{len(t.followups)} follow-up tasks" if t.followups else f"asked Claude ({t.escalated})"
         if notes and t.task_id in notes:

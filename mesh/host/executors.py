@@ -25,6 +25,10 @@ from mesh.untrusted import neutralise_data
 from mesh.work import RunResult
 
 
+def _no_text(_chunk: str) -> None:
+    """Where a model's text goes when nobody listens."""
+
+
 @dataclass
 class RunContext:
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
@@ -46,6 +50,10 @@ class RunContext:
     artifacts_dir: str = ""
     # set (from the model's thread) when a prompt's first token is sampled
     first_token: threading.Event = field(default_factory=threading.Event)
+    # told each piece of an LLM's answer as it is generated (from the model's thread; the pieces
+    # joined are the output). It must not block and never raises: the worker publishes the
+    # pieces on the task's stream subject, or drops them
+    on_text: Callable[[str], None] = _no_text
 
 
 class Tail:
@@ -316,6 +324,7 @@ def _prompt_work(
     loaded: Any,
     stop: threading.Event,
     first_token: threading.Event | None = None,
+    on_text: Callable[[str], None] = _no_text,
 ) -> RunResult:
     from llama_cpp import LlamaGrammar, StoppingCriteriaList
 
@@ -347,18 +356,26 @@ def _prompt_work(
         return stop.is_set()
 
     began = time.monotonic()
-    response = llm.create_completion(
+    pieces: list[str] = []
+    finish = ""
+    for chunk in llm.create_completion(
         tokens,
         max_tokens=max_tokens,
         temperature=spec.temperature,
         seed=spec.seed,
         stopping_criteria=StoppingCriteriaList([stopping]),
         grammar=grammar,
-    )
+        stream=True,
+    ):
+        choice = chunk["choices"][0]
+        if text := choice.get("text"):
+            pieces.append(text)
+            on_text(text)
+        finish = choice.get("finish_reason") or finish
     ended = time.monotonic()
-    choice = response["choices"][0]
-    usage = response.get("usage") or {}
-    tokens_out = int(usage.get("completion_tokens", 0))
+    # a stream reports no usage: each token was fed back to the model before the next was
+    # sampled, but for the one the answer ended on at max_tokens
+    tokens_out = int(llm.n_tokens) - len(tokens) + (1 if finish == "length" else 0)
     first = sampled[0] if sampled else ended
     gen_s = ended - first
     metrics = {
@@ -374,7 +391,7 @@ def _prompt_work(
     return RunResult(
         ok=not stopped,
         duration_s=0.0,
-        output=str(choice.get("text") or ""),
+        output="".join(pieces),
         prompt=prompt,
         metrics=metrics,
         error=f"stopped after {tokens_out} tokens" if stopped else "",
@@ -385,7 +402,7 @@ async def run_prompt(item: WorkItem, ctx: RunContext) -> RunResult:
     """Complete the body's prompt (with the task's inputs as data) with the loaded LLM."""
     inputs = dict(ctx.inputs)
     return await _run_model(
-        item, ctx, "llm", lambda m, stop: _prompt_work(item, inputs, m, stop, ctx.first_token)
+        item, ctx, "llm", lambda m, stop: _prompt_work(item, inputs, m, stop, ctx.first_token, ctx.on_text)
     )
 
 

@@ -6,7 +6,8 @@ rather than trusted to the clients:
 - only the CLI submits plans, cancels and retries (`<p>.cmd.>`);
 - only the brain writes transitions, task and plan records, and queues work (`<p>.work.>`)
   and escalations (`<p>.esc.>`);
-- a worker reports runs, and writes only its own registration, GPU state and GPU key; it
+- a worker reports runs and streams the text of the tasks it runs, both under its own id
+  only, and writes only its own registration, GPU state and GPU key; it
   takes work only from the queues of its classes, the per-model queues and its own queue,
   and can neither publish to nor read the gateway's subjects;
 - a watchdog writes telemetry, thermal controls and alerts;
@@ -305,7 +306,8 @@ class Grants:
         pub += self.manage_everything()
         return Permissions(
             publish=_unique(pub),
-            subscribe=(self.inbox("cli"),),
+            # and the answers being generated (`mesh tail PLAN`, `mesh submit --wait`)
+            subscribe=(self.inbox("cli"), n.text_all),
             # an operator asks the brain; it does not queue work or write its records
             publish_deny=(
                 n.work_all,
@@ -328,6 +330,8 @@ class Grants:
         work = n.work_stream
         pub = [
             n.runs_by(agent_id),
+            # the answer of a task it runs, as it is generated (core NATS), under its own id too
+            n.text_by(agent_id),
             n.agent_event(agent_id, "*"),
             n.dead_letter(agent_id),
             n.gpu_event(gpu, "state"),
