@@ -31,6 +31,7 @@ FIELDS: tuple[str, ...] = (
     "inputs",
     "max_tokens",
     "requires_external",
+    "schema",
 )
 # the `##` sections the parser reads (the lines of any other are ignored)
 SECTIONS = ("variables", "env", "tasks", "escalation")
