@@ -15,7 +15,7 @@ a schema file (`mesh.host.planfiles` gives one for a plan file on disk).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -50,13 +50,46 @@ def load_schema(text: str) -> tuple[Any, str]:
     if not isinstance(schema, dict):
         return None, f"the schema is a JSON {type(schema).__name__}, not an object"
     from jsonschema.exceptions import SchemaError
-    from jsonschema.validators import validator_for
 
+    validator = _validator_class(schema)
+    if validator is None:
+        return None, (
+            f"the schema's $schema {schema['$schema']!r} is not a JSON Schema draft "
+            "(leave it out for draft 2020-12)"
+        )
+    outside = _outside_ref(schema)
+    if outside:
+        return None, (
+            f"the schema's $ref {outside!r} points outside it, and nothing else is read: "
+            "put the definition under $defs and write '#/$defs/NAME'"
+        )
     try:
-        validator_for(schema).check_schema(schema)
+        validator.check_schema(schema)
     except SchemaError as exc:
         return None, f"the schema is not valid JSON Schema: {exc.message}{_where(exc.absolute_path)}"
     return schema, ""
+
+
+def _validator_class(schema: dict[str, Any]) -> Any:
+    """The validator of the schema's draft (2020-12 without `$schema`); None for an unknown one."""
+    from jsonschema.validators import Draft202012Validator, validator_for
+
+    if "$schema" not in schema:
+        return Draft202012Validator
+    # with a default given, an unknown draft gives it (None) rather than a warning and the latest
+    return validator_for(schema, default=cast(Any, None))
+
+
+def _outside_ref(node: Any) -> str:
+    """The first `$ref` that does not point inside the schema ('' when none does)."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and not ref.startswith("#"):
+            return ref
+        return next((r for r in map(_outside_ref, node.values()) if r), "")
+    if isinstance(node, list):
+        return next((r for r in map(_outside_ref, node) if r), "")
+    return ""
 
 
 def schema_problem(text: str) -> str:
@@ -79,9 +112,8 @@ def check_answer(text: str, schema_text: str) -> tuple[Any, str]:
     except (msgspec.DecodeError, UnicodeEncodeError) as exc:
         return None, f"the answer is not JSON: {exc}"
     from jsonschema.exceptions import best_match
-    from jsonschema.validators import validator_for
 
-    validator = validator_for(schema)(schema)
+    validator = _validator_class(schema)(schema)
     try:
         error = best_match(validator.iter_errors(value))
     except Exception as exc:  # a $ref it cannot resolve, a regex it cannot compile

@@ -174,6 +174,9 @@ def test_an_inline_schema_is_carried_compact_and_its_braces_are_not_variables() 
             "the schema is not valid JSON Schema: 'answer' is not of type 'array'",
         ),
         ('{"type": "object"', "inline schema of task 'a': the schema is not JSON"),
+        ('{"$schema": "https://example.com/mine", "type": "object"}', "is not a JSON Schema draft"),
+        ('{"$ref": "https://example.com/s.json"}', "points outside it, and nothing else is read"),
+        ('{"type": "string", "pattern": "("}', "the schema is not valid JSON Schema: '(' is not a 'regex'"),
         ("", "the schema of task 'a' is empty"),
     ],
 )
