@@ -17,6 +17,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from mesh.bus.outputs import task_output
 from mesh.events import RunFinished
 from mesh.host.planfiles import load_plan
 from mesh.models import builtin_models
@@ -84,6 +85,8 @@ async def test_chat_and_schema_examples_run_and_export_their_turns(mesh: Mesh, t
     assert capital.parsed and inline.parsed
     jsonschema.validate(json.loads(capital.output), schema)
     assert set(json.loads(inline.output)) == {"answer"}
+    given = await task_output(await mesh.bus(), schema_id, "capital")
+    assert given.parsed and given.text == capital.output
     report = await finished(mesh, schema_id, "report")
     assert f'<data from="capital">\n{capital.output}\n</data>' in report.prompt
     assert not report.parsed
