@@ -28,13 +28,25 @@ class Struct(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Fa
 
 
 TaskClass = Literal["cpu", "script", "llm", "external"]
-BodyKind = Literal["shell", "noop", "prompt", "transcribe", "embed"]
+BodyKind = Literal["shell", "noop", "prompt", "chat", "transcribe", "embed"]
 TASK_CLASSES: tuple[str, ...] = ("cpu", "script", "llm", "external")
-BODY_KINDS: tuple[str, ...] = ("shell", "noop", "prompt", "transcribe", "embed")
+BODY_KINDS: tuple[str, ...] = ("shell", "noop", "prompt", "chat", "transcribe", "embed")
 # body kinds that run a model, and the model kind each needs
-MODEL_BODY_KINDS: dict[str, str] = {"prompt": "llm", "transcribe": "transcribe", "embed": "embed"}
+MODEL_BODY_KINDS: dict[str, str] = {
+    "prompt": "llm",
+    "chat": "llm",
+    "transcribe": "transcribe",
+    "embed": "embed",
+}
 # the class a body kind runs in when the plan names none
-DEFAULT_CLASS_OF_KIND: dict[str, str] = {"prompt": "llm", "transcribe": "script", "embed": "script"}
+DEFAULT_CLASS_OF_KIND: dict[str, str] = {
+    "prompt": "llm",
+    "chat": "llm",
+    "transcribe": "script",
+    "embed": "script",
+}
+# body kinds an LLM answers (class llm runs only these)
+LLM_BODY_KINDS: tuple[str, ...] = ("prompt", "chat")
 
 
 class TaskSpec(Struct, frozen=True, gc=False):
@@ -63,6 +75,8 @@ class TaskSpec(Struct, frozen=True, gc=False):
     # fails on the one before (its retries spent, or judged too hard), and `claude` (`CLAUDE`)
     # last when the gateway comes after them; () : Claude alone, by the plan's `## Escalation`
     escalate: tuple[str, ...] = ()
+    # prompt, chat: a JSON Schema (as JSON text) the answer must be valid against ('' : free text)
+    schema: str = ""
 
 
 # the rung of an escalation ladder that is the gateway (Claude), not a local model
@@ -156,6 +170,8 @@ class WorkItem(Msg, frozen=True, tag="work"):
     max_tokens: int = 0
     # llm prompt: a llama.cpp GBNF grammar the answer must match ('' : free text)
     grammar: str = ""
+    # prompt, chat: a JSON Schema (JSON text) the answer is generated to and checked against
+    schema: str = ""
     # proof of this attempt, copied into the worker's reports (`mesh.claims`)
     claim: str = ""
 
@@ -227,6 +243,8 @@ class RunFinished(Msg, frozen=True, tag="run.finished"):
     sensitive: bool = False
     # the claim of the work item this reports on (`mesh.claims`)
     claim: str = ""
+    # the task has a schema and its output is JSON valid against it
+    parsed: bool = False
 
 
 # GPUs (event stream; the brain reads them for placement) ---------------------

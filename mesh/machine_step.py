@@ -140,6 +140,7 @@ def work_item(state: State, rec: TaskRecord, claim_key: bytes) -> WorkItem:
         model=rec.tier_model,
         inputs=rec.spec.inputs,
         max_tokens=rec.spec.max_tokens,
+        schema=rec.spec.schema,
         claim=claim,
     )
 

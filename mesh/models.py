@@ -38,6 +38,11 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_tokens: int = 128
     seed: int = 0
     temperature: float = 0.0
+    # llm: the llama-cpp-python chat format a chat task is rendered with ('gemma', 'chatml',
+    # 'llama-3', ...), for a GGUF that carries no chat template (`tokenizer.chat_template`);
+    # when set it wins over the GGUF's template. '': the GGUF's template, and a chat task on a
+    # model with neither fails as a definition error
+    chat_format: str = ""
     # transcribe: CTranslate2 compute type ('default', 'int8', 'float16', ...), beam size
     compute_type: str = "default"
     beam_size: int = 1
@@ -59,7 +64,9 @@ def builtin_models() -> dict[str, ModelSpec]:
             vram_mb=600,
             n_ctx=2048,
             max_tokens=64,
-            description="Gemma 3 270M, Q4_K_M GGUF (a base model: plain completion)",
+            # the GGUF carries no chat template: Gemma's turn format, as llama-cpp-python names it
+            chat_format="gemma",
+            description="Gemma 3 270M, Q4_K_M GGUF (a base model: plain completion; chat in Gemma's format)",
         ),
         "whisper-tiny-en": ModelSpec(
             kind="transcribe",

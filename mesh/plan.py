@@ -67,6 +67,7 @@ from mesh.planproblems import Report
 from mesh.planscan import FIELDS, outline
 from mesh.plantasks import TaskBuilder
 from mesh.plantemplate import Expander, Glob, GlobRefused
+from mesh.schemas import FileRefused, ReadFile
 from mesh.validate import MAX_RETRIES, MAX_TIMEOUT_S, MAX_TOKENS
 
 __all__ = [
@@ -82,9 +83,11 @@ __all__ = [
     "MAX_RETRIES",
     "MAX_TIMEOUT_S",
     "MAX_TOKENS",
+    "FileRefused",
     "Glob",
     "GlobRefused",
     "PlanLimits",
+    "ReadFile",
     "parse_followups",
     "parse_plan",
     "too_big",
@@ -126,6 +129,7 @@ def parse_plan(
     workdir: str = "",
     limits: PlanLimits | None = None,
     glob: Glob | None = None,
+    read: ReadFile | None = None,
 ) -> PlanSpec:
     """Parse and validate the markdown `text` of a plan.
 
@@ -133,12 +137,13 @@ def parse_plan(
     NAME=value`); a name the plan does not declare is added. `workdir` is kept
     as `PlanSpec.workdir` (where the tasks run, and where relative foreach globs
     were resolved). `glob` lists the files a foreach glob matches; when None, a
-    foreach over a glob is a problem. `limits` bound the work (the defaults of
-    `PlanLimits` when None).
+    foreach over a glob is a problem. `read` reads a schema file a task names
+    (`- schema: FILE.json`); when None, only inline schemas are read. `limits`
+    bound the work (the defaults of `PlanLimits` when None).
 
     Raises `PlanError` listing every problem found; never anything else.
     """
-    return _parse(text, source, dict(variables or {}), workdir, limits or PlanLimits(), glob, NO_FILES)
+    return _parse(text, source, dict(variables or {}), workdir, limits or PlanLimits(), glob, NO_FILES, read)
 
 
 def parse_followups(text: str, *, source: str) -> tuple[TaskSpec, ...]:
@@ -159,7 +164,7 @@ def _ladder(r: Record, default: tuple[str, ...]) -> tuple[str, ...]:
     that runs on a local model (class llm)."""
     if r.escalate is not None:
         return r.escalate
-    return default if r.kind == "prompt" and r.cls == "llm" and not r.requires_external else ()
+    return default if r.kind in ("prompt", "chat") and r.cls == "llm" and not r.requires_external else ()
 
 
 def too_big(size: int, limit: int) -> Problem:
@@ -180,6 +185,7 @@ def _parse(
     limits: PlanLimits,
     glob: Glob | None,
     no_files: str,
+    read: ReadFile | None = None,
 ) -> PlanSpec:
     """Scan, read every section, make the tasks, check the graph; then raise, or build the plan."""
     report = Report()
@@ -197,7 +203,7 @@ def _parse(
         max_bytes=limits.max_bytes,
         max_expansions=limits.max_expansions,
     )
-    fields = FieldReader(report, expander)
+    fields = FieldReader(report, expander, read)
     builder = TaskBuilder(report, expander, fields, limits.max_tasks)
     variables = expander.variables(plan.var_entries)
     env = fields.plan_env(plan.env_entries, variables)
@@ -224,6 +230,7 @@ def _parse(
             max_tokens=r.max_tokens,
             requires_external=r.requires_external,
             escalate=_ladder(r, escalation.ladder),
+            schema=r.schema,
         )
         for r in records
     )

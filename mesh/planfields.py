@@ -18,15 +18,18 @@ from typing import cast
 from mesh.events import (
     BODY_KINDS,
     DEFAULT_CLASS_OF_KIND,
+    LLM_BODY_KINDS,
     MODEL_BODY_KINDS,
     TASK_CLASSES,
     BodyKind,
     EscalationPolicy,
     TaskClass,
 )
+from mesh.planllm import chat_body, schema_field
 from mesh.planproblems import Report, closest
 from mesh.planscan import RawTask
 from mesh.plantemplate import Expander
+from mesh.schemas import ReadFile
 from mesh.validate import (
     ID_RE,
     INPUT_KINDS,
@@ -67,7 +70,7 @@ _DURATION_RE = re.compile(rf"(?:({_NUMBER})h)?(?:({_NUMBER})m)?(?:({_NUMBER})s)?
 
 _BODY_HINT = (
     "put the commands in a fenced block under the task heading: a line '```shell', the commands, "
-    "a line '```' (or '```prompt', '```transcribe', '```embed' for model work)"
+    "a line '```' (or '```prompt', '```chat', '```transcribe', '```embed' for model work)"
 )
 _ENV_NAME_HINT = (
     "an environment variable name starts with a letter or '_' and has only letters, digits and '_'"
@@ -111,6 +114,7 @@ class Record:
     requires_external: bool = False
     # `- escalate:` (None : not given, the plan's `ladder` applies)
     escalate: tuple[str, ...] | None = None
+    schema: str = ""
 
 
 def split_list(text: str) -> list[str]:
@@ -149,9 +153,11 @@ def _duration(text: str) -> float | None:
 class FieldReader:
     """The fields and body of each task, with its variables substituted by `expander`."""
 
-    def __init__(self, report: Report, expander: Expander) -> None:
+    def __init__(self, report: Report, expander: Expander, read: ReadFile | None = None) -> None:
         self.report = report
         self.expander = expander
+        # reads a schema file the plan names (None: only inline schemas)
+        self.read = read
 
     def plan_env(self, entries: list[tuple[int, str]], variables: Mapping[str, str]) -> dict[str, str]:
         """`## Env`: the environment of every task of the plan."""
@@ -302,8 +308,9 @@ class FieldReader:
         inputs: list[str] = []
         escalate: tuple[str, ...] | None = None
         escalate_line = 0
+        schema = ""
         # where the fields that must suit the body's kind are (0: not given)
-        lines = {"class": 0, "model": 0, "max_tokens": 0, "inputs": 0}
+        lines = {"class": 0, "model": 0, "max_tokens": 0, "inputs": 0, "schema": 0}
         for key, (line, raw_value) in task.fields.items():
             if key == "foreach":
                 continue
@@ -312,7 +319,10 @@ class FieldReader:
                 continue
             if key in lines:
                 lines[key] = line
-            value = self.expander.subst(raw_value, line, values)
+            if key == "schema" and raw_value.lstrip().startswith("{"):
+                value = raw_value  # inline JSON: its braces are the schema's, not variables
+            else:
+                value = self.expander.subst(raw_value, line, values)
             if key == "depends_on":
                 deps_line = line
                 deps = list(dict.fromkeys(split_list(value)))
@@ -385,6 +395,8 @@ class FieldReader:
                 inputs = list(dict.fromkeys(split_list(value)))
             elif key == "escalate":
                 escalate, escalate_line = tuple(split_list(value)), line
+            elif key == "schema":
+                schema = schema_field(self.report, task, line, value, self.read)
             elif key == "max_tokens":
                 n = _int(value, 1, MAX_TOKENS)
                 if n is None:
@@ -404,6 +416,8 @@ class FieldReader:
             raw, first, kind = body
             if kind == "embed":
                 text, body_inputs = self._embed(task, raw, first, values)
+            elif kind == "chat":
+                text = chat_body(self.report, self.expander, task, raw, first, values)
             else:
                 if kind == "shell":  # values quoted for their place in the script
                     text = self.expander.subst_shell(raw, first, values)
@@ -411,7 +425,7 @@ class FieldReader:
                     text = self.expander.subst(raw, first, values)
                 if kind == "transcribe":
                     text = self._transcribe(task, text, first)
-                elif kind != "prompt":
+                elif kind not in LLM_BODY_KINDS:
                     text += "\n"
             self._suits(task, kind, cls, lines)
         if cls is None:
@@ -440,6 +454,7 @@ class FieldReader:
             body_inputs=body_inputs,
             requires_external=requires_external,
             escalate=escalate,
+            schema=schema,
         )
 
     def _suits(self, task: RawTask, kind: str, cls: TaskClass | None, lines: dict[str, int]) -> None:
@@ -455,11 +470,13 @@ class FieldReader:
                 f"write '- class: {need}', or leave class out: "
                 f"{_a(kind)} {kind} task is class {need} by default",
             )
-        elif cls == "llm" and kind != "prompt":
+        elif cls == "llm" and kind not in LLM_BODY_KINDS:
             self.report.add(
                 lines["class"],
-                f"task '{task.id}' has class llm, which runs only prompt bodies, but its body is {kind}",
-                "use class script for shell commands that need a GPU; class llm is for '```prompt' bodies",
+                f"task '{task.id}' has class llm, which runs only prompt and chat bodies, "
+                f"but its body is {kind}",
+                "use class script for shell commands that need a GPU; class llm is for '```prompt' "
+                "and '```chat' bodies",
             )
         if lines["model"] and kind not in MODEL_BODY_KINDS:
             self.report.add(
@@ -468,13 +485,14 @@ class FieldReader:
                 f"and its body is {kind}",
                 f"remove the line: {_a(kind)} {kind} task runs no model",
             )
-        if lines["max_tokens"] and kind != "prompt":
-            self.report.add(
-                lines["max_tokens"],
-                f"field 'max_tokens' of task '{task.id}' applies only to prompt bodies, "
-                f"and its body is {kind}",
-                "remove the line: only a prompt generates tokens",
-            )
+        for name in ("max_tokens", "schema"):
+            if lines[name] and kind not in LLM_BODY_KINDS:
+                self.report.add(
+                    lines[name],
+                    f"field '{name}' of task '{task.id}' applies only to prompt and chat bodies, "
+                    f"and its body is {kind}",
+                    "remove the line: only an LLM's answer is generated",
+                )
         if lines["inputs"] and kind not in _INPUT_KINDS:
             hint = (
                 "a transcribe body is the path of one audio file: have the dependency write the file, "
@@ -484,7 +502,7 @@ class FieldReader:
             )
             self.report.add(
                 lines["inputs"],
-                f"field 'inputs' of task '{task.id}' applies only to prompt and embed bodies, "
+                f"field 'inputs' of task '{task.id}' applies only to prompt, chat and embed bodies, "
                 f"and its body is {kind}",
                 hint,
             )

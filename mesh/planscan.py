@@ -32,6 +32,7 @@ FIELDS: tuple[str, ...] = (
     "max_tokens",
     "requires_external",
     "escalate",
+    "schema",
 )
 # the `##` sections the parser reads (the lines of any other are ignored)
 SECTIONS = ("variables", "env", "tasks", "escalation")

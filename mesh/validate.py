@@ -14,16 +14,19 @@ from __future__ import annotations
 import re
 from collections import deque
 
+from mesh.chat import read_turns
 from mesh.events import (
     BODY_KINDS,
     CLAUDE,
     DEFAULT_CLASS_OF_KIND,
+    LLM_BODY_KINDS,
     MODEL_BODY_KINDS,
     TASK_CLASSES,
     PlanSpec,
     SubmitPlan,
     TaskSpec,
 )
+from mesh.schemas import schema_problem
 
 # A plan id or task id is a NATS subject token and part of KV keys and message ids: letters,
 # digits, '_' and '-', and short enough that every subject built from it stays readable.
@@ -35,7 +38,7 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_RETRIES = 100
 MAX_TOKENS = 1_000_000
 # body kinds that take the outputs of their `inputs`
-INPUT_KINDS = ("prompt", "embed")
+INPUT_KINDS = ("prompt", "chat", "embed")
 # the most rungs an escalation ladder may have
 MAX_LADDER = 8
 # what is reported of a bad submission at most (a broken 100,000-task plan is not a wall of text)
@@ -128,8 +131,8 @@ def check_task(spec: TaskSpec) -> list[str]:
         pass  # a question for Claude
     elif need is not None and spec.cls != need:
         problems.append(f"task {t} has a {spec.kind} body, which runs only in class {need}, not {spec.cls}")
-    elif spec.cls == "llm" and spec.kind != "prompt":
-        problems.append(f"task {t} has class llm, which runs only prompt bodies, not {spec.kind}")
+    elif spec.cls == "llm" and spec.kind not in LLM_BODY_KINDS:
+        problems.append(f"task {t} has class llm, which runs only prompt and chat bodies, not {spec.kind}")
     if not MIN_PRIORITY <= spec.priority <= MAX_PRIORITY:
         problems.append(f"task {t} has priority {spec.priority}, not from {MIN_PRIORITY} to {MAX_PRIORITY}")
     if not 0 <= spec.retries <= MAX_RETRIES:
@@ -140,8 +143,11 @@ def check_task(spec: TaskSpec) -> list[str]:
         )
     if not 0 <= spec.max_tokens <= MAX_TOKENS:
         problems.append(f"task {t} has max_tokens {spec.max_tokens}, not from 0 to {MAX_TOKENS}")
-    if spec.max_tokens and spec.kind != "prompt":
-        problems.append(f"task {t} has max_tokens, which applies only to prompt bodies, not {spec.kind}")
+    if spec.max_tokens and spec.kind not in LLM_BODY_KINDS:
+        problems.append(
+            f"task {t} has max_tokens, which applies only to prompt and chat bodies, not {spec.kind}"
+        )
+    problems += _llm_problems(spec, t)
     if spec.model:
         if spec.kind not in MODEL_BODY_KINDS:
             problems.append(f"task {t} names a model, but a {spec.kind} body runs none")
@@ -150,7 +156,7 @@ def check_task(spec: TaskSpec) -> list[str]:
     problems += ladder_problems(spec.escalate, spec.kind, spec.cls, spec.requires_external, f"task {t}")
     if spec.inputs and spec.kind not in INPUT_KINDS:
         problems.append(
-            f"task {t} takes inputs, which apply only to prompt and embed bodies, not {spec.kind}"
+            f"task {t} takes inputs, which apply only to prompt, chat and embed bodies, not {spec.kind}"
         )
     for name, value in spec.env.items():
         if not NAME_RE.fullmatch(name):
@@ -179,12 +185,29 @@ def ladder_problems(ladder: tuple[str, ...], kind: str, cls: str, external: bool
             )
         elif rung in ladder[:n]:
             problems.append(f"{who} names {show(rung)} twice in its escalation ladder")
-    if any(r != CLAUDE for r in ladder) and (kind != "prompt" or cls != "llm" or external):
+    if any(r != CLAUDE for r in ladder) and (kind not in ("prompt", "chat") or cls != "llm" or external):
         problems.append(
-            f"{who} climbs to local models, which run only prompt bodies of class llm "
+            f"{who} climbs to local models, which run only prompt and chat bodies of class llm "
             f"(it is {kind}, class {cls}{', requires_external' if external else ''}); "
             f"'- escalate: {CLAUDE}' alone hands any task to Claude"
         )
+    return problems
+
+
+def _llm_problems(spec: TaskSpec, t: str) -> list[str]:
+    """A chat body's turns and a schema, checked as the parser checks them."""
+    problems = []
+    if spec.schema:
+        if spec.kind not in LLM_BODY_KINDS:
+            problems.append(
+                f"task {t} has a schema, which applies only to prompt and chat bodies, not {spec.kind}"
+            )
+        elif why := schema_problem(spec.schema):
+            problems.append(f"task {t}: {why}")
+    if spec.kind == "chat":
+        problems += [
+            f"task {t}, line {p.line + 1} of its chat body: {p.message}" for p in read_turns(spec.body)[1][:3]
+        ]
     return problems
 
 

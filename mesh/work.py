@@ -341,6 +341,8 @@ class RunResult:
     prompt: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
+    # the task has a schema and the output is JSON valid against it
+    parsed: bool = False
 
 
 def start_report_after(delivery: int, after_s: float) -> float:
@@ -419,6 +421,7 @@ def run_finished(
         artifacts=tuple(result.artifacts),
         sensitive=sensitive,
         claim=item.claim,
+        parsed=result.parsed,
     )
 
 

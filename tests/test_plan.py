@@ -658,7 +658,7 @@ def test_unknown_and_missing_body_kind() -> None:
     found = problems(text)
     assert found[0].message == "task 'a' has a body of unknown kind 'python'"
     assert found[1].message == "task 'b' has a code block with no kind"
-    assert all("known kinds: shell, noop, prompt, transcribe, embed, sh, bash" in p.hint for p in found)
+    assert all("known kinds: shell, noop, prompt, chat, transcribe, embed, sh, bash" in p.hint for p in found)
     assert [p.line for p in found] == [line_of(text, "```python"), line_of(text, "### b") + 2]
 
 
@@ -880,7 +880,7 @@ def test_explicit_classes_that_suit_the_body() -> None:
             "shell",
             "echo hi",
             "llm",
-            "has class llm, which runs only prompt bodies, but its body is shell",
+            "has class llm, which runs only prompt and chat bodies, but its body is shell",
             "use class script for shell commands that need a GPU",
         ),
         ("noop", "", "llm", "but its body is noop", "use class script"),
@@ -991,10 +991,10 @@ def test_foreach_inputs_must_all_be_dependencies() -> None:
             "shell",
             "echo hi",
             "max_tokens: 10",
-            "field 'max_tokens' of task 'a' applies only to prompt bodies",
+            "field 'max_tokens' of task 'a' applies only to prompt and chat bodies",
             "remove the line",
         ),
-        ("embed", "text: x", "max_tokens: 10", "and its body is embed", "only a prompt generates tokens"),
+        ("embed", "text: x", "max_tokens: 10", "and its body is embed", "only an LLM's answer is generated"),
         ("prompt", "Q:", "max_tokens: 0", "max_tokens '0' of task 'a' is not a whole number from 1", "64"),
         ("prompt", "Q:", "max_tokens: lots", "is not a whole number", "'- max_tokens: 64'"),
         ("prompt", "Q:", "model: gemma 3", "model 'gemma 3' of task 'a' is not a model name", "gemma3-270m"),
@@ -1012,7 +1012,7 @@ def test_foreach_inputs_must_all_be_dependencies() -> None:
             "shell",
             "echo hi",
             "inputs:",
-            "field 'inputs' of task 'a' applies only to prompt and embed bodies",
+            "field 'inputs' of task 'a' applies only to prompt, chat and embed bodies",
             "have the dependency write a file",
         ),
         ("transcribe", "a.wav", "inputs:", "and its body is transcribe", "put its path in the body"),

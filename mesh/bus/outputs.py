@@ -23,6 +23,8 @@ class Output:
     text: str
     # the task was sensitive, or read a sensitive task's output
     sensitive: bool = False
+    # the task has a schema: `text` is JSON valid against it
+    parsed: bool = False
 
 
 class OutputError(Exception):
@@ -70,5 +72,5 @@ async def task_output(bus: Bus, plan_id: str, task_id: str) -> Output:
                 raise OutputError(f"task {task_id!r}: its last completion event is not a success")
             if run.output_object:
                 obj = await (await bus.objects()).get(run.output_object)
-                return Output((obj.data or b"").decode("utf-8", errors="replace"), run.sensitive)
-            return Output(run.output or run.stdout_tail, run.sensitive)
+                return Output((obj.data or b"").decode("utf-8", errors="replace"), run.sensitive, run.parsed)
+            return Output(run.output or run.stdout_tail, run.sensitive, run.parsed)

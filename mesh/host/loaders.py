@@ -137,6 +137,8 @@ def llm_options(name: str, spec: ModelSpec, device: str, cards_free_mb: Sequence
         "verbose": False,
         "logits_all": False,
     }
+    if spec.chat_format:  # how a chat task is rendered (mesh.host.chatrender reads it back)
+        options["chat_format"] = spec.chat_format
     if len(cards_free_mb) > 1:
         if spec.tensor_split and len(spec.tensor_split) != len(cards_free_mb):
             raise ModelError(

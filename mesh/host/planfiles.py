@@ -4,6 +4,8 @@
 text to the pure parser `mesh.plan.parse_plan`, with `directory_glob`: a foreach
 glob is resolved against the plan's directory and may not leave it (an absolute
 pattern elsewhere, or '..'), unless `PlanLimits.glob_outside` allows it.
+`directory_reader` reads the schema files its tasks name (`- schema: FILE.json`)
+under the same rule, so the schema travels inside the submitted plan.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from collections.abc import Iterable, Mapping
 
 from mesh.errors import PlanError, Problem
 from mesh.events import PlanSpec
-from mesh.plan import Glob, GlobRefused, PlanLimits, parse_plan, too_big
+from mesh.plan import FileRefused, Glob, GlobRefused, PlanLimits, ReadFile, parse_plan, too_big
 from mesh.validate import show as _show
 
-__all__ = ["directory_glob", "load_plan"]
+__all__ = ["directory_glob", "directory_reader", "load_plan"]
+
+# a schema file is small: anything bigger is a mistake (a wrong path), not a schema
+MAX_SCHEMA_BYTES = 1024 * 1024
 
 _GLOB_CHARS = frozenset("*?[")
 _OUTSIDE_HINT = (
@@ -88,6 +93,7 @@ def load_plan(
         workdir=workdir,
         limits=limits,
         glob=directory_glob(workdir, outside=limits.glob_outside),
+        read=directory_reader(workdir, outside=limits.glob_outside),
     )
 
 
@@ -104,6 +110,37 @@ def directory_glob(workdir: str, *, outside: bool = False) -> Glob:
         return glob.iglob(pattern, root_dir=workdir or None, recursive=True)
 
     return files
+
+
+def directory_reader(workdir: str, *, outside: bool = False) -> ReadFile:
+    """Reads a file a plan names (a schema), a relative path resolved against `workdir`; with
+    `outside` False, a path that leaves `workdir` is refused (`FileRefused`), as a glob is."""
+
+    def read(path: str) -> str:
+        if not outside:
+            why = _outside(path, workdir)
+            if why:
+                raise FileRefused(why, _OUTSIDE_HINT.replace("a foreach glob", "a schema file"))
+        full = os.path.join(workdir or os.curdir, os.path.expanduser(path))
+        try:
+            with open(full, "rb") as f:
+                data = f.read(MAX_SCHEMA_BYTES + 1)
+        except FileNotFoundError:
+            raise FileRefused(
+                f"does not exist ({_show(full, 200)})", "the path is relative to the plan file's directory"
+            ) from None
+        except OSError as exc:
+            raise FileRefused(
+                f"cannot be read: {exc.strerror or exc}", "check the path and its permissions"
+            ) from None
+        if len(data) > MAX_SCHEMA_BYTES:
+            raise FileRefused(f"is bigger than {MAX_SCHEMA_BYTES:,} bytes", "name the schema's JSON file")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FileRefused("is not UTF-8 text", "save the schema as UTF-8 JSON") from None
+
+    return read
 
 
 def _outside(pattern: str, workdir: str) -> str:

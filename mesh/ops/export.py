@@ -9,7 +9,9 @@ Each task attempt becomes one record when its final transition arrives (`task.su
 `task.retrying`, `task.failed`, `task.cancelled`), joined with what came before it: the task's
 spec (`plan.accepted` / `plan.tasks`), the worker's report (`run.finished`, its output fetched
 from the object store when it did not fit in the event) and the gateway's answer
-(`esc.answered` / `esc.failed`). Only open attempts and the specs of unfinished plans are held
+(`esc.answered` / `esc.failed`). A chat task's record carries its real turns (system, user,
+assistant, as the model was given them, then its answer), not its body as one user message.
+Only open attempts and the specs of unfinished plans are held
 in memory; a plan's specs are read back from the server when an attempt of a plan accepted
 before the window (or already finished) needs them.
 
@@ -43,6 +45,7 @@ from mesh import events
 from mesh.bus.history import parse_since
 from mesh.bus.publish import Bus
 from mesh.bus.read import read_stream
+from mesh.chat import read_turns, written
 from mesh.errors import ExportError, MeshError
 from mesh.events import (
     EscalationAnswered,
@@ -475,6 +478,7 @@ class Exporter:
         body = output = error = stderr = None
         artifacts: list[str] | None = None
         system = prompt = response = answer = followups = None
+        turns: list[ChatMessage] = []
         if not sensitive:
             body = red(spec.body, counts) if spec is not None else ""
             text = ""
@@ -499,6 +503,16 @@ class Exporter:
             elif kind == "prompt":
                 system = ""
                 prompt = red(run.prompt, counts) if run is not None else ""
+                response = output
+            elif kind == "chat" and spec is not None:
+                turns = [
+                    ChatMessage(m.role, red(m.content, counts))
+                    for m in _chat_turns(run.prompt if run is not None else "", spec.body)
+                ]
+                system = next((m.content for m in turns if m.role == "system"), "")
+                prompt = written(
+                    [{"role": m.role, "content": m.content} for m in turns if m.role != "system"]
+                )
                 response = output
         chat = prompt is not None and (prompt != "" or response != "")
         if chat and response:
@@ -591,7 +605,10 @@ class Exporter:
             seq=a.seq,
         )
         if self.opts.fmt == "chat":
-            record.messages = _messages(system, prompt, response) if chat else []
+            if turns:
+                record.messages = [*turns, ChatMessage("assistant", response or "")]
+            else:
+                record.messages = _messages(system, prompt, response) if chat else []
         else:
             record.system, record.prompt, record.response = system, prompt, response
         assert self.sink is not None
@@ -620,6 +637,16 @@ def _error(close: Closing, run: RunFinished | None) -> str:
 
 def _int(value: float | None) -> int | None:
     return None if value is None else int(value)
+
+
+def _chat_turns(recorded: str, body: str) -> list[ChatMessage]:
+    """The turns a chat task's model was given: the messages its run recorded (as JSON, the
+    inputs in the last user turn), else, when the record holds none, the body's turns."""
+    try:
+        messages = msgspec.json.decode(recorded.encode("utf-8"), type=list[ChatMessage])
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        messages = []
+    return messages or [ChatMessage(t.role, t.text) for t in read_turns(body)[0]]
 
 
 def _messages(system: str | None, prompt: str | None, response: str | None) -> list[ChatMessage]:
