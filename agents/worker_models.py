@@ -78,7 +78,10 @@ class Models:
             from mesh.host.openai_backend import load_openai
 
             reaper = getattr(getattr(self.agent, "items", None), "reaper", None)
-            return await asyncio.to_thread(load_openai, name, spec, device, reaper)
+            loaded = await asyncio.to_thread(load_openai, name, spec, device, reaper)
+            handle = loaded.handle
+            log.info("%s: %s server at %s (%s)", name, handle.mode, handle.base_url, handle.last_probe)
+            return loaded
         return await asyncio.to_thread(load_model, name, spec, device, cards_free_mb)
 
     # the LLM, as the brain asks -----------------------------------------------------------
