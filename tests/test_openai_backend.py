@@ -318,3 +318,26 @@ async def test_a_managed_server_is_the_models_load_and_unload(mesh: Mesh, tmp_pa
     finally:
         with contextlib.suppress(psutil.Error):
             srv.kill()  # no server outlives a failed test
+
+
+@pytest.mark.slow
+async def test_llm_slots_keep_several_requests_in_flight(mesh: Mesh, server: Server, tmp_path: Path) -> None:
+    # one request decoded at a time by this server: with two slots both are in flight at once,
+    # and each task's run spans the other's start (order, not timing)
+    mesh.env["MESH_CONFIG"] = config(
+        tmp_path, ext={"kind": "llm", "backend": "openai", "base_url": server.url}
+    )
+    await start(mesh, llm_slots=2)
+    plan = "# Two at once\n\n## Tasks\n" + "".join(
+        f"\n### ask{i}\n- model: ext\n- max_tokens: 48\n\n```prompt\n{COUNTING}\n```\n" for i in (1, 2)
+    )
+    plan_id = await mesh.submit_text(plan)
+    assert (await mesh.wait_plan(plan_id, timeout_s=PLAN_TIMEOUT_S)).status == "succeeded"
+    one, two = [await finished(mesh, plan_id, t) for t in ("ask1", "ask2")]
+    assert one.started_at < two.at and two.started_at < one.at, (
+        one.started_at,
+        one.at,
+        two.started_at,
+        two.at,
+    )
+    assert one.worker == two.worker
