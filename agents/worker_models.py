@@ -39,6 +39,7 @@ class Models:
         self.script_models: dict[str, Any] = {}
         self.booting = ""  # gs.BOOTING_LLM / gs.BOOTING_SCRIPT while a load runs
         self.lock = asyncio.Lock()
+        self.watches: set[asyncio.Task[None]] = set()  # managed servers' exits (`_server_gone`)
 
     def loaded_llm(self) -> str:
         """The LLM loaded ('' when none)."""
@@ -71,6 +72,16 @@ class Models:
         from mesh.host.loaders import load_model
 
         device = "cpu" if spec.device == "cpu" else self.gpu.kind
+        if spec.backend == "openai":
+            # an OpenAI-compatible server: a managed one is started (its process group told to
+            # the reaper), an external one probed
+            from mesh.host.openai_backend import load_openai
+
+            reaper = getattr(getattr(self.agent, "items", None), "reaper", None)
+            loaded = await asyncio.to_thread(load_openai, name, spec, device, reaper)
+            handle = loaded.handle
+            log.info("%s: %s server at %s (%s)", name, handle.mode, handle.base_url, handle.last_probe)
+            return loaded
         return await asyncio.to_thread(load_model, name, spec, device, cards_free_mb)
 
     # the LLM, as the brain asks -----------------------------------------------------------
@@ -127,6 +138,7 @@ class Models:
                 return
             self.booting = ""
             self.llm, self.llm_name = loaded, item.model
+            self._watch_server(loaded)
             split = loaded.options.get("tensor_split") if len(self.gpu.indices) > 1 else None
             log.info(
                 "loaded %s in %.1fs%s",
@@ -144,6 +156,27 @@ class Models:
             self.lanes.start(lane)
             await self.gpu.read_memory()
             self.gpu.publish(rid=item.rid)
+
+    def _watch_server(self, loaded: Any) -> None:
+        """A managed server that exits on its own is an unload the brain hears about."""
+        server = getattr(loaded.handle, "server", None)
+        if server is not None:
+            watch = asyncio.get_running_loop().create_task(self._server_gone(loaded, server))
+            self.watches.add(watch)
+            watch.add_done_callback(self.watches.discard)
+
+    async def _server_gone(self, loaded: Any, server: Any) -> None:
+        code = await asyncio.to_thread(server.wait)
+        if server.stopping or self.llm is not loaded:
+            return  # an unload stopped it
+        why = server.gone_error(code)
+        log.error("%s; unloading %s", why, loaded.name)
+        async with self.lock:
+            if self.llm is not loaded:
+                return
+            await self._unload_llm()
+        self.update_lanes()
+        self.gpu.publish(force=True, error=f"unloaded {loaded.name}: {why}")
 
     async def _wait_lane_idle(self, name: str) -> None:
         lane = self.lanes.get(name)

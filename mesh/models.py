@@ -11,6 +11,7 @@ returns the path (the PyPI model packages mesh uses by default ship one);
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import msgspec
@@ -53,6 +54,21 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # '' picks the worker's device (cuda on a GPU worker, cpu otherwise); 'cpu' forces the CPU
     device: str = ""
     description: str = ""
+    # llm: where it runs. 'llama_cpp' loads the GGUF in the worker; 'openai' sends each task to an
+    # OpenAI-compatible server (`mesh.host.openai_backend`): at `base_url` (external: the server
+    # runs on its own), or started by the worker from `command` as the model's load (managed)
+    backend: str = "llama_cpp"
+    base_url: str = ""  # e.g. http://127.0.0.1:11434/v1 (the part before /completions)
+    model: str = ""  # the server's name for the model ('' asks the server's /models for its first)
+    api_key_env: str = ""  # the NAME of the environment variable holding the key, never the key
+    # managed: the server's command line, one argument a string, no shell; {port}, {model_path},
+    # {gpu} and {python} are filled in
+    command: list[str] = msgspec.field(default_factory=list)
+    # stream the answer (time to first token, a cancel stops the generation); false for a server
+    # that cannot say in a stream what it refused (llama-cpp-python's answers an over-long
+    # prompt with an empty stream, and with HTTP 400 only when not streaming)
+    stream: bool = True
+    start_timeout_s: float = 120.0
 
 
 def builtin_models() -> dict[str, ModelSpec]:
@@ -92,6 +108,39 @@ DEFAULT_MODELS: dict[str, str] = {
 }
 
 
+BACKENDS: tuple[str, ...] = ("llama_cpp", "openai")
+COMMAND_FIELDS: tuple[str, ...] = ("port", "model_path", "gpu", "python")
+
+
+def backend_problem(name: str, spec: ModelSpec) -> str:
+    """What is wrong with a model's backend settings ('' when nothing)."""
+    where = f"[models.{name}]"
+    if spec.backend not in BACKENDS:
+        return f"{where}: unknown backend {spec.backend!r} (known: {', '.join(BACKENDS)})"
+    if spec.backend != "openai":
+        return ""
+    if spec.kind != "llm":
+        return f"{where}: backend 'openai' serves llm models only, and this one is a {spec.kind} model"
+    if not spec.base_url and not spec.command:
+        return (
+            f"{where}: backend 'openai' needs base_url (a server that runs on its own) or command "
+            "(a server the worker starts)"
+        )
+    if spec.base_url and not spec.base_url.startswith(("http://", "https://")):
+        return f"{where}: base_url {spec.base_url!r} is not an http:// or https:// URL"
+    if spec.command and not any("{port}" in arg for arg in spec.command) and not spec.base_url:
+        return f"{where}: command has no {{port}}: the worker picks a free port and passes it there"
+    for arg in spec.command:
+        for field in re.findall(r"{([^{}]*)}", arg):
+            if field not in COMMAND_FIELDS:
+                return f"{where}: command argument {arg!r} has {{{field}}}; the fields are " + ", ".join(
+                    f"{{{f}}}" for f in COMMAND_FIELDS
+                )
+    if spec.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", spec.api_key_env):
+        return f"{where}: api_key_env {spec.api_key_env!r} must be the NAME of an environment variable"
+    return ""
+
+
 class ModelError(Exception):
     """A model that cannot be found or loaded; the message says what to do."""
 
@@ -105,6 +154,9 @@ def check_registry(models: dict[str, ModelSpec], defaults: dict[str, str]) -> No
             check_token(name, "model name")
         except ValueError as exc:
             raise ConfigError(f"[models.{name}]: {exc}") from exc
+        problem = backend_problem(name, models[name])
+        if problem:
+            raise ConfigError(problem)
     for kind, name in defaults.items():
         if kind not in MODEL_KINDS:
             raise ConfigError(

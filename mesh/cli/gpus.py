@@ -101,6 +101,12 @@ def models(
             path, missing = resolve_path(name, spec), ""
         except ModelError as exc:
             path, missing = "", str(exc)
+        if spec.backend == "openai" and not path:
+            # a server's model: where it answers (a managed one's port is picked at its load)
+            path, missing = (
+                f"server {spec.base_url or '(managed: ' + ' '.join(spec.command[:3]) + ' ...)'}",
+                "",
+            )
         rows.append(
             {
                 "model": name,
@@ -109,6 +115,7 @@ def models(
                 "default": s.default_model(spec.kind) == name,
                 "file": path,
                 "missing": missing,
+                "backend": spec.backend,
                 "loaded_on": sorted(where.get(name, [])),
                 "learned": _model_figures(learned, name),
             }

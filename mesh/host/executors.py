@@ -451,6 +451,11 @@ def checked_answer(item: WorkItem, result: RunResult, max_tokens: int = 0) -> Ru
 
 async def run_prompt(item: WorkItem, ctx: RunContext) -> RunResult:
     """Complete the body's prompt (with the task's inputs as data) with the loaded LLM."""
+    if getattr(getattr(ctx.model, "spec", None), "backend", "") == "openai":
+        # an OpenAI-compatible server answers instead of a model in this process
+        from mesh.host.openai_backend import run_openai_prompt
+
+        return await run_openai_prompt(item, ctx, build_prompt(item.body, ctx.inputs, item.inputs))
     inputs = dict(ctx.inputs)
 
     def work(loaded: Any, stop: threading.Event) -> RunResult:
