@@ -69,6 +69,10 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # prompt with an empty stream, and with HTTP 400 only when not streaming)
     stream: bool = True
     start_timeout_s: float = 120.0
+    # how a chat task with a JSON schema asks the server for it: 'json_schema' (OpenAI's
+    # `response_format`, which vLLM, Ollama, LM Studio and llama-server take) or 'json_object'
+    # (`{"type": "json_object", "schema": ...}`, llama-cpp-python's server and llama-server)
+    schema_format: str = "json_schema"
 
 
 def builtin_models() -> dict[str, ModelSpec]:
@@ -112,6 +116,10 @@ BACKENDS: tuple[str, ...] = ("llama_cpp", "openai")
 COMMAND_FIELDS: tuple[str, ...] = ("port", "model_path", "gpu", "python")
 
 
+# how an OpenAI-compatible server is asked for an answer that follows a JSON schema
+SCHEMA_FORMATS = ("json_schema", "json_object")
+
+
 def backend_problem(name: str, spec: ModelSpec) -> str:
     """What is wrong with a model's backend settings ('' when nothing)."""
     where = f"[models.{name}]"
@@ -136,6 +144,8 @@ def backend_problem(name: str, spec: ModelSpec) -> str:
                 return f"{where}: command argument {arg!r} has {{{field}}}; the fields are " + ", ".join(
                     f"{{{f}}}" for f in COMMAND_FIELDS
                 )
+    if spec.schema_format not in SCHEMA_FORMATS:
+        return f"{where}: schema_format {spec.schema_format!r} is not one of {', '.join(SCHEMA_FORMATS)}"
     if spec.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", spec.api_key_env):
         return f"{where}: api_key_env {spec.api_key_env!r} must be the NAME of an environment variable"
     return ""

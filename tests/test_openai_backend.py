@@ -104,11 +104,11 @@ def server() -> Iterator[Server]:
 
 
 def external(url: str, **kw: object) -> ModelSpec:
-    return ModelSpec(kind="llm", backend="openai", base_url=url, max_tokens=16, **kw)  # type: ignore[arg-type]
+    return ModelSpec(kind="llm", backend="openai", base_url=url, **{"max_tokens": 16, **kw})  # type: ignore[arg-type]
 
 
 def item(body: str, **kw: object) -> WorkItem:
-    return WorkItem(plan_id="p", task_id="t", attempt=1, kind="prompt", body=body, **kw)  # type: ignore[arg-type]
+    return WorkItem(plan_id="p", task_id="t", attempt=1, body=body, **{"kind": "prompt", **kw})  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ the backend, directly
@@ -341,3 +341,47 @@ async def test_llm_slots_keep_several_requests_in_flight(mesh: Mesh, server: Ser
         two.at,
     )
     assert one.worker == two.worker
+
+
+async def test_a_chat_task_goes_as_messages_and_streams_its_pieces(server: Server) -> None:
+    """A chat body's turns go to /chat/completions as messages (the server's template renders
+    them), the task's inputs as data in the last user turn; each piece of the answer is handed
+    to the worker's stream as it comes, and the pieces are the answer."""
+    loaded = await asyncio.to_thread(load_openai, "http-llm", external(server.url), "cpu")
+    pieces: list[str] = []
+    ctx = RunContext(model=loaded, inputs={"notes": "red, green"}, on_text=pieces.append)
+    chat = item(
+        "system: You answer briefly.\nuser: Name a colour from the notes.", kind="chat", inputs=("notes",)
+    )
+    result = await run_prompt(chat, ctx)
+    assert result.ok, result.error
+    sent = json.loads(result.prompt)
+    assert [m["role"] for m in sent] == ["system", "user"]
+    assert '<data from="notes">' in sent[-1]["content"]
+    assert result.output.strip() and "".join(pieces) == result.output and len(pieces) > 1
+
+
+# an enum keeps the small model's answer short, whatever it would ramble
+SCHEMA = '{"type":"object","properties":{"answer":{"enum":["Paris","Rome"]}},"required":["answer"]}'
+
+
+async def test_a_chat_task_with_a_schema_answers_json_that_validates(server: Server) -> None:
+    """llama-cpp-python's server takes a schema as a json_object response format (schema_format
+    'json_object'): the answer parses and validates, and the output is that JSON."""
+    spec = external(server.url, max_tokens=64, schema_format="json_object")
+    loaded = await asyncio.to_thread(load_openai, "http-llm", spec, "cpu")
+    chat = item("user: What is the capital of France?", kind="chat", schema=SCHEMA)
+    result = await run_prompt(chat, RunContext(model=loaded))
+    assert result.ok, result.error
+    assert result.parsed and json.loads(result.output)["answer"] in ("Paris", "Rome")
+    # the standard response format, which this server does not take, fails the attempt with
+    # the server's reason (it says so with HTTP 500: retried, the error naming what it takes)
+    spec = external(server.url, max_tokens=48)
+    loaded = await asyncio.to_thread(load_openai, "http-llm", spec, "cpu")
+    result = await run_prompt(chat, RunContext(model=loaded))
+    assert not result.ok and "'text' or 'json_object'" in result.error, result.error
+    assert "[models.http-llm].schema_format" in result.error
+    # a prompt (not chat) answer that does not follow the schema is a failed attempt, retried
+    loose = item("Say hello.", schema=SCHEMA)
+    result = await run_prompt(loose, RunContext(model=loaded))
+    assert not result.ok and not result.definition_error and not result.parsed, result.error

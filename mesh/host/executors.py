@@ -455,7 +455,15 @@ async def run_prompt(item: WorkItem, ctx: RunContext) -> RunResult:
         # an OpenAI-compatible server answers instead of a model in this process
         from mesh.host.openai_backend import run_openai_prompt
 
-        return await run_openai_prompt(item, ctx, build_prompt(item.body, ctx.inputs, item.inputs))
+        if item.kind == "chat":
+            try:
+                messages = chat_messages(item.body, ctx.inputs, item.inputs)
+            except ValueError as exc:
+                return RunResult(ok=False, duration_s=0.0, definition_error=True, error=str(exc))
+            result = await run_openai_prompt(item, ctx, json.dumps(messages, ensure_ascii=False), messages)
+        else:
+            result = await run_openai_prompt(item, ctx, build_prompt(item.body, ctx.inputs, item.inputs))
+        return checked_answer(item, result, item.max_tokens or ctx.model.spec.max_tokens)
     inputs = dict(ctx.inputs)
 
     def work(loaded: Any, stop: threading.Event) -> RunResult:

@@ -34,7 +34,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,7 +43,7 @@ import httpx2
 from mesh.events import WorkItem
 from mesh.host.loaders import Loaded, effective_device
 from mesh.host.openai_server import GroupWatch, ServerProcess, free_port, managed_base_url, server_argv
-from mesh.models import ModelError, ModelSpec
+from mesh.models import SCHEMA_FORMATS, ModelError, ModelSpec
 from mesh.work import RunResult
 
 PROBE_TIMEOUT_S = 5.0
@@ -154,6 +154,11 @@ class RunContext(Protocol):
     first_token: threading.Event
     model: Any
 
+    @property
+    def on_text(self) -> Callable[[str], None]:
+        """Told each piece of the answer as it arrives (the worker streams it on the task's
+        text subject)."""
+
 
 class _Refused(Exception):
     """The server answered the request with an HTTP error."""
@@ -177,15 +182,40 @@ class _Answer:
     ended_at: float = 0.0
 
 
-def request_for(item: WorkItem, spec: ModelSpec, model: str, prompt: str) -> tuple[str, dict[str, Any]]:
-    """The endpoint and JSON body of a prompt task. A chat task (its turns as `messages`) goes
-    to `/chat/completions` with the same options; `_read_stream` reads either answer."""
+def request_for(
+    item: WorkItem,
+    spec: ModelSpec,
+    model: str,
+    prompt: str,
+    messages: list[dict[str, str]] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The endpoint and JSON body of a prompt task. A chat task (its turns as `messages`, the
+    server's own chat template renders them) goes to `/chat/completions` with the same options;
+    `_read_stream` reads either answer. A task with a JSON schema asks for it as the answer's
+    `response_format` (and llama.cpp's servers for a grammar from it); the worker validates the
+    answer whatever the server did with it."""
     body: dict[str, Any] = {
-        "prompt": prompt,
         "max_tokens": item.max_tokens or spec.max_tokens,
         "temperature": spec.temperature,
         "seed": spec.seed,
     }
+    path = "/completions"
+    if messages is not None:
+        body["messages"] = messages
+        path = "/chat/completions"
+    else:
+        body["prompt"] = prompt
+    if item.schema:
+        schema = json.loads(item.schema)
+        if messages is None:
+            body["json_schema"] = schema  # llama-server's field on /completions; others ignore it
+        elif spec.schema_format == "json_object":
+            body["response_format"] = {"type": "json_object", "schema": schema}
+        else:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": schema},
+            }
     if spec.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -193,7 +223,7 @@ def request_for(item: WorkItem, spec: ModelSpec, model: str, prompt: str) -> tup
         body["model"] = model
     if item.grammar:
         body["grammar"] = item.grammar  # llama.cpp's servers; others ignore it
-    return "/completions", body
+    return path, body
 
 
 def _error_message(raw: bytes) -> str:
@@ -244,6 +274,7 @@ async def _read_stream(
                         ctx.first_token.set()
                     answer.parts.append(str(piece))
                     answer.chunks += 1
+                    ctx.on_text(str(piece))
                 if choice.get("finish_reason"):
                     answer.finish = str(choice["finish_reason"])
         answer.ended_at = time.monotonic()
@@ -285,9 +316,12 @@ def _metrics(answer: _Answer, began: float) -> dict[str, float]:
     }
 
 
-async def run_openai_prompt(item: WorkItem, ctx: RunContext, prompt: str) -> RunResult:
-    """Send the task's prompt (built by the executor, as for a model in process) to the model's
-    server; its answer is the output."""
+async def run_openai_prompt(
+    item: WorkItem, ctx: RunContext, prompt: str, messages: list[dict[str, str]] | None = None
+) -> RunResult:
+    """Send the task's prompt (built by the executor, as for a model in process), or a chat
+    task's messages, to the model's server; its answer is the output, streamed to the task's
+    text subject as it comes (`ctx.on_text`)."""
     began = time.monotonic()
     loaded: Loaded = ctx.model
     handle: OpenAIServer | None = getattr(loaded, "handle", None)
@@ -302,7 +336,7 @@ async def run_openai_prompt(item: WorkItem, ctx: RunContext, prompt: str) -> Run
         )
     if ctx.cancel.is_set():
         return RunResult(ok=False, duration_s=0.0, cancelled=True, error="cancelled before it started")
-    path, body = request_for(item, loaded.spec, handle.model, prompt)
+    path, body = request_for(item, loaded.spec, handle.model, prompt, messages)
     answer = _Answer()
     job = asyncio.ensure_future(_read_stream(handle, path, body, answer, ctx))
     cancel = asyncio.ensure_future(ctx.cancel.wait())
@@ -340,6 +374,8 @@ def _failure(handle: OpenAIServer, url: str, exc: BaseException, answer: _Answer
     where = f"[models.{handle.name}]"
     if isinstance(exc, _Refused):
         what = f"the server at {url} refused the request (HTTP {exc.status}): {exc}"
+        if "response_format" in str(exc):
+            what += f"; set {where}.schema_format to the other of {' or '.join(SCHEMA_FORMATS)}"
         if exc.status in DEFINITION_STATUSES:
             return f"{what}; shorten the prompt or lower max_tokens if it is too long", True
         if exc.status in (401, 403):
