@@ -136,19 +136,33 @@ class State:
 
     @classmethod
     def load(cls, tasks: list[TaskRecord], plans: list[PlanRecord], aging_s: float = 60.0) -> State:
-        """Rebuild a state (and its indexes) from records read back from KV."""
+        """Rebuild a state (and its indexes) from records read back from KV.
+
+        A plan's counts are counted again from its task records: the two buckets are stored
+        independently, so a cut while a step's records were written can keep a plan record
+        whose counts are ahead of (or behind) its tasks' records. Folding the step's events
+        again then counted a task's success twice, and the plan finished with a task running.
+        A plan whose counts change is marked for writing."""
         state = cls(aging_s=aging_s)
         for plan in plans:
             state.plans[plan.plan_id] = plan
         ordered = sorted(tasks, key=lambda r: (r.plan_id, r.index))
+        counts: dict[str, dict[str, int]] = {}
         for rec in ordered:
             # a hundred thousand records repeat a few strings: keep one copy of each (a status
             # and a reason decode as their enum members, one copy already)
             rec.plan_id = sys.intern(rec.plan_id)
             rec.worker = sys.intern(rec.worker)
             state.tasks[rec.key] = rec
+            of_plan = counts.setdefault(rec.plan_id, {})
+            of_plan[rec.status] = of_plan.get(rec.status, 0) + 1
         for rec in ordered:
             state._index(rec)
+        for plan in state.plans.values():
+            counted = counts.get(plan.plan_id, {})
+            if plan.status != PLAN_REJECTED and plan.counts != counted:
+                plan.counts = counted
+                state.dirty_plans.add(plan.plan_id)
         return state
 
     def forget_plan(self, plan_id: str) -> None:

@@ -414,3 +414,59 @@ def test_a_plan_accepted_after_the_checkpoint_is_built_again_from_the_history() 
     after.drain()
     assert after.state.plans["p1"].status == SUCCEEDED
     assert statuses(after.state) == {f"t{i}": SUCCEEDED for i in range(20)}
+
+
+def test_a_plan_record_stored_ahead_of_its_task_records_cannot_finish_the_plan_early() -> None:
+    """A cut while a step's records were being written can leave the plan's record counting a
+    task succeeded while that task's own record (in the other bucket, stored independently)
+    still says running. Caught up from the checkpoint, the task's success was counted twice:
+    the plan looked done and was called succeeded with another of its tasks still running."""
+    from mesh.machine import Reconcile, State, evolve
+    from tests.test_machine import copy_records
+
+    d = Driver(policy())
+    d.submit(plan(task("a"), task("b")))
+    a, b = d.take("a"), d.take("b")
+    d.started(a)
+    d.started(b, worker="w2")
+    checkpoint = len(d.events)
+    tasks, _ = copy_records(replay(d.events, aging_s=60.0))  # a's record: still running
+    d.finished(a)
+    _, plans = copy_records(replay(d.events, aging_s=60.0))  # the plan's: a succeeded
+    state = State.load(tasks, plans, aging_s=60.0)
+    for ev in d.events[checkpoint:]:
+        evolve(state, ev)
+    assert snapshot(state) == snapshot(replay(d.events, aging_s=60.0))
+    after = Driver(policy(), state=state, now=d.now)
+    step = after.feed(Reconcile())
+    assert not [e for e in step.events if isinstance(e, PlanFinished)]
+    assert after.state.plans["p1"].status == "running"
+    after.finished(b, worker="w2")
+    assert statuses(after.state) == {"a": SUCCEEDED, "b": SUCCEEDED}
+    assert after.state.plans["p1"].status == SUCCEEDED
+
+
+def test_a_plan_is_never_finished_while_its_task_set_is_incomplete() -> None:
+    """Whatever its counts say, a plan with fewer task records than its total, or with a task
+    not final, is not finished."""
+    from mesh.machine import Reconcile, evolve
+
+    d = Driver(policy())
+    d.submit(plan(task("a"), task("b")))
+    d.run_task("a")
+    d.run_task("b")
+    assert d.state.plans["p1"].status == SUCCEEDED
+    for broken in ("missing", "running"):
+        d2 = Driver(policy())
+        d2.submit(plan(task("a"), task("b")))
+        d2.run_task("a")
+        if broken == "missing":
+            d2.state.forget_plan("p1")
+            for ev in d2.events:  # b's record never made it: the plan's counts claim it did
+                evolve(d2.state, ev)
+            d2.state.tasks.pop("p1.b")
+            d2.state.plan_keys["p1"].remove("p1.b")
+        d2.state.plans["p1"].counts = {SUCCEEDED: 2}
+        step = d2.feed(Reconcile())
+        assert not [e for e in step.events if isinstance(e, PlanFinished)], broken
+        assert d2.state.plans["p1"].status == "running", broken
