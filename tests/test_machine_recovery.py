@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from mesh.claims import claim_of
 from mesh.events import (
     AgentOffline,
@@ -311,6 +313,32 @@ def test_a_submission_whose_acceptance_was_cut_short_is_completed_when_seen_agai
     assert after.state.plans["p1"].status == SUCCEEDED
     assert_replays_prefix = replay(prefix + after.events, aging_s=60.0)
     assert snapshot(assert_replays_prefix) == snapshot(after.state)
+
+
+def test_the_parts_a_cut_acceptance_is_completed_with_give_model_tasks_their_model() -> None:
+    """Completing a cut acceptance cuts the plan into the parts it was accepted in, each model
+    task given its kind's default model as at acceptance; the parts published again named no
+    model, the tasks in them waited on a model no GPU would load, and a part cut otherwise
+    than before was skipped whole."""
+    from mesh.events import SubmitPlan, TaskSpec
+    from mesh.placement import PlacementPolicy
+
+    def models_policy() -> Policy:
+        models = PlacementPolicy(models={"m": ("llm", 600)})
+        return dataclasses.replace(policy(part_bytes=1024), default_models={"llm": "m"}, placement=models)
+
+    tasks = [TaskSpec(id=f"q{i:02d}", body=f"say {i}", kind="prompt", cls="llm") for i in range(30)]
+    spec = plan(*tasks)
+    d = Driver(models_policy())
+    step = d.submit(spec)
+    assert sum(1 for e in step.events if type(e).__name__ == "PlanTasks") >= 3
+    prefix = step.events[:2]  # plan.accepted and one part, then the crash
+    after = Driver(models_policy(), state=replay(prefix, aging_s=60.0), now=d.now)
+    after.feed(SubmitPlan(plan_id="p1", plan=spec, at=0.0, by="tester"))
+    assert {r.spec.model for r in after.state.plan_tasks("p1")} == {"m"}
+    assert snapshot(replay(prefix + after.events, aging_s=60.0)) == snapshot(after.state)
+    whole = replay([e for e in step.events if type(e).__name__ in ("PlanAccepted", "PlanTasks")])
+    assert {k: r.spec for k, r in after.state.tasks.items()} == {k: r.spec for k, r in whole.tasks.items()}
 
 
 def test_a_transition_that_keeps_the_status_still_marks_the_record_for_writing() -> None:
