@@ -139,7 +139,7 @@ class Admission(Cascade):
         plan_spec, _ = self._resolve_models(msg.plan)
         parts = split_tasks(plan_spec.tasks, self.policy.part_bytes)
         for n, part in enumerate(parts[1:], start=1):
-            if f"{msg.plan_id}.{part[0].id}" not in self.state.tasks:
+            if any(f"{msg.plan_id}.{t.id}" not in self.state.tasks for t in part):
                 self.emit(PlanTasks(plan_id=msg.plan_id, part=n, tasks=part, at=self.now))
         self.reconcile()
 

@@ -251,9 +251,9 @@ def _accept(state: State, ev: PlanAccepted) -> None:
     _add_tasks(state, record, plan.tasks, ev.at)
 
 
-def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: float) -> None:
-    if specs:
-        plan.counts[PENDING] = plan.counts.get(PENDING, 0) + len(specs)
+def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: float) -> int:
+    """Add the tasks not known yet (pending); how many were added."""
+    added = 0
     for spec in specs:
         index = len(state.plan_keys.get(plan.plan_id, ()))
         rec = TaskRecord(plan_id=plan.plan_id, task_id=spec.id, spec=spec, index=index, updated_at=at)
@@ -262,6 +262,10 @@ def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: 
         state.tasks[rec.key] = rec
         state.dirty_tasks.add(rec.key)
         state._index(rec)
+        added += 1
+    if added:
+        plan.counts[PENDING] = plan.counts.get(PENDING, 0) + added
+    return added
 
 
 def evolve(state: State, ev: Msg) -> None:
@@ -287,9 +291,10 @@ def evolve(state: State, ev: Msg) -> None:
                 state.removed_plans.add(ev.plan_id)
             return
         case PlanTasks():
+            # task by task: a part folded again after a cut kept only some of its task records
+            # adds the rest (a part whose first task was known used to be skipped whole)
             plan = state.plans.get(ev.plan_id)
-            if plan is not None and not any(f"{ev.plan_id}.{t.id}" in state.tasks for t in ev.tasks[:1]):
-                _add_tasks(state, plan, ev.tasks, ev.at)
+            if plan is not None and _add_tasks(state, plan, ev.tasks, ev.at):
                 state.dirty_plans.add(ev.plan_id)
             return
         case PlanRejected():

@@ -341,6 +341,31 @@ def test_the_parts_a_cut_acceptance_is_completed_with_give_model_tasks_their_mod
     assert {k: r.spec for k, r in after.state.tasks.items()} == {k: r.spec for k, r in whole.tasks.items()}
 
 
+def test_a_part_folded_again_adds_the_tasks_a_cut_kept_out_of_kv() -> None:
+    """A `plan.tasks` part after the checkpoint (published when a cut acceptance was completed)
+    whose records a second cut kept only partly, its first task's among them: caught up, the
+    part was skipped whole because its first task was known, and seen again the submission
+    republished only parts whose first task was unknown; the rest of the part was lost for
+    good, the plan never finished."""
+    from mesh.events import PlanTasks
+    from mesh.machine import State, evolve
+    from tests.test_machine import copy_records
+
+    d = Driver(policy(part_bytes=1024))
+    step = d.submit(plan(*(task(f"t{i:02d}") for i in range(40))))
+    part = next(e for e in step.events if isinstance(e, PlanTasks))
+    full = replay(d.events, aging_s=60.0)
+    tasks, plans = copy_records(full)
+    accepted = {r.task_id for r in tasks} - {
+        t.id for e in step.events if isinstance(e, PlanTasks) for t in e.tasks
+    }
+    kept = [r for r in tasks if r.task_id in accepted or r.task_id == part.tasks[0].id]
+    state = State.load(kept, plans, aging_s=60.0)
+    for ev in d.events[1:]:  # a checkpoint from just after the plan's acceptance
+        evolve(state, ev)
+    assert snapshot(state) == snapshot(full)
+
+
 def test_a_transition_that_keeps_the_status_still_marks_the_record_for_writing() -> None:
     """task.redelivered keeps a task running but changes its record: unless it is written to KV,
     a brain restarted later loads the record without it (seen under chaos)."""
