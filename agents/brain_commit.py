@@ -167,13 +167,18 @@ class BrainCommit(Agent):
         if not tasks and not plans:
             return await self.bus.emit_many(then or [])
         names = self.names
+        # a final plan record goes out only once its tasks' records are stored: the buckets are
+        # stored independently, and a reader that sees the plan final reads its tasks final
+        final = [p for p in plans if p.final] if tasks else []
         # encoded as they are sent, a chunk at a time (a huge plan's records all encoded at once
         # were tens of MB the heap kept)
         puts = itertools.chain(
             ((names.tasks_bucket, r.key, encode_record(r)) for r in tasks),
-            ((names.plans_bucket, p.plan_id, encode_record(p)) for p in plans),
+            ((names.plans_bucket, p.plan_id, encode_record(p)) for p in plans if not final or not p.final),
         )
         acks = await self.bus.kv_put_many(puts, then or ())
+        if final:
+            await self.bus.kv_put_many((names.plans_bucket, p.plan_id, encode_record(p)) for p in final)
         now = time.monotonic()
         self.recent_writes.append((now, [r.key for r in tasks], [p.plan_id for p in plans]))
         while self.recent_writes and self.recent_writes[0][0] < now - RECENT_WRITES_S:

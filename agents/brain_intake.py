@@ -148,9 +148,13 @@ class BrainIntake(BrainCommit):
             await raw.ack()
 
     async def _fetch_plan(self, msg: SubmitPlan) -> SubmitPlan:
-        """A big plan's tasks come from the object store; a missing or broken one is rejected."""
-        if msg.plan_id in self.state.plans:
-            return msg  # already accepted: nothing to fetch, the machine ignores it
+        """A big plan's tasks come from the object store; a missing or broken one is rejected.
+        Seen again, a plan already accepted whole needs nothing fetched (the machine ignores
+        it); one whose acceptance a crash cut short (some `plan.tasks` parts never published)
+        needs its tasks, for the machine to publish the missing parts."""
+        known = self.state.plans.get(msg.plan_id)
+        if known is not None and len(self.state.plan_keys.get(msg.plan_id, ())) >= known.total:
+            return msg
         store = await self.bus.objects()
         try:
             result = await store.get(msg.object)

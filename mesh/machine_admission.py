@@ -162,9 +162,11 @@ class Admission(Cascade):
         if plan.status == PLAN_REJECTED or have >= plan.total or not msg.plan.tasks or msg.object:
             self.step.ignored = f"plan {msg.plan_id} already known"
             return
-        parts = split_tasks(msg.plan.tasks, self.policy.part_bytes)
+        # the same parts as at acceptance: each model task given its model first
+        plan_spec, _ = self._resolve_models(msg.plan)
+        parts = split_tasks(plan_spec.tasks, self.policy.part_bytes)
         for n, part in enumerate(parts[1:], start=1):
-            if f"{msg.plan_id}.{part[0].id}" not in self.state.tasks:
+            if any(f"{msg.plan_id}.{t.id}" not in self.state.tasks for t in part):
                 self.emit(PlanTasks(plan_id=msg.plan_id, part=n, tasks=part, at=self.now))
         self.reconcile()
 

@@ -109,7 +109,14 @@ class Cascade(Decision):
             plan = self.state.plans.get(plan_id)
             if plan is None or plan.status != PLAN_RUNNING or plan.done < plan.total:
                 continue
-            counts = dict(plan.counts)
+            # the counts say done; the task records decide: a plan is finished only with all of
+            # its tasks known and final
+            tasks = self.state.plan_tasks(plan_id)
+            if len(tasks) < plan.total or not all(t.final for t in tasks):
+                continue
+            counts: dict[str, int] = {}
+            for t in tasks:
+                counts[t.status] = counts.get(t.status, 0) + 1
             if counts.get(CANCELLED):
                 status = PlanStatus.CANCELLED
             elif counts.get(FAILED):

@@ -139,19 +139,33 @@ class State:
 
     @classmethod
     def load(cls, tasks: list[TaskRecord], plans: list[PlanRecord], aging_s: float = 60.0) -> State:
-        """Rebuild a state (and its indexes) from records read back from KV."""
+        """Rebuild a state (and its indexes) from records read back from KV.
+
+        A plan's counts are counted again from its task records: the two buckets are stored
+        independently, so a cut while a step's records were written can keep a plan record
+        whose counts are ahead of (or behind) its tasks' records. Folding the step's events
+        again then counted a task's success twice, and the plan finished with a task running.
+        A plan whose counts change is marked for writing."""
         state = cls(aging_s=aging_s)
         for plan in plans:
             state.plans[plan.plan_id] = plan
         ordered = sorted(tasks, key=lambda r: (r.plan_id, r.index))
+        counts: dict[str, dict[str, int]] = {}
         for rec in ordered:
             # a hundred thousand records repeat a few strings: keep one copy of each (a status
             # and a reason decode as their enum members, one copy already)
             rec.plan_id = sys.intern(rec.plan_id)
             rec.worker = sys.intern(rec.worker)
             state.tasks[rec.key] = rec
+            of_plan = counts.setdefault(rec.plan_id, {})
+            of_plan[rec.status] = of_plan.get(rec.status, 0) + 1
         for rec in ordered:
             state._index(rec)
+        for plan in state.plans.values():
+            counted = counts.get(plan.plan_id, {})
+            if plan.status != PLAN_REJECTED and plan.counts != counted:
+                plan.counts = counted
+                state.dirty_plans.add(plan.plan_id)
         return state
 
     def forget_plan(self, plan_id: str) -> None:
@@ -240,9 +254,9 @@ def _accept(state: State, ev: PlanAccepted) -> None:
     _add_tasks(state, record, plan.tasks, ev.at)
 
 
-def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: float) -> None:
-    if specs:
-        plan.counts[PENDING] = plan.counts.get(PENDING, 0) + len(specs)
+def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: float) -> int:
+    """Add the tasks not known yet (pending); how many were added."""
+    added = 0
     for spec in specs:
         index = len(state.plan_keys.get(plan.plan_id, ()))
         rec = TaskRecord(plan_id=plan.plan_id, task_id=spec.id, spec=spec, index=index, updated_at=at)
@@ -251,6 +265,10 @@ def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: 
         state.tasks[rec.key] = rec
         state.dirty_tasks.add(rec.key)
         state._index(rec)
+        added += 1
+    if added:
+        plan.counts[PENDING] = plan.counts.get(PENDING, 0) + added
+    return added
 
 
 def evolve(state: State, ev: Msg) -> None:
@@ -276,9 +294,10 @@ def evolve(state: State, ev: Msg) -> None:
                 state.removed_plans.add(ev.plan_id)
             return
         case PlanTasks():
+            # task by task: a part folded again after a cut kept only some of its task records
+            # adds the rest (a part whose first task was known used to be skipped whole)
             plan = state.plans.get(ev.plan_id)
-            if plan is not None and not any(f"{ev.plan_id}.{t.id}" in state.tasks for t in ev.tasks[:1]):
-                _add_tasks(state, plan, ev.tasks, ev.at)
+            if plan is not None and _add_tasks(state, plan, ev.tasks, ev.at):
                 state.dirty_plans.add(ev.plan_id)
             return
         case PlanRejected():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from mesh.claims import claim_of
 from mesh.events import (
     AgentOffline,
@@ -313,6 +315,57 @@ def test_a_submission_whose_acceptance_was_cut_short_is_completed_when_seen_agai
     assert snapshot(assert_replays_prefix) == snapshot(after.state)
 
 
+def test_the_parts_a_cut_acceptance_is_completed_with_give_model_tasks_their_model() -> None:
+    """Completing a cut acceptance cuts the plan into the parts it was accepted in, each model
+    task given its kind's default model as at acceptance; the parts published again named no
+    model, the tasks in them waited on a model no GPU would load, and a part cut otherwise
+    than before was skipped whole."""
+    from mesh.events import SubmitPlan, TaskSpec
+    from mesh.placement import PlacementPolicy
+
+    def models_policy() -> Policy:
+        models = PlacementPolicy(models={"m": ("llm", 600)})
+        return dataclasses.replace(policy(part_bytes=1024), default_models={"llm": "m"}, placement=models)
+
+    tasks = [TaskSpec(id=f"q{i:02d}", body=f"say {i}", kind="prompt", cls="llm") for i in range(30)]
+    spec = plan(*tasks)
+    d = Driver(models_policy())
+    step = d.submit(spec)
+    assert sum(1 for e in step.events if type(e).__name__ == "PlanTasks") >= 3
+    prefix = step.events[:2]  # plan.accepted and one part, then the crash
+    after = Driver(models_policy(), state=replay(prefix, aging_s=60.0), now=d.now)
+    after.feed(SubmitPlan(plan_id="p1", plan=spec, at=0.0, by="tester"))
+    assert {r.spec.model for r in after.state.plan_tasks("p1")} == {"m"}
+    assert snapshot(replay(prefix + after.events, aging_s=60.0)) == snapshot(after.state)
+    whole = replay([e for e in step.events if type(e).__name__ in ("PlanAccepted", "PlanTasks")])
+    assert {k: r.spec for k, r in after.state.tasks.items()} == {k: r.spec for k, r in whole.tasks.items()}
+
+
+def test_a_part_folded_again_adds_the_tasks_a_cut_kept_out_of_kv() -> None:
+    """A `plan.tasks` part after the checkpoint (published when a cut acceptance was completed)
+    whose records a second cut kept only partly, its first task's among them: caught up, the
+    part was skipped whole because its first task was known, and seen again the submission
+    republished only parts whose first task was unknown; the rest of the part was lost for
+    good, the plan never finished."""
+    from mesh.events import PlanTasks
+    from mesh.machine import State, evolve
+    from tests.test_machine import copy_records
+
+    d = Driver(policy(part_bytes=1024))
+    step = d.submit(plan(*(task(f"t{i:02d}") for i in range(40))))
+    part = next(e for e in step.events if isinstance(e, PlanTasks))
+    full = replay(d.events, aging_s=60.0)
+    tasks, plans = copy_records(full)
+    accepted = {r.task_id for r in tasks} - {
+        t.id for e in step.events if isinstance(e, PlanTasks) for t in e.tasks
+    }
+    kept = [r for r in tasks if r.task_id in accepted or r.task_id == part.tasks[0].id]
+    state = State.load(kept, plans, aging_s=60.0)
+    for ev in d.events[1:]:  # a checkpoint from just after the plan's acceptance
+        evolve(state, ev)
+    assert snapshot(state) == snapshot(full)
+
+
 def test_a_transition_that_keeps_the_status_still_marks_the_record_for_writing() -> None:
     """task.redelivered keeps a task running but changes its record: unless it is written to KV,
     a brain restarted later loads the record without it (seen under chaos)."""
@@ -414,3 +467,59 @@ def test_a_plan_accepted_after_the_checkpoint_is_built_again_from_the_history() 
     after.drain()
     assert after.state.plans["p1"].status == SUCCEEDED
     assert statuses(after.state) == {f"t{i}": SUCCEEDED for i in range(20)}
+
+
+def test_a_plan_record_stored_ahead_of_its_task_records_cannot_finish_the_plan_early() -> None:
+    """A cut while a step's records were being written can leave the plan's record counting a
+    task succeeded while that task's own record (in the other bucket, stored independently)
+    still says running. Caught up from the checkpoint, the task's success was counted twice:
+    the plan looked done and was called succeeded with another of its tasks still running."""
+    from mesh.machine import Reconcile, State, evolve
+    from tests.test_machine import copy_records
+
+    d = Driver(policy())
+    d.submit(plan(task("a"), task("b")))
+    a, b = d.take("a"), d.take("b")
+    d.started(a)
+    d.started(b, worker="w2")
+    checkpoint = len(d.events)
+    tasks, _ = copy_records(replay(d.events, aging_s=60.0))  # a's record: still running
+    d.finished(a)
+    _, plans = copy_records(replay(d.events, aging_s=60.0))  # the plan's: a succeeded
+    state = State.load(tasks, plans, aging_s=60.0)
+    for ev in d.events[checkpoint:]:
+        evolve(state, ev)
+    assert snapshot(state) == snapshot(replay(d.events, aging_s=60.0))
+    after = Driver(policy(), state=state, now=d.now)
+    step = after.feed(Reconcile())
+    assert not [e for e in step.events if isinstance(e, PlanFinished)]
+    assert after.state.plans["p1"].status == "running"
+    after.finished(b, worker="w2")
+    assert statuses(after.state) == {"a": SUCCEEDED, "b": SUCCEEDED}
+    assert after.state.plans["p1"].status == SUCCEEDED
+
+
+def test_a_plan_is_never_finished_while_its_task_set_is_incomplete() -> None:
+    """Whatever its counts say, a plan with fewer task records than its total, or with a task
+    not final, is not finished."""
+    from mesh.machine import Reconcile, evolve
+
+    d = Driver(policy())
+    d.submit(plan(task("a"), task("b")))
+    d.run_task("a")
+    d.run_task("b")
+    assert d.state.plans["p1"].status == SUCCEEDED
+    for broken in ("missing", "running"):
+        d2 = Driver(policy())
+        d2.submit(plan(task("a"), task("b")))
+        d2.run_task("a")
+        if broken == "missing":
+            d2.state.forget_plan("p1")
+            for ev in d2.events:  # b's record never made it: the plan's counts claim it did
+                evolve(d2.state, ev)
+            d2.state.tasks.pop("p1.b")
+            d2.state.plan_keys["p1"].remove("p1.b")
+        d2.state.plans["p1"].counts = {SUCCEEDED: 2}
+        step = d2.feed(Reconcile())
+        assert not [e for e in step.events if isinstance(e, PlanFinished)], broken
+        assert d2.state.plans["p1"].status == "running", broken

@@ -1,12 +1,16 @@
-"""Reading history: every message up to the end, across batches cut by count and by bytes."""
+"""Reading history: every message up to the end, across batches cut by count and by bytes; reading
+a bucket while its keys are written again: every key, once."""
 
 from __future__ import annotations
+
+import asyncio
+import random
 
 import pytest
 
 from mesh.bus.connect import connect
 from mesh.bus.history import read_history
-from mesh.bus.read import READ_BATCH, READ_BATCH_BYTES
+from mesh.bus.read import READ_BATCH, READ_BATCH_BYTES, iter_bucket
 from mesh.events import PlanTasks, TaskSpec, TaskWaiting
 from mesh.host.config import load_settings
 from mesh.ops.embedded import EmbeddedServer
@@ -35,6 +39,54 @@ async def test_history_reads_to_the_end_across_count_and_byte_limited_batches(
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "in order, none twice"
     finally:
         await bus.close()
+
+
+async def test_a_bucket_read_while_its_keys_are_written_again_gives_every_key_once(
+    nats_server: EmbeddedServer,
+) -> None:
+    """A bucket keeps one value per key: writing a key again removes the value a read has still
+    to reach, and the server may say nothing is pending before it counts the new value. A read
+    that ended there missed the key (a plan's 1,000 task records read as 999 just as its last
+    records were written); one that read on gave a key read again twice."""
+    s = load_settings(server=nats_server.url, environ={})
+    writer = await connect(s, "test-writer", wait_s=10)
+    reader = await connect(s, "test-reader", wait_s=10)
+    try:
+        await writer.ensure_resources()
+        bucket = s.names.tasks_bucket
+        keys = [f"p.t{i:04d}" for i in range(1000)]
+        await writer.kv_put_many((bucket, k, b"0") for k in keys)
+        await writer.kv_put_many([(bucket, "other.t0", b"0")])
+        writing = True
+
+        async def write_again() -> None:
+            rng = random.Random(17)
+            n = 0
+            while writing:
+                n += 1
+                await writer.kv_put_many((bucket, k, str(n).encode()) for k in rng.sample(keys, 20))
+
+        task = asyncio.get_running_loop().create_task(write_again())
+        kv = await reader.tasks_kv()
+        short, twice = [], []
+        try:
+            for _ in range(150):
+                read = [key async for key, _ in iter_bucket(kv, "p.>")]
+                if len(set(read)) != len(keys):
+                    short.append(sorted(set(keys) - set(read)))
+                if len(read) != len(set(read)):
+                    twice.append(len(read) - len(set(read)))
+        finally:
+            writing = False
+            await task
+        assert not short, f"{len(short)} of 150 reads missed keys: {short[:3]}"
+        assert not twice, f"{len(twice)} of 150 reads gave keys twice: {twice[:3]}"
+        # a quiet bucket reads whole, and only under its filter
+        assert sorted([key async for key, _ in iter_bucket(kv, "p.>")]) == keys
+        assert [key async for key, _ in iter_bucket(kv, "other.>")] == ["other.t0"]
+    finally:
+        await writer.close()
+        await reader.close()
 
 
 async def _count(bus, s) -> int:  # type: ignore[no-untyped-def]

@@ -158,14 +158,44 @@ async def iter_revisions(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[s
 
 
 async def _live_values(kv: KeyValue, keys: str) -> AsyncIterator[tuple[str, NatsMsg]]:
+    """Each live key under `keys` once, with a value it had during the read.
+
+    A key written again while the read is under way can slip past it: the bucket keeps one
+    value per key, so the write removes the value the read had still to reach, and the server
+    may say nothing is pending before it counts the new value, which lies beyond. So the read
+    does not end where the server says: it reads on from the last message it got, again and
+    again, until a pass reads nothing or only keys it has given already (values written
+    meanwhile; a bucket written without a pause would keep a read that waited for a pass with
+    nothing going forever). A key read twice is given once, with its first value: the read is
+    no snapshot.
+    """
     bucket = kv._name
     prefix = kv_keys(bucket)
+    stream, subject = f"KV_{bucket}", prefix + keys
+    given: set[str] = set()
+    last = 0
     config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
-    async for raw in read_stream(kv._js, f"KV_{bucket}", prefix + keys, config):
-        headers = raw.headers or {}
-        if headers.get("KV-Operation") in _KV_GONE or headers.get("Nats-Marker-Reason"):
-            continue
-        yield raw.subject[len(prefix) :], raw
+    while True:
+        new = 0
+        async for raw in read_stream(kv._js, stream, subject, config):
+            last = max(last, raw.metadata.sequence.stream)
+            key = raw.subject[len(prefix) :]
+            if key in given or _gone(raw):
+                continue
+            given.add(key)
+            new += 1
+            yield key, raw
+        if not new:
+            return
+        # what was written meanwhile: nothing, unless a key moved past where the read ended
+        after = api.DeliverPolicy.BY_START_SEQUENCE
+        config = api.ConsumerConfig(deliver_policy=after, opt_start_seq=last + 1)
+
+
+def _gone(raw: NatsMsg) -> bool:
+    """A deleted or purged key's marker."""
+    headers = raw.headers or {}
+    return headers.get("KV-Operation") in _KV_GONE or bool(headers.get("Nats-Marker-Reason"))
 
 
 _KV_GONE = {"DEL", "PURGE"}
