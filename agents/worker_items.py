@@ -350,6 +350,7 @@ class Items:
             return out
         prepared: list[RunResult | None] = [await self._prepare(run.item, run.ctx) for run in runs]
         todo = [i for i, failed in enumerate(prepared) if failed is None]
+        log.info("running a batch of %d %s tasks (model %s)", len(todo), kind, runs[0].item.model)
         began = time.monotonic()
         done = await batch([runs[i].item for i in todo], [runs[i].ctx for i in todo])
         for i, result in zip(todo, done, strict=True):
