@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from nats.aio.msg import Msg as NatsMsg
 
@@ -164,8 +165,8 @@ class Worker(Agent):
     async def _take(self, raw: NatsMsg, lane: Lane) -> None:
         await self.items.take(raw, lane)
 
-    async def _take_batch(self, raws: list[NatsMsg], lane: Lane) -> None:
-        await self.items.take_batch(raws, lane)
+    async def _take_batch(self, raws: list[NatsMsg], lane: Lane, free: Callable[[], None]) -> None:
+        await self.items.take_batch(raws, lane, free)
 
     def _batch_key(self, raw: NatsMsg) -> str:
         return self.items.batch_key(raw)

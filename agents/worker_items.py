@@ -137,9 +137,10 @@ class Items:
                 await agent.bus.dead_letter(agent.agent_id, raw, reason)
                 await raw.term()
 
-    async def take_batch(self, raws: list[NatsMsg], lane: Lane) -> None:
+    async def take_batch(self, raws: list[NatsMsg], lane: Lane, free: Callable[[], None]) -> None:
         """Items fetched together that can share one model call (`mesh.work.batch_groups`):
-        each checked as if alone, then run as one batch, each reported and acknowledged alone."""
+        each checked as if alone, then run as one batch, each reported and acknowledged alone.
+        `free` gives the lane's slot back once the results are in (reporting needs none)."""
         runs: list[Running] = []
         try:
             for raw in raws:
@@ -151,7 +152,7 @@ class Items:
                 if run is not None:
                     runs.append(run)
             if runs:
-                await self._execute(runs)
+                await self._execute(runs, free)
         finally:
             for run in runs:
                 self.running.pop(work.item_key(run.item.plan_id, run.item.task_id), None)
@@ -278,8 +279,9 @@ class Items:
         return work.owner_verdict(registered=True)
 
     # running it -----------------------------------------------------------------------------
-    async def _execute(self, runs: list[Running]) -> None:
-        """Run one item, or a batch of items sharing one model call, and report each."""
+    async def _execute(self, runs: list[Running], free: Callable[[], None] | None = None) -> None:
+        """Run one item, or a batch of items sharing one model call, and report each (`free`,
+        when given, is called between the two)."""
         agent_id = self.agent.agent_id
         starts: list[tuple[StartReport, float]] = []
         beats = []
@@ -323,6 +325,8 @@ class Items:
             if usage.samples:
                 for result in results:
                     result.metrics.update(usage.metrics())
+        if free is not None:
+            free()
         await asyncio.gather(
             *(
                 self._report(run, result, start, started_at)

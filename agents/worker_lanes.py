@@ -64,9 +64,33 @@ class Lane:
 
 
 Take = Callable[[NatsMsg, Lane], Coroutine[Any, Any, None]]
-TakeBatch = Callable[[list[NatsMsg], Lane], Coroutine[Any, Any, None]]
+# (the third argument gives the batch's slot back early: once its results are in, reporting
+# them needs no slot, and the lane fetches the next batch meanwhile)
+TakeBatch = Callable[[list[NatsMsg], Lane, Callable[[], None]], Coroutine[Any, Any, None]]
 # the key under which a fetched item may run with others ('' alone): `mesh.work.batch_key`
 BatchKey = Callable[[NatsMsg], str]
+
+
+class Slot:
+    """One run's hold on its lane: given back when the run ends, or earlier (`free`), once what
+    is left of it needs no slot."""
+
+    def __init__(self, lane: Lane, on_change: Callable[[], None]) -> None:
+        self.lane = lane
+        self.on_change = on_change
+        self.permit = False  # it holds one of the lane's permits
+        self.freed = False
+
+    def free(self) -> None:
+        if self.freed:
+            return
+        self.freed = True
+        lane = self.lane
+        if self.permit:
+            lane.permits.release()
+        lane.running -= 1
+        lane.wake()
+        self.on_change()
 
 
 class Lanes:
@@ -197,9 +221,10 @@ class Lanes:
                 lane.fetching = False
             for group in groups:
                 lane.running += 1
-                task = asyncio.get_running_loop().create_task(self._run(group, lane))
+                slot = Slot(lane, self.on_change)
+                task = asyncio.get_running_loop().create_task(self._run(group, slot))
                 self.tasks.add(task)
-                task.add_done_callback(lambda t, ln=lane: self._slot_done(t, ln))  # type: ignore[misc]
+                task.add_done_callback(lambda t, sl=slot: self._slot_done(t, sl))  # type: ignore[misc]
             self.on_change()
 
     # batches -------------------------------------------------------------------------------
@@ -234,31 +259,33 @@ class Lanes:
             return []
         return more
 
-    async def _run(self, group: list[NatsMsg], lane: Lane) -> None:
+    async def _run(self, group: list[NatsMsg], slot: Slot) -> None:
         """One run of the lane: an item alone, or a batch, once a slot is free."""
-        if lane.permits.locked():
-            # fetched to join a batch and could not: hold it alive here until a slot frees
-            beat = asyncio.get_running_loop().create_task(self._hold_alive(group))
-            try:
-                await lane.permits.acquire()
-            finally:
-                beat.cancel()
-            if self.agent.stop_requested.is_set():
-                lane.permits.release()
-                for raw in group:
-                    with contextlib.suppress(*TRANSIENT):
-                        await raw.nak()
-                return
-        else:
-            await lane.permits.acquire()
+        lane = slot.lane
         try:
+            if lane.permits.locked():
+                # fetched to join a batch and could not: hold it alive here until a slot frees
+                beat = asyncio.get_running_loop().create_task(self._hold_alive(group))
+                try:
+                    await lane.permits.acquire()
+                finally:
+                    beat.cancel()
+                slot.permit = True
+                if self.agent.stop_requested.is_set():
+                    for raw in group:
+                        with contextlib.suppress(*TRANSIENT):
+                            await raw.nak()
+                    return
+            else:
+                await lane.permits.acquire()
+                slot.permit = True
             if len(group) == 1 or self.take_batch is None:
                 for raw in group:
                     await self.take(raw, lane)
             else:
-                await self.take_batch(group, lane)
+                await self.take_batch(group, lane, slot.free)
         finally:
-            lane.permits.release()
+            slot.free()
 
     async def _hold_alive(self, group: list[NatsMsg]) -> None:
         while True:
@@ -283,10 +310,8 @@ class Lanes:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(lane.changed.wait(), self.agent.settings.fetch_timeout_s)
 
-    def _slot_done(self, task: asyncio.Task[Any], lane: Lane) -> None:
+    def _slot_done(self, task: asyncio.Task[Any], slot: Slot) -> None:
         self.tasks.discard(task)
-        lane.running -= 1
-        lane.wake()
-        self.on_change()
+        slot.free()  # (already, unless the task was cancelled before it began)
         if not task.cancelled() and task.exception() is not None:
             log.error("a slot failed: %r", task.exception(), exc_info=task.exception())
