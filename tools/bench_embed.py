@@ -235,6 +235,12 @@ def main() -> int:
     ap.add_argument("--batch-max", type=int, help="the worker's embed_batch_max (default: the setting's)")
     ap.add_argument("--batch-wait", type=float, help="the worker's embed_batch_wait_s")
     ap.add_argument("--script-slots", type=int, help="the worker's script_slots")
+    ap.add_argument(
+        "--durability",
+        choices=("always", "lazy"),
+        default="always",
+        help="the server's sync: every write (always, mesh's default) or every 2 minutes (lazy)",
+    )
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -262,6 +268,7 @@ def main() -> int:
             watchdog=False,
             gateway=False,
             gpus=(None,),
+            durability=args.durability,
         )
         stack.start()
         try:
@@ -288,6 +295,7 @@ def main() -> int:
             "batch_max": args.batch_max,
             "batch_wait": args.batch_wait,
             "script_slots": args.script_slots,
+            "durability": args.durability,
         },
         "machine": {
             "cpus": os.cpu_count(),

@@ -641,7 +641,7 @@ async def run_embed_batch(items: Sequence[WorkItem], ctxs: Sequence[RunContext])
     The batch runs under the shortest timeout of its items and stops only when every item is
     cancelled; an item cancelled while the others ran reports cancelled. When the batch call
     fails or is stopped, each item without a result runs alone (`run_embed`), so one bad text
-    fails its own task only."""
+    fails its own task only. A task's `duration_s` is its share of the call (`batch_s`)."""
     if not items:
         return []
     first = ctxs[0]
@@ -665,11 +665,14 @@ async def run_embed_batch(items: Sequence[WorkItem], ctxs: Sequence[RunContext])
     results: list[RunResult] = []
     for item, ctx, got in zip(items, ctxs, out, strict=True):
         if got is None:
-            got = await run_embed(item, ctx)
-        elif got.ok and ctx.cancel.is_set():
+            results.append(await run_embed(item, ctx))
+            continue
+        if got.ok and ctx.cancel.is_set():
             got = RunResult(ok=False, duration_s=0.0, cancelled=True, error="cancelled")
-        if not got.duration_s:
-            got.duration_s = batch.duration_s
+        # each task's share of the call: the shares add up to the time the model was busy,
+        # which is what a task's duration is learned for (placement); the whole in `batch_s`
+        got.duration_s = batch.duration_s / len(items)
+        got.metrics["batch_s"] = batch.duration_s
         results.append(got)
     return results
 
