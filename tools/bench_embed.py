@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench_embed.py                    # 2,000 one-text tasks
     .venv/bin/python tools/bench_embed.py --tasks 500 --batch-max 1   # batching off, to compare
+    .venv/bin/python tools/bench_embed.py --executor-only   # the batch executor alone, no mesh
 
 Direct: the shipped embedder (all-MiniLM-L6-v2) loaded in this process, one
 `encode(texts, batch_size=<the model's batch_size>)` over all the texts, after a warm-up call.
@@ -47,8 +48,9 @@ from mesh.bus.connect import connect  # noqa: E402
 from mesh.bus.history import read_history  # noqa: E402
 from mesh.bus.publish import Bus  # noqa: E402
 from mesh.bus.read import read_bucket  # noqa: E402
-from mesh.events import RunFinished  # noqa: E402
+from mesh.events import RunFinished, WorkItem  # noqa: E402
 from mesh.host.config import load_settings  # noqa: E402
+from mesh.host.executors import RunContext, run_embed_batch  # noqa: E402
 from mesh.host.loaders import load_model  # noqa: E402
 from mesh.models import DEFAULT_MODELS, builtin_models  # noqa: E402
 from mesh.ops.up import Stack  # noqa: E402
@@ -228,6 +230,38 @@ async def rounds(stack: Stack, direct: Direct, texts: list[str], out: Path, n: i
     return {"direct_s": direct_s, "mesh": meshes, "max_abs_diff_vs_direct": worst}
 
 
+async def executor_only(direct: Direct, texts: list[str], batch: int, rounds: int) -> dict[str, Any]:
+    """The batch executor alone (`run_embed_batch`, no server, no agents) in calls of `batch`
+    tasks, alternating with the direct call: what the encode costs in calls of that size."""
+    name = DEFAULT_MODELS["embed"]
+    direct_s: list[float] = []
+    batched_s: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="mesh-bench-embed-") as tmp:
+        items = [
+            WorkItem(plan_id="p", task_id=f"e{i}", attempt=1, kind="embed", body=f"text: {t}\n", model=name)
+            for i, t in enumerate(texts)
+        ]
+        for _ in range(rounds):
+            took, _ = await asyncio.to_thread(direct.timed, texts)
+            direct_s.append(round(took, 3))
+            began = time.perf_counter()
+            for at in range(0, len(items), batch):
+                part = items[at : at + batch]
+                ctxs = [RunContext(model=direct.loaded, artifacts_dir=tmp) for _ in part]
+                results = await run_embed_batch(part, ctxs)
+                if not all(r.ok for r in results):
+                    raise RuntimeError(next(r.error for r in results if not r.ok))
+            batched_s.append(round(time.perf_counter() - began, 3))
+    paired = [d / b for d, b in zip(direct_s, batched_s, strict=True)]
+    return {
+        "tasks": len(texts),
+        "batch": batch,
+        "direct_s": direct_s,
+        "executor_s": batched_s,
+        "ratio_paired": [round(p, 3) for p in paired],
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=2000, help="one-text embed tasks (and texts)")
@@ -241,12 +275,21 @@ def main() -> int:
         default="always",
         help="the server's sync: every write (always, mesh's default) or every 2 minutes (lazy)",
     )
+    ap.add_argument(
+        "--executor-only",
+        action="store_true",
+        help="the batch executor in this process against the direct call, no server or agents",
+    )
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     texts = texts_for(args.tasks)
 
     direct = Direct()
+    if args.executor_only:
+        alone = run_loop(executor_only(direct, texts, args.batch_max or 64, args.rounds))
+        print(json.dumps(alone, indent=2))
+        return 0
     with tempfile.TemporaryDirectory(prefix="mesh-bench-embed-") as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
         env["MESH_LOG_LEVEL"] = "WARNING"
