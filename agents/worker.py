@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from nats.aio.msg import Msg as NatsMsg
 
@@ -91,7 +92,9 @@ class Worker(Agent):
             self._gpu_now,
             self._update_lanes,
         )
-        self.lanes = Lanes(self, self._take, self.gpu.hold_reason, self.gpu.publish)
+        self.lanes = Lanes(
+            self, self._take, self.gpu.hold_reason, self.gpu.publish, self._take_batch, self._batch_key
+        )
         self.models = Models(self, self.gpu, self.lanes, settings.model_registry())
         self.items = Items(self, self.gpu, self.models)
 
@@ -123,7 +126,12 @@ class Worker(Agent):
                 durable=self.names.workers_consumer(cls), stream=self.names.work_stream
             )
             slots = work.lane_slots(cls, self.slots, self.settings.script_slots)
-            self.lanes.add(Lane(cls, sub, slots))
+            lane = Lane(cls, sub, slots)
+            if cls == work.SCRIPT:
+                # embed tasks of one model run as one encode call (`take_batch`)
+                lane.batch_max = self.settings.embed_batch_max
+                lane.batch_wait_s = self.settings.embed_batch_wait_s
+            self.lanes.add(lane)
         if self.models_on:
             own = await self.bus.bind_consumer(own_consumer_definition(self.settings, self.gpu_worker_id))
             self.lanes.add(Lane(work.OWN, own, 1))
@@ -156,6 +164,12 @@ class Worker(Agent):
 
     async def _take(self, raw: NatsMsg, lane: Lane) -> None:
         await self.items.take(raw, lane)
+
+    async def _take_batch(self, raws: list[NatsMsg], lane: Lane, free: Callable[[], None]) -> None:
+        await self.items.take_batch(raws, lane, free)
+
+    def _batch_key(self, raw: NatsMsg) -> str:
+        return self.items.batch_key(raw)
 
     # the loop ----------------------------------------------------------------------
     async def run(self) -> None:

@@ -7,6 +7,12 @@ progress (so it is never redelivered to a second worker while this one lives), r
 `run.finished`, then acknowledge. A worker that dies stops sending progress, and the item is
 redelivered once `ack_wait` lapses. A resource item on the worker's own queue goes to its
 models. The decisions and the reports' contents are `mesh.work`'s.
+
+Items a lane fetched together that can share one model call (embed tasks of one model) come
+as a batch (`take_batch`): each is checked as if alone, they run as one call of the kind's
+batch executor, and each is reported (its own `run.started`, `run.finished`, claim) and
+acknowledged alone. A worker killed mid-batch leaves every item unacknowledged: all are
+redelivered, and the brain's claims keep a stale report from counting twice.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.outputs import OutputError, task_output
 from mesh.bus.route import decode_checked
 from mesh.events import MODEL_BODY_KINDS, ResourceItem, RunFinished, RunStarted, WorkItem, type_of
-from mesh.host.executors import EXECUTORS, RunContext
+from mesh.host.executors import BATCH_EXECUTORS, EXECUTORS, RunContext
 from mesh.host.reaper import Reaper
 from mesh.models import ModelError
 from mesh.records import UNREADABLE, decode_task
@@ -132,7 +138,43 @@ class Items:
                 await agent.bus.dead_letter(agent.agent_id, raw, reason)
                 await raw.term()
 
+    async def take_batch(self, raws: list[NatsMsg], lane: Lane, free: Callable[[], None]) -> None:
+        """Items fetched together that can share one model call (`mesh.work.batch_groups`):
+        each checked as if alone, then run as one batch, each reported and acknowledged alone.
+        `free` gives the lane's slot back once the results are in (reporting needs none)."""
+        runs: list[Running] = []
+        try:
+            for raw in raws:
+                msg, _ = decode_checked(raw, self.agent.names)
+                if not isinstance(msg, WorkItem):
+                    await self.take(raw, lane)  # (what is not a work item never gets a batch key)
+                    continue
+                run = await self._admit(msg, raw)
+                if run is not None:
+                    runs.append(run)
+            if runs:
+                await self._execute(runs, free)
+        finally:
+            for run in runs:
+                self.running.pop(work.item_key(run.item.plan_id, run.item.task_id), None)
+
+    def batch_key(self, raw: NatsMsg) -> str:
+        """The key under which a fetched item may run with others ('' alone: `mesh.work.batch_key`)."""
+        msg, _ = decode_checked(raw, self.agent.names)
+        return work.batch_key(msg) if isinstance(msg, WorkItem) else ""
+
     async def _work(self, msg: WorkItem, raw: NatsMsg) -> None:
+        run = await self._admit(msg, raw)
+        if run is None:
+            return
+        try:
+            await self._execute([run])
+        finally:
+            self.running.pop(work.item_key(msg.plan_id, msg.task_id), None)
+
+    async def _admit(self, msg: WorkItem, raw: NatsMsg) -> Running | None:
+        """The item, registered as running here, when it is to run; None when it was
+        answered (acknowledged, handed back, dead-lettered) or is already running here."""
         key = work.item_key(msg.plan_id, msg.task_id)
         current = self.running.get(key)
         seen = work.repeat(msg, self.finished.get(key), current.item.attempt if current is not None else None)
@@ -141,7 +183,7 @@ class Items:
             # the consumer's record of the first delivery or its acknowledgement
             log.info("%s attempt %d already ran here; acknowledging the repeat", key, msg.attempt)
             await raw.ack()
-            return
+            return None
         if seen == work.REPEAT_RUNNING and current is not None:
             # the same attempt delivered again while this worker runs it (a server restart can
             # lose the consumer's record of the first delivery): keep running it once, and
@@ -150,7 +192,7 @@ class Items:
                 "%s attempt %d delivered again while running here; not starting it twice", key, msg.attempt
             )
             current.raw = raw
-            return
+            return None
         meta = raw.metadata
         delivery = meta.num_delivered or 1
         queued_s = time.time() - meta.timestamp.timestamp() if meta.timestamp else work.FRESH_S + 1
@@ -159,14 +201,14 @@ class Items:
             action = work.verdict_action(verdict, delivery, self.settings.max_deliveries)
             if action == work.NAK_LATER:
                 await raw.nak(delay=work.LATER_S)
-                return
+                return None
             if action == work.ACK:
                 await raw.ack()
-                return
+                return None
         why = work.dead_letter_why(delivery, self.settings.max_deliveries)
         if why:
             await self._dead_letter(msg, raw, why)
-            return
+            return None
         run = Running(msg, raw)
         run.ctx.tail_bytes = self.settings.output_tail_bytes
         run.ctx.kill_grace_s = self.settings.kill_grace_s
@@ -175,10 +217,7 @@ class Items:
         run.ctx.on_start = self.reaper.watch
         run.ctx.on_end = self.reaper.forget
         self.running[key] = run
-        try:
-            await self._execute(run, key)
-        finally:
-            self.running.pop(key, None)
+        return run
 
     async def _dead_letter(self, item: WorkItem, raw: NatsMsg, why: str) -> None:
         """Every worker that took this item died with it: stop the cycle, record it, fail the task."""
@@ -241,19 +280,29 @@ class Items:
         return work.owner_verdict(registered=True)
 
     # running it -----------------------------------------------------------------------------
-    async def _execute(self, run: Running, key: str) -> None:
-        item, raw = run.item, run.raw
+    async def _execute(self, runs: list[Running], free: Callable[[], None] | None = None) -> None:
+        """Run one item, or a batch of items sharing one model call, and report each (`free`,
+        when given, is called between the two)."""
         agent_id = self.agent.agent_id
-        delivery = raw.metadata.num_delivered or 1
-        started_at = time.time()
-        start = StartReport(
-            self.emit,
-            work.run_started(item, agent_id, started_at, delivery),
-            work.start_report_after(delivery, self.settings.start_report_after_s),
-        )
-        await start.begin()
-        log.info("running %s attempt %d (delivery %d)", key, item.attempt, delivery)
-        beat = asyncio.get_running_loop().create_task(self._heartbeat(run))
+        starts: list[tuple[StartReport, float]] = []
+        beats = []
+        for run in runs:
+            delivery = run.raw.metadata.num_delivered or 1
+            started_at = time.time()
+            start = StartReport(
+                self.emit,
+                work.run_started(run.item, agent_id, started_at, delivery),
+                work.start_report_after(delivery, self.settings.start_report_after_s),
+            )
+            await start.begin()
+            starts.append((start, started_at))
+            log.info(
+                "running %s attempt %d (delivery %d)",
+                work.item_key(run.item.plan_id, run.item.task_id),
+                run.item.attempt,
+                delivery,
+            )
+            beats.append(asyncio.get_running_loop().create_task(self._heartbeat(run)))
         usage = ResourceUse()
         device = self.gpu.device
         sampler = (
@@ -262,21 +311,10 @@ class Items:
             else None
         )
         try:
-            executor = EXECUTORS.get(item.kind)
-            if executor is None:
-                result = RunResult(
-                    ok=False, duration_s=0.0, error=f"this worker cannot run {item.kind!r} bodies"
-                )
-            else:
-                failed = await self._prepare(item, run.ctx)
-                stream = None if failed else self._stream(item, run.ctx)
-                try:
-                    result = failed or await executor(item, run.ctx)
-                finally:
-                    if stream is not None:
-                        await stream.close()  # the text before `run.finished`
+            results = await self._results(runs)
         finally:
-            beat.cancel()
+            for beat in beats:
+                beat.cancel()
             if sampler is not None:
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -286,7 +324,61 @@ class Items:
                 # the end of the task, too (and a short task's only)
                 await sample_once(device, self.models.mesh_used_mb(), usage)
             if usage.samples:
-                result.metrics.update(usage.metrics())
+                for result in results:
+                    result.metrics.update(usage.metrics())
+        if free is not None:
+            free()
+        await asyncio.gather(
+            *(
+                self._report(run, result, start, started_at)
+                for run, result, (start, started_at) in zip(runs, results, starts, strict=True)
+            )
+        )
+
+    async def _results(self, runs: list[Running]) -> list[RunResult]:
+        """Each run's result: through its executor, or the batch's (one call for them all)."""
+        kind = runs[0].item.kind
+        batch = BATCH_EXECUTORS.get(kind) if len(runs) > 1 else None
+        if batch is None:
+            out = []
+            for run in runs:
+                executor = EXECUTORS.get(run.item.kind)
+                if executor is None:
+                    out.append(
+                        RunResult(
+                            ok=False, duration_s=0.0, error=f"this worker cannot run {run.item.kind!r} bodies"
+                        )
+                    )
+                    continue
+                failed = await self._prepare(run.item, run.ctx)
+                stream = None if failed else self._stream(run.item, run.ctx)
+                try:
+                    out.append(failed or await executor(run.item, run.ctx))
+                finally:
+                    if stream is not None:
+                        await stream.close()  # the text before `run.finished`
+            return out
+        prepared: list[RunResult | None] = [await self._prepare(run.item, run.ctx) for run in runs]
+        todo = [i for i, failed in enumerate(prepared) if failed is None]
+        log.info("running a batch of %d %s tasks (model %s)", len(todo), kind, runs[0].item.model)
+        began = time.monotonic()
+        done = await batch([runs[i].item for i in todo], [runs[i].ctx for i in todo])
+        for i, result in zip(todo, done, strict=True):
+            prepared[i] = result
+        log.info(
+            "ran a batch of %d %s tasks (model %s) in %.3fs",
+            len(todo),
+            kind,
+            runs[0].item.model,
+            time.monotonic() - began,
+        )
+        return [r for r in prepared if r is not None]
+
+    async def _report(self, run: Running, result: RunResult, start: StartReport, started_at: float) -> None:
+        """Report a run's end (or hand it back), then acknowledge its item."""
+        item = run.item
+        key = work.item_key(item.plan_id, item.task_id)
+        agent_id = self.agent.agent_id
         await start.settle()
         if run.handed_back:
             log.info("handing %s back to the queue", key)

@@ -1,6 +1,12 @@
 """A worker's lanes: the queues it claims work from, each a pull consumer with its own slots.
 A lane fetches as slots free up and runs each item it fetched as its own task (`take`).
 
+A lane with `batch_max` above 1 (the script lane: `embed_batch_max`) runs items that can share
+one model call together (`take_batch`): once its fetch brought one, it fetches what else is
+queued, waiting up to `batch_wait_s`, and groups them (`mesh.work.batch_groups`). A batch is
+one run of the lane's slots; an item of that second fetch that cannot join a batch waits for a
+slot here, its delivery kept alive (`in_progress`) meanwhile, and is handed back on stop.
+
 Which lanes may claim is decided in `mesh.work` (`lanes_enabled`, `room`, `runs_fetched`): a
 paused or cordoned GPU's worker claims nothing, and script work waits while an LLM is loaded
 or loading. In burst mode a lane stops once its fetch comes back empty (or it may not claim)
@@ -40,6 +46,12 @@ class Lane:
         self.loop: asyncio.Task[Any] | None = None
         # a fetch is in flight: what it returns is run even if the lane was disabled meanwhile
         self.fetching = False
+        # items that can share a model call are fetched and run together, up to this many
+        self.batch_max = 1
+        self.batch_wait_s = 0.0
+        # runs going at once: more than `slots` only when a batch's fetch brought items that
+        # run alone (they wait here for a slot)
+        self.permits = asyncio.Semaphore(slots)
 
     def wake(self) -> None:
         self.changed.set()
@@ -52,16 +64,51 @@ class Lane:
 
 
 Take = Callable[[NatsMsg, Lane], Coroutine[Any, Any, None]]
+# (the third argument gives the batch's slot back early: once its results are in, reporting
+# them needs no slot, and the lane fetches the next batch meanwhile)
+TakeBatch = Callable[[list[NatsMsg], Lane, Callable[[], None]], Coroutine[Any, Any, None]]
+# the key under which a fetched item may run with others ('' alone): `mesh.work.batch_key`
+BatchKey = Callable[[NatsMsg], str]
+
+
+class Slot:
+    """One run's hold on its lane: given back when the run ends, or earlier (`free`), once what
+    is left of it needs no slot."""
+
+    def __init__(self, lane: Lane, on_change: Callable[[], None]) -> None:
+        self.lane = lane
+        self.on_change = on_change
+        self.permit = False  # it holds one of the lane's permits
+        self.freed = False
+
+    def free(self) -> None:
+        if self.freed:
+            return
+        self.freed = True
+        lane = self.lane
+        if self.permit:
+            lane.permits.release()
+        lane.running -= 1
+        lane.wake()
+        self.on_change()
 
 
 class Lanes:
     """The lanes of one worker, by name, and the tasks running what they fetched."""
 
     def __init__(
-        self, agent: Agent, take: Take, hold: Callable[[], str], on_change: Callable[[], None]
+        self,
+        agent: Agent,
+        take: Take,
+        hold: Callable[[], str],
+        on_change: Callable[[], None],
+        take_batch: TakeBatch | None = None,
+        batch_key: BatchKey | None = None,
     ) -> None:
         self.agent = agent
         self.take = take
+        self.take_batch = take_batch
+        self.batch_key = batch_key
         self.hold = hold
         self.on_change = on_change
         self.by_name: dict[str, Lane] = {}
@@ -167,12 +214,85 @@ class Lanes:
                     with contextlib.suppress(*TRANSIENT):
                         await raw.nak()
                 continue
-            for raw in msgs:
+            lane.fetching = True  # (until what it brought is counted in `running`)
+            try:
+                groups = await self._gather(lane, msgs)
+            finally:
+                lane.fetching = False
+            for group in groups:
                 lane.running += 1
-                task = asyncio.get_running_loop().create_task(self.take(raw, lane))
+                slot = Slot(lane, self.on_change)
+                task = asyncio.get_running_loop().create_task(self._run(group, slot))
                 self.tasks.add(task)
-                task.add_done_callback(lambda t, ln=lane: self._slot_done(t, ln))  # type: ignore[misc]
+                task.add_done_callback(lambda t, sl=slot: self._slot_done(t, sl))  # type: ignore[misc]
             self.on_change()
+
+    # batches -------------------------------------------------------------------------------
+    async def _gather(self, lane: Lane, msgs: list[NatsMsg]) -> list[list[NatsMsg]]:
+        """The runs to make of what a fetch brought: each item alone, or, where an item can
+        share a model call, with what else is queued that can join it."""
+        if lane.batch_max <= 1 or self.batch_key is None or self.take_batch is None:
+            return [[m] for m in msgs]
+        keys = [self.batch_key(m) for m in msgs]
+        want = lane.batch_max - sum(1 for k in keys if k)
+        if any(keys) and want > 0:
+            more = await self._fetch_more(lane, want)
+            msgs = msgs + more
+            keys += [self.batch_key(m) for m in more]
+        return [[msgs[i] for i in run] for run in work.batch_groups(keys, lane.batch_max)]
+
+    async def _fetch_more(self, lane: Lane, want: int) -> list[NatsMsg]:
+        """What is queued now, up to `want` items (waiting up to the lane's `batch_wait_s`
+        for the first); none on a timeout or a failure (what the first fetch brought runs)."""
+        try:
+            # (a fetch's timeout must be above 0; a queued item comes back in well under 10 ms)
+            more = await lane.sub.fetch(want, timeout=max(lane.batch_wait_s, 0.01))
+        except nats.errors.TimeoutError:
+            return []
+        except TRANSIENT as exc:
+            log.warning("fetching more %s work for a batch failed (%r)", lane.name, exc)
+            return []
+        if not work.runs_fetched(lane.name, self.hold()):
+            for raw in more:
+                with contextlib.suppress(*TRANSIENT):
+                    await raw.nak()
+            return []
+        return more
+
+    async def _run(self, group: list[NatsMsg], slot: Slot) -> None:
+        """One run of the lane: an item alone, or a batch, once a slot is free."""
+        lane = slot.lane
+        try:
+            if lane.permits.locked():
+                # fetched to join a batch and could not: hold it alive here until a slot frees
+                beat = asyncio.get_running_loop().create_task(self._hold_alive(group))
+                try:
+                    await lane.permits.acquire()
+                finally:
+                    beat.cancel()
+                slot.permit = True
+                if self.agent.stop_requested.is_set():
+                    for raw in group:
+                        with contextlib.suppress(*TRANSIENT):
+                            await raw.nak()
+                    return
+            else:
+                await lane.permits.acquire()
+                slot.permit = True
+            if len(group) == 1 or self.take_batch is None:
+                for raw in group:
+                    await self.take(raw, lane)
+            else:
+                await self.take_batch(group, lane, slot.free)
+        finally:
+            slot.free()
+
+    async def _hold_alive(self, group: list[NatsMsg]) -> None:
+        while True:
+            await asyncio.sleep(self.agent.settings.heartbeat_s)
+            for raw in group:
+                with contextlib.suppress(*TRANSIENT):
+                    await raw.in_progress()
 
     async def _wait_any(self, aw: Any) -> None:
         waiter = asyncio.ensure_future(aw)
@@ -190,10 +310,8 @@ class Lanes:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(lane.changed.wait(), self.agent.settings.fetch_timeout_s)
 
-    def _slot_done(self, task: asyncio.Task[Any], lane: Lane) -> None:
+    def _slot_done(self, task: asyncio.Task[Any], slot: Slot) -> None:
         self.tasks.discard(task)
-        lane.running -= 1
-        lane.wake()
-        self.on_change()
+        slot.free()  # (already, unless the task was cancelled before it began)
         if not task.cancelled() and task.exception() is not None:
             log.error("a slot failed: %r", task.exception(), exc_info=task.exception())

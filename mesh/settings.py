@@ -96,6 +96,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # tasks one GPU runs at once, per kind of work
     llm_slots: int = 1
     script_slots: int = 1
+    # one-text embed tasks of one model fetched together run as one encode call of at most
+    # embed_batch_max tasks (1: each alone); after an embed item the script lane waits up to
+    # embed_batch_wait_s for more to join it. A batch is one run of the script lane's slots
+    embed_batch_max: int = 64
+    embed_batch_wait_s: float = 0.05
     # a loaded LLM nobody used for this long is unloaded when no other work wants its GPU, but
     # a model's last GPU stays loaded (keep_warm = false: that one too); an LLM that still has
     # work is never unloaded for other work before it has been loaded min_residency_s
@@ -428,7 +433,11 @@ def plan_problem(settings: Settings) -> str:
 
 
 def learn_problem(settings: Settings) -> str:
-    """What is wrong with the learned figures' settings ('' when nothing is)."""
+    """What is wrong with the learned figures' and the batches' settings ('' when nothing is)."""
+    if settings.embed_batch_max < 1:
+        return f"embed_batch_max = {settings.embed_batch_max!r} must be at least 1 (1: no batches)"
+    if settings.embed_batch_wait_s < 0:
+        return f"embed_batch_wait_s = {settings.embed_batch_wait_s!r} must be 0 or more"
     if settings.learn_min_samples < 1:
         return f"learn_min_samples = {settings.learn_min_samples!r} must be at least 1"
     if settings.learn_window < settings.learn_min_samples:

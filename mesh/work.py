@@ -11,7 +11,7 @@ run is reported by a `run.started` and a `run.finished` built here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -124,6 +124,35 @@ def lanes_enabled(lanes: Iterable[str], held: bool, llm_present: bool) -> dict[s
 def room(slots: int, running: int, enabled: bool) -> int:
     """How many items a lane may fetch now (0: it waits for a slot, or to be enabled)."""
     return slots - running if enabled else 0
+
+
+# batches of small model tasks ------------------------------------------------------------------
+
+# the body kinds whose items, fetched together, run as one model call (`agents/worker_items.py`)
+BATCHED_KINDS = frozenset({"embed"})
+
+
+def batch_key(item: WorkItem) -> str:
+    """What items must share to run in one batch ('' for an item that always runs alone): the
+    kind and the model (one encode call runs one model)."""
+    return f"{item.kind}:{item.model}" if item.kind in BATCHED_KINDS else ""
+
+
+def batch_groups(keys: Sequence[str], most: int) -> list[list[int]]:
+    """The runs a lane makes of the items it fetched, as indices in fetch order: items of one
+    non-empty key together, at most `most` in a run; every item with key '' alone."""
+    runs: list[list[int]] = []
+    open_runs: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        if not key or most <= 1:
+            runs.append([i])
+            continue
+        run = open_runs.get(key)
+        if run is None or len(run) >= most:
+            run = open_runs[key] = []
+            runs.append(run)
+        run.append(i)
+    return runs
 
 
 def runs_fetched(lane: str, hold: str) -> bool:

@@ -1186,7 +1186,7 @@ def test_example_shapes() -> None:
     assert retry["after-broken"].depends_on == ("broken",) and retry["independent"].depends_on == ()
 
 
-MODEL_EXAMPLES = ["prompt.md", "transcribe.md", "embed.md", "mixed.md"]
+MODEL_EXAMPLES = ["prompt.md", "transcribe.md", "embed.md", "embed-many.md", "mixed.md"]
 
 
 @pytest.mark.parametrize("name", MODEL_EXAMPLES)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import threading
@@ -19,12 +20,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from mesh.chat import chat_messages
 from mesh.events import WorkItem
 from mesh.schemas import check_answer
 from mesh.untrusted import DATA_PREAMBLE as DATA_PREAMBLE  # the prompt's data preamble, for tests
 from mesh.untrusted import data_section
 from mesh.work import RunResult
+
+log = logging.getLogger("mesh.worker")
 
 
 def _no_text(_chunk: str) -> None:
@@ -610,40 +615,52 @@ def _embed_texts(item: WorkItem, inputs: Mapping[str, str], artifacts_dir: str =
     return texts, save
 
 
-def _embed_work(
-    item: WorkItem, inputs: Mapping[str, str], loaded: Any, stop: threading.Event, artifacts_dir: str = ""
-) -> RunResult:
+def _encode(texts: Sequence[str], loaded: Any, stop: threading.Event) -> tuple[Any, str]:
+    """The texts' vectors as one float32 matrix, in chunks (a cancel or a timeout is seen
+    between them); (None, why) when stopped."""
     import numpy as np
 
-    texts, save = _embed_texts(item, inputs, artifacts_dir)
     spec = loaded.spec
     batch = max(1, spec.batch_size)
-    chunk = batch * 8  # a cancel or a timeout is seen between chunks
+    chunk = batch * 8
     parts = []
-    began = time.monotonic()
     for start in range(0, len(texts), chunk):
         if stop.is_set():
-            return RunResult(ok=False, duration_s=0.0, error=f"stopped after {start} of {len(texts)} texts")
+            return None, f"stopped after {start} of {len(texts)} texts"
         parts.append(
             loaded.handle.encode(
-                texts[start : start + chunk],
+                list(texts[start : start + chunk]),
                 batch_size=batch,
                 normalize_embeddings=spec.normalize,
                 convert_to_numpy=True,
                 show_progress_bar=False,
             )
         )
-    took = time.monotonic() - began
-    matrix = np.concatenate(parts).astype(np.float32, copy=False)
+    return np.concatenate(parts).astype(np.float32, copy=False), ""
+
+
+def _embedded(matrix: Any, save: str, took: float, batch: int = 1) -> RunResult:
+    """Write one task's vectors, and its result."""
     _write_artifact(save, lambda tmp: _save_npy(tmp, matrix))
     rows, dim = matrix.shape
     return RunResult(
         ok=True,
         duration_s=0.0,
         output=f"{rows} vectors x {dim} dims -> {save}",
-        metrics={"vectors": float(rows), "dim": float(dim), "embed_s": took},
+        metrics={"vectors": float(rows), "dim": float(dim), "embed_s": took, "batch": float(batch)},
         artifacts=[save],
     )
+
+
+def _embed_work(
+    item: WorkItem, inputs: Mapping[str, str], loaded: Any, stop: threading.Event, artifacts_dir: str = ""
+) -> RunResult:
+    texts, save = _embed_texts(item, inputs, artifacts_dir)
+    began = time.monotonic()
+    matrix, stopped = _encode(texts, loaded, stop)
+    if matrix is None:
+        return RunResult(ok=False, duration_s=0.0, error=stopped)
+    return _embedded(matrix, save, time.monotonic() - began)
 
 
 def _save_npy(path: str, matrix: Any) -> None:
@@ -661,6 +678,95 @@ async def run_embed(item: WorkItem, ctx: RunContext) -> RunResult:
     )
 
 
+# A batch: several embed tasks of one model fetched together run as one encode call (the worker
+# groups them: `mesh.work.batch_groups`), and each still gets its own vectors file and result.
+
+
+def _embed_batch_work(
+    items: Sequence[WorkItem],
+    ctxs: Sequence[RunContext],
+    loaded: Any,
+    stop: threading.Event,
+    out: list[RunResult | None],
+) -> RunResult:
+    """Every task's texts in one encode call, each task's rows to its own file; a task whose
+    body cannot be read, or whose file cannot be written, fails alone in `out`."""
+    jobs: list[tuple[int, list[str], str]] = []
+    for i, (item, ctx) in enumerate(zip(items, ctxs, strict=True)):
+        try:
+            texts, save = _embed_texts(item, ctx.inputs, ctx.artifacts_dir)
+        except TaskDefinitionError as exc:
+            out[i] = RunResult(ok=False, duration_s=0.0, definition_error=True, error=str(exc))
+            continue
+        except RuntimeError as exc:
+            out[i] = RunResult(ok=False, duration_s=0.0, error=f"{type(exc).__name__}: {exc}")
+            continue
+        jobs.append((i, texts, save))
+    if not jobs:
+        return RunResult(ok=True, duration_s=0.0)
+    began = time.monotonic()
+    matrix, stopped = _encode([t for _, texts, _ in jobs for t in texts], loaded, stop)
+    if matrix is None:
+        return RunResult(ok=False, duration_s=0.0, error=stopped)
+    took = time.monotonic() - began
+    row = 0
+    for i, texts, save in jobs:
+        part = matrix[row : row + len(texts)]
+        row += len(texts)
+        try:
+            out[i] = _embedded(part, save, took, len(jobs))
+        except OSError as exc:
+            out[i] = RunResult(ok=False, duration_s=0.0, error=f"{type(exc).__name__}: {exc}")
+    return RunResult(ok=True, duration_s=0.0)
+
+
+async def _all_set(events: Sequence[asyncio.Event], into: asyncio.Event) -> None:
+    await asyncio.gather(*(e.wait() for e in events))
+    into.set()
+
+
+async def run_embed_batch(items: Sequence[WorkItem], ctxs: Sequence[RunContext]) -> list[RunResult]:
+    """Embed several tasks in one encode call; one result per item, in order.
+
+    The batch runs under the shortest timeout of its items and stops only when every item is
+    cancelled; an item cancelled while the others ran reports cancelled. When the batch call
+    fails or is stopped, each item without a result runs alone (`run_embed`), so one bad text
+    fails its own task only. A task's `duration_s` is its share of the call (`batch_s`)."""
+    if not items:
+        return []
+    first = ctxs[0]
+    if len(items) == 1 or any(c.model is not first.model for c in ctxs):
+        return [await run_embed(item, ctx) for item, ctx in zip(items, ctxs, strict=True)]
+    out: list[RunResult | None] = [None] * len(items)
+    timeouts = [i.timeout_s for i in items if i.timeout_s > 0]
+    lead = msgspec.structs.replace(items[0], timeout_s=min(timeouts) if timeouts else 0.0)
+    joint = RunContext(model=first.model, kill_grace_s=first.kill_grace_s)
+    watch = asyncio.ensure_future(_all_set([c.cancel for c in ctxs], joint.cancel))
+    try:
+        batch = await _run_model(
+            lead, joint, "embed", lambda m, stop: _embed_batch_work(items, ctxs, m, stop, out)
+        )
+    finally:
+        watch.cancel()
+    if not batch.ok:
+        log.warning(
+            "an embed batch of %d tasks did not run through (%s); running each alone", len(items), batch.error
+        )
+    results: list[RunResult] = []
+    for item, ctx, got in zip(items, ctxs, out, strict=True):
+        if got is None:
+            results.append(await run_embed(item, ctx))
+            continue
+        if got.ok and ctx.cancel.is_set():
+            got = RunResult(ok=False, duration_s=0.0, cancelled=True, error="cancelled")
+        # each task's share of the call: the shares add up to the time the model was busy,
+        # which is what a task's duration is learned for (placement); the whole in `batch_s`
+        got.duration_s = batch.duration_s / len(items)
+        got.metrics["batch_s"] = batch.duration_s
+        results.append(got)
+    return results
+
+
 Executor = Callable[[WorkItem, RunContext], Awaitable[RunResult]]
 
 EXECUTORS: dict[str, Executor] = {
@@ -670,4 +776,11 @@ EXECUTORS: dict[str, Executor] = {
     "chat": run_chat,
     "transcribe": run_transcribe,
     "embed": run_embed,
+}
+
+BatchExecutor = Callable[[Sequence[WorkItem], Sequence[RunContext]], Awaitable[list[RunResult]]]
+
+# the kinds whose items may run together (`mesh.work.BATCHED_KINDS`): one result per item
+BATCH_EXECUTORS: dict[str, BatchExecutor] = {
+    "embed": run_embed_batch,
 }
