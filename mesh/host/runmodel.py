@@ -1,0 +1,160 @@
+"""What every model executor shares: the run's context (`RunContext`), the definition error, the
+thread a model's blocking call runs in under the task's timeout and cancel, and artifact paths.
+
+Split from `mesh.host.executors` (shell and LLM bodies) and `mesh.host.media` (transcription and
+embeddings), which both build on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.events import WorkItem
+from mesh.untrusted import DATA_PREAMBLE as DATA_PREAMBLE  # the prompt's data preamble, for tests
+from mesh.work import RunResult
+
+log = logging.getLogger("mesh.worker")
+
+
+def no_text(_chunk: str) -> None:
+    """Where a model's text goes when nobody listens."""
+
+
+@dataclass
+class RunContext:
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    env: dict[str, str] = field(default_factory=dict)
+    tail_bytes: int = 4096
+    kill_grace_s: float = 5.0
+    shell: str = "/bin/bash"
+    # told the process group of a body when it starts, and again when it is gone
+    on_start: Callable[[int], None] | None = None
+    on_end: Callable[[int], None] | None = None
+    # model kinds: the loaded model (a `mesh.host.loaders.Loaded`), the device it is on, and the
+    # outputs of the dependencies named in the task's `inputs`, by task id
+    model: Any = None
+    device: str = "cpu"
+    inputs: dict[str, str] = field(default_factory=dict)
+    # set when an input came from a sensitive task: the run is then kept out of the history too
+    sensitive: bool = False
+    # where a model task's files go when its body names no `save:` path
+    artifacts_dir: str = ""
+    # set (from the model's thread) when a prompt's first token is sampled
+    first_token: threading.Event = field(default_factory=threading.Event)
+    # told each piece of an LLM's answer as it is generated (from the model's thread; the pieces
+    # joined are the output). It must not block and never raises: the worker publishes the
+    # pieces on the task's stream subject, or drops them
+    on_text: Callable[[str], None] = no_text
+
+
+# ------------------------------------------------------------------ model kinds
+#
+# A model executor runs the library's blocking call in a thread, holding the model's lock (a
+# handle serves one task at a time), and tells it to stop through a threading.Event when the
+# task is cancelled or times out: the LLM checks it after every token, the transcriber after
+# every segment, the embedder between chunks of texts.
+
+
+class TaskDefinitionError(Exception):
+    """The task can never run as defined (a prompt longer than the context, a missing file):
+    retrying cannot help."""
+
+
+async def run_model(
+    item: WorkItem, ctx: RunContext, kind: str, work: Callable[[Any, threading.Event], RunResult]
+) -> RunResult:
+    """Run `work(loaded, stop)` in a thread under the item's timeout and the context's cancel."""
+    began = time.monotonic()
+    loaded = ctx.model
+    spec = getattr(loaded, "spec", None)
+    if spec is None or getattr(spec, "kind", None) != kind or getattr(loaded, "handle", None) is None:
+        what = f"a {spec.kind} model" if spec is not None else repr(loaded)
+        return RunResult(
+            ok=False,
+            duration_s=0.0,
+            error=f"a {item.kind} task needs a loaded {kind} model, and the worker gave it {what}",
+        )
+    if ctx.cancel.is_set():
+        return RunResult(ok=False, duration_s=0.0, cancelled=True, error="cancelled before it started")
+    stop = threading.Event()
+
+    def guarded() -> RunResult:
+        with loaded.lock:
+            if stop.is_set():
+                return RunResult(ok=False, duration_s=0.0, error="stopped before it started")
+            return work(loaded, stop)
+
+    job = asyncio.ensure_future(asyncio.to_thread(guarded))
+    cancel = asyncio.ensure_future(ctx.cancel.wait())
+    timeout = item.timeout_s if item.timeout_s > 0 else None
+    stopped_for = ""
+    try:
+        done, _ = await asyncio.wait({job, cancel}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if job not in done:
+            stopped_for = "cancelled" if cancel in done else "timed out"
+            stop.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(job), timeout=ctx.kill_grace_s)
+    finally:
+        # also when this coroutine is itself cancelled: the thread must not run on
+        stop.set()
+        cancel.cancel()
+    if not job.done():
+        # nobody waits for it any more: its outcome is read when it comes, so none goes unseen
+        job.add_done_callback(lambda f: f.cancelled() or f.exception())
+        result = RunResult(
+            ok=False,
+            duration_s=0.0,
+            error=f"the model call did not stop within {ctx.kill_grace_s:g}s; it finishes in the "
+            "background and holds the model until then",
+        )
+    elif (exc := job.exception()) is None:
+        result = job.result()
+    elif isinstance(exc, TaskDefinitionError):
+        result = RunResult(ok=False, duration_s=0.0, definition_error=True, error=str(exc))
+    else:
+        result = RunResult(ok=False, duration_s=0.0, error=f"{type(exc).__name__}: {exc}")
+    result.duration_s = time.monotonic() - began
+    if stopped_for:
+        result.ok = False
+        result.timed_out = stopped_for == "timed out"
+        result.cancelled = stopped_for == "cancelled"
+        head = f"timed out after {item.timeout_s:g}s" if result.timed_out else "cancelled"
+        result.error = f"{head}; {result.error}" if result.error else head
+    return result
+
+
+def artifact_path(item: WorkItem, artifacts_dir: str, name: str) -> str:
+    """Default home of a task's file: `<artifacts_dir>/<plan>/<name>` (under the worker's data dir),
+    so no output lands beside the plan file unless the body says `save:`."""
+    if not artifacts_dir:  # run outside a worker: beside the plan, as a relative `save:` would be
+        return local_path(item, name)
+    return os.path.join(artifacts_dir, item.plan_id, name)
+
+
+def local_path(item: WorkItem, path: str) -> str:
+    """A path of the body: ~ expanded, relative ones relative to the plan's workdir."""
+    path = os.path.expanduser(path.strip())
+    if not os.path.isabs(path):
+        path = os.path.join(item.workdir or os.getcwd(), path)
+    return os.path.normpath(path)
+
+
+def write_artifact(path: str, write: Callable[[str], None]) -> None:
+    """Write a file whole or not at all (a reader never sees half of it)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
