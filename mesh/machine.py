@@ -197,7 +197,11 @@ class _Decider(Release):
             for plan in sorted(state.plans.values(), key=lambda p: p.plan_id):
                 if plan.final and plan.finished_at and plan.finished_at <= horizon:
                     self.emit(PlanArchived(plan_id=plan.plan_id, at=self.now))
-        for agent in sorted(state.agents_live - msg.live):
+        holders = {r.worker for r in state.tasks.values() if r.status == RUNNING}
+        # gone since the last sweep; and a worker holding a task that no sweep ever saw live (it
+        # registered, took a task and died between two sweeps), said once, as it is first missed
+        unseen = holders - msg.live - state.agents_live - set(state.offline_since)
+        for agent in sorted((state.agents_live - msg.live) | unseen):
             running = tuple(
                 sorted(r.key for r in state.tasks.values() if r.worker == agent and r.status == RUNNING)
             )
@@ -205,7 +209,6 @@ class _Decider(Release):
         state.agents_live = set(msg.live)
         for view in state.gpus.values():
             view.live = view.worker in msg.live and view.state != "offline"
-        holders = {r.worker for r in state.tasks.values() if r.status == RUNNING}
         for worker in holders - msg.live:
             state.offline_since.setdefault(worker, self.now)
         for worker in list(state.offline_since):

@@ -127,6 +127,26 @@ def test_an_agent_that_vanishes_is_marked_offline_and_its_work_lost_then_retried
     assert_replays(d)
 
 
+def test_a_worker_no_sweep_saw_live_is_said_offline_once_with_its_task() -> None:
+    """w1 registered, took a task and died between two sweeps: no sweep ever listed it live.
+    The first sweep that misses it says it went offline (with the task it held), once, and its
+    attempt is given up as lost after lost_after_s as for any other worker."""
+    d = Driver(policy(lost_after_s=10.0))
+    d.submit(plan(task("a", retries=1)))
+    d.feed(Sweep(frozenset({"w2"})))
+    d.started(d.take("a"), worker="w1")
+    t0 = d.now
+    step = d.feed(Sweep(frozenset({"w2"})), at=t0 + 1)
+    offline = [e for e in step.events if isinstance(e, AgentOffline)]
+    assert [(e.agent_id, e.running) for e in offline] == [("w1", ("p1.a",))]
+    assert d.feed(Sweep(frozenset({"w2"})), at=t0 + 5).events == []
+    step = d.feed(Sweep(frozenset({"w2"})), at=t0 + 12)
+    assert not [e for e in step.events if isinstance(e, AgentOffline)], "said once"
+    retrying = [e for e in step.events if isinstance(e, TaskRetrying)]
+    assert len(retrying) == 1 and retrying[0].reason == "lost" and "w1" in retrying[0].error
+    assert_replays(d)
+
+
 def test_lost_work_past_its_retries_fails_with_reason_lost() -> None:
     d = Driver(policy(lost_after_s=5.0))
     d.submit(plan(task("a", retries=0)))
