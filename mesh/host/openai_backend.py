@@ -32,17 +32,17 @@ import asyncio
 import contextlib
 import json
 import os
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import httpx2
 
 from mesh.events import WorkItem
 from mesh.host.loaders import Loaded, effective_device
 from mesh.host.openai_server import GroupWatch, ServerProcess, free_port, managed_base_url, server_argv
+from mesh.host.runmodel import RunContext, first_of
 from mesh.models import SCHEMA_FORMATS, ModelError, ModelSpec
 from mesh.work import RunResult
 
@@ -145,19 +145,6 @@ def load_openai(name: str, spec: ModelSpec, device: str, reaper: GroupWatch | No
 
 
 # a task -------------------------------------------------------------------------------
-
-
-class RunContext(Protocol):
-    """What a task's run needs of the executors' `RunContext` (not imported: it imports this)."""
-
-    cancel: asyncio.Event
-    first_token: threading.Event
-    model: Any
-
-    @property
-    def on_text(self) -> Callable[[str], None]:
-        """Told each piece of the answer as it arrives (the worker streams it on the task's
-        text subject)."""
 
 
 class _Refused(Exception):
@@ -339,16 +326,10 @@ async def run_openai_prompt(
     path, body = request_for(item, loaded.spec, handle.model, prompt, messages)
     answer = _Answer()
     job = asyncio.ensure_future(_read_stream(handle, path, body, answer, ctx))
-    cancel = asyncio.ensure_future(ctx.cancel.wait())
-    timeout = item.timeout_s if item.timeout_s > 0 else None
-    stopped_for = ""
     try:
-        done, _ = await asyncio.wait({job, cancel}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if job not in done:
-            stopped_for = "cancelled" if cancel in done else "timed out"
+        stopped_for = await first_of(job, ctx.cancel, item.timeout_s)
     finally:
         # closing the connection is what stops the server's generation
-        cancel.cancel()
         if not job.done():
             job.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

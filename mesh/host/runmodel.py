@@ -68,6 +68,22 @@ class TaskDefinitionError(Exception):
     retrying cannot help."""
 
 
+async def first_of(job: asyncio.Future[Any], cancel: asyncio.Event, timeout_s: float) -> str:
+    """Wait for `job`, a cancel or the task's timeout (none when `timeout_s` is 0), whichever
+    comes first: '' when the job ended, else 'cancelled' or 'timed out'. The job is left as it
+    is; only the wait on the cancel is cleaned up."""
+    watch = asyncio.ensure_future(cancel.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {job, watch}, timeout=timeout_s if timeout_s > 0 else None, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        watch.cancel()
+    if job in done:
+        return ""
+    return "cancelled" if watch in done else "timed out"
+
+
 async def run_model(
     item: WorkItem, ctx: RunContext, kind: str, work: Callable[[Any, threading.Event], RunResult]
 ) -> RunResult:
@@ -93,20 +109,15 @@ async def run_model(
             return work(loaded, stop)
 
     job = asyncio.ensure_future(asyncio.to_thread(guarded))
-    cancel = asyncio.ensure_future(ctx.cancel.wait())
-    timeout = item.timeout_s if item.timeout_s > 0 else None
-    stopped_for = ""
     try:
-        done, _ = await asyncio.wait({job, cancel}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if job not in done:
-            stopped_for = "cancelled" if cancel in done else "timed out"
+        stopped_for = await first_of(job, ctx.cancel, item.timeout_s)
+        if stopped_for:
             stop.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(job), timeout=ctx.kill_grace_s)
     finally:
         # also when this coroutine is itself cancelled: the thread must not run on
         stop.set()
-        cancel.cancel()
     if not job.done():
         # nobody waits for it any more: its outcome is read when it comes, so none goes unseen
         job.add_done_callback(lambda f: f.cancelled() or f.exception())
