@@ -77,6 +77,25 @@ class TaskSpec(Struct, frozen=True, gc=False):
     escalate: tuple[str, ...] = ()
     # prompt, chat: a JSON Schema (as JSON text) the answer must be valid against ('' : free text)
     schema: str = ""
+    # `- artifacts: GLOB`: files a task makes (relative to its working directory) that are kept
+    # as its artifacts, besides the ones its body names (`save:`)
+    artifacts: tuple[str, ...] = ()
+
+
+class FileRef(Struct, frozen=True):
+    """A file in the object store: a plan's bundled file or a task's artifact.
+
+    `path` is where it belongs, relative to the plan's (or the task's) working directory, with
+    '/' separators and no '..'; `sha256` (hex) and `size` are what a reader checks before it
+    uses the copy it fetched; `object` is its name in the store ('' for a bundled file: a
+    bundle's files are stored under their checksum, `mesh.bus.files.blob_name`)."""
+
+    path: str
+    size: int
+    sha256: str
+    object: str = ""
+    # the file's permission bits (a script keeps its x)
+    mode: int = 0o644
 
 
 # the rung of an escalation ladder that is the gateway (Claude), not a local model
@@ -111,6 +130,12 @@ class PlanSpec(Struct, frozen=True):
     variables: dict[str, str] = msgspec.field(default_factory=dict)
     env: dict[str, str] = msgspec.field(default_factory=dict)
     escalation: EscalationPolicy = msgspec.field(default_factory=EscalationPolicy)
+    # the host `mesh submit` ran on (`Settings.host_id`): a worker there runs the plan's tasks in
+    # `workdir` itself; any other works in a per-plan directory the bundle is copied into
+    host: str = ""
+    # the files under `workdir` the plan uses, travelling with it (`mesh.bus.files`): the
+    # checksum of the bundle's manifest, a `BundleManifest` stored as a blob ('' : none)
+    bundle: str = ""
 
 
 # ---------------------------------------------------------------- messages
@@ -174,6 +199,13 @@ class WorkItem(Msg, frozen=True, tag="work"):
     schema: str = ""
     # proof of this attempt, copied into the worker's reports (`mesh.claims`)
     claim: str = ""
+    # the plan's submitting host and bundle (`PlanSpec.host`, `PlanSpec.bundle`)
+    host: str = ""
+    bundle: str = ""
+    # the task's dependencies: their artifacts are copied into the working directory first
+    after: tuple[str, ...] = ()
+    # `- artifacts:` globs of the task (`TaskSpec.artifacts`)
+    artifacts: tuple[str, ...] = ()
 
 
 class ResourceItem(Msg, frozen=True, tag="resource"):
@@ -245,6 +277,8 @@ class RunFinished(Msg, frozen=True, tag="run.finished"):
     claim: str = ""
     # the task has a schema and its output is JSON valid against it
     parsed: bool = False
+    # the files it made, stored in the object store under the attempt (`mesh.bus.files`)
+    files: tuple[FileRef, ...] = ()
 
 
 # GPUs (event stream; the brain reads them for placement) ---------------------

@@ -135,6 +135,11 @@ class Names:
         """Object store for what is too big for one message (big plans; later, task outputs)."""
         return f"{self.prefix}-objects"
 
+    @property
+    def models_bucket(self) -> str:
+        """Object store of model files pushed with `mesh models push` (kept until removed)."""
+        return f"{self.prefix}-models"
+
     # consumers ---------------------------------------------------------------
     @property
     def brain_cmd_consumer(self) -> str:

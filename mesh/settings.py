@@ -139,6 +139,19 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cpu_model_memory_mb: int = 0
     # outputs bigger than this go to the object store instead of the completion event
     output_event_bytes: int = 64 * 1024
+    # files that travel (docs/multihost.md) ----------------------------------------------------
+    # this host's name for the plans it submits and the work it runs: a worker on the host a plan
+    # was submitted from runs its tasks in the plan's own directory, any other in a per-plan work
+    # directory the plan's bundle is copied into ('' : /etc/machine-id, else the host name)
+    host_id: str = ""
+    # where those per-plan work directories are ('' : <data_dir>/work)
+    work_dir: str = ""
+    # where fetched model files are kept ('' : <data_dir>/models)
+    model_cache_dir: str = ""
+    # the most the files bundled with one plan may add up to (MB)
+    bundle_max_mb: int = 512
+    # the most the artifacts of one attempt may add up to (MB); a bigger one fails the attempt
+    artifact_max_mb: int = 2048
     # an LLM's answer is published as it is generated (core NATS, `<p>.stream.…`), in batches
     # gathered over this many seconds; false: not at all
     stream_text: bool = True

@@ -44,7 +44,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'{"plan_id":"p1","task_id":"a","spec":{"id":"a","body":"echo a","kind":"shell",'
             b'"class":"cpu","depends_on":[],"priority":5,"timeout_s":1800.0,"retries":3,'
             b'"env":{},"sensitive":false,"line":0,"model":"","inputs":[],"max_tokens":0,'
-            b'"requires_external":false,"escalate":[],"schema":""},"index":0,"status":"running","attempt":0,'
+            b'"requires_external":false,"escalate":[],"schema":"","artifacts":[]},"index":0,"status":"running","attempt":0,'
             b'"base_attempt":0,"deliveries":0,"worker":"","not_before":0.0,"waiting_since":0.0,'
             b'"released_at":0.0,"started_at":0.0,"finished_at":0.0,"duration_s":0.0,"rc":null,'
             b'"reason":"timeout","error":"","updated_at":0.0,"rid":"","escalated":"",'
@@ -60,7 +60,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'{"plan_id":"p1","task_id":"b","spec":{"id":"a","body":"echo a","kind":"shell",'
             b'"class":"cpu","depends_on":[],"priority":5,"timeout_s":1800.0,"retries":3,'
             b'"env":{},"sensitive":false,"line":0,"model":"","inputs":[],"max_tokens":0,'
-            b'"requires_external":false,"escalate":[],"schema":""},"index":0,"status":"pending","attempt":0,'
+            b'"requires_external":false,"escalate":[],"schema":"","artifacts":[]},"index":0,"status":"pending","attempt":0,'
             b'"base_attempt":0,"deliveries":0,"worker":"","not_before":0.0,"waiting_since":0.0,'
             b'"released_at":0.0,"started_at":0.0,"finished_at":0.0,"duration_s":0.0,"rc":null,'
             b'"reason":"","error":"","updated_at":0.0,"rid":"","escalated":"","followups":[],'
@@ -152,7 +152,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'"timed_out":false,"cancelled":false,"error":"","stdout_tail":"","stderr_tail":"",'
             b'"stdout_bytes":0,"stderr_bytes":0,"dead_letter":false,"reason":"definition",'
             b'"output":"","output_object":"","prompt":"","model":"","gpu":"","metrics":{},'
-            b'"artifacts":[],"sensitive":false,"claim":"","parsed":false}'
+            b'"artifacts":[],"sensitive":false,"claim":"","parsed":false,"files":[]}'
         ),
     ),
     (
@@ -163,7 +163,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'"cancelled":false,"error":"","stdout_tail":"","stderr_tail":"","stdout_bytes":0,'
             b'"stderr_bytes":0,"dead_letter":false,"reason":"","output":"","output_object":"",'
             b'"prompt":"","model":"","gpu":"","metrics":{},"artifacts":[],"sensitive":false,'
-            b'"claim":"","parsed":false}'
+            b'"claim":"","parsed":false,"files":[]}'
         ),
     ),
     (

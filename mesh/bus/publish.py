@@ -65,6 +65,7 @@ class Bus:
         self.names: Names = settings.names
         self._kv: dict[str, KeyValue] = {}
         self._objects: ObjectStore | None = None
+        self._models: ObjectStore | None = None
         self._acks: AckCollector | None = None
         self.closing = False
         # says once when the server's store is full, and once when it takes writes again
@@ -184,6 +185,24 @@ class Bus:
                 )
                 log.info("created object store %s", name)
         return self._objects
+
+    async def models(self) -> ObjectStore:
+        """The model files' object store (created on first use; nothing in it expires)."""
+        if self._models is None:
+            name = self.names.models_bucket
+            try:
+                self._models = await self.js.object_store(name)
+            except nats.js.errors.BucketNotFoundError:
+                self._models = await self.js.create_object_store(
+                    name,
+                    api.ObjectStoreConfig(
+                        description="mesh: model files pushed with `mesh models push`",
+                        storage=api.StorageType.FILE,
+                        replicas=self.settings.replicas,
+                    ),
+                )
+                log.info("created object store %s", name)
+        return self._models
 
     async def _missing_stream(self, name: str) -> str:
         try:
