@@ -248,6 +248,8 @@ def _accept(state: State, ev: PlanAccepted) -> None:
         env=dict(plan.env),
         updated_at=ev.at,
         escalation=plan.escalation,
+        host=plan.host,
+        bundle=plan.bundle,
     )
     state.plans[ev.plan_id] = record
     state.dirty_plans.add(ev.plan_id)

@@ -121,6 +121,7 @@ def work_item(state: State, rec: TaskRecord, claim_key: bytes) -> WorkItem:
             body=review.prompt(rec.spec, _reviewed_attempts(rec)),
             timeout_s=min(rec.spec.timeout_s, review.TIMEOUT_S),
             workdir=plan.workdir if plan else "",
+            host=plan.host if plan else "",
             model=rec.review_model,
             max_tokens=review.MAX_TOKENS,
             grammar=review.GRAMMAR,
@@ -142,6 +143,10 @@ def work_item(state: State, rec: TaskRecord, claim_key: bytes) -> WorkItem:
         max_tokens=rec.spec.max_tokens,
         schema=rec.spec.schema,
         claim=claim,
+        host=plan.host if plan else "",
+        bundle=plan.bundle if plan else "",
+        after=rec.spec.depends_on,
+        artifacts=rec.spec.artifacts,
     )
 
 

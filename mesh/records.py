@@ -114,6 +114,9 @@ class PlanRecord(msgspec.Struct, kw_only=True):
     error: str = ""
     updated_at: float = 0.0
     escalation: EscalationPolicy = msgspec.field(default_factory=EscalationPolicy)
+    # where it was submitted from and the files it brought (`PlanSpec.host`, `PlanSpec.bundle`)
+    host: str = ""
+    bundle: str = ""
 
     @property
     def final(self) -> bool:

@@ -79,7 +79,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'"submitted_at":0.0,"accepted_at":0.0,"finished_at":0.0,"total":0,'
             b'"counts":{"succeeded":2,"failed":1},"env":{},"error":"","updated_at":0.0,'
             b'"escalation":{"auto":false,"after":0,"sensitive":false,"followups":true,'
-            b'"review":false,"ladder":[]}}'
+            b'"review":false,"ladder":[]},"host":"","bundle":""}'
         ),
     ),
     (
@@ -88,7 +88,8 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'{"plan_id":"p2","title":"t","status":"running","source":"","workdir":"","by":"",'
             b'"submitted_at":0.0,"accepted_at":0.0,"finished_at":0.0,"total":0,"counts":{},'
             b'"env":{},"error":"","updated_at":0.0,"escalation":{"auto":false,"after":0,'
-            b'"sensitive":false,"followups":true,"review":false,"ladder":[]}}'
+            b'"sensitive":false,"followups":true,"review":false,"ladder":[]},"host":"",'
+            b'"bundle":""}'
         ),
     ),
     (
