@@ -118,6 +118,7 @@ class Worker(Agent):
 
     async def start(self) -> None:
         self.items.reaper = Reaper()
+        await asyncio.to_thread(self.items.workdirs.sweep)  # work directories long unused
         if self.models_on:
             await self.gpu.open()
         await super().start()

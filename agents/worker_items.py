@@ -29,6 +29,7 @@ import nats.js.errors
 from nats.aio.msg import Msg as NatsMsg
 
 from agents.base import Agent
+from agents.worker_files import WorkDirs
 from agents.worker_gpu import Gpu
 from agents.worker_lanes import Lane
 from agents.worker_models import Models
@@ -105,6 +106,7 @@ class Items:
         # task records found unreadable (each said once)
         self.damaged_seen: set[str] = set()
         self.reaper: Reaper | None = None
+        self.workdirs = WorkDirs(self.settings)
 
     def cancel(self, plan_id: str, task_id: str) -> None:
         """A task was cancelled: its queued items are not run, its running one is stopped."""
@@ -350,7 +352,9 @@ class Items:
                         )
                     )
                     continue
-                failed = await self._prepare(run.item, run.ctx)
+                # where it runs: its plan's directory, or a work directory with its files
+                run.item, failed = await self.workdirs.place(self.agent.bus, run.item)
+                failed = failed or await self._prepare(run.item, run.ctx)
                 stream = None if failed else self._stream(run.item, run.ctx)
                 try:
                     out.append(failed or await executor(run.item, run.ctx))
@@ -358,7 +362,11 @@ class Items:
                     if stream is not None:
                         await stream.close()  # the text before `run.finished`
             return out
-        prepared: list[RunResult | None] = [await self._prepare(run.item, run.ctx) for run in runs]
+        prepared: list[RunResult | None] = []
+        for run in runs:
+            # where it runs: its plan's directory, or a work directory with its files
+            run.item, failed = await self.workdirs.place(self.agent.bus, run.item)
+            prepared.append(failed or await self._prepare(run.item, run.ctx))
         todo = [i for i, failed in enumerate(prepared) if failed is None]
         log.info("running a batch of %d %s tasks (model %s)", len(todo), kind, runs[0].item.model)
         began = time.monotonic()

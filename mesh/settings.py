@@ -146,6 +146,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     host_id: str = ""
     # where those per-plan work directories are ('' : <data_dir>/work)
     work_dir: str = ""
+    # a per-plan work directory no task has used for this many days is removed when a worker
+    # starts (0: never); a later task of its plan fetches the bundle again
+    work_dir_keep_days: float = 7.0
     # where fetched model files are kept ('' : <data_dir>/models)
     model_cache_dir: str = ""
     # the most the files bundled with one plan may add up to (MB)

@@ -77,14 +77,17 @@ class Mesh:
         self._expected_dead: set[str] = set()
 
     # agents -----------------------------------------------------------------
-    def start_agent(self, name: str, role: str, *args: str) -> subprocess.Popen[bytes]:
+    def start_agent(
+        self, name: str, role: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start an agent process (`env`: variables added to the mesh's, e.g. another host's)."""
         log_path = self.tmp / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.logs[name] = log_path
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "mesh", "agent", role, *args],
-                env=self.env,
+                env={**self.env, **(env or {})},
                 stdout=out,
                 stderr=out,
                 stdin=subprocess.DEVNULL,

@@ -112,8 +112,15 @@ def parse_vars(pairs: list[str] | None) -> dict[str, str]:
     return values
 
 
-def load(path: Path, var: list[str] | None, s: Settings, glob_outside: bool = False) -> events.PlanSpec:
-    """Read and check a plan within the limits of the settings `plan_*`."""
+def load(
+    path: Path,
+    var: list[str] | None,
+    s: Settings,
+    glob_outside: bool = False,
+    matched: list[str] | None = None,
+) -> events.PlanSpec:
+    """Read and check a plan within the limits of the settings `plan_*` (`matched` collects the
+    files its foreach globs matched: they travel with it)."""
     from mesh.host.planfiles import load_plan
     from mesh.plan import PlanLimits
 
@@ -124,7 +131,7 @@ def load(path: Path, var: list[str] | None, s: Settings, glob_outside: bool = Fa
         glob_outside=glob_outside or s.plan_glob_outside,
     )
     try:
-        return load_plan(path, parse_vars(var), limits=limits)
+        return load_plan(path, parse_vars(var), limits=limits, matched=matched)
     except MeshError as exc:
         raise fail(str(exc)) from None
 

@@ -1,5 +1,8 @@
 """The plan commands: check, submit, status, cancel and retry, and a plan's progress shown
 as it runs (`--wait`, and `mesh up --submit`).
+
+A plan is submitted with the files it uses under its directory (`mesh.host.bundle` finds them,
+`mesh.bus.bundle` stores them) and the id of the host it came from (`send_plan`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mesh import events
 from mesh.bus import client
+from mesh.bus.bundle import send_bundle
+from mesh.bus.files import FileTransferError
 from mesh.bus.publish import Bus
 from mesh.cli import render
 from mesh.cli.common import (
@@ -27,7 +32,10 @@ from mesh.cli.common import (
     run,
     settings,
 )
+from mesh.host.bundle import MB, BundleFiles, BundleTooBig, bundle_files
+from mesh.host.config import host_id
 from mesh.records import Damaged
+from mesh.settings import Settings
 from mesh.status import PlanStatus, TaskStatus
 from mesh.textstream import TextChunk, TextView
 
@@ -57,18 +65,50 @@ def submit(
 ) -> None:
     """Validate a plan and submit it; prints the plan id."""
     s = checked_settings()
-    spec = load(plan, var, s, glob_outside)
+    matched: list[str] = []
+    spec = load(plan, var, s, glob_outside, matched)
+    files = plan_files(spec, matched, s)
 
     async def go() -> int:
         async with connected(s) as bus:
             await bus.ensure_resources()
-            pid = await client.submit(bus, spec, plan_id)
+            pid = await send_plan(bus, s, spec, files, plan_id)
             out.print(pid, highlight=False)
             if not wait:
                 return 0
             return await follow_plan(bus, pid, len(spec.tasks))
 
     raise typer.Exit(run(go))
+
+
+def plan_files(spec: events.PlanSpec, matched: list[str], s: Settings) -> BundleFiles:
+    """The files that travel with the plan (its foreach matches, the files its bodies name);
+    a bundle over `bundle_max_mb` is refused here, before anything is sent."""
+    try:
+        return bundle_files(spec, matched, max_mb=s.bundle_max_mb)
+    except BundleTooBig as exc:
+        raise fail(str(exc)) from None
+
+
+async def send_plan(
+    bus: Bus, s: Settings, spec: events.PlanSpec, files: BundleFiles, plan_id: str | None = None
+) -> str:
+    """Store the plan's files in the object store, then submit it with its bundle and this
+    host's id; says in one line what the bundle held. Returns the plan id."""
+    for note in files.notes:
+        err.print(f"note: {note}", highlight=False)
+    try:
+        sent = await send_bundle(await bus.objects(), [(f.rel, f.path) for f in files.files])
+    except FileTransferError as exc:
+        raise fail(f"the plan's files could not be stored: {exc}; nothing was submitted") from None
+    if sent.files:
+        err.print(
+            f"bundle: {sent.files} file(s), {sent.size / MB:.1f} MB, {sent.already} already in the "
+            f"store ({sent.took_s:.1f} s)",
+            highlight=False,
+        )
+    spec = msgspec.structs.replace(spec, host=host_id(s), bundle=sent.sha256)
+    return await client.submit(bus, spec, plan_id)
 
 
 async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None = None) -> int:

@@ -13,7 +13,6 @@ import typer
 
 from agents.base import run_loop
 from mesh import events
-from mesh.bus import client
 from mesh.cli.common import (
     OPTS,
     GlobOutsideOpt,
@@ -26,9 +25,10 @@ from mesh.cli.common import (
     run,
     settings,
 )
-from mesh.cli.plans import follow_plan
+from mesh.cli.plans import follow_plan, plan_files, send_plan
 from mesh.errors import MeshError
 from mesh.events import TASK_CLASSES
+from mesh.host.bundle import BundleFiles
 from mesh.host.config import load_settings
 from mesh.host.logs import configure
 
@@ -171,7 +171,9 @@ def up(
 
     configure()
     s = settings()
-    spec = load(plan, var, s, glob_outside) if plan is not None else None
+    matched: list[str] = []
+    spec = load(plan, var, s, glob_outside, matched) if plan is not None else None
+    files = plan_files(spec, matched, s) if spec is not None else None
     data = Path(data_dir or s.data_dir)
     try:
         model_workers = bootstrap.model_workers(gpus)
@@ -209,7 +211,7 @@ def up(
             err.print("watch it: `mesh tail` or `nats sub 'mesh.evt.>'`; Ctrl-C stops everything")
             bootstrap.supervise(stack, stop)
         else:
-            code = bootstrap.supervise_while(stack, stop, lambda: _submit_and_follow(stack, spec))
+            code = bootstrap.supervise_while(stack, stop, lambda: _submit_and_follow(stack, spec, files))
     finally:
         err.print("stopping agents and server…")
         stack.stop()
@@ -222,14 +224,14 @@ def _show_gpus(gpus: tuple[int | tuple[int, ...] | None, ...]) -> str:
     return ", ".join("cpu" if g is None else f"gpu {gpu_label(as_indices(g))}" for g in gpus) or "none"
 
 
-def _submit_and_follow(stack: Stack, spec: events.PlanSpec) -> int:
+def _submit_and_follow(stack: Stack, spec: events.PlanSpec, files: BundleFiles | None) -> int:
     """Submit the plan to the stack's server and show it to its end (runs in a thread of its own)."""
     s = load_settings(server=stack.url, config=OPTS.config)
 
     async def go() -> int:
         async with connected(s, "mesh-up", wait_s=10.0) as bus:
             await bus.ensure_resources()
-            pid = await client.submit(bus, spec)
+            pid = await send_plan(bus, s, spec, files or BundleFiles(root=""))
             err.print(f"submitted {spec.source or spec.title} as {pid}")
             return await follow_plan(bus, pid, len(spec.tasks))
 

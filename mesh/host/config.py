@@ -1,10 +1,14 @@
 """Loading the settings on this machine: the TOML config file (`MESH_CONFIG`, or
 $XDG_CONFIG_HOME/mesh/config.toml) and the process environment, checked by mesh.settings.
+
+Also what the settings leave to the machine: this host's id (`host_id`) and where per-plan
+work directories are (`work_root`).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,31 @@ def default_data_dir() -> str:
 def default_config_path() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "mesh" / "config.toml"
+
+
+MACHINE_ID = "/etc/machine-id"
+
+
+def host_id(settings: Settings, machine_id: str = MACHINE_ID) -> str:
+    """This host's id: the setting `host_id` (env MESH_HOST_ID), else the contents of
+    /etc/machine-id, else the host name. A plan records the id of the host it was submitted
+    from; a worker with the same id runs its tasks in the plan's own directory."""
+    if settings.host_id:
+        return settings.host_id
+    try:
+        with open(machine_id, encoding="ascii", errors="replace") as f:
+            found = f.read(256).strip()
+    except OSError:
+        found = ""
+    return found or socket.gethostname() or "localhost"
+
+
+def work_root(settings: Settings) -> str:
+    """Where a worker makes the per-plan work directories: the setting `work_dir`, else
+    <data_dir>/work."""
+    if settings.work_dir:
+        return os.path.expanduser(settings.work_dir)
+    return os.path.join(settings.data_dir, "work")
 
 
 def _is_file(path: str) -> bool:

@@ -94,7 +94,16 @@ def task_env(item: WorkItem, ctx: RunContext) -> dict[str, str]:
 async def run_shell(item: WorkItem, ctx: RunContext) -> RunResult:
     """Run a shell body in its own process group, with the task's timeout."""
     began = time.monotonic()
-    cwd = item.workdir if item.workdir and os.path.isdir(item.workdir) else None
+    if item.workdir and not os.path.isdir(item.workdir):
+        # never the worker's own directory in its place: the body would run among other files
+        return RunResult(
+            ok=False,
+            duration_s=0.0,
+            definition_error=True,
+            error=f"the task's working directory {item.workdir} does not exist on this host: submit "
+            "the plan with `mesh submit` (its files then travel with it), or make the directory",
+        )
+    cwd = item.workdir or None
     try:
         proc = await asyncio.create_subprocess_exec(
             ctx.shell,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from mesh.errors import PlanError, Problem
 from mesh.events import PlanSpec
@@ -37,8 +37,12 @@ def load_plan(
     variables: Mapping[str, str] | None = None,
     *,
     limits: PlanLimits | None = None,
+    matched: list[str] | None = None,
 ) -> PlanSpec:
     """Read the plan file at `path` (UTF-8) and parse it; see `parse_plan`.
+
+    `matched`, when given, collects every path a foreach glob matched (relative to the plan's
+    directory, or absolute as the pattern was): the files its bundle takes (`mesh.host.bundle`).
 
     The source is the path as given; the workdir is the file's absolute parent
     directory, where foreach globs are resolved (`directory_glob`). A file that
@@ -92,24 +96,32 @@ def load_plan(
         variables=variables,
         workdir=workdir,
         limits=limits,
-        glob=directory_glob(workdir, outside=limits.glob_outside),
+        glob=directory_glob(workdir, outside=limits.glob_outside, seen=matched),
         read=directory_reader(workdir, outside=limits.glob_outside),
     )
 
 
-def directory_glob(workdir: str, *, outside: bool = False) -> Glob:
+def directory_glob(workdir: str, *, outside: bool = False, seen: list[str] | None = None) -> Glob:
     """The files a foreach glob matches, a relative pattern resolved against `workdir` (the
     current directory when empty); with `outside` False, a pattern that leaves `workdir` is
-    refused (`GlobRefused`). The matches are read lazily, as the parser asks for them."""
+    refused (`GlobRefused`). The matches are read lazily, as the parser asks for them, and
+    each one read is added to `seen` when it is given."""
 
     def files(pattern: str) -> Iterable[str]:
         if not outside:
             why = _outside(pattern, workdir)
             if why:
                 raise GlobRefused(why, _OUTSIDE_HINT)
-        return glob.iglob(pattern, root_dir=workdir or None, recursive=True)
+        found = glob.iglob(pattern, root_dir=workdir or None, recursive=True)
+        return found if seen is None else _noting(found, seen)
 
     return files
+
+
+def _noting(paths: Iterable[str], seen: list[str]) -> Iterator[str]:
+    for path in paths:
+        seen.append(path)
+        yield path
 
 
 def directory_reader(workdir: str, *, outside: bool = False) -> ReadFile:
