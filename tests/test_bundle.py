@@ -20,7 +20,8 @@ import pytest
 
 from agents.worker_files import MARKER, WorkDirs
 from mesh.bus import client
-from mesh.bus.files import blob_name
+from mesh.bus.bundle import send_bundle
+from mesh.bus.files import blob_name, read_manifest
 from mesh.events import PlanSpec, TaskSpec, WorkItem
 from mesh.host.bundle import bundle_files
 from mesh.host.config import host_id, load_settings
@@ -227,3 +228,21 @@ def test_host_id(tmp_path: Path, value: str) -> None:
     machine.write_text("abc123\n")
     assert host_id(settings, str(machine)) == (value or "abc123")
     assert host_id(settings, str(tmp_path / "none")) == (value or os.uname().nodename)
+
+
+async def test_a_copy_that_may_expire_soon_is_stored_again(mesh: Mesh, tmp_path: Path) -> None:
+    make_plan(tmp_path / "plan")
+    files = [(rel, str(tmp_path / "plan" / rel)) for rel in ("data/a.txt", "tools/check.sh")]
+    store = await (await mesh.bus()).objects()
+    first = await send_bundle(store, files)
+    assert (first.files, first.already) == (2, 0)
+    assert (await send_bundle(store, files)).already == 2  # young copies: kept
+    again = await send_bundle(store, files, refresh_after_s=0.0)  # old ones: sent afresh
+    assert again.already == 0 and again.sha256 == first.sha256
+    manifest = await read_manifest(store, first.sha256)
+    modes = {rel: os.stat(path).st_mode & 0o777 for rel, path in files}
+    assert modes["tools/check.sh"] & 0o100
+    assert [(f.path, f.size, f.mode) for f in manifest.files] == [
+        ("data/a.txt", 12, modes["data/a.txt"]),
+        ("tools/check.sh", len(CHECK), modes["tools/check.sh"]),
+    ]

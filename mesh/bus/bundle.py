@@ -2,21 +2,26 @@
 listed in a manifest, and put back in a directory on the host that runs its tasks.
 
 `send_bundle` (at submit) hashes each file, stores it as a blob unless the store holds those
-bytes already (`mesh.bus.files.put_blob`: the same file is stored once whatever plan sends it),
-and stores the `BundleManifest` (path, size, SHA-256, mode of each); the manifest's checksum is
-what the plan carries (`PlanSpec.bundle`). `materialise` (on a worker) reads the manifest back,
-checks each path (`safe_relpath`), keeps a file already there with the same size and checksum,
-and fetches the others (`fetch_file`: checked, retried, never a bad copy left in place).
+bytes already (`mesh.bus.files.put_blob`: the same file is stored once whatever plan sends it;
+a copy old enough to expire soon is stored afresh), and stores the `BundleManifest` (path,
+size, SHA-256, mode of each); the manifest's checksum is what the plan carries
+(`PlanSpec.bundle`). `materialise` (on a worker) reads the manifest back, checks each path
+(`safe_relpath`), keeps a file already there with the same size and checksum, and fetches the
+others (`fetch_file`: checked, retried, never a bad copy left in place).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
+import msgspec
+import nats.js.errors
 from nats.js.object_store import ObjectStore
 
 from mesh.bus.files import (
@@ -25,6 +30,8 @@ from mesh.bus.files import (
     blob_name,
     fetch_file,
     put_blob,
+    put_bytes,
+    put_file,
     read_manifest,
     safe_relpath,
     sha256_file,
@@ -67,8 +74,24 @@ def _file_ref(rel: str, path: str) -> FileRef:
     return FileRef(path=rel, size=size, sha256=sha, mode=mode)
 
 
-async def send_bundle(store: ObjectStore, files: Sequence[tuple[str, str]]) -> SentBundle:
-    """Store `files` ((relative path, path on this host) pairs) and their manifest."""
+async def _stored_since(store: ObjectStore, name: str) -> float | None:
+    """How many seconds ago the store took object `name` (None: it has none; 0 : unknown)."""
+    try:
+        info = await store.get_info(name)
+    except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
+        return None
+    try:
+        return max(0.0, time.time() - datetime.fromisoformat(info.mtime or "").timestamp())
+    except ValueError:
+        return 0.0
+
+
+async def send_bundle(
+    store: ObjectStore, files: Sequence[tuple[str, str]], *, refresh_after_s: float = float("inf")
+) -> SentBundle:
+    """Store `files` ((relative path, path on this host) pairs) and their manifest. A file the
+    store took more than `refresh_after_s` ago is stored again: the store's copies expire (its
+    TTL), and the plan's tasks may run long after it is submitted."""
     if not files:
         return SentBundle()
     began = time.monotonic()
@@ -77,7 +100,13 @@ async def send_bundle(store: ObjectStore, files: Sequence[tuple[str, str]]) -> S
     async def one(rel: str, path: str) -> tuple[FileRef, bool]:
         async with gate:
             ref = await asyncio.to_thread(_file_ref, rel, path)
-            return ref, await put_blob(store, path, ref.sha256)
+            since = await _stored_since(store, blob_name(ref.sha256))
+            if since is None or since <= refresh_after_s:
+                return ref, await put_blob(store, path, ref.sha256)
+            stored = await put_file(store, blob_name(ref.sha256), path)
+            if stored.sha256 != ref.sha256:
+                raise FileTransferError(f"{path} changed while it was being stored: submit again")
+            return ref, True
 
     results = await asyncio.gather(*(one(rel, path) for rel, path in files), return_exceptions=True)
     for result in results:
@@ -85,7 +114,12 @@ async def send_bundle(store: ObjectStore, files: Sequence[tuple[str, str]]) -> S
             raise result
     done = [r for r in results if not isinstance(r, BaseException)]
     refs = tuple(sorted((ref for ref, _ in done), key=lambda r: r.path))
-    sha = await write_manifest(store, BundleManifest(files=refs))
+    manifest = BundleManifest(files=refs)
+    data = msgspec.json.encode(manifest)
+    since = await _stored_since(store, blob_name(hashlib.sha256(data).hexdigest()))
+    if since is not None and since > refresh_after_s:
+        await put_bytes(store, blob_name(hashlib.sha256(data).hexdigest()), data)
+    sha = await write_manifest(store, manifest)
     return SentBundle(
         sha256=sha,
         files=len(refs),

@@ -98,7 +98,12 @@ async def send_plan(
     for note in files.notes:
         err.print(f"note: {note}", highlight=False)
     try:
-        sent = await send_bundle(await bus.objects(), [(f.rel, f.path) for f in files.files])
+        sent = await send_bundle(
+            await bus.objects(),
+            [(f.rel, f.path) for f in files.files],
+            # the store keeps a file events_max_age_days: one halfway there is sent again
+            refresh_after_s=s.events_max_age_days * 86400 / 2,
+        )
     except FileTransferError as exc:
         raise fail(f"the plan's files could not be stored: {exc}; nothing was submitted") from None
     if sent.files:
