@@ -188,9 +188,11 @@ def test_what_is_bundled_and_what_is_not(tmp_path: Path) -> None:
     (base / "link-out.txt").symlink_to(tmp_path / "outside.txt")
     (base / "link-in.txt").symlink_to(base / "data" / "a.txt")
     (base / "data" / "more").mkdir()
+    (base / "data" / "more" / "extra.csv").write_text("1,2")
     body = (
         f"cat link-out.txt link-in.txt {tmp_path / 'outside.txt'} ../outside.txt data/more "
-        f"--conf={base / 'notes.md'} < tools/check.sh | wc -l; echo nothing.txt"
+        f"--conf={base / 'notes.md'} < tools/check.sh | wc -l; echo nothing.txt\n"
+        "# the script reads data/more/extra.csv"
     )
     matched: list[str] = []
     spec = load_plan(base / "plan.md", matched=matched)
@@ -198,7 +200,14 @@ def test_what_is_bundled_and_what_is_not(tmp_path: Path) -> None:
     spec = PlanSpec(title="t", tasks=(*spec.tasks, TaskSpec(id="x", body=body)), workdir=str(base))
     found = bundle_files(spec, matched, max_mb=1)
     rels = sorted(f.rel for f in found.files)
-    assert rels == ["data/a.txt", "data/b.txt", "link-in.txt", "notes.md", "tools/check.sh"]
+    assert rels == [
+        "data/a.txt",
+        "data/b.txt",
+        "data/more/extra.csv",
+        "link-in.txt",
+        "notes.md",
+        "tools/check.sh",
+    ]
     # an absolute path under the directory travels, and is said to be a problem elsewhere
     assert [n for n in found.notes if "absolute path" in n] == [
         f"{base / 'notes.md'} (named by task x) is named by its absolute path: it travels, but on another "

@@ -3,12 +3,12 @@ foreach globs matched and its script bodies name, and the size they may add up t
 
 `bundle_files` looks on the submitting host, at submit time: every file a foreach glob matched
 (the paths `mesh.host.planfiles.load_plan` collected), and every token of a shell, transcribe or
-embed body that names an existing file under the plan's directory (a relative path, resolved
-against the directory, or an absolute path under it). Only files travel: a token naming a
-directory brings none of its files. A file outside the directory, or a link that leads out of
-it, stays behind (said in `BundleFiles.notes`). A bundle bigger than the limit is refused
-(`BundleTooBig`) before anything is sent, naming its biggest files. Storing the files is
-`mesh.bus.bundle`'s.
+embed body, comments included, that names an existing file under the plan's directory (a
+relative path, resolved against the directory, or an absolute path under it). Only files
+travel: a token naming a directory brings none of its files. A file outside the directory, or
+a link that leads out of it, stays behind (said in `BundleFiles.notes`). A bundle bigger than
+the limit is refused (`BundleTooBig`) before anything is sent, naming its biggest files.
+Storing the files is `mesh.bus.bundle`'s.
 """
 
 from __future__ import annotations
@@ -61,11 +61,13 @@ def _under(rel: str) -> bool:
 
 
 def body_tokens(body: str) -> list[str]:
-    """The words of a body as a shell reads them (quotes removed, `|;&<>` apart), and the value
-    of each `--opt=VALUE`; plain whitespace splitting when the body does not parse."""
+    """The words of a body as a shell reads them (quotes removed, `|;&<>` apart), comments
+    included (`# reads conf/x.json` names a file a script opens by itself), and the value of
+    each `--opt=VALUE`; plain whitespace splitting when the body does not parse."""
     try:
         lex = shlex.shlex(body, posix=True, punctuation_chars=True)
         lex.whitespace_split = True
+        lex.commenters = ""
         words = list(lex)
     except ValueError:
         words = body.split()
