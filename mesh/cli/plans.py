@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import msgspec
+import nats.js.errors
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -19,6 +20,7 @@ from mesh.bus import client
 from mesh.bus.bundle import send_bundle
 from mesh.bus.files import FileTransferError
 from mesh.bus.publish import Bus
+from mesh.bus.store import full_error
 from mesh.cli import render
 from mesh.cli.common import (
     GlobOutsideOpt,
@@ -105,6 +107,8 @@ async def send_plan(
             refresh_after_s=s.events_max_age_days * 86400 / 2,
         )
     except FileTransferError as exc:
+        if isinstance(exc.__cause__, nats.js.errors.Error) and full_error(exc.__cause__):
+            raise exc.__cause__ from None  # said as every command says it (`run`)
         raise fail(f"the plan's files could not be stored: {exc}; nothing was submitted") from None
     if sent.files:
         err.print(
