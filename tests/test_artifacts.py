@@ -203,3 +203,53 @@ async def test_archiving_a_plan_deletes_its_artifacts_and_outputs(mesh: Mesh) ->
     assert await object_names(mesh, output_prefix(other)) == [output_prefix(other) + "keep/1"]
     gate.touch()
     assert (await mesh.wait_plan(other)).status == "succeeded"
+
+
+@pytest.mark.models
+async def test_an_embedding_saved_by_a_model_task_is_an_artifact(mesh: Mesh) -> None:
+    """The `.npy` an embed task saves (with `save:` under the working directory, or by default
+    under the worker's data dir: then by its base name) is stored like a declared file, and a
+    dependent on another host gets it in its working directory."""
+    np = pytest.importorskip("numpy")
+    mesh.env["HF_HUB_OFFLINE"] = "1"
+    mesh.brain()
+    mesh.worker("gpu", 1, "--gpu", "none", "--classes", "script")
+    text = "\n".join(
+        [
+            "# Vectors",
+            "",
+            "## Tasks",
+            "",
+            "### named",
+            "",
+            f"{FENCE}embed",
+            "text: a lantern in the harbour",
+            "text: copper and thunder",
+            "save: vec/named.npy",
+            FENCE,
+            "",
+            "### default",
+            "",
+            f"{FENCE}embed",
+            "text: a quiet meadow",
+            FENCE,
+            "",
+            task("use", "ls vec/named.npy default.npy", "- depends_on: named, default"),
+        ]
+    )
+    plan_id = await mesh.submit_text(text)
+    await mesh.wait_task(plan_id, "default", "succeeded", timeout_s=300)
+    await mesh.wait_task(plan_id, "named", "succeeded", timeout_s=300)
+    named = await finished(mesh, plan_id, "named")
+    saved = (mesh.tmp / "vec" / "named.npy").read_bytes()
+    assert [(f.path, f.size, f.sha256) for f in named.files] == [("vec/named.npy", len(saved), sha(saved))]
+    default = await finished(mesh, plan_id, "default")
+    assert [f.path for f in default.files] == ["default.npy"]
+    stored = await object_bytes(mesh, default.files[0].object)
+    assert sha(stored) == default.files[0].sha256
+    (mesh.tmp / "vec" / "named.npy").unlink()
+    other_host(mesh, "cpu")
+    assert (await mesh.wait_plan(plan_id)).status == "succeeded"
+    assert np.load(mesh.tmp / "vec" / "named.npy").shape == (2, 384)
+    assert np.load(mesh.tmp / "default.npy").shape == (1, 384)
+    assert log_count(mesh, "cpu", "fetched 2 artifacts of its dependencies") == 1
