@@ -102,7 +102,7 @@ class Artifacts:
     async def keep(self, item: WorkItem, result: RunResult) -> tuple[tuple[FileRef, ...], RunResult]:
         """Store the attempt's files; their refs, and the result (failed when a successful
         attempt's files are too big or could not be stored)."""
-        if result.cancelled:
+        if result.cancelled or not (item.artifacts or result.artifacts):
             return (), result
         base = run_dir(item)
         try:
