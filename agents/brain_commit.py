@@ -19,10 +19,12 @@ from nats.js.api import PubAck
 
 from agents.base import Agent
 from mesh.bus.outputs import OutputError, task_output
+from mesh.bus.retention import forget_plans
 from mesh.events import (
     AgentOffline,
     EscalationRequest,
     Msg,
+    PlanArchived,
     PlanFinished,
     PlanRejected,
     ResourceRequested,
@@ -90,11 +92,13 @@ class BrainCommit(Agent):
         """
         self._outbox = step
         bus = self.bus
+        archived: list[str] = []
         if step.events:
             acks = await bus.emit_many(step.events)
             self.last_seq = max(self.last_seq, max(a.seq for a in acks))
             for ev in step.events:
                 self._log_event(ev)
+            archived = [ev.plan_id for ev in step.events if isinstance(ev, PlanArchived)]
             step.events.clear()
         tasks, plans = self.state.take_dirty()
         try:
@@ -124,6 +128,16 @@ class BrainCommit(Agent):
         self._outbox = None
         await self._forget_work(tasks)
         await self._checkpoint()
+        if archived:
+            self.spawn(self._forget_objects(archived), "forget-objects")
+
+    async def _forget_objects(self, plan_ids: list[str]) -> None:
+        """Delete archived plans' artifacts and outputs from the object store, in the background;
+        what fails is logged (the store's age limit removes it in the end)."""
+        try:
+            await forget_plans(self.bus, plan_ids)
+        except Exception as exc:
+            log.warning("could not delete the objects of archived plans %s: %r", ", ".join(plan_ids), exc)
 
     async def _forget_work(self, tasks: list[TaskRecord]) -> None:
         """Delete the queued work item of a task that no longer wants it (cancelled, reset or

@@ -29,6 +29,7 @@ import nats.js.errors
 from nats.aio.msg import Msg as NatsMsg
 
 from agents.base import Agent
+from agents.worker_artifacts import Artifacts
 from agents.worker_files import WorkDirs
 from agents.worker_gpu import Gpu
 from agents.worker_lanes import Lane
@@ -107,6 +108,7 @@ class Items:
         self.damaged_seen: set[str] = set()
         self.reaper: Reaper | None = None
         self.workdirs = WorkDirs(self.settings)
+        self.artifacts = Artifacts(agent)
 
     def cancel(self, plan_id: str, task_id: str) -> None:
         """A task was cancelled: its queued items are not run, its running one is stopped."""
@@ -393,6 +395,7 @@ class Items:
             await run.raw.nak()
             return
         sensitive = item.sensitive or run.ctx.sensitive
+        files, result = await self.artifacts.keep(item, result)
         output, output_object = await self._keep_output(item, result, sensitive)
         await self.emit(
             work.run_finished(
@@ -406,6 +409,7 @@ class Items:
                 output_object=output_object,
                 prompt_limit=self.settings.output_event_bytes,
                 gpu=self.gpu.gpu_id if self.gpu.on else "",
+                files=files,
             )
         )
         work.remember(self.finished, key, item.attempt)
@@ -423,7 +427,8 @@ class Items:
         )
 
     async def _prepare(self, item: WorkItem, ctx: RunContext) -> RunResult | None:
-        """Give a model task its model and inputs; a result instead when that is impossible."""
+        """Give a model task its model and inputs, and any task its dependencies' artifacts; a
+        result instead when that is impossible."""
         ctx.device = self.gpu.kind
         ctx.artifacts_dir = os.path.join(self.settings.data_dir, "artifacts")
         try:
@@ -437,11 +442,11 @@ class Items:
                 ctx.model = self.models.llm
             elif need is not None:
                 ctx.model = await self.models.script_model(item.model)
+            return await self.artifacts.fetch_inputs(item)
         except ModelError as exc:
             return RunResult(ok=False, duration_s=0.0, error=str(exc))
         except TRANSIENT as exc:
             return RunResult(ok=False, duration_s=0.0, error=f"could not read the task's inputs: {exc}")
-        return None
 
     def _stream(self, item: WorkItem, ctx: RunContext) -> TextStream | None:
         """Publish an LLM's answer as it is generated, unless the task is sensitive (or read a

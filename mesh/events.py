@@ -202,7 +202,8 @@ class WorkItem(Msg, frozen=True, tag="work"):
     # the plan's submitting host and bundle (`PlanSpec.host`, `PlanSpec.bundle`)
     host: str = ""
     bundle: str = ""
-    # the task's dependencies: their artifacts are copied into the working directory first
+    # the task's dependencies that may have artifacts (they declare some, or their body saves a
+    # file): their artifacts are copied into the working directory first
     after: tuple[str, ...] = ()
     # `- artifacts:` globs of the task (`TaskSpec.artifacts`)
     artifacts: tuple[str, ...] = ()

@@ -145,9 +145,21 @@ def work_item(state: State, rec: TaskRecord, claim_key: bytes) -> WorkItem:
         claim=claim,
         host=plan.host if plan else "",
         bundle=plan.bundle if plan else "",
-        after=rec.spec.depends_on,
+        after=tuple(d for d in rec.spec.depends_on if _may_keep_files(state, rec.plan_id, d)),
         artifacts=rec.spec.artifacts,
     )
+
+
+# the body kinds whose executors save a file (`save:`, or its default): an artifact of the task
+FILE_KINDS = frozenset({"transcribe", "embed"})
+
+
+def _may_keep_files(state: State, plan_id: str, task_id: str) -> bool:
+    """Whether a dependency may have artifacts for its dependents to fetch: it declares some, or
+    its body saves a file (one the brain does not know is kept, to be safe). The others are left
+    out of a work item's `after`, so its worker asks nothing about them."""
+    dep = state.tasks.get(f"{plan_id}.{task_id}")
+    return dep is None or bool(dep.spec.artifacts) or dep.spec.kind in FILE_KINDS
 
 
 class Decision:

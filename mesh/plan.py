@@ -231,6 +231,7 @@ def _parse(
             requires_external=r.requires_external,
             escalate=_ladder(r, escalation.ladder),
             schema=r.schema,
+            artifacts=r.artifacts,
         )
         for r in records
     )

@@ -39,6 +39,7 @@ from mesh.validate import (
     MAX_TOKENS,
     MIN_PRIORITY,
     NAME_RE,
+    artifact_glob_problem,
     ladder_problems,
 )
 from mesh.validate import show as _show
@@ -83,6 +84,10 @@ _LADDER_HINT = (
     "write e.g. '- escalate: qwen-14b, claude': the bigger llm models of the registry in the order "
     "they are tried, then 'claude' last if the gateway may have the task after them"
 )
+_ARTIFACTS_HINT = (
+    "write e.g. '- artifacts: out/*.txt, report.pdf': globs, separated by commas, of files under "
+    "the task's working directory ('**' matches any depth)"
+)
 _EMBED_HINT = "each line of an embed body is 'file: PATH', 'text: TEXT', 'input: TASK' or 'save: PATH.npy'"
 
 
@@ -115,6 +120,8 @@ class Record:
     # `- escalate:` (None : not given, the plan's `ladder` applies)
     escalate: tuple[str, ...] | None = None
     schema: str = ""
+    # `- artifacts:` globs, relative to the working directory
+    artifacts: tuple[str, ...] = ()
 
 
 def split_list(text: str) -> list[str]:
@@ -309,6 +316,7 @@ class FieldReader:
         escalate: tuple[str, ...] | None = None
         escalate_line = 0
         schema = ""
+        artifacts: tuple[str, ...] = ()
         # where the fields that must suit the body's kind are (0: not given)
         lines = {"class": 0, "model": 0, "max_tokens": 0, "inputs": 0, "schema": 0}
         for key, (line, raw_value) in task.fields.items():
@@ -395,6 +403,8 @@ class FieldReader:
                 inputs = list(dict.fromkeys(split_list(value)))
             elif key == "escalate":
                 escalate, escalate_line = tuple(split_list(value)), line
+            elif key == "artifacts":
+                artifacts = self._artifacts(task, line, value)
             elif key == "schema":
                 schema = schema_field(self.report, task, line, value, self.read)
             elif key == "max_tokens":
@@ -455,7 +465,21 @@ class FieldReader:
             requires_external=requires_external,
             escalate=escalate,
             schema=schema,
+            artifacts=artifacts,
         )
+
+    def _artifacts(self, task: RawTask, line: int, value: str) -> tuple[str, ...]:
+        """`- artifacts:` globs: relative to the working directory and staying under it."""
+        globs = list(dict.fromkeys(split_list(value)))
+        if not globs:
+            self.report.add(line, f"field 'artifacts' of task '{task.id}' names no files", _ARTIFACTS_HINT)
+        for pattern in globs:
+            why = artifact_glob_problem(pattern)
+            if why:
+                self.report.add(
+                    line, f"artifacts glob {_show(pattern)} of task '{task.id}' {why}", _ARTIFACTS_HINT
+                )
+        return tuple(globs)
 
     def _suits(self, task: RawTask, kind: str, cls: TaskClass | None, lines: dict[str, int]) -> None:
         """Check that the class (when valid and given) and the model fields suit the body's kind."""

@@ -33,6 +33,7 @@ FIELDS: tuple[str, ...] = (
     "requires_external",
     "escalate",
     "schema",
+    "artifacts",
 )
 # the `##` sections the parser reads (the lines of any other are ignored)
 SECTIONS = ("variables", "env", "tasks", "escalation")

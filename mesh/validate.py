@@ -167,7 +167,20 @@ def check_task(spec: TaskSpec) -> list[str]:
             problems.append(f"task {t} sets environment variable {name} to a value holding a NUL byte")
     if "\0" in spec.body:
         problems.append(f"task {t} has a body holding a NUL byte")
+    for pattern in spec.artifacts:
+        if why := artifact_glob_problem(pattern):
+            problems.append(f"task {t} has artifacts glob {show(pattern)}, which {why}")
     return problems
+
+
+def artifact_glob_problem(pattern: str) -> str:
+    """What is wrong with an `- artifacts:` glob ('' : nothing): it must stay under the task's
+    working directory, so no absolute path, no '~' and no '..'."""
+    if pattern.startswith(("/", "~")) or "\\" in pattern:
+        return "is not relative to the task's working directory"
+    if ".." in pattern.split("/"):
+        return "leaves the task's working directory ('..')"
+    return ""
 
 
 def ladder_problems(ladder: tuple[str, ...], kind: str, cls: str, external: bool, who: str) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from mesh import placement as gs
-from mesh.events import MODEL_BODY_KINDS, GpuControl, ResourceItem, RunFinished, RunStarted, WorkItem
+from mesh.events import MODEL_BODY_KINDS, FileRef, GpuControl, ResourceItem, RunFinished, RunStarted, WorkItem
 from mesh.records import INFLIGHT_STATES, RUNNING, TaskRecord
 from mesh.status import FailReason
 
@@ -404,6 +404,11 @@ def output_object_name(item: WorkItem) -> str:
     return f"outputs/{item.plan_id}/{item.task_id}/{item.attempt}"
 
 
+def output_prefix(plan_id: str) -> str:
+    """The names of a plan's output objects start with this."""
+    return f"outputs/{plan_id}/"
+
+
 def output_cut(text: str, sensitive: bool, limit: int) -> str:
     """What the event holds of an output that could not be stored as an object."""
     return "" if sensitive else text[:limit]
@@ -421,6 +426,7 @@ def run_finished(
     output_object: str,
     prompt_limit: int,
     gpu: str,
+    files: tuple[FileRef, ...] = (),
 ) -> RunFinished:
     """The report of a run: what a sensitive run saw or wrote (its tails, its prompt) left out."""
     return RunFinished(
@@ -451,6 +457,7 @@ def run_finished(
         sensitive=sensitive,
         claim=item.claim,
         parsed=result.parsed,
+        files=files,
     )
 
 

@@ -1245,3 +1245,21 @@ def test_ten_thousand_tasks(shape: str) -> None:
     assert pl.status == SUCCEEDED and pl.counts == {SUCCEEDED: n}
     assert sum(isinstance(e, TaskReleased) for e in d.events) == n
     assert_replays(d, through_wire=False)
+
+
+def test_a_work_item_names_the_dependencies_that_may_have_artifacts() -> None:
+    """A dependency that declares artifacts or whose body saves a file is in `after`; a plain
+    shell task is not, so the worker asks nothing about it."""
+    d = Driver()
+    d.submit(
+        plan(
+            task("kept", artifacts=("out/*",)),
+            TaskSpec(id="vectors", kind="embed", cls="script", body="text: hi"),
+            task("plain"),
+            task("use", "kept", "vectors", "plain"),
+        )
+    )
+    for tid in ("kept", "vectors", "plain"):
+        d.run_task(tid)
+    use = d.take("use")
+    assert use.after == ("kept", "vectors")

@@ -1668,3 +1668,41 @@ def test_followups_may_not_use_a_glob(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "list the items instead" in p.hint
     tasks = parse_followups(md(task("t-two", body="cat {F}", fields="- foreach: F in a, b")), source="f")
     assert [t.body for t in tasks] == ["cat a\n", "cat b\n"]
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+def test_artifacts_field_takes_globs_with_variables() -> None:
+    text = tasks_plan(
+        task("a", fields="- artifacts: out/*.txt, {D}/r.bin, out/*.txt, **/*.npy"),
+        head="## Variables\n\n- D: data\n\n",
+    )
+    spec = parse_plan(text, source="t.md")
+    assert spec.tasks[0].artifacts == ("out/*.txt", "data/r.bin", "**/*.npy")
+    assert parse_plan(tasks_plan(task("b")), source="t.md").tasks[0].artifacts == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("/etc/*", "artifacts glob '/etc/*' of task 'a' is not relative to the task's working directory"),
+        ("~/x", "is not relative to the task's working directory"),
+        ("out/*, ../x", "artifacts glob '../x' of task 'a' leaves the task's working directory"),
+        ("a/../../b", "leaves the task's working directory"),
+        (",", "field 'artifacts' of task 'a' names no files"),
+    ],
+)
+def test_artifacts_outside_the_working_directory_are_refused(value: str, message: str) -> None:
+    text = tasks_plan(task("a", fields=f"- artifacts: {value}"))
+    p = one(text)
+    assert p.line == line_of(text, "- artifacts:")
+    assert message in p.message and "globs, separated by commas" in p.hint
+
+
+def test_artifacts_of_a_submitted_spec_are_checked_too() -> None:
+    from mesh.validate import check_task
+
+    assert not check_task(TaskSpec(id="a", body="true\n", artifacts=("out/*",)))
+    found = check_task(TaskSpec(id="a", body="true\n", artifacts=("out/*", "/abs", "x/../..")))
+    assert len(found) == 2 and "'/abs', which is not relative" in found[0] and "('..')" in found[1]

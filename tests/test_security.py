@@ -26,6 +26,7 @@ from mesh.bus.connect import connect
 from mesh.bus.jetstream import DomainJetStream
 from mesh.bus.read import read_bucket
 from mesh.errors import ServerUnavailable
+from mesh.events import RunFinished
 from mesh.host.config import load_settings
 from mesh.names import inbox_prefix
 from mesh.ops.embedded import EmbeddedServer
@@ -385,7 +386,9 @@ async def test_a_plan_runs_with_every_agent_on_its_own_credentials(resources: Se
         plan_id = await mesh.submit_text(
             "# secured\n\n## Tasks\n\n"
             + "".join(
-                f"### t{i}\n{'depends_on: t0' if i else ''}\n```shell\necho {i} >> {out}/ran\n```\n\n"
+                f"### t{i}\n{'- depends_on: t0' if i else '- artifacts: zero.txt'}\n\n```shell\n"
+                f"{'cat zero.txt >> ' + str(out) + '/got' if i else 'echo zero > zero.txt'}\n"
+                f"echo {i} >> {out}/ran\n```\n\n"
                 for i in range(6)
             )
             + "### ask\n- class: external\n\n```prompt\nWhat is six times seven?\n```\n"
@@ -393,6 +396,10 @@ async def test_a_plan_runs_with_every_agent_on_its_own_credentials(resources: Se
         plan = await mesh.wait_plan(plan_id, 60)
         assert plan.status == "succeeded", await mesh.tasks(plan_id)
         assert sorted((out / "ran").read_text().split()) == [str(i) for i in range(6)]
+        # t0's artifact stored by its worker, each dependent's worker read t0's report for it
+        assert (out / "got").read_text().split() == ["zero"] * 5
+        (_, made), *_ = await mesh.history((await mesh.bus()).names.run_events(plan_id, "t0", "finished"))
+        assert isinstance(made, RunFinished) and [f.path for f in made.files] == ["zero.txt"]
         tasks = await mesh.tasks(plan_id)
         workers = {t.worker for k, t in tasks.items() if k != "ask"}
         assert workers <= {WORKER, OTHER}, workers

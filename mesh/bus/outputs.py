@@ -3,7 +3,8 @@
 A task that ran on a worker has its output in its `run.finished` report (or, too big or
 sensitive for an event, in the object store under the report's `output_object`). A task Claude
 answered has it in the gateway's `esc.answered` event (`result`; an answer of follow-up tasks
-has no output of its own). Whichever of the two came last is the task's output.
+has no output of its own). Whichever of the two came last is the task's output. The files a
+successful run saved (`RunFinished.files`) are its artifacts (`task_files`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import msgspec
 import nats.js.errors
 
 from mesh.bus.publish import Bus
-from mesh.events import EscalationAnswered, RunFinished, decode
+from mesh.events import EscalationAnswered, FileRef, RunFinished, decode
 from mesh.records import decode_task
 
 
@@ -31,8 +32,9 @@ class OutputError(Exception):
     """A task has no output to take: it never finished, or its last completion failed."""
 
 
-async def task_output(bus: Bus, plan_id: str, task_id: str) -> Output:
-    """The output of the task's last completion; raises `OutputError` when there is none.
+async def last_completion(bus: Bus, plan_id: str, task_id: str) -> RunFinished | EscalationAnswered:
+    """The task's last completion the brain took: a worker's `run.finished` or Claude's
+    `esc.answered`, whichever came last; raises `OutputError` when there is none.
 
     Only a report the brain took counts: the one from the worker its record names (the worker
     that held the attempt), never whatever report came last on the task's subjects."""
@@ -64,7 +66,24 @@ async def task_output(bus: Bus, plan_id: str, task_id: str) -> Output:
                 latest = (seq, ev)
     if latest is None:
         raise OutputError(f"task {task_id!r} has no completion event ({subjects[0]})")
-    match latest[1]:
+    return latest[1]
+
+
+async def task_files(bus: Bus, plan_id: str, task_id: str) -> tuple[FileRef, ...]:
+    """The artifacts of the task's last successful run (none for a task Claude answered);
+    raises `OutputError` when its last completion is not a success."""
+    match await last_completion(bus, plan_id, task_id):
+        case RunFinished() as run:
+            if not run.ok:
+                raise OutputError(f"task {task_id!r}: its last completion event is not a success")
+            return run.files
+        case _:
+            return ()
+
+
+async def task_output(bus: Bus, plan_id: str, task_id: str) -> Output:
+    """The output of the task's last completion; raises `OutputError` when there is none."""
+    match await last_completion(bus, plan_id, task_id):
         case EscalationAnswered() as answered:
             return Output(answered.result)
         case RunFinished() as run:

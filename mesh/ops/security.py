@@ -286,6 +286,10 @@ class Grants:
             n.work_all,
             n.esc_all,
             *(kv_put(b) for b in (n.tasks_bucket, n.plans_bucket, n.brain_bucket, n.agents_bucket)),
+            # an archived plan's objects are deleted (`mesh.bus.retention`): a delete marker, and
+            # the object's chunks purged
+            objects_subject(n.objects_bucket),
+            api_stream("PURGE", _obj_stream(n.objects_bucket)),
         ]
         pub += self.manage_everything()
         return Permissions(
@@ -350,6 +354,8 @@ class Grants:
         pub.append(api_stream("INFO", work))
         for s in (n.events_stream, n.cmd_stream):
             pub.append(api_stream("INFO", s))
+        # a dependency's last report: the outputs a task takes, the artifacts it fetches
+        pub.append(api_stream("MSG.GET", n.events_stream))
         pub += self.read_kv(n.tasks_bucket, n.agents_bucket, n.gpu_control_bucket, n.gpus_bucket)
         for b in self.buckets:
             pub.append(api_stream("INFO", _kv_stream(b)))
