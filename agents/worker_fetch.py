@@ -48,7 +48,7 @@ class ModelFiles:
     ) -> ModelSpec:
         """The spec to load `name` from. `on_fetch(progress)` is called when a fetch starts
         (0.0), as it goes, and when it ended well (1.0). Raises ModelError."""
-        if spec.backend == "openai" and not spec.command:
+        if spec.backend == "openai" and not any("{model_path}" in arg for arg in spec.command):
             return spec  # a server's model: no file here
         try:
             await asyncio.to_thread(resolve_path, name, spec)

@@ -40,7 +40,7 @@ def models(
 
 @models_app.command("push")
 def push(
-    name: Annotated[str, typer.Argument(help="the model's name in the registry ([models.NAME])")],
+    name: Annotated[str, typer.Argument(help="the model's name in the registry (\\[models.NAME])")],
     file: Annotated[
         str, typer.Argument(help="the model file (a GGUF); default: the registry's path for NAME here")
     ] = "",
