@@ -59,7 +59,7 @@ def push(
     if spec is None:
         raise fail(
             f"model {name!r} is not in the registry ({', '.join(sorted(s.model_registry()))}); "
-            f"declare it under [models.{name}] first (the same on every host)"
+            f"declare it under \\[models.{name}] first (the same on every host)"
         )
     if not file:
         try:
