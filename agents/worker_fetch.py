@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import shutil
 import time
 from collections.abc import Callable
 
@@ -19,9 +22,17 @@ import nats.errors
 import nats.js.errors
 
 from agents.base import Agent
-from mesh.bus.files import FileTransferError, fetch_file
+from mesh.bus.files import FileTransferError, fetch_file, safe_relpath
 from mesh.bus.modelstore import ModelRecord, models_store, read_record
-from mesh.host.modelcache import cache_dir, cached_path, fetch_lock, is_cached, mark_cached
+from mesh.host.modelcache import (
+    cache_dir,
+    cached_path,
+    fetch_lock,
+    is_cached,
+    is_cached_dir,
+    mark_cached,
+    mark_cached_dir,
+)
 from mesh.host.modelfiles import resolve_path
 from mesh.models import ModelError, ModelSpec
 
@@ -74,18 +85,78 @@ class ModelFiles:
         path = cached_path(self.root, name, record.file)
         if not path:
             raise ModelError(f"model {name!r}: the models bucket names a file {record.file!r} it cannot keep")
-        if is_cached(path, record.size, record.sha256):
+        if self._have(path, record):
             return path
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             try:
                 async with fetch_lock(self.root, name):
-                    if is_cached(path, record.size, record.sha256):
+                    if self._have(path, record):
                         return path  # another worker of this host fetched it meanwhile
-                    await self._fetch(name, record, path, on_fetch)
+                    if record.files:
+                        await self._fetch_dir(name, record, path, on_fetch)
+                    else:
+                        await self._fetch(name, record, path, on_fetch)
             except OSError as exc:
                 raise ModelError(f"model {name!r}: cannot use the model cache {self.root}: {exc}") from None
         return path
+
+    @staticmethod
+    def _have(path: str, record: ModelRecord) -> bool:
+        if record.files:
+            return is_cached_dir(path, record.sha256)
+        return is_cached(path, record.size, record.sha256)
+
+    async def _fetch_dir(
+        self, name: str, record: ModelRecord, path: str, on_fetch: Callable[[float], None]
+    ) -> None:
+        """Fetch a model directory into a temporary one beside `path`, file by file (each
+        checked), and put it in place only when every file arrived."""
+        store = await models_store(self.agent.bus)
+        if store is None:
+            raise ModelError(f"model {name!r}: the models bucket is gone")
+        rels = [safe_relpath(f.path) for f in record.files]
+        if not all(rels):
+            raise ModelError(f"model {name!r}: the models bucket's record names a path outside its directory")
+        log.info(
+            "fetching %s (%d files, %.1f MB) from the models bucket into %s",
+            name,
+            len(rels),
+            record.size / 1e6,
+            path,
+        )
+        on_fetch(0.0)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.part-{secrets.token_hex(4)}")
+        began, done, told = time.monotonic(), 0, [0.0]
+
+        def progress(got: int, _total: int) -> None:
+            now = time.monotonic()
+            if now - told[0] >= PROGRESS_EVERY_S and record.size:
+                told[0] = now
+                on_fetch(min(1.0, (done + got) / record.size))
+
+        try:
+            for ref, rel in zip(record.files, rels, strict=True):
+                await fetch_file(
+                    store,
+                    ref.object,
+                    os.path.join(tmp, rel),
+                    sha256=ref.sha256,
+                    size=ref.size,
+                    mode=ref.mode or 0o644,
+                    progress=progress,
+                )
+                done += ref.size
+            await asyncio.to_thread(_replace_dir, tmp, path)
+        except FileTransferError as exc:
+            raise ModelError(f"model {name!r}: {exc}") from None
+        finally:
+            if os.path.exists(tmp):
+                await asyncio.to_thread(shutil.rmtree, tmp, True)
+        on_fetch(1.0)
+        await asyncio.to_thread(mark_cached_dir, path, record.sha256, rels)
+        took = time.monotonic() - began
+        log.info("fetched %s in %.1fs (%.1f MB/s)", name, took, record.size / 1e6 / max(took, 1e-6))
 
     async def _fetch(
         self, name: str, record: ModelRecord, path: str, on_fetch: Callable[[float], None]
@@ -118,3 +189,12 @@ class ModelFiles:
             record.size / 1e6 / max(got.took_s, 1e-6),
             got.tries,
         )
+
+
+def _replace_dir(tmp: str, path: str) -> None:
+    """Put the fetched directory `tmp` at `path`, instead of what was there."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.unlink(path)
+    os.replace(tmp, path)

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import pytest
 
 from agents.worker_fetch import ModelFiles
@@ -33,6 +34,7 @@ from tests.test_model_workers import all_succeeded, finished, gpu_states, start
 pytestmark = pytest.mark.integration
 
 GEMMA = "gemma3-270m"
+EMBED = "all-minilm-l6-v2"
 
 
 def _sha(path: Path | str) -> str:
@@ -123,7 +125,13 @@ async def test_a_pushed_model_is_fetched_and_loaded_on_a_host_that_lacked_it(
     mesh: Mesh, tmp_path: Path
 ) -> None:
     gemma = resolve_path(GEMMA, builtin_models()[GEMMA])
-    mesh.env["MESH_CONFIG"] = str(_registry(tmp_path, "remote", "damaged"))
+    config = _registry(tmp_path, "remote", "damaged")
+    # and the embedding model, a directory
+    embed = resolve_path(EMBED, builtin_models()[EMBED])
+    config.write_text(
+        config.read_text() + f'[models.far-embed]\nkind = "embed"\npath = "{tmp_path}/nowhere/minilm"\n'
+    )
+    mesh.env["MESH_CONFIG"] = str(config)
     # the worker's host: its own data dir, hence its own model cache
     mesh.env["XDG_DATA_HOME"] = str(tmp_path / "host-b")
     await mesh.bus()  # (the streams and buckets)
@@ -158,6 +166,18 @@ async def test_a_pushed_model_is_fetched_and_loaded_on_a_host_that_lacked_it(
     assert "checksum differs from the one recorded" in error and "nothing was kept" in error, error
     assert not os.path.exists(tmp_path / "host-b" / "mesh" / "models" / "damaged" / "small.gguf")
 
+    # a directory model, pushed and fetched file by file, then loaded by its library
+    assert "pushed far-embed: model/ (" in mesh.cli("models", "push", "far-embed", embed)
+    vec_id = await mesh.submit_text(
+        "# vec\n\n## Tasks\n\n### vec\n- model: far-embed\n\n"
+        f"```embed\ntext: The capital of France is Paris.\nsave: {tmp_path}/v.npy\n```\n"
+    )
+    await all_succeeded(mesh, vec_id)
+    assert np.load(tmp_path / "v.npy").shape == (1, 384)
+    assert any(s.fetching == "far-embed" for s in await gpu_states(mesh, gpu))
+    rows = {r["model"]: r for r in json.loads(mesh.cli("models", "--json"))["models"]}
+    assert rows["far-embed"]["cached"] == str(tmp_path / "host-b" / "mesh" / "models" / "far-embed" / "model")
+
     plan_id = await mesh.submit_text(
         "# far\n\n## Tasks\n\n### ask\n- model: remote\n\n```prompt\nThe capital of France is\n```\n"
     )
@@ -175,3 +195,46 @@ async def test_a_pushed_model_is_fetched_and_loaded_on_a_host_that_lacked_it(
     assert rows["remote"]["cached"] == str(cached)
     assert rows["remote"]["where"] == f"cached at {cached}"
     assert "cached at" in mesh.cli("models")
+
+
+async def test_a_model_directory_travels_file_by_file(mesh: Mesh, tmp_path: Path) -> None:
+    """A model that is a directory (the transcription and embedding models): pushed file by
+    file, fetched whole into the cache or not at all."""
+    bus = await mesh.bus()
+    store = await models_store(bus, create=True)
+    assert store is not None
+    model = tmp_path / "pushed" / "minilm"
+    (model / "1_Pooling").mkdir(parents=True)
+    (model / "config.json").write_text('{"dim": 384}')
+    (model / "1_Pooling" / "config.json").write_text('{"mean": true}')
+    (model / "model.safetensors").write_bytes(os.urandom(2 * 1024 * 1024))
+    record, sent = await push_model(store, "minilm", str(model))
+    assert sent and record.file == "minilm" and len(record.files) == 3
+    assert {f.path for f in record.files} == {"config.json", "1_Pooling/config.json", "model.safetensors"}
+    assert (await push_model(store, "minilm", str(model)))[1] is False
+
+    spec = ModelSpec(kind="embed", path=str(tmp_path / "nowhere" / "minilm"))
+    files = _files(mesh, tmp_path / "host-b")
+    fetches: list[float] = []
+    got = await files.ready("minilm", spec, fetches.append)
+    assert got.path == cached_path(files.root, "minilm", "minilm") and fetches.count(0.0) == 1
+    for f in record.files:
+        assert _sha(Path(got.path) / f.path) == _sha(model / f.path)
+    fetches.clear()
+    await files.ready("minilm", spec, fetches.append)
+    assert fetches == []
+
+    # one file changes: the push sends it, the next load fetches the directory again
+    (model / "config.json").write_text('{"dim": 768}')
+    record, sent = await push_model(store, "minilm", str(model))
+    assert sent
+    await files.ready("minilm", spec, fetches.append)
+    assert fetches.count(0.0) == 1 and (Path(got.path) / "config.json").read_text() == '{"dim": 768}'
+
+    # one file's object damaged: the directory is never put in place, nothing is left
+    big = next(f for f in record.files if f.path == "model.safetensors")
+    await put_bytes(store, big.object, os.urandom(big.size))
+    other = _files(mesh, tmp_path / "host-c")
+    with pytest.raises(ModelError, match="checksum differs from the one recorded"):
+        await other.ready("minilm", spec, fetches.append)
+    assert sorted(os.listdir(os.path.join(other.root, "minilm"))) == [".lock"]

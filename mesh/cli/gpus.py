@@ -82,7 +82,7 @@ def models_list(offline: bool, as_json: bool) -> None:
     """`mesh models` (mesh.cli.models): the registry, where each model's file is and is loaded,
     and the figures the brain measured."""
     from mesh.bus.modelstore import ModelRecord, models_store, read_records
-    from mesh.host.modelcache import cache_dir, cached_path, is_cached
+    from mesh.host.modelcache import cache_dir, cached_path, is_cached, is_cached_dir
     from mesh.host.modelfiles import resolve_path
     from mesh.models import ModelError
 
@@ -112,7 +112,12 @@ def models_list(offline: bool, as_json: bool) -> None:
         cached = ""
         if record is not None and not path:
             copy = cached_path(cache_dir(s), name, record.file)
-            cached = copy if copy and is_cached(copy, record.size, record.sha256) else ""
+            good = (
+                is_cached_dir(copy, record.sha256)
+                if record.files
+                else is_cached(copy, record.size, record.sha256)
+            )
+            cached = copy if copy and good else ""
         rows.append(
             {
                 "model": name,

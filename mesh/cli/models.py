@@ -42,12 +42,13 @@ def models(
 def push(
     name: Annotated[str, typer.Argument(help="the model's name in the registry (\\[models.NAME])")],
     file: Annotated[
-        str, typer.Argument(help="the model file (a GGUF); default: the registry's path for NAME here")
+        str,
+        typer.Argument(help="the model file (a GGUF) or directory; default: the registry's path for NAME"),
     ] = "",
 ) -> None:
-    """Store a model file in the models bucket, for hosts that lack it: a worker there fetches
-    it into its model cache (checked by size and SHA-256) on the model's first load. Pushing
-    the same bytes again sends nothing."""
+    """Store a model file (or a model directory, file by file) in the models bucket, for hosts
+    that lack it: a worker there fetches it into its model cache (checked by size and SHA-256)
+    on the model's first load. Pushing the same bytes again sends nothing."""
     from mesh.bus.files import FileTransferError, sha256_file
     from mesh.bus.modelstore import models_store, push_model
     from mesh.host.modelfiles import resolve_path
@@ -67,13 +68,9 @@ def push(
         except ModelError as exc:
             raise fail(f"{exc}; or name the file: mesh models push {name} FILE") from None
     path = os.path.abspath(os.path.expanduser(file))
-    if os.path.isdir(path):
-        raise fail(
-            f"{path} is a directory: `mesh models push` stores one file (a GGUF); copy a model "
-            f"directory to each host and set models.{name}.path there"
-        )
-    if not os.path.isfile(path):
-        raise fail(f"{path} is not a file")
+    is_dir = os.path.isdir(path)
+    if not is_dir and not os.path.isfile(path):
+        raise fail(f"{path} is not a file or directory")
 
     async def go() -> int:
         from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -86,10 +83,19 @@ def push(
             console=out,
             transient=True,
         ) as bar:
-            size = os.path.getsize(path)
-            hashing = bar.add_task(f"checksum {os.path.basename(path)}", total=size)
-            hashed = await asyncio.to_thread(sha256_file, path)
-            bar.update(hashing, completed=size, visible=False)
+            hashed = None
+            if is_dir:
+                size = sum(
+                    os.path.getsize(os.path.join(top, f))
+                    for top, _, names in os.walk(path)
+                    for f in names
+                    if os.path.isfile(os.path.join(top, f))
+                )
+            else:
+                size = os.path.getsize(path)
+                hashing = bar.add_task(f"checksum {os.path.basename(path)}", total=size)
+                hashed = await asyncio.to_thread(sha256_file, path)
+                bar.update(hashing, completed=size, visible=False)
             sending = bar.add_task(f"push {name}", total=size)
             async with connected(s) as bus:
                 store = await models_store(bus, create=True)
@@ -106,8 +112,9 @@ def push(
                 except FileTransferError as exc:
                     raise fail(str(exc)) from None
         mb = record.size / 1e6
+        what = f"{record.file}/ ({len(record.files)} files, " if record.files else f"{record.object} ("
         said = (
-            f"pushed {name}: {record.object} ({mb:.1f} MB, sha256 {record.sha256[:12]})"
+            f"pushed {name}: {what}{mb:.1f} MB, sha256 {record.sha256[:12]})"
             if sent
             else f"{name}: the models bucket has these bytes already ({mb:.1f} MB); nothing sent"
         )

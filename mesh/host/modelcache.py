@@ -2,10 +2,11 @@
 whether the copy there is the one wanted, and one fetch at a time per model on this host.
 
 A cached file has a sidecar, `<file>.mesh.json`, with the size, modification time and SHA-256
-it had when it arrived checked: a copy whose size and mtime still match the sidecar is taken
-at its word (a 5 GB file is not hashed again on every load); one that differs is fetched
-again. Different processes on one host (a worker per GPU) share the cache: a lock file per
-model makes the second wait for the first's fetch, then find the file there.
+it had when it arrived checked (a model directory, each of its files' size and mtime): a copy
+whose size and mtime still match the sidecar is taken at its word (a 5 GB file is not hashed
+again on every load); one that differs is fetched again. Different processes on one host (a
+worker per GPU) share the cache: a lock file per model makes the second wait for the first's
+fetch, then find the file there.
 """
 
 from __future__ import annotations
@@ -67,6 +68,38 @@ def mark_cached(path: str, sha256: str) -> None:
     tmp = _sidecar(path) + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(side, f)
+    os.replace(tmp, _sidecar(path))
+
+
+def is_cached_dir(path: str, sha256: str) -> bool:
+    """Whether the directory `path` holds the model directory whose list has that SHA-256, as
+    its sidecar says (each file's size and mtime unchanged since)."""
+    try:
+        with open(_sidecar(path), encoding="utf-8") as f:
+            side = json.load(f)
+        if not isinstance(side, dict) or side.get("sha256") != sha256:
+            return False
+        files = side.get("files")
+        if not isinstance(files, dict) or not files:
+            return False
+        for rel, (size, mtime_ns) in files.items():
+            st = os.stat(os.path.join(path, rel))
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                return False
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def mark_cached_dir(path: str, sha256: str, rels: list[str]) -> None:
+    """Write the sidecar of a model directory just fetched and checked."""
+    files = {}
+    for rel in rels:
+        st = os.stat(os.path.join(path, rel))
+        files[rel] = [st.st_size, st.st_mtime_ns]
+    tmp = _sidecar(path) + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"sha256": sha256, "files": files}, f)
     os.replace(tmp, _sidecar(path))
 
 
