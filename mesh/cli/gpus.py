@@ -315,6 +315,8 @@ def _gpus_table(rows: list[dict[str, Any]]) -> Any:
         seen = f"{now - r['sampled_at']:.0f}s ago" if r["sampled_at"] else "-"
         index = "+".join(map(str, r["cards"])) if r.get("cards") else str(r["index"])
         state = r["state"] or "-"
+        if r.get("progress") is not None:
+            state += f" {r['progress']:.0%}"
         if r.get("set"):
             state = f"in set {'+'.join(map(str, r['set_cards']))}"
         table.add_row(
