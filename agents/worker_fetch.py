@@ -70,7 +70,10 @@ class ModelFiles:
                 raise ModelError(
                     f"{missing}; nor is it in the models bucket (`mesh models push {name} FILE` stores it)"
                 ) from None
-        path = await self._cached(name, record, on_fetch)
+        try:
+            path = await self._cached(name, record, on_fetch)
+        except (FileTransferError, nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise ModelError(f"model {name!r}: fetching it from the models bucket failed: {exc}") from None
         return msgspec.structs.replace(spec, path=path, source="")
 
     async def _record(self, name: str, missing: ModelError) -> ModelRecord | None:
