@@ -186,7 +186,7 @@ class ModelFiles:
         on_fetch(1.0)
         await asyncio.to_thread(mark_cached, path, record.sha256)
         log.info(
-            "fetched %s in %.1fs (%.1f MB/s, %d tries)",
+            "fetched %s in %.1fs (%.1f MB/s, tries: %d)",
             name,
             got.took_s,
             record.size / 1e6 / max(got.took_s, 1e-6),
