@@ -151,6 +151,8 @@ class Worker(Agent):
         models = self.models
         return work.GpuNow(
             booting=models.booting,
+            fetching=models.fetching,
+            progress=models.progress,
             llm=models.loaded_llm(),
             llm_mb=models.llm_mb(),
             script_models=tuple(sorted(models.script_models)),

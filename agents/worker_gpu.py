@@ -229,6 +229,8 @@ class Gpu:
             rid=rid,
             error=error,
             hold=hold,
+            fetching=now.fetching,
+            progress=now.progress,
         )
         if state != self.state:
             self.since = at

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from agents.base import Agent
+from agents.worker_fetch import ModelFiles
 from agents.worker_gpu import Gpu
 from agents.worker_lanes import Lane, Lanes
 from mesh import placement as gs
@@ -37,7 +38,11 @@ class Models:
         self.llm: Any = None  # mesh.host.loaders.Loaded
         self.llm_name = ""
         self.script_models: dict[str, Any] = {}
-        self.booting = ""  # gs.BOOTING_LLM / gs.BOOTING_SCRIPT while a load runs
+        self.booting = ""  # gs.BOOTING_LLM / gs.BOOTING_SCRIPT while a load runs, gs.FETCHING
+        # the model whose file is being fetched from the models bucket, and how far (0 to 1)
+        self.fetching = ""
+        self.progress = 0.0
+        self.files = ModelFiles(agent)
         self.lock = asyncio.Lock()
         self.watches: set[asyncio.Task[None]] = set()  # managed servers' exits (`_server_gone`)
 
@@ -67,6 +72,23 @@ class Models:
         if self.llm is not None:
             self.llm.close()
             self.llm = None
+
+    async def _ready(self, name: str, spec: ModelSpec, rid: str = "") -> ModelSpec:
+        """The spec to load: its file on this host, or fetched into the model cache (the GPU
+        `fetching` meanwhile, with its progress). Raises ModelError."""
+
+        def on_fetch(progress: float) -> None:
+            first = not self.fetching
+            self.booting, self.fetching, self.progress = gs.FETCHING, name, progress
+            # the change of state is an event (answering the brain's request); progress, the bucket
+            self.gpu.publish(rid=rid if first else "", refresh=not first)
+
+        try:
+            return await self.files.ready(name, spec, on_fetch)
+        finally:
+            self.fetching, self.progress = "", 0.0
+            if self.booting == gs.FETCHING:
+                self.booting = ""
 
     async def _load(self, name: str, spec: ModelSpec, cards_free_mb: tuple[int, ...] = ()) -> Any:
         from mesh.host.loaders import load_model
@@ -123,6 +145,12 @@ class Models:
             if why:
                 log.warning("%s", why)
                 self.gpu.publish(force=True, rid=item.rid, error=why)
+                return
+            try:
+                spec = await self._ready(item.model, spec, item.rid)
+            except ModelError as exc:
+                log.error("loading %s failed: %s", item.model, exc)
+                self.gpu.publish(force=True, rid=item.rid, error=f"load of {item.model} failed: {exc}")
                 return
             self.booting = gs.BOOTING_LLM
             self.gpu.publish(rid=item.rid)
@@ -205,6 +233,10 @@ class Models:
         spec = self.registry.get(name)
         if spec is None:
             raise ModelError(f"model {name!r} is not in this worker's registry; add it under [models]")
+        try:
+            spec = await self._ready(name, spec)
+        finally:
+            self.gpu.publish()
         self.booting = gs.BOOTING_SCRIPT
         self.gpu.publish()
         try:

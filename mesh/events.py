@@ -292,6 +292,7 @@ GPU_STATES: tuple[str, ...] = (
     "llm_busy",
     "booting_script",
     "script_busy",
+    "fetching",
     "paused",
     "offline",
 )
@@ -327,6 +328,10 @@ class GpuState(Msg, frozen=True, tag="gpu.state"):
     # the GPUs (NVML indices) this is: one, or a set one worker owns as one GPU (`index` is the
     # first; the vram figures are the set's sums); () for a CPU standing in, or an older worker
     indices: tuple[int, ...] = ()
+    # while `fetching`: the model whose file comes from the models bucket, and how much of it
+    # has arrived (0 to 1)
+    fetching: str = ""
+    progress: float = 0.0
 
 
 class GpuControl(Msg, frozen=True, tag="gpu.control"):

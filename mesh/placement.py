@@ -56,10 +56,13 @@ LLM_READY = "llm_ready"
 LLM_BUSY = "llm_busy"
 BOOTING_SCRIPT = "booting_script"
 SCRIPT_BUSY = "script_busy"
+# fetching a model's file from the models bucket into this host's cache, before its load: a
+# load under way (never idle, never free for another LLM)
+FETCHING = "fetching"
 PAUSED = "paused"
 OFFLINE = "offline"
-HOLDS_LLM = frozenset({BOOTING_LLM, LLM_READY, LLM_BUSY})
-ACTIVE = frozenset({BOOTING_LLM, LLM_BUSY, BOOTING_SCRIPT, SCRIPT_BUSY})
+HOLDS_LLM = frozenset({FETCHING, BOOTING_LLM, LLM_READY, LLM_BUSY})
+ACTIVE = frozenset({FETCHING, BOOTING_LLM, LLM_BUSY, BOOTING_SCRIPT, SCRIPT_BUSY})
 
 SCRIPT = "script"
 

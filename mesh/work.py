@@ -168,8 +168,11 @@ def runs_fetched(lane: str, hold: str) -> bool:
 class GpuNow:
     """What a GPU's worker holds and runs at one moment."""
 
-    # gs.BOOTING_LLM / gs.BOOTING_SCRIPT while a load runs
+    # gs.BOOTING_LLM / gs.BOOTING_SCRIPT while a load runs, gs.FETCHING while its file comes
     booting: str = ""
+    # the model being fetched, and how much of it has arrived (0 to 1)
+    fetching: str = ""
+    progress: float = 0.0
     # the loaded LLM ('' when none) and the memory it takes
     llm: str = ""
     llm_mb: int = 0

@@ -135,6 +135,13 @@ def test_a_missing_model_file_is_reported(
     assert ghost["level"] == "fail"
     assert "/nonexistent/ghost.gguf does not exist" in ghost["message"]
     assert "[models.ghost]" in ghost["fix"]
+    # pushed to the models bucket, it is there for a worker to fetch
+    pushed = tmp_path / "ghost.gguf"
+    pushed.write_bytes(b"GGUF" * 1000)
+    assert run_mesh("models", "push", "ghost", str(pushed), env=env).returncode == 0
+    [ghost] = [f for f in findings(run_mesh("doctor", "--json", env=env)) if f["check"] == "model ghost"]
+    assert ghost["level"] == "ok", ghost
+    assert "in the models bucket (0 MB), fetched on first load" in ghost["message"]
 
 
 async def test_another_hosts_clock_skew_is_reported(nats_server: EmbeddedServer, env: dict[str, str]) -> None:

@@ -41,6 +41,7 @@ from mesh.events import (
 from mesh.machine import Policy, State, Step, Sweep, Tick, apply
 from mesh.placement import (
     BOOTING_LLM,
+    FETCHING,
     HOLDS_LLM,
     IDLE,
     LLM_BUSY,
@@ -50,6 +51,7 @@ from mesh.placement import (
     SCRIPT_BUSY,
     GpuView,
     PlacementPolicy,
+    observe,
     place,
 )
 from mesh.records import PlanRecord, TaskRecord
@@ -680,6 +682,34 @@ def test_an_unrelated_error_does_not_clear_a_pending_request() -> None:
     sim.report(gpus[0], rid=req.rid, error="CUDA out of memory")
     assert sim.state.gpus["g1"].pending is None
     assert sim.state.gpus["g1"].refused == {"small": sim.now}
+
+
+@pytest.mark.parametrize("state", [IDLE, FETCHING])
+def test_a_fetching_gpu_is_a_load_under_way_never_idle_or_free(state: str) -> None:
+    """A GPU fetching a model's file (a brain that restarted knows of no request it made) is
+    neither asked to load another model nor counted free for script work; an idle one is."""
+    gpus: dict[str, GpuView] = {}
+    at = T0
+    for now, previous in ((IDLE, ""), (state, IDLE)):
+        at += 1
+        observe(
+            gpus,
+            GpuState(
+                gpu="g1",
+                worker="w1",
+                host="h",
+                state=now,
+                previous=previous,
+                at=at,
+                vram_total_mb=8192,
+                fetching="big" if now == FETCHING else "",
+            ),
+        )
+    view = gpus["g1"]
+    assert view.usable and view.free == (state == IDLE)
+    decision = place(gpus, {"llm:small": 4}, at + 1, make_policy().placement)
+    loads = [(i.worker, i.model) for i in decision.items]
+    assert loads == ([] if state == FETCHING else [("w1", "small")])
 
 
 # ------------------------------------------------------------------ 4. the queue shifts

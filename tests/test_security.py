@@ -731,3 +731,83 @@ async def test_the_gateway_on_a_leaf_node_server_answers_through_the_link_and_no
         api_.__exit__()
         leaf.stop()
         rig.server.stop()
+
+
+async def test_the_cli_pushes_model_files_and_a_worker_only_reads_them(
+    resources: Secure, tmp_path: Path
+) -> None:
+    """`mesh models push` on the CLI's credentials (again, over an older file: the store purges
+    its chunks); a worker fetches the file, and is refused writing the models bucket."""
+    from mesh.bus.files import fetch_file
+    from mesh.bus.modelstore import models_store, push_model, read_record
+
+    model = tmp_path / "tiny.gguf"
+    cli = await connect(load_settings(environ=resources.env("cli")), "t-cli")
+    worker = await connect(load_settings(environ=resources.env(WORKER)), "t-worker")
+    mine = await resources.client(WORKER)
+    try:
+        store = await models_store(cli, create=True)
+        assert store is not None
+        for data in (b"first" * 50_000, b"second" * 60_000):
+            model.write_bytes(data)
+            record, sent = await push_model(store, "tiny", str(model), host="t")
+            assert sent and record.size == len(data)
+        readable = await models_store(worker)
+        assert readable is not None
+        seen = await read_record(readable, "tiny")
+        assert seen == record
+        got = tmp_path / "cache" / "tiny.gguf"
+        await fetch_file(readable, seen.object, str(got), sha256=seen.sha256, size=seen.size)
+        assert got.read_bytes() == b"second" * 60_000
+        # a worker may not store, replace or purge a model file
+        await mine.refused_publish(f"$O.{P}-models.M.dGlueS9jdXJyZW50")
+        await mine.refused_publish(f"$O.{P}-models.C.somechunks")
+        await mine.refused_publish(f"$JS.API.STREAM.PURGE.OBJ_{P}-models")
+        await mine.refused_publish(f"$JS.API.STREAM.DELETE.OBJ_{P}-models")
+    finally:
+        await mine.close()
+        await worker.close()
+        await cli.close()
+
+
+async def test_a_model_file_is_fetched_through_a_leaf_node_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/multihost.md#models, an air-gapped host: the models bucket is on the rig's server
+    (JetStream domain `rig`); a process on the host behind the leaf node, connected to its
+    leaf server with `jetstream_domain = "rig"`, reads the record and fetches the file through
+    the link (on the link user's credentials: the gateway's, the one rendered for a link)."""
+    from mesh.bus.files import fetch_file
+    from mesh.bus.modelstore import models_store, push_model, read_record
+    from tests.test_cluster import free_ports
+
+    (leaf_port,) = free_ports(1)
+    rig = Secure(tmp_path / "rig", leaf_port=leaf_port, domain="rig")
+    rig.server.start()
+    password = rig.config("gateway")["nats_password"]
+    monkeypatch.setenv("MESH_LEAF_URL", f"nats-leaf://gateway:{password}@127.0.0.1:{leaf_port}")
+    leaf = EmbeddedServer(tmp_path / "leaf", port=-1, config_text=(rig.dir / "gateway-host.conf").read_text())
+    leaf.start()
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    cli = await connect(load_settings(environ=rig.env("cli")), "t-cli")
+    far = await connect(
+        load_settings(environ={**rig.env("gateway"), "MESH_NATS_URL": leaf.url}), "t-far", wait_s=10
+    )
+    try:
+        store = await models_store(cli, create=True)
+        assert store is not None
+        record, _ = await push_model(store, "tiny", str(model))
+        assert far.settings.jetstream_domain == "rig"
+        readable = await models_store(far)
+        assert readable is not None
+        seen = await read_record(readable, "tiny")
+        assert seen == record
+        got = tmp_path / "far" / "tiny.gguf"
+        await fetch_file(readable, seen.object, str(got), sha256=seen.sha256, size=seen.size, stall_s=10)
+        assert got.read_bytes() == model.read_bytes()
+    finally:
+        await far.close()
+        await cli.close()
+        leaf.stop()
+        rig.server.stop()

@@ -248,3 +248,13 @@ async def test_mesh_top_once_against_a_running_mesh(mesh: Mesh) -> None:
     assert f"task.started    {plan_id}.slow" in text, text
     assert "alerts firing: 1" in text and "gpu_temp_warn toptest-gpu0" in text, text
     assert "0 queued, 1 running" in text, text
+
+
+def test_a_fetching_gpu_shows_the_model_and_how_much_arrived() -> None:
+    snap = snapshot()
+    snap.gpus.states["rig1-gpu1"] = GpuState(
+        gpu="rig1-gpu1", worker="w", host="rig1", state="fetching", at=0.0, fetching="big-llm", progress=0.42
+    )
+    console = Console(record=True, width=160)
+    console.print(build(snap))
+    assert "fetching big-llm 42%" in console.export_text()

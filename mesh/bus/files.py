@@ -115,12 +115,36 @@ def _digest_hex(info: api.ObjectInfo) -> str:
         return ""
 
 
+class _Counted:
+    """A file the store reads from, telling `progress(done, total)` as it goes."""
+
+    def __init__(self, fh: Any, total: int, progress: Progress) -> None:
+        self.fh = fh
+        self.total = total
+        self.done = 0
+        self.progress = progress
+
+    def readinto(self, buf: Any) -> int:
+        n = int(self.fh.readinto(buf))
+        self.done += n
+        self.progress(self.done, self.total)
+        return n
+
+
 async def put_file(
-    store: ObjectStore, name: str, path: str, *, rel: str = "", description: str = ""
+    store: ObjectStore,
+    name: str,
+    path: str,
+    *,
+    rel: str = "",
+    description: str = "",
+    progress: Progress | None = None,
 ) -> FileRef:
-    """Store the file at `path` as object `name`; its `FileRef` (path `rel`) from what was sent."""
+    """Store the file at `path` as object `name`; its `FileRef` (path `rel`) from what was sent.
+    `progress(done, total)` is called as it goes (from the store's reader thread)."""
     try:
-        mode = os.stat(path).st_mode & 0o777
+        st = os.stat(path)
+        mode = st.st_mode & 0o777
         fh = open(path, "rb")  # noqa: SIM115 - handed to the store's reader thread
     except OSError as exc:
         raise FileTransferError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -129,7 +153,8 @@ async def put_file(
     )
     try:
         with fh:
-            info = await store.put(name, fh, meta=meta)
+            reader: Any = fh if progress is None else _Counted(fh, st.st_size, progress)
+            info = await store.put(name, reader, meta=meta)
     except nats.js.errors.Error as exc:
         raise FileTransferError(f"storing {path} as {name} failed: {exc}") from exc
     return FileRef(

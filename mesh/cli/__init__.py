@@ -3,11 +3,11 @@ here every command is registered on the app, in the order `mesh --help` lists th
 
 `app` is the typer application; `entry` runs it. The groups: plans (check, submit, status, cancel,
 retry), history (tail, replay, dead, costs, export), setup (init, up), agents (`mesh agent ROLE`,
-agents), gpus (`mesh gpu ...`, gpus, models, top), services (install-units, health, doctor);
-`common` holds what they share, `render` and `top` how things look.
+agents), gpus (`mesh gpu ...`, gpus, top), models (models, `mesh models push`), services
+(install-units, health, doctor); `common` holds what they share, `render` and `top` how things look.
 """
 
-from mesh.cli import agents, gpus, history, plans, services, setup
+from mesh.cli import agents, gpus, history, models, plans, services, setup
 from mesh.cli.common import app, entry
 
 app.command()(plans.check)
@@ -22,7 +22,6 @@ app.command()(history.costs)
 app.command()(setup.init)
 app.command()(setup.up)
 app.command()(agents.agents)
-app.command()(gpus.models)
 app.command()(gpus.gpus)
 app.command()(gpus.top)
 app.command("install-units")(services.install_units)
@@ -31,5 +30,6 @@ app.command("export")(history.export_cmd)
 app.command()(services.doctor)
 app.add_typer(agents.agent_app, name="agent")
 app.add_typer(gpus.gpu_app, name="gpu")
+app.add_typer(models.models_app, name="models")
 
 __all__ = ["app", "entry"]

@@ -1,5 +1,7 @@
 """The GPUs and models: pause, resume or cordon a GPU (`mesh gpu ...`), every GPU's state and
 reading (gpus), the model registry and what the brain measured of each (models), the live view (top).
+
+`models_list` is `mesh models` (mesh.cli.models): it also says where each model's file is.
 """
 
 from __future__ import annotations
@@ -76,25 +78,24 @@ def gpu_uncordon(gpu: str, reason: ReasonOpt = "") -> None:
     _control(gpu, False, False, reason)
 
 
-def models(
-    offline: Annotated[
-        bool, typer.Option("--offline", help="list the registry without asking the server")
-    ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object: the models and figures")] = False,
-) -> None:
-    """The model registry (config \\[models] over the built-in models), where each is loaded now,
-    and the figures the brain measured (load time, VRAM, task duration) beside the configured ones."""
+def models_list(offline: bool, as_json: bool) -> None:
+    """`mesh models` (mesh.cli.models): the registry, where each model's file is and is loaded,
+    and the figures the brain measured."""
+    from mesh.bus.modelstore import ModelRecord, models_store, read_records
+    from mesh.host.modelcache import cache_dir, cached_path, is_cached, is_cached_dir
     from mesh.host.modelfiles import resolve_path
     from mesh.models import ModelError
 
     s = settings()
     registry = s.model_registry()
 
-    async def ask() -> tuple[dict[str, list[str]], Learned | None]:
+    async def ask() -> tuple[dict[str, list[str]], Learned | None, dict[str, ModelRecord]]:
         async with connected(s) as bus:
-            return await client.models_loaded(bus), await _learned(bus)
+            store = await models_store(bus)
+            records = await read_records(store) if store is not None else {}
+            return await client.models_loaded(bus), await _learned(bus), records
 
-    where, learned = ({}, None) if offline else run(ask)
+    where, learned, records = ({}, None, {}) if offline else run(ask)
     rows: list[dict[str, Any]] = []
     for name, spec in sorted(registry.items()):
         try:
@@ -107,6 +108,16 @@ def models(
                 f"server {spec.base_url or '(managed: ' + ' '.join(spec.command[:3]) + ' ...)'}",
                 "",
             )
+        record = records.get(name)
+        cached = ""
+        if record is not None and not path:
+            copy = cached_path(cache_dir(s), name, record.file)
+            good = (
+                is_cached_dir(copy, record.sha256)
+                if record.files
+                else is_cached(copy, record.size, record.sha256)
+            )
+            cached = copy if copy and good else ""
         rows.append(
             {
                 "model": name,
@@ -114,7 +125,11 @@ def models(
                 "vram_mb": spec.vram_mb,
                 "default": s.default_model(spec.kind) == name,
                 "file": path,
-                "missing": missing,
+                "missing": missing if not (record or cached) else "",
+                # the models bucket's copy (`mesh models push`), and this host's cached one
+                "store": msgspec.to_builtins(record) if record is not None else None,
+                "cached": cached,
+                "where": _file_where(path, missing, record, cached),
                 "backend": spec.backend,
                 "loaded_on": sorted(where.get(name, [])),
                 "learned": _model_figures(learned, name),
@@ -139,6 +154,17 @@ def models(
             highlight=False,
         )
     raise typer.Exit(0)
+
+
+def _file_where(file: str, missing: str, record: Any, cached: str) -> str:
+    """Where a model's file is, as `mesh models` says it."""
+    if file:
+        return file
+    if cached:
+        return f"cached at {cached}"
+    if record is not None:
+        return f"in the store ({record.size / 1e6:.0f} MB), fetched on first load"
+    return f"missing: {missing}"
 
 
 async def _learned(bus: Bus) -> Learned | None:
@@ -205,7 +231,7 @@ def _models_table(rows: list[dict[str, Any]], offline: bool) -> Any:
             _shown(figures.get("load_s")),
             _shown(figures.get("duration_s"), 2),
             "yes" if r["default"] else "",
-            r["file"] or f"[red]missing[/red]: {r['missing']}",
+            r["where"] if not r["where"].startswith("missing: ") else f"[red]{r['where']}[/red]",
             ", ".join(r["loaded_on"]) or ("?" if offline else "-"),
         )
     return table
@@ -289,6 +315,8 @@ def _gpus_table(rows: list[dict[str, Any]]) -> Any:
         seen = f"{now - r['sampled_at']:.0f}s ago" if r["sampled_at"] else "-"
         index = "+".join(map(str, r["cards"])) if r.get("cards") else str(r["index"])
         state = r["state"] or "-"
+        if r.get("progress") is not None:
+            state += f" {r['progress']:.0%}"
         if r.get("set"):
             state = f"in set {'+'.join(map(str, r['set_cards']))}"
         table.add_row(

@@ -98,7 +98,9 @@ def gpu_row(gid: str, sample: GpuSample | None, state: events.GpuState | None) -
         "index": sample.index if sample else state.index if state else -1,
         "name": (sample.name if sample else "") or (state.name if state else ""),
         "state": state.state if state else "",
-        "model": (state.llm or ",".join(state.script_models)) if state else "",
+        "model": (state.llm or state.fetching or ",".join(state.script_models)) if state else "",
+        # while `fetching`: how much of the model's file has arrived (0 to 1)
+        "progress": state.progress if state and state.state == "fetching" else None,
         "temp_c": sample.temp_c if sample else None,
         "util_pct": sample.util_pct if sample else None,
         "mem_used_mb": sample.mem_used_mb if sample else (state.vram_used_mb if state else None),
@@ -148,6 +150,8 @@ def _state_cell(state: events.GpuState | None) -> Text:
         return Text("-", style="dim")
     style = {"paused": "yellow", "offline": "red", "idle": "dim"}.get(state.state, "cyan")
     cell = Text(state.state, style=style)
+    if state.state == "fetching":
+        cell.append(f" {state.fetching} {state.progress:.0%}")
     if state.hold:
         cell.append(f" ({state.hold})", style="yellow")
     elif state.error:

@@ -424,9 +424,11 @@ def _check_llama_gpu() -> list[Finding]:
     ]
 
 
-def check_models(settings: Settings) -> list[Finding]:
-    """Every model of the registry has its file on disk. One configured in [models] is a failure
-    when missing; a built-in one a warning (a host without model workers does not need them)."""
+def check_models(settings: Settings, in_store: dict[str, int] | None = None) -> list[Finding]:
+    """Every model of the registry has its file on disk, or in the models bucket (`in_store`:
+    the size of each model pushed there, which a worker fetches on first load). One configured
+    in [models] is a failure when missing; a built-in one a warning (a host without model
+    workers does not need them)."""
     findings = []
     builtin = builtin_models()
     for name, spec in sorted(settings.model_registry().items()):
@@ -434,7 +436,12 @@ def check_models(settings: Settings) -> list[Finding]:
         try:
             path = resolve_path(name, spec)
         except ModelError as exc:
-            if name in settings.models or name not in builtin:
+            if in_store and name in in_store:
+                mb = in_store[name] / 1e6
+                findings.append(
+                    ok(check, f"not on this host; in the models bucket ({mb:.0f} MB), fetched on first load")
+                )
+            elif name in settings.models or name not in builtin:
                 findings.append(fail(check, str(exc), f"put the file there, or fix [models.{name}]"))
             else:
                 findings.append(
@@ -448,6 +455,14 @@ def check_models(settings: Settings) -> list[Finding]:
             continue
         findings.append(ok(check, path))
     return findings
+
+
+async def _models_in_store(bus: Bus) -> dict[str, int]:
+    """The size of each model pushed to the models bucket ({} when there is none)."""
+    from mesh.bus.modelstore import models_store, read_records
+
+    store = await models_store(bus)
+    return {} if store is None else {m: r.size for m, r in (await read_records(store)).items()}
 
 
 # ------------------------------------------------------------------ disk
@@ -657,6 +672,7 @@ async def diagnose(settings: Settings, quick: bool = False) -> list[Finding]:
     findings: list[Finding] = []
     bus, found = await check_server(settings)
     findings += found
+    in_store: dict[str, int] = {}
     if bus is None:
         findings.append(skip("jetstream", "no server: JetStream, streams and clocks not checked"))
     else:
@@ -666,6 +682,7 @@ async def diagnose(settings: Settings, quick: bool = False) -> list[Finding]:
             if not failed(jetstream):
                 findings += await check_resources(bus)
                 findings += await check_clock(bus)
+                in_store = await _models_in_store(bus)
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error, MeshError) as exc:
             findings.append(
                 fail(
@@ -679,7 +696,7 @@ async def diagnose(settings: Settings, quick: bool = False) -> list[Finding]:
             await bus.close()
     findings += await asyncio.to_thread(check_gpus, quick)
     if not quick:
-        findings += await asyncio.to_thread(check_models, settings)
+        findings += await asyncio.to_thread(check_models, settings, in_store)
     findings += check_disk(settings)
     findings += await asyncio.to_thread(check_store, settings)
     findings += await asyncio.to_thread(check_units)

@@ -64,6 +64,11 @@ def _obj_stream(bucket: str) -> str:
     return f"OBJ_{bucket}"
 
 
+# an object store's get subscribes to the object's chunks without naming the stream, so the
+# client asks the server which stream holds that subject first (nats-py's `ObjectStore.get`)
+STREAM_NAMES = "$JS.API.STREAM.NAMES"
+
+
 def kv_put(bucket: str, key: str = ">") -> str:
     return kv_subject(bucket, key)
 
@@ -247,7 +252,11 @@ class Grants:
         return out
 
     def read_objects(self) -> list[str]:
-        return read_stream(_obj_stream(self.n.objects_bucket))
+        return [*read_stream(_obj_stream(self.n.objects_bucket)), STREAM_NAMES]
+
+    def read_models(self) -> list[str]:
+        """Read the model files `mesh models push` stored (only the CLI writes them)."""
+        return [*read_stream(_obj_stream(self.n.models_bucket)), STREAM_NAMES]
 
     def inbox(self, user: str) -> str:
         return f"{inbox_prefix(user)}.>"
@@ -272,6 +281,8 @@ class Grants:
         for bucket in self.buckets:
             out += manage_stream(_kv_stream(bucket))
         out += manage_stream(_obj_stream(self.n.objects_bucket))
+        out += manage_stream(_obj_stream(self.n.models_bucket))
+        out.append(STREAM_NAMES)
         return out
 
     # ---------------------------------------------------------------- roles
@@ -306,6 +317,9 @@ class Grants:
             self.n.gpu_controls_all,
             kv_put(n.gpu_control_bucket, "*.operator"),
             objects_subject(n.objects_bucket),
+            # model files (`mesh models push`); a push over an older file purges the old chunks
+            objects_subject(n.models_bucket),
+            api_stream("PURGE", _obj_stream(n.models_bucket)),
         ]
         pub += self.manage_everything()
         return Permissions(
@@ -360,6 +374,8 @@ class Grants:
         for b in self.buckets:
             pub.append(api_stream("INFO", _kv_stream(b)))
         pub += self.read_objects()
+        # model files it lacks: read, never written
+        pub += self.read_models()
         return Permissions(
             publish=_unique(pub),
             subscribe=(self.inbox(agent_id), n.task_cancelled_all),
@@ -461,6 +477,7 @@ class Grants:
         allow += read_stream(n.events_stream)
         allow += self.read_kv(*self.buckets)
         allow += self.read_objects()
+        allow += self.read_models()
         return allow, protect(n.events_stream, self.durables(n.events_stream))
 
     @property
