@@ -2,12 +2,12 @@
 here every command is registered on the app, in the order `mesh --help` lists them.
 
 `app` is the typer application; `entry` runs it. The groups: plans (check, submit, status, cancel,
-retry), history (tail, replay, dead, costs, export), setup (init, up), agents (`mesh agent ROLE`,
-agents), gpus (`mesh gpu ...`, gpus, models, top), services (install-units, health, doctor);
-`common` holds what they share, `render` and `top` how things look.
+retry), outputs (output), history (tail, replay, dead, costs, export), setup (init, up), agents
+(`mesh agent ROLE`, agents), gpus (`mesh gpu ...`, gpus, models, top), services (install-units,
+health, doctor); `common` holds what they share, `render` and `top` how things look.
 """
 
-from mesh.cli import agents, gpus, history, plans, services, setup
+from mesh.cli import agents, gpus, history, outputs, plans, services, setup
 from mesh.cli.common import app, entry
 
 app.command()(plans.check)
@@ -15,6 +15,7 @@ app.command()(plans.submit)
 app.command()(plans.status)
 app.command()(plans.cancel)
 app.command()(plans.retry)
+app.command()(outputs.output)
 app.command()(history.tail)
 app.command()(history.replay)
 app.command()(history.dead)
