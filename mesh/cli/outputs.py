@@ -303,6 +303,7 @@ async def _save(bus: Bus, shown: Shown, directory: Path) -> int:
         f"{shown.key} attempt {o.attempt}: wrote {len(written)} file(s) to {directory}: {', '.join(written)}",
         highlight=False,
         markup=False,
+        soft_wrap=True,
     )
     return code
 
