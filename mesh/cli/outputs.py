@@ -136,16 +136,16 @@ def _status(o: Outcome) -> str:
     return f"failed ({after})" if after else o.status
 
 
-def _header(shown: Shown) -> str:
+def _header(shown: Shown, short: bool = False) -> str:
+    """What the attempt was: `PLAN.TASK attempt N: status on worker, kind, time` (`── TASK #N: ...`
+    in a plan's list of outputs, `short`)."""
     o, rec = shown.outcome, shown.record
     who = {"worker": f" on {o.worker}", "claude": " by Claude"}.get(o.source, "")
     took = render.seconds(o.report.duration_s) if o.report is not None else "-"
     files = len(o.report.files) if o.report is not None else 0
     now = f"; the task is {rec.status} now, at attempt {rec.attempt}" if rec.attempt != o.attempt else ""
-    return (
-        f"{shown.key} attempt {o.attempt}: {_status(o)}{who}, {rec.spec.kind}, {took}"
-        f"{f', {files} file(s)' if files else ''}{now}"
-    )
+    title = f"── {o.task_id} #{o.attempt}" if short else f"{shown.key} attempt {o.attempt}"
+    return f"{title}: {_status(o)}{who}, {rec.spec.kind}, {took}{f', {files} file(s)' if files else ''}{now}"
 
 
 def _write(text: str) -> None:
@@ -157,10 +157,10 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-async def _show(bus: Bus, shown: Shown) -> int:
+async def _show(bus: Bus, shown: Shown, short: bool = False) -> int:
     """One attempt on the terminal: what it was on stderr, the output itself on stdout."""
     o = shown.outcome
-    err.print(_header(shown), highlight=False, markup=False, soft_wrap=True)
+    err.print(Text(_header(shown, short), style="bold" if short else ""), highlight=False, soft_wrap=True)
     if shown.withheld:
         err.print(_withheld_note(shown.key), highlight=False, markup=False, soft_wrap=True)
         return 1
@@ -391,7 +391,6 @@ async def show_all(bus: Bus, plan_id: str) -> None:
         try:
             shown = await _shown(bus, plan_id, rec.task_id, 0, False)
         except OutputError as exc:
-            err.print(f"{plan_id}.{rec.task_id}: {exc}", highlight=False, markup=False)
+            err.print(f"── {rec.task_id}: {exc}", highlight=False, markup=False, soft_wrap=True)
             continue
-        err.print(Text(f"── {rec.task_id} ", style="bold"))
-        await _show(bus, shown)
+        await _show(bus, shown, short=True)

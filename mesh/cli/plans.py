@@ -100,7 +100,7 @@ async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None 
         unfinished = [r for r in records if r.status != TaskStatus.SUCCEEDED]
         err.print(render.tasks_table(plan, unfinished, damaged=damaged))
     for line in await outputs.summary_lines(bus, plan_id):
-        err.print(line, highlight=False, markup=False)
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
     style = render.STYLE.get(status, "")
     err.print(f"plan {plan_id} [{style}]{status}[/{style}]" if style else f"plan {plan_id} {status}")
     return 0 if status == PlanStatus.SUCCEEDED else 1
