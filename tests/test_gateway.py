@@ -395,6 +395,10 @@ async def test_an_external_task_is_answered_and_its_answer_is_its_output(mesh: M
         tasks = await mesh.tasks(plan_id)
         assert tasks["ask"].status == "succeeded" and tasks["ask"].worker == ""
         assert (await task_output(await mesh.bus(), plan_id, "ask")).text == "Paris"
+        # `mesh output` shows the answer, as Claude's
+        shown = json.loads(mesh.cli("output", f"{plan_id}.ask", "--json"))
+        assert (shown["output"], shown["source"], shown["ok"]) == ("Paris", "claude", True)
+        assert shown["attempt"] == 1
         (seen,) = api.requests()
         assert "What is the capital of France?" in seen.user
         # the planted secret never reached the API, and the answer event counts it

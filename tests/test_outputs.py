@@ -232,6 +232,39 @@ async def test_submit_wait_ends_with_the_leaf_outputs(mesh: Mesh, tmp_path: Path
     assert "hush" in summary and "withheld" in summary and "hush-value" not in said
     assert summary.rstrip().endswith(f"plan {plan_id} succeeded")
 
+    # a failed plan: its failure, and a task that never ran, said as such
+    broken = tmp_path / "broken.md"
+    broken.write_text(BROKEN)
+    failed = mesh_run(mesh, "submit", str(broken), "--wait")
+    assert failed.returncode == 1, failed.stderr
+    broken_id = failed.stdout.strip().splitlines()[0]
+    assert f"mesh output {broken_id}.TASK" not in failed.stderr, "no final output to sum up"
+    shown = mesh.cli("output", f"{broken_id}.boom")
+    assert "error: exit code 3" in shown and "stderr:\nbad-news" in shown, shown
+    never = mesh_run(mesh, "output", f"{broken_id}.after")
+    assert never.returncode == 2 and "never ran: it is failed (dependency)" in never.stderr, never.stderr
+    listing = mesh.cli("output", broken_id)
+    assert "exit code 3" in listing and "after" in listing, listing
+
+
+BROKEN = """# Broken
+
+## Tasks
+
+### boom
+- retries: 0
+```shell
+echo bad-news >&2
+exit 3
+```
+
+### after
+- depends_on: boom
+```shell
+echo never
+```
+"""
+
 
 def _artifacts_parsed() -> bool:
     """Whether plans may name a shell task's artifacts (`- artifacts: GLOB`)."""

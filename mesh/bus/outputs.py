@@ -256,6 +256,9 @@ async def task_outcome(bus: Bus, plan_id: str, task_id: str, attempt: int = 0) -
             raise OutputError(f"attempt {attempt} of {plan_id}.{task_id} has not ended: {now}")
         raise OutputError(f"the history holds no end of attempt {attempt} of {plan_id}.{task_id} (expired?)")
     if not ended:
+        if not rec.attempt and rec.final:
+            why = f" ({rec.reason})" if rec.reason else ""
+            raise OutputError(f"task {plan_id}.{task_id} never ran: it is {rec.status}{why}")
         if rec.attempt and rec.final:
             raise OutputError(f"the history holds no end of {plan_id}.{task_id}'s attempts (expired?); {now}")
         raise OutputError(f"task {plan_id}.{task_id} has not completed an attempt yet: {now}")

@@ -27,7 +27,6 @@ from mesh.bus.publish import Bus
 from mesh.cli import render
 from mesh.cli.common import connected, err, fail, out, run, settings
 from mesh.records import TaskRecord
-from mesh.status import TaskStatus
 from mesh.textstream import printable
 
 # a preview line's width, and how many leaf tasks the summary of `submit --wait` names
@@ -357,21 +356,23 @@ async def _plan(bus: Bus, plan_id: str, as_json: bool, sensitive: bool) -> int:
 
 async def summary_lines(bus: Bus, plan_id: str) -> list[str]:
     """The plan's final outputs in short: the first line of each leaf task's (one nothing
-    depends on) last success; a sensitive one withheld."""
+    depends on) last attempt, when it succeeded; a sensitive one withheld.
+
+    From the history, which the brain writes before the task records: a plan followed to its
+    `plan.finished` may still have records that say otherwise."""
     records = await client.plan_tasks(bus, plan_id)
     needed = {dep for rec in records for dep in rec.spec.depends_on}
-    leaves = [r for r in records if r.task_id not in needed and r.status == TaskStatus.SUCCEEDED]
+    ended = await attempt_outcomes(bus, plan_id)
+    leaves = [
+        (rec, ended[rec.task_id][-1])
+        for rec in records
+        if rec.task_id not in needed and ended.get(rec.task_id) and ended[rec.task_id][-1].ok
+    ]
     if not leaves:
         return []
-    ended = await attempt_outcomes(bus, plan_id) if len(leaves) > 1 else {}
     lines = [f"outputs (`mesh output {plan_id}.TASK` shows one in full):"]
-    width = max(len(r.task_id) for r in leaves[:SUMMARY_TASKS])
-    for rec in leaves[:SUMMARY_TASKS]:
-        found = ended.get(rec.task_id) if ended else None
-        try:
-            o = found[-1] if found else await task_outcome(bus, plan_id, rec.task_id)
-        except OutputError:
-            continue
+    width = max(len(rec.task_id) for rec, _ in leaves[:SUMMARY_TASKS])
+    for rec, o in leaves[:SUMMARY_TASKS]:
         if rec.spec.sensitive or o.sensitive:
             shown = "(withheld: sensitive)"
         else:
