@@ -326,12 +326,12 @@ async def _plan(bus: Bus, plan_id: str, as_json: bool, sensitive: bool) -> int:
         o = last[-1] if last else None
         secret = rec.spec.sensitive or (o is not None and o.sensitive)
         withheld = secret and not sensitive
-        text = ""
+        text = note = ""
         if o is not None and not withheld:
             try:
-                text = await outcome_text(bus, o) if o.ok else o.error
+                text = await outcome_text(bus, o)
             except OutputError as exc:
-                text = str(exc)
+                note = str(exc)
         if as_json:
             if o is None:
                 print(json.dumps({"plan": plan_id, "task": rec.task_id, "status": rec.status, "attempt": 0}))
@@ -339,7 +339,12 @@ async def _plan(bus: Bus, plan_id: str, as_json: bool, sensitive: bool) -> int:
                 print(json.dumps(_as_json(Shown(o, rec, text, withheld)), ensure_ascii=False))
             continue
         files = len(o.report.files) if o is not None and o.report is not None else 0
-        shown = "(withheld: sensitive)" if withheld and o is not None else preview(text)
+        if o is None:
+            shown = ""
+        elif withheld:
+            shown = "(withheld: sensitive)"
+        else:
+            shown = preview(note or (text if o.ok else o.error or text))
         style = render.STYLE.get(rec.status, "")
         table.add_row(
             rec.task_id,
