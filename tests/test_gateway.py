@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 
+from mesh.bus.outputs import attempt_outcomes
 from mesh.escalation import (
     AnswerError,
     BudgetAlert,
@@ -623,6 +624,14 @@ async def test_a_failed_task_is_reviewed_by_the_local_model_and_takes_the_path_i
         (done,) = [m for m in history if isinstance(m, TaskReviewed)]
         assert done.answer == review_run.output.strip() and done.verdict == done.answer.lower()
         convert = (await mesh.tasks(plan_id))["convert"]
+        # `mesh output --attempt N`: the failure, under review; the review, with its answer
+        ended = (await attempt_outcomes(await mesh.bus(), plan_id, "convert"))["convert"]
+        assert [(o.attempt, o.status, o.ok) for o in ended[:2]] == [
+            (1, "reviewing", False),
+            (2, "reviewed", True),
+        ]
+        assert ended[0].report is not None and "unknown format" in ended[0].report.stderr_tail
+        assert ended[1].report == review_run
         if done.verdict == "escalate":
             (seen,) = api.requests()
             assert '"escalated_because": "review"' in seen.user and "unknown format" in seen.user

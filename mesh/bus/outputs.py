@@ -145,7 +145,7 @@ def _closing(msg: events.Message) -> tuple[int, str, str, bool, str] | None:
         case events.TaskFailed():
             return msg.attempt, "failed", msg.worker, False, msg.error
         case events.TaskReviewed():
-            return msg.attempt, "reviewed", msg.worker, True, msg.error
+            return msg.attempt, "reviewed", msg.worker, not msg.error, msg.error
         case events.TaskClimbed() if msg.after is not None:
             return msg.after.attempt, "climbed", msg.after.worker, False, msg.after.error
         case events.TaskEscalated() if msg.after is not None:
@@ -210,7 +210,12 @@ async def attempt_outcomes(bus: Bus, plan_id: str, task_id: str = "") -> dict[st
             found = reports.get((tid, number, a.runner), [])
             report = found[0][1] if found else None
         elif a.worker:
-            taken = [r for s, r in reports.get((tid, number, a.worker), []) if s < a.seq and r.ok == a.ok]
+            # (a review whose answer was neither verdict ran well and still failed as a review)
+            taken = [
+                r
+                for s, r in reports.get((tid, number, a.worker), [])
+                if s < a.seq and (r.ok == a.ok or a.status == "reviewed")
+            ]
             report = taken[0] if taken else None
         answer = answers.get((tid, a.rid)) if a.rid and a.status == "succeeded" else None
         if answer is not None and answer.followups:
