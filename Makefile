@@ -72,9 +72,10 @@ $(MODELS_STAMP): $(STAMP)
 models: $(MODELS_STAMP)
 
 # An embedded nats-server, a brain, two CPU workers and a model worker (one per NVIDIA
-# GPU, else one on the CPU) run the example plan, show its progress, and stop.
+# GPU, else one on the CPU) run the example plan, show its progress and then every task's
+# output (`mesh output`: the transcripts, the summary, the vectors and their check), and stop.
 demo: models
-	$(BIN)/mesh up --data-dir .mesh/demo --workers 2 --submit $(PLAN)
+	$(BIN)/mesh up --data-dir .mesh/demo --workers 2 --submit $(PLAN) --outputs
 
 lint: setup
 	$(BIN)/ruff check mesh agents tests tools

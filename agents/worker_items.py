@@ -463,7 +463,7 @@ class Items:
     async def _keep_output(self, item: WorkItem, result: RunResult, sensitive: bool) -> tuple[str, str]:
         """The output for the completion event, and the object holding it when it does not fit
         (or the task is sensitive: its output is never in the history)."""
-        text = result.output
+        text = work.output_to_keep(result, sensitive)
         if not text:
             return "", ""
         limit = self.settings.output_event_bytes

@@ -402,6 +402,15 @@ def output_in_event(text: str, sensitive: bool, limit: int) -> bool:
     return not sensitive and len(text.encode()) <= limit
 
 
+def output_to_keep(result: RunResult, sensitive: bool) -> str:
+    """What is kept as a run's output: what it produced; for a sensitive shell task, whose
+    report carries no stdout tail, its stdout (kept only in the object store), so that `mesh
+    output --sensitive` and the tasks that take it as an input still have it."""
+    if result.output or not sensitive:
+        return result.output
+    return result.stdout_tail
+
+
 def output_object_name(item: WorkItem) -> str:
     """The object that holds an attempt's output when it is not in the event."""
     return f"outputs/{item.plan_id}/{item.task_id}/{item.attempt}"

@@ -244,12 +244,18 @@ def test_up_runs_the_example_plan_and_stops_everything(env: dict[str, str], tmp_
         str(EXAMPLES / "diamond.md"),
         "--var",
         f"OUT={tmp_path / 'out'}",
+        "--outputs",
         env=env,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "succeeded" in result.stderr
     assert (tmp_path / "out" / "combined.txt").exists()
+    # the summary of the final outputs, then (--outputs) every task's output in full
+    assert "combine  words: 9" in result.stderr, result.stderr
+    for task in ("seed", "upper", "count", "combine"):
+        assert f"── {task} " in result.stderr, result.stderr
+    assert "9 words\n" in result.stdout and "words: 9\nTHE QUICK BROWN FOX\n" in result.stdout, result.stdout
     logs = tmp_path / "data" / "logs"
     assert (logs / "brain.log").exists() and (logs / "worker-1.log").exists()
     assert "stopped" in (logs / "brain.log").read_text()

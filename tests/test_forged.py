@@ -13,7 +13,7 @@ import pytest
 
 from mesh import events, validate
 from mesh.bus import client, history
-from mesh.bus.outputs import task_output
+from mesh.bus.outputs import attempt_outcomes, outcome_text, task_output
 from mesh.errors import PlanError
 from mesh.events import (
     DeadLetter,
@@ -204,6 +204,12 @@ async def test_a_worker_cannot_report_on_an_attempt_it_does_not_hold(
         # the output dependents are given is the honest one, not the forged one
         bus = await mesh.bus()
         assert (await task_output(bus, plan_id, "hold")).text.strip() == "honest"
+        # and so is what `mesh output` shows: the report of the worker the brain took it from;
+        # a task only the forger "finished" has no outcome at all
+        ended = await attempt_outcomes(bus, plan_id)
+        assert [(o.attempt, o.worker, o.ok) for o in ended["hold"]] == [(1, WORKER, True)]
+        assert (await outcome_text(bus, ended["hold"][0])).strip() == "honest"
+        assert "gpu" not in ended
     finally:
         await forger.close()
         await mesh.close()

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 
+from mesh.bus.outputs import attempt_outcomes
 from mesh.escalation import (
     AnswerError,
     BudgetAlert,
@@ -395,6 +396,10 @@ async def test_an_external_task_is_answered_and_its_answer_is_its_output(mesh: M
         tasks = await mesh.tasks(plan_id)
         assert tasks["ask"].status == "succeeded" and tasks["ask"].worker == ""
         assert (await task_output(await mesh.bus(), plan_id, "ask")).text == "Paris"
+        # `mesh output` shows the answer, as Claude's
+        shown = json.loads(mesh.cli("output", f"{plan_id}.ask", "--json"))
+        assert (shown["output"], shown["source"], shown["ok"]) == ("Paris", "claude", True)
+        assert shown["attempt"] == 1
         (seen,) = api.requests()
         assert "What is the capital of France?" in seen.user
         # the planted secret never reached the API, and the answer event counts it
@@ -619,6 +624,14 @@ async def test_a_failed_task_is_reviewed_by_the_local_model_and_takes_the_path_i
         (done,) = [m for m in history if isinstance(m, TaskReviewed)]
         assert done.answer == review_run.output.strip() and done.verdict == done.answer.lower()
         convert = (await mesh.tasks(plan_id))["convert"]
+        # `mesh output --attempt N`: the failure, under review; the review, with its answer
+        ended = (await attempt_outcomes(await mesh.bus(), plan_id, "convert"))["convert"]
+        assert [(o.attempt, o.status, o.ok) for o in ended[:2]] == [
+            (1, "reviewing", False),
+            (2, "reviewed", True),
+        ]
+        assert ended[0].report is not None and "unknown format" in ended[0].report.stderr_tail
+        assert ended[1].report == review_run
         if done.verdict == "escalate":
             (seen,) = api.requests()
             assert '"escalated_because": "review"' in seen.user and "unknown format" in seen.user

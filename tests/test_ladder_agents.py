@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.bus.outputs import task_output
+from mesh.bus.outputs import attempt_outcomes, task_output
 from mesh.events import EscalationAnswered, RunFinished, TaskClimbed, TaskEscalated
 from mesh.models import builtin_models
 from tests.conftest import Mesh
@@ -122,6 +122,18 @@ async def test_a_prompt_climbs_to_the_wider_model_and_one_too_long_for_both_goes
         (seen,) = api.requests()
         assert "n_ctx 1024" in seen.user and "n_ctx 256" in seen.user  # the failures of both rungs
         assert (await task_output(await mesh.bus(), plan_id, "hard")).text == "500"
+        # each attempt's outcome, as `mesh output --attempt N` shows it: the two rungs' failures
+        # (the report of each), then Claude's answer
+        ended = (await attempt_outcomes(await mesh.bus(), plan_id, "hard"))["hard"]
+        assert [(o.attempt, o.status, o.ok, o.source) for o in ended] == [
+            (1, "climbed", False, "worker"),
+            (2, "escalated", False, "worker"),
+            (3, "succeeded", True, "claude"),
+        ]
+        assert [o.report.model for o in ended[:2] if o.report] == ["narrow", "wide"]
+        shown = mesh.cli("output", f"{plan_id}.hard", "--attempt", "2")
+        assert "n_ctx 1024" in shown, shown
+        assert mesh.cli("output", f"{plan_id}.hard") == "500\n"
 
         tasks = await mesh.tasks(plan_id)
         assert (tasks["ask"].tier, tasks["ask"].answered_by) == (1, "wide")

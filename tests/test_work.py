@@ -295,6 +295,16 @@ def test_an_output_goes_in_the_event_when_it_fits_and_is_not_sensitive() -> None
     assert work.output_cut("abcdef", sensitive=True, limit=4) == ""
 
 
+def test_a_sensitive_shell_tasks_stdout_is_kept_as_its_output() -> None:
+    shell = RunResult(ok=True, duration_s=0.1, stdout_tail="hush\n")
+    # its report carries no tails: its stdout is its output (bound for the store only)
+    assert work.output_to_keep(shell, sensitive=True) == "hush\n"
+    # any other task's stdout is in its report already, and a model's output is its own
+    assert work.output_to_keep(shell, sensitive=False) == ""
+    model = RunResult(ok=True, duration_s=0.1, output="answer", stdout_tail="log")
+    assert work.output_to_keep(model, sensitive=True) == "answer"
+
+
 def test_a_dead_letter_fails_its_task_with_why() -> None:
     ev = work.dead_letter_report(ITEM, "w1", at=7.0, why="delivered 6 times")
     assert ev == RunFinished(

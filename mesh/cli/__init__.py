@@ -2,12 +2,13 @@
 here every command is registered on the app, in the order `mesh --help` lists them.
 
 `app` is the typer application; `entry` runs it. The groups: plans (check, submit, status, cancel,
-retry), history (tail, replay, dead, costs, export), setup (init, up), agents (`mesh agent ROLE`,
-agents), gpus (`mesh gpu ...`, gpus, top), models (models, `mesh models push`), services
-(install-units, health, doctor); `common` holds what they share, `render` and `top` how things look.
+retry), outputs (output), history (tail, replay, dead, costs, export), setup (init, up), agents
+(`mesh agent ROLE`, agents), gpus (`mesh gpu ...`, gpus, top), models (models, `mesh models push`),
+services (install-units, health, doctor); `common` holds what they share, `render` and `top` how
+things look.
 """
 
-from mesh.cli import agents, gpus, history, models, plans, services, setup
+from mesh.cli import agents, gpus, history, models, outputs, plans, services, setup
 from mesh.cli.common import app, entry
 
 app.command()(plans.check)
@@ -15,6 +16,7 @@ app.command()(plans.submit)
 app.command()(plans.status)
 app.command()(plans.cancel)
 app.command()(plans.retry)
+app.command()(outputs.output)
 app.command()(history.tail)
 app.command()(history.replay)
 app.command()(history.dead)

@@ -1,5 +1,5 @@
 """The plan commands: check, submit, status, cancel and retry, and a plan's progress shown
-as it runs (`--wait`, and `mesh up --submit`).
+as it runs (`--wait`, and `mesh up --submit`), ending with its final outputs in short.
 
 A plan is submitted with the files it uses under its directory (`mesh.host.bundle` finds them,
 `mesh.bus.bundle` stores them) and the id of the host it came from (`send_plan`).
@@ -21,7 +21,7 @@ from mesh.bus.bundle import send_bundle
 from mesh.bus.files import FileTransferError
 from mesh.bus.publish import Bus
 from mesh.bus.store import full_error
-from mesh.cli import render
+from mesh.cli import outputs, render
 from mesh.cli.common import (
     GlobOutsideOpt,
     VarOpt,
@@ -148,6 +148,8 @@ async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None 
     if plan is not None and (damaged or any(r.status != TaskStatus.SUCCEEDED for r in records)):
         unfinished = [r for r in records if r.status != TaskStatus.SUCCEEDED]
         err.print(render.tasks_table(plan, unfinished, damaged=damaged))
+    for line in await outputs.summary_lines(bus, plan_id):
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
     style = render.STYLE.get(status, "")
     err.print(f"plan {plan_id} [{style}]{status}[/{style}]" if style else f"plan {plan_id} {status}")
     return 0 if status == PlanStatus.SUCCEEDED else 1

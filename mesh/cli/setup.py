@@ -13,6 +13,7 @@ import typer
 
 from agents.base import run_loop
 from mesh import events
+from mesh.cli import outputs
 from mesh.cli.common import (
     OPTS,
     GlobOutsideOpt,
@@ -164,6 +165,9 @@ def up(
     ] = None,
     var: VarOpt = None,
     glob_outside: GlobOutsideOpt = False,
+    show_outputs: Annotated[
+        bool, typer.Option("--outputs", help="with --submit: show every task's output when the plan ends")
+    ] = False,
 ) -> None:
     """Start an embedded nats-server, a brain, N CPU workers and the model workers; Ctrl-C stops them all."""
     from mesh.ops import bootstrap
@@ -211,7 +215,9 @@ def up(
             err.print("watch it: `mesh tail` or `nats sub 'mesh.evt.>'`; Ctrl-C stops everything")
             bootstrap.supervise(stack, stop)
         else:
-            code = bootstrap.supervise_while(stack, stop, lambda: _submit_and_follow(stack, spec, files))
+            code = bootstrap.supervise_while(
+                stack, stop, lambda: _submit_and_follow(stack, spec, files, show_outputs)
+            )
     finally:
         err.print("stopping agents and server…")
         stack.stop()
@@ -224,7 +230,9 @@ def _show_gpus(gpus: tuple[int | tuple[int, ...] | None, ...]) -> str:
     return ", ".join("cpu" if g is None else f"gpu {gpu_label(as_indices(g))}" for g in gpus) or "none"
 
 
-def _submit_and_follow(stack: Stack, spec: events.PlanSpec, files: BundleFiles | None) -> int:
+def _submit_and_follow(
+    stack: Stack, spec: events.PlanSpec, files: BundleFiles | None, show_outputs: bool = False
+) -> int:
     """Submit the plan to the stack's server and show it to its end (runs in a thread of its own)."""
     s = load_settings(server=stack.url, config=OPTS.config)
 
@@ -233,7 +241,10 @@ def _submit_and_follow(stack: Stack, spec: events.PlanSpec, files: BundleFiles |
             await bus.ensure_resources()
             pid = await send_plan(bus, s, spec, files or BundleFiles(root=""))
             err.print(f"submitted {spec.source or spec.title} as {pid}")
-            return await follow_plan(bus, pid, len(spec.tasks))
+            code = await follow_plan(bus, pid, len(spec.tasks))
+            if show_outputs:
+                await outputs.show_all(bus, pid)
+            return code
 
     try:
         return run_loop(go())
