@@ -21,7 +21,7 @@ from mesh import events
 from mesh.bus.history import read_history
 from mesh.bus.publish import Bus
 from mesh.events import EscalationAnswered, FileRef, RunFinished, decode
-from mesh.records import decode_task
+from mesh.records import TaskRecord, decode_task
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,18 @@ class OutputError(Exception):
     """A task has no output to take: it never finished, or its last completion failed."""
 
 
+async def _task_record(bus: Bus, plan_id: str, task_id: str) -> TaskRecord:
+    """The task's record; raises `OutputError` when it has none or it cannot be read."""
+    try:
+        entry = await (await bus.tasks_kv()).get(f"{plan_id}.{task_id}")
+    except nats.js.errors.KeyNotFoundError:
+        raise OutputError(f"plan {plan_id!r} has no task {task_id!r}") from None
+    try:
+        return decode_task(entry.value or b"")
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise OutputError(f"the record of task {task_id!r} is unreadable: {exc}") from None
+
+
 async def last_completion(bus: Bus, plan_id: str, task_id: str) -> RunFinished | EscalationAnswered:
     """The task's last completion the brain took: a worker's `run.finished` or Claude's
     `esc.answered`, whichever came last; raises `OutputError` when there is none.
@@ -44,14 +56,7 @@ async def last_completion(bus: Bus, plan_id: str, task_id: str) -> RunFinished |
     Only a report the brain took counts: the one from the worker its record names (the worker
     that held the attempt), never whatever report came last on the task's subjects."""
     names = bus.names
-    try:
-        entry = await (await bus.tasks_kv()).get(f"{plan_id}.{task_id}")
-    except nats.js.errors.KeyNotFoundError:
-        raise OutputError(f"task {task_id!r} of plan {plan_id!r} has no record") from None
-    try:
-        rec = decode_task(entry.value or b"")
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise OutputError(f"the record of task {task_id!r} is unreadable: {exc}") from None
+    rec = await _task_record(bus, plan_id, task_id)
     latest: tuple[int, RunFinished | EscalationAnswered] | None = None
     subjects = [names.esc_event(plan_id, task_id, "answered")]
     if rec.worker:
@@ -259,14 +264,7 @@ async def attempt_outcomes(bus: Bus, plan_id: str, task_id: str = "") -> dict[st
 async def task_outcome(bus: Bus, plan_id: str, task_id: str, attempt: int = 0) -> Outcome:
     """The outcome of a task's attempt `attempt`, or of its last ended attempt (0); raises
     `OutputError` saying why there is none."""
-    try:
-        entry = await (await bus.tasks_kv()).get(f"{plan_id}.{task_id}")
-    except nats.js.errors.KeyNotFoundError:
-        raise OutputError(f"plan {plan_id!r} has no task {task_id!r}") from None
-    try:
-        rec = decode_task(entry.value or b"")
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise OutputError(f"the record of task {task_id!r} is unreadable: {exc}") from None
+    rec = await _task_record(bus, plan_id, task_id)
     ended = (await attempt_outcomes(bus, plan_id, task_id)).get(task_id, [])
     now = f"it is {rec.status} (attempt {rec.attempt})" if rec.attempt else f"it is {rec.status}"
     if attempt:

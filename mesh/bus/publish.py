@@ -170,39 +170,37 @@ class Bus:
     async def objects(self) -> ObjectStore:
         """The object store (created on first use), for payloads too big for a message."""
         if self._objects is None:
-            name = self.names.objects_bucket
-            try:
-                self._objects = await self.js.object_store(name)
-            except nats.js.errors.BucketNotFoundError:
-                self._objects = await self.js.create_object_store(
-                    name,
-                    api.ObjectStoreConfig(
-                        description="mesh: payloads too big for one message",
-                        storage=api.StorageType.FILE,
-                        ttl=self.settings.events_max_age_days * DAY_S,
-                        replicas=self.settings.replicas,
-                    ),
-                )
-                log.info("created object store %s", name)
+            self._objects = await self._object_store(
+                self.names.objects_bucket,
+                "mesh: payloads too big for one message",
+                self.settings.events_max_age_days * DAY_S,
+            )
         return self._objects
 
     async def models(self) -> ObjectStore:
         """The model files' object store (created on first use; nothing in it expires)."""
         if self._models is None:
-            name = self.names.models_bucket
-            try:
-                self._models = await self.js.object_store(name)
-            except nats.js.errors.BucketNotFoundError:
-                self._models = await self.js.create_object_store(
-                    name,
-                    api.ObjectStoreConfig(
-                        description="mesh: model files pushed with `mesh models push`",
-                        storage=api.StorageType.FILE,
-                        replicas=self.settings.replicas,
-                    ),
-                )
-                log.info("created object store %s", name)
+            self._models = await self._object_store(
+                self.names.models_bucket, "mesh: model files pushed with `mesh models push`", 0.0
+            )
         return self._models
+
+    async def _object_store(self, name: str, description: str, ttl: float) -> ObjectStore:
+        """Bind to an object store, creating it (file storage, `ttl` seconds, 0: forever)."""
+        try:
+            return await self.js.object_store(name)
+        except nats.js.errors.BucketNotFoundError:
+            store = await self.js.create_object_store(
+                name,
+                api.ObjectStoreConfig(
+                    description=description,
+                    storage=api.StorageType.FILE,
+                    ttl=ttl or None,
+                    replicas=self.settings.replicas,
+                ),
+            )
+            log.info("created object store %s", name)
+            return store
 
     async def _missing_stream(self, name: str) -> str:
         try:
