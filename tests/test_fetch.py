@@ -198,3 +198,16 @@ async def test_many_small_write_batches_land_in_order(
     await put_file(store, "obj", str(src))
     await fetch_file(store, "obj", str(tmp_path / "copy"), sha256=sha, size=size)
     assert (tmp_path / "copy").read_bytes() == src.read_bytes()
+
+
+async def test_an_object_of_one_chunk_comes_in_one_request(store: ObjectStore, tmp_path: Path) -> None:
+    src = tmp_path / "small"
+    sha, size = random_file(src, 1000)
+    await put_file(store, "small", str(src))
+    await fetch_file(store, "small", str(tmp_path / "out" / "copy"), sha256=sha, size=size)
+    assert (tmp_path / "out" / "copy").read_bytes() == src.read_bytes()
+    # and without its chunk it is refused
+    await store._js.purge_stream(STREAM, subject=await chunks_subject(store, "small"))
+    with pytest.raises(FileTransferError, match="its chunk is missing"):
+        await fetch_file(store, "small", str(tmp_path / "out" / "again"), sha256=sha, size=size, attempts=2)
+    assert leftovers(tmp_path / "out") == ["copy"]

@@ -34,7 +34,6 @@ from typing import Any
 
 import msgspec
 import nats.js.errors
-from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, ObjectStore
 
@@ -55,7 +54,9 @@ FETCH_ATTEMPTS = 3
 WRITE_BATCH_BYTES = 4 * MB
 # and lets this many batches wait for the disk before it waits too
 WRITE_AHEAD = 4
-# what a fetch's subscription may hold unread before the client calls it a slow consumer
+# a fetch asks for this much at a time
+FETCH_BATCH_BYTES = 8 * MB
+# what its subscription may hold unread before the client calls it a slow consumer
 FETCH_PENDING_BYTES = 64 * MB
 
 Progress = Callable[[int, int], None]
@@ -306,9 +307,11 @@ async def _receive(
 ) -> str:
     """Stream the object into `sink`; '' when it all arrived, else why not.
 
-    The chunks are read with an ordered consumer of their own (the library's `get` hands every
-    chunk to a thread one at a time, a sixth of the speed); the consumer starts over by itself
-    where a chunk goes missing on the way."""
+    The chunks are pulled a batch at a time through a consumer of their own (the library's
+    `get` hands every chunk to a thread one at a time, a fifth of the speed): the next batch is
+    asked for only once the last one is taken, so a slow disk slows the sender rather than
+    filling memory; every chunk's count of those still to come is checked, so a lost one is
+    noticed at once."""
     try:
         info = await store.get_info(name)
     except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
@@ -322,48 +325,80 @@ async def _receive(
         return f"the store's copy is {stored} bytes, {size} were expected"
     if not stored:
         return ""
-    done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    async def take(msg: Msg) -> None:
-        if done.done():
-            return
-        try:
-            await sink.take(msg.data)
-        except OSError as exc:  # the disk: fetch_file says so
-            done.set_exception(exc)
-            return
-        if sink.received > size:
-            done.set_result(f"more than the {size} bytes expected arrived")
-        elif msg.metadata.num_pending == 0:
-            short = f"{sink.received} bytes arrived, {size} were expected"
-            done.set_result("" if sink.received == size else short)
-
+    chunk = int(info.options.max_chunk_size or 0) if info.options else 0
+    batch = max(1, FETCH_BATCH_BYTES // max(chunk, 1)) if chunk else 16
+    js = store._js
+    stream = store._stream
+    if stored <= chunk:
+        return await _receive_one(store, info.nuid, sink, size)
+    consumer = ""
     sub = None
     try:
-        sub = await store._js.subscribe(
-            _chunks_subject(store, info.nuid),
-            stream=store._stream,
-            ordered_consumer=True,
-            cb=take,
-            pending_bytes_limit=max(FETCH_PENDING_BYTES, 2 * WRITE_AHEAD * WRITE_BATCH_BYTES),
+        created = await js._jsm.add_consumer(
+            stream,
+            config=api.ConsumerConfig(
+                filter_subject=_chunks_subject(store, info.nuid),
+                deliver_policy=api.DeliverPolicy.ALL,
+                ack_policy=api.AckPolicy.NONE,
+                mem_storage=True,
+                # the server drops it by itself if this process goes away mid-transfer
+                inactive_threshold=max(stall_s, 1.0) * 2,
+            ),
         )
+        consumer = created.name
+        sub = await js.pull_subscribe_bind(
+            stream=stream,
+            durable=consumer,
+            pending_bytes_limit=max(FETCH_PENDING_BYTES, 2 * batch * (chunk or MB)),
+        )
+        left = -1
         while True:
-            finished, _ = await asyncio.wait({done}, timeout=min(1.0, stall_s))
+            try:
+                msgs = await sub.fetch(batch, timeout=min(1.0, stall_s))
+            except TimeoutError:
+                msgs = []
+            for msg in msgs:
+                pending = msg.metadata.num_pending
+                if left >= 0 and pending != left - 1:
+                    return f"a chunk went missing on the way ({left - pending - 1} of them)"
+                left = pending
+                await sink.take(msg.data)
+                if sink.received > size:
+                    return f"more than the {size} bytes expected arrived"
             if progress is not None:
                 progress(sink.received, size)
-            if finished:
+            if left == 0:
                 break
-            if time.monotonic() - sink.last > stall_s:
+            if not msgs and time.monotonic() - sink.last > stall_s:
                 return f"nothing arrived for {stall_s:g} s"
-        why = done.result()
         await sink.flush()
-        return why
-    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        if sink.received != size:
+            return f"{sink.received} bytes arrived, {size} were expected"
+        return ""
+    except (nats.errors.Error, nats.js.errors.Error) as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:
         if sub is not None:
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
                 await sub.unsubscribe()
+        if consumer:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                await js._jsm.delete_consumer(stream, consumer)
+
+
+async def _receive_one(store: ObjectStore, nuid: str, sink: _Sink, size: int) -> str:
+    """An object of one chunk (most of a bundle's files): one request, no consumer."""
+    try:
+        msg = await store._js.get_last_msg(store._stream, _chunks_subject(store, nuid))
+    except nats.js.errors.NotFoundError:
+        return "its chunk is missing from the store"
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    await sink.take(msg.data or b"")
+    await sink.flush()
+    if sink.received != size:
+        return f"{sink.received} bytes arrived, {size} were expected"
+    return ""
 
 
 async def read_manifest(store: ObjectStore, sha256: str) -> BundleManifest:
