@@ -215,11 +215,9 @@ async def mesh(nats_server: EmbeddedServer, tmp_path: Path) -> AsyncIterator[Mes
 
 
 @pytest.fixture
-async def two_hosts(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[tuple[Mesh, OtherHost]]:
+async def two_hosts(tmp_path: Path) -> AsyncIterator[tuple[Mesh, OtherHost]]:
     """This host's mesh and another host sharing no directory with it (tests/hosts.py)."""
     from tests.hosts import two_hosts as make
 
-    async with make(tmp_path, tmp_path_factory.mktemp("other-host")) as pair:
+    async with make(tmp_path) as pair:
         yield pair

@@ -12,12 +12,17 @@ it can, no network namespace) with the host that submits the plans.
 - the **files**: the other host has its own HOME, XDG_DATA_HOME, XDG_CONFIG_HOME,
   XDG_CACHE_HOME and TMPDIR under a directory of its own, its own `MESH_HOST_ID`, and a cwd
   that is neither the repository nor the plan's directory. As root, its processes also run in
-  a mount and UTS namespace of their own (`unshare`), where the submitting host's directories
-  are covered by an empty tmpfs (`OtherHost.hidden`: they do not exist there) and the host name
-  is its host id; `OtherHost.isolated` says whether that worked.
+  a mount and UTS namespace of their own (`unshare`), where the directory holding the test's
+  directories is covered by an empty tmpfs (`OtherHost.hidden`), so the submitting host's
+  paths do not exist there, and the host name is its host id; `OtherHost.isolated` says
+  whether that worked.
+
+`MESH_TESTS_NO_NAMESPACES=1` in the environment runs the tests the way a machine without root
+would (a shared network, distinct directories only).
 
 Everything is taken down at the end, however the test ended: the other host's processes, the
-namespace (which takes the veth pair with it) and namespaces a crashed earlier run left behind.
+veth pair, the namespace, the other host's directory, and namespaces a crashed earlier run left
+behind.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +49,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 SUBNET = ipaddress.ip_network("10.231.0.0/16")
 NS_PREFIX = "mesh-t"
+NO_NAMESPACES = "MESH_TESTS_NO_NAMESPACES"
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -51,6 +58,8 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def can_namespace() -> str:
     """'' when this process can make network namespaces, else why not."""
+    if os.environ.get(NO_NAMESPACES):
+        return f"{NO_NAMESPACES} is set"
     if os.geteuid() != 0:
         return "not root"
     if shutil.which("ip") is None:
@@ -149,7 +158,10 @@ def make_network() -> Network:
 # each of the submitting host's directories; then the command
 _ISOLATE = """set -e
 hostname "$1"; shift
-while [ "$1" != "--" ]; do mount -t tmpfs -o size=64k,mode=0755 mesh-other-host "$1"; shift; done
+while [ "$1" != "--" ]; do
+  if [ -d "$1" ]; then mount -t tmpfs -o size=64k,mode=0755 mesh-other-host "$1"; fi
+  shift
+done
 shift
 exec "$@"
 """
@@ -185,7 +197,7 @@ class OtherHost:
             # its cwd is not the repository: the code comes from here
             "PYTHONPATH": str(ROOT),
         }
-        self.isolated = os.geteuid() == 0 and shutil.which("unshare") is not None
+        self.isolated = not can_namespace() and shutil.which("unshare") is not None
 
     @property
     def cwd(self) -> Path:
@@ -204,11 +216,17 @@ class OtherHost:
         files = "own mount namespace (submitter's dirs hidden)" if self.isolated else "own directories"
         return f"{net}, {files}"
 
+    def may_hide(self, path: Path) -> bool:
+        """Whether covering `path` leaves the other host what it needs: the code, Python and
+        its own directory."""
+        needed = [ROOT, Path(sys.prefix), Path(sys.executable).resolve(), self.root]
+        return path.is_dir() and not any(n.is_relative_to(path) for n in needed)
+
     def command(self, argv: list[str]) -> list[str]:
         """`argv` as the other host runs it."""
         wrap: list[str] = []
         if self.isolated:
-            hidden = [str(p) for p in self.hidden if not ROOT.is_relative_to(p) and p.is_dir()]
+            hidden = [str(p) for p in self.hidden if self.may_hide(p)]
             wrap = ["unshare", "--mount", "--uts", "--propagation", "private"]
             wrap += ["sh", "-c", _ISOLATE, "isolate", self.host_id, *hidden, "--"]
         return [*self.network.prefix, *wrap, *argv]
@@ -265,23 +283,33 @@ def network() -> Iterator[Network]:
 
 
 @contextlib.asynccontextmanager
-async def two_hosts(tmp: Path, other_root: Path) -> AsyncIterator[tuple[Mesh, OtherHost]]:
-    """A mesh whose server the other host reaches over the network between them, the test's
-    own host (its `Mesh`, whose directories are under `tmp`) and the other host (under
-    `other_root`, which must not be under `tmp`)."""
+async def two_hosts(tmp: Path) -> AsyncIterator[tuple[Mesh, OtherHost]]:
+    """A mesh whose server the other host reaches over the network between them: the test's
+    own host (its `Mesh`, whose directories are under `tmp`) and the other host (under a
+    directory of its own outside `tmp`'s parent, removed at the end).
+
+    The other host cannot see `tmp`'s parent (where pytest keeps every test's directory), so
+    the submitting host's directories do not exist there at all (an empty directory at the
+    same path would still be found); where that parent holds something it needs, `tmp` alone
+    is covered."""
     from tests.conftest import Mesh
 
-    with network() as net:
-        server = EmbeddedServer(tmp / "nats", port=-1, durability="lazy", host=net.server_host)
-        server.start()
-        mesh = Mesh(server, tmp)
-        try:
-            other = OtherHost(mesh, other_root, f"other-{secrets.token_hex(3)}", net, hidden=[tmp])
-            print(f"the other host {other.host_id}: {other.mode}")
-            yield mesh, other
-        finally:
+    other_root = Path(tempfile.mkdtemp(prefix="mesh-other-host-"))
+    try:
+        with network() as net:
+            server = EmbeddedServer(tmp / "nats", port=-1, durability="lazy", host=net.server_host)
+            server.start()
+            mesh = Mesh(server, tmp)
             try:
-                await mesh.close()
+                other = OtherHost(mesh, other_root, f"other-{secrets.token_hex(3)}", net)
+                other.hidden = [tmp.parent] if other.may_hide(tmp.parent) else [tmp]
+                print(f"the other host {other.host_id}: {other.mode}")
+                yield mesh, other
             finally:
-                mesh.stop_all()
-                server.stop()
+                try:
+                    await mesh.close()
+                finally:
+                    mesh.stop_all()
+                    server.stop()
+    finally:
+        shutil.rmtree(other_root, ignore_errors=True)

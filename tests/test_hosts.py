@@ -36,7 +36,7 @@ ECHO = """\
 
 ### hello
 ```shell
-echo "hello from $(hostname)"
+echo "hello from $(hostname) in $(pwd)"
 ```
 """
 
@@ -74,6 +74,8 @@ async def test_the_other_host_sees_none_of_this_hosts_files(two_hosts: tuple[Mes
     (mesh.tmp / "only-here.txt").write_text("here\n")
     if other.isolated:
         assert not other.sees(mesh.tmp / "only-here.txt")
+        if mesh.tmp.parent in other.hidden:
+            assert not other.sees(mesh.tmp)
         assert other.run(["hostname"]).stdout.strip() == other.host_id
     assert other.sees(other.cwd)
     # and the `mesh` command there reaches the server over the link between the hosts
@@ -101,7 +103,8 @@ async def test_a_plan_runs_on_the_other_host_alone(two_hosts: tuple[Mesh, OtherH
     out = await task_output(await mesh.bus(), plan_id, "hello")
     assert out.text.startswith("hello from ")
     if other.isolated:
-        assert out.text.strip() == f"hello from {other.host_id}"
+        # on its own host, in a directory of that host's (the plan's is not there)
+        assert out.text.startswith(f"hello from {other.host_id} in {other.root}/"), out.text
     # the worker kept its files in its own data dir, nothing in this host's
     assert not (mesh.tmp / "data").exists()
 

@@ -14,7 +14,8 @@ another directory, reached over the loopback):
   plan       a plan of N shell tasks with small outputs (and, where the plan parser takes
              `- artifacts:`, a small file each), run by a real brain and workers: the time, and
              what the store holds afterwards (the objects bucket, the events stream, the store
-             directory on disk)
+             directory on disk); where the parser does not take `- artifacts:`, N small files
+             stored the way a worker stores artifacts instead, to show the object store's share
 
 Timings live here (and in docs/performance.md), never in tests.
 """
@@ -43,6 +44,7 @@ from agents.base import run_loop  # noqa: E402
 from mesh.bus import client  # noqa: E402
 from mesh.bus.connect import connect  # noqa: E402
 from mesh.bus.files import (  # noqa: E402
+    artifact_name,
     blob_name,
     fetch_file,
     put_blob,
@@ -228,6 +230,32 @@ async def run_plan(bus: Bus, store_dir: Path, n: int, artifacts: bool, workdir: 
     }
 
 
+async def put_small_artifacts(bus: Bus, store_dir: Path, n: int, tmp: Path) -> dict[str, Any]:
+    """Without `- artifacts:` in the plan parser: one small file per task of such a plan stored
+    the way a worker stores an artifact (`put_file` under `artifact_name`), from one client:
+    what the object store adds per small artifact, in time and on disk."""
+    store = await bus.objects()
+    before = await store_sizes(bus, store_dir)
+    src = tmp / "small-artifact.txt"
+    began = time.perf_counter()
+    for i in range(n):
+        src.write_text(f"task {i} made this\n")
+        await put_file(store, artifact_name("files-bench", f"t{i}", 1, "out.txt"), str(src))
+    took = time.perf_counter() - began
+    after = await store_sizes(bus, store_dir)
+    delta = {k: after[k] - before[k] for k in after}
+    return {
+        "artifacts": n,
+        "put_s": round(took, 1),
+        "puts_per_s": round(n / took, 1),
+        "objects_mb": round(delta["objects_bytes"] / MB, 2),
+        "objects_msgs": delta["objects_msgs"],
+        "objects_bytes_per_artifact": round(delta["objects_bytes"] / n),
+        "store_dir_mb": round(delta["store_dir_bytes"] / MB, 2),
+        "store_dir_bytes_per_artifact": round(delta["store_dir_bytes"] / n),
+    }
+
+
 async def scenario_plan(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env["MESH_LOG_LEVEL"] = "WARNING"
@@ -258,6 +286,7 @@ async def scenario_plan(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             if parser_takes_artifacts():
                 out["with_artifacts"] = await run_plan(bus, store_dir, args.tasks, True, tmp / "plan-b")
             else:
+                out["artifacts_put_directly"] = await put_small_artifacts(bus, store_dir, args.tasks, tmp)
                 out["with_artifacts"] = {
                     "skipped": "the plan parser does not take `- artifacts:` in this build"
                 }
