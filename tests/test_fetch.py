@@ -73,6 +73,8 @@ async def test_a_good_copy_lands_whole_with_its_mode(store: ObjectStore, tmp_pat
     assert copy.stat().st_mode & 0o777 == 0o750
     assert seen[-1] == (size, size)
     assert leftovers(out / "dir") == ["copy.bin"]
+    # the fetch's own consumer went with it
+    assert (await store._js.stream_info(STREAM)).state.consumer_count == 0
 
 
 async def test_an_empty_file_is_fetched_too(store: ObjectStore, tmp_path: Path) -> None:
@@ -211,3 +213,31 @@ async def test_an_object_of_one_chunk_comes_in_one_request(store: ObjectStore, t
     with pytest.raises(FileTransferError, match="its chunk is missing"):
         await fetch_file(store, "small", str(tmp_path / "out" / "again"), sha256=sha, size=size, attempts=2)
     assert leftovers(tmp_path / "out") == ["copy"]
+
+
+async def test_a_worker_may_fetch_what_the_cli_stored(tmp_path: Path) -> None:
+    """With mesh's users and permissions: a worker's user reads the objects bucket only, and that
+    is enough for a fetch (its own consumer, pulled and deleted; a one-chunk object's message)."""
+    from mesh.bus.connect import connect
+    from mesh.host.config import load_settings
+    from tests.test_security import WORKER, Secure
+
+    secure = Secure(tmp_path)
+    secure.server.start()
+    try:
+        cli = await connect(load_settings(environ=secure.env("cli")), "test-cli", wait_s=10)
+        worker = await connect(load_settings(environ=secure.env(WORKER)), WORKER, wait_s=10)
+        try:
+            await cli.ensure_resources()
+            src = tmp_path / "src.bin"
+            for size in (3 * CHUNK_BYTES + 5, 100):
+                sha, _ = random_file(src, size)
+                ref = await put_file(await cli.objects(), f"blobs/{sha}", str(src))
+                dest = tmp_path / "out" / sha
+                await fetch_file(await worker.objects(), ref.object, str(dest), sha256=sha, size=size)
+                assert dest.read_bytes() == src.read_bytes()
+        finally:
+            await worker.close()
+            await cli.close()
+    finally:
+        secure.server.stop()

@@ -347,9 +347,7 @@ async def _receive(
         )
         consumer = created.name
         sub = await js.pull_subscribe_bind(
-            stream=stream,
-            durable=consumer,
-            pending_bytes_limit=max(FETCH_PENDING_BYTES, 2 * batch * (chunk or MB)),
+            stream=stream, name=consumer, pending_bytes_limit=max(FETCH_PENDING_BYTES, 2 * FETCH_BATCH_BYTES)
         )
         left = -1
         while True:
