@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -25,6 +26,9 @@ from mesh.ops.embedded import EmbeddedServer
 from mesh.plan import parse_plan
 from mesh.records import PlanRecord, TaskRecord, decode_plan, decode_task
 from mesh.settings import Settings
+
+if TYPE_CHECKING:
+    from tests.hosts import OtherHost
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -211,3 +215,12 @@ async def mesh(nats_server: EmbeddedServer, tmp_path: Path) -> AsyncIterator[Mes
     yield m
     await m.close()
     m.stop_all()
+
+
+@pytest.fixture
+async def two_hosts(tmp_path: Path) -> AsyncIterator[tuple[Mesh, OtherHost]]:
+    """This host's mesh and another host sharing no directory with it (tests/hosts.py)."""
+    from tests.hosts import two_hosts as make
+
+    async with make(tmp_path) as pair:
+        yield pair

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -33,7 +35,7 @@ from typing import Any
 import msgspec
 import nats.js.errors
 from nats.js import api
-from nats.js.object_store import ObjectStore
+from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, ObjectStore
 
 from mesh.events import FileRef
 
@@ -48,6 +50,14 @@ READ_BYTES = 1024 * 1024
 # a fetch that receives nothing for this long is given up (and retried)
 STALL_S = 30.0
 FETCH_ATTEMPTS = 3
+# a fetch gathers this much before it writes to the disk (in a thread)
+WRITE_BATCH_BYTES = 4 * MB
+# and lets this many batches wait for the disk before it waits too
+WRITE_AHEAD = 4
+# a fetch asks for this much at a time
+FETCH_BATCH_BYTES = 8 * MB
+# what its subscription may hold unread before the client calls it a slow consumer
+FETCH_PENDING_BYTES = 64 * MB
 
 Progress = Callable[[int, int], None]
 
@@ -193,20 +203,62 @@ async def put_blob(store: ObjectStore, path: str, sha256: str) -> bool:
 
 
 class _Sink:
-    """Where the store's reader writes a fetched object: the temporary file, hashed as it goes."""
+    """Where a fetched object goes: the temporary file, hashed as it goes. Chunks are gathered in
+    memory and written (and hashed) a batch at a time by a thread of the sink's own, in order,
+    while the next batch arrives: the event loop never waits on the disk, and waits for the
+    thread only when `WRITE_AHEAD` batches are still unwritten."""
 
     def __init__(self, fh: Any) -> None:
         self.fh = fh
         self.hash = hashlib.sha256()
         self.written = 0
+        # bytes received, and when the last chunk came
+        self.received = 0
         self.last = time.monotonic()
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.writing: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fetch")
 
     def write(self, data: bytes) -> int:
         self.fh.write(data)
         self.hash.update(data)
         self.written += len(data)
-        self.last = time.monotonic()
         return len(data)
+
+    def _write_all(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    async def take(self, data: bytes) -> None:
+        self.received += len(data)
+        self.last = time.monotonic()
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes >= WRITE_BATCH_BYTES:
+            self._send()
+            while len(self.writing) > WRITE_AHEAD:
+                await self.writing.popleft()
+
+    def _send(self) -> None:
+        chunks, self.pending, self.pending_bytes = self.pending, [], 0
+        if chunks:
+            loop = asyncio.get_running_loop()
+            self.writing.append(loop.run_in_executor(self.thread, self._write_all, chunks))
+
+    async def flush(self) -> None:
+        """Until everything received is written."""
+        self._send()
+        while self.writing:
+            await self.writing.popleft()
+
+    async def close(self) -> None:
+        """Wait for the thread (its writes may fail: they are no longer wanted) and end it."""
+        for fut in self.writing:
+            with contextlib.suppress(Exception):
+                await fut
+        self.writing.clear()
+        self.thread.shutdown(wait=False)
 
 
 @dataclass
@@ -246,7 +298,10 @@ async def fetch_file(
         try:
             with open(tmp, "wb") as fh:
                 sink = _Sink(fh)
-                why = await _receive(store, name, sink, size, progress, stall_s)
+                try:
+                    why = await _receive(store, name, sink, size, progress, stall_s)
+                finally:
+                    await sink.close()
                 if not why and sink.written != size:
                     why = f"{sink.written} bytes arrived, {size} were expected"
                 if not why and sink.hash.hexdigest() != sha256:
@@ -267,32 +322,105 @@ async def fetch_file(
     raise FileTransferError(f"fetching {name} failed {attempts} times (last: {why}); nothing was kept")
 
 
+def _chunks_subject(store: ObjectStore, nuid: str) -> str:
+    """Where the store keeps an object's chunks (the object store's own layout)."""
+    return OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=store._name, obj=nuid)
+
+
 async def _receive(
     store: ObjectStore, name: str, sink: _Sink, size: int, progress: Progress | None, stall_s: float
 ) -> str:
-    """Stream the object into `sink`; '' when it all arrived, else why not."""
-    get = asyncio.ensure_future(store.get(name, writeinto=sink))  # type: ignore[arg-type]
+    """Stream the object into `sink`; '' when it all arrived, else why not.
+
+    The chunks are pulled a batch at a time through a consumer of their own (the library's
+    `get` hands every chunk to a thread one at a time, a fifth of the speed): the next batch is
+    asked for only once the last one is taken, so a slow disk slows the sender rather than
+    filling memory; every chunk's count of those still to come is checked, so a lost one is
+    noticed at once."""
     try:
-        while True:
-            done, _ = await asyncio.wait({get}, timeout=min(1.0, stall_s))
-            if progress is not None:
-                progress(sink.written, size)
-            if done:
-                break
-            if time.monotonic() - sink.last > stall_s:
-                return f"nothing arrived for {stall_s:.0f} s"
-        get.result()
+        info = await store.get_info(name)
     except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
         raise FileTransferError(f"the store has no object {name}") from None
-    except nats.js.errors.DigestMismatchError:
-        return "the store's own checksum does not match what arrived"
     except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
         return f"{type(exc).__name__}: {exc}"
+    if not info.nuid or info.is_link():
+        raise FileTransferError(f"the store's entry {name} is not an object that can be fetched")
+    stored = int(info.size or 0)
+    if stored != size:
+        return f"the store's copy is {stored} bytes, {size} were expected"
+    if not stored:
+        return ""
+    chunk = int(info.options.max_chunk_size or 0) if info.options else 0
+    batch = max(1, FETCH_BATCH_BYTES // max(chunk, 1)) if chunk else 16
+    js = store._js
+    stream = store._stream
+    if stored <= chunk:
+        return await _receive_one(store, info.nuid, sink, size)
+    consumer = ""
+    sub = None
+    try:
+        created = await js._jsm.add_consumer(
+            stream,
+            config=api.ConsumerConfig(
+                filter_subject=_chunks_subject(store, info.nuid),
+                deliver_policy=api.DeliverPolicy.ALL,
+                ack_policy=api.AckPolicy.NONE,
+                mem_storage=True,
+                # the server drops it by itself if this process goes away mid-transfer
+                inactive_threshold=max(stall_s, 1.0) * 2,
+            ),
+        )
+        consumer = created.name
+        sub = await js.pull_subscribe_bind(
+            stream=stream, name=consumer, pending_bytes_limit=max(FETCH_PENDING_BYTES, 2 * FETCH_BATCH_BYTES)
+        )
+        left = -1
+        while True:
+            try:
+                msgs = await sub.fetch(batch, timeout=min(1.0, stall_s))
+            except TimeoutError:
+                msgs = []
+            for msg in msgs:
+                pending = msg.metadata.num_pending
+                if left >= 0 and pending != left - 1:
+                    return f"a chunk went missing on the way ({left - pending - 1} of them)"
+                left = pending
+                await sink.take(msg.data)
+                if sink.received > size:
+                    return f"more than the {size} bytes expected arrived"
+            if progress is not None:
+                progress(sink.received, size)
+            if left == 0:
+                break
+            if not msgs and time.monotonic() - sink.last > stall_s:
+                return f"nothing arrived for {stall_s:g} s"
+        await sink.flush()
+        if sink.received != size:
+            return f"{sink.received} bytes arrived, {size} were expected"
+        return ""
+    except (nats.errors.Error, nats.js.errors.Error) as exc:
+        return f"{type(exc).__name__}: {exc}"
     finally:
-        if not get.done():
-            get.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await get
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                await sub.unsubscribe()
+        if consumer:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                await js._jsm.delete_consumer(stream, consumer)
+
+
+async def _receive_one(store: ObjectStore, nuid: str, sink: _Sink, size: int) -> str:
+    """An object of one chunk (most of a bundle's files): one request, no consumer."""
+    try:
+        msg = await store._js.get_last_msg(store._stream, _chunks_subject(store, nuid))
+    except nats.js.errors.NotFoundError:
+        return "its chunk is missing from the store"
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    await sink.take(msg.data or b"")
+    await sink.flush()
+    if sink.received != size:
+        return f"{sink.received} bytes arrived, {size} were expected"
     return ""
 
 

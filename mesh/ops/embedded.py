@@ -69,16 +69,17 @@ def server_config(
     name: str = "mesh",
     domain: str = "",
     durability: str = "always",
+    host: str = "127.0.0.1",
 ) -> str:
     """A single-host server config with JetStream; the same shape as nats/server.conf.
 
     With `domain` its JetStream answers also on `$JS.<domain>.API.>`, the way clients on a
     leaf node server reach it (docs/multihost.md). `durability` ("always" or "lazy") is
-    rendered as the store's `sync_interval`."""
+    rendered as the store's `sync_interval`. `host` is the address it listens on."""
     return "\n".join(
         [
             f"server_name: {name}",
-            f"listen: 127.0.0.1:{port}",
+            f"listen: {host}:{port}",
             f"max_payload: {max_payload}",
             "jetstream {",
             f'  store_dir: "{store_dir}"',
@@ -100,8 +101,11 @@ class EmbeddedServer:
         max_payload: int = 8 * 1024 * 1024,
         config_text: str | None = None,
         durability: str = "always",
+        host: str = "127.0.0.1",
     ):
         self.data_dir = Path(data_dir)
+        # the address it listens on: loopback unless another host must reach it
+        self.host = host
         self.port = port
         self.max_payload = max_payload
         self.durability = durability
@@ -116,7 +120,8 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}"
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"{self.scheme}://{host}:{self.port}"
 
     @property
     def config_path(self) -> Path:
@@ -126,7 +131,7 @@ class EmbeddedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         store = self.data_dir / "jetstream"
         text = self.config_text or server_config(
-            self.port, str(store), self.max_payload, durability=self.durability
+            self.port, str(store), self.max_payload, durability=self.durability, host=self.host
         )
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
