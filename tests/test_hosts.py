@@ -2,17 +2,12 @@
 
 The other host's worker runs in a network namespace of its own where this machine allows it
 (root, `ip`), reaching the server over a veth pair, with its own host id, data dir, model cache
-and config, in a mount namespace where the submitting host's directories do not exist. The
-tests of files that travel (a plan's bundle, artifacts, models) skip, saying why, where this
-build does not have the feature yet.
-"""
+and config, in a mount namespace where the submitting host's directories do not exist."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +16,8 @@ from mesh.bus.outputs import task_output
 from mesh.bus.read import read_bucket
 from mesh.host.modelfiles import resolve_path
 from mesh.models import builtin_models
-from mesh.plan import parse_plan
 from mesh.records import AgentRecord, decode_agent
-from tests.conftest import HANG_S, ROOT, Mesh
+from tests.conftest import HANG_S, Mesh
 from tests.faults import until
 from tests.hosts import OtherHost, make_network
 
@@ -95,7 +89,12 @@ async def test_a_plan_runs_on_the_other_host_alone(two_hosts: tuple[Mesh, OtherH
     assert record.role == "worker"
     if other.isolated:
         assert record.host == other.host_id
-    plan_id = await mesh.submit_text(ECHO)
+    # submitted as a user does (`mesh submit`: with its host, so the other host runs it in a
+    # work directory of its own; the plan's directory is not there)
+    mesh.env["MESH_HOST_ID"] = "submitter"
+    (mesh.tmp / "echo.md").write_text(ECHO)
+    plan_id = "echo"
+    mesh.cli("submit", str(mesh.tmp / "echo.md"), "--id", plan_id)
     plan = await mesh.wait_plan(plan_id)
     assert plan.status == "succeeded", mesh.log("other")[-3000:]
     task = (await mesh.tasks(plan_id))["hello"]
@@ -131,32 +130,6 @@ echo $(( $(cat out/count.txt) * 2 )) > out/twice.txt && cat out/twice.txt
 """
 
 
-def help_of(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mesh", *args, "--help"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-
-
-def needs_artifacts() -> None:
-    try:
-        spec = parse_plan(COUNT, source="travel.md")
-    except Exception as exc:  # the parser of a build without `- artifacts:` refuses the field
-        pytest.skip(f"the plan parser does not take `- artifacts:` yet: {exc}")
-    if not spec.tasks[0].artifacts:
-        pytest.skip("the plan parser does not fill TaskSpec.artifacts yet")
-
-
-def needs_output_save() -> None:
-    done = help_of("output")
-    if done.returncode != 0 or "--save" not in done.stdout:
-        pytest.skip("no `mesh output ... --save` in this build yet")
-
-
 def write_plan_dir(base: Path) -> Path:
     plan_dir = base / "plan"
     (plan_dir / "scripts").mkdir(parents=True)
@@ -173,8 +146,7 @@ async def submit_and_hide(mesh: Mesh, plan_dir: Path) -> str:
     plan_id = "travel"
     mesh.cli("submit", str(plan_dir / "travel.md"), "--id", plan_id)
     plan = await until(lambda: mesh.plan(plan_id), HANG_S, "the plan accepted")
-    if not getattr(plan, "bundle", ""):
-        pytest.skip("`mesh submit` does not bundle the plan's files yet (the plan has no bundle)")
+    assert plan is not None and plan.bundle, "`mesh submit` sent the plan without its files"
     shutil.move(plan_dir, plan_dir.with_name("plan-gone"))
     return plan_id
 
@@ -183,7 +155,6 @@ async def submit_and_hide(mesh: Mesh, plan_dir: Path) -> str:
 async def test_a_plans_files_travel_and_its_artifacts_come_back(
     two_hosts: tuple[Mesh, OtherHost],
 ) -> None:
-    needs_artifacts()
     mesh, other = two_hosts
     print(f"other host: {other.mode}")
     mesh.env["MESH_HOST_ID"] = "submitter"
@@ -200,7 +171,6 @@ async def test_a_plans_files_travel_and_its_artifacts_come_back(
     # nothing was written where the plan came from
     assert not (mesh.tmp / "plan").exists()
 
-    needs_output_save()
     saved = mesh.tmp / "saved"
     mesh.cli("output", f"{plan_id}.count", "--save", str(saved))
     found = [p for p in saved.rglob("count.txt")]
@@ -228,13 +198,7 @@ def models_config(path: str) -> str:
 async def test_a_model_pushed_once_is_loaded_on_the_host_that_lacked_it(
     two_hosts: tuple[Mesh, OtherHost],
 ) -> None:
-    done = help_of("models", "push")
-    if done.returncode != 0 or "models push" not in done.stdout:
-        pytest.skip("no `mesh models push` in this build yet")
-    try:
-        gguf = resolve_path(GEMMA, builtin_models()[GEMMA])
-    except Exception as exc:
-        pytest.skip(f"the {GEMMA} package is not installed: {exc}")
+    gguf = resolve_path(GEMMA, builtin_models()[GEMMA])
     mesh, other = two_hosts
     print(f"other host: {other.mode}")
     # both hosts know the model 'pushed'; only this one has its file, at a path the other lacks

@@ -117,7 +117,7 @@ async def test_a_cached_model_is_fetched_once_reused_and_a_damaged_one_never_kep
     assert [f for f in left if f != ".lock"] == [], left
     # ...nor one cut short
     await put_bytes(store, record.object, os.urandom(record.size // 2))
-    with pytest.raises(ModelError, match=f"{record.size // 2} bytes arrived, {record.size} were expected"):
+    with pytest.raises(ModelError, match=f"{record.size // 2} bytes, {record.size} were expected"):
         await other.ready("tiny", spec, fetches.append)
     # a model nobody pushed: what to do
     with pytest.raises(ModelError, match=r"nor is it in the models bucket.*mesh models push ghost"):

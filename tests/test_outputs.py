@@ -17,10 +17,8 @@ import pytest
 
 from mesh import events
 from mesh.bus.outputs import outcome_text, task_outcome
-from mesh.errors import PlanError
 from mesh.events import RunFinished
 from mesh.names import HEADER_MSG_ID, HEADER_TYPE
-from mesh.plan import parse_plan
 from tests.conftest import HANG_S, ROOT, Mesh
 from tests.faults import until
 
@@ -266,17 +264,6 @@ echo never
 """
 
 
-def _artifacts_parsed() -> bool:
-    """Whether plans may name a shell task's artifacts (`- artifacts: GLOB`)."""
-    text = "# A\n\n## Tasks\n\n### t\n- artifacts: out/*.txt\n```shell\ntrue\n```\n"
-    try:
-        spec = parse_plan(text, source="a.md")
-    except PlanError:
-        return False
-    return spec.tasks[0].artifacts == ("out/*.txt",)
-
-
-@pytest.mark.skipif(not _artifacts_parsed(), reason="the plan parser does not take `- artifacts:` yet")
 async def test_save_writes_the_artifacts_of_the_attempt(mesh: Mesh, tmp_path: Path) -> None:
     mesh.brain()
     mesh.worker("w1")

@@ -1,4 +1,5 @@
-"""Files through the object store: bundles, artifacts, a model, and a big plan's store, timed.
+"""Files through the object store: bundles, artifacts and a big plan's store, timed (a model's
+file: tools/bench_models.py).
 
     .venv/bin/python tools/bench_files.py                      # everything, table + --json
     .venv/bin/python tools/bench_files.py --only artifacts --sizes 200
@@ -9,13 +10,10 @@ another directory, reached over the loopback):
              hashed and sent), warm (all already there: hashed, found, nothing sent); then each
              fetched into another directory (`fetch_file`); MB/s
   artifacts  one file of each size (MB) stored (`put_file`) and fetched (`fetch_file`); MB/s
-  model      the 270M model's GGUF (the `models` extra) into the models bucket and fetched into
-             another directory: the time to move it to a second host
-  plan       a plan of N shell tasks with small outputs (and, where the plan parser takes
-             `- artifacts:`, a small file each), run by a real brain and workers: the time, and
-             what the store holds afterwards (the objects bucket, the events stream, the store
-             directory on disk); where the parser does not take `- artifacts:`, N small files
-             stored the way a worker stores artifacts instead, to show the object store's share
+  plan       a plan of N shell tasks with small outputs, then one whose tasks each keep a small
+             file (`- artifacts:`), run by a real brain and workers: the time, and what the
+             store holds afterwards (the objects bucket, the events stream, the store
+             directory on disk)
 
 Timings live here (and in docs/performance.md), never in tests.
 """
@@ -44,7 +42,6 @@ from agents.base import run_loop  # noqa: E402
 from mesh.bus import client  # noqa: E402
 from mesh.bus.connect import connect  # noqa: E402
 from mesh.bus.files import (  # noqa: E402
-    artifact_name,
     blob_name,
     fetch_file,
     put_blob,
@@ -58,7 +55,7 @@ from mesh.ops.embedded import EmbeddedServer  # noqa: E402
 from mesh.ops.up import Stack  # noqa: E402
 from mesh.plan import parse_plan  # noqa: E402
 
-SCENARIOS = ("bundle", "artifacts", "model", "plan")
+SCENARIOS = ("bundle", "artifacts", "plan")
 MB = 2**20
 
 
@@ -118,9 +115,9 @@ async def scenario_bundle(bus: Bus, tmp: Path, n: int, size_kb: int) -> dict[str
     }
 
 
-async def move_file(bus: Bus, src: Path, name: str, tmp: Path, models: bool = False) -> dict[str, Any]:
+async def move_file(bus: Bus, src: Path, name: str, tmp: Path) -> dict[str, Any]:
     """Put `src` into the store and fetch it into another directory."""
-    store = await (bus.models() if models else bus.objects())
+    store = await bus.objects()
     size = src.stat().st_size
     began = time.perf_counter()
     ref = await put_file(store, name, str(src))
@@ -153,21 +150,6 @@ async def scenario_artifacts(bus: Bus, tmp: Path, sizes: list[int]) -> dict[str,
     return out
 
 
-async def scenario_model(bus: Bus, tmp: Path) -> dict[str, Any]:
-    from mesh.host.modelfiles import resolve_path
-    from mesh.models import builtin_models
-
-    name = "gemma3-270m"
-    try:
-        path = Path(resolve_path(name, builtin_models()[name]))
-    except Exception as exc:
-        return {"skipped": f"{name} is not installed here: {exc}"}
-    r = await move_file(bus, path, f"models/{name}/{path.name}", tmp, models=True)
-    # `mesh models push` and a worker's fetch into its model cache, where this build has them,
-    # do these same two steps
-    return {"model": name, "file": path.name, **r, "via": "mesh.bus.files put_file + fetch_file"}
-
-
 def plan_text(n: int, artifacts: bool) -> str:
     lines = ["# files bench", "", "## Tasks", ""]
     for i in range(n):
@@ -180,14 +162,6 @@ def plan_text(n: int, artifacts: bool) -> str:
             body = f'echo "task {i} done"'
         lines += ["```shell", body, "```", ""]
     return "\n".join(lines)
-
-
-def parser_takes_artifacts() -> bool:
-    try:
-        spec = parse_plan(plan_text(1, True), source="probe.md")
-    except Exception:
-        return False
-    return bool(getattr(spec.tasks[0], "artifacts", ()))
 
 
 async def store_sizes(bus: Bus, store_dir: Path) -> dict[str, int]:
@@ -230,32 +204,6 @@ async def run_plan(bus: Bus, store_dir: Path, n: int, artifacts: bool, workdir: 
     }
 
 
-async def put_small_artifacts(bus: Bus, store_dir: Path, n: int, tmp: Path) -> dict[str, Any]:
-    """Without `- artifacts:` in the plan parser: one small file per task of such a plan stored
-    the way a worker stores an artifact (`put_file` under `artifact_name`), from one client:
-    what the object store adds per small artifact, in time and on disk."""
-    store = await bus.objects()
-    before = await store_sizes(bus, store_dir)
-    src = tmp / "small-artifact.txt"
-    began = time.perf_counter()
-    for i in range(n):
-        src.write_text(f"task {i} made this\n")
-        await put_file(store, artifact_name("files-bench", f"t{i}", 1, "out.txt"), str(src))
-    took = time.perf_counter() - began
-    after = await store_sizes(bus, store_dir)
-    delta = {k: after[k] - before[k] for k in after}
-    return {
-        "artifacts": n,
-        "put_s": round(took, 1),
-        "puts_per_s": round(n / took, 1),
-        "objects_mb": round(delta["objects_bytes"] / MB, 2),
-        "objects_msgs": delta["objects_msgs"],
-        "objects_bytes_per_artifact": round(delta["objects_bytes"] / n),
-        "store_dir_mb": round(delta["store_dir_bytes"] / MB, 2),
-        "store_dir_bytes_per_artifact": round(delta["store_dir_bytes"] / n),
-    }
-
-
 async def scenario_plan(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env["MESH_LOG_LEVEL"] = "WARNING"
@@ -283,13 +231,7 @@ async def scenario_plan(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 await asyncio.sleep(0.2)
             store_dir = tmp / "plan-server" / "jetstream"
             out["outputs_only"] = await run_plan(bus, store_dir, args.tasks, False, tmp / "plan-a")
-            if parser_takes_artifacts():
-                out["with_artifacts"] = await run_plan(bus, store_dir, args.tasks, True, tmp / "plan-b")
-            else:
-                out["artifacts_put_directly"] = await put_small_artifacts(bus, store_dir, args.tasks, tmp)
-                out["with_artifacts"] = {
-                    "skipped": "the plan parser does not take `- artifacts:` in this build"
-                }
+            out["with_artifacts"] = await run_plan(bus, store_dir, args.tasks, True, tmp / "plan-b")
             out["store_total_mb"] = round(dir_bytes(store_dir) / MB, 1)
         finally:
             await bus.close()
@@ -310,8 +252,6 @@ async def files_scenarios(args: argparse.Namespace, tmp: Path, only: set[str]) -
                 results["bundle"] = await scenario_bundle(bus, tmp, args.files, args.file_kb)
             if "artifacts" in only:
                 results["artifacts"] = await scenario_artifacts(bus, tmp, args.sizes)
-            if "model" in only:
-                results["model"] = await scenario_model(bus, tmp)
         finally:
             await bus.close()
     finally:
