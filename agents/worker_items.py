@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -396,7 +397,7 @@ class Items:
             return
         sensitive = item.sensitive or run.ctx.sensitive
         files, result = await self.artifacts.keep(item, result)
-        output, output_object = await self._keep_output(item, result, sensitive)
+        output, output_object, output_sha256 = await self._keep_output(item, result, sensitive)
         await self.emit(
             work.run_finished(
                 item,
@@ -407,6 +408,7 @@ class Items:
                 sensitive=sensitive,
                 output=output,
                 output_object=output_object,
+                output_sha256=output_sha256,
                 prompt_limit=self.settings.output_event_bytes,
                 gpu=self.gpu.gpu_id if self.gpu.on else "",
                 files=files,
@@ -460,22 +462,23 @@ class Items:
         ctx.on_text = stream.push
         return stream
 
-    async def _keep_output(self, item: WorkItem, result: RunResult, sensitive: bool) -> tuple[str, str]:
-        """The output for the completion event, and the object holding it when it does not fit
-        (or the task is sensitive: its output is never in the history)."""
+    async def _keep_output(self, item: WorkItem, result: RunResult, sensitive: bool) -> tuple[str, str, str]:
+        """The output for the completion event, or the object holding it when it does not fit
+        (or the task is sensitive: its output is never in the history) and its SHA-256."""
         text = work.output_to_keep(result, sensitive)
         if not text:
-            return "", ""
+            return "", "", ""
         limit = self.settings.output_event_bytes
         if work.output_in_event(text, sensitive, limit):
-            return text, ""
+            return text, "", ""
         name = work.output_object_name(item)
+        data = text.encode()
         try:
-            await (await self.agent.bus.objects()).put(name, text.encode())
+            await (await self.agent.bus.objects()).put(name, data)
         except TRANSIENT as exc:
             log.warning("could not store the output of %s.%s: %s", item.plan_id, item.task_id, exc)
-            return work.output_cut(text, sensitive, limit), ""
-        return "", name
+            return work.output_cut(text, sensitive, limit), "", ""
+        return "", name, hashlib.sha256(data).hexdigest()
 
     async def _inputs(self, item: WorkItem, ctx: RunContext) -> dict[str, str]:
         """The outputs of the dependencies the task takes, from their completion events (a

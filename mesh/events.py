@@ -280,6 +280,9 @@ class RunFinished(Msg, frozen=True, tag="run.finished"):
     parsed: bool = False
     # the files it made, stored in the object store under the attempt (`mesh.bus.files`)
     files: tuple[FileRef, ...] = ()
+    # the SHA-256 (hex) of the output under `output_object`: a reader checks the stored copy
+    # against it (any worker may write the object store; only this worker could send this)
+    output_sha256: str = ""
 
 
 # GPUs (event stream; the brain reads them for placement) ---------------------

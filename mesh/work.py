@@ -439,6 +439,7 @@ def run_finished(
     prompt_limit: int,
     gpu: str,
     files: tuple[FileRef, ...] = (),
+    output_sha256: str = "",
 ) -> RunFinished:
     """The report of a run: what a sensitive run saw or wrote (its tails, its prompt) left out."""
     return RunFinished(
@@ -461,6 +462,7 @@ def run_finished(
         reason=FailReason.DEFINITION if result.definition_error else FailReason.NONE,
         output=output,
         output_object=output_object,
+        output_sha256=output_sha256,
         prompt="" if sensitive else result.prompt[:prompt_limit],
         model=item.model if item.kind in MODEL_BODY_KINDS else "",
         gpu=gpu,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mesh import events
-from mesh.bus.outputs import outcome_text, task_outcome
+from mesh.bus.outputs import OutputError, outcome_text, task_outcome, task_output
 from mesh.events import RunFinished
 from mesh.names import HEADER_MSG_ID, HEADER_TYPE
 from tests.conftest import HANG_S, ROOT, Mesh
@@ -303,3 +303,33 @@ async def test_an_embedding_shows_its_shape_and_a_preview(mesh: Mesh, tmp_path: 
     assert "[0] " in shown and "[2] " in shown, shown
     data = json.loads(mesh.cli("output", f"{plan_id}.index", "--json"))
     assert data["kind"] == "embed" and data["metrics"]["vectors"] == 3 and data["metrics"]["dim"] == 384
+
+
+async def test_a_big_output_rewritten_in_the_store_is_refused_not_shown(mesh: Mesh) -> None:
+    # any worker may write the object store; only the task's own worker can say, in its report,
+    # what the output it stored there was. (A sensitive task's output is always stored, never
+    # in its event: so is a model's answer bigger than output_event_bytes.)
+    mesh.brain()
+    mesh.worker("w1")
+    text = (
+        "# Big\n\n## Tasks\n\n### big\n- sensitive: true\n"
+        "```shell\nfor i in $(seq 1 40); do echo line-$i; done\n```\n"
+    )
+    plan_id = await mesh.submit_text(text, plan_id="big")
+    assert (await mesh.wait_plan(plan_id)).status == "succeeded"
+    bus = await mesh.bus()
+    outcome = await task_outcome(bus, plan_id, "big")
+    assert outcome.report is not None and outcome.report.output_object
+    assert len(outcome.report.output_sha256) == 64
+    assert (await outcome_text(bus, outcome)).splitlines()[-1] == "line-40"
+    shown = mesh_run(mesh, "output", f"{plan_id}.big", "--sensitive")
+    assert shown.returncode == 0 and "line-40" in shown.stdout, shown.stderr
+
+    await (await bus.objects()).put(outcome.report.output_object, b"forged output\n")
+    with pytest.raises(OutputError, match="not what its worker reported"):
+        await outcome_text(bus, outcome)
+    with pytest.raises(OutputError, match="not what its worker reported"):
+        await task_output(bus, plan_id, "big")
+    refused = mesh_run(mesh, "output", f"{plan_id}.big", "--sensitive")
+    assert refused.returncode != 0 and "forged" not in refused.stdout
+    assert "not what its worker reported" in refused.stderr

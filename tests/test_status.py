@@ -153,7 +153,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'"timed_out":false,"cancelled":false,"error":"","stdout_tail":"","stderr_tail":"",'
             b'"stdout_bytes":0,"stderr_bytes":0,"dead_letter":false,"reason":"definition",'
             b'"output":"","output_object":"","prompt":"","model":"","gpu":"","metrics":{},'
-            b'"artifacts":[],"sensitive":false,"claim":"","parsed":false,"files":[]}'
+            b'"artifacts":[],"sensitive":false,"claim":"","parsed":false,"files":[],"output_sha256":""}'
         ),
     ),
     (
@@ -164,7 +164,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'"cancelled":false,"error":"","stdout_tail":"","stderr_tail":"","stdout_bytes":0,'
             b'"stderr_bytes":0,"dead_letter":false,"reason":"","output":"","output_object":"",'
             b'"prompt":"","model":"","gpu":"","metrics":{},"artifacts":[],"sensitive":false,'
-            b'"claim":"","parsed":false,"files":[]}'
+            b'"claim":"","parsed":false,"files":[],"output_sha256":""}'
         ),
     ),
     (

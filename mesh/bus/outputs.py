@@ -12,6 +12,7 @@ the one report the brain took for it (`mesh output`).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import msgspec
@@ -100,8 +101,7 @@ async def task_output(bus: Bus, plan_id: str, task_id: str) -> Output:
             if not run.ok:
                 raise OutputError(f"task {task_id!r}: its last completion event is not a success")
             if run.output_object:
-                obj = await (await bus.objects()).get(run.output_object)
-                return Output((obj.data or b"").decode("utf-8", errors="replace"), run.sensitive, run.parsed)
+                return Output(await stored_output(bus, run), run.sensitive, run.parsed)
             return Output(run.output or run.stdout_tail, run.sensitive, run.parsed)
 
 
@@ -296,12 +296,22 @@ async def outcome_text(bus: Bus, outcome: Outcome) -> str:
     if run is None:
         return ""
     if run.output_object:
-        try:
-            obj = await (await bus.objects()).get(run.output_object)
-        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
-            raise OutputError(
-                f"the output of {outcome.plan_id}.{outcome.task_id} attempt {outcome.attempt} is no longer "
-                f"in the object store ({run.output_object})"
-            ) from None
-        return (obj.data or b"").decode("utf-8", errors="replace")
+        return await stored_output(bus, run)
     return run.output or run.stdout_tail
+
+
+async def stored_output(bus: Bus, run: RunFinished) -> str:
+    """The output a report left in the object store (`output_object`), checked against the
+    checksum the report gives; raises `OutputError` when it is gone or is not what was sent."""
+    what = f"the output of {run.plan_id}.{run.task_id} attempt {run.attempt}"
+    try:
+        obj = await (await bus.objects()).get(run.output_object)
+    except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
+        raise OutputError(f"{what} is no longer in the object store ({run.output_object})") from None
+    data = obj.data or b""
+    if run.output_sha256 and hashlib.sha256(data).hexdigest() != run.output_sha256:
+        raise OutputError(
+            f"{what} in the object store ({run.output_object}) is not what its worker reported: "
+            "it was changed after the run (run the task again: `mesh retry`)"
+        )
+    return data.decode("utf-8", errors="replace")

@@ -417,7 +417,9 @@ class Exporter:
             )
         return out
 
-    async def _fetch(self, name: str) -> str | None:
+    async def _fetch(self, name: str, sha256: str) -> str | None:
+        """A big output from the object store; None when it is gone, or is not the one its
+        worker reported (its checksum differs: the object was written again since)."""
         if self.store is None and not self.store_missing:
             try:
                 self.store = await self.bus.js.object_store(self.names.objects_bucket)
@@ -429,7 +431,11 @@ class Exporter:
             obj = await self.store.get(name)
         except nats.js.errors.NotFoundError:
             return None
-        return (obj.data or b"").decode("utf-8", errors="replace")
+        data = obj.data or b""
+        if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+            log.warning("the stored output %s differs from the one its worker reported: left out", name)
+            return None
+        return data.decode("utf-8", errors="replace")
 
     # writing -----------------------------------------------------------------------
     async def _write(self, a: Attempt) -> None:
@@ -485,7 +491,7 @@ class Exporter:
             if run is not None:
                 text = run.output or run.stdout_tail
                 if run.output_object:
-                    fetched = await self._fetch(run.output_object)
+                    fetched = await self._fetch(run.output_object, run.output_sha256)
                     if fetched is None:
                         m.outputs_missing += 1
                     else:
