@@ -242,7 +242,12 @@ def versions() -> dict[str, str]:
 
 def table(summary: list[dict[str, Any]], default: str) -> Table:
     t = Table(
-        title=f"mesh against its peers (ratios: mesh, durability {default}, ÷ the row)", title_justify="left"
+        title=f"mesh against its peers (ratios: mesh, durability {default}, ÷ the row)",
+        title_justify="left",
+        caption="ranges over the rounds; ratios of the medians. mesh ×: mesh's tasks/s ÷ the row's "
+        "(goal ≥ 2 against the best peer); mesh hop ÷: mesh's hop ÷ the row's (goal ≤ 0.5); "
+        "load: 1-minute load average before the run",
+        caption_justify="left",
     )
     for col in ("system", "persistence", "no-op tasks/s", "mesh ×", "hop p50 ms", "mesh hop ÷", "load"):
         t.add_column(col, justify="left" if col in ("system", "persistence") else "right")
@@ -283,11 +288,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-mesh", action="store_true", help="the peers only")
     ap.add_argument("--arq-poll-delay", type=float, default=0.005, help="arq's poll_delay, seconds")
     ap.add_argument("--json", help="write every run, the summary and the versions here too")
+    ap.add_argument("--merge", action="append", help="no run: one table of the runs of these --json files")
     return ap  # fmt: skip
 
 
 def main() -> int:
     args = parser().parse_args()
+    if args.merge:
+        runs = [r for f in args.merge for r in json.loads(Path(f).read_text())["runs"]]
+        Console(width=200).print(table(summarize(runs, "always"), "always"))
+        return 0
     peers = args.peer or list(PEERS)
     modes = args.redis or ["none", "everysec"]
     meshes = [] if args.no_mesh else (args.mesh or ["always", "lazy"])
