@@ -169,7 +169,7 @@ def start_strace(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
     return proc
 
 
-_CALL = re.compile(r"(?:<\.\.\. )?(\w+)\((\d+)<([^>]*)>")
+_CALL = re.compile(r"(\w+)\((\d+)<([^>]*)>")
 
 
 def file_kind(path: str) -> str:
@@ -180,19 +180,23 @@ def file_kind(path: str) -> str:
     return "/".join(parts[:2]) if len(parts) > 2 else parts[0]
 
 
-def stop_strace(proc: subprocess.Popen[bytes], out: Path) -> dict[str, dict[str, int]]:
-    """Calls per syscall, and per syscall and kind of file (`file_kind`)."""
-    proc.send_signal(signal.SIGINT)
-    proc.wait(30)
+def parse_strace(text: str) -> dict[str, dict[str, int]]:
+    """Calls per syscall and kind of file (`file_kind`) in `strace -f -y` output."""
     calls: dict[str, dict[str, int]] = {}
-    for line in out.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         m = _CALL.search(line)
-        if m is None or m.group(1) not in SYSCALLS or "resumed>" in line:
+        if m is None or m.group(1) not in SYSCALLS:
             continue
         by_file = calls.setdefault(m.group(1), {})
         kind = file_kind(m.group(3))
         by_file[kind] = by_file.get(kind, 0) + 1
     return calls
+
+
+def stop_strace(proc: subprocess.Popen[bytes], out: Path) -> dict[str, dict[str, int]]:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(30)
+    return parse_strace(out.read_text(errors="replace"))
 
 
 async def count_plan(
