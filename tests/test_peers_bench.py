@@ -23,12 +23,13 @@ def test_what_is_missing_is_named_with_its_install_command() -> None:
     code = (
         "import sys, importlib.util, shutil; sys.argv = ['run.py', '--no-mesh', '--rounds', '1'];"
         "real = importlib.util.find_spec;"
-        "importlib.util.find_spec = lambda n, *a: None if n in ('celery', 'arq') else real(n, *a);"
+        "hidden = ('celery', 'dramatiq', 'arq');"
+        "importlib.util.find_spec = lambda n, *a: None if n in hidden else real(n, *a);"
         "shutil.which = lambda n, *a: None;"
         f"sys.path.insert(0, {str(RUN.parent)!r}); import run; sys.exit(run.main())"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "apt-get install -y redis-server" in done.stderr
-    assert "celery, arq" in done.stderr
+    assert "celery, dramatiq, arq" in done.stderr
     assert "arq==" in done.stderr and "make peers" in done.stderr

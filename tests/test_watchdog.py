@@ -386,7 +386,9 @@ async def test_watchdog_process_telemetry_alerts_webhook_and_mesh_gpus(mesh: Mes
 async def test_watchdog_alerts_on_a_silent_agent_not_a_stopped_one(mesh: Mesh) -> None:
     cfg = mesh.tmp / "config" / "mesh" / "config.toml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
-    cfg.write_text("[alerts.agent_silent]\nabove = 3\n")
+    # (6 s: an agent that refreshes every second and is merely slow on a busy machine is not
+    # silent; the killed one is, whatever the load)
+    cfg.write_text("[alerts.agent_silent]\nabove = 6\n")
     mesh.env.update({"MESH_WATCHDOG_INTERVAL_S": "0.2", "MESH_DATA_DIR": str(mesh.tmp / "data")})
     mesh.start_agent("watchdog", "watchdog", "--host", HOST)
     mesh.start_agent("killed", "auditor")
@@ -408,9 +410,11 @@ async def test_watchdog_alerts_on_a_silent_agent_not_a_stopped_one(mesh: Mesh) -
     found = await wait_for("agent_silent", raised)
     await asyncio.sleep(2)
     found = await raised()
-    assert [(a.rule, a.target.split("-")[0]) for a in found] == [("agent_silent", "auditor")]
     killed_pid = mesh.procs["killed"].pid
-    assert f"-{killed_pid}-" in found[0].target
+    # one alert, for the killed agent (its id carries its pid), none for the stopped one
+    said = [(a.rule, a.target) for a in found]
+    assert len(found) == 1 and found[0].rule == "agent_silent", said
+    assert f"-{killed_pid}-" in found[0].target, (killed_pid, said)
 
 
 async def test_host_only_without_nvml_logs_once(mesh: Mesh) -> None:
