@@ -389,23 +389,44 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def bench_stack(
+    tmp: str, workers: int, slots: int, durability: str, env: dict[str, str] | None = None, **kw: Any
+) -> Stack:
+    """A stack for a benchmark in `tmp` (not started): this environment without its MESH_
+    settings, quiet logs, no auditor or watchdog (each reads every transition again, on these
+    same cores), `env` and `kw` (Stack's options) added."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    base["MESH_LOG_LEVEL"] = "WARNING"
+    return Stack(
+        tmp,
+        -1,
+        workers,
+        slots,
+        log_dir=str(Path(tmp) / "logs"),
+        env={**base, **(env or {})},
+        auditor=False,
+        watchdog=False,
+        durability=durability,
+        **kw,
+    )
+
+
+def show(title: str, results: dict[str, Any], json_path: str | None) -> None:
+    """A benchmark's results as one table (a row per scenario), and as JSON to `json_path`."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("scenario")
+    table.add_column("result")
+    for key, value in results.items():
+        table.add_row(key, json.dumps(value))
+    Console(width=200).print(table)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The scenarios args names, on a stack of their own (started and stopped here), and the machine."""
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-        env["MESH_LOG_LEVEL"] = "WARNING"
-        # the auditor is left out: it reads every transition again, on these same two cores
-        stack = Stack(
-            tmp,
-            -1,
-            args.workers,
-            args.slots,
-            log_dir=str(Path(tmp) / "logs"),
-            env=env,
-            auditor=False,
-            watchdog=False,
-            durability=args.durability,
-        )
+        stack = bench_stack(tmp, args.workers, args.slots, args.durability)
         stack.start()
         rss = PeakRss(stack)
         try:
@@ -426,15 +447,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     args = parser().parse_args()
-    results = run(args)
-    table = Table(title="mesh bench", title_justify="left")
-    table.add_column("scenario")
-    table.add_column("result")
-    for key, value in results.items():
-        table.add_row(key, json.dumps(value))
-    Console(width=200).print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    show("mesh bench", run(args), args.json)
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shutil
@@ -32,11 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench  # noqa: E402
 
 from agents.base import run_loop  # noqa: E402
 from mesh.bus import client  # noqa: E402
@@ -52,7 +51,6 @@ from mesh.bus.publish import Bus  # noqa: E402
 from mesh.bus.read import read_bucket  # noqa: E402
 from mesh.host.config import load_settings  # noqa: E402
 from mesh.ops.embedded import EmbeddedServer  # noqa: E402
-from mesh.ops.up import Stack  # noqa: E402
 from mesh.plan import parse_plan  # noqa: E402
 
 SCENARIOS = ("bundle", "artifacts", "plan")
@@ -205,20 +203,13 @@ async def run_plan(bus: Bus, store_dir: Path, n: int, artifacts: bool, workdir: 
 
 
 async def scenario_plan(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    env["MESH_LOG_LEVEL"] = "WARNING"
-    env["XDG_DATA_HOME"] = str(tmp / "data")
-    stack = Stack(
+    stack = bench.bench_stack(
         str(tmp / "plan-server"),
-        -1,
         args.workers,
         args.slots,
-        log_dir=str(tmp / "logs"),
-        env=env,
-        auditor=False,
-        watchdog=False,
+        args.durability,
+        env={"XDG_DATA_HOME": str(tmp / "data")},
         gateway=False,
-        durability=args.durability,
     )
     stack.start()
     out: dict[str, Any] = {}
@@ -297,14 +288,7 @@ def main() -> int:
         "processor": platform.processor() or platform.machine(),
         "durability": args.durability,
     }
-    table = Table(title="mesh files bench", title_justify="left")
-    table.add_column("scenario")
-    table.add_column("result")
-    for key, value in results.items():
-        table.add_row(key, json.dumps(value))
-    Console(width=200).print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    bench.show("mesh files bench", results, args.json)
     return 0
 
 

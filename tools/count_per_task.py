@@ -70,19 +70,7 @@ def free_port() -> int:
 def monitored_stack(tmp: str, args: argparse.Namespace, durability: str, http_port: int) -> Stack:
     """tools/bench.py's stack, its server config with a monitoring port added (the tool's own
     config text: mesh's runtime config stays as it is)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    env["MESH_LOG_LEVEL"] = "WARNING"
-    stack = Stack(
-        tmp,
-        -1,
-        args.workers,
-        args.slots,
-        log_dir=str(Path(tmp) / "logs"),
-        env=env,
-        auditor=False,
-        watchdog=False,
-        durability=durability,
-    )
+    stack = bench.bench_stack(tmp, args.workers, args.slots, durability)
     base = server_config(-1, str(Path(tmp) / "jetstream"), durability=durability)
     stack.server.config_text = base + f"http: 127.0.0.1:{http_port}\n"
     return stack
