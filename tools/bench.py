@@ -375,9 +375,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--big", type=int, default=100_000, help="tasks known to the brain for recovery and scale"
     )
+    ap.add_argument("--only", action="append", choices=SCENARIOS, help="run only these (repeatable)")
+    stack_options(ap)
+    ap.add_argument("--no-shell", action="store_true", help="throughput: the no-op plan only")
+    return ap
+
+
+def stack_options(ap: argparse.ArgumentParser) -> None:
+    """The options every benchmark's stack takes: workers, slots, durability, --json."""
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--slots", type=int, default=8)
-    ap.add_argument("--only", action="append", choices=SCENARIOS, help="run only these (repeatable)")
     ap.add_argument("--json", help="write the results here too")
     ap.add_argument(
         "--durability",
@@ -385,8 +392,6 @@ def parser() -> argparse.ArgumentParser:
         default="always",
         help="the server's sync: every write (always) or every 2 minutes (lazy)",
     )
-    ap.add_argument("--no-shell", action="store_true", help="throughput: the no-op plan only")
-    return ap
 
 
 def bench_stack(

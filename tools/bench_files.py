@@ -269,16 +269,8 @@ def main() -> int:
         help="artifact sizes, MB, comma-separated",
     )
     ap.add_argument("--tasks", type=int, default=10_000, help="tasks in the plan scenario")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--only", action="append", choices=SCENARIOS, help="run only these (repeatable)")
-    ap.add_argument("--json", help="write the results here too")
-    ap.add_argument(
-        "--durability",
-        choices=("always", "lazy"),
-        default="always",
-        help="the server's sync: every write (always) or every 2 minutes (lazy)",
-    )
+    bench.stack_options(ap)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="mesh-bench-files-") as tmp:
         results = run_loop(main_async(args, Path(tmp)))

@@ -9,6 +9,8 @@ predecessor's end (`HOPS`, seconds, one clock: one host) and the chain's last ta
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 URL_ENV = "PEERS_REDIS_URL"
@@ -32,3 +34,16 @@ def client() -> Any:
 
         _client = redis.Redis.from_url(redis_url())
     return _client
+
+
+def chain_step(i: int, n: int, prev_end: float, send: Callable[[int, int, float], object]) -> None:
+    """One task of the chain (a synchronous peer's): its hop recorded, then its successor sent
+    (`send(i + 1, n, its end)`, the peer's enqueue) as its last act, or the chain said done."""
+    start = time.time()
+    if prev_end:
+        client().rpush(HOPS, start - prev_end)
+    end = time.time()
+    if i + 1 < n:
+        send(i + 1, n, end)
+    else:
+        client().set(CHAIN_DONE, 1)

@@ -8,10 +8,8 @@ ignored and no result backend (nothing here reads a result), JSON; the worker ru
 
 from __future__ import annotations
 
-import time
-
 from celery import Celery
-from common import CHAIN_DONE, DONE, HOPS, QUEUE, client, redis_url
+from common import DONE, QUEUE, chain_step, client, redis_url
 
 app = Celery("peers", broker=redis_url())
 app.conf.update(
@@ -33,11 +31,4 @@ def noop() -> None:
 
 @app.task(name="peers.link")
 def link(i: int, n: int, prev_end: float) -> None:
-    start = time.time()
-    if prev_end:
-        client().rpush(HOPS, start - prev_end)
-    end = time.time()
-    if i + 1 < n:
-        link.delay(i + 1, n, end)
-    else:
-        client().set(CHAIN_DONE, 1)
+    chain_step(i, n, prev_end, link.delay)

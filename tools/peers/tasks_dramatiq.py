@@ -9,10 +9,8 @@ of its default twice the threads, so it fetches from Redis in big batches.
 
 from __future__ import annotations
 
-import time
-
 import dramatiq
-from common import CHAIN_DONE, DONE, HOPS, QUEUE, client, redis_url
+from common import DONE, QUEUE, chain_step, client, redis_url
 from dramatiq.brokers.redis import RedisBroker
 
 broker = RedisBroker(url=redis_url())
@@ -26,11 +24,4 @@ def noop() -> None:
 
 @dramatiq.actor(queue_name=QUEUE, max_retries=0)
 def link(i: int, n: int, prev_end: float) -> None:
-    start = time.time()
-    if prev_end:
-        client().rpush(HOPS, start - prev_end)
-    end = time.time()
-    if i + 1 < n:
-        link.send(i + 1, n, end)
-    else:
-        client().set(CHAIN_DONE, 1)
+    chain_step(i, n, prev_end, link.send)
