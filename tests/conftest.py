@@ -119,9 +119,9 @@ class Mesh:
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace")
 
-    def cli(self, *args: str, timeout: float = 120) -> str:
-        """What the `mesh` command prints on this mesh (wide, for tables); it must succeed."""
-        done = subprocess.run(
+    def run_cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """The `mesh` command on this mesh (wide, for tables), whatever its exit code."""
+        return subprocess.run(
             [sys.executable, "-m", "mesh", *args],
             env={**self.env, "COLUMNS": "200"},
             cwd=ROOT,
@@ -130,6 +130,10 @@ class Mesh:
             timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        """What the `mesh` command prints on this mesh; it must succeed."""
+        done = self.run_cli(*args, timeout=timeout)
         assert done.returncode == 0, done.stderr
         return done.stdout
 

@@ -8,8 +8,6 @@ worker must not change what is shown. The embedding preview runs the real embedd
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,23 +17,10 @@ from mesh import events
 from mesh.bus.outputs import OutputError, outcome_text, task_outcome, task_output
 from mesh.events import RunFinished
 from mesh.names import HEADER_MSG_ID, HEADER_TYPE
-from tests.conftest import HANG_S, ROOT, Mesh
+from tests.conftest import HANG_S, Mesh
 from tests.faults import until
 
 pytestmark = pytest.mark.integration
-
-
-def mesh_run(mesh: Mesh, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """The `mesh` command on this mesh, whatever its exit code."""
-    return subprocess.run(
-        [sys.executable, "-m", "mesh", *args],
-        env={**mesh.env, "COLUMNS": "200"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def outputs_plan(tmp: Path) -> str:
@@ -114,7 +99,7 @@ async def test_output_of_tasks_attempts_json_sensitive_plan_and_save(mesh: Mesh,
     ):
         if args[0] == f"{plan_id}.hello":
             await mesh.wait_task(plan_id, "hello", "succeeded")
-        result = mesh_run(mesh, "output", *args)
+        result = mesh.run_cli("output", *args)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert said in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
@@ -145,7 +130,7 @@ async def test_output_of_tasks_attempts_json_sensitive_plan_and_save(mesh: Mesh,
     assert "boom-stderr" in failed["stderr"]
 
     # a sensitive task's output is withheld unless asked for
-    hidden = mesh_run(mesh, "output", f"{plan_id}.secret")
+    hidden = mesh.run_cli("output", f"{plan_id}.secret")
     assert hidden.returncode == 1
     assert "withheld" in hidden.stderr and "--sensitive" in hidden.stderr
     assert "the-secret-value" not in hidden.stdout + hidden.stderr
@@ -167,7 +152,7 @@ async def test_output_of_tasks_attempts_json_sensitive_plan_and_save(mesh: Mesh,
     saved = tmp_path / "saved"
     mesh.cli("output", f"{plan_id}.hello", "--save", str(saved))
     assert (saved / "hello.output.txt").read_text() == "hello-out\nsecond line\n"
-    refused = mesh_run(mesh, "output", f"{plan_id}.secret", "--save", str(tmp_path / "secret"))
+    refused = mesh.run_cli("output", f"{plan_id}.secret", "--save", str(tmp_path / "secret"))
     assert refused.returncode == 1 and not (tmp_path / "secret" / "secret.output.txt").exists()
 
     # a report from a worker that never ran the attempt, and one sent after the brain decided
@@ -218,7 +203,7 @@ async def test_submit_wait_ends_with_the_leaf_outputs(mesh: Mesh, tmp_path: Path
     mesh.worker("w1")
     plan = tmp_path / "summed.md"
     plan.write_text(SUMMED)
-    done = mesh_run(mesh, "submit", str(plan), "--wait")
+    done = mesh.run_cli("submit", str(plan), "--wait")
     assert done.returncode == 0, done.stderr
     plan_id = done.stdout.strip().splitlines()[0]
     said = done.stderr
@@ -233,13 +218,13 @@ async def test_submit_wait_ends_with_the_leaf_outputs(mesh: Mesh, tmp_path: Path
     # a failed plan: its failure, and a task that never ran, said as such
     broken = tmp_path / "broken.md"
     broken.write_text(BROKEN)
-    failed = mesh_run(mesh, "submit", str(broken), "--wait")
+    failed = mesh.run_cli("submit", str(broken), "--wait")
     assert failed.returncode == 1, failed.stderr
     broken_id = failed.stdout.strip().splitlines()[0]
     assert f"mesh output {broken_id}.TASK" not in failed.stderr, "no final output to sum up"
     shown = mesh.cli("output", f"{broken_id}.boom")
     assert "error: exit code 3" in shown and "stderr:\nbad-news" in shown, shown
-    never = mesh_run(mesh, "output", f"{broken_id}.after")
+    never = mesh.run_cli("output", f"{broken_id}.after")
     assert never.returncode == 2 and "never ran: it is failed (dependency)" in never.stderr, never.stderr
     listing = mesh.cli("output", broken_id)
     assert "exit code 3" in listing and "after" in listing, listing
@@ -322,7 +307,7 @@ async def test_a_big_output_rewritten_in_the_store_is_refused_not_shown(mesh: Me
     assert outcome.report is not None and outcome.report.output_object
     assert len(outcome.report.output_sha256) == 64
     assert (await outcome_text(bus, outcome)).splitlines()[-1] == "line-40"
-    shown = mesh_run(mesh, "output", f"{plan_id}.big", "--sensitive")
+    shown = mesh.run_cli("output", f"{plan_id}.big", "--sensitive")
     assert shown.returncode == 0 and "line-40" in shown.stdout, shown.stderr
 
     await (await bus.objects()).put(outcome.report.output_object, b"forged output\n")
@@ -330,6 +315,6 @@ async def test_a_big_output_rewritten_in_the_store_is_refused_not_shown(mesh: Me
         await outcome_text(bus, outcome)
     with pytest.raises(OutputError, match="not what its worker reported"):
         await task_output(bus, plan_id, "big")
-    refused = mesh_run(mesh, "output", f"{plan_id}.big", "--sensitive")
+    refused = mesh.run_cli("output", f"{plan_id}.big", "--sensitive")
     assert refused.returncode != 0 and "forged" not in refused.stdout
     assert "not what its worker reported" in refused.stderr
