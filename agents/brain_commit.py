@@ -45,6 +45,7 @@ from mesh.records import (
     CANCELLED,
     INFLIGHT_STATES,
     PENDING,
+    READY,
     Checkpoint,
     PlanRecord,
     TaskRecord,
@@ -77,6 +78,9 @@ class BrainCommit(Agent):
     recent_writes: collections.deque[tuple[float, list[str], list[str]]]
     # stream sequence of each released task's work item, while it may be queued
     work_seq: dict[str, int]
+    # released tasks whose `ready` record is held back: written with the next checkpoint unless
+    # the task changes again first (`_hold_ready`)
+    held_ready: set[str]
 
     async def _commit(self, step: Step) -> None:
         """Publish a decided step: events, then records and work items together, each phase
@@ -101,6 +105,7 @@ class BrainCommit(Agent):
             archived = [ev.plan_id for ev in step.events if isinstance(ev, PlanArchived)]
             step.events.clear()
         tasks, plans = self.state.take_dirty()
+        tasks = self._hold_ready(tasks)
         try:
             acks = await self._write_records(tasks, plans, then=step.work)
         except BaseException:
@@ -130,6 +135,45 @@ class BrainCommit(Agent):
         await self._checkpoint()
         if archived:
             self.spawn(self._forget_objects(archived), "forget-objects")
+
+    def _hold_ready(self, tasks: list[TaskRecord]) -> list[TaskRecord]:
+        """The records to write now: a task released after its plan's acceptance step (its
+        record is in KV already, `waiting`, `pending` or `retrying`) keeps its `ready` record back
+        until the next checkpoint; most tasks start and end before that, and their next record
+        is written in its place. One write (and, with `durability = "always"`, one fsync) fewer
+        per task.
+
+        Nothing relies on the `ready` record: a worker takes a record behind its item's attempt
+        as one not yet caught up (`mesh.work.still_wanted`); a brain starting after a crash
+        folds the releases after the checkpoint again, and the checkpoint is written only once
+        the held records are (`_checkpoint`). `mesh status` shows such a task `waiting` until
+        then. A task released in its plan's acceptance step has no record yet: it is written
+        at once."""
+        held = self.held_ready
+        out = []
+        plans = self.state.plans
+        for rec in tasks:
+            if rec.status == READY:
+                plan = plans.get(rec.plan_id)
+                if plan is not None and rec.released_at > plan.accepted_at:
+                    held.add(rec.key)
+                    continue
+            held.discard(rec.key)
+            out.append(rec)
+        return out
+
+    async def _write_held(self) -> None:
+        """Write the `ready` records held back since the last checkpoint."""
+        if not self.held_ready:
+            return
+        tasks = self.state.tasks
+        keys = sorted(self.held_ready)
+        self.held_ready.clear()
+        try:
+            await self._write_records([tasks[k] for k in keys if k in tasks], [])
+        except BaseException:
+            self.held_ready.update(keys)
+            raise
 
     async def _forget_objects(self, plan_ids: list[str]) -> None:
         """Delete archived plans' artifacts and outputs from the object store, in the background;
@@ -226,13 +270,16 @@ class BrainCommit(Agent):
         log.info("reconnected: writing %d recent records again", len(self.state.dirty_tasks))
 
     async def _checkpoint(self, force: bool = False) -> None:
-        """Record that KV holds everything up to `last_seq` (called only with nothing unwritten),
+        """Record that KV holds everything up to `last_seq` (called only with nothing unwritten but
+        the held `ready` records, which it writes first),
         with the learned figures folded so far (a GPU's report may change them alone)."""
         learned = self.state.learned
         if self.last_seq <= self.checkpoint_seq and learned.fed == self.learned_fed and not force:
             return
         if not force and time.monotonic() - self._last_checkpoint < self.settings.checkpoint_s:
             return
+        # KV must hold everything up to `last_seq`: the held `ready` records too
+        await self._write_held()
         kv = await self.bus.brain_kv()
         cp = Checkpoint(seq=self.last_seq, at=time.time(), brain=self.agent_id, learned=learned)
         await kv.put(CHECKPOINT_KEY, encode_record(cp))
