@@ -5,9 +5,12 @@ killed with records held leaves nothing behind that its successor does not repai
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
+from agents.brain_commit import CHECKPOINT_KEY
+from mesh.records import decode_checkpoint
 from tests.conftest import Mesh
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,13 +84,22 @@ async def test_a_queued_task_gets_its_ready_record_and_survives_a_brain_kill(mes
 async def test_a_brain_killed_with_ready_records_held_repairs_them(mesh: Mesh) -> None:
     mesh.brain()
     mesh.worker("cpu-worker", 1)
-    plan_id = await mesh.submit_text(PLAN)
     bus = await mesh.bus()
-    # kill the brain as soon as `second` is released: its record may still be held
-    released = bus.names.task_event(plan_id, "second", "released")
-    sub = await bus.nc.subscribe(released)
-    await sub.next_msg(timeout=120)
-    await sub.unsubscribe()
+    brain_kv = await bus.brain_kv()
+    plan_id = await mesh.submit_text(PLAN)
+    await mesh.wait_task(plan_id, "first", "succeeded")
+    last = await bus.js.get_last_msg(
+        bus.names.events_stream, bus.names.task_event(plan_id, "second", "released")
+    )
+    released_seq = last.seq
+    # the first checkpoint written after the release: while `second`'s record is held back, it
+    # must stay before the release, or a brain starting from it would never release `second`
+    before = (await brain_kv.get(CHECKPOINT_KEY)).revision
+    while (entry := await brain_kv.get(CHECKPOINT_KEY)).revision == before:
+        await asyncio.sleep(0.05)
+    checkpoint = decode_checkpoint(entry.value or b"")
+    if (await mesh.raw_tasks())[f"{plan_id}.second"].status != "ready":
+        assert checkpoint.seq < released_seq
     mesh.kill("brain")
     mesh._expected_dead.add("brain")
     mesh.brain("brain2")
