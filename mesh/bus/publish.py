@@ -402,7 +402,8 @@ class Bus:
             try:
                 info = await self.js.stream_info(stream)
                 allowed = bool(info.config.allow_atomic)
-            except nats.js.errors.Error:
+            except (nats.errors.Error, TimeoutError):
+                # (a user that may not read the stream's settings: one by one, as always)
                 allowed = False
             self._atomic[stream] = allowed
         return allowed
