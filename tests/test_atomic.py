@@ -108,8 +108,15 @@ async def test_a_stream_that_refuses_atomic_batches_gets_the_messages_one_by_one
         await bus.close()
 
 
-async def test_atomic_batches_can_be_turned_off(nats_server: EmbeddedServer) -> None:
-    bus, s = await _bus(nats_server, MESH_ATOMIC_BATCHES="false")
+@pytest.mark.parametrize(
+    "env",
+    [{"MESH_ATOMIC_BATCHES": "false"}, {"MESH_DURABILITY": "lazy"}],
+    ids=["turned-off", "lazy-durability"],
+)
+async def test_atomic_batches_are_not_used_when_off_or_with_lazy_durability(
+    nats_server: EmbeddedServer, env: dict[str, str]
+) -> None:
+    bus, s = await _bus(nats_server, **env)
     try:
         acks = await bus.emit_many(_waiting(2 * ATOMIC_MIN))
         stored = await bus.js.get_msg(s.names.events_stream, acks[-1].seq)

@@ -309,7 +309,8 @@ class Bus:
 
         Where `ATOMIC_MIN` or more go to one stream that allows it, they go as JetStream atomic
         batches: the server syncs such a batch to disk once, where it syncs every message
-        published alone (`durability = "always"`). A batch holding a message the server
+        published alone (`durability = "always"`; with "lazy" it syncs neither, except the
+        batch's staging, so batches are not used). A batch holding a message the server
         already has (a step published again after an interruption) is refused whole; so is a
         batch to a stream that does not allow them: the same messages then go again one by one,
         and the server drops the ones it has by their `Nats-Msg-Id`.
@@ -370,7 +371,9 @@ class Bus:
     async def _atomic_groups(self, items: list[tuple[str, bytes, dict[str, str]]]) -> list[list[int]]:
         """The indexes of `items` to publish as atomic batches: per stream that allows them,
         where it has `ATOMIC_MIN` or more, in order, up to `ATOMIC_MAX` a batch."""
-        if len(items) < ATOMIC_MIN or not self.settings.atomic_batches:
+        s = self.settings
+        if len(items) < ATOMIC_MIN or not s.atomic_batches or s.durability != "always":
+            # (a server that syncs every couple of minutes syncs a batch still: no gain there)
             return []
         by_stream: dict[str, list[int]] = {}
         for i, (subject, _, _) in enumerate(items):
