@@ -99,6 +99,8 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         self.recent_writes: collections.deque[tuple[float, list[str], list[str]]] = collections.deque()
         # stream sequence of each released task's work item, while it may be queued
         self.work_seq: dict[str, int] = {}
+        # released tasks whose `ready` record is held back (BrainCommit._hold_ready)
+        self.held_ready: dict[str, tuple[int, float]] = {}
 
     def record(self) -> AgentRecord:
         rec = super().record()

@@ -32,6 +32,7 @@ from mesh.events import (
     TaskEscalated,
     TaskFailed,
     TaskRedelivered,
+    TaskReleased,
     TaskRetrying,
     TaskReviewed,
     TaskReviewing,
@@ -45,6 +46,7 @@ from mesh.records import (
     CANCELLED,
     INFLIGHT_STATES,
     PENDING,
+    READY,
     Checkpoint,
     PlanRecord,
     TaskRecord,
@@ -55,6 +57,8 @@ from mesh.status import FailReason
 log = logging.getLogger("mesh.brain")
 
 RECENT_WRITES_S = 30.0
+# a released task's `ready` record held back longer than this is written (`_hold_ready`)
+HELD_MAX_S = 5.0
 CHECKPOINT_KEY = "checkpoint"
 # a note for the operator (a model no GPU can hold, say) is logged at most this often
 NOTE_EVERY_S = 600.0
@@ -77,6 +81,9 @@ class BrainCommit(Agent):
     recent_writes: collections.deque[tuple[float, list[str], list[str]]]
     # stream sequence of each released task's work item, while it may be queued
     work_seq: dict[str, int]
+    # released tasks whose `ready` record is held back (`_hold_ready`): the stream sequence of
+    # the release, and since when (monotonic)
+    held_ready: dict[str, tuple[int, float]]
 
     async def _commit(self, step: Step) -> None:
         """Publish a decided step: events, then records and work items together, each phase
@@ -93,14 +100,25 @@ class BrainCommit(Agent):
         self._outbox = step
         bus = self.bus
         archived: list[str] = []
+        released: dict[str, int] = {}
         if step.events:
             acks = await bus.emit_many(step.events)
             self.last_seq = max(self.last_seq, max(a.seq for a in acks))
+            # a released task's first event in this step (its `task.waiting` may come before)
+            first: dict[str, int] = {}
+            for ev, ack in zip(step.events, acks, strict=True):
+                task_id = getattr(ev, "task_id", "")
+                if task_id:
+                    key = f"{getattr(ev, 'plan_id', '')}.{task_id}"
+                    first.setdefault(key, ack.seq)
+                    if isinstance(ev, TaskReleased):
+                        released[key] = first[key]
             for ev in step.events:
                 self._log_event(ev)
             archived = [ev.plan_id for ev in step.events if isinstance(ev, PlanArchived)]
             step.events.clear()
         tasks, plans = self.state.take_dirty()
+        tasks = self._hold_ready(tasks, released)
         try:
             acks = await self._write_records(tasks, plans, then=step.work)
         except BaseException:
@@ -130,6 +148,59 @@ class BrainCommit(Agent):
         await self._checkpoint()
         if archived:
             self.spawn(self._forget_objects(archived), "forget-objects")
+
+    def _hold_ready(self, tasks: list[TaskRecord], released: dict[str, int]) -> list[TaskRecord]:
+        """The records to write now. A task released after its plan's acceptance step (its
+        record is in KV already: `waiting`, `pending` or `retrying`) keeps its `ready` record
+        back: most tasks start and end soon after, and their next record is written in its
+        place. One write (and, with `durability = "always"`, one fsync) fewer per task.
+        `released`: for each task released in this step, the stream sequence of its first event
+        in the step (what its record would have said since it was last written starts there).
+
+        Nothing relies on the `ready` record: a worker takes a record behind its item's attempt
+        as one not yet caught up (`mesh.work.still_wanted`), and the checkpoint stays before the
+        release of every held record (`_checkpoint_seq`), so a brain starting after a crash
+        folds those releases again. A record held longer than `HELD_MAX_S` is written with the
+        next checkpoint: `mesh status` shows a queued task `waiting` until then. A task released
+        in its plan's acceptance step has no record yet: it is written at once."""
+        held = self.held_ready
+        out = []
+        plans = self.state.plans
+        now = time.monotonic()
+        for rec in tasks:
+            if rec.status == READY:
+                plan = plans.get(rec.plan_id)
+                seq = released.get(rec.key) or (held[rec.key][0] if rec.key in held else 0)
+                if seq and plan is not None and rec.released_at > plan.accepted_at:
+                    if rec.key not in held:
+                        held[rec.key] = (seq, now)
+                    continue
+            held.pop(rec.key, None)
+            out.append(rec)
+        return out
+
+    async def _write_held(self, older_than: float = 0.0) -> None:
+        """Write the `ready` records held back longer than `older_than` seconds."""
+        if not self.held_ready:
+            return
+        horizon = time.monotonic() - older_than
+        keys = sorted(k for k, (_, since) in self.held_ready.items() if since <= horizon)
+        if not keys:
+            return
+        taken = {k: self.held_ready.pop(k) for k in keys}
+        tasks = self.state.tasks
+        try:
+            await self._write_records([tasks[k] for k in keys if k in tasks], [])
+        except BaseException:
+            self.held_ready.update(taken)
+            raise
+
+    def _checkpoint_seq(self) -> int:
+        """How far KV holds everything: up to `last_seq`, or to just before the first unwritten
+        event of the oldest `ready` record still held back."""
+        if not self.held_ready:
+            return self.last_seq
+        return min(self.last_seq, min(seq for seq, _ in self.held_ready.values()) - 1)
 
     async def _forget_objects(self, plan_ids: list[str]) -> None:
         """Delete archived plans' artifacts and outputs from the object store, in the background;
@@ -226,17 +297,21 @@ class BrainCommit(Agent):
         log.info("reconnected: writing %d recent records again", len(self.state.dirty_tasks))
 
     async def _checkpoint(self, force: bool = False) -> None:
-        """Record that KV holds everything up to `last_seq` (called only with nothing unwritten),
-        with the learned figures folded so far (a GPU's report may change them alone)."""
+        """Record how far KV holds everything (`_checkpoint_seq`; called only with nothing
+        unwritten but the held `ready` records), with the learned figures folded so far (a GPU's
+        report may change them alone). Held records older than `HELD_MAX_S` are written first;
+        `force` writes them all."""
         learned = self.state.learned
-        if self.last_seq <= self.checkpoint_seq and learned.fed == self.learned_fed and not force:
-            return
         if not force and time.monotonic() - self._last_checkpoint < self.settings.checkpoint_s:
             return
+        await self._write_held(0.0 if force else HELD_MAX_S)
+        seq = self._checkpoint_seq()
+        if seq <= self.checkpoint_seq and learned.fed == self.learned_fed and not force:
+            return
         kv = await self.bus.brain_kv()
-        cp = Checkpoint(seq=self.last_seq, at=time.time(), brain=self.agent_id, learned=learned)
+        cp = Checkpoint(seq=seq, at=time.time(), brain=self.agent_id, learned=learned)
         await kv.put(CHECKPOINT_KEY, encode_record(cp))
-        self.checkpoint_seq = self.last_seq
+        self.checkpoint_seq = seq
         self.learned_fed = learned.fed
         self._last_checkpoint = time.monotonic()
 

@@ -66,6 +66,8 @@ class BrainRecovery(BrainCommit):
         tasks.extend(rebuilt_tasks)
         plans.extend(rebuilt_plans)
         self.state = State.load(tasks, plans, aging_s=self.settings.aging_s)
+        # held-back records of the state this replaces: the catch-up folds their releases again
+        self.held_ready.clear()
         # written over the damaged values by the catch-up that follows
         self.state.dirty_tasks.update(r.key for r in rebuilt_tasks)
         self.state.dirty_plans.update(p.plan_id for p in rebuilt_plans)

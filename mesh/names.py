@@ -194,6 +194,16 @@ class Names:
         return f"{self.prefix}.evt.>"
 
     @property
+    def evt_prefix(self) -> str:
+        """What every event subject starts with."""
+        return f"{self.prefix}.evt."
+
+    @property
+    def work_prefix(self) -> str:
+        """What every work stream subject starts with."""
+        return f"{self.prefix}.work."
+
+    @property
     def runs_all(self) -> str:
         return f"{self.prefix}.evt.run.>"
 

@@ -244,6 +244,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # message to the disk before acknowledging it, so a power cut loses nothing acknowledged;
     # "lazy" syncs every 2 minutes, faster, and a power cut loses what was acknowledged since
     durability: Literal["always", "lazy"] = "always"
+    # a brain step's many messages to one stream go as JetStream atomic batches (nats-server
+    # 2.12 or later; streams made with `allow_atomic`): one disk sync a batch, not one a message
+    atomic_batches: bool = True
 
     # security and hosts (docs/security.md, docs/multihost.md) ------------------------------
     # the NATS user and password this process connects as (`mesh init --secure` writes them)

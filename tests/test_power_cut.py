@@ -73,7 +73,7 @@ class Rig:
         self.server = EmbeddedServer(tmp / "nats", port=port, config_text=text)
         self.mesh = Mesh(self.server, tmp)
         # quick redelivery of what the cut caught in flight, a quick brain takeover
-        configure(self.mesh, ack_wait_s=2, lease_s=2, agent_ttl_s=3)
+        configure(self.mesh, ack_wait_s=2, lease_s=2, agent_ttl_s=3, durability=durability)
         self.generation = 0
 
     def start(self) -> None:

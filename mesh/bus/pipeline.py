@@ -29,6 +29,8 @@ class _Ack(msgspec.Struct):
     duplicate: bool = False
     domain: str | None = None
     error: dict[str, Any] | None = None
+    # an atomic batch's commit: how many it stored (its last at `seq`)
+    count: int = 0
 
 
 _decode_ack = msgspec.json.Decoder(_Ack).decode
@@ -42,7 +44,13 @@ class AckBatch:
         self.prefix = f"{prefix}.{key}"
         self.acks: list[api.PubAck | None] = [None] * n
         self.missing = n
+        # an atomic batch's indexes, by the index of its last message (whose acknowledgement
+        # stands for all of them: they are stored one after another, ending at its sequence)
+        self.groups: dict[int, list[int]] = {}
         self.done: asyncio.Future[list[api.PubAck]] = asyncio.get_running_loop().create_future()
+
+    def group(self, indexes: list[int]) -> None:
+        self.groups[indexes[-1]] = indexes
 
     def reply(self, i: int) -> str:
         return f"{self.prefix}.{i}"
@@ -64,8 +72,22 @@ class AckBatch:
             except nats.js.errors.Error as exc:
                 self.done.set_exception(exc)
             return
-        self.acks[i] = api.PubAck(stream=ack.stream, seq=ack.seq, domain=ack.domain, duplicate=ack.duplicate)
-        self.missing -= 1
+        group = self.groups.get(i)
+        if group is None:
+            self.acks[i] = api.PubAck(
+                stream=ack.stream, seq=ack.seq, domain=ack.domain, duplicate=ack.duplicate
+            )
+            self.missing -= 1
+        else:
+            if ack.count != len(group):
+                self.done.set_exception(
+                    nats.js.errors.Error(f"an atomic batch of {len(group)} was stored as {ack.count}")
+                )
+                return
+            first = ack.seq - len(group) + 1
+            for n, j in enumerate(group):
+                self.acks[j] = api.PubAck(stream=ack.stream, seq=first + n, domain=ack.domain)
+            self.missing -= len(group)
         if not self.missing:
             self.done.set_result(self.acks)  # type: ignore[arg-type]
 

@@ -10,6 +10,7 @@ import base64
 import functools
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -55,6 +56,20 @@ PUBLISH_TIMEOUT_S = 10.0
 PIPELINE_CHUNK = 2000
 
 
+# atomic batch publishing (`Bus._pipelined`): a stream gets its messages as one batch from this
+# many on (the server syncs a batch about four times: the batch's own staging and the stream's
+# block; below this the messages one by one cost no more), at most the server's limit a batch
+ATOMIC_MIN = 8
+ATOMIC_MAX = 1000
+ATOMIC_ID = "Nats-Batch-Id"
+ATOMIC_SEQ = "Nats-Batch-Sequence"
+ATOMIC_COMMIT = "Nats-Batch-Commit"
+# the server's refusals of a whole batch that the same messages one by one get past: atomic
+# publishing disabled on the stream, a message it already has, too many batches in flight
+ATOMIC_DISABLED = 10174
+ATOMIC_REFUSED = frozenset({ATOMIC_DISABLED, 10201, 10210})
+
+
 class Bus:
     """A connected client: JetStream context, KV handles and publish helpers."""
 
@@ -67,6 +82,8 @@ class Bus:
         self._objects: ObjectStore | None = None
         self._models: ObjectStore | None = None
         self._acks: AckCollector | None = None
+        # streams known to take atomic batches, or not (`_allows_atomic`)
+        self._atomic: dict[str, bool] = {}
         self.closing = False
         # says once when the server's store is full, and once when it takes writes again
         buckets = bucket_definitions(settings)
@@ -225,6 +242,12 @@ class Bus:
         except nats.js.errors.BucketNotFoundError:
             self._kv[d["bucket"]] = await self.js.create_key_value(_kv_config(d))
             log.info("created bucket %s", d["bucket"])
+        if d.get("allow_atomic"):
+            # (a KV bucket's own settings cannot say it: its stream's can)
+            info = await self.js.stream_info(f"KV_{d['bucket']}")
+            if not info.config.allow_atomic:
+                info.config.allow_atomic = True
+                await self.js.update_stream(info.config)
 
     async def kv(self, bucket: str) -> KeyValue:
         if bucket not in self._kv:
@@ -283,20 +306,56 @@ class Bus:
         whole batch (nats-py's `publish_async` makes a future, a semaphore wait, a random token
         and a done callback per message, and decodes each acknowledgement with `json`: about
         a fifth of the brain's time).
+
+        Where `ATOMIC_MIN` or more go to one stream that allows it, they go as JetStream atomic
+        batches: the server syncs such a batch to disk once, where it syncs every message
+        published alone (`durability = "always"`; with "lazy" it syncs neither, except the
+        batch's staging, so batches are not used). A batch holding a message the server
+        already has (a step published again after an interruption) is refused whole; so is a
+        batch to a stream that does not allow them: the same messages then go again one by one,
+        and the server drops the ones it has by their `Nats-Msg-Id`.
         """
         if not items:
             return []
+        groups = await self._atomic_groups(items)
+        try:
+            return await self._send(items, groups)
+        except nats.js.errors.APIError as exc:
+            if not groups or exc.err_code not in ATOMIC_REFUSED:
+                raise
+            if exc.err_code == ATOMIC_DISABLED:
+                self._atomic.clear()  # asked again before the next batch
+            log.debug("an atomic batch was refused (%s): publishing its messages one by one", exc)
+            return await self._send(items, [])
+
+    async def _send(
+        self, items: list[tuple[str, bytes, dict[str, str]]], groups: list[list[int]]
+    ) -> list[api.PubAck]:
         if self._acks is None:
             self._acks = AckCollector(self.nc.new_inbox())
             await self.nc.subscribe(f"{self._acks.prefix}.>", cb=self._acks.on_reply)
         batch = self._acks.open(len(items))
+        # an atomic batch's messages carry its id and their place; only its last asks for an
+        # acknowledgement (it commits the batch, and its acknowledgement says for all of them)
+        marks: dict[int, dict[str, str]] = {}
+        for group in groups:
+            batch_id = secrets.token_hex(11)
+            for n, i in enumerate(group, 1):
+                marks[i] = {ATOMIC_ID: batch_id, ATOMIC_SEQ: str(n)}
+            marks[group[-1]][ATOMIC_COMMIT] = "1"
+            batch.group(group)
         route = self.js._route if isinstance(self.js, DomainJetStream) else None
         try:
             for i, (subject, data, headers) in enumerate(items):
+                mark = marks.get(i)
+                reply = batch.reply(i) if mark is None or ATOMIC_COMMIT in mark else ""
                 # nothing here yields until the client's buffer is full: the batch goes out
                 # in as few writes as the buffer allows
                 await self.nc.publish(
-                    route(subject) if route else subject, data, reply=batch.reply(i), headers=headers
+                    route(subject) if route else subject,
+                    data,
+                    reply=reply,
+                    headers={**headers, **mark} if mark else headers,
                 )
             acks = await asyncio.wait_for(batch.done, timeout=PUBLISH_TIMEOUT_S)
         except TRANSIENT as exc:
@@ -308,6 +367,49 @@ class Bus:
             for subject, _, _ in items:
                 self.store.cleared(subject)
         return acks
+
+    async def _atomic_groups(self, items: list[tuple[str, bytes, dict[str, str]]]) -> list[list[int]]:
+        """The indexes of `items` to publish as atomic batches: per stream that allows them,
+        where it has `ATOMIC_MIN` or more, in order, up to `ATOMIC_MAX` a batch."""
+        s = self.settings
+        if len(items) < ATOMIC_MIN or not s.atomic_batches or s.durability != "always":
+            # (a server that syncs every couple of minutes syncs a batch still: no gain there)
+            return []
+        by_stream: dict[str, list[int]] = {}
+        for i, (subject, _, _) in enumerate(items):
+            stream = self._stream_of(subject)
+            if stream:
+                by_stream.setdefault(stream, []).append(i)
+        groups = []
+        for stream, indexes in by_stream.items():
+            if len(indexes) < ATOMIC_MIN or not await self._allows_atomic(stream):
+                continue
+            groups += [indexes[i : i + ATOMIC_MAX] for i in range(0, len(indexes), ATOMIC_MAX)]
+        return groups
+
+    def _stream_of(self, subject: str) -> str:
+        """The stream a subject mesh publishes in batches is stored in ('' : another)."""
+        n = self.names
+        if subject.startswith("$KV."):
+            return f"KV_{subject.split('.', 2)[1]}"
+        if subject.startswith(n.evt_prefix):
+            return n.events_stream
+        if subject.startswith(n.work_prefix):
+            return n.work_stream
+        return ""
+
+    async def _allows_atomic(self, stream: str) -> bool:
+        """Whether `stream` takes atomic batches (its settings, read once)."""
+        allowed = self._atomic.get(stream)
+        if allowed is None:
+            try:
+                info = await self.js.stream_info(stream)
+                allowed = bool(info.config.allow_atomic)
+            except (nats.errors.Error, TimeoutError):
+                # (a user that may not read the stream's settings: one by one, as always)
+                allowed = False
+            self._atomic[stream] = allowed
+        return allowed
 
     def _encoded(self, evs: Sequence[Msg]) -> list[tuple[str, bytes, dict[str, str]]]:
         items: list[tuple[str, bytes, dict[str, str]]] = []

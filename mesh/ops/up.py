@@ -86,6 +86,8 @@ class Stack:
         self.slots = slots
         self.log_dir = Path(log_dir) if log_dir else None
         self.env = dict(os.environ if env is None else env)
+        # the agents know how the server syncs (whether atomic batches pay: `Bus._atomic_groups`)
+        self.env["MESH_DURABILITY"] = durability
         self.auditor = auditor
         self.watchdog = watchdog
         # the gateway to Claude (without an API key it runs, and fails escalations saying why)
