@@ -329,6 +329,10 @@ def evolve(state: State, ev: Msg) -> None:
     if rec is None:
         return
     match ev:
+        case TaskSucceeded() | TaskRetrying() | TaskFailed() if ev.started_at:
+            # the attempt's start, decided from the same report as its end: a `task.started` first
+            _start(state, rec, ev.worker, ev.started_at)
+    match ev:
         case TaskWaiting():
             rec.waiting_since = ev.at
             rec.not_before = 0.0
@@ -340,10 +344,7 @@ def evolve(state: State, ev: Msg) -> None:
             rec.worker = ""
             _set_status(state, rec, READY, ev.at)
         case TaskStarted():
-            rec.worker = ev.worker
-            rec.started_at = ev.at
-            rec.deliveries = 1
-            _set_status(state, rec, RUNNING, ev.at)
+            _start(state, rec, ev.worker, ev.at)
         case TaskRedelivered():
             rec.worker = ev.worker
             rec.started_at = ev.at
@@ -456,6 +457,14 @@ def evolve(state: State, ev: Msg) -> None:
             rec.error = ev.reason
             rec.finished_at = ev.at
             _set_status(state, rec, CANCELLED, ev.at)
+
+
+def _start(state: State, rec: TaskRecord, worker: str, at: float) -> None:
+    """A worker started the task's attempt (`task.started`, or the `started_at` of its end)."""
+    rec.worker = worker
+    rec.started_at = at
+    rec.deliveries = 1
+    _set_status(state, rec, RUNNING, at)
 
 
 def _rekey_demand(state: State, rec: TaskRecord, change: Callable[[], None]) -> None:

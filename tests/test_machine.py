@@ -372,17 +372,33 @@ def test_diamond_records_carry_report_details() -> None:
 def test_a_short_task_reports_its_start_with_its_end() -> None:
     # a worker holds `run.started` back; a task done sooner carries `started_at` in its one report
     d = Driver()
-    d.submit(plan(task("a"), task("b", "a"), task("c")), at=T0)
+    d.submit(plan(task("a"), task("b", "a"), task("c", retries=1)), at=T0)
     a = d.take("a")
     step = d.finished(a, worker="w4", at=T0 + 2, started_at=T0 + 1.99)
-    assert kinds(step.events) == [TaskStarted, TaskSucceeded, TaskWaiting, TaskReleased]
+    # both transitions in one event: the end, saying the attempt started with it
+    assert kinds(step.events) == [TaskSucceeded, TaskWaiting, TaskReleased]
+    done = step.events[0]
+    assert isinstance(done, TaskSucceeded) and (done.started_at, done.worker) == (T0 + 2, "w4")
     assert [w.task_id for w in step.work] == ["b"]
     rec = d.state.tasks["p1.a"]
     assert (rec.status, rec.worker, rec.started_at, rec.finished_at) == (SUCCEEDED, "w4", T0 + 2, T0 + 2)
+    assert rec.deliveries == 1
     # the same for a failure, which retries as any other
     c = d.take("c")
     step = d.finished(c, ok=False, worker="w4", started_at=d.now)
-    assert kinds(step.events)[:2] == [TaskStarted, TaskRetrying]
+    assert kinds(step.events)[:1] == [TaskRetrying]
+    retrying = step.events[0]
+    assert isinstance(retrying, TaskRetrying) and retrying.started_at == d.now
+    assert d.state.tasks["p1.c"].deliveries == 1
+    # and one that fails for good
+    due = next_due(d.state)
+    assert due is not None
+    d.tick(at=due)
+    c = d.take("c")
+    step = d.finished(c, ok=False, worker="w5", started_at=d.now)
+    assert kinds(step.events)[:1] == [TaskFailed]
+    failed = step.events[0]
+    assert isinstance(failed, TaskFailed) and (failed.started_at, failed.worker) == (d.now, "w5")
     # the late report of a start already recorded is ignored
     assert_ignored(d.started(a, worker="w4"))
     check_history(d.events, d.policy.release_window)
