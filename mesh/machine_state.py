@@ -257,7 +257,9 @@ def _accept(state: State, ev: PlanAccepted) -> None:
 
 
 def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: float) -> int:
-    """Add the tasks not known yet (pending); how many were added."""
+    """Add the tasks not known yet; how many were added. A task that depends on nothing waits
+    from the moment it is added: the event that adds it (`plan.accepted`, `plan.tasks`,
+    `task.followups`) stands for its `task.waiting`. The others are pending."""
     added = 0
     for spec in specs:
         index = len(state.plan_keys.get(plan.plan_id, ()))
@@ -267,10 +269,26 @@ def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: 
         state.tasks[rec.key] = rec
         state.dirty_tasks.add(rec.key)
         state._index(rec)
+        plan.counts[PENDING] = plan.counts.get(PENDING, 0) + 1
         added += 1
-    if added:
-        plan.counts[PENDING] = plan.counts.get(PENDING, 0) + added
+        if not spec.depends_on:
+            _wait(state, rec, at)
     return added
+
+
+def _wait(state: State, rec: TaskRecord, at: float, push: bool = True) -> None:
+    """The task waits for a release slot, since `at` (`task.waiting`, or an event that stands
+    for it). Folding it again changes nothing: a history written before the acceptance stood for
+    it has both, and an event that carries it is folded after the `task.waiting` it replaced."""
+    if rec.status == WAITING and rec.waiting_since == at and rec.not_before == 0.0:
+        rec.updated_at = at
+        state.dirty_tasks.add(rec.key)
+        return
+    rec.waiting_since = at
+    rec.not_before = 0.0
+    _set_status(state, rec, WAITING, at)
+    if push:
+        state._push(rec)
 
 
 def evolve(state: State, ev: Msg) -> None:
@@ -334,10 +352,7 @@ def evolve(state: State, ev: Msg) -> None:
             _start(state, rec, ev.worker, ev.started_at)
     match ev:
         case TaskWaiting():
-            rec.waiting_since = ev.at
-            rec.not_before = 0.0
-            _set_status(state, rec, WAITING, ev.at)
-            state._push(rec)
+            _wait(state, rec, ev.at)
         case TaskReleased():
             rec.attempt = ev.attempt
             rec.released_at = ev.at

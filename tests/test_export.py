@@ -55,7 +55,7 @@ from mesh.redact import Redactor
 from mesh.status import FailReason
 from tests.conftest import ROOT, Mesh
 from tests.faults import run_mesh, until
-from tests.test_machine_merged import one_per_transition
+from tests.test_machine import one_per_transition
 
 LLM = "gemma3-270m"
 PLAN_TIMEOUT_S = 180.0

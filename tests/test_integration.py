@@ -25,7 +25,7 @@ from mesh.plan import parse_plan
 from mesh.records import TaskRecord
 from tests.conftest import HANG_S, Mesh
 from tests.faults import until
-from tests.test_machine_merged import one_per_transition
+from tests.test_machine import one_per_transition
 
 pytestmark = pytest.mark.integration
 

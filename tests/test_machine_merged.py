@@ -1,51 +1,41 @@
-"""Transitions stored as fewer events (`mesh.machine_step.Decision._merged`): a task's start
-carried by its end when one report says both. The history is shorter and replays to the same
-records; a history written the older way (one event per transition) still replays the same.
+"""Transitions stored as fewer events: a task's start carried by its end when one report says
+both (`mesh.machine_step.Decision._merged`); the waiting of a task that depends on nothing
+carried by the event that adds it (`mesh.machine_state._add_tasks`). The history is shorter and
+replays to the same records; a history written the older way (one event per transition) still
+replays the same.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import msgspec
 
 from mesh.events import (
-    Msg,
+    PlanTasks,
     RunFinished,
     TaskFailed,
+    TaskReleased,
     TaskRetrying,
     TaskStarted,
     TaskSucceeded,
+    TaskWaiting,
     decode,
     encode,
 )
-from mesh.machine import Policy, next_due, replay
-from tests.test_machine import T0, Driver, assert_replays, check_history, of_task, plan, snapshot, task
-
-
-def one_per_transition(history: Iterable[Msg | None]) -> list[Msg]:
-    """The same history with one event per transition, as a brain that stored every transition
-    as an event of its own wrote it: an end that carries its start is a `task.started`, then
-    the end without it."""
-    out: list[Msg] = []
-    for ev in history:
-        match ev:
-            case None:
-                continue
-            case TaskSucceeded() | TaskRetrying() | TaskFailed() if ev.started_at:
-                out.append(
-                    TaskStarted(
-                        plan_id=ev.plan_id,
-                        task_id=ev.task_id,
-                        attempt=ev.attempt,
-                        worker=ev.worker,
-                        at=ev.started_at,
-                    )
-                )
-                out.append(msgspec.structs.replace(ev, started_at=0.0))
-            case _:
-                out.append(ev)
-    return out
+from mesh.machine import Policy, State, next_due, replay
+from mesh.records import PENDING, READY, SUCCEEDED, WAITING
+from tests.test_machine import (
+    T0,
+    Driver,
+    assert_replays,
+    check_history,
+    kinds,
+    of_task,
+    one_per_transition,
+    plan,
+    released_ids,
+    snapshot,
+    task,
+)
 
 
 def short_runs(d: Driver, fail: frozenset[str] = frozenset()) -> None:
@@ -105,3 +95,57 @@ def test_a_history_with_separate_starts_replays_the_same() -> None:
     raw = msgspec.json.decode(encode(end))
     assert raw.pop("started_at") == end.started_at > 0
     assert decode(msgspec.json.encode(raw)) == msgspec.structs.replace(end, started_at=0.0)
+
+
+def queued(state: State) -> int:
+    return sum(len(heap) for heap in state.queue.values())
+
+
+def test_an_acceptance_stands_for_the_waiting_of_tasks_that_depend_on_nothing() -> None:
+    # a plan cut into several parts, more tasks than the release window
+    d = Driver(Policy(release_window=2, part_bytes=1024))
+    spec = plan(*(task(f"t{i:02d}") for i in range(30)), task("join", *(f"t{i:02d}" for i in range(30))))
+    step = d.submit(spec, at=T0)
+    assert PlanTasks in kinds(step.events)
+    assert TaskWaiting not in kinds(step.events)
+    assert kinds(step.events)[-2:] == [TaskReleased, TaskReleased]
+    waiting = [r for r in d.state.plan_tasks("p1") if r.status == WAITING]
+    assert len(waiting) == 28 and {(r.waiting_since, r.updated_at, r.not_before) for r in waiting} == {
+        (T0, T0, 0.0)
+    }
+    assert d.state.tasks["p1.join"].status == PENDING
+    assert d.state.plans["p1"].counts == {READY: 2, WAITING: 28, PENDING: 1}
+    assert queued(d.state) == 28, "each waiting task is queued once"
+    # the same records from the history, and from the history of a brain that stored each
+    # task's waiting (folded after the acceptance that now stands for it: a fold that changes
+    # nothing, and queues nothing twice)
+    new, old = replay(d.events, aging_s=60.0), replay(one_per_transition(d.events), aging_s=60.0)
+    assert snapshot(new) == snapshot(old) == snapshot(d.state)
+    assert queued(new) == queued(old) == 30
+    d.drain()
+    assert d.state.plans["p1"].status == SUCCEEDED
+    check_history(d.events, d.policy.release_window)
+    assert_replays(d)
+    assert snapshot(replay(one_per_transition(d.events), aging_s=60.0)) == snapshot(d.state)
+    # the tasks were released in plan order, as they were queued
+    assert [e.task_id for e in d.events if isinstance(e, TaskReleased)][:30] == [
+        f"t{i:02d}" for i in range(30)
+    ]
+
+
+def test_a_brain_on_an_older_history_goes_on_the_same() -> None:
+    """A brain that replays a history written with a `task.waiting` per task, then decides on:
+    the same releases, the same records, as from the history written now."""
+    spec = plan(*(task(f"t{i}") for i in range(8)))
+    d = Driver(Policy(release_window=3))
+    d.submit(spec, at=T0)
+    a, b = (
+        Driver(Policy(release_window=3), state=replay(h, aging_s=60.0), now=d.now)
+        for h in (d.events, one_per_transition(d.events))
+    )
+    for x in (a, b):
+        x.work = list(d.work)
+        x.drain()
+    assert snapshot(a.state) == snapshot(b.state)
+    assert [type(e) for e in a.events] == [type(e) for e in b.events]
+    assert released_ids(a.events) == released_ids(b.events) == [f"t{i}" for i in range(3, 8)]

@@ -40,7 +40,7 @@ from mesh.models import builtin_models
 from mesh.records import decode_agent
 from tests.conftest import HANG_S, Mesh
 from tests.faults import until
-from tests.test_machine_merged import one_per_transition
+from tests.test_machine import one_per_transition
 
 pytestmark = [pytest.mark.integration, pytest.mark.models]
 

@@ -30,7 +30,7 @@ from mesh.records import (
     encode_record,
 )
 from tests.conftest import Mesh
-from tests.test_machine_merged import one_per_transition
+from tests.test_machine import one_per_transition
 
 pytestmark = pytest.mark.integration
 
