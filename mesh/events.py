@@ -500,7 +500,9 @@ class PlanFinished(Msg, frozen=True, tag="plan.finished"):
 
 
 class TaskWaiting(Msg, frozen=True, tag="task.waiting"):
-    """Every dependency succeeded: the task waits for a release slot."""
+    """Every dependency succeeded: the task waits for a release slot. (Not an event of its own
+    for a task released in the same step, whose `task.released` carries it, nor for a task that
+    depends on nothing, whose acceptance says it waits.)"""
 
     plan_id: str
     task_id: str
@@ -512,6 +514,8 @@ class TaskReleased(Msg, frozen=True, tag="task.released"):
     task_id: str
     attempt: int
     at: float
+    # not 0: the task began waiting in the same step, at this time (its `task.waiting`)
+    waited_at: float = 0.0
 
 
 class TaskStarted(Msg, frozen=True, tag="task.started"):

@@ -347,8 +347,10 @@ def evolve(state: State, ev: Msg) -> None:
     if rec is None:
         return
     match ev:
+        # the transition an event carries, decided in the same step: folded first
+        case TaskReleased() if ev.waited_at:
+            _wait(state, rec, ev.waited_at, push=False)  # (released at once: nothing to queue)
         case TaskSucceeded() | TaskRetrying() | TaskFailed() if ev.started_at:
-            # the attempt's start, decided from the same report as its end: a `task.started` first
             _start(state, rec, ev.worker, ev.started_at)
     match ev:
         case TaskWaiting():

@@ -25,6 +25,7 @@ from mesh.events import (
     TaskSpec,
     TaskStarted,
     TaskSucceeded,
+    TaskWaiting,
     WorkItem,
 )
 from mesh.machine_state import KEEP_ATTEMPTS, State, evolve
@@ -198,20 +199,24 @@ class Decision:
                 self.step.work.append(work_item(self.state, rec, self.policy.claim_key))
 
     def _merged(self, ev: Msg) -> tuple[Msg, int | None]:
-        """The event to keep for `ev`, and where: a task's `task.started` followed, in the same
-        step, by the attempt's end (both from one `run.finished`) is kept as the end alone,
-        with `started_at`, in the start's place. Its fold does both (`evolve`), so the history
-        is one event shorter, and one disk write with a server that syncs each message."""
+        """The event to keep for `ev`, and where. A task's two transitions decided in one step,
+        one right after the other, are kept as the second event alone, in the first's place,
+        carrying the first: a `task.waiting` then the `task.released` of the task (a dependent
+        woken and released by one report: `waited_at`), a `task.started` then the attempt's end
+        (both from one `run.finished`: `started_at`). Its fold does both (`evolve`), so the
+        history is one event shorter, and one disk write with a server that syncs each message."""
         key = f"{getattr(ev, 'plan_id', '')}.{getattr(ev, 'task_id', '')}"
         slot = self._mergeable.pop(key, None)
         if slot is not None:
             before = self.step.events[slot]
             match ev:
+                case TaskReleased() if isinstance(before, TaskWaiting):
+                    return msgspec.structs.replace(ev, waited_at=before.at), slot
                 case TaskSucceeded() | TaskRetrying() | TaskFailed() if isinstance(
                     before, TaskStarted
                 ) and _same_run(before, ev):
                     return msgspec.structs.replace(ev, started_at=before.at), slot
-        if isinstance(ev, TaskStarted):
+        if isinstance(ev, TaskWaiting | TaskStarted):
             self._mergeable[key] = len(self.step.events)
         return ev, None
 

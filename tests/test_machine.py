@@ -120,8 +120,9 @@ def kinds(events: Iterable[Msg]) -> list[type]:
 def one_per_transition(history: Iterable[Msg | None]) -> list[Msg]:
     """The same history with one event per transition, as a brain that stored every transition
     as an event of its own wrote it: an event that adds tasks is followed by a `task.waiting`
-    for each that depends on nothing; an end that carries its start is a `task.started`, then
-    the end without it."""
+    for each that depends on nothing; a release that carries its waiting is a `task.waiting`,
+    then the release without it; an end that carries its start is a `task.started`, then the
+    end without it."""
     out: list[Msg] = []
     for ev in history:
         match ev:
@@ -133,6 +134,9 @@ def one_per_transition(history: Iterable[Msg | None]) -> list[Msg]:
                 out.extend(
                     TaskWaiting(plan_id=ev.plan_id, task_id=t.id, at=ev.at) for t in specs if not t.depends_on
                 )
+            case TaskReleased() if ev.waited_at:
+                out.append(TaskWaiting(plan_id=ev.plan_id, task_id=ev.task_id, at=ev.waited_at))
+                out.append(msgspec.structs.replace(ev, waited_at=0.0))
             case TaskSucceeded() | TaskRetrying() | TaskFailed() if ev.started_at:
                 out.append(
                     TaskStarted(
@@ -283,7 +287,8 @@ def check_history(events: list[Msg], window: int) -> None:
             assert (old == PENDING or first) and deps_ok, (ev, old)
             new = WAITING
         elif isinstance(ev, TaskReleased):
-            assert old == WAITING and deps_ok, (ev, old)
+            # (a release that carries its task's waiting comes right after the dependencies)
+            assert old == (PENDING if ev.waited_at else WAITING) and deps_ok, (ev, old)
             assert ev.attempt == attempts[key] + 1
             assert ev.at >= retry_at.get(key, 0.0), "released before its retry_at"
             assert inflight[spec.cls] < window, "release window exceeded"
@@ -356,7 +361,10 @@ def test_diamond_runs_in_dependency_order() -> None:
     assert d.state.tasks["p1.a"].status == RUNNING and d.state.tasks["p1.a"].worker == "w7"
 
     step = d.finished(a, worker="w7")
-    assert kinds(step.events) == [TaskSucceeded, TaskWaiting, TaskWaiting, TaskReleased, TaskReleased]
+    # b and c wait and are released in this step: each `task.released` carries the waiting
+    assert kinds(step.events) == [TaskSucceeded, TaskReleased, TaskReleased]
+    assert [getattr(e, "waited_at", None) for e in step.events[1:]] == [d.now, d.now]
+    assert d.state.tasks["p1.b"].waiting_since == d.now
     assert sorted(w.task_id for w in step.work) == ["b", "c"]
     assert statuses(d.state) == {"a": SUCCEEDED, "b": READY, "c": READY, "d": PENDING}
 
@@ -365,7 +373,7 @@ def test_diamond_runs_in_dependency_order() -> None:
     assert step.work == [] and d.state.tasks["p1.d"].status == PENDING
 
     step = d.run_task("c")
-    assert kinds(step.events) == [TaskSucceeded, TaskWaiting, TaskReleased]
+    assert kinds(step.events) == [TaskSucceeded, TaskReleased]
     assert [w.task_id for w in step.work] == ["d"]
 
     step = d.run_task("d")
@@ -382,7 +390,8 @@ def test_diamond_runs_in_dependency_order() -> None:
     for tid in "abcd":
         every = of_task(one_per_transition(d.events), tid)
         assert kinds(every) == [TaskWaiting, TaskReleased, TaskStarted, TaskSucceeded]
-    assert kinds(of_task(d.events, "a")) == [TaskReleased, TaskStarted, TaskSucceeded]
+    for tid in "abcd":
+        assert kinds(of_task(d.events, tid)) == [TaskReleased, TaskStarted, TaskSucceeded]
     pos = {(type(e), getattr(e, "task_id", "")): i for i, e in enumerate(d.events)}
     assert pos[(TaskReleased, "d")] > pos[(TaskSucceeded, "b")]
     assert pos[(TaskReleased, "d")] > pos[(TaskSucceeded, "c")]
@@ -416,7 +425,7 @@ def test_a_short_task_reports_its_start_with_its_end() -> None:
     a = d.take("a")
     step = d.finished(a, worker="w4", at=T0 + 2, started_at=T0 + 1.99)
     # both transitions in one event: the end, saying the attempt started with it
-    assert kinds(step.events) == [TaskSucceeded, TaskWaiting, TaskReleased]
+    assert kinds(step.events) == [TaskSucceeded, TaskReleased]
     done = step.events[0]
     assert isinstance(done, TaskSucceeded) and (done.started_at, done.worker) == (T0 + 2, "w4")
     assert [w.task_id for w in step.work] == ["b"]
@@ -665,7 +674,7 @@ def test_retry_then_success_unblocks_dependents() -> None:
     d.run_task("a", ok=False)
     d.tick(at=next_due(d.state))
     step = d.run_task("a")
-    assert kinds(step.events) == [TaskSucceeded, TaskWaiting, TaskReleased]
+    assert kinds(step.events) == [TaskSucceeded, TaskReleased]
     rec = d.state.tasks["p1.a"]
     assert (rec.attempt, rec.reason, rec.error, rec.rc) == (2, "", "", 0)
     d.run_task("b")

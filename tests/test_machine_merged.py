@@ -1,6 +1,7 @@
 """Transitions stored as fewer events: a task's start carried by its end when one report says
-both (`mesh.machine_step.Decision._merged`); the waiting of a task that depends on nothing
-carried by the event that adds it (`mesh.machine_state._add_tasks`). The history is shorter and
+both, and its waiting by its release when one step decides both
+(`mesh.machine_step.Decision._merged`); the waiting of a task that depends on nothing carried by
+the event that adds it (`mesh.machine_state._add_tasks`). The history is shorter and
 replays to the same records; a history written the older way (one event per transition) still
 replays the same.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import msgspec
 
 from mesh.events import (
+    PlanAccepted,
+    PlanFinished,
     PlanTasks,
     RunFinished,
     TaskFailed,
@@ -149,3 +152,54 @@ def test_a_brain_on_an_older_history_goes_on_the_same() -> None:
     assert snapshot(a.state) == snapshot(b.state)
     assert [type(e) for e in a.events] == [type(e) for e in b.events]
     assert released_ids(a.events) == released_ids(b.events) == [f"t{i}" for i in range(3, 8)]
+
+
+def test_a_chained_no_op_task_stores_two_transition_events() -> None:
+    """Each task of a chain: released (carrying its waiting: woken and released by its parent's
+    report), then succeeded (carrying its start). With the worker's `run.finished`, three
+    stored events a task; before, five."""
+    n = 12
+    d = Driver(Policy(release_window=4))
+    d.submit(plan(task("t0"), *(task(f"t{i}", f"t{i - 1}") for i in range(1, n))), at=T0)
+    short_runs(d)
+    assert d.state.plans["p1"].status == SUCCEEDED
+    assert kinds(d.events) == [PlanAccepted] + [TaskReleased, TaskSucceeded] * n + [PlanFinished]
+    released = [e for e in d.events if isinstance(e, TaskReleased)]
+    assert released[0].waited_at == 0.0, "t0 waits from its acceptance"
+    assert all(e.waited_at == e.at for e in released[1:])
+    for i in range(1, n):
+        rec = d.state.tasks[f"p1.t{i}"]
+        assert rec.waiting_since == rec.released_at == d.state.tasks[f"p1.t{i - 1}"].finished_at
+    check_history(d.events, d.policy.release_window)
+    assert_replays(d)
+    every = one_per_transition(d.events)
+    assert len(every) == 2 + 4 * n
+    check_history(every, d.policy.release_window)
+    assert snapshot(replay([decode(encode(e)) for e in every], aging_s=60.0)) == snapshot(d.state)
+
+
+def test_a_task_woken_but_not_released_in_the_same_step_keeps_its_waiting() -> None:
+    # one slot: the dependent woken by `a` waits behind `x`, which waited longer
+    d = Driver(Policy(release_window=1))
+    d.submit(plan(task("a"), task("x"), task("b", "a")), at=T0)
+    step = d.finished(d.take("a"), started_at=1.0)
+    assert kinds(step.events) == [TaskSucceeded, TaskWaiting, TaskReleased]
+    assert [getattr(e, "task_id", "") for e in step.events] == ["a", "b", "x"]
+    assert isinstance(step.events[2], TaskReleased) and step.events[2].waited_at == 0.0
+    d.run_task("x")
+    later = of_task(d.events, "b")
+    assert kinds(later) == [TaskWaiting, TaskReleased]
+    assert isinstance(later[1], TaskReleased) and later[1].waited_at == 0.0
+    short_runs(d)
+    check_history(d.events, d.policy.release_window)
+    assert_replays(d)
+
+
+def test_a_release_that_carries_its_waiting_decodes_and_replays_without_the_waiting_on_the_wire() -> None:
+    """An older reader sees `waited_at` as a field it does not know; an older event (without the
+    field) decodes as a release that carries nothing."""
+    ev = TaskReleased(plan_id="p1", task_id="b", attempt=1, at=5.0, waited_at=5.0)
+    raw = msgspec.json.decode(encode(ev))
+    assert raw["waited_at"] == 5.0 and raw["type"] == "task.released"
+    raw.pop("waited_at")
+    assert decode(msgspec.json.encode(raw)) == msgspec.structs.replace(ev, waited_at=0.0)
