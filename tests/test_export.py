@@ -259,8 +259,8 @@ async def test_escalations_cancels_lost_attempts_and_leaks_are_joined_as_they_ha
             stdout_tail="built\n",
         ),
         TaskSucceeded(plan_id=p, task_id="lost", attempt=2, worker="w2", at=t + 43, duration_s=1.5, rc=0),
-        # a sensitive task whose report holds its output (a worker that broke the rule)
-        TaskStarted(plan_id=p, task_id="leak", attempt=1, worker="w2", at=t),
+        # a sensitive task whose report holds its output (a worker that broke the rule); short:
+        # its start came with its end, and its success carries it
         RunFinished(
             plan_id=p,
             task_id="leak",
@@ -273,7 +273,9 @@ async def test_escalations_cancels_lost_attempts_and_leaks_are_joined_as_they_ha
             stdout_tail="machine x login me password hunter2",
             sensitive=True,
         ),
-        TaskSucceeded(plan_id=p, task_id="leak", attempt=1, worker="w2", at=t + 1, duration_s=0.5, rc=0),
+        TaskSucceeded(
+            plan_id=p, task_id="leak", attempt=1, worker="w2", at=t + 1, duration_s=0.5, rc=0, started_at=t
+        ),
         # still running when the export reads
         TaskStarted(plan_id=p, task_id="open", attempt=1, worker="w2", at=t),
     )
@@ -374,6 +376,7 @@ async def test_escalations_cancels_lost_attempts_and_leaks_are_joined_as_they_ha
         ("body", "output", "error", "stderr_tail", "artifacts")
     )
     assert leak["messages"] == [] and leak["duration_s"] == 0.5 and leak["rc"] == 0
+    assert (leak["started_at"], leak["worker"]) == (t, "w2"), "the brain's start, from the success"
 
     assert manifest.records == 7
     assert manifest.counts == {
