@@ -500,7 +500,9 @@ class PlanFinished(Msg, frozen=True, tag="plan.finished"):
 
 
 class TaskWaiting(Msg, frozen=True, tag="task.waiting"):
-    """Every dependency succeeded: the task waits for a release slot."""
+    """Every dependency succeeded: the task waits for a release slot. (Not an event of its own
+    for a task released in the same step, whose `task.released` carries it, nor for a task that
+    depends on nothing, whose acceptance says it waits.)"""
 
     plan_id: str
     task_id: str
@@ -512,9 +514,14 @@ class TaskReleased(Msg, frozen=True, tag="task.released"):
     task_id: str
     attempt: int
     at: float
+    # not 0: the task began waiting in the same step, at this time (its `task.waiting`)
+    waited_at: float = 0.0
 
 
 class TaskStarted(Msg, frozen=True, tag="task.started"):
+    """The attempt's worker reported its start. (A start decided from the same `run.finished` as
+    the attempt's end is no event of its own: the end's `started_at` carries it.)"""
+
     plan_id: str
     task_id: str
     attempt: int
@@ -544,6 +551,8 @@ class TaskSucceeded(Msg, frozen=True, tag="task.succeeded"):
     rc: int | None = 0
     # an LLM task's time to its first token (its run's `ttft_s`), so its record keeps it
     ttft_s: float = 0.0
+    # not 0: the attempt started with this report too, at this time (its `task.started`)
+    started_at: float = 0.0
 
 
 class TaskRetrying(Msg, frozen=True, tag="task.retrying"):
@@ -559,6 +568,7 @@ class TaskRetrying(Msg, frozen=True, tag="task.retrying"):
     rc: int | None = None
     worker: str = ""
     duration_s: float = 0.0
+    started_at: float = 0.0  # as in `task.succeeded`
 
 
 class TaskFailed(Msg, frozen=True, tag="task.failed"):
@@ -571,6 +581,7 @@ class TaskFailed(Msg, frozen=True, tag="task.failed"):
     rc: int | None = None
     worker: str = ""
     duration_s: float = 0.0
+    started_at: float = 0.0  # as in `task.succeeded`
 
 
 class TaskCancelled(Msg, frozen=True, tag="task.cancelled"):

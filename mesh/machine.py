@@ -154,6 +154,7 @@ class _Decider(Release):
             return
         if rec.status == READY and msg.started_at:
             # a short task reports its start with its end: both transitions, from this report
+            # (stored as one event: the end, with `started_at`; `Decision._merged`)
             self._started(msg)
         if rec.review and msg.ok:
             answer = (msg.output or msg.stdout_tail).strip()

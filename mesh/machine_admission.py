@@ -18,7 +18,6 @@ from mesh.events import (
     SubmitPlan,
     TaskCancelled,
     TaskSpec,
-    TaskWaiting,
 )
 from mesh.machine_cascade import Cascade
 from mesh.machine_step import escalation_why
@@ -113,11 +112,9 @@ class Admission(Cascade):
                 total=len(msg.plan.tasks),
             )
         )
+        # (a task that depends on nothing waits from here: the event that accepts it says so)
         for n, part in enumerate(parts[1:], start=1):
             self.emit(PlanTasks(plan_id=msg.plan_id, part=n, tasks=part, at=self.now))
-        for spec in msg.plan.tasks:
-            if not spec.depends_on:
-                self.emit(TaskWaiting(plan_id=msg.plan_id, task_id=spec.id, at=self.now))
 
     def _resolve_models(self, plan: PlanSpec) -> tuple[PlanSpec, str]:
         """Give each model task the default model of its kind when it names none (a repair the

@@ -26,7 +26,6 @@ from mesh.events import (
     TaskFollowups,
     TaskReviewed,
     TaskSpec,
-    TaskWaiting,
 )
 from mesh.machine_admission import Admission
 from mesh.machine_retry import NO_RETRY, Retries, _tries
@@ -214,6 +213,7 @@ class Escalations(Retries, Admission):
         if error:
             self._escalation_failed(rec, FailReason.FOLLOWUPS, error)
             return
+        # (a follow-up that depends on nothing waits from here: this event says so)
         self.emit(
             TaskFollowups(
                 plan_id=rec.plan_id,
@@ -224,9 +224,6 @@ class Escalations(Retries, Admission):
                 rid=msg.rid,
             )
         )
-        for spec in tasks:
-            if not spec.depends_on:
-                self.emit(TaskWaiting(plan_id=rec.plan_id, task_id=spec.id, at=self.now))
 
     def esc_failed(self, msg: EscalationFailed) -> None:
         rec = self._escalated(msg)

@@ -257,7 +257,9 @@ def _accept(state: State, ev: PlanAccepted) -> None:
 
 
 def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: float) -> int:
-    """Add the tasks not known yet (pending); how many were added."""
+    """Add the tasks not known yet; how many were added. A task that depends on nothing waits
+    from the moment it is added: the event that adds it (`plan.accepted`, `plan.tasks`,
+    `task.followups`) stands for its `task.waiting`. The others are pending."""
     added = 0
     for spec in specs:
         index = len(state.plan_keys.get(plan.plan_id, ()))
@@ -267,10 +269,26 @@ def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: 
         state.tasks[rec.key] = rec
         state.dirty_tasks.add(rec.key)
         state._index(rec)
+        plan.counts[PENDING] = plan.counts.get(PENDING, 0) + 1
         added += 1
-    if added:
-        plan.counts[PENDING] = plan.counts.get(PENDING, 0) + added
+        if not spec.depends_on:
+            _wait(state, rec, at)
     return added
+
+
+def _wait(state: State, rec: TaskRecord, at: float, push: bool = True) -> None:
+    """The task waits for a release slot, since `at` (`task.waiting`, or an event that stands
+    for it). Folding it again changes nothing: a history written before the acceptance stood for
+    it has both, and an event that carries it is folded after the `task.waiting` it replaced."""
+    if rec.status == WAITING and rec.waiting_since == at and rec.not_before == 0.0:
+        rec.updated_at = at
+        state.dirty_tasks.add(rec.key)
+        return
+    rec.waiting_since = at
+    rec.not_before = 0.0
+    _set_status(state, rec, WAITING, at)
+    if push:
+        state._push(rec)
 
 
 def evolve(state: State, ev: Msg) -> None:
@@ -329,21 +347,21 @@ def evolve(state: State, ev: Msg) -> None:
     if rec is None:
         return
     match ev:
+        # the transition an event carries, decided in the same step: folded first
+        case TaskReleased() if ev.waited_at:
+            _wait(state, rec, ev.waited_at, push=False)  # (released at once: nothing to queue)
+        case TaskSucceeded() | TaskRetrying() | TaskFailed() if ev.started_at:
+            _start(state, rec, ev.worker, ev.started_at)
+    match ev:
         case TaskWaiting():
-            rec.waiting_since = ev.at
-            rec.not_before = 0.0
-            _set_status(state, rec, WAITING, ev.at)
-            state._push(rec)
+            _wait(state, rec, ev.at)
         case TaskReleased():
             rec.attempt = ev.attempt
             rec.released_at = ev.at
             rec.worker = ""
             _set_status(state, rec, READY, ev.at)
         case TaskStarted():
-            rec.worker = ev.worker
-            rec.started_at = ev.at
-            rec.deliveries = 1
-            _set_status(state, rec, RUNNING, ev.at)
+            _start(state, rec, ev.worker, ev.at)
         case TaskRedelivered():
             rec.worker = ev.worker
             rec.started_at = ev.at
@@ -456,6 +474,14 @@ def evolve(state: State, ev: Msg) -> None:
             rec.error = ev.reason
             rec.finished_at = ev.at
             _set_status(state, rec, CANCELLED, ev.at)
+
+
+def _start(state: State, rec: TaskRecord, worker: str, at: float) -> None:
+    """A worker started the task's attempt (`task.started`, or the `started_at` of its end)."""
+    rec.worker = worker
+    rec.started_at = at
+    rec.deliveries = 1
+    _set_status(state, rec, RUNNING, at)
 
 
 def _rekey_demand(state: State, rec: TaskRecord, change: Callable[[], None]) -> None:

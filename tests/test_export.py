@@ -55,6 +55,7 @@ from mesh.redact import Redactor
 from mesh.status import FailReason
 from tests.conftest import ROOT, Mesh
 from tests.faults import run_mesh, until
+from tests.test_machine import one_per_transition
 
 LLM = "gemma3-270m"
 PLAN_TIMEOUT_S = 180.0
@@ -258,8 +259,8 @@ async def test_escalations_cancels_lost_attempts_and_leaks_are_joined_as_they_ha
             stdout_tail="built\n",
         ),
         TaskSucceeded(plan_id=p, task_id="lost", attempt=2, worker="w2", at=t + 43, duration_s=1.5, rc=0),
-        # a sensitive task whose report holds its output (a worker that broke the rule)
-        TaskStarted(plan_id=p, task_id="leak", attempt=1, worker="w2", at=t),
+        # a sensitive task whose report holds its output (a worker that broke the rule); short:
+        # its start came with its end, and its success carries it
         RunFinished(
             plan_id=p,
             task_id="leak",
@@ -272,7 +273,9 @@ async def test_escalations_cancels_lost_attempts_and_leaks_are_joined_as_they_ha
             stdout_tail="machine x login me password hunter2",
             sensitive=True,
         ),
-        TaskSucceeded(plan_id=p, task_id="leak", attempt=1, worker="w2", at=t + 1, duration_s=0.5, rc=0),
+        TaskSucceeded(
+            plan_id=p, task_id="leak", attempt=1, worker="w2", at=t + 1, duration_s=0.5, rc=0, started_at=t
+        ),
         # still running when the export reads
         TaskStarted(plan_id=p, task_id="open", attempt=1, worker="w2", at=t),
     )
@@ -373,6 +376,7 @@ async def test_escalations_cancels_lost_attempts_and_leaks_are_joined_as_they_ha
         ("body", "output", "error", "stderr_tail", "artifacts")
     )
     assert leak["messages"] == [] and leak["duration_s"] == 0.5 and leak["rc"] == 0
+    assert (leak["started_at"], leak["worker"]) == (t, "w2"), "the brain's start, from the success"
 
     assert manifest.records == 7
     assert manifest.counts == {
@@ -700,7 +704,9 @@ async def test_real_plans_export_field_by_field_safely_and_without_moving_any_co
         assert story[field] == story_run.metrics[field]
     assert story["metrics"] == story_run.metrics
     assert story["started_at"] == next(
-        m.at for m in (e.msg for e in history) if isinstance(m, TaskStarted) and m.task_id == "story"
+        m.at
+        for m in one_per_transition(e.msg for e in history)
+        if isinstance(m, TaskStarted) and m.task_id == "story"
     )
     assert story["redacted"].get("token", 0) >= 1
 

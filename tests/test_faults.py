@@ -322,8 +322,9 @@ async def test_redelivery_published_just_before_a_brain_crash_reaches_kv(mesh: M
 async def test_step_cut_short_by_a_brain_crash_is_finished_by_the_next_brain(
     mesh: Mesh, tmp_path: Path
 ) -> None:
-    """The brain publishes `task.succeeded` for `first`, then dies before `task.waiting` for
-    `second` (seen under chaos: the plan never ends). Simulated as in the test above."""
+    """The brain publishes `task.succeeded` for `first`, then dies before `second`'s release
+    (which carries its waiting; seen under chaos: the plan never ends). Simulated as in the
+    test above."""
     configure(mesh, lease_s=3)
     mesh.brain("a")
     mesh.worker("w1", slots=1)

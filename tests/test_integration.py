@@ -25,6 +25,7 @@ from mesh.plan import parse_plan
 from mesh.records import TaskRecord
 from tests.conftest import HANG_S, Mesh
 from tests.faults import until
+from tests.test_machine import one_per_transition
 
 pytestmark = pytest.mark.integration
 
@@ -97,10 +98,12 @@ async def test_every_transition_is_in_the_history_in_order(mesh: Mesh, tmp_path:
     assert len(msgs) == len(history), "every event decodes"
     assert isinstance(msgs[0], PlanAccepted)
     assert isinstance(msgs[-1], PlanFinished) and msgs[-1].status == "succeeded"
+    # (a transition decided with another one of its task is stored in that one's event)
+    every = one_per_transition(msgs)
     for task in "abcd":
         kinds = [
             type(m)
-            for m in msgs
+            for m in every
             if getattr(m, "task_id", None) == task and m.__class__.__name__.startswith("Task")
         ]
         assert kinds == [TaskWaiting, TaskReleased, TaskStarted, TaskSucceeded], task
@@ -109,6 +112,69 @@ async def test_every_transition_is_in_the_history_in_order(mesh: Mesh, tmp_path:
     # folding the brain's transitions gives back exactly what is in KV
     state = replay([m for m in msgs])
     kv_tasks = await mesh.raw_tasks()
+    for key, rec in state.tasks.items():
+        assert kv_tasks[key] == rec
+    assert (await mesh.raw_plans())[plan_id] == state.plans[plan_id]
+
+
+NO_OPS = """# No-ops
+
+## Tasks
+
+### i0
+```noop
+```
+
+### i1
+```noop
+```
+
+### c0
+```noop
+```
+
+### c1
+- depends_on: c0
+```noop
+```
+
+### c2
+- depends_on: c1
+```noop
+```
+"""
+
+
+async def test_a_no_op_task_is_three_stored_events(mesh: Mesh) -> None:
+    """Its release (carrying its waiting), the worker's report, its success (carrying its
+    start): three messages on the event stream, each one disk write; the transitions they
+    stand for are all in the history, which still folds into exactly what KV holds."""
+    mesh.brain()
+    mesh.worker("w1")
+    plan_id = await mesh.submit_text(NO_OPS)
+    await mesh.wait_plan(plan_id)
+    bus = await mesh.bus()
+    msgs = [m for _, m in await mesh.history(bus.names.plan_filter(plan_id)) if m is not None]
+    assert [type(m) for m in msgs if not hasattr(m, "task_id")] == [PlanAccepted, PlanFinished]
+    short = 0
+    for task in ("i0", "i1", "c0", "c1", "c2"):
+        mine = [m for m in msgs if getattr(m, "task_id", None) == task]
+        if any(isinstance(m, events.RunStarted) for m in mine):
+            continue  # a loaded machine held the no-op past `start_report_after_s`
+        short += 1
+        assert [type(m) for m in mine] == [TaskReleased, events.RunFinished, TaskSucceeded], task
+        released, _, succeeded = mine
+        assert isinstance(released, TaskReleased) and isinstance(succeeded, TaskSucceeded)
+        assert (released.waited_at > 0) == (task in ("c1", "c2")), released
+        assert succeeded.started_at > 0
+    assert short, "no task was short enough to report its start with its end"
+    every = [type(m) for m in one_per_transition(msgs) if getattr(m, "task_id", None) == "c1"]
+    assert every == [TaskWaiting, TaskReleased, events.RunFinished, TaskStarted, TaskSucceeded] or (
+        events.RunStarted in every
+    )
+    state = replay(msgs)
+    kv_tasks = await mesh.raw_tasks()
+    assert set(kv_tasks) >= set(state.tasks)
     for key, rec in state.tasks.items():
         assert kv_tasks[key] == rec
     assert (await mesh.raw_plans())[plan_id] == state.plans[plan_id]

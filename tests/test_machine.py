@@ -25,11 +25,13 @@ from mesh.events import (
     PlanFinished,
     PlanRejected,
     PlanSpec,
+    PlanTasks,
     RunFinished,
     RunStarted,
     SubmitPlan,
     TaskCancelled,
     TaskFailed,
+    TaskFollowups,
     TaskReleased,
     TaskRetrying,
     TaskSpec,
@@ -113,6 +115,42 @@ def of_task(events: Iterable[Msg], task_id: str, plan_id: str = "p1") -> list[Ms
 
 def kinds(events: Iterable[Msg]) -> list[type]:
     return [type(e) for e in events]
+
+
+def one_per_transition(history: Iterable[Msg | None]) -> list[Msg]:
+    """The same history with one event per transition, as a brain that stored every transition
+    as an event of its own wrote it: an event that adds tasks is followed by a `task.waiting`
+    for each that depends on nothing; a release that carries its waiting is a `task.waiting`,
+    then the release without it; an end that carries its start is a `task.started`, then the
+    end without it."""
+    out: list[Msg] = []
+    for ev in history:
+        match ev:
+            case None:
+                continue
+            case PlanAccepted() | PlanTasks() | TaskFollowups():
+                out.append(ev)
+                specs = ev.plan.tasks if isinstance(ev, PlanAccepted) else ev.tasks
+                out.extend(
+                    TaskWaiting(plan_id=ev.plan_id, task_id=t.id, at=ev.at) for t in specs if not t.depends_on
+                )
+            case TaskReleased() if ev.waited_at:
+                out.append(TaskWaiting(plan_id=ev.plan_id, task_id=ev.task_id, at=ev.waited_at))
+                out.append(msgspec.structs.replace(ev, waited_at=0.0))
+            case TaskSucceeded() | TaskRetrying() | TaskFailed() if ev.started_at:
+                out.append(
+                    TaskStarted(
+                        plan_id=ev.plan_id,
+                        task_id=ev.task_id,
+                        attempt=ev.attempt,
+                        worker=ev.worker,
+                        at=ev.started_at,
+                    )
+                )
+                out.append(msgspec.structs.replace(ev, started_at=0.0))
+            case _:
+                out.append(ev)
+    return out
 
 
 def released_ids(events: Iterable[Msg]) -> list[str]:
@@ -223,9 +261,10 @@ def check_history(events: list[Msg], window: int) -> None:
     spec_of: dict[tuple[str, str], TaskSpec] = {}
     finished: Counter[str] = Counter()
     for ev in events:
-        if isinstance(ev, PlanAccepted):
-            for t in ev.plan.tasks:
-                status[(ev.plan_id, t.id)] = PENDING
+        if isinstance(ev, PlanAccepted | PlanTasks):
+            for t in ev.plan.tasks if isinstance(ev, PlanAccepted) else ev.tasks:
+                # a task that depends on nothing waits from its acceptance on
+                status[(ev.plan_id, t.id)] = PENDING if t.depends_on else WAITING
                 spec_of[(ev.plan_id, t.id)] = t
             continue
         if isinstance(ev, PlanFinished):
@@ -243,10 +282,13 @@ def check_history(events: list[Msg], window: int) -> None:
         deps_ok = all(status[(ev.plan_id, d)] == SUCCEEDED for d in spec.depends_on)
         assert finished[ev.plan_id] == 0, f"{ev} after its plan finished"
         if isinstance(ev, TaskWaiting):
-            assert old == PENDING and deps_ok, (ev, old)
+            # (or, in a history of a brain that stored it, the waiting its acceptance stands for)
+            first = old == WAITING and not spec.depends_on and attempts[key] == 0
+            assert (old == PENDING or first) and deps_ok, (ev, old)
             new = WAITING
         elif isinstance(ev, TaskReleased):
-            assert old == WAITING and deps_ok, (ev, old)
+            # (a release that carries its task's waiting comes right after the dependencies)
+            assert old == (PENDING if ev.waited_at else WAITING) and deps_ok, (ev, old)
             assert ev.attempt == attempts[key] + 1
             assert ev.at >= retry_at.get(key, 0.0), "released before its retry_at"
             assert inflight[spec.cls] < window, "release window exceeded"
@@ -304,7 +346,8 @@ def test_diamond_runs_in_dependency_order() -> None:
     d = Driver()
     step = d.submit(DIAMOND)
     assert not step.ignored
-    assert kinds(step.events) == [PlanAccepted, TaskWaiting, TaskReleased]
+    # (the acceptance stands for `a`'s waiting: it depends on nothing)
+    assert kinds(step.events) == [PlanAccepted, TaskReleased]
     assert [w.task_id for w in step.work] == ["a"]
     item = step.work[0]
     assert (item.plan_id, item.attempt, item.cls, item.body) == ("p1", 1, "cpu", "echo a")
@@ -318,7 +361,10 @@ def test_diamond_runs_in_dependency_order() -> None:
     assert d.state.tasks["p1.a"].status == RUNNING and d.state.tasks["p1.a"].worker == "w7"
 
     step = d.finished(a, worker="w7")
-    assert kinds(step.events) == [TaskSucceeded, TaskWaiting, TaskWaiting, TaskReleased, TaskReleased]
+    # b and c wait and are released in this step: each `task.released` carries the waiting
+    assert kinds(step.events) == [TaskSucceeded, TaskReleased, TaskReleased]
+    assert [getattr(e, "waited_at", None) for e in step.events[1:]] == [d.now, d.now]
+    assert d.state.tasks["p1.b"].waiting_since == d.now
     assert sorted(w.task_id for w in step.work) == ["b", "c"]
     assert statuses(d.state) == {"a": SUCCEEDED, "b": READY, "c": READY, "d": PENDING}
 
@@ -327,7 +373,7 @@ def test_diamond_runs_in_dependency_order() -> None:
     assert step.work == [] and d.state.tasks["p1.d"].status == PENDING
 
     step = d.run_task("c")
-    assert kinds(step.events) == [TaskSucceeded, TaskWaiting, TaskReleased]
+    assert kinds(step.events) == [TaskSucceeded, TaskReleased]
     assert [w.task_id for w in step.work] == ["d"]
 
     step = d.run_task("d")
@@ -340,9 +386,12 @@ def test_diamond_runs_in_dependency_order() -> None:
     assert pl.status == SUCCEEDED and pl.final and pl.finished_at == d.now and pl.done == pl.total == 4
     assert all(rec.status == SUCCEEDED and rec.attempt == 1 for rec in d.state.plan_tasks("p1"))
 
-    # every transition of every task is an event, in order
+    # every transition of every task is in the history, in order: some carried by another event
     for tid in "abcd":
-        assert kinds(of_task(d.events, tid)) == [TaskWaiting, TaskReleased, TaskStarted, TaskSucceeded]
+        every = of_task(one_per_transition(d.events), tid)
+        assert kinds(every) == [TaskWaiting, TaskReleased, TaskStarted, TaskSucceeded]
+    for tid in "abcd":
+        assert kinds(of_task(d.events, tid)) == [TaskReleased, TaskStarted, TaskSucceeded]
     pos = {(type(e), getattr(e, "task_id", "")): i for i, e in enumerate(d.events)}
     assert pos[(TaskReleased, "d")] > pos[(TaskSucceeded, "b")]
     assert pos[(TaskReleased, "d")] > pos[(TaskSucceeded, "c")]
@@ -372,17 +421,33 @@ def test_diamond_records_carry_report_details() -> None:
 def test_a_short_task_reports_its_start_with_its_end() -> None:
     # a worker holds `run.started` back; a task done sooner carries `started_at` in its one report
     d = Driver()
-    d.submit(plan(task("a"), task("b", "a"), task("c")), at=T0)
+    d.submit(plan(task("a"), task("b", "a"), task("c", retries=1)), at=T0)
     a = d.take("a")
     step = d.finished(a, worker="w4", at=T0 + 2, started_at=T0 + 1.99)
-    assert kinds(step.events) == [TaskStarted, TaskSucceeded, TaskWaiting, TaskReleased]
+    # both transitions in one event: the end, saying the attempt started with it
+    assert kinds(step.events) == [TaskSucceeded, TaskReleased]
+    done = step.events[0]
+    assert isinstance(done, TaskSucceeded) and (done.started_at, done.worker) == (T0 + 2, "w4")
     assert [w.task_id for w in step.work] == ["b"]
     rec = d.state.tasks["p1.a"]
     assert (rec.status, rec.worker, rec.started_at, rec.finished_at) == (SUCCEEDED, "w4", T0 + 2, T0 + 2)
+    assert rec.deliveries == 1
     # the same for a failure, which retries as any other
     c = d.take("c")
     step = d.finished(c, ok=False, worker="w4", started_at=d.now)
-    assert kinds(step.events)[:2] == [TaskStarted, TaskRetrying]
+    assert kinds(step.events)[:1] == [TaskRetrying]
+    retrying = step.events[0]
+    assert isinstance(retrying, TaskRetrying) and retrying.started_at == d.now
+    assert d.state.tasks["p1.c"].deliveries == 1
+    # and one that fails for good
+    due = next_due(d.state)
+    assert due is not None
+    d.tick(at=due)
+    c = d.take("c")
+    step = d.finished(c, ok=False, worker="w5", started_at=d.now)
+    assert kinds(step.events)[:1] == [TaskFailed]
+    failed = step.events[0]
+    assert isinstance(failed, TaskFailed) and (failed.started_at, failed.worker) == (d.now, "w5")
     # the late report of a start already recorded is ignored
     assert_ignored(d.started(a, worker="w4"))
     check_history(d.events, d.policy.release_window)
@@ -609,7 +674,7 @@ def test_retry_then_success_unblocks_dependents() -> None:
     d.run_task("a", ok=False)
     d.tick(at=next_due(d.state))
     step = d.run_task("a")
-    assert kinds(step.events) == [TaskSucceeded, TaskWaiting, TaskReleased]
+    assert kinds(step.events) == [TaskSucceeded, TaskReleased]
     rec = d.state.tasks["p1.a"]
     assert (rec.attempt, rec.reason, rec.error, rec.rc) == (2, "", "", 0)
     d.run_task("b")

@@ -335,6 +335,10 @@ class Exporter:
                 else:
                     self._attempt(key).run = msg
             case TaskSucceeded() | TaskRetrying() | TaskFailed() | TaskCancelled() | TaskClimbed():
+                if not isinstance(msg, TaskCancelled | TaskClimbed) and msg.started_at:
+                    # started with the report that ended it: the end stands for `task.started`
+                    a = self._attempt((msg.plan_id, msg.task_id, msg.attempt))
+                    a.started_at, a.worker = msg.started_at, msg.worker
                 await self._close(msg, seq)
             case TaskStarted():
                 a = self._attempt((msg.plan_id, msg.task_id, msg.attempt))
