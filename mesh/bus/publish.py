@@ -41,7 +41,7 @@ from mesh.bus.route import origin_of, route
 from mesh.bus.store import StoreWatch
 from mesh.errors import MeshError
 from mesh.events import DeadLetter, Msg
-from mesh.names import HEADER_MSG_ID, HEADER_TYPE, Names, kv_keys, kv_subject
+from mesh.names import HEADER_MSG_ID, HEADER_TYPE, KV_SUBJECTS, Names, kv_keys, kv_subject
 from mesh.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -390,8 +390,8 @@ class Bus:
     def _stream_of(self, subject: str) -> str:
         """The stream a subject mesh publishes in batches is stored in ('' : another)."""
         n = self.names
-        if subject.startswith("$KV."):
-            return f"KV_{subject.split('.', 2)[1]}"
+        if subject.startswith(KV_SUBJECTS):
+            return f"KV_{subject[len(KV_SUBJECTS) :].split('.', 1)[0]}"
         if subject.startswith(n.evt_prefix):
             return n.events_stream
         if subject.startswith(n.work_prefix):
