@@ -99,6 +99,7 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         self.recent_writes: collections.deque[tuple[float, list[str], list[str]]] = collections.deque()
         # stream sequence of each released task's work item, while it may be queued
         self.work_seq: dict[str, int] = {}
+        self.plan_written: dict[str, tuple[float, bytes]] = {}
 
     def record(self) -> AgentRecord:
         rec = super().record()
@@ -195,6 +196,8 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
             due = next_due(self.state)
             if due is not None:
                 timeout = min(timeout, max(0.0, due - time.time()))
+            if self.state.dirty_plans:
+                timeout = min(timeout, self.settings.plan_record_s)  # a plan record held back
             try:
                 raw = await asyncio.wait_for(self.inbox.get(), timeout=timeout)
             except TimeoutError:

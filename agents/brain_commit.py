@@ -77,6 +77,9 @@ class BrainCommit(Agent):
     recent_writes: collections.deque[tuple[float, list[str], list[str]]]
     # stream sequence of each released task's work item, while it may be queued
     work_seq: dict[str, int]
+    # plan id -> (when its record was last written, that record less its counts): a running
+    # plan whose counts alone changed is written again only `plan_record_s` later
+    plan_written: dict[str, tuple[float, bytes]]
 
     async def _commit(self, step: Step) -> None:
         """Publish a decided step: events, then records and work items together, each phase
@@ -101,6 +104,7 @@ class BrainCommit(Agent):
             archived = [ev.plan_id for ev in step.events if isinstance(ev, PlanArchived)]
             step.events.clear()
         tasks, plans = self.state.take_dirty()
+        plans = self._plans_due(plans)
         try:
             acks = await self._write_records(tasks, plans, then=step.work)
         except BaseException:
@@ -109,6 +113,7 @@ class BrainCommit(Agent):
             self.state.dirty_tasks.update(r.key for r in tasks)
             self.state.dirty_plans.update(p.plan_id for p in plans)
             raise
+        self._plans_written(plans)
         if step.work:
             for item, ack in zip(step.work, acks, strict=True):
                 self.work_seq[f"{item.plan_id}.{item.task_id}"] = ack.seq
@@ -178,6 +183,8 @@ class BrainCommit(Agent):
                 raise
             for key in gone_tasks:
                 self.work_seq.pop(key, None)
+            for plan_id in gone_plans:
+                self.plan_written.pop(plan_id, None)
         if not tasks and not plans:
             return await self.bus.emit_many(then or [])
         names = self.names
@@ -198,6 +205,40 @@ class BrainCommit(Agent):
         while self.recent_writes and self.recent_writes[0][0] < now - RECENT_WRITES_S:
             self.recent_writes.popleft()
         return acks
+
+    def _plans_due(self, plans: list[PlanRecord]) -> list[PlanRecord]:
+        """The plan records to write now. A running plan whose record differs from the one last
+        written only in its counts waits until `plan_record_s` after that write (it stays dirty:
+        a later commit, or the brain's tick, writes it): in a chain every brain step changes
+        them. Counts are all a deferred record lacks, and `State.load` counts them again from
+        the task records, so the checkpoint may pass the events that changed them."""
+        every = self.settings.plan_record_s
+        if every <= 0:
+            return plans
+        now = time.monotonic()
+        due = []
+        for plan in plans:
+            last = self.plan_written.get(plan.plan_id)
+            if (
+                last is not None
+                and not plan.final
+                and now - last[0] < every
+                and _without_counts(plan) == last[1]
+            ):
+                self.state.dirty_plans.add(plan.plan_id)
+            else:
+                due.append(plan)
+        return due
+
+    def _plans_written(self, plans: list[PlanRecord]) -> None:
+        if self.settings.plan_record_s <= 0:
+            return
+        now = time.monotonic()
+        for plan in plans:
+            if plan.final:
+                self.plan_written.pop(plan.plan_id, None)
+            else:
+                self.plan_written[plan.plan_id] = (now, _without_counts(plan))
 
     async def _publish_escalations(self, requests: list[EscalationRequest]) -> None:
         """Requests with their inputs (the outputs of the dependencies the task takes)."""
@@ -274,3 +315,8 @@ class BrainCommit(Agent):
             case _:
                 detail = ""
         log.info("%s %s%s%s", tag, plan_id, f".{task_id}" if task_id else "", detail)
+
+
+def _without_counts(plan: PlanRecord) -> bytes:
+    """A plan record less what changes with every step of it (its counts, when they changed)."""
+    return encode_record(msgspec.structs.replace(plan, counts={}, updated_at=0.0))

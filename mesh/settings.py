@@ -69,6 +69,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tick_s: float = 0.5
     sweep_s: float = 2.0
     checkpoint_s: float = 1.0
+    # a running plan's record (its counts) is written at most this often; at its end at once
+    plan_record_s: float = 0.5
     # the active brain holds a lease this long and renews it every third of it
     lease_s: float = 6.0
 
