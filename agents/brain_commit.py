@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import time
@@ -18,8 +19,11 @@ import nats.js.errors
 from nats.js.api import PubAck
 
 from agents.base import Agent
+from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.outputs import OutputError, task_output
 from mesh.bus.retention import forget_plans
+from mesh.bus.route import work_subject
+from mesh.bus.workstream import WorkPurger
 from mesh.events import (
     AgentOffline,
     EscalationRequest,
@@ -75,8 +79,12 @@ class BrainCommit(Agent):
     # (when, task keys, plan ids) of recent KV writes: a server killed right after
     # acknowledging them may not have stored them yet, so they are written again on reconnect
     recent_writes: collections.deque[tuple[float, list[str], list[str]]]
-    # stream sequence of each released task's work item, while it may be queued
-    work_seq: dict[str, int]
+    # stream sequence and subject of each released task's work item, while it may be queued
+    work_seq: dict[str, tuple[int, str]]
+    # work items of tasks done, not yet purged: (sequence, subject, when the task was done)
+    done_items: collections.deque[tuple[int, str, float]]
+    # purges what the work consumers acknowledged (None: the stream is an old work queue)
+    purger: WorkPurger | None
     # plan id -> (when its record was last written, that record less its counts): a running
     # plan whose counts alone changed is written again only `plan_record_s` later
     plan_written: dict[str, tuple[float, bytes]]
@@ -116,7 +124,10 @@ class BrainCommit(Agent):
         self._plans_written(plans)
         if step.work:
             for item, ack in zip(step.work, acks, strict=True):
-                self.work_seq[f"{item.plan_id}.{item.task_id}"] = ack.seq
+                self.work_seq[f"{item.plan_id}.{item.task_id}"] = (
+                    ack.seq,
+                    work_subject(self.names, item.cls, item.model),
+                )
             step.work.clear()
         if step.resources:
             await bus.emit_many(step.resources)
@@ -148,13 +159,17 @@ class BrainCommit(Agent):
         """Delete the queued work item of a task that no longer wants it (cancelled, reset or
         given up as lost), so no worker runs it; forget the items of finished tasks."""
         stale = []
+        now = time.monotonic()
         for rec in tasks:
-            seq = self.work_seq.get(rec.key)
-            if seq is None or rec.status in INFLIGHT_STATES:
+            queued = self.work_seq.get(rec.key)
+            if queued is None or rec.status in INFLIGHT_STATES:
                 continue
             del self.work_seq[rec.key]
+            seq, subject = queued
             if rec.status in (CANCELLED, PENDING) or rec.reason == FailReason.LOST:
                 stale.append(seq)
+            elif self.purger is not None:
+                self.done_items.append((seq, subject, now))
         if stale:
             stream = self.names.work_stream
             results = await asyncio.gather(
@@ -163,6 +178,48 @@ class BrainCommit(Agent):
             for result in results:
                 if isinstance(result, BaseException) and not isinstance(result, nats.js.errors.NotFoundError):
                     log.debug("could not delete a stale work item: %s", result)
+
+    async def _purge_loop(self) -> None:
+        """Every `work_purge_s`, purge the work items every consumer acknowledged
+        (`mesh.bus.workstream`): one purge per consumer whose ack floor moved, not one removal
+        per item. A floor held back by one long task leaves the done items above it stored: a
+        done task's item still there `work_stuck_s` after is deleted alone, as a work queue
+        would have on its acknowledgement."""
+        assert self.purger is not None
+        while not self.stop_requested.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_requested.wait(), timeout=self.settings.work_purge_s)
+                return
+            try:
+                bounds = await self.purger.purge()
+                await self._delete_stuck(bounds)
+            except TRANSIENT as exc:
+                log.debug("purging acknowledged work items failed: %r", exc)
+            except nats.js.errors.Error as exc:
+                log.warning("purging acknowledged work items failed: %r", exc)
+
+    async def _delete_stuck(self, bounds: dict[str, int]) -> None:
+        done = self.done_items
+        keep: collections.deque[tuple[int, str, float]] = collections.deque()
+        stuck = []
+        old = time.monotonic() - self.settings.work_stuck_s
+        while done:
+            seq, subject, at = done.popleft()
+            if seq < bounds.get(subject, 0):
+                continue  # purged
+            if at < old:
+                stuck.append(seq)
+            else:
+                keep.append((seq, subject, at))
+        done.extend(keep)
+        if stuck:
+            stream = self.names.work_stream
+            results = await asyncio.gather(
+                *(self.bus.js.delete_msg(stream, seq) for seq in stuck), return_exceptions=True
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if any(not isinstance(r, nats.js.errors.NotFoundError) for r in failed):
+                log.debug("could not delete some done work items: %s", failed[0])
 
     async def _write_records(
         self, tasks: list[TaskRecord], plans: list[PlanRecord], then: list[WorkItem] | None = None
