@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import pytest
 from nats.js.api import ConsumerConfig, ConsumerInfo, RetentionPolicy
 
@@ -165,6 +166,24 @@ async def test_make_limits_makes_an_old_work_queue_stream_anew_with_its_consumer
     assert consumers == {n.workers_consumer("cpu"): n.work("cpu"), n.llm_consumer("m1"): n.work_llm("m1")}
     assert (await js.stream_info(n.work_stream)).state.messages == 0
     assert not await make_limits(js, mesh.settings)
+
+
+async def test_a_work_queue_stream_this_user_may_not_delete_stays_one(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-role permissions keep the brain from deleting a stream: a refused (or, a permissions
+    violation, unanswered) delete leaves the old work queue working as before."""
+    bus = await mesh.bus()
+    js, n = bus.js, bus.names
+    await make_work_queue(mesh)
+
+    async def refused(name: str) -> bool:
+        raise nats.errors.TimeoutError
+
+    monkeypatch.setattr(js, "delete_stream", refused)
+    assert not await make_limits(js, mesh.settings)
+    assert await work_retention(js, n.work_stream) == RetentionPolicy.WORK_QUEUE.value
+    assert [c.name for c in await js.consumers_info(n.work_stream)] == [n.workers_consumer("cpu")]
 
 
 @pytest.mark.integration

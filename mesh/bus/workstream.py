@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, ConsumerInfo, RetentionPolicy
@@ -128,10 +129,11 @@ async def make_limits(js: JetStreamContext, settings: Settings) -> bool:
     stream = settings.names.work_stream
     if await work_retention(js, stream) != RetentionPolicy.WORK_QUEUE.value:
         return False
-    configs = [c.config for c in await list_consumers(js, stream)]
+    # the durables (an ephemeral reader's consumer goes with the stream, as it would anyway)
+    configs = [c.config for c in await list_consumers(js, stream) if c.config.durable_name]
     try:
         await js.delete_stream(stream)
-    except nats.js.errors.Error as exc:
+    except nats.errors.Error as exc:  # refused, or (a permissions violation) never answered
         log.warning(
             "the work stream %s is a work queue and this user may not delete it (%s): it stays one, "
             "each item removed on its acknowledgement (a write per task); delete it while no plan "
@@ -146,7 +148,7 @@ async def make_limits(js: JetStreamContext, settings: Settings) -> bool:
     except nats.js.errors.BadRequestError:
         await js.stream_info(stream)  # an agent starting meanwhile created it (as limits)
     for config in configs:
-        config.name = config.name or config.durable_name
+        config.name = config.durable_name
         await js.add_consumer(stream, config=config)
     log.warning(
         "made the work stream %s a limits stream (was a work queue): %d consumers created again; "
