@@ -2,7 +2,9 @@
 to KV together with the work items, then resource and escalation requests and the checkpoint.
 
 Neither KV nor the work queue ever runs ahead of the history. A step whose publishing was cut
-short stays in the outbox and is published again, whole, before anything else.
+short stays in the outbox and is published again, whole, before anything else. A running plan's
+record waits `plan_record_s` when only its counts changed; the work items the workers
+acknowledged are purged in bulk, about once a second (`mesh.bus.workstream`).
 """
 
 from __future__ import annotations
