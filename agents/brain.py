@@ -35,7 +35,7 @@ import time
 
 import nats.js.errors
 from nats.aio.msg import Msg as NatsMsg
-from nats.js import JetStreamContext
+from nats.js import JetStreamContext, api
 
 from agents.brain_intake import BrainIntake
 from agents.brain_lease import LEASE_KEY, BrainLease, LeaseLost, LeaseStalled
@@ -43,6 +43,7 @@ from agents.brain_recovery import BrainRecovery
 from mesh import claims
 from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.read import fetch_some
+from mesh.bus.workstream import WorkPurger, make_limits, work_retention
 from mesh.errors import MeshError
 from mesh.machine import Policy, Reconcile, State, Step, apply, next_due
 from mesh.models import MODEL_KINDS
@@ -97,8 +98,11 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         # (when, task keys, plan ids) of recent KV writes: a server killed right after
         # acknowledging them may not have stored them yet, so they are written again on reconnect
         self.recent_writes: collections.deque[tuple[float, list[str], list[str]]] = collections.deque()
-        # stream sequence of each released task's work item, while it may be queued
-        self.work_seq: dict[str, int] = {}
+        # stream sequence and subject of each released task's work item, while it may be queued
+        self.work_seq: dict[str, tuple[int, str]] = {}
+        self.done_items: collections.deque[tuple[int, str, float]] = collections.deque()
+        self.purger: WorkPurger | None = None
+        self.plan_written: dict[str, tuple[float, bytes]] = {}
         # released tasks whose `ready` record is held back (BrainCommit._hold_ready)
         self.held_ready: dict[str, tuple[int, float]] = {}
 
@@ -123,6 +127,7 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
             part_bytes=min(self.policy.part_bytes, self.bus.nc.max_payload // 4),
             claim_key=await self._claim_key(),
         )
+        await self._own_work_stream()
         if not await self._recover():
             return
         js = self.bus.js
@@ -135,6 +140,16 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         self.esc_sub = await js.pull_subscribe_bind(
             durable=self.names.brain_esc_consumer, stream=self.names.events_stream
         )
+
+    async def _own_work_stream(self) -> None:
+        """Make an old install's work-queue work stream a limits one before anything is
+        queued (its items come back from the ready tasks: `republish_ready`), and purge what
+        the workers acknowledged from then on; a stream that stays a work queue removes each
+        item on its acknowledgement."""
+        stream = self.names.work_stream
+        await make_limits(self.bus.js, self.settings)
+        if await work_retention(self.bus.js, stream) == api.RetentionPolicy.LIMITS.value:
+            self.purger = WorkPurger(self.bus.js, stream)
 
     async def _claim_key(self) -> bytes:
         """The secret work items' claims are made with: made by the first brain, kept in the
@@ -191,12 +206,16 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         self.spawn(self._fetch(self.cmd_sub, "commands"), "fetch-commands")
         self.spawn(self._fetch(self.runs_sub, "reports"), "fetch-reports")
         self.spawn(self._fetch(self.esc_sub, "escalation answers"), "fetch-escalations")
+        if self.purger is not None:
+            self.spawn(self._purge_loop(), "purge-work")
         await self._guarded(None)  # release whatever was waiting when the brain last stopped
         while not self.stop_requested.is_set():
             timeout = self.settings.tick_s
             due = next_due(self.state)
             if due is not None:
                 timeout = min(timeout, max(0.0, due - time.time()))
+            if self.state.dirty_plans:
+                timeout = min(timeout, self.settings.plan_record_s)  # a plan record held back
             try:
                 raw = await asyncio.wait_for(self.inbox.get(), timeout=timeout)
             except TimeoutError:

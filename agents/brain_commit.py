@@ -2,13 +2,16 @@
 to KV together with the work items, then resource and escalation requests and the checkpoint.
 
 Neither KV nor the work queue ever runs ahead of the history. A step whose publishing was cut
-short stays in the outbox and is published again, whole, before anything else.
+short stays in the outbox and is published again, whole, before anything else. A running plan's
+record waits `plan_record_s` when only its counts changed; the work items the workers
+acknowledged are purged in bulk, about once a second (`mesh.bus.workstream`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import time
@@ -18,8 +21,11 @@ import nats.js.errors
 from nats.js.api import PubAck
 
 from agents.base import Agent
+from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.outputs import OutputError, task_output
 from mesh.bus.retention import forget_plans
+from mesh.bus.route import work_subject
+from mesh.bus.workstream import WorkPurger
 from mesh.events import (
     AgentOffline,
     EscalationRequest,
@@ -79,8 +85,15 @@ class BrainCommit(Agent):
     # (when, task keys, plan ids) of recent KV writes: a server killed right after
     # acknowledging them may not have stored them yet, so they are written again on reconnect
     recent_writes: collections.deque[tuple[float, list[str], list[str]]]
-    # stream sequence of each released task's work item, while it may be queued
-    work_seq: dict[str, int]
+    # stream sequence and subject of each released task's work item, while it may be queued
+    work_seq: dict[str, tuple[int, str]]
+    # work items of tasks done, not yet purged: (sequence, subject, when the task was done)
+    done_items: collections.deque[tuple[int, str, float]]
+    # purges what the work consumers acknowledged (None: the stream is an old work queue)
+    purger: WorkPurger | None
+    # plan id -> (when its record was last written, that record less its counts): a running
+    # plan whose counts alone changed is written again only `plan_record_s` later
+    plan_written: dict[str, tuple[float, bytes]]
     # released tasks whose `ready` record is held back (`_hold_ready`): the stream sequence of
     # the release, and since when (monotonic)
     held_ready: dict[str, tuple[int, float]]
@@ -119,6 +132,7 @@ class BrainCommit(Agent):
             step.events.clear()
         tasks, plans = self.state.take_dirty()
         tasks = self._hold_ready(tasks, released)
+        plans = self._plans_due(plans)
         try:
             acks = await self._write_records(tasks, plans, then=step.work)
         except BaseException:
@@ -127,9 +141,13 @@ class BrainCommit(Agent):
             self.state.dirty_tasks.update(r.key for r in tasks)
             self.state.dirty_plans.update(p.plan_id for p in plans)
             raise
+        self._plans_written(plans)
         if step.work:
             for item, ack in zip(step.work, acks, strict=True):
-                self.work_seq[f"{item.plan_id}.{item.task_id}"] = ack.seq
+                self.work_seq[f"{item.plan_id}.{item.task_id}"] = (
+                    ack.seq,
+                    work_subject(self.names, item.cls, item.model),
+                )
             step.work.clear()
         if step.resources:
             await bus.emit_many(step.resources)
@@ -214,13 +232,17 @@ class BrainCommit(Agent):
         """Delete the queued work item of a task that no longer wants it (cancelled, reset or
         given up as lost), so no worker runs it; forget the items of finished tasks."""
         stale = []
+        now = time.monotonic()
         for rec in tasks:
-            seq = self.work_seq.get(rec.key)
-            if seq is None or rec.status in INFLIGHT_STATES:
+            queued = self.work_seq.get(rec.key)
+            if queued is None or rec.status in INFLIGHT_STATES:
                 continue
             del self.work_seq[rec.key]
+            seq, subject = queued
             if rec.status in (CANCELLED, PENDING) or rec.reason == FailReason.LOST:
                 stale.append(seq)
+            elif self.purger is not None:
+                self.done_items.append((seq, subject, now))
         if stale:
             stream = self.names.work_stream
             results = await asyncio.gather(
@@ -229,6 +251,48 @@ class BrainCommit(Agent):
             for result in results:
                 if isinstance(result, BaseException) and not isinstance(result, nats.js.errors.NotFoundError):
                     log.debug("could not delete a stale work item: %s", result)
+
+    async def _purge_loop(self) -> None:
+        """Every `work_purge_s`, purge the work items every consumer acknowledged
+        (`mesh.bus.workstream`): one purge per consumer whose ack floor moved, not one removal
+        per item. A floor held back by one long task leaves the done items above it stored: a
+        done task's item still there `work_stuck_s` after is deleted alone, as a work queue
+        would have on its acknowledgement."""
+        assert self.purger is not None
+        while not self.stop_requested.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_requested.wait(), timeout=self.settings.work_purge_s)
+                return
+            try:
+                bounds = await self.purger.purge()
+                await self._delete_stuck(bounds)
+            except TRANSIENT as exc:
+                log.debug("purging acknowledged work items failed: %r", exc)
+            except nats.js.errors.Error as exc:
+                log.warning("purging acknowledged work items failed: %r", exc)
+
+    async def _delete_stuck(self, bounds: dict[str, int]) -> None:
+        done = self.done_items
+        keep: collections.deque[tuple[int, str, float]] = collections.deque()
+        stuck = []
+        old = time.monotonic() - self.settings.work_stuck_s
+        while done:
+            seq, subject, at = done.popleft()
+            if seq < bounds.get(subject, 0):
+                continue  # purged
+            if at < old:
+                stuck.append(seq)
+            else:
+                keep.append((seq, subject, at))
+        done.extend(keep)
+        if stuck:
+            stream = self.names.work_stream
+            results = await asyncio.gather(
+                *(self.bus.js.delete_msg(stream, seq) for seq in stuck), return_exceptions=True
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if any(not isinstance(r, nats.js.errors.NotFoundError) for r in failed):
+                log.debug("could not delete some done work items: %s", failed[0])
 
     async def _write_records(
         self, tasks: list[TaskRecord], plans: list[PlanRecord], then: list[WorkItem] | None = None
@@ -249,6 +313,8 @@ class BrainCommit(Agent):
                 raise
             for key in gone_tasks:
                 self.work_seq.pop(key, None)
+            for plan_id in gone_plans:
+                self.plan_written.pop(plan_id, None)
         if not tasks and not plans:
             return await self.bus.emit_many(then or [])
         names = self.names
@@ -269,6 +335,40 @@ class BrainCommit(Agent):
         while self.recent_writes and self.recent_writes[0][0] < now - RECENT_WRITES_S:
             self.recent_writes.popleft()
         return acks
+
+    def _plans_due(self, plans: list[PlanRecord]) -> list[PlanRecord]:
+        """The plan records to write now. A running plan whose record differs from the one last
+        written only in its counts waits until `plan_record_s` after that write (it stays dirty:
+        a later commit, or the brain's tick, writes it): in a chain every brain step changes
+        them. Counts are all a deferred record lacks, and `State.load` counts them again from
+        the task records, so the checkpoint may pass the events that changed them."""
+        every = self.settings.plan_record_s
+        if every <= 0:
+            return plans
+        now = time.monotonic()
+        due = []
+        for plan in plans:
+            last = self.plan_written.get(plan.plan_id)
+            if (
+                last is not None
+                and not plan.final
+                and now - last[0] < every
+                and _without_counts(plan) == last[1]
+            ):
+                self.state.dirty_plans.add(plan.plan_id)
+            else:
+                due.append(plan)
+        return due
+
+    def _plans_written(self, plans: list[PlanRecord]) -> None:
+        if self.settings.plan_record_s <= 0:
+            return
+        now = time.monotonic()
+        for plan in plans:
+            if plan.final:
+                self.plan_written.pop(plan.plan_id, None)
+            else:
+                self.plan_written[plan.plan_id] = (now, _without_counts(plan))
 
     async def _publish_escalations(self, requests: list[EscalationRequest]) -> None:
         """Requests with their inputs (the outputs of the dependencies the task takes)."""
@@ -349,3 +449,8 @@ class BrainCommit(Agent):
             case _:
                 detail = ""
         log.info("%s %s%s%s", tag, plan_id, f".{task_id}" if task_id else "", detail)
+
+
+def _without_counts(plan: PlanRecord) -> bytes:
+    """A plan record less what changes with every step of it (its counts, when they changed)."""
+    return encode_record(msgspec.structs.replace(plan, counts={}, updated_at=0.0))

@@ -69,6 +69,12 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tick_s: float = 0.5
     sweep_s: float = 2.0
     checkpoint_s: float = 1.0
+    # a running plan's record (its counts) is written at most this often; at its end at once
+    plan_record_s: float = 0.5
+    # how often the brain purges the work items every consumer has acknowledged (in bulk)
+    work_purge_s: float = 1.0
+    # a done task's item an older unacknowledged one keeps from the purge is deleted alone after
+    work_stuck_s: float = 60.0
     # the active brain holds a lease this long and renews it every third of it
     lease_s: float = 6.0
 

@@ -203,11 +203,13 @@ FORBIDDEN_PUBLISH = [
     (WORKER, f"$JS.API.STREAM.INFO.{P.upper()}_ESC"),
     # the brain asks the gateway; it does not answer for it
     ("brain", f"{P}.evt.esc.p1.t1.answered"),
-    # only the brain and the CLI create streams; nobody deletes or purges them
+    # only the brain and the CLI create streams; nobody deletes or purges them (but the brain
+    # the work stream's acknowledged items)
     *[(u, f"$JS.API.STREAM.CREATE.{P.upper()}_EVENTS") for u in (WORKER, "watchdog", "gateway", "auditor")],
     *[(u, f"$JS.API.STREAM.UPDATE.{P.upper()}_WORK") for u in (WORKER, "watchdog", "gateway", "exporter")],
     *[(u, f"$JS.API.STREAM.DELETE.{P.upper()}_EVENTS") for u in ("brain", "cli", WORKER, "gateway")],
-    *[(u, f"$JS.API.STREAM.PURGE.{P.upper()}_WORK") for u in ("brain", "cli", WORKER, "gateway")],
+    *[(u, f"$JS.API.STREAM.PURGE.{P.upper()}_WORK") for u in ("cli", WORKER, "gateway")],
+    *[(u, f"$JS.API.STREAM.DELETE.{P.upper()}_WORK") for u in ("brain", "cli", WORKER, "gateway")],
     # readers of the history leave the agents' durables alone
     ("watchdog", f"$JS.API.CONSUMER.MSG.NEXT.{P.upper()}_EVENTS.brain-runs"),
     ("exporter", f"$JS.API.CONSUMER.DELETE.{P.upper()}_EVENTS.auditor"),

@@ -8,8 +8,8 @@ nats-server, a brain, the workers, the gateway), and on it a plan of N independe
 and a chain of M, each counted from submit to the plan final and quiet:
 
   writes     per stream (events, work, commands, every KV bucket's `KV_*`, object stores): the
-             stream's last sequence delta, i.e. the messages stored (a work queue's message is
-             removed on its ack, so `state.messages` would not show it)
+             stream's last sequence delta, i.e. the messages stored (a work item acknowledged
+             is purged soon after, so `state.messages` would not show it)
   server     the server's `/varz` in_msgs/out_msgs (every message clients publish, every message it
              delivers, publish acks and pull requests included) and `/jsz` JetStream API calls
   syncs      the server process's fsync/fdatasync calls (strace -f -y attached for a second run of

@@ -229,11 +229,15 @@ class Bus:
     async def _ensure_stream(self, d: dict[str, Any]) -> None:
         config = _stream_config(d)
         try:
-            await self.js.stream_info(d["name"])
+            info = await self.js.stream_info(d["name"])
         except nats.js.errors.NotFoundError:
             await self.js.add_stream(config)
             log.info("created stream %s", d["name"])
             return
+        if api.RetentionPolicy.WORK_QUEUE in (info.config.retention, config.retention):
+            # the server changes no retention to or from work queue in place: an old install's
+            # work queue stays one until the brain makes it anew (`mesh.bus.workstream`)
+            config.retention = info.config.retention
         await self.js.update_stream(config)
 
     async def _ensure_bucket(self, d: dict[str, Any]) -> None:

@@ -49,11 +49,14 @@ def stream_definitions(settings: Settings) -> list[dict[str, Any]]:
             "name": n.work_stream,
             "description": "mesh: tasks released by the brain, waiting for a worker",
             "subjects": [n.work_all],
-            "retention": "workqueue",
+            # not a work queue: an acknowledged item stays until the brain purges what every
+            # consumer has acknowledged, about once a second, in bulk (`mesh.bus.workstream`)
+            "retention": "limits",
             "storage": "file",
             "discard": "new",
             "max_age": 0,
-            # the brain keeps this queue short (release_window per class); this is a backstop
+            # the brain keeps this queue short (release_window per class; acknowledged items
+            # purged within seconds); this is a backstop
             "max_bytes": settings.work_max_bytes,
             "max_msg_size": settings.max_payload_bytes,
             "duplicate_window": dup_ns,

@@ -61,10 +61,9 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
         agent_id = getattr(ev, "agent_id", "")
         return names.agent_event(agent_id, kind), f"{agent_id}:{kind}:{at!r}"
     if tag == "work":
-        cls = getattr(ev, "cls", "cpu")
-        model = getattr(ev, "model", "")
-        subject = names.work_llm(model) if cls == "llm" and model else names.work(cls)
-        return subject, f"{plan_id}.{task_id}:{attempt}:work"
+        return work_subject(names, getattr(ev, "cls", "cpu"), getattr(ev, "model", "")), (
+            f"{plan_id}.{task_id}:{attempt}:work"
+        )
     if tag == "resource":
         rid = getattr(ev, "rid", "")
         return names.work_to(getattr(ev, "worker", "")), f"resource:{rid}"
@@ -93,6 +92,11 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
         rule, target = getattr(ev, "rule", ""), getattr(ev, "target", "")
         return names.alert_event(rule, kind), f"alert:{rule}:{target}:{kind}:{at!r}"
     raise ValueError(f"no route for {tag}")
+
+
+def work_subject(names: Names, cls: str, model: str) -> str:
+    """Where a work item of class `cls` (and `model`, for an LLM task) is queued."""
+    return names.work_llm(model) if cls == "llm" and model else names.work(cls)
 
 
 def origin_of(raw: NatsMsg) -> str:

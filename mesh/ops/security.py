@@ -301,6 +301,11 @@ class Grants:
             # the object's chunks purged
             objects_subject(n.objects_bucket),
             api_stream("PURGE", _obj_stream(n.objects_bucket)),
+            # the work items every consumer acknowledged are purged in bulk, read from the work
+            # consumers' ack floors, and a stale or long-done item deleted (`mesh.bus.workstream`)
+            api_stream("PURGE", n.work_stream),
+            api_stream("MSG.DELETE", n.work_stream),
+            f"{JS_API}.CONSUMER.LIST.{n.work_stream}",
         ]
         pub += self.manage_everything()
         return Permissions(
