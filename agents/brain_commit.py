@@ -400,11 +400,17 @@ class BrainCommit(Agent):
         """Record how far KV holds everything (`_checkpoint_seq`; called only with nothing
         unwritten but the held `ready` records), with the learned figures folded so far (a GPU's
         report may change them alone). Held records older than `HELD_MAX_S` are written first;
-        `force` writes them all."""
+        `force` writes them all, and the plan records held back."""
         learned = self.state.learned
         if not force and time.monotonic() - self._last_checkpoint < self.settings.checkpoint_s:
             return
         await self._write_held(0.0 if force else HELD_MAX_S)
+        if force and self._outbox is None and self.state.dirty_plans:
+            # a brain stopping (or done recovering) leaves no plan record held back (`_plans_due`):
+            # everything they count is in the history already
+            plans = [self.state.plans[p] for p in sorted(self.state.dirty_plans) if p in self.state.plans]
+            self.state.dirty_plans.clear()
+            await self._write_records([], plans)
         seq = self._checkpoint_seq()
         if seq <= self.checkpoint_seq and learned.fed == self.learned_fed and not force:
             return

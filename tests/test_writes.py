@@ -3,6 +3,8 @@ step of a running plan (`plan_record_s`), yet its end, and its counts soon after
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from tests.conftest import HANG_S, Mesh
@@ -63,5 +65,24 @@ async def test_a_held_back_plan_record_is_written_without_further_steps(mesh: Me
     plan = await mesh.plan(plan_id)
     assert plan is not None and not plan.final
     assert plan.counts.get("running", 0) + plan.counts.get("ready", 0) == 1
+    mesh.cli("cancel", plan_id)
+    assert (await mesh.wait_plan(plan_id)).status == "cancelled"
+
+
+async def test_a_brain_that_stops_writes_the_plan_records_it_held_back(mesh: Mesh) -> None:
+    """Held back for longer than the test lasts, the plan record with the first task's success
+    is written when the brain stops (SIGTERM), not left for the next brain to recount."""
+    mesh.env["MESH_PLAN_RECORD_S"] = "600"
+    mesh.brain()
+    mesh.worker("w1")
+    plan_id = await mesh.submit_text(chain(2, last="```shell\nsleep 600\n```"))
+    await mesh.wait_task(plan_id, "t1", "running")
+    plan = await mesh.plan(plan_id)
+    assert plan is not None and plan.counts.get("succeeded", 0) == 0, "held back while the brain runs"
+    mesh.kill("brain", signal.SIGTERM)
+    mesh._expected_dead.add("brain")
+    plan = await mesh.plan(plan_id)
+    assert plan is not None and plan.counts == {"succeeded": 1, "running": 1}, plan.counts
+    mesh.brain("brain2")
     mesh.cli("cancel", plan_id)
     assert (await mesh.wait_plan(plan_id)).status == "cancelled"
