@@ -68,6 +68,8 @@ ATOMIC_COMMIT = "Nats-Batch-Commit"
 # publishing disabled on the stream, a message it already has, too many batches in flight
 ATOMIC_DISABLED = 10174
 ATOMIC_REFUSED = frozenset({ATOMIC_DISABLED, 10201, 10210})
+# "stream name already in use with a different configuration"
+STREAM_NAME_IN_USE = 10058
 
 
 class Bus:
@@ -244,8 +246,15 @@ class Bus:
         try:
             self._kv[d["bucket"]] = await self.js.key_value(d["bucket"])
         except nats.js.errors.BucketNotFoundError:
-            self._kv[d["bucket"]] = await self.js.create_key_value(_kv_config(d))
-            log.info("created bucket %s", d["bucket"])
+            try:
+                self._kv[d["bucket"]] = await self.js.create_key_value(_kv_config(d))
+                log.info("created bucket %s", d["bucket"])
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != STREAM_NAME_IN_USE:
+                    raise
+                # made meanwhile by another process, which changed its stream's settings too
+                # (`allow_atomic`, below): a creation with the bucket's bare settings is refused
+                self._kv[d["bucket"]] = await self.js.key_value(d["bucket"])
         if d.get("allow_atomic"):
             # (a KV bucket's own settings cannot say it: its stream's can)
             info = await self.js.stream_info(f"KV_{d['bucket']}")
