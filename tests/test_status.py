@@ -116,14 +116,14 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
         (
             b'{"type":"task.failed","plan_id":"p1","task_id":"b","attempt":0,"at":2.0,'
             b'"reason":"dependency","error":"dependency a failed","rc":null,"worker":"",'
-            b'"duration_s":0.0}'
+            b'"duration_s":0.0,"started_at":0.0}'
         ),
     ),
     (
         TaskFailed(plan_id="p1", task_id="c", attempt=1, at=2.0),
         (
             b'{"type":"task.failed","plan_id":"p1","task_id":"c","attempt":1,"at":2.0,'
-            b'"reason":"error","error":"","rc":null,"worker":"","duration_s":0.0}'
+            b'"reason":"error","error":"","rc":null,"worker":"","duration_s":0.0,"started_at":0.0}'
         ),
     ),
     (
@@ -133,7 +133,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
         (
             b'{"type":"task.retrying","plan_id":"p1","task_id":"a","attempt":1,"at":3.0,'
             b'"retry_at":5.0,"reason":"lost","error":"","rc":null,"worker":"w1",'
-            b'"duration_s":0.0}'
+            b'"duration_s":0.0,"started_at":0.0}'
         ),
     ),
     (
