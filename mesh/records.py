@@ -110,6 +110,10 @@ class PlanRecord(msgspec.Struct, kw_only=True):
     # how many tasks the plan has; the tasks themselves are the keys `<plan>.*` of the tasks bucket
     total: int = 0
     counts: dict[str, int] = msgspec.field(default_factory=dict)
+    # the same counts by the tasks' class: class -> status -> tasks, so that a view of the queues
+    # (`mesh top`, the exporter) reads the plan records, never every task's (empty in a record
+    # written before it existed: such a plan's tasks are read instead)
+    by_class: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
     env: dict[str, str] = msgspec.field(default_factory=dict)
     error: str = ""
     updated_at: float = 0.0
