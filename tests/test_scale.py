@@ -82,3 +82,24 @@ def test_a_plan_counts_its_tasks_by_class_and_a_load_counts_them_again() -> None
     loaded = State.load([decode_task(encode_record(r)) for r in state.tasks.values()], [old])
     assert loaded.plans[PLAN].by_class == plan.by_class
     assert PLAN in loaded.dirty_plans
+
+
+def test_a_messages_position_is_read_from_its_reply_subject_as_nats_py_reads_it() -> None:
+    """`position` reads what nats-py's `metadata` reads (sequence, pending, storage time), from
+    the reply subject's tokens, in both its forms, without building a datetime per message."""
+    from nats.aio.msg import Msg as NatsMsg
+
+    from mesh.bus.read import position
+
+    replies = (
+        "$JS.ACK.MESH_EVENTS.c1.1.4711.12.1733390000123456789.99",
+        "$JS.ACK.hub.ACCHASH.MESH_EVENTS.c1.1.4711.12.1733390000123456789.99.rnd",
+        "$JS.ACK.hub.ACCHASH.MESH_EVENTS.c1.1.4711.12.1733390000123456789.0",
+    )
+    for reply in replies:
+        raw = NatsMsg(_client=None, subject="mesh.evt.x", reply=reply, data=b"")  # type: ignore[arg-type]
+        meta = raw.metadata
+        assert meta.timestamp is not None
+        seq, pending, stored_ns = position(raw)
+        assert (seq, pending) == (meta.sequence.stream, meta.num_pending)
+        assert abs(stored_ns / 1e9 - meta.timestamp.timestamp()) < 1e-6
