@@ -9,6 +9,7 @@ live brain wrote to KV.
 from __future__ import annotations
 
 import heapq
+import operator
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ from mesh.status import FailReason, TaskStatus
 DEMAND_STATES = frozenset({WAITING, READY})
 # a task keeps this many of its last local attempts (what an escalation carries to Claude)
 KEEP_ATTEMPTS = 5
+
+
+_index_of = operator.attrgetter("index")
 
 
 def task_key(rec: TaskRecord) -> str:
@@ -168,10 +172,9 @@ class State:
         state = cls(aging_s=aging_s)
         for plan in plans:
             state.plans[plan.plan_id] = plan
-        ordered = sorted(tasks, key=lambda r: (r.plan_id, r.index))
-        counts: dict[str, dict[str, int]] = {}
-        by_class: dict[str, dict[str, dict[str, int]]] = {}
-        for rec in ordered:
+        # by plan, then by index within each (a sort on (plan, index) built a tuple per record)
+        by_plan: dict[str, list[TaskRecord]] = {}
+        for rec in tasks:
             # a million records repeat a few strings: keep one copy of each (a status and a
             # reason decode as their enum members, one copy already), and the task's id once
             rec.plan_id = sys.intern(rec.plan_id)
@@ -179,12 +182,19 @@ class State:
             if rec.task_id == rec.spec.id:
                 rec.task_id = rec.spec.id
             rec.spec = compact_spec(rec.spec)
-            state.tasks[task_key(rec)] = rec
-            of_plan = counts.setdefault(rec.plan_id, {})
-            of_plan[rec.status] = of_plan.get(rec.status, 0) + 1
-            _add(by_class.setdefault(rec.plan_id, {}).setdefault(rec.spec.cls, {}), rec.status, 1)
-        for rec in ordered:
-            state._index(rec)
+            by_plan.setdefault(rec.plan_id, []).append(rec)
+        counts: dict[str, dict[str, int]] = {}
+        by_class: dict[str, dict[str, dict[str, int]]] = {}
+        for plan_id in sorted(by_plan):
+            ordered = by_plan.pop(plan_id)
+            ordered.sort(key=_index_of)
+            of_plan = counts.setdefault(plan_id, {})
+            classes = by_class.setdefault(plan_id, {})
+            for rec in ordered:
+                state.tasks[task_key(rec)] = rec
+                _add(of_plan, rec.status, 1)
+                _add(classes.setdefault(rec.spec.cls, {}), rec.status, 1)
+                state._index(rec)
         for plan in state.plans.values():
             counted = counts.get(plan.plan_id, {})
             classes = by_class.get(plan.plan_id, {})
