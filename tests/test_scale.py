@@ -103,3 +103,16 @@ def test_a_messages_position_is_read_from_its_reply_subject_as_nats_py_reads_it(
         seq, pending, stored_ns = position(raw)
         assert (seq, pending) == (meta.sequence.stream, meta.num_pending)
         assert abs(stored_ns / 1e9 - meta.timestamp.timestamp()) < 1e-6
+
+
+def test_loaded_records_share_their_times_and_zeros() -> None:
+    """Each float a record decodes to is an object of its own; a load keeps one per value for
+    the times (the records one step wrote share them) and one zero."""
+    state = accepted(9)
+    loaded = State.load(
+        [decode_task(encode_record(r)) for r in state.tasks.values()], list(state.plans.values())
+    )
+    records = list(loaded.tasks.values())
+    assert len({id(r.updated_at) for r in records}) == len({r.updated_at for r in records}) == 1
+    zeros = {id(getattr(r, name)) for r in records for name in ("released_at", "duration_s", "ttft_s")}
+    assert len(zeros) == 1
