@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -66,6 +68,15 @@ def generate(n: int, title: str = "scale") -> PlanSpec:
         source="generated",
         tasks=tuple(TaskSpec(id=f"t{i}", body="", kind="noop", retries=0) for i in range(n)),
     )
+
+
+class Results(dict[str, Any]):
+    """The results, each also printed (and flushed) as it is measured: a run cut short still
+    says what it measured."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        print(f"{time.strftime('%H:%M:%S')} {key}: {json.dumps(value)}", flush=True)
 
 
 class BrainRss:
@@ -138,7 +149,7 @@ async def main_async(
     await bus.ensure_resources()
     await wait_agents(bus, len(stack.children))
     n = args.tasks
-    results: dict[str, Any] = {"tasks": n}
+    results: dict[str, Any] = Results(tasks=n)
     probes: list[dict[str, float]] = []
     try:
         began = time.perf_counter()
@@ -173,6 +184,9 @@ async def main_async(
                 results["restart_to_first_release_s"] = round(released - t0, 2)
             if time.monotonic() >= next_probe and accepted:
                 probes.append({**(await views(bus, metrics_url)), "done": float(plan.done if plan else 0)})
+                print(
+                    f"{time.strftime('%H:%M:%S')} probe: {json.dumps(probes[-1])} rss: {rss.mb()}", flush=True
+                )
                 next_probe = time.monotonic() + args.probe_every
             await asyncio.sleep(0.2)
         took = time.perf_counter() - t_submit
@@ -207,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--tasks", type=int, default=1_000_000)
     ap.add_argument("--kill-at", type=float, default=0.3, help="kill the brain once this share is final")
     ap.add_argument("--probe-every", type=float, default=15.0, help="seconds between status/top/exporter")
-    ap.add_argument("--metrics-port", type=int, default=9477)
+    ap.add_argument("--metrics-port", type=int, default=0, help="the exporter's port (0: a free one)")
     ap.add_argument("--no-replay", action="store_true")
     stack_options(ap)
     ap.set_defaults(durability="lazy")
@@ -219,6 +233,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mesh-bench-scale-") as tmp:
         stack = bench_stack(tmp, args.workers, args.slots, args.durability, gateway=False)
         stack.start()
+        if not args.metrics_port:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                args.metrics_port = s.getsockname()[1]
         env = {**stack.env, "MESH_METRICS_PORT": str(args.metrics_port)}
         exporter = Child(
             "exporter", agent_command("exporter", stack.url), Path(tmp) / "logs" / "exporter.log"
