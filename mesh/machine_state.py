@@ -74,10 +74,8 @@ _ZERO = 0.0
 
 
 def task_key(rec: TaskRecord) -> str:
-    """A record's key (`<plan>.<task>`), one copy for all who keep it: the tasks table, its
-    plan's list, the queues and the dirty set each kept a copy of their own (77 bytes a task,
-    three times over, for a million-task plan)."""
-    return sys.intern(f"{rec.plan_id}.{rec.task_id}")
+    """A record's key, the one copy everyone keeps (`TaskRecord.key` interns it)."""
+    return rec.key
 
 
 # the environment of every task that sets none: one empty dict, where each decoded spec had

@@ -40,6 +40,8 @@ def test_a_task_key_is_kept_once_for_the_table_its_plan_and_the_queue() -> None:
     state = accepted()
     assert len(state.tasks) == 6
     assert len(key_copies(state)) == 6
+    # and whoever else asks a record for its key (the brain's list of recent writes) gets it
+    assert all(r.key is k for k, r in state.tasks.items())
     loaded = State.load(
         [decode_task(encode_record(r)) for r in state.tasks.values()], list(state.plans.values())
     )
