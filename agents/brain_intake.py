@@ -36,9 +36,12 @@ from mesh.events import (
     SubmitPlan,
     type_of,
 )
+from mesh.host.memory import give_back
 from mesh.machine import Policy, Step, Sweep, Tick, apply
 
 log = logging.getLogger("mesh.brain")
+# a step of at least this many events (a big plan accepted) hands its freed memory back
+BIG_STEP = 10_000
 
 BRAIN_INPUTS = (
     SubmitPlan
@@ -139,7 +142,10 @@ class BrainIntake(BrainCommit):
                 bad.append((raw, step.refused))
             else:
                 good.append(raw)
+        big = len(combined.events) >= BIG_STEP
         await self._commit(combined)
+        if big:
+            give_back()  # a big plan's acceptance: its events and their encodings are gone
         for raw, why in letters:
             await self.bus.dead_letter(self.agent_id, raw, why)
         for raw, why in bad:

@@ -118,3 +118,14 @@ def test_loaded_records_share_their_times_and_zeros() -> None:
     assert len({id(r.updated_at) for r in records}) == len({r.updated_at for r in records}) == 1
     zeros = {id(getattr(r, name)) for r in records for name in ("released_at", "duration_s", "ttft_s")}
     assert len(zeros) == 1
+
+
+def test_the_brain_can_hand_freed_memory_back_on_glibc() -> None:
+    import platform
+
+    from mesh.host.memory import give_back
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert give_back() is True
+    else:
+        assert give_back() in (True, False)

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator
 
 import nats.errors
@@ -195,7 +196,9 @@ async def _live_values(kv: KeyValue, keys: str) -> AsyncIterator[tuple[str, Nats
         new = 0
         async for raw in read_stream(kv._js, stream, subject, config):
             last = max(last, position(raw)[0])
-            key = raw.subject[len(prefix) :]
+            # one copy of the key for the set and whoever keeps it (a task's record interns its
+            # key: a million-key read kept a million copies besides)
+            key = sys.intern(raw.subject[len(prefix) :])
             if key in given or _gone(raw):
                 continue
             given.add(key)
