@@ -458,5 +458,6 @@ class BrainCommit(Agent):
 
 
 def _without_counts(plan: PlanRecord) -> bytes:
-    """A plan record less what changes with every step of it (its counts, when they changed)."""
-    return encode_record(msgspec.structs.replace(plan, counts={}, updated_at=0.0))
+    """A plan record less what changes with every step of it (its counts, by class too, and
+    when they changed)."""
+    return encode_record(msgspec.structs.replace(plan, counts={}, by_class={}, updated_at=0.0))

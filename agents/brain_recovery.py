@@ -19,6 +19,7 @@ from agents.brain_commit import CHECKPOINT_KEY, BrainCommit
 from mesh.bus.history import TRANSITIONS, read_history, replay
 from mesh.bus.read import iter_bucket, iter_revisions
 from mesh.events import EscalationRequest, GpuState, PlanAccepted, decode
+from mesh.host.memory import give_back
 from mesh.machine import Policy, State, escalation_request, evolve, work_item
 from mesh.placement import observe
 from mesh.records import (
@@ -78,6 +79,8 @@ class BrainRecovery(BrainCommit):
                 # only a GPU's own state under its own key (each worker may write its GPU's key)
                 if isinstance(gpu, GpuState) and gpu.gpu == key:
                     observe(self.state.gpus, gpu)
+        del tasks, plans, bad
+        give_back()  # what the read held for a moment, among the records that stay
         log.info(
             "loaded %d tasks and %d plans from KV in %.3fs",
             len(self.state.tasks),

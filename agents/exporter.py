@@ -6,9 +6,12 @@ Where each metric comes from:
   scrape time (it holds one small value per GPU and host, and expires a silent host's).
 - GPU states (`mesh_gpu_state`): the gpus bucket, read at scrape time.
 - Tasks by state and queue depth per class (`mesh_tasks`, `mesh_queue_depth`, `mesh_plans`):
-  the tasks and plans buckets, followed with an ordered consumer on each bucket's stream that
-  starts with the latest value of every key and then sees every put and delete. The exporter
-  keeps only (status, class, kind) per task.
+  the plans bucket (each plan record counts its tasks by class and state), followed with an
+  ordered consumer on the bucket's stream that starts with the latest value of every key and
+  then sees every put and delete. A scrape adds up the plans' counts: it never reads every task.
+- The class and kind a task's run is counted under: the tasks bucket, followed the same way;
+  the exporter keeps them only for tasks released and not yet finished (a million-task plan
+  costs it no memory per task).
 - Task durations and prompt throughput (`mesh_task_duration_seconds`,
   `mesh_prompt_tokens_per_second`, `mesh_runs_total`): `run.finished` events seen while the
   exporter runs (an ordered consumer from the stream's end); a restarted exporter starts
@@ -29,6 +32,7 @@ import asyncio
 import logging
 import threading
 from collections import Counter as Tally
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,13 +54,13 @@ from mesh.bus.read import read_bucket
 from mesh.errors import MeshError
 from mesh.names import kv_keys, kv_subject
 from mesh.records import (
+    INFLIGHT_STATES,
     PLAN_FINAL_STATES,
     PLAN_RUNNING,
     READY,
     TASK_STATES,
     WAITING,
     decode_plan,
-    decode_task,
 )
 from mesh.samples import GpuSample, HostSample, decode_sample
 from mesh.settings import Settings
@@ -70,6 +74,24 @@ PLAN_STATES = (PLAN_RUNNING, *sorted(PLAN_FINAL_STATES))
 DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, float("inf"))
 TOKENS_BUCKETS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000, float("inf"))
 _KV_GONE = {"DEL", "PURGE"}
+# finished tasks whose labels are kept for their run.finished still to come
+KEEP_FINISHED = 10_000
+
+
+class _SpecLabels(msgspec.Struct):
+    cls: str = msgspec.field(default="cpu", name="class")
+    kind: str = "shell"
+
+
+class _TaskLabels(msgspec.Struct):
+    """What the exporter reads of a task record: its status, class and kind (the rest of the
+    record is skipped, not decoded)."""
+
+    status: str
+    spec: _SpecLabels
+
+
+_labels_decoder = msgspec.json.Decoder(_TaskLabels)
 
 
 @dataclass
@@ -215,9 +237,11 @@ class Exporter(Agent):
             registry=self.registry,
         )
         self.registry.register(_SnapshotCollector(self))
-        # key -> (status, class, kind); plan id -> status; (rule, target) -> the latest event
-        self.tasks: dict[str, tuple[str, str, str]] = {}
-        self.plans: dict[str, str] = {}
+        # key -> (class, kind) of a task released or running; plan id -> (status, counts by class
+        # and state); (rule, target) -> the latest event
+        self.tasks: dict[str, tuple[str, str]] = {}
+        self.finished: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self.plans: dict[str, tuple[str, dict[str, dict[str, int]]]] = {}
         self.alerts: dict[tuple[str, str], events.AlertRaised | events.AlertResolved] = {}
         self._subs: list[Subscription] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -260,6 +284,7 @@ class Exporter(Agent):
     async def _subscribe(self) -> None:
         await self._unsubscribe()
         self.tasks.clear()
+        self.finished.clear()
         self.plans.clear()
         self.alerts.clear()
         n = self.names
@@ -306,11 +331,18 @@ class Exporter(Agent):
             self.tasks.pop(key, None)
             return
         try:
-            rec = decode_task(raw.data)
+            rec = _labels_decoder.decode(raw.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("unreadable task record %s: %s", key, exc)
             return
-        self.tasks[key] = (rec.status, rec.spec.cls, rec.spec.kind)
+        if rec.status in INFLIGHT_STATES:
+            self.tasks[key] = (rec.spec.cls, rec.spec.kind)
+        elif key in self.tasks:
+            # finished: its run.finished (another consumer) may not have come in yet, so the
+            # last few thousand finished keep their labels a while
+            self.finished[key] = self.tasks.pop(key)
+            if len(self.finished) > KEEP_FINISHED:
+                self.finished.popitem(last=False)
 
     async def _on_plan(self, raw: NatsMsg) -> None:
         key, gone = self._key(raw, self.names.plans_bucket)
@@ -318,7 +350,8 @@ class Exporter(Agent):
             self.plans.pop(key, None)
             return
         try:
-            self.plans[key] = decode_plan(raw.data).status
+            plan = decode_plan(raw.data)
+            self.plans[key] = (plan.status, plan.by_class)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("unreadable plan record %s: %s", key, exc)
 
@@ -329,7 +362,8 @@ class Exporter(Agent):
             return  # the auditor's business
         if not isinstance(ev, events.RunFinished) or ev.dead_letter:
             return
-        _, cls, kind = self.tasks.get(f"{ev.plan_id}.{ev.task_id}", ("", "unknown", "unknown"))
+        key = f"{ev.plan_id}.{ev.task_id}"
+        cls, kind = self.tasks.get(key) or self.finished.get(key) or ("unknown", "unknown")
         self.durations.labels(cls, kind).observe(max(ev.duration_s, 0.0))
         outcome = (
             "ok" if ev.ok else "timed_out" if ev.timed_out else "cancelled" if ev.cancelled else "failed"
@@ -372,8 +406,13 @@ class Exporter(Agent):
         snap.gpus.sort(key=lambda g: (g.host, g.index))
         snap.hosts.sort(key=lambda h: h.host)
         snap.states.sort(key=lambda s: s.gpu)
-        snap.tasks = dict(Tally((status, cls) for status, cls, _ in self.tasks.values()))
-        snap.plans = dict(Tally(self.plans.values()))
+        tasks: Tally[tuple[str, str]] = Tally()
+        for _, by_class in self.plans.values():
+            for cls, counts in by_class.items():
+                for status, n in counts.items():
+                    tasks[(status, cls)] += n
+        snap.tasks = dict(tasks)
+        snap.plans = dict(Tally(status for status, _ in self.plans.values()))
         snap.alerts = dict(self.alerts)
         return snap
 

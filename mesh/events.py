@@ -49,7 +49,7 @@ DEFAULT_CLASS_OF_KIND: dict[str, str] = {
 LLM_BODY_KINDS: tuple[str, ...] = ("prompt", "chat")
 
 
-class TaskSpec(Struct, frozen=True, gc=False):
+class TaskSpec(Struct, frozen=True, gc=False, omit_defaults=True):
     """One task as the plan defines it, after variables and foreach expansion."""
 
     id: str

@@ -9,6 +9,7 @@ live brain wrote to KV.
 from __future__ import annotations
 
 import heapq
+import operator
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +67,29 @@ DEMAND_STATES = frozenset({WAITING, READY})
 KEEP_ATTEMPTS = 5
 
 
+_index_of = operator.attrgetter("index")
+# a task record's times: many records share each (a step's), unlike their durations
+_TIMES = ("not_before", "waiting_since", "released_at", "started_at", "finished_at", "updated_at")
+_ZERO = 0.0
+
+
+def task_key(rec: TaskRecord) -> str:
+    """A record's key, the one copy everyone keeps (`TaskRecord.key` interns it)."""
+    return rec.key
+
+
+# the environment of every task that sets none: one empty dict, where each decoded spec had
+# its own (64 bytes a task). Nothing changes a spec's environment (specs are frozen)
+_NO_ENV: dict[str, str] = {}
+
+
+def compact_spec(spec: TaskSpec) -> TaskSpec:
+    """The spec, its empty environment shared with every other task's."""
+    if not spec.env and spec.env is not _NO_ENV:
+        msgspec.structs.force_setattr(spec, "env", _NO_ENV)
+    return spec
+
+
 @dataclass
 class State:
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
@@ -100,6 +124,7 @@ class State:
     # in the records: a restarted brain starts it afresh
     pressure: Pressure = field(default_factory=Pressure)
     _seq: int = 0
+    _vtime: float = 0.0
 
     def _count_demand(self, rec: TaskRecord, delta: int) -> None:
         _add(self.demand, demand_key(rec), delta)
@@ -118,13 +143,17 @@ class State:
     def _push(self, rec: TaskRecord) -> None:
         self._seq += 1
         if rec.not_before > 0:
-            heapq.heappush(self.delayed, (rec.not_before, self._seq, rec.key))
+            heapq.heappush(self.delayed, (rec.not_before, self._seq, task_key(rec)))
             return
         vtime = rec.waiting_since - rec.spec.priority * self.aging_s
-        heapq.heappush(self.queue.setdefault(rec.spec.cls, []), (vtime, self._seq, rec.key))
+        # tasks that became waiting together share their virtual time: one float for them all
+        if vtime == self._vtime:
+            vtime = self._vtime
+        self._vtime = vtime
+        heapq.heappush(self.queue.setdefault(rec.spec.cls, []), (vtime, self._seq, task_key(rec)))
 
     def _index(self, rec: TaskRecord) -> None:
-        key = rec.key
+        key = task_key(rec)
         self.plan_keys.setdefault(rec.plan_id, []).append(key)
         for dep in rec.spec.depends_on:
             self.dependents.setdefault(f"{rec.plan_id}.{dep}", []).append(key)
@@ -149,22 +178,45 @@ class State:
         state = cls(aging_s=aging_s)
         for plan in plans:
             state.plans[plan.plan_id] = plan
-        ordered = sorted(tasks, key=lambda r: (r.plan_id, r.index))
-        counts: dict[str, dict[str, int]] = {}
-        for rec in ordered:
-            # a hundred thousand records repeat a few strings: keep one copy of each (a status
-            # and a reason decode as their enum members, one copy already)
+        # by plan, then by index within each (a sort on (plan, index) built a tuple per record)
+        by_plan: dict[str, list[TaskRecord]] = {}
+        floats: dict[float, float] = {_ZERO: _ZERO}
+        for rec in tasks:
+            # a million records repeat a few strings: keep one copy of each (a status and a
+            # reason decode as their enum members, one copy already), and the task's id once
             rec.plan_id = sys.intern(rec.plan_id)
             rec.worker = sys.intern(rec.worker)
-            state.tasks[rec.key] = rec
-            of_plan = counts.setdefault(rec.plan_id, {})
-            of_plan[rec.status] = of_plan.get(rec.status, 0) + 1
-        for rec in ordered:
-            state._index(rec)
+            if rec.task_id == rec.spec.id:
+                rec.task_id = rec.spec.id
+            rec.spec = compact_spec(rec.spec)
+            for name in _TIMES:
+                # each decoded value is a float of its own (24 bytes, eight times a record):
+                # the records one step wrote share their times, and every zero is one
+                value = getattr(rec, name)
+                setattr(rec, name, floats.setdefault(value, value))
+            if rec.duration_s == 0.0:
+                rec.duration_s = rec.ttft_s = _ZERO
+            elif rec.ttft_s == 0.0:
+                rec.ttft_s = _ZERO
+            by_plan.setdefault(rec.plan_id, []).append(rec)
+        counts: dict[str, dict[str, int]] = {}
+        by_class: dict[str, dict[str, dict[str, int]]] = {}
+        for plan_id in sorted(by_plan):
+            ordered = by_plan.pop(plan_id)
+            ordered.sort(key=_index_of)
+            of_plan = counts.setdefault(plan_id, {})
+            classes = by_class.setdefault(plan_id, {})
+            for rec in ordered:
+                state.tasks[task_key(rec)] = rec
+                _add(of_plan, rec.status, 1)
+                _add(classes.setdefault(rec.spec.cls, {}), rec.status, 1)
+                state._index(rec)
         for plan in state.plans.values():
             counted = counts.get(plan.plan_id, {})
-            if plan.status != PLAN_REJECTED and plan.counts != counted:
+            classes = by_class.get(plan.plan_id, {})
+            if plan.status != PLAN_REJECTED and (plan.counts != counted or plan.by_class != classes):
                 plan.counts = counted
+                plan.by_class = classes
                 state.dirty_plans.add(plan.plan_id)
         return state
 
@@ -209,17 +261,15 @@ def _set_status(state: State, rec: TaskRecord, status: TaskStatus, at: float) ->
     if old == status:
         # the record still changed (a redelivery keeps it running): it must be written
         rec.updated_at = at
-        state.dirty_tasks.add(rec.key)
+        state.dirty_tasks.add(task_key(rec))
         return
     plan = state.plans.get(rec.plan_id)
+    cls = rec.spec.cls
     if plan is not None:
-        plan.counts[old] = plan.counts.get(old, 0) - 1
-        if plan.counts[old] <= 0:
-            del plan.counts[old]
-        plan.counts[status] = plan.counts.get(status, 0) + 1
+        _move(plan.counts, old, status)
+        _move(plan.by_class.setdefault(cls, {}), old, status)
         plan.updated_at = at
         state.dirty_plans.add(plan.plan_id)
-    cls = rec.spec.cls
     state._count(rec, -1)
     if old in INFLIGHT_STATES and status not in INFLIGHT_STATES:
         state.inflight[cls] = state.inflight.get(cls, 0) - 1
@@ -230,7 +280,7 @@ def _set_status(state: State, rec: TaskRecord, status: TaskStatus, at: float) ->
     if status in DEMAND_STATES and old not in DEMAND_STATES:
         _add(state.arrived, demand_key(rec), 1)
     rec.updated_at = at
-    state.dirty_tasks.add(rec.key)
+    state.dirty_tasks.add(task_key(rec))
 
 
 def _accept(state: State, ev: PlanAccepted) -> None:
@@ -264,10 +314,13 @@ def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: 
     for spec in specs:
         index = len(state.plan_keys.get(plan.plan_id, ()))
         rec = TaskRecord(plan_id=plan.plan_id, task_id=spec.id, spec=spec, index=index, updated_at=at)
-        if rec.key in state.tasks:
+        key = task_key(rec)
+        if key in state.tasks:
             continue
-        state.tasks[rec.key] = rec
-        state.dirty_tasks.add(rec.key)
+        rec.spec = compact_spec(spec)
+        state.tasks[key] = rec
+        state.dirty_tasks.add(key)
+        _add(plan.by_class.setdefault(spec.cls, {}), PENDING, 1)
         state._index(rec)
         plan.counts[PENDING] = plan.counts.get(PENDING, 0) + 1
         added += 1
@@ -289,6 +342,14 @@ def _wait(state: State, rec: TaskRecord, at: float, push: bool = True) -> None:
     _set_status(state, rec, WAITING, at)
     if push:
         state._push(rec)
+
+
+def _move(counts: dict[str, int], old: str, new: str) -> None:
+    """One task counted under `new` instead of `old` (a count at 0 is dropped)."""
+    counts[old] = counts.get(old, 0) - 1
+    if counts[old] <= 0:
+        del counts[old]
+    counts[new] = counts.get(new, 0) + 1
 
 
 def evolve(state: State, ev: Msg) -> None:

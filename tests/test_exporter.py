@@ -230,3 +230,37 @@ async def test_exporter_serves_telemetry_states_tasks_durations_and_alerts(mesh:
     assert "Traceback" not in mesh.log("exporter"), mesh.log("exporter")
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         await scrape(port)
+
+
+async def test_task_counts_come_from_the_plan_records(mesh: Mesh) -> None:
+    """`mesh_tasks` adds up each plan record's counts by class and state: a plan record saying a
+    million tasks wait, with none of their task records in the bucket, is counted whole (an
+    exporter tallying every task record would count none, and keep a million entries)."""
+    from mesh.records import PlanRecord, encode_record
+
+    bus = await mesh.bus()
+    big = PlanRecord(
+        plan_id="big-1205000000-abcd",
+        title="big",
+        total=1_000_001,
+        counts={"waiting": 1_000_000, "running": 1},
+        by_class={"cpu": {"waiting": 1_000_000}, "llm": {"running": 1}},
+    )
+    await (await bus.plans_kv()).put(big.plan_id, encode_record(big))
+    port = free_port()
+    mesh.start_agent("exporter", "exporter", "--port", str(port))
+
+    async def counted() -> Samples | None:
+        if not mesh.alive("exporter"):
+            raise AssertionError(mesh.log("exporter"))
+        try:
+            s = await scrape(port)
+        except (urllib.error.URLError, ConnectionError):
+            return None
+        return s if value(s, "mesh_tasks", state="waiting", **{"class": "cpu"}) else None
+
+    s = await wait_for("the plan's tasks counted", counted)
+    assert value(s, "mesh_tasks", state="waiting", **{"class": "cpu"}) == 1_000_000
+    assert value(s, "mesh_tasks", state="running", **{"class": "llm"}) == 1
+    assert value(s, "mesh_queue_depth", **{"class": "cpu"}) == 1_000_000
+    assert value(s, "mesh_plans", state="running") == 1

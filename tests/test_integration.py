@@ -461,7 +461,7 @@ async def test_a_plan_too_big_for_one_message_goes_through_the_object_store(tmp_
     try:
         mesh.brain()
         mesh.worker("w1", slots=8)
-        n = 600
+        n = 1200  # (a spec leaves out its defaults: 105 bytes a task here)
         text = "# Big\n\n## Tasks\n\n" + "".join(
             f"### task-{i}\n- priority: {1 + i % 10}\n```noop\n# a longer body {i}\n```\n\n" for i in range(n)
         )

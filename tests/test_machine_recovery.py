@@ -323,12 +323,12 @@ def test_a_submission_whose_acceptance_was_cut_short_is_completed_when_seen_agai
     from mesh.events import SubmitPlan
 
     spec = plan(*(task(f"t{i}") for i in range(40)), task("join", *(f"t{i}" for i in range(40))))
-    d = Driver(policy(part_bytes=1024))
+    d = Driver(policy(part_bytes=256))
     step = d.submit(spec)
     parts = sum(1 for e in step.events if type(e).__name__ == "PlanTasks")
     assert parts >= 3
     prefix = step.events[:2]  # plan.accepted and one part, then the crash
-    after = Driver(policy(part_bytes=1024), state=replay(prefix, aging_s=60.0), now=d.now)
+    after = Driver(policy(part_bytes=256), state=replay(prefix, aging_s=60.0), now=d.now)
     assert len(after.state.plan_tasks("p1")) < 41
     after.feed(SubmitPlan(plan_id="p1", plan=spec, at=0.0, by="tester"))
     assert len(after.state.plan_tasks("p1")) == 41
@@ -348,7 +348,7 @@ def test_the_parts_a_cut_acceptance_is_completed_with_give_model_tasks_their_mod
 
     def models_policy() -> Policy:
         models = PlacementPolicy(models={"m": ("llm", 600)})
-        return dataclasses.replace(policy(part_bytes=1024), default_models={"llm": "m"}, placement=models)
+        return dataclasses.replace(policy(part_bytes=256), default_models={"llm": "m"}, placement=models)
 
     tasks = [TaskSpec(id=f"q{i:02d}", body=f"say {i}", kind="prompt", cls="llm") for i in range(30)]
     spec = plan(*tasks)
@@ -374,7 +374,7 @@ def test_a_part_folded_again_adds_the_tasks_a_cut_kept_out_of_kv() -> None:
     from mesh.machine import State, evolve
     from tests.test_machine import copy_records
 
-    d = Driver(policy(part_bytes=1024))
+    d = Driver(policy(part_bytes=256))
     step = d.submit(plan(*(task(f"t{i:02d}") for i in range(40))))
     part = next(e for e in step.events if isinstance(e, PlanTasks))
     full = replay(d.events, aging_s=60.0)

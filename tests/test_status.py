@@ -41,10 +41,8 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             review_of=LocalAttempt(attempt=2, reason=FailReason.DEFINITION),
         ),
         (
-            b'{"plan_id":"p1","task_id":"a","spec":{"id":"a","body":"echo a","kind":"shell",'
-            b'"class":"cpu","depends_on":[],"priority":5,"timeout_s":1800.0,"retries":3,'
-            b'"env":{},"sensitive":false,"line":0,"model":"","inputs":[],"max_tokens":0,'
-            b'"requires_external":false,"escalate":[],"schema":"","artifacts":[]},"index":0,"status":"running","attempt":0,'
+            b'{"plan_id":"p1","task_id":"a","spec":{"id":"a","body":"echo a"},"index":0,'
+            b'"status":"running","attempt":0,'
             b'"base_attempt":0,"deliveries":0,"worker":"","not_before":0.0,"waiting_since":0.0,'
             b'"released_at":0.0,"started_at":0.0,"finished_at":0.0,"duration_s":0.0,"rc":null,'
             b'"reason":"timeout","error":"","updated_at":0.0,"rid":"","escalated":"",'
@@ -57,10 +55,8 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
     (
         TaskRecord(plan_id="p1", task_id="b", spec=SPEC),
         (
-            b'{"plan_id":"p1","task_id":"b","spec":{"id":"a","body":"echo a","kind":"shell",'
-            b'"class":"cpu","depends_on":[],"priority":5,"timeout_s":1800.0,"retries":3,'
-            b'"env":{},"sensitive":false,"line":0,"model":"","inputs":[],"max_tokens":0,'
-            b'"requires_external":false,"escalate":[],"schema":"","artifacts":[]},"index":0,"status":"pending","attempt":0,'
+            b'{"plan_id":"p1","task_id":"b","spec":{"id":"a","body":"echo a"},"index":0,'
+            b'"status":"pending","attempt":0,'
             b'"base_attempt":0,"deliveries":0,"worker":"","not_before":0.0,"waiting_since":0.0,'
             b'"released_at":0.0,"started_at":0.0,"finished_at":0.0,"duration_s":0.0,"rc":null,'
             b'"reason":"","error":"","updated_at":0.0,"rid":"","escalated":"","followups":[],'
@@ -77,7 +73,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
         (
             b'{"plan_id":"p1","title":"t","status":"rejected","source":"","workdir":"","by":"",'
             b'"submitted_at":0.0,"accepted_at":0.0,"finished_at":0.0,"total":0,'
-            b'"counts":{"succeeded":2,"failed":1},"env":{},"error":"","updated_at":0.0,'
+            b'"counts":{"succeeded":2,"failed":1},"by_class":{},"env":{},"error":"","updated_at":0.0,'
             b'"escalation":{"auto":false,"after":0,"sensitive":false,"followups":true,'
             b'"review":false,"ladder":[]},"host":"","bundle":""}'
         ),
@@ -87,7 +83,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
         (
             b'{"plan_id":"p2","title":"t","status":"running","source":"","workdir":"","by":"",'
             b'"submitted_at":0.0,"accepted_at":0.0,"finished_at":0.0,"total":0,"counts":{},'
-            b'"env":{},"error":"","updated_at":0.0,"escalation":{"auto":false,"after":0,'
+            b'"by_class":{},"env":{},"error":"","updated_at":0.0,"escalation":{"auto":false,"after":0,'
             b'"sensitive":false,"followups":true,"review":false,"ladder":[]},"host":"",'
             b'"bundle":""}'
         ),

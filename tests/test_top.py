@@ -9,10 +9,12 @@ import time
 
 from rich.console import Console
 
+from mesh.bus import client
 from mesh.cli.top import EventFold, GpuView, Snapshot, build, count_tasks
 from mesh.events import AlertRaised, AlertResolved, GpuState, RunStarted, TaskStarted, TaskSucceeded
 from mesh.samples import GpuSample, encode_sample
 from tests.conftest import ROOT, Mesh
+from tests.faults import until
 
 HOLD = "thermal pause: 90 °C >= 87 °C; resumes below 80 °C"
 
@@ -216,6 +218,12 @@ async def test_mesh_top_once_against_a_running_mesh(mesh: Mesh) -> None:
     from mesh.events import encode
 
     await (await bus.gpus_kv()).put("toptest-gpu0", encode(state))
+
+    # which task a worker runs comes from its registration, refreshed every second here
+    async def registered() -> bool:
+        return any(f"{plan_id}.slow" in a.running for a in await client.read_agents(bus))
+
+    await until(registered, 15, "the worker's registration listing the slow task")
     await bus.emit(
         AlertRaised(
             rule="gpu_temp_warn",
@@ -258,3 +266,34 @@ def test_a_fetching_gpu_shows_the_model_and_how_much_arrived() -> None:
     console = Console(record=True, width=160)
     console.print(build(snap))
     assert "fetching big-llm 42%" in console.export_text()
+
+
+async def test_queues_come_from_the_plan_records_not_from_every_task(mesh: Mesh) -> None:
+    """`mesh top` draws its queues from each plan record's counts by class: a plan record saying
+    a million tasks wait, with none of their task records in the bucket, shows them all (a
+    frame that read every task record would show none). Its running tasks come from the
+    workers' registrations."""
+    from mesh.cli.top import read_tasks
+    from mesh.records import AgentRecord, PlanRecord, encode_record
+
+    bus = await mesh.bus()
+    big = PlanRecord(
+        plan_id="big-1205000000-abcd",
+        title="big",
+        total=1_000_003,
+        counts={"waiting": 1_000_000, "running": 2, "succeeded": 1},
+        by_class={"cpu": {"waiting": 1_000_000, "running": 1, "succeeded": 1}, "llm": {"running": 1}},
+    )
+    done = PlanRecord(
+        plan_id="done-1205000000-abcd", title="done", status="succeeded", by_class={"cpu": {"ready": 5}}
+    )
+    for plan in (big, done):
+        await (await bus.plans_kv()).put(plan.plan_id, encode_record(plan))
+    worker = AgentRecord(
+        agent_id="w9", role="worker", host="h", pid=1, started_at=0, seen_at=0, running=[f"{big.plan_id}.t7"]
+    )
+    await (await bus.agents_kv()).put("w9", encode_record(worker))
+    queue, running, damaged = await read_tasks(bus)
+    assert queue == {"cpu": {"waiting": 1_000_000, "running": 1}, "llm": {"running": 1}}
+    assert running == {"w9": [f"{big.plan_id}.t7"]}
+    assert damaged == []

@@ -18,7 +18,7 @@ from nats.js import api
 
 from mesh import events
 from mesh.bus.publish import Bus
-from mesh.bus.read import read_bucket, read_stream
+from mesh.bus.read import position, read_bucket, read_stream
 from mesh.bus.route import decode_checked
 from mesh.errors import MeshError
 from mesh.machine import State, evolve
@@ -52,11 +52,10 @@ async def read_history(
         config.deliver_policy = api.DeliverPolicy.BY_START_TIME
         config.opt_start_time = datetime.datetime.fromtimestamp(since, tz=datetime.UTC)
     async for raw in read_stream(bus.js, bus.names.events_stream, subject, config, idle_timeout_s):
-        meta = raw.metadata
+        seq, _, stored_ns = position(raw)
         # a message on a subject it does not belong on is history nobody may fold (None)
         msg, _ = decode_checked(raw, bus.names)
-        stamp = meta.timestamp.timestamp() if meta.timestamp else 0.0
-        yield Entry(meta.sequence.stream, raw.subject, stamp, msg, raw.data)
+        yield Entry(seq, raw.subject, stored_ns / 1e9, msg, raw.data)
 
 
 TRANSITIONS = events.TRANSITION_TYPES

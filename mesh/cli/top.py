@@ -5,8 +5,8 @@ Two halves, so the view can be tested without a server:
 - `build(snapshot)` is pure: a `Snapshot` (GPU states, telemetry, queue depths, running tasks,
   recent events, alerts firing) in, a rich renderable out.
 - `gather` and `run_top` read a running mesh: the gpus and telemetry buckets (what `mesh gpus`
-  shows too: `read_gpus` and `gpu_row` are shared with it), the tasks of unfinished plans (queue
-  depths by class, and which task each worker runs), and the event stream, folded by an
+  shows too: `read_gpus` and `gpu_row` are shared with it), the plan records (queue depths by
+  class), the agents bucket (which tasks each worker runs), and the event stream, folded by an
   `EventFold` (the last events, and the alerts raised and not yet resolved).
 """
 
@@ -36,7 +36,7 @@ from mesh.bus.read import read_bucket, read_stream
 from mesh.bus.route import decode_or_none
 from mesh.cli import render
 from mesh.errors import MeshError
-from mesh.records import PENDING, READY, RUNNING, WAITING, Damaged
+from mesh.records import PENDING, READY, RUNNING, UNREADABLE, WAITING, Damaged, decode_agent
 from mesh.samples import GpuSample, HostSample, decode_sample
 
 RECENT_EVENTS = 15
@@ -380,20 +380,45 @@ def count_tasks(records: Iterable[Any]) -> tuple[dict[str, dict[str, int]], dict
 
 
 async def read_tasks(bus: Bus) -> tuple[dict[str, dict[str, int]], dict[str, list[str]], list[Damaged]]:
-    """Queue depths and running tasks: only unfinished plans can have any, so only their tasks
-    are read (and those of a plan whose record is damaged: it may be unfinished). Also the
+    """Queue depths and running tasks, without reading every task: the depths are the plan
+    records' counts by class (only unfinished plans can have any), the running tasks the ones
+    each worker's registration lists. Only a plan whose record has no counts by class (written
+    by an older brain) or is damaged (it may be unfinished) has its tasks read. Also the
     damaged records met on the way."""
     plans, damaged = await client.read_plans(bus)
-    unfinished = [p.plan_id for p in plans if not p.final] + [d.key for d in damaged]
+    queue: dict[str, dict[str, int]] = {}
+    read = [d.key for d in damaged]
+    for plan in plans:
+        if plan.final:
+            continue
+        if plan.counts and not plan.by_class:
+            read.append(plan.plan_id)
+            continue
+        for cls, counts in plan.by_class.items():
+            for status in QUEUE_STATES:
+                if counts.get(status):
+                    by_state = queue.setdefault(cls, {})
+                    by_state[status] = by_state.get(status, 0) + counts[status]
     records = []
-    for plan_id in unfinished:
+    for plan_id in read:
         try:
             tasks, bad = await client.read_tasks(bus, plan_id)
         except ValueError:
             continue  # a damaged plan key that is no plan id: it has no tasks
         records += tasks
         damaged += bad
-    queue, running = count_tasks(records)
+    more, running = count_tasks(records)
+    for cls, counted in more.items():
+        for name, n in counted.items():
+            by_state = queue.setdefault(cls, {})
+            by_state[name] = by_state.get(name, 0) + n
+    for value in (await read_bucket(await bus.agents_kv())).values():
+        try:
+            agent = decode_agent(value)
+        except UNREADABLE:
+            continue  # (`mesh agents` says which)
+        if agent.running:
+            running[agent.agent_id] = sorted({*running.get(agent.agent_id, ()), *agent.running})
     return queue, running, damaged
 
 
