@@ -21,6 +21,7 @@ from mesh.bus.read import iter_bucket, iter_revisions
 from mesh.events import EscalationRequest, GpuState, PlanAccepted, decode
 from mesh.host.memory import give_back
 from mesh.machine import Policy, State, escalation_request, evolve, work_item
+from mesh.machine_state import compact_record
 from mesh.placement import observe
 from mesh.records import (
     ESCALATING,
@@ -52,10 +53,12 @@ class BrainRecovery(BrainCommit):
         tasks: list[TaskRecord] = []
         plans: list[PlanRecord] = []
         bad: list[tuple[Damaged, bytes]] = []
-        # decoded as read: the raw values are never all held at once
+        # decoded and made compact as read: the raw values are never all held at once, and what
+        # a record drops is freed while the next ones are decoded (`compact_record`)
+        floats: dict[float, float] = {}
         async for key, value, revision in iter_revisions(await self.bus.tasks_kv()):
             try:
-                tasks.append(decode_task(value))
+                tasks.append(compact_record(decode_task(value), floats))
             except UNREADABLE as exc:
                 bad.append((damaged(names.tasks_bucket, key, value, exc, revision), value))
         async for key, value, revision in iter_revisions(await self.bus.plans_kv()):

@@ -83,6 +83,31 @@ def task_key(rec: TaskRecord) -> str:
 _NO_ENV: dict[str, str] = {}
 
 
+def compact_record(rec: TaskRecord, floats: dict[float, float]) -> TaskRecord:
+    """A decoded record made to share what a million records repeat (done again, it changes
+    nothing): one copy of each plan id and worker (a status and a reason decode as their enum
+    members, one copy already), the task's id once with its spec's, an empty environment, and
+    its times from `floats` (each decoded value is a float of its own, 24 bytes, eight a record:
+    the records one step wrote share their times, and every zero is one). Done as each record
+    is read, the copies it drops are freed while the next records are decoded into them; done
+    once all are read, they were freed among the records and the memory stayed in use."""
+    if not floats:
+        floats[_ZERO] = _ZERO  # every zero is the one zero
+    rec.plan_id = sys.intern(rec.plan_id)
+    rec.worker = sys.intern(rec.worker)
+    if rec.task_id == rec.spec.id:
+        rec.task_id = rec.spec.id
+    rec.spec = compact_spec(rec.spec)
+    for name in _TIMES:
+        value = getattr(rec, name)
+        setattr(rec, name, floats.setdefault(value, value))
+    if rec.duration_s == 0.0:
+        rec.duration_s = rec.ttft_s = _ZERO
+    elif rec.ttft_s == 0.0:
+        rec.ttft_s = _ZERO
+    return rec
+
+
 def compact_spec(spec: TaskSpec) -> TaskSpec:
     """The spec, its empty environment shared with every other task's."""
     if not spec.env and spec.env is not _NO_ENV:
@@ -182,22 +207,7 @@ class State:
         by_plan: dict[str, list[TaskRecord]] = {}
         floats: dict[float, float] = {_ZERO: _ZERO}
         for rec in tasks:
-            # a million records repeat a few strings: keep one copy of each (a status and a
-            # reason decode as their enum members, one copy already), and the task's id once
-            rec.plan_id = sys.intern(rec.plan_id)
-            rec.worker = sys.intern(rec.worker)
-            if rec.task_id == rec.spec.id:
-                rec.task_id = rec.spec.id
-            rec.spec = compact_spec(rec.spec)
-            for name in _TIMES:
-                # each decoded value is a float of its own (24 bytes, eight times a record):
-                # the records one step wrote share their times, and every zero is one
-                value = getattr(rec, name)
-                setattr(rec, name, floats.setdefault(value, value))
-            if rec.duration_s == 0.0:
-                rec.duration_s = rec.ttft_s = _ZERO
-            elif rec.ttft_s == 0.0:
-                rec.ttft_s = _ZERO
+            compact_record(rec, floats)
             by_plan.setdefault(rec.plan_id, []).append(rec)
         counts: dict[str, dict[str, int]] = {}
         by_class: dict[str, dict[str, dict[str, int]]] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import msgspec
 
 from mesh.events import PlanAccepted, PlanSpec, TaskReleased, TaskSpec, TaskSucceeded, TaskWaiting
-from mesh.machine_state import State, evolve
+from mesh.machine_state import State, compact_record, evolve
 from mesh.records import decode_task, encode_record
 
 PLAN = "scale-1205000000-abcd"
@@ -118,6 +118,24 @@ def test_loaded_records_share_their_times_and_zeros() -> None:
     assert len({id(r.updated_at) for r in records}) == len({r.updated_at for r in records}) == 1
     zeros = {id(getattr(r, name)) for r in records for name in ("released_at", "duration_s", "ttft_s")}
     assert len(zeros) == 1
+
+
+def test_a_record_made_compact_as_it_is_read_shares_what_a_load_would_and_a_load_keeps_it() -> None:
+    """The brain makes each record compact as it reads it (agents/brain_recovery.py): the copies
+    a record drops are then freed while the next ones are decoded (tools/load_rss.py measures
+    what that saves). The same sharing as `State.load`'s, and `State.load` changes none of it."""
+    state = accepted(9)
+    floats: dict[float, float] = {}
+    records = [compact_record(decode_task(encode_record(r)), floats) for r in state.tasks.values()]
+    assert len({id(r.plan_id) for r in records}) == 1
+    assert all(r.task_id is r.spec.id for r in records)
+    assert len({id(r.spec.env) for r in records}) == 1
+    assert len({id(r.updated_at) for r in records}) == 1
+    before = [(id(r.plan_id), id(r.spec), id(r.updated_at), id(r.released_at)) for r in records]
+    loaded = State.load(records, list(state.plans.values()))
+    after = [(id(r.plan_id), id(r.spec), id(r.updated_at), id(r.released_at)) for r in records]
+    assert after == before
+    assert len(loaded.tasks) == len(records)
 
 
 def test_the_brain_can_hand_freed_memory_back_on_glibc() -> None:

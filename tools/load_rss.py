@@ -1,6 +1,7 @@
 """What loading task records costs the brain's memory: N no-op records decoded from bytes in
-memory, decoded as read from a real KV bucket, and built the way an acceptance builds them
-(shared strings), each in a fresh process, RSS by psutil after a gc.
+memory, decoded as read from a real KV bucket (as they are, or each made compact as it is read:
+`mesh.machine_state.compact_record`), and built the way an acceptance builds them (shared
+strings), each in a fresh process, RSS by psutil after a gc.
 
     .venv/bin/python tools/load_rss.py                  # 200,000 records
     .venv/bin/python tools/load_rss.py --records 50000
@@ -25,7 +26,7 @@ from mesh.bus.connect import connect
 from mesh.bus.read import iter_revisions
 from mesh.events import TaskSpec
 from mesh.host.config import load_settings
-from mesh.machine_state import State
+from mesh.machine_state import State, compact_record
 from mesh.ops.embedded import EmbeddedServer
 from mesh.records import TaskRecord, decode_task, encode_record
 
@@ -49,10 +50,14 @@ async def _write(url: str, n: int) -> None:
     await bus.close()
 
 
-async def _read(url: str) -> list[TaskRecord]:
+async def _read(url: str, compact: bool) -> list[TaskRecord]:
     s = load_settings(server=url, environ={})
     bus = await connect(s, "load-rss", wait_s=10)
-    out = [decode_task(value) async for _, value, _ in iter_revisions(await bus.tasks_kv())]
+    floats: dict[float, float] = {}
+    out = [
+        compact_record(decode_task(value), floats) if compact else decode_task(value)
+        async for _, value, _ in iter_revisions(await bus.tasks_kv())
+    ]
     await bus.close()
     return out
 
@@ -63,9 +68,9 @@ def measure(how: str, n: int, url: str) -> dict[str, float]:
         encoded = [encode_record(_record(i)) for i in range(n)]
         base = _rss_mb()
         records = [decode_task(v) for v in encoded]
-    elif how == "kv":
+    elif how in ("kv", "kv-compact"):
         base = _rss_mb()
-        records = asyncio.run(_read(url))
+        records = asyncio.run(_read(url, compact=how == "kv-compact"))
     else:  # built as an acceptance builds them: one string per plan, the task id shared with its spec
         base = _rss_mb()
         records = []
@@ -87,7 +92,7 @@ def measure(how: str, n: int, url: str) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--records", type=int, default=200_000)
-    ap.add_argument("--one", choices=("memory", "kv", "built"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", choices=("memory", "kv", "kv-compact", "built"), help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -99,7 +104,7 @@ def main() -> None:
     server.start()
     try:
         asyncio.run(_write(server.url, args.records))
-        for how in ("memory", "kv", "built"):
+        for how in ("memory", "kv", "kv-compact", "built"):
             done = subprocess.run(
                 [sys.executable, __file__, "--one", how, "--records", str(args.records), "--url", server.url],
                 capture_output=True,
