@@ -12,8 +12,11 @@ from pathlib import Path
 import nats.errors
 import nats.js.errors
 import pytest
+from nats.js import api
 
+import nats
 from agents.brain import EXIT_LEASE_LOST
+from mesh.bus.read import add_reader, read_stream
 from mesh.events import RunStarted, TaskSucceeded
 from mesh.host.config import load_settings
 from mesh.ops.embedded import EmbeddedServer
@@ -166,3 +169,38 @@ async def test_three_server_cluster_loses_a_server_mid_plan_and_nothing_is_lost(
     finally:
         await mesh.close()
         mesh.stop_all()
+
+
+async def test_reads_of_a_replicated_stream_come_from_its_leader(cluster: Cluster) -> None:
+    """A read's one-replica consumer is put on any of the stream's servers by the cluster; it
+    must read the leader's copy, which holds every acknowledged write (a follower's may lag)."""
+    nc = await nats.connect(servers=cluster.urls.split(","))
+    try:
+        js = nc.jetstream()
+
+        async def stream_made() -> bool:
+            try:
+                await js.add_stream(name="R3", subjects=["r3.>"], num_replicas=3)
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error):
+                return False
+            return True
+
+        await until(stream_made, HANG_S, "a replicated stream", interval_s=0.5)
+        for i in range(20):
+            await js.publish(f"r3.k{i}", b"v")
+        leader = (await js.stream_info("R3")).cluster
+        assert leader is not None and leader.leader in cluster.servers
+        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+        config.ack_policy = api.AckPolicy.NONE
+        config.num_replicas = 1
+        config.mem_storage = True
+        config.inactive_threshold = 30.0
+        # placed at random, ten consumers would all land on the leader once in 3**10 runs
+        for _ in range(10):
+            info = await add_reader(js, "R3", config)
+            assert info.cluster is not None and info.cluster.leader == leader.leader
+            await js.delete_consumer("R3", info.name)
+        read = [raw.subject async for raw in read_stream(js, "R3", "r3.>", config)]
+        assert read == [f"r3.k{i}" for i in range(20)]
+    finally:
+        await nc.close()

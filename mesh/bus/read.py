@@ -73,6 +73,41 @@ READ_BATCH = 1000
 READ_BATCH_BYTES = 32 * 1024 * 1024
 
 
+# how many times a read's consumer is placed again to land on its stream's leader
+PLACE_TRIES = 12
+
+
+async def add_reader(js: JetStreamContext, stream: str, cfg: api.ConsumerConfig) -> api.ConsumerInfo:
+    """An ephemeral read consumer, on the server that leads `stream` where the stream is
+    replicated.
+
+    A one-replica consumer of a replicated stream is put on any of the stream's servers and
+    reads that server's copy, which may lag the leader's: after a server of a cluster is lost,
+    a copy still catching up answered a whole plan's task records with nothing. The leader's
+    copy holds every acknowledged write, so a consumer placed elsewhere is deleted and created
+    again (the server places it at random) until it lands on the leader; after `PLACE_TRIES`
+    it reads where it is, and says so.
+    """
+    info = await js.add_consumer(stream, config=cfg)
+    if info.cluster is None or not info.cluster.name:
+        return info  # one server: its copy is the stream
+    for _ in range(PLACE_TRIES):
+        leader = (await js.stream_info(stream)).cluster
+        if (
+            leader is None
+            or not leader.leader
+            or info.cluster is None
+            or info.cluster.leader == leader.leader
+        ):
+            return info
+        with contextlib.suppress(*TRANSIENT):
+            await js.delete_consumer(stream, info.name)
+        info = await js.add_consumer(stream, config=cfg)
+    where = info.cluster.leader if info.cluster else "?"
+    log.warning("reading %s from %s, not its leader: what it answers may lag", stream, where)
+    return info
+
+
 async def read_stream(
     js: JetStreamContext,
     stream: str,
@@ -100,7 +135,7 @@ async def read_stream(
     cfg.inactive_threshold = 60.0
     cfg.mem_storage = True
     cfg.num_replicas = 1
-    info = await js.add_consumer(stream, config=cfg)
+    info = await add_reader(js, stream, cfg)
     name = info.name
     nc = js._nc
     arrived: collections.deque[NatsMsg] = collections.deque()
