@@ -72,11 +72,16 @@ class BrainIntake(BrainCommit):
         now = time.time()
         if batch is None:
             if time.monotonic() - self._last_sweep >= self.settings.sweep_s:
-                live = frozenset((await read_bucket(await self.bus.agents_kv())).keys())
-                await self._commit(apply(self.state, Sweep(live), now, self.policy))
-                self._last_sweep = time.monotonic()
-            else:
-                await self._commit(apply(self.state, Tick(), now, self.policy))
+                try:
+                    live = frozenset((await read_bucket(await self.bus.agents_kv())).keys())
+                except TRANSIENT as exc:
+                    # no reading is no evidence: agents are judged gone only on a whole read
+                    log.warning("reading the agents bucket failed (%r); sweeping later", exc)
+                else:
+                    await self._commit(apply(self.state, Sweep(live), now, self.policy))
+                    self._last_sweep = time.monotonic()
+                    return
+            await self._commit(apply(self.state, Tick(), now, self.policy))
             return
         beat = asyncio.get_running_loop().create_task(self._keep_alive(batch))
         try:

@@ -7,10 +7,11 @@ import asyncio
 import random
 
 import pytest
+from nats.js import api
 
 from mesh.bus.connect import connect
 from mesh.bus.history import read_history
-from mesh.bus.read import READ_BATCH, READ_BATCH_BYTES, iter_bucket
+from mesh.bus.read import READ_BATCH, READ_BATCH_BYTES, ReadBroken, iter_bucket, read_stream
 from mesh.events import PlanTasks, TaskSpec, TaskWaiting
 from mesh.host.config import load_settings
 from mesh.ops.embedded import EmbeddedServer
@@ -91,3 +92,33 @@ async def test_a_bucket_read_while_its_keys_are_written_again_gives_every_key_on
 
 async def _count(bus, s) -> int:  # type: ignore[no-untyped-def]
     return len([e async for e in read_history(bus, s.names.evt_all)])
+
+
+async def test_a_read_that_breaks_off_fails_instead_of_ending_short(nats_server: EmbeddedServer) -> None:
+    """A pull request that ends without the message that says nothing follows it (its consumer
+    deleted, or the request reaching no consumer: a 503, as just after a consumer is made on
+    another server of a cluster) is not the stream's end. Taken for one, a read of the agents
+    bucket came back empty and the brain declared every live agent gone."""
+    s = load_settings(server=nats_server.url, environ={})
+    bus = await connect(s, "test-read", wait_s=10)
+    try:
+        await bus.ensure_resources()
+        await bus.emit_many(
+            [TaskWaiting(plan_id="p", task_id=f"t{i}", at=float(i)) for i in range(READ_BATCH * 3)]
+        )
+        got = 0
+        with pytest.raises(ReadBroken):
+            async for _raw in read_stream(
+                bus.js, s.names.events_stream, s.names.evt_all, api.ConsumerConfig(), idle_timeout_s=2.0
+            ):
+                if got == 0:
+                    (reader,) = [
+                        c.name
+                        for c in await bus.js.consumers_info(s.names.events_stream)
+                        if c.config.mem_storage
+                    ]
+                    await bus.js.delete_consumer(s.names.events_stream, reader)
+                got += 1
+        assert got < READ_BATCH * 3
+    finally:
+        await bus.close()

@@ -73,6 +73,24 @@ READ_BATCH = 1000
 READ_BATCH_BYTES = 32 * 1024 * 1024
 
 
+class ReadBroken(nats.errors.Error):
+    """A whole-stream read that stopped short of the end: nothing it gave may be taken for
+    everything (an agents bucket read short would make live agents look gone)."""
+
+
+# a read asks again this many times after a request that ended short, then fails
+READ_RETRIES = 5
+
+# statuses that end a pull request with nothing more to give: no messages, or its expiry
+_ENDS = ("404", "408")
+
+
+async def _left(js: JetStreamContext, stream: str, name: str) -> int:
+    """What the read's consumer still has to deliver, by its own account."""
+    info = await js.consumer_info(stream, name)
+    return int(info.num_pending or 0)
+
+
 # how many times a read's consumer is placed again to land on its stream's leader
 PLACE_TRIES = 12
 
@@ -158,12 +176,18 @@ async def read_stream(
             return
         await nc.publish(next_subject, request, reply=inbox)
         in_batch = 0
+        broken = 0
         while True:
             if not arrived:
                 wake.clear()
                 try:
                     await asyncio.wait_for(wake.wait(), timeout=idle_timeout_s + 1.0)
                 except TimeoutError:
+                    # not even the request's expiry came back
+                    if await _left(js, stream, name):
+                        raise ReadBroken(
+                            f"reading {stream}: nothing came for {idle_timeout_s + 1.0:.0f}s"
+                        ) from None
                     return
                 continue
             raw = arrived.popleft()
@@ -177,9 +201,19 @@ async def read_stream(
                     in_batch = 0
                     await nc.publish(next_subject, request, reply=inbox)
                     continue
-                # the request expired with nothing more, or the consumer has no more: the
-                # stream's end, as far as this read goes
-                return
+                # the request ended without the message that says nothing follows it: the
+                # stream's end only if the consumer has nothing left; else the read broke off
+                # (503: the request reached no consumer, as just after one is made on another
+                # server of a cluster) and is asked again, a few times, before it fails
+                if status in _ENDS and not await _left(js, stream, name):
+                    return
+                broken += 1
+                if broken > READ_RETRIES:
+                    raise ReadBroken(f"reading {stream} broke off: {status} {description}".rstrip())
+                await asyncio.sleep(0.05 * broken)
+                in_batch = 0
+                await nc.publish(next_subject, request, reply=inbox)
+                continue
             yield raw
             if position(raw)[1] == 0:
                 return
