@@ -15,9 +15,9 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client
 
 import nats
+from mesh.bus.natsclient import MeshClient
 from mesh.bus.publish import Bus
 from mesh.errors import ServerUnavailable
 from mesh.names import inbox_prefix
@@ -75,7 +75,7 @@ async def connect(
     )
     while True:
         attempt += 1
-        nc = Client()
+        nc = MeshClient()
         try:
             await nc.connect(**connect_kwargs)
             # ...and once connected, reconnect forever through server restarts
