@@ -77,6 +77,16 @@ class ReadBroken(nats.errors.Error):
     """A whole-stream read that stopped short of the end: nothing it gave may be taken for
     everything (an agents bucket read short would make live agents look gone)."""
 
+    def __init__(self, stream: str, why: str) -> None:
+        super().__init__()
+        self.stream, self.why = stream, why
+
+    def __str__(self) -> str:
+        return (
+            f"reading {self.stream} broke off ({self.why}), so what it read was not used. Try again; "
+            "if it keeps failing, `mesh doctor` checks the server"
+        )
+
 
 # a read asks again this many times after a request that ended short, then fails
 READ_RETRIES = 5
@@ -185,9 +195,7 @@ async def read_stream(
                 except TimeoutError:
                     # not even the request's expiry came back
                     if await _left(js, stream, name):
-                        raise ReadBroken(
-                            f"reading {stream}: nothing came for {idle_timeout_s + 1.0:.0f}s"
-                        ) from None
+                        raise ReadBroken(stream, f"nothing came for {idle_timeout_s + 1.0:.0f}s") from None
                     return
                 continue
             raw = arrived.popleft()
@@ -209,7 +217,7 @@ async def read_stream(
                     return
                 broken += 1
                 if broken > READ_RETRIES:
-                    raise ReadBroken(f"reading {stream} broke off: {status} {description}".rstrip())
+                    raise ReadBroken(stream, f"{status} {description}".rstrip())
                 await asyncio.sleep(0.05 * broken)
                 in_batch = 0
                 await nc.publish(next_subject, request, reply=inbox)
