@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import time
 from collections import Counter
@@ -157,7 +158,17 @@ async def test_three_server_cluster_loses_a_server_mid_plan_and_nothing_is_lost(
             starts.setdefault(tid, []).append(float(at))
         assert set(starts) == {t.id for t in tasks}
         twice = sorted(tid for tid, ats in starts.items() if len(ats) > 1)
-        assert all(starts[tid][0] < killed_at for tid in twice), {t: starts[t] for t in twice}
+        # ... which the server delivered again (its ack lost with the server): never a second
+        # release by the brain. (Not "started before the kill": on a loaded machine a body
+        # delivered before the kill may start after it.)
+        redelivered = {
+            m.group(1)
+            for name in ("w1", "w2")
+            for m in re.finditer(
+                rf"running {re.escape(plan_id)}\.(\w+) attempt 1 \(delivery ([2-9])", mesh.log(name)
+            )
+        }
+        assert set(twice) <= redelivered, (twice, redelivered)
         reports = Counter(m.task_id for _, m in history if isinstance(m, RunStarted))
         print(
             f"\nkilled {leader} (leader of {n.work_stream}); plan final {time.time() - killed_at:.1f}s "
