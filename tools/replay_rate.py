@@ -1,0 +1,102 @@
+"""How fast `mesh replay` folds a history: events/s over a synthetic one, each header parser in
+turn.
+
+    .venv/bin/python tools/replay_rate.py                       # 50,000 tasks, 3 rounds
+    .venv/bin/python tools/replay_rate.py --tasks 200000 --rounds 5
+
+The history is what a no-op plan leaves: a `plan.accepted` with its first part, `plan.tasks`
+parts, and per task a `task.released` and a `task.succeeded` (published through mesh's own bus,
+so with the same subjects and headers as the brain's). It is replayed with
+`mesh.bus.history.replay` over a connection that parses headers with nats-py's parser and one
+with mesh's (`mesh.bus.natsclient`), alternated, on an embedded nats-server (lazy sync: this
+measures reading, not the disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from nats.aio.client import Client
+
+from mesh.bus import connect as connect_module
+from mesh.bus.connect import connect
+from mesh.bus.history import replay
+from mesh.bus.natsclient import MeshClient
+from mesh.events import Msg, PlanAccepted, PlanSpec, PlanTasks, TaskReleased, TaskSpec, TaskSucceeded
+from mesh.host.config import load_settings
+from mesh.ops.embedded import EmbeddedServer
+
+PLAN = "plan-0000000000-replay"
+PART = 5000
+
+
+def history(n: int) -> list[Msg]:
+    specs = [TaskSpec(id=f"t{i}", body="") for i in range(n)]
+    parts = [tuple(specs[i : i + PART]) for i in range(0, n, PART)]
+    out: list[Msg] = [
+        PlanAccepted(plan_id=PLAN, plan=PlanSpec(title="replay", tasks=parts[0]), at=1.0, total=n)
+    ]
+    out += [PlanTasks(plan_id=PLAN, part=k, tasks=p, at=1.0) for k, p in enumerate(parts[1:], 1)]
+    for i in range(n):
+        out.append(TaskReleased(plan_id=PLAN, task_id=f"t{i}", attempt=1, at=2.0))
+        out.append(
+            TaskSucceeded(plan_id=PLAN, task_id=f"t{i}", attempt=1, worker="w", at=3.0, started_at=2.5)
+        )
+    return out
+
+
+async def one(url: str, client: type[Client]) -> tuple[int, float]:
+    connect_module.MeshClient = client  # type: ignore[attr-defined,misc]
+    try:
+        bus = await connect(load_settings(server=url, environ={}), "replay-rate", wait_s=10)
+    finally:
+        connect_module.MeshClient = MeshClient  # type: ignore[attr-defined,misc]
+    try:
+        began = time.perf_counter()
+        result = await replay(bus)
+        seconds = time.perf_counter() - began
+        assert len(result.state.tasks) == TASKS, len(result.state.tasks)
+        return result.events, seconds
+    finally:
+        await bus.close()
+
+
+TASKS = 0
+
+
+async def main(args: argparse.Namespace) -> None:
+    global TASKS
+    TASKS = args.tasks
+    with tempfile.TemporaryDirectory(prefix="mesh-replay-") as tmp:
+        server = EmbeddedServer(Path(tmp))
+        server.start()
+        try:
+            bus = await connect(load_settings(server=server.url, environ={}), "replay-writer", wait_s=10)
+            await bus.ensure_resources()
+            await bus.emit_many(history(args.tasks))
+            await bus.close()
+            rates: dict[str, list[float]] = {"nats-py": [], "mesh": []}
+            for r in range(args.rounds):
+                for name, client in (("nats-py", Client), ("mesh", MeshClient)):
+                    events, seconds = await one(server.url, client)
+                    rates[name].append(events / seconds)
+                    rate = events / seconds
+                    print(f"round {r + 1} {name:8s} {events:,} events in {seconds:.2f}s: {rate:,.0f}/s")
+            for name, values in rates.items():
+                print(f"{name:8s} median {statistics.median(values):,.0f} events/s over {len(values)} rounds")
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tasks", type=int, default=50_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    asyncio.run(main(parser.parse_args()))
