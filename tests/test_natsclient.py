@@ -32,10 +32,28 @@ def test_the_parser_reads_each_block_as_nats_py_does(block: bytes) -> None:
     assert parse_header_lines(block) == Client._parse_header_lines(block)
 
 
-_BYTES = st.sampled_from([b"a", b"Z", b"-", b":", b" ", b"\t", b"\r\n", b"\x1f", b"\xff", b"\xc3\xa9", b"0"])
+_BYTES = st.sampled_from(
+    [
+        b"a",
+        b"Z",
+        b"-",
+        b":",
+        b" ",
+        b"\t",
+        b"\r\n",
+        b"\r",
+        b"\n",
+        b"\x0b",
+        b"\x0c",
+        b"\x1f",
+        b"\xff",
+        b"\xc3\xa9",
+        b"0",
+    ]
+)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.lists(_BYTES, max_size=40).map(b"".join))
 def test_the_parser_agrees_with_nats_py_on_any_bytes(block: bytes) -> None:
     assert parse_header_lines(block) == Client._parse_header_lines(block)
