@@ -88,7 +88,7 @@ class ReadBroken(nats.errors.Error):
         )
 
 
-# a read asks again this many times after a request that ended short, then fails
+# a read asks again this many times in a row after a request that ended short, then fails
 READ_RETRIES = 5
 
 # statuses that end a pull request with nothing more to give: no messages, or its expiry
@@ -222,6 +222,7 @@ async def read_stream(
                 in_batch = 0
                 await nc.publish(next_subject, request, reply=inbox)
                 continue
+            broken = 0  # a message came: the read goes on, however slowly
             yield raw
             if position(raw)[1] == 0:
                 return
