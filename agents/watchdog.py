@@ -63,6 +63,15 @@ HOST_ONLY = "no NVIDIA GPU readable through NVML on this host: watching the host
 NEVER_RAN = (FailReason.DEPENDENCY, FailReason.CANCELLED)
 
 
+def busy_with_model(st: GpuState) -> bool:
+    """A GPU whose worker runs work on a model it holds (an LLM answering, or a script task's
+    model): such a GPU at 0% utilisation for minutes is stuck (rule gpu_stuck). A script task
+    without a model may well use no GPU at all, so it does not count."""
+    return st.running > 0 and (
+        (st.state == "llm_busy" and bool(st.llm)) or (st.state == "script_busy" and bool(st.script_models))
+    )
+
+
 class Watchdog(Agent):
     role = "watchdog"
 
@@ -70,7 +79,9 @@ class Watchdog(Agent):
         super().__init__(settings, agent_id)
         self.tel_host = host_token(host)
         self.source: GpuSource | None = None
-        self.engine = AlertEngine(build_rules(settings.alerts, settings.alert_hysteresis_c))
+        self.engine = AlertEngine(
+            build_rules(settings.alerts, settings.alert_hysteresis_c), settings.alert_xid_window_s
+        )
         self.sinks = Sinks.from_settings(settings, self.tel_host)
         self._stopped: list[tuple[str, float]] = []
         # alerts raised or resolved and not yet in the stream, oldest first
@@ -177,7 +188,7 @@ class Watchdog(Agent):
         changes: list[Change] = []
         for g in gpus:
             changes += self.engine.gpu(g, now)
-        changes += self.engine.host(host, now)
+        changes += self.engine.host(host, now, gpu_host=bool(gpus))
         changes += await self.watch_agents(now)
         changes += await self.watch_mesh(gpus, now)
         await self.thermal(gpus, now)
@@ -294,6 +305,7 @@ class Watchdog(Agent):
         try:
             states = await read_bucket(await self.bus.gpus_kv())
             idle: set[str] = set()
+            busy: set[str] = set()
             for value in states.values():
                 with contextlib.suppress(ValueError):
                     match decode(value):
@@ -301,9 +313,13 @@ class Watchdog(Agent):
                             idle.add(st.gpu)
                             # a set's worker reports the set; the samples are of its cards
                             idle.update(f"{st.host}-gpu{i}" for i in st.indices)
+                        case GpuState() as st if busy_with_model(st):
+                            busy.add(st.gpu)
+                            busy.update(f"{st.host}-gpu{i}" for i in st.indices)
             for g in gpus:
                 held = float(g.mem_used_mb or 0) if g.gpu_id in idle else 0.0
                 changes += self.engine.mesh({"idle_gpu_mem_mb": held}, g.gpu_id, self.tel_host, now)
+                changes += self.engine.stuck(g, g.gpu_id in busy, now)
             if self.settings.watchdog_mesh_rules:
                 changes += await self._queue_and_failures(now)
         except TRANSIENT as exc:

@@ -201,6 +201,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     alert_retries: int = 4
     alert_retry_backoff_s: float = 2.0
     alert_spool_retry_s: float = 300.0
+    # an XID error keeps the gpu_xid alert raised this long after it was seen
+    alert_xid_window_s: float = 3600.0
     # failed attempts of one task class are counted over this window (alert rule task_failures)
     failure_window_s: float = 600.0
     # whether this host's watchdog evaluates the mesh-wide rules (queue depth, failures per
@@ -480,7 +482,12 @@ def alert_sink_problem(settings: Settings) -> str:
         return "alert_smtp_user and alert_smtp_password go together: set both, or neither"
     if settings.alert_retries < 1:
         return f"alert_retries = {settings.alert_retries!r} must be at least 1"
-    for name in ("alert_retry_backoff_s", "alert_spool_retry_s", "alert_smtp_timeout_s"):
+    for name in (
+        "alert_retry_backoff_s",
+        "alert_spool_retry_s",
+        "alert_smtp_timeout_s",
+        "alert_xid_window_s",
+    ):
         if getattr(settings, name) <= 0:
             return f"{name} = {getattr(settings, name)!r} must be above 0"
     return ""
