@@ -32,6 +32,7 @@ from mesh.host.health import probe, probe_any, probe_tcp
 from mesh.ops import doctor
 from mesh.settings import Settings
 from tests.conftest import FAST_ENV, ROOT, Mesh
+from tests.faults import until
 
 RAISED = AlertRaised(
     rule="gpu_temp_critical",
@@ -397,3 +398,68 @@ async def test_mesh_health_raises_its_alerts_once_and_resolves_them(mesh: Mesh, 
         ("AlertResolved", "either"),
         ("AlertResolved", "llama"),
     ]
+
+
+@pytest.mark.integration
+async def test_the_watchdog_alerts_a_closed_port_through_a_failing_webhook_that_comes_back(
+    mesh: Mesh, hook: Hook
+) -> None:
+    """The watchdog's TCP check fails; the webhook fails every try, so the alert is spooled; the
+    webhook comes back and the watchdog's spool loop delivers it."""
+    data = mesh.tmp / "data"
+    config = Path(mesh.env["XDG_CONFIG_HOME"]) / "mesh" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(
+        f'alert_webhook_url = "{hook.url}"\nalert_retries = 2\nalert_retry_backoff_s = 0.1\n'
+        f'alert_spool_retry_s = 0.5\n\n[health.db]\ntcp = "127.0.0.1:{free_port()}"\nretries = 1\n'
+        "interval_s = 0.3\ntimeout_s = 1\n"
+    )
+    mesh.env.update({"MESH_DATA_DIR": str(data)})
+    hook.failing = True
+    spool = Spool(data / "alerts" / "undelivered.jsonl")
+    mesh.start_agent("watchdog", "watchdog")
+
+    def spooled() -> bool:
+        if not mesh.alive("watchdog"):
+            raise AssertionError(mesh.log("watchdog"))
+        return any(e.event.target == "db" for e in spool.read()[0])
+
+    await until(spooled, 60, "the health alert in the spool")
+    [entry] = [e for e in spool.read()[0] if e.event.target == "db"]
+    assert entry.sink == "webhook" and "HTTP 500" in entry.error and entry.attempts >= 2
+    assert isinstance(entry.event, AlertRaised) and entry.event.rule == "health"
+    assert "tcp 127.0.0.1:" in entry.event.message
+
+    hook.failing = False
+    await until(lambda: any(b.get("target") == "db" for b in hook.bodies), 60, "the spooled alert delivered")
+    await until(lambda: not spool.read()[0], 30, "the spool emptied")
+    assert hook.bodies[0]["rule"] == "health" and hook.bodies[0]["type"] == "alert.raised"
+
+
+@pytest.mark.integration
+async def test_mesh_health_keeps_what_the_server_did_not_take_for_the_next_run(
+    mesh: Mesh, hook: Hook
+) -> None:
+    await mesh.bus()
+    config = mesh.tmp / "health.toml"
+    config.write_text(
+        f'alert_webhook_url = "{hook.url}"\n\n'
+        f'[health.llama]\ntcp = "127.0.0.1:{free_port()}"\nretries = 1\ntimeout_s = 1\n'
+    )
+    data = mesh.tmp / "data"
+    away = run_health(config, f"nats://127.0.0.1:{free_port()}", data)
+    assert away.returncode == 1
+    assert "not published to the stream" in away.stderr and "spooled" in away.stderr
+    assert [b["target"] for b in hook.bodies] == ["llama"], "the sinks have it all the same"
+    [kept], _ = Spool(data / "alerts" / "undelivered.jsonl").read()
+    assert kept.sink == "stream" and kept.event.target == "llama"
+    [finding] = doctor.check_alert_spool(Settings(data_dir=str(data)))
+    assert finding.level == "warn" and "1 to stream" in finding.message
+
+    back = run_health(config, mesh.server.url, data)
+    assert back.returncode == 1, back.stdout + back.stderr
+    assert len(hook.bodies) == 1, "still down: not raised again"
+    assert Spool(data / "alerts" / "undelivered.jsonl").read() == ([], 0)
+    got = [m for _, m in await mesh.history(mesh.settings.names.alerts_all)]
+    assert [(type(m).__name__, m.target) for m in got if m is not None] == [("AlertRaised", "llama")]
+    assert isinstance(got[0], AlertRaised) and got[0].at == kept.event.at, "the alert of the first run"

@@ -135,7 +135,10 @@ def health(
             out.print(f"  {did}: {escape(v.restart_detail) or 'no unit or command configured'}")
     if done.not_published:
         missed = done.alerts - done.published
-        err.print(f"{missed} alert(s) not published to the stream: {escape(done.not_published)}")
+        err.print(
+            f"{missed} alert(s) not published to the stream: {escape(done.not_published)}; "
+            "spooled for the next run (see mesh doctor)"
+        )
     if done.undelivered:
         err.print(f"{done.undelivered} alert(s) not delivered to every sink: spooled (see mesh doctor)")
     raise typer.Exit(0 if all(v.healthy for v in done.verdicts) else 1)

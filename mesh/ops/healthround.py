@@ -5,7 +5,8 @@ The sinks are the log, a webhook, e-mail and notify-send; what they fail to take
 
 Rounds remember which checks they raised an alert for (`<data_dir>/health/raised.json`), so a
 check that stays down is raised once and resolved when it is healthy again, not every minute.
-Alerts an earlier round (or the watchdog) could not deliver are tried again first.
+Alerts an earlier round (or the watchdog) could not deliver are tried again first; one the
+server did not take goes to the spool as sink `stream`, published by a later round.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,13 +25,17 @@ from mesh.bus.connect import connect
 from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.publish import Bus
 from mesh.errors import MeshError
+from mesh.events import AlertRaised, AlertResolved
 from mesh.health import HealthCheck, Result, round_alerts
 from mesh.host.alertsinks import Sinks
+from mesh.host.alertspool import Spool, Undelivered, spool_path
 from mesh.host.health import Verdict, check_once, probe
 from mesh.host.telemetry import host_token
 from mesh.settings import Settings
 
 log = logging.getLogger("mesh.health")
+# the spool's name for the event stream, beside the sinks
+STREAM = "stream"
 
 
 def state_path(data_dir: str) -> Path:
@@ -65,6 +71,7 @@ class Round:
         self.not_published = ""
         self.undelivered = 0
         self.spool_delivered = 0
+        self.stream_delivered = 0
 
 
 async def health_round(s: Settings, now: float, host: str | None = None) -> Round:
@@ -82,6 +89,9 @@ async def health_round(s: Settings, now: float, host: str | None = None) -> Roun
             bus = await stack.enter_async_context(_connected(s))
         except MeshError as exc:
             bus_error = str(exc)
+        spool = Spool(spool_path(s.data_dir))
+        if bus is not None:
+            done.stream_delivered = await publish_spooled(bus, spool)
 
         async def check(c: HealthCheck) -> tuple[bool, str]:
             if not c.agent:
@@ -102,16 +112,46 @@ async def health_round(s: Settings, now: float, host: str | None = None) -> Roun
         delivered = await asyncio.gather(*(sinks.deliver(ev) for ev in alerts))
         done.undelivered = sum(not ok for ok in delivered)
         for ev in alerts:
-            if bus is None:
-                done.not_published = bus_error
-                break
-            try:
-                await bus.emit(ev)
-                done.published += 1
-            except TRANSIENT as exc:
-                done.not_published = repr(exc)
-                break
+            if bus is not None and not done.not_published:
+                try:
+                    await bus.emit(ev)
+                    done.published += 1
+                    continue
+                except TRANSIENT as exc:
+                    done.not_published = repr(exc)
+            done.not_published = done.not_published or bus_error
+            await asyncio.to_thread(spool.add, _for_stream(ev, done.not_published))
+        if done.not_published:
+            log.error(
+                "%d alert(s) not published to the event stream (%s): kept in %s for the next round",
+                done.alerts - done.published,
+                done.not_published,
+                spool.path,
+            )
     return done
+
+
+def _for_stream(ev: AlertRaised | AlertResolved, error: str) -> Undelivered:
+    now = time.time()
+    return Undelivered(sink=STREAM, event=ev, error=error[:500], attempts=1, first_at=now, last_at=now)
+
+
+async def publish_spooled(bus: Bus, spool: Spool) -> int:
+    """Publish the alerts an earlier round could not, oldest first; stop at the first failure
+    (the stream keeps the order). Each keeps its `Nats-Msg-Id`: one stored twice is dropped."""
+    entries, _ = await asyncio.to_thread(spool.read)
+    waiting = sorted((e for e in entries if e.sink == STREAM), key=lambda e: e.event.at)
+    sent: set[tuple[str, str, str, str, float]] = set()
+    for entry in waiting:
+        try:
+            await bus.emit(entry.event)
+        except TRANSIENT as exc:
+            log.warning("publishing a spooled alert failed (%r); kept", exc)
+            break
+        sent.add(entry.key)
+    if sent:
+        await asyncio.to_thread(spool.update, lambda e: None if e.key in sent else e)
+    return len(sent)
 
 
 @contextlib.asynccontextmanager
