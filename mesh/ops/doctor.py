@@ -512,8 +512,9 @@ def check_alert_spool(settings: Settings) -> list[Finding]:
             "alerts",
             f"{len(entries)} alert(s) not delivered ({counts or 'none readable'}; {bad} unreadable "
             f"line(s)) in {spool.path}{said}",
-            "fix the sink's settings (alert_webhook_url, alert_smtp_*); the watchdog tries them again "
-            "every alert_spool_retry_s and `mesh health` at each run; delete the file to drop them",
+            "fix the sink's settings (alert_webhook_url, alert_smtp_*; for `stream`, the server); "
+            "`mesh health` tries them all again at each run, the watchdog the sinks' every "
+            "alert_spool_retry_s; delete the file to drop them",
         )
     ]
 
