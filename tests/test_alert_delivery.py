@@ -30,7 +30,7 @@ from mesh.host.alertsinks import Sinks
 from mesh.host.alertspool import Spool
 from mesh.host.health import probe, probe_any, probe_tcp
 from mesh.ops import doctor
-from mesh.settings import Settings
+from mesh.settings import Settings, alert_sink_problem
 from tests.conftest import FAST_ENV, ROOT, Mesh
 from tests.faults import until
 
@@ -463,3 +463,30 @@ async def test_mesh_health_keeps_what_the_server_did_not_take_for_the_next_run(
     got = [m for _, m in await mesh.history(mesh.settings.names.alerts_all)]
     assert [(type(m).__name__, m.target) for m in got if m is not None] == [("AlertRaised", "llama")]
     assert isinstance(got[0], AlertRaised) and got[0].at == kept.event.at, "the alert of the first run"
+
+
+async def test_the_e_mail_settings_reach_the_sink(
+    smtp: tuple[Inbox, int], cert: tuple[Path, Path], tmp_path: Path
+) -> None:
+    inbox, port = smtp
+    settings = Settings(
+        data_dir=str(tmp_path),
+        alert_email_to="ops@example.org",
+        alert_smtp_host="127.0.0.1",
+        alert_smtp_port=port,
+        alert_smtp_user="alerts",
+        alert_smtp_password="s3cret",
+        alert_smtp_ca_file=str(cert[0]),
+    )
+    assert alert_sink_problem(settings) == ""
+    sinks = Sinks.from_settings(settings, "rig1")
+    assert list(sinks.targets()) == ["email"]
+    assert await sinks.deliver(RAISED)
+    [msg] = inbox.messages
+    assert msg["From"] == "mesh@rig1" and msg["To"] == "ops@example.org"
+
+
+def test_e_mail_settings_that_cannot_work_are_refused() -> None:
+    assert "alert_smtp_host" in alert_sink_problem(Settings(alert_email_to="a@b"))
+    assert "go together" in alert_sink_problem(Settings(alert_smtp_user="u"))
+    assert "alert_retries" in alert_sink_problem(Settings(alert_retries=0))
