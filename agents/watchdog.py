@@ -188,7 +188,8 @@ class Watchdog(Agent):
         changes: list[Change] = []
         for g in gpus:
             changes += self.engine.gpu(g, now)
-        changes += self.engine.host(host, now, gpu_host=bool(gpus))
+        # (simulated GPUs make no GPU host: the CPU governor matters to real cards)
+        changes += self.engine.host(host, now, gpu_host=any(not g.simulated for g in gpus))
         changes += await self.watch_agents(now)
         changes += await self.watch_mesh(gpus, now)
         await self.thermal(gpus, now)
