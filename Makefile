@@ -22,7 +22,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: setup models system-deps systemd-tools fuse-tools peers demo test lint unit clean
+.PHONY: setup models system-deps systemd-tools fuse-tools openssl-tools peers demo test lint unit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP) systemd-tools fuse-tools
+setup: $(STAMP) systemd-tools fuse-tools openssl-tools
 
 # Debian packages pip cannot provide, installed only where missing (an apt-get update
 # first only if the install fails without one).
@@ -60,6 +60,15 @@ fuse-tools:
 		echo "installing fuse3 for the power-cut tests (apt-get)"; \
 		$(APT) install -y --no-install-recommends fuse3 \
 		|| { $(APT) update && $(APT) install -y --no-install-recommends fuse3; }; \
+	}
+
+# openssl, with which the e-mail alert tests make a throwaway self-signed certificate for their
+# local SMTP server's STARTTLS: Debian's openssl, installed only where missing.
+openssl-tools:
+	@command -v openssl >/dev/null 2>&1 || { \
+		echo "installing openssl for the e-mail alert tests (apt-get)"; \
+		$(APT) install -y --no-install-recommends openssl \
+		|| { $(APT) update && $(APT) install -y --no-install-recommends openssl; }; \
 	}
 
 # The peers tools/peers/run.py measures mesh against: Celery, Dramatiq and arq at the versions

@@ -9,7 +9,8 @@ Every `watchdog_interval_s` it
    the telemetry bucket under `<host>.gpu<index>` / `<host>.host` (latest only);
 3. feeds the samples, and the heartbeats of this host's agents, to the alert engine
    (`mesh.alerts`), publishes each change as `alert.raised` / `alert.resolved` on
-   `<p>.evt.alert.<rule>.<kind>`, and hands it to the sinks (log, webhook, notify-send).
+   `<p>.evt.alert.<rule>.<kind>`, and hands it to the sinks (log, webhook, e-mail, notify-send;
+   retried, then spooled).
 
 Without NVML (no NVIDIA driver) it watches the host alone and says so once.
 """
@@ -47,7 +48,7 @@ from mesh.events import (
 )
 from mesh.health import HealthCheck, Tracker
 from mesh.host.alertsinks import Sinks
-from mesh.host.health import probe_http, restart
+from mesh.host.health import probe, restart
 from mesh.host.telemetry import GpuSource, host_token, open_source, sample_host
 from mesh.names import HEADER_TYPE
 from mesh.records import READY, UNREADABLE, WAITING, decode_agent, decode_plan, decode_task
@@ -62,6 +63,15 @@ HOST_ONLY = "no NVIDIA GPU readable through NVML on this host: watching the host
 NEVER_RAN = (FailReason.DEPENDENCY, FailReason.CANCELLED)
 
 
+def busy_with_model(st: GpuState) -> bool:
+    """A GPU whose worker runs work on a model it holds (an LLM answering, or a script task's
+    model): such a GPU at 0% utilisation for minutes is stuck (rule gpu_stuck). A script task
+    without a model may well use no GPU at all, so it does not count."""
+    return st.running > 0 and (
+        (st.state == "llm_busy" and bool(st.llm)) or (st.state == "script_busy" and bool(st.script_models))
+    )
+
+
 class Watchdog(Agent):
     role = "watchdog"
 
@@ -69,13 +79,10 @@ class Watchdog(Agent):
         super().__init__(settings, agent_id)
         self.tel_host = host_token(host)
         self.source: GpuSource | None = None
-        self.engine = AlertEngine(build_rules(settings.alerts, settings.alert_hysteresis_c))
-        self.sinks = Sinks(
-            settings.alert_webhook_url,
-            settings.alert_webhook_format,
-            settings.alert_webhook_timeout_s,
-            settings.alert_notify_send,
+        self.engine = AlertEngine(
+            build_rules(settings.alerts, settings.alert_hysteresis_c), settings.alert_xid_window_s
         )
+        self.sinks = Sinks.from_settings(settings, self.tel_host)
         self._stopped: list[tuple[str, float]] = []
         # alerts raised or resolved and not yet in the stream, oldest first
         self.unsent: list[AlertRaised | AlertResolved] = []
@@ -120,6 +127,7 @@ class Watchdog(Agent):
                 )
         if self.health:
             self.spawn(self._health_loop(), "health")
+        self.spawn(self._spool_loop(), "alert-spool")
 
     async def _read_thermal(self) -> None:
         """This host's thermal pauses as a previous run left them (so a hot GPU stays paused)."""
@@ -180,7 +188,8 @@ class Watchdog(Agent):
         changes: list[Change] = []
         for g in gpus:
             changes += self.engine.gpu(g, now)
-        changes += self.engine.host(host, now)
+        # (simulated GPUs make no GPU host: the CPU governor matters to real cards)
+        changes += self.engine.host(host, now, gpu_host=any(not g.simulated for g in gpus))
         changes += await self.watch_agents(now)
         changes += await self.watch_mesh(gpus, now)
         await self.thermal(gpus, now)
@@ -201,9 +210,19 @@ class Watchdog(Agent):
                         await self._health_action(tracker, action, detail)
             await asyncio.sleep(0.2)
 
+    async def _spool_loop(self) -> None:
+        """Alerts no sink took (spooled by this or an earlier run, or by `mesh health`): tried
+        again at start and every `alert_spool_retry_s`."""
+        while True:
+            try:
+                await self.sinks.retry_spool()
+            except OSError as exc:
+                log.warning("retrying the alert spool failed: %r", exc)
+            await asyncio.sleep(self.settings.alert_spool_retry_s)
+
     async def _probe(self, check: HealthCheck) -> tuple[bool, str]:
-        if check.url:
-            return await asyncio.to_thread(probe_http, check.url, check.timeout_s)
+        if not check.agent:
+            return await asyncio.to_thread(probe, check)
         try:
             entry = await (await self.bus.agents_kv()).get(check.agent)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
@@ -214,7 +233,7 @@ class Watchdog(Agent):
 
     async def _health_action(self, tracker: Tracker, action: str, detail: str) -> None:
         check, name, now = tracker.check, tracker.name, time.time()
-        what = check.url or f"agent {check.agent}"
+        what = check.target
         ev: AlertRaised | AlertResolved | None = None
         if action == "raise":
             ev = self._raise(
@@ -287,6 +306,7 @@ class Watchdog(Agent):
         try:
             states = await read_bucket(await self.bus.gpus_kv())
             idle: set[str] = set()
+            busy: set[str] = set()
             for value in states.values():
                 with contextlib.suppress(ValueError):
                     match decode(value):
@@ -294,9 +314,13 @@ class Watchdog(Agent):
                             idle.add(st.gpu)
                             # a set's worker reports the set; the samples are of its cards
                             idle.update(f"{st.host}-gpu{i}" for i in st.indices)
+                        case GpuState() as st if busy_with_model(st):
+                            busy.add(st.gpu)
+                            busy.update(f"{st.host}-gpu{i}" for i in st.indices)
             for g in gpus:
                 held = float(g.mem_used_mb or 0) if g.gpu_id in idle else 0.0
                 changes += self.engine.mesh({"idle_gpu_mem_mb": held}, g.gpu_id, self.tel_host, now)
+                changes += self.engine.stuck(g, g.gpu_id in busy, now)
             if self.settings.watchdog_mesh_rules:
                 changes += await self._queue_and_failures(now)
         except TRANSIENT as exc:

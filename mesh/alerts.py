@@ -12,6 +12,11 @@ An alert is one rule on one target (a GPU `<host>-gpu<N>`, a host, an agent id).
 
 A reading the device does not offer (None) changes nothing.
 
+Besides the thresholds on one reading, the default host rules watch for a CPU busy for long,
+RAM running out, swap thrashing, a CPU governor other than `performance` on a GPU host, XID
+errors and a stuck GPU (busy with a model, 0% utilisation for minutes); the metrics that need
+more than one sample (swap per second, XIDs in a window) come from `mesh.alertderived`.
+
 Rules come from the built-in defaults (`DEFAULT_RULES`) with the config's `[alerts.NAME]`
 tables over them, field by field: `[alerts.gpu_temp_warn] above = 80` moves one threshold,
 `enabled = false` turns a rule off, a new name with a `metric` adds a rule.
@@ -25,6 +30,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from mesh.alertderived import Derived
 from mesh.events import AlertRaised, AlertResolved
 from mesh.names import check_token
 from mesh.samples import GpuSample, HostSample
@@ -39,6 +45,8 @@ GPU_METRICS: dict[str, str] = {
     "gpu_power_w": "W",
     "gpu_xid_errors": "",
     "gpu_ecc_errors": "",
+    # XID events within alert_xid_window_s (mesh.alertderived)
+    "gpu_xid_recent": "",
 }
 HOST_METRICS: dict[str, str] = {
     "disk_free_pct": "%",
@@ -47,12 +55,23 @@ HOST_METRICS: dict[str, str] = {
     "swap_used_pct": "%",
     "load1": "",
     "host_temp_c": "°C",
+    # MB swapped in and out per second (mesh.alertderived)
+    "swap_io_mb_s": " MB/s",
+    # CPUs whose frequency governor is not `performance`, on a host with GPUs (None elsewhere,
+    # and where cpufreq is absent)
+    "cpus_not_performance": "",
 }
 AGENT_METRICS: dict[str, str] = {"heartbeat_age_s": "s"}
 # read from the mesh's state: tasks waiting or ready in running plans; failed attempts of one task
 # class within `failure_window_s`; GPU memory in use on a GPU whose worker holds no model and runs
-# nothing (something outside mesh, or a stuck process, holds it)
-MESH_METRICS: dict[str, str] = {"queue_depth": "", "class_failures": "", "idle_gpu_mem_mb": " MB"}
+# nothing (something outside mesh, or a stuck process, holds it); the utilisation of a GPU whose
+# worker is busy with a model on it (a stuck GPU reads 0)
+MESH_METRICS: dict[str, str] = {
+    "queue_depth": "",
+    "class_failures": "",
+    "idle_gpu_mem_mb": " MB",
+    "busy_gpu_util_pct": "%",
+}
 METRICS: dict[str, str] = {**GPU_METRICS, **HOST_METRICS, **AGENT_METRICS, **MESH_METRICS}
 TEMPERATURE_METRICS = frozenset({"gpu_temp_c", "host_temp_c"})
 
@@ -94,6 +113,19 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
     "queue_deep": {"metric": "queue_depth", "above": 1000.0, "for_s": 300.0, "severity": "warn"},
     "task_failures": {"metric": "class_failures", "above": 3.0, "severity": "warn"},
     "idle_vram": {"metric": "idle_gpu_mem_mb", "above": 1024.0, "for_s": 300.0, "severity": "warn"},
+    # the default host rules
+    "cpu_high": {"metric": "cpu_pct", "above": 95.0, "for_s": 600.0, "hysteresis": 10.0, "severity": "warn"},
+    "ram_low": {
+        "metric": "ram_used_pct",
+        "above": 95.0,
+        "for_s": 60.0,
+        "hysteresis": 3.0,
+        "severity": "warn",
+    },
+    "swap_thrash": {"metric": "swap_io_mb_s", "above": 20.0, "for_s": 120.0, "severity": "warn"},
+    "cpu_governor": {"metric": "cpus_not_performance", "above": 1.0, "severity": "warn"},
+    "gpu_xid": {"metric": "gpu_xid_recent", "above": 1.0, "severity": "critical"},
+    "gpu_stuck": {"metric": "busy_gpu_util_pct", "below": 1.0, "for_s": 300.0, "severity": "warn"},
 }
 
 
@@ -150,6 +182,8 @@ class Change:
     threshold: float
     at: float
     raised_at: float
+    # what the sample says besides the value ("last XID 79", "governors: powersave x16")
+    note: str = ""
 
     @property
     def message(self) -> str:
@@ -157,7 +191,8 @@ class Change:
         what = f"{self.metric} {self.value:g}{unit}"
         if self.kind == "raised":
             limit = f"{self.threshold:g}{unit}"
-            return f"{self.severity.upper()} {self.rule} on {self.target}: {what} (threshold {limit})"
+            note = f"; {self.note}" if self.note else ""
+            return f"{self.severity.upper()} {self.rule} on {self.target}: {what} (threshold {limit}){note}"
         lasted = self.at - self.raised_at
         return f"resolved {self.rule} on {self.target}: {what} after {lasted:.0f}s"
 
@@ -199,8 +234,10 @@ def gpu_metrics(s: GpuSample) -> dict[str, float | None]:
     }
 
 
-def host_metrics(s: HostSample) -> dict[str, float | None]:
+def host_metrics(s: HostSample, gpu_host: bool = False) -> dict[str, float | None]:
+    slow = sum(n for governor, n in s.cpu_governors.items() if governor != "performance")
     return {
+        "cpus_not_performance": float(slow) if gpu_host and s.cpu_governors else None,
         "disk_free_pct": s.disk_free_pct,
         "cpu_pct": s.cpu_pct,
         "ram_used_pct": 100.0 * s.ram_used_mb / s.ram_total_mb if s.ram_total_mb else None,
@@ -213,8 +250,9 @@ def host_metrics(s: HostSample) -> dict[str, float | None]:
 class AlertEngine:
     """Rules over time. Feed it samples (and agents' last heartbeats); it returns the changes."""
 
-    def __init__(self, rules: Mapping[str, AlertRule]) -> None:
+    def __init__(self, rules: Mapping[str, AlertRule], xid_window_s: float = 3600.0) -> None:
         self.rules = dict(rules)
+        self.derived = Derived(xid_window_s=xid_window_s)
         self._states: dict[tuple[str, str], _State] = {}
         # agent id -> (host, last seen_at)
         self._agents: dict[str, tuple[str, float]] = {}
@@ -225,7 +263,12 @@ class AlertEngine:
         return {k: s.raised_at for k, s in self._states.items() if s.raised_at is not None}
 
     def _evaluate(
-        self, metrics: Mapping[str, float | None], target: str, host: str, now: float
+        self,
+        metrics: Mapping[str, float | None],
+        target: str,
+        host: str,
+        now: float,
+        notes: Mapping[str, str] | None = None,
     ) -> list[Change]:
         changes: list[Change] = []
         for name, rule in self.rules.items():
@@ -243,7 +286,8 @@ class AlertEngine:
                     state.pending_since = now
                 if now - state.pending_since >= rule.for_s:
                     state.raised_at = now
-                    changes.append(self._change("raised", name, rule, target, host, value, now, now))
+                    note = (notes or {}).get(rule.metric, "")
+                    changes.append(self._change("raised", name, rule, target, host, value, now, now, note))
             elif rule.clear(value, rule.hysteresis or 0.0):
                 changes.append(
                     self._change("resolved", name, rule, target, host, value, now, state.raised_at)
@@ -262,6 +306,7 @@ class AlertEngine:
         value: float,
         now: float,
         raised_at: float,
+        note: str = "",
     ) -> Change:
         return Change(
             kind=kind,
@@ -274,6 +319,7 @@ class AlertEngine:
             threshold=rule.threshold,
             at=now,
             raised_at=raised_at,
+            note=note,
         )
 
     def mesh(self, metrics: Mapping[str, float | None], target: str, host: str, now: float) -> list[Change]:
@@ -281,10 +327,36 @@ class AlertEngine:
         return self._evaluate(metrics, target, host, now)
 
     def gpu(self, sample: GpuSample, now: float) -> list[Change]:
-        return self._evaluate(gpu_metrics(sample), sample.gpu_id, sample.host, now)
+        metrics = {**gpu_metrics(sample), **self.derived.gpu(sample, now)}
+        notes = {"gpu_xid_recent": f"last XID {sample.last_xid}"} if sample.last_xid is not None else {}
+        return self._evaluate(metrics, sample.gpu_id, sample.host, now, notes)
 
-    def host(self, sample: HostSample, now: float) -> list[Change]:
-        return self._evaluate(host_metrics(sample), sample.host, sample.host, now)
+    def host(self, sample: HostSample, now: float, gpu_host: bool = False) -> list[Change]:
+        """The host's rules; `gpu_host`: it has GPUs (the CPU governor rule applies)."""
+        metrics = {**host_metrics(sample, gpu_host), **self.derived.host(sample)}
+        governors = ", ".join(f"{g} x{n}" for g, n in sorted(sample.cpu_governors.items()))
+        notes = {"cpus_not_performance": f"governors: {governors}"} if governors else {}
+        return self._evaluate(metrics, sample.host, sample.host, now, notes)
+
+    def stuck(self, sample: GpuSample, busy: bool, now: float) -> list[Change]:
+        """A GPU whose worker is busy with a model on it, by its utilisation (`busy_gpu_util_pct`).
+        Not busy, the question is gone: an alert raised on it resolves and any wait restarts."""
+        if busy:
+            return self._evaluate({"busy_gpu_util_pct": sample.util_pct}, sample.gpu_id, sample.host, now)
+        return self._absent("busy_gpu_util_pct", sample.gpu_id, sample.host, now, sample.util_pct or 0.0)
+
+    def _absent(self, metric: str, target: str, host: str, now: float, value: float) -> list[Change]:
+        changes: list[Change] = []
+        for name, rule in self.rules.items():
+            state = self._states.get((name, target))
+            if rule.metric != metric or state is None:
+                continue
+            if state.raised_at is not None:
+                changes.append(
+                    self._change("resolved", name, rule, target, host, value, now, state.raised_at)
+                )
+            del self._states[(name, target)]
+        return changes
 
     def agents(self, seen: Mapping[str, float], host: str, now: float) -> list[Change]:
         """Heartbeats: `seen` is each registered agent's `seen_at` now. An agent that was seen

@@ -33,6 +33,8 @@ class GpuSample(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag
     xid_errors: int | None = None
     ecc_errors: int | None = None
     simulated: bool = False
+    # the code of the last XID event seen (79: fallen off the bus, 13: graphics engine exception, ...)
+    last_xid: int | None = None
 
     @property
     def gpu_id(self) -> str:
@@ -66,6 +68,11 @@ class HostSample(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", ta
     disk_free_pct: float
     # sensor name -> hottest current reading (only where psutil sees sensors)
     temps: dict[str, float] = msgspec.field(default_factory=dict)
+    # swapped in and out since boot, MB (None where the system does not say)
+    swap_in_mb: float | None = None
+    swap_out_mb: float | None = None
+    # CPU frequency governor -> how many CPUs use it (empty where cpufreq is absent)
+    cpu_governors: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 Sample = GpuSample | HostSample

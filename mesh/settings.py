@@ -183,6 +183,26 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     alert_webhook_format: Literal["json", "slack", "discord", "ntfy"] = "json"
     alert_webhook_timeout_s: float = 5.0
     alert_notify_send: bool = False
+    # e-mail sink (docs/watchdog.md#sinks): SMTP, STARTTLS unless alert_smtp_security says
+    # otherwise; alert_email_to is a comma-separated list of addresses ('' = no e-mail)
+    alert_email_to: str = ""
+    alert_email_from: str = ""  # '' = mesh@<this host>
+    alert_smtp_host: str = ""
+    alert_smtp_port: int = 587
+    alert_smtp_security: Literal["starttls", "ssl", "none"] = "starttls"
+    alert_smtp_user: str = ""
+    alert_smtp_password: str = ""  # or MESH_ALERT_SMTP_PASSWORD
+    # a CA file to trust besides the system's (a server with its own certificate)
+    alert_smtp_ca_file: str = ""
+    alert_smtp_timeout_s: float = 10.0
+    # a sink that fails is tried alert_retries times, the wait doubling from alert_retry_backoff_s;
+    # then the alert goes to the spool (<data_dir>/alerts/undelivered.jsonl, shown by mesh doctor),
+    # tried again every alert_spool_retry_s by the watchdog and at every `mesh health`
+    alert_retries: int = 4
+    alert_retry_backoff_s: float = 2.0
+    alert_spool_retry_s: float = 300.0
+    # an XID error keeps the gpu_xid alert raised this long after it was seen
+    alert_xid_window_s: float = 3600.0
     # failed attempts of one task class are counted over this window (alert rule task_failures)
     failure_window_s: float = 600.0
     # whether this host's watchdog evaluates the mesh-wide rules (queue depth, failures per
@@ -402,7 +422,12 @@ def settings_from(
     except PatternError as exc:
         raise ConfigError(f"[redact]: {exc} (check {file})") from exc
 
-    problem = gateway_problem(settings) or plan_problem(settings) or learn_problem(settings)
+    problem = (
+        gateway_problem(settings)
+        or plan_problem(settings)
+        or learn_problem(settings)
+        or alert_sink_problem(settings)
+    )
     if problem:
         raise ConfigError(f"{problem} (check {file})")
     try:
@@ -446,6 +471,25 @@ def gateway_problem(settings: Settings) -> str:
     for model, price in settings.gateway_prices.items():
         if price.input < 0 or price.output < 0:
             return f"[gateway_prices.{model}]: prices cannot be negative"
+    return ""
+
+
+def alert_sink_problem(settings: Settings) -> str:
+    """What is wrong with the alert sinks' settings ('' when nothing is)."""
+    if settings.alert_email_to and not settings.alert_smtp_host:
+        return "alert_email_to is set but alert_smtp_host is empty: name the SMTP server"
+    if bool(settings.alert_smtp_user) != bool(settings.alert_smtp_password):
+        return "alert_smtp_user and alert_smtp_password go together: set both, or neither"
+    if settings.alert_retries < 1:
+        return f"alert_retries = {settings.alert_retries!r} must be at least 1"
+    for name in (
+        "alert_retry_backoff_s",
+        "alert_spool_retry_s",
+        "alert_smtp_timeout_s",
+        "alert_xid_window_s",
+    ):
+        if getattr(settings, name) <= 0:
+            return f"{name} = {getattr(settings, name)!r} must be above 0"
     return ""
 
 

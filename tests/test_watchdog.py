@@ -193,9 +193,11 @@ def test_webhook_shapes() -> None:
 async def test_failing_webhook_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
     ev = AlertRaised(rule="disk_low", target="h", host="h", severity="critical", at=1.0, message="m")
     # a closed port: connection refused
-    await Sinks("http://127.0.0.1:9/hook", timeout_s=1.0).deliver(ev)
-    await Sinks("not a url").deliver(ev)
-    assert sum("webhook" in r.getMessage() for r in caplog.records) == 2
+    assert not await Sinks("http://127.0.0.1:9/hook", timeout_s=1.0).deliver(ev)
+    assert not await Sinks("not a url").deliver(ev)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("to webhook failed (try 1 of 1)" in m for m in said) == 2
+    assert sum("NOT delivered to webhook" in m for m in said) == 2, "no spool: said loudly"
 
 
 # ------------------------------------------------------------------ readings

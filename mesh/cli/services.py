@@ -4,17 +4,14 @@ of the health checks (health), and the host's mesh diagnosed with a fix for each
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from pathlib import Path
 from typing import Annotated
 
 import msgspec
 import typer
+from rich.markup import escape
 
-from mesh.bus import client
-from mesh.bus.publish import Bus
-from mesh.cli.common import connected, err, fail, out, run, settings
+from mesh.cli.common import err, fail, out, run, settings
 
 
 def install_units(
@@ -116,42 +113,35 @@ def health(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per check")] = False,
 ) -> None:
     """One round of the \\[health.NAME] checks (what the watchdog runs continuously); restarts what
-    stays unhealthy. Exit 1 if any check failed. mesh-health.timer runs it on hosts without a watchdog."""
-    from mesh.health import HealthCheck
-    from mesh.host.health import Verdict, check_once, probe_http
+    stays unhealthy and raises (or resolves) its alert: to the alert sinks and the event stream.
+    Exit 1 if any check failed. mesh-health.timer runs it on hosts without a watchdog."""
+    import time
+
+    from mesh.ops.healthround import health_round
 
     s = settings()
     if not s.health:
         out.print("no \\[health.NAME] checks configured (docs/watchdog.md#health-checks-and-restarts)")
         raise typer.Exit(0)
-
-    async def go() -> int:
-        async with contextlib.AsyncExitStack() as stack:
-            bus: Bus | None = None
-            if any(c.agent for c in s.health.values()):
-                bus = await stack.enter_async_context(connected(s))
-
-            async def probe(check: HealthCheck) -> tuple[bool, str]:
-                if check.url:
-                    return await asyncio.to_thread(probe_http, check.url, check.timeout_s)
-                assert bus is not None
-                return await client.agent_registered(bus, check.agent)
-
-            verdicts: list[Verdict] = list(
-                await asyncio.gather(*(check_once(n, c, probe) for n, c in sorted(s.health.items())))
-            )
-        for v in verdicts:
-            if as_json:
-                print(msgspec.json.encode(v).decode())
-                continue
-            state = "[green]healthy[/green]" if v.healthy else "[red]unhealthy[/red]"
-            out.print(f"{v.name}: {state} ({v.target}: {v.detail})")
-            if not v.healthy:
-                done = "restarted" if v.restarted else "[red]not restarted[/red]"
-                out.print(f"  {done}: {v.restart_detail or 'no unit or command configured'}")
-        return 0 if all(v.healthy for v in verdicts) else 1
-
-    raise typer.Exit(run(go))
+    done = run(lambda: health_round(s, time.time()))
+    for v in done.verdicts:
+        if as_json:
+            print(msgspec.json.encode(v).decode())
+            continue
+        state = "[green]healthy[/green]" if v.healthy else "[red]unhealthy[/red]"
+        out.print(f"{v.name}: {state} ({escape(v.target)}: {escape(v.detail)})")
+        if not v.healthy:
+            did = "restarted" if v.restarted else "[red]not restarted[/red]"
+            out.print(f"  {did}: {escape(v.restart_detail) or 'no unit or command configured'}")
+    if done.not_published:
+        missed = done.alerts - done.published
+        err.print(
+            f"{missed} alert(s) not published to the stream: {escape(done.not_published)}; "
+            "spooled for the next run (see mesh doctor)"
+        )
+    if done.undelivered:
+        err.print(f"{done.undelivered} alert(s) not delivered to every sink: spooled (see mesh doctor)")
+    raise typer.Exit(0 if all(v.healthy for v in done.verdicts) else 1)
 
 
 def doctor(

@@ -60,6 +60,7 @@ class NvmlSource:
         self._handles: dict[int, Any] = {}
         self._names: dict[int, str] = {}
         self._xid: dict[int, int] = {}
+        self._last_xid: dict[int, int] = {}
         self._by_uuid: dict[Any, int] = {}
         self._events: Any = None
         try:
@@ -108,6 +109,9 @@ class NvmlSource:
             index = self._by_uuid.get(uuid) if uuid is not None else None
             if index is not None and index in self._xid:
                 self._xid[index] += 1
+                code = getattr(data, "eventData", None)
+                if isinstance(code, int):
+                    self._last_xid[index] = code
                 log.warning("GPU %d: XID %s", index, getattr(data, "eventData", "?"))
 
     def sample(self, index: int) -> GpuSample:
@@ -145,6 +149,7 @@ class NvmlSource:
             throttle_reasons=throttle_names(int(reasons)) if reasons is not None else [],
             xid_errors=self._xid.get(index),
             ecc_errors=int(ecc) if ecc is not None else None,
+            last_xid=self._last_xid.get(index),
         )
 
     def close(self) -> None:
@@ -172,6 +177,9 @@ class SimGpu(msgspec.Struct, kw_only=True):
     throttle_reasons: list[str] = msgspec.field(default_factory=list)
     xid_errors: int | None = None
     ecc_errors: int | None = None
+    # XID events injected, oldest first (`inject_xid`): counted in the sample's xid_errors, the
+    # last one its last_xid
+    xids: list[int] = msgspec.field(default_factory=list)
 
 
 class SimFile(msgspec.Struct):
@@ -236,9 +244,10 @@ class SimulatedSource:
             sm_clock_mhz=g.sm_clock_mhz,
             mem_clock_mhz=g.mem_clock_mhz,
             throttle_reasons=list(g.throttle_reasons),
-            xid_errors=g.xid_errors,
+            xid_errors=(g.xid_errors or 0) + len(g.xids) if g.xids else g.xid_errors,
             ecc_errors=g.ecc_errors,
             simulated=True,
+            last_xid=g.xids[-1] if g.xids else None,
         )
 
     def close(self) -> None:
@@ -251,6 +260,14 @@ def write_simulated(path: str | os.PathLike[str], gpus: list[dict[str, Any]]) ->
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"gpus": gpus}))
     os.replace(tmp, target)
+
+
+def inject_xid(path: str | os.PathLike[str], index: int, code: int) -> None:
+    """An XID event on simulated GPU `index`, as NVML would report it (tests, demos)."""
+    data = json.loads(Path(path).read_text())
+    gpus = data["gpus"] if isinstance(data, dict) else data
+    gpus[index].setdefault("xids", []).append(code)
+    write_simulated(path, gpus)
 
 
 def open_source(host: str, simulated: str = "") -> GpuSource | None:
@@ -289,7 +306,23 @@ def _temps() -> dict[str, float]:
     return out
 
 
-def sample_host(host: str, disk_path: str) -> HostSample:
+CPUFREQ = "/sys/devices/system/cpu"
+
+
+def cpu_governors(root: str | os.PathLike[str] = CPUFREQ) -> dict[str, int]:
+    """Each CPU frequency governor in use -> how many CPUs use it; {} where cpufreq is absent."""
+    out: dict[str, int] = {}
+    for path in sorted(Path(root).glob("cpu[0-9]*/cpufreq/scaling_governor")):
+        try:
+            governor = path.read_text().strip()
+        except OSError:
+            continue
+        if governor:
+            out[governor] = out.get(governor, 0) + 1
+    return out
+
+
+def sample_host(host: str, disk_path: str, cpufreq_root: str | os.PathLike[str] = CPUFREQ) -> HostSample:
     """The host now. CPU percentages are since the previous call (the first call's are since
     import, so call once at start and discard, as the watchdog does)."""
     per_core = [float(p) for p in psutil.cpu_percent(percpu=True)]
@@ -319,4 +352,7 @@ def sample_host(host: str, disk_path: str) -> HostSample:
         disk_total_mb=int(du.total // MB),
         disk_free_pct=100.0 * du.free / du.total if du.total else 100.0,
         temps=_temps(),
+        swap_in_mb=sw.sin / MB if sw.sin is not None else None,
+        swap_out_mb=sw.sout / MB if sw.sout is not None else None,
+        cpu_governors=cpu_governors(cpufreq_root),
     )

@@ -6,8 +6,9 @@ that says what was seen, and for anything not ok a fix. The checks: the server
 against what `mesh/bus/` defines (drift names the field), clock skew (this
 host against the server, and every agent's host through its registration), the
 GPUs (NVML, driver, nvidia-smi, CUDA in llama.cpp), the configured models on
-disk, free disk, the server's store (where it is, its room), and the systemd
-units. `--quick` leaves out the slow ones (model files, CUDA libraries).
+disk, free disk, alerts no sink took (the spool), the server's store (where it
+is, its room), and the systemd units. `--quick` leaves out the slow ones
+(model files, CUDA libraries).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from mesh.bus.publish import Bus
 from mesh.bus.read import read_stream
 from mesh.bus.resources import NS, bucket_definitions, consumer_definitions, stream_definitions
 from mesh.errors import MeshError
+from mesh.host.alertspool import Spool, spool_path
 from mesh.host.modelfiles import resolve_path
 from mesh.models import ModelError, builtin_models
 from mesh.names import kv_keys
@@ -493,6 +495,30 @@ def check_disk(settings: Settings) -> list[Finding]:
     return [_room_finding("disk", message, usage.free, usage.total, fix)]
 
 
+def check_alert_spool(settings: Settings) -> list[Finding]:
+    """Alerts no sink took after every try (kept in the spool until a later try delivers them)."""
+    spool = Spool(spool_path(settings.data_dir))
+    entries, bad = spool.read()
+    if not entries and not bad:
+        return [ok("alerts", "every alert was delivered to its sinks")]
+    by_sink: dict[str, int] = {}
+    for e in entries:
+        by_sink[e.sink] = by_sink.get(e.sink, 0) + 1
+    last = max(entries, key=lambda e: e.last_at) if entries else None
+    said = f"; the last error: {last.error}" if last else ""
+    counts = ", ".join(f"{n} to {sink}" for sink, n in sorted(by_sink.items()))
+    return [
+        warn(
+            "alerts",
+            f"{len(entries)} alert(s) not delivered ({counts or 'none readable'}; {bad} unreadable "
+            f"line(s)) in {spool.path}{said}",
+            "fix the sink's settings (alert_webhook_url, alert_smtp_*; for `stream`, the server); "
+            "`mesh health` tries them all again at each run, the watchdog the sinks' every "
+            "alert_spool_retry_s; delete the file to drop them",
+        )
+    ]
+
+
 def check_store(settings: Settings, environ: dict[str, str] | None = None) -> list[Finding]:
     """The server's JetStream store: where it is (the server's `/varz` at nats_monitor_url, or
     the server config mesh wrote on this host) and how much room it has. A full store refuses
@@ -698,6 +724,7 @@ async def diagnose(settings: Settings, quick: bool = False) -> list[Finding]:
     if not quick:
         findings += await asyncio.to_thread(check_models, settings, in_store)
     findings += check_disk(settings)
+    findings += await asyncio.to_thread(check_alert_spool, settings)
     findings += await asyncio.to_thread(check_store, settings)
     findings += await asyncio.to_thread(check_units)
     return findings
