@@ -300,15 +300,21 @@ class Hub:
         status = STATUS_OF_EVENT.get(tag)
         if plan_id and task_id:
             view = self.views.get(plan_id)
-            if status is not None and view is not None and task_id in view.where:
-                i = view.where[task_id]
+            i = view.where.get(task_id) if view is not None else None
+            if view is not None and i is not None and status is not None:
                 view.status[i] = status
                 view.attempt[i] = max(view.attempt[i], getattr(msg, "attempt", 0) or 0)
                 worker = getattr(msg, "worker", "")
                 if worker:
                     view.worker[i] = worker
-            if status is not None or tag.startswith(("run.", "esc.")):
-                self._mark(f"plan:{plan_id}", task_id, status or tag)
+            if status is None and view is not None and i is not None:
+                status = view.status[i]
+            pending = self._pending.get(f"plan:{plan_id}", {})
+            if status is not None:
+                self._mark(f"plan:{plan_id}", task_id, status)
+            elif tag.startswith(("run.", "esc.")) and task_id not in pending:
+                # (a report, say: the page's task detail reloads; a status never gives way to it)
+                self._mark(f"plan:{plan_id}", task_id, tag)
         if tag.startswith("dead."):
             self._mark("dead", "new", True)
         elif tag.startswith("esc."):

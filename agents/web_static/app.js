@@ -40,7 +40,11 @@
     if (r.status === 401) { location.href = "/login"; throw new Error("signed out"); }
     const type = r.headers.get("Content-Type") || "";
     const data = type.includes("json") ? await r.json() : { error: await r.text() };
-    if (!r.ok && r.status !== 422) throw new Error(data.error || `${r.status} ${r.statusText}`);
+    if (!r.ok && r.status !== 422) {
+      const err = new Error(data.error || `${r.status} ${r.statusText}`);
+      err.status = r.status;
+      throw err;
+    }
     return data;
   }
   const api = { get: (u) => call("GET", u), post: (u, b) => call("POST", u, b) };
@@ -81,10 +85,10 @@
   }
 
   // ------------------------------------------------------------------ live updates
-  function listen(topics, onUpdate, onResync) {
+  function listen(topics, onUpdate, onResync, onHello) {
     if (source) source.close();
     source = new EventSource(`/api/events?topics=${enc(topics.join(","))}`);
-    source.addEventListener("hello", () => liveDot.className = "live on");
+    source.addEventListener("hello", () => { liveDot.className = "live on"; if (onHello) onHello(); });
     source.addEventListener("update", (e) => onUpdate(JSON.parse(e.data)));
     source.addEventListener("resync", () => { if (onResync) onResync(); });
     source.onerror = () => { liveDot.className = "live off"; };
@@ -174,7 +178,7 @@
       head.replaceChildren(h("h1", {}, `${p.title} `, h("span", { class: "muted", text: p.id })),
         h("div", { class: "bar", id: "plan-state" }, st(p.status), progress(p.done, p.total), ...counts,
           h("span", { class: "muted", text: `accepted ${clock(p.accepted_at)}` })),
-        p.error ? h("p", { class: "err", text: p.error }) : null, actions);
+        ...(p.error ? [h("p", { class: "err", text: p.error })] : []), actions);
     }
     function taskRow(r) {
       return h("tr", { class: "click", "data-task": r.id, onclick: () => { location.hash = `#/plan/${enc(planId)}/task/${enc(r.id)}`; } },
@@ -191,14 +195,28 @@
       next.disabled = t.offset + t.limit >= data.total;
     }
     async function loadAll() {
-      const data = await api.get(`/api/plans/${enc(planId)}`);
-      if (mine !== page) return;
+      let data;
+      try {
+        data = await api.get(`/api/plans/${enc(planId)}`);
+      } catch (e) {
+        if (e.status !== 404) throw e;
+        // just submitted: the brain has not accepted it yet; its record's arrival reloads the page
+        main.replaceChildren(h("p", { class: "muted", text: `waiting for the brain to accept ${planId}…` }));
+        const again = () => { if (mine === page) route(); };
+        listen(["plans"], (u) => { if (u.changes[planId]) again(); }, again,
+          () => api.get(`/api/plans/${enc(planId)}`).then(again, () => {}));
+        return false;
+      }
+      if (mine !== page) return false;
       header(data.plan);
       await Promise.all([dag.load(), loadTasks()]);
+      return true;
     }
     const reloadHead = throttle(async () => { const d = await api.get(`/api/plans/${enc(planId)}`); if (mine === page) header(d.plan); }, 1000);
     const reloadAll = throttle(loadAll, 2000);
-    await loadAll();
+    // the rows' workers and attempts (an update carries the status alone), from the server's memory
+    const reloadRows = throttle(() => { loadTasks().catch(() => {}); }, 3000);
+    if (!(await loadAll())) return;
     listen(["plans", `plan:${planId}`], (u) => {
       if (u.topic === "plans") {
         const p = u.changes[planId];
@@ -214,6 +232,7 @@
         if (row) {
           row.r = { ...row.r, status: what };
           const tr = taskRow(row.r); row.tr.replaceWith(tr); row.tr = tr;
+          reloadRows();
         }
       }
     }, reloadAll);
@@ -266,7 +285,11 @@
     }
     function detail(ev) {
       const bits = [];
-      for (const k of ["attempt", "worker", "reason", "error", "duration_s", "rc"]) if (ev[k] !== undefined && ev[k] !== "" && ev[k] !== null) bits.push(`${k}=${ev[k]}`);
+      for (const k of ["attempt", "worker", "reason", "error", "duration_s", "rc"]) {
+        const v = ev[k];
+        if (v === undefined || v === "" || v === null) continue;
+        bits.push(`${k}=${typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : v}`);
+      }
       return bits.join(" ");
     }
     await load();
