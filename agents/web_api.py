@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import msgspec
+import nats.js.errors
 from aiohttp import web
 
 from agents.web_hub import Hub, PlanView, age, plan_row
@@ -195,10 +196,8 @@ async def task(request: web.Request) -> web.Response:
         rec = decode_task(entry.value or b"")
     except UNREADABLE as exc:
         raise web.HTTPInternalServerError(text=f"the record of {task_id} is unreadable: {exc}") from None
-    except Exception as exc:  # the KV's own not-found
-        if type(exc).__name__ in ("KeyNotFoundError", "KeyDeletedError"):
-            raise web.HTTPNotFound(text=f"plan {record.plan_id} has no task {task_id!r}") from None
-        raise
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        raise web.HTTPNotFound(text=f"plan {record.plan_id} has no task {task_id!r}") from None
     names = bus.names
     subjects = [
         names.task_event(record.plan_id, task_id, "*"),
