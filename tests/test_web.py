@@ -334,3 +334,51 @@ async def test_the_event_stream_is_asked_for_sensible_topics(mesh: Mesh) -> None
             async with http.get(f"/api/events{query}") as r:
                 assert r.status == 400
     await asyncio.sleep(0)
+
+
+def _grid_plan(layers: int, columns: int) -> str:
+    lines = ["# web grid", "", "## Tasks", ""]
+    for layer in range(layers):
+        for col in range(columns):
+            lines += [f"### t{layer}_{col}", "- retries: 0"]
+            if layer:
+                lines.append(f"- depends_on: t{layer - 1}_{col}")
+            lines += ["```noop", "```", ""]
+    return "\n".join(lines)
+
+
+@pytest.mark.slow
+async def test_a_big_plan_is_paged_windowed_and_kept_current_from_its_events(mesh: Mesh) -> None:
+    layers, columns = 50, 100
+    mesh.brain()
+    url = await start_console(mesh)
+    plan_id = await mesh.submit_text(_grid_plan(layers, columns))
+    async with aiohttp.ClientSession(url) as http:
+
+        async def accepted() -> Any:
+            async with http.get(f"/api/plans/{plan_id}") as r:
+                return await r.json() if r.status == 200 else None
+
+        one = await until(accepted, 120, "the plan accepted")
+        assert one["tasks"] == layers * columns and one["layers"] == layers and one["width"] == columns
+        # the console's view of the tasks is read now, with none run yet
+        page = await get(http, f"/api/plans/{plan_id}/tasks?offset=250&limit=100")
+        assert page["total"] == layers * columns and len(page["tasks"]) == 100
+        assert page["tasks"][0]["id"] == "t2_50" and {t["status"] for t in page["tasks"]} <= {
+            "pending",
+            "waiting",
+        }
+        dag = await get(http, f"/api/plans/{plan_id}/dag?row0=10&rows=16&col0=20&cols=10")
+        assert len(dag["nodes"]) == 160 and len(dag["edges"]) == 150 and dag["outside"] == 10
+        assert {(n["layer"], n["pos"]) for n in dag["nodes"]} == {
+            (r, c) for r in range(10, 26) for c in range(20, 30)
+        }
+        async with Listener(http, f"/api/events?topics=plan:{plan_id}") as live:
+            mesh.worker("w1", 8)
+            await live.wait(lambda u: "succeeded" in u["changes"].values(), "a task's success")
+            done = await mesh.wait_plan(plan_id)
+            assert done.status == "succeeded"
+        # every task's success reached the view through the events: no task record was read again
+        finished = await get(http, f"/api/plans/{plan_id}/tasks?status=succeeded&limit=1")
+        assert finished["total"] == layers * columns
+    assert "Traceback" not in mesh.log("web"), mesh.log("web")
