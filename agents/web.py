@@ -12,6 +12,8 @@ Who may do what (docs/console.md):
   without an operator token (`web_token`); `web_read_token` sees everything and acts on nothing;
 - a request shows its token as `Authorization: Bearer TOKEN`, or the HttpOnly cookie the login
   form (`/login`, the one route open to all) sets;
+- with no token set, a request must name this machine (`Host: 127.0.0.1:8470`, `localhost`): a
+  site whose name was made to resolve to 127.0.0.1 (DNS rebinding) is refused;
 - an action is a POST carrying the header `X-Mesh-Action` (which no cross-site form or plain
   cross-site request can send) from the same origin, by an operator.
 """
@@ -31,7 +33,7 @@ from aiohttp import web
 from agents.base import Agent
 from agents.web_api import HUB, ROLE, SETTINGS, routes
 from agents.web_hub import Hub
-from mesh.consoleview import OPERATOR, bind_problem, role_of
+from mesh.consoleview import OPERATOR, bind_problem, host_allowed, role_of
 from mesh.errors import ConfigError
 from mesh.settings import Settings
 
@@ -79,6 +81,10 @@ def _same_origin(request: web.Request) -> bool:
 def guard(settings: Settings) -> Any:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not host_allowed(request.host, settings.web_token, settings.web_read_token):
+            raise web.HTTPMisdirectedRequest(
+                text="with no token set, the console answers to this machine's names only"
+            )
         if request.path in OPEN_PATHS:
             return await handler(request)
         role = role_of(_presented(request), settings.web_token, settings.web_read_token)

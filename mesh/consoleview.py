@@ -144,6 +144,20 @@ def bind_problem(host: str, operator_token: str, read_token: str) -> str:
     return ""
 
 
+def host_allowed(host_header: str, operator_token: str, read_token: str) -> bool:
+    """Whether a request naming this `Host` may be answered. With no tokens (loopback only) it
+    must name this machine: a page elsewhere whose name was made to resolve to 127.0.0.1 (DNS
+    rebinding) would otherwise act as its visitor's operator. With tokens, the token decides."""
+    if operator_token or read_token:
+        return True
+    name = host_header.strip()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    return bool(name) and is_loopback(name)
+
+
 def role_of(presented: str, operator_token: str, read_token: str) -> str | None:
     """The role a presented token grants: operator, viewer, or None (refused). With no tokens
     configured (loopback only, `bind_problem`) everyone is an operator."""

@@ -13,6 +13,7 @@ from mesh.consoleview import (
     STATUS_OF_EVENT,
     VIEWER,
     bind_problem,
+    host_allowed,
     is_loopback,
     layout,
     role_of,
@@ -98,6 +99,24 @@ def test_off_loopback_needs_an_operator_token_and_tokens_must_be_secrets() -> No
     assert bind_problem("0.0.0.0", strong, other) == ""
     assert "too short" in bind_problem("0.0.0.0", "short", "")
     assert "the same" in bind_problem("0.0.0.0", strong, strong)
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1:8470", True),
+        ("localhost:8470", True),
+        ("[::1]:8470", True),
+        ("localhost", True),
+        ("evil.example:8470", False),
+        ("evil.example", False),
+        ("", False),
+        ("10.0.0.5:8470", False),
+    ],
+)
+def test_with_no_tokens_only_this_machines_names_are_answered(host: str, allowed: bool) -> None:
+    assert host_allowed(host, "", "") is allowed
+    assert host_allowed(host, "o" * 32, "")  # a token decides instead
 
 
 def test_the_role_a_token_grants() -> None:

@@ -120,6 +120,9 @@ async def test_every_page_reads_real_state_and_the_actions_reach_the_agents(mesh
         async with http.get("/static/..%2Fweb.py") as r:
             assert r.status == 404
         assert (await get(http, "/api/me"))["role"] == "operator"
+        # with no token, a page whose name resolves here (DNS rebinding) gets nothing
+        async with http.get("/api/plans", headers={"Host": f"evil.example:{url.split(':')[-1][:-1]}"}) as r:
+            assert r.status == 421
 
         # a plan with a mistake: its problem and line, and nothing submitted
         status, bad = await post(http, "/api/validate", {"text": BAD})
