@@ -97,7 +97,7 @@ def guard(settings: Settings) -> Any:
                 raise web.HTTPForbidden(text=f"actions are POSTs with the header {ACTION_HEADER}")
             if not _same_origin(request):
                 raise web.HTTPForbidden(text="an action from another site is refused")
-            if role != OPERATOR:
+            if role != OPERATOR and request.path != "/logout":
                 raise web.HTTPForbidden(text="this token may look, not act: an operator token acts")
         request[ROLE] = role
         return await handler(request)
@@ -157,7 +157,8 @@ async def asset(request: web.Request) -> web.Response:
 
 
 async def me(request: web.Request) -> web.Response:
-    return web.json_response({"role": request[ROLE]})
+    s = request.app[SETTINGS]
+    return web.json_response({"role": request[ROLE], "signed_in": bool(s.web_token or s.web_read_token)})
 
 
 async def stream(request: web.Request) -> web.StreamResponse:

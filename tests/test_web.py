@@ -311,6 +311,10 @@ async def test_with_tokens_every_route_refuses_a_request_without_one(mesh: Mesh)
             cookie = r.headers["Set-Cookie"]
             assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
         assert (await get(http, "/api/me"))["role"] == "viewer"
+        status, _ = await post(http, "/logout")
+        assert status == 200
+        async with http.get("/api/me") as r:
+            assert r.status == 401, "signed out"
         async with http.post(
             "/login", data={"token": viewer}, headers={"Origin": "http://evil.example"}, allow_redirects=False
         ) as r:

@@ -519,6 +519,9 @@
   api.get("/api/me").then((me) => {
     role = me.role;
     document.getElementById("role").textContent = role;
+    const out = document.getElementById("signout");
+    out.hidden = !me.signed_in;
+    out.addEventListener("click", () => api.post("/logout").finally(() => { location.href = "/login"; }));
     route();
   }).catch(failed);
 })();

@@ -169,7 +169,8 @@ def up(
         bool, typer.Option("--outputs", help="with --submit: show every task's output when the plan ends")
     ] = False,
 ) -> None:
-    """Start an embedded nats-server, a brain, N CPU workers and the model workers; Ctrl-C stops them all."""
+    """Start an embedded nats-server, a brain, N CPU workers, the model workers and the web
+    console (its URL is printed); Ctrl-C stops them all."""
     from mesh.ops import bootstrap
     from mesh.ops.up import Stack
 
