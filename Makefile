@@ -5,7 +5,8 @@
 # or through sudo): espeak-ng for the tests' speech, g++ for llama-cpp-python.
 # `make setup` also installs Debian's systemd package where systemd-analyze is missing: the
 # tests verify every systemd unit mesh renders with it; and Debian's fuse3 where fusermount3
-# is missing: the power-cut tests run nats-server's store on a FUSE filesystem of their own.
+# is missing: the power-cut tests run nats-server's store on a FUSE filesystem of their own; and
+# Debian's chromium where it is missing: the web console's browser tests drive it.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -22,7 +23,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: setup models system-deps systemd-tools fuse-tools openssl-tools peers demo test lint unit clean
+.PHONY: setup models system-deps systemd-tools fuse-tools openssl-tools browser peers demo test lint unit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +31,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP) systemd-tools fuse-tools openssl-tools
+setup: $(STAMP) systemd-tools fuse-tools openssl-tools browser
 
 # Debian packages pip cannot provide, installed only where missing (an apt-get update
 # first only if the install fails without one).
@@ -71,6 +72,15 @@ openssl-tools:
 		|| { $(APT) update && $(APT) install -y --no-install-recommends openssl; }; \
 	}
 
+# The browser the web console's tests drive (tests/test_web_browser.py, through playwright):
+# Debian's chromium, installed only where missing; playwright never downloads one.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing chromium for the web console's browser tests (apt-get)"; \
+		$(APT) install -y --no-install-recommends chromium \
+		|| { $(APT) update && $(APT) install -y --no-install-recommends chromium; }; \
+	}
+
 # The peers tools/peers/run.py measures mesh against: Celery, Dramatiq and arq at the versions
 # pyproject.toml's `peers` extra pins (not part of `test`), and Debian's redis-server, installed only
 # where missing (the benchmark starts and stops its own; a system service, if apt starts one, is
@@ -105,7 +115,7 @@ lint: setup
 
 # The whole suite, slow and model tests included. pytest exits 5 when it collects
 # nothing, so an empty run can never pass.
-test: models lint
+test: models lint browser
 	$(BIN)/pytest -q -p no:cacheprovider
 
 unit: setup

@@ -255,6 +255,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
 
+    # the web console (`mesh agent web`, docs/console.md): where it serves, and its tokens. Off
+    # loopback it refuses to start without `web_token`; `web_read_token` sees but may not act
+    web_host: str = "127.0.0.1"
+    web_port: int = 8470
+    web_token: str = ""
+    web_read_token: str = ""
+
     # retention of the history (0: unlimited)
     events_max_age_days: float = 90.0
     events_max_bytes: int = 8 * 1024**3

@@ -250,6 +250,7 @@ def test_up_runs_the_example_plan_and_stops_everything(env: dict[str, str], tmp_
     )
     assert result.returncode == 0, result.stderr
     assert "succeeded" in result.stderr
+    assert re.search(r"console: http://127\.0\.0\.1:\d+/", result.stderr), result.stderr
     assert (tmp_path / "out" / "combined.txt").exists()
     # the summary of the final outputs, then (--outputs) every task's output in full
     assert "combine  words: 9" in result.stderr, result.stderr

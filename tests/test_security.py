@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import nats.errors
 import nats.js.errors
@@ -36,6 +37,7 @@ from mesh.records import AgentRecord
 from tests.conftest import FAST_ENV, HANG_S, ROOT, Mesh
 from tests.fake_anthropic import FakeAnthropic, Reply
 from tests.faults import run_mesh, until
+from tests.webconsole import get, post, start_console
 
 pytestmark = pytest.mark.integration
 
@@ -215,6 +217,16 @@ FORBIDDEN_PUBLISH = [
     ("exporter", f"$JS.API.CONSUMER.DELETE.{P.upper()}_EVENTS.auditor"),
     ("auditor", f"$JS.API.CONSUMER.DELETE.{P.upper()}_EVENTS.auditor"),
     ("gateway", f"$JS.API.CONSUMER.MSG.NEXT.{P.upper()}_EVENTS.brain-runs"),
+    # the web console sends commands and operator controls, nothing an agent says
+    *[("web", s) for s in WORK],
+    ("web", f"{P}.evt.task.p1.t1.succeeded"),
+    ("web", f"$KV.{P}-tasks.p1.t1"),
+    ("web", f"$KV.{P}-plans.p1"),
+    ("web", f"$KV.{P}-gpu-control.t-gpu0.thermal"),
+    ("web", f"{P}.esc.p1.t1"),
+    ("web", f"{P}.evt.agent.{WORKER}.offline"),
+    ("web", f"$JS.API.STREAM.DELETE.{P.upper()}_EVENTS"),
+    ("web", f"$JS.API.CONSUMER.MSG.NEXT.{P.upper()}_EVENTS.brain-runs"),
 ]
 
 FORBIDDEN_SUBSCRIBE = [
@@ -416,6 +428,23 @@ async def test_a_plan_runs_with_every_agent_on_its_own_credentials(resources: Se
         bus = await mesh.bus()
         own = await bus.js.consumer_info(bus.names.work_stream, bus.names.own_consumer(OTHER))
         assert own.config.filter_subject == bus.names.work_to(OTHER)
+        # the web console, on its own credentials: it follows everything, and submits (with the
+        # operator token `mesh init --secure` wrote beside them)
+        mesh.env = resources.env("web")
+        token = load_settings(environ=mesh.env).web_token
+        assert len(token) >= 32
+        url = await start_console(mesh)
+        async with aiohttp.ClientSession(url, headers={"Authorization": f"Bearer {token}"}) as http:
+            listed = await get(http, "/api/plans")
+            assert [p["id"] for p in listed["plans"]] == [plan_id]
+            status, sent = await post(
+                http,
+                "/api/submit",
+                {"text": "# from the web\n\n## Tasks\n\n### a\n\n```shell\necho web\n```\n"},
+            )
+            assert status == 200, sent
+        mesh.env = resources.env("cli")
+        assert (await mesh.wait_plan(sent["plan"], 60)).status == "succeeded"
         violations = [line for line in resources.server.log_lines[log_from:] if "Violation" in line]
         assert not violations, violations
     finally:
@@ -530,6 +559,7 @@ def test_every_user_gets_its_own_inbox_and_roles_are_covered() -> None:
         "auditor",
         "exporter",
         "gateway",
+        "web",
     }
     for user in all_users:
         assert user.permissions.subscribe[0] == f"_INBOX.{user.name}.>"

@@ -75,6 +75,29 @@ def agent_exporter(
     raise typer.Exit(run_agent(Exporter(settings(metrics_port=port))))
 
 
+@agent_app.command("web")
+def agent_web(
+    port: Annotated[
+        int | None, typer.Option("--port", help="serve on this port (default 8470; 0: any)")
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="serve on this address (default 127.0.0.1; off it, a token)")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """The web console: plans and their DAGs, GPUs and hosts, alerts, dead letters, costs, live."""
+    from agents.base import run_agent
+    from agents.web import Web
+    from mesh.errors import ConfigError
+
+    configure(log_level, name="web")
+    try:
+        agent = Web(settings(web_port=port, web_host=host))
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    raise typer.Exit(run_agent(agent))
+
+
 @agent_app.command("gateway")
 def agent_gateway(
     log_level: Annotated[str | None, typer.Option("--log-level")] = None,

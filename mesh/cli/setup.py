@@ -169,7 +169,8 @@ def up(
         bool, typer.Option("--outputs", help="with --submit: show every task's output when the plan ends")
     ] = False,
 ) -> None:
-    """Start an embedded nats-server, a brain, N CPU workers and the model workers; Ctrl-C stops them all."""
+    """Start an embedded nats-server, a brain, N CPU workers, the model workers and the web
+    console (its URL is printed); Ctrl-C stops them all."""
     from mesh.ops import bootstrap
     from mesh.ops.up import Stack
 
@@ -183,6 +184,7 @@ def up(
         model_workers = bootstrap.model_workers(gpus)
     except MeshError as exc:
         raise fail(str(exc)) from None
+    web_port = _free_port(s.web_host, s.web_port)
     stack = Stack(
         str(data),
         port or s.embedded_port,
@@ -191,6 +193,7 @@ def up(
         log_dir=str(data / "logs"),
         gpus=model_workers,
         durability=s.durability,
+        web_port=web_port,
     )
     stop = threading.Event()
 
@@ -209,6 +212,8 @@ def up(
         f" + {len(model_workers)} model worker(s) ({_show_gpus(model_workers)}) + watchdog + gateway, "
         f"logs in {data / 'logs'}"
     )
+    host = f"[{s.web_host}]" if ":" in s.web_host else s.web_host
+    err.print(f"console: http://{host}:{web_port}/", highlight=False, soft_wrap=True)
     code = 0
     try:
         if spec is None:
@@ -222,6 +227,20 @@ def up(
         err.print("stopping agents and server…")
         stack.stop()
     raise typer.Exit(code)
+
+
+def _free_port(host: str, port: int) -> int:
+    """The console's port: `port`, or where something else holds it, a free one."""
+    import socket
+
+    for want in (port, 0):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            try:
+                sock.bind((host, want))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    return port
 
 
 def _show_gpus(gpus: tuple[int | tuple[int, ...] | None, ...]) -> str:

@@ -46,7 +46,7 @@ from mesh.ops.serverconf import gateway_host_config
 from mesh.settings import Settings
 
 JS_API = "$JS.API"
-ROLES = ("cli", "brain", "worker", "watchdog", "auditor", "exporter", "gateway")
+ROLES = ("cli", "brain", "worker", "watchdog", "auditor", "exporter", "gateway", "web")
 # roles that create and update streams, buckets and consumers; the others bind to them
 MANAGERS = frozenset({"cli", "brain"})
 # the workers of the rendering committed in nats/secure/ (docs/security.md's example host `rig`)
@@ -444,6 +444,29 @@ class Grants:
             publish_deny=_unique([n.cmd_all, n.work_all, n.esc_all, self.offline_deny, *keep_off]),
         )
 
+    def web(self) -> Permissions:
+        """The web console: reads what an observer reads; acts only as an operator may through it
+        (submit, cancel and retry plans; pause, resume and cordon GPUs), and streams answers."""
+        n = self.n
+        pub = [
+            *self.agent_events(),
+            kv_put(n.agents_bucket, "*"),
+            n.dead_letter("*"),
+            # submit, cancel and retry: every command there is
+            n.cmd_all,
+            n.gpu_controls_all,
+            kv_put(n.gpu_control_bucket, "*.operator"),
+            # a plan too big for one message goes to the object store (`client.submit`)
+            objects_subject(n.objects_bucket),
+            api_stream("INFO", n.cmd_stream),
+        ]
+        reads, keep_off = self._observer()
+        return Permissions(
+            publish=_unique(pub + reads),
+            subscribe=(self.inbox("web"), n.text_all),
+            publish_deny=_unique([n.work_all, n.esc_all, self.offline_deny, *keep_off]),
+        )
+
     def gateway(self) -> Permissions:
         n = self.n
         esc = n.esc_stream
@@ -504,6 +527,7 @@ def users(settings: Settings, workers: Iterable[str], domain: str = "") -> list[
         User("auditor", "auditor", g.auditor()),
         User("exporter", "exporter", g.exporter()),
         User("gateway", "gateway", g.gateway()),
+        User("web", "web", g.web()),
     ]
     seen = {u.name for u in out}
     for wid in workers:
@@ -622,6 +646,14 @@ def new_password() -> str:
     return secrets.token_urlsafe(32)
 
 
+def web_tokens() -> dict[str, str]:
+    """The web console's tokens (docs/console.md): one that acts, one that only looks."""
+    return {
+        "web_token": new_password(),
+        "web_read_token": new_password(),
+    }
+
+
 def client_config(
     user: User,
     password: str,
@@ -631,8 +663,9 @@ def client_config(
     tls_ca: str = "",
     manage: bool,
     domain: str = "",
+    extra: dict[str, str] | None = None,
 ) -> str:
-    """The TOML settings one agent (or the CLI) connects with."""
+    """The TOML settings one agent (or the CLI) connects with (and `extra` settings of its own)."""
     lines = [
         f"# mesh settings for the {user.role} user {user.name!r} (written by `mesh init --secure`).",
         "# Point the agent at it: MESH_CONFIG=THIS_FILE or --config THIS_FILE.",
@@ -652,6 +685,8 @@ def client_config(
     if not manage:
         lines.append("# this user may not create streams, buckets or consumers: bind to existing ones")
         lines.append("manage_resources = false")
+    for name, value in (extra or {}).items():
+        lines.append(f"{name} = {_q(value)}")
     return "\n".join(lines) + "\n"
 
 
@@ -727,6 +762,7 @@ def write_secure(
                 tls_ca="" if behind_leaf else client_ca,
                 manage=user.role in MANAGERS,
                 domain=domain if behind_leaf else "",
+                extra=web_tokens() if user.role == "web" else None,
             ),
         )
         written.append(path)

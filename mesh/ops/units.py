@@ -7,7 +7,7 @@
 One unit per process: `mesh-nats` (the server), `mesh-brain`, `mesh-worker@N`
 (the worker that owns GPU N, `CUDA_VISIBLE_DEVICES=N`; `mesh-worker@0_3` owns the
 set of GPUs 0 and 3, `--gpus 0+3`; `mesh-worker@cpu` is a CPU worker),
-`mesh-watchdog`, `mesh-gateway`, `mesh-auditor`, `mesh-exporter`,
+`mesh-watchdog`, `mesh-gateway`, `mesh-auditor`, `mesh-exporter`, `mesh-web` (the console),
 all grouped by `mesh.target`; and `mesh-health.timer`, a one-shot health check
 every minute for hosts that run no watchdog. Each agent reads its settings
 from its own file, `<config dir>/<role>.toml` (`MESH_CONFIG`), so a role's
@@ -47,6 +47,7 @@ AGENTS: dict[str, str] = {
     "gateway": "mesh: gateway (the only path to Claude)",
     "auditor": "mesh: auditor (dead letters for events nobody consumes)",
     "exporter": "mesh: Prometheus exporter",
+    "web": "mesh: web console",
 }
 # an agent's own stop: background tasks (STOP_WAIT_S), then its stop event and deregistration,
 # each a publish that may wait PUBLISH_TIMEOUT_S; systemd waits this much longer before SIGKILL
@@ -470,7 +471,7 @@ def config_files(layout: Layout, settings: Settings) -> dict[str, str]:
         "# (e.g. MESH_PREFIX=mesh). A role's own file (<role>.toml) is read first; these win.\n"
     )
     files = {f"{layout.config_dir}/nats-server.conf": nats_conf, f"{layout.config_dir}/mesh.env": env}
-    for role in ("brain", "worker", "watchdog", "gateway", "auditor", "exporter"):
+    for role in ("brain", "worker", "watchdog", "gateway", "auditor", "exporter", "web"):
         files[layout.config(role)] = (
             f"# Settings of `mesh agent {role}` on this host (docs/configuration.md).\n"
             "# Credentials for this role's NATS user go here too (docs/security.md).\n"

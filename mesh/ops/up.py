@@ -1,5 +1,5 @@
-"""`mesh up`: an embedded server, a brain, N workers, a watchdog, the auditor and the gateway on
-this machine, as child processes.
+"""`mesh up`: an embedded server, a brain, N workers, a watchdog, the auditor, the gateway and the
+web console on this machine, as child processes.
 
 The supervisor restarts an agent that dies (with a growing delay, so a crash
 loop does not spin) and on Ctrl-C or SIGTERM stops workers first, then the
@@ -80,6 +80,7 @@ class Stack:
         watchdog: bool = True,
         gateway: bool = True,
         durability: str = "always",
+        web_port: int | None = None,
     ) -> None:
         self.server = EmbeddedServer(data_dir, port, max_payload, durability=durability)
         self.workers = workers
@@ -94,6 +95,8 @@ class Stack:
         self.gateway = gateway
         # one model worker per entry: a GPU index, a set of them, or None for the CPU standing in
         self.gpus = gpus
+        # the web console's port (None: no console)
+        self.web_port = web_port
         self.children: list[Child] = []
 
     @property
@@ -128,6 +131,9 @@ class Stack:
             self.children.append(Child("auditor", agent_command("auditor", url), self._log("auditor")))
         if self.gateway:
             self.children.append(Child("gateway", agent_command("gateway", url), self._log("gateway")))
+        if self.web_port is not None:
+            argv = agent_command("web", url, "--port", str(self.web_port))
+            self.children.append(Child("web", argv, self._log("web")))
         for child in self.children:
             child.start(self.env)
 
