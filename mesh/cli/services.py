@@ -115,14 +115,16 @@ def install_units(
 def health(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per check")] = False,
 ) -> None:
-    """One round of the \\[health.NAME] checks (what the watchdog runs continuously); restarts what
+    """One round of the [health.NAME] checks (what the watchdog runs continuously); restarts what
     stays unhealthy. Exit 1 if any check failed. mesh-health.timer runs it on hosts without a watchdog."""
     from mesh.health import HealthCheck
     from mesh.host.health import Verdict, check_once, probe_http
 
     s = settings()
     if not s.health:
-        out.print("no \\[health.NAME] checks configured (docs/watchdog.md#health-checks-and-restarts)")
+        out.print(
+            "no [health.NAME] checks configured (docs/watchdog.md#health-checks-and-restarts)", markup=False
+        )
         raise typer.Exit(0)
 
     async def go() -> int:
