@@ -15,6 +15,7 @@ from mesh.cli import app
 from mesh.cli.common import command_group
 
 BRACKETED = re.compile(r"\[[^\[\]]*\]")
+NASTY = "writes [/etc/mesh; ~/.config/mesh], [bold]not bold[/bold], [gpus.N] and [x]"
 
 
 Found = list[tuple[tuple[str, ...], click.Command]]
@@ -71,17 +72,16 @@ def test_every_command_help_renders_with_its_bracketed_text() -> None:
 def test_a_group_made_for_mesh_prints_markup_as_text() -> None:
     """What a future command might say: a closing tag, a style name, a table name, brackets nested in
     text. Every group of `mesh` is made by `command_group`, which is where markup is turned off."""
-    nasty = "writes [/etc/mesh; ~/.config/mesh], [bold]not bold[/bold], [gpus.N] and [x]"
-    demo = command_group(help=nasty)
+    demo = command_group(help=NASTY)
 
     @demo.command()
-    def go(opt: Annotated[str, typer.Option("--opt", help=nasty)] = "") -> None:
+    def go(opt: Annotated[str, typer.Option("--opt", help=NASTY)] = "") -> None:
         """Docstring with [/] and [red]x[/red] and [health.NAME]."""
 
     top = _flat(_render(demo, ()))
     sub = _flat(_render(demo, ("go",)))
-    assert _flat(nasty) in top
-    assert _flat(nasty) in sub and "Docstring with [/] and [red]x[/red] and [health.NAME]." in sub
+    assert _flat(NASTY) in top
+    assert _flat(NASTY) in sub and "Docstring with [/] and [red]x[/red] and [health.NAME]." in sub
 
 
 def test_every_group_of_mesh_has_markup_off() -> None:
