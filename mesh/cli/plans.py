@@ -73,7 +73,8 @@ def submit(
 
     async def go() -> int:
         async with connected(s) as bus:
-            await bus.ensure_resources()
+            # (a user that may not create them only checks they are there)
+            await (bus.ensure_resources() if s.manage_resources else bus.bind_resources(wait_s=0.0))
             pid = await send_plan(bus, s, spec, files, plan_id)
             out.print(pid, highlight=False)
             if not wait:

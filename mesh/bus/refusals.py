@@ -1,0 +1,122 @@
+"""A permission refusal fails the request or publish it refused at once, with what, who and what to do.
+`Client` is nats-py's client whose requests are watched; `Refusals` matches the server's violations.
+
+nats-server answers a publish it does not permit with an asynchronous `-ERR` on the connection and
+no reply: a JetStream publish or API request would wait its whole timeout and raise a bare
+`TimeoutError`. Each request (and each pipelined batch, `Bus._send`) is registered under its
+subjects while it waits; the connection's error callback hands every error to `Refusals.take`,
+which cancels the waiting task of each request to a refused subject, and the request raises
+`PermissionRefused` in its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
+
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg as NatsMsg
+
+from mesh.errors import MeshError
+from mesh.names import Names
+from mesh.refusal import Violation, parse_violation, refusal_message
+
+T = TypeVar("T")
+
+
+class PermissionRefused(MeshError, nats.errors.Error):
+    """The server refused this user an operation its role lacks. A server error too, so code that
+    rides out server errors sees it; `agents.base.passing` knows it does not pass."""
+
+    def __init__(self, message: str, violation: Violation) -> None:
+        super().__init__(message)
+        self.violation = violation
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _Waiter:
+    __slots__ = ("refused", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.refused: PermissionRefused | None = None
+
+
+class Refusals:
+    """What waits on the server, by subject, and the violations that fail it."""
+
+    def __init__(self, names: Names, user: str) -> None:
+        self.names = names
+        self.user = user
+        self._waiting: dict[str, set[_Waiter]] = {}
+
+    async def guard(self, subjects: Iterable[str], waiting: Awaitable[T]) -> T:
+        """Await `waiting` (a request or publish to `subjects`); raise `PermissionRefused` as soon as
+        the server refuses one of them."""
+        task = asyncio.current_task()
+        if task is None:
+            return await waiting
+        waiter = _Waiter(task)
+        keys = {s.lower() for s in subjects}
+        for key in keys:
+            self._waiting.setdefault(key, set()).add(waiter)
+        try:
+            result = await waiting
+        except asyncio.CancelledError:
+            # cancelled by `take` (and by nobody else: a cancel of ours only is taken back)
+            if waiter.refused is not None and task.uncancel() == 0:
+                raise waiter.refused from None
+            raise
+        else:
+            if waiter.refused is not None:
+                task.uncancel()  # (what it waited on had its answer already)
+            return result
+        finally:
+            for key in keys:
+                same = self._waiting.get(key)
+                if same is not None:
+                    same.discard(waiter)
+                    if not same:
+                        del self._waiting[key]
+
+    def take(self, exc: BaseException) -> bool:
+        """Fail what waits on the subject `exc` reports refused; True when something did wait."""
+        violation = parse_violation(str(exc))
+        if violation is None:
+            return False
+        waiters = [w for w in self._waiting.get(violation.subject, ()) if w.refused is None]
+        for waiter in waiters:
+            waiter.refused = PermissionRefused(refusal_message(self.names, self.user, violation), violation)
+            waiter.task.cancel()
+        return bool(waiters)
+
+    def message(self, exc: BaseException) -> str:
+        """A violation nothing waited on, told as `refusal_message` tells it ('' when not one)."""
+        violation = parse_violation(str(exc))
+        return refusal_message(self.names, self.user, violation) if violation else ""
+
+
+class Client(NatsClient):
+    """nats-py's client, each request watched for a refusal (JetStream publishes, KV writes and API
+    calls are all requests)."""
+
+    def __init__(self, refusals: Refusals) -> None:
+        super().__init__()
+        self.refusals = refusals
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float = 0.5,
+        old_style: bool = False,
+        headers: dict[str, Any] | None = None,
+    ) -> NatsMsg:
+        return await self.refusals.guard(
+            (subject,),
+            super().request(subject, payload, timeout=timeout, old_style=old_style, headers=headers),
+        )
