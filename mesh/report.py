@@ -248,9 +248,13 @@ class ReportBuilder:
         t.first_start = min(t.first_start, at) if t.first_start else at
 
     def _ended(self, task_id: str, attempt: int, at: float, began: float, took: float, worker: str) -> None:
-        """An attempt ended at `at`, having run `took` seconds from `began` (0: `at - took`)."""
-        self._started(task_id, attempt, began or (at - took if took > 0 else 0.0), worker)
+        """An attempt ended at `at`, having run `took` seconds from `began` (0: its `task.started`
+        said when, as the records have it; or, where none did, `at - took`)."""
         a = self._attempt(task_id, attempt)
+        if began:
+            self._started(task_id, attempt, began, worker)
+        elif not a.start_at and took > 0:
+            self._started(task_id, attempt, at - took, worker)
         a.end_at, a.duration_s = at, max(0.0, took)
         a.worker = worker or a.worker
 
