@@ -85,6 +85,25 @@ async def test_a_refusal_fails_only_what_waits_on_its_subject() -> None:
     assert not refusals._waiting, "nothing left registered"
 
 
+async def test_a_refusal_that_came_before_its_wait_fails_the_wait_at_once() -> None:
+    """A read's next batch is asked for, then waited on later: a refusal that arrives in between
+    finds nothing waiting, and is kept for the wait on its subject."""
+    refusals = Refusals(Names(), "auditor")
+    pull = "$JS.API.CONSUMER.MSG.NEXT.MESH_EVENTS.brain-runs"
+    assert not refusals.take(
+        nats.errors.Error(f'nats: permissions violation for publish to "{pull.lower()}"')
+    )
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    with pytest.raises(
+        PermissionRefused, match="user 'auditor' \\(role auditor\\) permission to call the JetStream"
+    ):
+        await refusals.guard([pull], never)
+    # kept for one wait only
+    done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    done.set_result("ok")
+    assert await refusals.guard([pull], done) == "ok"
+
+
 async def test_a_cancel_from_elsewhere_stays_a_cancel() -> None:
     refusals = Refusals(Names(), WORKER)
     never: asyncio.Future[None] = asyncio.get_running_loop().create_future()

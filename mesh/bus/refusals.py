@@ -12,6 +12,7 @@ which cancels the waiting task of each request to a refused subject, and the req
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
@@ -24,6 +25,9 @@ from mesh.names import Names
 from mesh.refusal import Violation, parse_violation, refusal_message
 
 T = TypeVar("T")
+
+# the refusals nothing waited on that are kept for the next wait on their subject
+UNCLAIMED_MAX = 64
 
 
 class PermissionRefused(MeshError, nats.errors.Error):
@@ -53,6 +57,9 @@ class Refusals:
         self.names = names
         self.user = user
         self._waiting: dict[str, set[_Waiter]] = {}
+        # refusals nothing waited on when they came (a plain publish, or one whose wait began
+        # later, as a read's next batch does): the next wait on the subject fails with it at once
+        self._unclaimed: dict[str, Violation] = {}
 
     async def guard(self, subjects: Iterable[str], waiting: Awaitable[T]) -> T:
         """Await `waiting` (a request or publish to `subjects`); raise `PermissionRefused` as soon as
@@ -62,6 +69,13 @@ class Refusals:
             return await waiting
         waiter = _Waiter(task)
         keys = {s.lower() for s in subjects}
+        if self._unclaimed:
+            for key in keys:
+                violation = self._unclaimed.pop(key, None)
+                if violation is not None:
+                    if inspect.iscoroutine(waiting):
+                        waiting.close()
+                    raise self._refused(violation)
         for key in keys:
             self._waiting.setdefault(key, set()).add(waiter)
         try:
@@ -90,9 +104,17 @@ class Refusals:
             return False
         waiters = [w for w in self._waiting.get(violation.subject, ()) if w.refused is None]
         for waiter in waiters:
-            waiter.refused = PermissionRefused(refusal_message(self.names, self.user, violation), violation)
+            waiter.refused = self._refused(violation)
             waiter.task.cancel()
+        if not waiters:
+            self._unclaimed.pop(violation.subject, None)
+            self._unclaimed[violation.subject] = violation
+            while len(self._unclaimed) > UNCLAIMED_MAX:
+                del self._unclaimed[next(iter(self._unclaimed))]
         return bool(waiters)
+
+    def _refused(self, violation: Violation) -> PermissionRefused:
+        return PermissionRefused(refusal_message(self.names, self.user, violation), violation)
 
     def message(self, exc: BaseException) -> str:
         """A violation nothing waited on, told as `refusal_message` tells it ('' when not one)."""
