@@ -375,9 +375,7 @@ class Bus:
         try:
             # a subject this user may not publish to fails the batch at once (`mesh.bus.refusals`)
             nc = self.nc
-            acks = await (
-                nc.refusals.guard(set(subjects), send()) if isinstance(nc, WatchedClient) else send()
-            )
+            acks = await (nc.refusals.guard(subjects, send()) if isinstance(nc, WatchedClient) else send())
         except TRANSIENT as exc:
             await self.store.failed(exc, (subject for subject, _, _ in items))
             raise

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Collection
 from typing import Any, TypeVar
 
 import nats.errors
@@ -43,41 +43,44 @@ class PermissionRefused(MeshError, nats.errors.Error):
 
 
 class _Waiter:
-    __slots__ = ("refused", "task")
+    __slots__ = ("refused", "subjects", "task")
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
+    def __init__(self, task: asyncio.Task[Any], subjects: Collection[str]) -> None:
         self.task = task
+        # as given: compared (lowercased) only when a refusal comes, which is rare
+        self.subjects = subjects
         self.refused: PermissionRefused | None = None
 
 
 class Refusals:
-    """What waits on the server, by subject, and the violations that fail it."""
+    """What waits on the server, and the violations that fail it by subject.
+
+    A wait costs a registration and its removal, whatever its subjects (a batch of a thousand
+    publishes is one wait); the subjects are looked at only when a violation comes."""
 
     def __init__(self, names: Names, user: str) -> None:
         self.names = names
         self.user = user
-        self._waiting: dict[str, set[_Waiter]] = {}
+        self._waiting: set[_Waiter] = set()
         # refusals nothing waited on when they came (a plain publish, or one whose wait began
         # later, as a read's next batch does): the next wait on the subject fails with it at once
         self._unclaimed: dict[str, Violation] = {}
 
-    async def guard(self, subjects: Iterable[str], waiting: Awaitable[T]) -> T:
+    async def guard(self, subjects: Collection[str], waiting: Awaitable[T]) -> T:
         """Await `waiting` (a request or publish to `subjects`); raise `PermissionRefused` as soon as
         the server refuses one of them."""
         task = asyncio.current_task()
         if task is None:
             return await waiting
-        waiter = _Waiter(task)
-        keys = {s.lower() for s in subjects}
         if self._unclaimed:
-            for key in keys:
-                violation = self._unclaimed.pop(key, None)
+            for subject in subjects:
+                violation = self._unclaimed.pop(subject.lower(), None)
                 if violation is not None:
                     if inspect.iscoroutine(waiting):
                         waiting.close()
                     raise self._refused(violation)
-        for key in keys:
-            self._waiting.setdefault(key, set()).add(waiter)
+        waiter = _Waiter(task, subjects)
+        self._waiting.add(waiter)
         try:
             result = await waiting
         except asyncio.CancelledError:
@@ -90,25 +93,23 @@ class Refusals:
                 task.uncancel()  # (what it waited on had its answer already)
             return result
         finally:
-            for key in keys:
-                same = self._waiting.get(key)
-                if same is not None:
-                    same.discard(waiter)
-                    if not same:
-                        del self._waiting[key]
+            self._waiting.discard(waiter)
 
     def take(self, exc: BaseException) -> bool:
         """Fail what waits on the subject `exc` reports refused; True when something did wait."""
         violation = parse_violation(str(exc))
         if violation is None:
             return False
-        waiters = [w for w in self._waiting.get(violation.subject, ()) if w.refused is None]
+        refused = violation.subject
+        waiters = [
+            w for w in self._waiting if w.refused is None and any(s.lower() == refused for s in w.subjects)
+        ]
         for waiter in waiters:
             waiter.refused = self._refused(violation)
             waiter.task.cancel()
         if not waiters:
-            self._unclaimed.pop(violation.subject, None)
-            self._unclaimed[violation.subject] = violation
+            self._unclaimed.pop(refused, None)
+            self._unclaimed[refused] = violation
             while len(self._unclaimed) > UNCLAIMED_MAX:
                 del self._unclaimed[next(iter(self._unclaimed))]
         return bool(waiters)
