@@ -347,6 +347,8 @@ class ReportBuilder:
     def _escalation(self, msg: Message) -> None:
         match msg:
             case events.TaskEscalated():
+                # the escalation is an attempt of its own, begun as the gateway is asked
+                self._started(msg.task_id, msg.attempt, msg.at, "")
                 self._task(msg.task_id).status = TaskStatus.ESCALATING
                 self.escalations[msg.rid] = _Escalation(msg.task_id, msg.attempt, msg.why)
                 if msg.after is not None:

@@ -236,6 +236,9 @@ def test_escalations_and_their_cost() -> None:
     assert (x.task_id, x.why, x.outcome, x.model) == ("x", "external", "answered", "claude-haiku-4-5")
     assert (x.tokens_in, x.tokens_out, x.cost_usd, x.waits) == (100, 20, 0.25, 2)
     assert (r.escalation_cost_usd, r.escalation_tokens_in, r.escalation_tokens_out) == (0.25, 100, 20)
+    # its span runs from the request to the answer
+    (x_time,) = [t for t in r.slowest if t.task_id == "x"]
+    assert (x_time.span_s, x_time.attempts) == (3.0, 1)
 
 
 def test_a_failed_escalation_and_a_ladder_climb() -> None:
