@@ -538,8 +538,14 @@ class ReportBuilder:
 
     def _failures(self, top: int) -> list[FailureGroup]:
         groups: dict[str, list[tuple[str, int, str, bool]]] = {}
+        # the cause of each task's last failure for good; it counts where the task is failed still
+        # (an operator's retry may have run it again since)
+        ended: dict[str, str] = {}
         for tid, attempt, reason, error, final in self.failed:
-            groups.setdefault(str(reason) or "error", []).append((tid, attempt, error, final))
+            cause = str(reason) or "error"
+            groups.setdefault(cause, []).append((tid, attempt, error, final))
+            if final:
+                ended[tid] = cause
         out = []
         for cause, items in groups.items():
             lines: collections.Counter[str] = collections.Counter()
@@ -550,7 +556,13 @@ class ReportBuilder:
                     cause=cause,
                     # (a task failed by its dependency never ran: no attempt of its own failed)
                     attempts=0 if cause == FailReason.DEPENDENCY else len(items),
-                    final=len({tid for tid, _, _, final in items if final}),
+                    final=len(
+                        {
+                            tid
+                            for tid, *_ in items
+                            if ended.get(tid) == cause and self.tasks[tid].status == TaskStatus.FAILED
+                        }
+                    ),
                     tasks=sorted({tid for tid, *_ in items}),
                     lines=[
                         LineCount(line, n)

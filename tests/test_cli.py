@@ -347,6 +347,11 @@ async def test_retry_runs_failed_work_again(mesh: Mesh, env: dict[str, str], tmp
     again = run_mesh("retry", f"{plan_id}.gate", "--wait", env=env)
     assert again.returncode == 0, again.stderr
     assert f"plan {plan_id} succeeded" in again.stderr
+    # the report's short form, read from the whole history (the bar saw only the retry's part)
+    assert "retries: 0; 2 retried by an operator" in again.stderr, again.stderr
+    assert "failures (error): 1 failed attempt(s) of gate, 0 task(s) failed for good" in again.stderr, (
+        again.stderr
+    )
     tasks = await mesh.tasks(plan_id)
     assert {t.status for t in tasks.values()} == {"succeeded"}
     assert tasks["gate"].attempt == 2 and tasks["gate"].base_attempt == 1

@@ -324,3 +324,28 @@ def test_error_lines() -> None:
     assert error_lines("exit code 1\n\n  boom  \nboom\n") == ["exit code 1", "boom"]
     assert key_line("exit code 1\nTraceback\nValueError: x") == "ValueError: x"
     assert key_line("") == "" and len(error_lines("x" * 500)[0]) == 200
+
+
+def test_a_failure_an_operator_retried_away_is_not_for_good() -> None:
+    h: list[ev.Message] = [accepted(spec("g"))]
+    h += [
+        ev.TaskStarted(plan_id=P, task_id="g", attempt=1, worker="w1", at=T0),
+        ev.TaskFailed(
+            plan_id=P, task_id="g", attempt=1, worker="w1", at=T0 + 1, error="exit code 1", duration_s=1
+        ),
+        ev.PlanFinished(plan_id=P, status=PlanStatus.FAILED, at=T0 + 1),
+        ev.TaskReset(plan_id=P, task_id="g", attempt=1, at=T0 + 5),
+        ev.PlanResumed(plan_id=P, at=T0 + 5),
+        *ran("g", 6, 1, attempt=2),
+        ev.PlanFinished(plan_id=P, status=PlanStatus.SUCCEEDED, at=T0 + 7),
+    ]
+    r = plan_report(P, h)
+    assert (r.status, r.outcomes, r.resets, r.attempts, r.wall_s) == (
+        "succeeded",
+        {"succeeded": 1},
+        1,
+        2,
+        7.0,
+    )
+    (error,) = r.failures
+    assert (error.cause, error.attempts, error.final, error.tasks) == ("error", 1, 0, ["g"])

@@ -139,7 +139,7 @@ def summary_lines(r: PlanReport) -> list[str]:
     lines = []
     if r.critical_path:
         lines.append(path_line(r))
-    if r.retries or r.redeliveries:
+    if r.retries or r.redeliveries or r.resets:
         lines.append(retries_line(r))
     if r.escalations:
         lines.append(f"escalations: {len(r.escalations)}, ${r.escalation_cost_usd:.4f}")
