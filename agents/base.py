@@ -24,6 +24,7 @@ import nats.js.errors
 from mesh.bus.connect import connect
 from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.publish import Bus
+from mesh.bus.refusals import PermissionRefused
 from mesh.bus.store import full_error
 from mesh.events import AgentStarted, AgentStopped
 from mesh.records import AgentRecord, encode_record
@@ -39,6 +40,8 @@ RETRY_MAX_S = 5.0
 def passing(exc: BaseException) -> bool:
     """Whether a server error may go away by itself: no answer, no connection, a server that is
     unavailable or whose store is full; not a request it refused (a bad config, a permission)."""
+    if isinstance(exc, PermissionRefused):
+        return False
     if not isinstance(exc, nats.js.errors.APIError):
         return True
     return isinstance(exc, nats.js.errors.ServiceUnavailableError) or bool(full_error(exc))

@@ -285,6 +285,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # the NATS user and password this process connects as (`mesh init --secure` writes them)
     nats_user: str = ""
     nats_password: str = ""
+    # how long a JetStream request (a publish's acknowledgement, a KV write, an API call) waits
+    # for its answer; a permission refusal fails it at once whatever this is
+    request_timeout_s: float = 10.0
     # TLS: the CA that signed the server's certificate; a client certificate and key if the
     # server asks for one. A tls:// URL, or a CA, turns TLS on.
     nats_tls_ca: str = ""
@@ -536,6 +539,8 @@ def security_problem(settings: Settings, is_file: Callable[[str], bool]) -> str:
         return "nats_password is set but nats_user is empty: set both, or neither"
     if bool(settings.nats_tls_cert) != bool(settings.nats_tls_key):
         return "nats_tls_cert and nats_tls_key go together: a client certificate needs its key"
+    if not settings.request_timeout_s > 0:
+        return f"request_timeout_s = {settings.request_timeout_s!r} must be above 0"
     for name in ("nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
         path = getattr(settings, name)
         if path and not is_file(path):

@@ -19,14 +19,14 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from nats.aio.client import Client
 
-from mesh.bus import connect as connect_module
 from mesh.bus.connect import connect
 from mesh.bus.history import replay
-from mesh.bus.natsclient import MeshClient
+from mesh.bus.natsclient import MeshClient, parse_header_lines
 from mesh.events import Msg, PlanAccepted, PlanSpec, PlanTasks, TaskReleased, TaskSpec, TaskSucceeded
 from mesh.host.config import load_settings
 from mesh.ops.embedded import EmbeddedServer
@@ -50,12 +50,10 @@ def history(n: int) -> list[Msg]:
     return out
 
 
-async def one(url: str, client: type[Client]) -> tuple[int, float]:
-    connect_module.MeshClient = client  # type: ignore[attr-defined,misc]
-    try:
-        bus = await connect(load_settings(server=url, environ={}), "replay-rate", wait_s=10)
-    finally:
-        connect_module.MeshClient = MeshClient  # type: ignore[attr-defined,misc]
+async def one(url: str, parser: Callable[[bytes], dict[str, str]]) -> tuple[int, float]:
+    # the parser every mesh connection's client uses, for this round
+    MeshClient._parse_header_lines = staticmethod(parser)  # type: ignore[method-assign,assignment]
+    bus = await connect(load_settings(server=url, environ={}), "replay-rate", wait_s=10)
     try:
         began = time.perf_counter()
         result = await replay(bus)
@@ -64,6 +62,7 @@ async def one(url: str, client: type[Client]) -> tuple[int, float]:
         return result.events, seconds
     finally:
         await bus.close()
+        MeshClient._parse_header_lines = staticmethod(parse_header_lines)  # type: ignore[method-assign,assignment]
 
 
 TASKS = 0
@@ -82,8 +81,8 @@ async def main(args: argparse.Namespace) -> None:
             await bus.close()
             rates: dict[str, list[float]] = {"nats-py": [], "mesh": []}
             for r in range(args.rounds):
-                for name, client in (("nats-py", Client), ("mesh", MeshClient)):
-                    events, seconds = await one(server.url, client)
+                for name, parser in (("nats-py", Client._parse_header_lines), ("mesh", parse_header_lines)):
+                    events, seconds = await one(server.url, parser)
                     rates[name].append(events / seconds)
                     rate = events / seconds
                     print(f"round {r + 1} {name:8s} {events:,} events in {seconds:.2f}s: {rate:,.0f}/s")

@@ -17,8 +17,8 @@ import nats.errors
 import nats.js.errors
 
 import nats
-from mesh.bus.natsclient import MeshClient
 from mesh.bus.publish import Bus
+from mesh.bus.refusals import Client, Refusals
 from mesh.errors import ServerUnavailable
 from mesh.names import inbox_prefix
 from mesh.settings import Settings
@@ -44,10 +44,15 @@ async def connect(
     attempt = 0
     holder: list[Bus] = []
 
+    refusals = Refusals(settings.names, settings.nats_user)
+
     async def error(exc: Exception) -> None:
-        # before the first connection, failures are reported once, below
-        if holder:
-            log.warning("nats: %s", exc)
+        # a refusal fails what waited on it, which says so; before the first connection,
+        # failures are reported once, below
+        if refusals.take(exc):
+            log.debug("nats: %s", exc)
+        elif holder:
+            log.warning("%s", refusals.message(exc) or f"nats: {exc}")
 
     async def disconnected() -> None:
         if not (holder and holder[0].closing):
@@ -75,7 +80,7 @@ async def connect(
     )
     while True:
         attempt += 1
-        nc = MeshClient()
+        nc = Client(refusals)
         try:
             await nc.connect(**connect_kwargs)
             # ...and once connected, reconnect forever through server restarts

@@ -81,6 +81,8 @@ class DomainJetStream(JetStreamContext):
         )
 
 
-def jetstream(nc: Client, settings: Settings, timeout: float = 10.0) -> JetStreamContext:
-    """The JetStream context of these settings: the server's own domain, or `jetstream_domain`."""
-    return DomainJetStream(nc, domain=settings.jetstream_domain or None, timeout=timeout)
+def jetstream(nc: Client, settings: Settings, timeout: float | None = None) -> JetStreamContext:
+    """The JetStream context of these settings: the server's own domain, or `jetstream_domain`;
+    its requests wait `timeout`, else `request_timeout_s`."""
+    wait = settings.request_timeout_s if timeout is None else timeout
+    return DomainJetStream(nc, domain=settings.jetstream_domain or None, timeout=wait)

@@ -27,6 +27,7 @@ import nats
 from mesh import events
 from mesh.bus.jetstream import TRANSIENT, DomainJetStream, jetstream
 from mesh.bus.pipeline import AckCollector
+from mesh.bus.refusals import Client as WatchedClient
 from mesh.bus.resources import (
     DAY_S,
     _consumer_config,
@@ -358,19 +359,23 @@ class Bus:
             marks[group[-1]][ATOMIC_COMMIT] = "1"
             batch.group(group)
         route = self.js._route if isinstance(self.js, DomainJetStream) else None
-        try:
-            for i, (subject, data, headers) in enumerate(items):
+        subjects = [route(subject) if route else subject for subject, _, _ in items]
+
+        async def send() -> list[api.PubAck]:
+            for i, (subject, (_, data, headers)) in enumerate(zip(subjects, items, strict=True)):
                 mark = marks.get(i)
                 reply = batch.reply(i) if mark is None or ATOMIC_COMMIT in mark else ""
                 # nothing here yields until the client's buffer is full: the batch goes out
                 # in as few writes as the buffer allows
                 await self.nc.publish(
-                    route(subject) if route else subject,
-                    data,
-                    reply=reply,
-                    headers={**headers, **mark} if mark else headers,
+                    subject, data, reply=reply, headers={**headers, **mark} if mark else headers
                 )
-            acks = await asyncio.wait_for(batch.done, timeout=PUBLISH_TIMEOUT_S)
+            return await asyncio.wait_for(batch.done, timeout=PUBLISH_TIMEOUT_S)
+
+        try:
+            # a subject this user may not publish to fails the batch at once (`mesh.bus.refusals`)
+            nc = self.nc
+            acks = await (nc.refusals.guard(subjects, send()) if isinstance(nc, WatchedClient) else send())
         except TRANSIENT as exc:
             await self.store.failed(exc, (subject for subject, _, _ in items))
             raise

@@ -22,6 +22,7 @@ from nats.js.kv import KeyValue
 
 import nats
 from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.refusals import Client as WatchedClient
 from mesh.bus.resources import NS
 from mesh.bus.store import StoreWatch
 from mesh.names import kv_keys
@@ -190,8 +191,14 @@ async def read_stream(
         while True:
             if not arrived:
                 wake.clear()
+                waiting = asyncio.wait_for(wake.wait(), timeout=idle_timeout_s + 1.0)
                 try:
-                    await asyncio.wait_for(wake.wait(), timeout=idle_timeout_s + 1.0)
+                    # a user refused the pull fails here, not as the stream's end after a wait
+                    await (
+                        nc.refusals.guard((next_subject,), waiting)
+                        if isinstance(nc, WatchedClient)
+                        else waiting
+                    )
                 except TimeoutError:
                     # not even the request's expiry came back
                     if await _left(js, stream, name):

@@ -4,11 +4,11 @@ here every command is registered on the app, in the order `mesh --help` lists th
 `app` is the typer application; `entry` runs it. The groups: plans (check, submit, status, cancel,
 retry), outputs (output), history (tail, replay, dead, costs, export), setup (init, up), agents
 (`mesh agent ROLE`, agents), gpus (`mesh gpu ...`, gpus, top), models (models, `mesh models push`),
-services (install-units, health, doctor); `common` holds what they share, `render` and `top` how
-things look.
+services (install-units, health, doctor), report (report); `common` holds what they share, `render`
+and `top` how things look.
 """
 
-from mesh.cli import agents, gpus, history, models, outputs, plans, services, setup
+from mesh.cli import agents, gpus, history, models, outputs, plans, report, services, setup
 from mesh.cli.common import app, entry
 
 app.command()(plans.check)
@@ -21,6 +21,7 @@ app.command()(history.tail)
 app.command()(history.replay)
 app.command()(history.dead)
 app.command()(history.costs)
+app.command()(report.report)
 app.command()(setup.init)
 app.command()(setup.up)
 app.command()(agents.agents)

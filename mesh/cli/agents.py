@@ -12,11 +12,11 @@ from typing import Annotated
 import typer
 
 from mesh.bus import client
-from mesh.cli.common import connected, fail, out, run, settings
+from mesh.cli.common import command_group, connected, fail, out, run, settings
 from mesh.events import TASK_CLASSES
 from mesh.host.logs import configure
 
-agent_app = typer.Typer(help="Run one agent in the foreground (what `mesh up` and systemd run).")
+agent_app = command_group(help="Run one agent in the foreground (what `mesh up` and systemd run).")
 
 
 @agent_app.command("brain")

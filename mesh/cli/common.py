@@ -14,6 +14,7 @@ import nats.errors
 import nats.js.errors
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from agents.base import run_loop
 from mesh import events
@@ -24,7 +25,19 @@ from mesh.errors import MeshError
 from mesh.host.config import load_settings
 from mesh.settings import Settings
 
-app = typer.Typer(
+
+def command_group(**kwargs: Any) -> typer.Typer:
+    """A typer app or command group whose help texts are printed as written.
+
+    typer's default (`rich_markup_mode="rich"`) reads every help text and docstring as rich markup:
+    `[health.NAME]` or `[default: cpu]` vanish as unknown styles and `[/etc/mesh]` crashes `--help`
+    with a MarkupError. mesh's help texts are plain text (backticks, config table names, defaults in
+    brackets), so no group of the `mesh` command parses them: each is made here, with markup off.
+    """
+    return typer.Typer(rich_markup_mode=None, **kwargs)
+
+
+app = command_group(
     name="mesh",
     help="Run plans of local AI work across your GPUs, coordinated through NATS JetStream.",
     no_args_is_help=True,
@@ -71,7 +84,8 @@ def checked_settings() -> Settings:
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    """The message printed as it is (a `[models.NAME]` in it is text, not markup), exit `code`."""
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 

@@ -14,11 +14,11 @@ import typer
 
 from mesh.bus import client
 from mesh.bus.publish import Bus
-from mesh.cli.common import connected, out, run, settings
+from mesh.cli.common import command_group, connected, out, run, settings
 from mesh.events import GpuState
 from mesh.learned import DURATION, LOAD, VRAM, Learned
 
-gpu_app = typer.Typer(help="Pause, resume or cordon a GPU (its worker stops or starts claiming work).")
+gpu_app = command_group(help="Pause, resume or cordon a GPU (its worker stops or starts claiming work).")
 
 
 def _gpu_id(gpu: str) -> str:

@@ -13,9 +13,9 @@ from typing import Annotated
 
 import typer
 
-from mesh.cli.common import connected, fail, out, run, settings
+from mesh.cli.common import command_group, connected, fail, out, run, settings
 
-models_app = typer.Typer(
+models_app = command_group(
     help="The model registry, where each model's file is; `mesh models push` stores one for every host.",
 )
 
@@ -28,7 +28,7 @@ def models(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object: the models and figures")] = False,
 ) -> None:
-    """The model registry (config \\[models] over the built-in models), where each model's file
+    """The model registry (config [models] over the built-in models), where each model's file
     is (this host, the models bucket, this host's model cache), where each is loaded now, and
     the figures the brain measured (load time, VRAM, task duration) beside the configured ones."""
     if ctx.invoked_subcommand is not None:
@@ -40,7 +40,7 @@ def models(
 
 @models_app.command("push")
 def push(
-    name: Annotated[str, typer.Argument(help="the model's name in the registry (\\[models.NAME])")],
+    name: Annotated[str, typer.Argument(help="the model's name in the registry ([models.NAME])")],
     file: Annotated[
         str,
         typer.Argument(help="the model file (a GGUF) or directory; default: the registry's path for NAME"),
@@ -60,7 +60,7 @@ def push(
     if spec is None:
         raise fail(
             f"model {name!r} is not in the registry ({', '.join(sorted(s.model_registry()))}); "
-            f"declare it under \\[models.{name}] first (the same on every host)"
+            f"declare it under [models.{name}] first (the same on every host)"
         )
     if not file:
         try:

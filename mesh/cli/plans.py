@@ -19,9 +19,11 @@ from mesh import events
 from mesh.bus import client
 from mesh.bus.bundle import send_bundle
 from mesh.bus.files import FileTransferError
+from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.publish import Bus
+from mesh.bus.report import finish_report, plan_report
 from mesh.bus.store import full_error
-from mesh.cli import outputs, render
+from mesh.cli import outputs, render, report
 from mesh.cli.common import (
     GlobOutsideOpt,
     VarOpt,
@@ -34,9 +36,11 @@ from mesh.cli.common import (
     run,
     settings,
 )
+from mesh.errors import MeshError
 from mesh.host.bundle import MB, BundleFiles, BundleTooBig, bundle_files
 from mesh.host.config import host_id
 from mesh.records import Damaged
+from mesh.report import ReportBuilder
 from mesh.settings import Settings
 from mesh.status import PlanStatus, TaskStatus
 from mesh.textstream import TextChunk, TextView
@@ -73,7 +77,8 @@ def submit(
 
     async def go() -> int:
         async with connected(s) as bus:
-            await bus.ensure_resources()
+            # (a user that may not create them only checks they are there)
+            await (bus.ensure_resources() if s.manage_resources else bus.bind_resources(wait_s=0.0))
             pid = await send_plan(bus, s, spec, files, plan_id)
             out.print(pid, highlight=False)
             if not wait:
@@ -139,10 +144,13 @@ async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None 
         for line in view.take(chunk):
             progress.console.print(render.text_line(line), soft_wrap=True)
 
+    # what the report says at the end is folded from the events the bar shows (all of them, but
+    # for a retry's, which start at the retry: its report reads the plan's history again)
+    builder = ReportBuilder(plan_id)
     # a plan's LLM answers as they are generated, above the bar (the text of what runs from now)
     async with client.watching_text(bus, plan_id, show_text):
         with progress:
-            status = await _progress(bus, plan_id, total, start_seq, progress, view, interactive)
+            status = await _progress(bus, plan_id, total, start_seq, progress, view, interactive, builder)
     records, damaged = await client.read_tasks(bus, plan_id)
     plan = await client.read_plan(bus, plan_id)
     if plan is not None and (damaged or any(r.status != TaskStatus.SUCCEEDED for r in records)):
@@ -150,9 +158,20 @@ async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None 
         err.print(render.tasks_table(plan, unfinished, damaged=damaged))
     for line in await outputs.summary_lines(bus, plan_id):
         err.print(line, highlight=False, markup=False, soft_wrap=True)
+    for line in await _report_lines(bus, builder if start_seq is None else None, plan_id):
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
     style = render.STYLE.get(status, "")
     err.print(f"plan {plan_id} [{style}]{status}[/{style}]" if style else f"plan {plan_id} {status}")
     return 0 if status == PlanStatus.SUCCEEDED else 1
+
+
+async def _report_lines(bus: Bus, builder: ReportBuilder | None, plan_id: str) -> list[str]:
+    """The plan report's short form (`mesh report` has it all); nothing when it cannot be read."""
+    try:
+        found = await (finish_report(bus, builder) if builder else plan_report(bus, plan_id))
+    except (*TRANSIENT, MeshError) as exc:
+        return [f"(no report: {exc}; `mesh report {plan_id}` tries again)"]
+    return report.summary_lines(found)
 
 
 async def _progress(
@@ -163,12 +182,15 @@ async def _progress(
     progress: Progress,
     view: TextView,
     interactive: bool,
+    builder: ReportBuilder,
 ) -> str:
-    """Follow a plan's events on its progress bar until it is final; its final status."""
+    """Follow a plan's events on its progress bar until it is final; its final status. Each
+    event goes to `builder` too."""
     final: dict[str, str] = {}
     status = ""
     bar = progress.add_task(plan_id, total=total, detail="")
     async for subject, msg in client.plan_events(bus, plan_id, start_seq):
+        builder.add(msg)
         match msg:
             case events.RunFinished():
                 for line in view.end(msg.task_id):  # what its last chunks left unsaid

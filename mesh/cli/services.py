@@ -112,7 +112,7 @@ def install_units(
 def health(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per check")] = False,
 ) -> None:
-    """One round of the \\[health.NAME] checks (what the watchdog runs continuously); restarts what
+    """One round of the [health.NAME] checks (what the watchdog runs continuously); restarts what
     stays unhealthy and raises (or resolves) its alert: to the alert sinks and the event stream.
     Exit 1 if any check failed. mesh-health.timer runs it on hosts without a watchdog."""
     import time
@@ -121,7 +121,9 @@ def health(
 
     s = settings()
     if not s.health:
-        out.print("no \\[health.NAME] checks configured (docs/watchdog.md#health-checks-and-restarts)")
+        out.print(
+            "no [health.NAME] checks configured (docs/watchdog.md#health-checks-and-restarts)", markup=False
+        )
         raise typer.Exit(0)
     done = run(lambda: health_round(s, time.time()))
     for v in done.verdicts:
