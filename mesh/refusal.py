@@ -22,7 +22,7 @@ _VIOLATION = re.compile(
 )
 
 # the roles whose user is named after the role (`mesh init --secure`); a worker's user is its agent id
-NAMED_ROLES = ("cli", "brain", "watchdog", "auditor", "exporter", "gateway")
+NAMED_ROLES = ("cli", "brain", "watchdog", "auditor", "exporter", "gateway", "web")
 
 
 @dataclass(frozen=True)
