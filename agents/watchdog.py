@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import logging
 import time
+from collections.abc import Callable
 
 import nats.errors
 import nats.js.errors
@@ -29,7 +30,8 @@ import psutil
 from nats.aio.msg import Msg as NatsMsg
 from nats.js import api
 
-from agents.base import Agent
+from agents.watchdog_power import PowerControl
+from agents.watchdog_reload import Reloading
 from mesh.alerts import AlertEngine, Change, build_rules
 from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.read import iter_bucket, read_bucket
@@ -62,11 +64,19 @@ HOST_ONLY = "no NVIDIA GPU readable through NVML on this host: watching the host
 NEVER_RAN = (FailReason.DEPENDENCY, FailReason.CANCELLED)
 
 
-class Watchdog(Agent):
+class Watchdog(Reloading):
     role = "watchdog"
 
-    def __init__(self, settings: Settings, host: str | None = None, agent_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        host: str | None = None,
+        agent_id: str | None = None,
+        loader: Callable[[], Settings] | None = None,
+    ) -> None:
         super().__init__(settings, agent_id)
+        # reads the settings again on SIGHUP (agents/watchdog_reload.py); None: no reload
+        self.loader = loader
         self.tel_host = host_token(host)
         self.source: GpuSource | None = None
         self.engine = AlertEngine(build_rules(settings.alerts, settings.alert_hysteresis_c))
@@ -92,6 +102,7 @@ class Watchdog(Agent):
         self._damaged_seen: set[tuple[str, str]] = set()
         self._failures: dict[str, collections.deque[float]] = {}
         self._health_raised: dict[tuple[str, str], float] = {}
+        self.power = PowerControl(self, self.tel_host, lambda: self.source)
 
     async def start(self) -> None:
         await super().start()
@@ -120,6 +131,7 @@ class Watchdog(Agent):
                 )
         if self.health:
             self.spawn(self._health_loop(), "health")
+        await self.power.start()
 
     async def _read_thermal(self) -> None:
         """This host's thermal pauses as a previous run left them (so a hot GPU stays paused)."""
@@ -175,6 +187,7 @@ class Watchdog(Agent):
 
     async def tick(self) -> None:
         gpus, host = await asyncio.to_thread(self.read)
+        gpus = self.power.marked(gpus)
         now = time.time()
         await self.publish_samples(gpus, host)
         changes: list[Change] = []
@@ -184,6 +197,7 @@ class Watchdog(Agent):
         changes += await self.watch_agents(now)
         changes += await self.watch_mesh(gpus, now)
         await self.thermal(gpus, now)
+        await self.power.enforce([g.index for g in gpus])
         for c in changes:
             ev = c.event()
             self.unsent.append(ev)
