@@ -2,7 +2,9 @@
 
 A signal only sets `stop_requested`; the agent's own loop notices, stops taking
 work, finishes or hands back what it holds (still registered and heartbeating),
-then drains its connection and exits.
+then drains its connection and exits. SIGHUP (`systemctl reload`) calls
+`reload_requested`: the watchdog reads its config again (agents/watchdog_reload.py), the
+others say they cannot and go on.
 """
 
 from __future__ import annotations

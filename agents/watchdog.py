@@ -10,6 +10,12 @@ Every `watchdog_interval_s` it
 3. feeds the samples, and the heartbeats of this host's agents, to the alert engine
    (`mesh.alerts`), publishes each change as `alert.raised` / `alert.resolved` on
    `<p>.evt.alert.<rule>.<kind>`, and hands it to the sinks (log, webhook, notify-send).
+4. holds each GPU at its power cap (`[gpus]`, `mesh gpu power`; agents/watchdog_power.py),
+   setting it again after a driver reset.
+
+On SIGHUP (`systemctl reload mesh-watchdog`) it reads its config again and applies alert
+rules, thresholds, sinks, health checks and power caps live, or refuses a broken config and
+keeps the old (agents/watchdog_reload.py).
 
 Without NVML (no NVIDIA driver) it watches the host alone and says so once.
 """

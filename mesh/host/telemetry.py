@@ -7,6 +7,11 @@ through NVML, guarding every optional reading so a query the card or driver does
 gives None rather than an error; `SimulatedSource` reads a JSON file (setting
 `simulated_gpus`, env `MESH_SIMULATED_GPUS`) again at every sample, so a test or a demo can
 drive a running watchdog's temperatures, loads and memory from outside.
+
+The sources also read and set power limits (`power_range`, `power_limit`, `set_power_limit`,
+in watts; NVML's milliwatts stay here) and say when a device came back from a reset
+(`generation`); a simulated GPU's `resets` counter stands in for a driver reset, and its sets
+are recorded in `<file>.sets.jsonl`.
 """
 
 from __future__ import annotations
