@@ -96,6 +96,22 @@ def test_a_power_event_round_trips() -> None:
     assert decode(encode(ev)) == ev
 
 
+def test_a_reload_applies_live_settings_and_keeps_the_rest(tmp_path: Path) -> None:
+    from agents.watchdog_reload import live, merged
+
+    old = load_settings(environ={"MESH_DATA_DIR": str(tmp_path / "a")})
+    new = load_settings(
+        environ={"MESH_DATA_DIR": str(tmp_path / "b"), "MESH_THERMAL_PAUSE_C": "70", "MESH_PREFIX": "other"}
+    )
+    kept, applied, waiting = merged(old, new)
+    assert kept.thermal_pause_c == 70 and applied == ["thermal_pause_c"]
+    assert (
+        kept.data_dir == old.data_dir and kept.prefix == "mesh" and sorted(waiting) == ["data_dir", "prefix"]
+    )
+    assert live("alerts") and live("alert_webhook_url") and live("gpus") and live("health")
+    assert not live("server_url") and not live("nats_password") and not live("simulated_gpus")
+
+
 # ---------------------------------------------------------------- the simulated GPUs
 
 
@@ -309,3 +325,18 @@ async def test_sighup_reloads_thresholds_and_caps_and_refuses_a_broken_config(me
         return [c for c in await thermal(mesh) if not c.paused]
 
     await wait_for(mesh, "resumed below the new resume threshold", resumed)
+
+    # a cap taken out of the config: the cards' default limit back
+    config.write_text("thermal_pause_c = 60.0\nthermal_resume_c = 58.0\n")
+    hup(mesh)
+    await wait_for(
+        mesh,
+        "the default limit back on both",
+        lambda: {s["index"] for s in sets_of(sim) if s["watts"] == 200} == {0, 1},
+    )
+
+    async def uncapped() -> bool:
+        s = await sample_of(mesh, 0)
+        return s is not None and s.power_limit_w == 200 and s.power_cap_w is None
+
+    await wait_for(mesh, "no cap in telemetry", uncapped)
