@@ -152,6 +152,78 @@ def test_simulated_power_limits_and_a_driver_reset(tmp_path: Path) -> None:
     assert src.power_limit(0) == 200 and src.generation(0) == 1
 
 
+class FakeCard:
+    """NVML's power calls over one card, on nvidia-ml-py's own errors and constants (no GPU here)."""
+
+    def __init__(self) -> None:
+        import pynvml
+
+        self.real = pynvml
+        self.NVMLError = pynvml.NVMLError
+        self.limit_mw = 200_000
+        self.handles = 0
+        self.lost = False
+        self.root = True
+        self.sets: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)  # constants
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
+        self.handles += 1
+        self.lost = False
+        return ("handle", self.handles)
+
+    def nvmlDeviceGetName(self, handle: Any) -> str:
+        return "Fake Card"
+
+    def _check(self) -> None:
+        if self.lost:
+            raise self.NVMLError(self.real.NVML_ERROR_GPU_IS_LOST)
+
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, handle: Any) -> tuple[int, int]:
+        self._check()
+        return 100_000, 250_000
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, handle: Any) -> int:
+        self._check()
+        return 200_000
+
+    def nvmlDeviceGetPowerManagementLimit(self, handle: Any) -> int:
+        self._check()
+        return self.limit_mw
+
+    def nvmlDeviceSetPowerManagementLimit(self, handle: Any, milliwatts: int) -> None:
+        self._check()
+        if not self.root:
+            raise self.NVMLError(self.real.NVML_ERROR_NO_PERMISSION)
+        self.sets.append(milliwatts)
+        self.limit_mw = milliwatts
+
+
+def test_nvml_power_calls_in_milliwatts_a_lost_handle_and_no_permission() -> None:
+    from mesh.host.telemetry import NvmlSource
+
+    card = FakeCard()
+    src = NvmlSource.__new__(NvmlSource)
+    src._nvml, src.host, src._events = card, "h", None
+    src._handles, src._names, src._xid, src._by_uuid, src._generation = {}, {}, {}, {}, {}
+    assert src.power_range(0) == PowerRange(min_w=100, max_w=250, default_w=200)
+    src.set_power_limit(0, 140.5)
+    assert card.sets == [140_500] and src.power_limit(0) == 140.5 and src.generation(0) == 0
+    # the driver lost the GPU (a reset): the handle is dropped, the next call takes a new one
+    card.lost, card.limit_mw = True, 200_000
+    with pytest.raises(PowerSetError, match="cannot read its power limit"):
+        src.power_limit(0)
+    assert src.generation(0) == 1 and card.handles == 1
+    assert src.power_limit(0) == 200 and card.handles == 2
+    watts, why = to_set(140.5, Applied(140.5, 0), src.generation(0), src.power_limit(0))
+    assert watts == 140.5 and "reset" in why
+    card.root = False
+    with pytest.raises(PowerSetError, match="needs root"):
+        src.set_power_limit(0, 140)
+
+
 # ---------------------------------------------------------------- a real watchdog
 
 
@@ -340,3 +412,18 @@ async def test_sighup_reloads_thresholds_and_caps_and_refuses_a_broken_config(me
         return s is not None and s.power_limit_w == 200 and s.power_cap_w is None
 
     await wait_for(mesh, "no cap in telemetry", uncapped)
+
+
+@pytest.mark.integration
+async def test_sighup_to_an_agent_that_cannot_reload_is_said_and_harmless(mesh: Mesh) -> None:
+    """Before, SIGHUP's default action killed any agent; now one without a reload says so."""
+    mesh.start_agent("auditor", "auditor")
+    bus = await mesh.bus()
+
+    async def registered() -> bool:
+        return any(k.startswith("auditor") for k in await read_bucket(await bus.agents_kv()))
+
+    await until(registered, HANG_S, "the auditor registered")
+    mesh.procs["auditor"].send_signal(signal.SIGHUP)
+    await until(lambda: "does not read its config again" in mesh.log("auditor"), HANG_S, "the auditor's word")
+    assert mesh.alive("auditor")
