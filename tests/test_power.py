@@ -91,9 +91,14 @@ def test_an_old_sample_without_a_cap_still_decodes() -> None:
     assert isinstance(sample, GpuSample) and sample.power_cap_w is None
 
 
-def test_a_power_event_round_trips() -> None:
-    ev = GpuPower(gpu="h-gpu0", source="watchdog", at=1.0, watts=140.0, rid="r", limit_w=140.0)
+def test_a_power_event_round_trips_and_reads_in_mesh_tail() -> None:
+    from mesh.cli.render import event_line
+
+    ev = GpuPower(gpu="h-gpu0", source="watchdog", at=1.0, watts=140.0, rid="r", limit_w=140.0, reason="why")
     assert decode(encode(ev)) == ev
+    assert "h-gpu0 limit 140 W: why" in event_line("s", ev).plain
+    asked = GpuPower(gpu="h-gpu0", source="operator", at=1.0, watts=0.0, by="ops")
+    assert "h-gpu0 asked the config's cap by ops" in event_line("s", asked).plain
 
 
 def test_a_reload_applies_live_settings_and_keeps_the_rest(tmp_path: Path) -> None:
