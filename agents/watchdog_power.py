@@ -51,6 +51,8 @@ class PowerControl:
         self.refused: dict[int, tuple[float | None, int]] = {}
         self._lock = asyncio.Lock()
         self._key = re.compile(rf"^{re.escape(host)}-gpu(?P<index>[0-9]+)\.{wd.names.POWER_KEY}$")
+        # GPU index -> why its limit could not be read (said once)
+        self._unreadable: dict[int, str] = {}
         # the operator's request a GPU's next set answers
         self._rid: dict[int, str] = {}
 
@@ -133,10 +135,28 @@ class PowerControl:
         """One GPU (blocking: runs in a thread): the event to publish, if anything happened."""
         gpu = f"{self.host}-gpu{index}"
         rid = self._rid.pop(index, "") if answer else ""
-        generation = source.generation(index)
-        if not answer and self.refused.get(index) == (want, generation):
-            return None
-        read_back = source.power_limit(index)
+        try:
+            generation = source.generation(index)
+            if not answer and self.refused.get(index) == (want, generation):
+                return None
+            read_back = source.power_limit(index)
+        except PowerSetError as exc:
+            # a GPU NVML lost (taken again at the next call) or one this host lacks: said once
+            if self._unreadable.get(index) != str(exc):
+                self._unreadable[index] = str(exc)
+                log.warning("%s: %s", gpu, exc)
+            if not answer:
+                return None
+            return GpuPower(
+                gpu=gpu,
+                source="watchdog",
+                at=time.time(),
+                watts=want or 0.0,
+                rid=rid,
+                error=str(exc),
+                by=self.wd.agent_id,
+            )
+        self._unreadable.pop(index, None)
         watts, reason = to_set(want, self.applied.get(index), generation, read_back)
         if not reason:
             if not answer:

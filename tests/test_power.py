@@ -314,6 +314,9 @@ async def test_caps_set_at_start_again_after_a_reset_and_live_from_the_cli(mesh:
     assert done.returncode == 1, done.stdout + done.stderr
     assert "400 W is outside this card's allowed power limits, 100-250 W" in done.stdout
     assert 400 not in [s["watts"] for s in sets_of(sim)]
+    # a GPU this host does not have: answered with why
+    done = await asyncio.to_thread(mesh.run_cli, "gpu", "power", f"{HOST}-gpu7", "150")
+    assert done.returncode == 1 and "no simulated GPU 7" in done.stdout, done.stdout + done.stderr
 
     # back to the config's cap
     said = await asyncio.to_thread(mesh.cli, "gpu", "power", f"{HOST}-gpu0", "--config")
@@ -324,7 +327,7 @@ async def test_caps_set_at_start_again_after_a_reset_and_live_from_the_cli(mesh:
     events = await power_events(mesh)
     assert {e.source for e in events} == {"operator", "watchdog"}
     asked = [e for e in events if e.source == "operator"]
-    assert [e.watts for e in asked] == [180, 400, 0]
+    assert [e.watts for e in asked if e.gpu == f"{HOST}-gpu0"] == [180, 400, 0]
     answered = {e.rid for e in events if e.source == "watchdog" and e.rid}
     assert {e.rid for e in asked} <= answered
 
