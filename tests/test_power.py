@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from mesh.power import Applied, PowerCaps, PowerError, PowerRange, parse_caps, t
 from mesh.samples import GpuSample, decode_sample
 from tests.conftest import HANG_S, Mesh
 from tests.faults import until
+from tests.test_exporter import free_port, scrape, value
 
 HOST = "powerhost"
 
@@ -293,6 +295,21 @@ async def test_caps_set_at_start_again_after_a_reset_and_live_from_the_cli(mesh:
     await wait_for(mesh, "GPU 0 at 140 W in telemetry", lambda: capped(0, 140))
     shown = await asyncio.to_thread(mesh.cli, "gpus")
     assert "/140 cap" in shown and "/120 cap" in shown
+    # and in the exporter's metrics
+    port = free_port()
+    mesh.start_agent("exporter", "exporter", "--port", str(port))
+
+    async def exported() -> bool:
+        try:
+            s = await scrape(port)
+        except (urllib.error.URLError, ConnectionError):
+            return False
+        return (
+            value(s, "mesh_gpu_power_cap_watts", gpu=f"{HOST}-gpu0") == 140
+            and value(s, "mesh_gpu_power_cap_watts", gpu=f"{HOST}-gpu1") == 120
+        )
+
+    await wait_for(mesh, "the caps in the exporter's metrics", exported)
 
     # a simulated driver reset puts the default back; the watchdog sets the cap again
     write_simulated(sim, sim_gpus(resets=1))
