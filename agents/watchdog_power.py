@@ -117,6 +117,18 @@ class PowerControl:
         """Set the caps of these GPUs where they must be (one GPU at a time, in a thread each)."""
         source = self.source()
         if source is None:
+            for index in indices if answer else ():
+                why = "no GPU readable through NVML on this host: no power limit can be set"
+                await self._emit(
+                    GpuPower(
+                        gpu=f"{self.host}-gpu{index}",
+                        source="watchdog",
+                        at=time.time(),
+                        rid=self._rid.pop(index, ""),
+                        error=why,
+                        by=self.wd.agent_id,
+                    )
+                )
             return
         async with self._lock:
             for index in indices:

@@ -452,3 +452,15 @@ async def test_sighup_to_an_agent_that_cannot_reload_is_said_and_harmless(mesh: 
     mesh.procs["auditor"].send_signal(signal.SIGHUP)
     await until(lambda: "does not read its config again" in mesh.log("auditor"), HANG_S, "the auditor's word")
     assert mesh.alive("auditor")
+
+
+@pytest.mark.integration
+async def test_a_cap_for_a_host_without_nvml_is_answered_with_why(mesh: Mesh) -> None:
+    from mesh.host.telemetry import open_source
+
+    if open_source(HOST) is not None:
+        pytest.skip("NVML works here: this host has GPUs")
+    mesh.start_agent("watchdog", "watchdog", "--host", HOST)
+    await until(lambda: "watching the host only" in mesh.log("watchdog"), HANG_S, "the watchdog started")
+    done = await asyncio.to_thread(mesh.run_cli, "gpu", "power", f"{HOST}-gpu0", "150")
+    assert done.returncode == 1 and "no GPU readable through NVML" in done.stdout, done.stdout + done.stderr
