@@ -95,26 +95,25 @@ class Reloading(Agent):
 
     async def reload_config(self, load: Callable[[], Settings]) -> bool:
         """Read the config again and apply it; False (and the old config kept) when it is refused."""
-        wd = self
         now = time.time()
         try:
             new = await asyncio.to_thread(load)
-            settings, applied, waiting = merged(wd.settings, new)
+            settings, applied, waiting = merged(self.settings, new)
             rules = build_rules(settings.alerts, settings.alert_hysteresis_c)
         except (MeshError, ValueError, OSError) as exc:
             message = f"the new config was refused, the old one stays in force: {exc}"
             log.error("reload: %s", message)
-            if (RULE, wd.tel_host) not in wd._health_raised:
-                wd._queue_alert(wd._raise(RULE, wd.tel_host, "critical", message))
-            await wd.flush_alerts()
+            if (RULE, self.tel_host) not in self._health_raised:
+                self._queue_alert(self._raise(RULE, self.tel_host, "critical", message))
+            await self.flush_alerts()
             return False
-        wd.settings = settings
-        for name, rule, target, raised_at in replace_rules(wd.engine, rules):
-            wd._queue_alert(
+        self.settings = settings
+        for name, rule, target, raised_at in replace_rules(self.engine, rules):
+            self._queue_alert(
                 AlertResolved(
                     rule=name,
                     target=target,
-                    host=wd.tel_host,
+                    host=self.tel_host,
                     severity="info",
                     at=now,
                     raised_at=raised_at,
@@ -122,21 +121,21 @@ class Reloading(Agent):
                     message=f"resolved {name} on {target}: the rule is no longer in the config",
                 )
             )
-        wd.sinks = Sinks(
+        self.sinks = Sinks(
             settings.alert_webhook_url,
             settings.alert_webhook_format,
             settings.alert_webhook_timeout_s,
             settings.alert_notify_send,
         )
-        _reload_health(wd, settings, now)
-        wd.power.caps = settings.power_caps()
-        if (RULE, wd.tel_host) in wd._health_raised:
-            raised_at = wd._health_raised.pop((RULE, wd.tel_host))
-            wd._queue_alert(
+        _reload_health(self, settings, now)
+        self.power.caps = settings.power_caps()
+        if (RULE, self.tel_host) in self._health_raised:
+            raised_at = self._health_raised.pop((RULE, self.tel_host))
+            self._queue_alert(
                 AlertResolved(
                     rule=RULE,
-                    target=wd.tel_host,
-                    host=wd.tel_host,
+                    target=self.tel_host,
+                    host=self.tel_host,
                     severity="info",
                     at=now,
                     raised_at=raised_at,
@@ -151,9 +150,9 @@ class Reloading(Agent):
         log.warning(
             "reload: config read again; applied %s", ", ".join(applied) or "nothing (no live setting changed)"
         )
-        await wd.flush_alerts()
+        await self.flush_alerts()
         # the new caps at once, not at the next round
-        await wd.power.enforce(sorted({*wd.power.applied, *range(await asyncio.to_thread(_count, wd))}))
+        await self.power.enforce(sorted({*self.power.applied, *range(await asyncio.to_thread(_count, self))}))
         return True
 
 
@@ -166,14 +165,14 @@ def _count(wd: Reloading) -> int:
 
 
 def _reload_health(wd: Reloading, settings: Settings, now: float) -> None:
-    """The health checks: a check unchanged keeps its state, a new or changed one starts afresh,
-    a removed one's alerts resolve."""
+    """The health checks: a check unchanged keeps its state, a new or changed one starts afresh;
+    the alerts of one removed or changed resolve."""
     old = {t.name: t for t in wd.health}
+    kept = {name for name, check in settings.health.items() if name in old and old[name].check == check}
     wd.health = [
-        old[name] if name in old and old[name].check == check else Tracker(name, check)
-        for name, check in sorted(settings.health.items())
+        old[name] if name in kept else Tracker(name, check) for name, check in sorted(settings.health.items())
     ]
-    kept = {t.name for t in wd.health}
+    # a check removed or changed starts afresh: what its old form raised resolves
     for (rule, target), raised_at in list(wd._health_raised.items()):
         if rule in ("health", "restart_loop") and target not in kept:
             del wd._health_raised[(rule, target)]
@@ -186,7 +185,7 @@ def _reload_health(wd: Reloading, settings: Settings, now: float) -> None:
                     at=now,
                     raised_at=raised_at,
                     metric="health",
-                    message=f"health check {target} removed from the config",
+                    message=f"health check {target} removed or changed in the config",
                 )
             )
     if wd.health and not any(t.get_name().endswith(":health") for t in wd._background):

@@ -438,6 +438,25 @@ async def test_sighup_reloads_thresholds_and_caps_and_refuses_a_broken_config(me
 
     await wait_for(mesh, "no cap in telemetry", uncapped)
 
+    # a health check added live is probed (its port is closed: an alert), and removed live resolves
+    port = free_port()
+    config.write_text(
+        "thermal_pause_c = 60.0\nthermal_resume_c = 58.0\n\n[health.gone]\n"
+        f'url = "http://127.0.0.1:{port}/"\ninterval_s = 0.2\nretries = 1\ncommand = "true"\n'
+    )
+    hup(mesh)
+
+    async def health(kind: type) -> list[Any]:
+        return [
+            a for a in await alerts(mesh) if isinstance(a, kind) and (a.rule, a.target) == ("health", "gone")
+        ]
+
+    await wait_for(mesh, "the new check's alert", lambda: health(AlertRaised))
+    config.write_text("thermal_pause_c = 60.0\nthermal_resume_c = 58.0\n")
+    hup(mesh)
+    (gone,) = await wait_for(mesh, "the removed check's alert resolved", lambda: health(AlertResolved))
+    assert "removed or changed" in gone.message
+
 
 @pytest.mark.integration
 async def test_sighup_to_an_agent_that_cannot_reload_is_said_and_harmless(mesh: Mesh) -> None:
