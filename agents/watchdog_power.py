@@ -170,17 +170,17 @@ class PowerControl:
             )
         self._unreadable.pop(index, None)
         watts, reason = to_set(want, self.applied.get(index), generation, read_back)
-        if not reason:
-            if not answer:
-                return None
-            reason = "already at the cap asked for" if want is not None else "no cap: the driver's limit"
+        if not reason and not answer:
+            return None
         rng: PowerRange | None = None
         error = ""
         target: float | None = None
         try:
             rng = source.power_range(index)
-            # a cap taken away: the card's default back
-            target = watts if watts is not None else (rng.default_w if index in self.applied else None)
+            if not reason:  # nothing to set: the answer says what is
+                reason = "already at the cap asked for" if want is not None else "no cap: the driver's limit"
+            else:  # the cap, or (a cap taken away) the card's default
+                target = watts if watts is not None else rng.default_w
             if target is not None:
                 error = rng.problem(target)
                 if not error:

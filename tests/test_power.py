@@ -335,10 +335,15 @@ async def test_caps_set_at_start_again_after_a_reset_and_live_from_the_cli(mesh:
     done = await asyncio.to_thread(mesh.run_cli, "gpu", "power", f"{HOST}-gpu7", "150")
     assert done.returncode == 1 and "no simulated GPU 7" in done.stdout, done.stdout + done.stderr
 
-    # back to the config's cap
+    # the refused cap was dropped: the config's is set again
+    await wait_for(mesh, "GPU 0 back at the config's 140 W", lambda: capped(0, 140))
+    made = len(sets_of(sim))
+
+    # back to the config's cap, which is in force already: nothing set, and said so
     said = await asyncio.to_thread(mesh.cli, "gpu", "power", f"{HOST}-gpu0", "--config")
-    await wait_for(mesh, "GPU 0 back at 140 W", lambda: capped(0, 140))
-    assert sets_of(sim)[-1] == {**sets_of(sim)[-1], "index": 0, "watts": 140}
+    assert "power limit 140 W" in said and "already at the cap asked for" in said, said
+    assert len(sets_of(sim)) == made, sets_of(sim)[made:]
+    assert await capped(0, 140)
 
     # the operator's event and the watchdog's answers are in the history, under their GPU
     events = await power_events(mesh)
