@@ -317,8 +317,12 @@ async def test_caps_set_at_start_again_after_a_reset_and_live_from_the_cli(mesh:
         mesh, "the cap set again after the reset", lambda: [s for s in sets_of(sim) if s["resets"] == 1]
     )
     assert [s["watts"] for s in sets_of(sim) if s["index"] == 0] == [140, 140]
-    again = [e for e in await power_events(mesh) if e.gpu == f"{HOST}-gpu0" and "reset" in e.reason]
-    assert again and again[-1].limit_w == 140 and again[-1].source == "watchdog"
+
+    async def said_again() -> list[GpuPower]:
+        return [e for e in await power_events(mesh) if e.gpu == f"{HOST}-gpu0" and "reset" in e.reason]
+
+    again = await wait_for(mesh, "the watchdog's word on the reset", said_again)
+    assert again[-1].limit_w == 140 and again[-1].source == "watchdog"
 
     # live, through the CLI: the watchdog answers with the limit read back
     said = await asyncio.to_thread(mesh.cli, "gpu", "power", f"{HOST}-gpu0", "180")
