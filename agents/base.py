@@ -2,7 +2,9 @@
 
 A signal only sets `stop_requested`; the agent's own loop notices, stops taking
 work, finishes or hands back what it holds (still registered and heartbeating),
-then drains its connection and exits.
+then drains its connection and exits. SIGHUP (`systemctl reload`) calls
+`reload_requested`: the watchdog reads its config again (agents/watchdog_reload.py), the
+others say they cannot and go on.
 """
 
 from __future__ import annotations
@@ -196,6 +198,10 @@ class Agent:
                     log.warning("could not refresh the registration of %s: %s", self.agent_id, exc)
             await asyncio.sleep(max(0.05, interval - (time.monotonic() - began)))
 
+    def reload_requested(self) -> None:
+        """SIGHUP: an agent that reads its config again overrides this; the others say so and go on."""
+        log.warning("SIGHUP: the %s does not read its config again; restart it for a new config", self.role)
+
     # tasks -----------------------------------------------------------------------------
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Start a background task whose failure is logged, never lost."""
@@ -218,6 +224,8 @@ async def _main(agent: Agent) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, agent.stop_requested.set)
+    # SIGHUP (`systemctl reload`): read the config again, where the agent can (the watchdog)
+    loop.add_signal_handler(signal.SIGHUP, agent.reload_requested)
     try:
         await agent.start()
         await agent.run()

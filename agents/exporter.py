@@ -130,6 +130,7 @@ def families(snap: Snapshot) -> list[GaugeMetricFamily]:
         ),
         ("mesh_gpu_power_watts", "GPU power draw", lambda g: g.power_w),
         ("mesh_gpu_power_limit_watts", "GPU power limit", lambda g: g.power_limit_w),
+        ("mesh_gpu_power_cap_watts", "the power cap mesh holds the GPU at", lambda g: g.power_cap_w),
         ("mesh_gpu_sample_timestamp_seconds", "when the watchdog read the GPU", lambda g: g.at),
     ]
     for name, doc, get in per_gpu:

@@ -11,6 +11,12 @@ Every `watchdog_interval_s` it
    (`mesh.alerts`), publishes each change as `alert.raised` / `alert.resolved` on
    `<p>.evt.alert.<rule>.<kind>`, and hands it to the sinks (log, webhook, e-mail, notify-send;
    retried, then spooled).
+4. holds each GPU at its power cap (`[gpus]`, `mesh gpu power`; agents/watchdog_power.py),
+   setting it again after a driver reset.
+
+On SIGHUP (`systemctl reload mesh-watchdog`) it reads its config again and applies alert
+rules, thresholds, sinks, health checks and power caps live, or refuses a broken config and
+keeps the old (agents/watchdog_reload.py).
 
 Without NVML (no NVIDIA driver) it watches the host alone and says so once.
 """
@@ -23,6 +29,7 @@ import contextlib
 import datetime
 import logging
 import time
+from collections.abc import Callable
 
 import nats.errors
 import nats.js.errors
@@ -30,7 +37,8 @@ import psutil
 from nats.aio.msg import Msg as NatsMsg
 from nats.js import api
 
-from agents.base import Agent
+from agents.watchdog_power import PowerControl
+from agents.watchdog_reload import Reloading
 from mesh.alerts import AlertEngine, Change, build_rules
 from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.read import iter_bucket, read_bucket
@@ -72,11 +80,19 @@ def busy_with_model(st: GpuState) -> bool:
     )
 
 
-class Watchdog(Agent):
+class Watchdog(Reloading):
     role = "watchdog"
 
-    def __init__(self, settings: Settings, host: str | None = None, agent_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        host: str | None = None,
+        agent_id: str | None = None,
+        loader: Callable[[], Settings] | None = None,
+    ) -> None:
         super().__init__(settings, agent_id)
+        # reads the settings again on SIGHUP (agents/watchdog_reload.py); None: no reload
+        self.loader = loader
         self.tel_host = host_token(host)
         self.source: GpuSource | None = None
         self.engine = AlertEngine(
@@ -99,6 +115,7 @@ class Watchdog(Agent):
         self._damaged_seen: set[tuple[str, str]] = set()
         self._failures: dict[str, collections.deque[float]] = {}
         self._health_raised: dict[tuple[str, str], float] = {}
+        self.power = PowerControl(self, self.tel_host, lambda: self.source)
 
     async def start(self) -> None:
         await super().start()
@@ -128,6 +145,7 @@ class Watchdog(Agent):
         if self.health:
             self.spawn(self._health_loop(), "health")
         self.spawn(self._spool_loop(), "alert-spool")
+        await self.power.start()
 
     async def _read_thermal(self) -> None:
         """This host's thermal pauses as a previous run left them (so a hot GPU stays paused)."""
@@ -183,6 +201,7 @@ class Watchdog(Agent):
 
     async def tick(self) -> None:
         gpus, host = await asyncio.to_thread(self.read)
+        gpus = self.power.marked(gpus)
         now = time.time()
         await self.publish_samples(gpus, host)
         changes: list[Change] = []
@@ -193,6 +212,7 @@ class Watchdog(Agent):
         changes += await self.watch_agents(now)
         changes += await self.watch_mesh(gpus, now)
         await self.thermal(gpus, now)
+        await self.power.enforce([g.index for g in gpus])
         for c in changes:
             ev = c.event()
             self.unsent.append(ev)

@@ -392,3 +392,22 @@ class AlertEngine:
                 )
             del self._states[(name, target)]
         return changes
+
+
+def replace_rules(
+    engine: AlertEngine, rules: Mapping[str, AlertRule]
+) -> list[tuple[str, AlertRule, str, float]]:
+    """A config reload's rules in place of the engine's. A rule whose name and metric stay keeps
+    its state (a raised alert is judged by the new threshold at the next reading); the alerts
+    raised under a rule removed (or disabled, or onto another metric) are dropped and returned,
+    `(name, old rule, target, raised_at)`, for the caller to resolve."""
+    gone: list[tuple[str, AlertRule, str, float]] = []
+    for (name, target), state in list(engine._states.items()):
+        old, new = engine.rules.get(name), rules.get(name)
+        if old is not None and new is not None and new.metric == old.metric:
+            continue
+        if state.raised_at is not None and old is not None:
+            gone.append((name, old, target, state.raised_at))
+        del engine._states[(name, target)]
+    engine.rules = dict(rules)
+    return gone

@@ -352,6 +352,28 @@ class GpuControl(Msg, frozen=True, tag="gpu.control"):
     by: str = ""
 
 
+class GpuPower(Msg, frozen=True, tag="gpu.power"):
+    """A GPU's power cap. An operator's (`mesh gpu power`, source `operator`) asks for `watts`
+    (0: back to the config's cap) and is kept under the GPU's `power` key of the control bucket,
+    which only the CLI may write; its host's watchdog answers (source `watchdog`, the same
+    `rid`) with the limit it set and read back (`limit_w`), the card's range, or `error`. The
+    watchdog also says so when it sets a cap itself: at start, after a config reload, after a
+    driver reset put the default back (`reason`)."""
+
+    gpu: str
+    source: Literal["operator", "watchdog"]
+    at: float
+    watts: float = 0.0
+    rid: str = ""
+    limit_w: float | None = None
+    min_w: float | None = None
+    max_w: float | None = None
+    default_w: float | None = None
+    error: str = ""
+    reason: str = ""
+    by: str = ""
+
+
 class ResourceRequested(Msg, frozen=True, tag="gpu.requested"):
     """The brain asked a worker to load or unload a model, and why."""
 
@@ -804,6 +826,7 @@ Message = (
     | AgentOffline
     | GpuState
     | GpuControl
+    | GpuPower
     | ResourceRequested
     | AlertRaised
     | AlertResolved

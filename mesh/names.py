@@ -113,7 +113,8 @@ class Names:
     @property
     def gpu_control_bucket(self) -> str:
         """`<gpu>.thermal` (its host's watchdog) and `<gpu>.operator` (mesh gpu ...) -> a
-        `gpu.control`: whether the GPU's worker may claim work."""
+        `gpu.control`: whether the GPU's worker may claim work; `<gpu>.power` (mesh gpu power)
+        -> a `gpu.power`: the operator's power cap, which the host's watchdog sets."""
         return f"{self.prefix}-gpu-control"
 
     @staticmethod
@@ -234,6 +235,13 @@ class Names:
     def gpu_controls_all(self) -> str:
         """Any GPU paused, resumed, cordoned or uncordoned."""
         return f"{self.prefix}.evt.gpu.*.control"
+
+    @property
+    def gpu_power_all(self) -> str:
+        """Any GPU's power cap asked for (an operator) or set (its host's watchdog)."""
+        return f"{self.prefix}.evt.gpu.*.power"
+
+    POWER_KEY = "power"
 
     @property
     def gpu_states_all(self) -> str:

@@ -25,6 +25,8 @@ class GpuSample(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag
     temp_c: float | None = None
     power_w: float | None = None
     power_limit_w: float | None = None
+    # the power cap this host's watchdog holds the GPU at (`[gpus]`, `mesh gpu power`); None: none
+    power_cap_w: float | None = None
     sm_clock_mhz: int | None = None
     mem_clock_mhz: int | None = None
     # why the clocks are held down now (names such as 'sw_thermal', 'hw_slowdown'; 'gpu_idle' omitted)

@@ -18,6 +18,7 @@ from mesh.errors import ConfigError
 from mesh.health import HealthCheck
 from mesh.models import DEFAULT_MODELS, ModelSpec, builtin_models, check_registry
 from mesh.names import Names
+from mesh.power import PowerCaps, PowerError, parse_caps
 
 ENV_PREFIX = "MESH_"
 ENV_URL = "MESH_NATS_URL"
@@ -210,6 +211,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     watchdog_mesh_rules: bool = True
     # [health.NAME] tables: HTTP endpoints and agents the watchdog checks and restarts
     health: dict[str, HealthCheck] = msgspec.field(default_factory=dict)
+    # [gpus] power_limit_w = W (every GPU of this host), [gpus.N] power_limit_w = W (GPU N): the
+    # power caps this host's watchdog sets through NVML (mesh/power.py, docs/gpus.md)
+    gpus: dict[str, Any] = msgspec.field(default_factory=dict)
 
     # [redact] NAME = "regex": removed (as [REDACTED:NAME]) from everything sent to Claude or
     # exported, besides the built-in kinds (keys, tokens, passwords, private keys, e-mail, IPs)
@@ -342,6 +346,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         """What each Claude model costs: the built-in list prices under `[gateway_prices]`."""
         return {**DEFAULT_PRICES, **self.gateway_prices}
 
+    def power_caps(self) -> PowerCaps:
+        """The `[gpus]` power caps (checked when the settings were built)."""
+        return parse_caps(self.gpus)
+
     def model_registry(self) -> dict[str, ModelSpec]:
         reg = builtin_models()
         reg.update(self.models)
@@ -424,6 +432,10 @@ def settings_from(
     for name, check in settings.health.items():
         if check.problem():
             raise ConfigError(f"[health.{name}]: {check.problem()} (check {file})")
+    try:
+        parse_caps(settings.gpus)
+    except PowerError as exc:
+        raise ConfigError(f"{exc} (check {file})") from exc
     from mesh.alerts import RuleError, build_rules
     from mesh.redact import PatternError, Redactor
 

@@ -3,6 +3,7 @@ every agent on its own credentials."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import stat
@@ -191,6 +192,9 @@ FORBIDDEN_PUBLISH = [
     (WORKER, f"{P}.stream.p1.t1"),
     *[(u, f"{P}.stream.p1.t1.{WORKER}") for u in ("cli", "brain", "watchdog", "gateway")],
     (WORKER, f"$KV.{P}-gpu-control.t-gpu0.operator"),
+    # only the CLI asks for a power cap (the watchdog sets it and answers on the event subject)
+    *[(u, f"$KV.{P}-gpu-control.t-gpu0.power") for u in (WORKER, "watchdog", "gateway", "brain")],
+    *[(u, f"{P}.evt.gpu.t-gpu0.power") for u in (WORKER, "gateway", "auditor", "exporter")],
     # ...takes work only from its own queues...
     (WORKER, f"$JS.API.CONSUMER.MSG.NEXT.{P.upper()}_WORK.worker-{OTHER}"),
     (WORKER, f"$JS.API.CONSUMER.CREATE.{P.upper()}_WORK.worker-{OTHER}.{P}.work.to.{OTHER}"),
@@ -445,6 +449,9 @@ async def test_a_plan_runs_with_every_agent_on_its_own_credentials(resources: Se
             assert status == 200, sent
         mesh.env = resources.env("cli")
         assert (await mesh.wait_plan(sent["plan"], 60)).status == "succeeded"
+        # an operator's power cap, on the CLI's credentials (no watchdog here has that GPU)
+        said = await asyncio.to_thread(mesh.cli, "gpu", "power", "nohost-gpu0", "150", "--wait", "1")
+        assert "nohost-gpu0: 150 W stored" in said
         violations = [line for line in resources.server.log_lines[log_from:] if "Violation" in line]
         assert not violations, violations
     finally:

@@ -25,6 +25,7 @@ from mesh.errors import MeshError, NotFound, PlanError, Problem
 from mesh.events import (
     CancelPlan,
     GpuControl,
+    GpuPower,
     GpuState,
     PlanFinished,
     PlanRejected,
@@ -316,3 +317,43 @@ async def agent_registered(bus: Bus, agent_id: str) -> tuple[bool, str]:
     except MeshError as exc:  # no agents bucket: no agent ever ran against this server
         return False, f"agent {agent_id} is not registered ({exc})"
     return bool(entry.value), "registered"
+
+
+async def set_gpu_power(
+    bus: Bus, gpu: str, watts: float, reason: str = "", wait_s: float = 10.0
+) -> GpuPower | None:
+    """An operator's power cap for one GPU (`watts`; 0 gives the GPU back to its config's cap):
+    the `gpu.power` event, and the GPU's `power` key in the control bucket, which its host's
+    watchdog follows. Returns the watchdog's answer (the limit it set, or why it could not),
+    or None when none came within `wait_s` (the cap stays stored: the watchdog sets it when it
+    runs)."""
+    await bus.ensure_resources()
+    rid = secrets.token_hex(8)
+    ask = GpuPower(
+        gpu=gpu, source="operator", at=time.time(), watts=watts, rid=rid, reason=reason, by=_user()
+    )
+    # following before asking: the answer cannot come before the subscription
+    sub = await bus.js.subscribe(
+        bus.names.gpu_event(gpu, "power"),
+        stream=bus.names.events_stream,
+        ordered_consumer=True,
+        config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW),
+    )
+    try:
+        await bus.emit(ask)
+        await (await bus.gpu_control_kv()).put(
+            bus.names.gpu_control_key(gpu, bus.names.POWER_KEY), events.encode(ask)
+        )
+        deadline = time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                raw = await sub.next_msg(timeout=left)
+            except nats.errors.TimeoutError:
+                break
+            msg, _ = decode_or_none(raw)
+            if isinstance(msg, GpuPower) and msg.source == "watchdog" and msg.rid == rid and msg.gpu == gpu:
+                return msg
+        return None
+    finally:
+        with contextlib.suppress(TimeoutError, nats.errors.Error):
+            await sub.unsubscribe()

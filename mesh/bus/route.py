@@ -71,6 +71,9 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
         gpu = getattr(ev, "gpu", "")
         if tag == "gpu.requested":
             return names.gpu_event(gpu, kind), f"{gpu}:requested:{getattr(ev, 'rid', '')}"
+        if tag == "gpu.power":
+            source = getattr(ev, "source", "")
+            return names.gpu_event(gpu, kind), f"{gpu}:power:{source}:{getattr(ev, 'rid', '')}:{at!r}"
         if tag == "gpu.control":
             return names.gpu_event(gpu, kind), f"{gpu}:control:{getattr(ev, 'source', '')}:{at!r}"
         return names.gpu_event(gpu, kind), f"{gpu}:{kind}:{getattr(ev, 'state', '')}:{at!r}"

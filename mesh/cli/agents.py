@@ -57,7 +57,7 @@ def agent_watchdog(
     from agents.watchdog import Watchdog
 
     configure(log_level, name="watchdog")
-    raise typer.Exit(run_agent(Watchdog(settings(), host=host)))
+    raise typer.Exit(run_agent(Watchdog(settings(), host=host, loader=settings)))
 
 
 @agent_app.command("exporter")

@@ -311,6 +311,8 @@ def _gpus_table(rows: list[dict[str, Any]]) -> Any:
         power = _num(r["power_w"])
         if r["power_limit_w"]:
             power += f"/{r['power_limit_w']:.0f}"
+        if r.get("power_cap_w"):
+            power += " cap"
         vram = f"{_num(r['mem_used_mb'])}/{_num(r['mem_total_mb'])}"
         seen = f"{now - r['sampled_at']:.0f}s ago" if r["sampled_at"] else "-"
         index = "+".join(map(str, r["cards"])) if r.get("cards") else str(r["index"])
@@ -346,5 +348,60 @@ def top(
     async def go() -> int:
         async with connected(s) as bus:
             return await run_top(bus, out, interval_s=max(0.1, interval), once=once)
+
+    raise typer.Exit(run(go))
+
+
+@gpu_app.command("power")
+def gpu_power(
+    gpu: str,
+    watts: Annotated[
+        float | None, typer.Argument(help="the cap in watts, within the card's allowed range")
+    ] = None,
+    config: Annotated[
+        bool, typer.Option("--config", help="lift the operator's cap: back to the config's cap (or none)")
+    ] = False,
+    reason: ReasonOpt = "",
+    wait: Annotated[float, typer.Option("--wait", help="seconds to wait for the watchdog's answer")] = 10.0,
+) -> None:
+    """Cap a GPU's power now: its host's watchdog sets the limit through NVML, keeps it over a
+    driver reset, and answers with the limit read back or why it cannot be (outside the card's
+    range, no permission). GPU: an index on this host or an id from `mesh gpus` (one card, not a
+    set). The cap lasts until `mesh gpu power GPU --config`, over restarts."""
+    from mesh.cli.common import fail
+
+    if (watts is None) == (not config):
+        raise fail("give WATTS, or --config to go back to the config's cap")
+    if watts is not None and watts <= 0:
+        raise fail(f"WATTS must be above 0, not {watts:g}")
+    gpu_id = _gpu_id(gpu)
+    if "_" in gpu_id.rsplit("-gpu", 1)[-1] or "-gpu" not in gpu_id:
+        raise fail(
+            f"{gpu}: name one card (an index or an id such as rig-gpu0); a set's cards are capped one by one"
+        )
+    s = settings()
+
+    async def go() -> int:
+        async with connected(s) as bus:
+            answer = await client.set_gpu_power(bus, gpu_id, watts or 0.0, reason=reason, wait_s=wait)
+        asked = f"{watts:g} W" if watts is not None else "the config's cap"
+        if answer is None:
+            out.print(
+                f"{gpu_id}: {asked} stored; no watchdog answered within {wait:g}s: the host's watchdog "
+                "sets it when it runs",
+                highlight=False,
+            )
+            return 0
+        allowed = f"{answer.min_w:g}-{answer.max_w:g} W" if answer.min_w is not None and answer.max_w else "?"
+        if answer.error:
+            out.print(f"{gpu_id}: {asked} refused: {answer.error}", highlight=False, markup=False)
+            return 1
+        limit = f"{answer.limit_w:g} W" if answer.limit_w is not None else "unknown"
+        out.print(
+            f"{gpu_id}: power limit {limit} (asked {asked}; {answer.reason}; the card allows {allowed})",
+            highlight=False,
+            markup=False,
+        )
+        return 0
 
     raise typer.Exit(run(go))

@@ -103,6 +103,14 @@ def event_line(subject: str, msg: events.Message | None) -> Text:
                 line.append(f" {msg.error}", style="red")
         case events.ResourceRequested():
             line.append(f" {msg.action} {msg.model} on {msg.gpu}: {msg.reason}")
+        case events.GpuPower() if msg.source == "operator":
+            asked = f"{msg.watts:g} W" if msg.watts > 0 else "the config's cap"
+            line.append(f" {msg.gpu} asked {asked}" + (f" by {msg.by}" if msg.by else ""))
+        case events.GpuPower():
+            limit = f"{msg.limit_w:g} W" if msg.limit_w is not None else "?"
+            line.append(f" {msg.gpu} limit {limit}: {msg.reason}")
+            if msg.error:
+                line.append(f" {msg.error}", style="red")
         case events.AlertRaised():
             line.append(f" {msg.severity} {msg.rule} {msg.target}: {msg.message}", style="red")
         case events.AlertResolved():

@@ -107,6 +107,7 @@ def gpu_row(gid: str, sample: GpuSample | None, state: events.GpuState | None) -
         "mem_total_mb": sample.mem_total_mb if sample else (state.vram_total_mb if state else None),
         "power_w": sample.power_w if sample else None,
         "power_limit_w": sample.power_limit_w if sample else None,
+        "power_cap_w": sample.power_cap_w if sample else None,
         "throttle": list(sample.throttle_reasons) if sample else [],
         "sampled_at": sample.at if sample else None,
     }

@@ -7,6 +7,11 @@ through NVML, guarding every optional reading so a query the card or driver does
 gives None rather than an error; `SimulatedSource` reads a JSON file (setting
 `simulated_gpus`, env `MESH_SIMULATED_GPUS`) again at every sample, so a test or a demo can
 drive a running watchdog's temperatures, loads and memory from outside.
+
+The sources also read and set power limits (`power_range`, `power_limit`, `set_power_limit`,
+in watts; NVML's milliwatts stay here) and say when a device came back from a reset
+(`generation`); a simulated GPU's `resets` counter stands in for a driver reset, and its sets
+are recorded in `<file>.sets.jsonl`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, Protocol
 import msgspec
 import psutil
 
+from mesh.power import PowerRange
 from mesh.samples import GpuSample, HostSample, throttle_names
 
 log = logging.getLogger("mesh.host.telemetry")
@@ -47,6 +53,19 @@ class GpuSource(Protocol):
 
     def close(self) -> None: ...
 
+    # power caps (mesh.power decides; these read and set, in watts)
+    def power_range(self, index: int) -> PowerRange: ...
+
+    def power_limit(self, index: int) -> float | None: ...
+
+    def set_power_limit(self, index: int, watts: float) -> None: ...
+
+    def generation(self, index: int) -> int: ...
+
+
+class PowerSetError(Exception):
+    """A power limit the driver would not set or read; the message says why and what to do."""
+
 
 class NvmlSource:
     """NVIDIA GPUs through NVML. Construct with `open_source()`; raises NVMLError without a driver."""
@@ -58,6 +77,7 @@ class NvmlSource:
         pynvml.nvmlInit()
         self.host = host
         self._handles: dict[int, Any] = {}
+        self._generation: dict[int, int] = {}
         self._names: dict[int, str] = {}
         self._xid: dict[int, int] = {}
         self._last_xid: dict[int, int] = {}
@@ -152,6 +172,57 @@ class NvmlSource:
             last_xid=self._last_xid.get(index),
         )
 
+    # power caps --------------------------------------------------------------------------
+    def _power(self, index: int, what: str, fn: Any) -> Any:
+        """One power call on GPU `index`; a lost device handle is dropped (the next call gets a
+        new one, and `generation` says so: its limits are the driver's defaults again)."""
+        nvml = self._nvml
+        try:
+            return fn(self._handle(index))
+        except nvml.NVMLError as exc:
+            lost = (
+                getattr(nvml, "NVML_ERROR_GPU_IS_LOST", -1),
+                getattr(nvml, "NVML_ERROR_UNINITIALIZED", -1),
+            )
+            if getattr(exc, "value", None) in lost:
+                self._handles.pop(index, None)
+                self._generation[index] = self._generation.get(index, 0) + 1
+            if getattr(exc, "value", None) == getattr(nvml, "NVML_ERROR_NO_PERMISSION", -1):
+                raise PowerSetError(
+                    f"GPU {index}: NVML refused to {what} ({exc}): setting a power limit needs root "
+                    "(run the watchdog as root, see docs/gpus.md)"
+                ) from exc
+            raise PowerSetError(f"GPU {index}: cannot {what} through NVML: {exc}") from exc
+
+    def power_range(self, index: int) -> PowerRange:
+        nvml = self._nvml
+        lo, hi = self._power(
+            index, "read its power limits", nvml.nvmlDeviceGetPowerManagementLimitConstraints
+        )
+        default = self._power(
+            index, "read its default power limit", nvml.nvmlDeviceGetPowerManagementDefaultLimit
+        )
+        return PowerRange(min_w=lo / 1000.0, max_w=hi / 1000.0, default_w=default / 1000.0)
+
+    def power_limit(self, index: int) -> float | None:
+        nvml = self._nvml
+        return (
+            float(self._power(index, "read its power limit", nvml.nvmlDeviceGetPowerManagementLimit)) / 1000.0
+        )
+
+    def set_power_limit(self, index: int, watts: float) -> None:
+        nvml = self._nvml
+        milliwatts = round(watts * 1000)
+        self._power(
+            index,
+            f"set its power limit to {watts:g} W",
+            lambda h: nvml.nvmlDeviceSetPowerManagementLimit(h, milliwatts),
+        )
+
+    def generation(self, index: int) -> int:
+        """How many times GPU `index`'s handle was lost and taken again (a driver reset)."""
+        return self._generation.get(index, 0)
+
     def close(self) -> None:
         nvml = self._nvml
         if self._events is not None:
@@ -180,6 +251,13 @@ class SimGpu(msgspec.Struct, kw_only=True):
     # XID events injected, oldest first (`inject_xid`): counted in the sample's xid_errors, the
     # last one its last_xid
     xids: list[int] = msgspec.field(default_factory=list)
+    # power caps: the range a limit may be set in (max 0: the default), the default limit
+    # (0: power_limit_w), and a driver reset counter (raise it: a limit set is lost, the
+    # default is back, and `generation` changes, as after a real reset)
+    power_min_w: float = 100.0
+    power_max_w: float = 0.0
+    power_default_w: float = 0.0
+    resets: int = 0
 
 
 class SimFile(msgspec.Struct):
@@ -204,6 +282,8 @@ class SimulatedSource:
         self._gpus: list[SimGpu] = []
         self._mtime: float | None = None
         self._warned = False
+        # GPU index -> (its `resets` when set, the limit set in watts)
+        self._set: dict[int, tuple[int, float]] = {}
         self._load()
 
     def _load(self) -> list[SimGpu]:
@@ -240,7 +320,7 @@ class SimulatedSource:
             mem_total_mb=g.mem_total_mb,
             temp_c=g.temp_c,
             power_w=g.power_w,
-            power_limit_w=g.power_limit_w,
+            power_limit_w=self.power_limit(index),
             sm_clock_mhz=g.sm_clock_mhz,
             mem_clock_mhz=g.mem_clock_mhz,
             throttle_reasons=list(g.throttle_reasons),
@@ -249,6 +329,45 @@ class SimulatedSource:
             simulated=True,
             last_xid=g.xids[-1] if g.xids else None,
         )
+
+    # power caps: a limit set lasts until the GPU's `resets` changes; every set is recorded,
+    # one JSON line each, in `<file>.sets.jsonl` (what a test reads to see what was set)
+    def _gpu(self, index: int) -> SimGpu:
+        gpus = self._load()
+        if not 0 <= index < len(gpus):
+            raise PowerSetError(f"no simulated GPU {index} (the file lists {len(gpus)})")
+        g = gpus[index]
+        if index in self._set and self._set[index][0] != g.resets:
+            del self._set[index]  # a driver reset: the default is back
+        return g
+
+    def power_range(self, index: int) -> PowerRange:
+        g = self._gpu(index)
+        default = g.power_default_w or g.power_limit_w
+        return PowerRange(min_w=g.power_min_w, max_w=g.power_max_w or default, default_w=default)
+
+    def power_limit(self, index: int) -> float | None:
+        g = self._gpu(index)
+        return self._set[index][1] if index in self._set else g.power_limit_w
+
+    def set_power_limit(self, index: int, watts: float) -> None:
+        g = self._gpu(index)
+        problem = self.power_range(index).problem(watts)
+        if problem:  # NVML answers NVML_ERROR_INVALID_ARGUMENT
+            raise PowerSetError(f"GPU {index}: cannot set its power limit to {watts:g} W: {problem}")
+        self._set[index] = (g.resets, float(watts))
+        with open(self.sets_path, "a", encoding="utf-8") as f:
+            f.write(
+                json.dumps({"index": index, "watts": float(watts), "resets": g.resets, "at": time.time()})
+                + "\n"
+            )
+
+    def generation(self, index: int) -> int:
+        return self._gpu(index).resets
+
+    @property
+    def sets_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".sets.jsonl")
 
     def close(self) -> None:
         pass

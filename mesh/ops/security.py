@@ -321,6 +321,9 @@ class Grants:
             n.cmd_all,
             self.n.gpu_controls_all,
             kv_put(n.gpu_control_bucket, "*.operator"),
+            # a power cap (`mesh gpu power`): asked for here, set by the host's watchdog
+            self.n.gpu_power_all,
+            kv_put(n.gpu_control_bucket, f"*.{n.POWER_KEY}"),
             objects_subject(n.objects_bucket),
             # model files (`mesh models push`); a push over an older file purges the old chunks
             objects_subject(n.models_bucket),
@@ -404,6 +407,9 @@ class Grants:
             kv_put(n.telemetry_bucket),
             kv_put(n.gpu_control_bucket, "*.thermal"),
             self.n.gpu_controls_all,
+            # the power caps it sets, and its answers to `mesh gpu power` (it reads, never writes,
+            # the operator's `<gpu>.power` key)
+            self.n.gpu_power_all,
             n.alerts_all,
             *self.agent_events(),
             kv_put(n.agents_bucket, "*"),

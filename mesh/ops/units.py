@@ -227,6 +227,15 @@ def _restart(stop_s: float) -> list[tuple[str, str]]:
     ]
 
 
+# agents that read their config again on SIGHUP (`systemctl reload`; docs/watchdog.md)
+RELOADABLE = frozenset({"watchdog"})
+
+
+def _reload(role: str) -> list[tuple[str, str]]:
+    """`systemctl reload` for an agent that reads its config again on SIGHUP."""
+    return [("ExecReload", "/bin/kill -HUP $MAINPID")] if role in RELOADABLE else []
+
+
 _START_LIMITS = [("StartLimitIntervalSec", "300"), ("StartLimitBurst", "10")]
 
 
@@ -294,6 +303,7 @@ def agent_unit(layout: Layout, settings: Settings, role: str) -> str:
                     *_service_identity(layout),
                     *_agent_env(layout, role),
                     ("ExecStart", f"{_esc(layout.bin)}/mesh agent {role}"),
+                    *_reload(role),
                     *_restart(AGENT_STOP_S),
                     *_hardening(layout, [_esc(layout.data_dir)], devices=role == "watchdog"),
                 ],
