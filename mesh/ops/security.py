@@ -230,7 +230,7 @@ class Grants:
     @property
     def streams(self) -> list[str]:
         n = self.n
-        return [n.events_stream, n.work_stream, n.cmd_stream, n.esc_stream]
+        return [n.events_stream, n.work_stream, n.cmd_stream, n.esc_stream, n.history_stream]
 
     @property
     def buckets(self) -> list[str]:
@@ -371,7 +371,7 @@ class Grants:
         pub += consume(work, n.own_consumer(agent_id))
         pub += consumer_create(work, n.own_consumer(agent_id), n.work_to(agent_id))
         pub.append(api_stream("INFO", work))
-        for s in (n.events_stream, n.cmd_stream):
+        for s in (n.events_stream, n.cmd_stream, n.history_stream):
             pub.append(api_stream("INFO", s))
         # a dependency's last report: the outputs a task takes, the artifacts it fetches
         pub.append(api_stream("MSG.GET", n.events_stream))
@@ -402,6 +402,8 @@ class Grants:
         pub = [
             n.telemetry_all,
             kv_put(n.telemetry_bucket),
+            # its samples averaged per tier, into the history stream
+            n.history_all,
             kv_put(n.gpu_control_bucket, "*.thermal"),
             self.n.gpu_controls_all,
             n.alerts_all,
@@ -480,6 +482,7 @@ class Grants:
         n = self.n
         allow = [api_stream("INFO", s) for s in self.streams]
         allow += read_stream(n.events_stream)
+        allow += read_stream(n.history_stream)
         allow += self.read_kv(*self.buckets)
         allow += self.read_objects()
         allow += self.read_models()
