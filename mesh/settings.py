@@ -203,6 +203,12 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # exported, besides the built-in kinds (keys, tokens, passwords, private keys, e-mail, IPs)
     redact: dict[str, str] = msgspec.field(default_factory=dict)
 
+    # the operator (`mesh ask`, docs/operator.md): '' asks Claude through the gateway; the name
+    # of an llm model of the registry with backend 'openai' and a base_url asks that server
+    operator_model: str = ""
+    # the most one operator question (all its turns) may spend through the gateway (USD; 0: no limit)
+    gateway_budget_ask_usd: float = 0.5
+
     # escalation to Claude through the gateway (docs/gateway.md) -------------------------
     # the Anthropic API key; '' takes ANTHROPIC_API_KEY from the environment
     gateway_api_key: str = ""
