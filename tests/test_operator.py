@@ -4,8 +4,10 @@ fake Messages API that scripts tool calls, and what it cannot see it says it can
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
+import msgspec
 import pytest
 
 from mesh.operator import (
@@ -254,3 +256,85 @@ async def test_a_question_over_its_budget_is_refused_and_none_without_a_gateway(
         assert isinstance(refused, AskRefused) and refused.reason == "bad_request" and refused.qid == "q1"
         assert "asker 'web'" in refused.error
         assert api.requests() == []
+
+
+class FakeChatServer:
+    """An OpenAI-compatible `/v1/chat/completions` that answers from a script, recording each body."""
+
+    def __init__(self, answers: list[dict[str, Any]]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.answers = answers
+        self.bodies: list[dict[str, Any]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+                fake.bodies.append(body)
+                message = fake.answers.pop(0)
+                data = json.dumps(
+                    {
+                        "choices": [{"message": message, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+                    }
+                ).encode()
+                self.send_response(200 if self.path == "/v1/chat/completions" else 404)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.integration
+async def test_a_local_model_answers_from_real_state_without_the_gateway(mesh: Mesh) -> None:
+    """With operator_model naming an openai model of the registry, the turns go to that server (no
+    gateway runs here), in the chat completions shape, and the tool results are real state."""
+    from mesh.models import ModelSpec
+
+    mesh.brain()
+    mesh.worker("w1")
+    plan_id = await mesh.submit_text(PLAN)
+    await mesh.wait_plan(plan_id)
+    fake = FakeChatServer(
+        [
+            {
+                "content": None,
+                "tool_calls": [{"id": "c1", "function": {"name": "list_plans", "arguments": "{}"}}],
+            },
+            {"content": f"{plan_id} failed."},
+        ]
+    )
+    try:
+        settings = msgspec.structs.replace(
+            mesh.settings,
+            operator_model="local-op",
+            models={"local-op": ModelSpec(kind="llm", backend="openai", base_url=fake.url, model="op")},
+        )
+        bus = await mesh.bus()
+        steps = [e async for e in ask(bus, "what failed?", settings)]
+    finally:
+        fake.close()
+    done = steps[-1]
+    assert isinstance(done, Done) and done.text == f"{plan_id} failed." and done.turns == 2
+    first, second = fake.bodies
+    assert first["model"] == "op" and first["messages"][0]["role"] == "system"
+    assert [t["function"]["name"] for t in first["tools"]] == list(TOOL_NAMES)
+    tool_msg = second["messages"][-1]
+    assert tool_msg["role"] == "tool" and tool_msg["tool_call_id"] == "c1"
+    assert plan_id in tool_msg["content"] and '"status":"failed"' in tool_msg["content"]
