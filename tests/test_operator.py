@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -338,3 +339,76 @@ async def test_a_local_model_answers_from_real_state_without_the_gateway(mesh: M
     tool_msg = second["messages"][-1]
     assert tool_msg["role"] == "tool" and tool_msg["tool_call_id"] == "c1"
     assert plan_id in tool_msg["content"] and '"status":"failed"' in tool_msg["content"]
+
+
+@pytest.mark.integration
+async def test_each_tool_reads_the_real_state_it_names(mesh: Mesh, tmp_path: Path) -> None:
+    """Every tool against a live mesh (a plan run, a watchdog with a hot simulated GPU): its answer
+    holds that state, bounded, and it says what it looked at."""
+    from mesh.events import AlertRaised
+    from mesh.host.telemetry import host_token, write_simulated
+    from mesh.ops.operator_tools import Tools
+
+    sim = tmp_path / "gpus.json"
+    write_simulated(
+        sim, [{"name": "Hot", "temp_c": 95, "util_pct": 12, "mem_total_mb": 4096, "mem_used_mb": 100}]
+    )
+    configure(mesh, simulated_gpus=str(sim), watchdog_interval_s=0.2, history_fine_s=1)
+    mesh.brain()
+    mesh.worker("w1")
+    mesh.start_agent("watchdog", "watchdog")
+    plan_id = await mesh.submit_text(PLAN)
+    await mesh.wait_plan(plan_id)
+    bus = await mesh.bus()
+    me = host_token()
+
+    async def hot() -> bool:
+        return any(
+            isinstance(m, AlertRaised) and m.rule == "gpu_temp_warn"
+            for _, m in await mesh.history(bus.names.alerts_all)
+        )
+
+    await until(hot, HANG_S, "the hot GPU's alert")
+    tools = Tools(bus, mesh.settings, log_dir=mesh.tmp / "logs")
+
+    async def history_there() -> bool:
+        return "points" in (await tools.call("telemetry_history", {"since": "10m"})).text
+
+    await until(history_there, HANG_S, "the hot GPU's history")
+    answers = {
+        name: await tools.call(name, args)
+        for name, args in (
+            ("plan_events", {"plan_id": plan_id}),
+            ("gpus", {}),
+            ("telemetry_history", {"since": "10m", "host": me, "gpu": 0}),
+            ("alerts", {"since": "1h"}),
+            ("dead_letters", {}),
+            ("costs", {}),
+            ("agent_logs", {"agent": "w1", "lines": 5}),
+            ("doctor", {}),
+        )
+    }
+    assert (
+        '"type":"task.failed"' in answers["plan_events"].text
+        and '"task_id":"crunch"' in answers["plan_events"].text
+    )
+    assert f"{me}-gpu0" in answers["gpus"].text and '"temp_c":95' in answers["gpus"].text
+    assert (
+        f"{me}.gpu0" in answers["telemetry_history"].text
+        and '"temp_c":{"min":95.0' in answers["telemetry_history"].text
+    )
+    assert '"raised":"gpu_temp_warn"' in answers["alerts"].text and "still holding" in answers["alerts"].text
+    assert answers["dead_letters"].text.startswith("0 dead letter(s)")
+    assert "no escalations" in answers["costs"].text
+    w1_tail = mesh.log("w1").splitlines()[-5:]
+    assert answers["agent_logs"].text.splitlines()[-1] in w1_tail
+    assert "check(s)" in answers["doctor"].text
+    assert all(not a.error and a.looked_at for a in answers.values()), answers
+    assert all(len(a.text) <= TOOL_RESULT_MAX_CHARS for a in answers.values())
+    # what is not there is said, with what is
+    missing = await tools.call("agent_logs", {"agent": "nobody"})
+    assert missing.error and "w1" in missing.text
+    gone = await tools.call("plan_tasks", {"plan_id": "no-such-plan"})
+    assert gone.error and "no plan" in gone.text
+    bad = await tools.call("plan_tasks", {"plan_id": "../etc"})
+    assert bad.error and "plan id" in bad.text
