@@ -39,6 +39,11 @@ async def history_view(
     return start, gpus, hosts
 
 
+def _n(value: float) -> str:
+    """A reading as a table shows it: whole above 10, one decimal below (a load of 0.4)."""
+    return f"{value:.0f}" if abs(value) >= 10 else f"{value:.1f}"
+
+
 def series_rows(series: list[Series], columns: tuple[tuple[str, str, str, Any], ...]) -> list[dict[str, Any]]:
     """One JSON-ready row per series: its points' times and each reading's means."""
     rows = []
@@ -73,6 +78,6 @@ def history_table(title: str, series: list[Series], columns: tuple[tuple[str, st
             low, mean, peak = summary
             lo, hi = bounds if bounds is not None else (None, None)
             line = sparkline(s.values(field), WIDTH, lo, hi)
-            cells.append(f"{line}\n[dim]min {low:.0f}  avg {mean:.0f}  max {peak:.0f}{unit}[/dim]")
+            cells.append(f"{line}\n[dim]min {_n(low)}  avg {_n(mean)}  max {_n(peak)}{unit}[/dim]")
         table.add_row(*cells)
     return table
