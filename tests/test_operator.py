@@ -222,6 +222,11 @@ async def test_the_operator_reads_a_real_plans_tasks_and_cites_them(mesh: Mesh) 
             and "list_plans: 1 plan record" in printed
         )
         listed = tool_results(api.requests()[-1])[0]["content"]
+        # and as JSON, one step a line
+        api.then(Reply(text="Nothing else."))
+        steps_json = [json.loads(line) for line in mesh.cli("ask", "anything else?", "--json").splitlines()]
+        assert [s["step"] for s in steps_json][-1] == "done" and "messages" not in steps_json[-1]
+        assert "".join(s["text"] for s in steps_json if s["step"] == "text") == "Nothing else."
         assert plan_id in listed and '"status":"failed"' in listed
 
 

@@ -30,14 +30,14 @@ def ask(
     s = settings()
 
     async def go() -> int:
-        from mesh.ops.operator import Done, Failed, Text, ToolCall
+        from mesh.ops.operator import Done, Failed, Text, ToolCall, event_dict
         from mesh.ops.operator import ask as operator_ask
 
         code = 0
         async with connected(s) as bus:
             async for event in operator_ask(bus, question, s, asker=s.nats_user or "cli"):
                 if as_json:
-                    print(json.dumps(_as_dict(event)), flush=True)
+                    print(json.dumps(event_dict(event)), flush=True)
                     if isinstance(event, Failed):
                         code = 1
                     continue
@@ -70,12 +70,3 @@ def ask(
         return code
 
     raise typer.Exit(run(go))
-
-
-def _as_dict(event: object) -> dict[str, object]:
-    from dataclasses import asdict
-
-    kind = type(event).__name__.lower()
-    body = asdict(event)  # type: ignore[call-overload]
-    body.pop("messages", None)
-    return {"step": {"toolcall": "tool"}.get(kind, kind), **body}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -87,6 +88,17 @@ class Failed:
 
 
 AskEvent = Text | ToolCall | Done | Failed
+
+
+def event_dict(event: AskEvent) -> dict[str, Any]:
+    """A step as plain JSON-ready data (`mesh ask --json`, a console's event stream): `step` is
+    `text`, `tool`, `done` or `failed`; a `done` leaves out the conversation."""
+    kind = {Text: "text", ToolCall: "tool", Done: "done", Failed: "failed"}[type(event)]
+    body = dataclasses.asdict(event)
+    body.pop("messages", None)
+    return {"step": kind, **body}
+
+
 TurnMessage = AskChunk | AskReply | AskRefused
 
 
