@@ -36,6 +36,9 @@ class HistoryPoint(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", 
     samples: int
     mean: dict[str, float] = msgspec.field(default_factory=dict)
     peak: dict[str, float] = msgspec.field(default_factory=dict)
+    # published before its bucket closed (a watchdog stopping): a watchdog started again within
+    # the bucket publishes it again, whole or not, and a reader keeps the one of more samples
+    partial: bool = False
 
     @property
     def key(self) -> str:
@@ -45,7 +48,7 @@ class HistoryPoint(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", 
     @property
     def msg_id(self) -> str:
         """Names the bucket: a point published again (a retried publish) is stored once."""
-        return f"{self.key}:{self.res_s}:{int(self.at)}"
+        return f"{self.key}:{self.res_s}:{int(self.at)}" + (":partial" if self.partial else "")
 
 
 _encoder = msgspec.json.Encoder()
@@ -138,12 +141,12 @@ class Rollup:
 
     def flush(self) -> list[HistoryPoint]:
         """Every bucket still open, as it stands (on stop)."""
-        out = [_point(key, bucket) for key, bucket in self.open.items() if bucket.count]
+        out = [_point(key, bucket, partial=True) for key, bucket in self.open.items() if bucket.count]
         self.open.clear()
         return out
 
 
-def _point(key: tuple[str, str, int, int], bucket: _Bucket) -> HistoryPoint:
+def _point(key: tuple[str, str, int, int], bucket: _Bucket, partial: bool = False) -> HistoryPoint:
     kind, host, index, res = key
     # a reading some samples lacked is averaged over the samples that had it
     return HistoryPoint(
@@ -155,6 +158,7 @@ def _point(key: tuple[str, str, int, int], bucket: _Bucket) -> HistoryPoint:
         samples=bucket.count,
         mean={k: round(v / bucket.counts[k], 3) for k, v in bucket.sums.items()},
         peak={k: round(v, 3) for k, v in bucket.peaks.items()},
+        partial=partial,
     )
 
 
@@ -178,11 +182,22 @@ class Series:
         return min(means), sum(means) / len(means), max(peaks)
 
 
+def one_per_bucket(points: Iterable[HistoryPoint]) -> list[HistoryPoint]:
+    """Where a bucket was stored twice (a partial point, then the bucket again after a restart),
+    the point of more samples; in time order."""
+    best: dict[tuple[str, int, float], HistoryPoint] = {}
+    for p in points:
+        key = (p.key, p.res_s, p.at)
+        if key not in best or p.samples > best[key].samples:
+            best[key] = p
+    return sorted(best.values(), key=lambda p: (p.at, p.key))
+
+
 def series_of(points: Iterable[HistoryPoint]) -> list[Series]:
     """Points grouped by GPU or host, each series in time order, series sorted by key."""
     groups: dict[str, list[HistoryPoint]] = {}
     res: dict[str, int] = {}
-    for p in points:
+    for p in one_per_bucket(points):
         groups.setdefault(p.key, []).append(p)
         res[p.key] = p.res_s
     return [Series(k, res[k], sorted(groups[k], key=lambda p: p.at)) for k in sorted(groups)]

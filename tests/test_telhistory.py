@@ -80,6 +80,7 @@ def test_samples_are_averaged_per_bucket_with_their_peaks() -> None:
     # what is still open comes out on flush
     rest = rollup.flush()
     assert sorted((p.res_s, p.at) for p in rest) == [(10, 1110.0), (60, 1080.0)]
+    assert all(p.partial and p.msg_id.endswith(":partial") for p in rest)
     assert rollup.flush() == []
 
 
@@ -154,6 +155,24 @@ async def test_history_is_stored_downsampled_and_read_back(mesh: Mesh) -> None:
 
     await publish_points(bus, again)
     assert (await bus.js.stream_info(bus.names.history_stream)).state.messages == info.state.messages
+
+
+async def test_a_bucket_a_restart_cut_in_two_reads_as_one(mesh: Mesh) -> None:
+    """A watchdog stopping mid-bucket stores it as it stands; started again within the bucket it
+    stores the bucket again at its end: a reader sees one point, the one of more samples."""
+    bus = await mesh.bus()
+    start = (time.time() // 60) * 60 - 300
+    first = HistoryRecorder(bus)
+    for i in range(2):  # 2 samples into the bucket at start + 10
+        await first.record([gpu(start + 10 + 2 * i, util=10.0)])
+    await first.close()
+    second = HistoryRecorder(bus)
+    for i in range(2, 5):  # 3 more in the same bucket, then the next bucket's first
+        await second.record([gpu(start + 10 + 2 * i, util=40.0)])
+    await second.record([gpu(start + 20, util=0.0)])
+    _, points = await read_points(bus, since=start, host=HOST, res_s=10)
+    (point,) = [p for p in points if p.at == start + 10]
+    assert point.samples == 3 and point.mean["util_pct"] == 40.0 and not point.partial
 
 
 async def test_history_is_bounded_by_age(mesh: Mesh) -> None:

@@ -28,6 +28,7 @@ from mesh.telhistory import (
     Tier,
     decode_point,
     encode_point,
+    one_per_bucket,
     pick_tier,
     series_of,
     tiers,
@@ -110,8 +111,7 @@ async def read_points(
         if point.at + res_s < since or (until is not None and point.at > until):
             continue
         out.append(point)
-    out.sort(key=lambda p: (p.at, p.key))
-    return res_s, out
+    return res_s, one_per_bucket(out)
 
 
 async def read_series(
