@@ -16,6 +16,9 @@ Wiring around `mesh.escalation`. For each request on its durable consumer (strea
    `esc.waiting` and hands the request back to the server with a delay (its Retry-After, or a
    backoff), so the pending retry survives a restart of the gateway; another 4xx fails it.
 
+It also answers operator questions (`mesh ask`, on `<p>.ask.*`: `agents.gateway_ask`) under the
+same budget, rate limit and redaction.
+
 It publishes only `<p>.evt.esc.>`, `<p>.evt.agent.>` and `<p>.evt.alert.>` events, and never
 anything onto the work queue or the command stream: Claude advises the brain, which decides.
 """
@@ -37,6 +40,7 @@ from anthropic.types import MessageParam, ToolChoiceAnyParam, ToolParam
 from nats.aio.msg import Msg as NatsMsg
 
 from agents.base import Agent
+from agents.gateway_ask import AskServer
 from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.read import fetch_some, read_bucket
 from mesh.bus.route import decode_checked
@@ -130,6 +134,8 @@ class Gateway(Agent):
                 "no Anthropic API key: escalations will fail with reason 'config'. Set ANTHROPIC_API_KEY "
                 "in the gateway's environment or gateway_api_key in the config, and restart the gateway"
             )
+        # operator questions (`mesh ask`), beside the escalations (agents.gateway_ask)
+        await AskServer(self).start()
         self.sub = await self.bus.js.pull_subscribe_bind(
             durable=self.names.gateway_consumer, stream=self.names.esc_stream
         )
@@ -275,7 +281,7 @@ class Gateway(Agent):
         if over:
             return await self._over(req, over, worst)
         tokens = prepared.tokens_in_estimate + s.gateway_max_tokens
-        taken_at = await self._rate_turn(req, tokens)
+        taken_at = await self._rate_turn(req.rid, tokens)
         if taken_at is None:
             return Wait(0.0, "the gateway stopped")
         keys = self._spend_keys(req, time.time())
@@ -512,7 +518,7 @@ class Gateway(Agent):
         return self.names.gateway_alert_key(scope, name)
 
     # rate limit: its log is in the bucket, shared by restarts ---------------------------
-    async def _rate_turn(self, req: EscalationRequest, tokens: int) -> float | None:
+    async def _rate_turn(self, rid: str, tokens: int) -> float | None:
         """Wait until a call of `tokens` fits the rate limits, then count it. Returns when it
         was counted, or None when the gateway was asked to stop meanwhile."""
         s = self.settings
@@ -524,7 +530,7 @@ class Gateway(Agent):
             now = time.time()
             delay = limiter.wait_s(tokens, now)
             if delay > 0:
-                log.info("%s: rate limit: waiting %.1fs", req.rid, delay)
+                log.info("%s: rate limit: waiting %.1fs", rid, delay)
                 if await self._sleep(delay):
                     return None
                 continue
@@ -604,8 +610,11 @@ class Gateway(Agent):
             return Spend(), entry.revision
 
     async def _add_spend(self, req: EscalationRequest, usd: float, tokens_in: int, tokens_out: int) -> None:
+        await self._add_spend_to(self._spend_keys(req, time.time()), usd, tokens_in, tokens_out)
+
+    async def _add_spend_to(self, keys: list[str], usd: float, tokens_in: int, tokens_out: int) -> None:
         kv = await self.bus.gateway_kv()
-        for key in self._spend_keys(req, time.time()):
+        for key in keys:
             while True:  # compare-and-swap: another gateway may write the same key
                 spend, revision = await self._spend(kv, key)
                 new = Spend(

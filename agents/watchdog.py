@@ -6,7 +6,8 @@ Every `watchdog_interval_s` it
    (psutil), in a thread so a slow driver never stalls the event loop;
 2. publishes each sample as a core NATS message on `<p>.tel.gpu.<host>.<index>` /
    `<p>.tel.host.<host>` (nothing stores these: a subscriber sees them live), and puts it in
-   the telemetry bucket under `<host>.gpu<index>` / `<host>.host` (latest only);
+   the telemetry bucket under `<host>.gpu<index>` / `<host>.host` (latest only), and stores
+   them averaged per tier in the history stream (`agents.watchdog_history`);
 3. feeds the samples, and the heartbeats of this host's agents, to the alert engine
    (`mesh.alerts`), publishes each change as `alert.raised` / `alert.resolved` on
    `<p>.evt.alert.<rule>.<kind>`, and hands it to the sinks (log, webhook, e-mail, notify-send;
@@ -37,6 +38,7 @@ import psutil
 from nats.aio.msg import Msg as NatsMsg
 from nats.js import api
 
+from agents.watchdog_history import HistoryRecorder
 from agents.watchdog_power import PowerControl
 from agents.watchdog_reload import Reloading
 from mesh.alerts import AlertEngine, Change, build_rules
@@ -125,6 +127,7 @@ class Watchdog(Reloading):
         else:
             log.info("watching %d GPU(s) on %s", await asyncio.to_thread(self.source.count), self.tel_host)
         psutil.cpu_percent(percpu=True)  # the first reading is since import: start the clock now
+        self.history = HistoryRecorder(self.bus)
         await self._read_thermal()
         await self.bus.nc.subscribe(self.names.agent_stopped_all, cb=self._on_stopped)
         if self.settings.watchdog_mesh_rules:
@@ -173,6 +176,8 @@ class Watchdog(Reloading):
                 await asyncio.wait_for(self.stop_requested.wait(), remaining)
 
     async def stop(self, reason: str = "stopped") -> None:
+        if getattr(self, "history", None) is not None:
+            await self.history.close()
         if self.source is not None:
             self.source.close()
             self.source = None
@@ -430,6 +435,7 @@ class Watchdog(Reloading):
             await self.bus.kv_put_many(puts)
         except TRANSIENT as exc:
             log.warning("publishing telemetry failed: %r", exc)
+        await self.history.record([*gpus, host])
 
     async def watch_agents(self, now: float) -> list[Change]:
         """Heartbeats of this host's agents (read at most every `agent_refresh_s`), and the

@@ -24,6 +24,10 @@ Subjects
     (bucket <p>-gateway: the gateway's spend, final answers and budget alerts; consumer `gateway` on <P>_ESC)
     <p>.tel.gpu.<host>.<index>         a GPU's telemetry sample   (core NATS, not stored)
     <p>.tel.host.<host>                a host's telemetry sample  (core NATS, not stored)
+    <p>.hist.<res>.gpu.<host>.<index>  a GPU's telemetry averaged over <res> seconds (history stream)
+    <p>.hist.<res>.host.<host>         a host's, likewise
+    <p>.ask.<asker>                    an operator question's next turn, asked of the gateway
+                                       (request/reply, core NATS; docs/operator.md)
     <p>.stream.<plan>.<task>.<worker>  a prompt's answer as it is generated (core NATS, not stored;
                                        only under the worker's own id, like its reports)
 """
@@ -57,6 +61,11 @@ def check_token(value: str, what: str) -> str:
     if not _TOKEN.match(value):
         raise ValueError(f"{what} {value!r} may hold only letters, digits, '_' and '-'")
     return value
+
+
+def _token_or_any(value: str, what: str) -> str:
+    """A subject token, or `*` (a filter over every value)."""
+    return value if value == "*" else check_token(value, what)
 
 
 # every user's replies arrive under its own inbox prefix, which no other user may read
@@ -385,6 +394,34 @@ class Names:
     @staticmethod
     def telemetry_host_key(host: str) -> str:
         return f"{check_token(host, 'host')}.host"
+
+    # telemetry history: samples averaged over <res> seconds, stored with a bounded age -------
+    @property
+    def history_stream(self) -> str:
+        """Downsampled telemetry, each message kept as long as its resolution's retention."""
+        return f"{self.prefix.upper()}_HISTORY"
+
+    @property
+    def history_all(self) -> str:
+        return f"{self.prefix}.hist.>"
+
+    def hist_gpu(self, res_s: int, host: str, index: int | str) -> str:
+        """One GPU's points at one resolution (`index` `*`: every GPU of the host)."""
+        idx = index if index == "*" else int(index)
+        return f"{self.prefix}.hist.{int(res_s)}.gpu.{_token_or_any(host, 'host')}.{idx}"
+
+    def hist_host(self, res_s: int, host: str) -> str:
+        return f"{self.prefix}.hist.{int(res_s)}.host.{_token_or_any(host, 'host')}"
+
+    # operator questions (`mesh ask`): one turn of the conversation, asked of the gateway -----
+    def ask(self, asker: str) -> str:
+        """Where an asker sends the next turn of its conversation (request/reply)."""
+        return f"{self.prefix}.ask.{check_token(asker, 'asker')}"
+
+    @property
+    def ask_all(self) -> str:
+        """What the gateway serves."""
+        return f"{self.prefix}.ask.*"
 
     # a prompt's text as it is generated (core NATS, not stored) ----------------------
     def text(self, plan_id: str, task_id: str, worker: str) -> str:

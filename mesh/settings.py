@@ -174,6 +174,14 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     thermal_resume_c: float = 80.0
     # a host's readings leave the telemetry bucket this long after its watchdog's last sample
     telemetry_ttl_s: float = 60.0
+    # telemetry history (docs/watchdog.md#history): each host's watchdog stores its samples
+    # averaged over history_fine_s for history_fine_keep_h hours, and over history_coarse_s for
+    # history_coarse_keep_h hours, in the history stream (at most history_max_bytes); 0 s: none
+    history_fine_s: int = 10
+    history_fine_keep_h: float = 24.0
+    history_coarse_s: int = 60
+    history_coarse_keep_h: float = 168.0
+    history_max_bytes: int = 512 * 1024 * 1024
     # a JSON file of simulated GPUs the watchdog reads instead of NVML (tests, demos)
     simulated_gpus: str = ""
     # [alerts.NAME] tables over the built-in rules (see mesh/alerts.py, docs/watchdog.md)
@@ -218,6 +226,12 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # [redact] NAME = "regex": removed (as [REDACTED:NAME]) from everything sent to Claude or
     # exported, besides the built-in kinds (keys, tokens, passwords, private keys, e-mail, IPs)
     redact: dict[str, str] = msgspec.field(default_factory=dict)
+
+    # the operator (`mesh ask`, docs/operator.md): '' asks Claude through the gateway; the name
+    # of an llm model of the registry with backend 'openai' and a base_url asks that server
+    operator_model: str = ""
+    # the most one operator question (all its turns) may spend through the gateway (USD; 0: no limit)
+    gateway_budget_ask_usd: float = 0.5
 
     # escalation to Claude through the gateway (docs/gateway.md) -------------------------
     # the Anthropic API key; '' takes ANTHROPIC_API_KEY from the environment

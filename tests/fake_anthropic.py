@@ -31,6 +31,8 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     error_type: str = ""
+    # calls of any tools by name and input (the operator's, say), after `text` if any
+    tool_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 @dataclass
@@ -145,7 +147,22 @@ class FakeAnthropic:
                     body = {"type": "error", "error": {"type": kind, "message": f"fake {reply.status}"}}
                     self._send(reply.status, body, reply.headers)
                     return
+                if seen.body.get("stream"):
+                    self._stream(fake.message(seen, reply), reply.headers)
+                    return
                 self._send(200, fake.message(seen, reply), reply.headers)
+
+            def _stream(self, message: dict[str, Any], headers: dict[str, str]) -> None:
+                """The message as the API streams it (server-sent events), text in pieces."""
+                data = b"".join(_event(e) for e in stream_events(message))
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("content-length", str(len(data)))
+                self.send_header("request-id", f"req_{uuid.uuid4().hex[:24]}")
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
 
             def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(body).encode()
@@ -163,7 +180,14 @@ class FakeAnthropic:
     @staticmethod
     def message(seen: Seen, reply: Reply) -> dict[str, Any]:
         """A Messages API answer: a tool call (result or follow-ups) or text, with usage."""
-        if reply.followups is not None:
+        if reply.tool_calls:
+            content = [{"type": "text", "text": reply.text}] if reply.text else []
+            content += [
+                {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": name, "input": args}
+                for name, args in reply.tool_calls
+            ]
+            stop = "tool_use"
+        elif reply.followups is not None:
             content: list[dict[str, Any]] = [
                 {
                     "type": "tool_use",
@@ -201,3 +225,47 @@ class FakeAnthropic:
                 "cache_read_input_tokens": 0,
             },
         }
+
+
+def _event(event: dict[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+def stream_events(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """A whole message as the Messages API's stream of events: text in pieces of a few words."""
+    start = {**message, "content": [], "stop_reason": None, "usage": {**message["usage"], "output_tokens": 1}}
+    out: list[dict[str, Any]] = [{"type": "message_start", "message": start}]
+    for i, block in enumerate(message["content"]):
+        if block["type"] == "text":
+            out.append(
+                {"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}}
+            )
+            words = block["text"].split(" ")
+            for k in range(0, len(words), 3):
+                piece = " ".join(words[k : k + 3]) + (" " if k + 3 < len(words) else "")
+                out.append(
+                    {
+                        "type": "content_block_delta",
+                        "index": i,
+                        "delta": {"type": "text_delta", "text": piece},
+                    }
+                )
+        else:
+            out.append({"type": "content_block_start", "index": i, "content_block": {**block, "input": {}}})
+            out.append(
+                {
+                    "type": "content_block_delta",
+                    "index": i,
+                    "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])},
+                }
+            )
+        out.append({"type": "content_block_stop", "index": i})
+    out.append(
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+            "usage": {"output_tokens": message["usage"]["output_tokens"]},
+        }
+    )
+    out.append({"type": "message_stop"})
+    return out

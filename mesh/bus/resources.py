@@ -91,7 +91,30 @@ def stream_definitions(settings: Settings) -> list[dict[str, Any]]:
             "duplicate_window": dup_ns,
             "num_replicas": settings.replicas,
         },
+        history_stream_definition(settings),
     ]
+
+
+def history_stream_definition(settings: Settings) -> dict[str, Any]:
+    """Downsampled telemetry (`mesh.telhistory`): each point carries its tier's retention as a
+    per-message TTL, so one stream keeps 10 s points for a day and 1 min points for a week; the
+    stream's own age and size limits are the backstop."""
+    n = settings.names
+    keep_h = max(settings.history_fine_keep_h, settings.history_coarse_keep_h, 1.0)
+    return {
+        "name": n.history_stream,
+        "description": "mesh: telemetry averaged per GPU and host, kept for a bounded age",
+        "subjects": [n.history_all],
+        "retention": "limits",
+        "storage": "file",
+        "discard": "old",
+        "max_age": int(keep_h * 3600 * NS),
+        "max_bytes": settings.history_max_bytes or -1,
+        "max_msg_size": 64 * 1024,
+        "duplicate_window": int(settings.duplicate_window_s * NS),
+        "allow_msg_ttl": True,
+        "num_replicas": settings.replicas,
+    }
 
 
 def bucket_definitions(settings: Settings) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ services (install-units, health, doctor), report (report); `common` holds what t
 and `top` how things look.
 """
 
-from mesh.cli import agents, gpus, history, models, outputs, plans, report, services, setup
+from mesh.cli import agents, ask, gpus, history, models, outputs, plans, report, services, setup
 from mesh.cli.common import app, entry
 
 app.command()(plans.check)
@@ -31,6 +31,7 @@ app.command("install-units")(services.install_units)
 app.command()(services.health)
 app.command("export")(history.export_cmd)
 app.command()(services.doctor)
+app.command()(ask.ask)
 app.add_typer(agents.agent_app, name="agent")
 app.add_typer(gpus.gpu_app, name="gpu")
 app.add_typer(models.models_app, name="models")

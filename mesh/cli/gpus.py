@@ -250,9 +250,17 @@ def _durations_table(durations: dict[str, Any]) -> Any:
 
 def gpus(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per GPU")] = False,
+    history: Annotated[
+        bool, typer.Option("--history", help="each GPU's and host's readings over the last hours")
+    ] = False,
+    since: Annotated[str, typer.Option("--since", help="with --history: how far back (30m, 3h, 2d)")] = "3h",
 ) -> None:
-    """Every GPU: its worker's state and model (gpus bucket) beside its watchdog's last reading."""
+    """Every GPU: its worker's state and model (gpus bucket) beside its watchdog's last reading.
+    With --history: each one's utilisation, temperature, memory and power over the window, from
+    the history stream (docs/watchdog.md#history)."""
     s = settings()
+    if history:
+        raise typer.Exit(run(lambda: _history(s, since, as_json)))
 
     async def go() -> int:
         from mesh.cli.top import gpu_rows, read_gpus
@@ -270,6 +278,25 @@ def gpus(
         return 0
 
     raise typer.Exit(run(go))
+
+
+async def _history(s: Any, since: str, as_json: bool) -> int:
+    from mesh.cli.gpuhistory import GPU_COLUMNS, HOST_COLUMNS, history_table, history_view, print_json
+
+    async with connected(s) as bus:
+        start, gpu_series, host_series = await history_view(bus, since)
+    if as_json:
+        print_json(gpu_series, host_series)
+        return 0
+    if not gpu_series and not host_series:
+        out.print(f"no telemetry history since {since} ago: is a watchdog running (`mesh agent watchdog`)?")
+        return 0
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(start))
+    if gpu_series:
+        out.print(history_table(f"GPUs since {when}", gpu_series, GPU_COLUMNS))
+    if host_series:
+        out.print(history_table(f"hosts since {when}", host_series, HOST_COLUMNS))
+    return 0
 
 
 def with_sets(rows: list[dict[str, Any]], states: dict[str, GpuState]) -> list[dict[str, Any]]:

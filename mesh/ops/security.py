@@ -46,6 +46,8 @@ from mesh.ops.serverconf import gateway_host_config
 from mesh.settings import Settings
 
 JS_API = "$JS.API"
+# the most answers the gateway may send to one operator question's turn: its streamed chunks
+ASK_RESPONSES = 100_000
 ROLES = ("cli", "brain", "worker", "watchdog", "auditor", "exporter", "gateway", "web")
 # roles that create and update streams, buckets and consumers; the others bind to them
 MANAGERS = frozenset({"cli", "brain"})
@@ -187,6 +189,8 @@ class Permissions:
     subscribe: tuple[str, ...]
     publish_deny: tuple[str, ...] = ()
     subscribe_deny: tuple[str, ...] = ()
+    # answers it may send to whoever asked it (NATS `allow_responses`): (most per request, for how long)
+    responses: tuple[int, str] | None = None
 
     def as_conf(self) -> dict[str, dict[str, list[str]]]:
         pub: dict[str, list[str]] = {"allow": list(self.publish)}
@@ -230,7 +234,7 @@ class Grants:
     @property
     def streams(self) -> list[str]:
         n = self.n
-        return [n.events_stream, n.work_stream, n.cmd_stream, n.esc_stream]
+        return [n.events_stream, n.work_stream, n.cmd_stream, n.esc_stream, n.history_stream]
 
     @property
     def buckets(self) -> list[str]:
@@ -325,6 +329,8 @@ class Grants:
             self.n.gpu_power_all,
             kv_put(n.gpu_control_bucket, f"*.{n.POWER_KEY}"),
             objects_subject(n.objects_bucket),
+            # operator questions (`mesh ask`), answered by the gateway on this user's inbox
+            n.ask("cli"),
             # model files (`mesh models push`); a push over an older file purges the old chunks
             objects_subject(n.models_bucket),
             api_stream("PURGE", _obj_stream(n.models_bucket)),
@@ -374,7 +380,7 @@ class Grants:
         pub += consume(work, n.own_consumer(agent_id))
         pub += consumer_create(work, n.own_consumer(agent_id), n.work_to(agent_id))
         pub.append(api_stream("INFO", work))
-        for s in (n.events_stream, n.cmd_stream):
+        for s in (n.events_stream, n.cmd_stream, n.history_stream):
             pub.append(api_stream("INFO", s))
         # a dependency's last report: the outputs a task takes, the artifacts it fetches
         pub.append(api_stream("MSG.GET", n.events_stream))
@@ -405,6 +411,8 @@ class Grants:
         pub = [
             n.telemetry_all,
             kv_put(n.telemetry_bucket),
+            # its samples averaged per tier, into the history stream
+            n.history_all,
             kv_put(n.gpu_control_bucket, "*.thermal"),
             self.n.gpu_controls_all,
             # the power caps it sets, and its answers to `mesh gpu power` (it reads, never writes,
@@ -499,8 +507,10 @@ class Grants:
         # over a leaf node link its JetStream calls and KV writes arrive under the domain
         return Permissions(
             publish=_unique(in_domain(pub, self.domain)),
-            subscribe=(self.inbox("gateway"),),
+            # and operator questions (`mesh ask`), whose answers stream to the asker's inbox
+            subscribe=(self.inbox("gateway"), n.ask_all),
             publish_deny=_unique(in_domain(deny, self.domain)),
+            responses=(ASK_RESPONSES, "15m"),
         )
 
     def _observer(self) -> tuple[list[str], list[str]]:
@@ -509,6 +519,7 @@ class Grants:
         n = self.n
         allow = [api_stream("INFO", s) for s in self.streams]
         allow += read_stream(n.events_stream)
+        allow += read_stream(n.history_stream)
         allow += self.read_kv(*self.buckets)
         allow += self.read_objects()
         allow += self.read_models()
@@ -583,6 +594,9 @@ def render_permissions(settings: Settings, workers: Iterable[str], domain: str =
             for kind, items in perms[direction].items():
                 lines.append(f"    {kind} = {_conf_list(items, '    ')}")
             lines.append("  }")
+        if user.permissions.responses is not None:
+            most, expires = user.permissions.responses
+            lines.append(f"  allow_responses = {{ max: {most}, expires: {_q(expires)} }}")
         lines.append("}")
         lines.append("")
     return "\n".join(lines)
