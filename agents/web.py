@@ -32,6 +32,7 @@ from aiohttp import web
 
 from agents.base import Agent
 from agents.web_api import HUB, ROLE, SETTINGS, routes
+from agents.web_ask import Asker, install, seed_rings
 from agents.web_hub import Hub
 from mesh.consoleview import OPERATOR, bind_problem, host_allowed, role_of
 from mesh.errors import ConfigError
@@ -45,7 +46,7 @@ ACTION_HEADER = "X-Mesh-Action"
 OPEN_PATHS = frozenset({"/login"})
 # a server-sent event stream says something at least this often, so a proxy keeps it open
 KEEPALIVE_S = 15.0
-STATIC = ("index.html", "app.js", "app.css", "dag.js", "charts.js")
+STATIC = ("index.html", "app.js", "app.css", "dag.js", "charts.js", "chat.js")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -212,7 +213,7 @@ async def _headers(request: web.Request, response: web.StreamResponse) -> None:
     )
 
 
-def make_app(hub: Hub, settings: Settings) -> web.Application:
+def make_app(hub: Hub, settings: Settings, asker: Asker | None = None) -> web.Application:
     app = web.Application(middlewares=[guard(settings)], client_max_size=settings.plan_max_bytes + 65536)
     app.on_response_prepare.append(_headers)
     app[HUB] = hub
@@ -225,13 +226,15 @@ def make_app(hub: Hub, settings: Settings) -> web.Application:
     app.router.add_get("/api/me", me)
     app.router.add_get("/api/events", stream)
     app.router.add_routes(routes())
+    # the operator's chat (with `asker`) and the charts' history (agents/web_ask.py)
+    install(app, asker)
     return app
 
 
 class Web(Agent):
     role = "web"
 
-    def __init__(self, settings: Settings, agent_id: str | None = None) -> None:
+    def __init__(self, settings: Settings, agent_id: str | None = None, asker: Asker | None = None) -> None:
         problem = bind_problem(settings.web_host, settings.web_token, settings.web_read_token)
         if problem:
             raise ConfigError(problem)
@@ -239,12 +242,15 @@ class Web(Agent):
         self.hub: Hub | None = None
         self._runner: web.AppRunner | None = None
         self.url = ""
+        # the operator the chat asks (`mesh agent web` hands in `mesh.ops.operator.ask_steps`)
+        self.asker = asker
 
     async def start(self) -> None:
         await super().start()
         self.hub = Hub(self.bus)
         await self.hub.start()
-        app = make_app(self.hub, self.settings)
+        await seed_rings(self.hub, self.bus)
+        app = make_app(self.hub, self.settings, self.asker)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.web_host, self.settings.web_port)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Annotated
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 import typer
 
 from mesh.bus import client
+from mesh.bus.publish import Bus
 from mesh.cli.common import command_group, connected, fail, out, run, settings
 from mesh.events import TASK_CLASSES
 from mesh.host.logs import configure
@@ -89,10 +91,19 @@ def agent_web(
     from agents.base import run_agent
     from agents.web import Web
     from mesh.errors import ConfigError
+    from mesh.ops.operator import ask_steps
 
     configure(log_level, name="web")
+    s = settings(web_port=port, web_host=host)
+
+    def asker(
+        bus: Bus, question: str, messages: list[dict[str, Any]] | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        # the operator, as `mesh ask` runs it, asking as the console's own NATS user
+        return ask_steps(bus, question, s, messages, asker=s.nats_user or "web")
+
     try:
-        agent = Web(settings(web_port=port, web_host=host))
+        agent = Web(s, asker=asker)
     except ConfigError as exc:
         raise fail(str(exc)) from None
     raise typer.Exit(run_agent(agent))

@@ -366,3 +366,20 @@ async def ask(
             results.append(block)
         convo.append({"role": "user", "content": results})
     yield Failed("turns", f"no answer after {max_turns} turns of tool calls; ask a narrower question")
+
+
+async def ask_steps(
+    bus: Bus,
+    question: str,
+    settings: Settings,
+    messages: list[dict[str, Any]] | None = None,
+    *,
+    asker: str = "web",
+) -> AsyncIterator[dict[str, Any]]:
+    """`ask` as JSON-ready steps (`event_dict`), for a console: a `done` step also carries the
+    conversation (`messages`), which the console keeps for a follow-up and does not send on."""
+    async for event in ask(bus, question, settings, asker=asker, messages=messages):
+        step = event_dict(event)
+        if isinstance(event, Done):
+            step["messages"] = event.messages
+        yield step

@@ -460,7 +460,8 @@ class Grants:
 
     def web(self) -> Permissions:
         """The web console: reads what an observer reads; acts only as an operator may through it
-        (submit, cancel and retry plans; pause, resume and cordon GPUs), and streams answers."""
+        (submit, cancel and retry plans; pause, resume and cordon GPUs; ask the operator), and streams
+        answers."""
         n = self.n
         pub = [
             *self.agent_events(),
@@ -473,6 +474,8 @@ class Grants:
             # a plan too big for one message goes to the object store (`client.submit`)
             objects_subject(n.objects_bucket),
             api_stream("INFO", n.cmd_stream),
+            # the chat's questions to the operator (`mesh ask`), answered by the gateway on its inbox
+            n.ask("web"),
         ]
         reads, keep_off = self._observer()
         return Permissions(
