@@ -276,18 +276,7 @@ class Watchdog(Reloading):
             for rule in ("health", "restart_loop"):
                 raised_at = self._health_raised.pop((rule, name), None)
                 if raised_at is not None:
-                    self._queue_alert(
-                        AlertResolved(
-                            rule=rule,
-                            target=name,
-                            host=self.tel_host,
-                            severity="info",
-                            at=now,
-                            raised_at=raised_at,
-                            metric="health",
-                            message=f"{what} healthy again ({detail})",
-                        )
-                    )
+                    self._resolve(rule, name, raised_at, "health", f"{what} healthy again ({detail})", now)
         elif action == "restart":
             argv = check.restart_argv()
             worked, said = await asyncio.to_thread(restart, argv)

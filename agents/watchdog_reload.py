@@ -83,6 +83,23 @@ class Reloading(Agent):
     async def flush_alerts(self) -> None:
         raise NotImplementedError
 
+    def _resolve(
+        self, rule: str, target: str, raised_at: float, metric: str, message: str, now: float
+    ) -> None:
+        """Queue the resolution of alert `rule` on `target`, raised at `raised_at`."""
+        self._queue_alert(
+            AlertResolved(
+                rule=rule,
+                target=target,
+                host=self.tel_host,
+                severity="info",
+                at=now,
+                raised_at=raised_at,
+                metric=metric,
+                message=message,
+            )
+        )
+
     async def _health_loop(self) -> None:
         raise NotImplementedError
 
@@ -109,36 +126,15 @@ class Reloading(Agent):
             return False
         self.settings = settings
         for name, rule, target, raised_at in replace_rules(self.engine, rules):
-            self._queue_alert(
-                AlertResolved(
-                    rule=name,
-                    target=target,
-                    host=self.tel_host,
-                    severity="info",
-                    at=now,
-                    raised_at=raised_at,
-                    metric=rule.metric,
-                    message=f"resolved {name} on {target}: the rule is no longer in the config",
-                )
-            )
+            gone = f"resolved {name} on {target}: the rule is no longer in the config"
+            self._resolve(name, target, raised_at, rule.metric, gone, now)
         self.sinks = Sinks.from_settings(settings, self.tel_host)
         self.engine.derived.xid_window_s = settings.alert_xid_window_s
         _reload_health(self, settings, now)
         self.power.caps = settings.power_caps()
         if (RULE, self.tel_host) in self._health_raised:
             raised_at = self._health_raised.pop((RULE, self.tel_host))
-            self._queue_alert(
-                AlertResolved(
-                    rule=RULE,
-                    target=self.tel_host,
-                    host=self.tel_host,
-                    severity="info",
-                    at=now,
-                    raised_at=raised_at,
-                    metric="health",
-                    message="a new config was loaded",
-                )
-            )
+            self._resolve(RULE, self.tel_host, raised_at, "health", "a new config was loaded", now)
         if waiting:
             log.warning(
                 "reload: %s changed; these take effect when the watchdog restarts", ", ".join(waiting)
@@ -172,17 +168,7 @@ def _reload_health(wd: Reloading, settings: Settings, now: float) -> None:
     for (rule, target), raised_at in list(wd._health_raised.items()):
         if rule in ("health", "restart_loop") and target not in kept:
             del wd._health_raised[(rule, target)]
-            wd._queue_alert(
-                AlertResolved(
-                    rule=rule,
-                    target=target,
-                    host=wd.tel_host,
-                    severity="info",
-                    at=now,
-                    raised_at=raised_at,
-                    metric="health",
-                    message=f"health check {target} removed or changed in the config",
-                )
-            )
+            gone = f"health check {target} removed or changed in the config"
+            wd._resolve(rule, target, raised_at, "health", gone, now)
     if wd.health and not any(t.get_name().endswith(":health") for t in wd._background):
         wd.spawn(wd._health_loop(), "health")
