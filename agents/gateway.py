@@ -55,6 +55,7 @@ from mesh.escalation import (
     cost_usd,
     prepare,
     read_answer,
+    usage_tokens,
     utc_day,
 )
 from mesh.escalation import backoff_s as esc_backoff_s
@@ -323,13 +324,7 @@ class Gateway(Agent):
             what = "timed out" if isinstance(exc, anthropic.APITimeoutError) else "is unreachable"
             return Wait(self._backoff(req, tries), f"the API {what}: {exc}")
         took = time.monotonic() - began
-        usage = resp.usage
-        tokens_in = (
-            usage.input_tokens
-            + (usage.cache_creation_input_tokens or 0)
-            + (usage.cache_read_input_tokens or 0)
-        )
-        tokens_out = usage.output_tokens
+        tokens_in, tokens_out = usage_tokens(resp.usage)
         cost = cost_usd(self.price, tokens_in, tokens_out)
         await self._rate_settle(taken_at, tokens, tokens_in + tokens_out)
         await self._add_spend(req, cost, tokens_in, tokens_out)

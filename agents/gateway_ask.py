@@ -33,7 +33,7 @@ from anthropic.types import MessageParam, ToolParam
 from nats.aio.msg import Msg as NatsMsg
 
 from mesh.bus.jetstream import TRANSIENT
-from mesh.escalation import cost_usd, utc_day
+from mesh.escalation import cost_usd, usage_tokens, utc_day
 from mesh.names import HEADER_TYPE, check_token
 from mesh.operator import (
     SYSTEM,
@@ -201,13 +201,7 @@ class AskServer:
             return AskRefused(qid=qid, reason="unreachable", error=f"the API is unreachable: {exc}"[:500])
         if pending:
             await nc.publish(inbox, encode_ask(AskChunk(qid=qid, text="".join(pending))))
-        usage = final.usage
-        tokens_in = (
-            usage.input_tokens
-            + (usage.cache_creation_input_tokens or 0)
-            + (usage.cache_read_input_tokens or 0)
-        )
-        tokens_out = usage.output_tokens
+        tokens_in, tokens_out = usage_tokens(final.usage)
         cost = cost_usd(gw.price, tokens_in, tokens_out)
         await gw._rate_settle(taken_at, tokens, tokens_in + tokens_out)
         await gw._add_spend_to(keys, cost, tokens_in, tokens_out)

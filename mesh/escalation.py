@@ -214,6 +214,17 @@ def cost_usd(price: Price, tokens_in: int, tokens_out: int) -> float:
     return (tokens_in * price.input + tokens_out * price.output) / 1_000_000
 
 
+def usage_tokens(usage: Any) -> tuple[int, int]:
+    """(tokens in, tokens out) of a Messages API reply's `usage`: what was read from the cache
+    or written to it is input too, and billed."""
+    tokens_in = (
+        usage.input_tokens
+        + (getattr(usage, "cache_creation_input_tokens", None) or 0)
+        + (getattr(usage, "cache_read_input_tokens", None) or 0)
+    )
+    return int(tokens_in), int(usage.output_tokens)
+
+
 class Spend(msgspec.Struct, kw_only=True):
     """Spend in one scope (a UTC day, a plan), as kept in the gateway's bucket."""
 
