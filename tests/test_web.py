@@ -304,6 +304,18 @@ async def test_with_tokens_every_route_refuses_a_request_without_one(mesh: Mesh)
         assert status == 403
         status, sent = await post(http, "/api/submit", {"text": PLAN}, headers=as_operator)
         assert status == 200 and sent["ok"]
+        # nor may a viewer ask for a sensitive task's output, which an operator may
+        output = f"/api/plans/{sent['plan']}/tasks/secret/output?sensitive=1"
+
+        async def accepted() -> bool:
+            async with http.get(f"/api/plans/{sent['plan']}", headers=as_viewer) as r:
+                return r.status == 200
+
+        await until(accepted, 60, "the plan accepted")
+        async with http.get(output, headers=as_viewer) as r:
+            assert r.status == 403 and "operator" in (await r.json())["error"]
+        async with http.get(output, headers=as_operator) as r:
+            assert r.status == 404, "not run yet: no worker"
         # the login form: a bad token is refused, a good one sets an HttpOnly cookie that works
         async with http.post("/login", data={"token": "nope"}, allow_redirects=False) as r:
             assert r.status == 401
