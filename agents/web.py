@@ -46,6 +46,8 @@ ACTION_HEADER = "X-Mesh-Action"
 OPEN_PATHS = frozenset({"/login"})
 # a server-sent event stream says something at least this often, so a proxy keeps it open
 KEEPALIVE_S = 15.0
+# the sign-in form's body: a token and its name
+LOGIN_MAX_BYTES = 4096
 STATIC = ("index.html", "app.js", "app.css", "dag.js", "charts.js", "chat.js")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -77,6 +79,25 @@ def _same_origin(request: web.Request) -> bool:
         f"http://{request.host}",
         f"https://{request.host}",
     }
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """An API call that fails says why as JSON (`{"error": ...}`), never as a page or a stack
+    trace; what went wrong inside is logged here, and the caller told no more than that."""
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        return web.json_response({"error": exc.text or exc.reason}, status=exc.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response({"error": "the console failed to answer: its log says why"}, status=500)
 
 
 def guard(settings: Settings) -> Any:
@@ -124,14 +145,19 @@ async def login(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     if not _same_origin(request):
         raise web.HTTPForbidden(text="a sign-in from another site is refused")
+    # the one route open to all reads a token's worth, not the plan-sized body the others may
+    if request.content_length is None or request.content_length > LOGIN_MAX_BYTES:
+        raise web.HTTPRequestEntityTooLarge(LOGIN_MAX_BYTES, request.content_length or 0)
     form = await request.post()
     token = str(form.get("token", ""))
     if not token or role_of(token, settings.web_token, settings.web_read_token) is None:
         page = LOGIN_PAGE.replace("{error}", '<p class="err">That token is not valid.</p>')
         return web.Response(text=page, content_type="text/html", status=401)
     response = web.HTTPFound("/")
+    # Secure when the browser came over TLS, to this server or to a TLS proxy in front of it
+    tls = request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
     response.set_cookie(
-        COOKIE, token, httponly=True, samesite="Strict", secure=request.secure, path="/", max_age=30 * 86400
+        COOKIE, token, httponly=True, samesite="Strict", secure=tls, path="/", max_age=30 * 86400
     )
     raise response
 
@@ -209,12 +235,15 @@ async def _headers(request: web.Request, response: web.StreamResponse) -> None:
     h.setdefault("Referrer-Policy", "same-origin")
     h.setdefault(
         "Content-Security-Policy",
-        "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
+        "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; object-src 'none'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     )
 
 
 def make_app(hub: Hub, settings: Settings, asker: Asker | None = None) -> web.Application:
-    app = web.Application(middlewares=[guard(settings)], client_max_size=settings.plan_max_bytes + 65536)
+    app = web.Application(
+        middlewares=[json_errors, guard(settings)], client_max_size=settings.plan_max_bytes + 65536
+    )
     app.on_response_prepare.append(_headers)
     app[HUB] = hub
     app[SETTINGS] = settings

@@ -22,7 +22,7 @@ from agents.web_hub import Hub, PlanView, age, plan_row
 from mesh import events
 from mesh.bus import client, history
 from mesh.bus.outputs import OutputError, attempt_outcomes, outcome_text, task_outcome
-from mesh.consoleview import OPERATOR, window
+from mesh.consoleview import OPERATOR, window, withhold
 from mesh.errors import MeshError, NotFound, PlanError
 from mesh.names import check_token
 from mesh.plan import PlanLimits, parse_plan
@@ -76,8 +76,8 @@ def _token(value: str, what: str) -> str:
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
         data = await request.json()
-    except ValueError:
-        raise web.HTTPBadRequest(text="the body is JSON") from None
+    except (ValueError, RecursionError):  # (RecursionError: nested deeper than a plan needs)
+        raise web.HTTPBadRequest(text="the body is a JSON object") from None
     if not isinstance(data, dict):
         raise web.HTTPBadRequest(text="the body is a JSON object")
     return data
@@ -204,23 +204,21 @@ async def task(request: web.Request) -> web.Response:
         names.run_events(record.plan_id, task_id, "*"),
         names.esc_event(record.plan_id, task_id, "*"),
     ]
+    ended = (await attempt_outcomes(bus, record.plan_id, task_id)).get(task_id, [])
+    # a task that is sensitive, or whose attempt read a sensitive task's output, shows what
+    # `mesh output` shows of it: what it saw and made withheld (`mesh.consoleview.withhold`)
+    secret = rec.spec.sensitive or any(o.sensitive for o in ended)
     evs: list[dict[str, Any]] = []
     async for e in history.read_history(bus, subjects, idle_timeout_s=2.0):
         if e.msg is None:
             continue
         item = _to_builtins(e.msg)
-        # a sensitive task's output stays out of the event list as it does out of `mesh output`
-        for secret in ("output", "stdout_tail", "stderr_tail", "prompt", "result"):
-            if secret in item and (rec.spec.sensitive or item.get("sensitive")):
-                item[secret] = "(withheld: sensitive)"
+        if secret or item.get("sensitive"):
+            item = withhold(item)
         evs.append({"seq": e.seq, "subject": e.subject, "at": e.at, "event": item})
-    ended = (await attempt_outcomes(bus, record.plan_id, task_id)).get(task_id, [])
-    spec = _to_builtins(rec.spec)
-    if rec.spec.sensitive:
-        spec["env"] = {k: "(withheld)" for k in spec.get("env", {})}
     return web.json_response(
         {
-            "record": {**_to_builtins(rec), "spec": spec},
+            "record": withhold(_to_builtins(rec)) if secret else _to_builtins(rec),
             "outcomes": [
                 {
                     "attempt": o.attempt,
@@ -231,9 +229,7 @@ async def task(request: web.Request) -> web.Response:
                     "gpu": o.report.gpu if o.report else "",
                     "duration_s": o.report.duration_s if o.report else 0.0,
                     "rc": o.report.rc if o.report else None,
-                    "stderr_tail": ""
-                    if rec.spec.sensitive or (o.report and o.report.sensitive)
-                    else (o.report.stderr_tail if o.report else ""),
+                    "stderr_tail": "" if secret or o.sensitive or o.report is None else o.report.stderr_tail,
                 }
                 for o in ended
             ],
@@ -258,8 +254,12 @@ async def output(request: web.Request) -> web.Response:
         rec = decode_task(entry.value or b"")
         withheld = (outcome.sensitive or rec.spec.sensitive) and not want_sensitive
         text = "" if withheld else await outcome_text(bus, outcome)
-    except OutputError as exc:
-        return web.json_response({"error": str(exc)}, status=404)
+    except (OutputError, nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError) as exc:
+        return web.json_response(
+            {"error": str(exc) or f"plan {record.plan_id} has no task {task_id!r}"}, status=404
+        )
+    except UNREADABLE as exc:
+        raise web.HTTPInternalServerError(text=f"the record of {task_id} is unreadable: {exc}") from None
     return web.json_response(
         {
             "attempt": outcome.attempt,

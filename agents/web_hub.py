@@ -231,10 +231,14 @@ class Hub:
             self.views.pop(key, None)
         else:
             try:
-                self.plans[key] = decode_plan(data)
+                decoded = decode_plan(data)
             except UNREADABLE as exc:
                 log.warning("unreadable plan record %s: %s", key, exc)
                 return
+            if decoded.plan_id != key:  # a record under another plan's key is not shown
+                log.warning("plan record %s names plan %r", key, decoded.plan_id)
+                return
+            self.plans[key] = decoded
         record = self.plans.get(key)
         self._mark("plans", key, plan_row(record, time.time()) if record else None)
 
@@ -246,7 +250,7 @@ class Hub:
                 ev = events.decode(data)
             except UNREADABLE:
                 return
-            if not isinstance(ev, events.GpuState):
+            if not isinstance(ev, events.GpuState) or ev.gpu != key:
                 return
             self.gpus[key] = ev
         self._mark("gpus", key, True)
@@ -256,9 +260,12 @@ class Hub:
             self.agents.pop(key, None)
         else:
             try:
-                self.agents[key] = decode_agent(data)
+                agent = decode_agent(data)
             except UNREADABLE:
                 return
+            if agent.agent_id != key:  # an agent speaks for itself alone
+                return
+            self.agents[key] = agent
         self._mark("agents", key, True)
 
     def _on_sample(self, key: str, data: bytes | None) -> None:

@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from mesh.status import TaskStatus
 
@@ -171,3 +172,33 @@ def role_of(presented: str, operator_token: str, read_token: str) -> str | None:
     if read_token and hmac.compare_digest(given, read_token.encode()):
         return VIEWER
     return None
+
+
+# ------------------------------------------------------------------ what a sensitive task shows
+
+# the fields of an event or a task record that may carry what a sensitive task saw or made (its
+# output, its prompt, Claude's answer or follow-ups, a reviewer's answer, its inputs, what a
+# failed attempt printed): `mesh output` withholds them, and so does the console
+SENSITIVE_FIELDS = frozenset(
+    {"output", "stdout_tail", "stderr_tail", "prompt", "system", "result", "followups", "answer", "inputs"}
+)
+WITHHELD = "(withheld: sensitive)"
+
+
+def withhold(item: dict[str, Any]) -> dict[str, Any]:
+    """An event or record (as builtins) with what a sensitive task saw or made withheld, in it
+    and in the attempts it carries (`attempts`, `review_of`, an escalation's `task` env)."""
+    out: dict[str, Any] = {}
+    for key, value in item.items():
+        if key in SENSITIVE_FIELDS and value and not (key == "inputs" and isinstance(value, (list, tuple))):
+            out[key] = WITHHELD  # (a task spec's `inputs` names its dependencies: kept)
+        elif key in ("attempts", "review_of") and value:
+            many = isinstance(value, (list, tuple))
+            out[key] = [withhold(a) for a in value] if many else withhold(value)
+        elif key == "env" and isinstance(value, dict):
+            out[key] = {k: "(withheld)" for k in value}
+        elif key in ("spec", "task") and isinstance(value, dict):
+            out[key] = withhold(value)
+        else:
+            out[key] = value
+    return out

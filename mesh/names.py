@@ -289,6 +289,12 @@ class Names:
     def retry(self, plan_id: str) -> str:
         return f"{self.prefix}.cmd.retry.{check_token(plan_id, 'plan id')}"
 
+    @property
+    def plan_commands(self) -> tuple[str, ...]:
+        """Submit, cancel and retry, of any plan: the commands the web console sends (and no
+        command added later)."""
+        return (self.submit, f"{self.prefix}.cmd.cancel.*", f"{self.prefix}.cmd.retry.*")
+
     def work(self, cls: str) -> str:
         return f"{self.prefix}.work.{check_token(cls, 'class')}"
 

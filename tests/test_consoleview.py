@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pytest
 
 from mesh import events
@@ -18,6 +19,7 @@ from mesh.consoleview import (
     layout,
     role_of,
     window,
+    withhold,
 )
 from mesh.status import TaskStatus
 
@@ -127,3 +129,56 @@ def test_the_role_a_token_grants() -> None:
     assert role_of("", op, ro) is None
     assert role_of("o" * 31, op, ro) is None
     assert role_of(ro, op, "") is None
+
+
+def test_a_sensitive_tasks_events_and_record_show_nothing_it_saw_or_made() -> None:
+    """What `mesh output` withholds of a sensitive task is withheld from the task page too:
+    outputs, prompts, Claude's answer and follow-ups, a reviewer's answer, an escalation's
+    inputs and its attempts' outputs, the task's environment; its facts stay."""
+    spec = events.TaskSpec(id="t", body="echo {KEY}", env={"KEY": "hunter2"}, inputs=("dep",))
+    shown = [
+        events.RunFinished(
+            plan_id="p",
+            task_id="t",
+            attempt=1,
+            worker="w",
+            ok=True,
+            at=1.0,
+            duration_s=2.0,
+            output="s3cret",
+            stdout_tail="s3cret",
+            stderr_tail="s3cret",
+            prompt="s3cret",
+        ),
+        events.EscalationAnswered(
+            rid="r",
+            plan_id="p",
+            task_id="t",
+            attempt=1,
+            at=1.0,
+            model="m",
+            result="s3cret",
+            followups="s3cret",
+            prompt="s3cret",
+            system="s3cret",
+        ),
+        events.TaskReviewed(plan_id="p", task_id="t", attempt=1, at=1.0, verdict="retry", answer="s3cret"),
+        events.EscalationRequest(
+            rid="r",
+            plan_id="p",
+            task_id="t",
+            attempt=1,
+            at=1.0,
+            why="review",
+            task=spec,
+            attempts=(events.LocalAttempt(attempt=1, output="s3cret", error="exit 1"),),
+            inputs={"dep": "s3cret"},
+        ),
+    ]
+    for ev in shown:
+        item = withhold(msgspec.to_builtins(ev))
+        assert "s3cret" not in str(item) and "hunter2" not in str(item), item
+        assert item["plan_id"] == "p" and item["attempt"] == 1
+    request = withhold(msgspec.to_builtins(shown[-1]))
+    assert request["attempts"][0]["error"] == "exit 1" and list(request["task"]["inputs"]) == ["dep"]
+    assert request["task"]["env"] == {"KEY": "(withheld)"} and request["task"]["body"] == "echo {KEY}"

@@ -231,6 +231,9 @@ FORBIDDEN_PUBLISH = [
     ("web", f"{P}.evt.agent.{WORKER}.offline"),
     ("web", f"$JS.API.STREAM.DELETE.{P.upper()}_EVENTS"),
     ("web", f"$JS.API.CONSUMER.MSG.NEXT.{P.upper()}_EVENTS.brain-runs"),
+    # ...and only the commands it sends: submit, cancel, retry
+    ("web", f"{P}.cmd.anything-else"),
+    ("web", f"{P}.cmd.cancel.p1.more"),
 ]
 
 FORBIDDEN_SUBSCRIBE = [
@@ -245,6 +248,9 @@ FORBIDDEN_SUBSCRIBE = [
     ("gateway", "_INBOX.cli.>"),
     ("watchdog", f"{P}.cmd.submit"),
     ("exporter", ">"),
+    # the console shows no streamed answers (a sensitive task's among them)
+    ("web", f"{P}.stream.>"),
+    ("web", f"{P}.stream.p1.t1.{WORKER}"),
 ]
 
 

@@ -18,8 +18,9 @@ import pytest
 
 from agents.web import OPEN_PATHS, make_app
 from agents.web_hub import Hub
-from mesh.events import AlertRaised, DeadLetter, GpuControl, decode
+from mesh.events import AlertRaised, DeadLetter, GpuControl, GpuState, decode, encode
 from mesh.host.config import load_settings
+from mesh.records import AgentRecord, encode_record
 from tests.conftest import ROOT, Mesh
 from tests.faults import until
 from tests.webconsole import GPU, Listener, get, post, simulate_gpu, start_console
@@ -303,13 +304,32 @@ async def test_with_tokens_every_route_refuses_a_request_without_one(mesh: Mesh)
         assert status == 403
         status, sent = await post(http, "/api/submit", {"text": PLAN}, headers=as_operator)
         assert status == 200 and sent["ok"]
+        # nor may a viewer ask for a sensitive task's output, which an operator may
+        output = f"/api/plans/{sent['plan']}/tasks/secret/output?sensitive=1"
+
+        async def accepted() -> bool:
+            async with http.get(f"/api/plans/{sent['plan']}", headers=as_viewer) as r:
+                return r.status == 200
+
+        await until(accepted, 60, "the plan accepted")
+        async with http.get(output, headers=as_viewer) as r:
+            assert r.status == 403 and "operator" in (await r.json())["error"]
+        async with http.get(output, headers=as_operator) as r:
+            assert r.status == 404, "not run yet: no worker"
         # the login form: a bad token is refused, a good one sets an HttpOnly cookie that works
         async with http.post("/login", data={"token": "nope"}, allow_redirects=False) as r:
             assert r.status == 401
+        # (the one open route reads no more than a token's worth)
+        async with http.post("/login", data={"token": "x" * 10_000}, allow_redirects=False) as r:
+            assert r.status == 413
+        async with http.post(
+            "/login", data={"token": viewer}, headers={"X-Forwarded-Proto": "https"}, allow_redirects=False
+        ) as r:
+            assert r.status == 302 and "Secure" in r.headers["Set-Cookie"], "behind a TLS proxy"
         async with http.post("/login", data={"token": viewer}, allow_redirects=False) as r:
             assert r.status == 302
             cookie = r.headers["Set-Cookie"]
-            assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+            assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Secure" not in cookie
         assert (await get(http, "/api/me"))["role"] == "viewer"
         status, _ = await post(http, "/logout")
         assert status == 200
@@ -319,6 +339,66 @@ async def test_with_tokens_every_route_refuses_a_request_without_one(mesh: Mesh)
             "/login", data={"token": viewer}, headers={"Origin": "http://evil.example"}, allow_redirects=False
         ) as r:
             assert r.status == 403
+
+
+async def test_hostile_requests_are_refused_with_clear_json_and_every_answer_is_locked_down(
+    mesh: Mesh,
+) -> None:
+    mesh.brain()
+    url = await start_console(mesh, env={"MESH_PLAN_MAX_BYTES": "100000"})
+    async with aiohttp.ClientSession(url) as http:
+        # what every answer tells the browser: run our scripts only, frame nothing, sniff nothing
+        async with http.get("/") as r:
+            csp = r.headers["Content-Security-Policy"]
+            directives = dict(d.strip().partition(" ")[::2] for d in csp.split(";"))
+            assert directives["default-src"] == "'self'" and "script-src" not in directives, csp
+            assert directives["frame-ancestors"] == "'none'" and directives["base-uri"] == "'none'", csp
+            assert directives["object-src"] == "'none'" and directives["form-action"] == "'self'", csp
+            assert r.headers["X-Frame-Options"] == "DENY" and r.headers["X-Content-Type-Options"] == "nosniff"
+            assert r.headers["Referrer-Policy"] == "same-origin" and r.headers["Cache-Control"] == "no-store"
+
+        async def refused(method: str, path: str, status: int, says: str = "", **kw: Any) -> None:
+            headers = {"X-Mesh-Action": "1"} if method == "POST" else {}
+            async with http.request(method, path, headers=headers, **kw) as r:
+                assert r.status == status, f"{method} {path}: {r.status} {await r.text()}"
+                assert r.content_type == "application/json", f"{method} {path}: {await r.text()}"
+                error = (await r.json())["error"]
+                assert says in error and "Traceback" not in error, error
+
+        # ids are subject tokens; paging numbers are numbers; bodies are bounded JSON objects
+        await refused("GET", "/api/plans/a.b", 400, "may hold only")
+        await refused("GET", "/api/plans/a*/tasks", 400, "may hold only")
+        await refused("GET", "/api/plans/%3Cimg%3E/dag", 400, "may hold only")
+        await refused("POST", "/api/gpus/x.y/control", 400, "may hold only", json={"action": "pause"})
+        await refused("GET", "/api/plans?offset=many", 400, "whole number")
+        await refused("GET", "/api/plans/nope", 404, "no plan")
+        await refused("GET", "/api/nothing-here", 404)
+        await refused("POST", "/api/validate", 400, "JSON object", data=b"[" * 50_000)
+        await refused("POST", "/api/validate", 400, "JSON object", json=["a list"])
+        await refused("POST", "/api/submit", 413, "", data=b"{" + b" " * 200_000 + b"}")
+        await refused("POST", "/api/plans/nope/retry", 404, "no plan", json={"tasks": "a"})
+        await refused("GET", "/api/costs?by=anything", 400, "day or plan")
+        assert len((await get(http, "/api/plans?limit=1000000000"))["plans"]) == 0
+
+        # the buckets are believed only where a record names its own key: a GPU's state under
+        # another GPU's key, or an agent's record under another's, is not shown
+        bus = await mesh.bus()
+        now = time.time()
+        wrong = GpuState(gpu="h-gpu7", worker="w", host="h", state="idle", at=now)
+        await (await bus.gpus_kv()).put("h-gpu8", encode(wrong))
+        await (await bus.gpus_kv()).put("h-gpu7", encode(wrong))
+        agent = AgentRecord(agent_id="liar", role="worker", host="h", pid=1, started_at=now, seen_at=now)
+        await (await bus.agents_kv()).put("brain-x", encode_record(agent))
+        await (await bus.agents_kv()).put("liar", encode_record(agent))
+
+        async def shown() -> Any:
+            gpus = {g["gpu"] for g in (await get(http, "/api/gpus"))["gpus"]}
+            agents = {a["agent_id"] for a in (await get(http, "/api/agents"))["agents"]}
+            return (gpus, agents) if "h-gpu7" in gpus and "liar" in agents else None
+
+        gpus, agents = await until(shown, 30, "the records under their own keys")
+        assert "h-gpu8" not in gpus and "brain-x" not in agents, (gpus, agents)
+    assert "Traceback" not in mesh.log("web"), mesh.log("web")
 
 
 def test_off_loopback_without_a_token_it_refuses_to_start(mesh: Mesh) -> None:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from mesh.events import AlertRaised, DeadLetter
+from mesh.host.telemetry import write_simulated
 from tests.conftest import Mesh
 from tests.webconsole import GPU, simulate_gpu, start_console
 
@@ -179,3 +182,89 @@ async def test_the_console_in_a_browser(mesh: Mesh, browser: object) -> None:
     await phone.screenshot(path=str(out / "console-phone.png"))
     assert not errors, errors
     assert "Traceback" not in mesh.log("web"), mesh.log("web")
+
+
+# markup that runs a script if it ever reaches the page as HTML (each sets its own mark)
+XSS = '<img src=x onerror="window.__pwned=1"></script><script>window.__pwned=2</script>'
+
+HOSTILE = f"""\
+# {XSS}
+
+## Tasks
+
+### xss_out
+
+```shell
+printf '%s\\n' '{XSS}'
+```
+
+### xss_err
+- retries: 0
+
+```shell
+printf '%s\\n' '{XSS}' >&2; exit 3
+```
+"""
+
+
+async def test_text_from_the_mesh_reaches_the_page_as_text_never_as_markup(
+    mesh: Mesh, browser: object
+) -> None:
+    """A plan's title, a task's output, its stderr and error, an alert, a dead letter and a GPU's
+    name carrying markup are shown literally, and no script of theirs runs. The page is opened
+    with its Content-Security-Policy bypassed, so it is the page's own handling of text that is
+    tested, not the policy that would otherwise stop an injected script."""
+    sim = mesh.tmp / "gpus.json"
+    write_simulated(sim, [{"name": XSS, "temp_c": 50, "util_pct": 1, "mem_used_mb": 1, "mem_total_mb": 8}])
+    mesh.env.update({"MESH_SIMULATED_GPUS": str(sim), "MESH_WATCHDOG_INTERVAL_S": "0.5"})
+    mesh.brain()
+    mesh.worker("w1", 2)
+    mesh.start_agent("watchdog", "watchdog")
+    url = await start_console(mesh)
+    bus = await mesh.bus()
+    await bus.emit(
+        AlertRaised(rule="gpu_hot", target="g", host="h", severity="warning", at=time.time(), message=XSS)
+    )
+    await bus.emit(DeadLetter(agent_id="auditor-x", subject="mesh.evt.x", reason=XSS, at=time.time()))
+    context = await browser.new_context(bypass_csp=True)  # type: ignore[attr-defined]
+    page = await context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("dialog", lambda dialog: dialog.accept())
+    injected = page.locator("img, main script, #chat script")
+
+    await page.goto(url + "#/submit")
+    await page.fill("#plan-text", HOSTILE)
+    await page.wait_for_selector("#verdict >> text=2 tasks")
+    assert XSS in await page.inner_text("#verdict")
+    await page.click("#submit")
+    await page.wait_for_selector("#plan-state >> text=failed")
+    plan_id = page.url.rsplit("/", 1)[-1]
+    assert XSS in await page.inner_text("main h1")
+
+    await page.click("svg.dag g[data-task='xss_out']")
+    await page.click("#show-output")
+    await page.wait_for_selector("#output-text")
+    assert (await page.inner_text("#output-text")).strip() == XSS
+
+    await page.goto(f"{url}#/plan/{plan_id}/task/xss_err")
+    await page.wait_for_selector("#events")
+    assert XSS in await page.inner_text("main")  # its stderr, as the attempt's log
+
+    for where, selector in (
+        ("plans", "tr[data-plan]"),
+        ("alerts", "td >> text=gpu_hot"),
+        ("dead", "td >> text=auditor-x"),
+    ):
+        await page.goto(f"{url}#/{where}")
+        await page.wait_for_selector(selector)
+        assert XSS in await page.inner_text("main"), where
+    await page.goto(f"{url}#/gpus")
+    await page.wait_for_selector("[data-gpu] h3")
+    await page.wait_for_function("() => document.querySelector('#gpus').innerText.includes('onerror')")
+    assert XSS in await page.inner_text("#gpus")
+
+    assert await injected.count() == 0, await page.content()
+    assert await page.evaluate("() => window.__pwned") is None
+    assert not errors, errors

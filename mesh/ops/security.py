@@ -460,15 +460,16 @@ class Grants:
 
     def web(self) -> Permissions:
         """The web console: reads what an observer reads; acts only as an operator may through it
-        (submit, cancel and retry plans; pause, resume and cordon GPUs; ask the operator), and streams
-        answers."""
+        (submit, cancel and retry plans; pause, resume and cordon GPUs; ask the operator, whose
+        answers come to its inbox). It shows no LLM task's streamed text, so it may not subscribe
+        to it."""
         n = self.n
         pub = [
             *self.agent_events(),
             kv_put(n.agents_bucket, "*"),
             n.dead_letter("*"),
-            # submit, cancel and retry: every command there is
-            n.cmd_all,
+            # submit, cancel and retry (each by name: a command added later is not the console's)
+            *n.plan_commands,
             n.gpu_controls_all,
             kv_put(n.gpu_control_bucket, "*.operator"),
             # a plan too big for one message goes to the object store (`client.submit`)
@@ -480,7 +481,7 @@ class Grants:
         reads, keep_off = self._observer()
         return Permissions(
             publish=_unique(pub + reads),
-            subscribe=(self.inbox("web"), n.text_all),
+            subscribe=(self.inbox("web"),),
             publish_deny=_unique([n.work_all, n.esc_all, self.offline_deny, *keep_off]),
         )
 
