@@ -22,6 +22,7 @@ from agents.web_hub import Hub, PlanView, age, plan_row
 from mesh import events
 from mesh.bus import client, history
 from mesh.bus.outputs import OutputError, attempt_outcomes, outcome_text, task_outcome
+from mesh.bus.report import plan_report
 from mesh.consoleview import OPERATOR, window, withhold
 from mesh.errors import MeshError, NotFound, PlanError
 from mesh.names import check_token
@@ -452,8 +453,18 @@ async def agents(request: web.Request) -> web.Response:
     )
 
 
+async def report(request: web.Request) -> web.Response:
+    """What happened in a plan (`mesh report PLAN --json`): outcomes, the critical path, the
+    slowest tasks, retries and their reasons, escalations and their cost, GPU time and loading
+    per model, failures by cause. Read from the history, so asked for once a plan has ended."""
+    record = await _plan_record(request)
+    found = await plan_report(_hub(request).bus, record.plan_id)
+    return web.json_response({"report": _to_builtins(found)})
+
+
 def routes() -> list[web.RouteDef]:
     return [
+        web.get("/api/plans/{plan}/report", report),
         web.get("/api/plans", plans),
         web.get("/api/plans/{plan}", plan),
         web.get("/api/plans/{plan}/tasks", tasks),

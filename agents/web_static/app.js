@@ -143,6 +143,31 @@
   }
 
   // ------------------------------------------------------------------ a plan
+  // A plan's report (`mesh report`, mesh/report.py) as lines of text.
+  function reportView(r) {
+    const secs = (x) => (x >= 120 ? `${(x / 60).toFixed(1)} min` : `${x.toFixed(1)} s`);
+    const lines = [];
+    const outcomes = Object.entries(r.outcomes).map(([k, v]) => `${v} ${k}`).join(", ");
+    lines.push(`${r.tasks} task(s): ${outcomes}; ${r.attempts} attempt(s) in ${secs(r.wall_s)}`);
+    if (!r.complete) lines.push("(the history no longer holds the plan's start: figures count what is left)");
+    if (r.critical_path.length) {
+      lines.push(`critical path, ${secs(r.critical_path_s)}: ${r.critical_path.map((s) => `${s.task_id} (${secs(s.span_s)})`).join(" → ")}`);
+    }
+    if (r.slowest.length) lines.push("slowest: " + r.slowest.slice(0, 5).map((t) => `${t.task_id} ${secs(t.run_s)}`).join(", "));
+    const reasons = Object.entries(r.retry_reasons).map(([k, v]) => `${v} ${k}`).join(", ");
+    lines.push(`retries: ${r.retries}${reasons ? ` (${reasons})` : ""}; redeliveries: ${r.redeliveries}`);
+    for (const n of r.retry_notes.slice(-5)) lines.push(`  ${n.task_id} attempt ${n.attempt}: ${n.reason}: ${n.error || "(no error text)"}`);
+    if (r.escalations.length) lines.push(`escalations: ${r.escalations.length}, $${r.escalation_cost_usd.toFixed(4)}`);
+    if (r.models.length) {
+      lines.push(`GPU time ${secs(r.gpu_s)}, loading models ${secs(r.load_s)}: ` + r.models.map((m) => `${m.model} ${secs(m.gpu_s)}`).join(", "));
+    }
+    for (const g of r.failures) {
+      lines.push(`failures (${g.cause}): ${g.tasks.slice(0, 8).join(", ")}${g.tasks.length > 8 ? "…" : ""}, ${g.final} for good`);
+      for (const c of g.lines.slice(0, 3)) lines.push(`  ${c.count}× ${c.line}`);
+    }
+    return h("details", { open: "" }, h("summary", { text: "Report" }), h("pre", { class: "report", text: lines.join("\n") }));
+  }
+
   async function planPage(mine, planId) {
     const head = h("div");
     const dagBox = h("div");
@@ -154,7 +179,9 @@
     const rows = new Map();
     const prev = h("button", { type: "button", text: "‹ prev", onclick: () => { t.offset -= t.limit; loadTasks(); } });
     const next = h("button", { type: "button", text: "next ›", onclick: () => { t.offset += t.limit; loadTasks(); } });
-    main.replaceChildren(head, h("h2", { text: "DAG" }), dagBox, h("h2", { text: "Tasks" }), h("div", { class: "bar" }, filter),
+    const reportBox = h("div", { id: "report" });
+    let reported = false;
+    main.replaceChildren(head, reportBox, h("h2", { text: "DAG" }), dagBox, h("h2", { text: "Tasks" }), h("div", { class: "bar" }, filter),
       h("div", { class: "table-wrap" }, h("table", { id: "tasks" }, h("thead", {}, h("tr", {},
         ["task", "state", "attempt", "worker", "class"].map((c) => h("th", { text: c })))), tbody)),
       h("div", { class: "pager" }, prev, next, info));
@@ -179,6 +206,12 @@
         h("div", { class: "bar", id: "plan-state" }, st(p.status), progress(p.done, p.total), ...counts,
           h("span", { class: "muted", text: `accepted ${clock(p.accepted_at)}` })),
         ...(p.error ? [h("p", { class: "err", text: p.error })] : []), actions);
+      // once the plan has ended: what happened in it (`mesh report`), read from the history once
+      if (!reported && p.finished_at) {
+        reported = true;
+        api.get(`/api/plans/${enc(planId)}/report`).then((d) => { if (mine === page) reportBox.replaceChildren(reportView(d.report)); },
+          (e) => { reported = false; toast(`report: ${e.message}`); });
+      }
     }
     function taskRow(r) {
       return h("tr", { class: "click", "data-task": r.id, onclick: () => { location.hash = `#/plan/${enc(planId)}/task/${enc(r.id)}`; } },
