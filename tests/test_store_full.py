@@ -60,7 +60,9 @@ async def mesh_on(server: EmbeddedServer, tmp: Path) -> AsyncIterator[Mesh]:
     m = Mesh(server, tmp)
     # agents find the server's config (and so its store) in their data dir, as under `mesh up`;
     # no stream reserves more than the small store has
-    configure(m, data_dir=server.data_dir, events_max_bytes=0, work_max_bytes=-1, lease_s=3)
+    configure(
+        m, data_dir=server.data_dir, events_max_bytes=0, work_max_bytes=-1, history_max_bytes=0, lease_s=3
+    )
     try:
         yield m
     finally:
