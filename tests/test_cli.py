@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -391,24 +392,34 @@ def test_up_stops_all_children_on_sigterm(env: dict[str, str], tmp_path: Path) -
         text=True,
         cwd=ROOT,
     )
+    # every agent `mesh up` starts: the brain, two workers, the model worker, the watchdog, the
+    # auditor, the gateway and the web console
+    agents = {"brain", "worker-1", "worker-2", "cpu-models", "watchdog", "auditor", "gateway", "web"}
+    children: list[psutil.Process] = []
     try:
         logs = tmp_path / "data" / "logs"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HANG_S
         while time.monotonic() < deadline:
             started = (
-                [p for p in logs.glob("*.log") if " started as " in p.read_text()] if logs.exists() else []
+                {p.stem for p in logs.glob("*.log") if " started as " in p.read_text()}
+                if logs.exists()
+                else set()
             )
-            if len(started) == 6:  # brain, two workers, the model worker, the watchdog, the auditor
+            if agents <= started:
                 break
             time.sleep(0.1)
         else:
-            raise AssertionError("agents did not start")
+            raise AssertionError(f"agents did not start: {sorted(agents - started)} missing")
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) >= 7, "server, brain, two workers, the model worker, watchdog and auditor"
+        assert len(children) >= len(agents) + 1, "the server and every agent"
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
+            # (a failed test leaves no server or agent behind to load the rest of the suite)
+            for child in children or psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
             proc.kill()
             proc.communicate(timeout=30)  # closes the pipes
     assert proc.returncode == 0, stderr
