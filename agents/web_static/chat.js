@@ -37,8 +37,30 @@
     }
   }
 
+  // The panel folds to its title (a click on it), folded at first on a narrow screen; on a wide one
+  // the page leaves it room, so it covers none of a table.
+  function foldable() {
+    const panel = document.getElementById("chat");
+    const title = panel.querySelector("h2");
+    title.setAttribute("role", "button");
+    title.setAttribute("tabindex", "0");
+    const flip = () => {
+      panel.classList.toggle("folded");
+      title.setAttribute("aria-expanded", String(!panel.classList.contains("folded")));
+    };
+    title.addEventListener("click", flip);
+    title.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); flip(); } });
+    if (window.matchMedia("(max-width: 1100px)").matches) panel.classList.add("folded");
+    title.setAttribute("aria-expanded", String(!panel.classList.contains("folded")));
+    document.body.classList.add("with-chat");
+  }
+
   fetch("/api/me", { credentials: "same-origin" })
     .then((r) => r.json())
-    .then((me) => { if (me.role === "operator" && window.meshChat) window.meshChat.attach(ask); })
+    .then((me) => {
+      if (me.role !== "operator" || !window.meshChat) return;
+      window.meshChat.attach(ask);
+      foldable();
+    })
     .catch(() => {});
 })();
