@@ -41,7 +41,6 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg as NatsMsg
-from nats.aio.subscription import Subscription
 from nats.js import api
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -49,10 +48,10 @@ from prometheus_client.registry import Collector
 
 from agents.base import Agent
 from mesh import events
-from mesh.bus.jetstream import TRANSIENT
-from mesh.bus.read import read_bucket
+from mesh.bus.follows import Follows
+from mesh.bus.read import kv_gone, read_bucket
 from mesh.errors import MeshError
-from mesh.names import kv_keys, kv_subject
+from mesh.names import kv_keys
 from mesh.records import (
     INFLIGHT_STATES,
     PLAN_FINAL_STATES,
@@ -73,7 +72,6 @@ QUEUED_STATES = (WAITING, READY)
 PLAN_STATES = (PLAN_RUNNING, *sorted(PLAN_FINAL_STATES))
 DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, float("inf"))
 TOKENS_BUCKETS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000, float("inf"))
-_KV_GONE = {"DEL", "PURGE"}
 # finished tasks whose labels are kept for their run.finished still to come
 KEEP_FINISHED = 10_000
 
@@ -244,7 +242,8 @@ class Exporter(Agent):
         self.finished: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self.plans: dict[str, tuple[str, dict[str, dict[str, int]]]] = {}
         self.alerts: dict[tuple[str, str], events.AlertRaised | events.AlertResolved] = {}
-        self._subs: list[Subscription] = []
+        # its follows of the buckets and events, on the connection of the latest `_subscribe`
+        self._follows: Follows | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: Any = None
         self._server_thread: threading.Thread | None = None
@@ -275,12 +274,8 @@ class Exporter(Agent):
 
     # following the buckets and events ---------------------------------------------------
     async def _unsubscribe(self) -> None:
-        subs, self._subs = self._subs, []
-        for sub in subs:
-            try:
-                await sub.unsubscribe()
-            except TRANSIENT as exc:
-                log.debug("unsubscribe failed: %s", exc)
+        if self._follows is not None:
+            await self._follows.close()
 
     async def _subscribe(self) -> None:
         await self._unsubscribe()
@@ -289,42 +284,18 @@ class Exporter(Agent):
         self.plans.clear()
         self.alerts.clear()
         n = self.names
-        js = self.bus.js
+        follows = self._follows = Follows(self.bus)
         for bucket, cb in ((n.tasks_bucket, self._on_task), (n.plans_bucket, self._on_plan)):
-            self._subs.append(
-                await js.subscribe(
-                    kv_subject(bucket, ">"),
-                    stream=f"KV_{bucket}",
-                    cb=cb,
-                    ordered_consumer=True,
-                    deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-                )
-            )
-        self._subs.append(
-            await js.subscribe(
-                n.run_events(kind="finished"),
-                stream=n.events_stream,
-                cb=self._on_run,
-                ordered_consumer=True,
-                deliver_policy=api.DeliverPolicy.NEW,
-            )
+            await follows.bucket(bucket, cb)
+        await follows.stream(
+            n.run_events(kind="finished"), n.events_stream, self._on_run, api.DeliverPolicy.NEW
         )
-        self._subs.append(
-            await js.subscribe(
-                n.alerts_all,
-                stream=n.events_stream,
-                cb=self._on_alert,
-                ordered_consumer=True,
-                deliver_policy=api.DeliverPolicy.ALL,
-            )
-        )
+        await follows.stream(n.alerts_all, n.events_stream, self._on_alert, api.DeliverPolicy.ALL)
 
     @staticmethod
     def _key(raw: NatsMsg, bucket: str) -> tuple[str, bool]:
         """The key a KV message is about, and whether it is gone (deleted, purged, expired)."""
-        headers = raw.headers or {}
-        gone = headers.get("KV-Operation") in _KV_GONE or bool(headers.get("Nats-Marker-Reason"))
-        return raw.subject[len(kv_keys(bucket)) :], gone
+        return raw.subject[len(kv_keys(bucket)) :], kv_gone(raw)
 
     async def _on_task(self, raw: NatsMsg) -> None:
         key, gone = self._key(raw, self.names.tasks_bucket)

@@ -28,16 +28,15 @@ from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg as NatsMsg
-from nats.aio.subscription import Subscription
 from nats.js import api
 
 from mesh import events
-from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.follows import Follows
 from mesh.bus.publish import Bus
-from mesh.bus.read import read_bucket
+from mesh.bus.read import kv_gone, read_bucket
 from mesh.bus.route import decode_checked
 from mesh.consoleview import RESHAPING_EVENTS, STATUS_OF_EVENT, Layout, layout
-from mesh.names import kv_keys, kv_subject
+from mesh.names import kv_keys
 from mesh.records import UNREADABLE, AgentRecord, PlanRecord, decode_agent, decode_plan
 from mesh.samples import GpuSample, HostSample, decode_sample
 
@@ -50,7 +49,6 @@ CLIENT_QUEUE = 256
 VIEWS = 4
 # telemetry samples kept per GPU or host for the charts a page opens with
 RING = 360
-_KV_GONE = {"DEL", "PURGE"}
 
 
 class _Spec(msgspec.Struct):
@@ -146,7 +144,7 @@ class Hub:
         self.clients: set[Client] = set()
         self.seen = 0  # events taken from the stream (the tests wait on it)
         self._pending: dict[str, dict[str, Any]] = {}
-        self._subs: list[Subscription] = []
+        self._follows = Follows(bus)
         self._flusher: asyncio.Task[None] | None = None
 
     # life -------------------------------------------------------------------------------
@@ -159,25 +157,16 @@ class Hub:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
-        await self._unsubscribe()
+        await self._follows.close()
         for client in list(self.clients):
             self._drop(client)
-
-    async def _unsubscribe(self) -> None:
-        subs, self._subs = self._subs, []
-        for sub in subs:
-            try:
-                await sub.unsubscribe()
-            except TRANSIENT as exc:
-                log.debug("unsubscribe failed: %s", exc)
 
     async def subscribe(self) -> None:
         """(Again, after a reconnect:) follow the buckets from their latest values and the events
         from now; the plan views are read anew when next asked for."""
-        await self._unsubscribe()
+        await self._follows.close()
         self.views.clear()
         n = self.names
-        js = self.bus.js
         follows: list[tuple[str, Callable[[str, bytes | None], None]]] = [
             (n.plans_bucket, self._on_plan),
             (n.gpus_bucket, self._on_gpu),
@@ -185,43 +174,17 @@ class Hub:
             (n.telemetry_bucket, self._on_sample),
         ]
         for bucket, take in follows:
-            self._subs.append(
-                await js.subscribe(
-                    kv_subject(bucket, ">"),
-                    stream=f"KV_{bucket}",
-                    cb=self._kv_callback(bucket, take),
-                    ordered_consumer=True,
-                    deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-                )
-            )
+            await self._follows.bucket(bucket, self._kv_callback(bucket, take))
         # the alerts firing now: every raise and resolve the history holds, then what comes
-        self._subs.append(
-            await js.subscribe(
-                n.alerts_all,
-                stream=n.events_stream,
-                cb=self._on_alert,
-                ordered_consumer=True,
-                deliver_policy=api.DeliverPolicy.ALL,
-            )
-        )
-        self._subs.append(
-            await js.subscribe(
-                n.evt_all,
-                stream=n.events_stream,
-                cb=self._on_event,
-                ordered_consumer=True,
-                deliver_policy=api.DeliverPolicy.NEW,
-            )
-        )
+        await self._follows.stream(n.alerts_all, n.events_stream, self._on_alert, api.DeliverPolicy.ALL)
+        await self._follows.stream(n.evt_all, n.events_stream, self._on_event, api.DeliverPolicy.NEW)
 
     # the buckets ------------------------------------------------------------------------
     def _kv_callback(self, bucket: str, take: Callable[[str, bytes | None], None]) -> Any:
         prefix = len(kv_keys(bucket))
 
         async def cb(raw: NatsMsg) -> None:
-            headers = raw.headers or {}
-            gone = headers.get("KV-Operation") in _KV_GONE or bool(headers.get("Nats-Marker-Reason"))
-            take(raw.subject[prefix:], None if gone else raw.data)
+            take(raw.subject[prefix:], None if kv_gone(raw) else raw.data)
 
         return cb
 

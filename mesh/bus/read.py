@@ -111,8 +111,8 @@ async def add_reader(js: JetStreamContext, stream: str, cfg: api.ConsumerConfig)
     replicated.
 
     A one-replica consumer of a replicated stream is put on any of the stream's servers and
-    reads that server's copy, which may lag the leader's: after a server of a cluster is lost,
-    a copy still catching up answered a whole plan's task records with nothing. The leader's
+    reads that server's copy, which may lag the leader's (a copy still catching up after a
+    server of the cluster was lost). The leader's
     copy holds every acknowledged write, so a consumer placed elsewhere is deleted and created
     again (the server places it at random) until it lands on the leader; after `PLACE_TRIES`
     it reads where it is, and says so.
@@ -284,7 +284,7 @@ async def _live_values(kv: KeyValue, keys: str) -> AsyncIterator[tuple[str, Nats
             # one copy of the key for the set and whoever keeps it (a task's record interns its
             # key: a million-key read kept a million copies besides)
             key = sys.intern(raw.subject[len(prefix) :])
-            if key in given or _gone(raw):
+            if key in given or kv_gone(raw):
                 continue
             given.add(key)
             new += 1
@@ -296,7 +296,7 @@ async def _live_values(kv: KeyValue, keys: str) -> AsyncIterator[tuple[str, Nats
         config = api.ConsumerConfig(deliver_policy=after, opt_start_seq=last + 1)
 
 
-def _gone(raw: NatsMsg) -> bool:
+def kv_gone(raw: NatsMsg) -> bool:
     """A deleted or purged key's marker."""
     headers = raw.headers or {}
     return headers.get("KV-Operation") in _KV_GONE or bool(headers.get("Nats-Marker-Reason"))
