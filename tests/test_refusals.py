@@ -7,7 +7,6 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import nats.errors
@@ -22,7 +21,7 @@ from mesh.ops.security import users
 from mesh.refusal import NAMED_ROLES, Violation, parse_violation, refusal_message, role_of
 from mesh.settings import Settings
 from tests.conftest import ROOT
-from tests.test_security import WORKER, Secure
+from tests.test_security import WORKER, Secure, resources, secure  # noqa: F401 (fixtures)
 
 # far longer than any test runs: a refusal that waited for it would never come back
 FOREVER_S = 3600.0
@@ -116,31 +115,11 @@ async def test_a_cancel_from_elsewhere_stays_a_cancel() -> None:
 
 
 # on a server with one user per role -----------------------------------------------------------
-@pytest.fixture
-def secure(tmp_path: Path) -> Iterator[Secure]:
-    s = Secure(tmp_path)
-    s.server.start()
-    yield s
-    s.server.stop()
-
-
-@pytest.fixture
-async def resources(secure: Secure) -> AsyncIterator[Secure]:
-    """The streams and buckets, created by the CLI's user (as `mesh init` does)."""
-    code = subprocess.run(
-        [sys.executable, "-m", "mesh", "init"],
-        env=secure.env("cli"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert code.returncode == 0, code.stderr
-    yield secure
-
-
 @pytest.mark.integration
-def test_mesh_submit_with_a_workers_credentials_is_refused_at_once(resources: Secure, tmp_path: Path) -> None:
+def test_mesh_submit_with_a_workers_credentials_is_refused_at_once(
+    resources: Secure,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+) -> None:
     """The issue: refused only after ~10 s, as a `TimeoutError` after a permissions violation.
     With requests that would wait an hour, the command still comes back, and says why."""
     plan = tmp_path / "plan.md"
@@ -162,7 +141,9 @@ def test_mesh_submit_with_a_workers_credentials_is_refused_at_once(resources: Se
 
 
 @pytest.mark.integration
-async def test_a_refused_publish_batch_or_kv_write_fails_at_once(resources: Secure) -> None:
+async def test_a_refused_publish_batch_or_kv_write_fails_at_once(
+    resources: Secure,  # noqa: F811 (the fixture)
+) -> None:
     """Each kind of wait: a stream publish, a pipelined batch (the brain's way), a KV write. Each
     fails before its (hour-long) timeout, and the connection and its task go on unharmed."""
     conf = resources.config(WORKER)
