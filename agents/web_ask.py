@@ -58,11 +58,6 @@ _GPU = {
 _HOST = {"cpu_pct": "cpu", "ram_used_mb": "ram", "ram_total_mb": "ram_total", "disk_free_pct": "disk_free"}
 
 
-def telemetry_key(point: HistoryPoint) -> str:
-    """The telemetry bucket's key of what a point is of: `<host>.gpu<index>` or `<host>.host`."""
-    return f"{point.host}.gpu{point.index}" if point.kind == "gpu" else f"{point.host}.host"
-
-
 def chart_point(point: HistoryPoint) -> dict[str, Any]:
     """A history point as the figures a chart plots, at the middle of its bucket."""
     names = _GPU if point.kind == "gpu" else _HOST
@@ -83,7 +78,7 @@ async def seed_rings(hub: Hub, bus: Bus) -> int:
             continue
         by_key: dict[str, list[dict[str, Any]]] = {}
         for p in points:
-            by_key.setdefault(telemetry_key(p), []).append(chart_point(p))
+            by_key.setdefault(p.key, []).append(chart_point(p))
         for key, old in by_key.items():
             ring = hub.rings.setdefault(key, deque(maxlen=RING))
             first = ring[0]["at"] if ring else float("inf")
