@@ -17,7 +17,7 @@ from mesh.bus.resources import history_stream_definition
 from mesh.bus.telhistory import read_points, read_series
 from mesh.host.telemetry import write_simulated
 from mesh.samples import GpuSample, HostSample
-from mesh.telhistory import Rollup, Tier, pick_tier, series_of, sparkline, tiers
+from mesh.telhistory import HistoryPoint, Rollup, Tier, encode_point, pick_tier, series_of, sparkline, tiers
 from tests.conftest import HANG_S, Mesh
 from tests.faults import until
 
@@ -173,6 +173,19 @@ async def test_a_bucket_a_restart_cut_in_two_reads_as_one(mesh: Mesh) -> None:
     _, points = await read_points(bus, since=start, host=HOST, res_s=10)
     (point,) = [p for p in points if p.at == start + 10]
     assert point.samples == 3 and point.mean["util_pct"] == 40.0 and not point.partial
+
+
+async def test_a_point_on_another_gpus_subject_is_left_out(mesh: Mesh) -> None:
+    """A point names its host and GPU; one published on another's subject (a forgery, or a bug)
+    is not read as that other GPU's history."""
+    bus = await mesh.bus()
+    start = (time.time() // 60) * 60 - 300
+    good = HistoryPoint(kind="gpu", host=HOST, index=0, res_s=10, at=start, samples=1, mean={"util_pct": 5.0})
+    forged = HistoryPoint(kind="gpu", host="elsewhere", index=3, res_s=10, at=start + 10, samples=1)
+    await bus.js.publish(bus.names.hist_gpu(10, HOST, 0), encode_point(good))
+    await bus.js.publish(bus.names.hist_gpu(10, HOST, 0), encode_point(forged))
+    _, points = await read_points(bus, since=start, host=HOST, res_s=10)
+    assert points == [good]
 
 
 async def test_history_is_bounded_by_age(mesh: Mesh) -> None:

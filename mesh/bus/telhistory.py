@@ -108,6 +108,13 @@ async def read_points(
         except (msgspec.DecodeError, msgspec.ValidationError):
             log.warning("an unreadable history point on %s; left out", raw.subject)
             continue
+        if raw.subject != point_subject(bus, point):
+            # a point says what it is of, and its subject, which only that host's watchdog may
+            # publish on, must say the same
+            log.warning(
+                "a history point on %s that belongs on %s; left out", raw.subject, point_subject(bus, point)
+            )
+            continue
         if point.at + res_s < since or (until is not None and point.at > until):
             continue
         out.append(point)
