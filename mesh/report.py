@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import msgspec
 
@@ -179,6 +179,8 @@ class _Task:
 
 @dataclass
 class _Escalation:
+    """An escalation as it is folded: an `EscalationNote` in the making (the same fields)."""
+
     task_id: str
     attempt: int
     why: str
@@ -445,21 +447,7 @@ class ReportBuilder:
             retries=sum(self.retry_reasons.values()),
             retry_reasons=dict(self.retry_reasons.most_common()),
             retry_notes=self.retry_notes[-top:],
-            escalations=[
-                EscalationNote(
-                    e.task_id,
-                    e.attempt,
-                    e.why,
-                    e.outcome,
-                    e.model,
-                    e.tokens_in,
-                    e.tokens_out,
-                    e.cost_usd,
-                    e.duration_s,
-                    e.waits,
-                )
-                for e in costs
-            ][-top:],
+            escalations=[EscalationNote(**asdict(e)) for e in costs[-top:]],
             escalation_cost_usd=sum(e.cost_usd for e in costs),
             escalation_tokens_in=sum(e.tokens_in for e in costs),
             escalation_tokens_out=sum(e.tokens_out for e in costs),
