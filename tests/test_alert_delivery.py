@@ -9,11 +9,9 @@ import email
 import email.policy
 import http.server
 import json
-import os
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +29,8 @@ from mesh.host.alertspool import Spool
 from mesh.host.health import probe, probe_any, probe_tcp
 from mesh.ops import doctor
 from mesh.settings import Settings, alert_sink_problem
-from tests.conftest import FAST_ENV, ROOT, Mesh
+from tests import test_health_once as health_once
+from tests.conftest import Mesh
 from tests.faults import until
 
 RAISED = AlertRaised(
@@ -336,24 +335,7 @@ def test_a_round_raises_once_and_resolves_when_healthy() -> None:
 
 
 def run_health(config: Path, url: str, data: Path) -> subprocess.CompletedProcess[str]:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MESH_")},
-        **FAST_ENV,
-        "MESH_CONFIG": str(config),
-        "MESH_NATS_URL": url,
-        "MESH_DATA_DIR": str(data),
-        "PYTHONPATH": str(ROOT),
-        "COLUMNS": "300",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "mesh", "health", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-    )
+    return health_once.run_health(config, url, data, timeout_s=120)
 
 
 @pytest.mark.integration

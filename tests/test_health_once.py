@@ -47,7 +47,10 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_health(config: Path, url: str) -> subprocess.CompletedProcess[str]:
+def run_health(
+    config: Path, url: str, data: Path | None = None, timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`mesh health --json` with this config and server (and data dir, where its alerts are kept)."""
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("MESH_")},
         **FAST_ENV,
@@ -56,12 +59,14 @@ def run_health(config: Path, url: str) -> subprocess.CompletedProcess[str]:
         "PYTHONPATH": str(ROOT),
         "COLUMNS": "300",
     }
+    if data is not None:
+        env["MESH_DATA_DIR"] = str(data)
     return subprocess.run(
         [sys.executable, "-m", "mesh", "health", "--json"],
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout_s,
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
     )
