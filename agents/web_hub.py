@@ -9,10 +9,13 @@ What it follows, each with one ordered consumer (never a durable one, never a po
   plans list, the GPUs and hosts pages are served from memory.
 
 A plan's tasks are read once, when a page first asks for them (`PlanView`: their ids, statuses and
-dependencies, laid out by `mesh.consoleview.layout`), then kept current from the events. Updates
-are gathered and sent every `FLUSH_S` as one batch per topic: a plan whose tasks change a thousand
-times a second costs each browser four messages a second. A browser too slow to keep up is cut
-off (its page reconnects and reloads) rather than letting its queue grow.
+dependencies, laid out by `mesh.consoleview.layout`), with the latest transitions the events told
+of laid on top (a record is written after its event: read alone, it may lag), then kept current
+from the events. Updates are gathered and sent every `FLUSH_S` as one batch per topic: a plan
+whose tasks change a thousand times a second costs each browser four messages a second. A
+browser too slow to keep up is cut off (its page reconnects and reloads) rather than letting its
+queue grow. A page reloads what it shows each time its stream (re)opens, holding the updates that
+come meanwhile until the reload is drawn.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ CLIENT_QUEUE = 256
 VIEWS = 4
 # telemetry samples kept per GPU or host for the charts a page opens with
 RING = 360
+# task transitions remembered, whatever plan they are in: a plan view read from the tasks bucket
+# takes those of its plan on top (the brain writes a task's record after its event, so a record
+# read now may not yet say what an event already did)
+RECENT = 8192
 
 
 class _Spec(msgspec.Struct):
@@ -102,6 +109,16 @@ class PlanView:
             where=where,
         )
 
+    def take(self, task_id: str, status: str, attempt: int, worker: str) -> None:
+        """A task's transition, from its event (none where the task is not in this view)."""
+        i = self.where.get(task_id)
+        if i is None:
+            return
+        self.status[i] = status
+        self.attempt[i] = max(self.attempt[i], attempt)
+        if worker:
+            self.worker[i] = worker
+
     def row(self, i: int) -> dict[str, Any]:
         return {
             "i": i,
@@ -141,6 +158,8 @@ class Hub:
         self.alerts: dict[tuple[str, str], events.AlertRaised | events.AlertResolved] = {}
         self.views: OrderedDict[str, PlanView] = OrderedDict()
         self._building: dict[str, asyncio.Future[PlanView]] = {}
+        # (plan, task, status, attempt, worker) of the latest task transitions, oldest first
+        self._recent: deque[tuple[str, str, str, int, str]] = deque(maxlen=RECENT)
         self.clients: set[Client] = set()
         self.seen = 0  # events taken from the stream (the tests wait on it)
         self._pending: dict[str, dict[str, Any]] = {}
@@ -271,13 +290,13 @@ class Hub:
         if plan_id and task_id:
             view = self.views.get(plan_id)
             i = view.where.get(task_id) if view is not None else None
-            if view is not None and i is not None and status is not None:
-                view.status[i] = status
-                view.attempt[i] = max(view.attempt[i], getattr(msg, "attempt", 0) or 0)
-                worker = getattr(msg, "worker", "")
-                if worker:
-                    view.worker[i] = worker
-            if status is None and view is not None and i is not None:
+            if status is not None:
+                attempt, worker = getattr(msg, "attempt", 0) or 0, getattr(msg, "worker", "")
+                change = (plan_id, task_id, status, attempt, worker)
+                self._recent.append(change)
+                if view is not None:
+                    view.take(*change[1:])
+            elif view is not None and i is not None:
                 status = view.status[i]
             pending = self._pending.get(f"plan:{plan_id}", {})
             if status is not None:
@@ -310,6 +329,10 @@ class Hub:
             self._building[plan_id] = building
             try:
                 built = await self._read_view(plan_id)
+                # the transitions its records may not say yet, and those that came while reading
+                for change in self._recent:
+                    if change[0] == plan_id:
+                        built.take(*change[1:])
             except BaseException as exc:
                 building.set_exception(exc)
                 building.exception()  # (retrieved: the waiters, if any, see it)

@@ -18,9 +18,18 @@ import pytest
 
 from agents.web import OPEN_PATHS, make_app
 from agents.web_hub import Hub
-from mesh.events import AlertRaised, DeadLetter, GpuControl, GpuState, decode, encode
+from mesh.events import (
+    AlertRaised,
+    DeadLetter,
+    GpuControl,
+    GpuState,
+    TaskSpec,
+    TaskSucceeded,
+    decode,
+    encode,
+)
 from mesh.host.config import load_settings
-from mesh.records import AgentRecord, encode_record
+from mesh.records import AgentRecord, TaskRecord, encode_record
 from tests.conftest import ROOT, Mesh
 from tests.faults import until
 from tests.webconsole import GPU, Listener, get, post, simulate_gpu, start_console
@@ -469,3 +478,28 @@ async def test_a_big_plan_is_paged_windowed_and_kept_current_from_its_events(mes
         finished = await get(http, f"/api/plans/{plan_id}/tasks?status=succeeded&limit=1")
         assert finished["total"] == layers * columns
     assert "Traceback" not in mesh.log("web"), mesh.log("web")
+
+
+async def test_a_plan_view_read_after_an_event_shows_what_the_event_said(mesh: Mesh) -> None:
+    """The brain publishes a task's event, then writes its record: a view read from the tasks
+    bucket between the two (a page opened just then) must still show what the event said."""
+    bus = await mesh.bus()
+    hub = Hub(bus)
+    await hub.start()
+    try:
+        plan_id = "p-lag"
+        for task_id, status in (("a", "running"), ("b", "running")):
+            record = TaskRecord(
+                plan_id=plan_id, task_id=task_id, spec=TaskSpec(id=task_id, body="true"), status=status
+            )
+            await (await bus.tasks_kv()).put(f"{plan_id}.{task_id}", encode_record(record))
+        seen = hub.seen
+        await bus.emit(TaskSucceeded(plan_id=plan_id, task_id="a", attempt=1, worker="w1", at=time.time()))
+        await until(lambda: hub.seen > seen, 120, "the hub taking the event")
+        # the record still says running; no view of the plan existed when the event came
+        view = await hub.view(plan_id)
+        assert view.row(view.where["a"])["status"] == "succeeded"
+        assert view.row(view.where["a"])["worker"] == "w1"
+        assert view.row(view.where["b"])["status"] == "running"
+    finally:
+        await hub.stop()

@@ -8,11 +8,13 @@ With `MESH_SCREENSHOTS=DIR` it saves the main pages there (docs/img/ holds the o
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -268,3 +270,58 @@ async def test_text_from_the_mesh_reaches_the_page_as_text_never_as_markup(
     assert await injected.count() == 0, await page.content()
     assert await page.evaluate("() => window.__pwned") is None
     assert not errors, errors
+
+
+GATED = """\
+# browser gated
+
+## Variables
+
+- GATE: nowhere
+
+## Tasks
+
+### gated
+- retries: 0
+
+```shell
+while [ ! -e {GATE} ]; do sleep 0.1; done
+```
+"""
+
+
+async def test_what_changed_before_the_page_was_listening_is_shown_when_it_listens(
+    mesh: Mesh, browser: object
+) -> None:
+    """A page draws a plan, then opens its event stream: a task that ends between the two sends
+    its update to no one. The page reads the plan again once its stream is open (and each time
+    the stream opens again), so it never shows a state that has passed."""
+    playwright = pytest.importorskip("playwright.async_api")
+    mesh.brain()
+    mesh.worker("w1", 1)
+    url = await start_console(mesh)
+    gate = mesh.tmp / "gate"
+    plan_id = await mesh.submit_text(GATED, GATE=str(gate))
+    await mesh.wait_task(plan_id, "gated", "running")
+    context = await browser.new_context()  # type: ignore[attr-defined]
+    page = await context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    # the page's event stream is held back until the task has ended
+    ended = asyncio.Event()
+    held: list[str] = []
+
+    async def hold(route: Any) -> None:
+        held.append(route.request.url)
+        await ended.wait()
+        await route.continue_()
+
+    await page.route(lambda u: "/api/events?" in u, hold)
+    await page.goto(f"{url}#/plan/{plan_id}")
+    await page.wait_for_selector("svg.dag g.n-running")
+    assert held, "the page's event stream was not held back"
+    gate.touch()
+    assert (await mesh.wait_plan(plan_id)).status == "succeeded"
+    ended.set()
+    await page.wait_for_selector("#live.on")
+    await playwright.expect(page.locator("svg.dag g.n-succeeded")).to_have_count(1, timeout=WAIT_MS)
+    await page.wait_for_selector("#plan-state >> text=succeeded")

@@ -85,10 +85,16 @@
   }
 
   // ------------------------------------------------------------------ live updates
+  // Each time the stream opens (and opens again after a break) the page reloads what it shows:
+  // what changed before the server had the stream came in no update (`onHello`, else `onResync`).
   function listen(topics, onUpdate, onResync, onHello) {
     if (source) source.close();
     source = new EventSource(`/api/events?topics=${enc(topics.join(","))}`);
-    source.addEventListener("hello", () => { liveDot.className = "live on"; if (onHello) onHello(); });
+    source.addEventListener("hello", () => {
+      liveDot.className = "live on";
+      const again = onHello || onResync;
+      if (again) again();
+    });
     source.addEventListener("update", (e) => onUpdate(JSON.parse(e.data)));
     source.addEventListener("resync", () => { if (onResync) onResync(); });
     source.onerror = () => { liveDot.className = "live off"; };
@@ -245,12 +251,24 @@
       await Promise.all([dag.load(), loadTasks()]);
       return true;
     }
+    // Updates that come while the tasks are read again wait until what was read is drawn: it may
+    // have been read before them, and drawing it would undo them.
+    let reading = 0;
+    const held = [];
+    async function holding(load) {
+      reading++;
+      try { await load(); } catch (e) { toast(e.message); } finally {
+        reading--;
+        if (!reading) held.splice(0).forEach(apply);
+      }
+    }
     const reloadHead = throttle(async () => { const d = await api.get(`/api/plans/${enc(planId)}`); if (mine === page) header(d.plan); }, 1000);
-    const reloadAll = throttle(loadAll, 2000);
+    const reloadAll = throttle(() => holding(loadAll), 2000);
     // the rows' workers and attempts (an update carries the status alone), from the server's memory
-    const reloadRows = throttle(() => { loadTasks().catch(() => {}); }, 3000);
+    const reloadRows = throttle(() => holding(loadTasks), 3000);
     if (!(await loadAll())) return;
-    listen(["plans", `plan:${planId}`], (u) => {
+    listen(["plans", `plan:${planId}`], (u) => { if (reading) held.push(u); else apply(u); }, reloadAll);
+    function apply(u) {
       if (u.topic === "plans") {
         const p = u.changes[planId];
         if (p) header(p);
@@ -268,7 +286,7 @@
           reloadRows();
         }
       }
-    }, reloadAll);
+    }
   }
 
   // ------------------------------------------------------------------ a task
