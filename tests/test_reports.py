@@ -45,7 +45,7 @@ PLAN = """# Reports
 
 ### slow
 ```shell
-sleep 0.5
+sleep 4
 ```
 
 ### after
@@ -74,6 +74,9 @@ async def run_plan(mesh: Mesh) -> list[events.Message | None]:
 
 
 async def test_a_short_task_reports_its_start_with_its_end(mesh: Mesh) -> None:
+    # held back 1.5 s here, not the default's 20 ms: a no-op on a busy machine outlasted 20 ms
+    # (and reported its start on its own); the four-second task still outlasts the hold
+    mesh.env["MESH_START_REPORT_AFTER_S"] = "1.5"
     msgs = await run_plan(mesh)
     started = by_task(msgs, RunStarted)
     finished = by_task(msgs, RunFinished)
@@ -83,11 +86,11 @@ async def test_a_short_task_reports_its_start_with_its_end(mesh: Mesh) -> None:
         (fin,) = finished[task]
         assert isinstance(fin, RunFinished)
         assert 0 < fin.started_at <= fin.at
-    # the half-second task reported its start while it ran, and its end says the same start
+    # the four-second task reported its start while it ran, and its end says the same start
     (start,) = started["slow"]
     (fin,) = finished["slow"]
     assert isinstance(start, RunStarted) and isinstance(fin, RunFinished)
-    assert fin.started_at == start.at and fin.at - start.at >= 0.5
+    assert fin.started_at == start.at and fin.at - start.at >= 4
     assert msgs.index(start) < msgs.index(fin)
     # every task still has its start transition, before its success: the slow one's an event
     # of its own, the quick ones' carried by their success; and the history folds into
