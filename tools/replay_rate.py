@@ -5,6 +5,7 @@ turn, or each way a read takes its messages in turn.
     .venv/bin/python tools/replay_rate.py --tasks 200000 --rounds 5
     .venv/bin/python tools/replay_rate.py --compare sink --rounds 7
     .venv/bin/python tools/replay_rate.py --compare sink --profile
+    .venv/bin/python tools/replay_rate.py --compare frames --rounds 7
 
 The history is what a no-op plan leaves: a `plan.accepted` with its first part, `plan.tasks`
 parts, and per task a `task.released` and a `task.succeeded` (published through mesh's own bus,
@@ -17,7 +18,9 @@ measures reading, not the disk).
 callback (nats-py's way, `MeshClient.read_sinks` off) and through a sink, and reads the same
 transitions with `read_stream` alone (the raw read, nothing decoded), the order of the two
 flipped every round. `--profile` then profiles one raw read through the sink (cProfile, the
-functions that took the most time of their own).
+functions that took the most time of their own). `--compare frames` needs no server: it feeds
+20,000 frames like a read's straight into nats-py's protocol parser, through a queue and
+through a sink in turn, and times the parser alone and the sink's message handling alone.
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg as NatsMsg
+from nats.aio.subscription import Subscription
 from nats.js import api
+from nats.protocol.parser import Parser
 
 from mesh.bus.connect import connect
 from mesh.bus.history import replay
-from mesh.bus.natsclient import MeshClient, parse_header_lines
+from mesh.bus.natsclient import MeshClient, parse_header_lines, parse_headers
 from mesh.bus.read import read_stream
 from mesh.events import Msg, PlanAccepted, PlanSpec, PlanTasks, TaskReleased, TaskSpec, TaskSucceeded
 from mesh.host.config import load_settings
@@ -130,12 +136,102 @@ async def compare_sinks(url: str, rounds: int, profile: bool) -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
+FRAME_HEADERS = (
+    b"NATS/1.0\r\nMesh-Type: task.succeeded\r\nNats-Msg-Id: plan-0000000000-replay.t123.succeeded.1\r\n"
+    b"Nats-Batch-Id: 8f3e2a1b9c\r\nNats-Batch-Sequence: 17\r\nNats-Batch-Commit: 1\r\n\r\n"
+)
+FRAME_DATA = b'{"type":"task.succeeded","plan_id":"plan-0000000000-replay","task_id":"t123","attempt":1}'
+FRAMES = 20_000
+
+
+def frames() -> list[bytes]:
+    """What the server sends a read, cut as the socket would hand it over."""
+    out = []
+    for i in range(FRAMES):
+        reply = f"$JS.ACK.MESH_EVENTS.r.1.{i}.{i}.1733400000000000000.{FRAMES - i}".encode()
+        sizes = b"%d %d" % (len(FRAME_HEADERS), len(FRAME_HEADERS) + len(FRAME_DATA))
+        out.append(
+            b"HMSG _INBOX.r 1 " + reply + b" " + sizes + b"\r\n" + FRAME_HEADERS + FRAME_DATA + b"\r\n"
+        )
+    whole = b"".join(out)
+    return [whole[i : i + 65536] for i in range(0, len(whole), 65536)]
+
+
+async def through_client(chunks: list[bytes], sinks: bool) -> float:
+    """Microseconds a frame through the parser and the client, to the read's list."""
+    nc = MeshClient()
+    got: list[NatsMsg] = []
+
+    async def on_msg(msg: NatsMsg) -> None:
+        got.append(msg)
+
+    sub = Subscription(nc, 1, "_INBOX.r", cb=None if sinks else on_msg, pending_bytes_limit=0)
+    sub._start(nc._error_cb)
+    nc._subs[1] = sub
+    if sinks:
+        nc._sinks[1] = got.append
+    parser = Parser(nc)
+    began = time.perf_counter()
+    for chunk in chunks:
+        await parser.parse(chunk)
+        await asyncio.sleep(0)  # the socket's next read, where the subscription's task runs
+    while len(got) < FRAMES:
+        await asyncio.sleep(0)
+    took = (time.perf_counter() - began) / FRAMES * 1e6
+    nc._remove_sub(1)  # (never connected: nothing to tell a server)
+    sub._stop_processing()
+    return took
+
+
+async def compare_frames(rounds: int) -> None:
+    chunks = frames()
+    took: dict[str, list[float]] = {"queue": [], "sink": []}
+    for r in range(rounds):
+        for name in ("queue", "sink") if r % 2 == 0 else ("sink", "queue"):
+            took[name].append(await through_client(chunks, name == "sink"))
+    for name, values in took.items():
+        print(f"client, {name:5s}: median {statistics.median(values):.2f} us a frame over {rounds} rounds")
+
+    class Parsed(MeshClient):
+        async def _process_msg(
+            self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+        ) -> None:
+            pass
+
+    parser = Parser(Parsed())
+    alone = []
+    for _ in range(rounds):
+        began = time.perf_counter()
+        for chunk in chunks:
+            await parser.parse(chunk)
+        alone.append((time.perf_counter() - began) / FRAMES * 1e6)
+    print(f"the protocol parser alone: median {statistics.median(alone):.2f} us a frame")
+    nc = MeshClient()
+    sub = Subscription(nc, 1, "_INBOX.r")
+    nc._subs[1], nc._sinks[1] = sub, (lambda msg: None)
+    reply = b"$JS.ACK.MESH_EVENTS.r.1.5.5.1733400000000000000.5"
+    handled = []
+    for _ in range(rounds):
+        began = time.perf_counter()
+        for _ in range(FRAMES):
+            await nc._process_msg(1, b"_INBOX.r", reply, FRAME_DATA, FRAME_HEADERS)
+        handled.append((time.perf_counter() - began) / FRAMES * 1e6)
+    print(f"the sink's message handling alone: median {statistics.median(handled):.2f} us a frame")
+    began = time.perf_counter()
+    for _ in range(FRAMES):
+        parse_headers(FRAME_HEADERS)
+    print(f"the header block alone: {(time.perf_counter() - began) / FRAMES * 1e6:.2f} us")
+
+
 TASKS = 0
 
 
 async def main(args: argparse.Namespace) -> None:
     global TASKS
     TASKS = args.tasks
+    if args.compare == "frames":
+        await compare_frames(args.rounds)
+        return
     with tempfile.TemporaryDirectory(prefix="mesh-replay-") as tmp:
         server = EmbeddedServer(Path(tmp))
         server.start()
@@ -168,9 +264,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--compare",
-        choices=["parser", "sink"],
+        choices=["parser", "sink", "frames"],
         default="parser",
-        help="header parsers (nats-py's, mesh's) or read paths (queue, sink)",
+        help="header parsers (nats-py's, mesh's), read paths (queue, sink), or the client alone on frames",
     )
     parser.add_argument("--profile", action="store_true", help="with --compare sink: cProfile a raw read")
     asyncio.run(main(parser.parse_args()))
