@@ -7,8 +7,9 @@ import asyncio
 
 import pytest
 from nats.aio.msg import Msg as NatsMsg
-from nats.js import api
+from nats.js import JetStreamContext, api
 
+import nats
 from mesh.bus.connect import connect
 from mesh.bus.natsclient import MeshClient
 from mesh.bus.read import READ_BATCH, read_stream
@@ -132,4 +133,31 @@ async def test_a_read_ended_or_left_midway_drops_its_sink(nats_server: EmbeddedS
         assert not nc._sinks, "a read left midway leaves no sink"
         assert not [c for c in await bus.js.consumers_info(s.names.events_stream) if c.config.mem_storage]
     finally:
+        await bus.close()
+
+
+async def test_a_read_on_nats_py_s_own_client_gives_what_a_sink_gives(nats_server: EmbeddedServer) -> None:
+    """`read_stream` on a client without sinks reads through a subscription's callback: the
+    same messages, headers and all."""
+    s = load_settings(server=nats_server.url, environ={})
+    bus = await connect(s, "sinks", wait_s=10)
+    plain = await nats.connect(nats_server.url)
+    try:
+        await bus.ensure_resources()
+        await bus.emit_many(
+            [TaskWaiting(plan_id="p", task_id=f"t{i}", at=float(i)) for i in range(READ_BATCH + 5)]
+        )
+
+        async def read(js: JetStreamContext) -> list[tuple[str, bytes, dict[str, str] | None]]:
+            config = api.ConsumerConfig()
+            stream = read_stream(js, s.names.events_stream, s.names.evt_all, config)
+            return [(m.subject, m.data, m.headers) async for m in stream]
+
+        through_sink = await read(bus.js)
+        assert len(through_sink) == READ_BATCH + 5 and all(
+            h and h.get("Mesh-Type") for _, _, h in through_sink
+        )
+        assert await read(plain.jetstream()) == through_sink
+    finally:
+        await plain.close()
         await bus.close()
