@@ -22,6 +22,7 @@ from nats.js.kv import KeyValue
 
 import nats
 from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.natsclient import MeshClient
 from mesh.bus.refusals import Client as WatchedClient
 from mesh.bus.resources import NS
 from mesh.bus.store import StoreWatch
@@ -154,7 +155,10 @@ async def read_stream(
 
     Batches are asked for with the consumer's `MSG.NEXT` request and arrive on one inbox
     subscription: nats-py's `fetch` waits for each message with its own `wait_for` and two
-    tasks, which was most of the cost of reading history (replay, the brain's catch-up).
+    tasks, which was most of the cost of reading history (replay, the brain's catch-up). On
+    mesh's client the inbox is a sink (`MeshClient.subscribe_sink`), which puts each message
+    in the read's deque as it is parsed; the sink goes with the subscription, in `finally`,
+    also when the read is left before its end.
     """
     subjects = [subject] if isinstance(subject, str) else subject
     cfg = copy.copy(config)
@@ -172,14 +176,21 @@ async def read_stream(
     arrived: collections.deque[NatsMsg] = collections.deque()
     wake = asyncio.Event()
 
-    async def on_msg(msg: NatsMsg) -> None:
+    def land(msg: NatsMsg) -> None:
         arrived.append(msg)
         wake.set()
 
+    async def on_msg(msg: NatsMsg) -> None:
+        land(msg)
+
     inbox = nc.new_inbox()
-    # no byte limit on the subscription (a batch is bounded by the request's max_bytes instead):
-    # nats-py would drop what exceeds one as a slow consumer
-    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=4 * READ_BATCH, pending_bytes_limit=0)
+    if isinstance(nc, MeshClient) and nc.read_sinks:
+        # each message lands as it is parsed: no queue, task switch or coroutine per message
+        sub = await nc.subscribe_sink(inbox, land)
+    else:
+        # no byte limit on the subscription (a batch is bounded by the request's max_bytes
+        # instead): nats-py would drop what exceeds one as a slow consumer
+        sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=4 * READ_BATCH, pending_bytes_limit=0)
     next_subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{name}"
     request = json.dumps(
         {"batch": READ_BATCH, "max_bytes": READ_BATCH_BYTES, "expires": int(idle_timeout_s * NS)}
