@@ -6,6 +6,8 @@ turn, or each way a read takes its messages in turn.
     .venv/bin/python tools/replay_rate.py --compare sink --rounds 7
     .venv/bin/python tools/replay_rate.py --compare sink --profile
     .venv/bin/python tools/replay_rate.py --compare frames --rounds 7
+    .venv/bin/python tools/replay_rate.py --compare stages --rounds 3
+    .venv/bin/python tools/replay_rate.py --compare fold --rounds 7
 
 The history is what a no-op plan leaves: a `plan.accepted` with its first part, `plan.tasks`
 parts, and per task a `task.released` and a `task.succeeded` (published through mesh's own bus,
@@ -21,6 +23,12 @@ flipped every round. `--profile` then profiles one raw read through the sink (cP
 functions that took the most time of their own). `--compare frames` needs no server: it feeds
 20,000 frames like a read's straight into nats-py's protocol parser, through a queue and
 through a sink in turn, and times the parser alone and the sink's message handling alone.
+
+Two figures of this checkout alone, to compare commits (run each at both, alternated):
+`--compare stages` times, each round, a raw read, the read decoded and checked
+(`read_history`) and the replay, per event; `--compare fold` needs no server: it folds the
+decoded history with `evolve` into a fresh state each round, in process CPU time (what a busy
+machine's other work does not add to), the median per event.
 """
 
 from __future__ import annotations
@@ -42,11 +50,22 @@ from nats.js import api
 from nats.protocol.parser import Parser
 
 from mesh.bus.connect import connect
-from mesh.bus.history import replay
+from mesh.bus.history import read_history, replay
 from mesh.bus.natsclient import MeshClient, parse_header_lines, parse_headers
 from mesh.bus.read import read_stream
-from mesh.events import Msg, PlanAccepted, PlanSpec, PlanTasks, TaskReleased, TaskSpec, TaskSucceeded
+from mesh.events import (
+    Msg,
+    PlanAccepted,
+    PlanSpec,
+    PlanTasks,
+    TaskReleased,
+    TaskSpec,
+    TaskSucceeded,
+    decode,
+    encode,
+)
 from mesh.host.config import load_settings
+from mesh.machine import State, evolve
 from mesh.ops.embedded import EmbeddedServer
 
 PLAN = "plan-0000000000-replay"
@@ -223,6 +242,40 @@ async def compare_frames(rounds: int) -> None:
     print(f"the header block alone: {(time.perf_counter() - began) / FRAMES * 1e6:.2f} us")
 
 
+async def stages(url: str, rounds: int) -> None:
+    for r in range(rounds):
+        raw, raw_s = await raw_read(url, sinks=True)
+        bus = await connect(load_settings(server=url, environ={}), "replay-rate", wait_s=10)
+        try:
+            began = time.perf_counter()
+            read = 0
+            async for _ in read_history(bus, bus.names.transition_filters(None)):
+                read += 1
+            read_s = time.perf_counter() - began
+        finally:
+            await bus.close()
+        events, replay_s = await one_path(url, sinks=True)
+        print(
+            f"round {r + 1}: raw read {raw / raw_s:,.0f}/s ({raw_s / raw * 1e6:.1f} us), "
+            f"decoded and checked {read / read_s:,.0f}/s ({read_s / read * 1e6:.1f} us), "
+            f"replay {events / replay_s:,.0f}/s ({replay_s / events * 1e6:.1f} us)"
+        )
+
+
+def fold(tasks: int, rounds: int) -> None:
+    evs = [decode(encode(ev)) for ev in history(tasks)]
+    took = []
+    for _ in range(rounds):
+        state = State()
+        began = time.process_time()
+        for ev in evs:
+            evolve(state, ev)
+        took.append(time.process_time() - began)
+        assert len(state.tasks) == tasks
+    each = statistics.median(took) / len(evs) * 1e6
+    print(f"evolve: median {each:.2f} us of CPU an event over {rounds} rounds")
+
+
 TASKS = 0
 
 
@@ -231,6 +284,9 @@ async def main(args: argparse.Namespace) -> None:
     TASKS = args.tasks
     if args.compare == "frames":
         await compare_frames(args.rounds)
+        return
+    if args.compare == "fold":
+        fold(args.tasks, args.rounds)
         return
     with tempfile.TemporaryDirectory(prefix="mesh-replay-") as tmp:
         server = EmbeddedServer(Path(tmp))
@@ -242,6 +298,9 @@ async def main(args: argparse.Namespace) -> None:
             await bus.close()
             if args.compare == "sink":
                 await compare_sinks(server.url, args.rounds, args.profile)
+                return
+            if args.compare == "stages":
+                await stages(server.url, args.rounds)
                 return
             rates: dict[str, list[float]] = {"nats-py": [], "mesh": []}
             for r in range(args.rounds):
@@ -264,9 +323,10 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--compare",
-        choices=["parser", "sink", "frames"],
+        choices=["parser", "sink", "frames", "stages", "fold"],
         default="parser",
-        help="header parsers (nats-py's, mesh's), read paths (queue, sink), or the client alone on frames",
+        help="header parsers (nats-py's, mesh's), read paths (queue, sink), the client alone on "
+        "frames, this checkout's read and replay per event, or evolve alone",
     )
     parser.add_argument("--profile", action="store_true", help="with --compare sink: cProfile a raw read")
     asyncio.run(main(parser.parse_args()))
