@@ -92,7 +92,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
             raise
-        return web.json_response({"error": exc.text or exc.reason}, status=exc.status)
+        kept = {name: exc.headers[name] for name in ("Retry-After",) if name in exc.headers}
+        return web.json_response({"error": exc.text or exc.reason}, status=exc.status, headers=kept)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
@@ -195,11 +196,22 @@ async def stream(request: web.Request) -> web.StreamResponse:
     topics = {t for t in request.query.get("topics", "").split(",") if t}
     if not topics or len(topics) > 16 or any(len(t) > 200 for t in topics):
         raise web.HTTPBadRequest(text="name 1 to 16 topics: ?topics=plans,gpus,plan:ID")
+    most = request.app[SETTINGS].web_max_streams
+    if len(hub.clients) >= most:
+        hub.prune()
+    if len(hub.clients) >= most:
+        # each open stream holds a queue and a share of every flush: a bound, not a slow death
+        raise web.HTTPServiceUnavailable(
+            text=f"the console already serves {most} live pages (web_max_streams): close one, or raise "
+            "web_max_streams in mesh.toml and restart the console",
+            headers={"Retry-After": "30"},
+        )
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     )
     await response.prepare(request)
-    client = hub.attach(topics)
+    transport = request.transport
+    client = hub.attach(topics, lambda: transport is not None and not transport.is_closing())
     try:
         await response.write(b"event: hello\ndata: {}\n\n")
         while True:

@@ -142,6 +142,8 @@ class Client:
         default_factory=lambda: asyncio.Queue(maxsize=CLIENT_QUEUE)
     )
     dropped: bool = False
+    # whether the browser is still connected (its socket open)
+    connected: Callable[[], bool] = lambda: True
 
 
 class Hub:
@@ -357,10 +359,17 @@ class Hub:
         return PlanView.of(plan_id, tasks)
 
     # fan-out ----------------------------------------------------------------------------
-    def attach(self, topics: set[str]) -> Client:
-        client = Client(topics)
+    def attach(self, topics: set[str], connected: Callable[[], bool] = lambda: True) -> Client:
+        client = Client(topics, connected=connected)
         self.clients.add(client)
         return client
+
+    def prune(self) -> None:
+        """Let go of the streams whose browser has gone (their handler finds out only when it
+        next writes, up to a keepalive later)."""
+        for client in list(self.clients):
+            if not client.connected():
+                self._drop(client)
 
     def detach(self, client: Client) -> None:
         self.clients.discard(client)

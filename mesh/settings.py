@@ -279,6 +279,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     web_port: int = 8470
     web_token: str = ""
     web_read_token: str = ""
+    # live pages (server-sent event streams) the console serves at once; one more is refused
+    web_max_streams: int = 64
 
     # retention of the history (0: unlimited)
     events_max_age_days: float = 90.0

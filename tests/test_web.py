@@ -503,3 +503,25 @@ async def test_a_plan_view_read_after_an_event_shows_what_the_event_said(mesh: M
         assert view.row(view.where["b"])["status"] == "running"
     finally:
         await hub.stop()
+
+
+async def test_live_pages_beyond_the_bound_are_refused_until_one_closes(mesh: Mesh) -> None:
+    """Each open event stream holds a queue and a share of every flush: past `web_max_streams`
+    the console refuses one more with 503 and a clear reason, and takes it once one closes."""
+    url = await start_console(mesh, env={"MESH_WEB_MAX_STREAMS": "2"})
+    async with aiohttp.ClientSession(url) as http:
+        async with (
+            Listener(http, "/api/events?topics=plans"),
+            Listener(http, "/api/events?topics=gpus"),
+            http.get("/api/events?topics=plans") as refused,
+        ):
+            assert refused.status == 503
+            assert "web_max_streams" in (await refused.json())["error"]
+            assert refused.headers["Retry-After"] == "30"
+
+        async def taken() -> bool:
+            async with http.get("/api/events?topics=plans") as r:
+                return r.status == 200
+
+        # (the closed streams' sockets are found closed when the next one asks)
+        assert await until(taken, 120, "a stream taken once the others closed")
