@@ -11,7 +11,8 @@ Every `watchdog_interval_s` it
 3. feeds the samples, and the heartbeats of this host's agents, to the alert engine
    (`mesh.alerts`), publishes each change as `alert.raised` / `alert.resolved` on
    `<p>.evt.alert.<rule>.<kind>`, and hands it to the sinks (log, webhook, e-mail, notify-send;
-   retried, then spooled).
+   retried, then spooled). What the server does not take is spooled too, as sink `stream`,
+   and published first when it answers again, by this run or the next.
 4. holds each GPU at its power cap (`[gpus]`, `mesh gpu power`; agents/watchdog_power.py),
    setting it again after a driver reset.
 
@@ -58,6 +59,7 @@ from mesh.events import (
 )
 from mesh.health import HealthCheck, Tracker
 from mesh.host.alertsinks import Sinks
+from mesh.host.alertspool import Spool, for_stream, publish_spooled, spool_path
 from mesh.host.health import probe, restart
 from mesh.host.telemetry import GpuSource, host_token, open_source, sample_host
 from mesh.names import HEADER_TYPE
@@ -104,6 +106,10 @@ class Watchdog(Reloading):
         self._stopped: list[tuple[str, float]] = []
         # alerts raised or resolved and not yet in the stream, oldest first
         self.unsent: list[AlertRaised | AlertResolved] = []
+        # where they wait on disk while the server is away (sink `stream`, beside the sinks');
+        # an earlier run (or `mesh health`) may have left some: they go first
+        self.stream_spool = Spool(spool_path(settings.data_dir))
+        self._spooled_for_stream = True
         # the tick and each health check flush; one at a time, so each alert is sent once, in order
         self._flushing = asyncio.Lock()
         self._agents_read_at = 0.0
@@ -456,19 +462,45 @@ class Watchdog(Reloading):
         return changes
 
     async def flush_alerts(self) -> None:
-        """Publish the alerts not yet in the stream, in order; what fails is tried next round
-        (its `Nats-Msg-Id` keeps a retried one from being stored twice). The tick and the health
-        checks flush concurrently: one flush runs at a time."""
+        """Publish the alerts not yet in the stream, in order: those spooled for it first (by an
+        earlier flush, run or `mesh health`), then this run's. What the server does not take is
+        spooled, and tried next round (its `Nats-Msg-Id` keeps a retried one from being stored
+        twice). The tick and the health checks flush concurrently: one flush runs at a time."""
         async with self._flushing:
+            if self._spooled_for_stream:
+                try:
+                    _, left = await publish_spooled(self.stream_spool, self.bus.emit, TRANSIENT)
+                except OSError as exc:
+                    log.warning("reading the alert spool %s failed: %r", self.stream_spool.path, exc)
+                    left = 1
+                self._spooled_for_stream = left > 0
+                if left:
+                    await self._spool_unsent("older alerts are still waiting for the server")
+                    return
             while self.unsent:
                 try:
                     await self.bus.emit(self.unsent[0])
                 except TRANSIENT as exc:
                     if not self.bus.store.full:  # (the bus said that once)
-                        log.warning(
-                            "publishing an alert failed (%r); %d wait for the next round",
-                            exc,
-                            len(self.unsent),
-                        )
+                        log.warning("publishing an alert failed (%r): %d kept", exc, len(self.unsent))
+                    await self._spool_unsent(repr(exc))
                     return
                 self.unsent.pop(0)
+
+    async def _spool_unsent(self, why: str) -> None:
+        """Keep the alerts not yet in the stream on disk, after those kept already (a watchdog
+        killed while the server is away loses none); in memory still where the disk refuses."""
+        kept = 0
+        try:
+            for ev in self.unsent:
+                await asyncio.to_thread(self.stream_spool.add, for_stream(ev, why))
+                kept += 1
+        except OSError as exc:
+            log.error(
+                "%d alert(s) for the event stream cannot be spooled in %s (%r): kept in memory only",
+                len(self.unsent) - kept,
+                self.stream_spool.path,
+                exc,
+            )
+        del self.unsent[:kept]
+        self._spooled_for_stream = self._spooled_for_stream or kept > 0

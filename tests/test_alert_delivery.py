@@ -27,6 +27,7 @@ from mesh.host.alertmail import MailConfig, split_addresses
 from mesh.host.alertsinks import Sinks
 from mesh.host.alertspool import Spool
 from mesh.host.health import probe, probe_any, probe_tcp
+from mesh.host.telemetry import write_simulated
 from mesh.ops import doctor
 from mesh.settings import Settings, alert_sink_problem
 from tests import test_health_once as health_once
@@ -472,3 +473,47 @@ def test_e_mail_settings_that_cannot_work_are_refused() -> None:
     assert "alert_smtp_host" in alert_sink_problem(Settings(alert_email_to="a@b"))
     assert "go together" in alert_sink_problem(Settings(alert_smtp_user="u"))
     assert "alert_retries" in alert_sink_problem(Settings(alert_retries=0))
+
+
+@pytest.mark.integration
+async def test_an_alert_the_server_did_not_take_outlives_a_killed_watchdog(mesh: Mesh) -> None:
+    """The server goes away, a GPU overheats: the watchdog's alert, refused by the server, is
+    spooled for the stream. The watchdog is killed (-9) and the GPU cools; the server and a new
+    watchdog come back, and the alert reaches the history all the same, once."""
+    sim = mesh.tmp / "gpus.json"
+    cool = [{"name": "Simulated", "temp_c": 50, "util_pct": 1, "mem_used_mb": 1, "mem_total_mb": 8}]
+    write_simulated(sim, cool)
+    data = mesh.tmp / "data"
+    mesh.env.update(
+        {"MESH_SIMULATED_GPUS": str(sim), "MESH_WATCHDOG_INTERVAL_S": "0.3", "MESH_DATA_DIR": str(data)}
+    )
+    await mesh.bus()  # (the streams made)
+    mesh.start_agent("watchdog", "watchdog")
+    await until(lambda: "watching 1 GPU" in mesh.log("watchdog"), 120, "the watchdog watching")
+    mesh.server.stop()
+    write_simulated(sim, [{**cool[0], "temp_c": 95}])
+    spool = Spool(data / "alerts" / "undelivered.jsonl")
+
+    def kept() -> list[AlertRaised]:
+        if not mesh.alive("watchdog"):
+            raise AssertionError(mesh.log("watchdog"))
+        return [
+            e.event
+            for e in spool.read()[0]
+            if e.sink == "stream" and isinstance(e.event, AlertRaised) and e.event.rule == "gpu_temp_critical"
+        ]
+
+    [raised] = await until(kept, 120, "the alert spooled for the stream")
+    mesh.kill("watchdog")
+    write_simulated(sim, cool)  # (the new watchdog has nothing of its own to raise)
+    mesh.server.start()
+    mesh.start_agent("watchdog2", "watchdog")
+    bus = await mesh.bus()
+
+    async def stored() -> list[AlertRaised]:
+        history = await mesh.history(bus.names.alerts_all)
+        return [m for _, m in history if isinstance(m, AlertRaised) and m.rule == "gpu_temp_critical"]
+
+    assert await until(stored, 120, "the spooled alert in the history") == [raised]
+    await until(lambda: not [e for e in spool.read()[0] if e.sink == "stream"], 60, "the spool emptied")
+    assert mesh.alive("watchdog2"), mesh.log("watchdog2")

@@ -4,15 +4,21 @@ until a later try delivers it (the watchdog's and `mesh health`'s), and listed b
 `<data_dir>/alerts/undelivered.jsonl`. The watchdog and `mesh health` may share it: every change
 holds an exclusive lock on `undelivered.lock` beside it, and a rewrite is atomic (a temporary
 file renamed over). A line that cannot be read is kept as it is, never dropped.
+
+Beside the sinks, the event stream: an alert the server did not take is kept as sink `stream`
+(`for_stream`) and published, oldest first, by whichever of the two next reaches the server
+(`publish_spooled`); a watchdog killed while the server was away loses none.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -22,6 +28,8 @@ from mesh.events import AlertRaised, AlertResolved
 log = logging.getLogger("mesh.host.alertspool")
 
 Alert = AlertRaised | AlertResolved
+# the spool's name for the event stream, beside the sinks
+STREAM = "stream"
 
 
 class Undelivered(msgspec.Struct, kw_only=True):
@@ -105,3 +113,30 @@ class Spool:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
+
+
+def for_stream(ev: Alert, error: str) -> Undelivered:
+    """An alert the server did not take, kept for the event stream."""
+    now = time.time()
+    return Undelivered(sink=STREAM, event=ev, error=error[:500], attempts=1, first_at=now, last_at=now)
+
+
+async def publish_spooled(
+    spool: Spool, emit: Callable[[Alert], Awaitable[object]], failures: tuple[type[BaseException], ...]
+) -> tuple[int, int]:
+    """Publish (`emit`) the alerts kept for the stream, oldest first, stopping at the first of
+    `failures` (the stream keeps the order): how many went, and how many are still kept. Each
+    keeps its `Nats-Msg-Id`, so one stored twice (a race with another process) is dropped."""
+    entries, _ = await asyncio.to_thread(spool.read)
+    waiting = sorted((e for e in entries if e.sink == STREAM), key=lambda e: e.event.at)
+    sent: set[tuple[str, str, str, str, float]] = set()
+    for entry in waiting:
+        try:
+            await emit(entry.event)
+        except failures as exc:
+            log.warning("publishing a spooled alert failed (%r); kept", exc)
+            break
+        sent.add(entry.key)
+    if sent:
+        await asyncio.to_thread(spool.update, lambda e: None if e.key in sent else e)
+    return len(sent), len(waiting) - len(sent)

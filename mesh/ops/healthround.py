@@ -6,7 +6,8 @@ The sinks are the log, a webhook, e-mail and notify-send; what they fail to take
 Rounds remember which checks they raised an alert for (`<data_dir>/health/raised.json`), so a
 check that stays down is raised once and resolved when it is healthy again, not every minute.
 Alerts an earlier round (or the watchdog) could not deliver are tried again first; one the
-server did not take goes to the spool as sink `stream`, published by a later round.
+server did not take goes to the spool as sink `stream`, published by a later round (or the
+watchdog).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,17 +25,14 @@ from mesh.bus.connect import connect
 from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.publish import Bus
 from mesh.errors import MeshError
-from mesh.events import AlertRaised, AlertResolved
 from mesh.health import HealthCheck, Result, round_alerts
 from mesh.host.alertsinks import Sinks
-from mesh.host.alertspool import Spool, Undelivered, spool_path
+from mesh.host.alertspool import Spool, for_stream, publish_spooled, spool_path
 from mesh.host.health import Verdict, check_once, probe
 from mesh.host.telemetry import host_token
 from mesh.settings import Settings
 
 log = logging.getLogger("mesh.health")
-# the spool's name for the event stream, beside the sinks
-STREAM = "stream"
 
 
 def state_path(data_dir: str) -> Path:
@@ -91,7 +88,7 @@ async def health_round(s: Settings, now: float, host: str | None = None) -> Roun
             bus_error = str(exc)
         spool = Spool(spool_path(s.data_dir))
         if bus is not None:
-            done.stream_delivered = await publish_spooled(bus, spool)
+            done.stream_delivered, _ = await publish_spooled(spool, bus.emit, TRANSIENT)
 
         async def check(c: HealthCheck) -> tuple[bool, str]:
             if not c.agent:
@@ -120,7 +117,7 @@ async def health_round(s: Settings, now: float, host: str | None = None) -> Roun
                 except TRANSIENT as exc:
                     done.not_published = repr(exc)
             done.not_published = done.not_published or bus_error
-            await asyncio.to_thread(spool.add, _for_stream(ev, done.not_published))
+            await asyncio.to_thread(spool.add, for_stream(ev, done.not_published))
         if done.not_published:
             log.error(
                 "%d alert(s) not published to the event stream (%s): kept in %s for the next round",
@@ -129,29 +126,6 @@ async def health_round(s: Settings, now: float, host: str | None = None) -> Roun
                 spool.path,
             )
     return done
-
-
-def _for_stream(ev: AlertRaised | AlertResolved, error: str) -> Undelivered:
-    now = time.time()
-    return Undelivered(sink=STREAM, event=ev, error=error[:500], attempts=1, first_at=now, last_at=now)
-
-
-async def publish_spooled(bus: Bus, spool: Spool) -> int:
-    """Publish the alerts an earlier round could not, oldest first; stop at the first failure
-    (the stream keeps the order). Each keeps its `Nats-Msg-Id`: one stored twice is dropped."""
-    entries, _ = await asyncio.to_thread(spool.read)
-    waiting = sorted((e for e in entries if e.sink == STREAM), key=lambda e: e.event.at)
-    sent: set[tuple[str, str, str, str, float]] = set()
-    for entry in waiting:
-        try:
-            await bus.emit(entry.event)
-        except TRANSIENT as exc:
-            log.warning("publishing a spooled alert failed (%r); kept", exc)
-            break
-        sent.add(entry.key)
-    if sent:
-        await asyncio.to_thread(spool.update, lambda e: None if e.key in sent else e)
-    return len(sent)
 
 
 @contextlib.asynccontextmanager
