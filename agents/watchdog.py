@@ -471,9 +471,11 @@ class Watchdog(Reloading):
                 try:
                     _, left = await publish_spooled(self.stream_spool, self.bus.emit, TRANSIENT)
                 except OSError as exc:
+                    # this round's alerts still go out; the spool is read again next round
                     log.warning("reading the alert spool %s failed: %r", self.stream_spool.path, exc)
-                    left = 1
-                self._spooled_for_stream = left > 0
+                    left = 0
+                else:
+                    self._spooled_for_stream = left > 0
                 if left:
                     await self._spool_unsent("older alerts are still waiting for the server")
                     return
