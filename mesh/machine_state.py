@@ -151,18 +151,17 @@ class State:
     _seq: int = 0
     _vtime: float = 0.0
 
-    def _count_demand(self, rec: TaskRecord, delta: int) -> None:
-        _add(self.demand, demand_key(rec), delta)
-
-    def _count_running(self, rec: TaskRecord, delta: int) -> None:
-        _add(self.running, demand_key(rec), delta)
-
     def _count(self, rec: TaskRecord, delta: int) -> None:
         """Count (or uncount) a record as model work by its status: waiting or running."""
-        if rec.status in DEMAND_STATES:
-            self._count_demand(rec, delta)
-        elif rec.status == RUNNING:
-            self._count_running(rec, delta)
+        if rec.status in DEMAND_STATES or rec.status == RUNNING:
+            self._count_as(demand_key(rec), rec.status, delta)
+
+    def _count_as(self, key: str, status: str, delta: int) -> None:
+        """Count (or uncount) work of demand `key` ('' : none) in `status`."""
+        if status in DEMAND_STATES:
+            _add(self.demand, key, delta)
+        elif status == RUNNING:
+            _add(self.running, key, delta)
 
     # ---------------------------------------------------------- indexes
     def _push(self, rec: TaskRecord) -> None:
@@ -293,16 +292,10 @@ def _set_status(state: State, rec: TaskRecord, status: TaskStatus, at: float) ->
     key = demand_key(rec)
     if not key:
         return
-    if old in DEMAND_STATES:
-        _add(state.demand, key, -1)
-    elif old == RUNNING:
-        _add(state.running, key, -1)
-    if status in DEMAND_STATES:
-        _add(state.demand, key, 1)
-        if old not in DEMAND_STATES:
-            _add(state.arrived, key, 1)
-    elif status == RUNNING:
-        _add(state.running, key, 1)
+    state._count_as(key, old, -1)
+    state._count_as(key, status, 1)
+    if status in DEMAND_STATES and old not in DEMAND_STATES:
+        _add(state.arrived, key, 1)
 
 
 def _accept(state: State, ev: PlanAccepted) -> None:
