@@ -52,14 +52,20 @@ async def ask(http: aiohttp.ClientSession, question: str, conversation: str = ""
     return steps
 
 
+async def a_plan_run_and_the_console(mesh: Mesh, api: FakeAnthropic) -> tuple[str, str]:
+    """The gateway on `api`, a brain and a worker, PLAN run to success, the console serving:
+    (the plan's id, the console's URL)."""
+    await start(mesh, api)
+    mesh.brain()
+    mesh.worker("w1")
+    plan_id = await mesh.submit_text(PLAN)
+    assert (await mesh.wait_plan(plan_id)).status == "succeeded"
+    return plan_id, await start_console(mesh)
+
+
 async def test_a_question_in_the_console_is_answered_from_real_state_and_followed_up(mesh: Mesh) -> None:
     with FakeAnthropic() as api:
-        await start(mesh, api)
-        mesh.brain()
-        mesh.worker("w1")
-        plan_id = await mesh.submit_text(PLAN)
-        assert (await mesh.wait_plan(plan_id)).status == "succeeded"
-        url = await start_console(mesh)
+        plan_id, url = await a_plan_run_and_the_console(mesh, api)
         async with aiohttp.ClientSession(url) as http:
             api.then(
                 Reply(text="Looking.", tool_calls=[("plan_tasks", {"plan_id": plan_id})]),
@@ -161,12 +167,7 @@ async def test_the_operator_answers_in_the_browsers_chat_panel(mesh: Mesh, brows
     from the rig's state (a scripted tool call that reads the plan), and the answer says what it
     looked at."""
     with FakeAnthropic() as api:
-        await start(mesh, api)
-        mesh.brain()
-        mesh.worker("w1")
-        plan_id = await mesh.submit_text(PLAN)
-        assert (await mesh.wait_plan(plan_id)).status == "succeeded"
-        url = await start_console(mesh)
+        plan_id, url = await a_plan_run_and_the_console(mesh, api)
         api.then(
             Reply(text="Checking. ", tool_calls=[("plan_tasks", {"plan_id": plan_id})]),
             Reply(text=f"Your plan {plan_id} succeeded: hello ran once."),
