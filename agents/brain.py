@@ -48,8 +48,9 @@ from mesh.errors import MeshError
 from mesh.machine import Policy, Reconcile, State, Step, apply, next_due
 from mesh.models import MODEL_KINDS
 from mesh.placement import PlacementPolicy
-from mesh.records import AgentRecord
+from mesh.records import AgentRecord, Checkpoint
 from mesh.settings import Settings
+from mesh.snapshot import Snapshots
 
 log = logging.getLogger("mesh.brain")
 
@@ -92,6 +93,9 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         self.leading = False
         self.last_seq = 0
         self.checkpoint_seq = 0
+        self.snapshots = Snapshots()
+        self.start_checkpoint: Checkpoint | None = None
+        self.snapshot_seq = 0
         self.learned_fed = 0
         self._last_checkpoint = 0.0
         self._last_sweep = 0.0
@@ -231,6 +235,8 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         if self.leading and not self.lost_lease and self._bus is not None:
             try:
                 await self._checkpoint(force=True)
+                if self.snapshots.dirty and len(self.state.tasks) >= self.settings.snapshot_min_tasks:
+                    await self._snapshot()  # the next brain starts from it
                 kv = await self.bus.brain_kv()
                 await kv.delete(LEASE_KEY, last=self.lease_revision)
                 log.info("released the brain lease")
