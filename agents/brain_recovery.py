@@ -1,6 +1,8 @@
-"""The brain's recovery on start: load the task and plan records (from its snapshot where one is
-usable, else from KV, rebuilding damaged ones from the history), fold the transitions published
-after them, write what changed after the checkpoint.
+"""The brain's recovery on start: load the task and plan records (its snapshot, or KV), fold the
+transitions published after them, write what changed after the checkpoint.
+
+The records come from the brain's snapshot (`mesh.snapshot`) where one is usable, else from KV,
+where damaged values are rebuilt from the history.
 
 Then publish again what a crash may have cut short: the work items of tasks left `ready` (the
 work stream drops duplicates) and the escalation requests missing from the escalation stream.
@@ -136,7 +138,7 @@ class BrainRecovery(BrainCommit):
         except SnapshotError as exc:
             log.warning("the brain's snapshot at %d cannot be used: %s", head.seq, exc)
             return False
-        self.state = State.load(tasks, plans, aging_s=self.settings.aging_s)
+        self.state = State.load(tasks, plans, aging_s=self.settings.aging_s, compacted=True)
         self.held_ready.clear()
         self.snapshot_seq = head.seq
         self.snapshots = Snapshots(head=head)
@@ -164,7 +166,7 @@ class BrainRecovery(BrainCommit):
         rebuilt_tasks, rebuilt_plans = await self._rebuild(bad) if bad else ([], [])
         tasks.extend(rebuilt_tasks)
         plans.extend(rebuilt_plans)
-        self.state = State.load(tasks, plans, aging_s=self.settings.aging_s)
+        self.state = State.load(tasks, plans, aging_s=self.settings.aging_s, compacted=True)
         # held-back records of the state this replaces: the catch-up folds their releases again
         self.held_ready.clear()
         # written over the damaged values by the catch-up that follows
