@@ -177,14 +177,16 @@ async def test_a_sink_message_parses_its_headers_only_when_read_and_tells_a_stat
         inbox = nc.new_inbox()
         await nc.subscribe_sink(inbox, got.append)
         await nc.publish(inbox, b"one", headers={"Status": "404", "Description": "forged"})
+        await nc.publish(inbox, b"bare")  # no header block at all
         await bus.ensure_resources()
         stream = bus.names.events_stream
         info = await bus.js.add_consumer(stream, config=api.ConsumerConfig(filter_subject="nothing.here"))
         # a pull on a consumer with nothing to give: the server answers with a 404 status
         request = b'{"batch": 1, "no_wait": true}'
         await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{info.name}", request, reply=inbox)
-        await _until(lambda: len(got) == 2)
-        forged, status = got
+        await _until(lambda: len(got) == 3)
+        forged, bare, status = got
+        assert status_of(bare) is None and bare.headers is None
         assert isinstance(forged, SinkMsg) and isinstance(status, SinkMsg)
         assert status_of(forged) is None
         assert "_headers" not in forged.__dict__, "not parsed to say it is no status"

@@ -211,7 +211,7 @@ class MeshClient(Client):
             _metadata=None,
             _ackd=False,
             _sid=sid,
-            _block=headers,
+            _block=headers or b"",
         )
         try:
             sink(msg)
