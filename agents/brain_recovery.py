@@ -21,7 +21,7 @@ from nats.js.kv import KeyValue
 
 from agents.brain_commit import CHECKPOINT_KEY, BrainCommit
 from mesh.bus.history import TRANSITIONS, read_history, replay
-from mesh.bus.read import iter_bucket, iter_revisions
+from mesh.bus.read import iter_bucket, iter_revisions, value_of
 from mesh.bus.snapshot import forget as forget_snapshot
 from mesh.bus.snapshot import read_head, read_pages
 from mesh.events import EscalationRequest, GpuState, PlanAccepted, decode
@@ -94,11 +94,8 @@ class BrainRecovery(BrainCommit):
         )
 
     async def _read_checkpoint(self, kv: KeyValue) -> Checkpoint | None:
-        try:
-            entry = await kv.get(CHECKPOINT_KEY)
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        return decode_checkpoint(entry.value or b"")
+        value = await value_of(kv, CHECKPOINT_KEY)
+        return None if value is None else decode_checkpoint(value)
 
     async def _usable_snapshot(
         self, kv: KeyValue, checkpoint: Checkpoint | None

@@ -322,6 +322,15 @@ def kv_gone(raw: NatsMsg) -> bool:
 _KV_GONE = {"DEL", "PURGE"}
 
 
+async def value_of(kv: KeyValue, key: str) -> bytes | None:
+    """A key's latest value; None when the bucket has no such key."""
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return entry.value or b""
+
+
 async def read_bucket(kv: KeyValue, keys: str = ">") -> dict[str, bytes]:
     """Every live key of a bucket (matching `keys`) and its latest value."""
     return {key: value async for key, value in iter_bucket(kv, keys)}

@@ -14,7 +14,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from mesh.bus.publish import Bus
-from mesh.bus.read import iter_bucket
+from mesh.bus.read import iter_bucket, value_of
 from mesh.records import PlanRecord, TaskRecord
 from mesh.snapshot import (
     HEAD_KEY,
@@ -35,11 +35,8 @@ WRITE_BYTES = 8 * 1024 * 1024
 
 async def read_head(kv: KeyValue) -> SnapshotHead | None:
     """The snapshot's head; None when there is none. SnapshotError when it cannot be read."""
-    try:
-        entry = await kv.get(HEAD_KEY)
-    except nats.js.errors.KeyNotFoundError:
-        return None
-    return decode_head(entry.value or b"")
+    value = await value_of(kv, HEAD_KEY)
+    return None if value is None else decode_head(value)
 
 
 async def read_pages(
