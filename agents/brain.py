@@ -41,6 +41,7 @@ from agents.brain_intake import BrainIntake
 from agents.brain_lease import LEASE_KEY, BrainLease, LeaseLost, LeaseStalled
 from agents.brain_recovery import BrainRecovery
 from mesh import claims
+from mesh.bus.history import collector_paused
 from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.read import fetch_some
 from mesh.bus.workstream import WorkPurger, make_limits, work_retention
@@ -184,8 +185,9 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
             try:
                 await self._check_lease()
                 self._outbox = None
-                await self.load_state()
-                await self.catch_up()
+                with collector_paused():  # a million records read and folded: no cycles among them
+                    await self.load_state()
+                    await self.catch_up()
                 # a crash may have cut a step short: decide again what follows from the state alone
                 await self._commit(apply(self.state, Reconcile(), time.time(), self.policy))
                 await self.republish_ready()
