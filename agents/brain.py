@@ -41,6 +41,7 @@ from agents.brain_intake import BrainIntake
 from agents.brain_lease import LEASE_KEY, BrainLease, LeaseLost, LeaseStalled
 from agents.brain_recovery import BrainRecovery
 from mesh import claims
+from mesh.bus.history import collector_paused
 from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.read import fetch_some
 from mesh.bus.workstream import WorkPurger, make_limits, work_retention
@@ -48,8 +49,9 @@ from mesh.errors import MeshError
 from mesh.machine import Policy, Reconcile, State, Step, apply, next_due
 from mesh.models import MODEL_KINDS
 from mesh.placement import PlacementPolicy
-from mesh.records import AgentRecord
+from mesh.records import AgentRecord, Checkpoint
 from mesh.settings import Settings
+from mesh.snapshot import Snapshots
 
 log = logging.getLogger("mesh.brain")
 
@@ -92,6 +94,9 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         self.leading = False
         self.last_seq = 0
         self.checkpoint_seq = 0
+        self.snapshots = Snapshots()
+        self.start_checkpoint: Checkpoint | None = None
+        self.snapshot_seq = 0
         self.learned_fed = 0
         self._last_checkpoint = 0.0
         self._last_sweep = 0.0
@@ -180,8 +185,9 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
             try:
                 await self._check_lease()
                 self._outbox = None
-                await self.load_state()
-                await self.catch_up()
+                with collector_paused():  # a million records read and folded: no cycles among them
+                    await self.load_state()
+                    await self.catch_up()
                 # a crash may have cut a step short: decide again what follows from the state alone
                 await self._commit(apply(self.state, Reconcile(), time.time(), self.policy))
                 await self.republish_ready()
@@ -231,6 +237,8 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         if self.leading and not self.lost_lease and self._bus is not None:
             try:
                 await self._checkpoint(force=True)
+                if self.snapshots.dirty and len(self.state.tasks) >= self.settings.snapshot_min_tasks:
+                    await self._snapshot()  # the next brain starts from it
                 kv = await self.bus.brain_kv()
                 await kv.delete(LEASE_KEY, last=self.lease_revision)
                 log.info("released the brain lease")

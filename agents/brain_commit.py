@@ -25,6 +25,7 @@ from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.outputs import OutputError, task_output
 from mesh.bus.retention import forget_plans
 from mesh.bus.route import work_subject
+from mesh.bus.snapshot import write as write_snapshot
 from mesh.bus.workstream import WorkPurger
 from mesh.events import (
     AgentOffline,
@@ -58,6 +59,7 @@ from mesh.records import (
     TaskRecord,
     encode_record,
 )
+from mesh.snapshot import Snapshots
 from mesh.status import FailReason
 
 log = logging.getLogger("mesh.brain")
@@ -97,6 +99,8 @@ class BrainCommit(Agent):
     # released tasks whose `ready` record is held back (`_hold_ready`): the stream sequence of
     # the release, and since when (monotonic)
     held_ready: dict[str, tuple[int, float]]
+    # the pages of records changed since the last snapshot, and when the next is due
+    snapshots: Snapshots
 
     async def _commit(self, step: Step) -> None:
         """Publish a decided step: events, then records and work items together, each phase
@@ -131,6 +135,7 @@ class BrainCommit(Agent):
             archived = [ev.plan_id for ev in step.events if isinstance(ev, PlanArchived)]
             step.events.clear()
         tasks, plans = self.state.take_dirty()
+        self.snapshots.touch(tasks, bool(plans))
         tasks = self._hold_ready(tasks, released)
         plans = self._plans_due(plans)
         try:
@@ -164,6 +169,8 @@ class BrainCommit(Agent):
         self._outbox = None
         await self._forget_work(tasks)
         await self._checkpoint()
+        if self.snapshots.due(self.state, self.settings.snapshot_min_tasks, self.settings.snapshot_writes):
+            await self._snapshot()
         if archived:
             self.spawn(self._forget_objects(archived), "forget-objects")
 
@@ -420,6 +427,34 @@ class BrainCommit(Agent):
         self.checkpoint_seq = seq
         self.learned_fed = learned.fed
         self._last_checkpoint = time.monotonic()
+
+    async def _snapshot(self) -> None:
+        """Write the snapshot of every record (`mesh.snapshot`): first everything held back, so
+        that KV and the snapshot both stand at `last_seq`, then the pages changed since the
+        last one. A snapshot that fails is logged and left for the next commit: the records in
+        KV and the history stay whole without it."""
+        began = time.monotonic()
+        try:
+            await self._checkpoint(force=True)
+            if self._checkpoint_seq() != self.last_seq:
+                return  # (a held record failed to be written: the next commit tries again)
+            kv = await self.bus.brain_kv()
+            built = self.snapshots.build(
+                self.state, self.last_seq, time.time(), self.agent_id, self.bus.nc.max_payload // 2
+            )
+            await write_snapshot(self.bus, kv, built)
+        except Exception as exc:  # whatever it was, the step it follows is committed
+            log.warning("could not write the snapshot (%r); trying again after the next commit", exc)
+            return
+        self.snapshots.written(built)
+        log.info(
+            "wrote a snapshot at %d: %d tasks, %d of them in %d changed values, in %.3fs",
+            built.head.seq,
+            built.head.tasks,
+            built.encoded,
+            len(built.puts),
+            time.monotonic() - began,
+        )
 
     @staticmethod
     def _log_event(ev: Msg) -> None:

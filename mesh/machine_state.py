@@ -13,6 +13,7 @@ import operator
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -164,20 +165,26 @@ class State:
             _add(self.running, key, delta)
 
     # ---------------------------------------------------------- indexes
-    def _push(self, rec: TaskRecord) -> None:
+    def _push(
+        self, rec: TaskRecord, key: str = "", push: Callable[[list[Any], Any], None] = heapq.heappush
+    ) -> None:
         self._seq += 1
         if rec.not_before > 0:
-            heapq.heappush(self.delayed, (rec.not_before, self._seq, task_key(rec)))
+            push(self.delayed, (rec.not_before, self._seq, key or task_key(rec)))
             return
         vtime = rec.waiting_since - rec.spec.priority * self.aging_s
         # tasks that became waiting together share their virtual time: one float for them all
         if vtime == self._vtime:
             vtime = self._vtime
         self._vtime = vtime
-        heapq.heappush(self.queue.setdefault(rec.spec.cls, []), (vtime, self._seq, task_key(rec)))
+        push(self.queue.setdefault(rec.spec.cls, []), (vtime, self._seq, key or task_key(rec)))
 
-    def _index(self, rec: TaskRecord) -> None:
-        key = task_key(rec)
+    def _index(
+        self, rec: TaskRecord, key: str = "", push: Callable[[list[Any], Any], None] = heapq.heappush
+    ) -> None:
+        """Index a record added to `tasks` under `key` (its key: computed when not given).
+        `push`: how a waiting task goes into its queue (`State.load` appends, then heapifies)."""
+        key = key or task_key(rec)
         self.plan_keys.setdefault(rec.plan_id, []).append(key)
         for dep in rec.spec.depends_on:
             self.dependents.setdefault(f"{rec.plan_id}.{dep}", []).append(key)
@@ -186,19 +193,25 @@ class State:
             self.dependents.setdefault(f"{rec.plan_id}.{followup}", []).append(key)
         self._count(rec, 1)
         if rec.status == WAITING:
-            self._push(rec)
+            self._push(rec, key, push)
         elif rec.status in INFLIGHT_STATES:
             self.inflight[rec.spec.cls] = self.inflight.get(rec.spec.cls, 0) + 1
 
     @classmethod
-    def load(cls, tasks: list[TaskRecord], plans: list[PlanRecord], aging_s: float = 60.0) -> State:
+    def load(
+        cls, tasks: list[TaskRecord], plans: list[PlanRecord], aging_s: float = 60.0, compacted: bool = False
+    ) -> State:
         """Rebuild a state (and its indexes) from records read back from KV.
 
         A plan's counts are counted again from its task records: the two buckets are stored
         independently, so a cut while a step's records were written can keep a plan record
         whose counts are ahead of (or behind) its tasks' records. Folding the step's events
         again then counted a task's success twice, and the plan finished with a task running.
-        A plan whose counts change is marked for writing."""
+        A plan whose counts change is marked for writing. `compacted`: every record was made
+        compact as it was read (`compact_record`), so it is not done again.
+
+        The queues are built whole (appended, then made heaps once): a heap push per waiting
+        task was a sixth of loading a million records."""
         state = cls(aging_s=aging_s)
         for plan in plans:
             state.plans[plan.plan_id] = plan
@@ -206,7 +219,8 @@ class State:
         by_plan: dict[str, list[TaskRecord]] = {}
         floats: dict[float, float] = {_ZERO: _ZERO}
         for rec in tasks:
-            compact_record(rec, floats)
+            if not compacted:
+                compact_record(rec, floats)
             by_plan.setdefault(rec.plan_id, []).append(rec)
         counts: dict[str, dict[str, int]] = {}
         by_class: dict[str, dict[str, dict[str, int]]] = {}
@@ -216,10 +230,14 @@ class State:
             of_plan = counts.setdefault(plan_id, {})
             classes = by_class.setdefault(plan_id, {})
             for rec in ordered:
-                state.tasks[task_key(rec)] = rec
+                key = rec.key
+                state.tasks[key] = rec
                 _add(of_plan, rec.status, 1)
                 _add(classes.setdefault(rec.spec.cls, {}), rec.status, 1)
-                state._index(rec)
+                state._index(rec, key, list.append)
+        for heap in state.queue.values():
+            heapq.heapify(heap)
+        heapq.heapify(state.delayed)
         for plan in state.plans.values():
             counted = counts.get(plan.plan_id, {})
             classes = by_class.get(plan.plan_id, {})

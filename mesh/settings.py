@@ -70,6 +70,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tick_s: float = 0.5
     sweep_s: float = 2.0
     checkpoint_s: float = 1.0
+    # the brain writes a snapshot of its records (read on restart instead of one KV value per
+    # task) once it knows this many tasks, and after this many record writes since the last
+    snapshot_min_tasks: int = 20_000
+    snapshot_writes: int = 50_000
     # a running plan's record (its counts) is written at most this often; at its end at once
     plan_record_s: float = 0.5
     # how often the brain purges the work items every consumer has acknowledged (in bulk)

@@ -11,7 +11,7 @@ from nats.js import JetStreamContext, api
 
 import nats
 from mesh.bus.connect import connect
-from mesh.bus.natsclient import MeshClient
+from mesh.bus.natsclient import MeshClient, SinkMsg, status_of
 from mesh.bus.read import READ_BATCH, read_stream
 from mesh.events import TaskWaiting
 from mesh.host.config import load_settings
@@ -160,4 +160,38 @@ async def test_a_read_on_nats_py_s_own_client_gives_what_a_sink_gives(nats_serve
         assert await read(plain.jetstream()) == through_sink
     finally:
         await plain.close()
+        await bus.close()
+
+
+async def test_a_sink_message_parses_its_headers_only_when_read_and_tells_a_status_by_its_first_line(
+    nats_server: EmbeddedServer,
+) -> None:
+    """A history read asks each message whether it is a status (the end of a batch): a sink's
+    message answers from its header block's first line, so a header named `Status` in a
+    message is not taken for one, and the headers of the others are parsed only if read."""
+    bus = await connect(load_settings(server=nats_server.url, environ={}), "sinks")
+    try:
+        nc = bus.nc
+        assert isinstance(nc, MeshClient)
+        got: list[NatsMsg] = []
+        inbox = nc.new_inbox()
+        await nc.subscribe_sink(inbox, got.append)
+        await nc.publish(inbox, b"one", headers={"Status": "404", "Description": "forged"})
+        await nc.publish(inbox, b"bare")  # no header block at all
+        await bus.ensure_resources()
+        stream = bus.names.events_stream
+        info = await bus.js.add_consumer(stream, config=api.ConsumerConfig(filter_subject="nothing.here"))
+        # a pull on a consumer with nothing to give: the server answers with a 404 status
+        request = b'{"batch": 1, "no_wait": true}'
+        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{info.name}", request, reply=inbox)
+        await _until(lambda: len(got) == 3)
+        forged, bare, status = got
+        assert status_of(bare) is None and bare.headers is None
+        assert isinstance(forged, SinkMsg) and isinstance(status, SinkMsg)
+        assert status_of(forged) is None
+        assert "_headers" not in forged.__dict__, "not parsed to say it is no status"
+        assert forged.headers == {"Status": "404", "Description": "forged"}
+        assert status_of(status) == "404"
+        assert status.headers is not None and status.headers["Status"] == "404"
+    finally:
         await bus.close()

@@ -4,13 +4,14 @@ a bucket while its keys are written again: every key, once."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 
 import pytest
 from nats.js import api
 
 from mesh.bus.connect import connect
-from mesh.bus.history import read_history
+from mesh.bus.history import collector_paused, read_history
 from mesh.bus.read import READ_BATCH, READ_BATCH_BYTES, ReadBroken, iter_bucket, read_stream
 from mesh.events import PlanTasks, TaskSpec, TaskWaiting
 from mesh.host.config import load_settings
@@ -122,3 +123,20 @@ async def test_a_read_that_breaks_off_fails_instead_of_ending_short(nats_server:
         assert got < READ_BATCH * 3
     finally:
         await bus.close()
+
+
+def test_the_collector_is_paused_for_a_fold_and_on_again_after_it_whatever_happens() -> None:
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("a fold that fails")
+    assert gc.isenabled(), "on again after a failure"
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled(), "left off where it was off"
+    finally:
+        gc.enable()

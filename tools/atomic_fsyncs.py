@@ -17,13 +17,19 @@ import asyncio
 import json
 import secrets
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import nats
-from mesh.ops.embedded import EmbeddedServer
+
+# this checkout's mesh, not whichever one the environment has installed
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mesh.ops.embedded import EmbeddedServer  # noqa: E402
 
 
 def _count(trace: Path) -> tuple[int, int]:

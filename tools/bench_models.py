@@ -16,16 +16,22 @@ import argparse
 import asyncio
 import os
 import shutil
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-from mesh.bus.connect import connect
-from mesh.bus.files import fetch_file
-from mesh.bus.modelstore import models_store, push_model
-from mesh.host.config import load_settings
-from mesh.host.modelfiles import resolve_path
-from mesh.models import builtin_models
-from mesh.ops.embedded import EmbeddedServer
+# this checkout's mesh, not whichever one the environment has installed
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mesh.bus.connect import connect  # noqa: E402
+from mesh.bus.files import fetch_file  # noqa: E402
+from mesh.bus.modelstore import models_store, push_model  # noqa: E402
+from mesh.host.config import load_settings  # noqa: E402
+from mesh.host.modelfiles import resolve_path  # noqa: E402
+from mesh.models import builtin_models  # noqa: E402
+from mesh.ops.embedded import EmbeddedServer  # noqa: E402
 
 
 async def measure(url: str, tmp: str, path: str, fetches: int) -> None:

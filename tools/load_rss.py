@@ -22,13 +22,17 @@ from pathlib import Path
 
 import psutil
 
-from mesh.bus.connect import connect
-from mesh.bus.read import iter_revisions
-from mesh.events import TaskSpec
-from mesh.host.config import load_settings
-from mesh.machine_state import State, compact_record
-from mesh.ops.embedded import EmbeddedServer
-from mesh.records import TaskRecord, decode_task, encode_record
+# this checkout's mesh, not whichever one the environment has installed
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mesh.bus.connect import connect  # noqa: E402
+from mesh.bus.read import iter_revisions  # noqa: E402
+from mesh.events import TaskSpec  # noqa: E402
+from mesh.host.config import load_settings  # noqa: E402
+from mesh.machine_state import State, compact_record  # noqa: E402
+from mesh.ops.embedded import EmbeddedServer  # noqa: E402
+from mesh.records import TaskRecord, decode_task, encode_record  # noqa: E402
 
 PLAN = "plan-0000000000-load"
 

@@ -38,6 +38,7 @@ import asyncio
 import cProfile
 import pstats
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -49,11 +50,15 @@ from nats.aio.subscription import Subscription
 from nats.js import api
 from nats.protocol.parser import Parser
 
-from mesh.bus.connect import connect
-from mesh.bus.history import read_history, replay
-from mesh.bus.natsclient import MeshClient, parse_header_lines, parse_headers
-from mesh.bus.read import read_stream
-from mesh.events import (
+# this checkout's mesh, not whichever one the environment has installed
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mesh.bus.connect import connect  # noqa: E402
+from mesh.bus.history import read_history, replay  # noqa: E402
+from mesh.bus.natsclient import MeshClient, parse_header_lines, parse_headers  # noqa: E402
+from mesh.bus.read import read_stream  # noqa: E402
+from mesh.events import (  # noqa: E402
     Msg,
     PlanAccepted,
     PlanSpec,
@@ -64,9 +69,9 @@ from mesh.events import (
     decode,
     encode,
 )
-from mesh.host.config import load_settings
-from mesh.machine import State, evolve
-from mesh.ops.embedded import EmbeddedServer
+from mesh.host.config import load_settings  # noqa: E402
+from mesh.machine import State, evolve  # noqa: E402
+from mesh.ops.embedded import EmbeddedServer  # noqa: E402
 
 PLAN = "plan-0000000000-replay"
 PART = 5000

@@ -7,9 +7,11 @@ they began.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -61,6 +63,22 @@ async def read_history(
 TRANSITIONS = events.TRANSITION_TYPES
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cycle collector off for a bulk fold (a replay, a brain's catch-up), on again
+    after. Folding builds millions of objects that form no cycles (records, keys, queue
+    entries; the decoded events and messages are freed by their counts), and each full pass
+    of the collector walks the growing tables: a tenth of a million-task replay's time
+    (tools/replay_rate.py, docs/performance.md)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def parse_since(text: str, now: float | None = None) -> float:
     """`90s`, `30m`, `2h`, `7d` ago, a UNIX time, or an ISO date/time (local time if no zone)."""
     now = time.time() if now is None else now
@@ -105,16 +123,17 @@ async def replay(bus: Bus, *, plan_id: str | None = None, since: float | None = 
     subject = bus.names.transition_filters(plan_id)
     result = Replay(State(aging_s=bus.settings.aging_s))
     began = time.perf_counter()
-    async for entry in read_history(bus, subject, since=since):
-        result.events += 1
-        result.first_seq = result.first_seq or entry.seq
-        result.last_seq = entry.seq
-        if entry.msg is None:
-            result.undecodable += 1
-            continue
-        if isinstance(entry.msg, TRANSITIONS):
-            result.transitions += 1
-        evolve(result.state, entry.msg)
+    with collector_paused():
+        async for entry in read_history(bus, subject, since=since):
+            result.events += 1
+            result.first_seq = result.first_seq or entry.seq
+            result.last_seq = entry.seq
+            if entry.msg is None:
+                result.undecodable += 1
+                continue
+            if isinstance(entry.msg, TRANSITIONS):
+                result.transitions += 1
+            evolve(result.state, entry.msg)
     result.state.dirty_tasks.clear()
     result.state.dirty_plans.clear()
     result.seconds = time.perf_counter() - began

@@ -118,6 +118,41 @@ def parse_headers(
 
 Sink = Callable[[NatsMsg], object]
 
+_UNREAD: dict[str, str] = {}  # (a marker: headers not parsed yet)
+
+
+class SinkMsg(NatsMsg):
+    """A message handed to a sink. Its header block is parsed when `headers` is first read: a
+    history read looks at the headers of none but the status messages that end its batches
+    (`status_of` tells those from the block's first line), and a replay of a million-task
+    history parsed two million header blocks nobody read."""
+
+    _block: bytes = b""
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        parsed: dict[str, str] | None = self.__dict__.get("_headers", _UNREAD)
+        if parsed is _UNREAD:
+            lines = getattr(self._client, "_parse_header_lines", parse_header_lines)
+            parsed = parse_headers(self._block, lines)
+            self.__dict__["_headers"] = parsed
+        return parsed
+
+    @headers.setter
+    def headers(self, value: dict[str, str] | None) -> None:
+        self.__dict__["_headers"] = value
+
+
+def status_of(raw: NatsMsg) -> str | None:
+    """A status message's code (`404`, `408`, `409`...), None for any other message; a sink's
+    message is told from its block's first line, its headers left unparsed."""
+    if isinstance(raw, SinkMsg) and "_headers" not in raw.__dict__:
+        block = raw._block
+        if block[_HDR_END : _HDR_END + 1] != b" ":
+            return None  # `NATS/1.0\r\n` (or no block): headers, no status line
+    headers = raw.headers
+    return headers.get("Status") if headers else None
+
 
 class MeshClient(Client):
     """nats-py's client with `parse_header_lines` for its header blocks, and sink subscriptions."""
@@ -166,13 +201,17 @@ class MeshClient(Client):
         sub._received += 1
         if sub._max_msgs > 0 and sub._received >= sub._max_msgs:
             self._remove_sub(sid)
-        msg = self.msg_class(
+        msg = SinkMsg.__new__(SinkMsg)
+        # what the dataclass's __init__ would set, less the headers (parsed when read)
+        msg.__dict__.update(
+            _client=self,
             subject=subject.decode(),
             reply=reply.decode(),
             data=data,
-            headers=parse_headers(headers, self._parse_header_lines),
-            _client=self,
+            _metadata=None,
+            _ackd=False,
             _sid=sid,
+            _block=headers or b"",
         )
         try:
             sink(msg)

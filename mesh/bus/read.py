@@ -22,7 +22,7 @@ from nats.js.kv import KeyValue
 
 import nats
 from mesh.bus.jetstream import TRANSIENT
-from mesh.bus.natsclient import MeshClient
+from mesh.bus.natsclient import MeshClient, status_of
 from mesh.bus.refusals import Client as WatchedClient
 from mesh.bus.resources import NS
 from mesh.bus.store import StoreWatch
@@ -223,7 +223,7 @@ async def read_stream(
                     return
                 continue
             raw = arrived.popleft()
-            status = raw.headers.get("Status") if raw.headers else None
+            status = status_of(raw)
             if status:
                 description = (raw.headers or {}).get("Description", "")
                 if status == "409" and "Batch Completed" in description:
@@ -320,6 +320,15 @@ def kv_gone(raw: NatsMsg) -> bool:
 
 
 _KV_GONE = {"DEL", "PURGE"}
+
+
+async def value_of(kv: KeyValue, key: str) -> bytes | None:
+    """A key's latest value; None when the bucket has no such key."""
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return entry.value or b""
 
 
 async def read_bucket(kv: KeyValue, keys: str = ">") -> dict[str, bytes]:
