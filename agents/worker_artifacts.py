@@ -28,9 +28,12 @@ from agents.base import Agent
 from mesh.bus.files import (
     MB,
     FileTransferError,
+    SmallFile,
     artifact_name,
     fetch_file,
+    put_data,
     put_file,
+    put_small_many,
     safe_relpath,
     sha256_file,
 )
@@ -41,6 +44,11 @@ from mesh.validate import artifact_glob_problem
 from mesh.work import RunResult
 
 log = logging.getLogger("mesh.worker")
+
+# an attempt's artifacts this small are read whole with the others of its batch and stored
+# from memory (an embedding's `.npy`), up to READ_BYTES_MAX an attempt; the rest are streamed
+SMALL_BYTES = 256 * 1024
+READ_BYTES_MAX = MB
 
 
 def run_dir(item: WorkItem) -> str:
@@ -79,6 +87,45 @@ def artifact_files(base: str, globs: tuple[str, ...], reported: list[str]) -> di
     return found
 
 
+def wants_keeping(item: WorkItem, result: RunResult) -> bool:
+    """Whether the attempt may have files to store (a cancelled one's are not)."""
+    return not result.cancelled and bool(item.artifacts or result.artifacts)
+
+
+@dataclasses.dataclass
+class Found:
+    """An attempt's files as `scan` found them: relative path -> the file, its size and
+    permission bits, and the contents of those small enough to be read at once."""
+
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    modes: dict[str, int] = dataclasses.field(default_factory=dict)
+    data: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    error: str = ""
+
+
+def scan(item: WorkItem, result: RunResult) -> Found:
+    """The attempt's files (`artifact_files`), their sizes and modes, and the contents of the
+    small ones, up to `READ_BYTES_MAX` in all: those are stored from memory, the others
+    streamed from the disk (blocking: run it in a thread). A file that cannot be read is
+    `error`."""
+    out = Found()
+    try:
+        out.files = artifact_files(run_dir(item), item.artifacts, result.artifacts)
+        read = 0
+        for rel, path in out.files.items():
+            st = os.stat(path)
+            out.sizes[rel] = st.st_size
+            out.modes[rel] = st.st_mode & 0o777
+            if st.st_size <= SMALL_BYTES and read + st.st_size <= READ_BYTES_MAX:
+                with open(path, "rb") as fh:
+                    out.data[rel] = fh.read()
+                read += len(out.data[rel])
+    except OSError as exc:
+        out.error = str(exc)
+    return out
+
+
 def _same(dest: str, ref: FileRef) -> bool:
     """Whether `dest` already holds the file (size, then SHA-256) (blocking)."""
     try:
@@ -102,37 +149,112 @@ class Artifacts:
     async def keep(self, item: WorkItem, result: RunResult) -> tuple[tuple[FileRef, ...], RunResult]:
         """Store the attempt's files; their refs, and the result (failed when a successful
         attempt's files are too big or could not be stored)."""
-        if result.cancelled or not (item.artifacts or result.artifacts):
+        if not wants_keeping(item, result):
             return (), result
-        base = run_dir(item)
+        found = await asyncio.to_thread(scan, item, result)
+        return await self._store(item, result, found)
+
+    async def keep_many(
+        self, runs: list[tuple[WorkItem, RunResult]]
+    ) -> list[tuple[tuple[FileRef, ...], RunResult]]:
+        """`keep` for the runs of one batch: their files looked for and read in one thread,
+        the small ones of every run stored in one write (`put_small_many`: a batch of 64
+        embeddings is 64 small files, and one write syncs the server's disk once, where each
+        object stored alone syncs it twice), the others streamed as `keep` does."""
+        todo = [i for i, (item, result) in enumerate(runs) if wants_keeping(item, result)]
+        found = await asyncio.to_thread(lambda: [scan(*runs[i]) for i in todo])
+        out: list[tuple[tuple[FileRef, ...], RunResult]] = [((), result) for _, result in runs]
+        storing: list[tuple[int, Found]] = []
+        for i, f in zip(todo, found, strict=True):
+            item, result = runs[i]
+            refused = self._refused(item, result, f)
+            if refused is not None:
+                out[i] = refused
+                continue
+            storing.append((i, f))
+        if not storing:
+            return out
+        small = [
+            SmallFile(
+                artifact_name(runs[i][0].plan_id, runs[i][0].task_id, runs[i][0].attempt, rel),
+                data,
+                rel,
+                f.modes[rel],
+            )
+            for i, f in storing
+            for rel, data in f.data.items()
+        ]
         try:
-            found = await asyncio.to_thread(artifact_files, base, item.artifacts, result.artifacts)
-            sizes = {rel: os.path.getsize(path) for rel, path in found.items()}
-        except OSError as exc:
-            return (), self._lost(result, f"could not read the task's artifacts: {exc}")
-        if not found:
+            stored = await put_small_many(await self.agent.bus.objects(), self.agent.bus.publish_many, small)
+        except (FileTransferError, *TRANSIENT) as exc:
+            why = f"could not store the task's artifacts in the object store: {exc}"
+            for i, _ in storing:
+                out[i] = ((), self._lost(runs[i][1], why))
+            return out
+        by_name = {ref.object: ref for ref in stored}
+        for i, f in storing:
+            item, result = runs[i]
+            out[i] = await self._store(item, result, f, by_name)
+        return out
+
+    def _refused(
+        self, item: WorkItem, result: RunResult, found: Found
+    ) -> tuple[tuple[FileRef, ...], RunResult] | None:
+        """The outcome of an attempt whose files are not to be stored (none, unreadable, too
+        big); None when they are."""
+        if found.error:
+            return (), self._lost(result, f"could not read the task's artifacts: {found.error}")
+        if not found.files:
             return (), result
-        key = f"{item.plan_id}.{item.task_id}"
-        total, limit = sum(sizes.values()), self.agent.settings.artifact_max_mb
+        total, limit = sum(found.sizes.values()), self.agent.settings.artifact_max_mb
         if total > limit * MB:
             why = (
-                f"the task's artifacts add up to {total / MB:.1f} MB ({len(found)} files), more than "
+                f"the task's artifacts add up to {total / MB:.1f} MB ({len(found.files)} files), more than "
                 f"artifact_max_mb={limit}: save fewer or smaller files, or raise the limit"
             )
             if not result.ok:
-                log.warning("%s attempt %d: not storing its artifacts: %s", key, item.attempt, why)
+                log.warning(
+                    "%s.%s attempt %d: not storing its artifacts: %s",
+                    item.plan_id,
+                    item.task_id,
+                    item.attempt,
+                    why,
+                )
                 return (), result
             return (), _failed(result, why, definition=True)
+        return None
+
+    async def _store(
+        self, item: WorkItem, result: RunResult, found: Found, stored: dict[str, FileRef] | None = None
+    ) -> tuple[tuple[FileRef, ...], RunResult]:
+        """Store the attempt's files (those in `stored` are already); their refs, in order."""
+        refused = self._refused(item, result, found)
+        if refused is not None:
+            return refused
+        stored = stored or {}
         refs: list[FileRef] = []
         try:
             store = await self.agent.bus.objects()
-            for rel, path in found.items():
+            for rel, path in found.files.items():
                 name = artifact_name(item.plan_id, item.task_id, item.attempt, rel)
-                refs.append(await put_file(store, name, path, rel=rel))
+                data = found.data.get(rel)
+                if name in stored:
+                    refs.append(stored[name])
+                elif data is None:
+                    refs.append(await put_file(store, name, path, rel=rel))
+                else:
+                    refs.append(await put_data(store, name, data, rel=rel, mode=found.modes[rel]))
         except (FileTransferError, *TRANSIENT) as exc:
             why = f"could not store the task's artifacts in the object store: {exc}"
             return tuple(refs), self._lost(result, why)
-        log.info("%s attempt %d: stored %d artifacts (%d bytes)", key, item.attempt, len(refs), total)
+        log.info(
+            "%s.%s attempt %d: stored %d artifacts (%d bytes)",
+            item.plan_id,
+            item.task_id,
+            item.attempt,
+            len(refs),
+            sum(found.sizes.values()),
+        )
         return tuple(refs), result
 
     @staticmethod

@@ -109,6 +109,8 @@ class Items:
         self.damaged_seen: set[str] = set()
         self.reaper: Reaper | None = None
         self.workdirs = WorkDirs(self.settings)
+        # batches' reports going out (the next batch's model call waits for them)
+        self.reporting: set[asyncio.Task[None]] = set()
         self.artifacts = Artifacts(agent)
 
     def cancel(self, plan_id: str, task_id: str) -> None:
@@ -246,6 +248,27 @@ class Items:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def emit_many(self, evs: list[RunFinished]) -> None:
+        """`emit` for many reports at once, pipelined (a batch's), riding out a restart alike:
+        what the server stored already it drops when they come again (their ids)."""
+        delay = 0.2
+        while True:
+            try:
+                await self.agent.bus.emit_many(evs)
+                return
+            except TRANSIENT as exc:
+                if self.agent.stop_requested.is_set() and delay > 5:
+                    raise
+                if not self.agent.bus.store.full:  # (the bus said that once)
+                    log.warning("publishing %d reports failed (%s); retrying in %.1fs", len(evs), exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def reports_out(self) -> None:
+        """Until the batches that ran here have their reports out (`_report_batch`)."""
+        while pending := [t for t in self.reporting if not t.done()]:
+            await asyncio.wait(pending)
+
     async def _still_wanted(self, item: WorkItem, key: str, delivery: int) -> str:
         """The verdict on a suspect item (`mesh.work.still_wanted`), from its task's record and,
         where another worker runs the attempt, that worker's registration."""
@@ -297,7 +320,7 @@ class Items:
             start = StartReport(
                 self.emit,
                 work.run_started(run.item, agent_id, started_at, delivery),
-                work.start_report_after(delivery, self.settings.start_report_after_s),
+                work.start_report_after(delivery, self.settings.start_report_after_s, len(runs)),
             )
             await start.begin()
             starts.append((start, started_at))
@@ -333,6 +356,12 @@ class Items:
                     result.metrics.update(usage.metrics())
         if free is not None:
             free()
+        if len(runs) > 1:
+            reporting = asyncio.get_running_loop().create_task(self._report_batch(runs, results, starts))
+            self.reporting.add(reporting)
+            reporting.add_done_callback(self.reporting.discard)
+            await reporting
+            return
         await asyncio.gather(
             *(
                 self._report(run, result, start, started_at)
@@ -371,6 +400,12 @@ class Items:
             run.item, failed = await self.workdirs.place(self.agent.bus, run.item)
             prepared.append(failed or await self._prepare(run.item, run.ctx))
         todo = [i for i, failed in enumerate(prepared) if failed is None]
+        # the model call waits for the reports of the batch before it: its executor runs in a
+        # thread, and Python work here meanwhile (a batch's reports) holds the interpreter's
+        # lock between the model's steps, which then wait for it (an encode of 64 texts took
+        # 0.27 s with the reports beside it, 0.21 s without). Fetching and checking this batch
+        # overlapped them
+        await self.reports_out()
         log.info("running a batch of %d %s tasks (model %s)", len(todo), kind, runs[0].item.model)
         began = time.monotonic()
         done = await batch([runs[i].item for i in todo], [runs[i].ctx for i in todo])
@@ -427,6 +462,65 @@ class Items:
             result.duration_s,
             "" if result.ok else f": {result.error}",
         )
+
+    async def _report_batch(
+        self, runs: list[Running], results: list[RunResult], starts: list[tuple[StartReport, float]]
+    ) -> None:
+        """`_report` for the runs of one batch, together: their files stored at once
+        (`Artifacts.keep_many`), their `run.finished` reports published in one pipelined
+        write (`Bus.emit_many`: one sync of the server's disk, not one a report), then each
+        item acknowledged. The same reports, in the same order (each report before its
+        acknowledgement), as one by one."""
+        await asyncio.gather(*(start.settle() for start, _ in starts))
+        keep: list[tuple[Running, RunResult, float]] = []
+        for run, result, (_, started_at) in zip(runs, results, starts, strict=True):
+            if run.handed_back:
+                log.info("handing %s back to the queue", work.item_key(run.item.plan_id, run.item.task_id))
+                with contextlib.suppress(*TRANSIENT):
+                    await run.raw.nak()
+                continue
+            keep.append((run, result, started_at))
+        if not keep:
+            return
+        kept = await self.artifacts.keep_many([(run.item, result) for run, result, _ in keep])
+        reports: list[RunFinished] = []
+        for (run, _, started_at), (files, result) in zip(keep, kept, strict=True):
+            item = run.item
+            sensitive = item.sensitive or run.ctx.sensitive
+            output, output_object, output_sha256 = await self._keep_output(item, result, sensitive)
+            reports.append(
+                work.run_finished(
+                    item,
+                    result,
+                    worker=self.agent.agent_id,
+                    at=time.time(),
+                    started_at=started_at,
+                    sensitive=sensitive,
+                    output=output,
+                    output_object=output_object,
+                    output_sha256=output_sha256,
+                    prompt_limit=self.settings.output_event_bytes,
+                    gpu=self.gpu.gpu_id if self.gpu.on else "",
+                    files=files,
+                )
+            )
+        await self.emit_many(reports)
+        for (run, _, _), report, (_, result) in zip(keep, reports, kept, strict=True):
+            item = run.item
+            key = work.item_key(item.plan_id, item.task_id)
+            work.remember(self.finished, key, item.attempt)
+            try:
+                await run.raw.ack()
+            except TRANSIENT as exc:
+                # the report is out; a redelivery finds the task final and is skipped
+                log.warning("could not acknowledge %s (%s)", key, exc)
+            log.info(
+                "%s %s in %.3fs%s",
+                key,
+                "succeeded" if report.ok else "failed",
+                result.duration_s,
+                "" if report.ok else f": {report.error}",
+            )
 
     async def _prepare(self, item: WorkItem, ctx: RunContext) -> RunResult | None:
         """Give a model task its model and inputs, and any task its dependencies' artifacts; a

@@ -44,6 +44,8 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 # A KV write is a publish on `$KV.<bucket>.<key>` (whatever the prefix: the server names it)
 KV_SUBJECTS = "$KV."
+# an object store's chunks and entries are publishes on `$O.<bucket>.C.<id>` and `$O.<bucket>.M.<name>`
+OBJECT_SUBJECTS = "$O."
 
 
 def kv_keys(bucket: str) -> str:

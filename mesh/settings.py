@@ -110,7 +110,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # one-text embed tasks of one model fetched together run as one encode call of at most
     # embed_batch_max tasks (1: each alone); after an embed item the script lane waits up to
     # embed_batch_wait_s for more to join it. A batch is one run of the script lane's slots
-    embed_batch_max: int = 64
+    embed_batch_max: int = 128
     embed_batch_wait_s: float = 0.05
     # a loaded LLM nobody used for this long is unloaded when no other work wants its GPU, but
     # a model's last GPU stays loaded (keep_warm = false: that one too); an LLM that still has

@@ -377,11 +377,13 @@ class RunResult:
     parsed: bool = False
 
 
-def start_report_after(delivery: int, after_s: float) -> float:
+def start_report_after(delivery: int, after_s: float, batch: int = 1) -> float:
     """How long a run's `run.started` is held back. A first delivery's waits `after_s`: a task
     that ends sooner reports its start in `run.finished`. A redelivery's goes at once: the brain
-    records who took the task over."""
-    return 0.0 if delivery > 1 else after_s
+    records who took the task over. A task run in a batch of `batch` (one model call for them
+    all) waits `after_s` times that: its share of the call is what is short or not, so a call of
+    64 short embeddings sends no start reports, and one that runs long sends them all."""
+    return 0.0 if delivery > 1 else after_s * max(1, batch)
 
 
 def run_started(item: WorkItem, worker: str, at: float, delivery: int) -> RunStarted:

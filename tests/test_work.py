@@ -3,6 +3,8 @@ reports, what a resource task asks, whether a suspect item runs, and what its re
 
 from __future__ import annotations
 
+import pytest
+
 from mesh import placement as gs
 from mesh import work
 from mesh.events import GpuControl, ResourceItem, RunFinished, RunStarted, TaskSpec, WorkItem
@@ -217,6 +219,9 @@ def test_what_becomes_of_a_checked_delivery() -> None:
 def test_a_first_deliverys_start_report_waits_a_redeliverys_goes_at_once() -> None:
     assert work.start_report_after(1, 0.02) == 0.02
     assert work.start_report_after(2, 0.02) == 0.0
+    # in a batch, each task's share of the one call is what counts as short
+    assert work.start_report_after(1, 0.02, 64) == pytest.approx(1.28)
+    assert work.start_report_after(2, 0.02, 64) == 0.0
     ev = work.run_started(ITEM, "w1", at=5.0, delivery=3)
     assert ev == RunStarted(
         plan_id="p", task_id="t", attempt=2, worker="w1", at=5.0, delivery=3, claim=ITEM.claim

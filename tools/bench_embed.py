@@ -55,6 +55,7 @@ from mesh.host.loaders import load_model  # noqa: E402
 from mesh.models import DEFAULT_MODELS, builtin_models  # noqa: E402
 from mesh.ops.up import Stack  # noqa: E402
 from mesh.plan import parse_plan  # noqa: E402
+from mesh.settings import Settings  # noqa: E402
 
 WORDS = [
     "harbour",
@@ -287,7 +288,8 @@ def main() -> int:
 
     direct = Direct()
     if args.executor_only:
-        alone = run_loop(executor_only(direct, texts, args.batch_max or 64, args.rounds))
+        batch = args.batch_max or Settings().embed_batch_max
+        alone = run_loop(executor_only(direct, texts, batch, args.rounds))
         print(json.dumps(alone, indent=2))
         return 0
     with tempfile.TemporaryDirectory(prefix="mesh-bench-embed-") as tmp:

@@ -42,7 +42,7 @@ from mesh.bus.route import origin_of, route
 from mesh.bus.store import StoreWatch
 from mesh.errors import MeshError
 from mesh.events import DeadLetter, Msg
-from mesh.names import HEADER_MSG_ID, HEADER_TYPE, KV_SUBJECTS, Names, kv_keys, kv_subject
+from mesh.names import HEADER_MSG_ID, HEADER_TYPE, KV_SUBJECTS, OBJECT_SUBJECTS, Names, kv_keys, kv_subject
 from mesh.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -188,14 +188,29 @@ class Bus:
         )
 
     async def objects(self) -> ObjectStore:
-        """The object store (created on first use), for payloads too big for a message."""
+        """The object store (created on first use), for payloads too big for a message. Its
+        stream takes atomic batches (a batch's small artifacts in one write)."""
         if self._objects is None:
             self._objects = await self._object_store(
                 self.names.objects_bucket,
                 "mesh: payloads too big for one message",
                 self.settings.events_max_age_days * DAY_S,
             )
+            await self._allow_atomic(f"OBJ_{self.names.objects_bucket}")
         return self._objects
+
+    async def _allow_atomic(self, stream: str) -> None:
+        """Let `stream` take atomic batches where it does not yet, if this user may change it
+        (one that may not publishes one message at a time, as before)."""
+        if not self.settings.atomic_batches or self.settings.durability != "always":
+            return
+        try:
+            info = await self.js.stream_info(stream)
+            if not info.config.allow_atomic:
+                info.config.allow_atomic = True
+                await self.js.update_stream(info.config)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.debug("stream %s left without atomic batches: %s", stream, exc)
 
     async def models(self) -> ObjectStore:
         """The model files' object store (created on first use; nothing in it expires)."""
@@ -410,6 +425,8 @@ class Bus:
         n = self.names
         if subject.startswith(KV_SUBJECTS):
             return f"KV_{subject[len(KV_SUBJECTS) :].split('.', 1)[0]}"
+        if subject.startswith(OBJECT_SUBJECTS):
+            return f"OBJ_{subject[len(OBJECT_SUBJECTS) :].split('.', 1)[0]}"
         if subject.startswith(n.evt_prefix):
             return n.events_stream
         if subject.startswith(n.work_prefix):
@@ -437,6 +454,14 @@ class Bus:
                 (subject, events.encode(ev), {HEADER_TYPE: events.type_of(ev), HEADER_MSG_ID: msg_id})
             )
         return items
+
+    async def publish_many(self, items: list[tuple[str, bytes, dict[str, str]]]) -> list[api.PubAck]:
+        """Raw messages (subject, data, headers) pipelined, in order (`_pipelined`): an object
+        store's chunks and entries written together (`mesh.bus.files.put_small_many`)."""
+        acks: list[api.PubAck] = []
+        for i in range(0, len(items), PIPELINE_CHUNK):
+            acks += await self._pipelined(items[i : i + PIPELINE_CHUNK])
+        return acks
 
     async def emit_many(self, evs: Sequence[Msg]) -> list[api.PubAck]:
         """`emit` for many events or work items, pipelined, in order. Encoded a chunk at a time:
