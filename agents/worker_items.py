@@ -23,7 +23,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import nats.js.errors
@@ -235,32 +235,25 @@ class Items:
 
     async def emit(self, ev: RunStarted | RunFinished) -> None:
         """Publish a report, riding out a server restart: a finished task is not run twice for it."""
-        delay = 0.2
-        while True:
-            try:
-                await self.agent.bus.emit(ev)
-                return
-            except TRANSIENT as exc:
-                if self.agent.stop_requested.is_set() and delay > 5:
-                    raise
-                if not self.agent.bus.store.full:  # (the bus said that once)
-                    log.warning("publishing %s failed (%s); retrying in %.1fs", type_of(ev), exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        await self._riding_out(lambda: self.agent.bus.emit(ev), type_of(ev))
 
     async def emit_many(self, evs: list[RunFinished]) -> None:
         """`emit` for many reports at once, pipelined (a batch's), riding out a restart alike:
         what the server stored already it drops when they come again (their ids)."""
+        await self._riding_out(lambda: self.agent.bus.emit_many(evs), f"{len(evs)} reports")
+
+    async def _riding_out(self, send: Callable[[], Awaitable[object]], what: str) -> None:
+        """`send` until the server takes it, waiting out a restart (0.2 s doubling to 5 s)."""
         delay = 0.2
         while True:
             try:
-                await self.agent.bus.emit_many(evs)
+                await send()
                 return
             except TRANSIENT as exc:
                 if self.agent.stop_requested.is_set() and delay > 5:
                     raise
                 if not self.agent.bus.store.full:  # (the bus said that once)
-                    log.warning("publishing %d reports failed (%s); retrying in %.1fs", len(evs), exc, delay)
+                    log.warning("publishing %s failed (%s); retrying in %.1fs", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
