@@ -41,7 +41,7 @@ from mesh import work
 from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.outputs import OutputError, task_output
 from mesh.bus.route import decode_checked
-from mesh.events import MODEL_BODY_KINDS, ResourceItem, RunFinished, RunStarted, WorkItem, type_of
+from mesh.events import MODEL_BODY_KINDS, FileRef, ResourceItem, RunFinished, RunStarted, WorkItem, type_of
 from mesh.host.executors import BATCH_EXECUTORS, EXECUTORS, RunContext
 from mesh.host.reaper import Reaper
 from mesh.models import ModelError
@@ -417,44 +417,14 @@ class Items:
         """Report a run's end (or hand it back), then acknowledge its item."""
         item = run.item
         key = work.item_key(item.plan_id, item.task_id)
-        agent_id = self.agent.agent_id
         await start.settle()
         if run.handed_back:
             log.info("handing %s back to the queue", key)
             await run.raw.nak()
             return
-        sensitive = item.sensitive or run.ctx.sensitive
         files, result = await self.artifacts.keep(item, result)
-        output, output_object, output_sha256 = await self._keep_output(item, result, sensitive)
-        await self.emit(
-            work.run_finished(
-                item,
-                result,
-                worker=agent_id,
-                at=time.time(),
-                started_at=started_at,
-                sensitive=sensitive,
-                output=output,
-                output_object=output_object,
-                output_sha256=output_sha256,
-                prompt_limit=self.settings.output_event_bytes,
-                gpu=self.gpu.gpu_id if self.gpu.on else "",
-                files=files,
-            )
-        )
-        work.remember(self.finished, key, item.attempt)
-        try:
-            await run.raw.ack()
-        except TRANSIENT as exc:
-            # the report is out; a redelivery finds the task final and is skipped
-            log.warning("could not acknowledge %s (%s)", key, exc)
-        log.info(
-            "%s %s in %.3fs%s",
-            key,
-            "succeeded" if result.ok else "failed",
-            result.duration_s,
-            "" if result.ok else f": {result.error}",
-        )
+        await self.emit(await self._finished(run, result, started_at, files))
+        await self._acknowledge(run, result, result.duration_s)
 
     async def _report_batch(
         self, runs: list[Running], results: list[RunResult], starts: list[tuple[StartReport, float]]
@@ -476,44 +446,53 @@ class Items:
         if not keep:
             return
         kept = await self.artifacts.keep_many([(run.item, result) for run, result, _ in keep])
-        reports: list[RunFinished] = []
-        for (run, _, started_at), (files, result) in zip(keep, kept, strict=True):
-            item = run.item
-            sensitive = item.sensitive or run.ctx.sensitive
-            output, output_object, output_sha256 = await self._keep_output(item, result, sensitive)
-            reports.append(
-                work.run_finished(
-                    item,
-                    result,
-                    worker=self.agent.agent_id,
-                    at=time.time(),
-                    started_at=started_at,
-                    sensitive=sensitive,
-                    output=output,
-                    output_object=output_object,
-                    output_sha256=output_sha256,
-                    prompt_limit=self.settings.output_event_bytes,
-                    gpu=self.gpu.gpu_id if self.gpu.on else "",
-                    files=files,
-                )
-            )
+        reports = [
+            await self._finished(run, result, started_at, files)
+            for (run, _, started_at), (files, result) in zip(keep, kept, strict=True)
+        ]
         await self.emit_many(reports)
         for (run, _, _), report, (_, result) in zip(keep, reports, kept, strict=True):
-            item = run.item
-            key = work.item_key(item.plan_id, item.task_id)
-            work.remember(self.finished, key, item.attempt)
-            try:
-                await run.raw.ack()
-            except TRANSIENT as exc:
-                # the report is out; a redelivery finds the task final and is skipped
-                log.warning("could not acknowledge %s (%s)", key, exc)
-            log.info(
-                "%s %s in %.3fs%s",
-                key,
-                "succeeded" if report.ok else "failed",
-                result.duration_s,
-                "" if report.ok else f": {report.error}",
-            )
+            await self._acknowledge(run, report, result.duration_s)
+
+    async def _finished(
+        self, run: Running, result: RunResult, started_at: float, files: tuple[FileRef, ...]
+    ) -> RunFinished:
+        """A run's `run.finished` report, its output kept where the event cannot carry it."""
+        item = run.item
+        sensitive = item.sensitive or run.ctx.sensitive
+        output, output_object, output_sha256 = await self._keep_output(item, result, sensitive)
+        return work.run_finished(
+            item,
+            result,
+            worker=self.agent.agent_id,
+            at=time.time(),
+            started_at=started_at,
+            sensitive=sensitive,
+            output=output,
+            output_object=output_object,
+            output_sha256=output_sha256,
+            prompt_limit=self.settings.output_event_bytes,
+            gpu=self.gpu.gpu_id if self.gpu.on else "",
+            files=files,
+        )
+
+    async def _acknowledge(self, run: Running, said: RunResult | RunFinished, duration_s: float) -> None:
+        """Once its report is out: remember the attempt as finished, acknowledge its item, log it."""
+        item = run.item
+        key = work.item_key(item.plan_id, item.task_id)
+        work.remember(self.finished, key, item.attempt)
+        try:
+            await run.raw.ack()
+        except TRANSIENT as exc:
+            # the report is out; a redelivery finds the task final and is skipped
+            log.warning("could not acknowledge %s (%s)", key, exc)
+        log.info(
+            "%s %s in %.3fs%s",
+            key,
+            "succeeded" if said.ok else "failed",
+            duration_s,
+            "" if said.ok else f": {said.error}",
+        )
 
     async def _prepare(self, item: WorkItem, ctx: RunContext) -> RunResult | None:
         """Give a model task its model and inputs, and any task its dependencies' artifacts; a
