@@ -152,7 +152,7 @@ class Artifacts:
         if not wants_keeping(item, result):
             return (), result
         found = await asyncio.to_thread(scan, item, result)
-        return await self._store(item, result, found)
+        return self._refused(item, result, found) or await self._store(item, result, found)
 
     async def keep_many(
         self, runs: list[tuple[WorkItem, RunResult]]
@@ -227,10 +227,8 @@ class Artifacts:
     async def _store(
         self, item: WorkItem, result: RunResult, found: Found, stored: dict[str, FileRef] | None = None
     ) -> tuple[tuple[FileRef, ...], RunResult]:
-        """Store the attempt's files (those in `stored` are already); their refs, in order."""
-        refused = self._refused(item, result, found)
-        if refused is not None:
-            return refused
+        """Store the attempt's files (those in `stored` are already; `_refused` said none is to be
+        refused); their refs, in order."""
         stored = stored or {}
         refs: list[FileRef] = []
         try:

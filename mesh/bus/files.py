@@ -189,10 +189,8 @@ async def put_data(store: ObjectStore, name: str, data: bytes, *, rel: str, mode
     `FileRef` (path `rel`). Unlike `put_file`, no reader thread: a batch's files, read together
     in one thread, go without a thread hop each. Its one chunk is the data's size: the library
     makes a buffer of the chunk size for every object (512 KiB for a 1.6 KB vector)."""
-    chunk = max(1, min(len(data), CHUNK_BYTES))
-    meta = api.ObjectMeta(name=name, options=api.ObjectMetaOptions(max_chunk_size=chunk))
     try:
-        info = await store.put(name, data, meta=meta)
+        info = await put_bytes(store, name, data, chunk=max(1, min(len(data), CHUNK_BYTES)))
     except nats.js.errors.Error as exc:
         raise FileTransferError(f"storing {rel} as {name} failed: {exc}") from exc
     return FileRef(path=rel, size=int(info.size or 0), sha256=_digest_hex(info), object=name, mode=mode)
@@ -238,7 +236,7 @@ async def put_small_many(
             digest=OBJ_DIGEST_TEMPLATE.format(digest=base64.urlsafe_b64encode(digest.digest()).decode()),
             options=api.ObjectMetaOptions(max_chunk_size=max(1, len(f.data))),
         )
-        items.append((OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=store._name, obj=nuid), f.data, rollup))
+        items.append((_chunks_subject(store, nuid), f.data, rollup))
         meta_subject = OBJ_META_PRE_TEMPLATE.format(
             bucket=store._name, obj=base64.urlsafe_b64encode(f.name.encode()).decode()
         )
@@ -260,9 +258,9 @@ def small_chunk_id(name: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(name.encode()).digest()).decode().rstrip("=")
 
 
-async def put_bytes(store: ObjectStore, name: str, data: bytes) -> api.ObjectInfo:
-    """Store `data` as object `name`."""
-    meta = api.ObjectMeta(name=name, options=api.ObjectMetaOptions(max_chunk_size=CHUNK_BYTES))
+async def put_bytes(store: ObjectStore, name: str, data: bytes, chunk: int = CHUNK_BYTES) -> api.ObjectInfo:
+    """Store `data` as object `name`, in chunks of `chunk` bytes."""
+    meta = api.ObjectMeta(name=name, options=api.ObjectMetaOptions(max_chunk_size=chunk))
     return await store.put(name, data, meta=meta)
 
 
