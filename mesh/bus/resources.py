@@ -149,7 +149,10 @@ def _bucket_definitions(settings: Settings) -> list[dict[str, Any]]:
         },
         {
             "bucket": n.brain_bucket,
-            "description": "mesh: the brain's checkpoint (last event folded into KV) and leadership lease",
+            "description": (
+                "mesh: the brain's checkpoint (last event folded into KV), leadership lease and "
+                "snapshot of its records"
+            ),
             "history": 1,
             "ttl": 0,
             "storage": "file",
