@@ -104,7 +104,9 @@ class Models:
             handle = loaded.handle
             log.info("%s: %s server at %s (%s)", name, handle.mode, handle.base_url, handle.last_probe)
             return loaded
-        return await asyncio.to_thread(load_model, name, spec, device, cards_free_mb)
+        # an LLM in process decodes up to llm_slots tasks together (mesh.host.llmbatch)
+        slots = self.agent.settings.llm_slots if spec.kind == "llm" else 1
+        return await asyncio.to_thread(load_model, name, spec, device, cards_free_mb, slots)
 
     # the LLM, as the brain asks -----------------------------------------------------------
     async def resource(self, item: ResourceItem) -> None:

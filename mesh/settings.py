@@ -433,6 +433,11 @@ def settings_from(
         raise ConfigError(
             f"bad setting: {exc} (check {file} and the {ENV_PREFIX}* environment variables)"
         ) from exc
+    if not 1 <= settings.llm_slots <= 256:  # llama.cpp's most sequences in one context
+        raise ConfigError(
+            f"llm_slots is {settings.llm_slots}: set 1 to 256 (LLM tasks one GPU runs at once; "
+            f"check {file} and {ENV_PREFIX}LLM_SLOTS)"
+        )
     try:
         settings.names  # noqa: B018 - validates the prefix
     except ValueError as exc:

@@ -27,7 +27,7 @@ from mesh.host.media import run_embed_batch as run_embed_batch
 from mesh.host.media import run_transcribe as run_transcribe
 from mesh.host.runmodel import RunContext as RunContext
 from mesh.host.runmodel import TaskDefinitionError as TaskDefinitionError
-from mesh.host.runmodel import no_text, run_model
+from mesh.host.runmodel import first_of, no_text, run_model
 from mesh.schemas import check_answer
 from mesh.untrusted import DATA_PREAMBLE as DATA_PREAMBLE  # the prompt's data preamble, for tests
 from mesh.untrusted import data_section
@@ -206,11 +206,7 @@ def _prompt_work(
     prompt, tokens, stop_at = _prompt_tokens(item, inputs, loaded)
     max_tokens = item.max_tokens or spec.max_tokens
     n_ctx = int(llm.n_ctx())
-    if len(tokens) + max_tokens > n_ctx:
-        raise TaskDefinitionError(
-            f"prompt is {len(tokens)} tokens and max_tokens {max_tokens}; the model {loaded.name} has "
-            f"n_ctx {n_ctx}: shorten the prompt or raise n_ctx"
-        )
+    _check_room(tokens, max_tokens, n_ctx, loaded.name)
     grammar = _grammar(item)
     llm.reset()  # a fresh context: nothing of an earlier task's prompt is reused
     sampled: list[float] = []
@@ -247,9 +243,16 @@ def _prompt_work(
     # sampled, but for the one the answer ended on at max_tokens
     tokens_out = int(llm.n_tokens) - len(tokens) + (1 if finish == "length" else 0)
     first = sampled[0] if sampled else ended
+    metrics = _answer_metrics(len(tokens), tokens_out, began, first, ended, n_ctx)
+    return _answer("".join(pieces), prompt, metrics, stop.is_set())
+
+
+def _answer_metrics(
+    tokens_in: int, tokens_out: int, began: float, first: float, ended: float, n_ctx: int
+) -> dict[str, float]:
     gen_s = ended - first
-    metrics = {
-        "tokens_in": float(len(tokens)),
+    return {
+        "tokens_in": float(tokens_in),
         "tokens_out": float(tokens_out),
         "ttft_s": first - began,
         "gen_s": gen_s,
@@ -257,15 +260,89 @@ def _prompt_work(
         "tokens_per_s": (tokens_out - 1) / gen_s if tokens_out > 1 and gen_s > 0 else 0.0,
         "n_ctx": float(n_ctx),
     }
-    stopped = stop.is_set()
+
+
+def _answer(output: str, prompt: str, metrics: dict[str, float], stopped: bool) -> RunResult:
     return RunResult(
         ok=not stopped,
         duration_s=0.0,
-        output="".join(pieces),
+        output=output,
         prompt=prompt,
         metrics=metrics,
-        error=f"stopped after {tokens_out} tokens" if stopped else "",
+        error=f"stopped after {metrics['tokens_out']:g} tokens" if stopped else "",
     )
+
+
+def _check_room(tokens: Sequence[int], max_tokens: int, n_ctx: int, name: str) -> None:
+    if len(tokens) + max_tokens > n_ctx:
+        raise TaskDefinitionError(
+            f"prompt is {len(tokens)} tokens and max_tokens {max_tokens}; the model {name} has "
+            f"n_ctx {n_ctx}: shorten the prompt or raise n_ctx"
+        )
+
+
+async def _decoded(item: WorkItem, ctx: RunContext) -> RunResult:
+    """A prompt or chat task answered by the loaded model's decoder (`llm_slots` above 1): decoded
+    together with the other tasks of the model in flight, under the task's timeout and cancel
+    as a model call in a thread is (`run_model`)."""
+    from mesh.host.llmbatch import DecoderClosed, Request
+
+    loaded, began = ctx.model, time.monotonic()
+    if ctx.cancel.is_set():
+        return RunResult(ok=False, duration_s=0.0, cancelled=True, error="cancelled before it started")
+    decoder, spec = loaded.decoder, loaded.spec
+    max_tokens = item.max_tokens or spec.max_tokens
+    try:
+        prompt, tokens, stop_at = await asyncio.to_thread(_prompt_tokens, item, dict(ctx.inputs), loaded)
+        _check_room(tokens, max_tokens, decoder.n_ctx, loaded.name)
+        req = Request(
+            tokens=tokens,
+            max_tokens=max_tokens,
+            temperature=spec.temperature,
+            seed=spec.seed,
+            stop=stop_at,
+            grammar=_grammar(item),
+            on_text=ctx.on_text,
+            first_token=ctx.first_token,
+        )
+        job = asyncio.wrap_future(decoder.submit(req))
+    except TaskDefinitionError as exc:
+        return RunResult(ok=False, duration_s=time.monotonic() - began, definition_error=True, error=str(exc))
+    except ValueError as exc:  # a grammar llama.cpp cannot parse
+        return RunResult(ok=False, duration_s=time.monotonic() - began, definition_error=True, error=str(exc))
+    except DecoderClosed as exc:
+        return RunResult(ok=False, duration_s=time.monotonic() - began, error=str(exc))
+    try:
+        stopped_for = await first_of(job, ctx.cancel, item.timeout_s)
+        if stopped_for:
+            req.halt.set()  # it ends at the decoder's next step
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(job), timeout=ctx.kill_grace_s)
+    finally:
+        req.halt.set()  # also when this coroutine is itself cancelled: the request must not run on
+    if not job.done():
+        job.add_done_callback(lambda f: f.cancelled() or f.exception())
+        result = RunResult(
+            ok=False, duration_s=0.0, error=f"the decoder did not stop it within {ctx.kill_grace_s:g}s"
+        )
+    elif (failed := job.exception()) is not None:
+        result = RunResult(ok=False, duration_s=0.0, error=f"{type(failed).__name__}: {failed}")
+    else:
+        out = job.result()
+        metrics = _answer_metrics(len(tokens), out.tokens_out, began, out.first, out.ended, decoder.n_ctx)
+        # decoded with others: the most in one step while it ran, of how many slots; and how
+        # long it waited for a slot
+        metrics.update(parallel=float(out.parallel), slots=float(decoder.slots))
+        metrics["queued_s"] = out.admitted - out.submitted
+        result = _answer(out.text, prompt, metrics, out.finish == "halted")
+    result.duration_s = time.monotonic() - began
+    if stopped_for:
+        result.ok = False
+        result.timed_out = stopped_for == "timed out"
+        result.cancelled = stopped_for == "cancelled"
+        head = f"timed out after {item.timeout_s:g}s" if result.timed_out else "cancelled"
+        result.error = f"{head}; {result.error}" if result.error else head
+    return checked_answer(item, result, max_tokens)
 
 
 def _prompt_tokens(
@@ -346,6 +423,8 @@ async def run_prompt(item: WorkItem, ctx: RunContext) -> RunResult:
         else:
             result = await run_openai_prompt(item, ctx, build_prompt(item.body, ctx.inputs, item.inputs))
         return checked_answer(item, result, item.max_tokens or ctx.model.spec.max_tokens)
+    if getattr(ctx.model, "decoder", None) is not None and ctx.model.spec.kind == "llm":
+        return await _decoded(item, ctx)  # decoded together with the model's other tasks
     inputs = dict(ctx.inputs)
 
     def work(loaded: Any, stop: threading.Event) -> RunResult:

@@ -45,6 +45,9 @@ class Loaded:
     options: dict[str, Any] = field(default_factory=dict)
     # a handle is not safe to use from two threads at once: executors hold this while they use it
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # an in-process LLM loaded for `llm_slots` above 1: its `mesh.host.llmbatch.Decoder`, which
+    # decodes that many tasks together (in a context of its own, without the lock)
+    decoder: Any = field(default=None, repr=False, compare=False)
 
     @property
     def kind(self) -> str:
@@ -52,6 +55,9 @@ class Loaded:
 
     def close(self) -> None:
         """Free the model's memory (host and device). Safe to call twice."""
+        decoder, self.decoder = self.decoder, None
+        if decoder is not None:  # before the model whose weights it decodes with
+            decoder.close()
         handle, self.handle = self.handle, None
         if handle is None:
             return
@@ -73,10 +79,13 @@ def effective_device(spec: ModelSpec, device: str) -> str:
     return "cuda"
 
 
-def load_model(name: str, spec: ModelSpec, device: str, cards_free_mb: Sequence[int] = ()) -> Loaded:
+def load_model(
+    name: str, spec: ModelSpec, device: str, cards_free_mb: Sequence[int] = (), llm_slots: int = 1
+) -> Loaded:
     """Load `name` onto `device` ("cpu" or "cuda"); `cards_free_mb`, each card's free memory
-    when the worker owns a set of GPUs, spreads an LLM over them. Blocks; raises ModelError
-    saying what to do."""
+    when the worker owns a set of GPUs, spreads an LLM over them; `llm_slots` above 1 gives an
+    LLM a decoder of that many sequences (parallel decoding). Blocks; raises ModelError saying
+    what to do."""
     if device not in ("cpu", "cuda"):
         raise ModelError(f"model {name!r}: unknown device {device!r} (use 'cpu' or 'cuda')")
     loaders = {"transcribe": _load_whisper, "embed": _load_embedder}
@@ -97,9 +106,19 @@ def load_model(name: str, spec: ModelSpec, device: str, cards_free_mb: Sequence[
             f"check that the file is a {_FORMATS[spec.kind]} and that the {dev} has "
             f"{spec.vram_mb or 'enough'} MB free"
         ) from exc
-    return Loaded(
+    loaded = Loaded(
         name=name, spec=spec, device=dev, handle=handle, load_s=time.monotonic() - began, options=options
     )
+    if spec.kind == "llm" and llm_slots > 1:
+        from mesh.host.llmbatch import open_decoder
+
+        try:
+            loaded.decoder = open_decoder(loaded, llm_slots)
+        except (RuntimeError, ValueError) as exc:
+            loaded.close()
+            raise ModelError(f"model {name!r}: parallel decoding ({llm_slots} slots) failed: {exc}") from exc
+        loaded.load_s = time.monotonic() - began
+    return loaded
 
 
 _FORMATS = {
