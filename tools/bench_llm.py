@@ -263,6 +263,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="direct, mesh, mesh-1 this many times, alternated")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
+    # a SIGTERM unwinds like Ctrl-C, so that the stacks and the server started are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     texts = prompts(args.prompts)
     server = None
