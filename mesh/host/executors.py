@@ -27,7 +27,7 @@ from mesh.host.media import run_embed_batch as run_embed_batch
 from mesh.host.media import run_transcribe as run_transcribe
 from mesh.host.runmodel import RunContext as RunContext
 from mesh.host.runmodel import TaskDefinitionError as TaskDefinitionError
-from mesh.host.runmodel import first_of, no_text, run_model
+from mesh.host.runmodel import first_of, no_text, run_model, stopped_as
 from mesh.schemas import check_answer
 from mesh.untrusted import DATA_PREAMBLE as DATA_PREAMBLE  # the prompt's data preamble, for tests
 from mesh.untrusted import data_section
@@ -306,9 +306,7 @@ async def _decoded(item: WorkItem, ctx: RunContext) -> RunResult:
             first_token=ctx.first_token,
         )
         job = asyncio.wrap_future(decoder.submit(req))
-    except TaskDefinitionError as exc:
-        return RunResult(ok=False, duration_s=time.monotonic() - began, definition_error=True, error=str(exc))
-    except ValueError as exc:  # a grammar llama.cpp cannot parse
+    except (TaskDefinitionError, ValueError) as exc:  # ValueError: a grammar llama.cpp cannot parse
         return RunResult(ok=False, duration_s=time.monotonic() - began, definition_error=True, error=str(exc))
     except DecoderClosed as exc:
         return RunResult(ok=False, duration_s=time.monotonic() - began, error=str(exc))
@@ -336,13 +334,7 @@ async def _decoded(item: WorkItem, ctx: RunContext) -> RunResult:
         metrics["queued_s"] = out.admitted - out.submitted
         result = _answer(out.text, prompt, metrics, out.finish == "halted")
     result.duration_s = time.monotonic() - began
-    if stopped_for:
-        result.ok = False
-        result.timed_out = stopped_for == "timed out"
-        result.cancelled = stopped_for == "cancelled"
-        head = f"timed out after {item.timeout_s:g}s" if result.timed_out else "cancelled"
-        result.error = f"{head}; {result.error}" if result.error else head
-    return checked_answer(item, result, max_tokens)
+    return checked_answer(item, stopped_as(result, stopped_for, item.timeout_s), max_tokens)
 
 
 def _prompt_tokens(

@@ -134,11 +134,16 @@ async def run_model(
     else:
         result = RunResult(ok=False, duration_s=0.0, error=f"{type(exc).__name__}: {exc}")
     result.duration_s = time.monotonic() - began
+    return stopped_as(result, stopped_for, item.timeout_s)
+
+
+def stopped_as(result: RunResult, stopped_for: str, timeout_s: float) -> RunResult:
+    """A run stopped for its cancel or its timeout (`first_of`'s answer; '' when not) says so."""
     if stopped_for:
         result.ok = False
         result.timed_out = stopped_for == "timed out"
         result.cancelled = stopped_for == "cancelled"
-        head = f"timed out after {item.timeout_s:g}s" if result.timed_out else "cancelled"
+        head = f"timed out after {timeout_s:g}s" if result.timed_out else "cancelled"
         result.error = f"{head}; {result.error}" if result.error else head
     return result
 
