@@ -1,14 +1,14 @@
 """Parallel decoding in process: one llama.cpp context with a sequence per slot, decoded together.
 
 A model in process answers one task at a time through `llama_cpp.Llama` (its context holds one
-sequence). With `llm_slots` above 1 the worker gives the loaded model a `Decoder` as well: a second
-llama.cpp context on the same weights with `n_seq_max` = slots, each sequence its own stretch of
-KV cache of the model's `n_ctx`, and one thread that drives it. Each step of that thread is one
-`llama_decode` call over a batch that holds, for every running request, the token it sampled
-last, and then as much of newly admitted prompts as the batch has room for. So the weights are
-read once per step for all the requests in it, where one task at a time reads them once per
-token of each: on the 2-core CPU machine, 64 tokens for each of 8 prompts decode at about
-2x the tokens/s of one prompt at a time (docs/gpus.md, "Parallel decoding").
+sequence). With `llm_slots` above 1 the worker gives the loaded model a `Decoder` as well: a
+second llama.cpp context on the same weights with `n_seq_max` = slots and a KV cache of slots
+times the model's `n_ctx` (one cache, unified, each sequence held to `n_ctx`), and one thread
+that drives it. Each step of that thread is one `llama_decode` call over a batch that holds, for
+every running request, the token it sampled last, and then as much of newly admitted prompts as
+the batch has room for. So the weights are read once per step for all the requests in it, where
+one task at a time reads them once per token of each: on the 2-core CPU machine, 8 prompts
+decode at about twice the tokens/s of one (docs/gpus.md, "Parallel decoding").
 
 This is continuous batching: a request joins at the next step after a slot frees, and leaves at
 its end-of-generation token, its stop string, its `max_tokens`, or when its task is stopped
@@ -172,7 +172,12 @@ class Decoder:
         params.n_ctx = n_ctx * slots
         params.n_batch = params.n_ubatch = self._n_batch
         params.n_seq_max = slots
-        params.kv_unified = False  # a stream of n_ctx per sequence: one can never crowd out another
+        # one KV cache for all the sequences: llama.cpp then takes a batch of tokens of many
+        # sequences in one pass whatever their order (with a stream per sequence it cuts the batch
+        # into passes of equal tokens per sequence, in order of sequence: reused slots came in
+        # another order, and every other round of 8 prompts decoded at a third of the speed).
+        # No sequence can take another's room: each is held to n_ctx tokens when it is submitted
+        params.kv_unified = True
         params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not self._ctx:
