@@ -165,8 +165,8 @@ class Worker(Agent):
     def _update_lanes(self) -> None:
         self.models.update_lanes()
 
-    async def _take(self, raw: NatsMsg, lane: Lane) -> None:
-        await self.items.take(raw, lane)
+    async def _take(self, raw: NatsMsg, lane: Lane, free: Callable[[], None]) -> None:
+        await self.items.take(raw, lane, free)
 
     async def _take_batch(self, raws: list[NatsMsg], lane: Lane, free: Callable[[], None]) -> None:
         await self.items.take_batch(raws, lane, free)

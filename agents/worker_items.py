@@ -129,7 +129,9 @@ class Items:
             run.ctx.cancel.set()
 
     # one delivery ---------------------------------------------------------------------------
-    async def take(self, raw: NatsMsg, lane: Lane) -> None:
+    async def take(self, raw: NatsMsg, lane: Lane, free: Callable[[], None] | None = None) -> None:
+        """One delivery of the lane. `free` gives the lane's slot back once a work item's result
+        is in: its report and acknowledgement then overlap the lane's next fetch."""
         agent = self.agent
         msg, why = decode_checked(raw, agent.names)
         match msg:
@@ -139,7 +141,7 @@ class Items:
                 finally:
                     await raw.ack()
             case WorkItem():
-                await self._work(msg, raw)
+                await self._work(msg, raw, free)
             case _:
                 reason = why or f"a worker does not take {type_of(msg)} messages"  # type: ignore[arg-type]
                 await agent.bus.dead_letter(agent.agent_id, raw, reason)
@@ -170,12 +172,12 @@ class Items:
         msg, _ = decode_checked(raw, self.agent.names)
         return work.batch_key(msg) if isinstance(msg, WorkItem) else ""
 
-    async def _work(self, msg: WorkItem, raw: NatsMsg) -> None:
+    async def _work(self, msg: WorkItem, raw: NatsMsg, free: Callable[[], None] | None = None) -> None:
         run = await self._admit(msg, raw)
         if run is None:
             return
         try:
-            await self._execute([run])
+            await self._execute([run], free)
         finally:
             self.running.pop(work.item_key(msg.plan_id, msg.task_id), None)
 

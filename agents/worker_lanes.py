@@ -63,7 +63,8 @@ class Lane:
             await self.changed.wait()
 
 
-Take = Callable[[NatsMsg, Lane], Coroutine[Any, Any, None]]
+# one item of a lane, and its slot's release: called once the result is in, before the report
+Take = Callable[[NatsMsg, Lane, Callable[[], None]], Coroutine[Any, Any, None]]
 # (the third argument gives the batch's slot back early: once its results are in, reporting
 # them needs no slot, and the lane fetches the next batch meanwhile)
 TakeBatch = Callable[[list[NatsMsg], Lane, Callable[[], None]], Coroutine[Any, Any, None]]
@@ -281,7 +282,7 @@ class Lanes:
                 slot.permit = True
             if len(group) == 1 or self.take_batch is None:
                 for raw in group:
-                    await self.take(raw, lane)
+                    await self.take(raw, lane, slot.free if len(group) == 1 else _kept)
             else:
                 await self.take_batch(group, lane, slot.free)
         finally:
@@ -315,3 +316,7 @@ class Lanes:
         slot.free()  # (already, unless the task was cancelled before it began)
         if not task.cancelled() and task.exception() is not None:
             log.error("a slot failed: %r", task.exception(), exc_info=task.exception())
+
+
+def _kept() -> None:
+    """The slot of an item run among others in one slot: kept until the last has run."""

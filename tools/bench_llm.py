@@ -23,10 +23,11 @@ llama-cpp-python's server has no parallel decoding, so P > 1 cannot gain there);
 server that batches (llama-server `--parallel P`, vLLM) to measure what parallel slots gain.
 
 With --in-process there is no server: `direct` is mesh's decoder (`mesh.host.llmbatch.Decoder`,
-P sequences) on the shipped Gemma 3 270M loaded in this process, given the N prompts at once
-(P decode, the rest wait for a slot); `mesh` is a worker with the same model in process and
-`llm_slots` = P, which decodes its tasks with that decoder; `mesh-1` the same worker with
-`llm_slots` = 1, which runs one task at a time through llama-cpp-python's `create_completion`.
+P sequences) on the shipped Gemma 3 270M loaded in this process, driven by P client threads
+that each send the next prompt as soon as their last is answered (P in flight); `mesh` is a
+worker with the same model in process and `llm_slots` = P, which decodes its tasks with that
+decoder; `mesh-1` the same worker with `llm_slots` = 1, which runs one task at a time through
+llama-cpp-python's `create_completion`.
 Tokens are counted by the decoder (direct) and the workers' reports (mesh). --rounds repeats
 the three, alternated, as the load of a shared machine moves.
 Timings live here and in docs/gpus.md, never in tests.
@@ -44,6 +45,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -130,7 +132,8 @@ async def direct(
 
 
 def direct_in_process(texts: list[str], parallel: int, max_tokens: int, threads: int) -> dict[str, Any]:
-    """The same prompts to mesh's decoder on the model in this process, P sequences at a time."""
+    """The same prompts to mesh's decoder on the model in this process: P clients, each sending
+    its next prompt as soon as its last is answered (P in flight, as the HTTP client keeps)."""
     from mesh.host.llmbatch import Request
     from mesh.host.loaders import load_model
 
@@ -147,8 +150,24 @@ def direct_in_process(texts: list[str], parallel: int, max_tokens: int, threads:
 
         decoder.submit(ask(texts[0])).result()  # warm-up, before the clock starts
         asked = [ask(t) for t in texts]
+        outcomes: list[Any] = []
+        left = iter(asked)
+        gate = threading.Lock()
+
+        def client() -> None:  # one of P clients: the next prompt as soon as one is answered
+            while True:
+                with gate:
+                    req = next(left, None)
+                if req is None:
+                    return
+                outcomes.append(decoder.submit(req).result())
+
+        clients = [threading.Thread(target=client) for _ in range(parallel)]
         began = time.perf_counter()
-        outcomes = [f.result() for f in decoder.submit_many(asked)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
         took = time.perf_counter() - began
         out = figures(len(texts), sum(o.tokens_out for o in outcomes), took)
         out["parallel_seen"] = max(o.parallel for o in outcomes)
