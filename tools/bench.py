@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench.py                  # every scenario, table + JSON
     .venv/bin/python tools/bench.py --only throughput --tasks 2000
+    .venv/bin/python tools/bench.py --models         # and the model benchmarks after them
 
 Scenarios:
   throughput   a plan of N independent no-op tasks, submit -> plan final (tasks/s);
@@ -13,6 +14,11 @@ Scenarios:
   replay       events/s through `mesh replay` over everything above
   export       events/s through `mesh export` over everything above (alone: over a
                no-op plan of its own and a tenth as many shell tasks with output)
+
+--models then runs the model benchmarks, each its own tool and its own stacks:
+  llm          tools/bench_llm.py --in-process: 64 short prompts through mesh with llm_slots 8,
+               against the same decoder driven directly and against llm_slots 1
+  embed        tools/bench_embed.py: 2,000 one-text embed tasks against one batched encode
 
 File storage, every publish acknowledged; the server syncs every write to the disk
 (`--durability always`, mesh's default) or every 2 minutes (`--durability lazy`).
@@ -29,6 +35,7 @@ import os
 import platform
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -378,7 +385,38 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--only", action="append", choices=SCENARIOS, help="run only these (repeatable)")
     stack_options(ap)
     ap.add_argument("--no-shell", action="store_true", help="throughput: the no-op plan only")
+    ap.add_argument(
+        "--models",
+        action="store_true",
+        help="then the model benchmarks, each in a process of its own (see MODEL_BENCHES)",
+    )
     return ap
+
+
+# the model benchmarks `--models` runs after the scenarios: each tool starts its own stacks and
+# compares mesh with the same model driven directly (docs/gpus.md, "Parallel decoding" and
+# "Batched embeddings")
+MODEL_BENCHES = {
+    "llm": ["bench_llm.py", "--in-process", "--prompts", "64", "--max-tokens", "64", "--parallel", "8"],
+    "embed": ["bench_embed.py", "--tasks", "2000"],
+}
+
+
+def model_benches() -> dict[str, Any]:
+    """Each model benchmark's JSON results, or what it printed last when it failed."""
+    out: dict[str, Any] = {}
+    for name, argv in MODEL_BENCHES.items():
+        with tempfile.TemporaryDirectory(prefix="mesh-bench-models-") as tmp:
+            path = Path(tmp) / "results.json"
+            tool = Path(__file__).resolve().parent / argv[0]
+            done = subprocess.run(
+                [sys.executable, str(tool), *argv[1:], "--json", str(path)], capture_output=True, text=True
+            )
+            if done.returncode == 0 and path.exists():
+                out[name] = json.loads(path.read_text())
+            else:
+                out[name] = {"failed": done.returncode, "tail": (done.stdout + done.stderr)[-2000:]}
+    return out
 
 
 def stack_options(ap: argparse.ArgumentParser) -> None:
@@ -452,7 +490,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     args = parser().parse_args()
-    show("mesh bench", run(args), args.json)
+    results = run(args)
+    if args.models:
+        results.update(model_benches())
+    show("mesh bench", results, args.json)
     return 0
 
 
