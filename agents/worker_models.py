@@ -181,7 +181,10 @@ class Models:
             )
             settings = self.agent.settings
             sub = await self.agent.bus.bind_consumer(llm_consumer_definition(settings, item.model))
-            lane = Lane(work.LLM, sub, settings.llm_slots)
+            # decoding in process, a few more than the decoder's sequences wait in its queue: a
+            # sequence that ends takes the next at the decoder's next step, not after a fetch
+            ahead = settings.llm_queue_ahead if getattr(loaded, "decoder", None) is not None else 0
+            lane = Lane(work.LLM, sub, settings.llm_slots + ahead)
             self.lanes.add(lane)
             self.lanes.start(lane)
             await self.gpu.read_memory()

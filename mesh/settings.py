@@ -106,6 +106,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     default_models: dict[str, str] = msgspec.field(default_factory=dict)
     # tasks one GPU runs at once, per kind of work
     llm_slots: int = 1
+    # with llm_slots above 1 and the model in process, LLM tasks taken beyond llm_slots: they
+    # wait in the decoder's queue, so a sequence that ends is refilled at its next step
+    llm_queue_ahead: int = 2
     script_slots: int = 1
     # one-text embed tasks of one model fetched together run as one encode call of at most
     # embed_batch_max tasks (1: each alone); after an embed item the script lane waits up to
@@ -437,6 +440,11 @@ def settings_from(
         raise ConfigError(
             f"llm_slots is {settings.llm_slots}: set 1 to 256 (LLM tasks one GPU runs at once; "
             f"check {file} and {ENV_PREFIX}LLM_SLOTS)"
+        )
+    if not 0 <= settings.llm_queue_ahead <= 256:
+        raise ConfigError(
+            f"llm_queue_ahead is {settings.llm_queue_ahead}: set 0 to 256 (LLM tasks a worker takes "
+            f"beyond llm_slots, waiting for a sequence; check {file} and {ENV_PREFIX}LLM_QUEUE_AHEAD)"
         )
     try:
         settings.names  # noqa: B018 - validates the prefix

@@ -67,21 +67,19 @@ def test_a_character_split_over_two_tokens_is_sent_whole() -> None:
     assert sent == ["caf", "é!"] and text.finish() == "café!"
 
 
-def test_llm_slots_is_bounded_by_what_one_context_holds(tmp_path: object) -> None:
-    def settings(slots: int) -> object:
+def test_llm_slots_and_the_queue_ahead_are_bounded() -> None:
+    def settings(**values: int) -> object:
         return settings_from(
-            {"llm_slots": slots},
-            {},
-            {},
-            file="mesh.toml",
-            default_data_dir=lambda: "/tmp",
-            is_file=lambda _: True,
+            values, {}, {}, file="mesh.toml", default_data_dir=lambda: "/tmp", is_file=lambda _: True
         )
 
-    assert settings(256).llm_slots == 256  # type: ignore[attr-defined]
+    assert settings(llm_slots=256).llm_slots == 256  # type: ignore[attr-defined]
     for bad in (0, 257):
         with pytest.raises(ConfigError, match=f"llm_slots is {bad}: set 1 to 256"):
-            settings(bad)
+            settings(llm_slots=bad)
+    assert settings().llm_queue_ahead == 2  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="llm_queue_ahead is -1: set 0 to 256"):
+        settings(llm_queue_ahead=-1)
 
 
 # ------------------------------------------------------------------ the decoder on the real model
