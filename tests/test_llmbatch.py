@@ -174,6 +174,20 @@ def test_closing_fails_what_runs_and_what_waits_and_refuses_more(llm: Loaded) ->
         decoder.submit(request(llm, COUNTING)[0])
 
 
+@pytest.mark.models
+def test_a_request_cancelled_while_it_waits_is_dropped_and_closing_still_works(llm: Loaded) -> None:
+    decoder = Decoder(llm.handle, 1, 512)
+    seen = threading.Event()
+    running = decoder.submit(request(llm, COUNTING, max_tokens=400, first_token=seen)[0])
+    given_up = decoder.submit(request(llm, COUNTING, max_tokens=4)[0])
+    assert seen.wait(HANG_S)
+    assert given_up.cancel(), "still waiting for the one sequence"
+    decoder.close()
+    assert given_up.cancelled()
+    with pytest.raises(DecoderClosed):
+        running.result(timeout=HANG_S)
+
+
 # ------------------------------------------------------------------ the executor on the decoder
 
 

@@ -246,7 +246,8 @@ class Decoder:
         while self._queue:
             _req, fut, sampler, _t = self._queue.popleft()
             self._ll.llama_sampler_free(sampler)
-            fut.set_exception(gone)
+            if fut.set_running_or_notify_cancel():  # (one its caller cancelled is left so)
+                fut.set_exception(gone)
         self._ll.llama_batch_free(self._batch)
         self._ll.llama_free(self._ctx)
 
