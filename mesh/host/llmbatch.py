@@ -172,10 +172,9 @@ class Decoder:
         params.n_ctx = n_ctx * slots
         params.n_batch = params.n_ubatch = self._n_batch
         params.n_seq_max = slots
-        # one KV cache for all the sequences: llama.cpp then takes a batch of tokens of many
-        # sequences in one pass whatever their order (with a stream per sequence it cuts the batch
-        # into passes of equal tokens per sequence, in order of sequence: reused slots came in
-        # another order, and every other round of 8 prompts decoded at a third of the speed).
+        # one KV cache for all the sequences: with a cache per sequence, slots reused in another
+        # order than the first made every other round of 8 prompts decode at a third of the speed
+        # (as if llama.cpp cut the batch into several passes); with one, every round ran alike.
         # No sequence can take another's room: each is held to n_ctx tokens when it is submitted
         params.kv_unified = True
         params.no_perf = True
