@@ -140,7 +140,7 @@ def test_a_stop_string_ends_one_answer_and_never_reaches_its_text(llm: Loaded) -
 @pytest.mark.models
 def test_a_halted_request_ends_at_the_next_step_and_the_others_go_on(llm: Loaded) -> None:
     seen = threading.Event()
-    halted, _ = request(llm, COUNTING, max_tokens=1500, first_token=seen)
+    halted, _ = request(llm, COUNTING, max_tokens=1500, sampled=seen)
     beside, _ = request(llm, COUNTING, max_tokens=24)
     futures = llm.decoder.submit_many([halted, beside])
     assert seen.wait(HANG_S)
@@ -162,7 +162,7 @@ def test_a_prompt_that_does_not_fit_a_sequence_is_refused_before_it_is_queued(ll
 def test_closing_fails_what_runs_and_what_waits_and_refuses_more(llm: Loaded) -> None:
     decoder = Decoder(llm.handle, 1, 512)
     seen = threading.Event()
-    running = decoder.submit(request(llm, COUNTING, max_tokens=400, first_token=seen)[0])
+    running = decoder.submit(request(llm, COUNTING, max_tokens=400, sampled=seen)[0])
     waiting = decoder.submit(request(llm, COUNTING, max_tokens=4)[0])
     assert seen.wait(HANG_S)
     decoder.close()
@@ -178,7 +178,7 @@ def test_closing_fails_what_runs_and_what_waits_and_refuses_more(llm: Loaded) ->
 def test_a_request_cancelled_while_it_waits_is_dropped_and_closing_still_works(llm: Loaded) -> None:
     decoder = Decoder(llm.handle, 1, 512)
     seen = threading.Event()
-    running = decoder.submit(request(llm, COUNTING, max_tokens=400, first_token=seen)[0])
+    running = decoder.submit(request(llm, COUNTING, max_tokens=400, sampled=seen)[0])
     given_up = decoder.submit(request(llm, COUNTING, max_tokens=4)[0])
     assert seen.wait(HANG_S)
     assert given_up.cancel(), "still waiting for the one sequence"

@@ -303,7 +303,7 @@ async def _decoded(item: WorkItem, ctx: RunContext) -> RunResult:
             stop=stop_at,
             grammar=_grammar(item),
             on_text=ctx.on_text,
-            first_token=ctx.first_token,
+            sampled=ctx.first_token,
         )
         job = asyncio.wrap_future(decoder.submit(req))
     except (TaskDefinitionError, ValueError) as exc:  # ValueError: a grammar llama.cpp cannot parse

@@ -64,7 +64,8 @@ class Request:
     # set by whoever waits for it: the request ends at the next step, its text so far kept
     halt: threading.Event = field(default_factory=threading.Event)
     on_text: Callable[[str], None] = _quiet
-    first_token: threading.Event | None = None
+    # set when its first token is sampled
+    sampled: threading.Event | None = None
 
 
 @dataclass
@@ -342,8 +343,8 @@ class Decoder:
     def _sampled(self, seq: _Seq, token: int) -> None:
         if not seq.first:
             seq.first = time.monotonic()
-            if seq.req.first_token is not None:
-                seq.req.first_token.set()
+            if seq.req.sampled is not None:
+                seq.req.sampled.set()
         if self._ll.llama_vocab_is_eog(self._vocab, token):
             self._end(seq, finish="stop")
             return
