@@ -15,6 +15,7 @@ import asyncio
 import json
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import jsonschema
 import msgspec
@@ -24,7 +25,7 @@ from nats.aio.msg import Msg as NatsMsg
 from mesh.errors import ConfigError
 from mesh.events import RunFinished, WorkItem
 from mesh.host.executors import RunContext, run_chat, run_prompt
-from mesh.host.llmbatch import Decoder, DecoderClosed, Request, _Text
+from mesh.host.llmbatch import Decoder, DecoderClosed, Outcome, Request, _Text
 from mesh.host.loaders import Loaded, load_model
 from mesh.models import builtin_models
 from mesh.settings import settings_from
@@ -158,13 +159,19 @@ def test_a_prompt_that_does_not_fit_a_sequence_is_refused_before_it_is_queued(ll
         llm.decoder.submit(Request(tokens=[], max_tokens=16))
 
 
-@pytest.mark.models
-def test_closing_fails_what_runs_and_what_waits_and_refuses_more(llm: Loaded) -> None:
+def one_busy_one_waiting(llm: Loaded) -> tuple[Decoder, Future[Outcome], Future[Outcome]]:
+    """A decoder of one sequence, decoding a long answer, and a request waiting for the sequence."""
     decoder = Decoder(llm.handle, 1, 512)
     seen = threading.Event()
     running = decoder.submit(request(llm, COUNTING, max_tokens=400, sampled=seen)[0])
     waiting = decoder.submit(request(llm, COUNTING, max_tokens=4)[0])
     assert seen.wait(HANG_S)
+    return decoder, running, waiting
+
+
+@pytest.mark.models
+def test_closing_fails_what_runs_and_what_waits_and_refuses_more(llm: Loaded) -> None:
+    decoder, running, waiting = one_busy_one_waiting(llm)
     decoder.close()
     decoder.close()  # twice is safe
     for future in (running, waiting):
@@ -176,11 +183,7 @@ def test_closing_fails_what_runs_and_what_waits_and_refuses_more(llm: Loaded) ->
 
 @pytest.mark.models
 def test_a_request_cancelled_while_it_waits_is_dropped_and_closing_still_works(llm: Loaded) -> None:
-    decoder = Decoder(llm.handle, 1, 512)
-    seen = threading.Event()
-    running = decoder.submit(request(llm, COUNTING, max_tokens=400, sampled=seen)[0])
-    given_up = decoder.submit(request(llm, COUNTING, max_tokens=4)[0])
-    assert seen.wait(HANG_S)
+    decoder, running, given_up = one_busy_one_waiting(llm)
     assert given_up.cancel(), "still waiting for the one sequence"
     decoder.close()
     assert given_up.cancelled()
