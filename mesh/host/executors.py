@@ -27,7 +27,7 @@ from mesh.host.media import run_embed_batch as run_embed_batch
 from mesh.host.media import run_transcribe as run_transcribe
 from mesh.host.runmodel import RunContext as RunContext
 from mesh.host.runmodel import TaskDefinitionError as TaskDefinitionError
-from mesh.host.runmodel import first_of, no_text, run_model, stopped_as
+from mesh.host.runmodel import no_text, run_model, stopped_as, supervise
 from mesh.schemas import check_answer
 from mesh.untrusted import DATA_PREAMBLE as DATA_PREAMBLE  # the prompt's data preamble, for tests
 from mesh.untrusted import data_section
@@ -310,16 +310,8 @@ async def _decoded(item: WorkItem, ctx: RunContext) -> RunResult:
         return RunResult(ok=False, duration_s=time.monotonic() - began, definition_error=True, error=str(exc))
     except DecoderClosed as exc:
         return RunResult(ok=False, duration_s=time.monotonic() - began, error=str(exc))
-    try:
-        stopped_for = await first_of(job, ctx.cancel, item.timeout_s)
-        if stopped_for:
-            req.halt.set()  # it ends at the decoder's next step
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(job), timeout=ctx.kill_grace_s)
-    finally:
-        req.halt.set()  # also when this coroutine is itself cancelled: the request must not run on
+    stopped_for = await supervise(job, req.halt, ctx, item.timeout_s)  # halted: ends at the next step
     if not job.done():
-        job.add_done_callback(lambda f: f.cancelled() or f.exception())
         result = RunResult(
             ok=False, duration_s=0.0, error=f"the decoder did not stop it within {ctx.kill_grace_s:g}s"
         )

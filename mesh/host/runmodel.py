@@ -84,6 +84,27 @@ async def first_of(job: asyncio.Future[Any], cancel: asyncio.Event, timeout_s: f
     return "cancelled" if watch in done else "timed out"
 
 
+async def supervise(
+    job: asyncio.Future[Any], stop: threading.Event, ctx: RunContext, timeout_s: float
+) -> str:
+    """Wait for a model's job under the task's timeout and cancel (`first_of`'s answer): on
+    either, `stop` is set and the job given `ctx.kill_grace_s` to end. `stop` is set whatever
+    happens (also when this coroutine is cancelled: the job must not run on). A job still
+    running after that is left to end in the background, its outcome read when it comes, so
+    none goes unseen."""
+    try:
+        stopped_for = await first_of(job, ctx.cancel, timeout_s)
+        if stopped_for:
+            stop.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(job), timeout=ctx.kill_grace_s)
+    finally:
+        stop.set()
+    if not job.done():
+        job.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return stopped_for
+
+
 async def run_model(
     item: WorkItem, ctx: RunContext, kind: str, work: Callable[[Any, threading.Event], RunResult]
 ) -> RunResult:
@@ -109,18 +130,8 @@ async def run_model(
             return work(loaded, stop)
 
     job = asyncio.ensure_future(asyncio.to_thread(guarded))
-    try:
-        stopped_for = await first_of(job, ctx.cancel, item.timeout_s)
-        if stopped_for:
-            stop.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(job), timeout=ctx.kill_grace_s)
-    finally:
-        # also when this coroutine is itself cancelled: the thread must not run on
-        stop.set()
+    stopped_for = await supervise(job, stop, ctx, item.timeout_s)
     if not job.done():
-        # nobody waits for it any more: its outcome is read when it comes, so none goes unseen
-        job.add_done_callback(lambda f: f.cancelled() or f.exception())
         result = RunResult(
             ok=False,
             duration_s=0.0,
