@@ -280,9 +280,8 @@ class Lanes:
             else:
                 await lane.permits.acquire()
                 slot.permit = True
-            if len(group) == 1 or self.take_batch is None:
-                for raw in group:
-                    await self.take(raw, lane, slot.free if len(group) == 1 else _kept)
+            if len(group) == 1 or self.take_batch is None:  # (without take_batch, groups of one)
+                await self.take(group[0], lane, slot.free)
             else:
                 await self.take_batch(group, lane, slot.free)
         finally:
@@ -316,7 +315,3 @@ class Lanes:
         slot.free()  # (already, unless the task was cancelled before it began)
         if not task.cancelled() and task.exception() is not None:
             log.error("a slot failed: %r", task.exception(), exc_info=task.exception())
-
-
-def _kept() -> None:
-    """The slot of an item run among others in one slot: kept until the last has run."""

@@ -105,7 +105,7 @@ class Models:
             log.info("%s: %s server at %s (%s)", name, handle.mode, handle.base_url, handle.last_probe)
             return loaded
         # an LLM in process decodes up to llm_slots tasks together (mesh.host.llmbatch)
-        slots = self.agent.settings.llm_slots if spec.kind == "llm" else 1
+        slots = self.agent.settings.llm_slots
         return await asyncio.to_thread(load_model, name, spec, device, cards_free_mb, slots)
 
     # the LLM, as the brain asks -----------------------------------------------------------
@@ -183,7 +183,7 @@ class Models:
             sub = await self.agent.bus.bind_consumer(llm_consumer_definition(settings, item.model))
             # decoding in process, a few more than the decoder's sequences wait in its queue: a
             # sequence that ends takes the next at the decoder's next step, not after a fetch
-            ahead = settings.llm_queue_ahead if getattr(loaded, "decoder", None) is not None else 0
+            ahead = settings.llm_queue_ahead if loaded.decoder is not None else 0
             lane = Lane(work.LLM, sub, settings.llm_slots + ahead)
             self.lanes.add(lane)
             self.lanes.start(lane)

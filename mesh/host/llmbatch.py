@@ -153,7 +153,7 @@ class _Seq:
 class Decoder:
     """Several requests of one loaded model decoded together (see the module's text)."""
 
-    def __init__(self, llm: Any, slots: int, n_ctx: int, n_threads: int = 0, n_batch: int = 512) -> None:
+    def __init__(self, llm: Any, slots: int, n_ctx: int, n_batch: int = 512) -> None:
         import llama_cpp
 
         if not 1 <= slots <= MAX_SLOTS:
@@ -168,8 +168,6 @@ class Decoder:
         own = llm.context_params
         for name in ("n_threads", "n_threads_batch", "offload_kqv", "type_k", "type_v"):
             setattr(params, name, getattr(own, name))
-        if n_threads > 0:
-            params.n_threads = params.n_threads_batch = n_threads
         params.n_ctx = n_ctx * slots
         params.n_batch = params.n_ubatch = self._n_batch
         params.n_seq_max = slots
@@ -194,7 +192,6 @@ class Decoder:
         self._free = list(range(slots - 1, -1, -1))
         self._closing = False
         self._freed = False
-        self.steps = 0
         self._thread = threading.Thread(target=self._run, name="mesh-llm-decoder", daemon=True)
         self._thread.start()
 
@@ -319,7 +316,6 @@ class Decoder:
                     seq.row, seq.pos = n - 1, seq.fed
         batch.n_tokens = n
         rc = self._ll.llama_decode(self._ctx, batch)
-        self.steps += 1
         if rc != 0:
             failed = RuntimeError(f"llama_decode returned {rc} for a batch of {n} tokens")
             for seq in in_step:
