@@ -20,7 +20,6 @@ from concurrent.futures import Future
 import jsonschema
 import msgspec
 import pytest
-from nats.aio.msg import Msg as NatsMsg
 
 from mesh.errors import ConfigError
 from mesh.events import RunFinished, WorkItem
@@ -29,10 +28,10 @@ from mesh.host.llmbatch import Decoder, DecoderClosed, Outcome, Request, _Text
 from mesh.host.loaders import Loaded, load_model
 from mesh.models import builtin_models
 from mesh.settings import settings_from
-from mesh.textstream import decode_chunk
 from tests.conftest import HANG_S, Mesh
 from tests.faults import until
 from tests.test_model_workers import PLAN_TIMEOUT_S, all_succeeded, finished, start
+from tests.test_streaming import chunks_of, heard
 
 LLM = "gemma3-270m"
 SLOTS = 3
@@ -274,13 +273,7 @@ async def test_a_worker_with_llm_slots_decodes_its_prompt_tasks_together(mesh: M
     await start(mesh, llm_slots=SLOTS, stream_batch_s=0)
     bus = await mesh.bus()
     names = bus.names
-    chunks: list[tuple[str, bytes]] = []
-
-    async def take(raw: NatsMsg) -> None:
-        chunks.append((raw.subject, raw.data))
-
-    await bus.nc.subscribe(names.text_all, cb=take)
-    await bus.nc.flush()
+    chunks = await heard(bus.nc, names.text_all)
     tasks = "".join(
         f"\n### c{i}\n- model: {LLM}\n- max_tokens: 24\n\n```prompt\nCount from {i * 100} to 1000: "
         f"{i * 100}, {i * 100 + 1},\n```\n"
@@ -297,9 +290,9 @@ async def test_a_worker_with_llm_slots_decodes_its_prompt_tasks_together(mesh: M
     assert max(run.metrics["parallel"] for run in runs) >= 2
 
     async def streamed() -> bool:
-        got = [c for s, d in chunks if (c := decode_chunk(names, s, d)[0]) is not None and c.task_id == "c0"]
+        got = chunks_of(names, chunks, "c0")
         return bool(got) and got[-1].final
 
     await until(streamed, HANG_S, "c0's text streamed to its end")
-    text = [c for s, d in chunks if (c := decode_chunk(names, s, d)[0]) is not None and c.task_id == "c0"]
+    text = chunks_of(names, chunks, "c0")
     assert "".join(c.text for c in text) == runs[0].output

@@ -228,22 +228,15 @@ async def test_a_prompts_chunks_arrive_in_order_before_its_report_and_make_its_o
     await start(mesh, stream_batch_s=0)
     bus = await mesh.bus()
     names = bus.names
-    seen: list[tuple[str, bytes]] = []
-
-    async def take(raw: NatsMsg) -> None:
-        seen.append((raw.subject, raw.data))
-
     # every text chunk of any plan, and every worker report: one connection sees both in the
     # order the worker sent them
-    await bus.nc.subscribe(names.text_all, cb=take)
-    await bus.nc.subscribe(names.run_events(), cb=take)
-    await bus.nc.flush()
+    seen = await heard(bus.nc, names.text_all, names.run_events())
     plan_id = await mesh.submit_text(STREAMED, plan_id="streamed")
     await all_succeeded(mesh, plan_id)
     story = await finished(mesh, plan_id, "story")
     await until(lambda: _reports(seen, "story", RunFinished), HANG_S, "the report seen live")
 
-    chunks = [c for s, d in seen if (c := decode_chunk(names, s, d)[0]) is not None and c.task_id == "story"]
+    chunks = chunks_of(names, seen, "story")
     assert [c.seq for c in chunks] == list(range(len(chunks))), "in order, none missed"
     assert len(chunks) > 2
     assert chunks[-1].final and not any(c.final for c in chunks[:-1])
@@ -268,6 +261,24 @@ async def test_a_prompts_chunks_arrive_in_order_before_its_report_and_make_its_o
     line = next(row for row in status.splitlines() if "story" in row)
     assert "ttft " in line, status
     assert (await mesh.tasks(plan_id))["secret"].ttft_s > 0, "kept, as a number says nothing secret"
+
+
+async def heard(nc: NatsClient, *subjects: str) -> list[tuple[str, bytes]]:
+    """Every message on `subjects` from now on, as (subject, data), in the order they come."""
+    seen: list[tuple[str, bytes]] = []
+
+    async def take(raw: NatsMsg) -> None:
+        seen.append((raw.subject, raw.data))
+
+    for subject in subjects:
+        await nc.subscribe(subject, cb=take)
+    await nc.flush()
+    return seen
+
+
+def chunks_of(names: Names, seen: list[tuple[str, bytes]], task: str) -> list[TextChunk]:
+    """The text chunks of one task among what was heard."""
+    return [c for s, d in seen if (c := decode_chunk(names, s, d)[0]) is not None and c.task_id == task]
 
 
 def _reports(seen: list[tuple[str, bytes]], task: str, kind: type) -> bool:
