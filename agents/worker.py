@@ -199,6 +199,8 @@ class Worker(Agent):
             await self.stop()
 
     async def stop(self, reason: str = "stopped") -> None:
+        # reports whose waiter is gone (a cancelled run) still go out before the bus closes
+        await self.items.all_reports_out()
         if self.models_on and self._bus is not None:
             with contextlib.suppress(*TRANSIENT):
                 await self.gpu.offline()

@@ -5,8 +5,9 @@ For each work item: check the task record when the item is suspect (skip work th
 longer wants), report `run.started`, run the body while telling JetStream it is still in
 progress (so it is never redelivered to a second worker while this one lives), report
 `run.finished`, then acknowledge. A worker that dies stops sending progress, and the item is
-redelivered once `ack_wait` lapses. A resource item on the worker's own queue goes to its
-models. The decisions and the reports' contents are `mesh.work`'s.
+redelivered once `ack_wait` lapses. Reports go out through the worker's outbox
+(`agents/worker_reports.py`): those of runs that end together, in one write. A resource item
+on the worker's own queue goes to its models. The decisions and the reports' contents are `mesh.work`'s.
 
 Items a lane fetched together that can share one model call (embed tasks of one model) come
 as a batch (`take_batch`): each is checked as if alone, they run as one call of the kind's
@@ -35,6 +36,7 @@ from agents.worker_files import WorkDirs
 from agents.worker_gpu import Gpu
 from agents.worker_lanes import Lane
 from agents.worker_models import Models
+from agents.worker_reports import Outbox, Report
 from agents.worker_resources import ResourceUse, sample_once, sample_resources
 from agents.worker_stream import TextStream
 from mesh import work
@@ -112,6 +114,8 @@ class Items:
         # batches' reports going out (the next batch's model call waits for them)
         self.reporting: set[asyncio.Task[None]] = set()
         self.artifacts = Artifacts(agent)
+        # every report goes out through it: those ready together in one write
+        self.outbox = Outbox(self._send_reports)
 
     def cancel(self, plan_id: str, task_id: str) -> None:
         """A task was cancelled: its queued items are not run, its running one is stopped."""
@@ -235,14 +239,25 @@ class Items:
         await self.emit(work.dead_letter_report(item, self.agent.agent_id, time.time(), why))
         await raw.term()
 
-    async def emit(self, ev: RunStarted | RunFinished) -> None:
-        """Publish a report, riding out a server restart: a finished task is not run twice for it."""
-        await self._riding_out(lambda: self.agent.bus.emit(ev), type_of(ev))
+    async def emit(self, ev: Report) -> None:
+        """Publish a report, riding out a server restart: a finished task is not run twice for
+        it. It goes out with the reports ready beside it (`agents.worker_reports.Outbox`)."""
+        await self.outbox.put((ev,))
 
     async def emit_many(self, evs: list[RunFinished]) -> None:
-        """`emit` for many reports at once, pipelined (a batch's), riding out a restart alike:
-        what the server stored already it drops when they come again (their ids)."""
-        await self._riding_out(lambda: self.agent.bus.emit_many(evs), f"{len(evs)} reports")
+        """`emit` for many reports at once (a batch's), in order."""
+        await self.outbox.put(evs)
+
+    async def _send_reports(self, evs: list[Report]) -> None:
+        """The outbox's write: one report alone, or many pipelined (`Bus.emit_many`: from
+        `ATOMIC_MIN` on one atomic batch), riding out a restart alike: what the server stored
+        already it drops when they come again (their ids)."""
+        bus = self.agent.bus
+        if len(evs) == 1:
+            (ev,) = evs
+            await self._riding_out(lambda: bus.emit(ev), type_of(ev))
+        else:
+            await self._riding_out(lambda: bus.emit_many(evs), f"{len(evs)} reports")
 
     async def _riding_out(self, send: Callable[[], Awaitable[object]], what: str) -> None:
         """`send` until the server takes it, waiting out a restart (0.2 s doubling to 5 s)."""
@@ -263,6 +278,11 @@ class Items:
         """Until the batches that ran here have their reports out (`_report_batch`)."""
         while pending := [t for t in self.reporting if not t.done()]:
             await asyncio.wait(pending)
+
+    async def all_reports_out(self) -> None:
+        """Until every report handed in is out, the batches' and the rest: before the bus closes."""
+        await self.reports_out()
+        await self.outbox.drained()
 
     async def _still_wanted(self, item: WorkItem, key: str, delivery: int) -> str:
         """The verdict on a suspect item (`mesh.work.still_wanted`), from its task's record and,
@@ -432,10 +452,10 @@ class Items:
         self, runs: list[Running], results: list[RunResult], starts: list[tuple[StartReport, float]]
     ) -> None:
         """`_report` for the runs of one batch, together: their files stored at once
-        (`Artifacts.keep_many`), their `run.finished` reports published in one pipelined
-        write (`Bus.emit_many`: one sync of the server's disk, not one a report), then each
-        item acknowledged. The same reports, in the same order (each report before its
-        acknowledgement), as one by one."""
+        (`Artifacts.keep_many`), their `run.finished` reports handed to the outbox at once
+        (one pipelined write, with any other reports queued beside them: from `ATOMIC_MIN` on
+        one sync of the server's disk, not one a report), then each item acknowledged. The
+        same reports, in the same order (each report before its acknowledgement), as one by one."""
         await asyncio.gather(*(start.settle() for start, _ in starts))
         keep: list[tuple[Running, RunResult, float]] = []
         for run, result, (_, started_at) in zip(runs, results, starts, strict=True):
