@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import nats.js.errors
 import pytest
 
 from mesh import events, work
+from mesh.bus.publish import ATOMIC_ID, ATOMIC_MIN
 from mesh.bus.workstream import queued
 from mesh.events import RunFinished, RunStarted, TaskSpec, TaskStarted, TaskSucceeded, WorkItem
 from mesh.machine import replay
@@ -261,3 +263,101 @@ async def test_a_pipelined_batch_returns_acks_in_order_and_raises_what_the_serve
         await bus._pipelined([("nowhere.at.all", b"x", {})])
     # and the bus still works afterwards
     assert len(await bus.emit_many(work[:1])) == 1
+
+
+async def stored_reports(mesh: Mesh, plan_id: str) -> list[tuple[events.Message | None, str | None]]:
+    """Every stored report on a plan's tasks, in stream order, with its atomic batch's id."""
+    bus = await mesh.bus()
+    stream = bus.names.events_stream
+    state = (await bus.js.stream_info(stream)).state
+    out = []
+    for seq in range(state.first_seq, state.last_seq + 1):
+        stored = await bus.js.get_msg(stream, seq)
+        if (stored.subject or "").startswith(bus.names.run_events(plan_id).removesuffix("*.*.*")):
+            out.append((events.decode(stored.data or b""), (stored.headers or {}).get(ATOMIC_ID)))
+    return out
+
+
+async def test_reports_handed_in_together_go_out_in_one_write_in_order_each_stored_once(mesh: Mesh) -> None:
+    """A worker's outbox (`agents/worker_reports.py`): reports handed in while none is going out,
+    or while one is, go out together, with `ATOMIC_MIN` or more as one atomic batch, in the order
+    handed in (a task's start before its end); a lone report goes alone; reports sent again (a
+    write a server restart cut short) are stored once."""
+    from agents.worker import Worker
+
+    worker = Worker(mesh.settings, agent_id="w-out", slots=2)
+    await worker.start()
+    try:
+        items, outbox = worker.items, worker.items.outbox
+        n = 2 * ATOMIC_MIN
+        started = [
+            RunStarted(plan_id="p4", task_id=f"t{i}", attempt=1, worker="w-out", at=1.0) for i in range(n)
+        ]
+        finished = [
+            RunFinished(
+                plan_id="p4", task_id=f"t{i}", attempt=1, worker="w-out", at=2.0, ok=True, duration_s=1.0
+            )
+            for i in range(n)
+        ]
+        # each task's start, then its end, handed in by as many runs ending at once
+        await asyncio.gather(*(items.emit(ev) for pair in zip(started, finished, strict=True) for ev in pair))
+        assert (outbox.writes, outbox.sent) == (1, 2 * n)
+        stored = await stored_reports(mesh, "p4")
+        assert [m for m, _ in stored] == [ev for pair in zip(started, finished, strict=True) for ev in pair]
+        assert len({batch for _, batch in stored}) == 1 and stored[0][1], "one atomic batch"
+
+        # one report alone goes at once, alone
+        lone = RunFinished(
+            plan_id="p4", task_id="lone", attempt=1, worker="w-out", at=3.0, ok=True, duration_s=0
+        )
+        await items.emit(lone)
+        assert (outbox.writes, outbox.sent) == (2, 2 * n + 1)
+        assert (await stored_reports(mesh, "p4"))[-1] == (lone, None)
+
+        # the same reports again, and a batch's beside them: each stored once
+        await asyncio.gather(items.emit_many(finished), *(items.emit(ev) for ev in started), items.emit(lone))
+        assert len(await stored_reports(mesh, "p4")) == 2 * n + 1
+    finally:
+        await worker.stop()
+
+
+async def test_a_busy_worker_reports_every_run_once_each_before_its_acknowledgement(mesh: Mesh) -> None:
+    """Many short runs in many slots end together and their reports go out together: every one
+    is stored once, and the worker acknowledges no item before its report is out (seen on the
+    wire: one subscription hears the worker's reports and acknowledgements in the order sent)."""
+    from agents.worker import Worker
+
+    bus = await mesh.bus()
+    names = bus.names
+    n = 60
+    items = [WorkItem(plan_id="p3", task_id=f"t{i}", attempt=1, kind="noop") for i in range(n)]
+    acks = await bus.emit_many(items)
+    task_of_seq = {ack.seq: item.task_id for item, ack in zip(items, acks, strict=True)}
+    heard: list[tuple[str, str]] = []  # (what, task) in the order the server passed them on
+
+    async def hear(raw: Any) -> None:
+        if raw.subject.startswith(f"$JS.ACK.{names.work_stream}."):
+            # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>
+            heard.append(("ack", task_of_seq[int(raw.subject.split(".")[5])]))
+        elif raw.subject.startswith(names.run_events("p3").removesuffix("*.*.*")):
+            msg = events.decode(raw.data)
+            if isinstance(msg, RunFinished):
+                heard.append(("report", msg.task_id))
+
+    sub = await bus.nc.subscribe(">", cb=hear)
+    await bus.nc.flush()
+    worker = Worker(mesh.settings, agent_id="w-busy", slots=16)
+    await worker.run_burst()
+    outbox = worker.items.outbox
+    assert outbox.sent == n and 1 <= outbox.writes <= n
+    stored = [m for m, _ in await stored_reports(mesh, "p3")]
+    assert sorted(m.task_id for m in stored if isinstance(m, RunFinished)) == sorted(i.task_id for i in items)
+    assert await queued(bus.js, names.work_stream) == 0
+    deadline = time.monotonic() + 10
+    while sum(what == "ack" for what, _ in heard) < n:
+        assert time.monotonic() < deadline, heard
+        await asyncio.sleep(0.05)
+    await sub.unsubscribe()
+    for item in items:
+        told = heard.index(("report", item.task_id))
+        assert told < heard.index(("ack", item.task_id)), item.task_id
