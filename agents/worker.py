@@ -21,7 +21,8 @@ In burst mode (`run_burst`) it claims and runs everything queued for it now and
 returns once idle: a worker in a test's own process, with no agent process to spawn.
 
 The pieces: `agents/worker_lanes.py` (claiming: lanes and slots), `agents/worker_items.py`
-(one item: check, run, report), `agents/worker_models.py` (model load and unload),
+(one item: check, run, report), `agents/worker_reports.py` (reports ready together go out in
+one write), `agents/worker_models.py` (model load and unload),
 `agents/worker_gpu.py` (the GPU's state and controls), `agents/worker_resources.py` (what a
 task used of the GPU). The decisions are `mesh/work.py`'s, pure and tested without a server.
 """
