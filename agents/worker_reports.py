@@ -18,7 +18,6 @@ and the server drops by message id what it had already stored.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 
 from mesh.events import RunFinished, RunStarted
@@ -51,9 +50,9 @@ class Outbox:
 
     async def drained(self) -> None:
         """Until every report handed in is out (or its write failed): before the bus closes."""
-        while self._flusher is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._flusher)
+        while (flusher := self._flusher) is not None:
+            # (a failed write raised to its waiters; the flusher itself goes on to the next)
+            await asyncio.wait({flusher})
 
     async def _flush(self) -> None:
         try:

@@ -361,3 +361,23 @@ async def test_a_busy_worker_reports_every_run_once_each_before_its_acknowledgem
     for item in items:
         told = heard.index(("report", item.task_id))
         assert told < heard.index(("ack", item.task_id)), item.task_id
+
+
+async def test_a_stopping_worker_sends_the_reports_handed_in_before_it_closes(mesh: Mesh) -> None:
+    """A report whose waiter is gone (its run cancelled) is still sent, by the time the worker
+    has stopped (`Worker.stop` empties the outbox before it closes the connection)."""
+    from agents.worker import Worker
+
+    worker = Worker(mesh.settings, agent_id="w-stop", slots=2)
+    await worker.start()
+    reports = [
+        RunFinished(plan_id="p2", task_id=f"t{i}", attempt=1, worker="w-stop", at=1.0, ok=True, duration_s=0)
+        for i in range(3)
+    ]
+    waiting = [asyncio.ensure_future(worker.items.emit(ev)) for ev in reports]
+    await asyncio.sleep(0)  # (a turn of the loop: each is handed in)
+    waiting[1].cancel()
+    await worker.stop()
+    await waiting[0]
+    await waiting[2]
+    assert [m for m, _ in await stored_reports(mesh, "p2")] == reports
