@@ -2,11 +2,12 @@
 its dependencies' files fetched into its working directory before it runs.
 
 After a run, the files the executor says it wrote (`RunResult.artifacts`: a transcript's
-segments, an embedding's `.npy`) and the files matching the task's `- artifacts:` globs in its
-working directory are stored under `mesh.bus.files.artifact_name` and listed, with size and
-SHA-256, in the attempt's `run.finished` (`RunFinished.files`). A file's path there is relative
-to the working directory; a file saved outside it (the default home of a `save:`, under the
-worker's data dir) goes by its base name. A successful attempt whose files add up to more than
+segments, an embedding's `.npy`, where the body says `save:`), those it made in memory and wrote
+nowhere (`RunResult.artifact_data`: the same without `save:`) and the files matching the task's
+`- artifacts:` globs in its working directory are stored under `mesh.bus.files.artifact_name`
+and listed, with size and SHA-256, in the attempt's `run.finished` (`RunFinished.files`). A
+file's path there is relative to the working directory; a file saved outside it goes by its
+base name, as does one made in memory. A successful attempt whose files add up to more than
 `artifact_max_mb` fails as a definition error (running it again makes the same files); one whose
 files cannot be stored fails and is retried. A failed attempt's files are stored too, as far as
 they can be (for a look at what it left), and never fail it further.
@@ -89,31 +90,46 @@ def artifact_files(base: str, globs: tuple[str, ...], reported: list[str]) -> di
 
 def wants_keeping(item: WorkItem, result: RunResult) -> bool:
     """Whether the attempt may have files to store (a cancelled one's are not)."""
-    return not result.cancelled and bool(item.artifacts or result.artifacts)
+    return not result.cancelled and bool(item.artifacts or result.artifacts or result.artifact_data)
 
 
 @dataclasses.dataclass
 class Found:
-    """An attempt's files as `scan` found them: relative path -> the file, its size and
-    permission bits, and the contents of those small enough to be read at once."""
+    """An attempt's files as `scan` found them: relative path -> the file ('' for one made in
+    memory), its size and permission bits, the contents of those small enough to be stored
+    together (`data`), and of the bigger ones made in memory (`held`)."""
 
     files: dict[str, str] = dataclasses.field(default_factory=dict)
     sizes: dict[str, int] = dataclasses.field(default_factory=dict)
     modes: dict[str, int] = dataclasses.field(default_factory=dict)
     data: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    held: dict[str, bytes] = dataclasses.field(default_factory=dict)
     error: str = ""
 
 
 def scan(item: WorkItem, result: RunResult) -> Found:
-    """The attempt's files (`artifact_files`), their sizes and modes, and the contents of the
-    small ones, up to `READ_BYTES_MAX` in all: those are stored from memory, the others
-    streamed from the disk (blocking: run it in a thread). A file that cannot be read is
-    `error`."""
+    """The attempt's files: those made in memory first, then those on disk (`artifact_files`);
+    their sizes and modes, and the contents of the small ones, up to `READ_BYTES_MAX` in all:
+    those are stored together, the others one by one, from memory or streamed from the disk
+    (blocking: run it in a thread). A file that cannot be read is `error`."""
     out = Found()
+    read = 0
+    for name, data in result.artifact_data.items():
+        rel = safe_relpath(name) or os.path.basename(name)
+        if not rel or rel in out.files:
+            continue
+        out.files[rel], out.sizes[rel], out.modes[rel] = "", len(data), 0o644
+        if len(data) <= SMALL_BYTES and read + len(data) <= READ_BYTES_MAX:
+            out.data[rel] = data
+            read += len(data)
+        else:
+            out.held[rel] = data
     try:
-        out.files = artifact_files(run_dir(item), item.artifacts, result.artifacts)
-        read = 0
+        for rel, path in artifact_files(run_dir(item), item.artifacts, result.artifacts).items():
+            out.files.setdefault(rel, path)
         for rel, path in out.files.items():
+            if not path:  # (made in memory)
+                continue
             st = os.stat(path)
             out.sizes[rel] = st.st_size
             out.modes[rel] = st.st_mode & 0o777
@@ -235,7 +251,7 @@ class Artifacts:
             store = await self.agent.bus.objects()
             for rel, path in found.files.items():
                 name = artifact_name(item.plan_id, item.task_id, item.attempt, rel)
-                data = found.data.get(rel)
+                data = found.data.get(rel, found.held.get(rel))
                 if name in stored:
                     refs.append(stored[name])
                 elif data is None:

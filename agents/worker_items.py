@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -520,7 +519,7 @@ class Items:
         """Give a model task its model and inputs, and any task its dependencies' artifacts; a
         result instead when that is impossible."""
         ctx.device = self.gpu.kind
-        ctx.artifacts_dir = os.path.join(self.settings.data_dir, "artifacts")
+        ctx.files_in_memory = True
         try:
             if item.inputs:
                 ctx.inputs = await self._inputs(item, ctx)

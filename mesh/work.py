@@ -373,6 +373,9 @@ class RunResult:
     prompt: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
+    # files the executor made in memory and wrote nowhere (a model task's file without `save:`):
+    # name -> contents, kept in the object store as the attempt's artifacts, as the files above
+    artifact_data: dict[str, bytes] = field(default_factory=dict)
     # the task has a schema and the output is JSON valid against it
     parsed: bool = False
 

@@ -207,11 +207,12 @@ async def test_archiving_a_plan_deletes_its_artifacts_and_outputs(mesh: Mesh) ->
 
 @pytest.mark.models
 async def test_an_embedding_saved_by_a_model_task_is_an_artifact(mesh: Mesh) -> None:
-    """The `.npy` an embed task saves (with `save:` under the working directory, or by default
-    under the worker's data dir: then by its base name) is stored like a declared file, and a
-    dependent on another host gets it in its working directory."""
+    """The `.npy` an embed task saves (with `save:` under the working directory, or without one
+    kept in memory and written nowhere: then by its base name, a big one too) is stored like a
+    declared file, and a dependent on another host gets it in its working directory."""
     np = pytest.importorskip("numpy")
     mesh.env["HF_HUB_OFFLINE"] = "1"
+    mesh.env["MESH_DATA_DIR"] = str(mesh.tmp / "data")  # (where no file is to be written)
     mesh.brain()
     mesh.worker("gpu", 1, "--gpu", "none", "--classes", "script")
     text = "\n".join(
@@ -234,7 +235,14 @@ async def test_an_embedding_saved_by_a_model_task_is_an_artifact(mesh: Mesh) -> 
             "text: a quiet meadow",
             FENCE,
             "",
-            task("use", "ls vec/named.npy default.npy", "- depends_on: named, default"),
+            "### big",
+            "",
+            f"{FENCE}embed",
+            # 200 x 384 float32: over the size stored with others in one write (256 KiB)
+            *(f"text: line {i} of a long list" for i in range(200)),
+            FENCE,
+            "",
+            task("use", "ls vec/named.npy default.npy big.npy", "- depends_on: named, default, big"),
         ]
     )
     plan_id = await mesh.submit_text(text)
@@ -247,9 +255,16 @@ async def test_an_embedding_saved_by_a_model_task_is_an_artifact(mesh: Mesh) -> 
     assert [f.path for f in default.files] == ["default.npy"]
     stored = await object_bytes(mesh, default.files[0].object)
     assert sha(stored) == default.files[0].sha256
+    await mesh.wait_task(plan_id, "big", "succeeded", timeout_s=300)
+    big = await finished(mesh, plan_id, "big")
+    assert [f.path for f in big.files] == ["big.npy"] and big.files[0].size > 256 * 1024
+    assert sha(await object_bytes(mesh, big.files[0].object)) == big.files[0].sha256
+    # on the worker's host only the file a body saved: the others are in the object store alone
+    assert sorted(mesh.tmp.rglob("*.npy")) == [mesh.tmp / "vec" / "named.npy"]
     (mesh.tmp / "vec" / "named.npy").unlink()
     other_host(mesh, "cpu")
     assert (await mesh.wait_plan(plan_id)).status == "succeeded"
     assert np.load(mesh.tmp / "vec" / "named.npy").shape == (2, 384)
     assert np.load(mesh.tmp / "default.npy").shape == (1, 384)
-    assert log_count(mesh, "cpu", "fetched 2 artifacts of its dependencies") == 1
+    assert np.load(mesh.tmp / "big.npy").shape == (200, 384)
+    assert log_count(mesh, "cpu", "fetched 3 artifacts of its dependencies") == 1

@@ -8,6 +8,7 @@ real nats-server, brain and worker processes, is in `tests/test_embed_batch_mesh
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -95,42 +96,49 @@ def items_for(texts: Sequence[str], tmp_path: Path) -> list[WorkItem]:
     ]
 
 
-def ctx_for(model: Any, artifacts: Path) -> RunContext:
-    return RunContext(model=model, kill_grace_s=10.0, artifacts_dir=str(artifacts))
+def ctx_for(model: Any) -> RunContext:
+    """A worker's context: files without `save:` are kept in memory, for the object store."""
+    return RunContext(model=model, kill_grace_s=10.0, files_in_memory=True)
+
+
+def vectors(result: Any, name: str) -> Any:
+    """The `.npy` the run kept in memory, read back."""
+    assert result.artifacts == [] and list(result.artifact_data) == [name]
+    return np.load(io.BytesIO(result.artifact_data[name]), allow_pickle=False)
 
 
 @pytest.mark.models
 async def test_a_batch_gives_each_task_the_vectors_of_its_own_text(embedder: Loaded, tmp_path: Path) -> None:
     items = items_for(TEXTS, tmp_path)
-    results = await run_embed_batch(items, [ctx_for(embedder, tmp_path / "a") for _ in items])
-    alone = [await run_embed(i, ctx_for(embedder, tmp_path / "b")) for i in items]
+    results = await run_embed_batch(items, [ctx_for(embedder) for _ in items])
+    alone = [await run_embed(i, ctx_for(embedder)) for i in items]
     assert [r.ok for r in results] == [True] * len(items), [r.error for r in results]
     for i, (batched, single) in enumerate(zip(results, alone, strict=True)):
-        path = tmp_path / "a" / "p" / f"t{i}.npy"
-        assert batched.artifacts == [str(path)]
+        assert batched.output == f"1 vectors x 384 dims -> t{i}.npy"
         assert batched.metrics["batch"] == len(items) and single.metrics["batch"] == 1
         assert batched.metrics["vectors"] == 1 and batched.metrics["dim"] == 384
         # each task's share of the call, the whole call in batch_s
         assert batched.metrics["batch_s"] > 0
         assert batched.duration_s == pytest.approx(batched.metrics["batch_s"] / len(items))
-        got, want = np.load(path), np.load(single.artifacts[0])
+        got, want = vectors(batched, f"t{i}.npy"), vectors(single, f"t{i}.npy")
         assert got.shape == want.shape == (1, 384)
         # the same vector as the text encoded alone (padding in a batch moves the last digits)
         np.testing.assert_allclose(got, want, atol=1e-5)
     # and not another task's
-    first = np.load(tmp_path / "a" / "p" / "t0.npy")
-    assert not np.allclose(first, np.load(tmp_path / "b" / "p" / "t1.npy"), atol=1e-2)
+    assert not np.allclose(vectors(results[0], "t0.npy"), vectors(alone[1], "t1.npy"), atol=1e-2)
+    # nothing was written: not beside the plan, not anywhere under it
+    assert not list(tmp_path.rglob("*.npy"))
 
 
 @pytest.mark.models
 async def test_a_bad_item_fails_alone_and_the_others_succeed(embedder: Loaded, tmp_path: Path) -> None:
     items = items_for(TEXTS[:3], tmp_path)
     items.insert(1, msgspec.structs.replace(items[0], task_id="bad", body="file: nowhere.txt\n"))
-    results = await run_embed_batch(items, [ctx_for(embedder, tmp_path) for _ in items])
+    results = await run_embed_batch(items, [ctx_for(embedder) for _ in items])
     assert [r.ok for r in results] == [True, False, True, True]
     assert results[1].definition_error and "nowhere.txt does not exist" in results[1].error
     assert all(r.metrics["batch"] == 3 for r in (results[0], results[2], results[3]))
-    assert not (tmp_path / "p" / "bad.npy").exists()
+    assert not results[1].artifact_data and not results[1].artifacts
 
 
 class OneAtATime:
@@ -152,7 +160,7 @@ async def test_a_batch_call_that_fails_runs_each_task_alone(embedder: Loaded, tm
     picky = OneAtATime(embedder.handle)
     model = Loaded(embedder.name, embedder.spec, embedder.device, picky, 0.0)
     items = items_for(TEXTS[:4], tmp_path)
-    results = await run_embed_batch(items, [ctx_for(model, tmp_path) for _ in items])
+    results = await run_embed_batch(items, [ctx_for(model) for _ in items])
     assert [r.ok for r in results] == [True] * 4, [r.error for r in results]
     assert picky.calls == [4, 1, 1, 1, 1]
     assert all(r.metrics["batch"] == 1 for r in results)
@@ -161,13 +169,13 @@ async def test_a_batch_call_that_fails_runs_each_task_alone(embedder: Loaded, tm
 @pytest.mark.models
 async def test_an_item_cancelled_during_a_batch_reports_cancelled(embedder: Loaded, tmp_path: Path) -> None:
     items = items_for(TEXTS[:3], tmp_path)
-    ctxs = [ctx_for(embedder, tmp_path) for _ in items]
+    ctxs = [ctx_for(embedder) for _ in items]
     ctxs[2].cancel.set()
     results = await run_embed_batch(items, ctxs)
     assert [r.ok for r in results] == [True, True, False]
     assert results[2].cancelled
     # every item cancelled: the call is not made
-    ctxs = [ctx_for(embedder, tmp_path) for _ in items]
+    ctxs = [ctx_for(embedder) for _ in items]
     for c in ctxs:
         c.cancel.set()
     results = await run_embed_batch(items, ctxs)

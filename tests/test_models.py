@@ -248,15 +248,15 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def test_transcribe_an_espeak_recording(whisper: Loaded, speech: Path) -> None:
     work = speech.parent
     ctx = ctx_for(whisper)
-    ctx.artifacts_dir = str(work / "artifacts")
+    ctx.files_in_memory = True  # as a worker runs it
     result = await run_transcribe(item("transcribe", "speech.wav\n", workdir=str(work), task_id="hear"), ctx)
     assert result.ok, result.error
     words = set(result.output.lower().replace(",", " ").replace(".", " ").split())
     assert len(words & {"hello", "world", "this", "is", "test", "transcription"}) >= 2, result.output
-    # without save: the segments go under the worker's artifacts dir, never beside the plan
-    saved = work / "artifacts" / "p1" / "hear.segments.json"
-    assert result.artifacts == [str(saved)]
-    doc = json.loads(saved.read_text())
+    # without save: the segments are kept in memory, for the object store, and written nowhere
+    assert result.artifacts == [] and list(result.artifact_data) == ["hear.segments.json"]
+    assert not list(work.rglob("*.segments.json"))
+    doc = json.loads(result.artifact_data["hear.segments.json"])
     assert doc["segments"] and doc["segments"][0]["text"]
     assert result.metrics["segments"] == len(doc["segments"])
     assert result.metrics["audio_s"] > 1.0
@@ -311,9 +311,10 @@ async def test_embed_writes_a_matrix_and_similar_texts_are_closer(embedder: Load
 async def test_embed_takes_a_dependency_output_and_a_save_path(embedder: Loaded, tmp_path: Path) -> None:
     body = "input: notes\ntext: one more\nsave: out/vectors\n"
     ctx = ctx_for(embedder, inputs={"notes": "first line\n\nsecond line\n"})
+    ctx.files_in_memory = True  # as a worker runs it: a `save:` path is written all the same
     result = await run_embed(item("embed", body, workdir=str(tmp_path), inputs=("notes",)), ctx)
     assert result.ok, result.error
-    assert result.artifacts == [str(tmp_path / "out" / "vectors.npy")]
+    assert result.artifacts == [str(tmp_path / "out" / "vectors.npy")] and not result.artifact_data
     assert np.load(tmp_path / "out" / "vectors.npy").shape == (3, 384)
 
 

@@ -45,8 +45,9 @@ class RunContext:
     inputs: dict[str, str] = field(default_factory=dict)
     # set when an input came from a sensitive task: the run is then kept out of the history too
     sensitive: bool = False
-    # where a model task's files go when its body names no `save:` path
-    artifacts_dir: str = ""
+    # a model task's file that its body does not `save:` is kept in memory, for the object store
+    # alone (a worker's run); else it is written beside the plan (`mesh.host.media.with_file`)
+    files_in_memory: bool = False
     # set (from the model's thread) when a prompt's first token is sampled
     first_token: threading.Event = field(default_factory=threading.Event)
     # told each piece of an LLM's answer as it is generated (from the model's thread; the pieces
@@ -157,14 +158,6 @@ def stopped_as(result: RunResult, stopped_for: str, timeout_s: float) -> RunResu
         head = f"timed out after {timeout_s:g}s" if result.timed_out else "cancelled"
         result.error = f"{head}; {result.error}" if result.error else head
     return result
-
-
-def artifact_path(item: WorkItem, artifacts_dir: str, name: str) -> str:
-    """Default home of a task's file: `<artifacts_dir>/<plan>/<name>` (under the worker's data dir),
-    so no output lands beside the plan file unless the body says `save:`."""
-    if not artifacts_dir:  # run outside a worker: beside the plan, as a relative `save:` would be
-        return local_path(item, name)
-    return os.path.join(artifacts_dir, item.plan_id, name)
 
 
 def local_path(item: WorkItem, path: str) -> str:
