@@ -1,6 +1,7 @@
 """Embed tasks through mesh against a direct batched encode: texts per second, same texts, same machine.
 
     .venv/bin/python tools/bench_embed.py                    # 2,000 one-text tasks
+    .venv/bin/python tools/bench_embed.py --save             # each also saving its own file
     .venv/bin/python tools/bench_embed.py --tasks 500 --batch-max 1   # batching off, to compare
     .venv/bin/python tools/bench_embed.py --executor-only   # the batch executor alone, no mesh
 
@@ -9,10 +10,12 @@ Direct: the shipped embedder (all-MiniLM-L6-v2) loaded in this process, one
 
 Through mesh: an embedded nats-server, a brain and one CPU model worker (`--gpu none`, as
 `mesh up --gpus none` starts it), the model loaded by a small warm-up plan first; then a plan
-of N tasks, each one `text:` line and its own `save:` file, timed from the submission to the
-plan's end. The worker batches them (`embed_batch_max`, `embed_batch_wait_s`). Every task must
-succeed; a sample of the files is checked against the direct vectors, and the batch sizes the
-worker reported (`run.finished` metrics) are counted.
+of N tasks, each one `text:` line, timed from the submission to the plan's end: each task's
+vectors are a `.npy` kept in the object store (with `--save`, each body also says `save:` and
+the worker writes that file too). The worker batches them (`embed_batch_max`,
+`embed_batch_wait_s`). Every task must succeed; a sample of the vectors (from the object store)
+is checked against the direct call's, and the batch sizes the worker reported (`run.finished`
+metrics) are counted.
 
 The two alternate (`--rounds`: direct, mesh, direct, mesh, ..., direct), as the load of a
 shared machine moves: `ratio_best` is the best mesh run against the best direct run,
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import platform
@@ -95,19 +99,14 @@ def texts_for(n: int) -> list[str]:
     return out
 
 
-def embed_plan(texts: list[str], out: Path, title: str) -> str:
+def embed_plan(texts: list[str], out: Path | None, title: str) -> str:
+    """One embed task a text; each saving its own file under `out` where given."""
     lines = [f"# {title}", "", "## Tasks", ""]
     for i, text in enumerate(texts):
-        lines += [
-            f"### e{i}",
-            "- retries: 0",
-            "",
-            "```embed",
-            f"text: {text}",
-            f"save: {out}/e{i}.npy",
-            "```",
-            "",
-        ]
+        lines += [f"### e{i}", "- retries: 0", "", "```embed", f"text: {text}"]
+        if out is not None:
+            lines.append(f"save: {out}/e{i}.npy")
+        lines += ["```", ""]
     return "\n".join(lines)
 
 
@@ -168,8 +167,11 @@ def cpu_seconds(stack: Stack) -> dict[str, float]:
     return out
 
 
-async def one_plan(bus: Bus, stack: Stack, texts: list[str], out: Path, title: str) -> dict[str, Any]:
-    """A plan of one-text embed tasks, timed from its submission to its end."""
+async def one_plan(
+    bus: Bus, stack: Stack, texts: list[str], out: Path | None, title: str, sample: range = range(0)
+) -> dict[str, Any]:
+    """A plan of one-text embed tasks, timed from its submission to its end; with the vectors
+    of the tasks in `sample` as the object store holds them, and as saved under `out`."""
     spec = parse_plan(embed_plan(texts, out, title), source="bench.md")
     cpu_before = cpu_seconds(stack)
     began = time.perf_counter()
@@ -180,8 +182,18 @@ async def one_plan(bus: Bus, stack: Stack, texts: list[str], out: Path, title: s
     sizes: Counter[int] = Counter()
     failed = 0
     encode_s = 0.0
+    wanted = {f"e{i}": i for i in sample}
+    stored: dict[int, Any] = {}
+    saved: dict[int, Any] = {}
     async for entry in read_history(bus, bus.names.run_events(plan_id)):
         if isinstance(entry.msg, RunFinished):
+            i = wanted.get(entry.msg.task_id)
+            if i is not None and entry.msg.ok:
+                ref = next(f for f in entry.msg.files if f.path.endswith(f"e{i}.npy"))
+                obj = await (await bus.objects()).get(ref.object)
+                stored[i] = np.load(io.BytesIO(obj.data or b""), allow_pickle=False)[0]
+                if out is not None:
+                    saved[i] = np.load(out / f"e{i}.npy")[0]
             size = int(entry.msg.metrics.get("batch", 0))
             sizes[size] += 1
             # each task of a batch reports the batch's encode time
@@ -196,38 +208,42 @@ async def one_plan(bus: Bus, stack: Stack, texts: list[str], out: Path, title: s
         # the worker's time inside encode calls, of `seconds`
         "encode_s": round(encode_s, 3),
         "batch_sizes": dict(sorted(sizes.items())),
+        "stored": stored,
+        "saved": saved,
     }
 
 
-async def rounds(stack: Stack, direct: Direct, texts: list[str], out: Path, n: int) -> dict[str, Any]:
+async def rounds(stack: Stack, direct: Direct, texts: list[str], out: Path | None, n: int) -> dict[str, Any]:
     """Direct, then mesh, n times over, then direct once more: the machine's load moves, and
     each mesh run has a direct run beside it."""
     settings = load_settings(server=stack.url, environ={})
     bus = await connect(settings, "bench", wait_s=10)
     direct_s: list[float] = []
     meshes: list[dict[str, Any]] = []
+    sample = range(0, len(texts), max(1, len(texts) // 50))
     try:
         await bus.ensure_resources()
         await wait_agents(bus, len(stack.children))
         # warm-up, untimed: the worker loads the model (as the direct run's load is untimed)
-        warm = await one_plan(bus, stack, texts[:16], out / "warm", "warm-up")
+        warm = await one_plan(bus, stack, texts[:16], out and out / "warm", "warm-up")
         if warm["status"] != "succeeded":
             raise RuntimeError("the warm-up plan failed")
         for r in range(n):
             took, vectors = await asyncio.to_thread(direct.timed, texts)
             direct_s.append(round(took, 3))
-            meshes.append(await one_plan(bus, stack, texts, out / f"run{r}", f"bench embed {r}"))
+            run_out = out and out / f"run{r}"
+            meshes.append(await one_plan(bus, stack, texts, run_out, f"bench embed {r}", sample))
         took, _ = await asyncio.to_thread(direct.timed, texts)
         direct_s.append(round(took, 3))
     finally:
         await bus.close()
-    # a sample of each run's files against the direct vectors
-    sample = range(0, len(texts), max(1, len(texts) // 50))
-    worst = max(
-        float(np.abs(np.load(out / f"run{r}" / f"e{i}.npy")[0] - vectors[i]).max())
-        for r in range(n)
-        for i in sample
-    )
+    # a sample of each run's vectors (stored, and saved where asked) against the direct ones
+    worst = 0.0
+    for m in meshes:
+        got = [*m.pop("stored").items(), *m.pop("saved").items()]
+        if len(got) < len(sample) * (1 + (out is not None)):
+            return {"direct_s": direct_s, "mesh": meshes, "max_abs_diff_vs_direct": float("inf")}
+        worst = max(worst, *(float(np.abs(row - vectors[i]).max()) for i, row in got))
     return {"direct_s": direct_s, "mesh": meshes, "max_abs_diff_vs_direct": worst}
 
 
@@ -237,22 +253,22 @@ async def executor_only(direct: Direct, texts: list[str], batch: int, rounds: in
     name = DEFAULT_MODELS["embed"]
     direct_s: list[float] = []
     batched_s: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="mesh-bench-embed-") as tmp:
-        items = [
-            WorkItem(plan_id="p", task_id=f"e{i}", attempt=1, kind="embed", body=f"text: {t}\n", model=name)
-            for i, t in enumerate(texts)
-        ]
-        for _ in range(rounds):
-            took, _ = await asyncio.to_thread(direct.timed, texts)
-            direct_s.append(round(took, 3))
-            began = time.perf_counter()
-            for at in range(0, len(items), batch):
-                part = items[at : at + batch]
-                ctxs = [RunContext(model=direct.loaded, artifacts_dir=tmp) for _ in part]
-                results = await run_embed_batch(part, ctxs)
-                if not all(r.ok for r in results):
-                    raise RuntimeError(next(r.error for r in results if not r.ok))
-            batched_s.append(round(time.perf_counter() - began, 3))
+    items = [
+        WorkItem(plan_id="p", task_id=f"e{i}", attempt=1, kind="embed", body=f"text: {t}\n", model=name)
+        for i, t in enumerate(texts)
+    ]
+    for _ in range(rounds):
+        took, _ = await asyncio.to_thread(direct.timed, texts)
+        direct_s.append(round(took, 3))
+        began = time.perf_counter()
+        for at in range(0, len(items), batch):
+            part = items[at : at + batch]
+            # as a worker runs them: each task's vectors kept in memory, for the object store
+            ctxs = [RunContext(model=direct.loaded, files_in_memory=True) for _ in part]
+            results = await run_embed_batch(part, ctxs)
+            if not all(r.ok for r in results):
+                raise RuntimeError(next(r.error for r in results if not r.ok))
+        batched_s.append(round(time.perf_counter() - began, 3))
     paired = [d / b for d, b in zip(direct_s, batched_s, strict=True)]
     return {
         "tasks": len(texts),
@@ -280,6 +296,9 @@ def main() -> int:
         "--executor-only",
         action="store_true",
         help="the batch executor in this process against the direct call, no server or agents",
+    )
+    ap.add_argument(
+        "--save", action="store_true", help="each task also saves its vectors to a file of its own (`save:`)"
     )
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
@@ -317,7 +336,8 @@ def main() -> int:
         )
         stack.start()
         try:
-            got = run_loop(rounds(stack, direct, texts, Path(tmp) / "out", args.rounds))
+            out = Path(tmp) / "out" if args.save else None
+            got = run_loop(rounds(stack, direct, texts, out, args.rounds))
         finally:
             stack.stop()
     n = args.tasks
@@ -341,6 +361,7 @@ def main() -> int:
             "batch_wait": args.batch_wait,
             "script_slots": args.script_slots,
             "durability": args.durability,
+            "save": args.save,
         },
         "machine": {
             "cpus": os.cpu_count(),
