@@ -9,11 +9,13 @@ transcriber comes from espeak-ng.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import shutil
 import subprocess
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,6 +105,18 @@ def test_close_frees_the_handle_and_is_safe_twice() -> None:
     loaded.close()
     assert loaded.handle is None
     loaded.close()
+
+
+def test_a_load_freezes_what_lives_on_and_an_unload_lets_the_model_go() -> None:
+    """A loaded model's objects are out of the collector's full passes (`settle_heap`), and
+    still freed with the model on unload: frozen, its cycles would never be collected."""
+    name = DEFAULT_MODELS["embed"]
+    loaded = load_model(name, builtin_models()[name], "cpu")
+    assert gc.get_freeze_count() > 100_000  # torch's, transformers' and the model's objects
+    model = weakref.ref(loaded.handle)
+    loaded.close()
+    assert model() is None
+    assert gc.get_freeze_count() > 0  # what lives on is frozen again
 
 
 def test_cpu_compute_types_fall_back_to_what_the_cpu_supports() -> None:
