@@ -72,6 +72,8 @@ class Mesh:
             **FAST_ENV,
             "MESH_NATS_URL": server.url,
             "XDG_CONFIG_HOME": str(tmp / "config"),
+            # the agents' data dir (work dirs, model cache, spools) is the test's own too
+            "XDG_DATA_HOME": str(tmp / "data"),
             "PYTHONUNBUFFERED": "1",
         }
         self.settings: Settings = load_settings(environ=self.env)
