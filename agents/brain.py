@@ -69,6 +69,7 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         super().__init__(settings, agent_id)
         self.policy = Policy(
             release_window=settings.release_window,
+            continue_depth=settings.continue_depth,
             retry_base_s=settings.retry_base_s,
             retry_max_s=settings.retry_max_s,
             aging_s=settings.aging_s,

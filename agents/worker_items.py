@@ -14,6 +14,10 @@ as a batch (`take_batch`): each is checked as if alone, they run as one call of 
 batch executor, and each is reported (its own `run.started`, `run.finished`, claim) and
 acknowledged alone. A worker killed mid-batch leaves every item unacknowledged: all are
 redelivered, and the brain's claims keep a stale report from counting twice.
+
+An item may carry the dependent to run next (`WorkItem.then`): when it succeeds, the worker
+starts that one at once in the same slot, with no delivery behind it (`Continued`), and says
+so in the report (`run.finished`'s `then`); the brain releases it to this worker from that.
 """
 
 from __future__ import annotations
@@ -52,12 +56,34 @@ from mesh.work import RunResult
 log = logging.getLogger("mesh.worker")
 
 
+class Continued:
+    """What a continued item (`WorkItem.then`) stands on in place of a delivery: none, as the
+    brain queued nothing. Nothing to acknowledge or keep alive, and nothing to hand back: a
+    continued run stopped by its worker is reported (`cancelled`), and the brain queues it."""
+
+    class metadata:  # (as a delivery's): the first
+        num_delivered = 1
+
+    async def ack(self) -> None:
+        return None
+
+    async def nak(self, delay: float | None = None) -> None:
+        return None
+
+    async def in_progress(self) -> None:
+        return None
+
+
 class Running:
-    def __init__(self, item: WorkItem, raw: NatsMsg) -> None:
+    def __init__(self, item: WorkItem, raw: NatsMsg | Continued) -> None:
         self.item = item
         self.raw = raw
         self.ctx = RunContext()
         self.handed_back = False
+
+    @property
+    def continued(self) -> bool:
+        return isinstance(self.raw, Continued)
 
 
 class StartReport:
@@ -66,7 +92,7 @@ class StartReport:
     until it is due: most short tasks end first, and cancelling a timer costs nothing."""
 
     def __init__(
-        self, send: Callable[[RunStarted], Coroutine[Any, Any, None]], ev: RunStarted, after_s: float
+        self, send: Callable[[RunStarted], Coroutine[Any, Any, None]], ev: RunStarted | None, after_s: float
     ) -> None:
         self.send = send
         self.ev = ev
@@ -75,15 +101,20 @@ class StartReport:
         self.task: asyncio.Task[None] | None = None
 
     async def begin(self) -> None:
+        if self.ev is None:
+            return  # (a continued run: the report of the run before says it started)
         if self.after_s <= 0:
             await self.send(self.ev)
         else:
             self.timer = asyncio.get_running_loop().call_later(self.after_s, self._due)
 
     def _due(self) -> None:
+        assert self.ev is not None
         self.task = asyncio.get_running_loop().create_task(self.send(self.ev))
 
     async def settle(self) -> bool:
+        if self.ev is None:
+            return False
         if self.timer is None:
             return True  # sent at once
         if self.task is None:
@@ -115,6 +146,8 @@ class Items:
         self.artifacts = Artifacts(agent)
         # every report goes out through it: those ready together in one write
         self.outbox = Outbox(self._send_reports)
+        # the reports of runs that a continued run followed, going out beside it
+        self.sending: set[asyncio.Task[None]] = set()
 
     def cancel(self, plan_id: str, task_id: str) -> None:
         """A task was cancelled: its queued items are not run, its running one is stopped."""
@@ -144,7 +177,7 @@ class Items:
                 finally:
                     await raw.ack()
             case WorkItem():
-                await self._work(msg, raw, free)
+                await self._work(msg, raw, lane, free)
             case _:
                 reason = why or f"a worker does not take {type_of(msg)} messages"  # type: ignore[arg-type]
                 await agent.bus.dead_letter(agent.agent_id, raw, reason)
@@ -175,14 +208,32 @@ class Items:
         msg, _ = decode_checked(raw, self.agent.names)
         return work.batch_key(msg) if isinstance(msg, WorkItem) else ""
 
-    async def _work(self, msg: WorkItem, raw: NatsMsg, free: Callable[[], None] | None = None) -> None:
+    async def _work(
+        self, msg: WorkItem, raw: NatsMsg, lane: Lane, free: Callable[[], None] | None = None
+    ) -> None:
+        """The item, and the dependents it carries, each run as the one before succeeds."""
         run = await self._admit(msg, raw)
-        if run is None:
-            return
-        try:
-            await self._execute([run], free)
-        finally:
-            self.running.pop(work.item_key(msg.plan_id, msg.task_id), None)
+        while run is not None:
+            key = work.item_key(run.item.plan_id, run.item.task_id)
+            try:
+                run = await self._execute([run], free, lane)
+            finally:
+                self.running.pop(key, None)
+
+    def _continue(self, run: Running, result: RunResult, lane: Lane | None) -> Running | None:
+        """The continued run that follows `run` (`mesh.work.continuation`), registered here."""
+        stopping = self.agent.stop_requested.is_set() or run.handed_back
+        runs = lane is not None and lane.enabled and not lane.closed and not stopping
+        then = work.continuation(run.item, result, self.cancelled, runs)
+        if then is None:
+            return None
+        key = work.item_key(then.plan_id, then.task_id)
+        if key in self.running or self.finished.get(key, 0) >= then.attempt:
+            return None
+        nxt = Running(then, Continued())
+        self._context(nxt)
+        self.running[key] = nxt
+        return nxt
 
     async def _admit(self, msg: WorkItem, raw: NatsMsg) -> Running | None:
         """The item, registered as running here, when it is to run; None when it was
@@ -222,14 +273,17 @@ class Items:
             await self._dead_letter(msg, raw, why)
             return None
         run = Running(msg, raw)
+        self._context(run)
+        self.running[key] = run
+        return run
+
+    def _context(self, run: Running) -> None:
         run.ctx.tail_bytes = self.settings.output_tail_bytes
         run.ctx.kill_grace_s = self.settings.kill_grace_s
         run.ctx.shell = self.settings.shell
         assert self.reaper is not None, "worker not started"
         run.ctx.on_start = self.reaper.watch
         run.ctx.on_end = self.reaper.forget
-        self.running[key] = run
-        return run
 
     async def _dead_letter(self, item: WorkItem, raw: NatsMsg, why: str) -> None:
         """Every worker that took this item died with it: stop the cycle, record it, fail the task."""
@@ -281,6 +335,8 @@ class Items:
     async def all_reports_out(self) -> None:
         """Until every report handed in is out, the batches' and the rest: before the bus closes."""
         await self.reports_out()
+        while pending := [t for t in self.sending if not t.done()]:
+            await asyncio.wait(pending)
         await self.outbox.drained()
 
     async def _still_wanted(self, item: WorkItem, key: str, delivery: int) -> str:
@@ -322,9 +378,12 @@ class Items:
         return work.owner_verdict(registered=True)
 
     # running it -----------------------------------------------------------------------------
-    async def _execute(self, runs: list[Running], free: Callable[[], None] | None = None) -> None:
+    async def _execute(
+        self, runs: list[Running], free: Callable[[], None] | None = None, lane: Lane | None = None
+    ) -> Running | None:
         """Run one item, or a batch of items sharing one model call, and report each (`free`,
-        when given, is called between the two)."""
+        when given, is called between the two); the run that continues it, when one does: it
+        keeps the slot (`free` is then for it), and the report goes out beside it."""
         agent_id = self.agent.agent_id
         starts: list[tuple[StartReport, float]] = []
         beats = []
@@ -333,7 +392,7 @@ class Items:
             started_at = time.time()
             start = StartReport(
                 self.emit,
-                work.run_started(run.item, agent_id, started_at, delivery),
+                None if run.continued else work.run_started(run.item, agent_id, started_at, delivery),
                 work.start_report_after(delivery, self.settings.start_report_after_s, len(runs)),
             )
             await start.begin()
@@ -368,20 +427,29 @@ class Items:
             if usage.samples:
                 for result in results:
                     result.metrics.update(usage.metrics())
-        if free is not None:
+        nxt = self._continue(runs[0], results[0], lane) if len(runs) == 1 else None
+        if free is not None and nxt is None:
             free()
         if len(runs) > 1:
             reporting = asyncio.get_running_loop().create_task(self._report_batch(runs, results, starts))
             self.reporting.add(reporting)
             reporting.add_done_callback(self.reporting.discard)
             await reporting
-            return
-        await asyncio.gather(
-            *(
-                self._report(run, result, start, started_at)
-                for run, result, (start, started_at) in zip(runs, results, starts, strict=True)
-            )
-        )
+            return None
+        ((run, result, (start, started_at)),) = zip(runs, results, starts, strict=True)
+        if nxt is None:
+            await self._report(run, result, start, started_at)
+            return None
+        # the report made before the next run starts (its time is the end of this one), sent
+        # while it runs
+        said = await self._report_of(run, result, start, started_at, nxt.item)
+        if said is not None:
+            # queued now: before any report of the next run (the brain must hear of this first)
+            stored = self.outbox.hand((said[0],))
+            sending = asyncio.get_running_loop().create_task(self._acknowledged(run, stored, *said))
+            self.sending.add(sending)
+            sending.add_done_callback(self.sending.discard)
+        return nxt
 
     async def _results(self, runs: list[Running]) -> list[RunResult]:
         """Each run's result: through its executor, or the batch's (one call for them all)."""
@@ -436,16 +504,43 @@ class Items:
 
     async def _report(self, run: Running, result: RunResult, start: StartReport, started_at: float) -> None:
         """Report a run's end (or hand it back), then acknowledge its item."""
+        said = await self._report_of(run, result, start, started_at)
+        if said is not None:
+            await self._send(run, *said)
+
+    async def _report_of(
+        self,
+        run: Running,
+        result: RunResult,
+        start: StartReport,
+        started_at: float,
+        then: WorkItem | None = None,
+    ) -> tuple[RunFinished, float] | None:
+        """A run's `run.finished` (saying it continued with `then`) and its duration; None when
+        it was handed back to the queue instead (a continued run is reported: none holds it)."""
         item = run.item
-        key = work.item_key(item.plan_id, item.task_id)
         await start.settle()
-        if run.handed_back:
-            log.info("handing %s back to the queue", key)
+        if run.handed_back and not run.continued:
+            log.info("handing %s back to the queue", work.item_key(item.plan_id, item.task_id))
             await run.raw.nak()
-            return
+            return None
         files, result = await self.artifacts.keep(item, result)
-        await self.emit(await self._finished(run, result, started_at, files))
-        await self._acknowledge(run, result, result.duration_s)
+        return await self._finished(run, result, started_at, files, then), result.duration_s
+
+    async def _send(self, run: Running, report: RunFinished, duration_s: float) -> None:
+        await self.emit(report)
+        await self._acknowledge(run, report, duration_s)
+
+    async def _acknowledged(
+        self, run: Running, stored: asyncio.Future[None], report: RunFinished, duration_s: float
+    ) -> None:
+        """`_send` for a report already queued (`Outbox.hand`): once stored, acknowledged."""
+        try:
+            await stored
+        except Exception as exc:  # (the write's error; the item is redelivered, as for `_send`)
+            log.warning("the report of %s.%s failed: %s", report.plan_id, report.task_id, exc)
+            return
+        await self._acknowledge(run, report, duration_s)
 
     async def _report_batch(
         self, runs: list[Running], results: list[RunResult], starts: list[tuple[StartReport, float]]
@@ -476,7 +571,12 @@ class Items:
             await self._acknowledge(run, report, result.duration_s)
 
     async def _finished(
-        self, run: Running, result: RunResult, started_at: float, files: tuple[FileRef, ...]
+        self,
+        run: Running,
+        result: RunResult,
+        started_at: float,
+        files: tuple[FileRef, ...],
+        then: WorkItem | None = None,
     ) -> RunFinished:
         """A run's `run.finished` report, its output kept where the event cannot carry it."""
         item = run.item
@@ -495,6 +595,7 @@ class Items:
             prompt_limit=self.settings.output_event_bytes,
             gpu=self.gpu.gpu_id if self.gpu.on else "",
             files=files,
+            then=then,
         )
 
     async def _acknowledge(self, run: Running, said: RunResult | RunFinished, duration_s: float) -> None:

@@ -40,13 +40,17 @@ class Outbox:
     async def put(self, reports: Sequence[Report]) -> None:
         """Until `reports` are stored (raises what their write raised). Cancelling the wait
         leaves them queued: they go out all the same."""
-        if not reports:
-            return
+        if reports:
+            await self.hand(reports)
+
+    def hand(self, reports: Sequence[Report]) -> asyncio.Future[None]:
+        """`reports` queued now, in the order of the calls (`put` queues them only once it
+        runs); the future is done when they are stored."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((reports, done))
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush(), name="worker-reports")
-        await done
+        return done
 
     async def drained(self) -> None:
         """Until every report handed in is out (or its write failed): before the bus closes."""

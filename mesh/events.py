@@ -207,6 +207,9 @@ class WorkItem(Msg, frozen=True, tag="work"):
     after: tuple[str, ...] = ()
     # `- artifacts:` globs of the task (`TaskSpec.artifacts`)
     artifacts: tuple[str, ...] = ()
+    # the item of a dependent this worker starts as soon as this attempt succeeds, without
+    # queueing it (`mesh.machine_step.continuations`); its own `then` may carry the next
+    then: WorkItem | None = None
 
 
 class ResourceItem(Msg, frozen=True, tag="resource"):
@@ -283,6 +286,10 @@ class RunFinished(Msg, frozen=True, tag="run.finished"):
     # the SHA-256 (hex) of the output under `output_object`: a reader checks the stored copy
     # against it (any worker may write the object store; only this worker could send this)
     output_sha256: str = ""
+    # the dependent this worker started as this attempt succeeded (its item's `then`), and that
+    # item's claim: the brain releases it to this worker, already running ('' : none)
+    then: str = ""
+    then_claim: str = ""
 
 
 # GPUs (event stream; the brain reads them for placement) ---------------------
@@ -538,6 +545,9 @@ class TaskReleased(Msg, frozen=True, tag="task.released"):
     at: float
     # not 0: the task began waiting in the same step, at this time (its `task.waiting`)
     waited_at: float = 0.0
+    # released to this worker, which ran its dependency and started it at once (a `task.started`
+    # follows): no work item is queued for it ('' : queued for any worker)
+    worker: str = ""
 
 
 class TaskStarted(Msg, frozen=True, tag="task.started"):
@@ -575,6 +585,10 @@ class TaskSucceeded(Msg, frozen=True, tag="task.succeeded"):
     ttft_s: float = 0.0
     # not 0: the attempt started with this report too, at this time (its `task.started`)
     started_at: float = 0.0
+    # the dependent its worker started as it succeeded (`run.finished`'s `then`), released to
+    # that worker and started there ('' : none). Its own `task.released` and `task.started`
+    # follow; this event folds them too, so a brain stopped between them cannot queue it again
+    then: str = ""
 
 
 class TaskRetrying(Msg, frozen=True, tag="task.retrying"):

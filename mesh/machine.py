@@ -40,6 +40,7 @@ from mesh.events import (
     RunStarted,
     SubmitPlan,
     TaskRedelivered,
+    TaskReleased,
     TaskReviewing,
     TaskStarted,
     TaskSucceeded,
@@ -52,7 +53,7 @@ from mesh.machine_retry import NO_RETRY, _tries, backoff_s
 from mesh.machine_state import State, evolve
 from mesh.machine_step import MAX_ERROR_CHARS, Policy, Reconcile, Step, Sweep, Tick, work_item
 from mesh.placement import observe
-from mesh.records import INFLIGHT_STATES, READY, RUNNING, TaskRecord
+from mesh.records import INFLIGHT_STATES, PENDING, READY, RUNNING, SUCCEEDED, TaskRecord
 from mesh.status import FailReason
 
 # what the rest of mesh imports from here (the entry points, and the parts it names)
@@ -163,6 +164,7 @@ class _Decider(Release):
             self._reviewed(rec, verdict, answer[:200], error, msg.worker)
             return
         if msg.ok:
+            then = self._continues(rec, msg) if msg.then else None
             self.emit(
                 TaskSucceeded(
                     plan_id=msg.plan_id,
@@ -173,9 +175,35 @@ class _Decider(Release):
                     duration_s=msg.duration_s,
                     rc=msg.rc,
                     ttft_s=msg.metrics.get("ttft_s", 0.0),
+                    then=then.task_id if then is not None else "",
                 )
             )
             self._wake_dependents(rec)
+            if then is not None:
+                # (the success folded them already: these say so to whoever reads the history)
+                for ev in (
+                    TaskReleased(
+                        plan_id=then.plan_id,
+                        task_id=then.task_id,
+                        attempt=then.attempt,
+                        at=self.now,
+                        worker=msg.worker,
+                    ),
+                    TaskStarted(
+                        plan_id=then.plan_id,
+                        task_id=then.task_id,
+                        attempt=then.attempt,
+                        worker=msg.worker,
+                        at=self.now,
+                    ),
+                ):
+                    self.emit(ev)
+            return
+        if rec.continued and msg.cancelled and rec.status == RUNNING:
+            # a continued run its worker stopped, handing it back (it is stopping; a cancel
+            # of the task makes its report stale): queued now, the same attempt, as its
+            # delivery would have been
+            self._queue_again(rec)
             return
         if msg.dead_letter:
             reason = FailReason.DEAD_LETTER
@@ -188,6 +216,36 @@ class _Decider(Release):
         snippet = (msg.stderr_tail or msg.stdout_tail).strip()
         error = "\n".join(p for p in (msg.error, snippet) if p)
         self._attempt_failed(rec, reason, error[-MAX_ERROR_CHARS:], msg.rc, msg.worker, msg.duration_s)
+
+    def _continues(self, rec: TaskRecord, msg: RunFinished) -> TaskRecord | None:
+        """The dependent `msg.then` that the worker of `rec` started as `rec` succeeded (the
+        `then` of its work item, `mesh.machine_step.continuations`), when it is to run there:
+        released to that worker and started, with no work item queued (`TaskSucceeded.then`).
+        Not when it no longer waits for `rec` alone (cancelled meanwhile: the worker hears of
+        that and stops it, and its report is stale), nor without the claim of the attempt it
+        would be (a worker never handed that item): then it is queued as usual."""
+        tasks = self.state.tasks
+        child = tasks.get(f"{msg.plan_id}.{msg.then}")
+        if child is None or child.status != PENDING or rec.task_id not in child.spec.depends_on:
+            return None
+        others = (d for d in child.spec.depends_on if d != rec.task_id)
+        if any(tasks[f"{child.plan_id}.{d}"].status != SUCCEEDED for d in others):
+            return None
+        attempt = child.attempt + 1
+        if not claims.holds(self.policy.claim_key, msg.then_claim, child.plan_id, child.task_id, attempt):
+            # (its own end stands: the report holds the claim of its attempt)
+            self.step.notes.append(
+                f"run.finished from {msg.worker} for {rec.key} says it started {child.key} attempt "
+                f"{attempt} without that attempt's claim (that worker was never handed it): "
+                f"{child.key} is queued as usual"
+            )
+            return None
+        return child
+
+    def _queue_again(self, rec: TaskRecord) -> None:
+        """A continued attempt its worker no longer runs, queued for any worker: the same attempt
+        (and claim), as a redelivery of its item would have been; none was queued."""
+        self.emit(TaskReleased(plan_id=rec.plan_id, task_id=rec.task_id, attempt=rec.attempt, at=self.now))
 
     def sweep(self, msg: Sweep) -> None:
         """Mark agents that stopped heartbeating offline; give up attempts nobody holds;
@@ -222,6 +280,11 @@ class _Decider(Release):
                 (r for r in state.tasks.values() if r.worker == worker and r.status == RUNNING),
                 key=lambda r: r.key,
             ):
+                if rec.continued:
+                    # started by its worker with no work item queued (no other worker could
+                    # take it over): the same attempt queued now, as a redelivery would have
+                    self._queue_again(rec)
+                    continue
                 self._attempt_failed(
                     rec,
                     FailReason.LOST,

@@ -472,6 +472,7 @@ def _fold_task(state: State, ev: Msg) -> None:
             rec.attempt = ev.attempt
             rec.released_at = ev.at
             rec.worker = ""
+            rec.continued = bool(ev.worker)
             _set_status(state, rec, READY, ev.at)
         case TaskStarted():
             _start(state, rec, ev.worker, ev.at)
@@ -514,6 +515,8 @@ def _fold_task(state: State, ev: Msg) -> None:
             rec.reason = FailReason.NONE
             rec.error = ""
             _set_status(state, rec, SUCCEEDED, ev.at)
+            if ev.then:
+                _continue(state, state.tasks.get(f"{rec.plan_id}.{ev.then}"), ev.worker, ev.at)
         case TaskEscalated():
             if ev.after is not None:
                 rec.attempts = (*rec.attempts[-(KEEP_ATTEMPTS - 1) :], ev.after)
@@ -587,6 +590,19 @@ def _fold_task(state: State, ev: Msg) -> None:
             rec.error = ev.reason
             rec.finished_at = ev.at
             _set_status(state, rec, CANCELLED, ev.at)
+
+
+def _continue(state: State, rec: TaskRecord | None, worker: str, at: float) -> None:
+    """A dependent continued on the worker of the task that succeeded (`TaskSucceeded.then`):
+    waiting, released to that worker (its next attempt, no work item queued) and started."""
+    if rec is None or rec.status not in (PENDING, WAITING):
+        return
+    _wait(state, rec, at, push=False)
+    rec.attempt += 1
+    rec.released_at = at
+    rec.continued = True
+    _set_status(state, rec, READY, at)
+    _start(state, rec, worker, at)
 
 
 def _start(state: State, rec: TaskRecord, worker: str, at: float) -> None:

@@ -30,7 +30,7 @@ from mesh.events import (
 )
 from mesh.machine_state import KEEP_ATTEMPTS, State, evolve
 from mesh.placement import PlacementPolicy
-from mesh.records import TaskRecord
+from mesh.records import PENDING, SUCCEEDED, TaskRecord
 
 MAX_ERROR_CHARS = 2000
 
@@ -59,6 +59,9 @@ class Policy:
     placement: PlacementPolicy = field(default_factory=PlacementPolicy)
     # the secret that work items' claims are made with (`mesh.claims`; the brain's bucket)
     claim_key: bytes = b""
+    # how many dependents, one after another, a released shell task's work item carries for its
+    # worker to start as soon as the task before succeeds (`continuations`; 0: none)
+    continue_depth: int = 8
 
 
 class Tick:
@@ -114,11 +117,14 @@ def escalation_why(spec: TaskSpec) -> str:
     return ""
 
 
-def work_item(state: State, rec: TaskRecord, claim_key: bytes) -> WorkItem:
-    """The work item of a task's current attempt (a review's, while one is in flight), with the
-    claim its worker proves the attempt with."""
+def work_item(
+    state: State, rec: TaskRecord, claim_key: bytes, attempt: int = 0, then: WorkItem | None = None
+) -> WorkItem:
+    """The work item of a task's current attempt (a review's, while one is in flight), or of
+    `attempt`, with the claim its worker proves the attempt with, and the continuation `then`."""
     plan = state.plans.get(rec.plan_id)
-    claim = claims.claim_of(claim_key, rec.plan_id, rec.task_id, rec.attempt)
+    attempt = attempt or rec.attempt
+    claim = claims.claim_of(claim_key, rec.plan_id, rec.task_id, attempt)
     if rec.review:
         return WorkItem(
             plan_id=rec.plan_id,
@@ -138,7 +144,7 @@ def work_item(state: State, rec: TaskRecord, claim_key: bytes) -> WorkItem:
     return WorkItem(
         plan_id=rec.plan_id,
         task_id=rec.task_id,
-        attempt=rec.attempt,
+        attempt=attempt,
         cls=rec.spec.cls,
         kind=rec.spec.kind,
         body=rec.spec.body,
@@ -155,7 +161,84 @@ def work_item(state: State, rec: TaskRecord, claim_key: bytes) -> WorkItem:
         bundle=plan.bundle if plan else "",
         after=tuple(d for d in rec.spec.depends_on if _may_keep_files(state, rec.plan_id, d)),
         artifacts=rec.spec.artifacts,
+        then=then,
     )
+
+
+# the classes and body kinds of the tasks that may continue on the worker of their dependency
+CONTINUE_CLASSES = frozenset({"cpu", "script"})
+CONTINUE_KINDS = frozenset({"shell", "noop"})
+# the most body text a work item carries for its continuations (a chain of long scripts is
+# queued a task at a time beyond it)
+CONTINUE_BYTES = 16 * 1024
+
+
+def continuations(state: State, rec: TaskRecord, depth: int) -> list[TaskRecord]:
+    """The dependents that run after `rec`'s attempt on its worker, one after another, each
+    started as the one before succeeds, rather than queued once the brain hears of it (the
+    brain's round trip, a task's hop, is most of a short chain's time).
+
+    A task continues when it is a shell (or no-op) task of the same class (cpu or script), no lower
+    in priority, waiting for nothing else: the one before is its last dependency not succeeded,
+    and it takes no input and no file from it (their outputs and artifacts reach it through
+    the store, only after the report). And only while nothing else of the class waits to be
+    released, so priority order holds: the chain gets the slot it had. The brain still
+    decides each start, from the report of the task before (`run.finished`'s `then`)."""
+    if depth <= 0 or rec.review or state.queue.get(rec.spec.cls) or not _chains(rec):
+        return []
+    out: list[TaskRecord] = []
+    done = {rec.task_id}
+    size = 0
+    at = rec
+    while len(out) < depth:
+        nxt = _next_in_chain(state, at, done)
+        if nxt is None:
+            break
+        size += len(nxt.spec.body)
+        if size > CONTINUE_BYTES:
+            break
+        out.append(nxt)
+        done.add(nxt.task_id)
+        if not _chains(nxt):
+            break
+        at = nxt
+    return out
+
+
+def _chains(rec: TaskRecord) -> bool:
+    """Whether a task can be one a dependent continues after (see `continuations`)."""
+    spec = rec.spec
+    return spec.kind in CONTINUE_KINDS and spec.cls in CONTINUE_CLASSES and not spec.artifacts
+
+
+def _next_in_chain(state: State, rec: TaskRecord, done: set[str]) -> TaskRecord | None:
+    """The first dependent of `rec` (in plan order) that may continue after it, given that the
+    tasks in `done` will have succeeded by then."""
+    tasks = state.tasks
+    for key in state.dependents.get(rec.key, ()):
+        child = tasks[key]
+        spec = child.spec
+        if (
+            child.status != PENDING
+            or spec.kind not in CONTINUE_KINDS
+            or spec.cls != rec.spec.cls
+            or spec.priority < rec.spec.priority
+            or spec.requires_external
+            or spec.inputs
+        ):
+            continue
+        if all(d in done or tasks[f"{child.plan_id}.{d}"].status == SUCCEEDED for d in spec.depends_on):
+            return child
+    return None
+
+
+def continued_item(state: State, rec: TaskRecord, policy: Policy) -> WorkItem | None:
+    """The work items of `continuations`, nested, each the `then` of the one before (each of
+    the attempt it gets when it is released: its next)."""
+    then: WorkItem | None = None
+    for child in reversed(continuations(state, rec, policy.continue_depth)):
+        then = work_item(state, child, policy.claim_key, attempt=child.attempt + 1, then=then)
+    return then
 
 
 # the body kinds whose executors save a file (`save:`, or its default): an artifact of the task
@@ -194,7 +277,11 @@ class Decision:
         if isinstance(plan_id, str):
             self.touched_plans.add(plan_id)
         match ev:
-            case TaskReleased() | TaskReviewing():
+            case TaskReleased() if not ev.worker:  # (one with a worker is running there already)
+                rec = self.state.tasks[f"{ev.plan_id}.{ev.task_id}"]
+                then = continued_item(self.state, rec, self.policy)
+                self.step.work.append(work_item(self.state, rec, self.policy.claim_key, then=then))
+            case TaskReviewing():
                 rec = self.state.tasks[f"{ev.plan_id}.{ev.task_id}"]
                 self.step.work.append(work_item(self.state, rec, self.policy.claim_key))
 

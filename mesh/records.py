@@ -76,6 +76,9 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     tier: int = 0
     # an LLM task's time to its first token, in its succeeded attempt (0: none, or no LLM)
     ttft_s: float = 0.0
+    # the attempt was released to the worker of its dependency, which started it at once: no
+    # work item of it is queued, so one lost with its worker is released again (`Sweep`)
+    continued: bool = False
 
     @property
     def key(self) -> str:

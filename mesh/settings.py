@@ -64,6 +64,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     # brain policy
     release_window: int = 256
+    # how many dependents, one after another, a shell task's worker may start as soon as the
+    # task before succeeds, without the brain's round trip (0: each is queued by the brain)
+    continue_depth: int = 8
     retry_base_s: float = 2.0
     retry_max_s: float = 300.0
     aging_s: float = 60.0

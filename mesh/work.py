@@ -11,7 +11,7 @@ run is reported by a `run.started` and a `run.finished` built here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -445,8 +445,10 @@ def run_finished(
     gpu: str,
     files: tuple[FileRef, ...] = (),
     output_sha256: str = "",
+    then: WorkItem | None = None,
 ) -> RunFinished:
-    """The report of a run: what a sensitive run saw or wrote (its tails, its prompt) left out."""
+    """The report of a run: what a sensitive run saw or wrote (its tails, its prompt) left out;
+    with `then`, the item of the dependent the worker started as it succeeded (`continuation`)."""
     return RunFinished(
         plan_id=item.plan_id,
         task_id=item.task_id,
@@ -477,7 +479,23 @@ def run_finished(
         claim=item.claim,
         parsed=result.parsed,
         files=files,
+        then=then.task_id if then is not None else "",
+        then_claim=then.claim if then is not None else "",
     )
+
+
+def continuation(item: WorkItem, result: RunResult, cancelled: Container[str], runs: bool) -> WorkItem | None:
+    """The dependent a worker starts as `item`'s run ends (its `then`, which the brain put there:
+    `mesh.machine_step.continuations`): only after a success, when the worker still `runs` that
+    class of work (not stopping, its lane not held) and the dependent was not cancelled. The
+    report of the run says so (`run.finished`'s `then`), and the brain releases the dependent
+    to this worker from it."""
+    then = item.then
+    if then is None or not result.ok or result.cancelled or not runs:
+        return None
+    if item_key(then.plan_id, then.task_id) in cancelled:
+        return None
+    return then
 
 
 def dead_letter_report(item: WorkItem, worker: str, at: float, why: str) -> RunFinished:

@@ -46,10 +46,14 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
     if tag == "task.redelivered":
         delivery = getattr(ev, "delivery", 0)
         return names.task_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}:{delivery}"
+    worker: str = getattr(ev, "worker", "")
+    if tag == "task.started" or (tag == "task.released" and worker):
+        # the worker names the fact too: an attempt continued on a worker (released to it and
+        # started there) that is lost with it is queued again, released and started anew
+        return names.task_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}:{worker}"
     if tag.startswith("task."):
         return names.task_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}{moment}"
     if tag.startswith("run."):
-        worker = getattr(ev, "worker", "")
         return names.run_event(
             plan_id, task_id, kind, worker
         ), f"{plan_id}.{task_id}:{attempt}:{kind}:{worker}"
