@@ -185,11 +185,15 @@ async def hops(bus: Bus, plan_id: str) -> dict[str, Any]:
       brain_pickup   stored -> the brain decides (task.succeeded's time)
       events         the brain decides -> the dependent's task.released stored
       to_start       released stored -> its record and work item written, fetched, started
+
+    (the parts of the hops through the brain only: a dependent its worker continued on
+    from the task before, `continued`, started before the brain heard of either)
     """
     started: dict[str, float] = {}
     finished: dict[str, float] = {}
     stored: dict[tuple[str, str], float] = {}
     decided: dict[str, float] = {}
+    continued: set[str] = set()
     async for entry in read_history(bus, bus.names.plan_filter(plan_id)):
         m = entry.msg
         if isinstance(m, events.RunStarted):
@@ -203,14 +207,19 @@ async def hops(bus: Bus, plan_id: str) -> dict[str, Any]:
             decided[m.task_id] = m.at
         elif isinstance(m, events.TaskReleased):
             stored[("released", m.task_id)] = entry.at
+            if m.worker:
+                continued.add(m.task_id)
     gaps: list[float] = []
+    through_brain: list[float] = []
     parts: dict[str, list[float]] = {"report": [], "brain_pickup": [], "events": [], "to_start": []}
     for i in range(len(finished)):
         a, b = f"t{i}", f"t{i + 1}"
         if b not in started or a not in finished:
             continue
         gaps.append((started[b] - finished[a]) * 1000)
-        if a in decided and ("finished", a) in stored and ("released", b) in stored:
+        if b not in continued:
+            through_brain.append(gaps[-1])
+        if b not in continued and a in decided and ("finished", a) in stored and ("released", b) in stored:
             parts["report"].append(stored[("finished", a)] - finished[a])
             parts["brain_pickup"].append(decided[a] - stored[("finished", a)])
             parts["events"].append(stored[("released", b)] - decided[a])
@@ -218,8 +227,11 @@ async def hops(bus: Bus, plan_id: str) -> dict[str, Any]:
     gaps.sort()
     return {
         "hops": len(gaps),
+        "continued": len(continued),
         "hop_p50_ms": round(statistics.median(gaps), 2),
         "hop_p99_ms": round(gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))], 2),
+        # the hops the brain decided (a continued dependent's are the worker's alone)
+        "hop_brain_p50_ms": round(statistics.median(through_brain), 2) if through_brain else None,
         "hop_parts_p50_ms": {k: round(statistics.median(v) * 1000, 2) for k, v in parts.items() if v},
     }
 
