@@ -8,9 +8,11 @@ from typing import Any
 
 import msgspec
 
+from mesh.bus.route import route
 from mesh.claims import claim_of
-from mesh.events import TaskReleased, TaskStarted, TaskSucceeded, WorkItem
+from mesh.events import RunStarted, TaskReleased, TaskStarted, TaskSucceeded, WorkItem
 from mesh.machine import Policy, Reconcile, Sweep, apply, replay
+from mesh.names import Names
 from mesh.records import READY, RUNNING, SUCCEEDED, WAITING
 from tests.test_machine import Driver, of_task, plan, snapshot, statuses, task
 
@@ -176,3 +178,23 @@ def test_a_later_report_of_the_task_before_changes_nothing() -> None:
     assert snapshot(d.state) == before
     assert msgspec.structs.asdict(d.state.tasks["p1.t1"])["status"] == RUNNING
     assert d.state.tasks["p1.t0"].status != WAITING
+
+
+def test_the_facts_of_a_continued_attempt_and_its_requeue_have_ids_of_their_own() -> None:
+    """The server drops a message whose `Nats-Msg-Id` it has seen: every fact of an attempt
+    continued on w1, queued again and run on w2 must have an id no other fact shares."""
+    d = driver()
+    d.submit(plan(*chain(2)))
+    d.feed(Sweep(live=frozenset({"w1"})))
+    item = d.take("t0")
+    d.started(item)
+    continue_(d, item)
+    d.feed(Sweep(live=frozenset()))
+    d.feed(Sweep(live=frozenset()), at=d.now + d.policy.lost_after_s + 1)
+    again = d.take("t1")
+    d.started(again, worker="w2")
+    d.finished(again, worker="w2")
+    reports = [RunStarted(plan_id="p1", task_id="t1", attempt=1, worker=w, at=0.0) for w in ("w1", "w2")]
+    ids = [route(Names(), ev)[1] for ev in [*d.events, *reports]]
+    assert len(ids) == len(set(ids)), sorted(ids)
+    assert [type(e) for e in of_task(d.events, "t1")].count(TaskReleased) == 2

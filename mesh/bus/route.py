@@ -49,8 +49,10 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
     worker: str = getattr(ev, "worker", "")
     if tag == "task.started" or (tag == "task.released" and worker):
         # the worker names the fact too: an attempt continued on a worker (released to it and
-        # started there) that is lost with it is queued again, released and started anew
-        return names.task_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}:{worker}"
+        # started there) that is lost with it is queued again, released and started anew. (Its
+        # full type: `run.started`'s id is `<task>:<attempt>:started:<worker>`, and one stream
+        # keeps both)
+        return names.task_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{tag}:{worker}"
     if tag.startswith("task."):
         return names.task_event(plan_id, task_id, kind), f"{plan_id}.{task_id}:{attempt}:{kind}{moment}"
     if tag.startswith("run."):
