@@ -260,6 +260,10 @@ def check_history(events: list[Msg], window: int) -> None:
     inflight: Counter[str] = Counter()
     spec_of: dict[tuple[str, str], TaskSpec] = {}
     finished: Counter[str] = Counter()
+    # tasks a success continued on its worker (`then`): their own release and start follow
+    echoes: dict[tuple[str, str], list[type]] = {}
+    continued: set[tuple[str, str]] = set()
+    continued_by: dict[tuple[str, str], str] = {}
     for ev in events:
         if isinstance(ev, PlanAccepted | PlanTasks):
             for t in ev.plan.tasks if isinstance(ev, PlanAccepted) else ev.tasks:
@@ -281,6 +285,17 @@ def check_history(events: list[Msg], window: int) -> None:
         old = status[key]
         deps_ok = all(status[(ev.plan_id, d)] == SUCCEEDED for d in spec.depends_on)
         assert finished[ev.plan_id] == 0, f"{ev} after its plan finished"
+        if echoes.get(key):
+            # the continued task's own release (to the worker) and start, folded already
+            assert type(ev) is echoes[key].pop(0) and ev.attempt == attempts[key], ev
+            assert getattr(ev, "worker", "") == continued_by[key], ev
+            continue
+        if isinstance(ev, TaskReleased) and old == RUNNING and key in continued:
+            # a continued run its worker gave back or was lost with: the same attempt, queued
+            assert ev.attempt == attempts[key] and not ev.worker, (ev, old)
+            continued.discard(key)
+            status[key] = READY
+            continue
         if isinstance(ev, TaskWaiting):
             # (or, in a history of a brain that stored it, the waiting its acceptance stands for)
             first = old == WAITING and not spec.depends_on and attempts[key] == 0
@@ -302,6 +317,20 @@ def check_history(events: list[Msg], window: int) -> None:
             assert old in (READY, RUNNING) and ev.attempt == attempts[key], (ev, old)
             successes[key] += 1
             new = SUCCEEDED
+            if ev.then:
+                # the dependent it continued with: pending, its last dependency this one
+                nxt = (ev.plan_id, ev.then)
+                assert status[nxt] == PENDING and ev.task_id in spec_of[nxt].depends_on, (ev, status[nxt])
+                others = [d for d in spec_of[nxt].depends_on if d != ev.task_id]
+                assert all(status[(ev.plan_id, d)] == SUCCEEDED for d in others), ev
+                assert spec_of[nxt].cls == spec.cls, ev
+                attempts[nxt] += 1
+                assert attempts[nxt] <= spec_of[nxt].retries + 1
+                status[nxt] = RUNNING
+                inflight[spec.cls] += 1
+                continued.add(nxt)
+                continued_by[nxt] = ev.worker
+                echoes[nxt] = [TaskReleased, TaskStarted]
         elif isinstance(ev, TaskRetrying):
             assert old in (READY, RUNNING) and ev.attempt == attempts[key] <= spec.retries, (ev, old)
             assert ev.retry_at > ev.at
@@ -1232,6 +1261,8 @@ def test_random_plans_always_finish_consistently(
     d.submit(spec)
     results = iter(outcomes)
     runs = 0
+    # items the worker continued with (their `then`), running on it with nothing queued
+    held: list[WorkItem] = []
     for _ in range(10_000):
         if restart_after is not None and runs == restart_after:
             d.state = reload(d.state, policy.aging_s)
@@ -1240,15 +1271,26 @@ def test_random_plans_always_finish_consistently(
             d.cancel()
             cancel_after = None
         due = next_due(d.state)
-        if d.work and (due is None or rnd.random() < 0.8):
-            item = d.work.pop(rnd.randrange(len(d.work)))
+        if (d.work or held) and (due is None or rnd.random() < 0.8):
+            i = rnd.randrange(len(d.work) + len(held))
+            went_on = i >= len(d.work)
+            item = held.pop(i - len(d.work)) if went_on else d.work.pop(i)
             reported = rnd.random()
-            if reported < 0.8:
+            if reported < 0.8 and not went_on:
                 d.started(item)
             ok = next(results, True)
+            if went_on and rnd.random() < 0.1:
+                d.finished(item, ok=False, cancelled=True, rc=None)  # its stopping worker gave it back
+                runs += 1
+                continue
             # 10 %: a short task's start comes with its end; 10 %: a start report was lost
-            short = {"started_at": d.now} if reported >= 0.9 else {}
-            d.finished(item, ok=ok, timed_out=not ok and rnd.random() < 0.3, **short)
+            short = {"started_at": d.now} if reported >= 0.9 and not went_on else {}
+            # 70 %: the worker goes on with the dependent the item carries
+            then = item.then if ok and rnd.random() < 0.7 else None
+            said = {"then": then.task_id, "then_claim": then.claim} if then is not None else {}
+            d.finished(item, ok=ok, timed_out=not ok and rnd.random() < 0.3, **short, **said)
+            if then is not None:
+                held.append(then)
             if rnd.random() < 0.1:
                 assert_ignored(d.finished(item, ok=not ok, at=d.now))  # a duplicate report
             runs += 1
@@ -1263,6 +1305,7 @@ def test_random_plans_always_finish_consistently(
     assert pl.final and pl.status in (SUCCEEDED, FAILED, CANCELLED)
     event(f"plan {pl.status}")
     event(f"retried: {any(isinstance(e, TaskRetrying) for e in d.events)}")
+    event(f"continued: {any(isinstance(e, TaskReleased) and e.worker for e in d.events)}")
     recs = d.state.plan_tasks("p1")
     assert len(recs) == len(spec.tasks)
     assert all(r.final for r in recs)
@@ -1275,7 +1318,9 @@ def test_random_plans_always_finish_consistently(
     assert pl.counts == dict(Counter(r.status for r in recs))
 
     check_history(d.events, window)
-    releases = Counter(e.task_id for e in d.events if isinstance(e, TaskReleased))
+    # (a continued attempt queued again is released twice, to its worker and then to the queue)
+    attempts = {(e.task_id, e.attempt) for e in d.events if isinstance(e, TaskReleased)}
+    releases = Counter(t for t, _ in attempts)
     successes = Counter(e.task_id for e in d.events if isinstance(e, TaskSucceeded))
     for t in spec.tasks:
         assert releases[t.id] <= t.retries + 1
