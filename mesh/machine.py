@@ -268,8 +268,17 @@ class _Decider(Release):
         state.agents_live = set(msg.live)
         for view in state.gpus.values():
             view.live = view.worker in msg.live and view.state != "offline"
-        for worker in holders - msg.live:
+        gone = holders - msg.live
+        for worker in gone:
             state.offline_since.setdefault(worker, self.now)
+        if gone:
+            # a continued run of a worker gone (no work item queued, none to be delivered
+            # again): the same attempt queued now, as its redelivery would have been. At once:
+            # the registration that lapsed is `agent_ttl_s` of silence already (and a timer kept
+            # from here would start again with every brain that takes over)
+            stranded = (r for r in state.tasks.values() if r.continued and r.status == RUNNING)
+            for rec in sorted((r for r in stranded if r.worker in gone), key=lambda r: r.key):
+                self._queue_again(rec)
         for worker in list(state.offline_since):
             if worker in msg.live or worker not in holders:
                 del state.offline_since[worker]
@@ -280,11 +289,6 @@ class _Decider(Release):
                 (r for r in state.tasks.values() if r.worker == worker and r.status == RUNNING),
                 key=lambda r: r.key,
             ):
-                if rec.continued:
-                    # started by its worker with no work item queued (no other worker could
-                    # take it over): the same attempt queued now, as a redelivery would have
-                    self._queue_again(rec)
-                    continue
                 self._attempt_failed(
                     rec,
                     FailReason.LOST,

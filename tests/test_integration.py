@@ -149,8 +149,9 @@ NO_OPS = """# No-ops
 async def test_a_no_op_task_is_three_stored_events(mesh: Mesh) -> None:
     """Its release (carrying its waiting), the worker's report, its success (carrying its
     start): three messages on the event stream, each one disk write; the transitions they
-    stand for are all in the history, which still folds into exactly what KV holds."""
-    mesh.brain()
+    stand for are all in the history, which still folds into exactly what KV holds. (Queued by
+    the brain, each of them: a chain continued on its worker is tests/test_continue.py's.)"""
+    mesh.start_agent("brain", "brain", env={"MESH_CONTINUE_DEPTH": "0"})
     mesh.worker("w1")
     plan_id = await mesh.submit_text(NO_OPS)
     await mesh.wait_plan(plan_id)

@@ -147,7 +147,12 @@ def one_per_transition(history: Iterable[Msg | None]) -> list[Msg]:
                         at=ev.started_at,
                     )
                 )
-                out.append(msgspec.structs.replace(ev, started_at=0.0))
+                out.extend(one_per_transition([msgspec.structs.replace(ev, started_at=0.0)]))
+            case TaskSucceeded() if ev.then:
+                # the dependent it continued with: waiting now (its release to the worker and its
+                # start are events of their own, next)
+                out.append(msgspec.structs.replace(ev, then=""))
+                out.append(TaskWaiting(plan_id=ev.plan_id, task_id=ev.then, at=ev.at))
             case _:
                 out.append(ev)
     return out
