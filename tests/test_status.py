@@ -49,7 +49,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'"followups":[],"attempts":[{"attempt":1,"worker":"w1","error":"boom","rc":1,'
             b'"reason":"error","output":""}],"review":"","review_model":"",'
             b'"review_of":{"attempt":2,"worker":"","error":"","rc":null,"reason":"definition",'
-            b'"output":""},"reviews":0,"tier":0,"ttft_s":0.0}'
+            b'"output":""},"reviews":0,"tier":0,"ttft_s":0.0,"continued":false}'
         ),
     ),
     (
@@ -60,7 +60,8 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'"base_attempt":0,"deliveries":0,"worker":"","not_before":0.0,"waiting_since":0.0,'
             b'"released_at":0.0,"started_at":0.0,"finished_at":0.0,"duration_s":0.0,"rc":null,'
             b'"reason":"","error":"","updated_at":0.0,"rid":"","escalated":"","followups":[],'
-            b'"attempts":[],"review":"","review_model":"","review_of":null,"reviews":0,"tier":0,"ttft_s":0.0}'
+            b'"attempts":[],"review":"","review_model":"","review_of":null,"reviews":0,"tier":0,"ttft_s":0.0,'
+            b'"continued":false}'
         ),
     ),
     (
@@ -149,7 +150,8 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'"timed_out":false,"cancelled":false,"error":"","stdout_tail":"","stderr_tail":"",'
             b'"stdout_bytes":0,"stderr_bytes":0,"dead_letter":false,"reason":"definition",'
             b'"output":"","output_object":"","prompt":"","model":"","gpu":"","metrics":{},'
-            b'"artifacts":[],"sensitive":false,"claim":"","parsed":false,"files":[],"output_sha256":""}'
+            b'"artifacts":[],"sensitive":false,"claim":"","parsed":false,"files":[],"output_sha256":"",'
+            b'"then":"","then_claim":""}'
         ),
     ),
     (
@@ -160,7 +162,7 @@ CASES: list[tuple[msgspec.Struct, bytes]] = [
             b'"cancelled":false,"error":"","stdout_tail":"","stderr_tail":"","stdout_bytes":0,'
             b'"stderr_bytes":0,"dead_letter":false,"reason":"","output":"","output_object":"",'
             b'"prompt":"","model":"","gpu":"","metrics":{},"artifacts":[],"sensitive":false,'
-            b'"claim":"","parsed":false,"files":[],"output_sha256":""}'
+            b'"claim":"","parsed":false,"files":[],"output_sha256":"","then":"","then_claim":""}'
         ),
     ),
     (
