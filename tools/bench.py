@@ -442,6 +442,18 @@ def stack_options(ap: argparse.ArgumentParser) -> None:
         default="always",
         help="the server's sync: every write (always) or every 2 minutes (lazy)",
     )
+    ap.add_argument(
+        "--continue-depth",
+        type=int,
+        default=None,
+        help="the brain's continue_depth (default: mesh's, 8; 0: every dependent queued by the brain)",
+    )
+
+
+def depth_env(args: argparse.Namespace) -> dict[str, str]:
+    """The agents' environment for `--continue-depth` (none: mesh's default)."""
+    depth = getattr(args, "continue_depth", None)
+    return {} if depth is None else {"MESH_CONTINUE_DEPTH": str(depth)}
 
 
 def bench_stack(
@@ -481,7 +493,7 @@ def show(title: str, results: dict[str, Any], json_path: str | None) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The scenarios args names, on a stack of their own (started and stopped here), and the machine."""
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
-        stack = bench_stack(tmp, args.workers, args.slots, args.durability)
+        stack = bench_stack(tmp, args.workers, args.slots, args.durability, env=depth_env(args))
         stack.start()
         rss = PeakRss(stack)
         try:
@@ -496,6 +508,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "workers": args.workers,
         "slots": args.slots,
         "durability": args.durability,
+        "continue_depth": args.continue_depth,
     }
     return results
 
