@@ -442,13 +442,28 @@ class Items:
             return None
         # the report made before the next run starts (its time is the end of this one), sent
         # while it runs
-        said = await self._report_of(run, result, start, started_at, nxt.item)
-        if said is not None:
-            # queued now: before any report of the next run (the brain must hear of this first)
-            stored = self.outbox.hand((said[0],))
-            sending = asyncio.get_running_loop().create_task(self._acknowledged(run, stored, *said))
-            self.sending.add(sending)
-            sending.add_done_callback(self.sending.discard)
+        try:
+            said = await self._report_of(run, result, start, started_at, nxt.item)
+        except BaseException:
+            # no report says it started: it never does (were it left registered, the queued item
+            # the brain then releases for it would be taken for a repeat of a run going on here)
+            self.running.pop(work.item_key(nxt.item.plan_id, nxt.item.task_id), None)
+            raise
+        if said is None:  # handed back meanwhile (stopping): the next does not start either
+            self.running.pop(work.item_key(nxt.item.plan_id, nxt.item.task_id), None)
+            if free is not None:
+                free()
+            return None
+        # queued now: before any report of the next run (the brain must hear of this first)
+        stored = self.outbox.hand((said[0],))
+        sending = asyncio.get_running_loop().create_task(self._acknowledged(run, stored, *said))
+        self.sending.add(sending)
+        sending.add_done_callback(self.sending.discard)
+        if self.agent.stop_requested.is_set():
+            # the worker began to stop meanwhile: the next is handed back as it starts (reported
+            # cancelled, and the brain queues it)
+            nxt.handed_back = True
+            nxt.ctx.cancel.set()
         return nxt
 
     async def _results(self, runs: list[Running]) -> list[RunResult]:

@@ -4,6 +4,7 @@ the worker dies in the middle of one, or stops."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,35 @@ async def test_a_continued_task_whose_worker_is_killed_runs_again_elsewhere_once
     state = replay([m for m in history if m is not None])
     for task_id, rec in (await mesh.tasks(plan_id)).items():
         assert state.tasks[f"{plan_id}.{task_id}"].status == rec.status
+
+
+async def test_a_continued_task_its_stopping_worker_gives_back_runs_again_elsewhere(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    mark = tmp_path / "t1-began"
+    mesh.brain()
+    mesh.worker("w1", 2, "--drain-timeout", "1")
+    bodies = [
+        f"echo t0 >> {runs}",
+        f"if [ ! -e {mark} ]; then touch {mark}; sleep 600; fi; echo t1 >> {runs}",
+    ]
+    text = chain_plan(2, "{I}")
+    for i, body in enumerate(bodies):
+        text = text.replace(f"```shell\n{i}\n```", f"```shell\n{body}\n```")
+    plan_id = await mesh.submit_text(text)
+    await until(mark.exists, HANG_S, "t1's first run to begin")
+    t1 = await mesh.wait_task(plan_id, "t1", "running")
+    assert t1.continued
+    mesh.kill("w1", signal.SIGTERM)  # it waits a second for t1, then stops it and gives it back
+    mesh._expected_dead.add("w1")
+    # queued again (from the report of the stopped run, or its worker's registration gone)
+    await mesh.wait_task(plan_id, "t1", "ready", timeout_s=HANG_S)
+    mesh.worker("w2")
+    plan = await mesh.wait_plan(plan_id)
+    assert plan.status == "succeeded", mesh.log("brain")[-3000:]
+    assert runs.read_text().split() == ["t0", "t1"]
+    history = [m for _, m in await mesh.history()]
+    releases = [(m.attempt, m.worker) for m in history if isinstance(m, TaskReleased) and m.task_id == "t1"]
+    assert releases == [(1, t1.worker), (1, "")]
+    assert not [m for m in history if isinstance(m, TaskFailed | TaskRetrying)]
