@@ -66,72 +66,63 @@ async def test_a_chain_continues_on_the_worker_that_ran_the_task_before(mesh: Me
         assert state.tasks[f"{plan_id}.{key}"].status == rec.status == "succeeded"
 
 
-@pytest.mark.slow
-async def test_a_continued_task_whose_worker_is_killed_runs_again_elsewhere_once(
-    mesh: Mesh, tmp_path: Path
-) -> None:
+async def continued_t1(mesh: Mesh, tmp_path: Path, n: int) -> tuple[str, Path, str]:
+    """A chain of `n` tasks whose t1 hangs in its first run (continued on the only worker, from
+    t0) and ends at once in the next; each task appends its name to the returned file. Returns
+    once t1 runs, continued: the plan, that file, and t1's worker."""
     runs = tmp_path / "runs"
     mark = tmp_path / "t1-began"
-    mesh.brain()
-    mesh.worker("w1")
-    # t1 hangs in its first run (continued on w1 from t0), and ends at once in the next
-    bodies = [
-        f"echo t0 >> {runs}",
-        f"if [ ! -e {mark} ]; then touch {mark}; sleep 600; fi; echo t1 >> {runs}",
-        f"echo t2 >> {runs}",
-    ]
-    text = chain_plan(3, "{I}")
-    for i, body in enumerate(bodies):
-        text = text.replace(f"```shell\n{i}\n```", f"```shell\n{body}\n```")
+    bodies = {1: f"if [ ! -e {mark} ]; then touch {mark}; sleep 600; fi; echo t1 >> {runs}"}
+    text = chain_plan(n, "{I}")
+    for i in range(n):
+        text = text.replace(f"```shell\n{i}\n```", f"```shell\n{bodies.get(i, f'echo t{i} >> {runs}')}\n```")
     plan_id = await mesh.submit_text(text)
     await until(mark.exists, HANG_S, "t1's first run to begin")
     t1 = await mesh.wait_task(plan_id, "t1", "running")
     assert t1.continued
-    mesh.kill("w1")
-    mesh._expected_dead.add("w1")
-    kill_leftover_bodies(plan_id)  # (should w1 have left its body behind)
+    return plan_id, runs, t1.worker
+
+
+async def rerun_elsewhere(mesh: Mesh, plan_id: str, runs: Path, n: int, worker: str) -> list[object]:
+    """Start another worker; the plan succeeds, each task having run to its end once, t1
+    released to `worker` and then queued again (the same attempt); the history is returned."""
     mesh.worker("w2")
     plan = await mesh.wait_plan(plan_id)
     assert plan.status == "succeeded", mesh.log("brain")[-3000:]
-    assert runs.read_text().split() == ["t0", "t1", "t2"]  # each ran to its end once
+    assert runs.read_text().split() == [f"t{i}" for i in range(n)]
     history = [m for _, m in await mesh.history()]
     releases = [(m.attempt, m.worker) for m in history if isinstance(m, TaskReleased) and m.task_id == "t1"]
-    # released to w1 as t0 succeeded, then queued, the same attempt, once w1 was lost
-    assert releases == [(1, t1.worker), (1, "")]
-    assert [m.task_id for m in history if isinstance(m, TaskSucceeded)] == ["t0", "t1", "t2"]
+    assert releases == [(1, worker), (1, "")]
+    assert [m.task_id for m in history if isinstance(m, TaskSucceeded)] == [f"t{i}" for i in range(n)]
     assert not [m for m in history if isinstance(m, TaskFailed | TaskRetrying)]
     state = replay([m for m in history if m is not None])
     for task_id, rec in (await mesh.tasks(plan_id)).items():
         assert state.tasks[f"{plan_id}.{task_id}"].status == rec.status
+    return history
+
+
+@pytest.mark.slow
+async def test_a_continued_task_whose_worker_is_killed_runs_again_elsewhere_once(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    mesh.brain()
+    mesh.worker("w1")
+    plan_id, runs, worker = await continued_t1(mesh, tmp_path, 3)
+    mesh.kill("w1")
+    mesh._expected_dead.add("w1")
+    kill_leftover_bodies(plan_id)  # (should w1 have left its body behind)
+    # queued again once w1's registration is gone, and run on w2
+    await rerun_elsewhere(mesh, plan_id, runs, 3, worker)
 
 
 async def test_a_continued_task_its_stopping_worker_gives_back_runs_again_elsewhere(
     mesh: Mesh, tmp_path: Path
 ) -> None:
-    runs = tmp_path / "runs"
-    mark = tmp_path / "t1-began"
     mesh.brain()
     mesh.worker("w1", 2, "--drain-timeout", "1")
-    bodies = [
-        f"echo t0 >> {runs}",
-        f"if [ ! -e {mark} ]; then touch {mark}; sleep 600; fi; echo t1 >> {runs}",
-    ]
-    text = chain_plan(2, "{I}")
-    for i, body in enumerate(bodies):
-        text = text.replace(f"```shell\n{i}\n```", f"```shell\n{body}\n```")
-    plan_id = await mesh.submit_text(text)
-    await until(mark.exists, HANG_S, "t1's first run to begin")
-    t1 = await mesh.wait_task(plan_id, "t1", "running")
-    assert t1.continued
+    plan_id, runs, worker = await continued_t1(mesh, tmp_path, 2)
     mesh.kill("w1", signal.SIGTERM)  # it waits a second for t1, then stops it and gives it back
     mesh._expected_dead.add("w1")
     # queued again (from the report of the stopped run, or its worker's registration gone)
     await mesh.wait_task(plan_id, "t1", "ready", timeout_s=HANG_S)
-    mesh.worker("w2")
-    plan = await mesh.wait_plan(plan_id)
-    assert plan.status == "succeeded", mesh.log("brain")[-3000:]
-    assert runs.read_text().split() == ["t0", "t1"]
-    history = [m for _, m in await mesh.history()]
-    releases = [(m.attempt, m.worker) for m in history if isinstance(m, TaskReleased) and m.task_id == "t1"]
-    assert releases == [(1, t1.worker), (1, "")]
-    assert not [m for m in history if isinstance(m, TaskFailed | TaskRetrying)]
+    await rerun_elsewhere(mesh, plan_id, runs, 2, worker)
