@@ -220,8 +220,8 @@ class Items:
             finally:
                 self.running.pop(key, None)
 
-    def _continue(self, run: Running, result: RunResult, lane: Lane | None) -> Running | None:
-        """The continued run that follows `run` (`mesh.work.continuation`), registered here."""
+    def _continuation(self, run: Running, result: RunResult, lane: Lane | None) -> WorkItem | None:
+        """The item this worker goes on with after `run` (`mesh.work.continuation`), if any."""
         stopping = self.agent.stop_requested.is_set() or run.handed_back
         runs = lane is not None and lane.enabled and not lane.closed and not stopping
         then = work.continuation(run.item, result, self.cancelled, runs)
@@ -230,10 +230,7 @@ class Items:
         key = work.item_key(then.plan_id, then.task_id)
         if key in self.running or self.finished.get(key, 0) >= then.attempt:
             return None
-        nxt = Running(then, Continued())
-        self._context(nxt)
-        self.running[key] = nxt
-        return nxt
+        return then
 
     async def _admit(self, msg: WorkItem, raw: NatsMsg) -> Running | None:
         """The item, registered as running here, when it is to run; None when it was
@@ -427,8 +424,8 @@ class Items:
             if usage.samples:
                 for result in results:
                     result.metrics.update(usage.metrics())
-        nxt = self._continue(runs[0], results[0], lane) if len(runs) == 1 else None
-        if free is not None and nxt is None:
+        then = self._continuation(runs[0], results[0], lane) if len(runs) == 1 else None
+        if free is not None and then is None:
             free()
         if len(runs) > 1:
             reporting = asyncio.get_running_loop().create_task(self._report_batch(runs, results, starts))
@@ -437,20 +434,13 @@ class Items:
             await reporting
             return None
         ((run, result, (start, started_at)),) = zip(runs, results, starts, strict=True)
-        if nxt is None:
+        if then is None:
             await self._report(run, result, start, started_at)
             return None
         # the report made before the next run starts (its time is the end of this one), sent
         # while it runs
-        try:
-            said = await self._report_of(run, result, start, started_at, nxt.item)
-        except BaseException:
-            # no report says it started: it never does (were it left registered, the queued item
-            # the brain then releases for it would be taken for a repeat of a run going on here)
-            self.running.pop(work.item_key(nxt.item.plan_id, nxt.item.task_id), None)
-            raise
+        said = await self._report_of(run, result, start, started_at, then)
         if said is None:  # handed back meanwhile (stopping): the next does not start either
-            self.running.pop(work.item_key(nxt.item.plan_id, nxt.item.task_id), None)
             if free is not None:
                 free()
             return None
@@ -459,6 +449,10 @@ class Items:
         sending = asyncio.get_running_loop().create_task(self._acknowledged(run, stored, *said))
         self.sending.add(sending)
         sending.add_done_callback(self.sending.discard)
+        # registered only now, once a report says it started (none could be queued before)
+        nxt = Running(then, Continued())
+        self._context(nxt)
+        self.running[work.item_key(then.plan_id, then.task_id)] = nxt
         if self.agent.stop_requested.is_set():
             # the worker began to stop meanwhile: the next is handed back as it starts (reported
             # cancelled, and the brain queues it)

@@ -51,9 +51,9 @@ from mesh.machine_escalation import escalation_request
 from mesh.machine_release import Release
 from mesh.machine_retry import NO_RETRY, _tries, backoff_s
 from mesh.machine_state import State, evolve
-from mesh.machine_step import MAX_ERROR_CHARS, Policy, Reconcile, Step, Sweep, Tick, work_item
+from mesh.machine_step import MAX_ERROR_CHARS, Policy, Reconcile, Step, Sweep, Tick, waits_only_for, work_item
 from mesh.placement import observe
-from mesh.records import INFLIGHT_STATES, PENDING, READY, RUNNING, SUCCEEDED, TaskRecord
+from mesh.records import INFLIGHT_STATES, READY, RUNNING, TaskRecord
 from mesh.status import FailReason
 
 # what the rest of mesh imports from here (the entry points, and the parts it names)
@@ -224,12 +224,12 @@ class _Decider(Release):
         Not when it no longer waits for `rec` alone (cancelled meanwhile: the worker hears of
         that and stops it, and its report is stale), nor without the claim of the attempt it
         would be (a worker never handed that item): then it is queued as usual."""
-        tasks = self.state.tasks
-        child = tasks.get(f"{msg.plan_id}.{msg.then}")
-        if child is None or child.status != PENDING or rec.task_id not in child.spec.depends_on:
-            return None
-        others = (d for d in child.spec.depends_on if d != rec.task_id)
-        if any(tasks[f"{child.plan_id}.{d}"].status != SUCCEEDED for d in others):
+        child = self.state.tasks.get(f"{msg.plan_id}.{msg.then}")
+        if (
+            child is None
+            or rec.task_id not in child.spec.depends_on
+            or not waits_only_for(self.state, child, (rec.task_id,))
+        ):
             return None
         attempt = child.attempt + 1
         if not claims.holds(self.policy.claim_key, msg.then_claim, child.plan_id, child.task_id, attempt):

@@ -8,6 +8,7 @@ transitions of one task decided in one step are kept as one event (`Decision._me
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 import msgspec
@@ -214,22 +215,27 @@ def _chains(rec: TaskRecord) -> bool:
 def _next_in_chain(state: State, rec: TaskRecord, done: set[str]) -> TaskRecord | None:
     """The first dependent of `rec` (in plan order) that may continue after it, given that the
     tasks in `done` will have succeeded by then."""
-    tasks = state.tasks
     for key in state.dependents.get(rec.key, ()):
-        child = tasks[key]
+        child = state.tasks[key]
         spec = child.spec
         if (
-            child.status != PENDING
-            or spec.kind not in CONTINUE_KINDS
-            or spec.cls != rec.spec.cls
-            or spec.priority < rec.spec.priority
-            or spec.requires_external
-            or spec.inputs
+            spec.kind in CONTINUE_KINDS
+            and spec.cls == rec.spec.cls
+            and spec.priority >= rec.spec.priority
+            and not spec.requires_external
+            and not spec.inputs
+            and waits_only_for(state, child, done)
         ):
-            continue
-        if all(d in done or tasks[f"{child.plan_id}.{d}"].status == SUCCEEDED for d in spec.depends_on):
             return child
     return None
+
+
+def waits_only_for(state: State, rec: TaskRecord, done: Container[str]) -> bool:
+    """Whether `rec` is pending and each of its dependencies not in `done` has succeeded."""
+    tasks = state.tasks
+    return rec.status == PENDING and all(
+        d in done or tasks[f"{rec.plan_id}.{d}"].status == SUCCEEDED for d in rec.spec.depends_on
+    )
 
 
 def continued_item(state: State, rec: TaskRecord, policy: Policy) -> WorkItem | None:
