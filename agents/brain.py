@@ -74,6 +74,7 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
             retry_max_s=settings.retry_max_s,
             aging_s=settings.aging_s,
             lost_after_s=settings.lost_after_s,
+            requeue_after_s=settings.ack_wait_s,
             archive_after_s=settings.archive_after_days * 86400.0,
             default_models={k: settings.default_model(k) for k in MODEL_KINDS},
             escalate_after=settings.escalate_after,

@@ -268,27 +268,30 @@ class _Decider(Release):
         state.agents_live = set(msg.live)
         for view in state.gpus.values():
             view.live = view.worker in msg.live and view.state != "offline"
-        gone = holders - msg.live
-        for worker in gone:
+        for worker in holders - msg.live:
             state.offline_since.setdefault(worker, self.now)
-        if gone:
-            # a continued run of a worker gone (no work item queued, none to be delivered
-            # again): the same attempt queued now, as its redelivery would have been. At once:
-            # the registration that lapsed is `agent_ttl_s` of silence already (and a timer kept
-            # from here would start again with every brain that takes over)
-            stranded = (r for r in state.tasks.values() if r.continued and r.status == RUNNING)
-            for rec in sorted((r for r in stranded if r.worker in gone), key=lambda r: r.key):
-                self._queue_again(rec)
         for worker in list(state.offline_since):
             if worker in msg.live or worker not in holders:
                 del state.offline_since[worker]
         for worker, since in sorted(state.offline_since.items()):
-            if self.now - since < self.policy.lost_after_s:
+            if self.now - since < self.policy.requeue_after_s:
                 continue
-            for rec in sorted(
+            held = sorted(
                 (r for r in state.tasks.values() if r.worker == worker and r.status == RUNNING),
                 key=lambda r: r.key,
-            ):
+            )
+            for rec in held:
+                if rec.continued:
+                    # no work item queued, none to be delivered again: the same attempt queued
+                    # now, as its redelivery would have been after `ack_wait_s` of silence. (Not
+                    # at the first sweep without it: a registration can be missing a moment, as
+                    # after a server restart lost its latest write, while its worker runs on)
+                    self._queue_again(rec)
+            if self.now - since < self.policy.lost_after_s:
+                continue
+            for rec in held:
+                if rec.continued:
+                    continue
                 self._attempt_failed(
                     rec,
                     FailReason.LOST,

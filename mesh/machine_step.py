@@ -46,6 +46,9 @@ class Policy:
     aging_s: float = 60.0
     # a running attempt whose worker has been offline this long is given up as lost
     lost_after_s: float = 65.0
+    # a continued attempt (no work item behind it) whose worker has been offline this long is
+    # queued again (`ack_wait_s`: when a work item would have been delivered again)
+    requeue_after_s: float = 30.0
     # a plan's tasks are accepted in events of about this many bytes at most
     part_bytes: int = 256 * 1024
     # a plan final for this long is archived: dropped from KV and memory (0: never)

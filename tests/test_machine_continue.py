@@ -130,9 +130,10 @@ def test_a_continued_task_whose_worker_died_is_queued_again() -> None:
     item = d.take("t0")
     continue_(d, item)
     assert item.then is not None
-    # at the first sweep that finds its registration gone (a lapsed registration is already
-    # `agent_ttl_s` of silence; a timer started here would start again with every new brain)
-    step = d.feed(Sweep(live=frozenset()))
+    # not at the first sweep that finds its registration gone (it can be missing a moment while
+    # its worker runs on), but `requeue_after_s` (ack_wait_s) later, as a redelivery would be
+    assert not d.feed(Sweep(live=frozenset())).work
+    step = d.feed(Sweep(live=frozenset()), at=d.now + d.policy.requeue_after_s)
     # the same attempt (and claim), queued for any worker: not a failure, not a retry spent
     assert [(w.task_id, w.attempt, w.claim) for w in step.work] == [("t1", 1, item.then.claim)]
     rec = d.state.tasks["p1.t1"]
@@ -191,6 +192,7 @@ def test_the_facts_of_a_continued_attempt_and_its_requeue_have_ids_of_their_own(
     d.started(item)
     continue_(d, item)
     d.feed(Sweep(live=frozenset()))
+    d.feed(Sweep(live=frozenset()), at=d.now + d.policy.requeue_after_s)
     again = d.take("t1")
     d.started(again, worker="w2")
     d.finished(again, worker="w2")
