@@ -274,20 +274,21 @@ class _Decider(Release):
             if worker in msg.live or worker not in holders:
                 del state.offline_since[worker]
         for worker, since in sorted(state.offline_since.items()):
-            if self.now - since < self.policy.requeue_after_s:
+            waited = self.now - since
+            if waited < min(self.policy.requeue_after_s, self.policy.lost_after_s):
                 continue
             held = sorted(
                 (r for r in state.tasks.values() if r.worker == worker and r.status == RUNNING),
                 key=lambda r: r.key,
             )
             for rec in held:
-                if rec.continued:
+                if rec.continued and waited >= self.policy.requeue_after_s:
                     # no work item queued, none to be delivered again: the same attempt queued
                     # now, as its redelivery would have been after `ack_wait_s` of silence. (Not
                     # at the first sweep without it: a registration can be missing a moment, as
                     # after a server restart lost its latest write, while its worker runs on)
                     self._queue_again(rec)
-            if self.now - since < self.policy.lost_after_s:
+            if waited < self.policy.lost_after_s:
                 continue
             for rec in held:
                 if rec.continued:
