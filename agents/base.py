@@ -72,6 +72,9 @@ class Agent:
         # the process's exit status; not 0 when it stopped for a reason a supervisor (systemd's
         # Restart=on-failure, `mesh up`) should answer by starting it again
         self.exit_code = 0
+        # whether a stop that leaves background tasks stuck ends the process (`run_agent`: an
+        # agent's own process); an agent run inside another program (a test) only says so
+        self.exit_when_stuck = False
 
     @property
     def bus(self) -> Bus:
@@ -158,12 +161,14 @@ class Agent:
         log.info("%s %s stopped", self.role, self.agent_id)
         if stuck:
             log.error(
-                "%d background task(s) would not stop (%s); exiting anyway",
+                "%d background task(s) would not stop (%s)%s",
                 len(stuck),
                 ", ".join(t.get_name() for t in stuck),
+                "; exiting anyway" if self.exit_when_stuck else "",
             )
-            logging.shutdown()
-            os._exit(self.exit_code or 1)
+            if self.exit_when_stuck:
+                logging.shutdown()
+                os._exit(self.exit_code or 1)
 
     # registration ------------------------------------------------------------------
     def record(self) -> AgentRecord:
@@ -254,4 +259,5 @@ def run_agent(agent: Agent) -> int:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     except (AttributeError, OSError, RuntimeError, ValueError) as exc:  # no usable stderr
         log.debug("no stack dumps on crashes: %s", exc)
+    agent.exit_when_stuck = True
     return run_loop(_main(agent))
