@@ -17,6 +17,7 @@ import nats.errors
 import nats.js.errors
 
 import nats
+from mesh.bus.natsclient import MeshClient
 from mesh.bus.publish import Bus
 from mesh.bus.refusals import Client, Refusals
 from mesh.errors import ServerUnavailable
@@ -55,12 +56,17 @@ async def connect(
             log.warning("%s", refusals.message(exc) or f"nats: {exc}")
 
     async def disconnected() -> None:
+        if holder and isinstance(holder[0].nc, MeshClient):
+            holder[0].nc.connection_lost()
         if not (holder and holder[0].closing):
             log.warning("disconnected from %s; reconnecting", url)
 
     async def reconnected() -> None:
         log.info("reconnected to %s", url)
         if holder:
+            if isinstance(holder[0].nc, MeshClient):
+                holder[0].nc.connection_back()
+            holder[0].reconnected_at = time.time()
             holder[0].store.reconnected()
         if on_reconnect is not None:
             await on_reconnect()

@@ -15,18 +15,42 @@ of history 14.1 µs against 11.3, docs/performance.md). A read of history
 (`mesh.bus.read.read_stream`) wants none of it: its messages only need to land in a deque. A
 sink subscription's messages are built and handed to a plain callable as they are parsed off
 the socket.
+
+A request in flight when the connection is lost may never be answered: its message, or its
+reply, went down with the old connection. nats-py lets it wait out its whole timeout (a JetStream
+publish: 10 s here), and everything queued behind it waits too: a worker's reports, so the
+server redelivered the items they were for and another worker ran them again. The requests and
+acknowledgement batches in flight at a disconnect that are still unanswered `LOST_REPLY_S` after
+the reconnect fail with `LostReply` (a transient error: their senders publish again, and the
+server drops a message it already has by its `Nats-Msg-Id`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg as NatsMsg
 from nats.aio.subscription import Subscription
 
 log = logging.getLogger(__name__)
+
+# how long after a reconnect a request sent before the connection was lost may still be
+# answered: one whose message waited in the client's buffer went out at the reconnect and is
+# answered in milliseconds; one written to the lost connection never is
+LOST_REPLY_S = 1.0
+
+
+class LostReply(nats.errors.Error):
+    """No reply can come: the connection was lost while the request was in flight."""
+
+    def __str__(self) -> str:
+        return "nats: the connection was lost while this request waited for its reply"
+
 
 _CRLF = b"\r\n"
 # what bytes.strip() strips: ASCII whitespace, without the separators str.strip() also takes
@@ -154,6 +178,14 @@ def status_of(raw: NatsMsg) -> str | None:
     return headers.get("Status") if headers else None
 
 
+def _fail_unanswered(replies: list[asyncio.Future[Any]]) -> None:
+    lost = [f for f in replies if not f.done()]
+    if lost:
+        log.info("%d request(s) sent before the connection was lost got no reply: sending again", len(lost))
+    for reply in lost:
+        reply.set_exception(LostReply())
+
+
 class MeshClient(Client):
     """nats-py's client with `parse_header_lines` for its header blocks, and sink subscriptions."""
 
@@ -167,6 +199,28 @@ class MeshClient(Client):
     def __init__(self) -> None:
         super().__init__()
         self._sinks: dict[int, Sink] = {}
+        # replies awaited outside nats-py's requests (`awaiting`), and those in flight at the
+        # last disconnect (`connection_lost`)
+        self._awaited: set[asyncio.Future[Any]] = set()
+        self._cut: list[asyncio.Future[Any]] = []
+
+    def awaiting(self, reply: asyncio.Future[Any]) -> None:
+        """Count `reply` among the replies a lost connection fails (`connection_lost`)."""
+        self._awaited.add(reply)
+        reply.add_done_callback(self._awaited.discard)
+
+    def connection_lost(self) -> None:
+        """The connection is gone: note the replies awaited now (nats-py's requests and those
+        of `awaiting`), to fail the ones still unanswered soon after the reconnect."""
+        waiting = [*self._resp_map.values(), *self._awaited]
+        self._cut += [f for f in waiting if not f.done()]
+
+    def connection_back(self) -> None:
+        """Connected again: the replies awaited at the disconnect fail with `LostReply` unless
+        they come within `LOST_REPLY_S`."""
+        cut, self._cut = self._cut, []
+        if cut:
+            asyncio.get_running_loop().call_later(LOST_REPLY_S, _fail_unanswered, cut)
 
     async def subscribe_sink(self, subject: str, sink: Sink) -> Subscription:
         """A subscription to `subject` whose every message is handed to `sink` as soon as it is

@@ -26,6 +26,7 @@ from nats.js.object_store import ObjectStore
 import nats
 from mesh import events
 from mesh.bus.jetstream import TRANSIENT, DomainJetStream, jetstream
+from mesh.bus.natsclient import MeshClient
 from mesh.bus.pipeline import AckCollector
 from mesh.bus.refusals import Client as WatchedClient
 from mesh.bus.resources import (
@@ -88,6 +89,10 @@ class Bus:
         # streams known to take atomic batches, or not (`_allows_atomic`)
         self._atomic: dict[str, bool] = {}
         self.closing = False
+        # when the connection last came back (wall clock, as the server's message times; 0:
+        # never lost): a message stored before then may have been delivered before a server
+        # restart that lost the record of it (`mesh.work.suspect`)
+        self.reconnected_at = 0.0
         # says once when the server's store is full, and once when it takes writes again
         buckets = bucket_definitions(settings)
         memory = tuple(kv_keys(d["bucket"]) for d in buckets if d["storage"] == "memory")
@@ -364,6 +369,8 @@ class Bus:
             self._acks = AckCollector(self.nc.new_inbox())
             await self.nc.subscribe(f"{self._acks.prefix}.>", cb=self._acks.on_reply)
         batch = self._acks.open(len(items))
+        if isinstance(self.nc, MeshClient):
+            self.nc.awaiting(batch.done)  # (failed if the connection is lost before it is answered)
         # an atomic batch's messages carry its id and their place; only its last asks for an
         # acknowledgement (it commits the batch, and its acknowledgement says for all of them)
         marks: dict[int, dict[str, str]] = {}

@@ -1,0 +1,84 @@
+"""A request in flight when the connection is lost fails soon after the reconnect (`LostReply`),
+where nats-py would let it wait out its whole timeout while everything queued behind it waits
+too; a request sent while disconnected still gets its answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from nats.aio.msg import Msg as NatsMsg
+
+from mesh.bus.connect import connect
+from mesh.bus.natsclient import LostReply, MeshClient
+from mesh.host.config import load_settings
+from mesh.ops.embedded import EmbeddedServer
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 60.0
+# a request's own timeout here: far beyond anything the test waits for
+NEVER_S = 3600.0
+
+
+async def _until(what, timeout_s: float = WAIT_S) -> None:  # type: ignore[no-untyped-def]
+    async def poll() -> None:
+        while not what():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout_s)
+
+
+async def test_a_request_in_flight_when_the_server_dies_fails_after_the_reconnect(
+    nats_server: EmbeddedServer,
+) -> None:
+    bus = await connect(load_settings(server=nats_server.url, environ={}), "lost")
+    try:
+        nc = bus.nc
+        assert isinstance(nc, MeshClient)
+        heard: list[NatsMsg] = []
+
+        async def never_answers(msg: NatsMsg) -> None:
+            heard.append(msg)
+
+        await nc.subscribe("lost.q", cb=never_answers)
+        request = asyncio.ensure_future(nc.request("lost.q", b"?", timeout=NEVER_S))
+        other = asyncio.get_running_loop().create_future()
+        nc.awaiting(other)  # as a pipelined batch's acknowledgements are awaited
+        await _until(lambda: heard)  # the request reached the server
+        nats_server.kill()
+        await _until(lambda: not nc.is_connected)
+        nats_server.start()
+        with pytest.raises(LostReply):
+            await asyncio.wait_for(request, WAIT_S)
+        with pytest.raises(LostReply):
+            await asyncio.wait_for(other, WAIT_S)
+        assert not nc._resp_map and not nc._awaited
+    finally:
+        await bus.close()
+
+
+async def test_a_request_sent_while_disconnected_is_answered_after_the_reconnect(
+    nats_server: EmbeddedServer,
+) -> None:
+    bus = await connect(load_settings(server=nats_server.url, environ={}), "lost")
+    try:
+        nc = bus.nc
+        assert isinstance(nc, MeshClient)
+
+        async def answers(msg: NatsMsg) -> None:
+            await msg.respond(b"!" + msg.data)
+
+        await nc.subscribe("lost.q", cb=answers)
+        assert (await nc.request("lost.q", b"1", timeout=WAIT_S)).data == b"!1"
+        nats_server.kill()
+        await _until(lambda: not nc.is_connected)
+        # buffered by the client, sent once it is connected again
+        request = asyncio.ensure_future(nc.request("lost.q", b"2", timeout=NEVER_S))
+        await _until(lambda: nc._resp_map)
+        nats_server.start()
+        reply = await asyncio.wait_for(request, WAIT_S)
+        assert reply.data == b"!2"
+        assert bus.reconnected_at > 0
+    finally:
+        await bus.close()
