@@ -137,6 +137,8 @@ class Items:
         self.cancelled: dict[str, None] = {}
         # task key -> attempt, of what finished here recently (bounded): never run twice here
         self.finished: dict[str, int] = {}
+        # items waiting here for the workers to report after a server restart (`_settled`)
+        self.settling: set[str] = set()
         # task records found unreadable (each said once)
         self.damaged_seen: set[str] = set()
         self.reaper: Reaper | None = None
@@ -255,9 +257,14 @@ class Items:
             return None
         meta = raw.metadata
         delivery = meta.num_delivered or 1
-        queued_s = time.time() - meta.timestamp.timestamp() if meta.timestamp else work.FRESH_S + 1
-        if work.suspect(delivery, queued_s, key in self.cancelled):
-            verdict = await self._still_wanted(msg, key, delivery)
+        now = time.time()
+        stored_at = meta.timestamp.timestamp() if meta.timestamp else now - work.FRESH_S - 1
+        back_at = self.agent.bus.reconnected_at
+        if work.suspect(delivery, now - stored_at, key in self.cancelled, stored_at < back_at):
+            restart, unsettled = work.after_restart(stored_at, back_at, now, self.settings.ack_wait_s)
+            verdict = await self._still_wanted(msg, key, delivery, restart, unsettled)
+            if verdict == work.SETTLE:
+                verdict = await self._settled(msg, raw, key, delivery, back_at + work.SETTLE_S - now)
             action = work.verdict_action(verdict, delivery, self.settings.max_deliveries)
             if action == work.NAK_LATER:
                 await raw.nak(delay=work.LATER_S)
@@ -336,7 +343,37 @@ class Items:
             await asyncio.wait(pending)
         await self.outbox.drained()
 
-    async def _still_wanted(self, item: WorkItem, key: str, delivery: int) -> str:
+    async def _settled(self, item: WorkItem, raw: NatsMsg, key: str, delivery: int, wait_s: float) -> str:
+        """The verdict on an item stored before the connection came back, once the workers that
+        may have taken it before a server restart have had time to report it (SETTLE). A second
+        delivery of it meanwhile is acknowledged: this one decides."""
+        if key in self.settling:
+            log.info("%s attempt %d delivered again while it settles here", key, item.attempt)
+            return work.WAIT
+        log.info(
+            "%s attempt %d was stored before the connection came back: looking at its record "
+            "again in %.1fs, once any worker that took it before a server restart has reported it",
+            key,
+            item.attempt,
+            wait_s,
+        )
+        self.settling.add(key)
+        try:
+            # kept from being delivered elsewhere meanwhile, as a running item is
+            beat_s = self.settings.ack_wait_s / 3
+            until = time.monotonic() + wait_s
+            while (left := until - time.monotonic()) > 0:
+                await asyncio.sleep(min(left, beat_s))
+                with contextlib.suppress(*TRANSIENT):
+                    await raw.in_progress()
+            # (this delivery came around the restart: a redelivery is asked about)
+            return await self._still_wanted(item, key, delivery, restart=True)
+        finally:
+            self.settling.discard(key)
+
+    async def _still_wanted(
+        self, item: WorkItem, key: str, delivery: int, restart: bool = False, unsettled: bool = False
+    ) -> str:
         """The verdict on a suspect item (`mesh.work.still_wanted`), from its task's record and,
         where another worker runs the attempt, that worker's registration."""
         kv = await self.agent.bus.tasks_kv()
@@ -354,7 +391,16 @@ class Items:
                 self.damaged_seen.add(key)
                 log.warning("the record of %s is unreadable (%s); running the item as released", key, exc)
             return work.RUN
-        verdict = work.still_wanted(item, rec, delivery, self.agent.agent_id)
+        verdict = work.still_wanted(
+            item,
+            rec,
+            delivery,
+            self.agent.agent_id,
+            restart,
+            unsettled,
+            now=time.time(),
+            ack_wait_s=self.settings.ack_wait_s,
+        )
         if verdict == work.SKIP:
             log.info(
                 "skipping %s attempt %d: task is %s at attempt %d", key, item.attempt, rec.status, rec.attempt

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -46,6 +47,8 @@ class Lane:
         self.loop: asyncio.Task[Any] | None = None
         # a fetch is in flight: what it returns is run even if the lane was disabled meanwhile
         self.fetching = False
+        # when the last fetch returned (monotonic; 0: none yet): see `Lanes._drop_stale`
+        self.fetched_at = 0.0
         # items that can share a model call are fetched and run together, up to this many
         self.batch_max = 1
         self.batch_wait_s = 0.0
@@ -191,6 +194,7 @@ class Lanes:
                 lane.changed.clear()
                 await self._wait_any(self._changed(lane))
                 continue
+            self._drop_stale(lane)
             lane.fetching = True
             try:
                 msgs = await lane.sub.fetch(free, timeout=self.agent.settings.fetch_timeout_s)
@@ -208,6 +212,7 @@ class Lanes:
             finally:
                 # (the fetched items are counted in `running` below, before anything else runs)
                 lane.fetching = False
+                lane.fetched_at = time.monotonic()
                 lane.wake()
             if not work.runs_fetched(lane.name, self.hold()):
                 # paused while this fetch was in flight: hand the work back for another GPU
@@ -227,6 +232,32 @@ class Lanes:
                 self.tasks.add(task)
                 task.add_done_callback(lambda t, sl=slot: self._slot_done(t, sl))  # type: ignore[misc]
             self.on_change()
+
+    def _drop_stale(self, lane: Lane) -> None:
+        """Let go of items delivered after the lane's last fetch had returned, when that was
+        over half of `ack_wait_s` ago.
+
+        A pull request can outlive the fetch that sent it (the server answers it late, after a
+        restart say): what it delivers waits in the client, and nats-py's next fetch returns it
+        first. If the lane's slots stayed busy meanwhile, that next fetch may come after
+        `ack_wait_s`, when the server has already given the item to another worker, which is
+        starting it now, and a record read here cannot tell. Not acknowledged, such an item is
+        offered again by the server (at once, if its time is up), with its delivery counted."""
+        if not lane.fetched_at or time.monotonic() - lane.fetched_at <= self.agent.settings.ack_wait_s / 2:
+            return
+        sub = lane.sub._sub
+        queue = sub._pending_queue
+        dropped = 0
+        while not queue.empty():
+            msg = queue.get_nowait()
+            sub._pending_size -= len(msg.data)
+            dropped += not JetStreamContext.is_status_msg(msg)
+        if dropped:
+            log.info(
+                "let go of %d %s item(s) delivered after the last fetch ended; they are offered again",
+                dropped,
+                lane.name,
+            )
 
     # batches -------------------------------------------------------------------------------
     async def _gather(self, lane: Lane, msgs: list[NatsMsg]) -> list[list[NatsMsg]]:

@@ -28,6 +28,12 @@ CANCELLED_MEMORY = 100_000
 FRESH_S = 2.0
 # an item whose task has no record yet is offered again after this long
 LATER_S = 2.0
+# how long after its reconnection a worker waits before it runs an item stored before it, when
+# the record cannot say that no other worker runs it: a server restart can lose the record of a
+# delivery, and the worker that took it reports its run only once it is connected again too
+# (its reconnection and its reports: 0.5 s between tries, and `LOST_REPLY_S` for a report
+# lost with the old connection)
+SETTLE_S = 3.0
 # the classes whose work needs a model: a worker of either owns a GPU (or a CPU standing in)
 MODEL_CLASSES = ("script", "llm")
 # a resource task older than this was meant for an earlier state of the mesh: not acted on
@@ -43,6 +49,7 @@ RUN = "run"  # run it
 SKIP = "skip"  # the task no longer wants this attempt
 WAIT = "wait"  # another live worker runs this very attempt: no second copy beside it
 LATER = "later"  # no record of the task yet: look again soon
+SETTLE = "settle"  # delivered again after a server restart: look again once the workers report
 ASK = "ask"  # another worker ran this attempt: whether it is still registered decides
 
 # what becomes of a delivery once the verdict is known
@@ -288,18 +295,29 @@ def repeat(item: WorkItem, finished_attempt: int | None, running_attempt: int | 
     return ""
 
 
-def suspect(delivery: int, queued_s: float, cancelled: bool) -> bool:
+def suspect(delivery: int, queued_s: float, cancelled: bool, before_reconnect: bool = False) -> bool:
     """Whether an item is checked against its task's record before it runs. One taken fresh off
     the queue is current: the brain deletes the queued item of a task it cancels, resets or gives
-    up. One redelivered, one that sat in the queue (the brain may have restarted since), or one
-    of a task seen cancelled may not be."""
-    return delivery > 1 or queued_s > FRESH_S or cancelled
+    up. One redelivered, one that sat in the queue (the brain may have restarted since), one
+    of a task seen cancelled, or one stored before this worker's connection came back (the
+    server may have restarted, and lost the record of its delivery to another worker) may not
+    be."""
+    return delivery > 1 or queued_s > FRESH_S or cancelled or before_reconnect
 
 
-def still_wanted(item: WorkItem, rec: TaskRecord | None, delivery: int, me: str) -> str:
-    """RUN, SKIP, LATER (no record yet), or ASK (whether the worker the record names is still
-    registered decides: `owner_verdict`). An unreadable record is the caller's: it runs the item
-    as released (the brain rebuilds the record from the history when it starts).
+def still_wanted(
+    item: WorkItem,
+    rec: TaskRecord | None,
+    delivery: int,
+    me: str,
+    restart: bool = False,
+    unsettled: bool = False,
+    now: float = 0.0,
+    ack_wait_s: float = 0.0,
+) -> str:
+    """RUN, SKIP, LATER (no record yet), ASK (whether the worker the record names is still
+    registered decides: `owner_verdict`) or SETTLE. An unreadable record is the caller's: it
+    runs the item as released (the brain rebuilds the record from the history when it starts).
 
     The brain writes a task's record and its work item in the same round trip, and a brain
     that crashed between the two leaves the record for the next one to repair: a record behind
@@ -309,16 +327,39 @@ def still_wanted(item: WorkItem, rec: TaskRecord | None, delivery: int, me: str)
     A redelivery (delivery > 1) of a running attempt means JetStream stopped hearing from its
     worker: this one takes over. A first delivery of an attempt already running elsewhere
     happens when a server restart lost the consumer's record of the first one: if that worker
-    is still registered, it still runs it."""
+    is still registered, it still runs it. So does a redelivery of an attempt that started
+    elsewhere less than half of `ack_wait_s` before `now`: JetStream gave up on an earlier
+    delivery of the item (one that waited in a worker's client past `ack_wait_s`, which that
+    worker then ran), not on the worker that runs it now.
+
+    `restart` (`after_restart`): the item was stored before this worker's connection came
+    back, and is delivered within `ack_wait_s` of that. A server restart may have lost the
+    record of its delivery, and no worker could keep it alive while the server was away: a
+    redelivery then says nothing of the worker running it, and is asked about as a first
+    delivery is. `unsettled`: within `SETTLE_S` of the reconnection, a worker that took it
+    before may have run it and report that only once it is connected again too; an item the
+    record does not settle is looked at again once that report can have come (SETTLE)."""
     if rec is None:
         return LATER
-    if rec.attempt < item.attempt:
-        return RUN
-    if rec.status not in INFLIGHT_STATES or rec.attempt != item.attempt:
+    behind = rec.attempt < item.attempt
+    if not behind and (rec.status not in INFLIGHT_STATES or rec.attempt != item.attempt):
         return SKIP
-    if delivery == 1 and rec.status == RUNNING and rec.worker and rec.worker != me:
+    elsewhere = not behind and rec.status == RUNNING and rec.worker not in ("", me)
+    recent = ack_wait_s > 0 and rec.started_at > now - ack_wait_s / 2
+    if elsewhere and (delivery == 1 or restart or recent):
         return ASK
+    if unsettled:
+        return SETTLE
     return RUN
+
+
+def after_restart(
+    stored_at: float, reconnected_at: float, now: float, ack_wait_s: float
+) -> tuple[bool, bool]:
+    """`still_wanted`'s `restart` and `unsettled` for an item stored at `stored_at`, delivered
+    `now` to a worker whose connection came back at `reconnected_at` (0: never lost)."""
+    before = stored_at < reconnected_at
+    return before and now < reconnected_at + ack_wait_s, before and now < reconnected_at + SETTLE_S
 
 
 def owner_verdict(registered: bool) -> str:

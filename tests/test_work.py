@@ -180,6 +180,9 @@ def test_an_item_fresh_off_the_queue_is_not_checked() -> None:
     assert work.suspect(delivery=2, queued_s=0.0, cancelled=False)
     assert work.suspect(delivery=1, queued_s=work.FRESH_S + 0.1, cancelled=False)
     assert work.suspect(delivery=1, queued_s=0.0, cancelled=True)
+    # stored before this worker's connection came back: a server restart may have lost the
+    # record of its delivery to another worker
+    assert work.suspect(delivery=1, queued_s=0.0, cancelled=False, before_reconnect=True)
 
 
 def test_a_suspect_item_against_its_tasks_record() -> None:
@@ -199,6 +202,57 @@ def test_a_suspect_item_against_its_tasks_record() -> None:
     assert verdict(record(RUNNING, 2, ""), delivery=1) == work.RUN
     assert work.owner_verdict(registered=True) == work.WAIT
     assert work.owner_verdict(registered=False) == work.RUN
+
+
+def test_an_item_from_before_a_server_restart_waits_for_the_workers_reports() -> None:
+    """An item stored before the connection came back, that the record does not settle, is
+    looked at again once any worker that took it before can have reported it; and a
+    redelivery that came of the server being away says nothing of the worker running it."""
+
+    def verdict(rec: TaskRecord | None, delivery: int = 1) -> str:
+        return work.still_wanted(ITEM, rec, delivery, me="w1", restart=True, unsettled=True)
+
+    assert verdict(record(READY, 2)) == work.SETTLE  # released; whether it started is unknown
+    assert verdict(record(PENDING, 1)) == work.SETTLE  # the release's record held back
+    assert verdict(record(READY, 2), delivery=2) == work.SETTLE
+    # what the record does settle, it settles as before
+    assert verdict(None) == work.LATER
+    assert verdict(record(SUCCEEDED, 2)) == work.SKIP
+    assert verdict(record(READY, 3)) == work.SKIP
+    assert verdict(record(RUNNING, 2, "w2")) == work.ASK
+    # no worker could keep its delivery alive while the server was away: asked, not taken over
+    assert verdict(record(RUNNING, 2, "w2"), delivery=2) == work.ASK
+    # settled: the record decides, and a redelivery from around the restart is still asked about
+    settled = work.still_wanted(ITEM, record(READY, 2), 2, me="w1", restart=True)
+    assert settled == work.RUN
+    assert work.still_wanted(ITEM, record(RUNNING, 2, "w2"), 2, me="w1", restart=True) == work.ASK
+
+
+def test_a_redelivery_of_a_run_started_moments_ago_is_not_a_takeover() -> None:
+    """JetStream redelivers an item `ack_wait_s` after it last heard of its delivery: a run that
+    started elsewhere less than half of that ago is not what it gave up on (an earlier copy of
+    the item waited in a client past `ack_wait_s`, and was run once taken)."""
+    rec = record(RUNNING, 2, "w2")
+    rec.started_at = 100.0
+
+    def verdict(now: float) -> str:
+        return work.still_wanted(ITEM, rec, 2, me="w1", now=now, ack_wait_s=30.0)
+
+    assert verdict(now=100.5) == work.ASK
+    assert verdict(now=114.9) == work.ASK
+    assert verdict(now=115.1) == work.RUN  # a silence of a worker that started it: taken over
+    assert verdict(now=131.0) == work.RUN
+
+
+def test_the_window_after_a_reconnection() -> None:
+    back, ack_wait = 100.0, 30.0
+    # stored after the reconnection, or never disconnected: nothing to suspect
+    assert work.after_restart(101.0, back, 101.5, ack_wait) == (False, False)
+    assert work.after_restart(50.0, 0.0, 101.0, ack_wait) == (False, False)
+    # stored before it: unsettled for SETTLE_S, a redelivery asked about for ack_wait_s
+    assert work.after_restart(99.0, back, back + work.SETTLE_S - 0.1, ack_wait) == (True, True)
+    assert work.after_restart(99.0, back, back + work.SETTLE_S, ack_wait) == (True, False)
+    assert work.after_restart(99.0, back, back + ack_wait, ack_wait) == (False, False)
 
 
 def test_what_becomes_of_a_checked_delivery() -> None:
