@@ -5,12 +5,15 @@ too; a request sent while disconnected still gets its answer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 from nats.aio.msg import Msg as NatsMsg
 
 from mesh.bus.connect import connect
 from mesh.bus.natsclient import LostReply, MeshClient
+from mesh.bus.publish import Bus
 from mesh.host.config import load_settings
 from mesh.ops.embedded import EmbeddedServer
 
@@ -29,13 +32,20 @@ async def _until(what, timeout_s: float = WAIT_S) -> None:  # type: ignore[no-un
     await asyncio.wait_for(poll(), timeout_s)
 
 
+@contextlib.asynccontextmanager
+async def _connected(server: EmbeddedServer) -> AsyncIterator[tuple[Bus, MeshClient]]:
+    bus = await connect(load_settings(server=server.url, environ={}), "lost")
+    try:
+        assert isinstance(bus.nc, MeshClient)
+        yield bus, bus.nc
+    finally:
+        await bus.close()
+
+
 async def test_a_request_in_flight_when_the_server_dies_fails_after_the_reconnect(
     nats_server: EmbeddedServer,
 ) -> None:
-    bus = await connect(load_settings(server=nats_server.url, environ={}), "lost")
-    try:
-        nc = bus.nc
-        assert isinstance(nc, MeshClient)
+    async with _connected(nats_server) as (_, nc):
         heard: list[NatsMsg] = []
 
         async def never_answers(msg: NatsMsg) -> None:
@@ -54,17 +64,12 @@ async def test_a_request_in_flight_when_the_server_dies_fails_after_the_reconnec
         with pytest.raises(LostReply):
             await asyncio.wait_for(other, WAIT_S)
         assert not nc._resp_map and not nc._awaited
-    finally:
-        await bus.close()
 
 
 async def test_a_request_sent_while_disconnected_is_answered_after_the_reconnect(
     nats_server: EmbeddedServer,
 ) -> None:
-    bus = await connect(load_settings(server=nats_server.url, environ={}), "lost")
-    try:
-        nc = bus.nc
-        assert isinstance(nc, MeshClient)
+    async with _connected(nats_server) as (bus, nc):
 
         async def answers(msg: NatsMsg) -> None:
             await msg.respond(b"!" + msg.data)
@@ -80,5 +85,3 @@ async def test_a_request_sent_while_disconnected_is_answered_after_the_reconnect
         reply = await asyncio.wait_for(request, WAIT_S)
         assert reply.data == b"!2"
         assert bus.reconnected_at > 0
-    finally:
-        await bus.close()
