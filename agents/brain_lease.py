@@ -16,10 +16,11 @@ import time
 
 import nats.js.errors
 import psutil
+from nats.js.kv import KeyValue
 
 from agents.base import Agent
 from mesh.bus.jetstream import TRANSIENT
-from mesh.records import Lease, decode_lease, encode_record
+from mesh.records import UNREADABLE, Lease, decode_lease, encode_record
 
 log = logging.getLogger("mesh.brain")
 
@@ -122,6 +123,8 @@ class BrainLease(Agent):
                     self._stalled = False
                     log.warning("renewed the brain lease (no other brain took it); acting again")
             except nats.js.errors.KeyWrongLastSequenceError:
+                if await self._stored_after_all(kv):
+                    continue
                 log.error("lost the brain lease to another brain; stopping")
                 self.lost_lease = True
                 self.stop_requested.set()
@@ -129,6 +132,26 @@ class BrainLease(Agent):
             except TRANSIENT as exc:
                 if not self.bus.store.full:  # (the bus said that once)
                     log.warning("could not renew the brain lease (%s)", exc)
+
+    async def _stored_after_all(self, kv: KeyValue) -> bool:
+        """Whether the lease, at a revision past this brain's, is still this brain's own: a
+        renewal whose reply was lost with the connection (`mesh.bus.natsclient.LostReply`) can
+        have been stored. No other brain writes its own id, so this brain goes on from there."""
+        try:
+            entry = await kv.get(LEASE_KEY)
+            held = decode_lease(entry.value or b"")
+        except (*TRANSIENT, *UNREADABLE):
+            return False
+        if held.holder != self.agent_id or entry.revision is None:
+            return False
+        self.lease_revision = entry.revision
+        self.lease_valid_until = time.monotonic() + (held.expires_at - time.time()) - 1.0
+        log.warning(
+            "the brain lease is at revision %d, written by this brain (a renewal whose reply was "
+            "lost); going on from there",
+            entry.revision,
+        )
+        return True
 
     async def _check_lease(self) -> None:
         expired = time.monotonic() > self.lease_valid_until
