@@ -29,6 +29,7 @@ import asyncio
 import collections
 import contextlib
 import datetime
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -134,7 +135,9 @@ class Watchdog(Reloading):
             log.info("watching %d GPU(s) on %s", await asyncio.to_thread(self.source.count), self.tel_host)
         psutil.cpu_percent(percpu=True)  # the first reading is since import: start the clock now
         self.history = HistoryRecorder(self.bus)
-        await self._read_thermal()
+        # (each step rides out a server that goes away meanwhile: the watchdog is what must
+        # keep watching while it is gone)
+        await self.retrying(self._read_thermal, "reading the thermal pauses")
         await self.bus.nc.subscribe(self.names.agent_stopped_all, cb=self._on_stopped)
         if self.settings.watchdog_mesh_rules:
             # from the start of the failure window, then live, with no gap between the two
@@ -142,14 +145,18 @@ class Watchdog(Reloading):
                 time.time() - self.settings.failure_window_s, tz=datetime.UTC
             )
             for kind in ("failed", "retrying"):
-                await self.bus.js.subscribe(
-                    self.names.task_event("*", "*", kind),
-                    stream=self.names.events_stream,
-                    ordered_consumer=True,
-                    config=api.ConsumerConfig(
-                        deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=since
+                await self.retrying(
+                    functools.partial(
+                        self.bus.js.subscribe,
+                        self.names.task_event("*", "*", kind),
+                        stream=self.names.events_stream,
+                        ordered_consumer=True,
+                        config=api.ConsumerConfig(
+                            deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=since
+                        ),
+                        cb=self._on_failure,
                     ),
-                    cb=self._on_failure,
+                    f"following task.{kind}",
                 )
         if self.health:
             self.spawn(self._health_loop(), "health")
