@@ -135,9 +135,13 @@ class Watchdog(Reloading):
             log.info("watching %d GPU(s) on %s", await asyncio.to_thread(self.source.count), self.tel_host)
         psutil.cpu_percent(percpu=True)  # the first reading is since import: start the clock now
         self.history = HistoryRecorder(self.bus)
-        # (each step rides out a server that goes away meanwhile: the watchdog is what must
-        # keep watching while it is gone)
-        await self.retrying(self._read_thermal, "reading the thermal pauses")
+        # the server may go away at any time, now too: the watchdog must keep watching then, so
+        # what it reads and follows of the mesh is retried meanwhile, not waited for
+        try:
+            await self._read_thermal()
+        except TRANSIENT as exc:
+            log.warning("reading the thermal pauses failed (%r); reading them again in the background", exc)
+            self.spawn(self.retrying(self._read_thermal, "reading the thermal pauses"), "thermal")
         await self.bus.nc.subscribe(self.names.agent_stopped_all, cb=self._on_stopped)
         if self.settings.watchdog_mesh_rules:
             # from the start of the failure window, then live, with no gap between the two
@@ -145,19 +149,17 @@ class Watchdog(Reloading):
                 time.time() - self.settings.failure_window_s, tz=datetime.UTC
             )
             for kind in ("failed", "retrying"):
-                await self.retrying(
-                    functools.partial(
-                        self.bus.js.subscribe,
-                        self.names.task_event("*", "*", kind),
-                        stream=self.names.events_stream,
-                        ordered_consumer=True,
-                        config=api.ConsumerConfig(
-                            deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=since
-                        ),
-                        cb=self._on_failure,
+                follow = functools.partial(
+                    self.bus.js.subscribe,
+                    self.names.task_event("*", "*", kind),
+                    stream=self.names.events_stream,
+                    ordered_consumer=True,
+                    config=api.ConsumerConfig(
+                        deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=since
                     ),
-                    f"following task.{kind}",
+                    cb=self._on_failure,
                 )
+                self.spawn(self.retrying(follow, f"following task.{kind}"), f"follow-{kind}")
         if self.health:
             self.spawn(self._health_loop(), "health")
         self.spawn(self._spool_loop(), "alert-spool")
