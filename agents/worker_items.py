@@ -360,10 +360,9 @@ class Items:
         self.settling.add(key)
         try:
             # kept from being delivered elsewhere meanwhile, as a running item is
-            beat_s = self.settings.ack_wait_s / 3
             until = time.monotonic() + wait_s
             while (left := until - time.monotonic()) > 0:
-                await asyncio.sleep(min(left, beat_s))
+                await asyncio.sleep(min(left, self.settings.heartbeat_s))
                 with contextlib.suppress(*TRANSIENT):
                     await raw.in_progress()
             # (this delivery came around the restart: a redelivery is asked about)

@@ -16,20 +16,13 @@ from mesh.bus.natsclient import LostReply, MeshClient
 from mesh.bus.publish import Bus
 from mesh.host.config import load_settings
 from mesh.ops.embedded import EmbeddedServer
+from tests.faults import until
 
 pytestmark = pytest.mark.integration
 
 WAIT_S = 60.0
 # a request's own timeout here: far beyond anything the test waits for
 NEVER_S = 3600.0
-
-
-async def _until(what, timeout_s: float = WAIT_S) -> None:  # type: ignore[no-untyped-def]
-    async def poll() -> None:
-        while not what():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), timeout_s)
 
 
 @contextlib.asynccontextmanager
@@ -55,9 +48,9 @@ async def test_a_request_in_flight_when_the_server_dies_fails_after_the_reconnec
         request = asyncio.ensure_future(nc.request("lost.q", b"?", timeout=NEVER_S))
         other = asyncio.get_running_loop().create_future()
         nc.awaiting(other)  # as a pipelined batch's acknowledgements are awaited
-        await _until(lambda: heard)  # the request reached the server
+        await until(lambda: heard, WAIT_S, "the request at the responder")  # the request reached the server
         nats_server.kill()
-        await _until(lambda: not nc.is_connected)
+        await until(lambda: not nc.is_connected, WAIT_S, "the disconnection")
         nats_server.start()
         with pytest.raises(LostReply):
             await asyncio.wait_for(request, WAIT_S)
@@ -77,10 +70,10 @@ async def test_a_request_sent_while_disconnected_is_answered_after_the_reconnect
         await nc.subscribe("lost.q", cb=answers)
         assert (await nc.request("lost.q", b"1", timeout=WAIT_S)).data == b"!1"
         nats_server.kill()
-        await _until(lambda: not nc.is_connected)
+        await until(lambda: not nc.is_connected, WAIT_S, "the disconnection")
         # buffered by the client, sent once it is connected again
         request = asyncio.ensure_future(nc.request("lost.q", b"2", timeout=NEVER_S))
-        await _until(lambda: nc._resp_map)
+        await until(lambda: nc._resp_map, WAIT_S, "the request buffered")
         nats_server.start()
         reply = await asyncio.wait_for(request, WAIT_S)
         assert reply.data == b"!2"
