@@ -70,6 +70,8 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         self.policy = Policy(
             release_window=settings.release_window,
             continue_depth=settings.continue_depth,
+            pack_size=settings.pack_size,
+            pack_below_s=settings.pack_below_s,
             retry_base_s=settings.retry_base_s,
             retry_max_s=settings.retry_max_s,
             aging_s=settings.aging_s,
@@ -107,6 +109,7 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         self.recent_writes: collections.deque[tuple[float, list[str], list[str]]] = collections.deque()
         # stream sequence and subject of each released task's work item, while it may be queued
         self.work_seq: dict[str, tuple[int, str]] = {}
+        self.work_packs: dict[int, list[int | bool]] = {}
         self.done_items: collections.deque[tuple[int, str, float]] = collections.deque()
         self.purger: WorkPurger | None = None
         self.plan_written: dict[str, tuple[float, bytes]] = {}

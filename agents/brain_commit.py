@@ -49,6 +49,8 @@ from mesh.events import (
     type_of,
 )
 from mesh.machine import State, Step
+from mesh.machine_step import Policy
+from mesh.packing import members, pack
 from mesh.records import (
     CANCELLED,
     INFLIGHT_STATES,
@@ -88,7 +90,11 @@ class BrainCommit(Agent):
     # acknowledging them may not have stored them yet, so they are written again on reconnect
     recent_writes: collections.deque[tuple[float, list[str], list[str]]]
     # stream sequence and subject of each released task's work item, while it may be queued
+    policy: Policy
     work_seq: dict[str, tuple[int, str]]
+    # a packed work item's sequence -> [its tasks still wanting it, whether all that left did
+    # not want it run]: the item is deleted only when none of its tasks wants it
+    work_packs: dict[int, list[int | bool]]
     # work items of tasks done, not yet purged: (sequence, subject, when the task was done)
     done_items: collections.deque[tuple[int, str, float]]
     # purges what the work consumers acknowledged (None: the stream is an old work queue)
@@ -116,6 +122,9 @@ class BrainCommit(Agent):
         """
         self._outbox = step
         bus = self.bus
+        if len(step.work) > 1:  # (a step published again is packed already: nothing changes)
+            policy = self.policy
+            step.work[:] = pack(step.work, self.state, policy.pack_size, policy.pack_below_s)
         archived: list[str] = []
         released: dict[str, int] = {}
         if step.events:
@@ -149,10 +158,11 @@ class BrainCommit(Agent):
         self._plans_written(plans)
         if step.work:
             for item, ack in zip(step.work, acks, strict=True):
-                self.work_seq[f"{item.plan_id}.{item.task_id}"] = (
-                    ack.seq,
-                    work_subject(self.names, item.cls, item.model),
-                )
+                queued = (ack.seq, work_subject(self.names, item.cls, item.model))
+                for member in members(item):
+                    self.work_seq[f"{member.plan_id}.{member.task_id}"] = queued
+                if item.more:
+                    self.work_packs[ack.seq] = [1 + len(item.more), True]
             step.work.clear()
         if step.resources:
             await bus.emit_many(step.resources)
@@ -246,7 +256,18 @@ class BrainCommit(Agent):
                 continue
             del self.work_seq[rec.key]
             seq, subject = queued
-            if rec.status in (CANCELLED, PENDING) or rec.reason == FailReason.LOST:
+            unwanted = rec.status in (CANCELLED, PENDING) or rec.reason == FailReason.LOST
+            packed = self.work_packs.get(seq)
+            if packed is not None:
+                # a packed item: it goes once none of its tasks wants it, deleted only when none
+                # of them was run from it (a worker skips a cancelled task of a pack it takes)
+                packed[0] = int(packed[0]) - 1
+                packed[1] = bool(packed[1]) and unwanted
+                if packed[0] > 0:
+                    continue
+                del self.work_packs[seq]
+                unwanted = bool(packed[1])
+            if unwanted:
                 stale.append(seq)
             elif self.purger is not None:
                 self.done_items.append((seq, subject, now))

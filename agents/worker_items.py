@@ -28,7 +28,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import nats.js.errors
 from nats.aio.msg import Msg as NatsMsg
@@ -39,6 +39,7 @@ from agents.worker_files import WorkDirs
 from agents.worker_gpu import Gpu
 from agents.worker_lanes import Lane
 from agents.worker_models import Models
+from agents.worker_packs import Part, Shared
 from agents.worker_reports import Outbox, Report
 from agents.worker_resources import ResourceUse, sample_once, sample_resources
 from agents.worker_stream import TextStream
@@ -50,10 +51,14 @@ from mesh.events import MODEL_BODY_KINDS, FileRef, ResourceItem, RunFinished, Ru
 from mesh.host.executors import BATCH_EXECUTORS, EXECUTORS, RunContext
 from mesh.host.reaper import Reaper
 from mesh.models import ModelError
+from mesh.packing import members
 from mesh.records import UNREADABLE, decode_task
 from mesh.work import RunResult
 
 log = logging.getLogger("mesh.worker")
+
+# the error of a packed task cancelled before its turn came
+NOT_STARTED = "cancelled before it started"
 
 
 class Continued:
@@ -214,6 +219,9 @@ class Items:
         self, msg: WorkItem, raw: NatsMsg, lane: Lane, free: Callable[[], None] | None = None
     ) -> None:
         """The item, and the dependents it carries, each run as the one before succeeds."""
+        if msg.more:
+            await self._work_pack(msg, raw, free)
+            return
         run = await self._admit(msg, raw)
         while run is not None:
             key = work.item_key(run.item.plan_id, run.item.task_id)
@@ -221,6 +229,72 @@ class Items:
                 run = await self._execute([run], free, lane)
             finally:
                 self.running.pop(key, None)
+
+    async def _work_pack(self, msg: WorkItem, raw: NatsMsg, free: Callable[[], None] | None) -> None:
+        """A packed item (`mesh.packing`): each of its tasks checked as if alone, then run one
+        after another in this slot, and reported together (`_run_pack`). Each answers its share
+        of the delivery (`agents.worker_packs`)."""
+        items = members(msg)
+        shared = Shared(raw, len(items))
+        runs: list[Running] = []
+        try:
+            for item in items:
+                # (a part answers as a delivery does: `Part`)
+                run = await self._admit(item, cast(NatsMsg, Part(shared)))
+                if run is not None:
+                    runs.append(run)
+            if runs:
+                await self._run_pack(runs, free)
+        finally:
+            for run in runs:
+                self.running.pop(work.item_key(run.item.plan_id, run.item.task_id), None)
+
+    async def _run_pack(self, runs: list[Running], free: Callable[[], None] | None) -> None:
+        """The tasks of a packed item, one after another, each started, kept alive, timed and
+        reported as if alone (one cancelled meanwhile does not start). Each report is queued as
+        its run ends and goes out while the next runs (the outbox gathers them: one write for
+        those ready together), so a worker killed mid-pack loses the report of no run that
+        ended well before; `free` once the last is done, then until each is acknowledged."""
+        agent_id = self.agent.agent_id
+        acks: list[asyncio.Task[None]] = []
+        for i, run in enumerate(runs, 1):
+            started_at = time.time()
+            if run.ctx.cancel.is_set():
+                start = StartReport(self.emit, None, 0.0)
+                result = RunResult(ok=False, duration_s=0.0, cancelled=True, error=NOT_STARTED)
+            else:
+                delivery = run.raw.metadata.num_delivered or 1
+                start = StartReport(
+                    self.emit,
+                    work.run_started(run.item, agent_id, started_at, delivery),
+                    work.start_report_after(delivery, self.settings.start_report_after_s),
+                )
+                await start.begin()
+                log.info(
+                    "running %s attempt %d (delivery %d, %d of a pack of %d)",
+                    work.item_key(run.item.plan_id, run.item.task_id),
+                    run.item.attempt,
+                    delivery,
+                    i,
+                    len(runs),
+                )
+                beat = asyncio.get_running_loop().create_task(self._heartbeat(run))
+                try:
+                    (result,) = await self._results([run])
+                finally:
+                    beat.cancel()
+            said = await self._report_of(run, result, start, started_at)
+            if said is None:
+                continue  # handed back (the worker is stopping)
+            stored = self.outbox.hand((said[0],))
+            sending = asyncio.get_running_loop().create_task(self._acknowledged(run, stored, *said))
+            self.sending.add(sending)
+            sending.add_done_callback(self.sending.discard)
+            acks.append(sending)
+        if free is not None:
+            free()
+        if acks:
+            await asyncio.wait(acks)
 
     def _continuation(self, run: Running, result: RunResult, lane: Lane | None) -> WorkItem | None:
         """The item this worker goes on with after `run` (`mesh.work.continuation`), if any."""

@@ -210,6 +210,10 @@ class WorkItem(Msg, frozen=True, tag="work"):
     # the item of a dependent this worker starts as soon as this attempt succeeds, without
     # queueing it (`mesh.machine_step.continuations`); its own `then` may carry the next
     then: WorkItem | None = None
+    # a packed item: other tasks released with this one, of the same class, that its worker runs
+    # after it in the same slot, whatever its outcome, each its own attempt, claim and report
+    # (`mesh.packing`); none of them carries `then` or `more`
+    more: tuple[WorkItem, ...] = ()
 
 
 class ResourceItem(Msg, frozen=True, tag="resource"):

@@ -66,6 +66,10 @@ class Policy:
     # how many dependents, one after another, a released shell task's work item carries for its
     # worker to start as soon as the task before succeeds (`continuations`; 0: none)
     continue_depth: int = 8
+    # how many short tasks of one class a work item may carry (`mesh.packing`; 1: one each), and
+    # how short a shell task's runs must be (its kind's learned median, seconds) to be packed
+    pack_size: int = 16
+    pack_below_s: float = 0.02
 
 
 class Tick:

@@ -67,6 +67,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # how many dependents, one after another, a shell task's worker may start as soon as the
     # task before succeeds, without the brain's round trip (0: each is queued by the brain)
     continue_depth: int = 8
+    # how many short tasks of one class the brain packs into one work item, run one after another
+    # by the worker that takes it (1: an item each), and how short a shell task's runs must be
+    # (the learned median of its kind, seconds) for it to be packed; no-op tasks always are
+    pack_size: int = 16
+    pack_below_s: float = 0.02
     retry_base_s: float = 2.0
     retry_max_s: float = 300.0
     aging_s: float = 60.0
@@ -565,6 +570,10 @@ def learn_problem(settings: Settings) -> str:
         return f"embed_batch_max = {settings.embed_batch_max!r} must be at least 1 (1: no batches)"
     if settings.embed_batch_wait_s < 0:
         return f"embed_batch_wait_s = {settings.embed_batch_wait_s!r} must be 0 or more"
+    if settings.pack_size < 1:
+        return f"pack_size = {settings.pack_size!r} must be at least 1 (1: a work item for each task)"
+    if settings.pack_below_s < 0:
+        return f"pack_below_s = {settings.pack_below_s!r} must be 0 or more"
     if settings.learn_min_samples < 1:
         return f"learn_min_samples = {settings.learn_min_samples!r} must be at least 1"
     if settings.learn_window < settings.learn_min_samples:

@@ -448,12 +448,24 @@ def stack_options(ap: argparse.ArgumentParser) -> None:
         default=None,
         help="the brain's continue_depth (default: mesh's, 8; 0: every dependent queued by the brain)",
     )
+    ap.add_argument(
+        "--pack-size",
+        type=int,
+        default=None,
+        help="the brain's pack_size (default: mesh's, 16; 1: a work item for each task)",
+    )
 
 
 def depth_env(args: argparse.Namespace) -> dict[str, str]:
-    """The agents' environment for `--continue-depth` (none: mesh's default)."""
+    """The agents' environment for `--continue-depth` and `--pack-size` (none: mesh's defaults)."""
+    env = {}
     depth = getattr(args, "continue_depth", None)
-    return {} if depth is None else {"MESH_CONTINUE_DEPTH": str(depth)}
+    if depth is not None:
+        env["MESH_CONTINUE_DEPTH"] = str(depth)
+    size = getattr(args, "pack_size", None)
+    if size is not None:
+        env["MESH_PACK_SIZE"] = str(size)
+    return env
 
 
 def bench_stack(
@@ -509,6 +521,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "slots": args.slots,
         "durability": args.durability,
         "continue_depth": args.continue_depth,
+        "pack_size": args.pack_size,
     }
     return results
 

@@ -142,6 +142,31 @@ def misplaced(names: Names, subject: str, msg: Msg) -> str:
         return f"a {events.type_of(msg)} message that names no valid subject ({exc}) arrived on {subject}"
     if expected != subject:
         return f"a {events.type_of(msg)} message belongs on {expected}, not on {subject}"
+    if isinstance(msg, events.WorkItem) and msg.more:
+        return _pack_misplaced(names, subject, msg)
+    return ""
+
+
+def _pack_misplaced(names: Names, subject: str, item: events.WorkItem) -> str:
+    """Why a packed work item (`mesh.packing`) is not one mesh would queue on `subject`: each
+    task it carries belongs there too, once, and carries nothing more itself."""
+    seen = {(item.plan_id, item.task_id)}
+    if item.then is not None:
+        return f"a packed work item on {subject} carries a continuation"
+    for member in item.more:
+        if member.more or member.then is not None:
+            return f"a task packed in the work item of {item.plan_id}.{item.task_id} carries more tasks"
+        key = (member.plan_id, member.task_id)
+        if key in seen:
+            packed = f"{member.plan_id}.{member.task_id}"
+            return f"the work item of {item.plan_id}.{item.task_id} packs {packed} twice"
+        seen.add(key)
+        try:
+            expected, _ = route(names, member)
+        except ValueError as exc:
+            return f"a task packed in a work item names no valid subject ({exc})"
+        if expected != subject:
+            return f"a task packed in a work item on {subject} belongs on {expected}"
     return ""
 
 
