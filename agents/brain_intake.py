@@ -21,6 +21,7 @@ from nats.aio.msg import Msg as NatsMsg
 from agents.brain_commit import BrainCommit
 from mesh import validate
 from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.natsclient import MeshClient
 from mesh.bus.read import read_bucket
 from mesh.bus.route import decode_checked
 from mesh.events import (
@@ -156,8 +157,12 @@ class BrainIntake(BrainCommit):
         for raw, why in bad:
             await self.bus.dead_letter(self.agent_id, raw, why)
             await raw.term()
-        for raw in good:
-            await raw.ack()
+        nc = self.bus.nc
+        if isinstance(nc, MeshClient):
+            await nc.ack_many(good)
+        else:
+            for raw in good:
+                await raw.ack()
 
     async def _fetch_plan(self, msg: SubmitPlan) -> SubmitPlan:
         """A big plan's tasks come from the object store; a missing or broken one is rejected.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import nats.errors
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -80,6 +81,89 @@ async def test_headers_come_back_whole_through_a_real_server(nats_server: Embedd
         await bus.close()
 
 
+def _nats_py_line(subject: str, payload: bytes, reply: str, headers: dict[str, str] | None) -> bytes:
+    """The protocol line nats-py's `publish` puts in its buffer for one message."""
+
+    async def go() -> bytes:
+        client = Client()
+        client._flush_queue = None  # (nothing to wake)
+        client._status = Client.CONNECTED
+        client._max_payload = 1 << 20
+        await client.publish(subject, payload, reply=reply, headers=headers)
+        return b"".join(client._pending)
+
+    return asyncio.run(go())
+
+
+def _mesh_line(subject: str, payload: bytes, reply: str, headers: dict[str, str] | None) -> bytes:
+    async def go() -> bytes:
+        client = MeshClient()
+        client._flush_queue = None
+        client._status = Client.CONNECTED
+        client._max_payload = 1 << 20
+        assert await client.publish_many([(subject, payload, reply, headers)]) == 1
+        return b"".join(client._pending)
+
+    return asyncio.run(go())
+
+
+_HEADER_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+_TOKEN = st.text(alphabet="abcXYZ-_.019!#$%&'*+^`|~", min_size=1, max_size=10)
+
+
+@settings(max_examples=200)
+@given(
+    st.dictionaries(st.one_of(_TOKEN, st.just(" Padded "), st.just(" ")), _HEADER_TEXT, max_size=4)
+    | st.none(),
+    st.binary(max_size=40),
+    st.sampled_from(["", "_INBOX.x.1"]),
+)
+def test_publish_many_writes_what_nats_py_writes(
+    headers: dict[str, str] | None, payload: bytes, reply: str
+) -> None:
+    """Byte for byte the same protocol lines as nats-py's `publish`, header values with line
+    breaks, padding and any text included."""
+    assert _mesh_line("a.b.c", payload, reply, headers) == _nats_py_line("a.b.c", payload, reply, headers)
+
+
+@pytest.mark.parametrize(
+    ("subject", "reply", "headers", "error"),
+    [
+        ("a b", "", None, nats.errors.BadSubjectError),
+        ("a\r\nPUB x 0", "", None, nats.errors.BadSubjectError),
+        ("", "", None, nats.errors.BadSubjectError),
+        ("a", "in box", None, nats.errors.BadSubjectError),
+        ("a", "", {"bad name": "v"}, nats.errors.BadHeaderError),
+        ("a", "", {"Bad:Name": "v"}, nats.errors.BadHeaderError),
+    ],
+)
+def test_publish_many_refuses_what_nats_py_refuses(
+    subject: str, reply: str, headers: dict[str, str] | None, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        _nats_py_line(subject, b"x", reply, headers)
+    with pytest.raises(error):
+        _mesh_line(subject, b"x", reply, headers)
+
+
+@pytest.mark.integration
+async def test_publish_many_through_a_real_server(nats_server: EmbeddedServer) -> None:
+    bus = await connect(load_settings(server=nats_server.url, environ={}), "many")
+    try:
+        assert isinstance(bus.nc, MeshClient)
+        sub = await bus.nc.subscribe("m.>")
+        sent = [
+            (f"m.{i}", f"payload {i}".encode(), "", {"Nats-Msg-Id": f"id-{i}"} if i % 2 else None)
+            for i in range(50)
+        ]
+        assert await bus.nc.publish_many(sent) == 50
+        for subject, payload, _, headers in sent:
+            got = await sub.next_msg(timeout=10)
+            assert (got.subject, got.data, got.headers) == (subject, payload, headers)
+    finally:
+        await bus.close()
+
+
 # whole header blocks as the server sends them: status lines (alone, with a description, with
 # headers after, as a heartbeat), plain headers, and odd forms
 STATUS_BLOCKS = [
@@ -149,3 +233,24 @@ def test_a_whole_block_agrees_with_nats_py_on_any_bytes(head: bytes, rest: bytes
         assert block == b"NATS/1.0" and parse_headers(block) is None
         return
     assert parse_headers(block) == want
+
+
+@pytest.mark.integration
+async def test_ack_many_acknowledges_each_message(nats_server: EmbeddedServer) -> None:
+    bus = await connect(load_settings(server=nats_server.url, environ={}), "acks")
+    try:
+        assert isinstance(bus.nc, MeshClient)
+        js = bus.nc.jetstream()
+        await js.add_stream(name="ACKS", subjects=["acks.>"])
+        for i in range(6):
+            await js.publish(f"acks.{i}", b"x")
+        sub = await js.pull_subscribe("acks.>", durable="reader")
+        msgs = await sub.fetch(6, timeout=10)
+        await bus.nc.ack_many(msgs[:4])
+        await bus.nc.flush()
+        info = await js.consumer_info("ACKS", "reader")
+        assert (info.ack_floor.stream_seq, info.num_ack_pending) == (4, 2)
+        with pytest.raises(nats.errors.Error):
+            await bus.nc.ack_many(msgs[:1])  # (each once, as Msg.ack)
+    finally:
+        await bus.close()

@@ -12,7 +12,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import nats.errors
@@ -26,7 +26,7 @@ from nats.js.object_store import ObjectStore
 import nats
 from mesh import events
 from mesh.bus.jetstream import TRANSIENT, DomainJetStream, jetstream
-from mesh.bus.natsclient import MeshClient
+from mesh.bus.natsclient import MeshClient, Outgoing
 from mesh.bus.pipeline import AckCollector
 from mesh.bus.refusals import Client as WatchedClient
 from mesh.bus.resources import (
@@ -383,15 +383,22 @@ class Bus:
         route = self.js._route if isinstance(self.js, DomainJetStream) else None
         subjects = [route(subject) if route else subject for subject, _, _ in items]
 
-        async def send() -> list[api.PubAck]:
+        def lines() -> Iterator[Outgoing]:
             for i, (subject, (_, data, headers)) in enumerate(zip(subjects, items, strict=True)):
                 mark = marks.get(i)
                 reply = batch.reply(i) if mark is None or ATOMIC_COMMIT in mark else ""
-                # nothing here yields until the client's buffer is full: the batch goes out
-                # in as few writes as the buffer allows
-                await self.nc.publish(
-                    subject, data, reply=reply, headers={**headers, **mark} if mark else headers
-                )
+                yield subject, data, reply, {**headers, **mark} if mark else headers
+
+        async def send() -> list[api.PubAck]:
+            nc = self.nc
+            if isinstance(nc, MeshClient):
+                # the whole batch into the client's buffer at once (`MeshClient.publish_many`)
+                await nc.publish_many(lines())
+            else:
+                for subject, data, reply, headers in lines():
+                    # nothing here yields until the client's buffer is full: the batch goes
+                    # out in as few writes as the buffer allows
+                    await nc.publish(subject, data, reply=reply, headers=dict(headers) if headers else None)
             return await asyncio.wait_for(batch.done, timeout=PUBLISH_TIMEOUT_S)
 
         try:
