@@ -449,6 +449,12 @@ def stack_options(ap: argparse.ArgumentParser) -> None:
         help="the brain's continue_depth (default: mesh's, 8; 0: every dependent queued by the brain)",
     )
     ap.add_argument(
+        "--release-window",
+        type=int,
+        default=None,
+        help="the brain's release_window (default: mesh's, 256)",
+    )
+    ap.add_argument(
         "--pack-size",
         type=int,
         default=None,
@@ -457,7 +463,8 @@ def stack_options(ap: argparse.ArgumentParser) -> None:
 
 
 def depth_env(args: argparse.Namespace) -> dict[str, str]:
-    """The agents' environment for `--continue-depth` and `--pack-size` (none: mesh's defaults)."""
+    """The agents' environment for `--continue-depth`, `--pack-size` and `--release-window` (none:
+    mesh's defaults)."""
     env = {}
     depth = getattr(args, "continue_depth", None)
     if depth is not None:
@@ -465,6 +472,9 @@ def depth_env(args: argparse.Namespace) -> dict[str, str]:
     size = getattr(args, "pack_size", None)
     if size is not None:
         env["MESH_PACK_SIZE"] = str(size)
+    window = getattr(args, "release_window", None)
+    if window is not None:
+        env["MESH_RELEASE_WINDOW"] = str(window)
     return env
 
 
@@ -522,6 +532,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "durability": args.durability,
         "continue_depth": args.continue_depth,
         "pack_size": args.pack_size,
+        "release_window": args.release_window,
     }
     return results
 
