@@ -122,9 +122,10 @@ class BrainCommit(Agent):
         """
         self._outbox = step
         bus = self.bus
-        if len(step.work) > 1:  # (a step published again is packed already: nothing changes)
+        if not step.packed:  # (once: a step published again keeps its items and their ids)
             policy = self.policy
             step.work[:] = pack(step.work, self.state, policy.pack_size, policy.pack_below_s)
+            step.packed = True
         archived: list[str] = []
         released: dict[str, int] = {}
         if step.events:
@@ -160,7 +161,12 @@ class BrainCommit(Agent):
             for item, ack in zip(step.work, acks, strict=True):
                 queued = (ack.seq, work_subject(self.names, item.cls, item.model))
                 for member in members(item):
-                    self.work_seq[f"{member.plan_id}.{member.task_id}"] = queued
+                    key = f"{member.plan_id}.{member.task_id}"
+                    before = self.work_seq.get(key)
+                    if before is not None and before[0] != ack.seq:
+                        # (its new item replaces one it shared: that one no longer waits on it)
+                        self._left_pack(before, unwanted=False)
+                    self.work_seq[key] = queued
                 if item.more:
                     self.work_packs[ack.seq] = [1 + len(item.more), True]
             step.work.clear()
@@ -255,22 +261,10 @@ class BrainCommit(Agent):
             if queued is None or rec.status in INFLIGHT_STATES:
                 continue
             del self.work_seq[rec.key]
-            seq, subject = queued
             unwanted = rec.status in (CANCELLED, PENDING) or rec.reason == FailReason.LOST
-            packed = self.work_packs.get(seq)
-            if packed is not None:
-                # a packed item: it goes once none of its tasks wants it, deleted only when none
-                # of them was run from it (a worker skips a cancelled task of a pack it takes)
-                packed[0] = int(packed[0]) - 1
-                packed[1] = bool(packed[1]) and unwanted
-                if packed[0] > 0:
-                    continue
-                del self.work_packs[seq]
-                unwanted = bool(packed[1])
-            if unwanted:
-                stale.append(seq)
-            elif self.purger is not None:
-                self.done_items.append((seq, subject, now))
+            gone = self._left_pack(queued, unwanted, now)
+            if gone:
+                stale.append(queued[0])
         if stale:
             stream = self.names.work_stream
             results = await asyncio.gather(
@@ -279,6 +273,26 @@ class BrainCommit(Agent):
             for result in results:
                 if isinstance(result, BaseException) and not isinstance(result, nats.js.errors.NotFoundError):
                     log.debug("could not delete a stale work item: %s", result)
+
+    def _left_pack(self, queued: tuple[int, str], unwanted: bool, now: float | None = None) -> bool:
+        """A task no longer waits on the item `queued` (sequence, subject): its own, or a pack
+        it shared (`mesh.packing`), which goes once none of its tasks waits on it. True when the
+        item is to be deleted (no task of it wanted it run: a worker skips a cancelled task of a
+        pack it takes); otherwise a done item is noted for the purge."""
+        seq, subject = queued
+        packed = self.work_packs.get(seq)
+        if packed is not None:
+            packed[0] = int(packed[0]) - 1
+            packed[1] = bool(packed[1]) and unwanted
+            if packed[0] > 0:
+                return False
+            del self.work_packs[seq]
+            unwanted = bool(packed[1])
+        if unwanted:
+            return True
+        if self.purger is not None:
+            self.done_items.append((seq, subject, time.monotonic() if now is None else now))
+        return False
 
     async def _purge_loop(self) -> None:
         """Every `work_purge_s`, purge the work items every consumer acknowledged
@@ -292,12 +306,24 @@ class BrainCommit(Agent):
                 await asyncio.wait_for(self.stop_requested.wait(), timeout=self.settings.work_purge_s)
                 return
             try:
-                bounds = await self.purger.purge()
+                bounds = await self.purger.purge(self._unfinished_items())
                 await self._delete_stuck(bounds)
             except TRANSIENT as exc:
                 log.debug("purging acknowledged work items failed: %r", exc)
             except nats.js.errors.Error as exc:
                 log.warning("purging acknowledged work items failed: %r", exc)
+
+    def _unfinished_items(self) -> dict[str, int]:
+        """Subject -> the oldest work item queued for a task whose end the brain has not seen.
+        Kept from the purge even once acknowledged: a task's report may be stored and not yet
+        decided when the brain stops, and the next brain, which queues again the ready tasks
+        the stream holds no item for (`republish_ready`), must find it. (A lone item queued
+        again is dropped by the server by its id; a task packed into another's item has none.)"""
+        keep: dict[str, int] = {}
+        for seq, subject in self.work_seq.values():
+            if seq < keep.get(subject, seq + 1):
+                keep[subject] = seq
+        return keep
 
     async def _delete_stuck(self, bounds: dict[str, int]) -> None:
         done = self.done_items

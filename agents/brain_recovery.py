@@ -17,21 +17,25 @@ import time
 
 import msgspec
 import nats.js.errors
+from nats.js import api
 from nats.js.kv import KeyValue
 
 from agents.brain_commit import CHECKPOINT_KEY, BrainCommit
 from mesh.bus.history import TRANSITIONS, read_history, replay
-from mesh.bus.read import iter_bucket, iter_revisions, value_of
+from mesh.bus.read import iter_bucket, iter_revisions, read_stream, value_of
+from mesh.bus.route import decode_checked
 from mesh.bus.snapshot import forget as forget_snapshot
 from mesh.bus.snapshot import read_head, read_pages
-from mesh.events import EscalationRequest, GpuState, PlanAccepted, decode
+from mesh.events import EscalationRequest, GpuState, PlanAccepted, WorkItem, decode
 from mesh.host.memory import give_back
 from mesh.learned import Learned
 from mesh.machine import Policy, State, escalation_request, evolve, work_item
 from mesh.machine_state import compact_record
+from mesh.packing import members
 from mesh.placement import observe
 from mesh.records import (
     ESCALATING,
+    INFLIGHT_STATES,
     READY,
     UNREADABLE,
     Checkpoint,
@@ -266,10 +270,51 @@ class BrainRecovery(BrainCommit):
         self.state.learned = learned
 
     async def republish_ready(self) -> None:
-        ready = [r for r in self.state.tasks.values() if r.status == READY]
+        """Queue again the work item of each ready task the work stream holds none for (a crash
+        may have come between its release and its item). A task packed into another's item
+        (`mesh.packing`) has no item under its own id: what the stream holds is read first, so
+        such a task is not queued a second time beside its pack. An item published again
+        anyway is dropped by the server by its id."""
+        queued = await self._queued_attempts()
+        # (what the stream holds is what there is: a start done again after a server error
+        # counts it afresh)
+        self.work_seq.clear()
+        self.work_packs.clear()
+        for rec in self.state.tasks.values():
+            found = queued.get((rec.key, rec.attempt))
+            if found is not None and rec.status in INFLIGHT_STATES:
+                # known as if this brain had queued it: kept from the purge until its task ends,
+                # deleted when none of its tasks wants it (`_forget_work`)
+                seq, subject, packed = found
+                self.work_seq[rec.key] = (seq, subject)
+                if packed:
+                    entry = self.work_packs.setdefault(seq, [0, True])
+                    entry[0] = int(entry[0]) + 1
+        every = [r for r in self.state.tasks.values() if r.status == READY]
+        ready = [r for r in every if (r.key, r.attempt) not in queued]
         await asyncio.gather(*(self.bus.emit(work_item(self.state, r, self.policy.claim_key)) for r in ready))
-        if ready:
-            log.info("re-published %d ready work items (duplicates are dropped by the server)", len(ready))
+        log.info(
+            "%d ready tasks: %d with a work item queued, %d queued again (the server drops duplicates)",
+            len(every),
+            len(every) - len(ready),
+            len(ready),
+        )
+
+    async def _queued_attempts(self) -> dict[tuple[str, int], tuple[int, str, bool]]:
+        """(task key, attempt) -> (stream sequence, subject, whether packed) of every task a
+        work item still in the work stream carries (one acknowledged and not yet purged
+        included: its task ran, and its report is for the brain to decide)."""
+        out: dict[tuple[str, int], tuple[int, str, bool]] = {}
+        names = self.names
+        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+        async for raw in read_stream(
+            self.bus.js, names.work_stream, names.work_all, config, idle_timeout_s=2.0
+        ):
+            msg, _ = decode_checked(raw, names)
+            if isinstance(msg, WorkItem):
+                where = (raw.metadata.sequence.stream, raw.subject, bool(msg.more))
+                out.update(((f"{m.plan_id}.{m.task_id}", m.attempt), where) for m in members(msg))
+        return out
 
     async def republish_escalations(self) -> None:
         """Publish again the request of every task waiting on Claude whose request is not in the

@@ -235,7 +235,7 @@ class Items:
         after another in this slot, and reported together (`_run_pack`). Each answers its share
         of the delivery (`agents.worker_packs`)."""
         items = members(msg)
-        shared = Shared(raw, len(items))
+        shared = Shared(raw, len(items), self.settings.ack_wait_s)
         runs: list[Running] = []
         try:
             for item in items:

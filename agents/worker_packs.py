@@ -9,8 +9,9 @@ the delivery itself is answered once every part has (`Shared`):
 - a part handed back: handed back, so the item comes again, to this worker or another. The
   tasks that ran here are then known to the brain by their reports, and a redelivery is checked
   against each task's record (`mesh.work.still_wanted`): one that succeeded is skipped. When
-  some part ran here, it comes back only after `mesh.work.LATER_S`, so the brain has folded
-  those reports into the records by then;
+  some part ran here, it comes back only after `ack_wait_s`, as the item of a worker that died
+  would: the brain has folded those reports into the records by then unless it is that far
+  behind (a task of the pack would then run again, as it would for a dead worker's item);
 - only dead-lettered parts: dead-lettered (nothing is to run it again).
 """
 
@@ -20,15 +21,15 @@ from typing import Any
 
 from nats.aio.msg import Msg as NatsMsg
 
-from mesh import work
-
 
 class Shared:
     """The delivery of a packed item and what its parts answered so far."""
 
-    def __init__(self, raw: NatsMsg, parts: int) -> None:
+    def __init__(self, raw: NatsMsg, parts: int, after_run_s: float) -> None:
         self.raw = raw
         self.left = parts
+        # how long a pack handed back after some of it ran waits before it is offered again
+        self.after_run_s = after_run_s
         self.acked = 0
         self.termed = 0
         # the delays of the parts handed back (None: at once)
@@ -47,7 +48,7 @@ class Shared:
         if self.naks:
             wait = max((d or 0.0) for d in self.naks)
             if self.acked:
-                wait = max(wait, work.LATER_S)
+                wait = max(wait, self.after_run_s)
             await self.raw.nak(delay=wait or None)
         elif self.termed and not self.acked:
             await self.raw.term()

@@ -179,6 +179,11 @@ class RetryTasks(Msg, frozen=True, tag="cmd.retry"):
 # Work (work stream) ----------------------------------------------------------
 
 
+# the body kinds and task classes a packed work item may hold (`mesh.packing`)
+PACK_KINDS = frozenset({"shell", "noop"})
+PACK_CLASSES = frozenset({"cpu", "script"})
+
+
 class WorkItem(Msg, frozen=True, tag="work"):
     plan_id: str
     task_id: str

@@ -108,6 +108,9 @@ class Step:
     escalations: list[EscalationRequest] = field(default_factory=list)
     # things to tell the operator (e.g. a model no GPU can hold)
     notes: list[str] = field(default_factory=list)
+    # whether `work` was packed (`mesh.packing`): a step published again is never packed again,
+    # so each item keeps the id it had
+    packed: bool = False
 
 
 def _reviewed_attempts(rec: TaskRecord) -> list[LocalAttempt]:

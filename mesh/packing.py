@@ -23,13 +23,10 @@ from collections.abc import Sequence
 
 import msgspec
 
-from mesh.events import WorkItem
+from mesh.events import PACK_CLASSES, PACK_KINDS, WorkItem
 from mesh.learned import by_kind
 from mesh.machine_state import State
 
-# the body kinds and classes a packed item may hold
-PACK_KINDS = frozenset({"shell", "noop"})
-PACK_CLASSES = frozenset({"cpu", "script"})
 # the most body text one packed item carries
 PACK_BYTES = 32 * 1024
 

@@ -142,7 +142,7 @@ BATCHED_KINDS = frozenset({"embed"})
 def batch_key(item: WorkItem) -> str:
     """What items must share to run in one batch ('' for an item that always runs alone): the
     kind and the model (one encode call runs one model)."""
-    return f"{item.kind}:{item.model}" if item.kind in BATCHED_KINDS else ""
+    return f"{item.kind}:{item.model}" if item.kind in BATCHED_KINDS and not item.more else ""
 
 
 def batch_groups(keys: Sequence[str], most: int) -> list[list[int]]:

@@ -115,3 +115,35 @@ async def test_a_stopping_worker_hands_the_rest_of_its_pack_back(mesh: Mesh, tmp
     mesh.kill("w1", signal.SIGTERM)  # it waits a second for t3, then stops it and hands the pack back
     mesh._expected_dead.add("w1")
     await rerun_the_rest(mesh, plan_id, runs)
+
+
+async def test_a_restarted_brain_queues_no_packed_task_a_second_time(mesh: Mesh, tmp_path: Path) -> None:
+    """A brain starting queues again the item of each ready task the work stream holds none
+    for: a task packed into another's item has no item of its own, and must not get one."""
+    env = {"MESH_RELEASE_WINDOW": "8", "MESH_PACK_BELOW_S": "600"}
+    mesh.start_agent("brain", "brain", env=env)
+    mesh.worker("w1", 1)
+    warm = await mesh.submit_text(flat_plan(3, "shell", "true", title="warm"))
+    assert (await mesh.wait_plan(warm)).status == "succeeded"
+    mesh.kill("w1", signal.SIGTERM)
+    mesh._expected_dead.add("w1")
+    before = await work_items(mesh)
+    runs = tmp_path / "runs"
+    plan_id = await mesh.submit_text(flat_plan(20, "shell", f"echo t{{I}} >> {runs}"))
+
+    async def packed() -> bool:
+        return await work_items(mesh) > before
+
+    await until(packed, HANG_S, "the first 8 tasks' pack")
+    assert await work_items(mesh) == before + 1
+    mesh.kill("brain", signal.SIGTERM)
+    mesh._expected_dead.add("brain")
+    mesh.start_agent("brain2", "brain", env=env)
+    await until(lambda: "ready tasks:" in mesh.log("brain2"), HANG_S, "the new brain's recovery")
+    assert "8 ready tasks: 8 with a work item queued, 0 queued again" in mesh.log("brain2")
+    assert await work_items(mesh) == before + 1
+    mesh.worker("w2", 1)
+    mesh.worker("w3", 1)
+    plan = await mesh.wait_plan(plan_id)
+    assert plan.status == "succeeded", mesh.log("brain2")[-3000:]
+    assert sorted(runs.read_text().split()) == sorted(f"t{i}" for i in range(20))  # each once

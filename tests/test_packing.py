@@ -120,12 +120,19 @@ def test_a_worker_takes_only_a_pack_mesh_would_queue_on_its_subject() -> None:
         "a pack in a pack": (msgspec.structs.replace(item("t1"), more=(item("t9"),)), "carries more"),
         "a continuation": (item("t1", then=item("t9")), "carries more"),
         "a task twice": (item("t0"), "twice"),
+        "a kind never packed": (item("t1", kind="embed", cls="script", model="e"), "never packed"),
+        "a class never packed": (item("t1", cls="llm", model="m"), "never packed"),
     }
     for why, (member, says) in bad.items():
         packed = msgspec.structs.replace(item("t0"), more=(member,))
         assert says in misplaced(NAMES, subject, packed), why
     head = msgspec.structs.replace(item("t0", then=item("t9")), more=(item("t1"),))
     assert "continuation" in misplaced(NAMES, subject, head)
+    # a head of a kind that runs in model batches: refused, and never batched either
+    script = work_subject(NAMES, "script", "")
+    embed = msgspec.structs.replace(item("t0", kind="embed", cls="script", model="e"), more=(item("t1"),))
+    assert "never packed" in misplaced(NAMES, script, embed)
+    assert work.batch_key(embed) == ""
 
 
 class Delivery:
@@ -156,12 +163,16 @@ class Delivery:
         self.beats += 1
 
 
+AFTER_RUN_S = 30.0
+
+
 @pytest.mark.parametrize(
     ("parts", "answer"),
     [
         (["ack", "ack", "ack"], ("ack", None)),
-        # one handed back after others ran: again, once the brain has their reports
-        (["ack", "nak", "ack"], ("nak", work.LATER_S)),
+        # one handed back after others ran: again only once the brain surely has their reports
+        # (as a dead worker's item: `ack_wait_s`)
+        (["ack", "nak", "ack"], ("nak", AFTER_RUN_S)),
         # all handed back (a stopping worker ran none): again at once
         (["nak", "nak", "nak"], ("nak", None)),
         (["term", "term", "term"], ("term", None)),
@@ -171,7 +182,7 @@ class Delivery:
 def test_a_packed_delivery_is_answered_once_every_part_has(parts: list[str], answer: tuple[str, Any]) -> None:
     async def go() -> list[tuple[str, float | None]]:
         raw = Delivery()
-        shared = Shared(raw, len(parts))  # type: ignore[arg-type]
+        shared = Shared(raw, len(parts), AFTER_RUN_S)  # type: ignore[arg-type]
         each = [Part(shared) for _ in parts]
         for part, how in zip(each, parts, strict=True):
             assert not raw.answers
@@ -187,7 +198,7 @@ def test_a_packed_delivery_is_answered_once_every_part_has(parts: list[str], ans
 def test_a_part_keeps_the_delivery_alive_while_it_runs() -> None:
     async def go() -> int:
         raw = Delivery()
-        part = Part(Shared(raw, 2))  # type: ignore[arg-type]
+        part = Part(Shared(raw, 2, AFTER_RUN_S))  # type: ignore[arg-type]
         await part.in_progress()
         return raw.beats
 

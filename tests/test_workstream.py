@@ -123,6 +123,17 @@ async def test_a_purge_removes_only_what_every_consumer_acknowledged(mesh: Mesh)
     assert await count(mesh, cpu) == 0
     assert await count(mesh, llm) == 1
 
+    # what the brain keeps (an item whose task's end it has not yet seen) stays, acknowledged
+    # or not, and everything after it on its subject
+    first = (await js.publish(cpu, b"kept")).seq
+    await js.publish(cpu, b"after")
+    for msg in await sub.fetch(2, timeout=5):
+        await msg.ack_sync()
+    await purger.purge({cpu: first, n.work("script"): 1})
+    assert await count(mesh, cpu) == 2
+    await purger.purge({})
+    assert await count(mesh, cpu) == 0
+
 
 async def make_work_queue(mesh: Mesh, keep: bool = False) -> None:
     """Turn the work stream into an old install's work-queue one, its consumers and (`keep`)

@@ -153,6 +153,10 @@ def _pack_misplaced(names: Names, subject: str, item: events.WorkItem) -> str:
     seen = {(item.plan_id, item.task_id)}
     if item.then is not None:
         return f"a packed work item on {subject} carries a continuation"
+    for member in (item, *item.more):
+        if member.kind not in events.PACK_KINDS or member.cls not in events.PACK_CLASSES:
+            what = f"{member.cls} {member.kind}"
+            return f"a packed work item on {subject} holds a {what} task, which is never packed"
     for member in item.more:
         if member.more or member.then is not None:
             return f"a task packed in the work item of {item.plan_id}.{item.task_id} carries more tasks"

@@ -98,9 +98,14 @@ class WorkPurger:
     stream: str
     purged: dict[str, int] = field(default_factory=dict)
 
-    async def purge(self) -> dict[str, int]:
-        """Purge every subject whose bound moved since the last time; the bounds read."""
+    async def purge(self, keep: dict[str, int] | None = None) -> dict[str, int]:
+        """Purge every subject whose bound moved since the last time; the bounds read. `keep`:
+        subject -> the first sequence to keep whatever the consumers acknowledged (the brain's
+        oldest item whose task it has not seen end)."""
         bounds = purge_bounds(await list_consumers(self.js, self.stream))
+        for subject, first in (keep or {}).items():
+            if subject in bounds:
+                bounds[subject] = min(bounds[subject], first)
         for subject, bound in bounds.items():
             if bound - 1 <= self.purged.get(subject, 0):
                 continue
