@@ -27,7 +27,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 import nats.js.errors
@@ -194,21 +194,35 @@ class Items:
         """Items fetched together that can share one model call (`mesh.work.batch_groups`):
         each checked as if alone, then run as one batch, each reported and acknowledged alone.
         `free` gives the lane's slot back once the results are in (reporting needs none)."""
-        runs: list[Running] = []
-        try:
+
+        async def items() -> AsyncIterator[tuple[WorkItem, NatsMsg]]:
             for raw in raws:
                 msg, _ = decode_checked(raw, self.agent.names)
                 if not isinstance(msg, WorkItem):
                     await self.take(raw, lane)  # (what is not a work item never gets a batch key)
                     continue
-                run = await self._admit(msg, raw)
-                if run is not None:
-                    runs.append(run)
+                yield msg, raw
+
+        await self._run_admitted(items(), lambda runs: self._execute(runs, free))
+
+    async def _run_admitted(
+        self,
+        deliveries: AsyncIterator[tuple[WorkItem, NatsMsg]],
+        run: Callable[[list[Running]], Awaitable[object]],
+    ) -> None:
+        """Each item checked as if alone (`_admit`), then those to run handed to `run`
+        together; none counts as running here any more once `run` returns or fails."""
+        runs: list[Running] = []
+        try:
+            async for item, raw in deliveries:
+                admitted = await self._admit(item, raw)
+                if admitted is not None:
+                    runs.append(admitted)
             if runs:
-                await self._execute(runs, free)
+                await run(runs)
         finally:
-            for run in runs:
-                self.running.pop(work.item_key(run.item.plan_id, run.item.task_id), None)
+            for admitted in runs:
+                self.running.pop(work.item_key(admitted.item.plan_id, admitted.item.task_id), None)
 
     def batch_key(self, raw: NatsMsg) -> str:
         """The key under which a fetched item may run with others ('' alone: `mesh.work.batch_key`)."""
@@ -232,22 +246,16 @@ class Items:
 
     async def _work_pack(self, msg: WorkItem, raw: NatsMsg, free: Callable[[], None] | None) -> None:
         """A packed item (`mesh.packing`): each of its tasks checked as if alone, then run one
-        after another in this slot, and reported together (`_run_pack`). Each answers its share
-        of the delivery (`agents.worker_packs`)."""
-        items = members(msg)
-        shared = Shared(raw, len(items), self.settings.ack_wait_s)
-        runs: list[Running] = []
-        try:
-            for item in items:
-                # (a part answers as a delivery does: `Part`)
-                run = await self._admit(item, cast(NatsMsg, Part(shared)))
-                if run is not None:
-                    runs.append(run)
-            if runs:
-                await self._run_pack(runs, free)
-        finally:
-            for run in runs:
-                self.running.pop(work.item_key(run.item.plan_id, run.item.task_id), None)
+        after another in this slot, each reported as it ends (`_run_pack`). Each answers its
+        share of the delivery (`agents.worker_packs`)."""
+        packed = members(msg)
+        shared = Shared(raw, len(packed), self.settings.ack_wait_s)
+
+        async def parts() -> AsyncIterator[tuple[WorkItem, NatsMsg]]:
+            for item in packed:
+                yield item, cast(NatsMsg, Part(shared))  # (a part answers as a delivery does)
+
+        await self._run_admitted(parts(), lambda runs: self._run_pack(runs, free))
 
     async def _run_pack(self, runs: list[Running], free: Callable[[], None] | None) -> None:
         """The tasks of a packed item, one after another, each started, kept alive, timed and
