@@ -89,8 +89,9 @@ class BrainCommit(Agent):
     # (when, task keys, plan ids) of recent KV writes: a server killed right after
     # acknowledging them may not have stored them yet, so they are written again on reconnect
     recent_writes: collections.deque[tuple[float, list[str], list[str]]]
-    # stream sequence and subject of each released task's work item, while it may be queued
     policy: Policy
+    # stream sequence and subject of each released task's work item (its own, or the pack it
+    # shares), until the brain has seen the task end
     work_seq: dict[str, tuple[int, str]]
     # a packed work item's sequence -> [its tasks still wanting it, whether all that left did
     # not want it run]: the item is deleted only when none of its tasks wants it
