@@ -110,6 +110,7 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         # stream sequence and subject of each released task's work item, while it may be queued
         self.work_seq: dict[str, tuple[int, str]] = {}
         self.work_packs: dict[int, list[int | bool]] = {}
+        self.offline_written: dict[str, float] = {}
         self.done_items: collections.deque[tuple[int, str, float]] = collections.deque()
         self.purger: WorkPurger | None = None
         self.plan_written: dict[str, tuple[float, bytes]] = {}

@@ -90,6 +90,8 @@ class BrainCommit(Agent):
     # acknowledging them may not have stored them yet, so they are written again on reconnect
     recent_writes: collections.deque[tuple[float, list[str], list[str]]]
     policy: Policy
+    # the workers missed while holding running tasks, as the last checkpoint wrote them
+    offline_written: dict[str, float]
     # stream sequence and subject of each released task's work item (its own, or the pack it
     # shares), until the brain has seen the task end
     work_seq: dict[str, tuple[int, str]]
@@ -467,13 +469,18 @@ class BrainCommit(Agent):
             self.state.dirty_plans.clear()
             await self._write_records([], plans)
         seq = self._checkpoint_seq()
-        if seq <= self.checkpoint_seq and learned.fed == self.learned_fed and not force:
+        offline = dict(self.state.offline_since)
+        same = (
+            seq <= self.checkpoint_seq and learned.fed == self.learned_fed and offline == self.offline_written
+        )
+        if same and not force:
             return
         kv = await self.bus.brain_kv()
-        cp = Checkpoint(seq=seq, at=time.time(), brain=self.agent_id, learned=learned)
+        cp = Checkpoint(seq=seq, at=time.time(), brain=self.agent_id, learned=learned, offline_since=offline)
         await kv.put(CHECKPOINT_KEY, encode_record(cp))
         self.checkpoint_seq = seq
         self.learned_fed = learned.fed
+        self.offline_written = offline
         self._last_checkpoint = time.monotonic()
 
     async def _snapshot(self) -> None:

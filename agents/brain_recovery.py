@@ -219,6 +219,10 @@ class BrainRecovery(BrainCommit):
             # the learned figures as of the checkpoint: the transitions after it add the rest
             if checkpoint.learned is not None and not self.settings.learn_forget:
                 self.state.learned = checkpoint.learned
+            # the workers missed as of the checkpoint: their wait goes on, it does not start
+            # again (the first sweep drops those back, or holding nothing)
+            self.state.offline_since = dict(checkpoint.offline_since)
+            self.offline_written = dict(checkpoint.offline_since)
         else:
             # no brain has finished a step yet: the first one may have been cut short with its
             # events stored and only part of its records written, so fold the whole history

@@ -219,6 +219,10 @@ class Checkpoint(msgspec.Struct, kw_only=True):
     at: float
     brain: str = ""
     learned: Learned | None = None
+    # worker -> since when (wall clock) the brain has missed it while it held running tasks:
+    # kept so that a brain restarting more often than `lost_after_s` still gives up their
+    # attempts in the end (each new brain would otherwise start the wait again)
+    offline_since: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 class Lease(msgspec.Struct, kw_only=True):

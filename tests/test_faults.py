@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats.errors
 import nats.js.errors
 import pytest
@@ -40,7 +41,7 @@ from mesh.events import (
     TaskSpec,
     TaskSucceeded,
 )
-from mesh.records import Lease, PlanRecord, TaskRecord, decode_agent, decode_lease
+from mesh.records import Checkpoint, Lease, PlanRecord, TaskRecord, decode_agent, decode_lease
 from tests.conftest import HANG_S, Mesh
 from tests.faults import (
     append_id,
@@ -619,6 +620,61 @@ async def _run_poison(mesh: Mesh, plan_id: str, victims: Path) -> None:
 
 
 # ------------------------------------------------------------------ 6. work nobody holds any more
+
+
+@pytest.mark.slow
+async def test_a_restarted_brain_goes_on_waiting_for_a_dead_worker_it_does_not_start_again(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """How long a worker holding a running task has been missed is kept in the brain's
+    checkpoint: a brain that restarts more often than `lost_after_s` (as under the chaos test's
+    kills) still gives the attempt up in the end, where each new brain used to start the wait
+    again and the task stayed `running` for good."""
+    configure(mesh, agent_ttl_s=2)
+    mesh.brain()
+    mesh.worker("w1", slots=1)
+    marks = tmp_path / "marks"
+    body = f'echo "$MESH_ATTEMPT" >> {marks}; [ "$MESH_ATTEMPT" = 1 ] && sleep 60; true'
+    plan_id = await mesh.submit(plan("Lost", [task("long", body)], tmp_path))
+    rec = await mesh.wait_task(plan_id, "long", "running")
+    await until(lambda: marks.exists() and marks.read_text().strip(), HANG_S, "the body to start")
+    dead_id = rec.worker
+    mesh._expected_dead.update({"w1", "brain"})
+    mesh.kill("w1")
+    kill_leftover_bodies(plan_id)
+    bus = await mesh.bus()
+    kv = await bus.brain_kv()
+
+    async def checkpoint() -> Checkpoint:
+        entry = await kv.get("checkpoint")
+        return msgspec.json.decode(entry.value or b"", type=Checkpoint)
+
+    async def missed() -> float:
+        return (await checkpoint()).offline_since.get(dead_id, 0.0)
+
+    since = await until(missed, HANG_S, "the brain's checkpoint to say the worker is missed")
+    old = (await checkpoint()).brain
+    mesh.kill("brain")
+    mesh.brain("brain2")
+
+    async def new_checkpoint() -> Checkpoint | None:
+        cp = await checkpoint()
+        return cp if cp.brain != old else None
+
+    cp = await until(new_checkpoint, HANG_S, "the new brain's first checkpoint")
+    assert cp.offline_since.get(dead_id) == since  # the wait goes on where it was
+
+    async def lost() -> list[TaskRetrying]:
+        history = await mesh.history(bus.names.task_event(plan_id, "long", "retrying"))
+        return [m for _, m in history if isinstance(m, TaskRetrying) and m.reason == "lost"]
+
+    retrying = await until(lost, HANG_S, "the running attempt to be given up as lost")
+    # given up `lost_after_s` after the first brain missed the worker, not after the second did
+    assert retrying[0].at >= since + mesh.settings.lost_after_s
+    mesh.worker("w2", slots=1)
+    done = await mesh.wait_plan(plan_id)
+    assert done.status == "succeeded", mesh.log("brain2")[-3000:]
+    assert marks.read_text().split() == ["1", "2"]
 
 
 async def test_work_of_a_dead_worker_is_given_up_as_lost_then_rerun(mesh: Mesh, tmp_path: Path) -> None:
