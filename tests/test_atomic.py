@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import nats.js.errors
 import pytest
 
 from mesh import events
@@ -123,3 +124,29 @@ async def test_atomic_batches_are_not_used_when_off_or_with_lazy_durability(
         assert ATOMIC_ID not in (stored.headers or {})
     finally:
         await bus.close()
+
+
+async def test_two_agents_starting_together_both_get_the_object_store(nats_server: EmbeddedServer) -> None:
+    """One agent creates the object store and lets it take atomic batches while another,
+    which found none a moment before, creates it too: the server refuses that name with
+    another configuration, and the second binds to the first one's store."""
+    first, s = await _bus(nats_server)
+    second = await connect(s, "test-atomic-2", wait_s=10)
+    try:
+        name = s.names.objects_bucket
+        store = f"OBJ_{name}"
+        await first.objects()
+        assert (await first.js.stream_info(store)).config.allow_atomic
+        looked = second.js.object_store
+
+        async def not_yet(bucket: str) -> object:  # (what it saw before the first one created it)
+            second.js.object_store = looked  # type: ignore[method-assign]
+            raise nats.js.errors.BucketNotFoundError
+
+        second.js.object_store = not_yet  # type: ignore[method-assign]
+        objects = await second.objects()
+        await objects.put("x", b"payload")
+        assert (await (await first.objects()).get("x")).data == b"payload"
+    finally:
+        await first.close()
+        await second.close()

@@ -230,6 +230,8 @@ class Bus:
         try:
             return await self.js.object_store(name)
         except nats.js.errors.BucketNotFoundError:
+            pass
+        try:
             store = await self.js.create_object_store(
                 name,
                 api.ObjectStoreConfig(
@@ -239,8 +241,13 @@ class Bus:
                     replicas=self.settings.replicas,
                 ),
             )
-            log.info("created object store %s", name)
-            return store
+        except nats.js.errors.BadRequestError:
+            # another agent starting at the same moment created it first, and may already have
+            # changed it (`_allow_atomic`): the server refuses the same name with another
+            # configuration, and there is a store to bind to
+            return await self.js.object_store(name)
+        log.info("created object store %s", name)
+        return store
 
     async def _missing_stream(self, name: str) -> str:
         try:
