@@ -284,18 +284,25 @@ class BrainRecovery(BrainCommit):
         # counts it afresh)
         self.work_seq.clear()
         self.work_packs.clear()
+        every: list[TaskRecord] = []
+        ready: list[TaskRecord] = []
         for rec in self.state.tasks.values():
+            if rec.status not in INFLIGHT_STATES:
+                continue
+            if rec.status == READY:
+                every.append(rec)
             found = queued.get((rec.key, rec.attempt))
-            if found is not None and rec.status in INFLIGHT_STATES:
-                # known as if this brain had queued it: kept from the purge until its task ends,
-                # deleted when none of its tasks wants it (`_forget_work`)
-                seq, subject, packed = found
-                self.work_seq[rec.key] = (seq, subject)
-                if packed:
-                    entry = self.work_packs.setdefault(seq, [0, True])
-                    entry[0] = int(entry[0]) + 1
-        every = [r for r in self.state.tasks.values() if r.status == READY]
-        ready = [r for r in every if (r.key, r.attempt) not in queued]
+            if found is None:
+                if rec.status == READY:
+                    ready.append(rec)
+                continue
+            # known as if this brain had queued it: kept from the purge until its task ends,
+            # deleted when none of its tasks wants it (`_forget_work`)
+            seq, subject, packed = found
+            self.work_seq[rec.key] = (seq, subject)
+            if packed:
+                entry = self.work_packs.setdefault(seq, [0, True])
+                entry[0] = int(entry[0]) + 1
         await asyncio.gather(*(self.bus.emit(work_item(self.state, r, self.policy.claim_key)) for r in ready))
         log.info(
             "%d ready tasks: %d with a work item queued, %d queued again (the server drops duplicates)",

@@ -263,30 +263,13 @@ class Items:
         its run ends and goes out while the next runs (the outbox gathers them: one write for
         those ready together), so a worker killed mid-pack loses the report of no run that
         ended well before; `free` once the last is done, then until each is acknowledged."""
-        agent_id = self.agent.agent_id
         acks: list[asyncio.Task[None]] = []
         for i, run in enumerate(runs, 1):
-            started_at = time.time()
             if run.ctx.cancel.is_set():
-                start = StartReport(self.emit, None, 0.0)
+                start, started_at = StartReport(self.emit, None, 0.0), time.time()
                 result = RunResult(ok=False, duration_s=0.0, cancelled=True, error=NOT_STARTED)
             else:
-                delivery = run.raw.metadata.num_delivered or 1
-                start = StartReport(
-                    self.emit,
-                    work.run_started(run.item, agent_id, started_at, delivery),
-                    work.start_report_after(delivery, self.settings.start_report_after_s),
-                )
-                await start.begin()
-                log.info(
-                    "running %s attempt %d (delivery %d, %d of a pack of %d)",
-                    work.item_key(run.item.plan_id, run.item.task_id),
-                    run.item.attempt,
-                    delivery,
-                    i,
-                    len(runs),
-                )
-                beat = asyncio.get_running_loop().create_task(self._heartbeat(run))
+                start, started_at, beat = await self._begin(run, place=f", {i} of a pack of {len(runs)}")
                 try:
                     (result,) = await self._results([run])
                 finally:
@@ -294,11 +277,7 @@ class Items:
             said = await self._report_of(run, result, start, started_at)
             if said is None:
                 continue  # handed back (the worker is stopping)
-            stored = self.outbox.hand((said[0],))
-            sending = asyncio.get_running_loop().create_task(self._acknowledged(run, stored, *said))
-            self.sending.add(sending)
-            sending.add_done_callback(self.sending.discard)
-            acks.append(sending)
+            acks.append(self._hand_report(run, *said))
         if free is not None:
             free()
         if acks:
@@ -508,26 +487,12 @@ class Items:
         """Run one item, or a batch of items sharing one model call, and report each (`free`,
         when given, is called between the two); the run that continues it, when one does: it
         keeps the slot (`free` is then for it), and the report goes out beside it."""
-        agent_id = self.agent.agent_id
         starts: list[tuple[StartReport, float]] = []
         beats = []
         for run in runs:
-            delivery = run.raw.metadata.num_delivered or 1
-            started_at = time.time()
-            start = StartReport(
-                self.emit,
-                None if run.continued else work.run_started(run.item, agent_id, started_at, delivery),
-                work.start_report_after(delivery, self.settings.start_report_after_s, len(runs)),
-            )
-            await start.begin()
+            start, started_at, beat = await self._begin(run, len(runs))
             starts.append((start, started_at))
-            log.info(
-                "running %s attempt %d (delivery %d)",
-                work.item_key(run.item.plan_id, run.item.task_id),
-                run.item.attempt,
-                delivery,
-            )
-            beats.append(asyncio.get_running_loop().create_task(self._heartbeat(run)))
+            beats.append(beat)
         usage = ResourceUse()
         device = self.gpu.device
         sampler = (
@@ -572,10 +537,7 @@ class Items:
                 free()
             return None
         # queued now: before any report of the next run (the brain must hear of this first)
-        stored = self.outbox.hand((said[0],))
-        sending = asyncio.get_running_loop().create_task(self._acknowledged(run, stored, *said))
-        self.sending.add(sending)
-        sending.add_done_callback(self.sending.discard)
+        self._hand_report(run, *said)
         # registered only now, once a report says it started (none could be queued before)
         nxt = Running(then, Continued())
         self._context(nxt)
@@ -586,6 +548,30 @@ class Items:
             nxt.handed_back = True
             nxt.ctx.cancel.set()
         return nxt
+
+    async def _begin(
+        self, run: Running, batch: int = 1, place: str = ""
+    ) -> tuple[StartReport, float, asyncio.Task[None]]:
+        """A run begun: its `run.started` under way (held back, `mesh.work.start_report_after`,
+        for a run in a model batch of `batch`; none for a continued run: the report of the one
+        before says it started), the start logged (`place`: where in its item it stands), and
+        the task keeping its delivery alive. Returns the start report, when, and that task."""
+        delivery = run.raw.metadata.num_delivered or 1
+        started_at = time.time()
+        start = StartReport(
+            self.emit,
+            None if run.continued else work.run_started(run.item, self.agent.agent_id, started_at, delivery),
+            work.start_report_after(delivery, self.settings.start_report_after_s, batch),
+        )
+        await start.begin()
+        log.info(
+            "running %s attempt %d (delivery %d%s)",
+            work.item_key(run.item.plan_id, run.item.task_id),
+            run.item.attempt,
+            delivery,
+            place,
+        )
+        return start, started_at, asyncio.get_running_loop().create_task(self._heartbeat(run))
 
     async def _results(self, runs: list[Running]) -> list[RunResult]:
         """Each run's result: through its executor, or the batch's (one call for them all)."""
@@ -666,6 +652,15 @@ class Items:
     async def _send(self, run: Running, report: RunFinished, duration_s: float) -> None:
         await self.emit(report)
         await self._acknowledge(run, report, duration_s)
+
+    def _hand_report(self, run: Running, report: RunFinished, duration_s: float) -> asyncio.Task[None]:
+        """`report` queued in the outbox now, in order, and its item acknowledged once it is
+        stored, in the background (while this slot goes on); the task doing that."""
+        stored = self.outbox.hand((report,))
+        sending = asyncio.get_running_loop().create_task(self._acknowledged(run, stored, report, duration_s))
+        self.sending.add(sending)
+        sending.add_done_callback(self.sending.discard)
+        return sending
 
     async def _acknowledged(
         self, run: Running, stored: asyncio.Future[None], report: RunFinished, duration_s: float
