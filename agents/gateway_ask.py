@@ -75,6 +75,9 @@ class AskServer:
     async def start(self) -> None:
         names = self.gw.names
         await self.gw.bus.nc.subscribe(names.ask_all, queue=names.gateway_consumer, cb=self.on_turn)
+        # the SUB waits in the client's buffer until the next flush: a round trip to the server
+        # first, so that "answering" is said only once a question can reach this gateway
+        await self.gw.bus.nc.flush()
         log.info("answering operator questions on %s", names.ask_all)
 
     async def on_turn(self, raw: NatsMsg) -> None:
