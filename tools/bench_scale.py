@@ -7,7 +7,7 @@ real stack, with the brain killed (SIGKILL) mid-run and started again.
 What it measures:
   accept        submit -> the plan accepted (its record counts every task)
   brain RSS     sampled every 0.25 s all the way (psutil): peak per phase (acceptance, run
-                before the kill, after the restart) and overall
+                before the kill, after the restart) and overall; the server's the same way
   restart       the brain killed once --kill-at of the tasks are final: its new process's start
                 -> the first task.released it publishes, and how long it took to load
   run           submit -> plan final, tasks/s
@@ -80,12 +80,15 @@ class Results(dict[str, Any]):
 
 
 class BrainRss:
-    """Samples the brain's RSS (whichever process it is now) every 0.25 s, by phase."""
+    """Samples the brain's RSS (whichever process it is now) every 0.25 s, by phase, and the
+    server's beside it (`server_peak`)."""
 
     def __init__(self, stack: Stack) -> None:
         self.brain = next(c for c in stack.children if c.name == "brain")
+        self.server = stack.server
         self.phase = "start"
         self.peak: dict[str, int] = {}
+        self.server_peak: dict[str, int] = {}
         self.samples = 0
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -93,20 +96,31 @@ class BrainRss:
 
     def _run(self) -> None:
         while not self.done.wait(0.25):
-            proc = self.brain.proc
-            if proc is None:
-                continue
-            try:
-                rss = psutil.Process(proc.pid).memory_info().rss
-            except psutil.Error:
+            server = _rss(self.server.proc)
+            if server is not None:
+                self.server_peak[self.phase] = max(self.server_peak.get(self.phase, 0), server)
+            rss = _rss(self.brain.proc)
+            if rss is None:
                 continue
             self.samples += 1
             self.peak[self.phase] = max(self.peak.get(self.phase, 0), rss)
 
-    def mb(self) -> dict[str, float]:
-        out = {k: round(v / 2**20, 1) for k, v in self.peak.items()}
+    def mb(self, server: bool = False) -> dict[str, float]:
+        peak = self.server_peak if server else self.peak
+        out = {k: round(v / 2**20, 1) for k, v in peak.items()}
         out["overall"] = max(out.values(), default=0.0)
         return out
+
+
+def _rss(proc: Any) -> int | None:
+    """A process's resident memory in bytes; None when there is none (not started, gone)."""
+    if proc is None:
+        return None
+    try:
+        rss: int = psutil.Process(proc.pid).memory_info().rss
+    except psutil.Error:
+        return None
+    return rss
 
 
 async def views(bus: Bus, metrics_url: str) -> dict[str, float]:
@@ -187,7 +201,9 @@ async def main_async(
             if time.monotonic() >= next_probe and accepted:
                 probes.append({**(await views(bus, metrics_url)), "done": float(plan.done if plan else 0)})
                 print(
-                    f"{time.strftime('%H:%M:%S')} probe: {json.dumps(probes[-1])} rss: {rss.mb()}", flush=True
+                    f"{time.strftime('%H:%M:%S')} probe: {json.dumps(probes[-1])} "
+                    f"rss: {rss.mb()} server: {rss.mb(server=True)}",
+                    flush=True,
                 )
                 next_probe = time.monotonic() + args.probe_every
             await asyncio.sleep(0.2)
@@ -197,6 +213,7 @@ async def main_async(
         results["tasks_per_s"] = round(n / took, 1)
         rss.phase = "final"
         results["brain_rss_mb"] = rss.mb()
+        results["server_rss_mb"] = rss.mb(server=True)
         results["rss_samples"] = rss.samples
         for key in ("status_s", "top_s", "exporter_s"):
             values = [p[key] for p in probes if p.get(key, -1) >= 0]
