@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import nats.errors
 from nats.aio.msg import Msg as NatsMsg
 from nats.js import JetStreamContext
 
@@ -198,7 +197,7 @@ class Lanes:
             lane.fetching = True
             try:
                 msgs = await lane.sub.fetch(free, timeout=self.agent.settings.fetch_timeout_s)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nothing came in time (`mesh.bus.read.fetch_some` says how)
                 if self.burst and not self.busy():
                     return
                 continue
@@ -279,7 +278,7 @@ class Lanes:
         try:
             # (a fetch's timeout must be above 0; a queued item comes back in well under 10 ms)
             more = await lane.sub.fetch(want, timeout=max(lane.batch_wait_s, 0.01))
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nothing queued in time (see `mesh.bus.read.fetch_some`)
             return []
         except TRANSIENT as exc:
             log.warning("fetching more %s work for a batch failed (%r)", lane.name, exc)

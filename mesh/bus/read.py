@@ -43,7 +43,9 @@ async def fetch_some(
     while `store` is known full, which fails fetches too and was said once)."""
     try:
         return await sub.fetch(batch, timeout=timeout_s)
-    except nats.errors.TimeoutError:
+    except TimeoutError:
+        # nothing came in time: nats-py's own TimeoutError, or a bare one where its first,
+        # no-wait request was answered after the whole timeout (a busy server): not a failure
         return []
     except TRANSIENT as exc:
         if store is None or not store.full:
