@@ -97,16 +97,23 @@ class PeakRss:
     def _run(self) -> None:
         while not self.done.wait(0.2):
             for child in self.stack.children:
-                if child.proc is None:
-                    continue
-                try:
-                    rss = psutil.Process(child.proc.pid).memory_info().rss
-                except psutil.Error:
-                    continue
-                self.peak[child.name] = max(self.peak.get(child.name, 0), rss)
+                rss = rss_of(child.proc)
+                if rss is not None:
+                    self.peak[child.name] = max(self.peak.get(child.name, 0), rss)
 
     def mb(self) -> dict[str, float]:
         return {k: round(v / 2**20, 1) for k, v in sorted(self.peak.items())}
+
+
+def rss_of(proc: Any) -> int | None:
+    """A process's resident memory in bytes; None when there is none (not started, gone)."""
+    if proc is None:
+        return None
+    try:
+        rss: int = psutil.Process(proc.pid).memory_info().rss
+    except psutil.Error:
+        return None
+    return rss
 
 
 def cpu_seconds(stack: Stack) -> dict[str, float]:

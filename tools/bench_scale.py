@@ -40,7 +40,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import psutil
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +57,7 @@ from mesh.events import PlanSpec, TaskSpec  # noqa: E402
 from mesh.host.config import load_settings  # noqa: E402
 from mesh.ops.embedded import agent_command  # noqa: E402
 from mesh.ops.up import Child, Stack  # noqa: E402
-from tools.bench import bench_stack, kill_brain, show, stack_options, wait_agents  # noqa: E402
+from tools.bench import bench_stack, kill_brain, rss_of, show, stack_options, wait_agents  # noqa: E402
 
 
 def generate(n: int, title: str = "scale") -> PlanSpec:
@@ -79,7 +78,7 @@ class Results(dict[str, Any]):
         print(f"{time.strftime('%H:%M:%S')} {key}: {json.dumps(value)}", flush=True)
 
 
-class BrainRss:
+class PhaseRss:
     """Samples the brain's RSS (whichever process it is now) every 0.25 s, by phase, and the
     server's beside it (`server_peak`)."""
 
@@ -96,10 +95,10 @@ class BrainRss:
 
     def _run(self) -> None:
         while not self.done.wait(0.25):
-            server = _rss(self.server.proc)
+            server = rss_of(self.server.proc)
             if server is not None:
                 self.server_peak[self.phase] = max(self.server_peak.get(self.phase, 0), server)
-            rss = _rss(self.brain.proc)
+            rss = rss_of(self.brain.proc)
             if rss is None:
                 continue
             self.samples += 1
@@ -110,17 +109,6 @@ class BrainRss:
         out = {k: round(v / 2**20, 1) for k, v in peak.items()}
         out["overall"] = max(out.values(), default=0.0)
         return out
-
-
-def _rss(proc: Any) -> int | None:
-    """A process's resident memory in bytes; None when there is none (not started, gone)."""
-    if proc is None:
-        return None
-    try:
-        rss: int = psutil.Process(proc.pid).memory_info().rss
-    except psutil.Error:
-        return None
-    return rss
 
 
 async def views(bus: Bus, metrics_url: str) -> dict[str, float]:
@@ -156,7 +144,7 @@ async def first_release(bus: Bus, plan_id: str, after_seq: int, timeout_s: float
 
 
 async def main_async(
-    args: argparse.Namespace, stack: Stack, rss: BrainRss, metrics_url: str
+    args: argparse.Namespace, stack: Stack, rss: PhaseRss, metrics_url: str
 ) -> dict[str, Any]:
     settings = load_settings(server=stack.url, environ={})
     bus = await connect(settings, "bench", wait_s=10)
@@ -262,7 +250,7 @@ def main() -> int:
         )
         exporter.start(env)
         stack.children.append(exporter)
-        rss = BrainRss(stack)
+        rss = PhaseRss(stack)
         try:
             results = run_loop(main_async(args, stack, rss, f"http://127.0.0.1:{args.metrics_port}/metrics"))
         finally:
