@@ -30,11 +30,15 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     source: str = ""
     # memory the loaded model needs on its device, MB; the brain never places it where less is free
     vram_mb: int = 0
-    # llm: context window, layers offloaded to the GPU (-1: all), CPU threads (0: all cores),
-    # how to spread it over several GPUs, and the default number of tokens to generate
+    # llm: context window, layers offloaded to the GPU (-1: all), CPU threads that generate
+    # tokens (0: half the cores, at least one: llama.cpp's threads spin-wait for each other at
+    # every token, so all the cores collapse to a fifth of the speed once anything else runs on
+    # one) and that read the prompt (0: all the cores), how to spread it over several GPUs, and
+    # the default number of tokens to generate. transcribe: `threads` is CTranslate2's (0: all)
     n_ctx: int = 2048
     n_gpu_layers: int = -1
     threads: int = 0
+    threads_batch: int = 0
     tensor_split: list[float] = msgspec.field(default_factory=list)
     max_tokens: int = 128
     seed: int = 0

@@ -397,3 +397,19 @@ def test_a_bad_gpu_set_is_a_clear_error_before_anything_starts(gpu: str, said: s
     )
     assert done.returncode == 2 and said in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_llm_generates_on_half_the_cores_and_reads_its_prompt_on_all_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # llama.cpp's threads wait for each other at every token: on all the cores, generating
+    # collapses as soon as anything else runs on one (docs/gpus.md, "CPU threads")
+    def threads(spec: ModelSpec) -> tuple[int, int]:
+        options = llm_options("m", spec, "cpu", ())
+        return options["n_threads"], options["n_threads_batch"]
+
+    default = ModelSpec(kind="llm", path="/m.gguf")
+    for cores, expected in ((16, (8, 16)), (2, (1, 2)), (1, (1, 1)), (None, (1, 1))):
+        monkeypatch.setattr("mesh.host.loaders.os.cpu_count", lambda cores=cores: cores)
+        assert threads(default) == expected, cores
+    assert threads(ModelSpec(kind="llm", path="/m.gguf", threads=3, threads_batch=5)) == (3, 5)

@@ -166,7 +166,8 @@ def llm_options(name: str, spec: ModelSpec, device: str, cards_free_mb: Sequence
     options: dict[str, Any] = {
         "n_ctx": spec.n_ctx,
         "n_gpu_layers": spec.n_gpu_layers if device == "cuda" else 0,
-        "n_threads": spec.threads or os.cpu_count() or 1,
+        "n_threads": spec.threads or max(1, (os.cpu_count() or 1) // 2),
+        "n_threads_batch": spec.threads_batch or os.cpu_count() or 1,
         "tensor_split": list(spec.tensor_split) or None,
         "seed": spec.seed,
         "verbose": False,
