@@ -168,6 +168,12 @@ def check_registry(models: dict[str, ModelSpec], defaults: dict[str, str]) -> No
             check_token(name, "model name")
         except ValueError as exc:
             raise ConfigError(f"[models.{name}]: {exc}") from exc
+        for field in ("threads", "threads_batch"):
+            if getattr(models[name], field) < 0:
+                raise ConfigError(
+                    f"[models.{name}]: {field} is {getattr(models[name], field)}: set a number of CPU "
+                    "threads, or 0 for the default (docs/gpus.md, CPU threads)"
+                )
         problem = backend_problem(name, models[name])
         if problem:
             raise ConfigError(problem)

@@ -21,6 +21,7 @@ import pytest
 
 from mesh.bus.read import read_bucket
 from mesh.cli.gpus import with_sets
+from mesh.errors import ConfigError
 from mesh.events import GpuState, ResourceRequested, decode
 from mesh.host.config import load_settings
 from mesh.host.gpu import GpuError, GpuSet, gpu_environment, gpu_id, open_device, parse_gpus
@@ -33,6 +34,7 @@ from mesh.ops.bootstrap import model_workers
 from mesh.ops.security import users
 from mesh.placement import GpuView, PlacementPolicy, place
 from mesh.records import decode_agent
+from mesh.settings import settings_from
 from tests.conftest import HANG_S, ROOT, Mesh
 from tests.faults import until
 
@@ -413,3 +415,17 @@ def test_an_llm_generates_on_half_the_cores_and_reads_its_prompt_on_all_unless_t
         monkeypatch.setattr("mesh.host.loaders.os.cpu_count", lambda cores=cores: cores)
         assert threads(default) == expected, cores
     assert threads(ModelSpec(kind="llm", path="/m.gguf", threads=3, threads_batch=5)) == (3, 5)
+
+
+def test_a_negative_thread_count_is_a_config_error_naming_the_model() -> None:
+    for field in ("threads", "threads_batch"):
+        said = rf"\[models\.m\]: {field} is -1: set a number of CPU threads, or 0 for the default"
+        with pytest.raises(ConfigError, match=said):
+            settings_from(
+                {"models": {"m": {"kind": "llm", "path": "/m.gguf", field: -1}}},
+                {},
+                {},
+                file="mesh.toml",
+                default_data_dir=lambda: "/tmp",
+                is_file=lambda _: True,
+            )
