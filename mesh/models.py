@@ -32,9 +32,9 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     vram_mb: int = 0
     # llm: context window, layers offloaded to the GPU (-1: all), CPU threads that generate
     # tokens (0: half the cores, at least one: llama.cpp's threads spin-wait for each other at
-    # every token, so all the cores collapse to a fifth of the speed once anything else runs on
-    # one) and that read the prompt (0: all the cores), how to spread it over several GPUs, and
-    # the default number of tokens to generate. transcribe: `threads` is CTranslate2's (0: all)
+    # every token, so on all the cores it fell to a fifth of one thread's speed with other work
+    # on both) and that read the prompt (0: all the cores), how to spread it over several GPUs,
+    # and the default number of tokens to generate. transcribe: `threads` is CTranslate2's (0: all)
     n_ctx: int = 2048
     n_gpu_layers: int = -1
     threads: int = 0
