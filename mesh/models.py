@@ -169,10 +169,11 @@ def check_registry(models: dict[str, ModelSpec], defaults: dict[str, str]) -> No
         except ValueError as exc:
             raise ConfigError(f"[models.{name}]: {exc}") from exc
         for field in ("threads", "threads_batch"):
-            if getattr(models[name], field) < 0:
+            count = getattr(models[name], field)
+            if count < 0:
                 raise ConfigError(
-                    f"[models.{name}]: {field} is {getattr(models[name], field)}: set a number of CPU "
-                    "threads, or 0 for the default (docs/gpus.md, CPU threads)"
+                    f"[models.{name}]: {field} is {count}: set a number of CPU threads, or 0 for "
+                    "the default (docs/gpus.md, CPU threads)"
                 )
         problem = backend_problem(name, models[name])
         if problem:

@@ -163,11 +163,12 @@ def llm_options(name: str, spec: ModelSpec, device: str, cards_free_mb: Sequence
     one card's free memory) the model is split over them: by the spec's `tensor_split` if it
     has one (one share per card), else in proportion to each card's free memory; the first
     card (cuda:0) is the main GPU. Pure but for the CPU count: tested without llama.cpp."""
+    cores = os.cpu_count() or 1
     options: dict[str, Any] = {
         "n_ctx": spec.n_ctx,
         "n_gpu_layers": spec.n_gpu_layers if device == "cuda" else 0,
-        "n_threads": spec.threads or max(1, (os.cpu_count() or 1) // 2),
-        "n_threads_batch": spec.threads_batch or os.cpu_count() or 1,
+        "n_threads": spec.threads or max(1, cores // 2),
+        "n_threads_batch": spec.threads_batch or cores,
         "tensor_split": list(spec.tensor_split) or None,
         "seed": spec.seed,
         "verbose": False,
