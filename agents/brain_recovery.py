@@ -21,7 +21,7 @@ from nats.js import api
 from nats.js.kv import KeyValue
 
 from agents.brain_commit import CHECKPOINT_KEY, BrainCommit
-from mesh.bus.history import TRANSITIONS, read_history, replay
+from mesh.bus.history import TRANSITIONS, history_batches, replay
 from mesh.bus.read import iter_bucket, iter_revisions, read_stream, value_of
 from mesh.bus.route import decode_checked
 from mesh.bus.snapshot import forget as forget_snapshot
@@ -236,19 +236,24 @@ class BrainRecovery(BrainCommit):
         self.last_seq = start
         folded = 0
         transitions = self.names.transition_filters()
-        async for ev in read_history(self.bus, transitions, start_seq=start + 1):
-            if not settled and ev.seq > self.checkpoint_seq:
-                self._settle(learned)
-                settled = True
-            self.last_seq = max(self.last_seq, ev.seq)
-            if isinstance(ev.msg, TRANSITIONS):
-                if settled and isinstance(ev.msg, PlanAccepted) and ev.msg.plan_id in self.state.plans:
-                    # accepted after the checkpoint: a crash may have cut the writing of its
-                    # records short (the plan's written, some of its tasks not), and everything
-                    # that happened to it is in the history from here on: build it from that
-                    self.state.forget_plan(ev.msg.plan_id)
-                evolve(self.state, ev.msg)
-                folded += 1
+        batches = history_batches(self.bus, transitions, start_seq=start + 1)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                for ev in batch:
+                    if not settled and ev.seq > self.checkpoint_seq:
+                        self._settle(learned)
+                        settled = True
+                    msg = ev.msg
+                    if isinstance(msg, TRANSITIONS):
+                        if settled and isinstance(msg, PlanAccepted) and msg.plan_id in self.state.plans:
+                            # accepted after the checkpoint: a crash may have cut the writing of
+                            # its records short (the plan's written, some of its tasks not), and
+                            # everything that happened to it is in the history from here on:
+                            # build it from that
+                            self.state.forget_plan(msg.plan_id)
+                        evolve(self.state, msg)
+                        folded += 1
+                self.last_seq = max(self.last_seq, batch[-1].seq)
         if not settled:
             self._settle(learned)
         self.last_seq = max(self.last_seq, self.checkpoint_seq)

@@ -4,6 +4,7 @@ a bucket while its keys are written again: every key, once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import random
 
@@ -12,8 +13,8 @@ from nats.js import api
 
 from mesh.bus.connect import connect
 from mesh.bus.history import collector_paused, read_history
-from mesh.bus.read import READ_BATCH, READ_BATCH_BYTES, ReadBroken, iter_bucket, read_stream
-from mesh.events import PlanTasks, TaskSpec, TaskWaiting
+from mesh.bus.read import READ_BATCH, READ_BATCH_BYTES, ReadBroken, iter_bucket, read_batches, read_stream
+from mesh.events import PlanFinished, PlanTasks, RunFinished, TaskSpec, TaskWaiting
 from mesh.host.config import load_settings
 from mesh.ops.embedded import EmbeddedServer
 
@@ -89,6 +90,106 @@ async def test_a_bucket_read_while_its_keys_are_written_again_gives_every_key_on
     finally:
         await writer.close()
         await reader.close()
+
+
+def _mixed(n: int, plan: str = "p") -> list:  # type: ignore[type-arg]
+    """Task transitions, a plan event every 7th, a worker's report every 3rd (not read)."""
+    out: list = []  # type: ignore[type-arg]
+    for i in range(n):
+        out.append(TaskWaiting(plan_id=plan, task_id=f"t{i}", at=float(i)))
+        if i % 7 == 0:
+            out.append(PlanFinished(plan_id=plan, status="succeeded", at=float(i)))
+        if i % 3 == 0:
+            out.append(
+                RunFinished(
+                    plan_id=plan, task_id=f"t{i}", attempt=1, worker="w", at=float(i), ok=True, duration_s=0.0
+                )
+            )
+    return out
+
+
+async def test_several_subjects_read_as_one_in_stream_order_each_message_once(
+    nats_server: EmbeddedServer,
+) -> None:
+    """A read of several subjects is one read per subject merged by sequence: it gives what
+    one read of them all would, in stream order, across batches, a message two subjects
+    match once, and a subject nothing matches changes nothing."""
+    s = load_settings(server=nats_server.url, environ={})
+    bus = await connect(s, "test-read", wait_s=10)
+    try:
+        await bus.ensure_resources()
+        n = s.names
+        assert [e async for e in read_history(bus, n.transition_filters())] == [], "an empty stream"
+        await bus.emit_many(_mixed(READ_BATCH * 2 + 11))
+        every = [e async for e in read_history(bus, n.evt_all)]
+        wanted = [
+            e.seq for e in every if e.subject.startswith((f"{n.prefix}.evt.task.", f"{n.prefix}.evt.plan."))
+        ]
+        assert len(wanted) == READ_BATCH * 2 + 11 + (READ_BATCH * 2 + 11 + 6) // 7
+        assert len(every) > len(wanted), "the reports are there, and not read"
+        for subjects in (
+            n.transition_filters(),
+            [*n.transition_filters(), f"{n.prefix}.evt.task.p.>", f"{n.prefix}.evt.plan.*.finished"],
+            [*n.transition_filters(), f"{n.prefix}.evt.alert.>"],
+        ):
+            seqs = [e.seq async for e in read_history(bus, subjects)]
+            assert seqs == wanted, subjects
+            got = [
+                raw.subject
+                async for raw in read_stream(bus.js, n.events_stream, subjects, api.ConsumerConfig())
+            ]
+            assert got == [e.subject for e in every if e.seq in set(wanted)]
+        # from a sequence on, as a brain's catch-up reads
+        middle = wanted[len(wanted) // 2]
+        later = [e.seq async for e in read_history(bus, n.transition_filters(), start_seq=middle)]
+        assert later == [q for q in wanted if q >= middle]
+    finally:
+        await bus.close()
+
+
+async def test_a_read_of_several_subjects_ends_where_the_stream_ended_when_it_began(
+    nats_server: EmbeddedServer,
+) -> None:
+    """Events published while the read goes on are not in it, of any subject: what it gives is
+    a prefix of the stream (a read of one subject going on past the end of another's would
+    give a task's later event without its plan's)."""
+    s = load_settings(server=nats_server.url, environ={})
+    bus = await connect(s, "test-read", wait_s=10)
+    try:
+        await bus.ensure_resources()
+        n = s.names
+        await bus.emit_many(_mixed(READ_BATCH * 3))
+        end = (await bus.js.stream_info(n.events_stream)).state.last_seq
+        seqs: list[int] = []
+        batches = read_batches(bus.js, n.events_stream, n.transition_filters(), api.ConsumerConfig())
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                if not seqs:
+                    await bus.emit_many(_mixed(READ_BATCH, plan="q"))
+                seqs += [raw.metadata.sequence.stream for raw in batch]
+        assert seqs and max(seqs) <= end
+        assert len(seqs) == READ_BATCH * 3 + (READ_BATCH * 3 + 6) // 7
+        assert seqs == sorted(set(seqs))
+    finally:
+        await bus.close()
+
+
+async def test_a_merged_read_left_early_leaves_no_consumer_behind(nats_server: EmbeddedServer) -> None:
+    s = load_settings(server=nats_server.url, environ={})
+    bus = await connect(s, "test-read", wait_s=10)
+    try:
+        await bus.ensure_resources()
+        n = s.names
+        await bus.emit_many(_mixed(READ_BATCH * 3))
+        entries = read_history(bus, n.transition_filters())
+        async with contextlib.aclosing(entries):
+            async for _entry in entries:
+                readers = [c for c in await bus.js.consumers_info(n.events_stream) if c.config.mem_storage]
+                assert len(readers) == 2, "one consumer per subject"
+                break
+        assert not [c for c in await bus.js.consumers_info(n.events_stream) if c.config.mem_storage]
+    finally:
+        await bus.close()
 
 
 async def _count(bus, s) -> int:  # type: ignore[no-untyped-def]

@@ -63,6 +63,7 @@ from mesh.events import (  # noqa: E402
     PlanAccepted,
     PlanSpec,
     PlanTasks,
+    RunFinished,
     TaskReleased,
     TaskSpec,
     TaskSucceeded,
@@ -77,7 +78,7 @@ PLAN = "plan-0000000000-replay"
 PART = 5000
 
 
-def history(n: int) -> list[Msg]:
+def history(n: int, reports: bool = False) -> list[Msg]:
     specs = [TaskSpec(id=f"t{i}", body="") for i in range(n)]
     parts = [tuple(specs[i : i + PART]) for i in range(0, n, PART)]
     out: list[Msg] = [
@@ -86,6 +87,21 @@ def history(n: int) -> list[Msg]:
     out += [PlanTasks(plan_id=PLAN, part=k, tasks=p, at=1.0) for k, p in enumerate(parts[1:], 1)]
     for i in range(n):
         out.append(TaskReleased(plan_id=PLAN, task_id=f"t{i}", attempt=1, at=2.0))
+        if reports:
+            # the worker's report, which a real history holds between the two and replay skips
+            out.append(
+                RunFinished(
+                    plan_id=PLAN,
+                    task_id=f"t{i}",
+                    attempt=1,
+                    worker="w",
+                    at=3.0,
+                    ok=True,
+                    duration_s=0.0,
+                    rc=0,
+                    started_at=2.5,
+                )
+            )
         out.append(
             TaskSucceeded(plan_id=PLAN, task_id=f"t{i}", attempt=1, worker="w", at=3.0, started_at=2.5)
         )
@@ -299,7 +315,7 @@ async def main(args: argparse.Namespace) -> None:
         try:
             bus = await connect(load_settings(server=server.url, environ={}), "replay-writer", wait_s=10)
             await bus.ensure_resources()
-            await bus.emit_many(history(args.tasks))
+            await bus.emit_many(history(args.tasks, args.reports))
             await bus.close()
             if args.compare == "sink":
                 await compare_sinks(server.url, args.rounds, args.profile)
@@ -332,6 +348,11 @@ if __name__ == "__main__":
         default="parser",
         help="header parsers (nats-py's, mesh's), read paths (queue, sink), the client alone on "
         "frames, this checkout's read and replay per event, or evolve alone",
+    )
+    parser.add_argument(
+        "--reports",
+        action="store_true",
+        help="put each task's worker report in the history too, as a real one has (replay skips it)",
     )
     parser.add_argument("--profile", action="store_true", help="with --compare sink: cProfile a raw read")
     asyncio.run(main(parser.parse_args()))

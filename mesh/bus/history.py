@@ -11,7 +11,7 @@ import contextlib
 import datetime
 import gc
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -20,14 +20,14 @@ from nats.js import api
 
 from mesh import events
 from mesh.bus.publish import Bus
-from mesh.bus.read import position, read_bucket, read_stream
+from mesh.bus.read import position, read_batches, read_bucket
 from mesh.bus.route import decode_checked
 from mesh.errors import MeshError
 from mesh.machine import State, evolve
 from mesh.records import ESCALATING, UNREADABLE, PlanRecord, TaskRecord, decode_plan, decode_task
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     seq: int
     subject: str
@@ -43,9 +43,26 @@ async def read_history(
     since: float | None = None,
     start_seq: int | None = None,
     idle_timeout_s: float = 5.0,
-) -> AsyncIterator[Entry]:
+) -> AsyncGenerator[Entry, None]:
     """Every event under `subject` (from `since`, a UNIX time, or from stream sequence
     `start_seq`), in stream order, up to the current end."""
+    batches = history_batches(bus, subject, since=since, start_seq=start_seq, idle_timeout_s=idle_timeout_s)
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            for entry in batch:
+                yield entry
+
+
+async def history_batches(
+    bus: Bus,
+    subject: str | list[str],
+    *,
+    since: float | None = None,
+    start_seq: int | None = None,
+    idle_timeout_s: float = 5.0,
+) -> AsyncGenerator[list[Entry], None]:
+    """`read_history` a list at a time (what has arrived): for readers of a whole history
+    (replay, a brain's catch-up), which step once per list rather than once per event."""
     config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
     if start_seq is not None:
         config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
@@ -53,11 +70,17 @@ async def read_history(
     elif since is not None:
         config.deliver_policy = api.DeliverPolicy.BY_START_TIME
         config.opt_start_time = datetime.datetime.fromtimestamp(since, tz=datetime.UTC)
-    async for raw in read_stream(bus.js, bus.names.events_stream, subject, config, idle_timeout_s):
-        seq, _, stored_ns = position(raw)
-        # a message on a subject it does not belong on is history nobody may fold (None)
-        msg, _ = decode_checked(raw, bus.names)
-        yield Entry(seq, raw.subject, stored_ns / 1e9, msg, raw.data)
+    names = bus.names
+    batches = read_batches(bus.js, names.events_stream, subject, config, idle_timeout_s)
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            out = []
+            for raw in batch:
+                seq, _, stored_ns = position(raw)
+                # a message on a subject it does not belong on is history nobody may fold (None)
+                msg, _ = decode_checked(raw, names)
+                out.append(Entry(seq, raw.subject, stored_ns / 1e9, msg, raw.data))
+            yield out
 
 
 TRANSITIONS = events.TRANSITION_TYPES
@@ -124,16 +147,20 @@ async def replay(bus: Bus, *, plan_id: str | None = None, since: float | None = 
     result = Replay(State(aging_s=bus.settings.aging_s))
     began = time.perf_counter()
     with collector_paused():
-        async for entry in read_history(bus, subject, since=since):
-            result.events += 1
-            result.first_seq = result.first_seq or entry.seq
-            result.last_seq = entry.seq
-            if entry.msg is None:
-                result.undecodable += 1
-                continue
-            if isinstance(entry.msg, TRANSITIONS):
-                result.transitions += 1
-            evolve(result.state, entry.msg)
+        batches = history_batches(bus, subject, since=since)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                result.events += len(batch)
+                result.first_seq = result.first_seq or batch[0].seq
+                result.last_seq = batch[-1].seq
+                for entry in batch:
+                    msg = entry.msg
+                    if msg is None:
+                        result.undecodable += 1
+                        continue
+                    if isinstance(msg, TRANSITIONS):
+                        result.transitions += 1
+                    evolve(result.state, msg)
     result.state.dirty_tasks.clear()
     result.state.dirty_plans.clear()
     result.seconds = time.perf_counter() - began

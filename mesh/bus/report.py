@@ -5,12 +5,10 @@ records (KV), folded by `mesh.report`. What `mesh report` and `mesh submit --wai
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
-from typing import cast
 
 from mesh import events
 from mesh.bus.client import read_plan, read_tasks
-from mesh.bus.history import Entry, read_history
+from mesh.bus.history import read_history
 from mesh.bus.publish import Bus
 from mesh.errors import NotFound
 from mesh.names import check_token
@@ -37,9 +35,7 @@ async def fold_gpu_loads(bus: Bus, builder: ReportBuilder, since: float, until: 
     if since <= 0:
         return
     # closed on the break, so its consumer goes at once (`read_history` is an async generator)
-    states = cast(
-        AsyncGenerator[Entry, None], read_history(bus, bus.names.gpu_states_all, since=since - MARGIN_S)
-    )
+    states = read_history(bus, bus.names.gpu_states_all, since=since - MARGIN_S)
     async with contextlib.aclosing(states) as found:
         async for entry in found:
             if until and entry.at > until + MARGIN_S:
