@@ -15,7 +15,8 @@ What it measures:
                 list, read and rendered), one frame of `mesh top` (`run_top(once=True)`, in process)
                 and a scrape of the exporter's /metrics
   replay        events/s through `mesh replay`'s own code (`mesh.bus.history.replay`) over the
-                whole history once the plan is final
+                whole history once the plan is final, and the CPU seconds the replay's process,
+                the server and each agent used meanwhile
 
 The plan is generated as a `PlanSpec` (the parser's `plan_max_tasks` bounds what a plan file may
 ask, not what the brain accepts), submitted through the object store as `mesh submit` sends any
@@ -57,7 +58,16 @@ from mesh.events import PlanSpec, TaskSpec  # noqa: E402
 from mesh.host.config import load_settings  # noqa: E402
 from mesh.ops.embedded import agent_command  # noqa: E402
 from mesh.ops.up import Child, Stack  # noqa: E402
-from tools.bench import bench_stack, kill_brain, rss_of, show, stack_options, wait_agents  # noqa: E402
+from tools.bench import (  # noqa: E402
+    bench_stack,
+    cpu_seconds,
+    cpu_used,
+    kill_brain,
+    rss_of,
+    show,
+    stack_options,
+    wait_agents,
+)
 
 
 def generate(n: int, title: str = "scale") -> PlanSpec:
@@ -212,11 +222,16 @@ async def main_async(
                     "max": round(max(values), 3),
                 }
         if not args.no_replay:
+            before, reader = cpu_seconds(stack), time.process_time()
             r = await replay(bus)
+            # who used the cores meanwhile: the replay's own process, the server, the agents
+            used = cpu_used(before, cpu_seconds(stack))
+            used["replay"] = round(time.process_time() - reader, 2)
             results["replay"] = {
                 "events": r.events,
                 "seconds": round(r.seconds, 1),
                 "events_per_s": round(r.events / r.seconds) if r.seconds else 0,
+                "cpu_s": used,
             }
     finally:
         await bus.close()

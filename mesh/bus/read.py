@@ -179,9 +179,9 @@ async def read_batches(
     of a replay's time.
 
     Several subjects are read by one consumer each, merged by stream sequence and cut where the
-    stream ended when the read began (`_merged`): a consumer with several filter subjects cost
-    the server twice the CPU of one with a single filter (it matches each stored message
-    against every filter), and on two cores that came out of the reader's share.
+    stream ended when the read began (`_merged`): a consumer with two filter subjects cost the
+    server twice the CPU of one consumer per subject over the same history (docs/performance.md),
+    and on two cores that came out of the reader's share.
     """
     subjects = [subject] if isinstance(subject, str) else list(subject)
     if len(subjects) == 1:
