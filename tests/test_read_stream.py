@@ -192,6 +192,41 @@ async def test_a_merged_read_left_early_leaves_no_consumer_behind(nats_server: E
         await bus.close()
 
 
+async def test_a_read_whose_messages_wait_unread_keeps_its_consumer(
+    nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server deletes a pull consumer no request reached for its inactive threshold. A
+    read asks again only once it has taken in what came, so a slow caller, or a merge holding
+    one subject while it gives another's events, left its consumer unasked that long: the
+    read broke off. The read reminds the server it is there, with requests that take nothing."""
+    import mesh.bus.read as read
+
+    monkeypatch.setattr(read, "READ_IDLE_S", 1.0)
+    monkeypatch.setattr(read, "KEEP_ALIVE_S", 0.2)
+    s = load_settings(server=nats_server.url, environ={})
+    bus = await connect(s, "test-read", wait_s=10)
+    try:
+        await bus.ensure_resources()
+        n = s.names
+        await bus.emit_many(_mixed(READ_BATCH * 5))
+        every = [e async for e in read_history(bus, n.evt_all)]
+        tasks = [e.seq for e in every if ".evt.task." in e.subject]
+        transitions = [e.seq for e in every if ".evt.run." not in e.subject]
+        assert len(transitions) > len(tasks) > READ_BATCH * 3
+        for subjects, wanted in ((n.task_events_all, tasks), (n.transition_filters(), transitions)):
+            seqs: list[int] = []
+            batches = read_batches(bus.js, n.events_stream, subjects, api.ConsumerConfig())
+            async with contextlib.aclosing(batches):
+                async for batch in batches:
+                    if not seqs:
+                        await asyncio.sleep(4.0)  # four times the threshold, nothing asked
+                    seqs += [raw.metadata.sequence.stream for raw in batch]
+            assert seqs == wanted
+        assert not [c for c in await bus.js.consumers_info(n.events_stream) if c.config.mem_storage]
+    finally:
+        await bus.close()
+
+
 async def _count(bus, s) -> int:  # type: ignore[no-untyped-def]
     return len([e async for e in read_history(bus, s.names.evt_all)])
 

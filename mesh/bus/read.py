@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg as NatsMsg
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
@@ -99,6 +100,13 @@ class ReadBroken(nats.errors.Error):
 # a read asks again this many times in a row after a request that ended short, then fails
 READ_RETRIES = 5
 
+# the server deletes a read's consumer once no pull request reached it for this long (a read
+# that died leaves nothing behind for longer)
+READ_IDLE_S = 60.0
+# a read whose messages wait unread (a merge taking another subject's first, a slow caller)
+# asks for nothing meanwhile: it reminds the server it is there this often
+KEEP_ALIVE_S = 20.0
+
 # statuses that end a pull request with nothing more to give: no messages, or its expiry
 _ENDS = ("404", "408")
 
@@ -173,10 +181,9 @@ async def read_batches(
     in stream order, in lists of what has arrived (at most two of the server's batches).
 
     An ephemeral pull consumer without acks: it never disturbs durable consumers, holds at
-    most a batch or two in memory however long the stream, and knows from its own info, before
-    anything is fetched, how much there is to read. A reader of a long history takes its
-    messages a list at a time: two async generators stepped once per message were a seventh
-    of a replay's time.
+    most a batch or two in memory however long the stream (of each subject, when there are
+    several), and knows from its own info, before anything is fetched, how much there is to
+    read.
 
     Several subjects are read by one consumer each, merged by stream sequence and cut where the
     stream ended when the read began (`_merged`): a consumer with two filter subjects cost the
@@ -215,7 +222,9 @@ async def _merged(
     readers = [_read_one(js, stream, s, config, idle_timeout_s, until) for s in subjects]
     held = [_Held() for _ in readers]
     live = set(range(len(readers)))
-    try:
+    async with contextlib.AsyncExitStack() as closing:
+        for reader in readers:  # every one closed (its consumer deleted), whichever fails
+            closing.push_async_callback(reader.aclose)
         while live:
             for i in sorted(live):
                 if not held[i].left():
@@ -224,10 +233,10 @@ async def _merged(
                     except StopAsyncIteration:
                         live.discard(i)
             limit = min((held[i].last() for i in live), default=None)
+            top = until if limit is None else limit
             out: list[NatsMsg] = []
             while True:
                 # the read holding the earliest message still to give, at or before the limit
-                top = until if limit is None else limit
                 heads = sorted((h.head(), n) for n, h in enumerate(held) if h.left() and h.head() <= top)
                 if not heads:
                     break
@@ -240,9 +249,6 @@ async def _merged(
                 out += held[n].take_before(bound)
             if out:
                 yield out
-    finally:
-        for reader in readers:
-            await reader.aclose()
 
 
 class _Held:
@@ -301,7 +307,7 @@ async def _read_one(
     cfg.ack_policy = api.AckPolicy.NONE
     cfg.filter_subject = subject
     cfg.filter_subjects = None
-    cfg.inactive_threshold = 60.0
+    cfg.inactive_threshold = READ_IDLE_S
     cfg.mem_storage = True
     cfg.num_replicas = 1
     info = await add_reader(js, stream, cfg)
@@ -329,11 +335,13 @@ async def _read_one(
     request = json.dumps(
         {"batch": READ_BATCH, "max_bytes": READ_BATCH_BYTES, "expires": int(idle_timeout_s * NS)}
     ).encode()
+    keeper: asyncio.Future[None] | None = None
     try:
         if not info.num_pending:
             return
         for _ in range(READ_AHEAD):
             await nc.publish(next_subject, request, reply=inbox)
+        keeper = asyncio.ensure_future(_keep_alive(nc, next_subject, inbox))
         in_batch = 0
         broken = 0
         while True:
@@ -407,9 +415,27 @@ async def _read_one(
             if ended:
                 return
     finally:
+        if keeper is not None:
+            keeper.cancel()
         with contextlib.suppress(*TRANSIENT):
             await sub.unsubscribe()
             await js.delete_consumer(stream, name)
+
+
+async def _keep_alive(nc: NatsClient, next_subject: str, inbox: str) -> None:
+    """Keep a read's consumer from being deleted while its messages wait unread: the server
+    deletes a pull consumer no request reached for its inactive threshold, and a read asks only
+    once it has taken in what came. A merge of two subjects holds one of them as long as the
+    other's events before its next take (a plan's 1,000 events can span a million of its
+    tasks'), so every `KEEP_ALIVE_S` it sends a request that can take no message: at most one
+    byte, which no message fits. The server counts it as a request, answers that the message
+    exceeds it and drops it, the message staying where it was; the answer goes to a subject
+    nobody listens on."""
+    touch = json.dumps({"batch": 1, "max_bytes": 1, "expires": int(1 * NS)}).encode()
+    while True:
+        await asyncio.sleep(KEEP_ALIVE_S)
+        with contextlib.suppress(*TRANSIENT):
+            await nc.publish(next_subject, touch, reply=f"{inbox}.keep")
 
 
 async def iter_bucket(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str, bytes]]:
