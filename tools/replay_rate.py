@@ -7,12 +7,14 @@ turn, or each way a read takes its messages in turn.
     .venv/bin/python tools/replay_rate.py --compare sink --profile
     .venv/bin/python tools/replay_rate.py --compare frames --rounds 7
     .venv/bin/python tools/replay_rate.py --compare stages --rounds 3
+    .venv/bin/python tools/replay_rate.py --compare stages --tasks 200000 --reports
     .venv/bin/python tools/replay_rate.py --compare fold --rounds 7
 
 The history is what a no-op plan leaves: a `plan.accepted` with its first part, `plan.tasks`
 parts, and per task a `task.released` and a `task.succeeded` (published through mesh's own bus,
-so with the same subjects and headers as the brain's). It is replayed with
-`mesh.bus.history.replay` over a connection that parses headers with nats-py's parser and one
+so with the same subjects and headers as the brain's); with `--reports`, each task's worker
+report between them too, as a real history has (the server skips it for replay). It is
+replayed with `mesh.bus.history.replay` over a connection that parses headers with nats-py's parser and one
 with mesh's (`mesh.bus.natsclient`), alternated, on an embedded nats-server (lazy sync: this
 measures reading, not the disk).
 
