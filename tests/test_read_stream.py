@@ -7,16 +7,20 @@ import asyncio
 import contextlib
 import gc
 import random
+from collections.abc import AsyncIterator
 
 import pytest
 from nats.js import api
 
 from mesh.bus.connect import connect
 from mesh.bus.history import collector_paused, read_history
+from mesh.bus.publish import Bus
 from mesh.bus.read import READ_BATCH, READ_BATCH_BYTES, ReadBroken, iter_bucket, read_batches, read_stream
 from mesh.events import PlanFinished, PlanTasks, RunFinished, TaskSpec, TaskWaiting
 from mesh.host.config import load_settings
+from mesh.names import Names
 from mesh.ops.embedded import EmbeddedServer
+from mesh.status import PlanStatus
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +102,7 @@ def _mixed(n: int, plan: str = "p") -> list:  # type: ignore[type-arg]
     for i in range(n):
         out.append(TaskWaiting(plan_id=plan, task_id=f"t{i}", at=float(i)))
         if i % 7 == 0:
-            out.append(PlanFinished(plan_id=plan, status="succeeded", at=float(i)))
+            out.append(PlanFinished(plan_id=plan, status=PlanStatus.SUCCEEDED, at=float(i)))
         if i % 3 == 0:
             out.append(
                 RunFinished(
@@ -108,17 +112,26 @@ def _mixed(n: int, plan: str = "p") -> list:  # type: ignore[type-arg]
     return out
 
 
+@contextlib.asynccontextmanager
+async def _bus(server: EmbeddedServer, history: list) -> AsyncIterator[tuple[Bus, Names]]:  # type: ignore[type-arg]
+    """A connection to `server` whose event stream holds `history`."""
+    s = load_settings(server=server.url, environ={})
+    bus = await connect(s, "test-read", wait_s=10)
+    try:
+        await bus.ensure_resources()
+        await bus.emit_many(history)
+        yield bus, s.names
+    finally:
+        await bus.close()
+
+
 async def test_several_subjects_read_as_one_in_stream_order_each_message_once(
     nats_server: EmbeddedServer,
 ) -> None:
     """A read of several subjects is one read per subject merged by sequence: it gives what
     one read of them all would, in stream order, across batches, a message two subjects
     match once, and a subject nothing matches changes nothing."""
-    s = load_settings(server=nats_server.url, environ={})
-    bus = await connect(s, "test-read", wait_s=10)
-    try:
-        await bus.ensure_resources()
-        n = s.names
+    async with _bus(nats_server, []) as (bus, n):
         assert [e async for e in read_history(bus, n.transition_filters())] == [], "an empty stream"
         await bus.emit_many(_mixed(READ_BATCH * 2 + 11))
         every = [e async for e in read_history(bus, n.evt_all)]
@@ -143,8 +156,6 @@ async def test_several_subjects_read_as_one_in_stream_order_each_message_once(
         middle = wanted[len(wanted) // 2]
         later = [e.seq async for e in read_history(bus, n.transition_filters(), start_seq=middle)]
         assert later == [q for q in wanted if q >= middle]
-    finally:
-        await bus.close()
 
 
 async def test_a_read_of_several_subjects_ends_where_the_stream_ended_when_it_began(
@@ -153,12 +164,7 @@ async def test_a_read_of_several_subjects_ends_where_the_stream_ended_when_it_be
     """Events published while the read goes on are not in it, of any subject: what it gives is
     a prefix of the stream (a read of one subject going on past the end of another's would
     give a task's later event without its plan's)."""
-    s = load_settings(server=nats_server.url, environ={})
-    bus = await connect(s, "test-read", wait_s=10)
-    try:
-        await bus.ensure_resources()
-        n = s.names
-        await bus.emit_many(_mixed(READ_BATCH * 3))
+    async with _bus(nats_server, _mixed(READ_BATCH * 3)) as (bus, n):
         end = (await bus.js.stream_info(n.events_stream)).state.last_seq
         seqs: list[int] = []
         batches = read_batches(bus.js, n.events_stream, n.transition_filters(), api.ConsumerConfig())
@@ -170,17 +176,10 @@ async def test_a_read_of_several_subjects_ends_where_the_stream_ended_when_it_be
         assert seqs and max(seqs) <= end
         assert len(seqs) == READ_BATCH * 3 + (READ_BATCH * 3 + 6) // 7
         assert seqs == sorted(set(seqs))
-    finally:
-        await bus.close()
 
 
 async def test_a_merged_read_left_early_leaves_no_consumer_behind(nats_server: EmbeddedServer) -> None:
-    s = load_settings(server=nats_server.url, environ={})
-    bus = await connect(s, "test-read", wait_s=10)
-    try:
-        await bus.ensure_resources()
-        n = s.names
-        await bus.emit_many(_mixed(READ_BATCH * 3))
+    async with _bus(nats_server, _mixed(READ_BATCH * 3)) as (bus, n):
         entries = read_history(bus, n.transition_filters())
         async with contextlib.aclosing(entries):
             async for _entry in entries:
@@ -188,8 +187,6 @@ async def test_a_merged_read_left_early_leaves_no_consumer_behind(nats_server: E
                 assert len(readers) == 2, "one consumer per subject"
                 break
         assert not [c for c in await bus.js.consumers_info(n.events_stream) if c.config.mem_storage]
-    finally:
-        await bus.close()
 
 
 async def test_a_read_whose_messages_wait_unread_keeps_its_consumer(
@@ -203,12 +200,7 @@ async def test_a_read_whose_messages_wait_unread_keeps_its_consumer(
 
     monkeypatch.setattr(read, "READ_IDLE_S", 1.0)
     monkeypatch.setattr(read, "KEEP_ALIVE_S", 0.2)
-    s = load_settings(server=nats_server.url, environ={})
-    bus = await connect(s, "test-read", wait_s=10)
-    try:
-        await bus.ensure_resources()
-        n = s.names
-        await bus.emit_many(_mixed(READ_BATCH * 5))
+    async with _bus(nats_server, _mixed(READ_BATCH * 5)) as (bus, n):
         every = [e async for e in read_history(bus, n.evt_all)]
         tasks = [e.seq for e in every if ".evt.task." in e.subject]
         transitions = [e.seq for e in every if ".evt.run." not in e.subject]
@@ -223,8 +215,6 @@ async def test_a_read_whose_messages_wait_unread_keeps_its_consumer(
                     seqs += [raw.metadata.sequence.stream for raw in batch]
             assert seqs == wanted
         assert not [c for c in await bus.js.consumers_info(n.events_stream) if c.config.mem_storage]
-    finally:
-        await bus.close()
 
 
 async def _count(bus, s) -> int:  # type: ignore[no-untyped-def]
