@@ -170,7 +170,7 @@ async def read_stream(
                 yield raw
 
 
-async def read_batches(
+def read_batches(
     js: JetStreamContext,
     stream: str,
     subject: str | list[str],
@@ -192,12 +192,8 @@ async def read_batches(
     """
     subjects = [subject] if isinstance(subject, str) else list(subject)
     if len(subjects) == 1:
-        reader = _read_one(js, stream, subjects[0], config, idle_timeout_s)
-    else:
-        reader = _merged(js, stream, subjects, config, idle_timeout_s)
-    async with contextlib.aclosing(reader):
-        async for batch in reader:
-            yield batch
+        return _read_one(js, stream, subjects[0], config, idle_timeout_s)
+    return _merged(js, stream, subjects, config, idle_timeout_s)
 
 
 async def _merged(
