@@ -107,6 +107,24 @@ def test_a_messages_position_is_read_from_its_reply_subject_as_nats_py_reads_it(
         assert abs(stored_ns / 1e9 - meta.timestamp.timestamp()) < 1e-6
 
 
+def test_a_read_parses_a_position_only_where_nothing_may_be_pending_after_it() -> None:
+    """A read looks for the message after which nothing is pending by its reply's tail alone
+    (`_may_be_last`): every reply whose count is 0 passes, in both forms, and a v1 reply with a
+    count that merely ends in 0 is no end."""
+    from nats.aio.msg import Msg as NatsMsg
+
+    from mesh.bus.read import _may_be_last, position
+
+    v1 = "$JS.ACK.MESH_EVENTS.c1.1.4711.12.1733390000123456789.{}"
+    v2 = "$JS.ACK.hub.ACCHASH.MESH_EVENTS.c1.1.4711.12.1733390000123456789.{}"
+    for pending in (0, 1, 10, 100, 205):
+        for reply in (v1.format(pending), v2.format(pending), v2.format(pending) + ".rnd0"):
+            raw = NatsMsg(_client=None, subject="mesh.evt.x", reply=reply, data=b"")  # type: ignore[arg-type]
+            if position(raw)[1] == 0:
+                assert _may_be_last(reply), reply
+        assert _may_be_last(v1.format(pending)) == (pending == 0)
+
+
 def test_loaded_records_share_their_times_and_zeros() -> None:
     """Each float a record decodes to is an object of its own; a load keeps one per value for
     the times (the records one step wrote share them) and one zero."""
