@@ -103,6 +103,17 @@ def route(names: Names, ev: Msg) -> tuple[str, str]:
     raise ValueError(f"no route for {tag}")
 
 
+def subject_of(names: Names, ev: Msg) -> str:
+    """The subject of an event or work item: `route`'s without its id. A task's transition (most
+    of any history, checked by every reader of it) is named here as `route` names it, without
+    making the id; the rest by `route`."""
+    tag = events.type_of(ev)
+    if tag.startswith("task."):
+        kind = tag[5:]
+        return names.task_event(getattr(ev, "plan_id", ""), getattr(ev, "task_id", ""), kind)
+    return route(names, ev)[0]
+
+
 def work_subject(names: Names, cls: str, model: str) -> str:
     """Where a work item of class `cls` (and `model`, for an LLM task) is queued."""
     return names.work_llm(model) if cls == "llm" and model else names.work(cls)
@@ -137,7 +148,7 @@ def misplaced(names: Names, subject: str, msg: Msg) -> str:
     in another worker's name.
     """
     try:
-        expected, _ = route(names, msg)
+        expected = subject_of(names, msg)
     except ValueError as exc:  # a plan or task id that cannot be a subject token
         return f"a {events.type_of(msg)} message that names no valid subject ({exc}) arrived on {subject}"
     if expected != subject:
@@ -166,7 +177,7 @@ def _pack_misplaced(names: Names, subject: str, item: events.WorkItem) -> str:
             return f"the work item of {item.plan_id}.{item.task_id} packs {packed} twice"
         seen.add(key)
         try:
-            expected, _ = route(names, member)
+            expected = subject_of(names, member)
         except ValueError as exc:
             return f"a task packed in a work item names no valid subject ({exc})"
         if expected != subject:
