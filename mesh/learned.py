@@ -143,8 +143,10 @@ class Learned(msgspec.Struct, kw_only=True):
             if len(table) >= MAX_KEYS:
                 del table[min(table, key=lambda k: (table[k].fed, k))]
             series = table[key] = Series()
-        series.samples.append(round(value, 3))
-        del series.samples[: -self.window]
+        samples = series.samples
+        samples.append(round(value, 3))
+        if len(samples) > self.window:
+            del samples[: -self.window]
         series.n += 1
         series.fed = self.fed
 

@@ -283,13 +283,14 @@ class State:
 # ------------------------------------------------------------------ evolve
 
 
-def _set_status(state: State, rec: TaskRecord, status: TaskStatus, at: float) -> None:
+def _set_status(state: State, rec: TaskRecord, status: TaskStatus, at: float, key: str = "") -> None:
     """The record's status moves from what it is to `status`, with every count that follows it
     (its plan's, by class, in flight, and, for model work, demand, running and arrivals). The
-    hottest path of a replay and of a brain's catch-up: four moves a task."""
+    hottest path of a replay and of a brain's catch-up: four moves a task. `key`: the record's
+    (interned) key where the caller has it already."""
     old = rec.status
     rec.updated_at = at
-    state.dirty_tasks.add(rec.key)
+    state.dirty_tasks.add(key or rec.key)
     if old == status:
         return  # the record still changed (a redelivery keeps it running): it must be written
     rec.status = status
@@ -455,7 +456,9 @@ def _fold_other(state: State, ev: Msg) -> None:
 
 
 def _fold_task(state: State, ev: Msg) -> None:
-    key = f"{getattr(ev, 'plan_id', '')}.{getattr(ev, 'task_id', '')}"
+    # (interned as `TaskRecord.key` is: the moves of the two commonest events are marked dirty
+    # under it, made once for the event rather than once a move)
+    key = sys.intern(f"{getattr(ev, 'plan_id', '')}.{getattr(ev, 'task_id', '')}")
     rec = state.tasks.get(key)
     if rec is None:
         return
@@ -464,7 +467,7 @@ def _fold_task(state: State, ev: Msg) -> None:
         case TaskReleased() if ev.waited_at:
             _wait(state, rec, ev.waited_at, push=False)  # (released at once: nothing to queue)
         case TaskSucceeded() | TaskRetrying() | TaskFailed() if ev.started_at:
-            _start(state, rec, ev.worker, ev.started_at)
+            _start(state, rec, ev.worker, ev.started_at, key)
     match ev:
         case TaskWaiting():
             _wait(state, rec, ev.at)
@@ -473,7 +476,7 @@ def _fold_task(state: State, ev: Msg) -> None:
             rec.released_at = ev.at
             rec.worker = ""
             rec.continued = bool(ev.worker)
-            _set_status(state, rec, READY, ev.at)
+            _set_status(state, rec, READY, ev.at, key)
         case TaskStarted():
             _start(state, rec, ev.worker, ev.at)
         case TaskRedelivered():
@@ -514,7 +517,7 @@ def _fold_task(state: State, ev: Msg) -> None:
             rec.rc = ev.rc
             rec.reason = FailReason.NONE
             rec.error = ""
-            _set_status(state, rec, SUCCEEDED, ev.at)
+            _set_status(state, rec, SUCCEEDED, ev.at, key)
             if ev.then:
                 _continue(state, state.tasks.get(f"{rec.plan_id}.{ev.then}"), ev.worker, ev.at)
         case TaskEscalated():
@@ -605,12 +608,12 @@ def _continue(state: State, rec: TaskRecord | None, worker: str, at: float) -> N
     _start(state, rec, worker, at)
 
 
-def _start(state: State, rec: TaskRecord, worker: str, at: float) -> None:
+def _start(state: State, rec: TaskRecord, worker: str, at: float, key: str = "") -> None:
     """A worker started the task's attempt (`task.started`, or the `started_at` of its end)."""
     rec.worker = worker
     rec.started_at = at
     rec.deliveries = 1
-    _set_status(state, rec, RUNNING, at)
+    _set_status(state, rec, RUNNING, at, key)
 
 
 def _rekey_demand(state: State, rec: TaskRecord, change: Callable[[], None]) -> None:
