@@ -158,7 +158,7 @@ async def first_release(bus: Bus, plan_id: str, after_seq: int, timeout_s: float
     raise TimeoutError("no release after the restart")
 
 
-REPLAYED = re.compile(r"replayed (\d+) events .* in ([\d.]+)s, ([\d,]+) events/s")
+REPLAYED = re.compile(r"replayed (\d+) events .*? in ([\d.]+)s,\s+([\d,]+)\s+events/s", re.S)
 
 
 async def replay_command(stack: Stack) -> dict[str, Any]:
@@ -168,7 +168,10 @@ async def replay_command(stack: Stack) -> dict[str, Any]:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     argv = [sys.executable, "-m", "mesh", "--server", stack.url, "replay"]
     proc = await asyncio.create_subprocess_exec(
-        *argv, env=stack.env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        *argv,
+        env={**stack.env, "COLUMNS": "200"},  # its summary on one line
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, err = await proc.communicate()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
