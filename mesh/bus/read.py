@@ -281,6 +281,15 @@ def _seq(raw: NatsMsg) -> int:
     return position(raw)[0]
 
 
+def _up_to(batch: list[NatsMsg], until: int) -> list[NatsMsg]:
+    """The batch's messages up to stream sequence `until` (all of them where it is 0). In
+    stream order, so what lies past the cut is the batch's tail: a few sequences looked at a
+    list, not every one's."""
+    if not until or _seq(batch[-1]) <= until:
+        return batch
+    return batch[: bisect.bisect_right(batch, until, key=_seq)]
+
+
 def _may_be_last(reply: str) -> bool:
     """Whether a read's message may say that nothing is pending after it, from its reply subject
     alone: it ends in `.0` (the count is the last token), or it is the longer v2 form, whose
@@ -390,8 +399,9 @@ async def _read_one(
                         break
                     broken += 1
                     if broken > READ_RETRIES:
-                        if batch:
-                            yield batch  # (what came before the break is the stream's, in order)
+                        kept = _up_to(batch, until) if batch else batch
+                        if kept:
+                            yield kept  # (what came before the break is the stream's, in order)
                         raise ReadBroken(stream, f"{status} {description}".rstrip())
                     await asyncio.sleep(0.05 * broken)
                     in_batch = 0
@@ -407,9 +417,7 @@ async def _read_one(
                     in_batch = 0
                     asks += 1
             if until and batch and _seq(batch[-1]) > until:
-                # in stream order, so what lies past the cut is the batch's tail (one message's
-                # sequence looked at a list, not every one's)
-                del batch[bisect.bisect_right(batch, until, key=_seq) :]
+                batch = _up_to(batch, until)
                 ended = True
             if not ended:
                 # asked for before this list is handed on: the server sends while it is taken in
