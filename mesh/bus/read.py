@@ -285,7 +285,7 @@ def _up_to(batch: list[NatsMsg], until: int) -> list[NatsMsg]:
     """The batch's messages up to stream sequence `until` (all of them where it is 0). In
     stream order, so what lies past the cut is the batch's tail: a few sequences looked at a
     list, not every one's."""
-    if not until or _seq(batch[-1]) <= until:
+    if not until or not batch or _seq(batch[-1]) <= until:
         return batch
     return batch[: bisect.bisect_right(batch, until, key=_seq)]
 
@@ -399,7 +399,7 @@ async def _read_one(
                         break
                     broken += 1
                     if broken > READ_RETRIES:
-                        kept = _up_to(batch, until) if batch else batch
+                        kept = _up_to(batch, until)
                         if kept:
                             yield kept  # (what came before the break is the stream's, in order)
                         raise ReadBroken(stream, f"{status} {description}".rstrip())
@@ -416,9 +416,9 @@ async def _read_one(
                 if in_batch == READ_BATCH:
                     in_batch = 0
                     asks += 1
-            if until and batch and _seq(batch[-1]) > until:
-                batch = _up_to(batch, until)
-                ended = True
+            kept = _up_to(batch, until)
+            if len(kept) < len(batch):
+                batch, ended = kept, True  # the stream went on past the read's cut
             if not ended:
                 # asked for before this list is handed on: the server sends while it is taken in
                 for _ in range(asks):
