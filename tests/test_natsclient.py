@@ -10,9 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
+from nats.aio.subscription import Subscription
+from nats.protocol.parser import Parser
 
 from mesh.bus.connect import connect
-from mesh.bus.natsclient import MeshClient, parse_header_lines, parse_headers
+from mesh.bus.natsclient import MeshClient, SinkParser, parse_header_lines, parse_headers
 from mesh.host.config import load_settings
 from mesh.ops.embedded import EmbeddedServer
 
@@ -254,3 +256,107 @@ async def test_ack_many_acknowledges_each_message(nats_server: EmbeddedServer) -
             await bus.nc.ack_many(msgs[:1])  # (each once, as Msg.ack)
     finally:
         await bus.close()
+
+
+# --- the protocol parser: sink messages taken in a loop of their own, everything else as before
+
+
+class _Recorder(MeshClient):
+    """A client that notes what its parser hands it, in order: messages (through a sink or not),
+    PINGs, PONGs, INFOs and errors."""
+
+    def __init__(self, sinks: tuple[int, ...]) -> None:
+        super().__init__()
+        self.seen: list[tuple[object, ...]] = []
+        for sid in (1, 2, 3):
+            self._subs[sid] = Subscription(self, sid, f"s{sid}")
+        for sid in sinks:
+            self._sinks[sid] = lambda msg: self.seen.append(
+                ("msg", msg._sid, msg.subject, msg.reply, msg.data, msg._block or None)
+            )
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        if sid in self._sinks:
+            await super()._process_msg(sid, subject, reply, data, headers)
+        else:
+            self.seen.append(("msg", sid, subject.decode(), reply.decode(), data, headers))
+
+    async def _process_ping(self) -> None:
+        self.seen.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.seen.append(("pong",))
+
+    async def _process_info(self, info: dict[str, object], initial_connection: bool = False) -> None:
+        self.seen.append(("info", info))
+
+    async def _process_err(self, err_msg: str) -> None:
+        self.seen.append(("err", err_msg))
+
+
+_PIECES = [b"a", b"{}", b"\r\n", b" ", b"MSG 1 2\r\n", b"\x00", b"\xff"]
+_PAYLOADS = st.lists(st.sampled_from(_PIECES), max_size=6).map(b"".join)
+_BLOCKS = [b"NATS/1.0\r\nMesh-Type: x\r\n\r\n", b"NATS/1.0 409 Batch Completed\r\n\r\n", b"NATS/1.0\r\n\r\n"]
+_SUBJECTS = st.sampled_from(["a", "_INBOX.r", "$JS.ACK.S.c.1.5.5.1733400000000000000.0", "x.y.z"])
+
+
+@st.composite
+def _frame(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["msg", "hmsg", "hmsg", "ping", "pong", "ok", "info", "err"]))
+    if kind in ("msg", "hmsg"):
+        sid = draw(st.sampled_from([1, 2, 3]))
+        subject = draw(_SUBJECTS).encode()
+        reply = draw(st.one_of(st.just(b""), _SUBJECTS.map(str.encode)))
+        payload = draw(_PAYLOADS)
+        head = b"%s %d %s" % (subject, sid, reply) if reply else b"%s %d" % (subject, sid)
+        if kind == "msg":
+            return b"MSG %s %d\r\n%s\r\n" % (head, len(payload), payload)
+        block = draw(st.sampled_from(_BLOCKS))
+        return b"HMSG %s %d %d\r\n%s%s\r\n" % (head, len(block), len(block) + len(payload), block, payload)
+    return {
+        "ping": b"PING\r\n",
+        "pong": b"PONG\r\n",
+        "ok": b"+OK\r\n",
+        "info": b'INFO {"server_id":"x","max_payload":1048576}\r\n',
+        "err": b"-ERR 'Permissions Violation for Subscription to x'\r\n",
+    }[kind]
+
+
+async def _parse_all(parser: Parser, stream: bytes, cuts: list[int]) -> None:
+    at = 0
+    for cut in [*sorted({c % (len(stream) + 1) for c in cuts}), len(stream)]:
+        await parser.parse(stream[at:cut])
+        at = cut
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(_frame(), min_size=1, max_size=25),
+    st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+    st.sampled_from([(1,), (1, 2), (1, 2, 3), ()]),
+)
+def test_the_protocol_parser_hands_over_what_nats_py_s_does_however_the_socket_cuts_it(
+    frames: list[bytes], cuts: list[int], sinks: tuple[int, ...]
+) -> None:
+    stream = b"".join(frames)
+
+    async def run() -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+        theirs, ours = _Recorder(()), _Recorder(sinks)
+        await _parse_all(Parser(theirs), stream, cuts)
+        await _parse_all(ours._ps, stream, cuts)
+        assert isinstance(ours._ps, SinkParser)
+        return theirs.seen, ours.seen
+
+    theirs, ours = asyncio.run(run())
+    assert ours == theirs
+    assert len([s for s in ours if s[0] == "msg"]) == sum(f.startswith((b"MSG", b"HMSG")) for f in frames)
+
+
+def test_the_protocol_parser_refuses_what_nats_py_s_refuses() -> None:
+    async def run(parser: Parser) -> None:
+        await parser.parse(b"HMSG _INBOX.r 1 bad 12\r\nNATS/1.0\r\n\r\n\r\n")
+
+    with pytest.raises(nats.errors.ProtocolError):
+        asyncio.run(run(Parser(_Recorder((1,)))))
+    with pytest.raises(nats.errors.ProtocolError):
+        asyncio.run(run(_Recorder((1,))._ps))

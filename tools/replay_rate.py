@@ -24,7 +24,8 @@ transitions with `read_stream` alone (the raw read, nothing decoded), the order 
 flipped every round. `--profile` then profiles one raw read through the sink (cProfile, the
 functions that took the most time of their own). `--compare frames` needs no server: it feeds
 20,000 frames like a read's straight into nats-py's protocol parser, through a queue and
-through a sink in turn, and times the parser alone and the sink's message handling alone.
+through a sink in turn, then through a sink with mesh's parser (`SinkParser`), and times
+nats-py's parser alone and the sink's message handling alone.
 
 Two figures of this checkout alone, to compare commits (run each at both, alternated):
 `--compare stages` times, each round, a raw read, the read decoded and checked
@@ -58,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from mesh.bus.connect import connect  # noqa: E402
 from mesh.bus.history import read_history, replay  # noqa: E402
-from mesh.bus.natsclient import MeshClient, parse_header_lines, parse_headers  # noqa: E402
+from mesh.bus.natsclient import MeshClient, SinkParser, parse_header_lines, parse_headers  # noqa: E402
 from mesh.bus.read import read_stream  # noqa: E402
 from mesh.events import (  # noqa: E402
     Msg,
@@ -199,7 +200,7 @@ def frames() -> list[bytes]:
     return [whole[i : i + 65536] for i in range(0, len(whole), 65536)]
 
 
-async def through_client(chunks: list[bytes], sinks: bool) -> float:
+async def through_client(chunks: list[bytes], sinks: bool, parser_class: type[Parser] = Parser) -> float:
     """Microseconds a frame through the parser and the client, to the read's list."""
     nc = MeshClient()
     got: list[NatsMsg] = []
@@ -212,7 +213,7 @@ async def through_client(chunks: list[bytes], sinks: bool) -> float:
     nc._subs[1] = sub
     if sinks:
         nc._sinks[1] = got.append
-    parser = Parser(nc)
+    parser = parser_class(nc)
     began = time.perf_counter()
     for chunk in chunks:
         await parser.parse(chunk)
@@ -227,12 +228,18 @@ async def through_client(chunks: list[bytes], sinks: bool) -> float:
 
 async def compare_frames(rounds: int) -> None:
     chunks = frames()
-    took: dict[str, list[float]] = {"queue": [], "sink": []}
+    ways = {
+        "queue": (False, Parser),
+        "sink": (True, Parser),
+        "sink, mesh's parser": (True, SinkParser),
+    }
+    took: dict[str, list[float]] = {name: [] for name in ways}
     for r in range(rounds):
-        for name in ("queue", "sink") if r % 2 == 0 else ("sink", "queue"):
-            took[name].append(await through_client(chunks, name == "sink"))
+        order = list(ways) if r % 2 == 0 else list(reversed(ways))
+        for name in order:
+            took[name].append(await through_client(chunks, *ways[name]))
     for name, values in took.items():
-        print(f"client, {name:5s}: median {statistics.median(values):.2f} us a frame over {rounds} rounds")
+        print(f"client, {name}: median {statistics.median(values):.2f} us a frame over {rounds} rounds")
 
     class Parsed(MeshClient):
         async def _process_msg(
