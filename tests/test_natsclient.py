@@ -294,7 +294,7 @@ class _Recorder(MeshClient):
         self.seen.append(("err", err_msg))
 
 
-_PIECES = [b"a", b"{}", b"\r\n", b" ", b"MSG 1 2\r\n", b"\x00", b"\xff"]
+_PIECES = [b"a", b"{}", b"\r\n", b" ", b"MSG 1 2\r\n", b"\x00", b"\xff", b"x" * 40_000]
 _PAYLOADS = st.lists(st.sampled_from(_PIECES), max_size=6).map(b"".join)
 _BLOCKS = [b"NATS/1.0\r\nMesh-Type: x\r\n\r\n", b"NATS/1.0 409 Batch Completed\r\n\r\n", b"NATS/1.0\r\n\r\n"]
 _SUBJECTS = st.sampled_from(["a", "_INBOX.r", "$JS.ACK.S.c.1.5.5.1733400000000000000.0", "x.y.z"])
@@ -332,7 +332,7 @@ async def _parse_all(parser: Parser, stream: bytes, cuts: list[int]) -> None:
 @settings(max_examples=400, deadline=None)
 @given(
     st.lists(_frame(), min_size=1, max_size=25),
-    st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+    st.lists(st.integers(min_value=0, max_value=200_000), max_size=40),
     st.sampled_from([(1,), (1, 2), (1, 2, 3), ()]),
 )
 def test_the_protocol_parser_hands_over_what_nats_py_s_does_however_the_socket_cuts_it(
@@ -360,3 +360,19 @@ def test_the_protocol_parser_refuses_what_nats_py_s_refuses() -> None:
         asyncio.run(run(Parser(_Recorder((1,)))))
     with pytest.raises(nats.errors.ProtocolError):
         asyncio.run(run(_Recorder((1,))._ps))
+
+
+def test_a_sink_s_message_of_many_chunks_is_gathered_and_handed_over_once() -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    block = b"NATS/1.0\r\nMesh-Type: x\r\n\r\n"
+    frame = b"HMSG s1 1 r %d %d\r\n%s%s\r\nPING\r\n" % (len(block), len(block) + len(payload), block, payload)
+
+    async def run() -> _Recorder:
+        client = _Recorder((1,))
+        for at in range(0, len(frame), 32768):
+            await client._ps.parse(frame[at : at + 32768])
+        return client
+
+    client = asyncio.run(run())
+    assert client.seen == [("msg", 1, "s1", "r", payload, block), ("ping",)]
+    assert not client._ps.buf

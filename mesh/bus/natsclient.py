@@ -411,15 +411,28 @@ class SinkParser(Parser):
     does with those is unchanged; a sink's message cut off at the chunk's end waits for the
     next chunk here."""
 
+    # how many bytes the buffer must hold before a sink's message cut off at a chunk's end can
+    # be taken (0: unknown): a message of many chunks is gathered, not parsed again with each
+    _wanted = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self._wanted = 0
+
     async def parse(self, data: bytes = b"") -> None:
         nc = self.nc
         sinks = nc._sinks
         if not sinks or self.state != AWAITING_CONTROL_LINE:
+            self._wanted = 0
             await super().parse(data)
             return
         if self.buf:
-            data = bytes(self.buf) + data
+            self.buf.extend(data)
+            if len(self.buf) < self._wanted:
+                return
+            data = bytes(self.buf)
             self.buf = bytearray()
+        self._wanted = 0
         size = len(data)
         pos = 0
         waiting = False  # a sink's message, or a protocol line, cut off at the chunk's end
@@ -448,6 +461,7 @@ class SinkParser(Parser):
             end = start + total
             if end + 2 > size:
                 waiting = True
+                self._wanted = end + 2 - pos
                 break
             reply = parts[2] if count == (5 if with_headers else 4) else b""
             if header_size:
