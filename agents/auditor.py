@@ -18,6 +18,7 @@ from nats.aio.msg import Msg as NatsMsg
 
 from agents.base import Agent
 from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.pull import pull_subscribe
 from mesh.bus.read import fetch_some
 from mesh.bus.route import decode_checked
 from mesh.names import Names
@@ -41,8 +42,8 @@ class Auditor(Agent):
 
     async def start(self) -> None:
         await super().start()
-        self.sub = await self.bus.js.pull_subscribe_bind(
-            durable=self.names.auditor_consumer, stream=self.names.events_stream
+        self.sub = await pull_subscribe(
+            self.bus.js, durable=self.names.auditor_consumer, stream=self.names.events_stream
         )
 
     async def run(self) -> None:

@@ -42,6 +42,7 @@ from nats.aio.msg import Msg as NatsMsg
 from agents.base import Agent
 from agents.gateway_ask import AskServer
 from mesh.bus.jetstream import TRANSIENT
+from mesh.bus.pull import pull_subscribe
 from mesh.bus.read import fetch_some, read_bucket
 from mesh.bus.route import decode_checked
 from mesh.errors import MeshError
@@ -137,8 +138,8 @@ class Gateway(Agent):
             )
         # operator questions (`mesh ask`), beside the escalations (agents.gateway_ask)
         await AskServer(self).start()
-        self.sub = await self.bus.js.pull_subscribe_bind(
-            durable=self.names.gateway_consumer, stream=self.names.esc_stream
+        self.sub = await pull_subscribe(
+            self.bus.js, durable=self.names.gateway_consumer, stream=self.names.esc_stream
         )
         log.info(
             "gateway: model %s at %s, budget %s/day %s/plan, %s requests and %s tokens a minute",

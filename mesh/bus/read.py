@@ -25,6 +25,7 @@ from nats.js.kv import KeyValue
 import nats
 from mesh.bus.jetstream import TRANSIENT
 from mesh.bus.natsclient import MeshClient, status_of
+from mesh.bus.pull import Fetcher
 from mesh.bus.refusals import Client as WatchedClient
 from mesh.bus.resources import NS
 from mesh.bus.store import StoreWatch
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 async def fetch_some(
-    sub: JetStreamContext.PullSubscription,
+    sub: Fetcher,
     batch: int,
     what: str,
     timeout_s: float = 1.0,
