@@ -367,7 +367,7 @@ def _add_tasks(state: State, plan: PlanRecord, specs: tuple[TaskSpec, ...], at: 
             of_class = by_class[spec.cls] = {}
         of_class[status] = of_class.get(status, 0) + 1
         counts[status] = counts.get(status, 0) + 1
-        state._index(rec)  # (counted as demand, queued if waiting)
+        state._index(rec, key)  # (counted as demand, queued if waiting)
         added += 1
     return added
 
