@@ -5,7 +5,11 @@ refusals raised as nats-py raises them, and it goes on after a reconnect."""
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import nats.js.errors
 import pytest
@@ -191,3 +195,19 @@ async def test_a_request_still_open_is_not_asked_again(nats_server: EmbeddedServ
         assert info.num_ack_pending == 10 and info.num_waiting == 0
     finally:
         await bus.close()
+
+
+def test_the_benchmark_runs_both_ways() -> None:
+    """tools/pull_cost.py end to end on a few messages; its figures belong to docs/performance.md."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "tools" / "pull_cost.py"), "--messages", "300", "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    for way in ("nats-py", "Puller"):
+        line = rf"^{way}: median [0-9.]+ us a message over 1 rounds$"
+        assert re.search(line, done.stdout, re.M), done.stdout

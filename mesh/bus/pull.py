@@ -2,9 +2,9 @@
 fetch their inputs with.
 
 nats-py's `fetch` waits for each message of a batch with `next_msg`: a `wait_for`, a task and a
-queue get a message, about 30 µs of the client's CPU each (`tools/pull_cost.py`: 35–38 µs a
-message fetched and acknowledged, against 4–6 µs through a sink). The brain fetches a worker's
-report for every task it runs, so that was a fifth of its CPU a task.
+queue get a message (`tools/pull_cost.py`: 36–52 µs of the client's CPU a message fetched and
+acknowledged, against 5–9 µs through a `Puller`, docs/performance.md). The brain fetches a
+worker's report for every task it runs, so that was a fifth of its CPU a task.
 
 A `Puller` keeps one pull request open on its consumer at a time, for up to `batch` messages
 and lasting `timeout`; its messages land in a deque as the connection's reader parses them
