@@ -80,7 +80,7 @@ async def test_nothing_there_is_a_timeout_and_fetch_some_gives_nothing(nats_serv
         with pytest.raises(TimeoutError):
             await puller.fetch(5, timeout=0.3)
         assert time.monotonic() - began >= 0.3
-        assert await fetch_some(puller, 5, "test", timeout_s=0.2) == []  # type: ignore[arg-type]
+        assert await fetch_some(puller, 5, "test", timeout_s=0.2) == []
         # what comes after a timeout is still fetched
         await bus.js.publish("pt.a", b"after")
         assert [m.data for m in await puller.fetch(5, timeout=WAIT_S)] == [b"after"]
