@@ -512,6 +512,9 @@ async def test_finished_plans_leave_kv_but_not_the_history(mesh: Mesh, tmp_path:
     bus = await mesh.bus()
     result = await history.replay(bus)
     assert plan_id not in result.state.plans
+    read = [e async for e in history.read_history(bus, bus.names.transition_filters(None))]
+    assert result.events == len(read) and result.undecodable == 0
+    assert (result.first_seq, result.last_seq) == (read[0].seq, read[-1].seq)
     check = await history.verify(bus, result)
     assert check.differences == []
     kinds = [
