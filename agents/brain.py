@@ -43,7 +43,7 @@ from agents.brain_recovery import BrainRecovery
 from mesh import claims
 from mesh.bus.history import collector_paused
 from mesh.bus.jetstream import TRANSIENT
-from mesh.bus.pull import Fetcher, pull_subscribe
+from mesh.bus.pull import Fetcher, pull_subscribe, reset_consumer
 from mesh.bus.read import fetch_some
 from mesh.bus.workstream import WorkPurger, make_limits, work_retention
 from mesh.errors import MeshError
@@ -142,6 +142,7 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         await self._own_work_stream()
         if not await self._recover():
             return
+        await self._take_back_inputs()
         js = self.bus.js
         # (through sinks: nats-py's fetch cost a fifth of the brain's CPU a task, mesh.bus.pull)
         self.cmd_sub = await pull_subscribe(
@@ -153,6 +154,29 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         self.esc_sub = await pull_subscribe(
             js, durable=self.names.brain_esc_consumer, stream=self.names.events_stream
         )
+
+    async def _take_back_inputs(self) -> None:
+        """What a brain before this one fetched and never acknowledged (it was killed, or froze
+        and lost the lease) is delivered again now, not `brain_ack_wait_s` after it was fetched:
+        each input consumer is reset to its ack floor. Nothing else acts on these consumers
+        while this brain holds the lease, and it has fetched nothing yet. An input delivered
+        again after its step was committed is decided again as after any crash between a
+        commit and its acknowledgement (the machine takes a plan, a report or a command it has
+        seen as it was)."""
+        n = self.names
+        for stream, durable in (
+            (n.cmd_stream, n.brain_cmd_consumer),
+            (n.events_stream, n.brain_runs_consumer),
+            (n.events_stream, n.brain_esc_consumer),
+        ):
+            why = await reset_consumer(self.bus.js, stream, durable)
+            if why:
+                log.info(
+                    "could not reset %s (%s): inputs an earlier brain held come back after %.0fs",
+                    durable,
+                    why,
+                    self.settings.brain_ack_wait_s,
+                )
 
     async def _own_work_stream(self) -> None:
         """Make an old install's work-queue work stream a limits one before anything is

@@ -537,6 +537,37 @@ async def test_report_held_by_a_killed_brain_is_handled_soon_after_takeover(
         print(f"the held report was handled {time.monotonic() - killed_at:.1f}s after the kill")
 
 
+async def test_report_held_by_a_killed_brain_comes_back_at_takeover_not_after_the_ack_wait(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """The next brain resets its input consumers to their ack floors (`_take_back_inputs`): a
+    report the killed brain held comes back at once. With a lease of 300 s the brain consumers'
+    ack wait is 600 s, far past this test's wait: without the reset the task could not end in
+    time. (A standby on the same host takes over at once: the holder's process is gone.)"""
+    configure(mesh, lease_s=300)
+    mesh.brain("a")
+    await until(lambda: log_count(mesh, "a", "took the brain lease"), HANG_S, "brain a to lead")
+    mesh.brain("b")
+    await until(lambda: log_count(mesh, "b", "standby"), HANG_S, "brain b to stand by")
+    mesh.worker("w1")
+    brain_a = mesh.procs["a"].pid
+    try:
+        plan_id = await _freeze_brain_holding_a_report(mesh, brain_a, tmp_path)
+    except BaseException:
+        os.kill(brain_a, signal.SIGCONT)
+        raise
+    bus = await mesh.bus()
+    info = await bus.js.consumer_info(bus.names.events_stream, bus.names.brain_runs_consumer)
+    assert info.config.ack_wait == mesh.settings.brain_ack_wait_s == 600
+    mesh._expected_dead.add("a")
+    mesh.kill("a")
+    await until(lambda: log_count(mesh, "b", "took the brain lease"), HANG_S, "brain b to take over")
+    await mesh.wait_task(plan_id, "hold", "succeeded", timeout_s=HANG_S)
+    assert "could not reset" not in mesh.log("b")
+    await mesh.wait_plan(plan_id)
+    await assert_history_matches_kv(mesh)
+
+
 async def _freeze_brain_holding_a_report(mesh: Mesh, brain_pid: int, tmp_path: Path) -> str:
     """SIGSTOP the active brain while it has a pull request open, then let a task finish: the
     server delivers the report into the frozen brain, which never acknowledges it. Return the plan."""

@@ -28,6 +28,7 @@ import json
 import time
 from typing import Protocol
 
+import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg as NatsMsg
 from nats.aio.subscription import Subscription
@@ -141,6 +142,27 @@ class Puller:
         if self._sub is not None:
             await self._sub.unsubscribe()
             self._sub = None
+
+
+async def reset_consumer(js: JetStreamContext, stream: str, durable: str, timeout_s: float = 5.0) -> str:
+    """Reset a durable consumer to its ack floor (`$JS.API.CONSUMER.RESET`, nats-server 2.14 and
+    later): what it delivered and nobody acknowledged (its fetcher died) is delivered again at
+    once, not once its ack wait lapses; delivery counts start again at 1, and a message
+    acknowledged above the floor is delivered again too. '' when it was reset, else why not (an
+    older server does not know the request; a user may not be allowed it)."""
+    subject = f"{js._prefix}.CONSUMER.RESET.{stream}.{durable}"
+    try:
+        reply = await js._nc.request(subject, b"{}", timeout=timeout_s)
+    except (nats.errors.Error, TimeoutError) as exc:
+        return repr(exc)
+    try:
+        body = json.loads(reply.data)
+    except ValueError:
+        return f"an answer that is not JSON: {reply.data[:80]!r}"
+    error = body.get("error") if isinstance(body, dict) else None
+    if error:
+        return f"{error.get('description', error)} (code {error.get('err_code', '?')})"
+    return ""
 
 
 async def pull_subscribe(js: JetStreamContext, *, durable: str, stream: str) -> Fetcher:

@@ -310,6 +310,11 @@ class Grants:
             api_stream("PURGE", n.work_stream),
             api_stream("MSG.DELETE", n.work_stream),
             f"{JS_API}.CONSUMER.LIST.{n.work_stream}",
+            # what an earlier brain fetched and never acknowledged is delivered again at once
+            # (`Brain._take_back_inputs`)
+            f"{JS_API}.CONSUMER.RESET.{n.cmd_stream}.{n.brain_cmd_consumer}",
+            f"{JS_API}.CONSUMER.RESET.{n.events_stream}.{n.brain_runs_consumer}",
+            f"{JS_API}.CONSUMER.RESET.{n.events_stream}.{n.brain_esc_consumer}",
         ]
         pub += self.manage_everything()
         return Permissions(
