@@ -508,26 +508,11 @@ async def _collect_leases(watcher: Any, into: list[Lease]) -> None:
 async def test_report_held_by_a_killed_brain_is_handled_soon_after_takeover(
     mesh: Mesh, tmp_path: Path
 ) -> None:
-    lease_s = 4.0
-    configure(mesh, lease_s=lease_s)
-    mesh.brain("a")
-    await until(lambda: log_count(mesh, "a", "took the brain lease"), HANG_S, "brain a to lead")
-    mesh.brain("b")
-    await until(lambda: log_count(mesh, "b", "standby"), HANG_S, "brain b to stand by")
-    mesh.worker("w1")
-    brain_a = mesh.procs["a"].pid
-    try:
-        plan_id = await _freeze_brain_holding_a_report(mesh, brain_a, tmp_path)
-    except BaseException:
-        os.kill(brain_a, signal.SIGCONT)
-        raise
-    mesh._expected_dead.add("a")
-    mesh.kill("a")
-    killed_at = time.monotonic()
-    await until(lambda: log_count(mesh, "b", "took the brain lease"), HANG_S, "brain b to take over")
+    configure(mesh, lease_s=4.0)
+    plan_id, killed_at = await _kill_a_brain_holding_a_report(mesh, tmp_path)
     print(f"\nstandby took over {time.monotonic() - killed_at:.1f}s after the kill")
-    # the report the killed brain held comes back once the brain consumers' ack_wait lapses:
-    # theirs, not the server's default of 30 s
+    # the brain consumers' own ack wait, not the server's default of 30 s (what the report the
+    # killed brain held waits for where the reset is refused)
     bus = await mesh.bus()
     info = await bus.js.consumer_info(bus.names.events_stream, bus.names.brain_runs_consumer)
     assert info.config.ack_wait == mesh.settings.brain_ack_wait_s
@@ -545,6 +530,20 @@ async def test_report_held_by_a_killed_brain_comes_back_at_takeover_not_after_th
     ack wait is 600 s, far past this test's wait: without the reset the task could not end in
     time. (A standby on the same host takes over at once: the holder's process is gone.)"""
     configure(mesh, lease_s=300)
+    assert mesh.settings.brain_ack_wait_s == 600
+    plan_id, _ = await _kill_a_brain_holding_a_report(mesh, tmp_path)
+    bus = await mesh.bus()
+    info = await bus.js.consumer_info(bus.names.events_stream, bus.names.brain_runs_consumer)
+    assert info.config.ack_wait == 600
+    await mesh.wait_task(plan_id, "hold", "succeeded", timeout_s=HANG_S)
+    assert "could not reset" not in mesh.log("b")
+    await mesh.wait_plan(plan_id)
+    await assert_history_matches_kv(mesh)
+
+
+async def _kill_a_brain_holding_a_report(mesh: Mesh, tmp_path: Path) -> tuple[str, float]:
+    """Brain a leads, b stands by, a worker runs; a is frozen holding a report, then killed,
+    and b takes the lease. The plan of the held report, and when a was killed."""
     mesh.brain("a")
     await until(lambda: log_count(mesh, "a", "took the brain lease"), HANG_S, "brain a to lead")
     mesh.brain("b")
@@ -556,16 +555,11 @@ async def test_report_held_by_a_killed_brain_comes_back_at_takeover_not_after_th
     except BaseException:
         os.kill(brain_a, signal.SIGCONT)
         raise
-    bus = await mesh.bus()
-    info = await bus.js.consumer_info(bus.names.events_stream, bus.names.brain_runs_consumer)
-    assert info.config.ack_wait == mesh.settings.brain_ack_wait_s == 600
     mesh._expected_dead.add("a")
     mesh.kill("a")
+    killed_at = time.monotonic()
     await until(lambda: log_count(mesh, "b", "took the brain lease"), HANG_S, "brain b to take over")
-    await mesh.wait_task(plan_id, "hold", "succeeded", timeout_s=HANG_S)
-    assert "could not reset" not in mesh.log("b")
-    await mesh.wait_plan(plan_id)
-    await assert_history_matches_kv(mesh)
+    return plan_id, killed_at
 
 
 async def _freeze_brain_holding_a_report(mesh: Mesh, brain_pid: int, tmp_path: Path) -> str:
