@@ -469,7 +469,10 @@ async def test_frozen_brain_loses_the_lease_and_stays_quiet_when_it_wakes(mesh: 
         await until(lambda: log_count(mesh, "b", "took the brain lease"), HANG_S, "brain b to take over")
         takeover_s = time.monotonic() - frozen_at
         print(f"\nstandby took the lease {takeover_s:.2f}s after the active brain froze (lease {lease_s:g}s)")
-        b_id = next(h for h in (x.holder for x in leases) if pid_of(h) == mesh.procs["b"].pid)
+        # (b's lease reaches the test's watcher after b has logged taking it: wait for it there)
+        b_pid = mesh.procs["b"].pid
+        await until(lambda: any(pid_of(x.holder) == b_pid for x in leases), HANG_S, "b's lease in the watch")
+        b_id = next(h for h in (x.holder for x in leases) if pid_of(h) == b_pid)
         taken = next(i for i, x in enumerate(leases) if x.holder == b_id)
         # the lease b replaced was a's last, and b took it only once that one had expired
         # (a looks alive, frozen); both times are the brains' own, not the test's
