@@ -150,18 +150,11 @@ async def reset_consumer(js: JetStreamContext, stream: str, durable: str, timeou
     once, not once its ack wait lapses; delivery counts start again at 1, and a message
     acknowledged above the floor is delivered again too. '' when it was reset, else why not (an
     older server does not know the request; a user may not be allowed it)."""
-    subject = f"{js._prefix}.CONSUMER.RESET.{stream}.{durable}"
     try:
-        reply = await js._nc.request(subject, b"{}", timeout=timeout_s)
-    except (nats.errors.Error, TimeoutError) as exc:
+        # (nats-py's JetStream API call: the domain's prefix, no responders, the answer's error)
+        await js._api_request(f"{js._prefix}.CONSUMER.RESET.{stream}.{durable}", b"{}", timeout=timeout_s)
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError, ValueError) as exc:
         return repr(exc)
-    try:
-        body = json.loads(reply.data)
-    except ValueError:
-        return f"an answer that is not JSON: {reply.data[:80]!r}"
-    error = body.get("error") if isinstance(body, dict) else None
-    if error:
-        return f"{error.get('description', error)} (code {error.get('err_code', '?')})"
     return ""
 
 
