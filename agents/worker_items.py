@@ -349,6 +349,7 @@ class Items:
         assert self.reaper is not None, "worker not started"
         run.ctx.on_start = self.reaper.watch
         run.ctx.on_end = self.reaper.forget
+        run.ctx.env.update(self.reaper.env)
 
     async def _dead_letter(self, item: WorkItem, raw: NatsMsg, why: str) -> None:
         """Every worker that took this item died with it: stop the cycle, record it, fail the task."""

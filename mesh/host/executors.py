@@ -79,8 +79,8 @@ async def _kill_group(proc: asyncio.subprocess.Process, grace_s: float) -> None:
 
 def task_env(item: WorkItem, ctx: RunContext) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(ctx.env)
     env.update(item.env)
+    env.update(ctx.env)  # the worker's own (its reaper's mark) over the plan's
     env.update(
         {
             "MESH_PLAN_ID": item.plan_id,

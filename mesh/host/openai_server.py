@@ -34,7 +34,10 @@ TAIL_BYTES = 4096
 
 
 class GroupWatch(Protocol):
-    """The worker's reaper: told a process group when it starts and when it is gone."""
+    """The worker's reaper: told a process group when it starts and when it is gone; `env` is
+    what the process adds to its environment (the mark the reaper finds it by)."""
+
+    env: dict[str, str]
 
     def watch(self, pgid: int) -> None: ...
 
@@ -92,6 +95,7 @@ class ServerProcess:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=None if reaper is None else {**os.environ, **reaper.env},
             )
         except OSError as exc:
             raise ModelError(

@@ -4,29 +4,95 @@ Bodies run in their own process groups (so a timeout or cancel kills them whole)
 means nothing ties them to the worker: a worker killed with SIGKILL would leave its bodies
 running beside the copy that JetStream redelivers to another worker. The worker starts this
 small process with a pipe; it writes `+ PGID` when a body starts and `- PGID` when it is done.
-When the pipe closes, the worker is gone (a clean stop closes it with no groups left), and the
-reaper kills every group still listed.
+When the pipe closes, the worker is gone, and the reaper kills every group still listed (a
+clean stop writes `bye` first, with no groups left).
 
-    python -m mesh.host.reaper        (started by the worker, never by hand)
+The pipe alone leaves a window: a body runs from its fork, and the worker tells the pipe only
+once the spawn returns to it. A worker killed between the two would leave a body no one
+listed. So every process the worker starts under the reaper also carries a mark in its
+environment (`MARK_VAR`, a random value per worker, inherited by everything the body starts),
+and when the pipe closes without `bye` the reaper also kills every marked process of this
+machine that leads its own process group, with its group, until it finds none (Linux: /proc;
+elsewhere the list alone). That is a body the list missed, or a process a body detached into a
+session of its own; what a finished body left running in its group is left alone, as before.
+
+    python -m mesh.host.reaper MARK   (started by the worker, never by hand)
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+
+MARK_VAR = "MESH_REAPER_MARK"
+# rounds of the sweep: a body forking while one round reads /proc is found by the next
+SWEEPS = 5
 
 
-def main() -> int:
+def marked(mark: str, proc_dir: str = "/proc") -> Iterator[int]:
+    """The pids of the processes whose environment holds `MARK_VAR=mark` (those this user may
+    read; the rest are not a worker's)."""
+    needle = f"{MARK_VAR}={mark}".encode()
+    try:
+        names = os.listdir(proc_dir)
+    except OSError:
+        return
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{proc_dir}/{name}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:  # gone, or not ours
+            continue
+        if needle in environ.split(b"\0"):
+            yield int(name)
+
+
+def kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def leads_its_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def sweep(mark: str) -> int:
+    """Kill every marked process that leads its own process group, with its group, round
+    after round until a round finds none; return how many groups were killed."""
+    found = 0
+    for _ in range(SWEEPS):
+        leaders = [pid for pid in marked(mark) if leads_its_group(pid)]
+        if not leaders:
+            break
+        found += len(leaders)
+        for pgid in leaders:
+            kill_group(pgid)
+    return found
+
+
+def main(argv: list[str]) -> int:
     # the worker's terminal or service manager may signal the whole session: outlive that
     # long enough to read the pipe's end
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    mark = argv[0] if argv else ""
     groups: set[int] = set()
+    clean = False
     for line in sys.stdin:
         op, _, pgid = line.strip().partition(" ")
+        if op == "bye":
+            clean = True
+            break
         if not pgid.isdigit():
             continue
         if op == "+":
@@ -34,17 +100,22 @@ def main() -> int:
         elif op == "-":
             groups.discard(int(pgid))
     for pgid in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+        kill_group(pgid)
+    if mark and not clean:
+        sweep(mark)
     return 0
 
 
 class Reaper:
-    """The worker's side: start the reaper, tell it about each body's process group."""
+    """The worker's side: start the reaper, tell it about each body's process group, and give
+    each body the reaper's mark (`env`)."""
 
     def __init__(self) -> None:
+        self.mark = secrets.token_hex(16)
+        # what a process started under this reaper adds to its environment
+        self.env = {MARK_VAR: self.mark}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh.host.reaper"],
+            [sys.executable, "-m", "mesh.host.reaper", self.mark],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -66,6 +137,8 @@ class Reaper:
         self._send(f"- {pgid}")
 
     def close(self) -> None:
+        """The worker's clean stop: its bodies have ended (or been killed) by now."""
+        self._send("bye")
         if self.proc.stdin is not None:
             with contextlib.suppress(BrokenPipeError, ValueError):
                 self.proc.stdin.close()
@@ -74,4 +147,4 @@ class Reaper:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

@@ -31,6 +31,7 @@ def no_text(_chunk: str) -> None:
 @dataclass
 class RunContext:
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    # the worker's additions to a body's environment (its reaper's mark), over the plan's
     env: dict[str, str] = field(default_factory=dict)
     tail_bytes: int = 4096
     kill_grace_s: float = 5.0

@@ -1,0 +1,159 @@
+"""The worker's reaper, with real processes: what it kills when the worker dies, and what not.
+
+A stand-in worker (a small script) starts a reaper and bodies the way the worker does, in
+their own sessions; the test kills it with SIGKILL, or lets it stop cleanly, and looks at
+which bodies are left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from mesh.host.reaper import MARK_VAR, marked
+from tests.conftest import ROOT
+
+WAIT_S = 60.0
+
+STAND_IN = r"""
+import json, os, subprocess, sys, time
+from mesh.host.reaper import Reaper
+
+reaper = Reaper()
+marked = {**os.environ, **reaper.env}
+
+
+def body(cmd, env):
+    return subprocess.Popen(["sh", "-c", cmd], env=env, start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+
+
+pids = {"reaper": reaper.proc.pid}
+# a body the reaper was told about
+listed = body("sleep 300", marked)
+reaper.watch(listed.pid)
+pids["listed"] = listed.pid
+# a body started but not yet told (the worker died between the spawn and the pipe)
+pids["unlisted"] = body("sleep 300", marked).pid
+# the same without the mark: nothing ties it to the worker
+pids["unmarked"] = body("sleep 300", dict(os.environ)).pid
+# a body that ended, leaving a process in its group
+ended = body("sleep 300 >/dev/null & echo $!", marked)
+reaper.watch(ended.pid)
+pids["leftover"] = int(ended.stdout.readline())
+ended.wait()
+reaper.forget(ended.pid)
+# a body that ended after detaching a process into a session of its own
+detach = "import os; os.setsid(); os.execvp('sleep', ['sleep', '300'])"
+ended = body(f"{sys.executable} -c \"{detach}\" >/dev/null & echo $!", marked)
+reaper.watch(ended.pid)
+pids["detached"] = int(ended.stdout.readline())
+ended.wait()
+while os.getpgid(pids["detached"]) != pids["detached"]:  # until it has detached
+    time.sleep(0.01)
+reaper.forget(ended.pid)
+if sys.argv[1] == "stop":
+    reaper.close()
+print(json.dumps(pids), flush=True)
+time.sleep(300)
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_for(predicate: object, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {WAIT_S:g}s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def stand_in() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    # what a test left running: every `sleep 300` started under this test's stand-in
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            if p.info["cmdline"] == ["sleep", "300"] and p.info["environ"].get("MESH_REAPER_TEST") == str(
+                os.getpid()
+            ):
+                p.kill()
+        except (psutil.Error, AttributeError):
+            continue
+
+
+def start(stand_in: list[subprocess.Popen[str]], how: str) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    env = {**os.environ, "MESH_REAPER_TEST": str(os.getpid()), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STAND_IN, how], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+    )
+    stand_in.append(proc)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, f"the stand-in worker ended early (exit {proc.wait()})"
+    return proc, json.loads(line)
+
+
+def test_a_killed_worker_takes_its_bodies_with_it_even_one_it_had_not_listed(
+    stand_in: list[subprocess.Popen[str]],
+) -> None:
+    proc, pids = start(stand_in, "die")
+    assert all(running(pids[k]) for k in ("listed", "unlisted", "unmarked", "leftover", "detached"))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.Process(pids["reaper"]).wait(WAIT_S)
+    wait_for(lambda: not running(pids["listed"]), "the listed body to die")
+    wait_for(lambda: not running(pids["unlisted"]), "the body started but not yet listed to die")
+    wait_for(lambda: not running(pids["detached"]), "the detached process to die")
+    # the reaper is done: what it left, it leaves
+    assert running(pids["unmarked"]), "a process without the mark is not the worker's"
+    assert running(pids["leftover"]), "what a finished body left in its group stays, as before"
+
+
+def test_a_clean_stop_kills_nothing_it_was_not_told_of(stand_in: list[subprocess.Popen[str]]) -> None:
+    proc, pids = start(stand_in, "stop")
+    # (the stand-in's close() waited for the reaper to end)
+    wait_for(lambda: not running(pids["reaper"]), "the reaper to end")
+    # the listed body was still listed at `bye`: a worker's stop has ended its bodies by then,
+    # so one still listed is killed all the same
+    wait_for(lambda: not running(pids["listed"]), "the listed body to die")
+    for name in ("unlisted", "unmarked", "leftover", "detached"):
+        assert running(pids[name]), name
+    proc.kill()
+
+
+def test_marked_reads_the_environment_of_each_process(tmp_path: Path) -> None:
+    def proc(pid: str, environ: bytes) -> None:
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "environ").write_bytes(environ)
+
+    proc("10", f"A=1\0{MARK_VAR}=abc\0B=2\0".encode())
+    proc("11", f"{MARK_VAR}=abcd\0".encode())  # another worker's mark that starts alike
+    proc("12", f"X={MARK_VAR}=abc\0".encode())  # the mark inside another variable's value
+    proc("13", f"{MARK_VAR}=abc".encode())  # last, with no terminator
+    (tmp_path / "self").mkdir()
+    (tmp_path / "14").mkdir()  # gone, or not readable
+    assert sorted(marked("abc", str(tmp_path))) == [10, 13]
+    assert list(marked("abc", str(tmp_path / "absent"))) == []
