@@ -164,12 +164,14 @@ class Brain(BrainIntake, BrainRecovery, BrainLease):
         commit and its acknowledgement (the machine takes a plan, a report or a command it has
         seen as it was)."""
         n = self.names
-        for stream, durable in (
+        inputs = (
             (n.cmd_stream, n.brain_cmd_consumer),
             (n.events_stream, n.brain_runs_consumer),
             (n.events_stream, n.brain_esc_consumer),
-        ):
-            why = await reset_consumer(self.bus.js, stream, durable)
+        )
+        # at once: a request the server leaves unanswered costs its timeout once, not thrice
+        whys = await asyncio.gather(*(reset_consumer(self.bus.js, s, d) for s, d in inputs))
+        for (_, durable), why in zip(inputs, whys, strict=True):
             if why:
                 log.info(
                     "could not reset %s (%s): inputs an earlier brain held come back after %.0fs",

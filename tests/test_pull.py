@@ -17,7 +17,7 @@ from nats.js import api
 
 from mesh.bus.connect import connect
 from mesh.bus.natsclient import MeshClient
-from mesh.bus.pull import Puller, pull_subscribe
+from mesh.bus.pull import Puller, knows_reset, pull_subscribe
 from mesh.bus.read import fetch_some
 from mesh.host.config import load_settings
 from mesh.ops.embedded import EmbeddedServer
@@ -211,3 +211,10 @@ def test_the_benchmark_runs_both_ways() -> None:
     for way in ("nats-py", "Puller"):
         line = rf"^{way}: median [0-9.]+ us a message over 1 rounds$"
         assert re.search(line, done.stdout, re.M), done.stdout
+
+
+def test_a_server_before_2_14_is_not_asked_for_a_reset() -> None:
+    assert knows_reset("2.15.1") and knows_reset("2.14.0") and knows_reset("3.0.0")
+    assert knows_reset("2.14.0-RC.1") and knows_reset("2.16.0-dev+abc")
+    assert not knows_reset("2.13.9") and not knows_reset("2.10.22") and not knows_reset("0.0.0-unknown")
+    assert knows_reset("not a version")  # the request then says

@@ -144,12 +144,30 @@ class Puller:
             self._sub = None
 
 
+# the first nats-server that knows `$JS.API.CONSUMER.RESET`
+RESET_SINCE = (2, 14)
+
+
+def knows_reset(version: str) -> bool:
+    """Whether a server of this version (its INFO's `version`: `2.15.1`, `2.14.0-RC.1`) knows
+    the consumer reset. An unreadable version is taken as knowing it: the request then says."""
+    parts = version.split("-", 1)[0].split(".")
+    try:
+        return (int(parts[0]), int(parts[1])) >= RESET_SINCE
+    except (IndexError, ValueError):
+        return True
+
+
 async def reset_consumer(js: JetStreamContext, stream: str, durable: str, timeout_s: float = 5.0) -> str:
     """Reset a durable consumer to its ack floor (`$JS.API.CONSUMER.RESET`, nats-server 2.14 and
     later): what it delivered and nobody acknowledged (its fetcher died) is delivered again at
     once, not once its ack wait lapses; delivery counts start again at 1, and a message
     acknowledged above the floor is delivered again too. '' when it was reset, else why not (an
-    older server does not know the request; a user may not be allowed it)."""
+    older server does not know the request, and is not asked: it would leave it unanswered; a
+    user may not be allowed it)."""
+    version = js._nc.connected_server_version._server_version
+    if not knows_reset(version):
+        return f"nats-server {version} has no consumer reset (since {RESET_SINCE[0]}.{RESET_SINCE[1]})"
     try:
         # (nats-py's JetStream API call: the domain's prefix, no responders, the answer's error)
         await js._api_request(f"{js._prefix}.CONSUMER.RESET.{stream}.{durable}", b"{}", timeout=timeout_s)
