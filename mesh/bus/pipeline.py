@@ -111,8 +111,15 @@ class AckCollector:
         if not batch.done.done():
             batch.done.cancel()
 
-    async def on_reply(self, msg: NatsMsg) -> None:
+    def take(self, msg: NatsMsg) -> None:
+        """An acknowledgement to its batch: a sink (`MeshClient.subscribe_sink`), so that the
+        acknowledgements arriving between a brain's inputs do not hand the rest of the socket's
+        chunk, inputs and all, to nats-py's parser (`SinkParser`)."""
         key, _, index = msg.subject[len(self.prefix) + 1 :].partition(".")
         batch = self.batches.get(key)
         if batch is not None and index.isdigit():
             batch.take(int(index), msg)
+
+    async def on_reply(self, msg: NatsMsg) -> None:
+        """`take`, as a subscription's callback on another client than mesh's."""
+        self.take(msg)

@@ -374,7 +374,10 @@ class Bus:
     ) -> list[api.PubAck]:
         if self._acks is None:
             self._acks = AckCollector(self.nc.new_inbox())
-            await self.nc.subscribe(f"{self._acks.prefix}.>", cb=self._acks.on_reply)
+            if isinstance(self.nc, MeshClient):
+                await self.nc.subscribe_sink(f"{self._acks.prefix}.>", self._acks.take)
+            else:
+                await self.nc.subscribe(f"{self._acks.prefix}.>", cb=self._acks.on_reply)
         batch = self._acks.open(len(items))
         if isinstance(self.nc, MeshClient):
             self.nc.awaiting(batch.done)  # (failed if the connection is lost before it is answered)
