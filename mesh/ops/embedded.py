@@ -7,6 +7,8 @@ server's own "Server is ready" line rather than sleeping.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -91,8 +93,48 @@ def server_config(
     )
 
 
+LOCK_NAME = "server.lock"
+
+
+def lock_store(data_dir: Path) -> int:
+    """An open descriptor of `data_dir`'s lock file, locked (flock) for one server: raises
+    MeshError, saying which process holds it, where another server runs on this store.
+
+    The server started with it keeps it (`pass_fds`), so the lock lasts exactly as long as the
+    server, whoever started it: a server that a killed `mesh up` left running still holds it.
+    Two servers on one store corrupt it: the second rewrites block files that the first one
+    still writes to (seen: the first server's open blocks deleted under it)."""
+    path = data_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = ""
+        with contextlib.suppress(OSError):
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        who = f"pid {holder}" if holder.isdigit() else "another process"
+        raise MeshError(
+            f"a nats-server ({who}) already runs on the store in {data_dir}: two servers on one "
+            "store corrupt it. It may be one an earlier `mesh up` left when it was killed; stop "
+            f"it{f' (kill {holder})' if holder.isdigit() else ''} and start again, or use "
+            "another --data-dir"
+        ) from None
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _note_holder(fd: int, pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{pid}\n".encode(), 0)
+
+
 class EmbeddedServer:
-    """A nats-server child process with JetStream and a store in `data_dir`."""
+    """A nats-server child process with JetStream and a store in `data_dir`; one at a time on a
+    store (`lock_store`)."""
 
     def __init__(
         self,
@@ -129,23 +171,30 @@ class EmbeddedServer:
 
     def start(self, timeout_s: float = 20.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        store = self.data_dir / "jetstream"
-        text = self.config_text or server_config(
-            self.port, str(store), self.max_payload, durability=self.durability, host=self.host
-        )
-        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        self._ready.clear()
-        self.log_lines = []
-        self.proc = subprocess.Popen(
-            [find_server_binary(), "-c", str(self.config_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-        )
+        # before anything in the data dir is touched: its config belongs to a running server too
+        lock = lock_store(self.data_dir)
+        try:
+            store = self.data_dir / "jetstream"
+            text = self.config_text or server_config(
+                self.port, str(store), self.max_payload, durability=self.durability, host=self.host
+            )
+            fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(text)
+            self._ready.clear()
+            self.log_lines = []
+            self.proc = subprocess.Popen(
+                [find_server_binary(), "-c", str(self.config_path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
+                pass_fds=(lock,),  # the server holds the store's lock for its whole life
+            )
+            _note_holder(lock, self.proc.pid)
+        finally:
+            os.close(lock)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if not self._ready.wait(timeout_s) or self.proc.poll() is not None:

@@ -1,0 +1,66 @@
+"""One nats-server per store: a second embedded server on a store in use is refused, saying
+which process holds it, before it touches anything there."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mesh.errors import MeshError
+from mesh.ops.embedded import LOCK_NAME, EmbeddedServer
+
+pytestmark = pytest.mark.integration
+
+
+def blocks(store: Path) -> dict[str, int]:
+    return {str(p.relative_to(store)): p.stat().st_ino for p in store.rglob("*.blk")}
+
+
+def test_a_second_server_on_a_store_in_use_is_refused_and_touches_nothing(tmp_path: Path) -> None:
+    first = EmbeddedServer(tmp_path / "data", port=-1, durability="lazy")
+    first.start()
+    try:
+        assert first.proc is not None
+        config = first.config_path.read_text()
+        before = blocks(tmp_path / "data" / "jetstream")
+        second = EmbeddedServer(tmp_path / "data", port=-1, durability="always")
+        with pytest.raises(MeshError) as caught:
+            second.start()
+        said = str(caught.value)
+        assert f"pid {first.proc.pid}" in said and "already runs on the store" in said
+        assert f"kill {first.proc.pid}" in said and "--data-dir" in said
+        assert second.proc is None, "no second server was started"
+        assert first.config_path.read_text() == config, "its config was not rewritten"
+        assert blocks(tmp_path / "data" / "jetstream") == before, "its block files are the same files"
+        assert first.running()
+    finally:
+        first.stop()
+    # the lock lasts as long as the server that holds it: stopped, the store is free again
+    again = EmbeddedServer(tmp_path / "data", port=-1, durability="lazy")
+    again.start()
+    try:
+        assert again.proc is not None
+        assert (tmp_path / "data" / LOCK_NAME).read_text().strip() == str(again.proc.pid)
+    finally:
+        again.stop()
+
+
+def test_the_server_holds_the_lock_itself_not_whoever_started_it(tmp_path: Path) -> None:
+    server = EmbeddedServer(tmp_path / "data", port=-1, durability="lazy")
+    server.start()
+    try:
+        assert server.proc is not None
+        lock = str(tmp_path / "data" / LOCK_NAME)
+        held_by = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _holds(int(pid), lock)]
+        assert held_by == [server.proc.pid], "only the server has the lock file open"
+    finally:
+        server.stop()
+
+
+def _holds(pid: int, path: str) -> bool:
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == path for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
