@@ -368,48 +368,48 @@ async def test_retry_runs_failed_work_again(mesh: Mesh, env: dict[str, str], tmp
     assert verify.returncode == 0, verify.stdout
 
 
-@pytest.mark.integration
-def test_up_stops_all_children_on_sigterm(env: dict[str, str], tmp_path: Path) -> None:
-    import psutil
+# every agent `mesh up` starts: the brain, two workers, the model worker, the watchdog, the
+# auditor, the gateway and the web console
+UP_AGENTS = {"brain", "worker-1", "worker-2", "cpu-models", "watchdog", "auditor", "gateway", "web"}
+UP_OPTIONS = ("--port=-1", "--workers", "2", "--gpus", "cpu")
 
+
+def start_up(env: dict[str, str], data: Path) -> subprocess.Popen[str]:
+    """`mesh up` on `data`, once every agent it starts has said it started."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mesh",
-            "up",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--port=-1",
-            "--workers",
-            "2",
-            "--gpus",
-            "cpu",
-        ],
+        [sys.executable, "-m", "mesh", "up", "--data-dir", str(data), *UP_OPTIONS],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
     )
-    # every agent `mesh up` starts: the brain, two workers, the model worker, the watchdog, the
-    # auditor, the gateway and the web console
-    agents = {"brain", "worker-1", "worker-2", "cpu-models", "watchdog", "auditor", "gateway", "web"}
+    logs = data / "logs"
+    deadline = time.monotonic() + HANG_S
+    started: set[str] = set()
+    while time.monotonic() < deadline and proc.poll() is None:
+        started = (
+            {p.stem for p in logs.glob("*.log") if " started as " in p.read_text()}
+            if logs.exists()
+            else set()
+        )
+        if started >= UP_AGENTS:
+            return proc
+        time.sleep(0.1)
+    proc.kill()
+    _, err = proc.communicate(timeout=30)
+    raise AssertionError(f"agents did not start: {sorted(UP_AGENTS - started)} missing; {err[-2000:]}")
+
+
+@pytest.mark.integration
+def test_up_stops_all_children_on_sigterm(env: dict[str, str], tmp_path: Path) -> None:
+    import psutil
+
+    proc = start_up(env, tmp_path / "data")
+    agents = UP_AGENTS
+    logs = tmp_path / "data" / "logs"
     children: list[psutil.Process] = []
     try:
-        logs = tmp_path / "data" / "logs"
-        deadline = time.monotonic() + HANG_S
-        while time.monotonic() < deadline:
-            started = (
-                {p.stem for p in logs.glob("*.log") if " started as " in p.read_text()}
-                if logs.exists()
-                else set()
-            )
-            if agents <= started:
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError(f"agents did not start: {sorted(agents - started)} missing")
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= len(agents) + 1, "the server and every agent"
         proc.send_signal(signal.SIGTERM)
@@ -428,3 +428,35 @@ def test_up_stops_all_children_on_sigterm(env: dict[str, str], tmp_path: Path) -
     assert not alive, f"left running: {alive}"
     for name in ("brain", "worker-1", "worker-2", "auditor"):
         assert " stopped" in (logs / f"{name}.log").read_text()
+
+
+@pytest.mark.integration
+def test_up_killed_leaves_nothing_running_and_no_second_server_meanwhile(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`mesh up` killed with SIGKILL: its reaper stops what it started, agents first (each
+    drains: SIGTERM), then the server; while that server runs, a second `mesh up` on the same
+    store is refused before it touches it."""
+    import psutil
+
+    data = tmp_path / "data"
+    proc = start_up(env, data)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    try:
+        second = run_mesh("up", "--data-dir", str(data), "--port=-1", "--gpus", "off", env=env)
+        assert second.returncode == 2, second.stderr
+        said = " ".join(second.stderr.split())
+        assert "already runs on the store" in said and "--data-dir" in said, said
+        proc.kill()
+        proc.communicate(timeout=30)
+        _gone, alive = psutil.wait_procs(children, timeout=HANG_S)
+        assert not alive, f"left running: {alive}"
+        for name in ("brain", "worker-1", "worker-2", "auditor"):
+            assert " stopped" in (data / "logs" / f"{name}.log").read_text(), f"{name} stopped as asked"
+    finally:
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)

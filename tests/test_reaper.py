@@ -7,6 +7,7 @@ which bodies are left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -157,3 +158,65 @@ def test_marked_reads_the_environment_of_each_process(tmp_path: Path) -> None:
     (tmp_path / "14").mkdir()  # gone, or not readable
     assert sorted(marked("abc", str(tmp_path))) == [10, 13]
     assert list(marked("abc", str(tmp_path / "absent"))) == []
+
+
+STAGED = r"""
+import os, subprocess, sys, time
+from mesh.host.reaper import Reaper
+
+out = sys.argv[1]
+reaper = Reaper(marked=False, grace_s=float(sys.argv[2]))
+
+
+def child(name, on_term):
+    # says when it is asked to stop, then stops (or not: `on_term` empty ignores SIGTERM)
+    script = f"trap '{on_term}' TERM; echo up > {out}.{name}; while :; do sleep 0.05; done"
+    proc = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    while not os.path.exists(f"{out}.{name}"):
+        time.sleep(0.01)
+    return proc
+
+
+stop = f"echo %s $(date +%%s.%%N) >> {out}; exit 0"
+server = child("server", stop % "server")
+reaper.watch(server.pid, 2)
+brain = child("brain", stop % "brain")
+reaper.watch(brain.pid, 1)
+worker = child("worker", stop % "worker")
+reaper.watch(worker.pid, 0)
+stubborn = child("stubborn", "")
+reaper.watch(stubborn.pid, 0)
+print(" ".join(str(p.pid) for p in (server, brain, worker, stubborn)), flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_staged_reaper_stops_each_stage_in_turn_and_kills_what_ignores_sigterm(tmp_path: Path) -> None:
+    out = tmp_path / "order"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    owner = subprocess.Popen(
+        [sys.executable, "-c", STAGED, str(out), "1.0"], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+    )
+    try:
+        assert owner.stdout is not None
+        pids = [int(p) for p in owner.stdout.readline().split()]
+        assert len(pids) == 4, "the owner started its children"
+        owner.kill()  # SIGKILL: its reaper's pipe closes
+        owner.wait()
+        wait_for(lambda: not any(running(pid) for pid in pids), "every child to be gone")
+        # the workers' stage first, then the brain, then the server: each asked with SIGTERM
+        said = [line.split() for line in out.read_text().splitlines()]
+        assert [name for name, _ in said] == ["worker", "brain", "server"]
+        # the stubborn one held its stage for the whole grace, then was killed: only then was
+        # the brain asked (a lower bound, which a slow machine cannot break)
+        at = {name: float(t) for name, t in said}
+        assert at["brain"] - at["worker"] >= 0.9
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        if owner.stdout is not None:
+            owner.stdout.close()
+        for pid in locals().get("pids", []):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)

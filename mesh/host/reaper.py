@@ -16,7 +16,12 @@ machine that leads its own process group, with its group, until it finds none (L
 elsewhere the list alone). That is a body the list missed, or a process a body detached into a
 session of its own; what a finished body left running in its group is left alone, as before.
 
-    python -m mesh.host.reaper MARK   (started by the worker, never by hand)
+`mesh up` keeps one too, for the server and agents it starts (`mesh.ops.up`), with no mark and
+a grace: its children are told to stop (SIGTERM) and killed only if they are still there after
+the grace, in stages, as a clean stop orders them (`+ PGID STAGE`: the workers, then the brain,
+then the server), so that a `mesh up` killed with SIGKILL leaves nothing running on its store.
+
+    python -m mesh.host.reaper MARK|- [GRACE_S]   (started by its owner, never by hand)
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 MARK_VAR = "MESH_REAPER_MARK"
@@ -80,42 +86,92 @@ def sweep(mark: str) -> int:
     return found
 
 
+def group_alive(pgid: int, proc_dir: str = "/proc") -> bool:
+    """Whether a process of group `pgid` still runs (a zombie, waiting for whoever adopted it to
+    reap it, does not: it cannot be killed again). Without /proc, whether the group exists."""
+    try:
+        names = os.listdir(proc_dir)
+    except OSError:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{proc_dir}/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # `pid (comm) state ppid pgrp ...`: comm may hold spaces and parentheses
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] != b"Z":
+            return True
+    return False
+
+
+def stop_groups(groups: dict[int, int], grace_s: float) -> None:
+    """Stop the groups stage by stage (lowest first): SIGKILL with no grace, else SIGTERM, then
+    SIGKILL for what is still running once `grace_s` has passed."""
+    for stage in sorted(set(groups.values())):
+        pgids = [pgid for pgid, of in groups.items() if of == stage]
+        if grace_s <= 0:
+            for pgid in pgids:
+                kill_group(pgid)
+            continue
+        for pgid in pgids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while pgids and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pgids = [pgid for pgid in pgids if group_alive(pgid)]
+        for pgid in pgids:
+            kill_group(pgid)
+
+
 def main(argv: list[str]) -> int:
-    # the worker's terminal or service manager may signal the whole session: outlive that
-    # long enough to read the pipe's end
+    # the owner's terminal or service manager may signal the whole session: outlive that long
+    # enough to read the pipe's end
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    mark = argv[0] if argv else ""
-    groups: set[int] = set()
+    mark = argv[0] if argv and argv[0] != "-" else ""
+    grace_s = float(argv[1]) if len(argv) > 1 else 0.0
+    groups: dict[int, int] = {}  # process group -> its stage
     clean = False
     for line in sys.stdin:
-        op, _, pgid = line.strip().partition(" ")
+        op, *args = line.split()
         if op == "bye":
             clean = True
             break
-        if not pgid.isdigit():
+        if not args or not args[0].isdigit():
             continue
+        pgid = int(args[0])
         if op == "+":
-            groups.add(int(pgid))
+            groups[pgid] = int(args[1]) if len(args) > 1 and args[1].isdigit() else 0
         elif op == "-":
-            groups.discard(int(pgid))
-    for pgid in groups:
-        kill_group(pgid)
+            groups.pop(pgid, None)
+    stop_groups(groups, grace_s)
     if mark and not clean:
         sweep(mark)
     return 0
 
 
 class Reaper:
-    """The worker's side: start the reaper, tell it about each body's process group, and give
-    each body the reaper's mark (`env`)."""
+    """The owner's side: start the reaper, tell it about each child's process group, and give
+    each child the reaper's mark (`env`). `marked=False`: no mark (`env` is empty) and no
+    sweep; `grace_s`: how long a child has to stop on SIGTERM before SIGKILL (0: SIGKILL)."""
 
-    def __init__(self) -> None:
-        self.mark = secrets.token_hex(16)
+    def __init__(self, marked: bool = True, grace_s: float = 0.0) -> None:
+        self.mark = secrets.token_hex(16) if marked else ""
         # what a process started under this reaper adds to its environment
-        self.env = {MARK_VAR: self.mark}
+        self.env = {MARK_VAR: self.mark} if marked else {}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh.host.reaper", self.mark],
+            [sys.executable, "-m", "mesh.host.reaper", self.mark or "-", str(grace_s)],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -130,14 +186,14 @@ class Reaper:
             self.proc.stdin.write(line + "\n")
             self.proc.stdin.flush()
 
-    def watch(self, pgid: int) -> None:
-        self._send(f"+ {pgid}")
+    def watch(self, pgid: int, stage: int = 0) -> None:
+        self._send(f"+ {pgid} {stage}")
 
     def forget(self, pgid: int) -> None:
         self._send(f"- {pgid}")
 
     def close(self) -> None:
-        """The worker's clean stop: its bodies have ended (or been killed) by now."""
+        """The owner's clean stop: its children have ended (or been killed) by now."""
         self._send("bye")
         if self.proc.stdin is not None:
             with contextlib.suppress(BrokenPipeError, ValueError):

@@ -3,7 +3,10 @@ web console on this machine, as child processes.
 
 The supervisor restarts an agent that dies (with a growing delay, so a crash
 loop does not spin) and on Ctrl-C or SIGTERM stops workers first, then the
-brain, then the server, each with SIGTERM so they drain.
+brain, then the server, each with SIGTERM so they drain. Should the supervisor
+itself be killed (SIGKILL, the OOM killer), its reaper (`mesh.host.reaper`)
+stops them in the same order, each given `STOP_GRACE_S` before SIGKILL: nothing
+it started is left running on the store.
 """
 
 from __future__ import annotations
@@ -16,9 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh.host.gpu import as_indices, gpu_token
+from mesh.host.reaper import Reaper
 from mesh.ops.embedded import EmbeddedServer, agent_command
 
 log = logging.getLogger(__name__)
+
+# a dead supervisor's children, stopped by its reaper: the agents but the brain, the brain,
+# then the server (the order of `Stack.stop`), each stage given this long to stop on SIGTERM
+STOP_GRACE_S = 30.0
+AGENTS_STAGE, BRAIN_STAGE, SERVER_STAGE = 0, 1, 2
 
 
 @dataclass
@@ -31,6 +40,9 @@ class Child:
     next_start: float = 0.0
     started_at: float = 0.0
     _log_file: object = field(default=None, repr=False)
+    # told of each process this child starts, in its stage (`Stack.start` sets them)
+    reaper: Reaper | None = field(default=None, repr=False)
+    stage: int = AGENTS_STAGE
 
     def start(self, env: dict[str, str]) -> None:
         out = None
@@ -38,9 +50,13 @@ class Child:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its life
             self._log_file = out
+        if self.reaper is not None and self.proc is not None:
+            self.reaper.forget(self.proc.pid)  # (its group is gone: the number may be reused)
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True
         )
+        if self.reaper is not None:
+            self.reaper.watch(self.proc.pid, self.stage)
         self.started_at = time.monotonic()
 
     def alive(self) -> bool:
@@ -98,13 +114,30 @@ class Stack:
         # the web console's port (None: no console)
         self.web_port = web_port
         self.children: list[Child] = []
+        self.reaper: Reaper | None = None
+        self._server_pid = 0
 
     @property
     def url(self) -> str:
         return self.server.url
 
-    def start(self) -> None:
+    def _start_server(self) -> None:
+        if self.reaper is not None and self._server_pid:
+            self.reaper.forget(self._server_pid)
         self.server.start()
+        assert self.server.proc is not None
+        self._server_pid = self.server.proc.pid
+        if self.reaper is not None:
+            self.reaper.watch(self._server_pid, SERVER_STAGE)
+
+    def start(self) -> None:
+        self.reaper = Reaper(marked=False, grace_s=STOP_GRACE_S)
+        try:
+            self._start_server()
+        except BaseException:
+            self.reaper.close()
+            self.reaper = None
+            raise
         url = self.server.url
         self.env["MESH_NATS_URL"] = url
         self.children = [Child("brain", agent_command("brain", url), self._log("brain"))]
@@ -135,6 +168,8 @@ class Stack:
             argv = agent_command("web", url, "--port", str(self.web_port))
             self.children.append(Child("web", argv, self._log("web")))
         for child in self.children:
+            child.reaper = self.reaper
+            child.stage = BRAIN_STAGE if child.name == "brain" else AGENTS_STAGE
             child.start(self.env)
 
     def _log(self, name: str) -> Path | None:
@@ -160,7 +195,7 @@ class Stack:
                 child.start(self.env)
         if not self.server.running():
             log.error("the embedded nats-server exited; restarting it")
-            self.server.start()
+            self._start_server()
 
     def stop(self) -> None:
         workers = [c for c in self.children if c.name != "brain"]
@@ -171,3 +206,6 @@ class Stack:
             for child in group:
                 child.wait(60.0)
         self.server.stop()
+        if self.reaper is not None:
+            self.reaper.close()
+            self.reaper = None
