@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mesh.host.reaper import MARK_VAR, marked
+from mesh.host.reaper import MARK_VAR, group_alive, marked
 from tests.conftest import ROOT
 
 WAIT_S = 60.0
@@ -220,3 +220,21 @@ def test_a_staged_reaper_stops_each_stage_in_turn_and_kills_what_ignores_sigterm
         for pid in locals().get("pids", []):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+def test_a_group_is_alive_while_a_process_of_it_runs_not_a_zombie(tmp_path: Path) -> None:
+    def proc(pid: str, stat: str) -> None:
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "stat").write_text(stat)
+
+    proc("20", "20 (sh) S 1 20 20 0 -1")
+    proc("21", "21 (a (b) c) R 20 20 20 0 -1")  # a name with spaces and parentheses
+    proc("30", "30 (sleep) Z 1 30 30 0 -1")  # a zombie, not reaped yet
+    proc("31", "31 (x) S 1 7 7 0 -1")
+    assert group_alive(20, str(tmp_path))
+    assert not group_alive(30, str(tmp_path)), "a zombie cannot be killed again: the group is done"
+    assert not group_alive(31, str(tmp_path)), "31 is in group 7"
+    assert group_alive(7, str(tmp_path))
+    (tmp_path / "20" / "stat").unlink()
+    (tmp_path / "21" / "stat").write_text("21 (a (b) c) Z 20 20 20 0 -1")
+    assert not group_alive(20, str(tmp_path))

@@ -40,10 +40,9 @@ MARK_VAR = "MESH_REAPER_MARK"
 SWEEPS = 5
 
 
-def marked(mark: str, proc_dir: str = "/proc") -> Iterator[int]:
-    """The pids of the processes whose environment holds `MARK_VAR=mark` (those this user may
-    read; the rest are not a worker's)."""
-    needle = f"{MARK_VAR}={mark}".encode()
+def each_process(file: str, proc_dir: str = "/proc") -> Iterator[tuple[int, bytes]]:
+    """Each process's pid and its /proc `file` (`environ`, `stat`), of those this user may
+    read: the rest are gone, or not ours. Nothing without /proc."""
     try:
         names = os.listdir(proc_dir)
     except OSError:
@@ -52,12 +51,18 @@ def marked(mark: str, proc_dir: str = "/proc") -> Iterator[int]:
         if not name.isdigit():
             continue
         try:
-            with open(f"{proc_dir}/{name}/environ", "rb") as f:
-                environ = f.read()
-        except OSError:  # gone, or not ours
+            with open(f"{proc_dir}/{name}/{file}", "rb") as f:
+                yield int(name), f.read()
+        except OSError:
             continue
+
+
+def marked(mark: str, proc_dir: str = "/proc") -> Iterator[int]:
+    """The pids of the processes whose environment holds `MARK_VAR=mark`."""
+    needle = f"{MARK_VAR}={mark}".encode()
+    for pid, environ in each_process("environ", proc_dir):
         if needle in environ.split(b"\0"):
-            yield int(name)
+            yield pid
 
 
 def kill_group(pgid: int) -> None:
@@ -89,9 +94,7 @@ def sweep(mark: str) -> int:
 def group_alive(pgid: int, proc_dir: str = "/proc") -> bool:
     """Whether a process of group `pgid` still runs (a zombie, waiting for whoever adopted it to
     reap it, does not: it cannot be killed again). Without /proc, whether the group exists."""
-    try:
-        names = os.listdir(proc_dir)
-    except OSError:
+    if not os.path.isdir(proc_dir):
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
@@ -99,17 +102,11 @@ def group_alive(pgid: int, proc_dir: str = "/proc") -> bool:
         except PermissionError:
             return True
         return True
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"{proc_dir}/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
+    group = str(pgid).encode()
+    for _pid, stat in each_process("stat", proc_dir):
         # `pid (comm) state ppid pgrp ...`: comm may hold spaces and parentheses
         fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] != b"Z":
+        if len(fields) > 2 and fields[2] == group and fields[0] != b"Z":
             return True
     return False
 
