@@ -1,5 +1,5 @@
-"""One nats-server per store: a second embedded server on a store in use is refused, saying
-which process holds it, before it touches anything there."""
+"""Starting the embedded server: one per store (a second on a store in use is refused, saying
+which process holds it, before it touches anything there), and a start that fails says why."""
 
 from __future__ import annotations
 
@@ -64,3 +64,23 @@ def _holds(pid: int, path: str) -> bool:
         return any(os.readlink(f"/proc/{pid}/fd/{fd}") == path for fd in os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return False
+
+
+def test_a_port_in_use_is_said_as_such_not_as_a_slow_start(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = EmbeddedServer(tmp_path / "data", port=port, durability="lazy")
+        with pytest.raises(MeshError) as caught:
+            server.start()
+    said = str(caught.value)
+    assert said.startswith("nats-server exited with status"), said
+    assert f"port {port} on 127.0.0.1 is in use by another program" in said and "--port" in said
+    assert server.proc is None
+    # and nothing holds the store: the next start on it is not refused
+    server.port = -1
+    server.start()
+    server.stop()

@@ -198,9 +198,29 @@ class EmbeddedServer:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if not self._ready.wait(timeout_s) or self.proc.poll() is not None:
-            tail = "\n".join(self.log_lines[-15:])
-            self.stop()
-            raise MeshError(f"nats-server did not become ready in {timeout_s:g}s:\n{tail}")
+            raise MeshError(self._failed_start(timeout_s))
+
+    def _failed_start(self, timeout_s: float) -> str:
+        """Why the server did not start (and it is stopped): its exit, or the wait, its log's last
+        lines, and for a port in use what to do."""
+        assert self.proc is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(1.0)  # (its log ended: it is exiting)
+        code = self.proc.poll()
+        fatal = [line for line in self.log_lines if "[FTL]" in line]
+        tail = "\n".join(self.log_lines[-15:])
+        self.stop()
+        what = (
+            f"nats-server exited with status {code} as it started"
+            if code is not None
+            else (f"nats-server did not become ready in {timeout_s:g}s")
+        )
+        if any("address already in use" in line for line in fatal):
+            return (
+                f"{what}: port {self.port} on {self.host} is in use by another program; free it, "
+                f"or choose another port (`mesh up --port`, or embedded_port in the config)\n{fatal[-1]}"
+            )
+        return f"{what}:\n{tail}"
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
