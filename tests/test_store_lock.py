@@ -84,3 +84,13 @@ def test_a_port_in_use_is_said_as_such_not_as_a_slow_start(tmp_path: Path) -> No
     server.port = -1
     server.start()
     server.stop()
+
+
+def test_a_data_dir_that_cannot_be_one_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    server = EmbeddedServer(tmp_path / "a-file" / "data", port=-1, durability="lazy")
+    with pytest.raises(MeshError) as caught:
+        server.start()
+    said = str(caught.value)
+    assert f"cannot use {tmp_path / 'a-file' / 'data'} as the server's data dir" in said
+    assert "--data-dir" in said and server.proc is None

@@ -170,9 +170,16 @@ class EmbeddedServer:
         return self.data_dir / "nats-server.conf"
 
     def start(self, timeout_s: float = 20.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        # before anything in the data dir is touched: its config belongs to a running server too
-        lock = lock_store(self.data_dir)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            # before anything in the data dir is touched: its config belongs to a running server too
+            lock = lock_store(self.data_dir)
+        except OSError as exc:
+            raise MeshError(
+                f"cannot use {self.data_dir} as the server's data dir ({exc.strerror or exc}): make it "
+                "a directory this user may write, or choose another (`mesh up --data-dir`, or "
+                "data_dir in the config)"
+            ) from None
         try:
             store = self.data_dir / "jetstream"
             text = self.config_text or server_config(
