@@ -3,6 +3,7 @@ which process holds it, before it touches anything there), and a start that fail
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -94,3 +95,54 @@ def test_a_data_dir_that_cannot_be_one_is_a_clear_error(tmp_path: Path) -> None:
     said = str(caught.value)
     assert f"cannot use {tmp_path / 'a-file' / 'data'} as the server's data dir" in said
     assert "--data-dir" in said and server.proc is None
+
+
+STARTER = r"""
+import sys, time
+from mesh.ops.embedded import EmbeddedServer
+
+server = EmbeddedServer(sys.argv[1], port=-1, durability="lazy")
+server.start()
+print(server.proc.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_server_whose_starter_died_still_shuts_down_cleanly(tmp_path: Path) -> None:
+    """Its log is a file, not a pipe to the dead starter: on SIGTERM it logs its shutdown to the
+    end (through a pipe it died of SIGPIPE at the first line of it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.conftest import HANG_S, ROOT
+
+    data = tmp_path / "data"
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTER, str(data)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert starter.stdout is not None
+    with starter.stdout:
+        pid = int(starter.stdout.readline())
+    server = psutil.Process(pid)
+    try:
+        starter.kill()
+        starter.wait()
+        assert server.is_running()
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + HANG_S
+        while server.is_running() and server.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the server did not stop"
+            time.sleep(0.05)
+        log = (data / "logs" / "nats-server.log").read_text()
+        assert "Server is ready" in log and "Server Exiting" in log, log[-2000:]
+    finally:
+        with contextlib.suppress(psutil.Error):
+            server.kill()

@@ -17,7 +17,9 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import time
 from pathlib import Path
+from typing import BinaryIO
 
 from mesh.errors import MeshError
 
@@ -94,6 +96,19 @@ def server_config(
 
 
 LOCK_NAME = "server.lock"
+LOG_NAME = "nats-server.log"
+# a server log larger than this at a start is moved to `<name>.1` (replacing the one before)
+LOG_KEEP_BYTES = 16 * 1024 * 1024
+
+
+def open_log(path: Path) -> tuple[BinaryIO, int]:
+    """The server's log file, opened to append, and where this start's lines begin."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        if path.stat().st_size > LOG_KEEP_BYTES:
+            path.replace(path.with_name(path.name + ".1"))
+    log = open(path, "ab")  # noqa: SIM115 - handed to the server, closed once it has it
+    return log, log.tell()
 
 
 def lock_store(data_dir: Path) -> int:
@@ -155,7 +170,7 @@ class EmbeddedServer:
         # `port` must then be the port it listens on (or -1, read back from the server's log)
         self.config_text = config_text
         self.scheme = "nats"
-        self.proc: subprocess.Popen[str] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.log_lines: list[str] = []
         self._ready = threading.Event()
         self._reader: threading.Thread | None = None
@@ -168,6 +183,11 @@ class EmbeddedServer:
     @property
     def config_path(self) -> Path:
         return self.data_dir / "nats-server.conf"
+
+    @property
+    def log_path(self) -> Path:
+        """Its log, beside the agents' that `mesh up` starts (`<data dir>/logs`)."""
+        return self.data_dir / "logs" / LOG_NAME
 
     def start(self, timeout_s: float = 20.0) -> None:
         try:
@@ -190,19 +210,22 @@ class EmbeddedServer:
                 out.write(text)
             self._ready.clear()
             self.log_lines = []
-            self.proc = subprocess.Popen(
-                [find_server_binary(), "-c", str(self.config_path)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                start_new_session=True,
-                pass_fds=(lock,),  # the server holds the store's lock for its whole life
-            )
+            # its log goes to a file, not a pipe: a server whose starter died would die of
+            # SIGPIPE at its next log line (its shutdown's first, on SIGTERM)
+            log, offset = open_log(self.log_path)
+            with log:
+                self.proc = subprocess.Popen(
+                    [find_server_binary(), "-c", str(self.config_path)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    pass_fds=(lock,),  # the server holds the store's lock for its whole life
+                )
             _note_holder(lock, self.proc.pid)
         finally:
             os.close(lock)
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader = threading.Thread(target=self._read, args=(self.proc, offset), daemon=True)
         self._reader.start()
         if not self._ready.wait(timeout_s) or self.proc.poll() is not None:
             raise MeshError(self._failed_start(timeout_s))
@@ -229,19 +252,35 @@ class EmbeddedServer:
             )
         return f"{what}:\n{tail}"
 
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.rstrip()
-            self.log_lines.append(line)
-            if len(self.log_lines) > 2000:
-                del self.log_lines[:1000]
-            match = _LISTEN.search(line)
-            if match and self.port in (0, -1):
-                self.port = int(match.group(2))
-            if READY_LINE in line:
-                self._ready.set()
+    def _read(self, proc: subprocess.Popen[bytes], offset: int) -> None:
+        """Follow the server's log file from `offset` while the server runs, to its end."""
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            partial = b""
+            while True:
+                chunk = log.readline()
+                if chunk.endswith(b"\n"):
+                    self._line((partial + chunk).decode(errors="replace").rstrip())
+                    partial = b""
+                    continue
+                partial += chunk
+                if proc.poll() is not None:
+                    rest = log.read()
+                    for line in (partial + rest).decode(errors="replace").splitlines():
+                        self._line(line)
+                    break
+                time.sleep(0.02)
         self._ready.set()
+
+    def _line(self, line: str) -> None:
+        self.log_lines.append(line)
+        if len(self.log_lines) > 2000:
+            del self.log_lines[:1000]
+        match = _LISTEN.search(line)
+        if match and self.port in (0, -1):
+            self.port = int(match.group(2))
+        if READY_LINE in line:
+            self._ready.set()
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -258,8 +297,6 @@ class EmbeddedServer:
                 self.proc.wait()
         if self._reader is not None:
             self._reader.join(timeout=2)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
         self.proc = None
 
     def kill(self) -> None:
