@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/count_per_task.py                      # 2000 independent + 200 chained, both modes
     .venv/bin/python tools/count_per_task.py --tasks 500 --chain 100 --durability always --json out.json
+    .venv/bin/python tools/count_per_task.py --body true --chain 0 --no-strace    # shell tasks
 
 For each durability (`always`, `lazy`) a stack of its own (tools/bench.py's: an embedded
 nats-server, a brain, the workers, the gateway), and on it a plan of N independent no-op tasks
@@ -70,7 +71,9 @@ def free_port() -> int:
 def monitored_stack(tmp: str, args: argparse.Namespace, durability: str, http_port: int) -> Stack:
     """tools/bench.py's stack, its server config with a monitoring port added (the tool's own
     config text: mesh's runtime config stays as it is)."""
-    stack = bench.bench_stack(tmp, args.workers, args.slots, durability)
+    settings = dict(setting.split("=", 1) for setting in args.setting)
+    env = {f"MESH_{name.upper()}": value for name, value in settings.items()}
+    stack = bench.bench_stack(tmp, args.workers, args.slots, durability, env=env)
     base = server_config(-1, str(Path(tmp) / "jetstream"), durability=durability)
     stack.server.config_text = base + f"http: 127.0.0.1:{http_port}\n"
     return stack
@@ -238,12 +241,12 @@ async def main_async(
     results: dict[str, Any] = {}
     try:
         if args.tasks:
-            text = bench.make_plan(args.tasks, "noop")
+            text = bench.make_plan(args.tasks, args.body)
             results["independent"] = await count_plan(
                 bus, stack, http_port, text, args.tasks, False, trace, tmp
             )
         if args.chain:
-            text = bench.make_plan(args.chain, "noop", chain=True, title="chain")
+            text = bench.make_plan(args.chain, args.body, chain=True, title="chain")
             results["chain"] = await count_plan(bus, stack, http_port, text, args.chain, True, trace, tmp)
     finally:
         await bus.close()
@@ -278,6 +281,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument(
         "--durability", action="append", choices=("always", "lazy"), help="repeatable; default: both"
+    )
+    ap.add_argument(
+        "--body", default="noop", help="the tasks' body: noop (no process), or a shell command such as true"
+    )
+    ap.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a mesh setting for the agents (MESH_<NAME>), repeatable: start_report_after_s=0.1",
     )
     ap.add_argument("--no-strace", action="store_true", help="skip the second, strace-counted run")
     ap.add_argument("--json", help="write the results here too")
