@@ -7,7 +7,7 @@ progress (so it is never redelivered to a second worker while this one lives),
 report `run.finished`, then acknowledge. A worker that dies stops sending
 progress, and the item is redelivered once `ack_wait` lapses.
 
-`run.started` of a first delivery is held back `start_report_after_s` (20 ms): a
+`run.started` of a first delivery is held back `start_report_after_s` (100 ms): a
 task that ends sooner reports its start in `run.finished` (`started_at`) instead,
 and the brain records both transitions from that one report. Half the reports
 and half the brain's commits for short tasks, and a dependent's release no

@@ -58,7 +58,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     fetch_timeout_s: float = 1.0
     # a first delivery's `run.started` waits this long: a task done sooner reports its start
     # with its end, one report and one brain commit instead of two (0: report at once)
-    start_report_after_s: float = 0.02
+    start_report_after_s: float = 0.1
     # a work item delivered more often than this (each time its worker died) is dead-lettered
     max_deliveries: int = 5
 
