@@ -169,8 +169,7 @@ async def main() -> None:
                     agent_command("worker", stack.url, "--slots", str(args.slots)),
                     tmp / "logs" / f"worker-{i + 1}.log",
                 )
-                child.start(stack.env)
-                stack.children.append(child)
+                stack.add(child)
             # one browser watching, the plan running
             await asyncio.sleep(3.0)
             c0, t0 = cpu_s(web.proc.pid), time.monotonic()

@@ -40,7 +40,7 @@ class Child:
     next_start: float = 0.0
     started_at: float = 0.0
     _log_file: object = field(default=None, repr=False)
-    # told of each process this child starts, in its stage (`Stack.start` sets them)
+    # told of each process this child starts, in its stage (`Stack` sets it)
     reaper: Reaper | None = field(default=None, repr=False)
     stage: int = AGENTS_STAGE
 
@@ -140,7 +140,7 @@ class Stack:
             raise
         url = self.server.url
         self.env["MESH_NATS_URL"] = url
-        self.children = [Child("brain", agent_command("brain", url), self._log("brain"))]
+        self.children = [Child("brain", agent_command("brain", url), self._log("brain"), stage=BRAIN_STAGE)]
         for i in range(self.workers):
             self.children.append(
                 Child(
@@ -168,9 +168,16 @@ class Stack:
             argv = agent_command("web", url, "--port", str(self.web_port))
             self.children.append(Child("web", argv, self._log("web")))
         for child in self.children:
-            child.reaper = self.reaper
-            child.stage = BRAIN_STAGE if child.name == "brain" else AGENTS_STAGE
-            child.start(self.env)
+            self._launch(child)
+
+    def add(self, child: Child) -> None:
+        """Start one more agent under the stack (its reaper told), beside those of `start`."""
+        self.children.append(child)
+        self._launch(child)
+
+    def _launch(self, child: Child) -> None:
+        child.reaper = self.reaper
+        child.start(self.env)
 
     def _log(self, name: str) -> Path | None:
         return self.log_dir / f"{name}.log" if self.log_dir else None
@@ -198,9 +205,9 @@ class Stack:
             self._start_server()
 
     def stop(self) -> None:
-        workers = [c for c in self.children if c.name != "brain"]
-        brains = [c for c in self.children if c.name == "brain"]
-        for group in (workers, brains):
+        # (the order the reaper keeps should this process die: `AGENTS_STAGE`, then `BRAIN_STAGE`)
+        for stage in (AGENTS_STAGE, BRAIN_STAGE):
+            group = [c for c in self.children if c.stage == stage]
             for child in group:
                 child.terminate()
             for child in group:
