@@ -128,6 +128,11 @@ class State:
     # heap of (not_before, seq, task key): retries waiting out their backoff
     delayed: list[tuple[float, int, str]] = field(default_factory=list)
     inflight: dict[str, int] = field(default_factory=dict)
+    # in-flight tasks released to be packed (`mesh.packing`), and their count by class: the
+    # release window counts them a pack at a time (`Release.window_used`). Not in the records:
+    # a restarted brain counts the ones in flight then one by one, which only narrows its window
+    packed: set[str] = field(default_factory=set)
+    packed_inflight: dict[str, int] = field(default_factory=dict)
     # agents seen registered, and since when each seen one has been gone
     agents_live: set[str] = field(default_factory=set)
     offline_since: dict[str, float] = field(default_factory=dict)
@@ -260,8 +265,15 @@ class State:
             self._count(rec, -1)
             if rec.status in INFLIGHT_STATES:
                 self.inflight[rec.spec.cls] = self.inflight.get(rec.spec.cls, 0) - 1
+                self.unpack(key, rec.spec.cls)
         self.plans.pop(plan_id, None)
         self.dirty_plans.discard(plan_id)
+
+    def unpack(self, key: str, cls: str) -> None:
+        """A task released to be packed is no longer in flight."""
+        if key in self.packed:
+            self.packed.discard(key)
+            self.packed_inflight[cls] -= 1
 
     def plan_tasks(self, plan_id: str) -> list[TaskRecord]:
         return [self.tasks[k] for k in self.plan_keys.get(plan_id, ())]
@@ -307,6 +319,8 @@ def _set_status(state: State, rec: TaskRecord, status: TaskStatus, at: float, ke
     was_inflight, inflight = old in INFLIGHT_STATES, status in INFLIGHT_STATES
     if was_inflight != inflight:
         state.inflight[cls] = state.inflight.get(cls, 0) + (1 if inflight else -1)
+        if was_inflight and state.packed:
+            state.unpack(key or rec.key, cls)
     # model work is counted under its demand key, which a status does not change: found once
     key = demand_key(rec)
     if not key:

@@ -63,6 +63,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_deliveries: int = 5
 
     # brain policy
+    # the most work items of one class ready or running at once (no-op tasks, always packed,
+    # count pack_size to one); the rest wait in the brain's priority queue
     release_window: int = 256
     # how many dependents, one after another, a shell task's worker may start as soon as the
     # task before succeeds, without the brain's round trip (0: each is queued by the brain)

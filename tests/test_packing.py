@@ -13,10 +13,11 @@ from agents.worker_packs import Part, Shared
 from mesh import work
 from mesh.bus.route import misplaced, work_subject
 from mesh.events import TaskSpec, TaskSucceeded, WorkItem
+from mesh.machine import Policy
 from mesh.machine_state import State
 from mesh.names import Names
 from mesh.packing import PACK_BYTES, members, pack
-from tests.test_machine import Driver, plan
+from tests.test_machine import Driver, check_history, plan, reload, statuses
 
 NAMES = Names()
 
@@ -203,3 +204,69 @@ def test_a_part_keeps_the_delivery_alive_while_it_runs() -> None:
         return raw.beats
 
     assert asyncio.run(go()) == 1
+
+
+def noops(n: int, prefix: str = "t") -> list[TaskSpec]:
+    return [TaskSpec(id=f"{prefix}{i}", body="", kind="noop") for i in range(n)]
+
+
+def test_the_release_window_counts_tasks_released_to_be_packed_a_pack_at_a_time() -> None:
+    """A window of 2 holds 2 items: 2 packs of 4 no-op tasks, or 2 shell tasks never measured.
+    Counted one by one, 2 no-op tasks filled it and the second worker slot had nothing queued."""
+    d = Driver(Policy(release_window=2, pack_size=4))
+    d.submit(plan(*noops(20)))
+    assert [w.task_id for w in d.work] == [f"t{i}" for i in range(8)]
+    d2 = Driver(Policy(release_window=2, pack_size=4))
+    d2.submit(plan(*[TaskSpec(id=f"s{i}", body="true") for i in range(6)]))
+    assert [w.task_id for w in d2.work] == ["s0", "s1"]
+    # a shell task measured short still counts one: it is packed only while more wait beyond
+    # the window, and it is (the two released are one pack)
+    d4 = Driver(Policy(release_window=2, pack_size=4))
+    short_shell(d4.state)
+    d4.submit(plan(*[TaskSpec(id=f"s{i}", body="true") for i in range(6)]))
+    assert [w.task_id for w in d4.work] == ["s0", "s1"] and not d4.state.packed
+    assert ids(pack(d4.work, d4.state, 4, 0.02)) == [["s0", "s1"]]
+    # pack_size 1: one task, one item, as before packing
+    d3 = Driver(Policy(release_window=2, pack_size=1))
+    d3.submit(plan(*noops(6)))
+    assert len(d3.work) == 2
+
+
+def test_a_pack_that_ends_frees_its_place_in_the_window() -> None:
+    d = Driver(Policy(release_window=2, pack_size=4))
+    d.submit(plan(*noops(20)))
+    assert d.state.packed_inflight == {"cpu": 8}
+    # each task that ends lets one more out: two packs' worth stay in flight
+    for n, tid in enumerate(("t0", "t1", "t2", "t3")):
+        d.run_task(tid)
+        assert d.work[-1].task_id == f"t{8 + n}"
+        assert d.state.packed_inflight == {"cpu": 8} and d.state.inflight == {"cpu": 8}
+    d.drain()
+    assert set(statuses(d.state).values()) == {"succeeded"}
+    assert not d.state.packed and d.state.packed_inflight == {"cpu": 0}
+    assert d.state.inflight == {"cpu": 0}
+    check_history(d.events, 2, 4, d.packed)
+    assert len(d.packed) == 20
+
+
+def test_a_restarted_brain_counts_the_packed_tasks_in_flight_one_by_one() -> None:
+    """The set of packed tasks is not in the records: after a reload the ones in flight count a
+    whole item each, which only narrows the window until they end."""
+    d = Driver(Policy(release_window=2, pack_size=4))
+    d.submit(plan(*noops(20)))
+    again = Driver(d.policy, state=reload(d.state, 60.0), now=d.now)
+    assert not again.state.packed and again.state.inflight == {"cpu": 8}
+    for item in list(d.work)[:6]:
+        again.run(item)
+    assert again.work == []  # 2 tasks still in flight: the window of 2 is full
+    again.run(d.work[6])  # 1 left: a pack's worth (4) goes out, packed again
+    assert [w.task_id for w in again.work] == ["t8", "t9", "t10", "t11"]
+    assert again.state.packed_inflight == {"cpu": 4}
+
+
+def test_a_forgotten_plan_leaves_no_packed_task_counted() -> None:
+    d = Driver(Policy(release_window=2, pack_size=4))
+    d.submit(plan(*noops(20)))
+    assert d.state.packed_inflight == {"cpu": 8}
+    d.state.forget_plan("p1")
+    assert not d.state.packed and d.state.packed_inflight == {"cpu": 0}
