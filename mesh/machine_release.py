@@ -9,7 +9,6 @@ import heapq
 from mesh.events import TaskReleased
 from mesh.machine_escalation import Escalations
 from mesh.machine_step import escalation_why
-from mesh.packing import packable
 from mesh.placement import place
 from mesh.records import WAITING
 
@@ -27,7 +26,6 @@ class Release(Escalations):
                 vtime = rec.waiting_since - rec.spec.priority * state.aging_s
                 heapq.heappush(state.queue.setdefault(rec.spec.cls, []), (vtime, state._seq, key))
         policy = self.policy
-        work = self.step.work
         for cls, heap in state.queue.items():
             while heap and self.window_used(cls) < policy.release_window:
                 _, _, key = heapq.heappop(heap)
@@ -38,32 +36,22 @@ class Release(Escalations):
                 if why:
                     self.escalate(rec, why)
                     continue
-                queued = len(work)
                 self.emit(
                     TaskReleased(
                         plan_id=rec.plan_id, task_id=rec.task_id, attempt=rec.attempt + 1, at=self.now
                     )
                 )
-                # (a no-op task is always packed; a short shell task only while more wait beyond
-                # the window, so counting it a pack at a time would only empty that queue)
-                if (
-                    policy.pack_size > 1
-                    and len(work) > queued
-                    and work[-1].kind == "noop"
-                    and packable(work[-1], state, policy.pack_below_s)
-                ):
-                    state.packed.add(key)
-                    state.packed_inflight[cls] = state.packed_inflight.get(cls, 0) + 1
 
     def window_used(self, cls: str) -> int:
         """How much of `cls`'s release window is taken: a work item for each task in flight, the
-        no-op tasks released to be packed (`mesh.packing`) counted by the packs they fill,
+        no-op tasks (always packed: `mesh.machine_state.packs`) counted by the packs they fill,
         `pack_size` to one (a pack still filling counts once full, so the window holds its packs
-        whole). The
-        window bounds the work queued ahead of a task released later, in priority order; a pack
-        of short tasks is one slot's short turn, as one task is, and counting its tasks one by
-        one left slots with nothing queued behind them (16 packs of no-op tasks filled a window
-        of 256, one for each of 2 workers' 8 slots)."""
+        whole). The window bounds the work queued ahead of a task released later, in priority
+        order; a pack of no-op tasks is one slot's short turn, as one task is, and counting its
+        tasks one by one left slots with nothing queued behind them (16 packs of no-op tasks
+        filled a window of 256, one for each of 2 workers' 8 slots). A short shell task counts
+        one: it is packed only while more wait beyond the window, and counting it a pack at a
+        time would empty that queue and pack nothing."""
         state = self.state
         packed = state.packed_inflight.get(cls, 0)
         return state.inflight.get(cls, 0) - packed + packed // max(1, self.policy.pack_size)

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from mesh.events import (
+    PACK_CLASSES,
     GpuState,
     LocalAttempt,
     Msg,
@@ -109,6 +110,15 @@ def compact_record(rec: TaskRecord, floats: dict[float, float]) -> TaskRecord:
     return rec
 
 
+def packs(rec: TaskRecord) -> bool:
+    """Whether the task's work item is packed whatever else is released with it: a no-op task
+    of a class that packs, queued (not continued on a worker) and not under review. It counts
+    against its class's release window a pack at a time (`Release.window_used`). A function of
+    the record, so a replay, a brain's catch-up and a restarted brain count as the live one did."""
+    spec = rec.spec
+    return spec.kind == "noop" and spec.cls in PACK_CLASSES and not rec.continued and not rec.review
+
+
 def compact_spec(spec: TaskSpec) -> TaskSpec:
     """The spec, its empty environment shared with every other task's."""
     if not spec.env and spec.env is not _NO_ENV:
@@ -128,9 +138,8 @@ class State:
     # heap of (not_before, seq, task key): retries waiting out their backoff
     delayed: list[tuple[float, int, str]] = field(default_factory=list)
     inflight: dict[str, int] = field(default_factory=dict)
-    # in-flight tasks released to be packed (`mesh.packing`), and their count by class: the
-    # release window counts them a pack at a time (`Release.window_used`). Not in the records:
-    # a restarted brain counts the ones in flight then one by one, which only narrows its window
+    # in-flight no-op tasks (always packed, `mesh.packing`: `packs`), and their count by class:
+    # the release window counts them a pack at a time (`Release.window_used`)
     packed: set[str] = field(default_factory=set)
     packed_inflight: dict[str, int] = field(default_factory=dict)
     # agents seen registered, and since when each seen one has been gone
@@ -201,6 +210,8 @@ class State:
             self._push(rec, key, push)
         elif rec.status in INFLIGHT_STATES:
             self.inflight[rec.spec.cls] = self.inflight.get(rec.spec.cls, 0) + 1
+            if packs(rec):
+                self.pack(key, rec.spec.cls)
 
     @classmethod
     def load(
@@ -269,8 +280,13 @@ class State:
         self.plans.pop(plan_id, None)
         self.dirty_plans.discard(plan_id)
 
+    def pack(self, key: str, cls: str) -> None:
+        """A no-op task is in flight (see `packs`)."""
+        self.packed.add(key)
+        self.packed_inflight[cls] = self.packed_inflight.get(cls, 0) + 1
+
     def unpack(self, key: str, cls: str) -> None:
-        """A task released to be packed is no longer in flight."""
+        """A task counted by `pack` is no longer in flight."""
         if key in self.packed:
             self.packed.discard(key)
             self.packed_inflight[cls] -= 1
@@ -319,7 +335,10 @@ def _set_status(state: State, rec: TaskRecord, status: TaskStatus, at: float, ke
     was_inflight, inflight = old in INFLIGHT_STATES, status in INFLIGHT_STATES
     if was_inflight != inflight:
         state.inflight[cls] = state.inflight.get(cls, 0) + (1 if inflight else -1)
-        if was_inflight and state.packed:
+        if inflight:
+            if packs(rec):
+                state.pack(key or rec.key, cls)
+        elif state.packed:
             state.unpack(key or rec.key, cls)
     # model work is counted under its demand key, which a status does not change: found once
     key = demand_key(rec)

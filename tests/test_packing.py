@@ -13,8 +13,8 @@ from agents.worker_packs import Part, Shared
 from mesh import work
 from mesh.bus.route import misplaced, work_subject
 from mesh.events import TaskSpec, TaskSucceeded, WorkItem
-from mesh.machine import Policy
-from mesh.machine_state import State
+from mesh.machine import Policy, replay
+from mesh.machine_state import State, packs
 from mesh.names import Names
 from mesh.packing import PACK_BYTES, members, pack
 from tests.test_machine import Driver, check_history, plan, reload, statuses
@@ -249,19 +249,22 @@ def test_a_pack_that_ends_frees_its_place_in_the_window() -> None:
     assert len(d.packed) == 20
 
 
-def test_a_restarted_brain_counts_the_packed_tasks_in_flight_one_by_one() -> None:
-    """The set of packed tasks is not in the records: after a reload the ones in flight count a
-    whole item each, which only narrows the window until they end."""
+def test_a_restarted_brain_and_a_replay_count_the_no_op_tasks_in_flight_as_the_brain_did() -> None:
+    """Which tasks count a pack at a time follows from their records (`packs`): a brain loading
+    KV, or folding the history, counts as the one before it."""
     d = Driver(Policy(release_window=2, pack_size=4))
-    d.submit(plan(*noops(20)))
+    d.submit(plan(TaskSpec(id="s", body="true"), *noops(20)))
+    # the shell task takes one of the 2, the first 4 no-op tasks the other
+    assert [w.task_id for w in d.work] == ["s", "t0", "t1", "t2", "t3"]
+    assert len(d.state.packed) == 4 and d.state.inflight == {"cpu": 5}
     again = Driver(d.policy, state=reload(d.state, 60.0), now=d.now)
-    assert not again.state.packed and again.state.inflight == {"cpu": 8}
-    for item in list(d.work)[:6]:
-        again.run(item)
-    assert again.work == []  # 2 tasks still in flight: the window of 2 is full
-    again.run(d.work[6])  # 1 left: a pack's worth (4) goes out, packed again
-    assert [w.task_id for w in again.work] == ["t8", "t9", "t10", "t11"]
-    assert again.state.packed_inflight == {"cpu": 4}
+    assert again.state.packed == d.state.packed and again.state.packed_inflight == {"cpu": 4}
+    assert replay(list(d.events), aging_s=60.0).packed == d.state.packed
+    again.run(d.take("s"))  # the shell task's place: a pack's worth more
+    assert [w.task_id for w in again.work] == ["t4", "t5", "t6", "t7"]
+    # a continued task runs on its worker (no work item, no pack): it counts one
+    rec = again.state.tasks["p1.t9"]
+    assert not packs(msgspec.structs.replace(rec, continued=True)) and packs(rec)
 
 
 def test_a_forgotten_plan_leaves_no_packed_task_counted() -> None:
