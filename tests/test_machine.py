@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from mesh.claims import claim_of
 from mesh.events import (
+    PACK_CLASSES,
     CancelPlan,
     Msg,
     PlanAccepted,
@@ -173,17 +174,12 @@ class Driver:
         self.events: list[Msg] = []
         self.work: list[WorkItem] = []
         self.steps: list[Step] = []
-        # (plan, task, attempt) of each release the brain counted as packed (`State.packed`)
-        self.packed: set[tuple[str, str, int]] = set()
 
     # inputs ------------------------------------------------------------------
     def feed(self, msg: Any, at: float | None = None) -> Step:
         self.now = self.now + 1.0 if at is None else at
         step = apply(self.state, msg, self.now, self.policy)
         self.steps.append(step)
-        for ev in step.events:
-            if isinstance(ev, TaskReleased) and f"{ev.plan_id}.{ev.task_id}" in self.state.packed:
-                self.packed.add((ev.plan_id, ev.task_id, ev.attempt))
         self.events.extend(step.events)
         self.work.extend(step.work)
         return step
@@ -261,12 +257,10 @@ class Driver:
         raise AssertionError("driver did not settle")
 
 
-def check_history(
-    events: list[Msg], window: int, pack_size: int = 1, packed: Container[tuple[str, str, int]] = ()
-) -> None:
+def check_history(events: list[Msg], window: int, pack_size: int = 1) -> None:
     """Walk an event history with an independent shadow model and check every transition is legal.
-    `packed`: the (plan, task, attempt) releases the brain counted as packed (`Driver.packed`),
-    which take the release window `pack_size` to one, by the packs they fill."""
+    Queued no-op tasks of a class that packs take the release window `pack_size` to one, by the
+    packs they fill."""
     packed_now: set[tuple[str, str]] = set()
     packed_inflight: Counter[str] = Counter()
     status: dict[tuple[str, str], str] = {}
@@ -326,7 +320,7 @@ def check_history(
             used = inflight[spec.cls] - in_packs + in_packs // pack_size
             assert used < window, "release window exceeded"
             attempts[key] = ev.attempt
-            if (*key, ev.attempt) in packed:
+            if spec.kind == "noop" and spec.cls in PACK_CLASSES and not ev.worker:
                 packed_now.add(key)
                 packed_inflight[spec.cls] += 1
             assert attempts[key] <= spec.retries + 1, "released more than retries+1 times"
@@ -450,7 +444,7 @@ def test_diamond_runs_in_dependency_order() -> None:
     assert pos[(TaskReleased, "d")] > pos[(TaskSucceeded, "c")]
     assert pos[(TaskReleased, "b")] > pos[(TaskSucceeded, "a")]
     assert released_ids(d.events) == ["a", "b", "c", "d"]
-    check_history(d.events, d.policy.release_window, d.policy.pack_size, d.packed)
+    check_history(d.events, d.policy.release_window, d.policy.pack_size)
     assert_replays(d)
 
     # nothing more happens once the plan is finished
@@ -503,7 +497,7 @@ def test_a_short_task_reports_its_start_with_its_end() -> None:
     assert isinstance(failed, TaskFailed) and (failed.started_at, failed.worker) == (d.now, "w5")
     # the late report of a start already recorded is ignored
     assert_ignored(d.started(a, worker="w4"))
-    check_history(d.events, d.policy.release_window, d.policy.pack_size, d.packed)
+    check_history(d.events, d.policy.release_window, d.policy.pack_size)
     assert_replays(d)
 
 
@@ -619,7 +613,7 @@ def test_release_window_caps_ready_and_running_per_class() -> None:
         assert inflight("cpu") <= 2 and inflight("script") <= 2
         d.run(d.work.pop(0))
     assert d.state.plans["p1"].status == SUCCEEDED
-    check_history(d.events, 2, d.policy.pack_size, d.packed)
+    check_history(d.events, 2, d.policy.pack_size)
 
 
 def test_release_window_is_shared_between_plans() -> None:
@@ -717,7 +711,7 @@ def test_retries_wait_out_their_backoff_then_fail_dependents() -> None:
     assert d.state.tasks["p1.b"].reason == "dependency" and d.state.tasks["p1.b"].attempt == 0
     assert d.state.plans["p1"].status == FAILED
     assert len(released_ids(of_task(d.events, "a"))) == 3
-    check_history(d.events, 4, d.policy.pack_size, d.packed)
+    check_history(d.events, 4, d.policy.pack_size)
     assert_replays(d)
 
 
@@ -799,7 +793,7 @@ def test_failure_fails_every_transitive_dependent_once() -> None:
     step = d.run_task("f")
     assert kinds(step.events) == [TaskSucceeded, PlanFinished]
     assert d.state.plans["p1"].status == FAILED
-    check_history(d.events, d.policy.release_window, d.policy.pack_size, d.packed)
+    check_history(d.events, d.policy.release_window, d.policy.pack_size)
 
 
 # ------------------------------------------------------------------ 5. stale and duplicate reports
@@ -952,7 +946,7 @@ def test_cancel_cancels_every_unfinished_task() -> None:
     assert_ignored(d.cancel())
     assert_ignored(d.cancel(plan_id="nope"))
     assert sum(isinstance(e, PlanFinished) for e in d.events) == 1
-    check_history(d.events, 2, d.policy.pack_size, d.packed)
+    check_history(d.events, 2, d.policy.pack_size)
     assert_replays(d)
 
 
@@ -1107,7 +1101,7 @@ def test_replay_rebuilds_the_live_records(name: str) -> None:
     rebuilt = assert_replays(d)
     assert_replays(d, through_wire=False)
     assert statuses(rebuilt) == statuses(d.state)
-    check_history(d.events, SMALL.release_window, d.policy.pack_size, d.packed)
+    check_history(d.events, SMALL.release_window, d.policy.pack_size)
     # replaying twice is idempotent for acceptance events
     for ev in d.events:
         if isinstance(ev, PlanAccepted | PlanRejected):
@@ -1341,7 +1335,7 @@ def test_random_plans_always_finish_consistently(
         assert any(r.status == CANCELLED for r in recs)
     assert pl.counts == dict(Counter(r.status for r in recs))
 
-    check_history(d.events, window, d.policy.pack_size, d.packed)
+    check_history(d.events, window, d.policy.pack_size)
     # (a continued attempt queued again is released twice, to its worker and then to the queue)
     attempts = {(e.task_id, e.attempt) for e in d.events if isinstance(e, TaskReleased)}
     releases = Counter(t for t, _ in attempts)

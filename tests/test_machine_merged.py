@@ -79,7 +79,7 @@ def test_a_short_task_stores_no_start_of_its_own() -> None:
     for tid in "abc":
         rec = d.state.tasks[f"p1.{tid}"]
         assert rec.deliveries == 1 and rec.worker == "w1" and rec.started_at > 0
-    check_history(d.events, d.policy.release_window, d.policy.pack_size, d.packed)
+    check_history(d.events, d.policy.release_window, d.policy.pack_size)
     assert_replays(d)
 
 
@@ -90,7 +90,7 @@ def test_a_history_with_separate_starts_replays_the_same() -> None:
     old = one_per_transition(d.events)
     assert len(old) > len(d.events)
     assert any(isinstance(e, TaskStarted) for e in old)
-    check_history(old, d.policy.release_window, d.policy.pack_size, d.packed)
+    check_history(old, d.policy.release_window, d.policy.pack_size)
     wired = [decode(encode(e)) for e in old]
     assert snapshot(replay(wired, aging_s=d.policy.aging_s)) == snapshot(d.state)
     # and an old event (no `started_at` at all on the wire) still decodes, as a plain end
@@ -127,7 +127,7 @@ def test_an_acceptance_stands_for_the_waiting_of_tasks_that_depend_on_nothing() 
     assert queued(new) == queued(old) == 30
     d.drain()
     assert d.state.plans["p1"].status == SUCCEEDED
-    check_history(d.events, d.policy.release_window, d.policy.pack_size, d.packed)
+    check_history(d.events, d.policy.release_window, d.policy.pack_size)
     assert_replays(d)
     assert snapshot(replay(one_per_transition(d.events), aging_s=60.0)) == snapshot(d.state)
     # the tasks were released in plan order, as they were queued
@@ -170,11 +170,11 @@ def test_a_chained_no_op_task_stores_two_transition_events() -> None:
     for i in range(1, n):
         rec = d.state.tasks[f"p1.t{i}"]
         assert rec.waiting_since == rec.released_at == d.state.tasks[f"p1.t{i - 1}"].finished_at
-    check_history(d.events, d.policy.release_window, d.policy.pack_size, d.packed)
+    check_history(d.events, d.policy.release_window, d.policy.pack_size)
     assert_replays(d)
     every = one_per_transition(d.events)
     assert len(every) == 2 + 4 * n
-    check_history(every, d.policy.release_window, d.policy.pack_size, d.packed)
+    check_history(every, d.policy.release_window, d.policy.pack_size)
     assert snapshot(replay([decode(encode(e)) for e in every], aging_s=60.0)) == snapshot(d.state)
 
 
@@ -191,7 +191,7 @@ def test_a_task_woken_but_not_released_in_the_same_step_keeps_its_waiting() -> N
     assert kinds(later) == [TaskWaiting, TaskReleased]
     assert isinstance(later[1], TaskReleased) and later[1].waited_at == 0.0
     short_runs(d)
-    check_history(d.events, d.policy.release_window, d.policy.pack_size, d.packed)
+    check_history(d.events, d.policy.release_window, d.policy.pack_size)
     assert_replays(d)
 
 
