@@ -10,9 +10,12 @@ waiting, running and arriving, per LLM model and for script work (a *class* each
    a model no usable GPU can hold takes no share (one no known GPU can hold is reported);
 1. an LLM nobody used for `keep_alive_s` goes when no other work wants its GPU, unless it is
    its model's last GPU (`keep_warm`);
-2. a free GPU (idle, no LLM) is loaded with an LLM with work waiting when it is in that LLM's
-   share, or in nobody's share while the waiting work gives each of the model's GPUs, the new
-   one included, at least `grow_factor` load times of work; the smallest GPU that holds it;
+2. a free GPU (no LLM) is loaded with an LLM with work waiting when it is in that LLM's
+   share, or idle in nobody's share while the waiting work gives each of the model's GPUs, the
+   new one included, at least `grow_factor` load times of work; the smallest GPU that holds it,
+   an idle one first. One of its share that runs script work is asked too when script tasks
+   take no longer than the model's load: its worker takes no more script work and loads once
+   the task running ends;
 3. a GPU in another class's share, whose LLM has no work waiting, goes to that class's waiting
    work once unused `yield_factor` load times (at least `yield_after_s`), unless its model's
    work of the last while keeps it: the model's work is between bursts, not stopped, or the
@@ -23,8 +26,12 @@ waiting, running and arriving, per LLM model and for script work (a *class* each
    loan's cost (loading the borrower's model now, the lender's when its work is back); a free
    GPU in such a share is loaded for the borrower on the same terms; script work's GPUs are
    never lent (its work trickles back);
-4. a GPU in another class's share whose LLM still has work goes once it has been loaded
-   `min_residency_s`, on the same terms against another LLM;
+4. a GPU in the share of another class with work waiting, while its LLM holds more GPUs than
+   its share, goes once it has been loaded `min_residency_s`, whether its LLM has work waiting
+   or not; if it runs one of its LLM's tasks it is asked at once and goes after that task (its
+   worker takes no more of them: a *drain*), since a GPU its model keeps busy would never be
+   found idle. Any other GPU in another class's share whose LLM still has work goes, idle,
+   once it has been loaded `min_residency_s`, on the same terms against another LLM;
 5. a GPU changes hands for another class only after being in its share `settle_s` (at once for
    work no GPU serves); one request per GPU at a time; a request never answered is given up
    after `load_timeout_s` and decided again.
@@ -450,6 +457,19 @@ class _Placer:
         """Holds an LLM it could let go now: no request in flight, no task running."""
         return view.pending is None and view.state == LLM_READY and bool(view.llm)
 
+    def draining(self, view: GpuView) -> bool:
+        """Holds an LLM, idle or running its tasks, with no request in flight."""
+        return view.pending is None and view.state in (LLM_READY, LLM_BUSY) and bool(view.llm)
+
+    def moved(self, view: GpuView, holder: Work, other: Work) -> bool:
+        """The GPU is in `other`'s share (not lent), its model holds more GPUs than its share,
+        and it has been loaded min_residency_s."""
+        return (
+            self.owner.get(view.gpu) == other.key
+            and holder.holders > self.share.get(holder.key, 0)
+            and self.now - view.loaded_at >= self.policy.min_residency_s
+        )
+
     def wanted(self, view: GpuView, exclude: str) -> bool:
         """Other work waits that could run on this GPU once it is free."""
         if self.script.waiting > 0:
@@ -474,29 +494,34 @@ class _Placer:
             self.unload(view, f"unused for {unused:.0f}s (keep_alive {policy.keep_alive_s:g}s)")
 
     def loadable(self, view: GpuView, model: str) -> bool:
-        return (
-            view.pending is None
-            and view.state == IDLE
-            and not view.llm
-            and model not in view.refused
-            and view.free_for_llm_mb >= self.need_mb(model)
-        )
+        """Free and idle, with room for the model; or running script work on a card the model
+        fits, when script tasks take no longer than the model's load (the worker takes no more
+        script work once the load comes, and loads when the task running ends, if its memory
+        then has room)."""
+        if view.pending is not None or view.llm or model in view.refused:
+            return False
+        if view.state == SCRIPT_BUSY:
+            w = self.llms.get(model)
+            return w is not None and self.script.task_s <= w.load_s and self.fits(view, model)
+        return view.state == IDLE and view.free_for_llm_mb >= self.need_mb(model)
 
     def best_fit(self, model: str, views: list[GpuView]) -> GpuView | None:
-        """The smallest GPU that holds the model: a bigger one stays for a bigger model."""
+        """The smallest GPU that holds the model (a bigger one stays for a bigger model), an
+        idle one before one running script work."""
         fitting = [v for v in views if self.loadable(v, model)]
-        return min(fitting, key=lambda v: (v.vram_total_mb, v.gpu), default=None)
+        return min(fitting, key=lambda v: (v.vram_total_mb, v.state != IDLE, v.gpu), default=None)
 
     def grow(self) -> None:
         """Rule 2: free GPUs to LLMs with work waiting: a GPU of its share, or one in nobody's
         share when its waiting work pays for the load (a burst); work no GPU serves first."""
         while True:
             idle = [v for v in self.usable if v.free and v.state == IDLE]
+            working = [v for v in self.usable if v.free and v.state == SCRIPT_BUSY]
             best: tuple[tuple[int, float, str], Work, GpuView, str] | None = None
             for w in self.llms.values():
                 if w.waiting <= 0 or w.holders * w.slots >= w.tasks:
                     continue  # no work waiting, or a GPU for each of its tasks already
-                mine = [v for v in idle if self.owner.get(v.gpu) == w.key and self.settled(v, w)]
+                mine = [v for v in idle + working if self.owner.get(v.gpu) == w.key and self.settled(v, w)]
                 view = self.best_fit(w.model, mine) if self.under(w) else None
                 why = f"its share is {self.share.get(w.key, 0)} GPU(s)"
                 if view is None and w.pays(self.policy.grow_factor):
@@ -567,16 +592,28 @@ class _Placer:
 
     def hand_over(self) -> None:
         """Rules 3 and 4: a GPU whose LLM holds more than its share goes to waiting work whose
-        share it is (or that is below its share): once unused about a load time when its model
-        has no work waiting, once loaded min_residency_s when it has; unless the model's work
-        of the last while keeps it (`Work.keeps`) from another LLM already served somewhere,
-        or, with no work waiting, from anyone while that work has not stopped."""
+        share it is once loaded min_residency_s, drained if it runs its model's task; otherwise
+        to waiting work whose share it is (or that is below its share): once unused about a load
+        time when its model has no work waiting, once loaded min_residency_s when it has;
+        unless the model's work of the last while keeps it (`Work.keeps`) from another LLM
+        already served somewhere, or, with no work waiting, from anyone while that work has not
+        stopped."""
         policy = self.policy
-        ready = [v for v in self.usable if self.ready(v) and v.llm in self.llms]
-        for view in sorted(ready, key=lambda v: (v.last_used, v.gpu)):
+        held = [v for v in self.usable if self.draining(v) and v.llm in self.llms]
+        for view in sorted(held, key=lambda v: (not self.ready(v), v.last_used, v.gpu)):
             w = self.llms[view.llm]
             other = self.claimant(view, w)
             lent = False
+            if other is not None and (w.waiting <= 0 or not self.ready(view)) and self.moved(view, w, other):
+                # its share went to other work that waits: it takes no more of its model's
+                # tasks and goes once the one running ends, whether its model's work waits or not
+                wanted = f"{other.waiting} {other.name} task(s) waiting on {other.holders} GPU(s)"
+                shares = f"shares: {w.model} {self.share[w.key]}, {other.name} {self.share[other.key]}"
+                busy = "; after the task it runs" if not self.ready(view) else ""
+                self.unload(view, f"its share moved to {other.name}: {wanted} ({shares}){busy}", other)
+                continue
+            if not self.ready(view):
+                continue
             if other is None and w.tasks == 0 and self.now - view.last_used >= self.yield_s(w):
                 other = self.borrower(view, w)
                 lent = other is not None

@@ -137,6 +137,9 @@ class SimGpu:
     state: str = IDLE
     llm: str = ""
     task: WorkItem | None = None
+    # a load asked while a script task runs, or an unload of the LLM while its task runs: as a
+    # worker does, it takes no more work and carries it out once the task ends
+    deferred: ResourceItem | None = None
 
     @property
     def used_mb(self) -> int:
@@ -320,6 +323,13 @@ class Sim:
         if g.mute:
             self.answer(g, "ignored", item.model)
             return
+        busy = SCRIPT_BUSY if item.action == "load" else LLM_BUSY
+        if g.task is not None and g.state == busy and g.deferred is None:
+            if item.action == "unload" and g.llm != item.model:
+                self.violations.append(f"{self.now}: unload {item.model} on {g.gpu} holding {g.llm}")
+                return
+            g.deferred = item
+            return
         if item.action == "load":
             if g.state != IDLE or g.llm:
                 self.violations.append(f"{self.now}: load {item.model} on {g.gpu} in state {g.state}")
@@ -414,6 +424,9 @@ class Sim:
                 g.task = None
                 g.state = LLM_READY if item.cls == "llm" else IDLE
                 self.report(g)
+                if g.deferred is not None:
+                    deferred, g.deferred = g.deferred, None
+                    self.handle(deferred)
             self.runs.append(
                 Run(began, self.now, g.gpu if g else "", item.plan_id, item.task_id, item.cls, item.model)
             )
@@ -819,6 +832,79 @@ def test_place_keeps_an_llm_that_still_has_work_for_min_residency_however_long_u
     assert place(views(), {"script": 5}, loaded_at + 30.0 - 1, pp).events == []
     (unload,) = place(views(), {"script": 5}, loaded_at + 30.0, pp).events
     assert (unload.gpu, unload.action) == ("g1", "unload") and "no small work waiting" in unload.reason
+
+
+def test_place_drains_a_busy_gpu_whose_share_moved_to_waiting_work() -> None:
+    """Both GPUs run small's tasks and script work waits, so one of them is script work's share.
+    Once loaded min_residency_s that GPU is asked to unload while its task runs (its worker takes
+    no more of small's tasks and unloads after it), whether small's own work waits or not: a GPU
+    its model keeps busy is never found idle. Not before min_residency_s, and not without other
+    work waiting."""
+    pp = make_policy().placement
+
+    def views() -> dict[str, GpuView]:
+        return {
+            g: GpuView(
+                gpu=g,
+                worker=f"w{g[1]}",
+                state=LLM_BUSY,
+                llm="small",
+                vram_total_mb=8192,
+                vram_used_mb=800,
+                loaded_at=T0,
+                last_used=T0,
+                load_s=30.0,
+            )
+            for g in ("g1", "g2")
+        }
+
+    running = {"llm:small": 2}
+    for demand in ({"script": 5}, {"script": 5, "llm:small": 3}):
+        assert place(views(), demand, T0 + MIN_RESIDENCY_S - 1, pp, running=running).events == []
+        (unload,) = place(views(), demand, T0 + MIN_RESIDENCY_S, pp, running=running).events
+        assert (unload.action, unload.model) == ("unload", "small"), unload
+        assert "its share moved to script" in unload.reason and "after the task it runs" in unload.reason
+    assert place(views(), {"llm:small": 3}, T0 + 10 * MIN_RESIDENCY_S, pp, running=running).events == []
+
+
+def test_place_loads_a_gpu_of_the_llms_share_that_runs_short_script_work() -> None:
+    """The only GPU runs a script task while small's prompts wait: it is small's share (work no
+    GPU serves comes first), and it is asked to load small at once (its worker takes no more
+    script work and loads after the task), since a GPU script work keeps busy is never found
+    idle. Not when script tasks take longer than small's load: then it waits to be idle."""
+    pp = make_policy().placement
+
+    def views() -> dict[str, GpuView]:
+        busy = GpuView(gpu="g1", worker="w1", state=SCRIPT_BUSY, vram_total_mb=8192, vram_used_mb=0)
+        return {"g1": busy}
+
+    demand, running = {"llm:small": 3}, {"script": 1}
+    (load,) = place(views(), demand, T0, pp, running=running).events
+    assert (load.gpu, load.action, load.model) == ("g1", "load", "small")
+    slow_scripts = dataclasses.replace(pp, task_s=pp.load_s + 1)
+    assert place(views(), demand, T0, slow_scripts, running=running).events == []
+
+
+def test_a_drained_gpu_runs_no_more_of_its_models_tasks_and_goes_after_the_one_running() -> None:
+    """End to end on the simulated fleet: two GPUs kept busy by small's prompts, then script work
+    arrives. The GPU asked to unload while busy starts no more prompts, unloads when its task
+    ends, and runs script work next."""
+    sim = Sim(fleet(2, default_load_s=10.0), llm_s=7.0, script_s=5.0)
+    sim.submit(prompts(400), plan_id="llm")
+    sim.run_until(T0 + 30)
+    sim.submit(scripts(40), plan_id="scripts")
+    sim.run_while(lambda: not [r for r in sim.unloads() if "after the task it runs" in r.reason])
+    drain = next(r for r in sim.unloads() if "after the task it runs" in r.reason)
+    sim.finish("scripts")
+    after = [r for r in sim.runs if r.gpu == drain.gpu and r.start >= drain.at]
+    assert after and after[0].cls == "script", after[:3]
+    unloaded = next(
+        a.at for a in sim.answers if a.what == "unloaded" and a.gpu == drain.gpu and a.at >= drain.at
+    )
+    ran = [r for r in sim.runs if r.gpu == drain.gpu and r.start < drain.at <= r.end]
+    assert len(ran) == 1 and unloaded == ran[0].end, "it went when the task it ran ended"
+    sim.finish("llm")
+    sim.check()
 
 
 def load_times(sim: Sim) -> list[float]:
@@ -1307,12 +1393,20 @@ def test_place_never_loads_where_it_cannot_and_asks_each_gpu_once(
         assert pending is None or now - pending[3] >= pp.load_timeout_s, "asked while a request is pending"
         assert view.pending is not None and view.pending[2] == ev.rid
         if ev.action == "load":
-            assert free >= need_mb(ev.model), f"load {ev.model} on {ev.gpu} with {free} MB free"
-            assert view.state == IDLE and not view.llm
+            assert not view.llm
+            if view.state == SCRIPT_BUSY:
+                # loads once its script task ends (its worker checks the memory then)
+                assert view.vram_total_mb >= need_mb(ev.model), f"load {ev.model} on {ev.gpu}"
+            else:
+                assert free >= need_mb(ev.model), f"load {ev.model} on {ev.gpu} with {free} MB free"
+                assert view.state == IDLE
             assert ev.model not in refused or now - refused[ev.model] >= pp.load_timeout_s
             assert demand.get(f"llm:{ev.model}", 0) > 0
         else:
-            assert view.state == LLM_READY and view.llm == ev.model
+            assert view.state in (LLM_READY, LLM_BUSY) and view.llm == ev.model
+            if view.state == LLM_BUSY:
+                # drained: only a GPU loaded long enough, once its share went to other work
+                assert now - view.loaded_at >= pp.min_residency_s and "after the task it runs" in ev.reason
     for m in ("small", "big"):
         new = sum(1 for e in decision.events if e.action == "load" and e.model == m)
         if new:
