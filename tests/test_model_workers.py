@@ -516,6 +516,48 @@ async def test_script_work_waits_for_the_llm_to_be_unloaded(mesh: Mesh, tmp_path
     assert unload.at - last_used.at < keep_alive
 
 
+async def test_a_load_asked_while_script_work_runs_waits_for_it_and_takes_no_more(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """The only GPU runs a script task when a prompt arrives: the brain asks for the LLM at once
+    (script tasks take less than a load), not once the GPU is idle. The worker takes no more
+    script work, loads when the task ends, and runs the prompt before the script task that was
+    waiting (which runs once the LLM is gone)."""
+    gpu = await start(mesh, keep_alive_s=120, min_residency_s=300, yield_after_s=5)
+    gate, stamp = tmp_path / "gate", tmp_path / "second-started"
+    script = (
+        "# Scripts\n\n## Tasks\n\n"
+        "### first\n- class: script\n\n"
+        f"```shell\nwhile [ ! -e {gate} ]; do sleep 0.05; done\n```\n\n"
+        "### second\n- class: script\n\n"
+        f"```shell\npython3 -c 'import time; print(time.time())' > {stamp}\n```\n"
+    )
+    script_plan = await mesh.submit_text(script)
+    await wait_state(mesh, gpu, "script_busy")
+    prompt = f"# Hot\n\n## Tasks\n\n### ask\n- max_tokens: 8\n\n```prompt\n{COUNTING}\n```\n"
+    prompt_plan = await mesh.submit_text(prompt)
+
+    async def load_asked() -> ResourceRequested | None:
+        return next((r for r in await gpu_requests(mesh, gpu) if r.action == "load"), None)
+
+    load = await eventually(load_asked, HANG_S, "a load asked of the GPU running script work")
+    assert isinstance(load, ResourceRequested) and load.model == LLM
+    tasks = await mesh.tasks(script_plan)
+    assert tasks["first"].status == "running", "asked while the script task runs"
+    assert tasks["second"].status in ("ready", "waiting"), "the other script task has not started"
+    gate.touch()
+    await all_succeeded(mesh, prompt_plan)
+    await all_succeeded(mesh, script_plan)
+
+    first_end = (await finished(mesh, script_plan, "first")).at
+    prompt_end = (await finished(mesh, prompt_plan, "ask")).at
+    assert load.at < first_end
+    assert float(stamp.read_text()) >= prompt_end, "no script work ran between the request and the load"
+    seen = transitions(await gpu_states(mesh, gpu))
+    loading = seen.index("booting_llm")
+    assert "script_busy" in seen[:loading] and seen[:loading].count("script_busy") == 1, seen
+
+
 # ------------------------------------------------------------------ 6. sensitive output
 
 
