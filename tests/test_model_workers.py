@@ -558,6 +558,38 @@ async def test_a_load_asked_while_script_work_runs_waits_for_it_and_takes_no_mor
     assert "script_busy" in seen[:loading] and seen[:loading].count("script_busy") == 1, seen
 
 
+async def test_a_gpu_whose_share_moved_is_drained_while_its_llm_runs(mesh: Mesh) -> None:
+    """The only GPU runs a long prompt when script work arrives: the GPU is script work's share
+    now (work no GPU serves comes first), and once the LLM has been loaded min_residency_s the
+    brain asks for the unload while the prompt runs. The worker takes no more prompts, unloads
+    when that one ends, runs the script task, and the LLM comes back for the prompt after it."""
+    gpu = await start(mesh, keep_alive_s=600, min_residency_s=1, yield_after_s=600, llm_slots=1)
+    prompts = (
+        "# Hot\n\n## Tasks\n\n"
+        f"### long\n- max_tokens: 400\n\n```prompt\n{COUNTING}\n```\n\n"
+        f"### next\n- max_tokens: 8\n- depends_on: long\n\n```prompt\n{COUNTING}\n```\n"
+    )
+    prompt_plan = await mesh.submit_text(prompts)
+    await wait_state(mesh, gpu, "llm_busy")
+    script = "# Script\n\n## Tasks\n\n### s\n- class: script\n\n```shell\necho done\n```\n"
+    script_plan = await mesh.submit_text(script)
+    await all_succeeded(mesh, script_plan)
+    await all_succeeded(mesh, prompt_plan)
+
+    requests = await gpu_requests(mesh, gpu)
+    assert [(r.action, r.model) for r in requests] == [("load", LLM), ("unload", LLM), ("load", LLM)]
+    drain = requests[1]
+    assert "its share moved to script" in drain.reason and "after the task it runs" in drain.reason
+    long_end = (await finished(mesh, prompt_plan, "long")).at
+    script_end = (await finished(mesh, script_plan, "s")).at
+    next_end = (await finished(mesh, prompt_plan, "next")).at
+    assert drain.at < long_end, "asked while the long prompt ran"
+    assert long_end < script_end < next_end, "the prompt left waited for the script task and the reload"
+    seen = transitions(await gpu_states(mesh, gpu))
+    first_idle = seen.index("idle", seen.index("llm_busy"))
+    assert seen[first_idle + 1] == "script_busy", seen
+
+
 # ------------------------------------------------------------------ 6. sensitive output
 
 
