@@ -347,9 +347,11 @@ def test_placement_needs_the_learned_vram_once_learned() -> None:
 
 
 def test_placement_yields_after_one_learned_load_time() -> None:
+    """A GPU loaded less than min_residency_s ago, whose model has no work, yields to waiting
+    work once unused one load time: the learned one, not the GPU's last (a warm cache)."""
     pp = PlacementPolicy(models={"m": ("llm", 600), "n": ("llm", 600)}, yield_after_s=1.0)
 
-    def ready(load_s: float) -> dict[str, GpuView]:
+    def ready(load_s: float, loaded_at: float = T0 - 100) -> dict[str, GpuView]:
         return {
             "g0": GpuView(
                 gpu="g0",
@@ -358,18 +360,24 @@ def test_placement_yields_after_one_learned_load_time() -> None:
                 llm="m",
                 vram_total_mb=1000,
                 vram_used_mb=600,
-                loaded_at=T0 - 1000,
+                loaded_at=loaded_at,
                 last_used=T0 - 40,
                 load_s=load_s,
             )
         }
 
     demand = {"llm:n": 3}
+    assert pp.min_residency_s > 100, "loaded 100 s ago: not yet min_residency_s"
     # the GPU's last load took 5 s: unused for 40 s, it yields to model n
     assert [e.action for e in place(ready(5.0), demand, T0, pp).events] == ["unload"]
     # loads of m take 60 s as measured (the 5 s here was a warm cache): it waits 60 s (one load
     # time, placement_yield_factor 1)
     assert place(ready(5.0), demand, T0, pp, learned=taught("m", 600, took_s=60.0)).events == []
+    # loaded min_residency_s ago, a GPU in another class's share beyond its model's share goes
+    # at once (rule 4), the load time aside
+    long_ago = ready(5.0, loaded_at=T0 - pp.min_residency_s)
+    (unload,) = place(long_ago, demand, T0, pp, learned=taught("m", 600, took_s=60.0)).events
+    assert unload.action == "unload" and "its share moved to n" in unload.reason
 
 
 def test_the_machine_places_by_what_it_learned() -> None:
