@@ -16,11 +16,11 @@ waiting, running and arriving, per LLM model and for script work (a *class* each
    an idle one first. One of its share that runs script work is asked too when script tasks
    take no longer than the model's load: its worker takes no more script work and loads once
    the task running ends;
-3. a GPU in another class's share, whose LLM has no work waiting, goes to that class's waiting
-   work once unused `yield_factor` load times (at least `yield_after_s`), unless its model's
-   work of the last while keeps it: the model's work is between bursts, not stopped, or the
-   other class is an LLM already served somewhere (a swap costs a load now and likely one
-   later);
+3. a GPU in another class's share, whose LLM has no work waiting (and that rule 4 does not move
+   first), goes to that class's waiting work once unused `yield_factor` load times (at least
+   `yield_after_s`), unless its model's work of the last while keeps it: the model's work is
+   between bursts, not stopped, or the other class is an LLM already served somewhere (a swap
+   costs a load now and likely one later);
    ... except a *loan*: a GPU in the share of an LLM with no work waiting or running, unused as
    long, goes to another class whose waiting work gives it at least `lend_factor` times the
    loan's cost (loading the borrower's model now, the lender's when its work is back); a free
