@@ -590,6 +590,12 @@ class _Placer:
         ]
         return max(wants, key=lambda w: (w.backlog_s(w.holders + 1), w.key), default=None)
 
+    def asked(self, holder: Work, other: Work) -> tuple[str, str]:
+        """What an unload for `other` says: the work waiting on it, and the two shares."""
+        wanted = f"{other.waiting} {other.name} task(s) waiting on {other.holders} GPU(s)"
+        shares = f"shares: {holder.model} {self.share[holder.key]}, {other.name} {self.share[other.key]}"
+        return wanted, shares
+
     def hand_over(self) -> None:
         """Rules 3 and 4: a GPU whose LLM holds more than its share goes to waiting work whose
         share it is once loaded min_residency_s, drained if it runs its model's task; otherwise
@@ -604,23 +610,22 @@ class _Placer:
             w = self.llms[view.llm]
             other = self.claimant(view, w)
             lent = False
-            if other is not None and (w.waiting <= 0 or not self.ready(view)) and self.moved(view, w, other):
+            idle = self.ready(view)
+            if other is not None and (w.waiting <= 0 or not idle) and self.moved(view, w, other):
                 # its share went to other work that waits: it takes no more of its model's
                 # tasks and goes once the one running ends, whether its model's work waits or not
-                wanted = f"{other.waiting} {other.name} task(s) waiting on {other.holders} GPU(s)"
-                shares = f"shares: {w.model} {self.share[w.key]}, {other.name} {self.share[other.key]}"
-                busy = "; after the task it runs" if not self.ready(view) else ""
+                wanted, shares = self.asked(w, other)
+                busy = "" if idle else "; after the task it runs"
                 self.unload(view, f"its share moved to {other.name}: {wanted} ({shares}){busy}", other)
                 continue
-            if not self.ready(view):
+            if not idle:
                 continue
             if other is None and w.tasks == 0 and self.now - view.last_used >= self.yield_s(w):
                 other = self.borrower(view, w)
                 lent = other is not None
             if other is None:
                 continue
-            wanted = f"{other.waiting} {other.name} task(s) waiting on {other.holders} GPU(s)"
-            shares = f"shares: {w.model} {self.share[w.key]}, {other.name} {self.share[other.key]}"
+            wanted, shares = self.asked(w, other)
             if w.waiting <= 0:
                 unused = self.now - view.last_used
                 kept = w.holders <= w.keeps()
