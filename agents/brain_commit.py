@@ -115,9 +115,10 @@ class BrainCommit(Agent):
         """Publish a decided step: events, then records and work items together, each phase
         pipelined and fully acknowledged before the next. Neither KV nor the work queue ever
         runs ahead of the history: a crash after the events leaves records the next brain
-        repairs from them. A record and its task's work item are written in the same round
-        trip, so a worker may take an item before the record says `ready`: workers read the
-        record only of an item that is not fresh, and take a record behind the item for one
+        repairs from them. The work items go out ahead of the records, in the pipeline of their
+        first chunk (a big plan's acceptance writes thousands of records; its first tasks start
+        meanwhile), so a worker may take an item before the record says `ready`: workers read
+        the record only of an item that is not fresh, and take a record behind the item for one
         not yet written (`mesh.work.still_wanted`).
 
         Interrupted, the step stays in the outbox and is published again, whole, before
@@ -354,8 +355,9 @@ class BrainCommit(Agent):
     async def _write_records(
         self, tasks: list[TaskRecord], plans: list[PlanRecord], then: list[WorkItem] | None = None
     ) -> list[PubAck]:
-        """Write changed records (and remove archived ones); `then`, work items, go out in the
-        same pipeline as the last records: their acknowledgements are returned."""
+        """Write changed records (and remove archived ones); `then`, work items, go out ahead
+        of the records, in the pipeline of their first chunk: their acknowledgements are
+        returned."""
         gone_tasks, gone_plans = self.state.take_removed()
         if gone_tasks or gone_plans:
             names = self.names

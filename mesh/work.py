@@ -319,10 +319,10 @@ def still_wanted(
     registered decides: `owner_verdict`) or SETTLE. An unreadable record is the caller's: it
     runs the item as released (the brain rebuilds the record from the history when it starts).
 
-    The brain writes a task's record and its work item in the same round trip, and a brain
-    that crashed between the two leaves the record for the next one to repair: a record behind
-    the item's attempt has not caught up with the release the item comes from, and the item is
-    as current as a fresh one.
+    The brain writes a task's work item ahead of its record (in the same round trip, or in an
+    earlier one where a big step writes many records), and a brain that crashed between the two
+    leaves the record for the next one to repair: a record behind the item's attempt has not
+    caught up with the release the item comes from, and the item is as current as a fresh one.
 
     A redelivery (delivery > 1) of a running attempt means JetStream stopped hearing from its
     worker: this one takes over. A first delivery of an attempt already running elsewhere

@@ -18,10 +18,11 @@ import nats.js.errors
 import pytest
 
 from mesh import events, work
-from mesh.bus.publish import ATOMIC_ID, ATOMIC_MIN
+from mesh.bus.publish import ATOMIC_ID, ATOMIC_MIN, PIPELINE_CHUNK
 from mesh.bus.workstream import queued
 from mesh.events import RunFinished, RunStarted, TaskSpec, TaskStarted, TaskSucceeded, WorkItem
 from mesh.machine import replay
+from mesh.names import kv_subject
 from mesh.records import (
     PENDING,
     READY,
@@ -138,6 +139,42 @@ async def test_records_and_work_items_go_out_in_one_round_trip(mesh: Mesh) -> No
     more = await bus.kv_put_many([], [WorkItem(plan_id="p9", task_id="t9", attempt=1)])
     assert len(more) == 1 and more[0].seq > max(a.seq for a in acks)
     assert await bus.kv_put_many([]) == []
+
+
+async def test_work_items_do_not_wait_on_the_records_of_a_big_step(mesh: Mesh) -> None:
+    """A big plan's acceptance writes a record for every task, a pipeline chunk at a time; the
+    work items of the tasks it releases go out ahead of the first chunk, so workers start on
+    them while the rest of the records are written."""
+    bus = await mesh.bus()
+    names = bus.names
+    n = 2 * PIPELINE_CHUNK + 1
+    recs = [
+        TaskRecord(plan_id="p8", task_id=f"t{i}", spec=TaskSpec(id=f"t{i}", body="true"), status=PENDING)
+        for i in range(n)
+    ]
+    items = [WorkItem(plan_id="p8", task_id=f"t{i}", attempt=1) for i in range(3)]
+    heard: list[str] = []  # what the server passed on, in the order this connection sent it
+
+    async def hear(raw: Any) -> None:
+        if raw.subject.startswith(names.work_prefix):
+            heard.append("item")
+        elif raw.subject.startswith(kv_subject(names.tasks_bucket, "p8.")):
+            heard.append("record")
+
+    sub = await bus.nc.subscribe(">", cb=hear)
+    await bus.nc.flush()
+    acks = await bus.kv_put_many(((names.tasks_bucket, r.key, encode_record(r)) for r in recs), items)
+    assert [a.stream for a in acks] == [names.work_stream] * 3
+    for item, ack in zip(items, acks, strict=True):
+        assert events.decode((await bus.js.get_msg(names.work_stream, ack.seq)).data or b"") == item
+    deadline = time.monotonic() + 30
+    while len(heard) < n + len(items):
+        assert time.monotonic() < deadline, len(heard)
+        await asyncio.sleep(0.05)
+    await sub.unsubscribe()
+    assert heard[: len(items)] == ["item"] * len(items), heard[:10]
+    kv = await bus.tasks_kv()
+    assert decode_task((await kv.get(f"p8.t{n - 1}")).value or b"").status == PENDING
 
 
 async def test_an_item_met_before_its_record_is_run_once_the_record_is_there(

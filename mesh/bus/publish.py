@@ -501,24 +501,28 @@ class Bus:
         """Write many KV keys (bucket, key, value), pipelined: a KV put is a publish to its stream.
         `puts` is consumed a chunk at a time, so a lazy one is encoded a chunk at a time too.
 
-        `then` (work items, say) goes out in the same pipeline as the last chunk, so both cost
-        one round trip; their acknowledgements are returned. Nothing orders them against the
-        puts: they are different streams, which the server stores independently."""
+        `then` (work items, say) goes out ahead of the first chunk, in its pipeline: both cost
+        one round trip, and where there are many chunks (a big plan's acceptance writes a record
+        for each task) the work does not wait on the rest of them. Their acknowledgements are
+        returned. Nothing orders them against the puts: they are different streams, which the
+        server stores independently."""
 
         def kv(chunk: list[tuple[str, str, bytes]]) -> list[tuple[str, bytes, dict[str, str]]]:
             return [(kv_subject(bucket, key), value, {}) for bucket, key, value in chunk]
 
         rest = iter(puts)
-        chunk = list(itertools.islice(rest, PIPELINE_CHUNK))
-        while following := list(itertools.islice(rest, PIPELINE_CHUNK)):
-            await self._pipelined(kv(chunk))
-            chunk = following
-        last = kv(chunk)
+        chunk = kv(list(itertools.islice(rest, PIPELINE_CHUNK)))
+        acks: list[api.PubAck] = []
         if len(then) > PIPELINE_CHUNK:
-            await self._pipelined(last)
-            return await self.emit_many(then)
-        acks = await self._pipelined(last + self._encoded(then))
-        return acks[len(last) :]
+            acks = await self.emit_many(then)
+        elif then:
+            items = self._encoded(then)
+            acks = (await self._pipelined(items + chunk))[: len(items)]
+            chunk = kv(list(itertools.islice(rest, PIPELINE_CHUNK)))
+        while chunk:
+            await self._pipelined(chunk)
+            chunk = kv(list(itertools.islice(rest, PIPELINE_CHUNK)))
+        return acks
 
     async def kv_purge_many(self, keys: list[tuple[str, str]]) -> None:
         """Remove many KV keys (bucket, key) with their history, pipelined."""
