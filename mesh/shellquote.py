@@ -19,7 +19,8 @@ arithmetic, comments and here-documents) and writes each value for its place:
 
 A plain value (letters, digits and `_./:=@%+,-`) is written as it is
 anywhere. A value that no writing can keep as data is refused (a `Refusal`
-names it): one in arithmetic (`$(( ))`, `(( ))`, `${x:offset}`, `${a[i]}`),
+names it): one in arithmetic (`$(( ))`, `(( ))`, `for (( ))`, `${x:offset}`, an array's index:
+`${a[i]}`, `a[i]=x`, `a=([i]=x)`, `declare a[i]`),
 inside backquotes, right after a backslash, in a here-document's delimiter,
 one that would end its here-document early, and any value in a body whose
 quotes or substitutions this lexer finds unbalanced (it cannot then tell
@@ -57,10 +58,18 @@ Context = Literal[
 _PLAIN_RE = re.compile(r"[A-Za-z0-9_./:=@%+,-]+")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+|[@*#?$!-]")
 _WORD_RE = re.compile(r"[A-Za-z_]+|!|\{")
-# a character after which a word starts (a '#' there begins a comment)
+# a character after which a word starts
 _BREAK = frozenset(" \t\n;&|()<>`")
-# reserved words after which a command may still start (so 'then case' opens a case)
-_LEADING = frozenset({"if", "then", "else", "elif", "do", "while", "until", "!", "{", "time"})
+# the ones after which a '#' begins a comment: not a ')' or a backquote, which may close a
+# substitution the word goes on after ('$(date)#x' is one word); were one of them to begin a
+# comment for bash, the text after it is read here as code, and quoted as code: no harm
+_COMMENT_AFTER = frozenset(" \t\n;&|(<>")
+# reserved words after which a command may still start (so 'then case' opens a case, and
+# 'for ((' an arithmetic loop)
+_LEADING = frozenset({"if", "then", "else", "elif", "do", "while", "until", "!", "{", "time", "for"})
+# a word that starts with an array's index (`a[i]=x`, `declare a[i]`, `a=([i]=x)`): bash reads
+# the index as arithmetic, and runs the command substitutions in it even from a quoted value
+_INDEX_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\[|\[[^\]\n]*\]\+?=")
 # the stand-in for a hole in the text the lexer reads: a word character, as the quoted value is a word
 _STAND_IN = "x"
 
@@ -149,6 +158,14 @@ class _Lexer:
     def marked(self, start: int, end: int) -> bool:
         return any(m in self.marks for m in range(start, end))
 
+    def escaped(self, i: int) -> bool:
+        """Whether the character at `i` is escaped by a backslash (an odd run of them before it)."""
+        s = self.s
+        k = i
+        while k > 0 and s[k - 1] == "\\":
+            k -= 1
+        return (i - k) % 2 == 1
+
     def escape(self, i: int) -> int:
         """A backslash at `i` that escapes the next character: the index after both."""
         if i + 1 in self.marks:
@@ -201,13 +218,22 @@ class _Lexer:
         """Walk the text; True if it ends balanced (no open quote, substitution or case)."""
         s = self.s
         i = 0
+        line_end = -1  # where the here-document line read last ends
         while i < self.n:
             top = self.stack[-1]
-            if top.kind == "heredoc" and (i == 0 or s[i - 1] == "\n"):
+            if top.kind == "heredoc" and (i == 0 or s[i - 1] == "\n") and i > line_end:
                 end = s.find("\n", i)
                 end = self.n if end < 0 else end
+                if not top.quoted:
+                    # a line ending in an unescaped backslash goes on on the next one, and bash
+                    # compares the lines joined with the delimiter
+                    while end < self.n and self.escaped(end):
+                        nxt = s.find("\n", end + 1)
+                        end = self.n if nxt < 0 else nxt
+                line_end = end  # (the lines it went on to are not lines of their own)
                 holes = [m for m in range(i, end) if m in self.marks] if self.marks else []
-                if not holes and (s[i:end].lstrip("\t") if top.tabs else s[i:end]) == top.delim:
+                line = s[i:end] if top.quoted else _joined(s[i:end])
+                if not holes and (line.lstrip("\t") if top.tabs else line) == top.delim:
                     self.early.extend(
                         (k, top.delim) for k, (a, b) in enumerate(self.spans) if a < end and b > i
                     )
@@ -306,7 +332,8 @@ class _Lexer:
         s = self.s
         if c in " \t":
             return i + 1
-        at_break = i == 0 or s[i - 1] in _BREAK
+        # a word starts here: after a blank or an operator that is not itself escaped
+        at_break = i == 0 or (s[i - 1] in _BREAK and not self.escaped(i - 1))
         if c == "\n":
             if self.pending:
                 self.stack.extend(reversed(self.pending))
@@ -316,7 +343,7 @@ class _Lexer:
         if c in ";&|":
             top.cmd_pos = True
             return i + 1
-        if c == "#" and at_break:
+        if c == "#" and at_break and (i == 0 or s[i - 1] in _COMMENT_AFTER):
             end = s.find("\n", i)
             end = self.n if end < 0 else end
             for m in range(i, end):
@@ -352,6 +379,13 @@ class _Lexer:
                 else:
                     top.cmd_pos = word in _LEADING
                 return w.end()
+        if at_break and (index := _INDEX_RE.match(s, i)) is not None:
+            # (for `a[`, past the name: a value that is the name is quoted, and names nothing)
+            after = i + 1 if c == "[" else index.end()
+            if not self.marked(i, after):
+                top.cmd_pos = False
+                self.push(_Frame("arith", close="]"))
+                return after
         top.cmd_pos = False
         if c == "\\":
             if s[i + 1 : i + 2] == "\n":
@@ -387,6 +421,13 @@ class _Lexer:
         start = i
         while i < self.n and s[i] not in " \t\n;&|<>()":
             c = s[i]
+            if c == "$" and s[i + 1 : i + 2] in ("'", '"'):
+                # $'...' and $"..." quote too; an escape in $'...' may stand for any character
+                end = s.find(s[i + 1], i + 2)
+                if s[i + 1] == "'" and "\\" in s[i + 2 : end if end >= 0 else self.n]:
+                    self.unclosed = True  # (so the delimiter is not known: every value refused)
+                i += 1
+                continue
             if c in "'\"":
                 quoted = True
                 end = s.find(c, i + 1)
@@ -405,6 +446,25 @@ class _Lexer:
                 self.spot(m, "delimiter")
         self.pending.append(_Frame("heredoc", delim="".join(word), tabs=tabs, quoted=quoted))
         return i
+
+
+def _joined(line: str) -> str:
+    """An unquoted here-document's line as bash compares it with the delimiter: each backslash
+    that escapes a line break taken out with the break."""
+    if "\\\n" not in line:
+        return line
+    out: list[str] = []
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if c == "\\" and i + 1 < len(line):
+            if line[i + 1] != "\n":
+                out.append(line[i : i + 2])
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 @functools.lru_cache(maxsize=64)
@@ -542,14 +602,19 @@ def fill(pieces: Sequence[str], holes: Sequence[Hole]) -> tuple[str, list[Refusa
             out = shlex.quote(holes[n].value)
         written[mark] = out
     # a hole that makes its here-document line the delimiter would end the document there
+    # (each line written once, however many holes it has)
+    lines: dict[tuple[int, int], tuple[_Spot, list[int]]] = {}
     for mark, n in zip(marks, marked, strict=True):
         where = spots.get(mark)
         if where is None or not where.context.startswith("heredoc") or "\n" in holes[n].value:
             continue
-        start, end = where.line
+        lines.setdefault(where.line, (where, []))[1].append(n)
+    for (start, end), (where, on_line) in lines.items():
         line = "".join(written.get(k, text[k]) for k in range(start, end))
+        if where.context == "heredoc":
+            line = _joined(line)
         if (line.lstrip("\t") if where.tabs else line) == where.delim:
-            refusals.append(_early(n, where.delim))
+            refusals.extend(_early(n, where.delim) for n in on_line)
     out_parts: list[str] = []
     last = 0
     for mark in marks:

@@ -193,6 +193,14 @@ def test_raw_values_are_pasted_as_they_are(tmp_path: Path) -> None:
         ("echo $(echo {V}", "a b", "do not close"),
         ('echo "${X:-{V}}"', "it's", "where bash pairs single quotes"),
         ("echo {V}", "a\x00b", "has a NUL byte"),
+        ("for ((i=0; i<{V}; i++)); do :; done", "$(touch PWNED)", "is in arithmetic"),
+        ("for((i=0; i<{V}; i++)); do :; done", "$(touch PWNED)", "is in arithmetic"),
+        ("a[{V}]=1", "$(touch PWNED)", "is in arithmetic"),
+        ("declare -a b; b[{V}]+=x", "$(touch PWNED)", "is in arithmetic"),
+        ("local c[{V}]=1", "$(touch PWNED)", "is in arithmetic"),
+        ("cat <<$'E\\x4fF'\nEOF\necho \"{V}\"\nEOF", "$(touch PWNED)", "do not close"),
+        ("cat <<EOF\nE\\\n{V}\necho hi\nEOF", "OF", "makes its line of a here-document read 'EOF'"),
+        ("cat <<E~F\nE\\\n{V}\necho hi\nE~F", "~F", "makes its line of a here-document read 'E~F'"),
     ],
 )
 def test_values_no_quoting_can_hold_are_refused(body: str, value: str, message: str) -> None:
@@ -289,6 +297,19 @@ TEMPLATES = [
     "x=`echo \"a)\" '#'`; printf '[%s]' @",
     "printf '%s' \"`echo '\"'`\" >/dev/null; printf '[%s]' \"@\"",
     "cat <<A >/dev/null; cat <<'B' >/dev/null; printf '[%s]' @\n$(echo ')')\nA\n$(echo @)\nB",
+    # a '#' that continues a word (after a substitution's ')', a backquote, an escaped character)
+    # starts no comment: the quotes after it still count
+    ': $(true)#"@"; printf \'[%s]\' "@"',
+    ': `true`#"@"; printf \'[%s]\' "@"',
+    ': $((1+2))#"@"; printf \'[%s]\' "@"',
+    ': <(true)#"@"; printf \'[%s]\' "@"',
+    ": a\\ #'@'; printf '[%s]' \"@\"",
+    ': a\\;#"@"; printf \'[%s]\' "@"',
+    # $'...' and $"..." quote a here-document's delimiter: the document ends at its first line
+    "cat <<$'EOF' >/dev/null\nEOF\nprintf '[%s]' \"@\"",
+    'cat <<$"EOF" >/dev/null\nEOF\nprintf \'[%s]\' "@"',
+    # and one after an escaped backslash and a blank does
+    ": a\\\\ #\"@\"\nprintf '[%s]' @",
 ]
 
 
