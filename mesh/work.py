@@ -419,6 +419,9 @@ class RunResult:
     artifact_data: dict[str, bytes] = field(default_factory=dict)
     # the task has a schema and the output is JSON valid against it
     parsed: bool = False
+    # `error` as a sensitive run reports it, where `error` quotes what the task saw or made (a
+    # schema's complaint names the answer's values); '' : `error` says nothing of them
+    error_withheld: str = ""
 
 
 def start_report_after(delivery: int, after_s: float, batch: int = 1) -> float:
@@ -488,7 +491,8 @@ def run_finished(
     output_sha256: str = "",
     then: WorkItem | None = None,
 ) -> RunFinished:
-    """The report of a run: what a sensitive run saw or wrote (its tails, its prompt) left out;
+    """The report of a run: what a sensitive run saw or wrote (its tails, its prompt, an error
+    that quotes its answer) left out;
     with `then`, the item of the dependent the worker started as it succeeded (`continuation`)."""
     return RunFinished(
         plan_id=item.plan_id,
@@ -502,7 +506,7 @@ def run_finished(
         rc=result.rc,
         timed_out=result.timed_out,
         cancelled=result.cancelled,
-        error=result.error,
+        error=(result.error_withheld or result.error) if sensitive else result.error,
         stdout_tail="" if sensitive else result.stdout_tail,
         stderr_tail="" if sensitive else result.stderr_tail,
         stdout_bytes=result.stdout_bytes,

@@ -344,6 +344,28 @@ def test_a_sensitive_run_finished_leaves_out_what_the_run_saw() -> None:
     assert ev.sensitive and ev.output_object == "outputs/p/t/2"
 
 
+def test_a_sensitive_answer_is_not_quoted_by_its_schema_error() -> None:
+    """A schema's complaint names the answer's values: a sensitive run reports it without them."""
+    from mesh.host.executors import checked_answer
+
+    item = WorkItem(
+        plan_id="p",
+        task_id="t",
+        attempt=1,
+        kind="prompt",
+        schema='{"properties": {"n": {"type": "integer"}}}',
+    )
+    answer = '{"n": "AKIA-hunter2-password"}'
+    result = checked_answer(item, RunResult(ok=True, duration_s=0.1, output=answer))
+    assert not result.ok and "hunter2" in result.error  # for a task that is not sensitive: all of it
+    hidden = finished(item, result, sensitive=True)
+    assert "hunter2" not in hidden.error and "schema" in hidden.error and "withheld" in hidden.error
+    assert finished(item, result).error == result.error
+    # an error that quotes nothing is reported as it is
+    plain = finished(item, RunResult(ok=False, duration_s=0.1, error="timed out after 3s"), sensitive=True)
+    assert plain.error == "timed out after 3s"
+
+
 def test_an_output_goes_in_the_event_when_it_fits_and_is_not_sensitive() -> None:
     assert work.output_in_event("abcd", sensitive=False, limit=4)
     assert not work.output_in_event("abcde", sensitive=False, limit=4)

@@ -386,6 +386,10 @@ def checked_answer(item: WorkItem, result: RunResult, max_tokens: int = 0) -> Ru
         if max_tokens and result.metrics.get("tokens_out", 0) >= max_tokens:
             why += f" (the answer stopped at max_tokens {max_tokens}: raise max_tokens)"
         result.ok, result.error = False, why
+        result.error_withheld = (
+            "the answer is not valid JSON against the schema (what was wrong is withheld: the task is "
+            "sensitive, and the complaint would quote its answer)"
+        )
         return result
     result.output = json.dumps(value, ensure_ascii=False)
     result.parsed = True
