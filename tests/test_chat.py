@@ -196,9 +196,12 @@ def test_a_schema_applies_only_to_llm_bodies() -> None:
     assert any("not valid JSON Schema" in p for p in check_task(bad))
 
 
-def test_a_schema_file_is_read_beside_the_plan_file(tmp_path: Path) -> None:
+def test_a_schema_file_is_read_beside_the_plan_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "s.json").write_text(json.dumps(ANSWER))
-    plan_file = tmp_path / "plan.md"
+    monkeypatch.setenv("HOME", str(tmp_path))  # (~/s.json exists, and is not beside the plan)
+    (tmp_path / "plans").mkdir()
+    plan_file = tmp_path / "plans" / "plan.md"
+    (tmp_path / "plans" / "s.json").write_text(json.dumps(ANSWER))
     plan_file.write_text(one_task("- schema: s.json", "chat", "user: hi"))
     assert json.loads(load_plan(plan_file).tasks[0].schema) == ANSWER
     # as text, no file can be read: the schema must be inline
@@ -206,9 +209,11 @@ def test_a_schema_file_is_read_beside_the_plan_file(tmp_path: Path) -> None:
     for value, why in [
         ("missing.json", "schema file 'missing.json' of task 'a' does not exist"),
         ("../s.json", "goes up out of the plan's directory"),
+        # a home directory outside the plan's is outside it too
+        ("~/s.json", "is an absolute pattern outside the plan's directory"),
         ("bad.json", "schema file 'bad.json' of task 'a': the schema is not JSON"),
     ]:
-        (tmp_path / "bad.json").write_text("{nope")
+        (tmp_path / "plans" / "bad.json").write_text("{nope")
         plan_file.write_text(one_task(f"- schema: {value}", "chat", "user: hi"))
         with pytest.raises(PlanError) as info:
             load_plan(plan_file)

@@ -58,6 +58,17 @@ def test_check_accepts_the_examples(env: dict[str, str], tmp_path: Path) -> None
         assert "ok" in result.stdout
 
 
+def test_check_prints_a_title_and_path_with_brackets_as_they_are(env: dict[str, str], tmp_path: Path) -> None:
+    folder = tmp_path / "[x]"
+    folder.mkdir()
+    plan = folder / "p.md"
+    plan.write_text("# Fix [/] and [/bold] tags [red]now\n\n## Tasks\n\n### a\n```shell\ntrue\n```\n")
+    result = run_mesh("check", str(plan), env=env)
+    assert result.returncode == 0, result.stderr
+    no_traceback(result)
+    assert f"{plan}: 'Fix [/] and [/bold] tags [red]now', 1 tasks" in result.stdout
+
+
 def test_check_refuses_a_broken_plan_with_file_and_line(env: dict[str, str], tmp_path: Path) -> None:
     plan = tmp_path / "broken.md"
     plan.write_text("# Broken\n\n## Tasks\n\n### a\n- depends_on: b\n- priority: 11\n```shell\ntrue\n```\n")

@@ -13,6 +13,7 @@ from typing import Annotated
 import msgspec
 import nats.js.errors
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mesh import events
@@ -59,7 +60,8 @@ def check(
 ) -> None:
     """Parse and validate a plan without submitting it."""
     spec = load(plan, var, checked_settings(), glob_outside)
-    out.print(f"[green]ok[/green] {plan}: {spec.title!r}, {len(spec.tasks)} tasks")
+    # (the path and the title are the user's text: rich would read '[...]' in them as markup)
+    out.print(f"[green]ok[/green] {escape(str(plan))}: {escape(repr(spec.title))}, {len(spec.tasks)} tasks")
 
 
 def submit(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
 from agents.base import run_loop
 from mesh import events
@@ -259,7 +260,7 @@ def _submit_and_follow(
         async with connected(s, "mesh-up", wait_s=10.0) as bus:
             await bus.ensure_resources()
             pid = await send_plan(bus, s, spec, files or BundleFiles(root=""))
-            err.print(f"submitted {spec.source or spec.title} as {pid}")
+            err.print(f"submitted {escape(spec.source or spec.title)} as {pid}")
             code = await follow_plan(bus, pid, len(spec.tasks))
             if show_outputs:
                 await outputs.show_all(bus, pid)

@@ -129,11 +129,12 @@ def directory_reader(workdir: str, *, outside: bool = False) -> ReadFile:
     `outside` False, a path that leaves `workdir` is refused (`FileRefused`), as a glob is."""
 
     def read(path: str) -> str:
+        path = os.path.expanduser(path)  # (before the check: '~/x' may well be outside)
         if not outside:
             why = _outside(path, workdir)
             if why:
                 raise FileRefused(why, _OUTSIDE_HINT.replace("a foreach glob", "a schema file"))
-        full = os.path.join(workdir or os.curdir, os.path.expanduser(path))
+        full = os.path.join(workdir or os.curdir, path)
         try:
             with open(full, "rb") as f:
                 data = f.read(MAX_SCHEMA_BYTES + 1)
