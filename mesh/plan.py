@@ -45,7 +45,6 @@ a file name or a `--var` value reaches bash as text, never as code to run.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -64,7 +63,7 @@ from mesh.planfields import (
     Record,
 )
 from mesh.planproblems import Report
-from mesh.planscan import FIELDS, outline
+from mesh.planscan import FIELDS, Heading, outline, scan
 from mesh.plantasks import TaskBuilder
 from mesh.plantemplate import Expander, Glob, GlobRefused
 from mesh.schemas import FileRefused, ReadFile
@@ -153,8 +152,11 @@ def parse_followups(text: str, *, source: str) -> tuple[TaskSpec, ...]:
     files of the machine that reads them.
 
     Raises `PlanError` listing every problem; never anything else."""
-    body = text if re.search(r"^ {0,3}##[ \t]+tasks[ \t]*$", text, re.M | re.I) else "## Tasks\n\n" + text
-    if not re.search(r"^ {0,3}#[ \t]", body, re.M):
+    # its headings as the plan's scan finds them: a '# comment' in a code block is none
+    headings = [h for h in scan(text.splitlines()) if isinstance(h, Heading)]
+    has_tasks = any(h.level == 2 and h.text.lower() == "tasks" for h in headings)
+    body = text if has_tasks else "## Tasks\n\n" + text
+    if not any(h.level == 1 for h in headings):
         body = "# follow-up tasks\n\n" + body
     return _parse(body, source, {}, "", PlanLimits(), None, NO_FILES_FOLLOWUPS).tasks
 

@@ -1654,6 +1654,16 @@ def test_followups_are_checked_like_plan_tasks() -> None:
         parse_followups(md(task("t-x", fields="- depends_on: nope")), source="f")
 
 
+def test_followups_whose_bodies_hold_headings_in_code_get_a_title_and_a_tasks_section() -> None:
+    """A '# comment' or '## tasks' inside a code block is no heading: the follow-ups still get
+    their title and their tasks section."""
+    body = "# install deps\necho hi\n## tasks\n"
+    tasks = parse_followups(f"### fix\n\n{FENCE}shell\n{body}{FENCE}\n", source="f")
+    assert [(t.id, t.body) for t in tasks] == [("fix", body)]
+    titled = parse_followups(f"# Fixes\n\n## Tasks\n\n### fix\n\n{FENCE}shell\n{body}{FENCE}\n", source="f")
+    assert [t.id for t in titled] == ["fix"]
+
+
 def test_followups_may_not_use_a_glob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Claude's follow-up tasks cannot list the files of the machine that reads them (the brain's)."""
     (tmp_path / "secret.key").write_text("x")
