@@ -67,7 +67,7 @@ from mesh.planscan import FIELDS, Heading, outline, scan
 from mesh.plantasks import TaskBuilder
 from mesh.plantemplate import Expander, Glob, GlobRefused
 from mesh.schemas import FileRefused, ReadFile
-from mesh.validate import MAX_RETRIES, MAX_TIMEOUT_S, MAX_TOKENS
+from mesh.validate import MAX_RETRIES, MAX_TIMEOUT_S, MAX_TOKENS, check_task
 
 __all__ = [
     "BODY_KIND_ALIASES",
@@ -237,6 +237,14 @@ def _parse(
         )
         for r in records
     )
+    # what the brain checks of each task (`mesh.validate`), for what the reading above leaves to
+    # it (an id a foreach made too long, a NUL byte in a value): refused here, at the task's line,
+    # not by the brain after the plan's files were sent
+    for t in tasks:
+        for why in check_task(t):
+            report.add(t.line, why, "the brain refuses a plan with such a task: change the task")
+    if report.problems:
+        raise PlanError(source, list(dict.fromkeys(report.problems)))
     return PlanSpec(
         title=plan.title or "",
         tasks=tasks,

@@ -1647,6 +1647,22 @@ def test_requires_external_must_be_a_boolean() -> None:
     assert "requires_external 'sometimes' of task 'a' is not true or false" in one(text).message
 
 
+@pytest.mark.parametrize(
+    ("tasks", "message"),
+    [
+        (task("a" * 201), "is longer than 200 characters"),
+        # the id of the tenth expansion is 198 + 3 characters
+        (task("b" * 198, body="echo {X}", fields="- foreach: X in 1,2,3,4,5,6,7,8,9,10"), "longer than 200"),
+        (task("c", fields="- env: A=x\x00y"), "sets environment variable A to a value holding a NUL byte"),
+        (task("d", body="hi \x00 there", kind="prompt"), "has a body holding a NUL byte"),
+    ],
+)
+def test_what_the_brain_would_refuse_is_refused_at_the_tasks_line(tasks: str, message: str) -> None:
+    text = tasks_plan(tasks)
+    p = problems(text)[0]
+    assert message in p.message and p.line == line_of(text, "### ") and p.hint
+
+
 def test_followups_are_checked_like_plan_tasks() -> None:
     tasks = parse_followups(md(task("t-fix") + task("t-check", fields="- depends_on: t-fix")), source="f")
     assert [(t.id, t.depends_on) for t in tasks] == [("t-fix", ()), ("t-check", ("t-fix",))]
