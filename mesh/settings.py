@@ -42,6 +42,10 @@ DEFAULT_PRICES: dict[str, Price] = {
     "claude-3-5-haiku-latest": Price(input=0.8, output=4.0),
 }
 ENV_ANTHROPIC_KEY = "ANTHROPIC_API_KEY"
+# the settings that are secrets; a task's process does not inherit them from its worker's
+# environment (`mesh.host.executors.task_env`)
+SECRET_FIELDS = ("nats_password", "alert_smtp_password", "gateway_api_key", "web_token", "web_read_token")
+SECRET_ENV = frozenset({ENV_ANTHROPIC_KEY, *(ENV_PREFIX + f.upper() for f in SECRET_FIELDS)})
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -218,6 +218,22 @@ def test_plain_values_pass_where_others_are_refused() -> None:
     assert parse_plan(text, variables={"N": "41"}).tasks[0].body == "echo $(( 41 + 1 )) `echo 41`\n"
 
 
+def test_a_task_does_not_inherit_its_workers_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bus's password and the API key in the worker's environment stay out of the task's;
+    the rest of it, and what the plan sets, go in."""
+    monkeypatch.setenv("MESH_NATS_PASSWORD", "hunter2")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-x")
+    monkeypatch.setenv("MESH_WEB_TOKEN", "tok")
+    monkeypatch.setenv("SOME_TOOL_HOME", "/opt/tool")
+    out = run_body(
+        'printf "[%s]" "${MESH_NATS_PASSWORD-}${ANTHROPIC_API_KEY-}${MESH_WEB_TOKEN-}" '
+        '"$SOME_TOOL_HOME" "$MINE"',
+        tmp_path,
+        env={"MINE": "set"},
+    )
+    assert out == "[][/opt/tool][set]"
+
+
 def test_a_nul_byte_in_a_shell_body_is_refused() -> None:
     text = plan(f"### t\n\n{FENCE}shell\necho a\x00b\n{FENCE}\n")
     assert any("NUL byte" in p.message for p in problems(text))

@@ -29,6 +29,7 @@ from mesh.host.runmodel import RunContext as RunContext
 from mesh.host.runmodel import TaskDefinitionError as TaskDefinitionError
 from mesh.host.runmodel import no_text, run_model, stopped_as, supervise
 from mesh.schemas import check_answer
+from mesh.settings import SECRET_ENV
 from mesh.untrusted import DATA_PREAMBLE as DATA_PREAMBLE  # the prompt's data preamble, for tests
 from mesh.untrusted import data_section
 from mesh.work import RunResult
@@ -78,7 +79,10 @@ async def _kill_group(proc: asyncio.subprocess.Process, grace_s: float) -> None:
 
 
 def task_env(item: WorkItem, ctx: RunContext) -> dict[str, str]:
-    env = dict(os.environ)
+    """The environment of a task's process: the worker's, less its secrets (the bus's password,
+    the API key: a task is the plan's code, not the worker's), then the plan's and task's `env`,
+    the worker's own marks and the task's ids."""
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
     env.update(item.env)
     env.update(ctx.env)  # the worker's own (its reaper's mark) over the plan's
     env.update(
