@@ -70,11 +70,18 @@ def _relative(path: str, base: str) -> str:
 
 def artifact_files(base: str, globs: tuple[str, ...], reported: list[str]) -> dict[str, str]:
     """The attempt's files: relative path -> the file. First the ones the executor reported,
-    then the regular files the globs match under `base` (blocking: run it in a thread)."""
+    then the regular files the globs match under `base` (blocking: run it in a thread). A file
+    that is a link to one outside `base`, or lies under a linked folder that leads out of it, is
+    left out: the attempt's files are the ones in its directory, not what it points at."""
     found: dict[str, str] = {}
+    root = os.path.realpath(base)
+
+    def inside(full: str) -> bool:
+        return os.path.isfile(full) and os.path.commonpath([root, os.path.realpath(full)]) == root
+
     for path in reported:
         full = os.path.join(base, path)
-        if os.path.isfile(full):
+        if inside(full):
             found.setdefault(_relative(full, base), full)
     for pattern in globs:
         if artifact_glob_problem(pattern):
@@ -83,7 +90,7 @@ def artifact_files(base: str, globs: tuple[str, ...], reported: list[str]) -> di
         for match in sorted(glob.glob(pattern, root_dir=base, recursive=True)):
             rel = safe_relpath(match.replace(os.sep, "/"))
             full = os.path.join(base, match)
-            if rel and os.path.isfile(full):
+            if rel and inside(full):
                 found.setdefault(rel, full)
     return found
 
