@@ -24,7 +24,7 @@ from mesh.bus import client, history
 from mesh.bus.outputs import OutputError, attempt_outcomes, outcome_text, task_outcome
 from mesh.bus.report import plan_report
 from mesh.consoleview import OPERATOR, window, withhold
-from mesh.errors import MeshError, NotFound, PlanError
+from mesh.errors import MeshError, NotFound, NothingToDo, PlanError
 from mesh.names import check_token
 from mesh.plan import PlanLimits, parse_plan
 from mesh.records import UNREADABLE, PlanRecord, decode_task
@@ -279,6 +279,8 @@ async def cancel(request: web.Request) -> web.Response:
         await client.cancel(_hub(request).bus, record.plan_id, "cancelled in the web console")
     except NotFound as exc:
         raise web.HTTPNotFound(text=str(exc)) from None
+    except NothingToDo as exc:  # (a finished plan: nothing to cancel, or nothing failed)
+        raise web.HTTPConflict(text=str(exc)) from None
     return web.json_response({"ok": True, "plan": record.plan_id})
 
 
@@ -292,6 +294,8 @@ async def retry(request: web.Request) -> web.Response:
         await client.retry(_hub(request).bus, record.plan_id, tuple(_token(t, "task id") for t in ids))
     except NotFound as exc:
         raise web.HTTPNotFound(text=str(exc)) from None
+    except NothingToDo as exc:  # (a finished plan: nothing to cancel, or nothing failed)
+        raise web.HTTPConflict(text=str(exc)) from None
     return web.json_response({"ok": True, "plan": record.plan_id})
 
 

@@ -54,5 +54,13 @@ class NotFound(MeshError):
     """A plan, task or resource that does not exist."""
 
 
+class BadName(MeshError, ValueError):
+    """An id that cannot be one (a plan or task id with a space, a '.'): a `ValueError` too."""
+
+
+class NothingToDo(MeshError):
+    """A request that would change nothing (cancel a finished plan, retry one that failed nothing)."""
+
+
 class ExportError(MeshError):
     """An export that cannot be made as asked (a bad option, an output path mesh cannot write)."""

@@ -37,6 +37,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mesh.errors import BadName
+
 HEADER_MSG_ID = "Nats-Msg-Id"
 HEADER_TYPE = "Mesh-Type"
 
@@ -61,7 +63,7 @@ def kv_subject(bucket: str, key: str) -> str:
 def check_token(value: str, what: str) -> str:
     """A subject token must not contain '.', '*', '>' or whitespace."""
     if not _TOKEN.match(value):
-        raise ValueError(f"{what} {value!r} may hold only letters, digits, '_' and '-'")
+        raise BadName(f"{what} {value!r} may hold only letters, digits, '_' and '-'")
     return value
 
 

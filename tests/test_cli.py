@@ -186,6 +186,28 @@ async def test_submit_wait_status_and_exit_codes(mesh: Mesh, env: dict[str, str]
     missing = run_mesh("cancel", "no-such-plan", env=env)
     assert missing.returncode == 2 and "no plan" in missing.stderr
 
+    # what would change nothing says so, and fails
+    again = run_mesh("submit", str(EXAMPLES / "diamond.md"), "--var", "OUT=x", "--id", plan_id, env=env)
+    assert again.returncode == 2 and f"a plan with id '{plan_id}' was submitted before" in again.stderr
+    done = run_mesh("cancel", plan_id, env=env)
+    assert done.returncode == 2 and "is succeeded already: there is nothing to cancel" in done.stderr
+    done = run_mesh("retry", plan_id, "--wait", env=env)
+    assert done.returncode == 2 and "there is nothing to retry" in done.stderr
+    # an id that cannot be one is named, without a traceback
+    for args in (
+        ["status", "a b"],
+        ["cancel", "a b"],
+        ["retry", "a b"],
+        ["output", "a b"],
+        ["report", "a b"],
+        ["replay", "--plan", "a b"],
+        ["gpu", "pause", "a b"],
+    ):
+        bad_id = run_mesh(*args, env=env)
+        assert bad_id.returncode == 2, (args, bad_id.stderr)
+        assert "'a b' may hold only letters, digits" in bad_id.stderr, (args, bad_id.stderr)
+        no_traceback(bad_id)
+
 
 @pytest.mark.integration
 async def test_tail_shows_events_live(mesh: Mesh, env: dict[str, str], tmp_path: Path) -> None:

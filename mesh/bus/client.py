@@ -21,7 +21,7 @@ from mesh import events, validate
 from mesh.bus.publish import Bus
 from mesh.bus.read import read_bucket
 from mesh.bus.route import decode_or_none
-from mesh.errors import MeshError, NotFound, PlanError, Problem
+from mesh.errors import MeshError, NotFound, NothingToDo, PlanError, Problem
 from mesh.events import (
     CancelPlan,
     GpuControl,
@@ -35,6 +35,8 @@ from mesh.events import (
 )
 from mesh.names import check_token
 from mesh.records import (
+    CANCELLED,
+    FAILED,
     UNREADABLE,
     AgentRecord,
     Damaged,
@@ -69,12 +71,16 @@ def new_plan_id(title: str) -> str:
 
 async def submit(bus: Bus, plan: PlanSpec, plan_id: str | None = None, by: str = "") -> str:
     """Submit a parsed plan; returns its id. The plan passes the same checks the brain makes of
-    every submission (`mesh.validate`) before anything is sent."""
+    every submission (`mesh.validate`) before anything is sent. An id a plan already has is
+    refused (the brain would take the submission for that plan's, seen again, and run nothing)."""
+    taken = plan_id is not None
     plan_id = plan_id or new_plan_id(plan.title)
     msg = SubmitPlan(plan_id=plan_id, plan=plan, at=time.time(), by=by or _user())
     problems = validate.check_submission(msg)
     if problems:
         raise PlanError(plan.source or plan_id, [Problem(0, p) for p in problems])
+    if taken and await read_plan(bus, plan_id) is not None:
+        raise _taken(plan_id)
     data = events.encode(msg)
     if len(data) > bus.nc.max_payload - 4096:
         # too big for one message: the plan goes to the object store, the submission names it
@@ -85,14 +91,27 @@ async def submit(bus: Bus, plan: PlanSpec, plan_id: str | None = None, by: str =
         await store.put(name, msgspec.json.encode(plan), meta=meta)
         head = msgspec.structs.replace(plan, tasks=())
         msg = SubmitPlan(plan_id=plan_id, plan=head, at=msg.at, by=msg.by, object=name)
-    await bus.publish(bus.names.submit, msg, msg_id=plan_id)
+    ack = await bus.publish(bus.names.submit, msg, msg_id=plan_id)
+    if ack.duplicate:  # (submitted within the server's duplicate window, not yet accepted)
+        raise _taken(plan_id)
     return plan_id
+
+
+def _taken(plan_id: str) -> MeshError:
+    return MeshError(
+        f"a plan with id {plan_id!r} was submitted before (`mesh status {plan_id}` shows it), so "
+        "this one would not run: choose another --id, or leave --id out for a new one "
+        f"(`mesh retry {plan_id}` runs that plan's failed work again)"
+    )
 
 
 async def cancel(bus: Bus, plan_id: str, reason: str = "cancelled by operator") -> None:
     # a damaged record still names a plan the brain knows
-    if await read_plan(bus, plan_id) is None:
+    record = await read_plan(bus, plan_id)
+    if record is None:
         raise NotFound(f"no plan {plan_id!r}; `mesh status` lists the plans")
+    if isinstance(record, PlanRecord) and record.final:
+        raise NothingToDo(f"plan {plan_id} is {record.status} already: there is nothing to cancel")
     at = time.time()
     await bus.publish(
         bus.names.cancel(plan_id), CancelPlan(plan_id=plan_id, at=at, reason=reason), f"{plan_id}:cancel:{at}"
@@ -105,8 +124,19 @@ async def retry(bus: Bus, plan_id: str, task_ids: tuple[str, ...] = ()) -> int:
     Returns the event stream's next sequence at the time of asking: follow from
     there to see what the retry does.
     """
-    if await read_plan(bus, plan_id) is None:
+    record = await read_plan(bus, plan_id)
+    if record is None:
         raise NotFound(f"no plan {plan_id!r}; `mesh status` lists the plans")
+    # a final plan's record counts every task (a running one's may lag `plan_record_s`)
+    if (
+        isinstance(record, PlanRecord)
+        and record.final
+        and not (record.counts.get(FAILED, 0) or record.counts.get(CANCELLED, 0))
+    ):
+        raise NothingToDo(
+            f"plan {plan_id} is {record.status}, and none of its tasks failed or was cancelled: "
+            "there is nothing to retry"
+        )
     kv = await bus.tasks_kv()
     unknown = []
     for task_id in task_ids:
@@ -127,7 +157,9 @@ async def retry(bus: Bus, plan_id: str, task_ids: tuple[str, ...] = ()) -> int:
 
 
 async def read_plan(bus: Bus, plan_id: str) -> PlanRecord | Damaged | None:
-    """A plan's record; `Damaged` when its value does not decode, None when there is none."""
+    """A plan's record; `Damaged` when its value does not decode, None when there is none. An id
+    that cannot be one is `BadName`."""
+    check_token(plan_id, "plan id")
     kv = await bus.plans_kv()
     try:
         entry = await kv.get(plan_id)
