@@ -232,7 +232,9 @@ async def _main(agent: Agent) -> int:
     # SIGHUP (`systemctl reload`): read the config again, where the agent can (the watchdog)
     loop.add_signal_handler(signal.SIGHUP, agent.reload_requested)
     try:
-        await agent.start()
+        if not await _unless_stopped(agent, agent.start()):
+            log.info("%s %s stopped before it joined the mesh", agent.role, agent.agent_id)
+            return agent.exit_code
         await agent.run()
     except TRANSIENT as exc:
         if not agent.stop_requested.is_set():
@@ -241,6 +243,24 @@ async def _main(agent: Agent) -> int:
     finally:
         await agent.stop()
     return agent.exit_code
+
+
+async def _unless_stopped(agent: Agent, start: Coroutine[Any, Any, None]) -> bool:
+    """Run an agent's start unless it is asked to stop first (a start waits up to an hour for
+    the server: SIGTERM from systemd, or Ctrl-C, must not wait with it); whether it ran."""
+    step = asyncio.ensure_future(start)
+    stop = asyncio.ensure_future(agent.stop_requested.wait())
+    try:
+        await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if step.done():
+        step.result()  # (its error, if it failed)
+        return True
+    step.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await step
+    return False
 
 
 def run_loop(coro: Coroutine[Any, Any, T]) -> T:

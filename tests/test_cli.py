@@ -58,6 +58,33 @@ def test_check_accepts_the_examples(env: dict[str, str], tmp_path: Path) -> None
         assert "ok" in result.stdout
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_agent_waiting_for_the_server_stops_when_asked(env: dict[str, str], sig: signal.Signals) -> None:
+    """An agent waits up to an hour for a server that is down; `systemctl stop` or Ctrl-C ends it
+    at once, not after that hour."""
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "mesh", "--server", "nats://127.0.0.1:1", "agent", "brain"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert agent.stderr is not None
+        while "waiting for the NATS server" not in (line := agent.stderr.readline()):
+            assert line, "the agent ended before it waited for the server"
+        agent.send_signal(sig)
+        assert agent.wait(timeout=HANG_S) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        if agent.stderr is not None:
+            agent.stderr.close()
+
+
 def test_check_prints_a_title_and_path_with_brackets_as_they_are(env: dict[str, str], tmp_path: Path) -> None:
     folder = tmp_path / "[x]"
     folder.mkdir()
