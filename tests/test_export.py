@@ -110,7 +110,13 @@ def test_window_points_and_bad_options_say_what_to_write(tmp_path: Path) -> None
         with pytest.raises(ExportError, match=says):
             parse_point(bad, "--since")
     out = tmp_path / "x.jsonl"
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    (tmp_path / "afile").write_text("")
     cases: list[tuple[Options, str]] = [
+        # the export replaces its output whole: a device or a pipe would be replaced
+        (Options(out=fifo), f"{fifo} is not a regular file"),
+        (Options(out=tmp_path / "afile" / "x.jsonl"), "afile is a file, not a directory"),
         (Options(out=out, fmt="csv"), "--format 'csv': use one of chat, raw"),
         (Options(out=out, cls="gpu"), "--class 'gpu': use one of cpu, script, llm, external"),
         (Options(out=out, status="done"), "--status 'done': use one of succeeded, failed, cancelled"),

@@ -149,6 +149,12 @@ class Options:
                 raise ExportError(f"--plan: {exc}") from None
         if self.out.is_dir():
             raise ExportError(f"--out {self.out} is a directory: name a file, e.g. {self.out}/history.jsonl")
+        for path in (self.out, self.manifest_path):
+            if path.exists() and not path.is_file():
+                # (the export replaces its output whole: a device or a pipe would be replaced)
+                raise ExportError(f"--out {self.out}: {path} is not a regular file; name a file")
+        if self.out.parent.exists() and not self.out.parent.is_dir():
+            raise ExportError(f"--out {self.out}: {self.out.parent} is a file, not a directory")
         if not self.out.parent.is_dir():
             raise ExportError(
                 f"--out {self.out}: the directory {self.out.parent} does not exist; create it first"
@@ -171,6 +177,13 @@ def iso(at: float) -> str:
 
 # ------------------------------------------------------------------ the join
 
+
+
+def _unwritable(path: Path, exc: OSError) -> ExportError:
+    return ExportError(
+        f"could not write {path}: {exc.strerror or exc}; nothing was kept there. Free space on its "
+        "disk, or name another file with --out"
+    )
 
 class Attempt:
     __slots__ = (
@@ -269,7 +282,10 @@ class Exporter:
             end = min(end, until.seq)
         until_at = until.at if until is not None else None
         tmp = self.opts.out.with_name(f".{self.opts.out.name}.tmp{os.getpid()}")
-        self.sink = ParquetSink(tmp, self.opts.fmt) if self.opts.parquet else JsonlSink(tmp)
+        try:
+            self.sink = ParquetSink(tmp, self.opts.fmt) if self.opts.parquet else JsonlSink(tmp)
+        except OSError as exc:
+            raise _unwritable(self.opts.out, exc) from None
         m = self.m
         first = last = 0
         first_at = last_at = 0.0
@@ -303,10 +319,13 @@ class Exporter:
             m.unfinished = len(self.open)
             self.sink.close()
             os.replace(tmp, self.opts.out)
-        except BaseException:
-            self.sink.abort()
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                self.sink.abort()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise _unwritable(self.opts.out, exc) from None
             raise
         if first:
             m.first_seq, m.last_seq, m.first_at, m.last_at = first, last, iso(first_at), iso(last_at)
@@ -318,8 +337,13 @@ class Exporter:
         m.events_per_s = round(m.events_read / m.seconds, 1) if m.seconds else 0.0
         manifest = self.opts.manifest_path
         written = manifest.with_name(f".{manifest.name}.tmp{os.getpid()}")
-        written.write_bytes(msgspec.json.format(msgspec.json.encode(m)) + b"\n")
-        os.replace(written, manifest)
+        try:
+            written.write_bytes(msgspec.json.format(msgspec.json.encode(m)) + b"\n")
+            os.replace(written, manifest)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(written)
+            raise _unwritable(manifest, exc) from None
         return m
 
     async def _fold(self, msg: events.Message, seq: int) -> None:
