@@ -320,6 +320,16 @@ def test_up_runs_the_example_plan_and_stops_everything(env: dict[str, str], tmp_
 
 
 @pytest.mark.integration
+def test_init_into_a_file_is_a_clear_error(env: dict[str, str], tmp_path: Path) -> None:
+    taken = tmp_path / "afile"
+    taken.write_text("")
+    for args in (["--render", str(taken)], ["--render", str(taken / "sub")], ["--secure", str(taken)]):
+        result = run_mesh("init", *args, env=env)
+        assert result.returncode == 2, (args, result.stderr)
+        no_traceback(result)
+        assert "could not write" in result.stderr and "Name a directory mesh may write" in result.stderr
+
+
 async def test_init_is_idempotent(nats_server: EmbeddedServer, env: dict[str, str]) -> None:
     env = {**env, "MESH_NATS_URL": nats_server.url}
     for _ in range(2):

@@ -38,6 +38,16 @@ if TYPE_CHECKING:
     from mesh.ops.up import Stack
 
 
+def _unwritable(where: Path, exc: OSError) -> str:
+    """What a failed write of files into `where` says (a full disk, a file where a directory
+    should be, a directory mesh may not write)."""
+    name = exc.filename or where
+    return (
+        f"could not write {name}: {exc.strerror or exc}. Name a directory mesh may write, with room "
+        "on its disk"
+    )
+
+
 def init(
     render_dir: Annotated[
         Path | None, typer.Option("--render", help="write the nats/ config files to this dir instead")
@@ -113,6 +123,8 @@ def init(
             )
         except (MeshError, ValueError) as exc:
             raise fail(str(exc)) from None
+        except OSError as exc:
+            raise fail(_unwritable(secure_dir, exc)) from None
         for path in written:
             out.print(f"wrote {path}", highlight=False)
         out.print(
@@ -132,7 +144,11 @@ def init(
     if render_dir is not None:
         from mesh.ops.natsconf import write_config
 
-        for path in write_config(s, render_dir):
+        try:
+            rendered_files = write_config(s, render_dir)
+        except OSError as exc:
+            raise fail(_unwritable(render_dir, exc)) from None
+        for path in rendered_files:
             out.print(f"wrote {path}")
         return
 
