@@ -114,7 +114,12 @@ async def test_an_operator_pause_and_cordon_hold_a_gpu_until_lifted(mesh: Mesh, 
     mesh.worker("gpu", 1, "--gpu", "0", "--classes", "script")
     await until_state(mesh, "idle")
 
-    assert "cordoned" in mesh.cli("gpu", "cordon", GPU, "--reason", "XID 79")
+    cordon = mesh.run_cli("gpu", "cordon", GPU, "--reason", "XID 79")
+    assert cordon.returncode == 0 and "cordoned" in cordon.stdout and "note:" not in cordon.stderr
+    # a GPU no worker has reported (a typo, or one whose worker has not run yet): held, and said
+    typo = mesh.run_cli("gpu", "cordon", "gpu-typo")
+    assert typo.returncode == 0 and "no worker has reported a GPU 'gpu-typo'" in typo.stderr
+    assert GPU in typo.stderr  # the GPUs there are
     held = await until_state(mesh, "paused")
     assert "operator cordon: XID 79" in held.hold
     plan_id = await mesh.submit_text(SCRIPT_PLAN)

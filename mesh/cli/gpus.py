@@ -14,7 +14,8 @@ import typer
 
 from mesh.bus import client
 from mesh.bus.publish import Bus
-from mesh.cli.common import command_group, connected, out, run, settings
+from mesh.bus.read import read_bucket
+from mesh.cli.common import command_group, connected, err, out, run, settings
 from mesh.events import GpuState
 from mesh.learned import DURATION, LOAD, VRAM, Learned
 
@@ -45,6 +46,15 @@ def _control(gpu: str, paused: bool, cordoned: bool | None, reason: str) -> None
             control = await client.control_gpu(bus, gpu_id, paused=paused, cordoned=cordoned, reason=reason)
             state = "cordoned" if control.cordoned else "paused" if paused else "taking work"
             out.print(f"{gpu_id}: {state}" + (f" ({reason})" if reason else ""), highlight=False)
+            known = sorted(await read_bucket(await bus.gpus_kv()))
+            if gpu_id not in known:
+                # (a GPU may be cordoned before its worker first runs: said, not refused)
+                err.print(
+                    f"note: no worker has reported a GPU {gpu_id!r} yet, so this holds only once one "
+                    f"does; the GPUs known now: {', '.join(known) or 'none'} (`mesh gpus`)",
+                    highlight=False,
+                    markup=False,
+                )
             return 0
 
     raise typer.Exit(run(go))
