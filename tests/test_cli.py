@@ -145,6 +145,7 @@ def test_no_server_is_a_clear_error(env: dict[str, str], tmp_path: Path) -> None
     no_traceback(result)
     assert "cannot reach the NATS server at nats://127.0.0.1:1" in result.stderr
     assert "mesh up" in result.stderr
+    assert "disconnected" not in result.stderr  # (it never was connected)
 
 
 def test_bad_var_and_bad_config_are_clear_errors(env: dict[str, str], tmp_path: Path) -> None:

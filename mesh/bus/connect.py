@@ -58,7 +58,8 @@ async def connect(
     async def disconnected() -> None:
         if holder and isinstance(holder[0].nc, MeshClient):
             holder[0].nc.connection_lost()
-        if not (holder and holder[0].closing):
+        # (before the first connection there is nothing to have lost: the wait below says why)
+        if holder and not holder[0].closing:
             log.warning("disconnected from %s; reconnecting", url)
 
     async def reconnected() -> None:
