@@ -331,6 +331,40 @@ def test_init_into_a_file_is_a_clear_error(env: dict[str, str], tmp_path: Path) 
         assert "could not write" in result.stderr and "Name a directory mesh may write" in result.stderr
 
 
+def test_submit_wait_with_no_brain_says_the_plan_waits_for_one(
+    nats_server: EmbeddedServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**env, "MESH_NATS_URL": nats_server.url}
+    waiting = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mesh",
+            "submit",
+            str(EXAMPLES / "diamond.md"),
+            "--var",
+            f"OUT={tmp_path}",
+            "-w",
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert waiting.stderr is not None
+        while "no brain is registered" not in (line := waiting.stderr.readline()):
+            assert line, "submit --wait ended without saying why it waits"
+        assert "waits in the queue until one starts" in line and waiting.poll() is None
+    finally:
+        waiting.kill()
+        waiting.wait()
+        if waiting.stderr is not None:
+            waiting.stderr.close()
+
+
 async def test_init_is_idempotent(nats_server: EmbeddedServer, env: dict[str, str]) -> None:
     env = {**env, "MESH_NATS_URL": nats_server.url}
     for _ in range(2):

@@ -7,6 +7,8 @@ A plan is submitted with the files it uses under its directory (`mesh.host.bundl
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -45,6 +47,9 @@ from mesh.report import ReportBuilder
 from mesh.settings import Settings
 from mesh.status import PlanStatus, TaskStatus
 from mesh.textstream import TextChunk, TextView
+
+# how long `--wait` waits for a plan's acceptance before it looks for a brain
+NO_BRAIN_AFTER_S = 5.0
 
 DAMAGED_HINT = (
     "{n} record(s) cannot be read (damaged). The brain sets each aside as a dead letter "
@@ -127,9 +132,13 @@ async def send_plan(
     return await client.submit(bus, spec, plan_id)
 
 
-async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None = None) -> int:
+async def follow_plan(
+    bus: Bus, plan_id: str, total: int, start_seq: int | None = None, brain_starting: bool = False
+) -> int:
     """Show a plan's progress from its history until it is final, and its LLM tasks' answers
-    as they are generated; 0 only if it succeeded."""
+    as they are generated; 0 only if it succeeded. Unless a brain is `brain_starting` (`mesh
+    up` starts one), a plan still not accepted after a few seconds with no brain registered is
+    said to wait for one."""
     interactive = err.is_terminal
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -150,9 +159,15 @@ async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None 
     # for a retry's, which start at the retry: its report reads the plan's history again)
     builder = ReportBuilder(plan_id)
     # a plan's LLM answers as they are generated, above the bar (the text of what runs from now)
-    async with client.watching_text(bus, plan_id, show_text):
-        with progress:
-            status = await _progress(bus, plan_id, total, start_seq, progress, view, interactive, builder)
+    watch = asyncio.ensure_future(
+        asyncio.sleep(0) if brain_starting else _say_if_no_brain(bus, plan_id, progress)
+    )
+    try:
+        async with client.watching_text(bus, plan_id, show_text):
+            with progress:
+                status = await _progress(bus, plan_id, total, start_seq, progress, view, interactive, builder)
+    finally:
+        watch.cancel()
     records, damaged = await client.read_tasks(bus, plan_id)
     plan = await client.read_plan(bus, plan_id)
     if plan is not None and (damaged or any(r.status != TaskStatus.SUCCEEDED for r in records)):
@@ -165,6 +180,23 @@ async def follow_plan(bus: Bus, plan_id: str, total: int, start_seq: int | None 
     style = render.STYLE.get(status, "")
     err.print(f"plan {plan_id} [{style}]{status}[/{style}]" if style else f"plan {plan_id} {status}")
     return 0 if status == PlanStatus.SUCCEEDED else 1
+
+
+async def _say_if_no_brain(bus: Bus, plan_id: str, progress: Progress) -> None:
+    """A plan not accepted `NO_BRAIN_AFTER_S` after it was sent, with no brain registered, waits
+    for one: say so once, rather than leave the bar at 0 with no word (the wait goes on: the
+    plan is kept, and runs once a brain starts)."""
+    await asyncio.sleep(NO_BRAIN_AFTER_S)
+    with contextlib.suppress(*TRANSIENT, MeshError):
+        if await client.read_plan(bus, plan_id) is not None:
+            return
+        if not any(a.role == "brain" for a in await client.read_agents(bus)):
+            progress.console.print(
+                f"no brain is registered: plan {plan_id} waits in the queue until one starts "
+                "(`mesh up`, or `systemctl start mesh-brain`); `mesh agents` lists what runs",
+                highlight=False,
+                markup=False,
+            )
 
 
 async def _report_lines(bus: Bus, builder: ReportBuilder | None, plan_id: str) -> list[str]:

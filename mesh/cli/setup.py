@@ -277,7 +277,7 @@ def _submit_and_follow(
             await bus.ensure_resources()
             pid = await send_plan(bus, s, spec, files or BundleFiles(root=""))
             err.print(f"submitted {escape(spec.source or spec.title)} as {pid}")
-            code = await follow_plan(bus, pid, len(spec.tasks))
+            code = await follow_plan(bus, pid, len(spec.tasks), brain_starting=True)
             if show_outputs:
                 await outputs.show_all(bus, pid)
             return code
