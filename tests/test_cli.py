@@ -329,6 +329,8 @@ def test_init_into_a_file_is_a_clear_error(env: dict[str, str], tmp_path: Path) 
         assert result.returncode == 2, (args, result.stderr)
         no_traceback(result)
         assert "could not write" in result.stderr and "Name a directory mesh may write" in result.stderr
+    port = run_mesh("init", "--secure", str(tmp_path / "secure"), "--port", "99999", env=env)
+    assert port.returncode == 2 and "--port" in port.stderr and not (tmp_path / "secure").exists()
 
 
 def test_submit_wait_with_no_brain_says_the_plan_waits_for_one(
@@ -371,6 +373,9 @@ async def test_init_is_idempotent(nats_server: EmbeddedServer, env: dict[str, st
         result = run_mesh("init", env=env)
         assert result.returncode == 0, result.stderr
         assert "MESH_EVENTS" in result.stdout
+    # nothing runs yet: said, not a blank
+    none = run_mesh("agents", env=env)
+    assert none.returncode == 0 and "no agent is registered" in none.stderr
 
 
 def test_nats_dir_matches_the_code() -> None:

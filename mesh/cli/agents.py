@@ -14,7 +14,7 @@ import typer
 
 from mesh.bus import client
 from mesh.bus.publish import Bus
-from mesh.cli.common import command_group, connected, fail, out, run, settings
+from mesh.cli.common import command_group, connected, err, fail, out, run, settings
 from mesh.events import TASK_CLASSES
 from mesh.host.logs import configure
 
@@ -65,7 +65,8 @@ def agent_watchdog(
 @agent_app.command("exporter")
 def agent_exporter(
     port: Annotated[
-        int | None, typer.Option("--port", help="serve /metrics on this port (default 9464)")
+        int | None,
+        typer.Option("--port", min=0, max=65535, help="serve /metrics on this port (default 9464)"),
     ] = None,
     log_level: Annotated[str | None, typer.Option("--log-level")] = None,
 ) -> None:
@@ -80,7 +81,7 @@ def agent_exporter(
 @agent_app.command("web")
 def agent_web(
     port: Annotated[
-        int | None, typer.Option("--port", help="serve on this port (default 8470; 0: any)")
+        int | None, typer.Option("--port", min=0, max=65535, help="serve on this port (default 8470; 0: any)")
     ] = None,
     host: Annotated[
         str | None, typer.Option("--host", help="serve on this address (default 127.0.0.1; off it, a token)")
@@ -202,6 +203,8 @@ def agents() -> None:
     async def go() -> int:
         async with connected(s) as bus:
             registered = await client.read_agents(bus)
+            if not registered:
+                err.print("no agent is registered: start them with `mesh up`, or their systemd units")
             now = time.time()
             for rec in registered:
                 out.print(

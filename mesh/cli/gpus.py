@@ -399,7 +399,9 @@ def gpu_power(
         bool, typer.Option("--config", help="lift the operator's cap: back to the config's cap (or none)")
     ] = False,
     reason: ReasonOpt = "",
-    wait: Annotated[float, typer.Option("--wait", help="seconds to wait for the watchdog's answer")] = 10.0,
+    wait: Annotated[
+        float, typer.Option("--wait", min=0, help="seconds to wait for the watchdog's answer")
+    ] = 10.0,
 ) -> None:
     """Cap a GPU's power now: its host's watchdog sets the limit through NVML, keeps it over a
     driver reset, and answers with the limit read back or why it cannot be (outside the card's

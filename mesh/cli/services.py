@@ -51,7 +51,9 @@ def install_units(
         list[str] | None,
         typer.Option("--writable", help="a path workers' tasks may write besides the data dir (repeat)"),
     ] = None,
-    port: Annotated[int, typer.Option("--port", help="the server's port, for a new nats-server.conf")] = 4222,
+    port: Annotated[
+        int, typer.Option("--port", min=1, max=65535, help="the server's port, for a new nats-server.conf")
+    ] = 4222,
     out_dir: Annotated[Path | None, typer.Option("--out", help="write the units to this dir")] = None,
     install: Annotated[
         bool,

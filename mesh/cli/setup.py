@@ -74,7 +74,9 @@ def init(
             help="with --secure: the URL the agents reach the server at (default: nats://<host>:4222)",
         ),
     ] = None,
-    port: Annotated[int, typer.Option("--port", help="with --secure: the server's client port")] = 4222,
+    port: Annotated[
+        int, typer.Option("--port", min=1, max=65535, help="with --secure: the server's client port")
+    ] = 4222,
     store_dir: Annotated[
         str, typer.Option("--store-dir", help="with --secure: the server's JetStream store")
     ] = "/var/lib/mesh/jetstream",
@@ -90,7 +92,10 @@ def init(
         bool, typer.Option("--verify-clients", help="with --tls-ca: also require client certificates")
     ] = False,
     leaf_port: Annotated[
-        int, typer.Option("--leaf-port", help="with --secure: accept leaf node connections on this port")
+        int,
+        typer.Option(
+            "--leaf-port", min=0, max=65535, help="with --secure: accept leaf node connections on this port"
+        ),
     ] = 0,
     domain: Annotated[
         str,
