@@ -474,6 +474,12 @@ async def test_wrong_password_is_refused_with_a_clear_error(secure: Secure) -> N
         await connect(settings, "test")
     with pytest.raises(ServerUnavailable, match="user '\\(none\\)'"):
         await connect(load_settings(server=secure.server.url, environ={}), "test")
+    # `mesh doctor` does not tell one to start a server that answered
+    from mesh.ops.doctor import check_server
+
+    bus, found = await check_server(settings)
+    assert bus is None and "refused the credentials" in found[0].message
+    assert "start it" not in found[0].fix and "fix the setting" in found[0].fix
 
 
 def test_init_secure_writes_private_files_and_refuses_bad_worker_ids(tmp_path: Path, mesh: Mesh) -> None:

@@ -100,10 +100,16 @@ async def check_server(settings: Settings) -> tuple[Bus | None, list[Finding]]:
     try:
         bus = await connect(settings, "mesh-doctor")
     except MeshError as exc:
+        said = str(exc)
+        if "refused the credentials" in said or "certificate" in said:
+            # it is running, and answered: starting it is not the remedy, the message says what is
+            return None, [
+                fail("server", said, "fix the setting the message names, then run `mesh doctor` again")
+            ]
         return None, [
             fail(
                 "server",
-                str(exc).split(". Start one")[0],
+                said.split(". Start one")[0],
                 "start it: `sudo systemctl start mesh-nats` (`systemctl --user` for a user install), "
                 "or `mesh up`; or point mesh at the right one (server_url in the config, "
                 "MESH_NATS_URL, --server)",
