@@ -402,6 +402,8 @@ async def test_replay_verify_agrees_then_finds_a_tampered_record(
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "KV and history agree on 3 plans" in ok.stderr
     assert "events/s" in ok.stderr
+    nothing = run_mesh("replay", "--plan", "no-such-plan", env=env)
+    assert nothing.returncode == 2 and "the history holds no events of plan 'no-such-plan'" in nothing.stderr
 
     from mesh.records import encode_record
 

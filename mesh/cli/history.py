@@ -110,6 +110,9 @@ def replay(
                 f"{result.undecodable} undecodable) in {result.seconds:.2f}s, {rate:,.0f} events/s"
             )
             plans = sorted(result.state.plans.values(), key=lambda p: p.accepted_at)
+            if plan is not None and not result.events:
+                # (an id with no history: a typo, or a plan its retention removed)
+                raise fail(f"the history holds no events of plan {plan!r}; `mesh status` lists the plans")
             if not verify:
                 if plans:
                     out.print(render.plans_table(plans))
