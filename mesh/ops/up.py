@@ -30,6 +30,23 @@ STOP_GRACE_S = 30.0
 AGENTS_STAGE, BRAIN_STAGE, SERVER_STAGE = 0, 1, 2
 
 
+def _last_words(log_path: Path | None, limit: int = 300) -> str:
+    """The last lines an exited agent wrote to its log (why it stopped, most often), their last
+    `limit` characters; '' when there is none to read."""
+    if log_path is None:
+        return ""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    # (the last few lines: a message the console wrapped to its width spans several)
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return " ".join(lines[-3:])[-limit:]
+
+
 @dataclass
 class Child:
     name: str
@@ -194,7 +211,14 @@ class Stack:
                 if now - child.started_at > 60:
                     child.restarts = 0
                     delay = 0.5
-                log.warning("%s exited with %s; restarting in %.1fs", child.name, rc, delay)
+                said = _last_words(child.log_path)
+                log.warning(
+                    "%s exited with %s%s; restarting in %.1fs",
+                    child.name,
+                    rc,
+                    f" ({said}; all of it in {child.log_path})" if said else "",
+                    delay,
+                )
                 child.next_start = now + delay
             elif now >= child.next_start:
                 child.restarts += 1
