@@ -277,6 +277,18 @@ class Outline:
         if m is None:
             # Prose, or a field written wrongly: '- retries 2', '- depends on: x'.
             li = _LIST_ITEM_RE.match(text)
+            if task is not None and not task.fences and li is None:
+                # a field indented 4 spaces or a tab: Markdown reads it as code, and mesh as
+                # prose, so the field would be dropped without a word (a dependency ignored)
+                deep = _FIELD_RE.match(text.lstrip(" \t"))
+                if deep is not None and deep.group(1).lower() in FIELDS:
+                    key = deep.group(1).lower()
+                    self.report.add(
+                        item.line,
+                        f"field '{key}' of task '{task.id}' is indented, so it is not read as a field",
+                        f"start it at the line's beginning: '- {key}: ...'",
+                    )
+                return
             if li is None or task is None or task.fences:
                 return
             head, colon, _ = li.group(1).partition(":")

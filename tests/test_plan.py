@@ -1647,6 +1647,18 @@ def test_requires_external_must_be_a_boolean() -> None:
     assert "requires_external 'sometimes' of task 'a' is not true or false" in one(text).message
 
 
+@pytest.mark.parametrize("lead", ["\t", "    "])
+def test_an_indented_field_is_an_error_not_prose(lead: str) -> None:
+    """Four spaces or a tab make a line code to Markdown; a field there would be dropped, and
+    the task run without its dependency."""
+    text = tasks_plan(task("a") + task("b", fields=f"{lead}- depends_on: a"))
+    p = one(text)
+    assert p.message == "field 'depends_on' of task 'b' is indented, so it is not read as a field"
+    assert p.line == line_of(text, "depends_on") and "- depends_on: ..." in p.hint
+    # prose that looks like no field stays prose
+    assert parse_plan(tasks_plan(task("c", fields=f"{lead}- see the notes: below")))
+
+
 @pytest.mark.parametrize(
     ("tasks", "message"),
     [
