@@ -153,6 +153,9 @@ async def test_a_pushed_model_is_fetched_and_loaded_on_a_host_that_lacked_it(
     # a model whose object was replaced behind its record's back: fetched, found wrong, never loaded
     small = tmp_path / "small.gguf"
     small.write_bytes(os.urandom(1024 * 1024))
+    refused = mesh.run_cli("models", "push", "damaged", str(small))  # not even a GGUF: refused
+    assert refused.returncode == 2 and "is not a GGUF file" in refused.stderr
+    small.write_bytes(b"GGUF" + os.urandom(1024 * 1024))
     mesh.cli("models", "push", "damaged", str(small))
     store = await models_store(await mesh.bus())
     assert store is not None

@@ -38,6 +38,15 @@ def models(
     models_list(offline, as_json)
 
 
+def _is_gguf(path: str) -> bool:
+    """Whether `path` is a file that starts as a GGUF does (its magic, b"GGUF")."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # (a directory among them)
+        return False
+
+
 @models_app.command("push")
 def push(
     name: Annotated[str, typer.Argument(help="the model's name in the registry ([models.NAME])")],
@@ -71,6 +80,9 @@ def push(
     is_dir = os.path.isdir(path)
     if not is_dir and not os.path.isfile(path):
         raise fail(f"{path} is not a file or directory")
+    if spec.kind == "llm" and not _is_gguf(path):
+        # (every host would fetch it, and every load there would fail)
+        raise fail(f"{path} is not a GGUF file, which an llm model is: name the model's .gguf file")
 
     async def go() -> int:
         from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
