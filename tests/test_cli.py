@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,36 @@ def env(tmp_path: Path) -> dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def running_mesh(*args: str, env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """The `mesh` command running in the background, its stderr to read; killed after."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def said(proc: subprocess.Popen[str], words: str) -> str:
+    """The first line of `proc`'s stderr with `words` in it (it must say them before it ends)."""
+    assert proc.stderr is not None
+    while words not in (line := proc.stderr.readline()):
+        assert line, f"mesh ended without saying {words!r}"
+    return line
+
+
 def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in result.stderr + result.stdout
 
@@ -62,27 +93,10 @@ def test_check_accepts_the_examples(env: dict[str, str], tmp_path: Path) -> None
 def test_an_agent_waiting_for_the_server_stops_when_asked(env: dict[str, str], sig: signal.Signals) -> None:
     """An agent waits up to an hour for a server that is down; `systemctl stop` or Ctrl-C ends it
     at once, not after that hour."""
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "mesh", "--server", "nats://127.0.0.1:1", "agent", "brain"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert agent.stderr is not None
-        while "waiting for the NATS server" not in (line := agent.stderr.readline()):
-            assert line, "the agent ended before it waited for the server"
+    with running_mesh("--server", "nats://127.0.0.1:1", "agent", "brain", env=env) as agent:
+        said(agent, "waiting for the NATS server")
         agent.send_signal(sig)
         assert agent.wait(timeout=HANG_S) == 0
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
-        if agent.stderr is not None:
-            agent.stderr.close()
 
 
 def test_check_prints_a_title_and_path_with_brackets_as_they_are(env: dict[str, str], tmp_path: Path) -> None:
@@ -337,34 +351,10 @@ def test_submit_wait_with_no_brain_says_the_plan_waits_for_one(
     nats_server: EmbeddedServer, env: dict[str, str], tmp_path: Path
 ) -> None:
     env = {**env, "MESH_NATS_URL": nats_server.url}
-    waiting = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mesh",
-            "submit",
-            str(EXAMPLES / "diamond.md"),
-            "--var",
-            f"OUT={tmp_path}",
-            "-w",
-        ],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert waiting.stderr is not None
-        while "no brain is registered" not in (line := waiting.stderr.readline()):
-            assert line, "submit --wait ended without saying why it waits"
+    args = ("submit", str(EXAMPLES / "diamond.md"), "--var", f"OUT={tmp_path}", "-w")
+    with running_mesh(*args, env=env) as waiting:
+        line = said(waiting, "no brain is registered")
         assert "waits in the queue until one starts" in line and waiting.poll() is None
-    finally:
-        waiting.kill()
-        waiting.wait()
-        if waiting.stderr is not None:
-            waiting.stderr.close()
 
 
 async def test_init_is_idempotent(nats_server: EmbeddedServer, env: dict[str, str]) -> None:
