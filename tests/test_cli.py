@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nats.js import api
 
 from mesh import events
 from mesh.bus.read import read_bucket
@@ -262,7 +263,6 @@ async def test_tail_shows_events_live(mesh: Mesh, env: dict[str, str], tmp_path:
         return any(k.startswith("brain") for k in await read_bucket(await bus.agents_kv()))
 
     await until(brain_registered, HANG_S, "the brain registered")
-    before = (await bus.js.stream_info(bus.names.events_stream)).state.consumer_count
     tail_out = tmp_path / "tail.out"
     with open(tail_out, "w") as out:
         tail = subprocess.Popen(
@@ -277,8 +277,17 @@ async def test_tail_shows_events_live(mesh: Mesh, env: dict[str, str], tmp_path:
     try:
 
         async def following() -> bool:
-            info = await bus.js.stream_info(bus.names.events_stream)
-            return info.state.consumer_count > before
+            # tail's consumer: one that pushes what comes next of every event (not a count of
+            # consumers: the agents' own readers come and go meanwhile)
+            for c in await bus.js.consumers_info(bus.names.events_stream):
+                cfg = c.config
+                if (
+                    cfg.deliver_subject
+                    and cfg.deliver_policy == api.DeliverPolicy.NEW
+                    and cfg.filter_subject == bus.names.evt_all
+                ):
+                    return True
+            return False
 
         # tail follows once its consumer is on the server (however slow its start)
         await until(following, HANG_S, "tail's consumer")
