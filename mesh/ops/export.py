@@ -178,12 +178,12 @@ def iso(at: float) -> str:
 # ------------------------------------------------------------------ the join
 
 
-
 def _unwritable(path: Path, exc: OSError) -> ExportError:
     return ExportError(
         f"could not write {path}: {exc.strerror or exc}; nothing was kept there. Free space on its "
         "disk, or name another file with --out"
     )
+
 
 class Attempt:
     __slots__ = (
