@@ -50,6 +50,11 @@ class ServerUnavailable(MeshError):
     """The NATS server cannot be reached."""
 
 
+class ServerRefused(ServerUnavailable):
+    """The NATS server answered and refused this client: its credentials, or a certificate the
+    client does not trust. Starting a server is not the remedy; the setting it names is."""
+
+
 class NotFound(MeshError):
     """A plan, task or resource that does not exist."""
 

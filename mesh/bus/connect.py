@@ -20,7 +20,7 @@ import nats
 from mesh.bus.natsclient import MeshClient
 from mesh.bus.publish import Bus
 from mesh.bus.refusals import Client, Refusals
-from mesh.errors import ServerUnavailable
+from mesh.errors import ServerRefused, ServerUnavailable
 from mesh.names import inbox_prefix
 from mesh.settings import Settings
 
@@ -101,13 +101,13 @@ async def connect(
             with contextlib.suppress(TimeoutError, nats.errors.Error, OSError):
                 await asyncio.wait_for(nc.close(), timeout=2.0)
             if _refused(exc):
-                raise ServerUnavailable(
+                raise ServerRefused(
                     f"the NATS server at {url} refused the credentials of user "
                     f"{settings.nats_user or '(none)'!r} ({exc}). Check nats_user and nats_password "
                     "(the config file `mesh init --secure` wrote for this role)."
                 ) from exc
             if isinstance(exc, ssl.SSLCertVerificationError):
-                raise ServerUnavailable(
+                raise ServerRefused(
                     f"the NATS server at {url} has a certificate this client does not trust ({exc}). "
                     "Set nats_tls_ca to the CA file that signed it (docs/security.md#tls)."
                 ) from exc

@@ -34,7 +34,7 @@ from mesh.bus.connect import connect
 from mesh.bus.publish import Bus
 from mesh.bus.read import read_stream
 from mesh.bus.resources import NS, bucket_definitions, consumer_definitions, stream_definitions
-from mesh.errors import MeshError
+from mesh.errors import MeshError, ServerRefused
 from mesh.host.alertspool import Spool, spool_path
 from mesh.host.modelfiles import resolve_path
 from mesh.models import ModelError, builtin_models
@@ -99,17 +99,16 @@ async def check_server(settings: Settings) -> tuple[Bus | None, list[Finding]]:
     to start or point at a server."""
     try:
         bus = await connect(settings, "mesh-doctor")
+    except ServerRefused as exc:
+        # it is running, and answered: starting it is not the remedy, the message says what is
+        return None, [
+            fail("server", str(exc), "fix the setting the message names, then run `mesh doctor` again")
+        ]
     except MeshError as exc:
-        said = str(exc)
-        if "refused the credentials" in said or "certificate" in said:
-            # it is running, and answered: starting it is not the remedy, the message says what is
-            return None, [
-                fail("server", said, "fix the setting the message names, then run `mesh doctor` again")
-            ]
         return None, [
             fail(
                 "server",
-                said.split(". Start one")[0],
+                str(exc).split(". Start one")[0],
                 "start it: `sudo systemctl start mesh-nats` (`systemctl --user` for a user install), "
                 "or `mesh up`; or point mesh at the right one (server_url in the config, "
                 "MESH_NATS_URL, --server)",
