@@ -279,7 +279,7 @@ async def cancel(request: web.Request) -> web.Response:
         await client.cancel(_hub(request).bus, record.plan_id, "cancelled in the web console")
     except NotFound as exc:
         raise web.HTTPNotFound(text=str(exc)) from None
-    except NothingToDo as exc:  # (a finished plan: nothing to cancel, or nothing failed)
+    except NothingToDo as exc:  # (a finished plan: nothing to cancel)
         raise web.HTTPConflict(text=str(exc)) from None
     return web.json_response({"ok": True, "plan": record.plan_id})
 
@@ -294,7 +294,7 @@ async def retry(request: web.Request) -> web.Response:
         await client.retry(_hub(request).bus, record.plan_id, tuple(_token(t, "task id") for t in ids))
     except NotFound as exc:
         raise web.HTTPNotFound(text=str(exc)) from None
-    except NothingToDo as exc:  # (a finished plan: nothing to cancel, or nothing failed)
+    except NothingToDo as exc:  # (a finished plan none of whose tasks failed or was cancelled)
         raise web.HTTPConflict(text=str(exc)) from None
     return web.json_response({"ok": True, "plan": record.plan_id})
 

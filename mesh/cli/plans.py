@@ -159,15 +159,14 @@ async def follow_plan(
     # for a retry's, which start at the retry: its report reads the plan's history again)
     builder = ReportBuilder(plan_id)
     # a plan's LLM answers as they are generated, above the bar (the text of what runs from now)
-    watch = asyncio.ensure_future(
-        asyncio.sleep(0) if brain_starting else _say_if_no_brain(bus, plan_id, progress)
-    )
+    watch = None if brain_starting else asyncio.ensure_future(_say_if_no_brain(bus, plan_id, progress))
     try:
         async with client.watching_text(bus, plan_id, show_text):
             with progress:
                 status = await _progress(bus, plan_id, total, start_seq, progress, view, interactive, builder)
     finally:
-        watch.cancel()
+        if watch is not None:
+            watch.cancel()
     records, damaged = await client.read_tasks(bus, plan_id)
     plan = await client.read_plan(bus, plan_id)
     if plan is not None and (damaged or any(r.status != TaskStatus.SUCCEEDED for r in records)):

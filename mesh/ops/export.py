@@ -175,14 +175,14 @@ def iso(at: float) -> str:
     return datetime.datetime.fromtimestamp(at, tz=datetime.UTC).isoformat(timespec="milliseconds")
 
 
-# ------------------------------------------------------------------ the join
-
-
 def _unwritable(path: Path, exc: OSError) -> ExportError:
     return ExportError(
         f"could not write {path}: {exc.strerror or exc}; nothing was kept there. Free space on its "
         "disk, or name another file with --out"
     )
+
+
+# ------------------------------------------------------------------ the join
 
 
 class Attempt:
